@@ -1,0 +1,122 @@
+//! The admin socket: a root-only unix socket in the state directory where `meshctl` sends one JSON
+//! request per connection and reads one JSON reply.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::api::{Outcome, Request};
+
+/// Largest request accepted, far above any real one.
+const MAX_REQUEST: u64 = 1 << 20;
+
+/// A request from the socket with the channel its outcome goes back on.
+pub type Call = (Request, oneshot::Sender<Outcome>);
+
+/// Errors of the admin socket, on either side.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("admin socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin socket {0}: the daemon sent an unreadable reply")]
+    BadReply(PathBuf),
+}
+
+/// Bind the socket at `path` with mode 0600 (any stale socket file is replaced: the caller holds the
+/// state directory's daemon lock).
+pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
+    let err = |source| AdminError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Accept connections forever, passing each request to `calls`.
+pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_one(stream, calls.clone()));
+            }
+            Err(e) => {
+                warn!(error = %e, "admin socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn serve_one(stream: UnixStream, calls: mpsc::Sender<Call>) {
+    // The socket is 0600 in a 0700 directory; checking the caller's uid as well keeps a mistaken
+    // chmod from opening the controller to other users.
+    let me = unsafe { libc::geteuid() };
+    match stream.peer_cred() {
+        Ok(cred) if cred.uid() == 0 || cred.uid() == me => {}
+        Ok(cred) => {
+            return warn!(
+                uid = cred.uid(),
+                "admin socket: refused a caller that is neither root nor the daemon's user"
+            );
+        }
+        Err(e) => return warn!(error = %e, "admin socket: cannot identify caller"),
+    }
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let outcome = match AsyncBufReader::new(read.take(MAX_REQUEST)).read_line(&mut line).await {
+        Err(e) => Outcome::Error(format!("reading request: {e}")),
+        Ok(_) => match serde_json::from_str::<Request>(&line) {
+            Err(e) => Outcome::Error(format!("malformed request: {e}")),
+            Ok(request) => {
+                debug!(?request, "admin request");
+                let (tx, rx) = oneshot::channel();
+                if calls.send((request, tx)).await.is_err() {
+                    Outcome::Error("meshd is shutting down".into())
+                } else {
+                    rx.await
+                        .unwrap_or_else(|_| Outcome::Error("meshd is shutting down".into()))
+                }
+            }
+        },
+    };
+    let mut reply =
+        serde_json::to_vec(&outcome).unwrap_or_else(|e| format!("{{\"error\":\"encoding reply: {e}\"}}").into_bytes());
+    reply.push(b'\n');
+    if let Err(e) = write.write_all(&reply).await {
+        debug!(error = %e, "admin reply not delivered");
+    }
+}
+
+/// Send `request` to the daemon at `path` and wait for its outcome (blocking; for `meshctl`).
+pub fn call(path: &Path, request: &Request) -> Result<Outcome, AdminError> {
+    let err = |source| AdminError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut stream = StdUnixStream::connect(path).map_err(err)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(err)?;
+    let mut line = serde_json::to_vec(request).map_err(|e| err(e.into()))?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(err)?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).map_err(err)?;
+    serde_json::from_str(&reply).map_err(|_| AdminError::BadReply(path.to_path_buf()))
+}

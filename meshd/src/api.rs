@@ -1,0 +1,97 @@
+//! The admin protocol between `meshctl` and the controller: one JSON request per line, one JSON reply
+//! per line, over the root-only unix socket in the state directory (or in-process when no daemon runs).
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::input::{HostPort, Label};
+use crate::model::{DeviceView, NetworkView, NodeView, ServiceView};
+
+/// What `meshctl` asks of the controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    NodeList,
+    ServiceAdd {
+        name: Label,
+        node: Label,
+        target: HostPort,
+        port: Option<u16>,
+    },
+    ServiceList,
+    ServiceRemove {
+        name: Label,
+    },
+    /// The device's key pair is made by `meshctl`; only the public key reaches the controller.
+    DeviceAdd {
+        name: Label,
+        allow: Vec<Label>,
+        public_key: String,
+    },
+    DeviceList,
+    DeviceRemove {
+        name: Label,
+    },
+}
+
+impl Request {
+    /// Whether the request changes the network (and so the hosts must be reconciled after it).
+    pub fn is_change(&self) -> bool {
+        matches!(
+            self,
+            Request::ServiceAdd { .. }
+                | Request::ServiceRemove { .. }
+                | Request::DeviceAdd { .. }
+                | Request::DeviceRemove { .. }
+        )
+    }
+}
+
+/// The controller's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "data", rename_all = "snake_case")]
+pub enum Reply {
+    Status(StatusView),
+    Nodes(Vec<NodeView>),
+    Services(Vec<ServiceView>),
+    Service(ServiceView),
+    Devices(Vec<DeviceView>),
+    DeviceAdded(Box<DeviceHandout>),
+    Removed,
+}
+
+/// A reply or the one-line reason the request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok(Reply),
+    Error(String),
+}
+
+/// `meshctl status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusView {
+    pub network: NetworkView,
+    pub nodes: Vec<NodeView>,
+    pub devices: Vec<DeviceView>,
+    pub services: Vec<ServiceView>,
+}
+
+/// Everything but the private key that a new device's wg-quick config needs; `meshctl` adds the key
+/// it generated and renders the config and QR codes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceHandout {
+    pub device: DeviceView,
+    pub addresses: Vec<IpNet>,
+    pub dns_servers: Vec<IpAddr>,
+    pub dns_search: Vec<String>,
+    pub mtu: u16,
+    pub hub_public_key: String,
+    pub preshared_key: String,
+    pub endpoint: String,
+    pub allowed_ips: Vec<IpNet>,
+    pub persistent_keepalive: u16,
+}

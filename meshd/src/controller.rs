@@ -1,0 +1,432 @@
+//! The controller: validates requests against the stored network and changes it. Every change to the
+//! network enters here, whether it comes over the admin socket or from `meshctl` working offline.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use ipnet::{IpNet, Ipv4Net};
+
+use crate::api::{DeviceHandout, Reply, Request, StatusView};
+use crate::input::{HostPort, Label};
+use crate::keys;
+use crate::model::{DEVICE_KEEPALIVE_SECS, Device, MESH_MTU, Network, NetworkView, Node, Role, Service, Snapshot};
+use crate::store::{ADDRESS_COOLDOWN, Store, StoreError, Writer};
+
+/// Why the controller refused a request; the message is what the operator sees.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(
+        "the name {name:?} is already used by {kind} {name:?} (node, device and service names share the DNS namespace)"
+    )]
+    NameTaken { kind: &'static str, name: Label },
+    #[error("no node named {0:?}")]
+    UnknownNode(Label),
+    #[error("no device named {0:?}")]
+    UnknownDevice(Label),
+    #[error("no service named {0:?}")]
+    UnknownService(Label),
+    #[error("--allow names no service: give at least one")]
+    NothingAllowed,
+    #[error("the address pool {0} is exhausted (removed hosts' addresses are reused after a cooldown of an hour)")]
+    PoolExhausted(Ipv4Net),
+    #[error("public key: {0}")]
+    Key(#[from] keys::KeyError),
+    #[error("the public key is already used by {0:?}")]
+    KeyTaken(Label),
+    #[error("the network has no hub node")]
+    NoHub,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What `meshd init` needs to create a network whose controller and hub is this host.
+#[derive(Debug, Clone)]
+pub struct NewNetwork {
+    pub network: Label,
+    pub domain: String,
+    pub cidr: Ipv4Net,
+    pub hub: Label,
+    pub hub_public_key: String,
+    pub endpoint: HostPort,
+    pub listen_port: u16,
+    pub interface: String,
+}
+
+/// The controller over one network's store.
+pub struct Controller {
+    store: Store,
+}
+
+impl Controller {
+    /// Create the network in a new database at `db` and make this host its hub (first address).
+    pub fn init(db: &Path, new: &NewNetwork) -> Result<(Controller, Snapshot), ControlError> {
+        let mut store = Store::create(db)?;
+        let snapshot = store.write(|w| {
+            let network = Network {
+                name: new.network.clone(),
+                domain: new.domain.clone(),
+                cidr: new.cidr,
+                ula: crate::ipam::random_ula48(),
+            };
+            w.insert_network(&network)?;
+            let index = allocate(w, &network)?;
+            w.insert_node(&Node {
+                name: new.hub.clone(),
+                public_key: keys::parse_public_key(&new.hub_public_key)?,
+                index,
+                endpoint: Some(new.endpoint.clone()),
+                listen_port: new.listen_port,
+                interface: new.interface.clone(),
+                role: Role::Hub,
+            })?;
+            Ok::<_, ControlError>(w.snapshot()?)
+        })?;
+        Ok((Controller { store }, snapshot))
+    }
+
+    /// Open the network stored at `db`.
+    pub fn open(db: &Path) -> Result<Controller, ControlError> {
+        Ok(Controller {
+            store: Store::open(db)?,
+        })
+    }
+
+    /// The network as stored now.
+    pub fn snapshot(&mut self) -> Result<Snapshot, ControlError> {
+        Ok(self.store.snapshot()?)
+    }
+
+    /// Carry out one admin request.
+    pub fn handle(&mut self, request: Request) -> Result<Reply, ControlError> {
+        match request {
+            Request::Status => {
+                let s = self.snapshot()?;
+                Ok(Reply::Status(StatusView {
+                    network: NetworkView {
+                        name: s.network.name.clone(),
+                        domain: s.network.domain.clone(),
+                        cidr: s.network.cidr,
+                        cidr_v6: s.network.pool().v6(),
+                    },
+                    nodes: s.nodes.iter().map(|n| s.node_view(n)).collect(),
+                    devices: s.devices.iter().map(|d| s.device_view(d)).collect(),
+                    services: s.services.iter().map(|v| s.service_view(v)).collect(),
+                }))
+            }
+            Request::NodeList => {
+                let s = self.snapshot()?;
+                Ok(Reply::Nodes(s.nodes.iter().map(|n| s.node_view(n)).collect()))
+            }
+            Request::ServiceList => {
+                let s = self.snapshot()?;
+                Ok(Reply::Services(s.services.iter().map(|v| s.service_view(v)).collect()))
+            }
+            Request::DeviceList => {
+                let s = self.snapshot()?;
+                Ok(Reply::Devices(s.devices.iter().map(|d| s.device_view(d)).collect()))
+            }
+            Request::ServiceAdd {
+                name,
+                node,
+                target,
+                port,
+            } => self.add_service(name, node, target, port),
+            Request::ServiceRemove { name } => self.store.write(|w| match w.delete_service(&name)? {
+                true => Ok(Reply::Removed),
+                false => Err(ControlError::UnknownService(name)),
+            }),
+            Request::DeviceAdd {
+                name,
+                allow,
+                public_key,
+            } => self.add_device(name, allow, &public_key),
+            Request::DeviceRemove { name } => self.store.write(|w| match w.delete_device(&name)? {
+                true => Ok(Reply::Removed),
+                false => Err(ControlError::UnknownDevice(name)),
+            }),
+        }
+    }
+
+    fn add_service(
+        &mut self,
+        name: Label,
+        node: Label,
+        target: HostPort,
+        port: Option<u16>,
+    ) -> Result<Reply, ControlError> {
+        self.store.write(|w| {
+            let s = w.snapshot()?;
+            ensure_name_free(&s, &name)?;
+            if !s.nodes.iter().any(|n| n.name == node) {
+                return Err(ControlError::UnknownNode(node));
+            }
+            let index = allocate(w, &s.network)?;
+            let service = Service {
+                name,
+                node,
+                port: port.unwrap_or(target.port()),
+                target,
+                index,
+            };
+            w.insert_service(&service)?;
+            let s = w.snapshot()?;
+            Ok(Reply::Service(s.service_view(&service)))
+        })
+    }
+
+    fn add_device(&mut self, name: Label, mut allow: Vec<Label>, public_key: &str) -> Result<Reply, ControlError> {
+        let public_key = keys::parse_public_key(public_key)?;
+        allow.sort();
+        allow.dedup();
+        if allow.is_empty() {
+            return Err(ControlError::NothingAllowed);
+        }
+        self.store.write(|w| {
+            let s = w.snapshot()?;
+            ensure_name_free(&s, &name)?;
+            if let Some(unknown) = allow.iter().find(|a| !s.services.iter().any(|svc| &svc.name == *a)) {
+                return Err(ControlError::UnknownService(unknown.clone()));
+            }
+            let holder = s
+                .nodes
+                .iter()
+                .map(|n| (&n.name, &n.public_key))
+                .chain(s.devices.iter().map(|d| (&d.name, &d.public_key)));
+            if let Some((owner, _)) = holder.into_iter().find(|(_, k)| **k == public_key) {
+                return Err(ControlError::KeyTaken(owner.clone()));
+            }
+            let hub = s.hub().ok_or(ControlError::NoHub)?;
+            let index = allocate(w, &s.network)?;
+            let device = Device {
+                name,
+                public_key,
+                preshared_key: keys::generate_preshared_key(),
+                index,
+                allow,
+            };
+            w.insert_device(&device)?;
+            Ok(Reply::DeviceAdded(Box::new(handout(&s, hub, &device))))
+        })
+    }
+}
+
+/// Everything a device's config needs from the network, for `meshctl` to render.
+fn handout(s: &Snapshot, hub: &Node, device: &Device) -> DeviceHandout {
+    let pool = s.network.pool();
+    let hub_v4 = pool.v4_of(hub.index);
+    let hub_v6 = pool.v6_of(hub.index);
+    DeviceHandout {
+        device: s.device_view(device),
+        addresses: vec![
+            IpNet::new(pool.v4_of(device.index).into(), 32).expect("/32 is valid"),
+            IpNet::new(pool.v6_of(device.index).into(), 128).expect("/128 is valid"),
+        ],
+        dns_servers: vec![IpAddr::V4(hub_v4), IpAddr::V6(hub_v6)],
+        dns_search: vec![s.network.domain.clone()],
+        mtu: MESH_MTU,
+        hub_public_key: hub.public_key.clone(),
+        preshared_key: device.preshared_key.clone(),
+        endpoint: hub.endpoint.as_ref().map(ToString::to_string).unwrap_or_default(),
+        allowed_ips: vec![IpNet::V4(pool.v4()), IpNet::V6(pool.v6())],
+        persistent_keepalive: DEVICE_KEEPALIVE_SECS,
+    }
+}
+
+fn ensure_name_free(s: &Snapshot, name: &Label) -> Result<(), ControlError> {
+    let kind = if s.nodes.iter().any(|n| &n.name == name) {
+        "node"
+    } else if s.devices.iter().any(|d| &d.name == name) {
+        "device"
+    } else if s.services.iter().any(|v| &v.name == name) {
+        "service"
+    } else {
+        return Ok(());
+    };
+    Err(ControlError::NameTaken {
+        kind,
+        name: name.clone(),
+    })
+}
+
+/// Take the lowest free host index of the network, inside the caller's write transaction.
+fn allocate(w: &Writer<'_>, network: &Network) -> Result<u32, ControlError> {
+    let pool = network.pool();
+    let unavailable = w.unavailable_indexes(ADDRESS_COOLDOWN)?;
+    let index = pool
+        .first_free(&unavailable)
+        .ok_or(ControlError::PoolExhausted(network.cidr))?;
+    w.take_index(index)?;
+    Ok(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::PrivateKey;
+
+    fn label(s: &str) -> Label {
+        s.parse().unwrap()
+    }
+
+    fn new_network(dir: &Path, cidr: &str) -> Controller {
+        let new = NewNetwork {
+            network: label("home"),
+            domain: "home.internal".into(),
+            cidr: cidr.parse().unwrap(),
+            hub: label("hub"),
+            hub_public_key: PrivateKey::generate().public_key(),
+            endpoint: "203.0.113.5:51820".parse().unwrap(),
+            listen_port: 51820,
+            interface: "meshd0".into(),
+        };
+        Controller::init(&dir.join("meshd.db"), &new).unwrap().0
+    }
+
+    fn add_service(c: &mut Controller, name: &str) -> Result<Reply, ControlError> {
+        c.handle(Request::ServiceAdd {
+            name: label(name),
+            node: label("hub"),
+            target: "169.254.1.17:9737".parse().unwrap(),
+            port: None,
+        })
+    }
+
+    fn add_device(c: &mut Controller, name: &str, allow: &[&str]) -> Result<Reply, ControlError> {
+        c.handle(Request::DeviceAdd {
+            name: label(name),
+            allow: allow.iter().map(|a| label(a)).collect(),
+            public_key: PrivateKey::generate().public_key(),
+        })
+    }
+
+    #[test]
+    fn hub_gets_the_first_address_and_devices_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        let Reply::Service(svc) = add_service(&mut c, "wallet").unwrap() else {
+            panic!()
+        };
+        assert_eq!(svc.mesh_address, "10.77.0.2:9737");
+        assert_eq!(svc.dns_name, "wallet.home.internal");
+        let Reply::DeviceAdded(h) = add_device(&mut c, "phone", &["wallet"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(h.device.address.to_string(), "10.77.0.3");
+        assert_eq!(h.addresses[0].to_string(), "10.77.0.3/32");
+        assert!(h.addresses[1].to_string().ends_with("::3/128"));
+        assert_eq!(h.dns_servers[0].to_string(), "10.77.0.1");
+        assert_eq!(h.endpoint, "203.0.113.5:51820");
+        assert_eq!(h.allowed_ips[0].to_string(), "10.77.0.0/16");
+        assert_eq!(h.allowed_ips[1].prefix_len(), 64);
+        let Reply::Services(list) = c.handle(Request::ServiceList).unwrap() else {
+            panic!()
+        };
+        assert_eq!(list[0].devices, vec![label("phone")]);
+    }
+
+    #[test]
+    fn refuses_bad_requests_without_changing_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.9.9.0/29");
+        add_service(&mut c, "wallet").unwrap();
+        let before = c.snapshot().unwrap();
+        assert!(matches!(
+            add_service(&mut c, "wallet"),
+            Err(ControlError::NameTaken { kind: "service", .. })
+        ));
+        assert!(matches!(
+            add_service(&mut c, "hub"),
+            Err(ControlError::NameTaken { kind: "node", .. })
+        ));
+        assert!(matches!(
+            add_device(&mut c, "p", &["nope"]),
+            Err(ControlError::UnknownService(_))
+        ));
+        assert!(matches!(
+            add_device(&mut c, "p", &[]),
+            Err(ControlError::NothingAllowed)
+        ));
+        assert!(matches!(
+            c.handle(Request::DeviceAdd {
+                name: label("p"),
+                allow: vec![label("wallet")],
+                public_key: "junk".into()
+            }),
+            Err(ControlError::Key(_))
+        ));
+        assert!(matches!(
+            c.handle(Request::DeviceRemove { name: label("ghost") }),
+            Err(ControlError::UnknownDevice(_))
+        ));
+        assert_eq!(c.snapshot().unwrap(), before);
+    }
+
+    #[test]
+    fn exhausts_the_pool_and_keeps_released_addresses_cooling_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.9.9.0/29"); // 6 hosts: hub + service + 4 devices
+        add_service(&mut c, "wallet").unwrap();
+        for i in 0..4 {
+            add_device(&mut c, &format!("d{i}"), &["wallet"]).unwrap();
+        }
+        assert!(matches!(
+            add_device(&mut c, "d4", &["wallet"]),
+            Err(ControlError::PoolExhausted(_))
+        ));
+        c.handle(Request::DeviceRemove { name: label("d0") }).unwrap();
+        assert!(
+            matches!(
+                add_device(&mut c, "d4", &["wallet"]),
+                Err(ControlError::PoolExhausted(_))
+            ),
+            "a just-released address must not be handed out again"
+        );
+    }
+
+    #[test]
+    fn concurrent_writers_get_distinct_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        add_service(&mut c, "wallet").unwrap();
+        let db = dir.path().join("meshd.db");
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let db = db.clone();
+                std::thread::spawn(move || {
+                    let mut c = Controller::open(&db).unwrap();
+                    match add_device(&mut c, &format!("d{i}"), &["wallet"]).unwrap() {
+                        Reply::DeviceAdded(h) => h.device.address,
+                        other => panic!("{other:?}"),
+                    }
+                })
+            })
+            .collect();
+        let mut addresses: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        addresses.sort();
+        addresses.dedup();
+        assert_eq!(addresses.len(), 8);
+    }
+
+    #[test]
+    fn refuses_a_foreign_database_without_touching_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("meshd.db");
+        std::fs::write(&db, b"not a database at all, just bytes").unwrap();
+        assert!(matches!(
+            Controller::open(&db),
+            Err(ControlError::Store(StoreError::Foreign(_)))
+        ));
+        assert_eq!(std::fs::read(&db).unwrap(), b"not a database at all, just bytes");
+        let other = dir.path().join("other.db");
+        rusqlite::Connection::open(&other)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x);")
+            .unwrap();
+        let before = std::fs::read(&other).unwrap();
+        assert!(matches!(
+            Controller::open(&other),
+            Err(ControlError::Store(StoreError::Foreign(_)))
+        ));
+        assert_eq!(std::fs::read(&other).unwrap(), before);
+    }
+}

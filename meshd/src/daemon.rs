@@ -1,0 +1,226 @@
+//! `meshd run`: brings this host's part of the network up and keeps it matching the controller's state.
+//!
+//! Requests enter through the admin socket, change the store through the controller, and every change
+//! is followed by one reconcile: new plan, diff against the running one, apply only the difference.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, anyhow};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::admin::{self, Call};
+use crate::api::{Outcome, Reply, Request};
+use crate::controller::Controller;
+use crate::desired::{self, HostPlan};
+use crate::dns::{self, MeshDns};
+use crate::firewall;
+use crate::forward::Forwarders;
+use crate::model::DeviceView;
+use crate::statedir::StateDir;
+use crate::wg::{Backend, Interface};
+
+/// Where upstream resolvers are read from.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// Everything this host runs for the mesh.
+struct Host {
+    name: String,
+    plan: HostPlan,
+    interface: Arc<Mutex<Interface>>,
+    forwarders: Forwarders,
+    dns: Option<MeshDns>,
+}
+
+/// Run the daemon on `state` until SIGINT or SIGTERM.
+pub async fn run(state: &StateDir, backend: Backend) -> anyhow::Result<()> {
+    let _lock = state.lock_daemon()?;
+    let mut controller = Controller::open(&state.db())?;
+    let key = state.read_private_key()?;
+    let snapshot = controller.snapshot()?;
+    let me = key.public_key();
+    let name = snapshot
+        .nodes
+        .iter()
+        .find(|n| n.public_key == me)
+        .map(|n| n.name.to_string())
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: the private key belongs to no node of network {}",
+                state.private_key().display(),
+                snapshot.network.name
+            )
+        })?;
+    let plan = desired::plan_host(&snapshot, &name)?;
+
+    // The access rules match the interface by name, so they are in place before it comes up.
+    firewall::load(&firewall::render(&plan))
+        .await
+        .context("installing access rules")?;
+    let created = {
+        let plan = plan.clone();
+        tokio::task::spawn_blocking(move || Interface::create(backend, &plan, &key)).await?
+    };
+    let interface = match created {
+        Ok(interface) => interface,
+        Err(e) => {
+            let _ = firewall::remove(&plan.interface).await;
+            return Err(e.into());
+        }
+    };
+    let mut host = Host {
+        name,
+        plan: plan.clone(),
+        interface: Arc::new(Mutex::new(interface)),
+        forwarders: Forwarders::default(),
+        dns: None,
+    };
+    let started = bring_up(&mut host, &plan).await;
+    if let Err(e) = started {
+        shut_down(host).await;
+        return Err(e);
+    }
+
+    let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
+    let listener = admin::bind(&state.socket())?;
+    let server = tokio::spawn(admin::serve(listener, calls_tx));
+    info!(node = %host.name, socket = %state.socket().display(), "meshd ready");
+
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    loop {
+        tokio::select! {
+            Some((request, reply)) = calls.recv() => {
+                let outcome = handle(&mut controller, &mut host, request).await;
+                let _ = reply.send(outcome);
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    info!("shutting down");
+    server.abort();
+    let _ = std::fs::remove_file(state.socket());
+    shut_down(host).await;
+    Ok(())
+}
+
+/// Forwarders and DNS, once the interface and its access rules are up.
+async fn bring_up(host: &mut Host, plan: &HostPlan) -> anyhow::Result<()> {
+    host.forwarders.apply(&plan.services)?;
+    if let Some(dns_plan) = &plan.dns {
+        let own: Vec<IpAddr> = dns_plan.listen.iter().map(|a| a.ip()).collect();
+        let upstreams = dns::upstreams_from_resolv_conf(Path::new(RESOLV_CONF), &own);
+        if upstreams.is_empty() {
+            warn!("no upstream resolvers in {RESOLV_CONF}: names outside the mesh will not resolve for devices");
+        }
+        let server = MeshDns::start(&dns_plan.listen, &dns_plan.domain, dns_plan.records.clone(), upstreams)
+            .await
+            .context("starting mesh DNS")?;
+        host.dns = Some(server);
+    }
+    Ok(())
+}
+
+async fn handle(controller: &mut Controller, host: &mut Host, request: Request) -> Outcome {
+    let is_change = request.is_change();
+    let reply = match controller.handle(request) {
+        Ok(reply) => reply,
+        Err(e) => return Outcome::Error(e.to_string()),
+    };
+    if is_change && let Err(e) = reconcile(controller, host).await {
+        error!(error = format!("{e:#}"), "applying the change failed");
+        return Outcome::Error(format!("the change was saved but applying it failed: {e:#}"));
+    }
+    Outcome::Ok(with_handshakes(host, reply).await)
+}
+
+/// Make the host match the stored network, touching only what changed.
+async fn reconcile(controller: &mut Controller, host: &mut Host) -> anyhow::Result<()> {
+    let snapshot = controller.snapshot()?;
+    let new = desired::plan_host(&snapshot, &host.name)?;
+    let peers = desired::diff_peers(&host.plan.peers, &new.peers);
+    let (add, remove) = desired::diff_addresses(&host.plan.addresses, &new.addresses);
+    // Withdrawn peers go first so that a removed device loses access before anything else happens.
+    let interface = host.interface.clone();
+    tokio::task::spawn_blocking(move || {
+        let interface = interface.lock().map_err(|_| anyhow!("interface lock poisoned"))?;
+        interface.change_addresses(&add, &[])?;
+        interface.apply_peers(&peers)?;
+        anyhow::Ok(())
+    })
+    .await??;
+    firewall::load(&firewall::render(&new))
+        .await
+        .context("updating access rules")?;
+    host.forwarders.apply(&new.services)?;
+    if let (Some(server), Some(plan)) = (&host.dns, &new.dns) {
+        server.update(plan.records.clone()).await;
+    }
+    if !remove.is_empty() {
+        let interface = host.interface.clone();
+        tokio::task::spawn_blocking(move || {
+            let interface = interface.lock().map_err(|_| anyhow!("interface lock poisoned"))?;
+            anyhow::Ok(interface.change_addresses(&[], &remove)?)
+        })
+        .await??;
+    }
+    host.plan = new;
+    Ok(())
+}
+
+/// Fill in the last handshake of devices from the live interface.
+async fn with_handshakes(host: &Host, reply: Reply) -> Reply {
+    let needs = matches!(reply, Reply::Devices(_) | Reply::Status(_));
+    if !needs {
+        return reply;
+    }
+    let interface = host.interface.clone();
+    let handshakes = tokio::task::spawn_blocking(move || interface.lock().ok().map(|i| i.handshakes())).await;
+    let handshakes = match handshakes {
+        Ok(Some(Ok(h))) => h,
+        _ => {
+            warn!("could not read handshakes from the interface");
+            return reply;
+        }
+    };
+    let fill = |devices: &mut Vec<DeviceView>| {
+        for d in devices {
+            d.last_handshake = handshakes.get(&d.public_key).copied().flatten();
+        }
+    };
+    match reply {
+        Reply::Devices(mut devices) => {
+            fill(&mut devices);
+            Reply::Devices(devices)
+        }
+        Reply::Status(mut status) => {
+            fill(&mut status.devices);
+            Reply::Status(status)
+        }
+        other => other,
+    }
+}
+
+async fn shut_down(host: Host) {
+    let Host {
+        plan,
+        interface,
+        forwarders,
+        dns,
+        ..
+    } = host;
+    drop(forwarders);
+    if let Some(dns) = dns {
+        dns.shutdown().await;
+    }
+    // Dropping the last handle takes the interface down (off the runtime: it joins device threads);
+    // the access rules go only after it.
+    let _ = tokio::task::spawn_blocking(move || drop(interface)).await;
+    if let Err(e) = firewall::remove(&plan.interface).await {
+        warn!(error = %e, "removing access rules");
+    }
+}

@@ -1,0 +1,353 @@
+//! The pure core: from the stored network to what one host must look like (its interface, peers,
+//! forwarders, access rules and DNS), and from two such pictures to the changes between them.
+//!
+//! No I/O here, so every rule about who reaches what is testable without root.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+
+use crate::dns::DnsRecords;
+use crate::input::{HostPort, Label};
+use crate::model::{MESH_MTU, Role, Snapshot};
+
+/// Port of the mesh DNS on the hub.
+pub const DNS_PORT: u16 = 53;
+
+/// The desired state of one host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPlan {
+    pub interface: String,
+    pub listen_port: u16,
+    pub mtu: u16,
+    /// Addresses of the interface: the host's own (with the mesh prefix, which routes the mesh through
+    /// it) and one host address per local service.
+    pub addresses: BTreeSet<IpNet>,
+    /// WireGuard peers by public key.
+    pub peers: BTreeMap<String, PeerPlan>,
+    /// Forwarders for the services this host serves.
+    pub services: Vec<ServicePlan>,
+    /// Mesh DNS, on the hub only.
+    pub dns: Option<DnsPlan>,
+}
+
+/// One WireGuard peer of a host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerPlan {
+    pub name: Label,
+    pub preshared_key: Option<String>,
+    pub endpoint: Option<HostPort>,
+    pub allowed_ips: Vec<IpNet>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// A service forwarder: listens on the service's mesh addresses, admits only `allowed` sources.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePlan {
+    pub name: Label,
+    pub listen: Vec<SocketAddr>,
+    pub target: HostPort,
+    pub allowed: BTreeSet<IpAddr>,
+}
+
+/// The mesh DNS of the hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsPlan {
+    pub listen: Vec<SocketAddr>,
+    pub domain: String,
+    pub records: DnsRecords,
+    /// Who may query it: the mesh ranges.
+    pub clients: Vec<IpNet>,
+}
+
+/// Why no plan could be made for a host.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("node {0:?} is not part of the network")]
+    UnknownNode(String),
+}
+
+/// What `host` must look like for the network in `s`.
+pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
+    let node = s
+        .nodes
+        .iter()
+        .find(|n| n.name.as_str() == host)
+        .ok_or_else(|| PlanError::UnknownNode(host.to_owned()))?;
+    let pool = s.network.pool();
+    let mesh_v4 = IpNet::V4(pool.v4());
+    let mesh_v6 = IpNet::V6(pool.v6());
+    let host_v4 = |i: u32| IpNet::new(pool.v4_of(i).into(), 32).expect("/32 is valid");
+    let host_v6 = |i: u32| IpNet::new(pool.v6_of(i).into(), 128).expect("/128 is valid");
+
+    let mut addresses = BTreeSet::from([
+        IpNet::new(pool.v4_of(node.index).into(), pool.v4().prefix_len()).expect("the mesh prefix is valid"),
+        IpNet::new(pool.v6_of(node.index).into(), pool.v6().prefix_len()).expect("the mesh prefix is valid"),
+    ]);
+
+    let mut peers = BTreeMap::new();
+    if node.role == Role::Hub {
+        for device in &s.devices {
+            peers.insert(
+                device.public_key.clone(),
+                PeerPlan {
+                    name: device.name.clone(),
+                    preshared_key: Some(device.preshared_key.clone()),
+                    endpoint: None,
+                    allowed_ips: vec![host_v4(device.index), host_v6(device.index)],
+                    persistent_keepalive: None,
+                },
+            );
+        }
+    }
+
+    let mut services = Vec::new();
+    for service in s.services.iter().filter(|v| v.node == node.name) {
+        addresses.insert(host_v4(service.index));
+        addresses.insert(host_v6(service.index));
+        let allowed = s
+            .devices
+            .iter()
+            .filter(|d| d.allow.contains(&service.name))
+            .flat_map(|d| [IpAddr::V4(pool.v4_of(d.index)), IpAddr::V6(pool.v6_of(d.index))])
+            .collect();
+        services.push(ServicePlan {
+            name: service.name.clone(),
+            listen: vec![
+                SocketAddr::new(pool.v4_of(service.index).into(), service.port),
+                SocketAddr::new(pool.v6_of(service.index).into(), service.port),
+            ],
+            target: service.target.clone(),
+            allowed,
+        });
+    }
+
+    let dns = (node.role == Role::Hub).then(|| {
+        let mut records = DnsRecords::new();
+        let mut add = |name: &Label, index: u32| {
+            records.insert(
+                s.network.fqdn(name),
+                vec![IpAddr::V4(pool.v4_of(index)), IpAddr::V6(pool.v6_of(index))],
+            );
+        };
+        s.nodes.iter().for_each(|n| add(&n.name, n.index));
+        s.devices.iter().for_each(|d| add(&d.name, d.index));
+        s.services.iter().for_each(|v| add(&v.name, v.index));
+        DnsPlan {
+            listen: vec![
+                SocketAddr::new(pool.v4_of(node.index).into(), DNS_PORT),
+                SocketAddr::new(pool.v6_of(node.index).into(), DNS_PORT),
+            ],
+            domain: s.network.domain.clone(),
+            records,
+            clients: vec![mesh_v4, mesh_v6],
+        }
+    });
+
+    Ok(HostPlan {
+        interface: node.interface.clone(),
+        listen_port: node.listen_port,
+        mtu: MESH_MTU,
+        addresses,
+        peers,
+        services,
+        dns,
+    })
+}
+
+/// The changes that turn one host's peers into another's: only what differs is touched, so untouched
+/// peers keep their sessions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerDiff {
+    pub upsert: Vec<(String, PeerPlan)>,
+    pub remove: Vec<String>,
+}
+
+impl PeerDiff {
+    /// True when nothing changes.
+    pub fn is_empty(&self) -> bool {
+        self.upsert.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// Peers to add or update and peers to remove to go from `old` to `new`.
+pub fn diff_peers(old: &BTreeMap<String, PeerPlan>, new: &BTreeMap<String, PeerPlan>) -> PeerDiff {
+    PeerDiff {
+        upsert: new
+            .iter()
+            .filter(|(k, p)| old.get(*k) != Some(*p))
+            .map(|(k, p)| (k.clone(), p.clone()))
+            .collect(),
+        remove: old.keys().filter(|k| !new.contains_key(*k)).cloned().collect(),
+    }
+}
+
+/// Addresses to add and to remove to go from `old` to `new`.
+pub fn diff_addresses(old: &BTreeSet<IpNet>, new: &BTreeSet<IpNet>) -> (Vec<IpNet>, Vec<IpNet>) {
+    (
+        new.difference(old).copied().collect(),
+        old.difference(new).copied().collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Device, Network, Node, Service};
+
+    fn label(s: &str) -> Label {
+        s.parse().unwrap()
+    }
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            network: Network {
+                name: label("home"),
+                domain: "home.internal".into(),
+                cidr: "10.77.0.0/16".parse().unwrap(),
+                ula: "fd00:1:2::/48".parse().unwrap(),
+            },
+            nodes: vec![Node {
+                name: label("hub"),
+                public_key: "HUB".into(),
+                index: 1,
+                endpoint: Some("203.0.113.5:51820".parse().unwrap()),
+                listen_port: 51820,
+                interface: "meshd0".into(),
+                role: Role::Hub,
+            }],
+            devices: vec![
+                Device {
+                    name: label("phone"),
+                    public_key: "PHONE".into(),
+                    preshared_key: "PSK1".into(),
+                    index: 4,
+                    allow: vec![label("wallet")],
+                },
+                Device {
+                    name: label("laptop"),
+                    public_key: "LAPTOP".into(),
+                    preshared_key: "PSK2".into(),
+                    index: 5,
+                    allow: vec![label("explorer")],
+                },
+            ],
+            services: vec![
+                Service {
+                    name: label("wallet"),
+                    node: label("hub"),
+                    target: "169.254.1.17:9737".parse().unwrap(),
+                    port: 9737,
+                    index: 2,
+                },
+                Service {
+                    name: label("explorer"),
+                    node: label("hub"),
+                    target: "127.0.0.1:3002".parse().unwrap(),
+                    port: 80,
+                    index: 3,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn hub_plan_has_every_device_as_a_host_route_peer() {
+        let plan = plan_host(&snapshot(), "hub").unwrap();
+        let phone = &plan.peers["PHONE"];
+        assert_eq!(
+            phone.allowed_ips,
+            vec![
+                "10.77.0.4/32".parse().unwrap(),
+                "fd00:1:2::4/128".parse::<IpNet>().unwrap()
+            ]
+        );
+        assert_eq!(phone.preshared_key.as_deref(), Some("PSK1"));
+        let addrs: Vec<String> = plan.addresses.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            addrs,
+            [
+                "10.77.0.1/16",
+                "10.77.0.2/32",
+                "10.77.0.3/32",
+                "fd00:1:2::1/64",
+                "fd00:1:2::2/128",
+                "fd00:1:2::3/128"
+            ]
+        );
+    }
+
+    #[test]
+    fn each_service_admits_only_its_devices() {
+        let plan = plan_host(&snapshot(), "hub").unwrap();
+        let wallet = plan.services.iter().find(|v| v.name.as_str() == "wallet").unwrap();
+        assert_eq!(
+            wallet.allowed,
+            BTreeSet::from(["10.77.0.4".parse().unwrap(), "fd00:1:2::4".parse().unwrap()])
+        );
+        assert_eq!(wallet.listen[0].to_string(), "10.77.0.2:9737");
+        let explorer = plan.services.iter().find(|v| v.name.as_str() == "explorer").unwrap();
+        assert_eq!(explorer.listen[1].to_string(), "[fd00:1:2::3]:80");
+        assert!(!explorer.allowed.contains(&"10.77.0.4".parse().unwrap()));
+    }
+
+    #[test]
+    fn dns_names_every_node_device_and_service() {
+        let dns = plan_host(&snapshot(), "hub").unwrap().dns.unwrap();
+        assert_eq!(
+            dns.records["wallet.home.internal"],
+            vec!["10.77.0.2".parse::<IpAddr>().unwrap(), "fd00:1:2::2".parse().unwrap()]
+        );
+        assert_eq!(
+            dns.records.keys().cloned().collect::<Vec<_>>(),
+            [
+                "explorer.home.internal",
+                "hub.home.internal",
+                "laptop.home.internal",
+                "phone.home.internal",
+                "wallet.home.internal"
+            ]
+        );
+        assert_eq!(dns.listen[0].to_string(), "10.77.0.1:53");
+    }
+
+    #[test]
+    fn diff_touches_only_what_changed() {
+        let s = snapshot();
+        let before = plan_host(&s, "hub").unwrap();
+        let mut changed = s.clone();
+        changed.devices.retain(|d| d.name.as_str() != "laptop");
+        changed.devices.push(Device {
+            name: label("tablet"),
+            public_key: "TABLET".into(),
+            preshared_key: "PSK3".into(),
+            index: 6,
+            allow: vec![],
+        });
+        let after = plan_host(&changed, "hub").unwrap();
+        let diff = diff_peers(&before.peers, &after.peers);
+        assert_eq!(diff.remove, vec!["LAPTOP".to_string()]);
+        assert_eq!(
+            diff.upsert.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            ["TABLET"]
+        );
+        assert!(diff_peers(&after.peers, &after.peers).is_empty());
+
+        changed.services.retain(|v| v.name.as_str() != "explorer");
+        let (add, remove) = diff_addresses(&before.addresses, &plan_host(&changed, "hub").unwrap().addresses);
+        assert!(add.is_empty());
+        assert_eq!(
+            remove.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["10.77.0.3/32", "fd00:1:2::3/128"]
+        );
+    }
+
+    #[test]
+    fn unknown_host_is_an_error() {
+        assert_eq!(
+            plan_host(&snapshot(), "ghost"),
+            Err(PlanError::UnknownNode("ghost".into()))
+        );
+    }
+}

@@ -1,0 +1,215 @@
+//! Access rules on the host that serves: an nftables table per mesh interface that lets a peer reach
+//! only the services it was granted (and the mesh DNS), whatever it puts in its own AllowedIPs, and
+//! drops everything else that arrives on the interface, including attempts to route through the host.
+//!
+//! The ruleset is rendered from the host plan (pure) and loaded in one `nft -f -` transaction, so a
+//! change replaces the whole table atomically.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::process::Stdio;
+
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+use crate::desired::{DNS_PORT, HostPlan};
+
+/// Loading the ruleset failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    #[error("running nft (install nftables): {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("nft refused the ruleset: {0}")]
+    Rejected(String),
+}
+
+/// The nftables table that belongs to interface `interface`.
+pub fn table_name(interface: &str) -> String {
+    let safe: String = interface
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("meshd_{safe}")
+}
+
+/// The full ruleset (as an `nft -f` script that replaces the table) for `plan`.
+pub fn render(plan: &HostPlan) -> String {
+    let table = table_name(&plan.interface);
+    let mut grants_v4 = Vec::new();
+    let mut grants_v6 = Vec::new();
+    for service in &plan.services {
+        for listen in &service.listen {
+            for source in &service.allowed {
+                match (source, listen.ip()) {
+                    (IpAddr::V4(s), IpAddr::V4(d)) => grants_v4.push(format!("{s} . {d} . {}", listen.port())),
+                    (IpAddr::V6(s), IpAddr::V6(d)) => grants_v6.push(format!("{s} . {d} . {}", listen.port())),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    let mut out = String::new();
+    // Creating then deleting makes the script work whether or not the table exists yet.
+    let _ = writeln!(
+        out,
+        "table inet {table}\ndelete table inet {table}\ntable inet {table} {{"
+    );
+    for (set, ty, elements) in [
+        ("grants_v4", "ipv4_addr . ipv4_addr . inet_service", &grants_v4),
+        ("grants_v6", "ipv6_addr . ipv6_addr . inet_service", &grants_v6),
+    ] {
+        let _ = writeln!(out, "  set {set} {{\n    type {ty}");
+        if !elements.is_empty() {
+            let _ = writeln!(out, "    elements = {{ {} }}", elements.join(", "));
+        }
+        let _ = writeln!(out, "  }}");
+    }
+    let iface = &plan.interface;
+    let _ = writeln!(
+        out,
+        "  chain input {{\n    type filter hook input priority filter; policy accept;"
+    );
+    let _ = writeln!(out, "    iifname != \"{iface}\" accept");
+    let _ = writeln!(out, "    ct state established,related accept");
+    if let Some(dns) = &plan.dns {
+        for listen in &dns.listen {
+            for client in &dns.clients {
+                let (saddr, daddr) = match (client, listen.ip()) {
+                    (ipnet::IpNet::V4(_), IpAddr::V4(_)) => ("ip saddr", "ip daddr"),
+                    (ipnet::IpNet::V6(_), IpAddr::V6(_)) => ("ip6 saddr", "ip6 daddr"),
+                    _ => continue,
+                };
+                let _ = writeln!(
+                    out,
+                    "    {saddr} {client} {daddr} {} meta l4proto {{ tcp, udp }} th dport {DNS_PORT} accept",
+                    listen.ip()
+                );
+            }
+        }
+    }
+    let _ = writeln!(out, "    ip saddr . ip daddr . tcp dport @grants_v4 accept");
+    let _ = writeln!(out, "    ip6 saddr . ip6 daddr . tcp dport @grants_v6 accept");
+    let _ = writeln!(out, "    counter drop\n  }}");
+    let _ = writeln!(
+        out,
+        "  chain forward {{\n    type filter hook forward priority filter; policy accept;"
+    );
+    let _ = writeln!(out, "    iifname \"{iface}\" counter drop\n  }}\n}}");
+    out
+}
+
+/// Load `script` with `nft -f -`.
+pub async fn load(script: &str) -> Result<(), FirewallError> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(FirewallError::Spawn)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes()).await.map_err(FirewallError::Spawn)?;
+    }
+    let output = child.wait_with_output().await.map_err(FirewallError::Spawn)?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        Err(FirewallError::Rejected(
+            stderr.lines().next().unwrap_or("unknown error").to_owned(),
+        ))
+    }
+}
+
+/// Remove the table of `interface` (on shutdown).
+pub async fn remove(interface: &str) -> Result<(), FirewallError> {
+    let table = table_name(interface);
+    load(&format!("table inet {table}\ndelete table inet {table}\n")).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::{DnsPlan, ServicePlan};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    fn plan(allowed: &[&str]) -> HostPlan {
+        HostPlan {
+            interface: "wg-home.1".into(),
+            listen_port: 51820,
+            mtu: 1420,
+            addresses: BTreeSet::new(),
+            peers: BTreeMap::new(),
+            services: vec![ServicePlan {
+                name: "wallet".parse().unwrap(),
+                listen: vec!["10.77.0.2:9737".parse().unwrap(), "[fd00::2]:9737".parse().unwrap()],
+                target: "127.0.0.1:9737".parse().unwrap(),
+                allowed: allowed.iter().map(|a| a.parse().unwrap()).collect(),
+            }],
+            dns: Some(DnsPlan {
+                listen: vec!["10.77.0.1:53".parse().unwrap(), "[fd00::1]:53".parse().unwrap()],
+                domain: "home.internal".into(),
+                records: BTreeMap::new(),
+                clients: vec!["10.77.0.0/16".parse().unwrap(), "fd00::/64".parse().unwrap()],
+            }),
+        }
+    }
+
+    #[test]
+    fn grants_are_exact_source_destination_port_triples() {
+        let rules = render(&plan(&["10.77.0.4", "fd00::4"]));
+        assert!(rules.contains("table inet meshd_wg_home_1 {"), "{rules}");
+        assert!(rules.contains("elements = { 10.77.0.4 . 10.77.0.2 . 9737 }"), "{rules}");
+        assert!(rules.contains("elements = { fd00::4 . fd00::2 . 9737 }"), "{rules}");
+        assert!(
+            rules.contains("ip saddr 10.77.0.0/16 ip daddr 10.77.0.1 meta l4proto { tcp, udp } th dport 53 accept")
+        );
+        assert!(rules.contains("ip6 saddr fd00::/64 ip6 daddr fd00::1 meta l4proto { tcp, udp } th dport 53 accept"));
+        assert!(rules.contains("iifname \"wg-home.1\" counter drop"));
+        let drop_at = rules.find("counter drop\n  }").unwrap();
+        assert!(
+            rules.find("@grants_v4 accept").unwrap() < drop_at,
+            "grants must come before the final drop"
+        );
+    }
+
+    #[test]
+    fn no_grant_means_empty_sets_and_default_deny() {
+        let rules = render(&plan(&[]));
+        assert!(!rules.contains("elements"), "{rules}");
+        assert!(rules.contains("counter drop"));
+    }
+
+    /// The rendered script must be accepted by the real nft parser (`nft -c` checks without loading).
+    #[test]
+    fn nft_accepts_the_ruleset() {
+        let Ok(out) = std::process::Command::new("nft")
+            .args(["-c", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child
+                    .stdin
+                    .take()
+                    .expect("piped")
+                    .write_all(render(&plan(&["10.77.0.4", "fd00::4"])).as_bytes())?;
+                child.wait_with_output()
+            })
+        else {
+            assert!(std::env::var_os("CI").is_none(), "nft must be installed in CI");
+            eprintln!("nft not installed: skipping the parser check");
+            return;
+        };
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if stderr.contains("Operation not permitted") {
+            assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+            eprintln!("not root: skipping the nft parser check");
+            return;
+        }
+        assert!(out.status.success(), "nft -c rejected the ruleset: {stderr}");
+    }
+}

@@ -1,0 +1,263 @@
+//! Service forwarders: a TCP listener on each mesh address of a local service that relays admitted
+//! connections to the service's target (a namespace address such as `169.254.1.17:9737`, or
+//! loopback). The forwarder checks the peer's source address itself too, so access holds even where the
+//! firewall is bypassed, and it cuts live connections of a peer whose access is withdrawn.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::desired::ServicePlan;
+use crate::input::{HostPort, Label};
+
+/// How long a forwarder waits for the service's target to accept.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A listener could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("service {service}: listening on {addr}: {source}")]
+pub struct ForwardError {
+    service: Label,
+    addr: SocketAddr,
+    #[source]
+    source: std::io::Error,
+}
+
+type Allowed = Arc<BTreeSet<IpAddr>>;
+
+struct Running {
+    listen: Vec<SocketAddr>,
+    target: HostPort,
+    allowed: watch::Sender<Allowed>,
+    listeners: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // Closing the listeners and emptying the allowed set ends every open connection too.
+        self.listeners.iter().for_each(JoinHandle::abort);
+        self.allowed.send_replace(Arc::default());
+    }
+}
+
+/// The forwarders of one host.
+#[derive(Default)]
+pub struct Forwarders {
+    running: BTreeMap<Label, Running>,
+}
+
+impl Forwarders {
+    /// Make the running forwarders match `plans`: start new ones, stop removed ones, and update who is
+    /// admitted in place (connections of peers no longer admitted are closed).
+    pub fn apply(&mut self, plans: &[ServicePlan]) -> Result<(), ForwardError> {
+        let wanted: BTreeSet<&Label> = plans.iter().map(|p| &p.name).collect();
+        self.running.retain(|name, _| wanted.contains(name));
+        for plan in plans {
+            let allowed: Allowed = Arc::new(plan.allowed.clone());
+            match self.running.get(&plan.name) {
+                Some(r) if r.listen == plan.listen && r.target == plan.target => {
+                    r.allowed.send_if_modified(|current| {
+                        let changed = *current != allowed;
+                        *current = allowed.clone();
+                        changed
+                    });
+                }
+                _ => {
+                    self.running.remove(&plan.name);
+                    let running = start(plan, allowed)?;
+                    self.running.insert(plan.name.clone(), running);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn start(plan: &ServicePlan, allowed: Allowed) -> Result<Running, ForwardError> {
+    let (tx, rx) = watch::channel(allowed);
+    let mut listeners = Vec::new();
+    for &addr in &plan.listen {
+        let listener = bind(addr).map_err(|source| ForwardError {
+            service: plan.name.clone(),
+            addr,
+            source,
+        })?;
+        info!(service = %plan.name, %addr, target = %plan.target, "forwarding");
+        listeners.push(tokio::spawn(accept_loop(
+            plan.name.clone(),
+            listener,
+            plan.target.clone(),
+            rx.clone(),
+        )));
+    }
+    Ok(Running {
+        listen: plan.listen.clone(),
+        target: plan.target.clone(),
+        allowed: tx,
+        listeners,
+    })
+}
+
+/// Bind with IP_FREEBIND so a listener can start while its address is still being added.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+        socket.set_freebind_v6(true)?;
+    } else {
+        socket.set_freebind_v4(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+async fn accept_loop(service: Label, listener: TcpListener, target: HostPort, allowed: watch::Receiver<Allowed>) {
+    loop {
+        let (inbound, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Per-connection errors (e.g. the peer reset before accept) must not stop the service.
+                debug!(%service, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if !allowed.borrow().contains(&peer.ip()) {
+            info!(%service, peer = %peer.ip(), "refused: not granted");
+            continue;
+        }
+        tokio::spawn(relay(
+            service.clone(),
+            inbound,
+            peer.ip(),
+            target.clone(),
+            allowed.clone(),
+        ));
+    }
+}
+
+async fn relay(
+    service: Label,
+    mut inbound: TcpStream,
+    peer: IpAddr,
+    target: HostPort,
+    mut allowed: watch::Receiver<Allowed>,
+) {
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((target.host(), target.port())));
+    let mut outbound = match connect.await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return warn!(%service, %target, error = %e, "target unreachable"),
+        Err(_) => return warn!(%service, %target, "target did not accept in time"),
+    };
+    let _ = inbound.set_nodelay(true);
+    let _ = outbound.set_nodelay(true);
+    debug!(%service, %peer, "relaying");
+    let revoked = async {
+        loop {
+            if allowed.changed().await.is_err() || !allowed.borrow_and_update().contains(&peer) {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {
+            if let Err(e) = result {
+                debug!(%service, %peer, error = %e, "connection ended");
+            }
+        }
+        () = revoked => info!(%service, %peer, "access withdrawn: connection closed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn echo_server() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn plan(listen: SocketAddr, target: SocketAddr, allowed: &[&str]) -> ServicePlan {
+        ServicePlan {
+            name: "echo".parse().unwrap(),
+            listen: vec![listen],
+            target: target.to_string().parse().unwrap(),
+            allowed: allowed.iter().map(|a| a.parse().unwrap()).collect(),
+        }
+    }
+
+    async fn round_trip(addr: SocketAddr) -> std::io::Result<Vec<u8>> {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(b"ping").await?;
+        let mut buf = vec![0u8; 4];
+        tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut buf))
+            .await
+            .map_err(|_| std::io::ErrorKind::TimedOut)??;
+        Ok(buf)
+    }
+
+    #[tokio::test]
+    async fn relays_granted_peers_and_refuses_others() {
+        let target = echo_server().await;
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut f = Forwarders::default();
+
+        f.apply(&[plan(listen, target, &["127.0.0.1"])]).unwrap();
+        assert_eq!(round_trip(listen).await.unwrap(), b"ping");
+
+        // Withdraw access: new connections are refused, and an open one is cut.
+        let mut open = TcpStream::connect(listen).await.unwrap();
+        open.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        open.read_exact(&mut buf).await.unwrap();
+        f.apply(&[plan(listen, target, &["10.77.0.9"])]).unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(2), open.read(&mut buf))
+            .await
+            .expect("cut within 2 s")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the open connection must be closed");
+        assert!(
+            round_trip(listen).await.is_err(),
+            "a refused peer must get nothing back"
+        );
+
+        // Removing the service closes its listener.
+        f.apply(&[]).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(TcpStream::connect(listen).await.is_err());
+    }
+}

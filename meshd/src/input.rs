@@ -1,0 +1,332 @@
+//! Parsing and validation of operator input: names, HOST:PORT pairs, address ranges, durations.
+//!
+//! Everything an operator types goes through here before it reaches the store, so that a bad value is
+//! refused with a message naming it and nothing is written.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::str::FromStr;
+
+use ipnet::{IpNet, Ipv4Net};
+use serde::{Deserialize, Serialize};
+
+/// Why an operator's input was refused; the message names the value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InputError {
+    #[error("{0:?} is not a valid name: use 1-63 lowercase letters, digits or '-', not starting or ending with '-'")]
+    Label(String),
+    #[error("{0:?} is not a valid domain: use dot-separated names of lowercase letters, digits or '-'")]
+    Domain(String),
+    #[error("{0:?} is not HOST:PORT (an IPv4 address, [IPv6] address or DNS name, then a port)")]
+    HostPort(String),
+    #[error("port {0:?} is out of range (1-65535)")]
+    Port(String),
+    #[error("{0:?} is not a valid IPv4 CIDR such as 10.77.0.0/16")]
+    Cidr(String),
+    #[error("CIDR {0} is too small: it needs room for at least two hosts (use /30 or larger)")]
+    CidrTooSmall(Ipv4Net),
+    #[error("CIDR {given} has host bits set; did you mean {network}?")]
+    CidrHostBits { given: String, network: Ipv4Net },
+    #[error("interface name {0:?} is invalid: 1-15 characters of letters, digits, '-', '_' or '.'")]
+    Interface(String),
+}
+
+/// A DNS label used as the name of a network, node, device or service (RFC 1123, lowercase).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Label(String);
+
+impl Label {
+    /// The label as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Label {
+    type Err = InputError;
+    fn from_str(s: &str) -> Result<Self, InputError> {
+        let ok = !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-')
+            && !s.ends_with('-');
+        if ok {
+            Ok(Label(s.to_owned()))
+        } else {
+            Err(InputError::Label(s.to_owned()))
+        }
+    }
+}
+
+impl TryFrom<String> for Label {
+    type Error = InputError;
+    fn try_from(s: String) -> Result<Self, InputError> {
+        s.parse()
+    }
+}
+
+impl From<Label> for String {
+    fn from(l: Label) -> String {
+        l.0
+    }
+}
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&self.0)
+    }
+}
+
+/// Check a DNS domain made of labels (e.g. `home.internal`); returns it lowercase without a trailing dot.
+pub fn parse_domain(s: &str) -> Result<String, InputError> {
+    let trimmed = s.strip_suffix('.').unwrap_or(s);
+    let ok =
+        !trimmed.is_empty() && trimmed.len() <= 200 && trimmed.split('.').all(|part| part.parse::<Label>().is_ok());
+    if ok {
+        Ok(trimmed.to_owned())
+    } else {
+        Err(InputError::Domain(s.to_owned()))
+    }
+}
+
+/// Where to reach something: a host (IP address or DNS name) and a port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HostPort {
+    host: Host,
+    port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Host {
+    Ip(IpAddr),
+    Name(String),
+}
+
+impl HostPort {
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The host as an IP address, when it is one.
+    pub fn ip(&self) -> Option<IpAddr> {
+        match self.host {
+            Host::Ip(ip) => Some(ip),
+            Host::Name(_) => None,
+        }
+    }
+
+    /// The host in a form suitable for a socket lookup (`name` or `ip`, without brackets).
+    pub fn host(&self) -> String {
+        match &self.host {
+            Host::Ip(ip) => ip.to_string(),
+            Host::Name(n) => n.clone(),
+        }
+    }
+}
+
+impl FromStr for HostPort {
+    type Err = InputError;
+    fn from_str(s: &str) -> Result<Self, InputError> {
+        let bad = || InputError::HostPort(s.to_owned());
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (v6, port) = rest.split_once("]:").ok_or_else(bad)?;
+            let ip: std::net::Ipv6Addr = v6.parse().map_err(|_| bad())?;
+            (Host::Ip(IpAddr::V6(ip)), port)
+        } else {
+            let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+            if host.contains(':') {
+                // A bare IPv6 address is ambiguous with its port: wg-quick and URLs both want brackets.
+                return Err(bad());
+            }
+            let host = match host.parse::<Ipv4Addr>() {
+                Ok(ip) => Host::Ip(IpAddr::V4(ip)),
+                Err(_) if looks_like_ipv4(host) => return Err(bad()),
+                Err(_) => Host::Name(parse_domain(host).map_err(|_| bad())?),
+            };
+            (host, port)
+        };
+        if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let port = match port.parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => return Err(InputError::Port(port.to_owned())),
+        };
+        Ok(HostPort { host, port })
+    }
+}
+
+/// `300.1.2.3` must not be taken for a DNS name.
+fn looks_like_ipv4(s: &str) -> bool {
+    s.split('.').count() == 4 && s.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+}
+
+impl TryFrom<String> for HostPort {
+    type Error = InputError;
+    fn try_from(s: String) -> Result<Self, InputError> {
+        s.parse()
+    }
+}
+
+impl From<HostPort> for String {
+    fn from(h: HostPort) -> String {
+        h.to_string()
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            Host::Ip(IpAddr::V4(ip)) => write!(f, "{ip}:{}", self.port),
+            Host::Name(n) => write!(f, "{n}:{}", self.port),
+        }
+    }
+}
+
+/// Parse a port number (1-65535).
+pub fn parse_port(s: &str) -> Result<u16, InputError> {
+    match s.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(InputError::Port(s.to_owned())),
+    }
+}
+
+/// Parse the network's IPv4 range; it must be a network address with room for two hosts or more.
+pub fn parse_cidr(s: &str) -> Result<Ipv4Net, InputError> {
+    let net: Ipv4Net = match s.parse::<IpNet>() {
+        Ok(IpNet::V4(n)) => n,
+        _ => return Err(InputError::Cidr(s.to_owned())),
+    };
+    if net.addr() != net.network() {
+        return Err(InputError::CidrHostBits {
+            given: s.to_owned(),
+            network: net.trunc(),
+        });
+    }
+    if net.prefix_len() > 30 {
+        return Err(InputError::CidrTooSmall(net));
+    }
+    Ok(net)
+}
+
+/// Check a network interface name as Linux accepts it (at most 15 bytes, no '/', no whitespace).
+pub fn parse_interface(s: &str) -> Result<String, InputError> {
+    let ok = !s.is_empty()
+        && s.len() <= 15
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && s != "."
+        && s != "..";
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(InputError::Interface(s.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn labels() {
+        for good in ["a", "phone1", "btc-pay", "0x", &"a".repeat(63)] {
+            assert!(good.parse::<Label>().is_ok(), "{good}");
+        }
+        for bad in ["", "-a", "a-", "Phone", "bad_name!", "a.b", "é", &"a".repeat(64), "a b"] {
+            assert_eq!(bad.parse::<Label>(), Err(InputError::Label(bad.to_owned())), "{bad}");
+        }
+    }
+
+    #[test]
+    fn domains() {
+        assert_eq!(parse_domain("home.internal.").unwrap(), "home.internal");
+        assert_eq!(parse_domain("shop").unwrap(), "shop");
+        for bad in ["", ".", "a..b", "-a.b", "A.b", "a_b.c"] {
+            assert!(parse_domain(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn host_ports() {
+        let cases = [
+            ("127.0.0.1:8080", "127.0.0.1:8080", Some("127.0.0.1")),
+            ("[fd00::1]:51820", "[fd00::1]:51820", Some("fd00::1")),
+            ("relay.example.com:443", "relay.example.com:443", None),
+            ("169.254.1.17:9737", "169.254.1.17:9737", Some("169.254.1.17")),
+        ];
+        for (input, shown, ip) in cases {
+            let hp: HostPort = input.parse().unwrap();
+            assert_eq!(hp.to_string(), shown);
+            assert_eq!(hp.ip().map(|i| i.to_string()).as_deref(), ip);
+        }
+        for bad in [
+            "nocolon",
+            "1.2.3.4",
+            ":80",
+            "host:",
+            "fd00::1:80",
+            "[fd00::1]80",
+            "300.1.2.3:80",
+            "a b:1",
+            "h:+1",
+        ] {
+            assert_eq!(
+                bad.parse::<HostPort>(),
+                Err(InputError::HostPort(bad.to_owned())),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            "1.2.3.4:70000".parse::<HostPort>(),
+            Err(InputError::Port("70000".into()))
+        );
+        assert_eq!("1.2.3.4:0".parse::<HostPort>(), Err(InputError::Port("0".into())));
+    }
+
+    #[test]
+    fn cidrs() {
+        assert_eq!(parse_cidr("10.77.0.0/16").unwrap().to_string(), "10.77.0.0/16");
+        assert_eq!(parse_cidr("10.0.0.0/33"), Err(InputError::Cidr("10.0.0.0/33".into())));
+        assert_eq!(parse_cidr("banana"), Err(InputError::Cidr("banana".into())));
+        assert_eq!(parse_cidr("fd00::/64"), Err(InputError::Cidr("fd00::/64".into())));
+        assert!(matches!(parse_cidr("10.0.0.0/31"), Err(InputError::CidrTooSmall(_))));
+        assert!(matches!(
+            parse_cidr("10.0.0.5/24"),
+            Err(InputError::CidrHostBits { .. })
+        ));
+    }
+
+    #[test]
+    fn interfaces() {
+        assert!(parse_interface("meshd0").is_ok());
+        assert!(parse_interface("wg-home_1.x").is_ok());
+        for bad in ["", "sixteen-chars-xx", "a/b", "a b", ".."] {
+            assert!(parse_interface(bad).is_err(), "{bad}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn host_port_display_round_trips(a in any::<[u8; 4]>(), v6 in any::<[u16; 8]>(), port in 1u16.., use_v6 in any::<bool>()) {
+            let ip: IpAddr = if use_v6 { std::net::Ipv6Addr::from(v6).into() } else { Ipv4Addr::from(a).into() };
+            let text = HostPort { host: Host::Ip(ip), port }.to_string();
+            let back: HostPort = text.parse().unwrap();
+            prop_assert_eq!(back.ip(), Some(ip));
+            prop_assert_eq!(back.port(), port);
+        }
+
+        #[test]
+        fn label_parsing_never_panics(s in ".{0,80}") {
+            let _ = s.parse::<Label>();
+            let _ = s.parse::<HostPort>();
+            let _ = parse_cidr(&s);
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! meshd: a self-hosted WireGuard mesh and remote-access provisioner.
+//!
+//! Data flows one way: `meshctl` -> [`admin`] socket -> [`controller`] -> [`store`] -> [`desired`]
+//! state -> diff -> the host's [`wg`] interface, [`firewall`], [`forward`]ers and [`dns`].
+
+pub mod admin;
+pub mod api;
+pub mod controller;
+pub mod daemon;
+pub mod desired;
+pub mod dns;
+pub mod firewall;
+pub mod forward;
+pub mod input;
+pub mod ipam;
+pub mod keys;
+pub mod model;
+pub mod render;
+pub mod statedir;
+pub mod store;
+pub mod wg;
+
+/// Log to stderr; `RUST_LOG` sets the filter (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
+}
+
+/// Parse the command line; a usage error is printed as one line (`error: ...`) and exits with 2.
+pub fn parse_args<T: clap::Parser>() -> T {
+    match T::try_parse() {
+        Ok(args) => args,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("error: invalid arguments");
+            eprintln!("{first}");
+            std::process::exit(2);
+        }
+    }
+}

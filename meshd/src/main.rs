@@ -1,0 +1,139 @@
+//! The `meshd` binary: `meshd init` creates a network with this host as its controller and hub,
+//! `meshd run` runs this host's part of it in the foreground.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use meshd::controller::{Controller, NewNetwork};
+use meshd::input::{self, HostPort, Label};
+use meshd::keys::PrivateKey;
+use meshd::statedir::{DEFAULT_STATE_DIR, StateDir};
+use meshd::wg::Backend;
+
+#[derive(Parser)]
+#[command(name = "meshd", version, about = "WireGuard mesh controller and node daemon")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new network whose controller and hub is this host.
+    Init {
+        /// Name of the network (a DNS label); the default domain is NAME.internal.
+        #[arg(long)]
+        network: Label,
+        /// Name of this host in the network (a DNS label).
+        #[arg(long)]
+        name: Label,
+        /// Where devices and other hosts reach this host: HOST:PORT (public address or DNS name).
+        #[arg(long)]
+        endpoint: HostPort,
+        /// IPv4 range of the mesh.
+        #[arg(long, default_value = "10.77.0.0/16", value_parser = input::parse_cidr)]
+        cidr: ipnet::Ipv4Net,
+        /// DNS domain of the mesh [default: NETWORK.internal].
+        #[arg(long, value_parser = input::parse_domain)]
+        domain: Option<String>,
+        /// State directory.
+        #[arg(long, env = "MESHD_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// WireGuard interface name.
+        #[arg(long, default_value = "meshd0", value_parser = input::parse_interface)]
+        interface: String,
+        /// UDP port WireGuard listens on [default: the endpoint's port].
+        #[arg(long, value_parser = input::parse_port)]
+        listen_port: Option<u16>,
+    },
+    /// Run this host's part of the network in the foreground.
+    Run {
+        /// State directory.
+        #[arg(long, env = "MESHD_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// WireGuard implementation.
+        #[arg(long, value_enum, default_value = "auto")]
+        wireguard: Backend,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = meshd::parse_args();
+    meshd::init_logging();
+    let result = match cli.command {
+        Command::Init {
+            network,
+            name,
+            endpoint,
+            cidr,
+            domain,
+            state_dir,
+            interface,
+            listen_port,
+        } => {
+            let domain = domain.unwrap_or_else(|| format!("{network}.internal"));
+            let new = NewNetwork {
+                network,
+                domain,
+                cidr,
+                hub: name,
+                hub_public_key: String::new(),
+                listen_port: listen_port.unwrap_or(endpoint.port()),
+                endpoint,
+                interface,
+            };
+            init(&StateDir::new(state_dir), new)
+        }
+        Command::Run { state_dir, wireguard } => run(&StateDir::new(state_dir), wireguard),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init(state: &StateDir, mut new: NewNetwork) -> anyhow::Result<()> {
+    state.create()?;
+    let key = PrivateKey::generate();
+    new.hub_public_key = key.public_key();
+    let created = state
+        .write_private_key(&key)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| Ok(Controller::init(&state.db(), &new)?));
+    let (_, snapshot) = match created {
+        Ok(c) => c,
+        Err(e) => {
+            state.remove_new();
+            return Err(e);
+        }
+    };
+    let hub = snapshot.hub().map(|h| snapshot.node_view(h));
+    println!(
+        "network {} created in {}",
+        snapshot.network.name,
+        state.root().display()
+    );
+    println!("  domain    {}", snapshot.network.domain);
+    println!(
+        "  ranges    {} and {}",
+        snapshot.network.cidr,
+        snapshot.network.pool().v6()
+    );
+    if let Some(hub) = hub {
+        println!(
+            "  this host {} ({}, {}), endpoint {}",
+            hub.name, hub.address, hub.address_v6, new.endpoint
+        );
+        println!("  interface {} listening on UDP {}", new.interface, new.listen_port);
+    }
+    Ok(())
+}
+
+fn run(state: &StateDir, backend: Backend) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(meshd::daemon::run(state, backend))
+}

@@ -1,0 +1,194 @@
+//! The network as the controller knows it: what is stored, and the views of it that travel to `meshctl`.
+//!
+//! Secrets stay out of the view types, so nothing that is printed or sent over the admin socket can
+//! carry a preshared key.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Serialize};
+
+use crate::input::{HostPort, Label};
+use crate::ipam::Pool;
+
+/// Persistent keepalive handed to roaming devices: they sit behind NAT and must keep the hub's
+/// session fresh so it can reach them.
+pub const DEVICE_KEEPALIVE_SECS: u16 = 25;
+
+/// MTU of every mesh interface: 1500 minus WireGuard's worst-case IPv6 overhead.
+pub const MESH_MTU: u16 = 1420;
+
+/// The network and its address ranges.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    pub name: Label,
+    pub domain: String,
+    pub cidr: Ipv4Net,
+    pub ula: Ipv6Net,
+}
+
+impl Network {
+    /// The address pool of this network.
+    pub fn pool(&self) -> Pool {
+        Pool::new(self.cidr, self.ula)
+    }
+
+    /// `name.domain`.
+    pub fn fqdn(&self, name: &Label) -> String {
+        format!("{name}.{}", self.domain)
+    }
+}
+
+/// What a node does in the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The controller host: every roaming device peers with it.
+    Hub,
+    /// A mesh member.
+    Node,
+}
+
+/// A host that runs `meshd`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub name: Label,
+    pub public_key: String,
+    pub index: u32,
+    pub endpoint: Option<HostPort>,
+    pub listen_port: u16,
+    pub interface: String,
+    pub role: Role,
+}
+
+/// A roaming peer (a phone or laptop with the stock WireGuard app).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub name: Label,
+    pub public_key: String,
+    /// Secret: goes to the hub's interface, never into a view.
+    pub preshared_key: String,
+    pub index: u32,
+    /// Services this device may reach.
+    pub allow: Vec<Label>,
+}
+
+/// A TCP service on a node, exposed to the mesh on its own mesh address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: Label,
+    pub node: Label,
+    pub target: HostPort,
+    /// Port on the service's mesh address.
+    pub port: u16,
+    pub index: u32,
+}
+
+/// Everything the controller stores about one network: the input of every desired-state computation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub network: Network,
+    pub nodes: Vec<Node>,
+    pub devices: Vec<Device>,
+    pub services: Vec<Service>,
+}
+
+impl Snapshot {
+    /// The hub node.
+    pub fn hub(&self) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.role == Role::Hub)
+    }
+
+    /// The view of a node.
+    pub fn node_view(&self, node: &Node) -> NodeView {
+        let pool = self.network.pool();
+        NodeView {
+            name: node.name.clone(),
+            public_key: node.public_key.clone(),
+            address: pool.v4_of(node.index),
+            address_v6: pool.v6_of(node.index),
+            endpoint: node.endpoint.as_ref().map(ToString::to_string),
+            role: node.role,
+            dns_name: self.network.fqdn(&node.name),
+        }
+    }
+
+    /// The view of a device; `last_handshake` is filled in by the daemon that sees the interface.
+    pub fn device_view(&self, device: &Device) -> DeviceView {
+        let pool = self.network.pool();
+        DeviceView {
+            name: device.name.clone(),
+            public_key: device.public_key.clone(),
+            address: pool.v4_of(device.index),
+            address_v6: pool.v6_of(device.index),
+            allow: device.allow.clone(),
+            dns_name: self.network.fqdn(&device.name),
+            last_handshake: None,
+        }
+    }
+
+    /// The view of a service.
+    pub fn service_view(&self, service: &Service) -> ServiceView {
+        let pool = self.network.pool();
+        ServiceView {
+            name: service.name.clone(),
+            node: service.node.clone(),
+            target: service.target.to_string(),
+            mesh_address: format!("{}:{}", pool.v4_of(service.index), service.port),
+            mesh_address_v6: format!("[{}]:{}", pool.v6_of(service.index), service.port),
+            dns_name: self.network.fqdn(&service.name),
+            devices: self
+                .devices
+                .iter()
+                .filter(|d| d.allow.contains(&service.name))
+                .map(|d| d.name.clone())
+                .collect(),
+        }
+    }
+}
+
+/// A node as `meshctl node list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: Label,
+    pub public_key: String,
+    pub address: Ipv4Addr,
+    pub address_v6: Ipv6Addr,
+    pub endpoint: Option<String>,
+    pub role: Role,
+    pub dns_name: String,
+}
+
+/// A device as `meshctl device list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceView {
+    pub name: Label,
+    pub public_key: String,
+    pub address: Ipv4Addr,
+    pub address_v6: Ipv6Addr,
+    pub allow: Vec<Label>,
+    pub dns_name: String,
+    /// Unix seconds of the last WireGuard handshake seen by the hub, if any.
+    pub last_handshake: Option<u64>,
+}
+
+/// A service as `meshctl service list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceView {
+    pub name: Label,
+    pub node: Label,
+    pub target: String,
+    pub mesh_address: String,
+    pub mesh_address_v6: String,
+    pub dns_name: String,
+    pub devices: Vec<Label>,
+}
+
+/// The network as `meshctl status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkView {
+    pub name: Label,
+    pub domain: String,
+    pub cidr: Ipv4Net,
+    pub cidr_v6: Ipv6Net,
+}

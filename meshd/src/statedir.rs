@@ -1,0 +1,234 @@
+//! The state directory of a host: where its database, private key, admin socket and lock live.
+//!
+//! Layout: `meshd.db` (0600), `private.key` (0600), `meshd.sock` (0600, only while the daemon runs),
+//! `meshd.lock`. The directory itself is 0700.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::keys::PrivateKey;
+
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshd";
+
+/// Problems with the state directory.
+#[derive(Debug, thiserror::Error)]
+pub enum StateDirError {
+    #[error("{0} is not empty and holds no meshd network; use a new or empty directory")]
+    NotEmpty(PathBuf),
+    #[error("{0} already holds a meshd network; refusing to overwrite it")]
+    AlreadyInitialized(PathBuf),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} is readable by other users (mode {1:o}); it must be 0600")]
+    KeyMode(PathBuf, u32),
+    #[error("{0} does not hold a WireGuard private key")]
+    BadKey(PathBuf),
+    #[error("another meshd is already running on {0}")]
+    Busy(PathBuf),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateDirError + '_ {
+    move |source| StateDirError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Paths inside one state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+/// A held lock on the state directory; released on drop.
+#[derive(Debug)]
+pub struct StateLock(#[allow(dead_code)] File);
+
+impl StateDir {
+    /// The state directory at `root`.
+    pub fn new(root: impl Into<PathBuf>) -> StateDir {
+        StateDir { root: root.into() }
+    }
+
+    /// The directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The controller database.
+    pub fn db(&self) -> PathBuf {
+        self.root.join("meshd.db")
+    }
+
+    /// This host's WireGuard private key.
+    pub fn private_key(&self) -> PathBuf {
+        self.root.join("private.key")
+    }
+
+    /// The admin socket.
+    pub fn socket(&self) -> PathBuf {
+        self.root.join("meshd.sock")
+    }
+
+    fn lock_path(&self) -> PathBuf {
+        self.root.join("meshd.lock")
+    }
+
+    /// Make the directory (0700) for a new network; it must be new or empty.
+    pub fn create(&self) -> Result<(), StateDirError> {
+        if self.db().exists() {
+            return Err(StateDirError::AlreadyInitialized(self.root.clone()));
+        }
+        match fs::read_dir(&self.root) {
+            Ok(mut entries) => {
+                if entries.next().is_some() {
+                    return Err(StateDirError::NotEmpty(self.root.clone()));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&self.root)
+                    .map_err(io(&self.root))?;
+            }
+            Err(e) => return Err(io(&self.root)(e)),
+        }
+        fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700)).map_err(io(&self.root))
+    }
+
+    /// Undo `create` after a failed init: remove what init wrote, and the directory if it is then empty.
+    pub fn remove_new(&self) {
+        for path in [self.db(), self.private_key(), self.lock_path()] {
+            let _ = fs::remove_file(path);
+        }
+        let _ = fs::remove_dir(&self.root);
+    }
+
+    /// Write a new private key file (0600); never overwrites.
+    pub fn write_private_key(&self, key: &PrivateKey) -> Result<(), StateDirError> {
+        let path = self.private_key();
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io(&path))?;
+        writeln!(file, "{}", key.to_base64()).map_err(io(&path))?;
+        file.sync_all().map_err(io(&path))
+    }
+
+    /// Read this host's private key, refusing a file other users can read.
+    pub fn read_private_key(&self) -> Result<PrivateKey, StateDirError> {
+        let path = self.private_key();
+        let file = File::open(&path).map_err(io(&path))?;
+        let mode = file.metadata().map_err(io(&path))?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(StateDirError::KeyMode(path, mode));
+        }
+        let text = fs::read_to_string(&path).map_err(io(&path))?;
+        PrivateKey::from_base64(&text).map_err(|_| StateDirError::BadKey(path))
+    }
+
+    /// The daemon's exclusive lock: refused at once while another daemon holds it; waits briefly for
+    /// `meshctl` calls working offline (shared holders) to finish.
+    pub fn lock_daemon(&self) -> Result<StateLock, StateDirError> {
+        let file = self.open_lock()?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(StateLock(file)),
+                Err(fs::TryLockError::WouldBlock) => {}
+                Err(fs::TryLockError::Error(e)) => return Err(io(&self.lock_path())(e)),
+            }
+            // A shared lock succeeds only if the holders are offline meshctl calls, not a daemon.
+            let only_readers = file.try_lock_shared().is_ok();
+            let _ = file.unlock();
+            if !only_readers || std::time::Instant::now() > deadline {
+                return Err(StateDirError::Busy(self.root.clone()));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// A shared lock for `meshctl` working on the database itself; `None` when a daemon runs.
+    pub fn lock_offline(&self) -> Result<Option<StateLock>, StateDirError> {
+        let file = self.open_lock()?;
+        match file.try_lock_shared() {
+            Ok(()) => Ok(Some(StateLock(file))),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => Err(io(&self.lock_path())(e)),
+        }
+    }
+
+    fn open_lock(&self) -> Result<File, StateDirError> {
+        let path = self.lock_path();
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io(&path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_private_directory_and_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path().join("state"));
+        dir.create().unwrap();
+        assert_eq!(fs::metadata(dir.root()).unwrap().permissions().mode() & 0o777, 0o700);
+        let key = PrivateKey::generate();
+        dir.write_private_key(&key).unwrap();
+        assert_eq!(
+            fs::metadata(dir.private_key()).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(dir.read_private_key().unwrap().public_key(), key.public_key());
+        assert!(dir.write_private_key(&key).is_err(), "never overwrites a key");
+        fs::set_permissions(dir.private_key(), fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(dir.read_private_key(), Err(StateDirError::KeyMode(_, 0o644))));
+    }
+
+    #[test]
+    fn refuses_non_empty_or_initialized_directories() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("notes.txt"), "mine").unwrap();
+        assert!(matches!(
+            StateDir::new(tmp.path()).create(),
+            Err(StateDirError::NotEmpty(_))
+        ));
+        fs::write(tmp.path().join("meshd.db"), "").unwrap();
+        assert!(matches!(
+            StateDir::new(tmp.path()).create(),
+            Err(StateDirError::AlreadyInitialized(_))
+        ));
+    }
+
+    #[test]
+    fn daemon_lock_excludes_offline_writers_and_other_daemons() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        let shared = dir.lock_offline().unwrap().expect("free");
+        let shared2 = dir.lock_offline().unwrap().expect("shared locks coexist");
+        drop((shared, shared2));
+        let daemon = dir.lock_daemon().unwrap();
+        assert!(dir.lock_offline().unwrap().is_none());
+        assert!(matches!(dir.lock_daemon(), Err(StateDirError::Busy(_))));
+        drop(daemon);
+        assert!(dir.lock_offline().unwrap().is_some());
+    }
+}

@@ -1,0 +1,519 @@
+//! The controller's state: one SQLite database per network, in the state directory.
+//!
+//! SQL lives here and nowhere else. Writers take SQLite's write lock up front (`BEGIN IMMEDIATE`), so
+//! concurrent `meshctl` calls serialise and never hand out the same address twice; a failed operation
+//! rolls back and leaves the file as it was.
+
+use std::collections::BTreeSet;
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
+
+use crate::input::{HostPort, Label};
+use crate::model::{Device, Network, Node, Role, Service, Snapshot};
+
+/// `PRAGMA application_id` of a meshd database ("mshd"), so a foreign SQLite file is recognised.
+const APPLICATION_ID: i32 = 0x6d73_6864;
+
+/// Numbered migrations; `PRAGMA user_version` records how many have run.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE network (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    name TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    cidr TEXT NOT NULL,
+    ula TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+-- Every host index ever handed out; a released one is reused only after a cooldown.
+CREATE TABLE addresses (
+    addr_index INTEGER PRIMARY KEY,
+    released_at INTEGER
+);
+CREATE TABLE nodes (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    public_key TEXT NOT NULL UNIQUE,
+    addr_index INTEGER NOT NULL UNIQUE REFERENCES addresses(addr_index),
+    endpoint TEXT,
+    listen_port INTEGER NOT NULL,
+    interface TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('hub', 'node')),
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE devices (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    public_key TEXT NOT NULL UNIQUE,
+    preshared_key TEXT NOT NULL,
+    addr_index INTEGER NOT NULL UNIQUE REFERENCES addresses(addr_index),
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE services (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    node_id INTEGER NOT NULL REFERENCES nodes(id),
+    target TEXT NOT NULL,
+    port INTEGER NOT NULL CHECK (port BETWEEN 1 AND 65535),
+    addr_index INTEGER NOT NULL UNIQUE REFERENCES addresses(addr_index),
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE grants (
+    device_id INTEGER NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    service_id INTEGER NOT NULL REFERENCES services(id) ON DELETE CASCADE,
+    PRIMARY KEY (device_id, service_id)
+);
+"#];
+
+/// How long a released address stays out of circulation, so a stale peer config elsewhere cannot
+/// reach whoever gets it next.
+pub const ADDRESS_COOLDOWN: Duration = Duration::from_secs(3600);
+
+/// What went wrong with the state directory or database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} is not a meshd state directory (no meshd.db; run `meshd init` first)")]
+    NotInitialized(PathBuf),
+    #[error("{0} is not a meshd database")]
+    Foreign(PathBuf),
+    #[error("{0} already holds a meshd network; refusing to overwrite it")]
+    AlreadyInitialized(PathBuf),
+    #[error("{0} was written by a newer meshd (schema {1}, this one knows {2})")]
+    TooNew(PathBuf, i64, usize),
+    #[error("database {context}: {source}")]
+    Sqlite {
+        context: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("database holds an invalid value in {0}")]
+    Corrupt(String),
+}
+
+fn sql(context: &str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
+    move |source| StoreError::Sqlite {
+        context: context.to_owned(),
+        source,
+    }
+}
+
+/// An open meshd database.
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Create the database file (0600) for a new network; fails if one exists.
+    pub fn create(path: &Path) -> Result<Store, StoreError> {
+        // Create the file ourselves so its mode is 0600 from the first byte; SQLite treats an empty
+        // file as a new database and gives its journal the same mode.
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    StoreError::AlreadyInitialized(path.parent().unwrap_or(path).to_path_buf())
+                } else {
+                    StoreError::Io {
+                        context: format!("creating {}", path.display()),
+                        source: e,
+                    }
+                }
+            })?;
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql("open"))?;
+        let mut store = Store { conn };
+        store.configure()?;
+        store.migrate(path)?;
+        Ok(store)
+    }
+
+    /// Open an existing meshd database, refusing anything that is not one (without writing to it).
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let dir = path.parent().unwrap_or(path).to_path_buf();
+        if !path.exists() {
+            return Err(StoreError::NotInitialized(dir));
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql("open"))?;
+        // Read-only checks first: a foreign file must not be touched.
+        let app_id: i32 = conn
+            .query_row("PRAGMA application_id", [], |r| r.get(0))
+            .map_err(|_| StoreError::Foreign(path.to_path_buf()))?;
+        if app_id != APPLICATION_ID {
+            return Err(StoreError::Foreign(path.to_path_buf()));
+        }
+        let mut store = Store { conn };
+        store.configure()?;
+        store.migrate(path)?;
+        Ok(store)
+    }
+
+    fn configure(&mut self) -> Result<(), StoreError> {
+        self.conn
+            .busy_timeout(Duration::from_secs(10))
+            .map_err(sql("set busy timeout"))?;
+        self.conn
+            .pragma_update(None, "foreign_keys", true)
+            .map_err(sql("enable foreign keys"))?;
+        Ok(())
+    }
+
+    fn migrate(&mut self, path: &Path) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin migration"))?;
+        let version: i64 = tx
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(sql("read schema version"))?;
+        if version as usize > MIGRATIONS.len() {
+            return Err(StoreError::TooNew(path.to_path_buf(), version, MIGRATIONS.len()));
+        }
+        if version as usize == MIGRATIONS.len() {
+            return Ok(());
+        }
+        for (i, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            tx.execute_batch(migration).map_err(|e| StoreError::Sqlite {
+                context: format!("migration {}", i + 1),
+                source: e,
+            })?;
+        }
+        tx.pragma_update(None, "application_id", APPLICATION_ID)
+            .map_err(sql("set application id"))?;
+        tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)
+            .map_err(sql("set schema version"))?;
+        tx.commit().map_err(sql("commit migration"))
+    }
+
+    /// Run `f` in a write transaction: committed if it returns `Ok`, rolled back otherwise.
+    pub fn write<T, E: From<StoreError>>(&mut self, f: impl FnOnce(&Writer<'_>) -> Result<T, E>) -> Result<T, E> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin write"))?;
+        let writer = Writer { tx };
+        let value = f(&writer)?;
+        writer.tx.commit().map_err(sql("commit"))?;
+        Ok(value)
+    }
+
+    /// The whole network as stored.
+    pub fn snapshot(&mut self) -> Result<Snapshot, StoreError> {
+        let tx = self.conn.transaction().map_err(sql("begin read"))?;
+        read_snapshot(&tx)
+    }
+}
+
+/// Access to the database inside one write transaction.
+pub struct Writer<'a> {
+    tx: Transaction<'a>,
+}
+
+impl Writer<'_> {
+    /// The state as seen inside this transaction.
+    pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        read_snapshot(&self.tx)
+    }
+
+    /// Store the network's identity (once, at init).
+    pub fn insert_network(&self, network: &Network) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "INSERT INTO network (id, name, domain, cidr, ula, created_at) VALUES (1, ?1, ?2, ?3, ?4, ?5)",
+                params![
+                    network.name.as_str(),
+                    network.domain,
+                    network.cidr.to_string(),
+                    network.ula.to_string(),
+                    now()
+                ],
+            )
+            .map_err(sql("insert network"))?;
+        Ok(())
+    }
+
+    /// Host indexes that may not be handed out now: in use, or released less than `cooldown` ago.
+    pub fn unavailable_indexes(&self, cooldown: Duration) -> Result<BTreeSet<u32>, StoreError> {
+        let threshold = now() - cooldown.as_secs() as i64;
+        let mut stmt = self
+            .tx
+            .prepare("SELECT addr_index FROM addresses WHERE released_at IS NULL OR released_at > ?1")
+            .map_err(sql("read address ledger"))?;
+        let rows = stmt
+            .query_map([threshold], |r| r.get::<_, u32>(0))
+            .map_err(sql("read address ledger"))?;
+        rows.collect::<Result<_, _>>().map_err(sql("read address ledger"))
+    }
+
+    /// Mark `index` as taken.
+    pub fn take_index(&self, index: u32) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "INSERT INTO addresses (addr_index, released_at) VALUES (?1, NULL)
+                 ON CONFLICT (addr_index) DO UPDATE SET released_at = NULL",
+                [index],
+            )
+            .map_err(sql("take address"))?;
+        Ok(())
+    }
+
+    fn release_index(&self, index: u32) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "UPDATE addresses SET released_at = ?1 WHERE addr_index = ?2",
+                params![now(), index],
+            )
+            .map_err(sql("release address"))?;
+        Ok(())
+    }
+
+    /// Store a node; its index must have been taken.
+    pub fn insert_node(&self, node: &Node) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "INSERT INTO nodes (name, public_key, addr_index, endpoint, listen_port, interface, role, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    node.name.as_str(),
+                    node.public_key,
+                    node.index,
+                    node.endpoint.as_ref().map(ToString::to_string),
+                    node.listen_port,
+                    node.interface,
+                    role_text(node.role),
+                    now()
+                ],
+            )
+            .map_err(sql("insert node"))?;
+        Ok(())
+    }
+
+    /// Store a device and its grants; its index must have been taken and its services must exist.
+    pub fn insert_device(&self, device: &Device) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "INSERT INTO devices (name, public_key, preshared_key, addr_index, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![device.name.as_str(), device.public_key, device.preshared_key, device.index, now()],
+            )
+            .map_err(sql("insert device"))?;
+        let device_id = self.tx.last_insert_rowid();
+        for service in &device.allow {
+            self.tx
+                .execute(
+                    "INSERT INTO grants (device_id, service_id) SELECT ?1, id FROM services WHERE name = ?2",
+                    params![device_id, service.as_str()],
+                )
+                .map_err(sql("insert grant"))?;
+        }
+        Ok(())
+    }
+
+    /// Store a service on an existing node; its index must have been taken.
+    pub fn insert_service(&self, service: &Service) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "INSERT INTO services (name, node_id, target, port, addr_index, created_at)
+                 SELECT ?1, id, ?2, ?3, ?4, ?5 FROM nodes WHERE name = ?6",
+                params![
+                    service.name.as_str(),
+                    service.target.to_string(),
+                    service.port,
+                    service.index,
+                    now(),
+                    service.node.as_str()
+                ],
+            )
+            .map_err(sql("insert service"))?;
+        Ok(())
+    }
+
+    /// Delete a device (and its grants) and release its address; false if there was none.
+    pub fn delete_device(&self, name: &Label) -> Result<bool, StoreError> {
+        self.delete_addressed("devices", name)
+    }
+
+    /// Delete a service (and its grants) and release its address; false if there was none.
+    pub fn delete_service(&self, name: &Label) -> Result<bool, StoreError> {
+        self.delete_addressed("services", name)
+    }
+
+    fn delete_addressed(&self, table: &'static str, name: &Label) -> Result<bool, StoreError> {
+        let index: Option<u32> = self
+            .tx
+            .query_row(
+                &format!("DELETE FROM {table} WHERE name = ?1 RETURNING addr_index"),
+                [name.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("delete"))?;
+        match index {
+            Some(index) => self.release_index(index).map(|()| true),
+            None => Ok(false),
+        }
+    }
+}
+
+fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
+    let network = conn
+        .query_row("SELECT name, domain, cidr, ula FROM network WHERE id = 1", [], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })
+        .map_err(sql("read network"))?;
+    let network = Network {
+        name: parse_column("network.name", &network.0)?,
+        domain: network.1,
+        cidr: parse_column("network.cidr", &network.2)?,
+        ula: parse_column("network.ula", &network.3)?,
+    };
+
+    let mut stmt = conn
+        .prepare("SELECT name, public_key, addr_index, endpoint, listen_port, interface, role FROM nodes ORDER BY addr_index")
+        .map_err(sql("read nodes"))?;
+    let raw_nodes = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, u16>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+            ))
+        })
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(sql("read nodes"))?;
+    let mut nodes = Vec::with_capacity(raw_nodes.len());
+    for (name, public_key, index, endpoint, listen_port, interface, role) in raw_nodes {
+        nodes.push(Node {
+            name: parse_column("nodes.name", &name)?,
+            public_key,
+            index,
+            endpoint: endpoint
+                .map(|e| parse_column::<HostPort>("nodes.endpoint", &e))
+                .transpose()?,
+            listen_port,
+            interface,
+            role: match role.as_str() {
+                "hub" => Role::Hub,
+                "node" => Role::Node,
+                _ => return Err(StoreError::Corrupt("nodes.role".into())),
+            },
+        });
+    }
+
+    let mut stmt = conn
+        .prepare(
+            "SELECT d.name, d.public_key, d.preshared_key, d.addr_index,
+                    (SELECT group_concat(s.name, ',') FROM grants g JOIN services s ON s.id = g.service_id
+                     WHERE g.device_id = d.id ORDER BY s.name)
+             FROM devices d ORDER BY d.addr_index",
+        )
+        .map_err(sql("read devices"))?;
+    let raw_devices = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, u32>(3)?,
+                r.get::<_, Option<String>>(4)?,
+            ))
+        })
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(sql("read devices"))?;
+    let mut devices = Vec::with_capacity(raw_devices.len());
+    for (name, public_key, preshared_key, index, allow) in raw_devices {
+        let mut allow = allow
+            .unwrap_or_default()
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| parse_column::<Label>("services.name", s))
+            .collect::<Result<Vec<_>, _>>()?;
+        allow.sort();
+        devices.push(Device {
+            name: parse_column("devices.name", &name)?,
+            public_key,
+            preshared_key,
+            index,
+            allow,
+        });
+    }
+
+    let mut stmt = conn
+        .prepare(
+            "SELECT s.name, n.name, s.target, s.port, s.addr_index FROM services s JOIN nodes n ON n.id = s.node_id
+             ORDER BY s.addr_index",
+        )
+        .map_err(sql("read services"))?;
+    let raw_services = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, u16>(3)?,
+                r.get::<_, u32>(4)?,
+            ))
+        })
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(sql("read services"))?;
+    let mut services = Vec::with_capacity(raw_services.len());
+    for (name, node, target, port, index) in raw_services {
+        services.push(Service {
+            name: parse_column("services.name", &name)?,
+            node: parse_column("nodes.name", &node)?,
+            target: parse_column("services.target", &target)?,
+            port,
+            index,
+        });
+    }
+    Ok(Snapshot {
+        network,
+        nodes,
+        devices,
+        services,
+    })
+}
+
+fn parse_column<T: std::str::FromStr>(column: &str, text: &str) -> Result<T, StoreError> {
+    text.parse().map_err(|_| StoreError::Corrupt(column.to_owned()))
+}
+
+fn role_text(role: Role) -> &'static str {
+    match role {
+        Role::Hub => "hub",
+        Role::Node => "node",
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

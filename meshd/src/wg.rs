@@ -1,0 +1,216 @@
+//! The WireGuard interface of a host: kernel WireGuard where the module exists, otherwise boringtun
+//! embedded in this process, both driven through defguard_wireguard_rs. Addresses are managed with
+//! `ip` (iproute2) so that they can be removed as well as added.
+//!
+//! defguard's API is blocking; callers run it off the async runtime (`spawn_blocking`).
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::str::FromStr;
+use std::time::UNIX_EPOCH;
+
+use defguard_wireguard_rs::key::Key;
+use defguard_wireguard_rs::peer::Peer;
+use defguard_wireguard_rs::{InterfaceConfiguration, Kernel, Userspace, WGApi, WireguardInterfaceApi};
+use ipnet::IpNet;
+use tracing::{debug, info, warn};
+
+use crate::desired::{HostPlan, PeerDiff, PeerPlan};
+use crate::keys::PrivateKey;
+
+/// Which WireGuard implementation to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// The kernel module (fails where it is absent).
+    Kernel,
+    /// boringtun in this process.
+    Userspace,
+    /// The kernel module if present, else userspace.
+    Auto,
+}
+
+/// Something went wrong on the interface.
+#[derive(Debug, thiserror::Error)]
+pub enum WgError {
+    #[error("WireGuard interface {interface}: {message}")]
+    Interface { interface: String, message: String },
+    #[error("peer {peer}: invalid key")]
+    Key { peer: String },
+    #[error("`ip {args}` failed: {message}")]
+    Ip { args: String, message: String },
+}
+
+/// A live WireGuard interface.
+pub struct Interface {
+    name: String,
+    api: Box<dyn WireguardInterfaceApi + Send>,
+    kernel: bool,
+}
+
+impl Interface {
+    /// Create the interface of `plan` with its key, port, MTU, addresses and peers.
+    pub fn create(backend: Backend, plan: &HostPlan, key: &PrivateKey) -> Result<Interface, WgError> {
+        let name = plan.interface.clone();
+        let err = |e: &dyn std::fmt::Display| WgError::Interface {
+            interface: name.clone(),
+            message: e.to_string(),
+        };
+        let (api, kernel): (Box<dyn WireguardInterfaceApi + Send>, bool) = match backend {
+            Backend::Kernel => (Box::new(create_kernel(&name).map_err(|e| err(&e))?), true),
+            Backend::Userspace => (Box::new(create_userspace(&name).map_err(|e| err(&e))?), false),
+            Backend::Auto => match create_kernel(&name) {
+                Ok(api) => (Box::new(api), true),
+                Err(e) => {
+                    info!(interface = %name, reason = %e, "kernel WireGuard unavailable; using embedded userspace WireGuard");
+                    (Box::new(create_userspace(&name).map_err(|e| err(&e))?), false)
+                }
+            },
+        };
+        let interface = Interface {
+            name: name.clone(),
+            api,
+            kernel,
+        };
+        let peers = plan
+            .peers
+            .iter()
+            .map(|(k, p)| to_peer(k, p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let config = InterfaceConfiguration {
+            name: interface.name.clone(),
+            prvkey: key.to_base64(),
+            addresses: Vec::new(),
+            port: plan.listen_port,
+            peers,
+            mtu: Some(u32::from(plan.mtu)),
+            fwmark: None,
+        };
+        interface.api.configure_interface(&config).map_err(|e| err(&e))?;
+        let added: Vec<IpNet> = plan.addresses.iter().copied().collect();
+        interface.change_addresses(&added, &[])?;
+        info!(interface = %interface.name, kernel = interface.kernel, port = plan.listen_port, peers = plan.peers.len(), "interface up");
+        Ok(interface)
+    }
+
+    /// Apply a peer diff: only the listed peers are touched, so other sessions stay up.
+    pub fn apply_peers(&self, diff: &PeerDiff) -> Result<(), WgError> {
+        for key in &diff.remove {
+            let k = Key::from_str(key).map_err(|_| WgError::Key { peer: key.clone() })?;
+            self.api.remove_peer(&k).map_err(|e| self.error(e))?;
+        }
+        for (key, plan) in &diff.upsert {
+            self.api
+                .configure_peer(&to_peer(key, plan)?)
+                .map_err(|e| self.error(e))?;
+        }
+        Ok(())
+    }
+
+    /// Add and remove interface addresses.
+    pub fn change_addresses(&self, add: &[IpNet], remove: &[IpNet]) -> Result<(), WgError> {
+        for net in remove {
+            ip(&["addr", "del", &net.to_string(), "dev", &self.name])?;
+        }
+        for net in add {
+            let mut args = vec!["addr", "replace", "dev", &self.name];
+            let net = net.to_string();
+            args.insert(2, &net);
+            if net.contains(':') {
+                // No duplicate address detection: the address is ours by construction, and DAD would
+                // leave it unusable for a second or two.
+                args.push("nodad");
+            }
+            ip(&args)?;
+        }
+        Ok(())
+    }
+
+    /// Last handshake (unix seconds) of every peer, by public key; `None` for never.
+    pub fn handshakes(&self) -> Result<HashMap<String, Option<u64>>, WgError> {
+        let host = self.api.read_interface_data().map_err(|e| self.error(e))?;
+        Ok(host
+            .peers
+            .into_iter()
+            .map(|(key, peer)| {
+                let secs = peer
+                    .last_handshake
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs())
+                    .filter(|s| *s > 0);
+                (key.to_string(), secs)
+            })
+            .collect())
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> WgError {
+        WgError::Interface {
+            interface: self.name.clone(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl Drop for Interface {
+    fn drop(&mut self) {
+        if self.kernel {
+            // Userspace interfaces vanish with their device handle; a kernel one must be deleted.
+            if let Err(e) = self.api.remove_interface() {
+                debug!(interface = %self.name, error = %e, "removing interface");
+            }
+        }
+    }
+}
+
+fn create_kernel(name: &str) -> Result<WGApi<Kernel>, defguard_wireguard_rs::error::WireguardInterfaceError> {
+    let mut api = WGApi::<Kernel>::new(name)?;
+    api.create_interface()?;
+    Ok(api)
+}
+
+fn create_userspace(name: &str) -> Result<WGApi<Userspace>, defguard_wireguard_rs::error::WireguardInterfaceError> {
+    let mut api = WGApi::<Userspace>::new(name)?;
+    api.create_interface()?;
+    Ok(api)
+}
+
+fn to_peer(key: &str, plan: &PeerPlan) -> Result<Peer, WgError> {
+    let bad_key = || WgError::Key {
+        peer: plan.name.to_string(),
+    };
+    let mut peer = Peer::new(Key::from_str(key).map_err(|_| bad_key())?);
+    peer.preshared_key = plan
+        .preshared_key
+        .as_deref()
+        .map(Key::from_str)
+        .transpose()
+        .map_err(|_| bad_key())?;
+    if let Some(endpoint) = &plan.endpoint {
+        // An endpoint that does not resolve now is left unset; the peer can still roam to us.
+        if let Err(e) = peer.set_endpoint(&endpoint.to_string()) {
+            warn!(peer = %plan.name, %endpoint, error = %e, "endpoint does not resolve");
+        }
+    }
+    peer.persistent_keepalive_interval = plan.persistent_keepalive;
+    peer.allowed_ips = plan
+        .allowed_ips
+        .iter()
+        .map(|n| defguard_wireguard_rs::net::IpAddrMask::new(n.addr(), n.prefix_len()))
+        .collect();
+    Ok(peer)
+}
+
+fn ip(args: &[&str]) -> Result<(), WgError> {
+    let output = Command::new("ip").args(args).output().map_err(|e| WgError::Ip {
+        args: args.join(" "),
+        message: e.to_string(),
+    })?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        Err(WgError::Ip {
+            args: args.join(" "),
+            message: stderr.trim().to_owned(),
+        })
+    }
+}
