@@ -1,17 +1,674 @@
-// TEMPORARY placeholder so the crate compiles until the real module lands (being written in parallel).
-use std::net::{IpAddr, SocketAddr};
-pub type DnsRecords = std::collections::BTreeMap<String, Vec<IpAddr>>;
+//! Mesh DNS server of a WireGuard hub: authoritative A/AAAA for the network's domain, everything
+//! else forwarded to the host's upstream resolvers.
+//!
+//! Requests enter through a hickory [`Server`] whose [`Catalog`] holds two zone handlers: an
+//! in-memory zone for the mesh domain and, when upstreams exist, a forwarder for the root zone.
+//! The catalog picks the most specific zone, so mesh names never leave the hub.
+//!
+//! Live updates replace the whole record map of the in-memory zone under its write lock
+//! (`records_mut`). That is atomic for readers (a query sees the old set or the new one, never a
+//! mix), removes names as easily as it adds them, and keeps the catalog, the sockets and the
+//! forwarder's cache untouched; per-record `upsert` cannot delete, and swapping the catalog would
+//! need a custom request handler in front of the server.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs, io,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use hickory_proto::rr::{
+    LowerName, Name, RData, RecordSet, RecordType, RrKey,
+    rdata::{A, AAAA, NS, SOA},
+};
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig};
+use hickory_server::{
+    Server,
+    store::{
+        forwarder::{ForwardConfig, ForwardZoneHandler},
+        in_memory::InMemoryZoneHandler,
+    },
+    zone_handler::{AxfrPolicy, Catalog, ZoneHandler, ZoneType},
+};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{
+    net::{TcpListener, UdpSocket},
+    sync::Mutex,
+};
+use tracing::{debug, info, warn};
+
+/// Names to serve: fully-qualified lowercase names without trailing dot -> addresses (v4 and/or v6).
+pub type DnsRecords = BTreeMap<String, Vec<IpAddr>>;
+
+/// TTL of mesh records: short, because peers come and go and updates must show quickly.
+const RECORD_TTL: u32 = 30;
+/// TTL of SOA/NS and of negative answers (SOA minimum), short for the same reason.
+const ZONE_TTL: u32 = 30;
+/// SOA timers; nothing transfers this zone, but resolvers expect plausible values.
+const SOA_REFRESH: i32 = 3600;
+const SOA_RETRY: i32 = 600;
+const SOA_EXPIRE: i32 = 86_400;
+/// Idle TCP connections are closed after this, so clients cannot pin sockets forever.
+const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Responses queued per TCP connection (the value hickory's own tests use).
+const TCP_RESPONSE_BUFFER: usize = 32;
+const TCP_BACKLOG: i32 = 128;
+const DNS_PORT: u16 = 53;
+
+/// Errors from starting the mesh DNS server.
 #[derive(Debug, thiserror::Error)]
-#[error("dns placeholder")]
-pub struct DnsError;
-pub struct MeshDns;
-impl MeshDns {
-    pub async fn start(_l: &[SocketAddr], _d: &str, _r: DnsRecords, _u: Vec<SocketAddr>) -> Result<MeshDns, DnsError> {
-        Ok(MeshDns)
-    }
-    pub async fn update(&self, _r: DnsRecords) {}
-    pub async fn shutdown(self) {}
+pub enum DnsError {
+    /// The mesh domain is not a usable DNS name.
+    #[error("invalid mesh DNS domain {domain:?}: {reason}")]
+    InvalidDomain { domain: String, reason: String },
+    /// No address to listen on was given.
+    #[error("mesh DNS needs at least one listen address")]
+    NoListenAddress,
+    /// A UDP or TCP socket could not be created or bound.
+    #[error("cannot bind mesh DNS {transport} socket on {addr}: {source}")]
+    Bind {
+        transport: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    /// The forwarder for non-mesh names could not be built.
+    #[error("cannot set up forwarding to {upstreams:?}: {reason}")]
+    Forwarder { upstreams: Vec<SocketAddr>, reason: String },
 }
-pub fn upstreams_from_resolv_conf(_p: &std::path::Path, _e: &[IpAddr]) -> Vec<SocketAddr> {
-    Vec::new()
+
+/// A running mesh DNS server; stop it with [`MeshDns::shutdown`].
+pub struct MeshDns {
+    server: Server<Catalog>,
+    zone: Arc<InMemoryZoneHandler>,
+    origin: Name,
+    /// SOA serial; the lock also serialises updates so a newer serial never carries older records.
+    serial: Mutex<u32>,
+    local_addrs: Vec<SocketAddr>,
+}
+
+impl MeshDns {
+    /// Binds UDP and TCP on every `listen` address (even one still tentative), serves `records`
+    /// under `domain` and forwards other names to `upstreams`; names outside `domain` are skipped.
+    pub async fn start(
+        listen: &[SocketAddr],
+        domain: &str,
+        records: DnsRecords,
+        upstreams: Vec<SocketAddr>,
+    ) -> Result<MeshDns, DnsError> {
+        if listen.is_empty() {
+            return Err(DnsError::NoListenAddress);
+        }
+        let origin = parse_domain(domain)?;
+        let serial = 1;
+
+        let mut zone = InMemoryZoneHandler::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
+        *zone.records_get_mut() = zone_records(&origin, &records, serial);
+        let zone = Arc::new(zone);
+
+        let mut catalog = Catalog::new();
+        catalog.upsert(LowerName::new(&origin), vec![zone.clone() as Arc<dyn ZoneHandler>]);
+        // Without upstreams there is no root zone, so the catalog answers REFUSED at once
+        // instead of a resolver timing out against nothing.
+        if !upstreams.is_empty() {
+            let forwarder = forwarder(&upstreams)?;
+            catalog.upsert(LowerName::new(&Name::root()), vec![Arc::new(forwarder)]);
+        }
+
+        // Bind everything before spawning anything, so a failed bind leaves nothing running.
+        let mut sockets = Vec::with_capacity(listen.len());
+        for &addr in listen {
+            let udp = bind_udp(addr)?;
+            let bound = udp.local_addr().map_err(|source| DnsError::Bind {
+                transport: "UDP",
+                addr,
+                source,
+            })?;
+            // TCP takes the port UDP got, so a requested port 0 yields one port for both. On
+            // Linux SO_REUSEADDR lets a second UDP socket share a port, but not a second TCP
+            // listener, so this bind also stops two servers from silently splitting a port.
+            let tcp = bind_tcp(bound)?;
+            sockets.push((bound, udp, tcp));
+        }
+
+        let mut server = Server::new(catalog);
+        let mut local_addrs = Vec::with_capacity(sockets.len());
+        for (bound, udp, tcp) in sockets {
+            server.register_socket(udp);
+            server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
+            local_addrs.push(bound);
+        }
+        info!(
+            domain = %origin,
+            listen = ?local_addrs,
+            ?upstreams,
+            names = records.len(),
+            "mesh DNS started"
+        );
+
+        Ok(MeshDns {
+            server,
+            zone,
+            origin,
+            serial: Mutex::new(serial),
+            local_addrs,
+        })
+    }
+
+    /// Addresses actually bound (UDP and TCP share each one), with real ports when 0 was asked.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// Replaces the served records atomically: new names answer at once, removed ones get
+    /// NXDOMAIN.
+    pub async fn update(&self, records: DnsRecords) {
+        let mut serial = self.serial.lock().await;
+        *serial = serial.wrapping_add(1);
+        let fresh = zone_records(&self.origin, &records, *serial);
+        *self.zone.records_mut().await = fresh;
+        debug!(domain = %self.origin, serial = *serial, names = records.len(), "mesh DNS records updated");
+    }
+
+    /// Stops serving and releases the sockets.
+    pub async fn shutdown(mut self) {
+        if let Err(error) = self.server.shutdown_gracefully().await {
+            warn!(%error, "mesh DNS server ended with an error");
+        }
+        info!(domain = %self.origin, "mesh DNS stopped");
+    }
+}
+
+/// Upstream resolvers (port 53) from a resolv.conf-format file, skipping `exclude` (the mesh
+/// DNS's own addresses, which would loop) and scoped link-local ones; a missing file gives none.
+pub fn upstreams_from_resolv_conf(path: &Path, exclude: &[IpAddr]) -> Vec<SocketAddr> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Vec::new(),
+        Err(error) => {
+            warn!(path = %path.display(), %error, "cannot read resolver configuration");
+            return Vec::new();
+        }
+    };
+
+    let mut seen = HashSet::new();
+    let mut upstreams = Vec::new();
+    for line in text.lines() {
+        // resolv.conf comments start with '#' or ';', also after a value.
+        let line = line.split(['#', ';']).next().unwrap_or_default();
+        let mut words = line.split_whitespace();
+        if words.next() != Some("nameserver") {
+            continue;
+        }
+        let Some(value) = words.next() else {
+            continue;
+        };
+        // A scoped address (fe80::1%eth0) cannot be expressed in the forwarder's config, which
+        // takes a bare IP; the same holds for unscoped link-local, which the kernel cannot route.
+        if value.contains('%') {
+            debug!(nameserver = value, "skipping scoped nameserver");
+            continue;
+        }
+        let ip: IpAddr = match value.parse() {
+            Ok(ip) => ip,
+            Err(_) => {
+                warn!(path = %path.display(), nameserver = value, "skipping unparsable nameserver");
+                continue;
+            }
+        };
+        let link_local = matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local());
+        if link_local || ip.is_unspecified() || exclude.contains(&ip) || !seen.insert(ip) {
+            debug!(nameserver = %ip, "skipping nameserver");
+            continue;
+        }
+        upstreams.push(SocketAddr::new(ip, DNS_PORT));
+    }
+    upstreams
+}
+
+/// Parses the mesh domain into a fully-qualified lowercase name; the root is refused because
+/// the mesh zone would then shadow every name on the internet.
+fn parse_domain(domain: &str) -> Result<Name, DnsError> {
+    let invalid = |reason: String| DnsError::InvalidDomain {
+        domain: domain.to_owned(),
+        reason,
+    };
+    let mut name = Name::from_ascii(domain).map_err(|error| invalid(error.to_string()))?;
+    name.set_fqdn(true);
+    if name.is_root() {
+        return Err(invalid("the root cannot be the mesh domain".to_owned()));
+    }
+    Ok(name.to_lowercase())
+}
+
+/// Builds the complete record map of the mesh zone: SOA and NS at the apex plus A/AAAA sets.
+fn zone_records(origin: &Name, records: &DnsRecords, serial: u32) -> BTreeMap<RrKey, Arc<RecordSet>> {
+    let mut sets: BTreeMap<RrKey, RecordSet> = BTreeMap::new();
+    let mut add = |name: &Name, rtype: RecordType, ttl: u32, rdata: RData| {
+        sets.entry(RrKey::new(LowerName::new(name), rtype))
+            .or_insert_with(|| RecordSet::with_ttl(name.clone(), rtype, ttl))
+            .add_rdata(rdata);
+    };
+
+    // The apex names itself as the name server: the zone only exists on this hub.
+    let hostmaster = Name::from_labels([&b"hostmaster"[..]]).and_then(|label| label.append_domain(origin));
+    let rname = hostmaster.unwrap_or_else(|_| origin.clone());
+    let soa = SOA::new(
+        origin.clone(),
+        rname,
+        serial,
+        SOA_REFRESH,
+        SOA_RETRY,
+        SOA_EXPIRE,
+        ZONE_TTL,
+    );
+    add(origin, RecordType::SOA, ZONE_TTL, RData::SOA(soa));
+    add(origin, RecordType::NS, ZONE_TTL, RData::NS(NS(origin.clone())));
+
+    for (raw, addrs) in records {
+        let name = match Name::from_ascii(raw) {
+            Ok(mut name) => {
+                name.set_fqdn(true);
+                name.to_lowercase()
+            }
+            Err(error) => {
+                warn!(name = raw, %error, "skipping invalid mesh DNS name");
+                continue;
+            }
+        };
+        if !origin.zone_of(&name) {
+            warn!(name = raw, domain = %origin, "skipping mesh DNS name outside the domain");
+            continue;
+        }
+        for addr in addrs {
+            match addr {
+                IpAddr::V4(v4) => add(&name, RecordType::A, RECORD_TTL, RData::A(A(*v4))),
+                IpAddr::V6(v6) => add(&name, RecordType::AAAA, RECORD_TTL, RData::AAAA(AAAA(*v6))),
+            }
+        }
+    }
+
+    sets.into_iter().map(|(key, set)| (key, Arc::new(set))).collect()
+}
+
+/// Builds the root-zone forwarder; upstreams are asked over UDP, and over TCP when truncated.
+fn forwarder(upstreams: &[SocketAddr]) -> Result<ForwardZoneHandler, DnsError> {
+    let name_servers = upstreams
+        .iter()
+        .map(|upstream| {
+            let mut udp = ConnectionConfig::udp();
+            udp.port = upstream.port();
+            let mut tcp = ConnectionConfig::tcp();
+            tcp.port = upstream.port();
+            NameServerConfig::new(upstream.ip(), true, vec![udp, tcp])
+        })
+        .collect();
+    let config = ForwardConfig {
+        name_servers,
+        options: None,
+    };
+    ForwardZoneHandler::builder_tokio(config)
+        .build()
+        .map_err(|reason| DnsError::Forwarder {
+            upstreams: upstreams.to_vec(),
+            reason,
+        })
+}
+
+/// A socket that may bind an address not (yet) configured: right after the hub adds its mesh
+/// address the kernel still holds it tentative (IPv6 DAD), and a plain bind would fail.
+fn freebind_socket(addr: SocketAddr, ty: Type, protocol: Protocol) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), ty, Some(protocol))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // Keep v6 sockets v6-only so "::" and "0.0.0.0" can be listened on side by side.
+        socket.set_only_v6(true)?;
+        socket.set_freebind_v6(true)?;
+    } else {
+        socket.set_freebind_v4(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, DnsError> {
+    freebind_socket(addr, Type::DGRAM, Protocol::UDP)
+        .and_then(|socket| UdpSocket::from_std(socket.into()))
+        .map_err(|source| DnsError::Bind {
+            transport: "UDP",
+            addr,
+            source,
+        })
+}
+
+fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, DnsError> {
+    freebind_socket(addr, Type::STREAM, Protocol::TCP)
+        .and_then(|socket| {
+            socket.listen(TCP_BACKLOG)?;
+            TcpListener::from_std(socket.into())
+        })
+        .map_err(|source| DnsError::Bind {
+            transport: "TCP",
+            addr,
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::Write,
+        net::{Ipv4Addr, Ipv6Addr},
+        str::FromStr,
+    };
+
+    use hickory_proto::{
+        op::{DnsResponse, ResponseCode},
+        rr::{DNSClass, Record},
+    };
+    use hickory_server::net::{
+        client::{Client, ClientHandle},
+        runtime::TokioRuntimeProvider,
+        tcp::TcpClientStream,
+        udp::UdpClientStream,
+    };
+    use tokio::time::timeout;
+
+    use super::*;
+
+    const DOMAIN: &str = "home.internal";
+    const QUERY_DEADLINE: Duration = Duration::from_secs(2);
+
+    fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+    }
+
+    fn v6(text: &str) -> IpAddr {
+        IpAddr::V6(Ipv6Addr::from_str(text).expect("test IPv6 literal"))
+    }
+
+    fn mesh_records() -> DnsRecords {
+        DnsRecords::from([
+            ("node1.home.internal".to_owned(), vec![v4(10, 77, 0, 1), v6("fd77::1")]),
+            ("web.home.internal".to_owned(), vec![v4(10, 77, 0, 10)]),
+        ])
+    }
+
+    /// One UDP query through hickory's client, bounded so a hang fails the test.
+    async fn query_udp(server: SocketAddr, name: &str, rtype: RecordType) -> DnsResponse {
+        let stream = UdpClientStream::builder(server, TokioRuntimeProvider::default()).build();
+        let (client, background) = Client::<TokioRuntimeProvider>::from_sender(stream);
+        tokio::spawn(background);
+        send(client, name, rtype).await
+    }
+
+    async fn query_tcp(server: SocketAddr, name: &str, rtype: RecordType) -> DnsResponse {
+        let (connect, handle) = TcpClientStream::new(server, None, None, TokioRuntimeProvider::default());
+        let stream = connect.await.expect("TCP connect to mesh DNS");
+        let (client, background) = Client::<TokioRuntimeProvider>::new(stream, handle);
+        tokio::spawn(background);
+        send(client, name, rtype).await
+    }
+
+    async fn send(mut client: Client<TokioRuntimeProvider>, name: &str, rtype: RecordType) -> DnsResponse {
+        let name = Name::from_ascii(name).expect("test query name");
+        timeout(QUERY_DEADLINE, client.query(name, DNSClass::IN, rtype))
+            .await
+            .expect("no DNS answer within the deadline")
+            .expect("DNS exchange failed")
+    }
+
+    fn answer_ips(response: &DnsResponse) -> Vec<IpAddr> {
+        response
+            .answers
+            .iter()
+            .filter_map(|record: &Record| match &record.data {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    async fn soa_serial(server: SocketAddr) -> Option<u32> {
+        let response = query_udp(server, "home.internal.", RecordType::SOA).await;
+        response.answers.iter().find_map(|record| match &record.data {
+            RData::SOA(soa) => Some(soa.serial),
+            _ => None,
+        })
+    }
+
+    fn has_soa_authority(response: &DnsResponse) -> bool {
+        response
+            .authorities
+            .iter()
+            .any(|record| record.record_type() == RecordType::SOA)
+    }
+
+    #[tokio::test]
+    async fn answers_mesh_names_authoritatively() {
+        let listen = ["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()];
+        let dns = MeshDns::start(&listen, DOMAIN, mesh_records(), Vec::new())
+            .await
+            .expect("start mesh DNS");
+        let [v4_addr, v6_addr] = dns.local_addrs() else {
+            panic!("expected two bound addresses, got {:?}", dns.local_addrs());
+        };
+        let (v4_addr, v6_addr) = (*v4_addr, *v6_addr);
+        assert_ne!(v4_addr.port(), 0);
+
+        let node_a = query_udp(v4_addr, "node1.home.internal.", RecordType::A).await;
+        assert_eq!(node_a.metadata.response_code, ResponseCode::NoError);
+        assert!(node_a.metadata.authoritative, "mesh answers carry AA");
+        assert_eq!(answer_ips(&node_a), vec![v4(10, 77, 0, 1)]);
+        assert!(node_a.answers.iter().all(|r| r.ttl == RECORD_TTL));
+
+        let node_aaaa = query_udp(v6_addr, "node1.home.internal.", RecordType::AAAA).await;
+        assert_eq!(node_aaaa.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(answer_ips(&node_aaaa), vec![v6("fd77::1")]);
+
+        let web = query_udp(v4_addr, "WEB.Home.Internal.", RecordType::A).await;
+        assert_eq!(web.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(answer_ips(&web), vec![v4(10, 77, 0, 10)]);
+
+        let web_tcp = query_tcp(v4_addr, "web.home.internal.", RecordType::A).await;
+        assert_eq!(answer_ips(&web_tcp), vec![v4(10, 77, 0, 10)]);
+
+        // web has no IPv6 address: NODATA, i.e. NOERROR, no answer, SOA for negative caching.
+        let web_aaaa = query_udp(v4_addr, "web.home.internal.", RecordType::AAAA).await;
+        assert_eq!(web_aaaa.metadata.response_code, ResponseCode::NoError);
+        assert!(web_aaaa.answers.is_empty());
+        assert!(has_soa_authority(&web_aaaa));
+
+        let unknown = query_udp(v4_addr, "nope.home.internal.", RecordType::A).await;
+        assert_eq!(unknown.metadata.response_code, ResponseCode::NXDomain);
+        assert!(unknown.metadata.authoritative);
+        assert!(unknown.answers.is_empty());
+        assert!(has_soa_authority(&unknown));
+
+        let soa = query_udp(v4_addr, "home.internal.", RecordType::SOA).await;
+        assert_eq!(soa.metadata.response_code, ResponseCode::NoError);
+        assert!(matches!(
+            soa.answers.first().map(|r| &r.data),
+            Some(RData::SOA(soa)) if soa.mname == Name::from_ascii("home.internal.").unwrap()
+        ));
+        let ns = query_udp(v4_addr, "home.internal.", RecordType::NS).await;
+        assert_eq!(ns.metadata.response_code, ResponseCode::NoError);
+        assert!(matches!(ns.answers.first().map(|r| &r.data), Some(RData::NS(_))));
+
+        dns.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn update_adds_and_removes_names() {
+        let listen = ["127.0.0.1:0".parse().unwrap()];
+        let dns = MeshDns::start(&listen, DOMAIN, mesh_records(), Vec::new())
+            .await
+            .expect("start mesh DNS");
+        let addr = dns.local_addrs()[0];
+        let serial_before = soa_serial(addr).await;
+
+        let mut records = mesh_records();
+        records.remove("web.home.internal");
+        records.insert("phone.home.internal".to_owned(), vec![v4(10, 77, 0, 20)]);
+        dns.update(records).await;
+
+        let phone = query_udp(addr, "phone.home.internal.", RecordType::A).await;
+        assert_eq!(phone.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(answer_ips(&phone), vec![v4(10, 77, 0, 20)]);
+
+        let web = query_udp(addr, "web.home.internal.", RecordType::A).await;
+        assert_eq!(web.metadata.response_code, ResponseCode::NXDomain);
+        assert!(web.answers.is_empty());
+
+        let node = query_udp(addr, "node1.home.internal.", RecordType::A).await;
+        assert_eq!(answer_ips(&node), vec![v4(10, 77, 0, 1)]);
+
+        let serial_after = soa_serial(addr).await;
+        assert!(serial_after > serial_before, "{serial_after:?} > {serial_before:?}");
+
+        dns.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn forwards_other_names_to_upstream() {
+        let upstream_records = DnsRecords::from([("outside.test".to_owned(), vec![v4(192, 0, 2, 55)])]);
+        let upstream = MeshDns::start(&["127.0.0.1:0".parse().unwrap()], "test", upstream_records, Vec::new())
+            .await
+            .expect("start upstream DNS");
+
+        let dns = MeshDns::start(
+            &["127.0.0.1:0".parse().unwrap()],
+            DOMAIN,
+            mesh_records(),
+            upstream.local_addrs().to_vec(),
+        )
+        .await
+        .expect("start mesh DNS");
+        let addr = dns.local_addrs()[0];
+
+        let outside = query_udp(addr, "outside.test.", RecordType::A).await;
+        assert_eq!(outside.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(answer_ips(&outside), vec![v4(192, 0, 2, 55)]);
+        assert!(!outside.metadata.authoritative, "forwarded answers are not ours");
+        assert!(outside.metadata.recursion_available);
+
+        let missing = query_udp(addr, "missing.test.", RecordType::A).await;
+        assert_eq!(missing.metadata.response_code, ResponseCode::NXDomain);
+
+        // Mesh names are still answered locally, never forwarded.
+        let web = query_udp(addr, "web.home.internal.", RecordType::A).await;
+        assert_eq!(answer_ips(&web), vec![v4(10, 77, 0, 10)]);
+
+        dns.shutdown().await;
+        upstream.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn non_mesh_query_without_upstreams_fails_fast() {
+        let dns = MeshDns::start(&["127.0.0.1:0".parse().unwrap()], DOMAIN, mesh_records(), Vec::new())
+            .await
+            .expect("start mesh DNS");
+
+        // send() already fails the test if nothing arrives within two seconds.
+        let response = query_udp(dns.local_addrs()[0], "example.com.", RecordType::A).await;
+        assert_eq!(response.metadata.response_code, ResponseCode::Refused);
+        assert!(response.answers.is_empty());
+
+        dns.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_releases_the_port() {
+        let dns = MeshDns::start(&["127.0.0.1:0".parse().unwrap()], DOMAIN, mesh_records(), Vec::new())
+            .await
+            .expect("start mesh DNS");
+        let addr = dns.local_addrs()[0];
+        dns.shutdown().await;
+
+        // A plain bind (no SO_REUSEADDR) succeeds only if no socket holds the port any more.
+        std::net::UdpSocket::bind(addr).expect("UDP port released");
+        std::net::TcpListener::bind(addr).expect("TCP port released");
+    }
+
+    #[tokio::test]
+    async fn binds_addresses_not_configured_on_this_host() {
+        // Documentation prefixes are never local; binding them needs IP_FREEBIND/IPV6_FREEBIND,
+        // as a freshly added (still tentative) mesh address does. Nothing is sent to them.
+        let listen = ["192.0.2.1:0".parse().unwrap(), "[2001:db8::1]:0".parse().unwrap()];
+        let dns = MeshDns::start(&listen, DOMAIN, mesh_records(), Vec::new())
+            .await
+            .expect("freebind lets the server bind non-local addresses");
+        let ips: Vec<IpAddr> = dns.local_addrs().iter().map(SocketAddr::ip).collect();
+        assert_eq!(ips, vec![v4(192, 0, 2, 1), v6("2001:db8::1")]);
+        dns.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn rejects_bad_configuration() {
+        let listen = ["127.0.0.1:0".parse().unwrap()];
+        assert!(matches!(
+            MeshDns::start(&listen, ".", DnsRecords::new(), Vec::new()).await,
+            Err(DnsError::InvalidDomain { .. })
+        ));
+        assert!(matches!(
+            MeshDns::start(&[], DOMAIN, DnsRecords::new(), Vec::new()).await,
+            Err(DnsError::NoListenAddress)
+        ));
+    }
+
+    #[test]
+    fn zone_skips_names_outside_the_domain() {
+        let origin = parse_domain("Home.Internal.").expect("valid domain");
+        assert_eq!(origin, Name::from_ascii("home.internal.").unwrap());
+        let records = DnsRecords::from([
+            ("web.home.internal".to_owned(), vec![v4(10, 77, 0, 10)]),
+            ("web.elsewhere.org".to_owned(), vec![v4(10, 77, 0, 11)]),
+        ]);
+        let zone = zone_records(&origin, &records, 7);
+        let names: Vec<String> = zone
+            .keys()
+            .filter(|key| key.record_type == RecordType::A)
+            .map(|key| key.name().to_string())
+            .collect();
+        assert_eq!(names, vec!["web.home.internal.".to_owned()]);
+    }
+
+    #[test]
+    fn reads_upstreams_from_resolv_conf() {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        writeln!(
+            file,
+            "# generated by NetworkManager\n\
+             search lan\n\
+             nameserver 10.77.0.1\n\
+             nameserver 192.168.1.1 # home router\n\
+             ; nameserver 9.9.9.9\n\
+             nameserver 2001:db8::53\n\
+             nameserver fe80::1%eth0\n\
+             nameserver 192.168.1.1\n\
+             nameserver not-an-address\n\
+             options edns0 trust-ad"
+        )
+        .expect("write temp file");
+
+        let upstreams = upstreams_from_resolv_conf(file.path(), &[v4(10, 77, 0, 1)]);
+        assert_eq!(
+            upstreams,
+            vec![
+                SocketAddr::new(v4(192, 168, 1, 1), 53),
+                SocketAddr::new(v6("2001:db8::53"), 53),
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_resolv_conf_means_no_upstreams() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let upstreams = upstreams_from_resolv_conf(&dir.path().join("resolv.conf"), &[]);
+        assert!(upstreams.is_empty());
+    }
 }
