@@ -206,7 +206,14 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                     return Err(e);
                 }
             };
-            let text = device_config(&key, &handout).to_wg_quick();
+            let config = device_config(&key, &handout);
+            if let Err(e) = config.validate() {
+                // Never hand out a config that would not read back as itself; undo the registration.
+                outputs.discard();
+                let _ = send(g, Request::DeviceRemove { name: handout.device.name.clone() });
+                bail!("refusing to hand out the device config: {e}");
+            }
+            let text = config.to_wg_quick();
             let printed_elsewhere = qr || !outputs.is_empty();
             outputs.write(&text)?;
             if qr {

@@ -15,15 +15,13 @@ use crate::store::{ADDRESS_COOLDOWN, Store, StoreError, Writer};
 /// Why the controller refused a request; the message is what the operator sees.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error(
-        "the name {name:?} is already used by {kind} {name:?} (node, device and service names share the DNS namespace)"
-    )]
+    #[error("the name \"{name}\" is already used by a {kind} (node, device and service names share the DNS namespace)")]
     NameTaken { kind: &'static str, name: Label },
-    #[error("no node named {0:?}")]
+    #[error("no node named \"{0}\"")]
     UnknownNode(Label),
-    #[error("no device named {0:?}")]
+    #[error("no device named \"{0}\"")]
     UnknownDevice(Label),
-    #[error("no service named {0:?}")]
+    #[error("no service named \"{0}\"")]
     UnknownService(Label),
     #[error("--allow names no service: give at least one")]
     NothingAllowed,
@@ -31,7 +29,7 @@ pub enum ControlError {
     PoolExhausted(Ipv4Net),
     #[error("public key: {0}")]
     Key(#[from] keys::KeyError),
-    #[error("the public key is already used by {0:?}")]
+    #[error("the public key is already used by \"{0}\"")]
     KeyTaken(Label),
     #[error("the network has no hub node")]
     NoHub,

@@ -8,12 +8,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
-use crate::dns::DnsRecords;
+use crate::dns::{DNS_PORT, DnsRecords};
 use crate::input::{HostPort, Label};
 use crate::model::{MESH_MTU, Role, Snapshot};
-
-/// Port of the mesh DNS on the hub.
-pub const DNS_PORT: u16 = 53;
 
 /// The desired state of one host.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -56,7 +56,8 @@ const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Responses queued per TCP connection (the value hickory's own tests use).
 const TCP_RESPONSE_BUFFER: usize = 32;
 const TCP_BACKLOG: i32 = 128;
-const DNS_PORT: u16 = 53;
+/// The DNS port, where the mesh DNS listens and upstream resolvers answer.
+pub const DNS_PORT: u16 = 53;
 
 /// Errors from starting the mesh DNS server.
 #[derive(Debug, thiserror::Error)]

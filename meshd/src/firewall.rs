@@ -12,7 +12,8 @@ use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use crate::desired::{DNS_PORT, HostPlan};
+use crate::desired::HostPlan;
+use crate::dns::DNS_PORT;
 
 /// Loading the ruleset failed.
 #[derive(Debug, thiserror::Error)]

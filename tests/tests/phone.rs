@@ -1,0 +1,454 @@
+//! Issue 2's acceptance test: a phone set up only from the QR code reaches exactly what it was allowed.
+//!
+//! Hosts are namespaces: `node` runs `meshd run --wireguard userspace`; `svc` (a nix-bitcoin style
+//! service namespace on a link-local veth) runs two HTTP services and the node's upstream DNS; `phone`
+//! reaches the node's endpoint over a second veth standing for the internet.
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use meshd_e2e::{
+    Netns, Phone, Proc, assert_key_not_stored, describe, meshctl, output, product_bin, require_root, run_json, run_ok,
+    unique_ifname, veth, wait_until,
+};
+use serde_json::Value;
+
+const NODE_SVC: &str = "169.254.1.1/24";
+const SVC_ADDR: &str = "169.254.1.17";
+const WALLET_TARGET: &str = "169.254.1.17:9737";
+const EXPLORER_TARGET: &str = "169.254.1.17:3002";
+const NODE_WAN: &str = "172.31.200.1";
+const PHONE_WAN: &str = "172.31.200.2/24";
+const ENDPOINT: &str = "172.31.200.1:51820";
+/// What the svc namespace's DNS (the node's upstream) answers for `outside.test`.
+const OUTSIDE_ANSWER: &str = "192.0.2.55";
+/// The mesh range `meshd init` uses by default.
+const MESH_V4_BASE: [u8; 2] = [10, 77];
+
+/// A string field of a JSON object, panicking with the object when it is missing.
+fn text<'a>(obj: &'a Value, key: &str) -> &'a str {
+    obj[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no string {key:?} in {obj}"))
+}
+
+/// The object named `name` in a JSON array of objects with a `name` field.
+fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not a JSON array: {list}"))
+        .iter()
+        .find(|o| o["name"] == name)
+        .unwrap_or_else(|| panic!("no {name:?} in {list}"))
+}
+
+/// An address without its `/prefix`, if the product printed one.
+fn bare(addr: &str) -> &str {
+    addr.split('/').next().unwrap_or(addr)
+}
+
+/// Whether an AllowedIPs entry lies inside the mesh: the IPv4 range or a ULA /48 (fd00::/8).
+fn inside_mesh(cidr: &str) -> bool {
+    let (ip, len) = cidr.split_once('/').unwrap_or((cidr, "128"));
+    let len: u8 = len.parse().unwrap_or(0);
+    if let Ok(v4) = ip.parse::<Ipv4Addr>() {
+        return len >= 16 && v4.octets()[..2] == MESH_V4_BASE;
+    }
+    ip.to_ascii_lowercase().starts_with("fd") && len >= 48
+}
+
+/// `dig +short` from a namespace: the answer lines, or None when the query failed.
+fn dig(ns: &Netns, server: &str, name: &str) -> Option<Vec<String>> {
+    let out = ns.exec(&["dig", "+short", "+time=2", "+tries=1", &format!("@{server}"), name]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    (out.status.success() && !stdout.contains(";;")).then(|| stdout.lines().map(|l| l.trim().to_string()).collect())
+}
+
+/// Starts a static HTTP server serving `body` as its index page.
+fn http_server(ns: &Netns, root: &Path, bind: &str, port: u16, body: &str) -> Proc {
+    fs::create_dir_all(root).unwrap();
+    fs::write(root.join("index.html"), body).unwrap();
+    ns.spawn(&[
+        "python3",
+        "-m",
+        "http.server",
+        &port.to_string(),
+        "--bind",
+        bind,
+        "--directory",
+        root.to_str().unwrap(),
+    ])
+}
+
+/// Seconds since the Unix epoch.
+fn now_secs() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+#[test]
+fn phone_reaches_exactly_its_services_from_the_qr_code() {
+    if !require_root() {
+        return;
+    }
+    let started = Instant::now();
+    let state = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let state_dir = state.path();
+    let work_dir = work.path();
+
+    // Hosts.
+    let node = Netns::new("node");
+    let svc = Netns::new("svc");
+    let phone_ns = Netns::new("phone");
+    veth(&node, &svc, NODE_SVC, &format!("{SVC_ADDR}/24"));
+    veth(&node, &phone_ns, &format!("{NODE_WAN}/24"), PHONE_WAN);
+    // Like a real node with service namespaces: it forwards, and the services route back through it.
+    // This is what makes "the phone cannot reach 169.254.1.17 directly" a check of meshd's rules.
+    node.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    svc.ip(&["route", "add", "default", "via", "169.254.1.1"]);
+
+    // Services and the node's upstream resolver.
+    let _wallet = http_server(&svc, &work_dir.join("wallet"), SVC_ADDR, 9737, "wallet-ok");
+    let _explorer = http_server(&svc, &work_dir.join("explorer"), SVC_ADDR, 3002, "explorer-ok");
+    let _hub_private = http_server(&node, &work_dir.join("hub"), "::", 8088, "hub-private");
+    let _dnsmasq = svc.spawn_logged(
+        &[
+            "dnsmasq",
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--listen-address=169.254.1.17",
+            "--bind-interfaces",
+            "--address=/outside.test/192.0.2.55",
+            &format!("--pid-file={}", work_dir.join("dnsmasq.pid").display()),
+            "--log-facility=-",
+        ],
+        &work_dir.join("dnsmasq.log"),
+    );
+    node.set_resolv_conf(&format!("nameserver {SVC_ADDR}\n"));
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            node.http_get(&format!("http://{WALLET_TARGET}/"), 2).as_deref() == Some("wallet-ok")
+                && node.http_get(&format!("http://{EXPLORER_TARGET}/"), 2).as_deref() == Some("explorer-ok")
+                && dig(&node, SVC_ADDR, "outside.test") == Some(vec![OUTSIDE_ANSWER.into()])
+        }),
+        "test services in the svc namespace did not come up"
+    );
+
+    // 1-2. A network and two services, offline.
+    let hub_if = unique_ifname("mh");
+    run_ok(Command::new(product_bin("meshd")).args([
+        "init",
+        "--network",
+        "home",
+        "--name",
+        "hub",
+        "--endpoint",
+        ENDPOINT,
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+        "--interface",
+        &hub_if,
+    ]));
+    for (name, target) in [("wallet", WALLET_TARGET), ("explorer", EXPLORER_TARGET)] {
+        run_ok(meshctl(state_dir).args(["service", "add", name, "--node", "hub", "--target", target]));
+    }
+
+    // 3. The daemon; the admin socket is its readiness signal.
+    let daemon_log = work_dir.join("meshd.log");
+    let mut daemon_cmd = node.command(product_bin("meshd"));
+    daemon_cmd.env("RUST_LOG", "info").args([
+        "run",
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+        "--wireguard",
+        "userspace",
+    ]);
+    let _socket_cleanup = SocketCleanup(hub_if.clone()); // dropped after the daemon
+    let mut daemon = Proc::spawn_logged(daemon_cmd, "meshd run", &daemon_log);
+    let socket = state_dir.join("meshd.sock");
+    let ready = wait_until(Duration::from_secs(60), || {
+        daemon.assert_running("starting up");
+        socket.exists() && output(meshctl(state_dir).args(["status", "--json"])).status.success()
+    });
+    assert!(ready, "meshd run did not become ready within 60 s");
+    let socket_mode = fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(socket_mode, 0o600, "admin socket mode is {socket_mode:o}");
+    eprintln!("daemon ready after {:?}", started.elapsed());
+
+    let nodes = run_json(meshctl(state_dir).args(["node", "list", "--json"]));
+    let hub = named(&nodes, "hub");
+    let hub_key = text(hub, "public_key").to_string();
+    let hub_v4 = bare(text(hub, "address")).to_string();
+    let hub_v6 = bare(text(hub, "address_v6")).to_string();
+    assert_eq!(text(hub, "endpoint"), ENDPOINT);
+
+    // 4. The phone's QR code: the only thing the phone gets.
+    let png = work_dir.join("phone1.png");
+    run_ok(meshctl(state_dir).args([
+        "device",
+        "add",
+        "phone1",
+        "--allow",
+        "wallet",
+        "--qr-png",
+        png.to_str().unwrap(),
+    ]));
+    let png_mode = fs::metadata(&png).unwrap().permissions().mode() & 0o777;
+    assert_eq!(png_mode, 0o600, "QR PNG mode is {png_mode:o}");
+    let conf_text = run_ok(Command::new("zbarimg").args(["--raw", "-q", "-Sbinary"]).arg(&png));
+    let phone = Phone::up(&phone_ns, &unique_ifname("ph"), &conf_text);
+    let conf = &phone.config;
+    assert!(
+        conf_text.contains("[Interface]") && conf_text.contains("[Peer]"),
+        "{conf_text}"
+    );
+    let private_key = base64::engine::general_purpose::STANDARD
+        .decode(&conf.private_key)
+        .unwrap_or_else(|e| panic!("PrivateKey is not base64 ({e}): {conf_text}"));
+    assert_eq!(private_key.len(), 32, "PrivateKey is not 32 bytes");
+    assert_eq!(conf.peers.len(), 1, "one peer, the hub: {conf_text}");
+    let peer = &conf.peers[0];
+    assert_eq!(peer.public_key, hub_key, "the peer is the hub");
+    let psk = peer.preshared_key.as_deref().expect("a PresharedKey");
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(psk)
+            .map(|k| k.len())
+            .ok(),
+        Some(32),
+        "PresharedKey is not a 32-byte key"
+    );
+    assert_eq!(peer.persistent_keepalive, Some(25));
+    assert_eq!(peer.endpoint.as_deref(), Some(ENDPOINT));
+    assert!(!peer.allowed_ips.is_empty(), "no AllowedIPs");
+    for cidr in &peer.allowed_ips {
+        assert!(
+            inside_mesh(cidr),
+            "AllowedIPs {cidr} reaches beyond the mesh: {conf_text}"
+        );
+    }
+    assert_eq!(conf.addresses.len(), 2, "one v4 and one v6 Address: {conf_text}");
+    let dns_servers: Vec<String> = conf.dns_servers.iter().map(|s| s.to_string()).collect();
+    assert!(!dns_servers.is_empty(), "no DNS server in {conf_text}");
+    for server in &dns_servers {
+        assert!(
+            *server == hub_v4 || *server == hub_v6,
+            "DNS {server} is not the hub's mesh address"
+        );
+    }
+
+    // The controller keeps no copy of the phone's private key, in any form.
+    assert_key_not_stored(state_dir, &conf.private_key);
+    assert!(
+        !daemon.log_text().contains(&conf.private_key),
+        "meshd logged the phone's private key"
+    );
+
+    // 5. Where the services are.
+    let services = run_json(meshctl(state_dir).args(["service", "list", "--json"]));
+    let wallet = named(&services, "wallet");
+    let explorer = named(&services, "explorer");
+    assert_eq!(text(wallet, "target"), WALLET_TARGET);
+    assert_eq!(text(wallet, "node"), "hub");
+    assert_eq!(wallet["devices"], serde_json::json!(["phone1"]));
+    assert_eq!(explorer["devices"], serde_json::json!([]));
+    let wallet_addr = text(wallet, "mesh_address").to_string();
+    let wallet_addr_v6 = text(wallet, "mesh_address_v6").to_string();
+    let wallet_dns = text(wallet, "dns_name").to_string();
+    let explorer_addr = text(explorer, "mesh_address").to_string();
+    let explorer_addr_v6 = text(explorer, "mesh_address_v6").to_string();
+    assert_eq!(wallet_dns, "wallet.home.internal");
+    let (wallet_ip, wallet_port) = wallet_addr.rsplit_once(':').unwrap();
+    assert_eq!(wallet_port, "9737", "the mesh port defaults to the target's");
+
+    // 6. The phone reaches the wallet by mesh address (v4 and v6) and by name...
+    let wallet_url = format!("http://{wallet_addr}/");
+    let reached = wait_until(Duration::from_secs(20), || {
+        phone_ns.http_get(&wallet_url, 2).as_deref() == Some("wallet-ok")
+    });
+    assert!(reached, "phone cannot reach the wallet at {wallet_url} within 20 s");
+    eprintln!("phone reached the wallet after {:?}", started.elapsed());
+    let wallet_url_v6 = format!("http://{wallet_addr_v6}/");
+    assert_eq!(
+        phone_ns.http_get(&wallet_url_v6, 5).as_deref(),
+        Some("wallet-ok"),
+        "{wallet_url_v6}"
+    );
+    let by_name = format!("http://{wallet_dns}:{wallet_port}/");
+    assert_eq!(
+        phone_ns.http_get(&by_name, 5).as_deref(),
+        Some("wallet-ok"),
+        "{by_name}"
+    );
+
+    // ...its mesh DNS answers mesh names and forwards the rest to the node's upstream...
+    let dns = &dns_servers[0];
+    let answer = dig(&phone_ns, dns, &wallet_dns).expect("mesh DNS answers the wallet's name");
+    assert!(answer.iter().any(|a| a == wallet_ip), "{wallet_dns} -> {answer:?}");
+    let answer = dig(&phone_ns, dns, "hub.home.internal").expect("mesh DNS answers the hub's name");
+    assert!(answer.contains(&hub_v4), "hub.home.internal -> {answer:?}");
+    let answer = dig(&phone_ns, dns, "outside.test").expect("mesh DNS forwards other names");
+    assert_eq!(answer, [OUTSIDE_ANSWER], "outside.test through the mesh DNS");
+
+    // ...but not the explorer it was not allowed...
+    for url in [
+        format!("http://{explorer_addr}/"),
+        format!("http://{explorer_addr_v6}/"),
+    ] {
+        assert_eq!(phone_ns.http_get(&url, 2), None, "phone reached the explorer at {url}");
+    }
+
+    // ...nor anything else of the node, which does answer locally...
+    for ip in [hub_v4.clone(), format!("[{hub_v6}]")] {
+        let url = format!("http://{ip}:8088/");
+        assert_eq!(
+            node.http_get(&url, 2).as_deref(),
+            Some("hub-private"),
+            "node itself at {url}"
+        );
+        assert_eq!(phone_ns.http_get(&url, 2), None, "phone reached the node's {url}");
+    }
+
+    // ...whatever it puts in its own AllowedIPs.
+    let mut widened = peer.allowed_ips.clone();
+    widened.push("169.254.1.0/24".into());
+    phone_ns.run(&[
+        "wg",
+        "set",
+        &phone.ifname,
+        "peer",
+        &hub_key,
+        "allowed-ips",
+        &widened.join(","),
+    ]);
+    phone_ns.ip(&["route", "add", "169.254.1.0/24", "dev", &phone.ifname]);
+    for target in [WALLET_TARGET, EXPLORER_TARGET] {
+        let url = format!("http://{target}/");
+        assert_eq!(
+            phone_ns.http_get(&url, 2),
+            None,
+            "phone reached {url} through the tunnel"
+        );
+    }
+    phone_ns.ip(&["route", "del", "169.254.1.0/24", "dev", &phone.ifname]);
+    phone_ns.run(&[
+        "wg",
+        "set",
+        &phone.ifname,
+        "peer",
+        &hub_key,
+        "allowed-ips",
+        &peer.allowed_ips.join(","),
+    ]);
+    assert_eq!(
+        phone_ns.http_get(&wallet_url, 5).as_deref(),
+        Some("wallet-ok"),
+        "after the probe"
+    );
+
+    // 7. Listings.
+    let devices = run_json(meshctl(state_dir).args(["device", "list", "--json"]));
+    let phone1 = named(&devices, "phone1");
+    let handshake = phone1["last_handshake"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("phone1 has no last_handshake after traffic: {phone1}"));
+    let now = now_secs();
+    assert!(
+        (now - 600..=now + 5).contains(&handshake),
+        "last_handshake {handshake} is not a recent time (now {now})"
+    );
+    let addresses: Vec<&str> = conf.addresses.iter().map(|a| bare(a)).collect();
+    assert!(
+        addresses.contains(&bare(text(phone1, "address"))),
+        "{phone1} vs {addresses:?}"
+    );
+    assert!(
+        addresses.contains(&bare(text(phone1, "address_v6"))),
+        "{phone1} vs {addresses:?}"
+    );
+    assert_eq!(phone1["allow"], serde_json::json!(["wallet"]));
+    let phone_pub = phone_ns.run(&["wg", "show", &phone.ifname, "public-key"]);
+    assert_eq!(text(phone1, "public_key"), phone_pub.trim());
+    let status = run_json(meshctl(state_dir).args(["status", "--json"]));
+    assert!(!status["network"].is_null(), "status has no network: {status}");
+    named(&status["nodes"], "hub");
+    named(&status["devices"], "phone1");
+    named(&status["services"], "wallet");
+    named(&status["services"], "explorer");
+
+    // A second daemon on the same state dir is refused, and leaves the first one working.
+    let mut second_cmd = node.command(product_bin("meshd"));
+    second_cmd.args([
+        "run",
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+        "--wireguard",
+        "userspace",
+    ]);
+    let mut second = Proc::spawn_logged(second_cmd, "second meshd run", &work_dir.join("second.log"));
+    let exited = wait_until(Duration::from_secs(15), || !second.is_running());
+    assert!(
+        exited,
+        "a second `meshd run` on the same state dir is still running after 15 s"
+    );
+    let status = second.stop(Duration::ZERO);
+    let second_log = second.log_text();
+    assert!(!status.success(), "second `meshd run` exited 0: {second_log}");
+    assert!(
+        second_log.lines().any(|l| l.starts_with("error: ")),
+        "second `meshd run` gave no `error: ` line: {second_log}"
+    );
+    daemon.assert_running("a second daemon was refused");
+    assert!(
+        wait_until(Duration::from_secs(5), || phone_ns.http_get(&wallet_url, 2).as_deref()
+            == Some("wallet-ok")),
+        "the wallet is unreachable after a second `meshd run` was refused"
+    );
+
+    // 8. Removal cuts the phone off within 2 s, and for good.
+    let out = output(meshctl(state_dir).args(["device", "remove", "phone1"]));
+    let removed_at = Instant::now();
+    assert!(out.status.success(), "device remove: {}", describe(&out));
+    let mut cut_after = None;
+    while removed_at.elapsed() <= Duration::from_secs(2) {
+        let attempt = removed_at.elapsed();
+        if phone_ns.http_get(&wallet_url, 1).is_none() {
+            cut_after = Some(attempt);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let cut_after = cut_after.expect("the phone still reached the wallet 2 s after `device remove`");
+    eprintln!("access cut {cut_after:?} after `device remove` returned");
+    for _ in 0..3 {
+        assert_eq!(
+            phone_ns.http_get(&wallet_url, 1),
+            None,
+            "the removed phone reached the wallet"
+        );
+        assert_eq!(
+            dig(&phone_ns, dns, &wallet_dns),
+            None,
+            "the removed phone got a DNS answer"
+        );
+    }
+    let devices = run_json(meshctl(state_dir).args(["device", "list", "--json"]));
+    assert_eq!(devices, serde_json::json!([]), "device list after removal");
+    daemon.assert_running("the test ended");
+    eprintln!("e2e test took {:?}", started.elapsed());
+}
+
+/// Removes the hub's UAPI socket file if the daemon left it behind when stopped.
+struct SocketCleanup(String);
+
+impl Drop for SocketCleanup {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(Path::new(meshd_e2e::WG_SOCKET_DIR).join(format!("{}.sock", self.0)));
+    }
+}
