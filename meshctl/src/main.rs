@@ -210,7 +210,12 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             if let Err(e) = config.validate() {
                 // Never hand out a config that would not read back as itself; undo the registration.
                 outputs.discard();
-                let _ = send(g, Request::DeviceRemove { name: handout.device.name.clone() });
+                let _ = send(
+                    g,
+                    Request::DeviceRemove {
+                        name: handout.device.name.clone(),
+                    },
+                );
                 bail!("refusing to hand out the device config: {e}");
             }
             let text = config.to_wg_quick();
