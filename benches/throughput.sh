@@ -38,7 +38,8 @@ cleanup() {
     for ifname in "${interfaces[@]}"; do rm -f "/var/run/wireguard/$ifname.sock"; done
     rm -rf "$work"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap "exit 130" INT TERM
 
 # netns NAME: a fresh namespace with loopback up.
 netns() {

@@ -11,6 +11,7 @@ pub mod desired;
 pub mod dns;
 pub mod firewall;
 pub mod forward;
+pub mod hostnet;
 pub mod input;
 pub mod ipam;
 pub mod keys;

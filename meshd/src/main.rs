@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use meshd::controller::{Controller, NewNetwork};
+use meshd::hostnet;
 use meshd::input::{self, HostPort, Label};
 use meshd::keys::PrivateKey;
 use meshd::statedir::{DEFAULT_STATE_DIR, StateDir};
@@ -97,6 +98,14 @@ fn main() -> ExitCode {
 }
 
 fn init(state: &StateDir, mut new: NewNetwork) -> anyhow::Result<()> {
+    if let Some(route) = hostnet::overlapping(&new.cidr, &hostnet::ipv4_routes()) {
+        anyhow::bail!(
+            "--cidr {} overlaps {} on interface {}: choose a range this host does not use",
+            new.cidr,
+            route.network,
+            route.interface
+        );
+    }
     state.create()?;
     let key = PrivateKey::generate();
     new.hub_public_key = key.public_key();
