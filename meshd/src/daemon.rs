@@ -78,23 +78,26 @@ pub async fn run(state: &StateDir, backend: Backend) -> anyhow::Result<()> {
         forwarders: Forwarders::default(),
         dns: None,
     };
-    let started = bring_up(&mut host, &plan).await;
-    if let Err(e) = started {
-        shut_down(host).await;
-        return Err(e);
-    }
+    let result = match bring_up(&mut host, &plan).await {
+        Ok(()) => serve(state, &mut controller, &mut host).await,
+        Err(e) => Err(e),
+    };
+    shut_down(host).await;
+    result
+}
 
+/// Install the signal handlers and the admin socket, then answer requests until SIGINT or SIGTERM.
+async fn serve(state: &StateDir, controller: &mut Controller, host: &mut Host) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
     let listener = admin::bind(&state.socket())?;
     let server = tokio::spawn(admin::serve(listener, calls_tx));
     info!(node = %host.name, socket = %state.socket().display(), "meshd ready");
-
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     loop {
         tokio::select! {
             Some((request, reply)) = calls.recv() => {
-                let outcome = handle(&mut controller, &mut host, request).await;
+                let outcome = handle(controller, host, request).await;
                 let _ = reply.send(outcome);
             }
             _ = term.recv() => break,
@@ -104,7 +107,6 @@ pub async fn run(state: &StateDir, backend: Backend) -> anyhow::Result<()> {
     info!("shutting down");
     server.abort();
     let _ = std::fs::remove_file(state.socket());
-    shut_down(host).await;
     Ok(())
 }
 

@@ -355,21 +355,32 @@ pub fn wireguard_go(ns: &Netns, ifname: &str, log: &Path) -> Proc {
 /// A `[Peer]` of a wg-quick config.
 #[derive(Debug, Clone, Default)]
 pub struct WgPeer {
+    /// `PublicKey`, base64.
     pub public_key: String,
+    /// `PresharedKey`, base64.
     pub preshared_key: Option<String>,
+    /// `Endpoint`, `host:port`.
     pub endpoint: Option<String>,
+    /// `AllowedIPs` entries (all lines), in CIDR notation.
     pub allowed_ips: Vec<String>,
+    /// `PersistentKeepalive`, seconds.
     pub persistent_keepalive: Option<u32>,
 }
 
 /// The parts of a wg-quick config that the WireGuard app acts on.
 #[derive(Debug, Clone, Default)]
 pub struct WgQuick {
+    /// `PrivateKey`, base64.
     pub private_key: String,
+    /// `Address` entries (v4 and v6), as written.
     pub addresses: Vec<String>,
+    /// The IP entries of `DNS`: the resolvers.
     pub dns_servers: Vec<IpAddr>,
+    /// The other entries of `DNS`: search domains.
     pub dns_search: Vec<String>,
+    /// `MTU`, if set.
     pub mtu: Option<u32>,
+    /// The `[Peer]` sections.
     pub peers: Vec<WgPeer>,
 }
 

@@ -140,9 +140,9 @@ fn phone_reaches_exactly_its_services_from_the_qr_code() {
         "test services in the svc namespace did not come up"
     );
 
-    // 1-2. A network and two services, offline.
+    // 1-2. A network and two services, offline. Init runs on the node: it checks the node's own routes.
     let hub_if = unique_ifname("mh");
-    run_ok(Command::new(product_bin("meshd")).args([
+    run_ok(node.command(product_bin("meshd")).args([
         "init",
         "--network",
         "home",
@@ -382,6 +382,45 @@ fn phone_reaches_exactly_its_services_from_the_qr_code() {
     named(&status["services"], "wallet");
     named(&status["services"], "explorer");
 
+    // Live changes are applied incrementally: a new device and a new service reach the running hub
+    // (peer, DNS name, listener) without resetting the phone's session.
+    run_ok(meshctl(state_dir).args([
+        "service",
+        "add",
+        "electrs",
+        "--node",
+        "hub",
+        "--target",
+        EXPLORER_TARGET,
+    ]));
+    let laptop = run_json(meshctl(state_dir).args(["device", "add", "laptop1", "--allow", "electrs", "--json"]));
+    let hub_peers = node.run(&["wg", "show", &hub_if, "peers"]);
+    assert!(
+        hub_peers.contains(text(&laptop, "public_key")),
+        "laptop1 is not a peer of the hub: {hub_peers}"
+    );
+    let services = run_json(meshctl(state_dir).args(["service", "list", "--json"]));
+    let electrs = named(&services, "electrs");
+    let electrs_ip = text(electrs, "mesh_address").rsplit_once(':').unwrap().0.to_string();
+    let answer = dig(&phone_ns, dns, "electrs.home.internal").expect("mesh DNS answers a service added live");
+    assert_eq!(answer, [electrs_ip], "electrs.home.internal");
+    assert_eq!(
+        phone_ns.http_get(&format!("http://{}/", text(electrs, "mesh_address")), 2),
+        None,
+        "phone1 reached electrs, which it was not allowed"
+    );
+    assert_eq!(
+        phone_ns.http_get(&wallet_url, 5).as_deref(),
+        Some("wallet-ok"),
+        "after live changes"
+    );
+    let devices = run_json(meshctl(state_dir).args(["device", "list", "--json"]));
+    assert_eq!(
+        named(&devices, "phone1")["last_handshake"].as_i64(),
+        Some(handshake),
+        "the phone's session was reset by an unrelated change"
+    );
+
     // A second daemon on the same state dir is refused, and leaves the first one working.
     let mut second_cmd = node.command(product_bin("meshd"));
     second_cmd.args([
@@ -439,7 +478,13 @@ fn phone_reaches_exactly_its_services_from_the_qr_code() {
         );
     }
     let devices = run_json(meshctl(state_dir).args(["device", "list", "--json"]));
-    assert_eq!(devices, serde_json::json!([]), "device list after removal");
+    let names: Vec<&str> = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|d| d["name"].as_str())
+        .collect();
+    assert_eq!(names, ["laptop1"], "device list after removal");
     daemon.assert_running("the test ended");
     eprintln!("e2e test took {:?}", started.elapsed());
 }
