@@ -261,19 +261,21 @@ fn device_config(key: &PrivateKey, h: &DeviceHandout) -> DeviceConfig {
 
 /// Send a request to the running daemon, or carry it out on the state directly when none runs.
 fn send(g: &Global, request: Request) -> anyhow::Result<Reply> {
-    let state = StateDir::new(&g.state_dir);
-    let socket = g.socket.clone().unwrap_or_else(|| state.socket());
-    let outcome = if g.socket.is_some() || socket.exists() {
-        call_daemon(&socket, &request)?
-    } else {
-        // Validate the state directory before anything is created in it.
-        let mut controller = Controller::open(&state.db())?;
-        match state.lock_offline()? {
-            Some(_lock) => controller
-                .handle(request)
-                .map(Outcome::Ok)
-                .unwrap_or_else(|e| Outcome::Error(e.to_string())),
-            None => call_daemon(&socket, &request)?,
+    let outcome = match &g.socket {
+        Some(socket) => call_daemon(socket, &request)?,
+        None => {
+            let state = StateDir::new(&g.state_dir);
+            // Validate the state directory before anything is created in it.
+            let mut controller = Controller::open(&state.db())?;
+            // The shared lock is free only when no daemon runs (a socket file left by a killed
+            // daemon is then ignored).
+            match state.lock_offline()? {
+                Some(_lock) => controller
+                    .handle(request)
+                    .map(Outcome::Ok)
+                    .unwrap_or_else(|e| Outcome::Error(e.to_string())),
+                None => call_daemon(&state.socket(), &request)?,
+            }
         }
     };
     match outcome {
