@@ -19,11 +19,7 @@ use meshd::statedir::{DEFAULT_STATE_DIR, StateDir};
 use serde::Serialize;
 
 #[derive(Parser)]
-#[command(
-    name = "meshctl",
-    version,
-    about = "Manage a meshd network: services, devices, nodes"
-)]
+#[command(name = "meshctl", version, about = "Manage a meshd network: services, devices, nodes")]
 struct Cli {
     #[command(flatten)]
     global: Global,
@@ -88,23 +84,36 @@ enum DeviceCommand {
         /// Services the device may reach.
         #[arg(long, value_delimiter = ',', required = true)]
         allow: Vec<Label>,
-        /// Print the config as a QR code in the terminal.
-        #[arg(long)]
-        qr: bool,
-        /// Write the config as a PNG QR code (0600).
-        #[arg(long, value_name = "FILE")]
-        qr_png: Option<PathBuf>,
-        /// Write the config as an SVG QR code (0600).
-        #[arg(long, value_name = "FILE")]
-        qr_svg: Option<PathBuf>,
-        /// Write the wg-quick config (0600).
-        #[arg(long, value_name = "FILE")]
-        conf: Option<PathBuf>,
+        #[command(flatten)]
+        out: HandOut,
+    },
+    /// Give a device new keys and hand out its new config; the old config stops working at once.
+    Rotate {
+        name: Label,
+        #[command(flatten)]
+        out: HandOut,
     },
     /// List devices with their last handshake.
     List,
     /// Remove a device: it can reach nothing from then on.
     Remove { name: Label },
+}
+
+/// How a device's config is handed out; with none of these, it is printed.
+#[derive(Args)]
+struct HandOut {
+    /// Print the config as a QR code in the terminal.
+    #[arg(long)]
+    qr: bool,
+    /// Write the config as a PNG QR code (0600).
+    #[arg(long, value_name = "FILE")]
+    qr_png: Option<PathBuf>,
+    /// Write the config as an SVG QR code (0600).
+    #[arg(long, value_name = "FILE")]
+    qr_svg: Option<PathBuf>,
+    /// Write the wg-quick config (0600).
+    #[arg(long, value_name = "FILE")]
+    conf: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -147,28 +156,14 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             Reply::Services(services) => print(g, &services, || print_services(&services)),
             other => unexpected(other),
         },
-        Command::Service(ServiceCommand::Add {
-            name,
-            node,
-            target,
-            port,
-        }) => match send(
-            g,
-            Request::ServiceAdd {
-                name,
-                node,
-                target,
-                port,
-            },
-        )? {
-            Reply::Service(s) => print(g, &s, || {
-                println!(
-                    "service {} on {}: {} ({}) -> {}",
-                    s.name, s.node, s.mesh_address, s.dns_name, s.target
-                )
-            }),
-            other => unexpected(other),
-        },
+        Command::Service(ServiceCommand::Add { name, node, target, port }) => {
+            match send(g, Request::ServiceAdd { name, node, target, port })? {
+                Reply::Service(s) => print(g, &s, || {
+                    println!("service {} on {}: {} ({}) -> {}", s.name, s.node, s.mesh_address, s.dns_name, s.target)
+                }),
+                other => unexpected(other),
+            }
+        }
         Command::Service(ServiceCommand::Remove { name }) => {
             removed(g, Request::ServiceRemove { name: name.clone() }, "service", &name)
         }
@@ -179,67 +174,58 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Device(DeviceCommand::Remove { name }) => {
             removed(g, Request::DeviceRemove { name: name.clone() }, "device", &name)
         }
-        Command::Device(DeviceCommand::Add {
-            name,
-            allow,
-            qr,
-            qr_png,
-            qr_svg,
-            conf,
-        }) => {
-            let outputs = Outputs::prepare([(conf, Format::Conf), (qr_png, Format::Png), (qr_svg, Format::Svg)])?;
-            // The key pair is made here; only the public key goes to the controller.
-            let key = PrivateKey::generate();
-            let reply = send(
-                g,
-                Request::DeviceAdd {
-                    name,
-                    allow,
-                    public_key: key.public_key(),
-                },
-            );
-            let handout = match reply {
-                Ok(Reply::DeviceAdded(h)) => h,
-                Ok(other) => return unexpected(other),
-                Err(e) => {
-                    outputs.discard();
-                    return Err(e);
-                }
-            };
-            let config = device_config(&key, &handout);
-            if let Err(e) = config.validate() {
-                // Never hand out a config that would not read back as itself; undo the registration.
-                outputs.discard();
-                let _ = send(
-                    g,
-                    Request::DeviceRemove {
-                        name: handout.device.name.clone(),
-                    },
-                );
-                bail!("refusing to hand out the device config: {e}");
-            }
-            let text = config.to_wg_quick();
-            let printed_elsewhere = qr || !outputs.is_empty();
-            outputs.write(&text)?;
-            if qr {
-                print!("{}", render::qr_terminal(&text)?);
-            }
-            let d = &handout.device;
-            if g.json {
-                println!("{}", serde_json::to_string_pretty(d)?);
-            } else if !printed_elsewhere {
-                print!("{text}");
-            }
-            eprintln!(
-                "device {} added: {}, {}; may reach {}",
-                d.name,
-                d.address,
-                d.address_v6,
-                join(&d.allow)
-            );
-            Ok(())
+        Command::Device(DeviceCommand::Add { name, allow, out }) => {
+            let undo = Request::DeviceRemove { name: name.clone() };
+            hand_out(g, out, |public_key| Request::DeviceAdd { name, allow, public_key }, Some(undo))
+        }
+        Command::Device(DeviceCommand::Rotate { name, out }) => {
+            hand_out(g, out, |public_key| Request::DeviceRotate { name, public_key }, None)
         }
     }
+}
+
+/// Make a key pair, send its public half with `request`, and hand out the device's config as `out`
+/// asks. `undo` is sent if the config cannot be handed out.
+fn hand_out(
+    g: &Global,
+    out: HandOut,
+    request: impl FnOnce(String) -> Request,
+    undo: Option<Request>,
+) -> anyhow::Result<()> {
+    let outputs = Outputs::prepare([(out.conf, Format::Conf), (out.qr_png, Format::Png), (out.qr_svg, Format::Svg)])?;
+    // The key pair is made here; only the public key goes to the controller.
+    let key = PrivateKey::generate();
+    let handout = match send(g, request(key.public_key())) {
+        Ok(Reply::DeviceHandout(h)) => h,
+        Ok(other) => return unexpected(other),
+        Err(e) => {
+            outputs.discard();
+            return Err(e);
+        }
+    };
+    let config = device_config(&key, &handout);
+    if let Err(e) = config.validate() {
+        // Never hand out a config that would not read back as itself.
+        outputs.discard();
+        if let Some(undo) = undo {
+            let _ = send(g, undo);
+        }
+        bail!("refusing to hand out the device config: {e}");
+    }
+    let text = config.to_wg_quick();
+    let printed_elsewhere = out.qr || !outputs.is_empty();
+    outputs.write(&text)?;
+    if out.qr {
+        print!("{}", render::qr_terminal(&text)?);
+    }
+    let d = &handout.device;
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(d)?);
+    } else if !printed_elsewhere {
+        print!("{text}");
+    }
+    eprintln!("device {}: {}, {}; may reach {}", d.name, d.address, d.address_v6, join(&d.allow));
+    Ok(())
 }
 
 fn device_config(key: &PrivateKey, h: &DeviceHandout) -> DeviceConfig {
@@ -270,10 +256,9 @@ fn send(g: &Global, request: Request) -> anyhow::Result<Reply> {
             // The shared lock is free only when no daemon runs (a socket file left by a killed
             // daemon is then ignored).
             match state.lock_offline()? {
-                Some(_lock) => controller
-                    .handle(request)
-                    .map(Outcome::Ok)
-                    .unwrap_or_else(|e| Outcome::Error(e.to_string())),
+                Some(_lock) => {
+                    controller.handle(request).map(Outcome::Ok).unwrap_or_else(|e| Outcome::Error(e.to_string()))
+                }
                 None => call_daemon(&state.socket(), &request)?,
             }
         }
@@ -325,23 +310,13 @@ fn print<T: Serialize>(g: &Global, value: &T, human: impl FnOnce()) -> anyhow::R
 }
 
 fn join(labels: &[Label]) -> String {
-    if labels.is_empty() {
-        "-".into()
-    } else {
-        labels.iter().map(Label::as_str).collect::<Vec<_>>().join(",")
-    }
+    if labels.is_empty() { "-".into() } else { labels.iter().map(Label::as_str).collect::<Vec<_>>().join(",") }
 }
 
 fn print_nodes(nodes: &[NodeView]) {
-    println!(
-        "{:<20} {:<6} {:<16} {:<28} ENDPOINT",
-        "NODE", "ROLE", "ADDRESS", "ADDRESS6"
-    );
+    println!("{:<20} {:<6} {:<16} {:<28} ENDPOINT", "NODE", "ROLE", "ADDRESS", "ADDRESS6");
     for n in nodes {
-        let role = serde_json::to_value(n.role)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
+        let role = serde_json::to_value(n.role).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
         println!(
             "{:<20} {:<6} {:<16} {:<28} {}",
             n.name,
@@ -354,35 +329,17 @@ fn print_nodes(nodes: &[NodeView]) {
 }
 
 fn print_devices(devices: &[DeviceView]) {
-    println!(
-        "{:<20} {:<16} {:<28} {:<24} LAST HANDSHAKE",
-        "DEVICE", "ADDRESS", "ADDRESS6", "ALLOW"
-    );
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    println!("{:<20} {:<16} {:<28} {:<24} LAST HANDSHAKE", "DEVICE", "ADDRESS", "ADDRESS6", "ALLOW");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     for d in devices {
-        let seen = d
-            .last_handshake
-            .map(|t| format!("{}s ago", now.saturating_sub(t)))
-            .unwrap_or_else(|| "never".into());
-        println!(
-            "{:<20} {:<16} {:<28} {:<24} {}",
-            d.name,
-            d.address,
-            d.address_v6,
-            join(&d.allow),
-            seen
-        );
+        let seen =
+            d.last_handshake.map(|t| format!("{}s ago", now.saturating_sub(t))).unwrap_or_else(|| "never".into());
+        println!("{:<20} {:<16} {:<28} {:<24} {}", d.name, d.address, d.address_v6, join(&d.allow), seen);
     }
 }
 
 fn print_services(services: &[ServiceView]) {
-    println!(
-        "{:<20} {:<12} {:<22} {:<32} {:<24} DEVICES",
-        "SERVICE", "NODE", "MESH ADDRESS", "DNS NAME", "TARGET"
-    );
+    println!("{:<20} {:<12} {:<22} {:<32} {:<24} DEVICES", "SERVICE", "NODE", "MESH ADDRESS", "DNS NAME", "TARGET");
     for s in services {
         println!(
             "{:<20} {:<12} {:<22} {:<32} {:<24} {}",
@@ -412,9 +369,7 @@ impl Outputs {
         let mut outputs = Outputs(Vec::new());
         for (path, format) in wanted {
             let Some(path) = path else { continue };
-            let name = path
-                .file_name()
-                .with_context(|| format!("{} is not a file path", path.display()))?;
+            let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
             let tmp = path.with_file_name(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
             if let Err(e) = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp) {
                 outputs.discard();

@@ -36,10 +36,7 @@ pub enum AdminError {
 /// Bind the socket at `path` with mode 0600 (any stale socket file is replaced: the caller holds the
 /// state directory's daemon lock).
 pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
-    let err = |source| AdminError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let err = |source| AdminError::Io { path: path.to_path_buf(), source };
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -91,8 +88,7 @@ async fn serve_one(stream: UnixStream, calls: mpsc::Sender<Call>) {
                 if calls.send((request, tx)).await.is_err() {
                     Outcome::Error("meshd is shutting down".into())
                 } else {
-                    rx.await
-                        .unwrap_or_else(|_| Outcome::Error("meshd is shutting down".into()))
+                    rx.await.unwrap_or_else(|_| Outcome::Error("meshd is shutting down".into()))
                 }
             }
         },
@@ -107,10 +103,7 @@ async fn serve_one(stream: UnixStream, calls: mpsc::Sender<Call>) {
 
 /// Send `request` to the daemon at `path` and wait for its outcome (blocking; for `meshctl`).
 pub fn call(path: &Path, request: &Request) -> Result<Outcome, AdminError> {
-    let err = |source| AdminError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let err = |source| AdminError::Io { path: path.to_path_buf(), source };
     let mut stream = StdUnixStream::connect(path).map_err(err)?;
     stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(err)?;
     let mut line = serde_json::to_vec(request).map_err(|e| err(e.into()))?;

@@ -35,6 +35,12 @@ pub enum Request {
     DeviceRemove {
         name: Label,
     },
+    /// Replace a device's keys (made by `meshctl`, public half only here) and preshared key; the old
+    /// key stops working at once, the device keeps its addresses and grants.
+    DeviceRotate {
+        name: Label,
+        public_key: String,
+    },
 }
 
 impl Request {
@@ -46,6 +52,7 @@ impl Request {
                 | Request::ServiceRemove { .. }
                 | Request::DeviceAdd { .. }
                 | Request::DeviceRemove { .. }
+                | Request::DeviceRotate { .. }
         )
     }
 }
@@ -59,7 +66,8 @@ pub enum Reply {
     Services(Vec<ServiceView>),
     Service(ServiceView),
     Devices(Vec<DeviceView>),
-    DeviceAdded(Box<DeviceHandout>),
+    /// A device's config to hand out, after `DeviceAdd` or `DeviceRotate`.
+    DeviceHandout(Box<DeviceHandout>),
     Removed,
 }
 

@@ -84,9 +84,7 @@ impl Controller {
 
     /// Open the network stored at `db`.
     pub fn open(db: &Path) -> Result<Controller, ControlError> {
-        Ok(Controller {
-            store: Store::open(db)?,
-        })
+        Ok(Controller { store: Store::open(db)? })
     }
 
     /// The network as stored now.
@@ -123,26 +121,33 @@ impl Controller {
                 let s = self.snapshot()?;
                 Ok(Reply::Devices(s.devices.iter().map(|d| s.device_view(d)).collect()))
             }
-            Request::ServiceAdd {
-                name,
-                node,
-                target,
-                port,
-            } => self.add_service(name, node, target, port),
+            Request::ServiceAdd { name, node, target, port } => self.add_service(name, node, target, port),
             Request::ServiceRemove { name } => self.store.write(|w| match w.delete_service(&name)? {
                 true => Ok(Reply::Removed),
                 false => Err(ControlError::UnknownService(name)),
             }),
-            Request::DeviceAdd {
-                name,
-                allow,
-                public_key,
-            } => self.add_device(name, allow, &public_key),
+            Request::DeviceAdd { name, allow, public_key } => self.add_device(name, allow, &public_key),
             Request::DeviceRemove { name } => self.store.write(|w| match w.delete_device(&name)? {
                 true => Ok(Reply::Removed),
                 false => Err(ControlError::UnknownDevice(name)),
             }),
+            Request::DeviceRotate { name, public_key } => self.rotate_device(name, &public_key),
         }
+    }
+
+    fn rotate_device(&mut self, name: Label, public_key: &str) -> Result<Reply, ControlError> {
+        let public_key = keys::parse_public_key(public_key)?;
+        self.store.write(|w| {
+            let s = w.snapshot()?;
+            let mut device =
+                s.devices.iter().find(|d| d.name == name).cloned().ok_or(ControlError::UnknownDevice(name))?;
+            ensure_key_free(&s, &public_key)?;
+            let hub = s.hub().ok_or(ControlError::NoHub)?;
+            device.public_key = public_key;
+            device.preshared_key = keys::generate_preshared_key();
+            w.update_device_keys(&device)?;
+            Ok(Reply::DeviceHandout(Box::new(handout(&s, hub, &device))))
+        })
     }
 
     fn add_service(
@@ -159,13 +164,7 @@ impl Controller {
                 return Err(ControlError::UnknownNode(node));
             }
             let index = allocate(w, &s.network)?;
-            let service = Service {
-                name,
-                node,
-                port: port.unwrap_or(target.port()),
-                target,
-                index,
-            };
+            let service = Service { name, node, port: port.unwrap_or(target.port()), target, index };
             w.insert_service(&service)?;
             let s = w.snapshot()?;
             Ok(Reply::Service(s.service_view(&service)))
@@ -185,25 +184,12 @@ impl Controller {
             if let Some(unknown) = allow.iter().find(|a| !s.services.iter().any(|svc| &svc.name == *a)) {
                 return Err(ControlError::UnknownService(unknown.clone()));
             }
-            let holder = s
-                .nodes
-                .iter()
-                .map(|n| (&n.name, &n.public_key))
-                .chain(s.devices.iter().map(|d| (&d.name, &d.public_key)));
-            if let Some((owner, _)) = holder.into_iter().find(|(_, k)| **k == public_key) {
-                return Err(ControlError::KeyTaken(owner.clone()));
-            }
+            ensure_key_free(&s, &public_key)?;
             let hub = s.hub().ok_or(ControlError::NoHub)?;
             let index = allocate(w, &s.network)?;
-            let device = Device {
-                name,
-                public_key,
-                preshared_key: keys::generate_preshared_key(),
-                index,
-                allow,
-            };
+            let device = Device { name, public_key, preshared_key: keys::generate_preshared_key(), index, allow };
             w.insert_device(&device)?;
-            Ok(Reply::DeviceAdded(Box::new(handout(&s, hub, &device))))
+            Ok(Reply::DeviceHandout(Box::new(handout(&s, hub, &device))))
         })
     }
 }
@@ -230,6 +216,16 @@ fn handout(s: &Snapshot, hub: &Node, device: &Device) -> DeviceHandout {
     }
 }
 
+/// A key may belong to one node or device only.
+fn ensure_key_free(s: &Snapshot, public_key: &str) -> Result<(), ControlError> {
+    let holders =
+        s.nodes.iter().map(|n| (&n.name, &n.public_key)).chain(s.devices.iter().map(|d| (&d.name, &d.public_key)));
+    match holders.into_iter().find(|(_, k)| *k == public_key) {
+        Some((owner, _)) => Err(ControlError::KeyTaken(owner.clone())),
+        None => Ok(()),
+    }
+}
+
 fn ensure_name_free(s: &Snapshot, name: &Label) -> Result<(), ControlError> {
     let kind = if s.nodes.iter().any(|n| &n.name == name) {
         "node"
@@ -240,19 +236,14 @@ fn ensure_name_free(s: &Snapshot, name: &Label) -> Result<(), ControlError> {
     } else {
         return Ok(());
     };
-    Err(ControlError::NameTaken {
-        kind,
-        name: name.clone(),
-    })
+    Err(ControlError::NameTaken { kind, name: name.clone() })
 }
 
 /// Take the lowest free host index of the network, inside the caller's write transaction.
 fn allocate(w: &Writer<'_>, network: &Network) -> Result<u32, ControlError> {
     let pool = network.pool();
     let unavailable = w.unavailable_indexes(ADDRESS_COOLDOWN)?;
-    let index = pool
-        .first_free(&unavailable)
-        .ok_or(ControlError::PoolExhausted(network.cidr))?;
+    let index = pool.first_free(&unavailable).ok_or(ControlError::PoolExhausted(network.cidr))?;
     w.take_index(index)?;
     Ok(index)
 }
@@ -301,14 +292,10 @@ mod tests {
     fn hub_gets_the_first_address_and_devices_the_next() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = new_network(dir.path(), "10.77.0.0/16");
-        let Reply::Service(svc) = add_service(&mut c, "wallet").unwrap() else {
-            panic!()
-        };
+        let Reply::Service(svc) = add_service(&mut c, "wallet").unwrap() else { panic!() };
         assert_eq!(svc.mesh_address, "10.77.0.2:9737");
         assert_eq!(svc.dns_name, "wallet.home.internal");
-        let Reply::DeviceAdded(h) = add_device(&mut c, "phone", &["wallet"]).unwrap() else {
-            panic!()
-        };
+        let Reply::DeviceHandout(h) = add_device(&mut c, "phone", &["wallet"]).unwrap() else { panic!() };
         assert_eq!(h.device.address.to_string(), "10.77.0.3");
         assert_eq!(h.addresses[0].to_string(), "10.77.0.3/32");
         assert!(h.addresses[1].to_string().ends_with("::3/128"));
@@ -316,9 +303,7 @@ mod tests {
         assert_eq!(h.endpoint, "203.0.113.5:51820");
         assert_eq!(h.allowed_ips[0].to_string(), "10.77.0.0/16");
         assert_eq!(h.allowed_ips[1].prefix_len(), 64);
-        let Reply::Services(list) = c.handle(Request::ServiceList).unwrap() else {
-            panic!()
-        };
+        let Reply::Services(list) = c.handle(Request::ServiceList).unwrap() else { panic!() };
         assert_eq!(list[0].devices, vec![label("phone")]);
     }
 
@@ -328,28 +313,12 @@ mod tests {
         let mut c = new_network(dir.path(), "10.9.9.0/29");
         add_service(&mut c, "wallet").unwrap();
         let before = c.snapshot().unwrap();
+        assert!(matches!(add_service(&mut c, "wallet"), Err(ControlError::NameTaken { kind: "service", .. })));
+        assert!(matches!(add_service(&mut c, "hub"), Err(ControlError::NameTaken { kind: "node", .. })));
+        assert!(matches!(add_device(&mut c, "p", &["nope"]), Err(ControlError::UnknownService(_))));
+        assert!(matches!(add_device(&mut c, "p", &[]), Err(ControlError::NothingAllowed)));
         assert!(matches!(
-            add_service(&mut c, "wallet"),
-            Err(ControlError::NameTaken { kind: "service", .. })
-        ));
-        assert!(matches!(
-            add_service(&mut c, "hub"),
-            Err(ControlError::NameTaken { kind: "node", .. })
-        ));
-        assert!(matches!(
-            add_device(&mut c, "p", &["nope"]),
-            Err(ControlError::UnknownService(_))
-        ));
-        assert!(matches!(
-            add_device(&mut c, "p", &[]),
-            Err(ControlError::NothingAllowed)
-        ));
-        assert!(matches!(
-            c.handle(Request::DeviceAdd {
-                name: label("p"),
-                allow: vec![label("wallet")],
-                public_key: "junk".into()
-            }),
+            c.handle(Request::DeviceAdd { name: label("p"), allow: vec![label("wallet")], public_key: "junk".into() }),
             Err(ControlError::Key(_))
         ));
         assert!(matches!(
@@ -360,6 +329,33 @@ mod tests {
     }
 
     #[test]
+    fn rotation_replaces_keys_and_keeps_address_and_grants() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        add_service(&mut c, "wallet").unwrap();
+        let Reply::DeviceHandout(before) = add_device(&mut c, "phone", &["wallet"]).unwrap() else { panic!() };
+        let new_key = PrivateKey::generate().public_key();
+        let rotate = |c: &mut Controller, name: &str, key: &str| {
+            c.handle(Request::DeviceRotate { name: label(name), public_key: key.to_owned() })
+        };
+        let Reply::DeviceHandout(after) = rotate(&mut c, "phone", &new_key).unwrap() else { panic!() };
+        assert_eq!(after.device.public_key, new_key);
+        assert_ne!(after.preshared_key, before.preshared_key, "a new preshared key too");
+        assert_eq!(after.addresses, before.addresses);
+        assert_eq!(after.device.allow, before.device.allow);
+        let stored = c.snapshot().unwrap();
+        assert_eq!(stored.devices[0].public_key, new_key);
+
+        assert!(matches!(
+            rotate(&mut c, "ghost", &PrivateKey::generate().public_key()),
+            Err(ControlError::UnknownDevice(_))
+        ));
+        let hub_key = stored.hub().unwrap().public_key.clone();
+        assert!(matches!(rotate(&mut c, "phone", &hub_key), Err(ControlError::KeyTaken(_))));
+        assert_eq!(c.snapshot().unwrap(), stored, "refused rotations change nothing");
+    }
+
+    #[test]
     fn exhausts_the_pool_and_keeps_released_addresses_cooling_down() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = new_network(dir.path(), "10.9.9.0/29"); // 6 hosts: hub + service + 4 devices
@@ -367,16 +363,10 @@ mod tests {
         for i in 0..4 {
             add_device(&mut c, &format!("d{i}"), &["wallet"]).unwrap();
         }
-        assert!(matches!(
-            add_device(&mut c, "d4", &["wallet"]),
-            Err(ControlError::PoolExhausted(_))
-        ));
+        assert!(matches!(add_device(&mut c, "d4", &["wallet"]), Err(ControlError::PoolExhausted(_))));
         c.handle(Request::DeviceRemove { name: label("d0") }).unwrap();
         assert!(
-            matches!(
-                add_device(&mut c, "d4", &["wallet"]),
-                Err(ControlError::PoolExhausted(_))
-            ),
+            matches!(add_device(&mut c, "d4", &["wallet"]), Err(ControlError::PoolExhausted(_))),
             "a just-released address must not be handed out again"
         );
     }
@@ -393,7 +383,7 @@ mod tests {
                 std::thread::spawn(move || {
                     let mut c = Controller::open(&db).unwrap();
                     match add_device(&mut c, &format!("d{i}"), &["wallet"]).unwrap() {
-                        Reply::DeviceAdded(h) => h.device.address,
+                        Reply::DeviceHandout(h) => h.device.address,
                         other => panic!("{other:?}"),
                     }
                 })
@@ -410,21 +400,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("meshd.db");
         std::fs::write(&db, b"not a database at all, just bytes").unwrap();
-        assert!(matches!(
-            Controller::open(&db),
-            Err(ControlError::Store(StoreError::Foreign(_)))
-        ));
+        assert!(matches!(Controller::open(&db), Err(ControlError::Store(StoreError::Foreign(_)))));
         assert_eq!(std::fs::read(&db).unwrap(), b"not a database at all, just bytes");
         let other = dir.path().join("other.db");
-        rusqlite::Connection::open(&other)
-            .unwrap()
-            .execute_batch("CREATE TABLE t (x);")
-            .unwrap();
+        rusqlite::Connection::open(&other).unwrap().execute_batch("CREATE TABLE t (x);").unwrap();
         let before = std::fs::read(&other).unwrap();
-        assert!(matches!(
-            Controller::open(&other),
-            Err(ControlError::Store(StoreError::Foreign(_)))
-        ));
+        assert!(matches!(Controller::open(&other), Err(ControlError::Store(StoreError::Foreign(_)))));
         assert_eq!(std::fs::read(&other).unwrap(), before);
     }
 }

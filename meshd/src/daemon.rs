@@ -42,24 +42,17 @@ pub async fn run(state: &StateDir, backend: Backend) -> anyhow::Result<()> {
     let key = state.read_private_key()?;
     let snapshot = controller.snapshot()?;
     let me = key.public_key();
-    let name = snapshot
-        .nodes
-        .iter()
-        .find(|n| n.public_key == me)
-        .map(|n| n.name.to_string())
-        .ok_or_else(|| {
-            anyhow!(
-                "{}: the private key belongs to no node of network {}",
-                state.private_key().display(),
-                snapshot.network.name
-            )
-        })?;
+    let name = snapshot.nodes.iter().find(|n| n.public_key == me).map(|n| n.name.to_string()).ok_or_else(|| {
+        anyhow!(
+            "{}: the private key belongs to no node of network {}",
+            state.private_key().display(),
+            snapshot.network.name
+        )
+    })?;
     let plan = desired::plan_host(&snapshot, &name)?;
 
     // The access rules match the interface by name, so they are in place before it comes up.
-    firewall::load(&firewall::render(&plan))
-        .await
-        .context("installing access rules")?;
+    firewall::load(&firewall::render(&plan)).await.context("installing access rules")?;
     let created = {
         let plan = plan.clone();
         tokio::task::spawn_blocking(move || Interface::create(backend, &plan, &key)).await?
@@ -155,9 +148,7 @@ async fn reconcile(controller: &mut Controller, host: &mut Host) -> anyhow::Resu
         anyhow::Ok(())
     })
     .await??;
-    firewall::load(&firewall::render(&new))
-        .await
-        .context("updating access rules")?;
+    firewall::load(&firewall::render(&new)).await.context("updating access rules")?;
     host.forwarders.apply(&new.services)?;
     if let (Some(server), Some(plan)) = (&host.dns, &new.dns) {
         server.update(plan.records.clone()).await;
@@ -208,13 +199,7 @@ async fn with_handshakes(host: &Host, reply: Reply) -> Reply {
 }
 
 async fn shut_down(host: Host) {
-    let Host {
-        plan,
-        interface,
-        forwarders,
-        dns,
-        ..
-    } = host;
+    let Host { plan, interface, forwarders, dns, .. } = host;
     drop(forwarders);
     if let Some(dns) = dns {
         dns.shutdown().await;

@@ -67,11 +67,8 @@ pub enum PlanError {
 
 /// What `host` must look like for the network in `s`.
 pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
-    let node = s
-        .nodes
-        .iter()
-        .find(|n| n.name.as_str() == host)
-        .ok_or_else(|| PlanError::UnknownNode(host.to_owned()))?;
+    let node =
+        s.nodes.iter().find(|n| n.name.as_str() == host).ok_or_else(|| PlanError::UnknownNode(host.to_owned()))?;
     let pool = s.network.pool();
     let mesh_v4 = IpNet::V4(pool.v4());
     let mesh_v6 = IpNet::V6(pool.v6());
@@ -123,10 +120,7 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
     let dns = (node.role == Role::Hub).then(|| {
         let mut records = DnsRecords::new();
         let mut add = |name: &Label, index: u32| {
-            records.insert(
-                s.network.fqdn(name),
-                vec![IpAddr::V4(pool.v4_of(index)), IpAddr::V6(pool.v6_of(index))],
-            );
+            records.insert(s.network.fqdn(name), vec![IpAddr::V4(pool.v4_of(index)), IpAddr::V6(pool.v6_of(index))]);
         };
         s.nodes.iter().for_each(|n| add(&n.name, n.index));
         s.devices.iter().for_each(|d| add(&d.name, d.index));
@@ -171,21 +165,14 @@ impl PeerDiff {
 /// Peers to add or update and peers to remove to go from `old` to `new`.
 pub fn diff_peers(old: &BTreeMap<String, PeerPlan>, new: &BTreeMap<String, PeerPlan>) -> PeerDiff {
     PeerDiff {
-        upsert: new
-            .iter()
-            .filter(|(k, p)| old.get(*k) != Some(*p))
-            .map(|(k, p)| (k.clone(), p.clone()))
-            .collect(),
+        upsert: new.iter().filter(|(k, p)| old.get(*k) != Some(*p)).map(|(k, p)| (k.clone(), p.clone())).collect(),
         remove: old.keys().filter(|k| !new.contains_key(*k)).cloned().collect(),
     }
 }
 
 /// Addresses to add and to remove to go from `old` to `new`.
 pub fn diff_addresses(old: &BTreeSet<IpNet>, new: &BTreeSet<IpNet>) -> (Vec<IpNet>, Vec<IpNet>) {
-    (
-        new.difference(old).copied().collect(),
-        old.difference(new).copied().collect(),
-    )
+    (new.difference(old).copied().collect(), old.difference(new).copied().collect())
 }
 
 #[cfg(test)]
@@ -255,23 +242,13 @@ mod tests {
         let phone = &plan.peers["PHONE"];
         assert_eq!(
             phone.allowed_ips,
-            vec![
-                "10.77.0.4/32".parse().unwrap(),
-                "fd00:1:2::4/128".parse::<IpNet>().unwrap()
-            ]
+            vec!["10.77.0.4/32".parse().unwrap(), "fd00:1:2::4/128".parse::<IpNet>().unwrap()]
         );
         assert_eq!(phone.preshared_key.as_deref(), Some("PSK1"));
         let addrs: Vec<String> = plan.addresses.iter().map(ToString::to_string).collect();
         assert_eq!(
             addrs,
-            [
-                "10.77.0.1/16",
-                "10.77.0.2/32",
-                "10.77.0.3/32",
-                "fd00:1:2::1/64",
-                "fd00:1:2::2/128",
-                "fd00:1:2::3/128"
-            ]
+            ["10.77.0.1/16", "10.77.0.2/32", "10.77.0.3/32", "fd00:1:2::1/64", "fd00:1:2::2/128", "fd00:1:2::3/128"]
         );
     }
 
@@ -279,10 +256,7 @@ mod tests {
     fn each_service_admits_only_its_devices() {
         let plan = plan_host(&snapshot(), "hub").unwrap();
         let wallet = plan.services.iter().find(|v| v.name.as_str() == "wallet").unwrap();
-        assert_eq!(
-            wallet.allowed,
-            BTreeSet::from(["10.77.0.4".parse().unwrap(), "fd00:1:2::4".parse().unwrap()])
-        );
+        assert_eq!(wallet.allowed, BTreeSet::from(["10.77.0.4".parse().unwrap(), "fd00:1:2::4".parse().unwrap()]));
         assert_eq!(wallet.listen[0].to_string(), "10.77.0.2:9737");
         let explorer = plan.services.iter().find(|v| v.name.as_str() == "explorer").unwrap();
         assert_eq!(explorer.listen[1].to_string(), "[fd00:1:2::3]:80");
@@ -325,26 +299,17 @@ mod tests {
         let after = plan_host(&changed, "hub").unwrap();
         let diff = diff_peers(&before.peers, &after.peers);
         assert_eq!(diff.remove, vec!["LAPTOP".to_string()]);
-        assert_eq!(
-            diff.upsert.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
-            ["TABLET"]
-        );
+        assert_eq!(diff.upsert.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["TABLET"]);
         assert!(diff_peers(&after.peers, &after.peers).is_empty());
 
         changed.services.retain(|v| v.name.as_str() != "explorer");
         let (add, remove) = diff_addresses(&before.addresses, &plan_host(&changed, "hub").unwrap().addresses);
         assert!(add.is_empty());
-        assert_eq!(
-            remove.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            ["10.77.0.3/32", "fd00:1:2::3/128"]
-        );
+        assert_eq!(remove.iter().map(ToString::to_string).collect::<Vec<_>>(), ["10.77.0.3/32", "fd00:1:2::3/128"]);
     }
 
     #[test]
     fn unknown_host_is_an_error() {
-        assert_eq!(
-            plan_host(&snapshot(), "ghost"),
-            Err(PlanError::UnknownNode("ghost".into()))
-        );
+        assert_eq!(plan_host(&snapshot(), "ghost"), Err(PlanError::UnknownNode("ghost".into())));
     }
 }

@@ -70,11 +70,7 @@ pub enum DnsError {
     NoListenAddress,
     /// A UDP or TCP socket could not be created or bound.
     #[error("cannot bind mesh DNS {transport} socket on {addr}: {source}")]
-    Bind {
-        transport: &'static str,
-        addr: SocketAddr,
-        source: io::Error,
-    },
+    Bind { transport: &'static str, addr: SocketAddr, source: io::Error },
     /// The forwarder for non-mesh names could not be built.
     #[error("cannot set up forwarding to {upstreams:?}: {reason}")]
     Forwarder { upstreams: Vec<SocketAddr>, reason: String },
@@ -122,11 +118,7 @@ impl MeshDns {
         let mut sockets = Vec::with_capacity(listen.len());
         for &addr in listen {
             let udp = bind_udp(addr)?;
-            let bound = udp.local_addr().map_err(|source| DnsError::Bind {
-                transport: "UDP",
-                addr,
-                source,
-            })?;
+            let bound = udp.local_addr().map_err(|source| DnsError::Bind { transport: "UDP", addr, source })?;
             // TCP takes the port UDP got, so a requested port 0 yields one port for both. On
             // Linux SO_REUSEADDR lets a second UDP socket share a port, but not a second TCP
             // listener, so this bind also stops two servers from silently splitting a port.
@@ -149,13 +141,7 @@ impl MeshDns {
             "mesh DNS started"
         );
 
-        Ok(MeshDns {
-            server,
-            zone,
-            origin,
-            serial: Mutex::new(serial),
-            local_addrs,
-        })
+        Ok(MeshDns { server, zone, origin, serial: Mutex::new(serial), local_addrs })
     }
 
     /// Addresses actually bound (UDP and TCP share each one), with real ports when 0 was asked.
@@ -232,10 +218,7 @@ pub fn upstreams_from_resolv_conf(path: &Path, exclude: &[IpAddr]) -> Vec<Socket
 /// Parses the mesh domain into a fully-qualified lowercase name; the root is refused because
 /// the mesh zone would then shadow every name on the internet.
 fn parse_domain(domain: &str) -> Result<Name, DnsError> {
-    let invalid = |reason: String| DnsError::InvalidDomain {
-        domain: domain.to_owned(),
-        reason,
-    };
+    let invalid = |reason: String| DnsError::InvalidDomain { domain: domain.to_owned(), reason };
     let mut name = Name::from_ascii(domain).map_err(|error| invalid(error.to_string()))?;
     name.set_fqdn(true);
     if name.is_root() {
@@ -256,15 +239,7 @@ fn zone_records(origin: &Name, records: &DnsRecords, serial: u32) -> BTreeMap<Rr
     // The apex names itself as the name server: the zone only exists on this hub.
     let hostmaster = Name::from_labels([&b"hostmaster"[..]]).and_then(|label| label.append_domain(origin));
     let rname = hostmaster.unwrap_or_else(|_| origin.clone());
-    let soa = SOA::new(
-        origin.clone(),
-        rname,
-        serial,
-        SOA_REFRESH,
-        SOA_RETRY,
-        SOA_EXPIRE,
-        ZONE_TTL,
-    );
+    let soa = SOA::new(origin.clone(), rname, serial, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, ZONE_TTL);
     add(origin, RecordType::SOA, ZONE_TTL, RData::SOA(soa));
     add(origin, RecordType::NS, ZONE_TTL, RData::NS(NS(origin.clone())));
 
@@ -306,16 +281,10 @@ fn forwarder(upstreams: &[SocketAddr]) -> Result<ForwardZoneHandler, DnsError> {
             NameServerConfig::new(upstream.ip(), true, vec![udp, tcp])
         })
         .collect();
-    let config = ForwardConfig {
-        name_servers,
-        options: None,
-    };
+    let config = ForwardConfig { name_servers, options: None };
     ForwardZoneHandler::builder_tokio(config)
         .build()
-        .map_err(|reason| DnsError::Forwarder {
-            upstreams: upstreams.to_vec(),
-            reason,
-        })
+        .map_err(|reason| DnsError::Forwarder { upstreams: upstreams.to_vec(), reason })
 }
 
 /// A socket that may bind an address not (yet) configured: right after the hub adds its mesh
@@ -338,11 +307,7 @@ fn freebind_socket(addr: SocketAddr, ty: Type, protocol: Protocol) -> io::Result
 fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, DnsError> {
     freebind_socket(addr, Type::DGRAM, Protocol::UDP)
         .and_then(|socket| UdpSocket::from_std(socket.into()))
-        .map_err(|source| DnsError::Bind {
-            transport: "UDP",
-            addr,
-            source,
-        })
+        .map_err(|source| DnsError::Bind { transport: "UDP", addr, source })
 }
 
 fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, DnsError> {
@@ -351,11 +316,7 @@ fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, DnsError> {
             socket.listen(TCP_BACKLOG)?;
             TcpListener::from_std(socket.into())
         })
-        .map_err(|source| DnsError::Bind {
-            transport: "TCP",
-            addr,
-            source,
-        })
+        .map_err(|source| DnsError::Bind { transport: "TCP", addr, source })
 }
 
 #[cfg(test)]
@@ -443,18 +404,13 @@ mod tests {
     }
 
     fn has_soa_authority(response: &DnsResponse) -> bool {
-        response
-            .authorities
-            .iter()
-            .any(|record| record.record_type() == RecordType::SOA)
+        response.authorities.iter().any(|record| record.record_type() == RecordType::SOA)
     }
 
     #[tokio::test]
     async fn answers_mesh_names_authoritatively() {
         let listen = ["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()];
-        let dns = MeshDns::start(&listen, DOMAIN, mesh_records(), Vec::new())
-            .await
-            .expect("start mesh DNS");
+        let dns = MeshDns::start(&listen, DOMAIN, mesh_records(), Vec::new()).await.expect("start mesh DNS");
         let [v4_addr, v6_addr] = dns.local_addrs() else {
             panic!("expected two bound addresses, got {:?}", dns.local_addrs());
         };
@@ -506,9 +462,7 @@ mod tests {
     #[tokio::test]
     async fn update_adds_and_removes_names() {
         let listen = ["127.0.0.1:0".parse().unwrap()];
-        let dns = MeshDns::start(&listen, DOMAIN, mesh_records(), Vec::new())
-            .await
-            .expect("start mesh DNS");
+        let dns = MeshDns::start(&listen, DOMAIN, mesh_records(), Vec::new()).await.expect("start mesh DNS");
         let addr = dns.local_addrs()[0];
         let serial_before = soa_serial(addr).await;
 
@@ -541,14 +495,10 @@ mod tests {
             .await
             .expect("start upstream DNS");
 
-        let dns = MeshDns::start(
-            &["127.0.0.1:0".parse().unwrap()],
-            DOMAIN,
-            mesh_records(),
-            upstream.local_addrs().to_vec(),
-        )
-        .await
-        .expect("start mesh DNS");
+        let dns =
+            MeshDns::start(&["127.0.0.1:0".parse().unwrap()], DOMAIN, mesh_records(), upstream.local_addrs().to_vec())
+                .await
+                .expect("start mesh DNS");
         let addr = dns.local_addrs()[0];
 
         let outside = query_udp(addr, "outside.test.", RecordType::A).await;
@@ -630,11 +580,8 @@ mod tests {
             ("web.elsewhere.org".to_owned(), vec![v4(10, 77, 0, 11)]),
         ]);
         let zone = zone_records(&origin, &records, 7);
-        let names: Vec<String> = zone
-            .keys()
-            .filter(|key| key.record_type == RecordType::A)
-            .map(|key| key.name().to_string())
-            .collect();
+        let names: Vec<String> =
+            zone.keys().filter(|key| key.record_type == RecordType::A).map(|key| key.name().to_string()).collect();
         assert_eq!(names, vec!["web.home.internal.".to_owned()]);
     }
 
@@ -657,13 +604,7 @@ mod tests {
         .expect("write temp file");
 
         let upstreams = upstreams_from_resolv_conf(file.path(), &[v4(10, 77, 0, 1)]);
-        assert_eq!(
-            upstreams,
-            vec![
-                SocketAddr::new(v4(192, 168, 1, 1), 53),
-                SocketAddr::new(v6("2001:db8::53"), 53),
-            ]
-        );
+        assert_eq!(upstreams, vec![SocketAddr::new(v4(192, 168, 1, 1), 53), SocketAddr::new(v6("2001:db8::53"), 53),]);
     }
 
     #[test]

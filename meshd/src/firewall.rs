@@ -26,10 +26,7 @@ pub enum FirewallError {
 
 /// The nftables table that belongs to interface `interface`.
 pub fn table_name(interface: &str) -> String {
-    let safe: String = interface
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
+    let safe: String = interface.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     format!("meshd_{safe}")
 }
 
@@ -52,10 +49,7 @@ pub fn render(plan: &HostPlan) -> String {
 
     let mut out = String::new();
     // Creating then deleting makes the script work whether or not the table exists yet.
-    let _ = writeln!(
-        out,
-        "table inet {table}\ndelete table inet {table}\ntable inet {table} {{"
-    );
+    let _ = writeln!(out, "table inet {table}\ndelete table inet {table}\ntable inet {table} {{");
     for (set, ty, elements) in [
         ("grants_v4", "ipv4_addr . ipv4_addr . inet_service", &grants_v4),
         ("grants_v6", "ipv6_addr . ipv6_addr . inet_service", &grants_v6),
@@ -67,10 +61,7 @@ pub fn render(plan: &HostPlan) -> String {
         let _ = writeln!(out, "  }}");
     }
     let iface = &plan.interface;
-    let _ = writeln!(
-        out,
-        "  chain input {{\n    type filter hook input priority filter; policy accept;"
-    );
+    let _ = writeln!(out, "  chain input {{\n    type filter hook input priority filter; policy accept;");
     let _ = writeln!(out, "    iifname != \"{iface}\" accept");
     let _ = writeln!(out, "    ct state established,related accept");
     if let Some(dns) = &plan.dns {
@@ -92,10 +83,7 @@ pub fn render(plan: &HostPlan) -> String {
     let _ = writeln!(out, "    ip saddr . ip daddr . tcp dport @grants_v4 accept");
     let _ = writeln!(out, "    ip6 saddr . ip6 daddr . tcp dport @grants_v6 accept");
     let _ = writeln!(out, "    counter drop\n  }}");
-    let _ = writeln!(
-        out,
-        "  chain forward {{\n    type filter hook forward priority filter; policy accept;"
-    );
+    let _ = writeln!(out, "  chain forward {{\n    type filter hook forward priority filter; policy accept;");
     let _ = writeln!(out, "    iifname \"{iface}\" counter drop\n  }}\n}}");
     out
 }
@@ -117,9 +105,7 @@ pub async fn load(script: &str) -> Result<(), FirewallError> {
         Ok(())
     } else {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        Err(FirewallError::Rejected(
-            stderr.lines().next().unwrap_or("unknown error").to_owned(),
-        ))
+        Err(FirewallError::Rejected(stderr.lines().next().unwrap_or("unknown error").to_owned()))
     }
 }
 
@@ -169,10 +155,7 @@ mod tests {
         assert!(rules.contains("ip6 saddr fd00::/64 ip6 daddr fd00::1 meta l4proto { tcp, udp } th dport 53 accept"));
         assert!(rules.contains("iifname \"wg-home.1\" counter drop"));
         let drop_at = rules.find("counter drop\n  }").unwrap();
-        assert!(
-            rules.find("@grants_v4 accept").unwrap() < drop_at,
-            "grants must come before the final drop"
-        );
+        assert!(rules.find("@grants_v4 accept").unwrap() < drop_at, "grants must come before the final drop");
     }
 
     #[test]
@@ -193,11 +176,7 @@ mod tests {
             .spawn()
             .and_then(|mut child| {
                 use std::io::Write;
-                child
-                    .stdin
-                    .take()
-                    .expect("piped")
-                    .write_all(render(&plan(&["10.77.0.4", "fd00::4"])).as_bytes())?;
+                child.stdin.take().expect("piped").write_all(render(&plan(&["10.77.0.4", "fd00::4"])).as_bytes())?;
                 child.wait_with_output()
             })
         else {

@@ -84,25 +84,11 @@ fn start(plan: &ServicePlan, allowed: Allowed) -> Result<Running, ForwardError> 
     let (tx, rx) = watch::channel(allowed);
     let mut listeners = Vec::new();
     for &addr in &plan.listen {
-        let listener = bind(addr).map_err(|source| ForwardError {
-            service: plan.name.clone(),
-            addr,
-            source,
-        })?;
+        let listener = bind(addr).map_err(|source| ForwardError { service: plan.name.clone(), addr, source })?;
         info!(service = %plan.name, %addr, target = %plan.target, "forwarding");
-        listeners.push(tokio::spawn(accept_loop(
-            plan.name.clone(),
-            listener,
-            plan.target.clone(),
-            rx.clone(),
-        )));
+        listeners.push(tokio::spawn(accept_loop(plan.name.clone(), listener, plan.target.clone(), rx.clone())));
     }
-    Ok(Running {
-        listen: plan.listen.clone(),
-        target: plan.target.clone(),
-        allowed: tx,
-        listeners,
-    })
+    Ok(Running { listen: plan.listen.clone(), target: plan.target.clone(), allowed: tx, listeners })
 }
 
 /// Bind with IP_FREEBIND so a listener can start while its address is still being added.
@@ -136,13 +122,7 @@ async fn accept_loop(service: Label, listener: TcpListener, target: HostPort, al
             info!(%service, peer = %peer.ip(), "refused: not granted");
             continue;
         }
-        tokio::spawn(relay(
-            service.clone(),
-            inbound,
-            peer.ip(),
-            target.clone(),
-            allowed.clone(),
-        ));
+        tokio::spawn(relay(service.clone(), inbound, peer.ip(), target.clone(), allowed.clone()));
     }
 }
 
@@ -204,11 +184,7 @@ mod tests {
     }
 
     fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
     }
 
     fn plan(listen: SocketAddr, target: SocketAddr, allowed: &[&str]) -> ServicePlan {
@@ -250,10 +226,7 @@ mod tests {
             .expect("cut within 2 s")
             .unwrap_or(0);
         assert_eq!(n, 0, "the open connection must be closed");
-        assert!(
-            round_trip(listen).await.is_err(),
-            "a refused peer must get nothing back"
-        );
+        assert!(round_trip(listen).await.is_err(), "a refused peer must get nothing back");
 
         // Removing the service closes its listener.
         f.apply(&[]).unwrap();

@@ -17,9 +17,7 @@ pub struct Route {
 
 /// The host's IPv4 routes other than default routes; none when they cannot be read.
 pub fn ipv4_routes() -> Vec<Route> {
-    std::fs::read_to_string(PROC_ROUTES)
-        .map(|text| parse_proc_routes(&text))
-        .unwrap_or_default()
+    std::fs::read_to_string(PROC_ROUTES).map(|text| parse_proc_routes(&text)).unwrap_or_default()
 }
 
 /// Parse `/proc/net/route` (addresses in the kernel's native byte order, as hex), skipping default routes.
@@ -36,19 +34,14 @@ pub fn parse_proc_routes(text: &str) -> Vec<Route> {
                 return None;
             }
             let network = Ipv4Net::new(destination, mask.leading_ones() as u8).ok()?.trunc();
-            Some(Route {
-                interface: (*interface).to_owned(),
-                network,
-            })
+            Some(Route { interface: (*interface).to_owned(), network })
         })
         .collect()
 }
 
 /// The first route whose network overlaps `cidr`.
 pub fn overlapping<'a>(cidr: &Ipv4Net, routes: &'a [Route]) -> Option<&'a Route> {
-    routes
-        .iter()
-        .find(|r| r.network.contains(&cidr.network()) || cidr.contains(&r.network.network()))
+    routes.iter().find(|r| r.network.contains(&cidr.network()) || cidr.contains(&r.network.network()))
 }
 
 #[cfg(test)]
@@ -68,10 +61,7 @@ eth0\t0A0A0A0A\t0101A8C0\t0007\t0\t0\t0\tFFFFFFFF\t0\t0\t0
     fn reads_networks_and_skips_default_routes() {
         let routes = parse_proc_routes(SAMPLE);
         if cfg!(target_endian = "little") {
-            let nets: Vec<String> = routes
-                .iter()
-                .map(|r| format!("{} {}", r.interface, r.network))
-                .collect();
+            let nets: Vec<String> = routes.iter().map(|r| format!("{} {}", r.interface, r.network)).collect();
             assert_eq!(nets, ["eth0 192.168.1.0/24", "tun0 10.8.0.0/24", "eth0 10.10.10.10/32"]);
         }
         assert!(parse_proc_routes("garbage\nline without fields\n").is_empty());
@@ -80,14 +70,8 @@ eth0\t0A0A0A0A\t0101A8C0\t0007\t0\t0\t0\tFFFFFFFF\t0\t0\t0
     #[test]
     fn finds_overlaps_both_ways() {
         let routes = vec![
-            Route {
-                interface: "eth0".into(),
-                network: "192.168.1.0/24".parse().unwrap(),
-            },
-            Route {
-                interface: "tun0".into(),
-                network: "10.77.5.0/24".parse().unwrap(),
-            },
+            Route { interface: "eth0".into(), network: "192.168.1.0/24".parse().unwrap() },
+            Route { interface: "tun0".into(), network: "10.77.5.0/24".parse().unwrap() },
         ];
         let inner = overlapping(&"10.77.0.0/16".parse().unwrap(), &routes).unwrap();
         assert_eq!(inner.interface, "tun0", "a route inside the mesh range");

@@ -48,15 +48,10 @@ impl FromStr for Label {
     fn from_str(s: &str) -> Result<Self, InputError> {
         let ok = !s.is_empty()
             && s.len() <= 63
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !s.starts_with('-')
             && !s.ends_with('-');
-        if ok {
-            Ok(Label(s.to_owned()))
-        } else {
-            Err(InputError::Label(s.to_owned()))
-        }
+        if ok { Ok(Label(s.to_owned())) } else { Err(InputError::Label(s.to_owned())) }
     }
 }
 
@@ -84,11 +79,7 @@ pub fn parse_domain(s: &str) -> Result<String, InputError> {
     let trimmed = s.strip_suffix('.').unwrap_or(s);
     let ok =
         !trimmed.is_empty() && trimmed.len() <= 200 && trimmed.split('.').all(|part| part.parse::<Label>().is_ok());
-    if ok {
-        Ok(trimmed.to_owned())
-    } else {
-        Err(InputError::Domain(s.to_owned()))
-    }
+    if ok { Ok(trimmed.to_owned()) } else { Err(InputError::Domain(s.to_owned())) }
 }
 
 /// Where to reach something: a host (IP address or DNS name) and a port.
@@ -203,10 +194,7 @@ pub fn parse_cidr(s: &str) -> Result<Ipv4Net, InputError> {
         _ => return Err(InputError::Cidr(s.to_owned())),
     };
     if net.addr() != net.network() {
-        return Err(InputError::CidrHostBits {
-            given: s.to_owned(),
-            network: net.trunc(),
-        });
+        return Err(InputError::CidrHostBits { given: s.to_owned(), network: net.trunc() });
     }
     if net.prefix_len() > 30 {
         return Err(InputError::CidrTooSmall(net));
@@ -218,15 +206,10 @@ pub fn parse_cidr(s: &str) -> Result<Ipv4Net, InputError> {
 pub fn parse_interface(s: &str) -> Result<String, InputError> {
     let ok = !s.is_empty()
         && s.len() <= 15
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         && s != "."
         && s != "..";
-    if ok {
-        Ok(s.to_owned())
-    } else {
-        Err(InputError::Interface(s.to_owned()))
-    }
+    if ok { Ok(s.to_owned()) } else { Err(InputError::Interface(s.to_owned())) }
 }
 
 #[cfg(test)]
@@ -266,27 +249,11 @@ mod tests {
             assert_eq!(hp.to_string(), shown);
             assert_eq!(hp.ip().map(|i| i.to_string()).as_deref(), ip);
         }
-        for bad in [
-            "nocolon",
-            "1.2.3.4",
-            ":80",
-            "host:",
-            "fd00::1:80",
-            "[fd00::1]80",
-            "300.1.2.3:80",
-            "a b:1",
-            "h:+1",
-        ] {
-            assert_eq!(
-                bad.parse::<HostPort>(),
-                Err(InputError::HostPort(bad.to_owned())),
-                "{bad}"
-            );
+        for bad in ["nocolon", "1.2.3.4", ":80", "host:", "fd00::1:80", "[fd00::1]80", "300.1.2.3:80", "a b:1", "h:+1"]
+        {
+            assert_eq!(bad.parse::<HostPort>(), Err(InputError::HostPort(bad.to_owned())), "{bad}");
         }
-        assert_eq!(
-            "1.2.3.4:70000".parse::<HostPort>(),
-            Err(InputError::Port("70000".into()))
-        );
+        assert_eq!("1.2.3.4:70000".parse::<HostPort>(), Err(InputError::Port("70000".into())));
         assert_eq!("1.2.3.4:0".parse::<HostPort>(), Err(InputError::Port("0".into())));
     }
 
@@ -297,10 +264,7 @@ mod tests {
         assert_eq!(parse_cidr("banana"), Err(InputError::Cidr("banana".into())));
         assert_eq!(parse_cidr("fd00::/64"), Err(InputError::Cidr("fd00::/64".into())));
         assert!(matches!(parse_cidr("10.0.0.0/31"), Err(InputError::CidrTooSmall(_))));
-        assert!(matches!(
-            parse_cidr("10.0.0.5/24"),
-            Err(InputError::CidrHostBits { .. })
-        ));
+        assert!(matches!(parse_cidr("10.0.0.5/24"), Err(InputError::CidrHostBits { .. })));
     }
 
     #[test]

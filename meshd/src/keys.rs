@@ -89,9 +89,7 @@ mod tests {
     }
 
     fn hex32(s: &str) -> [u8; 32] {
-        let v: Vec<u8> = (0..32)
-            .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
-            .collect();
+        let v: Vec<u8> = (0..32).map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap()).collect();
         v.try_into().unwrap()
     }
 }

@@ -63,16 +63,7 @@ fn main() -> ExitCode {
     let cli: Cli = meshd::parse_args();
     meshd::init_logging();
     let result = match cli.command {
-        Command::Init {
-            network,
-            name,
-            endpoint,
-            cidr,
-            domain,
-            state_dir,
-            interface,
-            listen_port,
-        } => {
+        Command::Init { network, name, endpoint, cidr, domain, state_dir, interface, listen_port } => {
             let domain = domain.unwrap_or_else(|| format!("{network}.internal"));
             let new = NewNetwork {
                 network,
@@ -121,22 +112,11 @@ fn init(state: &StateDir, mut new: NewNetwork) -> anyhow::Result<()> {
         }
     };
     let hub = snapshot.hub().map(|h| snapshot.node_view(h));
-    println!(
-        "network {} created in {}",
-        snapshot.network.name,
-        state.root().display()
-    );
+    println!("network {} created in {}", snapshot.network.name, state.root().display());
     println!("  domain    {}", snapshot.network.domain);
-    println!(
-        "  ranges    {} and {}",
-        snapshot.network.cidr,
-        snapshot.network.pool().v6()
-    );
+    println!("  ranges    {} and {}", snapshot.network.cidr, snapshot.network.pool().v6());
     if let Some(hub) = hub {
-        println!(
-            "  this host {} ({}, {}), endpoint {}",
-            hub.name, hub.address, hub.address_v6, new.endpoint
-        );
+        println!("  this host {} ({}, {}), endpoint {}", hub.name, hub.address, hub.address_v6, new.endpoint);
         println!("  interface {} listening on UDP {}", new.interface, new.listen_port);
     }
     Ok(())

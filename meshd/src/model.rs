@@ -137,12 +137,7 @@ impl Snapshot {
             mesh_address: format!("{}:{}", pool.v4_of(service.index), service.port),
             mesh_address_v6: format!("[{}]:{}", pool.v6_of(service.index), service.port),
             dns_name: self.network.fqdn(&service.name),
-            devices: self
-                .devices
-                .iter()
-                .filter(|d| d.allow.contains(&service.name))
-                .map(|d| d.name.clone())
-                .collect(),
+            devices: self.devices.iter().filter(|d| d.allow.contains(&service.name)).map(|d| d.name.clone()).collect(),
         }
     }
 }

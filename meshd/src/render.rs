@@ -78,22 +78,13 @@ pub enum RenderError {
     KeyOutsideSection { line: usize, key: String },
     /// A key wg-quick or this device config does not have in that section.
     #[error("line {line}: unknown key {key:?} in {section}")]
-    UnknownKey {
-        line: usize,
-        key: String,
-        section: &'static str,
-    },
+    UnknownKey { line: usize, key: String, section: &'static str },
     /// A single-valued key given a second time.
     #[error("line {line}: {key} given twice")]
     DuplicateKey { line: usize, key: &'static str },
     /// A value that does not have the form its key needs.
     #[error("line {line}: bad {key} {value:?}: expected {expected}")]
-    BadValue {
-        line: usize,
-        key: &'static str,
-        value: String,
-        expected: &'static str,
-    },
+    BadValue { line: usize, key: &'static str, value: String, expected: &'static str },
     /// A key that is not standard base64.
     #[error("line {line}: {key} is not standard base64")]
     KeyNotBase64 { line: usize, key: &'static str },
@@ -190,9 +181,7 @@ impl Field {
 
     /// wg-quick matches key names case-insensitively.
     fn find(section: Section, name: &str) -> Option<Field> {
-        Field::ALL
-            .into_iter()
-            .find(|k| k.section() == section && k.name().eq_ignore_ascii_case(name))
+        Field::ALL.into_iter().find(|k| k.section() == section && k.name().eq_ignore_ascii_case(name))
     }
 }
 
@@ -237,11 +226,7 @@ impl DeviceConfig {
     /// smuggles in extra lines (wg-quick runs `PostUp` lines as root) or splits into several values.
     pub fn validate(&self) -> Result<(), RenderError> {
         let read_back = Self::parse(&self.to_wg_quick()).map_err(|e| RenderError::NotRepresentable(Box::new(e)))?;
-        if read_back == *self {
-            Ok(())
-        } else {
-            Err(RenderError::ReadsBackDifferently)
-        }
+        if read_back == *self { Ok(()) } else { Err(RenderError::ReadsBackDifferently) }
     }
 }
 
@@ -293,10 +278,7 @@ impl Parser {
             .filter(|(name, _)| !name.is_empty())
             .ok_or(RenderError::Syntax { line })?;
         let Some(section) = self.section else {
-            return Err(RenderError::KeyOutsideSection {
-                line,
-                key: name.to_owned(),
-            });
+            return Err(RenderError::KeyOutsideSection { line, key: name.to_owned() });
         };
         let key = Field::find(section, name).ok_or_else(|| RenderError::UnknownKey {
             line,
@@ -312,16 +294,10 @@ impl Parser {
         } else if header.eq_ignore_ascii_case("[Peer]") {
             (Section::Peer, &mut self.seen_peer)
         } else {
-            return Err(RenderError::UnknownSection {
-                line,
-                header: header.to_owned(),
-            });
+            return Err(RenderError::UnknownSection { line, header: header.to_owned() });
         };
         if std::mem::replace(seen, true) {
-            return Err(RenderError::DuplicateSection {
-                line,
-                section: section.header(),
-            });
+            return Err(RenderError::DuplicateSection { line, section: section.header() });
         }
         self.section = Some(section);
         Ok(())
@@ -340,11 +316,7 @@ impl Parser {
                 set_once(&mut self.mtu, mtu, line, key)
             }
             Field::PersistentKeepalive => {
-                let seconds = if value.eq_ignore_ascii_case("off") {
-                    Some(0)
-                } else {
-                    parse_number(value)
-                };
+                let seconds = if value.eq_ignore_ascii_case("off") { Some(0) } else { parse_number(value) };
                 let seconds =
                     seconds.ok_or_else(|| bad_value(line, key, value, "seconds from 0 to 65535, or \"off\""))?;
                 set_once(&mut self.persistent_keepalive, seconds, line, key)
@@ -377,31 +349,18 @@ impl Parser {
         } else if !looks_numeric(item) && !item.contains(':') && is_domain_name(item) {
             self.dns_search.push(item.to_owned());
         } else {
-            return Err(bad_value(
-                line,
-                Field::Dns,
-                item,
-                "IP addresses of servers or search domain names",
-            ));
+            return Err(bad_value(line, Field::Dns, item, "IP addresses of servers or search domain names"));
         }
         Ok(())
     }
 
     fn finish(self) -> Result<DeviceConfig, RenderError> {
         fn require<T>(slot: Option<T>, key: Field) -> Result<T, RenderError> {
-            slot.ok_or(RenderError::MissingKey {
-                key: key.name(),
-                section: key.section().header(),
-            })
+            slot.ok_or(RenderError::MissingKey { key: key.name(), section: key.section().header() })
         }
-        for (seen, section) in [
-            (self.seen_interface, Section::Interface),
-            (self.seen_peer, Section::Peer),
-        ] {
+        for (seen, section) in [(self.seen_interface, Section::Interface), (self.seen_peer, Section::Peer)] {
             if !seen {
-                return Err(RenderError::MissingSection {
-                    section: section.header(),
-                });
+                return Err(RenderError::MissingSection { section: section.header() });
             }
         }
         Ok(DeviceConfig {
@@ -429,31 +388,18 @@ fn set_once<T>(slot: &mut Option<T>, value: T, line: usize, key: Field) -> Resul
 }
 
 fn bad_value(line: usize, key: Field, value: &str, expected: &'static str) -> RenderError {
-    RenderError::BadValue {
-        line,
-        key: key.name(),
-        value: value.to_owned(),
-        expected,
-    }
+    RenderError::BadValue { line, key: key.name(), value: value.to_owned(), expected }
 }
 
 /// wg-quick splits lists on commas and whitespace alike.
 fn list_items(value: &str) -> impl Iterator<Item = &str> {
-    value
-        .split(|c: char| c == ',' || c.is_whitespace())
-        .filter(|item| !item.is_empty())
+    value.split(|c: char| c == ',' || c.is_whitespace()).filter(|item| !item.is_empty())
 }
 
 fn parse_key(line: usize, key: Field, value: &str) -> Result<String, RenderError> {
-    let bytes = BASE64
-        .decode(value)
-        .map_err(|_| RenderError::KeyNotBase64 { line, key: key.name() })?;
+    let bytes = BASE64.decode(value).map_err(|_| RenderError::KeyNotBase64 { line, key: key.name() })?;
     if bytes.len() != KEY_LEN {
-        return Err(RenderError::KeyWrongLength {
-            line,
-            key: key.name(),
-            len: bytes.len(),
-        });
+        return Err(RenderError::KeyWrongLength { line, key: key.name(), len: bytes.len() });
     }
     Ok(value.to_owned())
 }
@@ -476,9 +422,7 @@ fn parse_net(line: usize, key: Field, item: &str) -> Result<IpNet, RenderError> 
 fn parse_endpoint(line: usize, value: &str) -> Result<String, RenderError> {
     let valid = value.rsplit_once(':').is_some_and(|(host, port)| {
         let host_ok = if let Some(bracketed) = host.strip_prefix('[') {
-            bracketed
-                .strip_suffix(']')
-                .is_some_and(|v6| v6.parse::<Ipv6Addr>().is_ok())
+            bracketed.strip_suffix(']').is_some_and(|v6| v6.parse::<Ipv6Addr>().is_ok())
         } else if looks_numeric(host) {
             host.parse::<Ipv4Addr>().is_ok()
         } else {
@@ -512,9 +456,7 @@ fn is_domain_name(name: &str) -> bool {
             (1..=63).contains(&label.len())
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
 }
 
@@ -523,10 +465,7 @@ fn is_domain_name(name: &str) -> bool {
 fn encode(text: &str, level: EcLevel) -> Result<QrCode, RenderError> {
     for version in 1..=40 {
         let mut bits = Bits::new(Version::Normal(version));
-        match bits
-            .push_byte_data(text.as_bytes())
-            .and_then(|()| bits.push_terminator(level))
-        {
+        match bits.push_byte_data(text.as_bytes()).and_then(|()| bits.push_terminator(level)) {
             Ok(()) => return QrCode::with_bits(bits, level).map_err(RenderError::Qr),
             Err(QrError::DataTooLong) => {}
             Err(other) => return Err(RenderError::Qr(other)),
@@ -558,11 +497,7 @@ pub fn qr_terminal(text: &str) -> Result<String, RenderError> {
             let cell = (dark(x, y), dark(x, y + 1));
             // Emit colours only where they change, to keep the text short.
             if pen != Some(cell) {
-                out.push_str(&format!(
-                    "\x1b[38;5;{};48;5;{}m",
-                    ansi_colour(cell.0),
-                    ansi_colour(cell.1)
-                ));
+                out.push_str(&format!("\x1b[38;5;{};48;5;{}m", ansi_colour(cell.0), ansi_colour(cell.1)));
                 pen = Some(cell);
             }
             out.push(HALF_BLOCK);
@@ -765,23 +700,14 @@ PersistentKeepalive = 25
     #[test]
     fn bad_address_is_reported() {
         let err = parse_err(&golden_with_line(3, "Address = 10.77.0.3/32, 10.77.0.300/32"));
-        assert!(
-            matches!(&err, RenderError::BadValue { line: 3, key: "Address", value, .. }
-            if value == "10.77.0.300/32")
-        );
+        assert!(matches!(&err, RenderError::BadValue { line: 3, key: "Address", value, .. }
+            if value == "10.77.0.300/32"));
         assert_eq!(
             err.to_string(),
             r#"line 3: bad Address "10.77.0.300/32": expected IPv4 or IPv6 addresses with an optional /prefix"#
         );
         let err = parse_err(&golden_with_line(11, "AllowedIPs = 10.0.0.0/33"));
-        assert!(matches!(
-            err,
-            RenderError::BadValue {
-                line: 11,
-                key: "AllowedIPs",
-                ..
-            }
-        ));
+        assert!(matches!(err, RenderError::BadValue { line: 11, key: "AllowedIPs", .. }));
     }
 
     #[test]
@@ -789,18 +715,8 @@ PersistentKeepalive = 25
         // Valid base64, but 16 bytes.
         let short = BASE64.encode([7u8; 16]);
         let err = parse_err(&golden_with_line(8, &format!("PublicKey = {short}")));
-        assert!(matches!(
-            err,
-            RenderError::KeyWrongLength {
-                line: 8,
-                key: "PublicKey",
-                len: 16
-            }
-        ));
-        assert_eq!(
-            err.to_string(),
-            "line 8: PublicKey decodes to 16 bytes, a WireGuard key has 32"
-        );
+        assert!(matches!(err, RenderError::KeyWrongLength { line: 8, key: "PublicKey", len: 16 }));
+        assert_eq!(err.to_string(), "line 8: PublicKey decodes to 16 bytes, a WireGuard key has 32");
         let err = parse_err(&golden_with_line(9, "PresharedKey = not-base64!"));
         assert_eq!(err.to_string(), "line 9: PresharedKey is not standard base64");
         // URL-safe base64 is not what wg writes or reads.
@@ -877,32 +793,23 @@ PersistentKeepalive = 25
             prop::collection::vec(domain(), 0..=2),
             prop::option::of(1u16..),
         );
-        let peer = (
-            key(),
-            key(),
-            endpoint(),
-            prop::collection::vec(ip_net(), 0..=4),
-            any::<u16>(),
-        )
-            .prop_map(
-                |(public_key, preshared_key, endpoint, allowed_ips, persistent_keepalive)| HubPeer {
-                    public_key,
-                    preshared_key,
-                    endpoint,
-                    allowed_ips,
-                    persistent_keepalive,
-                },
-            );
-        (interface, peer).prop_map(
-            |((private_key, addresses, dns_servers, dns_search, mtu), peer)| DeviceConfig {
-                private_key,
-                addresses,
-                dns_servers,
-                dns_search,
-                mtu,
-                peer,
+        let peer = (key(), key(), endpoint(), prop::collection::vec(ip_net(), 0..=4), any::<u16>()).prop_map(
+            |(public_key, preshared_key, endpoint, allowed_ips, persistent_keepalive)| HubPeer {
+                public_key,
+                preshared_key,
+                endpoint,
+                allowed_ips,
+                persistent_keepalive,
             },
-        )
+        );
+        (interface, peer).prop_map(|((private_key, addresses, dns_servers, dns_search, mtu), peer)| DeviceConfig {
+            private_key,
+            addresses,
+            dns_servers,
+            dns_search,
+            mtu,
+            peer,
+        })
     }
 
     proptest! {
@@ -939,15 +846,11 @@ PersistentKeepalive = 25
         let text = sample().to_wg_quick();
         assert!(text.len() > 350, "a realistic config, {} bytes", text.len());
         let png = qr_png(&text).unwrap();
-        let image = image::load_from_memory_with_format(&png, ImageFormat::Png)
-            .unwrap()
-            .to_luma8();
+        let image = image::load_from_memory_with_format(&png, ImageFormat::Png).unwrap().to_luma8();
         let modules = encode(&text, EcLevel::M).unwrap().width() as u32;
         let side = (modules + 2 * QUIET_ZONE as u32) * PNG_MODULE_PX;
         assert_eq!(image.dimensions(), (side, side));
-        let decoded = scan(side as usize, side as usize, |x, y| {
-            image.get_pixel(x as u32, y as u32).0[0] < 128
-        });
+        let decoded = scan(side as usize, side as usize, |x, y| image.get_pixel(x as u32, y as u32).0[0] < 128);
         assert_eq!(decoded, text.as_bytes());
     }
 
@@ -958,16 +861,10 @@ PersistentKeepalive = 25
         let file = tempfile::Builder::new().suffix(".png").tempfile().unwrap();
         std::fs::write(file.path(), &png).unwrap();
         // -Sbinary keeps zbar from appending a newline or re-encoding the bytes.
-        let output = std::process::Command::new("zbarimg")
-            .args(["--raw", "-q", "-Sbinary"])
-            .arg(file.path())
-            .output();
+        let output = std::process::Command::new("zbarimg").args(["--raw", "-q", "-Sbinary"]).arg(file.path()).output();
         let output = match output {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                assert!(
-                    std::env::var_os("CI").is_none(),
-                    "zbarimg is missing in CI: install zbar-tools"
-                );
+                assert!(std::env::var_os("CI").is_none(), "zbarimg is missing in CI: install zbar-tools");
                 eprintln!("note: zbarimg not installed, skipping the zbar scan");
                 return;
             }
@@ -1055,10 +952,8 @@ PersistentKeepalive = 25
         d.split('M')
             .skip(1)
             .map(|sub| {
-                let numbers: Vec<usize> = sub
-                    .split(|c: char| " hvHV".contains(c))
-                    .map(|n| n.parse().unwrap())
-                    .collect();
+                let numbers: Vec<usize> =
+                    sub.split(|c: char| " hvHV".contains(c)).map(|n| n.parse().unwrap()).collect();
                 let [left, top, width, height, left2, top2] = numbers[..] else {
                     panic!("unexpected subpath M{sub}");
                 };

@@ -35,10 +35,7 @@ pub enum StateDirError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateDirError + '_ {
-    move |source| StateDirError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| StateDirError::Io { path: path.to_path_buf(), source }
 }
 
 /// Paths inside one state directory.
@@ -93,11 +90,7 @@ impl StateDir {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(&self.root)
-                    .map_err(io(&self.root))?;
+                fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.root).map_err(io(&self.root))?;
             }
             Err(e) => return Err(io(&self.root)(e)),
         }
@@ -115,12 +108,7 @@ impl StateDir {
     /// Write a new private key file (0600); never overwrites.
     pub fn write_private_key(&self, key: &PrivateKey) -> Result<(), StateDirError> {
         let path = self.private_key();
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io(&path))?;
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(io(&path))?;
         writeln!(file, "{}", key.to_base64()).map_err(io(&path))?;
         file.sync_all().map_err(io(&path))
     }
@@ -193,10 +181,7 @@ mod tests {
         assert_eq!(fs::metadata(dir.root()).unwrap().permissions().mode() & 0o777, 0o700);
         let key = PrivateKey::generate();
         dir.write_private_key(&key).unwrap();
-        assert_eq!(
-            fs::metadata(dir.private_key()).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(fs::metadata(dir.private_key()).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(dir.read_private_key().unwrap().public_key(), key.public_key());
         assert!(dir.write_private_key(&key).is_err(), "never overwrites a key");
         fs::set_permissions(dir.private_key(), fs::Permissions::from_mode(0o644)).unwrap();
@@ -207,15 +192,9 @@ mod tests {
     fn refuses_non_empty_or_initialized_directories() {
         let tmp = tempfile::tempdir().unwrap();
         fs::write(tmp.path().join("notes.txt"), "mine").unwrap();
-        assert!(matches!(
-            StateDir::new(tmp.path()).create(),
-            Err(StateDirError::NotEmpty(_))
-        ));
+        assert!(matches!(StateDir::new(tmp.path()).create(), Err(StateDirError::NotEmpty(_))));
         fs::write(tmp.path().join("meshd.db"), "").unwrap();
-        assert!(matches!(
-            StateDir::new(tmp.path()).create(),
-            Err(StateDirError::AlreadyInitialized(_))
-        ));
+        assert!(matches!(StateDir::new(tmp.path()).create(), Err(StateDirError::AlreadyInitialized(_))));
     }
 
     #[test]

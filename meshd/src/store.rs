@@ -100,10 +100,7 @@ pub enum StoreError {
 }
 
 fn sql(context: &str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
-    move |source| StoreError::Sqlite {
-        context: context.to_owned(),
-        source,
-    }
+    move |source| StoreError::Sqlite { context: context.to_owned(), source }
 }
 
 /// An open meshd database.
@@ -116,26 +113,16 @@ impl Store {
     pub fn create(path: &Path) -> Result<Store, StoreError> {
         // Create the file ourselves so its mode is 0600 from the first byte; SQLite treats an empty
         // file as a new database and gives its journal the same mode.
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    StoreError::AlreadyInitialized(path.parent().unwrap_or(path).to_path_buf())
-                } else {
-                    StoreError::Io {
-                        context: format!("creating {}", path.display()),
-                        source: e,
-                    }
-                }
-            })?;
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(sql("open"))?;
+        OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                StoreError::AlreadyInitialized(path.parent().unwrap_or(path).to_path_buf())
+            } else {
+                StoreError::Io { context: format!("creating {}", path.display()), source: e }
+            }
+        })?;
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(sql("open"))?;
         let mut store = Store { conn };
         store.configure()?;
         store.migrate(path)?;
@@ -148,11 +135,9 @@ impl Store {
         if !path.exists() {
             return Err(StoreError::NotInitialized(dir));
         }
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(sql("open"))?;
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(sql("open"))?;
         // Read-only checks first: a foreign file must not be touched.
         let app_id: i32 = conn
             .query_row("PRAGMA application_id", [], |r| r.get(0))
@@ -167,23 +152,14 @@ impl Store {
     }
 
     fn configure(&mut self) -> Result<(), StoreError> {
-        self.conn
-            .busy_timeout(Duration::from_secs(10))
-            .map_err(sql("set busy timeout"))?;
-        self.conn
-            .pragma_update(None, "foreign_keys", true)
-            .map_err(sql("enable foreign keys"))?;
+        self.conn.busy_timeout(Duration::from_secs(10)).map_err(sql("set busy timeout"))?;
+        self.conn.pragma_update(None, "foreign_keys", true).map_err(sql("enable foreign keys"))?;
         Ok(())
     }
 
     fn migrate(&mut self, path: &Path) -> Result<(), StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql("begin migration"))?;
-        let version: i64 = tx
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(sql("read schema version"))?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql("begin migration"))?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql("read schema version"))?;
         if version as usize > MIGRATIONS.len() {
             return Err(StoreError::TooNew(path.to_path_buf(), version, MIGRATIONS.len()));
         }
@@ -191,24 +167,17 @@ impl Store {
             return Ok(());
         }
         for (i, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            tx.execute_batch(migration).map_err(|e| StoreError::Sqlite {
-                context: format!("migration {}", i + 1),
-                source: e,
-            })?;
+            tx.execute_batch(migration)
+                .map_err(|e| StoreError::Sqlite { context: format!("migration {}", i + 1), source: e })?;
         }
-        tx.pragma_update(None, "application_id", APPLICATION_ID)
-            .map_err(sql("set application id"))?;
-        tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)
-            .map_err(sql("set schema version"))?;
+        tx.pragma_update(None, "application_id", APPLICATION_ID).map_err(sql("set application id"))?;
+        tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64).map_err(sql("set schema version"))?;
         tx.commit().map_err(sql("commit migration"))
     }
 
     /// Run `f` in a write transaction: committed if it returns `Ok`, rolled back otherwise.
     pub fn write<T, E: From<StoreError>>(&mut self, f: impl FnOnce(&Writer<'_>) -> Result<T, E>) -> Result<T, E> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql("begin write"))?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql("begin write"))?;
         let writer = Writer { tx };
         let value = f(&writer)?;
         writer.tx.commit().map_err(sql("commit"))?;
@@ -257,9 +226,7 @@ impl Writer<'_> {
             .tx
             .prepare("SELECT addr_index FROM addresses WHERE released_at IS NULL OR released_at > ?1")
             .map_err(sql("read address ledger"))?;
-        let rows = stmt
-            .query_map([threshold], |r| r.get::<_, u32>(0))
-            .map_err(sql("read address ledger"))?;
+        let rows = stmt.query_map([threshold], |r| r.get::<_, u32>(0)).map_err(sql("read address ledger"))?;
         rows.collect::<Result<_, _>>().map_err(sql("read address ledger"))
     }
 
@@ -277,10 +244,7 @@ impl Writer<'_> {
 
     fn release_index(&self, index: u32) -> Result<(), StoreError> {
         self.tx
-            .execute(
-                "UPDATE addresses SET released_at = ?1 WHERE addr_index = ?2",
-                params![now(), index],
-            )
+            .execute("UPDATE addresses SET released_at = ?1 WHERE addr_index = ?2", params![now(), index])
             .map_err(sql("release address"))?;
         Ok(())
     }
@@ -345,6 +309,17 @@ impl Writer<'_> {
         Ok(())
     }
 
+    /// Replace a device's public and preshared keys.
+    pub fn update_device_keys(&self, device: &Device) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "UPDATE devices SET public_key = ?1, preshared_key = ?2 WHERE name = ?3",
+                params![device.public_key, device.preshared_key, device.name.as_str()],
+            )
+            .map_err(sql("update device keys"))?;
+        Ok(())
+    }
+
     /// Delete a device (and its grants) and release its address; false if there was none.
     pub fn delete_device(&self, name: &Label) -> Result<bool, StoreError> {
         self.delete_addressed("devices", name)
@@ -358,11 +333,9 @@ impl Writer<'_> {
     fn delete_addressed(&self, table: &'static str, name: &Label) -> Result<bool, StoreError> {
         let index: Option<u32> = self
             .tx
-            .query_row(
-                &format!("DELETE FROM {table} WHERE name = ?1 RETURNING addr_index"),
-                [name.as_str()],
-                |r| r.get(0),
-            )
+            .query_row(&format!("DELETE FROM {table} WHERE name = ?1 RETURNING addr_index"), [name.as_str()], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(sql("delete"))?;
         match index {
@@ -375,12 +348,7 @@ impl Writer<'_> {
 fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
     let network = conn
         .query_row("SELECT name, domain, cidr, ula FROM network WHERE id = 1", [], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-            ))
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
         })
         .map_err(sql("read network"))?;
     let network = Network {
@@ -413,9 +381,7 @@ fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
             name: parse_column("nodes.name", &name)?,
             public_key,
             index,
-            endpoint: endpoint
-                .map(|e| parse_column::<HostPort>("nodes.endpoint", &e))
-                .transpose()?,
+            endpoint: endpoint.map(|e| parse_column::<HostPort>("nodes.endpoint", &e)).transpose()?,
             listen_port,
             interface,
             role: match role.as_str() {
@@ -455,13 +421,7 @@ fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
             .map(|s| parse_column::<Label>("services.name", s))
             .collect::<Result<Vec<_>, _>>()?;
         allow.sort();
-        devices.push(Device {
-            name: parse_column("devices.name", &name)?,
-            public_key,
-            preshared_key,
-            index,
-            allow,
-        });
+        devices.push(Device { name: parse_column("devices.name", &name)?, public_key, preshared_key, index, allow });
     }
 
     let mut stmt = conn
@@ -492,12 +452,7 @@ fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
             index,
         });
     }
-    Ok(Snapshot {
-        network,
-        nodes,
-        devices,
-        services,
-    })
+    Ok(Snapshot { network, nodes, devices, services })
 }
 
 fn parse_column<T: std::str::FromStr>(column: &str, text: &str) -> Result<T, StoreError> {
@@ -512,8 +467,5 @@ fn role_text(role: Role) -> &'static str {
 }
 
 fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }

@@ -51,10 +51,7 @@ impl Interface {
     /// Create the interface of `plan` with its key, port, MTU, addresses and peers.
     pub fn create(backend: Backend, plan: &HostPlan, key: &PrivateKey) -> Result<Interface, WgError> {
         let name = plan.interface.clone();
-        let err = |e: &dyn std::fmt::Display| WgError::Interface {
-            interface: name.clone(),
-            message: e.to_string(),
-        };
+        let err = |e: &dyn std::fmt::Display| WgError::Interface { interface: name.clone(), message: e.to_string() };
         let (api, kernel): (Box<dyn WireguardInterfaceApi + Send>, bool) = match backend {
             Backend::Kernel => (Box::new(create_kernel(&name).map_err(|e| err(&e))?), true),
             Backend::Userspace => (Box::new(create_userspace(&name).map_err(|e| err(&e))?), false),
@@ -66,16 +63,8 @@ impl Interface {
                 }
             },
         };
-        let interface = Interface {
-            name: name.clone(),
-            api,
-            kernel,
-        };
-        let peers = plan
-            .peers
-            .iter()
-            .map(|(k, p)| to_peer(k, p))
-            .collect::<Result<Vec<_>, _>>()?;
+        let interface = Interface { name: name.clone(), api, kernel };
+        let peers = plan.peers.iter().map(|(k, p)| to_peer(k, p)).collect::<Result<Vec<_>, _>>()?;
         let config = InterfaceConfiguration {
             name: interface.name.clone(),
             prvkey: key.to_base64(),
@@ -99,9 +88,7 @@ impl Interface {
             self.api.remove_peer(&k).map_err(|e| self.error(e))?;
         }
         for (key, plan) in &diff.upsert {
-            self.api
-                .configure_peer(&to_peer(key, plan)?)
-                .map_err(|e| self.error(e))?;
+            self.api.configure_peer(&to_peer(key, plan)?).map_err(|e| self.error(e))?;
         }
         Ok(())
     }
@@ -143,10 +130,7 @@ impl Interface {
     }
 
     fn error(&self, e: impl std::fmt::Display) -> WgError {
-        WgError::Interface {
-            interface: self.name.clone(),
-            message: e.to_string(),
-        }
+        WgError::Interface { interface: self.name.clone(), message: e.to_string() }
     }
 }
 
@@ -174,16 +158,9 @@ fn create_userspace(name: &str) -> Result<WGApi<Userspace>, defguard_wireguard_r
 }
 
 fn to_peer(key: &str, plan: &PeerPlan) -> Result<Peer, WgError> {
-    let bad_key = || WgError::Key {
-        peer: plan.name.to_string(),
-    };
+    let bad_key = || WgError::Key { peer: plan.name.to_string() };
     let mut peer = Peer::new(Key::from_str(key).map_err(|_| bad_key())?);
-    peer.preshared_key = plan
-        .preshared_key
-        .as_deref()
-        .map(Key::from_str)
-        .transpose()
-        .map_err(|_| bad_key())?;
+    peer.preshared_key = plan.preshared_key.as_deref().map(Key::from_str).transpose().map_err(|_| bad_key())?;
     if let Some(endpoint) = &plan.endpoint {
         // An endpoint that does not resolve now is left unset; the peer can still roam to us.
         if let Err(e) = peer.set_endpoint(&endpoint.to_string()) {
@@ -200,17 +177,14 @@ fn to_peer(key: &str, plan: &PeerPlan) -> Result<Peer, WgError> {
 }
 
 fn ip(args: &[&str]) -> Result<(), WgError> {
-    let output = Command::new("ip").args(args).output().map_err(|e| WgError::Ip {
-        args: args.join(" "),
-        message: e.to_string(),
-    })?;
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| WgError::Ip { args: args.join(" "), message: e.to_string() })?;
     if output.status.success() {
         Ok(())
     } else {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        Err(WgError::Ip {
-            args: args.join(" "),
-            message: stderr.trim().to_owned(),
-        })
+        Err(WgError::Ip { args: args.join(" "), message: stderr.trim().to_owned() })
     }
 }

@@ -60,9 +60,7 @@ pub fn bin_dir() -> PathBuf {
         return PathBuf::from(dir);
     }
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
     target.join("debug")
 }
 
@@ -86,9 +84,7 @@ pub fn meshctl(state_dir: &Path) -> Command {
 
 /// Runs a command to completion with stdin closed and returns its output.
 pub fn output(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 /// Runs a command and returns its stdout, panicking with the full output unless it exits 0.
@@ -149,14 +145,8 @@ impl Proc {
                 cmd.stderr(Stdio::null());
             }
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {label} ({cmd:?}): {e}"));
-        Proc {
-            child,
-            label: label.to_string(),
-            log,
-        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {label} ({cmd:?}): {e}"));
+        Proc { child, label: label.to_string(), log }
     }
 
     /// The process ID.
@@ -181,11 +171,7 @@ impl Proc {
     /// Panics with the log when the process has exited; `what` says what was expected of it.
     pub fn assert_running(&mut self, what: &str) {
         if let Ok(Some(status)) = self.child.try_wait() {
-            panic!(
-                "{} exited ({status}) while {what}; its log:\n{}",
-                self.label,
-                self.log_text()
-            );
+            panic!("{} exited ({status}) while {what}; its log:\n{}", self.label, self.log_text());
         }
     }
 
@@ -212,12 +198,7 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.stop(Duration::from_secs(5));
         if std::thread::panicking() && self.log.is_some() {
-            eprintln!(
-                "===== log of {} =====\n{}===== end of log of {} =====",
-                self.label,
-                self.log_text(),
-                self.label
-            );
+            eprintln!("===== log of {} =====\n{}===== end of log of {} =====", self.label, self.log_text(), self.label);
         }
     }
 }
@@ -283,9 +264,7 @@ impl Netns {
     /// HTTP GET from inside the namespace with curl; the body, or None if curl failed.
     pub fn http_get(&self, url: &str, max_time_secs: u32) -> Option<String> {
         let out = self.exec(&["curl", "-sf", "--max-time", &max_time_secs.to_string(), url]);
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Directory whose files `ip netns exec` mounts over `/etc` in this namespace.
@@ -304,18 +283,14 @@ impl Drop for Netns {
     fn drop(&mut self) {
         // Safety net for processes left inside by a failed test: each is one we started in our namespace.
         if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() {
-            for pid in String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .filter_map(|p| p.parse::<libc::pid_t>().ok())
+            for pid in
+                String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<libc::pid_t>().ok())
             {
                 // SAFETY: kill(2) by PID; only processes inside this test's namespace are listed.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).stderr(Stdio::null()).status();
         let _ = fs::remove_dir_all(self.etc_dir());
     }
 }
@@ -332,9 +307,7 @@ pub fn add_address(ns: &Netns, dev: &str, addr: &str) {
 /// Joins two namespaces with a veth pair, addresses and raises both ends; returns the interface names.
 pub fn veth(a: &Netns, b: &Netns, addr_a: &str, addr_b: &str) -> (String, String) {
     let (if_a, if_b) = (unique_ifname("va"), unique_ifname("vb"));
-    a.ip(&[
-        "link", "add", &if_a, "type", "veth", "peer", "name", &if_b, "netns", &b.name,
-    ]);
+    a.ip(&["link", "add", &if_a, "type", "veth", "peer", "name", &if_b, "netns", &b.name]);
     add_address(a, &if_a, addr_a);
     add_address(b, &if_b, addr_b);
     a.ip(&["link", "set", &if_a, "up"]);
@@ -390,11 +363,7 @@ impl WgQuick {
         let mut conf = WgQuick::default();
         let mut in_peer = false;
         let list = |v: &str| -> Vec<String> {
-            v.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect()
+            v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
         };
         for raw in text.lines() {
             let line = raw.split('#').next().unwrap_or("").trim();
@@ -480,12 +449,7 @@ impl Phone {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start wg setconf");
-        setconf
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(stripped.as_bytes())
-            .expect("feed wg setconf");
+        setconf.stdin.take().expect("stdin").write_all(stripped.as_bytes()).expect("feed wg setconf");
         let out = setconf.wait_with_output().expect("wg setconf");
         assert!(out.status.success(), "wg setconf: {}", describe(&out));
 
@@ -510,13 +474,7 @@ impl Phone {
             }
             ns.set_resolv_conf(&resolv);
         }
-        Phone {
-            ifname: ifname.to_string(),
-            config,
-            etc_dir,
-            _wireguard: wireguard,
-            _conf_dir: conf_dir,
-        }
+        Phone { ifname: ifname.to_string(), config, etc_dir, _wireguard: wireguard, _conf_dir: conf_dir }
     }
 }
 
@@ -555,11 +513,7 @@ pub fn assert_key_not_stored(dir: &Path, key_b64: &str) {
     let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
     for file in files_under(dir) {
         let bytes = fs::read(&file).unwrap_or_default();
-        for (form, needle) in [
-            ("base64", key_b64.as_bytes()),
-            ("raw", &raw[..]),
-            ("hex", hex.as_bytes()),
-        ] {
+        for (form, needle) in [("base64", key_b64.as_bytes()), ("raw", &raw[..]), ("hex", hex.as_bytes())] {
             assert!(
                 !bytes.windows(needle.len()).any(|w| w == needle),
                 "{} holds the private key ({form})",
@@ -578,12 +532,7 @@ pub fn wg_pubkey(private: &str) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start wg pubkey");
-    pubkey
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(private.as_bytes())
-        .expect("feed wg pubkey");
+    pubkey.stdin.take().expect("stdin").write_all(private.as_bytes()).expect("feed wg pubkey");
     let out = pubkey.wait_with_output().expect("wg pubkey");
     assert!(out.status.success(), "wg pubkey: {}", describe(&out));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -609,10 +558,7 @@ mod tests {
         );
         assert_eq!(conf.private_key, "aaa=");
         assert_eq!(conf.addresses, ["10.1.0.2/32", "fd00::2/128"]);
-        assert_eq!(
-            conf.dns_servers,
-            ["10.1.0.1".parse::<IpAddr>().unwrap(), "fd00::1".parse().unwrap()]
-        );
+        assert_eq!(conf.dns_servers, ["10.1.0.1".parse::<IpAddr>().unwrap(), "fd00::1".parse().unwrap()]);
         assert_eq!(conf.dns_search, ["home.internal"]);
         assert_eq!(conf.mtu, Some(1380));
         assert_eq!(conf.peers.len(), 1);
@@ -671,10 +617,7 @@ mod tests {
         let phone = Phone::up(&phone_ns, &phone_if, &text);
         for target in ["10.99.0.1", "fd99::1"] {
             assert!(
-                wait_until(Duration::from_secs(15), || phone_ns
-                    .exec(&["ping", "-c1", "-W1", target])
-                    .status
-                    .success()),
+                wait_until(Duration::from_secs(15), || phone_ns.exec(&["ping", "-c1", "-W1", target]).status.success()),
                 "phone cannot ping the hub at {target} through the tunnel"
             );
         }
@@ -691,11 +634,7 @@ mod tests {
         assert!(!phone_etc.exists(), "phone left {}", phone_etc.display());
         for ifname in [&hub_if, &phone_if] {
             let sock = Path::new(WG_SOCKET_DIR).join(format!("{ifname}.sock"));
-            assert!(
-                wait_until(Duration::from_secs(5), || !sock.exists()),
-                "{} left behind",
-                sock.display()
-            );
+            assert!(wait_until(Duration::from_secs(5), || !sock.exists()), "{} left behind", sock.display());
         }
         drop(hub);
         drop(phone_ns);

@@ -51,11 +51,7 @@ fn check_refusal(cmd: &Command, out: &Output, mentions: &[&str]) {
         "{cmd:?} should print exactly one line starting `error: ` on stderr: {}",
         describe(out)
     );
-    assert!(
-        !lines[0].contains("(\""),
-        "{cmd:?}: the error shows program internals (Debug formatting): {}",
-        lines[0]
-    );
+    assert!(!lines[0].contains("(\""), "{cmd:?}: the error shows program internals (Debug formatting): {}", lines[0]);
     let line = lines[0].to_lowercase();
     assert!(
         mentions.iter().any(|m| line.contains(&m.to_lowercase())),
@@ -67,30 +63,18 @@ fn check_refusal(cmd: &Command, out: &Output, mentions: &[&str]) {
 /// Asserts that every file in `dir` is as in `before`.
 fn assert_unchanged(cmd: &Command, dir: &Path, before: &BTreeMap<String, Vec<u8>>) {
     let after = snapshot(dir);
-    let changed: Vec<&String> = before
-        .keys()
-        .chain(after.keys())
-        .filter(|k| before.get(*k) != after.get(*k))
-        .collect();
+    let changed: Vec<&String> = before.keys().chain(after.keys()).filter(|k| before.get(*k) != after.get(*k)).collect();
     assert!(changed.is_empty(), "{cmd:?} changed {changed:?} in {}", dir.display());
 }
 
 /// `meshd init` arguments for network `home`, hub `hub`, with the given extra flags.
 fn init_cmd(dir: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(product_bin("meshd"));
-    cmd.args([
-        "init",
-        "--network",
-        "home",
-        "--name",
-        "hub",
-        "--endpoint",
-        "192.0.2.1:51820",
-    ])
-    .arg("--state-dir")
-    .arg(dir)
-    .args(["--interface", "meshe2e0"])
-    .args(extra);
+    cmd.args(["init", "--network", "home", "--name", "hub", "--endpoint", "192.0.2.1:51820"])
+        .arg("--state-dir")
+        .arg(dir)
+        .args(["--interface", "meshe2e0"])
+        .args(extra);
     cmd
 }
 
@@ -119,38 +103,23 @@ fn v4(entry: &Value, key: &str) -> Ipv4Addr {
 fn init_rejects_bad_cidr_endpoint_and_names() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    for (extra, mention) in [
-        (vec!["--cidr", "10.0.0.0/33"], "10.0.0.0/33"),
-        (vec!["--cidr", "banana"], "banana"),
-    ] {
+    for (extra, mention) in [(vec!["--cidr", "10.0.0.0/33"], "10.0.0.0/33"), (vec!["--cidr", "banana"], "banana")] {
         assert_refused(&mut init_cmd(d, &extra), d, &[mention]);
     }
     for (endpoint, mention) in [("nocolon", "nocolon"), ("1.2.3.4:70000", "70000")] {
         let mut cmd = Command::new(product_bin("meshd"));
-        cmd.args(["init", "--network", "home", "--name", "hub", "--endpoint", endpoint])
-            .arg("--state-dir")
-            .arg(d);
+        cmd.args(["init", "--network", "home", "--name", "hub", "--endpoint", endpoint]).arg("--state-dir").arg(d);
         assert_refused(&mut cmd, d, &[mention]);
     }
     let long = "a".repeat(64);
-    for (flag, name) in [
-        ("--network", "bad_name!"),
-        ("--network", long.as_str()),
-        ("--name", "-lead"),
-        ("--name", "bad_name!"),
-    ] {
+    for (flag, name) in
+        [("--network", "bad_name!"), ("--network", long.as_str()), ("--name", "-lead"), ("--name", "bad_name!")]
+    {
         let mut cmd = Command::new(product_bin("meshd"));
         let other = if flag == "--network" { "--name" } else { "--network" };
-        cmd.args([
-            "init",
-            &format!("{flag}={name}"),
-            other,
-            "ok",
-            "--endpoint",
-            "192.0.2.1:51820",
-        ])
-        .arg("--state-dir")
-        .arg(d);
+        cmd.args(["init", &format!("{flag}={name}"), other, "ok", "--endpoint", "192.0.2.1:51820"])
+            .arg("--state-dir")
+            .arg(d);
         assert_refused(&mut cmd, d, &[name]);
     }
     assert!(snapshot(d).is_empty(), "failed inits left files in {}", d.display());
@@ -159,11 +128,7 @@ fn init_rejects_bad_cidr_endpoint_and_names() {
 #[test]
 fn init_twice_is_refused() {
     let dir = init(&[]);
-    assert_refused(
-        &mut init_cmd(dir.path(), &[]),
-        dir.path(),
-        &["already", "exist", "initiali"],
-    );
+    assert_refused(&mut init_cmd(dir.path(), &[]), dir.path(), &["already", "exist", "initiali"]);
     let mut other = init_cmd(dir.path(), &["--cidr", "10.5.0.0/16"]);
     assert_refused(&mut other, dir.path(), &["already", "exist", "initiali"]);
 }
@@ -172,12 +137,9 @@ fn init_twice_is_refused() {
 fn service_add_rejects_bad_targets_and_unknown_nodes() {
     let dir = init(&[]);
     let d = dir.path();
-    for (target, mention) in [
-        ("1.2.3.4:70000", "70000"),
-        ("nocolon", "nocolon"),
-        ("1.2.3.4:0", "1.2.3.4:0"),
-        ("1.2.3.4:", "1.2.3.4:"),
-    ] {
+    for (target, mention) in
+        [("1.2.3.4:70000", "70000"), ("nocolon", "nocolon"), ("1.2.3.4:0", "1.2.3.4:0"), ("1.2.3.4:", "1.2.3.4:")]
+    {
         let mut cmd = meshctl(d);
         cmd.args(["service", "add", "web", "--node", "hub", "--target", target]);
         assert_refused(&mut cmd, d, &[mention, "port"]);
@@ -199,16 +161,7 @@ fn names_must_be_dns_labels() {
         cmd.args(["device", "add", "--allow", "svc", "--", name]);
         assert_refused(&mut cmd, d, &[name, "name"]);
         let mut cmd = meshctl(d);
-        cmd.args([
-            "service",
-            "add",
-            "--node",
-            "hub",
-            "--target",
-            "127.0.0.1:81",
-            "--",
-            name,
-        ]);
+        cmd.args(["service", "add", "--node", "hub", "--target", "127.0.0.1:81", "--", name]);
         assert_refused(&mut cmd, d, &[name, "name"]);
     }
     let mut cmd = meshctl(d);
@@ -252,11 +205,7 @@ fn unknown_service_in_allow_is_refused() {
 fn missing_state_dir_is_refused_and_not_created() {
     let parent = tempfile::tempdir().unwrap();
     let missing = parent.path().join("missing");
-    for args in [
-        vec!["service", "list"],
-        vec!["device", "add", "phone", "--allow", "svc"],
-        vec!["status", "--json"],
-    ] {
+    for args in [vec!["service", "list"], vec!["device", "add", "phone", "--allow", "svc"], vec!["status", "--json"]] {
         let mut cmd = meshctl(&missing);
         cmd.args(&args);
         assert_refused(&mut cmd, &missing, &[missing.to_str().unwrap(), "state", "init"]);
@@ -267,9 +216,7 @@ fn missing_state_dir_is_refused_and_not_created() {
 fn foreign_state_dirs_are_refused() {
     // Random bytes named meshd.db.
     let random = tempfile::tempdir().unwrap();
-    let noise: Vec<u8> = (0..4096u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    let noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     fs::write(random.path().join("meshd.db"), noise).unwrap();
     // A real SQLite database of some other program.
     let sqlite = tempfile::tempdir().unwrap();
@@ -285,21 +232,14 @@ fn foreign_state_dirs_are_refused() {
     fs::write(other.path().join("notes.txt"), "not meshd").unwrap();
 
     for dir in [random.path(), sqlite.path(), other.path()] {
-        for args in [
-            vec!["service", "list", "--json"],
-            vec!["device", "add", "phone", "--allow", "svc"],
-        ] {
+        for args in [vec!["service", "list", "--json"], vec!["device", "add", "phone", "--allow", "svc"]] {
             let mut cmd = meshctl(dir);
             cmd.args(&args);
             assert_refused(&mut cmd, dir, &["meshd.db", "state", "database", dir.to_str().unwrap()]);
         }
     }
     for dir in [random.path(), sqlite.path()] {
-        assert_refused(
-            &mut init_cmd(dir, &[]),
-            dir,
-            &["meshd.db", "exist", "database", dir.to_str().unwrap()],
-        );
+        assert_refused(&mut init_cmd(dir, &[]), dir, &["meshd.db", "exist", "database", dir.to_str().unwrap()]);
     }
 }
 
@@ -316,11 +256,7 @@ fn exhausted_pool_is_refused() {
         if out.status.success() {
             continue;
         }
-        check_refusal(
-            &cmd,
-            &out,
-            &["pool", "exhausted", "no free", "address", "10.9.9.0/29", "full"],
-        );
+        check_refusal(&cmd, &out, &["pool", "exhausted", "no free", "address", "10.9.9.0/29", "full"]);
         assert_unchanged(&cmd, d, &before);
         refused_at = Some(i);
         break;
@@ -329,10 +265,7 @@ fn exhausted_pool_is_refused() {
     assert!(refused_at >= 1, "the /29 had no room for even one device");
 
     let mut used = vec![v4(&run_json(meshctl(d).args(["node", "list", "--json"]))[0], "address")];
-    used.push(v4(
-        &run_json(meshctl(d).args(["service", "list", "--json"]))[0],
-        "mesh_address",
-    ));
+    used.push(v4(&run_json(meshctl(d).args(["service", "list", "--json"]))[0], "mesh_address"));
     let devices = run_json(meshctl(d).args(["device", "list", "--json"]));
     used.extend(devices.as_array().unwrap().iter().map(|dev| v4(dev, "address")));
     assert_eq!(devices.as_array().unwrap().len(), refused_at, "{devices}");

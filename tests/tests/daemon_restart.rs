@@ -11,9 +11,7 @@ use meshd_e2e::{
 
 fn start(node: &Netns, state: &Path, log: &Path) -> Proc {
     let mut cmd = node.command(product_bin("meshd"));
-    cmd.env("RUST_LOG", "info")
-        .args(["run", "--wireguard", "userspace", "--state-dir"])
-        .arg(state);
+    cmd.env("RUST_LOG", "info").args(["run", "--wireguard", "userspace", "--state-dir"]).arg(state);
     let mut daemon = Proc::spawn_logged(cmd, "meshd run", log);
     let ready = wait_until(Duration::from_secs(60), || {
         daemon.assert_running("starting up");
@@ -34,53 +32,25 @@ fn restart_after_sigkill_applies_offline_changes() {
     let ifname = unique_ifname("mr");
     let _uapi = UapiCleanup(ifname.clone());
     let mut init = Command::new(product_bin("meshd"));
-    init.args([
-        "init",
-        "--network",
-        "home",
-        "--name",
-        "hub",
-        "--endpoint",
-        "192.0.2.10:51820",
-        "--interface",
-        &ifname,
-    ]);
+    init.args(["init", "--network", "home", "--name", "hub", "--endpoint", "192.0.2.10:51820", "--interface", &ifname]);
     run_ok(init.arg("--state-dir").arg(&state));
-    run_ok(meshctl(&state).args([
-        "service",
-        "add",
-        "wallet",
-        "--node",
-        "hub",
-        "--target",
-        "127.0.0.1:9737",
-    ]));
+    run_ok(meshctl(&state).args(["service", "add", "wallet", "--node", "hub", "--target", "127.0.0.1:9737"]));
 
     let mut daemon = start(&node, &state, &tmp.path().join("first.log"));
     // SAFETY: kill(2) on our own, not yet reaped child.
     unsafe { libc::kill(daemon.pid() as libc::pid_t, libc::SIGKILL) };
     assert!(!daemon.stop(Duration::from_secs(5)).success());
-    assert!(
-        state.join("meshd.sock").exists(),
-        "SIGKILL cannot remove the socket file"
-    );
+    assert!(state.join("meshd.sock").exists(), "SIGKILL cannot remove the socket file");
 
     // With no daemon, the stale socket is ignored and the change goes to the state directly.
     let began = Instant::now();
     let phone = run_json(meshctl(&state).args(["device", "add", "phone", "--allow", "wallet", "--json"]));
-    assert!(
-        began.elapsed() < Duration::from_secs(3),
-        "meshctl waited {:?} on a dead daemon",
-        began.elapsed()
-    );
+    assert!(began.elapsed() < Duration::from_secs(3), "meshctl waited {:?} on a dead daemon", began.elapsed());
     let phone_key = phone["public_key"].as_str().unwrap().to_string();
 
     let mut daemon = start(&node, &state, &tmp.path().join("second.log"));
     let peers = node.run(&["wg", "show", &ifname, "peers"]);
-    assert!(
-        peers.contains(&phone_key),
-        "the device added offline is not a peer after restart: {peers}"
-    );
+    assert!(peers.contains(&phone_key), "the device added offline is not a peer after restart: {peers}");
     // The table is named after the interface, with characters nft does not take as '_'.
     let table = format!("meshd_{}", ifname.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
     let rules = node.run(&["nft", "list", "table", "inet", &table]);
@@ -89,11 +59,7 @@ fn restart_after_sigkill_applies_offline_changes() {
     assert_eq!(devices[0]["name"], "phone");
 
     let status = daemon.stop(Duration::from_secs(10));
-    assert!(
-        status.success(),
-        "SIGTERM should end meshd cleanly: {status:?}\n{}",
-        daemon.log_text()
-    );
+    assert!(status.success(), "SIGTERM should end meshd cleanly: {status:?}\n{}", daemon.log_text());
     assert!(!state.join("meshd.sock").exists(), "socket left behind after SIGTERM");
     let tables = node.run(&["nft", "list", "tables"]);
     assert!(!tables.contains(&table), "access rules left behind: {tables}");

@@ -15,17 +15,7 @@ fn init_refuses_a_range_the_host_already_uses() {
     let state = tmp.path().join("state");
     let init = |cidr: &str| {
         let mut cmd = host.command(product_bin("meshd"));
-        cmd.args([
-            "init",
-            "--network",
-            "home",
-            "--name",
-            "hub",
-            "--endpoint",
-            "10.99.3.7:51820",
-            "--cidr",
-            cidr,
-        ]);
+        cmd.args(["init", "--network", "home", "--name", "hub", "--endpoint", "10.99.3.7:51820", "--cidr", cidr]);
         cmd.arg("--state-dir").arg(&state);
         cmd
     };
@@ -33,11 +23,7 @@ fn init_refuses_a_range_the_host_already_uses() {
     for cidr in ["10.99.0.0/16", "10.99.3.128/25"] {
         let out = output(&mut init(cidr));
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success(),
-            "init --cidr {cidr} was accepted: {}",
-            describe(&out)
-        );
+        assert!(!out.status.success(), "init --cidr {cidr} was accepted: {}", describe(&out));
         assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
         assert!(
             stderr.starts_with("error: ") && stderr.contains("10.99.3.0/24") && stderr.contains("lan0"),

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use meshd_e2e::{
-    Netns, Phone, Proc, assert_key_not_stored, describe, meshctl, output, product_bin, require_root, run_json, run_ok,
-    unique_ifname, veth, wait_until,
+    Netns, Phone, Proc, WgQuick, assert_key_not_stored, describe, meshctl, output, product_bin, require_root, run_json,
+    run_ok, unique_ifname, veth, wait_until, write_private,
 };
 use serde_json::Value;
 
@@ -32,9 +32,7 @@ const MESH_V4_BASE: [u8; 2] = [10, 77];
 
 /// A string field of a JSON object, panicking with the object when it is missing.
 fn text<'a>(obj: &'a Value, key: &str) -> &'a str {
-    obj[key]
-        .as_str()
-        .unwrap_or_else(|| panic!("no string {key:?} in {obj}"))
+    obj[key].as_str().unwrap_or_else(|| panic!("no string {key:?} in {obj}"))
 }
 
 /// The object named `name` in a JSON array of objects with a `name` field.
@@ -204,10 +202,7 @@ fn phone_reaches_exactly_its_services_from_the_qr_code() {
     let conf_text = run_ok(Command::new("zbarimg").args(["--raw", "-q", "-Sbinary"]).arg(&png));
     let phone = Phone::up(&phone_ns, &unique_ifname("ph"), &conf_text);
     let conf = &phone.config;
-    assert!(
-        conf_text.contains("[Interface]") && conf_text.contains("[Peer]"),
-        "{conf_text}"
-    );
+    assert!(conf_text.contains("[Interface]") && conf_text.contains("[Peer]"), "{conf_text}");
     let private_key = base64::engine::general_purpose::STANDARD
         .decode(&conf.private_key)
         .unwrap_or_else(|e| panic!("PrivateKey is not base64 ({e}): {conf_text}"));
@@ -217,10 +212,7 @@ fn phone_reaches_exactly_its_services_from_the_qr_code() {
     assert_eq!(peer.public_key, hub_key, "the peer is the hub");
     let psk = peer.preshared_key.as_deref().expect("a PresharedKey");
     assert_eq!(
-        base64::engine::general_purpose::STANDARD
-            .decode(psk)
-            .map(|k| k.len())
-            .ok(),
+        base64::engine::general_purpose::STANDARD.decode(psk).map(|k| k.len()).ok(),
         Some(32),
         "PresharedKey is not a 32-byte key"
     );
@@ -228,27 +220,18 @@ fn phone_reaches_exactly_its_services_from_the_qr_code() {
     assert_eq!(peer.endpoint.as_deref(), Some(ENDPOINT));
     assert!(!peer.allowed_ips.is_empty(), "no AllowedIPs");
     for cidr in &peer.allowed_ips {
-        assert!(
-            inside_mesh(cidr),
-            "AllowedIPs {cidr} reaches beyond the mesh: {conf_text}"
-        );
+        assert!(inside_mesh(cidr), "AllowedIPs {cidr} reaches beyond the mesh: {conf_text}");
     }
     assert_eq!(conf.addresses.len(), 2, "one v4 and one v6 Address: {conf_text}");
     let dns_servers: Vec<String> = conf.dns_servers.iter().map(|s| s.to_string()).collect();
     assert!(!dns_servers.is_empty(), "no DNS server in {conf_text}");
     for server in &dns_servers {
-        assert!(
-            *server == hub_v4 || *server == hub_v6,
-            "DNS {server} is not the hub's mesh address"
-        );
+        assert!(*server == hub_v4 || *server == hub_v6, "DNS {server} is not the hub's mesh address");
     }
 
     // The controller keeps no copy of the phone's private key, in any form.
     assert_key_not_stored(state_dir, &conf.private_key);
-    assert!(
-        !daemon.log_text().contains(&conf.private_key),
-        "meshd logged the phone's private key"
-    );
+    assert!(!daemon.log_text().contains(&conf.private_key), "meshd logged the phone's private key");
 
     // 5. Where the services are.
     let services = run_json(meshctl(state_dir).args(["service", "list", "--json"]));
@@ -269,23 +252,14 @@ fn phone_reaches_exactly_its_services_from_the_qr_code() {
 
     // 6. The phone reaches the wallet by mesh address (v4 and v6) and by name...
     let wallet_url = format!("http://{wallet_addr}/");
-    let reached = wait_until(Duration::from_secs(20), || {
-        phone_ns.http_get(&wallet_url, 2).as_deref() == Some("wallet-ok")
-    });
+    let reached =
+        wait_until(Duration::from_secs(20), || phone_ns.http_get(&wallet_url, 2).as_deref() == Some("wallet-ok"));
     assert!(reached, "phone cannot reach the wallet at {wallet_url} within 20 s");
     eprintln!("phone reached the wallet after {:?}", started.elapsed());
     let wallet_url_v6 = format!("http://{wallet_addr_v6}/");
-    assert_eq!(
-        phone_ns.http_get(&wallet_url_v6, 5).as_deref(),
-        Some("wallet-ok"),
-        "{wallet_url_v6}"
-    );
+    assert_eq!(phone_ns.http_get(&wallet_url_v6, 5).as_deref(), Some("wallet-ok"), "{wallet_url_v6}");
     let by_name = format!("http://{wallet_dns}:{wallet_port}/");
-    assert_eq!(
-        phone_ns.http_get(&by_name, 5).as_deref(),
-        Some("wallet-ok"),
-        "{by_name}"
-    );
+    assert_eq!(phone_ns.http_get(&by_name, 5).as_deref(), Some("wallet-ok"), "{by_name}");
 
     // ...its mesh DNS answers mesh names and forwards the rest to the node's upstream...
     let dns = &dns_servers[0];
@@ -297,60 +271,29 @@ fn phone_reaches_exactly_its_services_from_the_qr_code() {
     assert_eq!(answer, [OUTSIDE_ANSWER], "outside.test through the mesh DNS");
 
     // ...but not the explorer it was not allowed...
-    for url in [
-        format!("http://{explorer_addr}/"),
-        format!("http://{explorer_addr_v6}/"),
-    ] {
+    for url in [format!("http://{explorer_addr}/"), format!("http://{explorer_addr_v6}/")] {
         assert_eq!(phone_ns.http_get(&url, 2), None, "phone reached the explorer at {url}");
     }
 
     // ...nor anything else of the node, which does answer locally...
     for ip in [hub_v4.clone(), format!("[{hub_v6}]")] {
         let url = format!("http://{ip}:8088/");
-        assert_eq!(
-            node.http_get(&url, 2).as_deref(),
-            Some("hub-private"),
-            "node itself at {url}"
-        );
+        assert_eq!(node.http_get(&url, 2).as_deref(), Some("hub-private"), "node itself at {url}");
         assert_eq!(phone_ns.http_get(&url, 2), None, "phone reached the node's {url}");
     }
 
     // ...whatever it puts in its own AllowedIPs.
     let mut widened = peer.allowed_ips.clone();
     widened.push("169.254.1.0/24".into());
-    phone_ns.run(&[
-        "wg",
-        "set",
-        &phone.ifname,
-        "peer",
-        &hub_key,
-        "allowed-ips",
-        &widened.join(","),
-    ]);
+    phone_ns.run(&["wg", "set", &phone.ifname, "peer", &hub_key, "allowed-ips", &widened.join(",")]);
     phone_ns.ip(&["route", "add", "169.254.1.0/24", "dev", &phone.ifname]);
     for target in [WALLET_TARGET, EXPLORER_TARGET] {
         let url = format!("http://{target}/");
-        assert_eq!(
-            phone_ns.http_get(&url, 2),
-            None,
-            "phone reached {url} through the tunnel"
-        );
+        assert_eq!(phone_ns.http_get(&url, 2), None, "phone reached {url} through the tunnel");
     }
     phone_ns.ip(&["route", "del", "169.254.1.0/24", "dev", &phone.ifname]);
-    phone_ns.run(&[
-        "wg",
-        "set",
-        &phone.ifname,
-        "peer",
-        &hub_key,
-        "allowed-ips",
-        &peer.allowed_ips.join(","),
-    ]);
-    assert_eq!(
-        phone_ns.http_get(&wallet_url, 5).as_deref(),
-        Some("wallet-ok"),
-        "after the probe"
-    );
+    phone_ns.run(&["wg", "set", &phone.ifname, "peer", &hub_key, "allowed-ips", &peer.allowed_ips.join(",")]);
+    assert_eq!(phone_ns.http_get(&wallet_url, 5).as_deref(), Some("wallet-ok"), "after the probe");
 
     // 7. Listings.
     let devices = run_json(meshctl(state_dir).args(["device", "list", "--json"]));
@@ -359,19 +302,10 @@ fn phone_reaches_exactly_its_services_from_the_qr_code() {
         .as_i64()
         .unwrap_or_else(|| panic!("phone1 has no last_handshake after traffic: {phone1}"));
     let now = now_secs();
-    assert!(
-        (now - 600..=now + 5).contains(&handshake),
-        "last_handshake {handshake} is not a recent time (now {now})"
-    );
+    assert!((now - 600..=now + 5).contains(&handshake), "last_handshake {handshake} is not a recent time (now {now})");
     let addresses: Vec<&str> = conf.addresses.iter().map(|a| bare(a)).collect();
-    assert!(
-        addresses.contains(&bare(text(phone1, "address"))),
-        "{phone1} vs {addresses:?}"
-    );
-    assert!(
-        addresses.contains(&bare(text(phone1, "address_v6"))),
-        "{phone1} vs {addresses:?}"
-    );
+    assert!(addresses.contains(&bare(text(phone1, "address"))), "{phone1} vs {addresses:?}");
+    assert!(addresses.contains(&bare(text(phone1, "address_v6"))), "{phone1} vs {addresses:?}");
     assert_eq!(phone1["allow"], serde_json::json!(["wallet"]));
     let phone_pub = phone_ns.run(&["wg", "show", &phone.ifname, "public-key"]);
     assert_eq!(text(phone1, "public_key"), phone_pub.trim());
@@ -384,21 +318,10 @@ fn phone_reaches_exactly_its_services_from_the_qr_code() {
 
     // Live changes are applied incrementally: a new device and a new service reach the running hub
     // (peer, DNS name, listener) without resetting the phone's session.
-    run_ok(meshctl(state_dir).args([
-        "service",
-        "add",
-        "electrs",
-        "--node",
-        "hub",
-        "--target",
-        EXPLORER_TARGET,
-    ]));
+    run_ok(meshctl(state_dir).args(["service", "add", "electrs", "--node", "hub", "--target", EXPLORER_TARGET]));
     let laptop = run_json(meshctl(state_dir).args(["device", "add", "laptop1", "--allow", "electrs", "--json"]));
     let hub_peers = node.run(&["wg", "show", &hub_if, "peers"]);
-    assert!(
-        hub_peers.contains(text(&laptop, "public_key")),
-        "laptop1 is not a peer of the hub: {hub_peers}"
-    );
+    assert!(hub_peers.contains(text(&laptop, "public_key")), "laptop1 is not a peer of the hub: {hub_peers}");
     let services = run_json(meshctl(state_dir).args(["service", "list", "--json"]));
     let electrs = named(&services, "electrs");
     let electrs_ip = text(electrs, "mesh_address").rsplit_once(':').unwrap().0.to_string();
@@ -409,11 +332,7 @@ fn phone_reaches_exactly_its_services_from_the_qr_code() {
         None,
         "phone1 reached electrs, which it was not allowed"
     );
-    assert_eq!(
-        phone_ns.http_get(&wallet_url, 5).as_deref(),
-        Some("wallet-ok"),
-        "after live changes"
-    );
+    assert_eq!(phone_ns.http_get(&wallet_url, 5).as_deref(), Some("wallet-ok"), "after live changes");
     let devices = run_json(meshctl(state_dir).args(["device", "list", "--json"]));
     assert_eq!(
         named(&devices, "phone1")["last_handshake"].as_i64(),
@@ -421,21 +340,33 @@ fn phone_reaches_exactly_its_services_from_the_qr_code() {
         "the phone's session was reset by an unrelated change"
     );
 
+    // Rotation: a new config for the same device; the old key stops working within 2 s, the new one
+    // reaches the same services from the same addresses.
+    let rotated_conf = work_dir.join("phone1-rotated.conf");
+    run_ok(meshctl(state_dir).args(["device", "rotate", "phone1", "--conf", rotated_conf.to_str().unwrap()]));
+    let rotated_at = Instant::now();
+    let rotated = WgQuick::parse(&fs::read_to_string(&rotated_conf).unwrap());
+    assert_ne!(rotated.private_key, conf.private_key, "rotation must hand out a new key");
+    assert_eq!(rotated.addresses, conf.addresses, "rotation keeps the device's addresses");
+    let old_key_cut = wait_until(Duration::from_secs(2), || phone_ns.http_get(&wallet_url, 1).is_none());
+    assert!(old_key_cut, "the old key still reached the wallet {:?} after rotation", rotated_at.elapsed());
+    let key_file = work_dir.join("rotated.key");
+    let psk_file = work_dir.join("rotated.psk");
+    write_private(&key_file, &rotated.private_key);
+    write_private(&psk_file, rotated.peers[0].preshared_key.as_deref().expect("a PresharedKey"));
+    phone_ns.run(&["wg", "set", &phone.ifname, "private-key", key_file.to_str().unwrap()]);
+    phone_ns.run(&["wg", "set", &phone.ifname, "peer", &hub_key, "preshared-key", psk_file.to_str().unwrap()]);
+    assert!(
+        wait_until(Duration::from_secs(10), || phone_ns.http_get(&wallet_url, 2).as_deref() == Some("wallet-ok")),
+        "the rotated config does not reach the wallet"
+    );
+
     // A second daemon on the same state dir is refused, and leaves the first one working.
     let mut second_cmd = node.command(product_bin("meshd"));
-    second_cmd.args([
-        "run",
-        "--state-dir",
-        state_dir.to_str().unwrap(),
-        "--wireguard",
-        "userspace",
-    ]);
+    second_cmd.args(["run", "--state-dir", state_dir.to_str().unwrap(), "--wireguard", "userspace"]);
     let mut second = Proc::spawn_logged(second_cmd, "second meshd run", &work_dir.join("second.log"));
     let exited = wait_until(Duration::from_secs(15), || !second.is_running());
-    assert!(
-        exited,
-        "a second `meshd run` on the same state dir is still running after 15 s"
-    );
+    assert!(exited, "a second `meshd run` on the same state dir is still running after 15 s");
     let status = second.stop(Duration::ZERO);
     let second_log = second.log_text();
     assert!(!status.success(), "second `meshd run` exited 0: {second_log}");
@@ -445,8 +376,7 @@ fn phone_reaches_exactly_its_services_from_the_qr_code() {
     );
     daemon.assert_running("a second daemon was refused");
     assert!(
-        wait_until(Duration::from_secs(5), || phone_ns.http_get(&wallet_url, 2).as_deref()
-            == Some("wallet-ok")),
+        wait_until(Duration::from_secs(5), || phone_ns.http_get(&wallet_url, 2).as_deref() == Some("wallet-ok")),
         "the wallet is unreachable after a second `meshd run` was refused"
     );
 
@@ -466,24 +396,11 @@ fn phone_reaches_exactly_its_services_from_the_qr_code() {
     let cut_after = cut_after.expect("the phone still reached the wallet 2 s after `device remove`");
     eprintln!("access cut {cut_after:?} after `device remove` returned");
     for _ in 0..3 {
-        assert_eq!(
-            phone_ns.http_get(&wallet_url, 1),
-            None,
-            "the removed phone reached the wallet"
-        );
-        assert_eq!(
-            dig(&phone_ns, dns, &wallet_dns),
-            None,
-            "the removed phone got a DNS answer"
-        );
+        assert_eq!(phone_ns.http_get(&wallet_url, 1), None, "the removed phone reached the wallet");
+        assert_eq!(dig(&phone_ns, dns, &wallet_dns), None, "the removed phone got a DNS answer");
     }
     let devices = run_json(meshctl(state_dir).args(["device", "list", "--json"]));
-    let names: Vec<&str> = devices
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|d| d["name"].as_str())
-        .collect();
+    let names: Vec<&str> = devices.as_array().unwrap().iter().filter_map(|d| d["name"].as_str()).collect();
     assert_eq!(names, ["laptop1"], "device list after removal");
     daemon.assert_running("the test ended");
     eprintln!("e2e test took {:?}", started.elapsed());
