@@ -33,7 +33,7 @@ use hickory_server::{
     },
     zone_handler::{AxfrPolicy, Catalog, ZoneHandler, ZoneType},
 };
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Protocol, Type};
 use tokio::{
     net::{TcpListener, UdpSocket},
     sync::Mutex,
@@ -287,31 +287,14 @@ fn forwarder(upstreams: &[SocketAddr]) -> Result<ForwardZoneHandler, DnsError> {
         .map_err(|reason| DnsError::Forwarder { upstreams: upstreams.to_vec(), reason })
 }
 
-/// A socket that may bind an address not (yet) configured: right after the hub adds its mesh
-/// address the kernel still holds it tentative (IPv6 DAD), and a plain bind would fail.
-fn freebind_socket(addr: SocketAddr, ty: Type, protocol: Protocol) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(addr), ty, Some(protocol))?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        // Keep v6 sockets v6-only so "::" and "0.0.0.0" can be listened on side by side.
-        socket.set_only_v6(true)?;
-        socket.set_freebind_v6(true)?;
-    } else {
-        socket.set_freebind_v4(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    Ok(socket)
-}
-
 fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, DnsError> {
-    freebind_socket(addr, Type::DGRAM, Protocol::UDP)
+    crate::socket::bind_freely(addr, Type::DGRAM, Protocol::UDP)
         .and_then(|socket| UdpSocket::from_std(socket.into()))
         .map_err(|source| DnsError::Bind { transport: "UDP", addr, source })
 }
 
 fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, DnsError> {
-    freebind_socket(addr, Type::STREAM, Protocol::TCP)
+    crate::socket::bind_freely(addr, Type::STREAM, Protocol::TCP)
         .and_then(|socket| {
             socket.listen(TCP_BACKLOG)?;
             TcpListener::from_std(socket.into())

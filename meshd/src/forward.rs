@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Protocol, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -91,18 +91,9 @@ fn start(plan: &ServicePlan, allowed: Allowed) -> Result<Running, ForwardError> 
     Ok(Running { listen: plan.listen.clone(), target: plan.target.clone(), allowed: tx, listeners })
 }
 
-/// Bind with IP_FREEBIND so a listener can start while its address is still being added.
+/// A listener on a mesh address, which may still be being added to the interface.
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-        socket.set_freebind_v6(true)?;
-    } else {
-        socket.set_freebind_v4(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
+    let socket = crate::socket::bind_freely(addr, Type::STREAM, Protocol::TCP)?;
     socket.listen(1024)?;
     TcpListener::from_std(socket.into())
 }

@@ -17,6 +17,7 @@ pub mod ipam;
 pub mod keys;
 pub mod model;
 pub mod render;
+pub mod socket;
 pub mod statedir;
 pub mod store;
 pub mod wg;

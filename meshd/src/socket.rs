@@ -1,0 +1,23 @@
+//! Sockets on mesh addresses.
+
+use std::io;
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// A non-blocking socket bound to `addr` with IP_FREEBIND, so it may bind an address that is not (yet)
+/// configured: the forwarders and the DNS start while the interface's addresses are being added. IPv6
+/// sockets are v6-only, so "::" and "0.0.0.0" can be bound side by side.
+pub fn bind_freely(addr: SocketAddr, ty: Type, protocol: Protocol) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), ty, Some(protocol))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+        socket.set_freebind_v6(true)?;
+    } else {
+        socket.set_freebind_v4(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
