@@ -6,14 +6,16 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use meshd::api::{DeviceHandout, Outcome, Reply, Request};
 use meshd::controller::Controller;
 use meshd::input::{self, HostPort, Label};
+use meshd::invite;
 use meshd::keys::PrivateKey;
-use meshd::model::{DeviceView, NodeView, ServiceView};
+use meshd::model::{DeviceView, NodeView, Role, ServiceView};
 use meshd::render::{self, DeviceConfig, HubPeer};
 use meshd::statedir::{DEFAULT_STATE_DIR, StateDir};
 use serde::Serialize;
@@ -120,6 +122,29 @@ struct HandOut {
 enum NodeCommand {
     /// List nodes.
     List,
+    /// Invite a host to join: prints a one-time token for `meshd join` on that host.
+    Invite {
+        name: Label,
+        /// What the host will be.
+        #[arg(long, value_enum, default_value = "node")]
+        role: InviteRole,
+        /// How long the token stays valid, e.g. 90s, 30m, 1h, 2d.
+        #[arg(long, default_value = "1h", value_parser = invite::parse_duration)]
+        expires: Duration,
+    },
+    /// List invites not yet redeemed.
+    Invites,
+    /// Cancel a pending invite.
+    Uninvite { name: Label },
+    /// Remove a member node: no host keeps it as a peer from then on.
+    Remove { name: Label },
+}
+
+/// Roles an invited host can take.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum InviteRole {
+    Node,
+    Relay,
 }
 
 fn main() -> ExitCode {
@@ -152,6 +177,40 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             Reply::Nodes(nodes) => print(g, &nodes, || print_nodes(&nodes)),
             other => unexpected(other),
         },
+        Command::Node(NodeCommand::Invite { name, role, expires }) => {
+            let role = match role {
+                InviteRole::Node => Role::Node,
+                InviteRole::Relay => Role::Relay,
+            };
+            match send(g, Request::NodeInvite { name, role, expires_secs: expires.as_secs() })? {
+                Reply::Invite(issued) => {
+                    let i = &issued.invite;
+                    eprintln!(
+                        "invite for {} expires in {} s; on that host run: meshd join - (token on stdin)",
+                        i.name,
+                        expires.as_secs()
+                    );
+                    print(g, &issued, || println!("{}", issued.token))
+                }
+                other => unexpected(other),
+            }
+        }
+        Command::Node(NodeCommand::Invites) => match send(g, Request::NodeInvites)? {
+            Reply::Invites(invites) => print(g, &invites, || {
+                println!("{:<20} {:<6} EXPIRES IN", "NAME", "ROLE");
+                for i in &invites {
+                    let left = i.expires_at - now_secs() as i64;
+                    println!("{:<20} {:<6} {left} s", i.name, role_name(i.role));
+                }
+            }),
+            other => unexpected(other),
+        },
+        Command::Node(NodeCommand::Uninvite { name }) => {
+            removed(g, Request::NodeUninvite { name: name.clone() }, "invite for", &name)
+        }
+        Command::Node(NodeCommand::Remove { name }) => {
+            removed(g, Request::NodeRemove { name: name.clone() }, "node", &name)
+        }
         Command::Service(ServiceCommand::List) => match send(g, Request::ServiceList)? {
             Reply::Services(services) => print(g, &services, || print_services(&services)),
             other => unexpected(other),
@@ -251,6 +310,12 @@ fn send(g: &Global, request: Request) -> anyhow::Result<Reply> {
         Some(socket) => call_daemon(socket, &request)?,
         None => {
             let state = StateDir::new(&g.state_dir);
+            if !state.db().exists() && state.member_state().exists() {
+                bail!(
+                    "{} is the state of a member host; run meshctl on the network's controller",
+                    state.root().display()
+                );
+            }
             // Validate the state directory before anything is created in it.
             let mut controller = Controller::open(&state.db())?;
             // The shared lock is free only when no daemon runs (a socket file left by a killed
@@ -313,10 +378,18 @@ fn join(labels: &[Label]) -> String {
     if labels.is_empty() { "-".into() } else { labels.iter().map(Label::as_str).collect::<Vec<_>>().join(",") }
 }
 
+fn role_name(role: Role) -> String {
+    serde_json::to_value(role).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
 fn print_nodes(nodes: &[NodeView]) {
     println!("{:<20} {:<6} {:<16} {:<28} ENDPOINT", "NODE", "ROLE", "ADDRESS", "ADDRESS6");
     for n in nodes {
-        let role = serde_json::to_value(n.role).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        let role = role_name(n.role);
         println!(
             "{:<20} {:<6} {:<16} {:<28} {}",
             n.name,
@@ -330,7 +403,7 @@ fn print_nodes(nodes: &[NodeView]) {
 
 fn print_devices(devices: &[DeviceView]) {
     println!("{:<20} {:<16} {:<28} {:<24} LAST HANDSHAKE", "DEVICE", "ADDRESS", "ADDRESS6", "ALLOW");
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = now_secs();
     for d in devices {
         let seen =
             d.last_handshake.map(|t| format!("{}s ago", now.saturating_sub(t))).unwrap_or_else(|| "never".into());

@@ -7,7 +7,9 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::input::{HostPort, Label};
-use crate::model::{DeviceView, NetworkView, NodeView, ServiceView};
+use crate::model::{
+    DeviceView, InviteView, Network, NetworkView, Node, NodeView, Role, Service, ServiceView, Snapshot,
+};
 
 /// What `meshctl` asks of the controller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -15,6 +17,22 @@ use crate::model::{DeviceView, NetworkView, NodeView, ServiceView};
 pub enum Request {
     Status,
     NodeList,
+    /// Invite a new host under `name`; the reply carries the one-time token.
+    NodeInvite {
+        name: Label,
+        role: Role,
+        expires_secs: u64,
+    },
+    /// Unredeemed, unexpired invites.
+    NodeInvites,
+    /// Cancel the pending invite for `name`.
+    NodeUninvite {
+        name: Label,
+    },
+    /// Remove a member node: the hub drops it as a peer at once.
+    NodeRemove {
+        name: Label,
+    },
     ServiceAdd {
         name: Label,
         node: Label,
@@ -53,6 +71,7 @@ impl Request {
                 | Request::DeviceAdd { .. }
                 | Request::DeviceRemove { .. }
                 | Request::DeviceRotate { .. }
+                | Request::NodeRemove { .. }
         )
     }
 }
@@ -69,6 +88,58 @@ pub enum Reply {
     /// A device's config to hand out, after `DeviceAdd` or `DeviceRotate`.
     DeviceHandout(Box<DeviceHandout>),
     Removed,
+    Invite(InviteIssued),
+    Invites(Vec<InviteView>),
+}
+
+/// A new invite and its token (shown once).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InviteIssued {
+    pub invite: InviteView,
+    pub token: String,
+}
+
+/// What a joining host sends, over TLS, with the token's id and secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub id: String,
+    pub secret: String,
+    /// The host's own public key; its private key never leaves it.
+    pub public_key: String,
+    /// Where other hosts reach it, if anywhere (none: behind NAT).
+    pub endpoint: Option<HostPort>,
+    pub listen_port: u16,
+    pub interface: String,
+}
+
+/// The controller's answer to a join.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JoinReply {
+    Joined(Box<MemberState>),
+    Refused(String),
+}
+
+/// What a member host knows of the network: enough to plan its own interface, no secrets of others.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberState {
+    pub network: Network,
+    /// This host's name.
+    pub me: Label,
+    pub nodes: Vec<Node>,
+    pub services: Vec<Service>,
+}
+
+impl MemberState {
+    /// The network as a snapshot (without devices, which members do not peer with).
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            network: self.network.clone(),
+            nodes: self.nodes.clone(),
+            devices: Vec::new(),
+            services: self.services.clone(),
+        }
+    }
 }
 
 /// A reply or the one-line reason the request was refused.

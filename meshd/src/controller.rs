@@ -6,11 +6,16 @@ use std::path::Path;
 
 use ipnet::{IpNet, Ipv4Net};
 
-use crate::api::{DeviceHandout, Reply, Request, StatusView};
+use crate::api::{DeviceHandout, InviteIssued, JoinRequest, MemberState, Reply, Request, StatusView};
 use crate::input::{HostPort, Label};
+use crate::invite::{self, Token};
+use crate::join::JoinIdentity;
 use crate::keys;
-use crate::model::{DEVICE_KEEPALIVE_SECS, Device, MESH_MTU, Network, NetworkView, Node, Role, Service, Snapshot};
-use crate::store::{ADDRESS_COOLDOWN, Store, StoreError, Writer};
+use crate::model::{
+    DEVICE_KEEPALIVE_SECS, Device, Invite, InviteStatus, InviteView, MESH_MTU, Network, NetworkView, Node, Role,
+    Service, Snapshot,
+};
+use crate::store::{self, ADDRESS_COOLDOWN, Store, StoreError, Writer};
 
 /// Why the controller refused a request; the message is what the operator sees.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +38,24 @@ pub enum ControlError {
     KeyTaken(Label),
     #[error("the network has no hub node")]
     NoHub,
+    #[error("a network has one hub; invite with --role node or --role relay")]
+    SecondHub,
+    #[error("no pending invite for \"{0}\"")]
+    NoInvite(Label),
+    #[error("\"{0}\" is the hub; it cannot be removed from its own network")]
+    RemoveHub(Label),
+    #[error("node \"{node}\" still hosts services ({services}); remove them first")]
+    NodeHostsServices { node: Label, services: String },
+    #[error("this invite token was not issued by this controller (forged, mistyped or from another network)")]
+    InviteForged,
+    #[error("this invite was already used; ask for a new one")]
+    InviteUsed,
+    #[error("this invite was cancelled; ask for a new one")]
+    InviteCancelled,
+    #[error("this invite expired {0} s ago; ask for a new one")]
+    InviteExpired(i64),
+    #[error("the join certificate: {0}")]
+    JoinIdentity(#[from] crate::join::JoinError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -132,7 +155,114 @@ impl Controller {
                 false => Err(ControlError::UnknownDevice(name)),
             }),
             Request::DeviceRotate { name, public_key } => self.rotate_device(name, &public_key),
+            Request::NodeInvite { name, role, expires_secs } => self.invite(name, role, expires_secs),
+            Request::NodeInvites => self.store.write(|w| {
+                let now = store::now();
+                let pending = w.pending_invites()?.into_iter().filter(|i| i.expires_at > now);
+                Ok(Reply::Invites(
+                    pending.map(|i| InviteView { name: i.name, role: i.role, expires_at: i.expires_at }).collect(),
+                ))
+            }),
+            Request::NodeUninvite { name } => self.store.write(|w| {
+                let invite = w.pending_invites()?.into_iter().find(|i| i.name == name);
+                let invite = invite.ok_or(ControlError::NoInvite(name))?;
+                w.finish_invite(&invite.id, InviteStatus::Cancelled)?;
+                Ok(Reply::Removed)
+            }),
+            Request::NodeRemove { name } => self.store.write(|w| {
+                let s = w.snapshot()?;
+                let node =
+                    s.nodes.iter().find(|n| n.name == name).ok_or_else(|| ControlError::UnknownNode(name.clone()))?;
+                if node.role == Role::Hub {
+                    return Err(ControlError::RemoveHub(name));
+                }
+                let hosted: Vec<&str> = s.services.iter().filter(|v| v.node == name).map(|v| v.name.as_str()).collect();
+                if !hosted.is_empty() {
+                    return Err(ControlError::NodeHostsServices { node: name, services: hosted.join(", ") });
+                }
+                w.delete_node(&name)?;
+                Ok(Reply::Removed)
+            }),
         }
+    }
+
+    fn invite(&mut self, name: Label, role: Role, expires_secs: u64) -> Result<Reply, ControlError> {
+        if role == Role::Hub {
+            return Err(ControlError::SecondHub);
+        }
+        self.store.write(|w| {
+            let s = w.snapshot()?;
+            ensure_name_free(w, &s, &name)?;
+            let now = store::now();
+            // An expired invite no longer reserves the name (ensure_name_free refused a live one).
+            for expired in w.pending_invites()?.into_iter().filter(|i| i.name == name) {
+                w.finish_invite(&expired.id, InviteStatus::Cancelled)?;
+            }
+            let hub = s.hub().ok_or(ControlError::NoHub)?;
+            let join = hub.endpoint.clone().ok_or(ControlError::NoHub)?;
+            let identity = join_identity(w)?;
+            let (id, secret) = invite::new_id_and_secret();
+            let expires_at = now + expires_secs as i64;
+            w.insert_invite(&Invite {
+                id: id.clone(),
+                name: name.clone(),
+                role,
+                secret_hash: invite::hash_secret(&secret),
+                expires_at,
+                status: InviteStatus::Pending,
+            })?;
+            let token = Token {
+                v: 1,
+                network: s.network.name.to_string(),
+                join,
+                fingerprint: identity.fingerprint(),
+                id,
+                secret,
+            };
+            Ok(Reply::Invite(InviteIssued { invite: InviteView { name, role, expires_at }, token: token.encode() }))
+        })
+    }
+
+    /// Redeem an invite for a joining host: one transaction, so of two hosts racing on one token
+    /// exactly one becomes the node.
+    pub fn redeem(&mut self, request: &JoinRequest) -> Result<MemberState, ControlError> {
+        let public_key = keys::parse_public_key(&request.public_key)?;
+        self.store.write(|w| {
+            let invite = w.invite(&request.id)?.ok_or(ControlError::InviteForged)?;
+            if !invite::hashes_equal(&invite.secret_hash, &invite::hash_secret(&request.secret)) {
+                return Err(ControlError::InviteForged);
+            }
+            match invite.status {
+                InviteStatus::Redeemed => return Err(ControlError::InviteUsed),
+                InviteStatus::Cancelled => return Err(ControlError::InviteCancelled),
+                InviteStatus::Pending => {}
+            }
+            let now = store::now();
+            if invite.expires_at <= now {
+                return Err(ControlError::InviteExpired(now - invite.expires_at));
+            }
+            let s = w.snapshot()?;
+            ensure_key_free(&s, &public_key)?;
+            w.finish_invite(&invite.id, InviteStatus::Redeemed)?;
+            ensure_name_free(w, &s, &invite.name)?;
+            let index = allocate(w, &s.network)?;
+            w.insert_node(&Node {
+                name: invite.name.clone(),
+                public_key,
+                index,
+                endpoint: request.endpoint.clone(),
+                listen_port: request.listen_port,
+                interface: request.interface.clone(),
+                role: invite.role,
+            })?;
+            let s = w.snapshot()?;
+            Ok(MemberState { network: s.network, me: invite.name, nodes: s.nodes, services: s.services })
+        })
+    }
+
+    /// The TLS identity joining hosts pin (made on first use).
+    pub fn join_identity(&mut self) -> Result<JoinIdentity, ControlError> {
+        self.store.write(join_identity)
     }
 
     fn rotate_device(&mut self, name: Label, public_key: &str) -> Result<Reply, ControlError> {
@@ -159,7 +289,7 @@ impl Controller {
     ) -> Result<Reply, ControlError> {
         self.store.write(|w| {
             let s = w.snapshot()?;
-            ensure_name_free(&s, &name)?;
+            ensure_name_free(w, &s, &name)?;
             if !s.nodes.iter().any(|n| n.name == node) {
                 return Err(ControlError::UnknownNode(node));
             }
@@ -180,7 +310,7 @@ impl Controller {
         }
         self.store.write(|w| {
             let s = w.snapshot()?;
-            ensure_name_free(&s, &name)?;
+            ensure_name_free(w, &s, &name)?;
             if let Some(unknown) = allow.iter().find(|a| !s.services.iter().any(|svc| &svc.name == *a)) {
                 return Err(ControlError::UnknownService(unknown.clone()));
             }
@@ -216,6 +346,15 @@ fn handout(s: &Snapshot, hub: &Node, device: &Device) -> DeviceHandout {
     }
 }
 
+fn join_identity(w: &Writer<'_>) -> Result<JoinIdentity, ControlError> {
+    if let Some((cert, key)) = w.join_identity()? {
+        return Ok(JoinIdentity::from_der(cert, key)?);
+    }
+    let identity = JoinIdentity::generate()?;
+    w.insert_join_identity(identity.cert_der(), identity.key_der())?;
+    Ok(identity)
+}
+
 /// A key may belong to one node or device only.
 fn ensure_key_free(s: &Snapshot, public_key: &str) -> Result<(), ControlError> {
     let holders =
@@ -226,13 +365,15 @@ fn ensure_key_free(s: &Snapshot, public_key: &str) -> Result<(), ControlError> {
     }
 }
 
-fn ensure_name_free(s: &Snapshot, name: &Label) -> Result<(), ControlError> {
+fn ensure_name_free(w: &Writer<'_>, s: &Snapshot, name: &Label) -> Result<(), ControlError> {
     let kind = if s.nodes.iter().any(|n| &n.name == name) {
         "node"
     } else if s.devices.iter().any(|d| &d.name == name) {
         "device"
     } else if s.services.iter().any(|v| &v.name == name) {
         "service"
+    } else if w.pending_invites()?.iter().any(|i| &i.name == name && i.expires_at > store::now()) {
+        "pending invite"
     } else {
         return Ok(());
     };
@@ -353,6 +494,117 @@ mod tests {
         let hub_key = stored.hub().unwrap().public_key.clone();
         assert!(matches!(rotate(&mut c, "phone", &hub_key), Err(ControlError::KeyTaken(_))));
         assert_eq!(c.snapshot().unwrap(), stored, "refused rotations change nothing");
+    }
+
+    fn invite(c: &mut Controller, name: &str, expires_secs: u64) -> Token {
+        let reply = c.handle(Request::NodeInvite { name: label(name), role: Role::Node, expires_secs }).unwrap();
+        let Reply::Invite(issued) = reply else { panic!("{reply:?}") };
+        Token::decode(&issued.token).unwrap()
+    }
+
+    fn join_request(token: &Token) -> JoinRequest {
+        JoinRequest {
+            id: token.id.clone(),
+            secret: token.secret.clone(),
+            public_key: PrivateKey::generate().public_key(),
+            endpoint: Some("198.51.100.7:51820".parse().unwrap()),
+            listen_port: 51820,
+            interface: "meshd0".into(),
+        }
+    }
+
+    #[test]
+    fn an_invite_is_redeemed_once_into_a_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        let token = invite(&mut c, "vps", 3600);
+        assert_eq!(token.join.to_string(), "203.0.113.5:51820");
+        assert_eq!(token.fingerprint, c.join_identity().unwrap().fingerprint(), "the token pins the join certificate");
+        let Reply::Invites(list) = c.handle(Request::NodeInvites).unwrap() else { panic!() };
+        assert_eq!(list.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), ["vps"]);
+        assert!(matches!(add_device(&mut c, "vps", &[]), Err(ControlError::NothingAllowed)));
+        add_service(&mut c, "wallet").unwrap();
+        assert!(
+            matches!(
+                add_device(&mut c, "vps", &["wallet"]),
+                Err(ControlError::NameTaken { kind: "pending invite", .. })
+            ),
+            "an invited name is reserved"
+        );
+
+        let member = c.redeem(&join_request(&token)).unwrap();
+        assert_eq!(member.me.as_str(), "vps");
+        let vps = member.nodes.iter().find(|n| n.name.as_str() == "vps").unwrap();
+        assert_eq!(vps.index, 3, "hub 1, wallet 2, vps 3");
+        assert_eq!(vps.endpoint.as_ref().map(ToString::to_string).as_deref(), Some("198.51.100.7:51820"));
+        assert!(matches!(c.redeem(&join_request(&token)), Err(ControlError::InviteUsed)));
+        let Reply::Invites(list) = c.handle(Request::NodeInvites).unwrap() else { panic!() };
+        assert!(list.is_empty());
+    }
+
+    #[test]
+    fn forged_cancelled_and_expired_invites_are_refused_without_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        let token = invite(&mut c, "vps", 3600);
+        let mut forged = token.clone();
+        forged.secret = "0".repeat(32);
+        assert!(matches!(c.redeem(&join_request(&forged)), Err(ControlError::InviteForged)));
+        forged.id = "1".repeat(32);
+        assert!(matches!(c.redeem(&join_request(&forged)), Err(ControlError::InviteForged)));
+
+        c.handle(Request::NodeUninvite { name: label("vps") }).unwrap();
+        assert!(matches!(c.redeem(&join_request(&token)), Err(ControlError::InviteCancelled)));
+        assert!(matches!(c.handle(Request::NodeUninvite { name: label("vps") }), Err(ControlError::NoInvite(_))));
+
+        let expired = invite(&mut c, "attic", 0);
+        assert!(matches!(c.redeem(&join_request(&expired)), Err(ControlError::InviteExpired(_))));
+        let again = invite(&mut c, "attic", 3600);
+        assert_eq!(c.snapshot().unwrap().nodes.len(), 1, "only the hub");
+        c.redeem(&join_request(&again)).expect("a new invite for a name whose invite expired");
+    }
+
+    #[test]
+    fn racing_redemptions_have_one_winner() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        let token = invite(&mut c, "vps", 3600);
+        let db = dir.path().join("meshd.db");
+        let results: Vec<bool> = (0..6)
+            .map(|_| {
+                let (db, request) = (db.clone(), join_request(&token));
+                std::thread::spawn(move || Controller::open(&db).unwrap().redeem(&request).is_ok())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        assert_eq!(results.iter().filter(|ok| **ok).count(), 1, "{results:?}");
+        assert_eq!(c.snapshot().unwrap().nodes.len(), 2);
+    }
+
+    #[test]
+    fn removing_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        let token = invite(&mut c, "vps", 3600);
+        c.redeem(&join_request(&token)).unwrap();
+        c.handle(Request::ServiceAdd {
+            name: label("beacon"),
+            node: label("vps"),
+            target: "127.0.0.1:5052".parse().unwrap(),
+            port: None,
+        })
+        .unwrap();
+        assert!(matches!(c.handle(Request::NodeRemove { name: label("hub") }), Err(ControlError::RemoveHub(_))));
+        assert!(matches!(
+            c.handle(Request::NodeRemove { name: label("vps") }),
+            Err(ControlError::NodeHostsServices { .. })
+        ));
+        c.handle(Request::ServiceRemove { name: label("beacon") }).unwrap();
+        c.handle(Request::NodeRemove { name: label("vps") }).unwrap();
+        assert_eq!(c.snapshot().unwrap().nodes.len(), 1);
+        assert!(matches!(c.handle(Request::NodeRemove { name: label("vps") }), Err(ControlError::UnknownNode(_))));
     }
 
     #[test]

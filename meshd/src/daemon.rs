@@ -3,24 +3,27 @@
 //! Requests enter through the admin socket, change the store through the controller, and every change
 //! is followed by one reconcile: new plan, diff against the running one, apply only the difference.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, anyhow};
+use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::admin::{self, Call};
-use crate::api::{Outcome, Reply, Request};
+use crate::api::{JoinReply, JoinRequest, Outcome, Reply, Request};
 use crate::controller::Controller;
 use crate::desired::{self, HostPlan};
 use crate::dns::{self, MeshDns};
 use crate::firewall;
 use crate::forward::Forwarders;
-use crate::model::DeviceView;
+use crate::join::{self, JoinCall};
+use crate::model::{DeviceView, Snapshot};
 use crate::statedir::StateDir;
+use crate::store::StoreError;
 use crate::wg::{Backend, Interface};
 
 /// Where upstream resolvers are read from.
@@ -33,14 +36,36 @@ struct Host {
     interface: Arc<Mutex<Interface>>,
     forwarders: Forwarders,
     dns: Option<MeshDns>,
+    /// Fires when the embedded WireGuard device stops by itself (it takes SIGTERM and SIGINT too).
+    stopped: watch::Receiver<bool>,
 }
 
-/// Run the daemon on `state` until SIGINT or SIGTERM.
+/// Run the daemon on `state` until SIGINT or SIGTERM: the controller and hub where the network's
+/// database is, a member host where `meshd join` left its membership.
 pub async fn run(state: &StateDir, backend: Backend) -> anyhow::Result<()> {
     let _lock = state.lock_daemon()?;
-    let mut controller = Controller::open(&state.db())?;
+    if state.db().exists() {
+        let mut controller = Controller::open(&state.db())?;
+        let snapshot = controller.snapshot()?;
+        let mut host = start_host(state, backend, &snapshot).await?;
+        let result = serve(state, &mut controller, &mut host).await;
+        shut_down(host).await;
+        result
+    } else if state.member_state().exists() {
+        let member = state.read_member_state()?;
+        let host = start_host(state, backend, &member.snapshot()).await?;
+        info!(node = %host.name, network = %member.network.name, "meshd ready (member)");
+        let result = wait_for_signal(host.stopped.clone()).await;
+        shut_down(host).await;
+        result
+    } else {
+        Err(StoreError::NotInitialized(state.root().to_path_buf()).into())
+    }
+}
+
+/// Bring this host's part of the network up: access rules, interface, forwarders, DNS.
+async fn start_host(state: &StateDir, backend: Backend, snapshot: &Snapshot) -> anyhow::Result<Host> {
     let key = state.read_private_key()?;
-    let snapshot = controller.snapshot()?;
     let me = key.public_key();
     let name = snapshot.nodes.iter().find(|n| n.public_key == me).map(|n| n.name.to_string()).ok_or_else(|| {
         anyhow!(
@@ -49,13 +74,20 @@ pub async fn run(state: &StateDir, backend: Backend) -> anyhow::Result<()> {
             snapshot.network.name
         )
     })?;
-    let plan = desired::plan_host(&snapshot, &name)?;
+    let plan = desired::plan_host(snapshot, &name)?;
 
     // The access rules match the interface by name, so they are in place before it comes up.
     firewall::load(&firewall::render(&plan)).await.context("installing access rules")?;
     let created = {
         let plan = plan.clone();
-        tokio::task::spawn_blocking(move || Interface::create(backend, &plan, &key)).await?
+        tokio::task::spawn_blocking(move || {
+            let interface = Interface::create(backend, &plan, &key)?;
+            if plan.access.routes {
+                interface.enable_forwarding()?;
+            }
+            Ok::<_, crate::wg::WgError>(interface)
+        })
+        .await?
     };
     let interface = match created {
         Ok(interface) => interface,
@@ -67,40 +99,89 @@ pub async fn run(state: &StateDir, backend: Backend) -> anyhow::Result<()> {
     let mut host = Host {
         name,
         plan: plan.clone(),
+        stopped: interface.stopped(),
         interface: Arc::new(Mutex::new(interface)),
         forwarders: Forwarders::default(),
         dns: None,
     };
-    let result = match bring_up(&mut host, &plan).await {
-        Ok(()) => serve(state, &mut controller, &mut host).await,
-        Err(e) => Err(e),
-    };
-    shut_down(host).await;
-    result
+    if let Err(e) = bring_up(&mut host, &plan).await {
+        shut_down(host).await;
+        return Err(e);
+    }
+    Ok(host)
 }
 
-/// Install the signal handlers and the admin socket, then answer requests until SIGINT or SIGTERM.
+async fn wait_for_signal(mut stopped: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        _ = stopped.wait_for(|s| *s) => info!("the WireGuard device stopped"),
+    }
+    info!("shutting down");
+    Ok(())
+}
+
+/// Open the admin socket and the join service, then answer both until SIGINT or SIGTERM.
 async fn serve(state: &StateDir, controller: &mut Controller, host: &mut Host) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+
+    // Joining hosts reach the join service on the TCP port of the same number as WireGuard's UDP one.
+    let identity = controller.join_identity()?;
+    let join_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, host.plan.listen_port));
+    let join_listener =
+        TcpListener::bind(join_addr).await.with_context(|| format!("join service on TCP {join_addr}"))?;
+    let (joins_tx, mut joins) = mpsc::channel::<JoinCall<JoinRequest, JoinReply>>(64);
+    let join_server = tokio::spawn(join::serve(join_listener, identity, joins_tx, |reason| {
+        JoinReply::Refused(format!("malformed join request: {reason}"))
+    }));
+
     let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
     let listener = admin::bind(&state.socket())?;
     let server = tokio::spawn(admin::serve(listener, calls_tx));
-    info!(node = %host.name, socket = %state.socket().display(), "meshd ready");
+    info!(node = %host.name, socket = %state.socket().display(), join = %join_addr, "meshd ready");
+    let mut stopped = host.stopped.clone();
     loop {
         tokio::select! {
             Some((request, reply)) = calls.recv() => {
                 let outcome = handle(controller, host, request).await;
                 let _ = reply.send(outcome);
             }
+            Some((request, peer, reply)) = joins.recv() => {
+                let _ = reply.send(redeem(controller, host, &request, peer).await);
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = stopped.wait_for(|s| *s) => {
+                info!("the WireGuard device stopped");
+                break;
+            }
         }
     }
     info!("shutting down");
     server.abort();
+    join_server.abort();
     let _ = std::fs::remove_file(state.socket());
     Ok(())
+}
+
+/// A joining host redeems its invite; the hub takes the new node as a peer before answering.
+async fn redeem(controller: &mut Controller, host: &mut Host, request: &JoinRequest, peer: SocketAddr) -> JoinReply {
+    match controller.redeem(request) {
+        Ok(member) => {
+            info!(node = %member.me, %peer, "host joined");
+            if let Err(e) = reconcile(controller, host).await {
+                error!(error = format!("{e:#}"), "applying the join failed");
+            }
+            JoinReply::Joined(Box::new(member))
+        }
+        Err(e) => {
+            info!(%peer, reason = %e, "join refused");
+            JoinReply::Refused(e.to_string())
+        }
+    }
 }
 
 /// Forwarders and DNS, once the interface and its access rules are up.

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 
 use crate::dns::{DNS_PORT, DnsRecords};
 use crate::input::{HostPort, Label};
-use crate::model::{MESH_MTU, Role, Snapshot};
+use crate::model::{DEVICE_KEEPALIVE_SECS, MESH_MTU, Role, Service, Snapshot};
 
 /// The desired state of one host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +27,20 @@ pub struct HostPlan {
     pub services: Vec<ServicePlan>,
     /// Mesh DNS, on the hub only.
     pub dns: Option<DnsPlan>,
+    /// Who may reach what through this host.
+    pub access: AccessPlan,
+}
+
+/// The access rules of a host (default deny on the mesh interface).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessPlan {
+    /// Every node's mesh addresses: nodes reach each other freely.
+    pub nodes: BTreeSet<IpAddr>,
+    /// (device address, service address and port) pairs admitted: local services, and on the hub, which
+    /// routes devices to services on other nodes, those too.
+    pub grants: BTreeSet<(IpAddr, SocketAddr)>,
+    /// Whether this host routes between its peers (the hub does).
+    pub routes: bool,
 }
 
 /// One WireGuard peer of a host.
@@ -80,8 +94,9 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
         IpNet::new(pool.v6_of(node.index).into(), pool.v6().prefix_len()).expect("the mesh prefix is valid"),
     ]);
 
+    let is_hub = node.role == Role::Hub;
     let mut peers = BTreeMap::new();
-    if node.role == Role::Hub {
+    if is_hub {
         for device in &s.devices {
             peers.insert(
                 device.public_key.clone(),
@@ -94,30 +109,82 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
                 },
             );
         }
+        // Members and their services are reached through their tunnel; a member without an endpoint
+        // (behind NAT) keeps that tunnel open from its side.
+        for member in s.nodes.iter().filter(|n| n.role != Role::Hub) {
+            let indexes = std::iter::once(member.index)
+                .chain(s.services.iter().filter(|v| v.node == member.name).map(|v| v.index));
+            peers.insert(
+                member.public_key.clone(),
+                PeerPlan {
+                    name: member.name.clone(),
+                    preshared_key: None,
+                    endpoint: member.endpoint.clone(),
+                    allowed_ips: indexes.flat_map(|i| [host_v4(i), host_v6(i)]).collect(),
+                    persistent_keepalive: None,
+                },
+            );
+        }
+    } else if let Some(hub) = s.hub() {
+        // A member reaches the whole mesh through the hub, and keeps its tunnel open through NAT.
+        peers.insert(
+            hub.public_key.clone(),
+            PeerPlan {
+                name: hub.name.clone(),
+                preshared_key: None,
+                endpoint: hub.endpoint.clone(),
+                allowed_ips: vec![mesh_v4, mesh_v6],
+                persistent_keepalive: Some(DEVICE_KEEPALIVE_SECS),
+            },
+        );
     }
 
-    let mut services = Vec::new();
-    for service in s.services.iter().filter(|v| v.node == node.name) {
-        addresses.insert(host_v4(service.index));
-        addresses.insert(host_v6(service.index));
-        let allowed = s
-            .devices
+    let device_addrs = |service: &Service| -> Vec<IpAddr> {
+        s.devices
             .iter()
             .filter(|d| d.allow.contains(&service.name))
             .flat_map(|d| [IpAddr::V4(pool.v4_of(d.index)), IpAddr::V6(pool.v6_of(d.index))])
-            .collect();
-        services.push(ServicePlan {
-            name: service.name.clone(),
-            listen: vec![
-                SocketAddr::new(pool.v4_of(service.index).into(), service.port),
-                SocketAddr::new(pool.v6_of(service.index).into(), service.port),
-            ],
-            target: service.target.clone(),
-            allowed,
-        });
+            .collect()
+    };
+    let service_addrs = |service: &Service| {
+        [
+            SocketAddr::new(pool.v4_of(service.index).into(), service.port),
+            SocketAddr::new(pool.v6_of(service.index).into(), service.port),
+        ]
+    };
+    let mut services = Vec::new();
+    let mut grants = BTreeSet::new();
+    for service in &s.services {
+        let local = service.node == node.name;
+        if !local && !is_hub {
+            continue;
+        }
+        let allowed = device_addrs(service);
+        for dst in service_addrs(service) {
+            grants.extend(allowed.iter().filter(|src| src.is_ipv4() == dst.is_ipv4()).map(|&src| (src, dst)));
+        }
+        if local {
+            addresses.insert(host_v4(service.index));
+            addresses.insert(host_v6(service.index));
+            services.push(ServicePlan {
+                name: service.name.clone(),
+                listen: service_addrs(service).to_vec(),
+                target: service.target.clone(),
+                allowed: allowed.into_iter().collect(),
+            });
+        }
     }
+    let access = AccessPlan {
+        nodes: s
+            .nodes
+            .iter()
+            .flat_map(|n| [IpAddr::V4(pool.v4_of(n.index)), IpAddr::V6(pool.v6_of(n.index))])
+            .collect(),
+        grants,
+        routes: is_hub,
+    };
 
-    let dns = (node.role == Role::Hub).then(|| {
+    let dns = is_hub.then(|| {
         let mut records = DnsRecords::new();
         let mut add = |name: &Label, index: u32| {
             records.insert(s.network.fqdn(name), vec![IpAddr::V4(pool.v4_of(index)), IpAddr::V6(pool.v6_of(index))]);
@@ -144,6 +211,7 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
         peers,
         services,
         dns,
+        access,
     })
 }
 
@@ -306,6 +374,63 @@ mod tests {
         let (add, remove) = diff_addresses(&before.addresses, &plan_host(&changed, "hub").unwrap().addresses);
         assert!(add.is_empty());
         assert_eq!(remove.iter().map(ToString::to_string).collect::<Vec<_>>(), ["10.77.0.3/32", "fd00:1:2::3/128"]);
+    }
+
+    fn with_members() -> Snapshot {
+        let mut s = snapshot();
+        let member = |name: &str, key: &str, index: u32, endpoint: Option<&str>| Node {
+            name: label(name),
+            public_key: key.into(),
+            index,
+            endpoint: endpoint.map(|e| e.parse().unwrap()),
+            listen_port: 51820,
+            interface: "meshd0".into(),
+            role: Role::Node,
+        };
+        s.nodes.push(member("vps", "VPS", 7, Some("198.51.100.7:51820")));
+        s.nodes.push(member("attic", "ATTIC", 8, None));
+        s.services.push(Service {
+            name: label("beacon"),
+            node: label("attic"),
+            target: "127.0.0.1:5052".parse().unwrap(),
+            port: 5052,
+            index: 9,
+        });
+        s.devices[0].allow.push(label("beacon"));
+        s
+    }
+
+    #[test]
+    fn the_hub_peers_with_members_and_routes_to_their_services() {
+        let plan = plan_host(&with_members(), "hub").unwrap();
+        let attic = &plan.peers["ATTIC"];
+        assert_eq!(attic.endpoint, None, "behind NAT: the member keeps the tunnel open");
+        let ips: Vec<String> = attic.allowed_ips.iter().map(ToString::to_string).collect();
+        assert_eq!(ips, ["10.77.0.8/32", "fd00:1:2::8/128", "10.77.0.9/32", "fd00:1:2::9/128"]);
+        assert_eq!(plan.peers["VPS"].endpoint, Some("198.51.100.7:51820".parse().unwrap()));
+        assert!(plan.access.routes);
+        let beacon: SocketAddr = "10.77.0.9:5052".parse().unwrap();
+        assert!(plan.access.grants.contains(&("10.77.0.4".parse().unwrap(), beacon)), "routed grant for the phone");
+        assert!(!plan.services.iter().any(|v| v.name.as_str() == "beacon"), "the hub does not serve it itself");
+        assert_eq!(plan.access.nodes.len(), 6, "three nodes, two addresses each");
+    }
+
+    #[test]
+    fn a_member_reaches_the_mesh_through_the_hub() {
+        let plan = plan_host(&with_members(), "attic").unwrap();
+        assert_eq!(plan.peers.keys().collect::<Vec<_>>(), ["HUB"]);
+        let hub = &plan.peers["HUB"];
+        assert_eq!(hub.allowed_ips, vec!["10.77.0.0/16".parse().unwrap(), "fd00:1:2::/64".parse::<IpNet>().unwrap()]);
+        assert_eq!(hub.persistent_keepalive, Some(25));
+        assert_eq!(hub.endpoint, Some("203.0.113.5:51820".parse().unwrap()));
+        assert!(!plan.access.routes && plan.dns.is_none());
+        let beacon = plan.services.iter().find(|v| v.name.as_str() == "beacon").expect("the member serves beacon");
+        assert!(beacon.allowed.contains(&"10.77.0.4".parse().unwrap()));
+        assert!(
+            plan.access.grants.iter().all(|(_, dst)| dst.port() == 5052),
+            "only grants to its own services: {:?}",
+            plan.access.grants
+        );
     }
 
     #[test]

@@ -33,33 +33,30 @@ pub fn table_name(interface: &str) -> String {
 /// The full ruleset (as an `nft -f` script that replaces the table) for `plan`.
 pub fn render(plan: &HostPlan) -> String {
     let table = table_name(&plan.interface);
-    let mut grants_v4 = Vec::new();
-    let mut grants_v6 = Vec::new();
-    for service in &plan.services {
-        for listen in &service.listen {
-            for source in &service.allowed {
-                match (source, listen.ip()) {
-                    (IpAddr::V4(s), IpAddr::V4(d)) => grants_v4.push(format!("{s} . {d} . {}", listen.port())),
-                    (IpAddr::V6(s), IpAddr::V6(d)) => grants_v6.push(format!("{s} . {d} . {}", listen.port())),
-                    _ => {}
-                }
-            }
-        }
-    }
+    let access = &plan.access;
+    let (nodes_v4, nodes_v6): (Vec<&IpAddr>, Vec<&IpAddr>) = access.nodes.iter().partition(|ip| ip.is_ipv4());
+    let (grants_v4, grants_v6): (Vec<_>, Vec<_>) = access.grants.iter().partition(|(src, _)| src.is_ipv4());
+    let grant = |(src, dst): &&(IpAddr, std::net::SocketAddr)| format!("{src} . {} . {}", dst.ip(), dst.port());
 
     let mut out = String::new();
     // Creating then deleting makes the script work whether or not the table exists yet.
     let _ = writeln!(out, "table inet {table}\ndelete table inet {table}\ntable inet {table} {{");
-    for (set, ty, elements) in [
-        ("grants_v4", "ipv4_addr . ipv4_addr . inet_service", &grants_v4),
-        ("grants_v6", "ipv6_addr . ipv6_addr . inet_service", &grants_v6),
-    ] {
+    let sets: [(&str, &str, Vec<String>); 4] = [
+        ("nodes_v4", "ipv4_addr", nodes_v4.iter().map(ToString::to_string).collect()),
+        ("nodes_v6", "ipv6_addr", nodes_v6.iter().map(ToString::to_string).collect()),
+        ("grants_v4", "ipv4_addr . ipv4_addr . inet_service", grants_v4.iter().map(grant).collect()),
+        ("grants_v6", "ipv6_addr . ipv6_addr . inet_service", grants_v6.iter().map(grant).collect()),
+    ];
+    for (set, ty, elements) in sets {
         let _ = writeln!(out, "  set {set} {{\n    type {ty}");
         if !elements.is_empty() {
             let _ = writeln!(out, "    elements = {{ {} }}", elements.join(", "));
         }
         let _ = writeln!(out, "  }}");
     }
+    // Nodes reach each other freely; devices only their granted services (and the hub's DNS).
+    let admitted = "ip saddr @nodes_v4 accept\n    ip6 saddr @nodes_v6 accept
+    ip saddr . ip daddr . tcp dport @grants_v4 accept\n    ip6 saddr . ip6 daddr . tcp dport @grants_v6 accept";
     let iface = &plan.interface;
     let _ = writeln!(out, "  chain input {{\n    type filter hook input priority filter; policy accept;");
     let _ = writeln!(out, "    iifname != \"{iface}\" accept");
@@ -80,11 +77,17 @@ pub fn render(plan: &HostPlan) -> String {
             }
         }
     }
-    let _ = writeln!(out, "    ip saddr . ip daddr . tcp dport @grants_v4 accept");
-    let _ = writeln!(out, "    ip6 saddr . ip6 daddr . tcp dport @grants_v6 accept");
-    let _ = writeln!(out, "    counter drop\n  }}");
+    let _ = writeln!(out, "    {admitted}\n    counter drop\n  }}");
     let _ = writeln!(out, "  chain forward {{\n    type filter hook forward priority filter; policy accept;");
-    let _ = writeln!(out, "    iifname \"{iface}\" counter drop\n  }}\n}}");
+    if access.routes {
+        // The hub routes between its peers, under the same rules as traffic addressed to it.
+        let _ = writeln!(out, "    iifname \"{iface}\" oifname \"{iface}\" jump mesh_routing");
+    }
+    let _ = writeln!(out, "    iifname \"{iface}\" counter drop\n  }}");
+    if access.routes {
+        let _ = writeln!(out, "  chain mesh_routing {{\n    ct state established,related accept\n    {admitted}\n  }}");
+    }
+    let _ = writeln!(out, "}}");
     out
 }
 
@@ -118,10 +121,13 @@ pub async fn remove(interface: &str) -> Result<(), FirewallError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired::{DnsPlan, ServicePlan};
+    use crate::desired::{AccessPlan, DnsPlan, ServicePlan};
     use std::collections::{BTreeMap, BTreeSet};
 
-    fn plan(allowed: &[&str]) -> HostPlan {
+    fn plan(allowed: &[&str], routes: bool) -> HostPlan {
+        let wallet: Vec<std::net::SocketAddr> =
+            vec!["10.77.0.2:9737".parse().unwrap(), "[fd00::2]:9737".parse().unwrap()];
+        let allowed: BTreeSet<IpAddr> = allowed.iter().map(|a| a.parse().unwrap()).collect();
         HostPlan {
             interface: "wg-home.1".into(),
             listen_port: 51820,
@@ -130,9 +136,9 @@ mod tests {
             peers: BTreeMap::new(),
             services: vec![ServicePlan {
                 name: "wallet".parse().unwrap(),
-                listen: vec!["10.77.0.2:9737".parse().unwrap(), "[fd00::2]:9737".parse().unwrap()],
+                listen: wallet.clone(),
                 target: "127.0.0.1:9737".parse().unwrap(),
-                allowed: allowed.iter().map(|a| a.parse().unwrap()).collect(),
+                allowed: allowed.clone(),
             }],
             dns: Some(DnsPlan {
                 listen: vec!["10.77.0.1:53".parse().unwrap(), "[fd00::1]:53".parse().unwrap()],
@@ -140,12 +146,20 @@ mod tests {
                 records: BTreeMap::new(),
                 clients: vec!["10.77.0.0/16".parse().unwrap(), "fd00::/64".parse().unwrap()],
             }),
+            access: AccessPlan {
+                nodes: ["10.77.0.1", "fd00::1", "10.77.0.5", "fd00::5"].iter().map(|a| a.parse().unwrap()).collect(),
+                grants: allowed
+                    .iter()
+                    .flat_map(|src| wallet.iter().filter(|dst| dst.is_ipv4() == src.is_ipv4()).map(|dst| (*src, *dst)))
+                    .collect(),
+                routes,
+            },
         }
     }
 
     #[test]
     fn grants_are_exact_source_destination_port_triples() {
-        let rules = render(&plan(&["10.77.0.4", "fd00::4"]));
+        let rules = render(&plan(&["10.77.0.4", "fd00::4"], true));
         assert!(rules.contains("table inet meshd_wg_home_1 {"), "{rules}");
         assert!(rules.contains("elements = { 10.77.0.4 . 10.77.0.2 . 9737 }"), "{rules}");
         assert!(rules.contains("elements = { fd00::4 . fd00::2 . 9737 }"), "{rules}");
@@ -156,11 +170,22 @@ mod tests {
         assert!(rules.contains("iifname \"wg-home.1\" counter drop"));
         let drop_at = rules.find("counter drop\n  }").unwrap();
         assert!(rules.find("@grants_v4 accept").unwrap() < drop_at, "grants must come before the final drop");
+        assert!(rules.contains("elements = { 10.77.0.1, 10.77.0.5 }"), "nodes reach each other: {rules}");
+        assert!(rules.contains("iifname \"wg-home.1\" oifname \"wg-home.1\" jump mesh_routing"), "{rules}");
+    }
+
+    #[test]
+    fn only_the_hub_routes_between_peers() {
+        let rules = render(&plan(&["10.77.0.4"], false));
+        assert!(!rules.contains("mesh_routing"), "{rules}");
+        assert!(rules.contains("iifname \"wg-home.1\" counter drop"));
     }
 
     #[test]
     fn no_grant_means_empty_sets_and_default_deny() {
-        let rules = render(&plan(&[]));
+        let mut empty = plan(&[], false);
+        empty.access.nodes.clear();
+        let rules = render(&empty);
         assert!(!rules.contains("elements"), "{rules}");
         assert!(rules.contains("counter drop"));
     }
@@ -176,7 +201,11 @@ mod tests {
             .spawn()
             .and_then(|mut child| {
                 use std::io::Write;
-                child.stdin.take().expect("piped").write_all(render(&plan(&["10.77.0.4", "fd00::4"])).as_bytes())?;
+                child
+                    .stdin
+                    .take()
+                    .expect("piped")
+                    .write_all(render(&plan(&["10.77.0.4", "fd00::4"], true)).as_bytes())?;
                 child.wait_with_output()
             })
         else {

@@ -1,13 +1,18 @@
 //! The `meshd` binary: `meshd init` creates a network with this host as its controller and hub,
 //! `meshd run` runs this host's part of it in the foreground.
 
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use meshd::api::{JoinReply, JoinRequest};
 use meshd::controller::{Controller, NewNetwork};
 use meshd::hostnet;
 use meshd::input::{self, HostPort, Label};
+use meshd::invite::Token;
 use meshd::keys::PrivateKey;
 use meshd::statedir::{DEFAULT_STATE_DIR, StateDir};
 use meshd::wg::Backend;
@@ -48,6 +53,23 @@ enum Command {
         #[arg(long, value_parser = input::parse_port)]
         listen_port: Option<u16>,
     },
+    /// Join a network with an invite token from `meshctl node invite`; then start it with `meshd run`.
+    Join {
+        /// The invite token, or - to read it from standard input (keeps it off the command line).
+        token: String,
+        /// State directory.
+        #[arg(long, env = "MESHD_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Where other hosts reach this one: HOST:PORT (omit behind NAT without inbound).
+        #[arg(long)]
+        endpoint: Option<HostPort>,
+        /// WireGuard interface name.
+        #[arg(long, default_value = "meshd0", value_parser = input::parse_interface)]
+        interface: String,
+        /// UDP port WireGuard listens on [default: the endpoint's port, else 51820].
+        #[arg(long, value_parser = input::parse_port)]
+        listen_port: Option<u16>,
+    },
     /// Run this host's part of the network in the foreground.
     Run {
         /// State directory.
@@ -76,6 +98,10 @@ fn main() -> ExitCode {
                 interface,
             };
             init(&StateDir::new(state_dir), new)
+        }
+        Command::Join { token, state_dir, endpoint, interface, listen_port } => {
+            let listen_port = listen_port.or(endpoint.as_ref().map(HostPort::port)).unwrap_or(DEFAULT_LISTEN_PORT);
+            join(&StateDir::new(state_dir), &token, endpoint, interface, listen_port)
         }
         Command::Run { state_dir, wireguard } => run(&StateDir::new(state_dir), wireguard),
     };
@@ -119,6 +145,65 @@ fn init(state: &StateDir, mut new: NewNetwork) -> anyhow::Result<()> {
         println!("  this host {} ({}, {}), endpoint {}", hub.name, hub.address, hub.address_v6, new.endpoint);
         println!("  interface {} listening on UDP {}", new.interface, new.listen_port);
     }
+    Ok(())
+}
+
+/// WireGuard's customary port, for a joining host that gives none.
+const DEFAULT_LISTEN_PORT: u16 = 51820;
+
+/// How long a join may take end to end.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn join(
+    state: &StateDir,
+    token: &str,
+    endpoint: Option<HostPort>,
+    interface: String,
+    listen_port: u16,
+) -> anyhow::Result<()> {
+    let text = if token == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).context("reading the token from standard input")?;
+        text
+    } else {
+        token.to_owned()
+    };
+    let token = Token::decode(&text)?;
+    // Refuse an unusable state directory before the one-time token is spent.
+    state.check_new()?;
+    let key = PrivateKey::generate();
+    let request = JoinRequest {
+        id: token.id.clone(),
+        secret: token.secret.clone(),
+        public_key: key.public_key(),
+        endpoint,
+        listen_port,
+        interface,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let reply: JoinReply = runtime
+        .block_on(meshd::join::call(&token.join.to_string(), &token.fingerprint, &request, JOIN_TIMEOUT))
+        .with_context(|| format!("joining network {} at {}", token.network, token.join))?;
+    let member = match reply {
+        JoinReply::Joined(member) => member,
+        JoinReply::Refused(reason) => anyhow::bail!("the controller refused to join this host: {reason}"),
+    };
+    state.create()?;
+    let saved = state.write_private_key(&key).and_then(|()| state.write_member_state(&member));
+    if let Err(e) = saved {
+        state.remove_new();
+        return Err(anyhow::Error::from(e).context(format!(
+            "host {} was registered but its state could not be saved; remove it with `meshctl node remove {}` and invite it again",
+            member.me, member.me
+        )));
+    }
+    let snapshot = member.snapshot();
+    let view = snapshot.nodes.iter().find(|n| n.name == member.me).map(|n| snapshot.node_view(n));
+    println!("joined network {} as {}", member.network.name, member.me);
+    if let Some(me) = view {
+        println!("  addresses {} and {}", me.address, me.address_v6);
+    }
+    println!("  start it:  meshd run --state-dir {}", state.root().display());
     Ok(())
 }
 

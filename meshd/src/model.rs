@@ -47,10 +47,12 @@ pub enum Role {
     Hub,
     /// A mesh member.
     Node,
+    /// A mesh member with a public endpoint meant to carry traffic for members behind NAT.
+    Relay,
 }
 
 /// A host that runs `meshd`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
     pub name: Label,
     pub public_key: String,
@@ -74,7 +76,7 @@ pub struct Device {
 }
 
 /// A TCP service on a node, exposed to the mesh on its own mesh address.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
     pub name: Label,
     pub node: Label,
@@ -186,4 +188,34 @@ pub struct NetworkView {
     pub domain: String,
     pub cidr: Ipv4Net,
     pub cidr_v6: Ipv6Net,
+}
+
+/// Where an invite stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InviteStatus {
+    Pending,
+    Redeemed,
+    Cancelled,
+}
+
+/// An invite as stored: the secret only as its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invite {
+    pub id: String,
+    pub name: Label,
+    pub role: Role,
+    pub secret_hash: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    pub status: InviteStatus,
+}
+
+/// An unredeemed invite as `meshctl node invites` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InviteView {
+    pub name: Label,
+    pub role: Role,
+    /// Unix seconds.
+    pub expires_at: i64,
 }

@@ -8,6 +8,7 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::api::MemberState;
 use crate::keys::PrivateKey;
 
 /// Default state directory.
@@ -32,6 +33,8 @@ pub enum StateDirError {
     BadKey(PathBuf),
     #[error("another meshd is already running on {0}")]
     Busy(PathBuf),
+    #[error("{0} is damaged: {1}")]
+    BadMemberState(PathBuf, String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateDirError + '_ {
@@ -69,6 +72,11 @@ impl StateDir {
         self.root.join("private.key")
     }
 
+    /// What a member host knows of its network (written by `meshd join`).
+    pub fn member_state(&self) -> PathBuf {
+        self.root.join("member.json")
+    }
+
     /// The admin socket.
     pub fn socket(&self) -> PathBuf {
         self.root.join("meshd.sock")
@@ -78,28 +86,31 @@ impl StateDir {
         self.root.join("meshd.lock")
     }
 
-    /// Make the directory (0700) for a new network; it must be new or empty.
-    pub fn create(&self) -> Result<(), StateDirError> {
-        if self.db().exists() {
+    /// Check that the directory can hold a new network or membership: new, or empty.
+    pub fn check_new(&self) -> Result<(), StateDirError> {
+        if self.db().exists() || self.member_state().exists() {
             return Err(StateDirError::AlreadyInitialized(self.root.clone()));
         }
         match fs::read_dir(&self.root) {
-            Ok(mut entries) => {
-                if entries.next().is_some() {
-                    return Err(StateDirError::NotEmpty(self.root.clone()));
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.root).map_err(io(&self.root))?;
-            }
-            Err(e) => return Err(io(&self.root)(e)),
+            Ok(mut entries) => match entries.next() {
+                Some(_) => Err(StateDirError::NotEmpty(self.root.clone())),
+                None => Ok(()),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&self.root)(e)),
         }
+    }
+
+    /// Make the directory (0700) for a new network or membership; it must be new or empty.
+    pub fn create(&self) -> Result<(), StateDirError> {
+        self.check_new()?;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.root).map_err(io(&self.root))?;
         fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700)).map_err(io(&self.root))
     }
 
     /// Undo `create` after a failed init: remove what init wrote, and the directory if it is then empty.
     pub fn remove_new(&self) {
-        for path in [self.db(), self.private_key(), self.lock_path()] {
+        for path in [self.db(), self.private_key(), self.member_state(), self.lock_path()] {
             let _ = fs::remove_file(path);
         }
         let _ = fs::remove_dir(&self.root);
@@ -111,6 +122,24 @@ impl StateDir {
         let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(io(&path))?;
         writeln!(file, "{}", key.to_base64()).map_err(io(&path))?;
         file.sync_all().map_err(io(&path))
+    }
+
+    /// Save what this member host knows of its network (0600, replaced atomically).
+    pub fn write_member_state(&self, state: &MemberState) -> Result<(), StateDirError> {
+        let path = self.member_state();
+        let tmp = self.root.join(".member.json.tmp");
+        let json = serde_json::to_vec_pretty(state).map_err(|e| io(&path)(e.into()))?;
+        let mut file =
+            OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
+        file.write_all(&json).and_then(|()| file.sync_all()).map_err(io(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io(&path))
+    }
+
+    /// What this member host knows of its network.
+    pub fn read_member_state(&self) -> Result<MemberState, StateDirError> {
+        let path = self.member_state();
+        let text = fs::read(&path).map_err(io(&path))?;
+        serde_json::from_slice(&text).map_err(|e| StateDirError::BadMemberState(path, e.to_string()))
     }
 
     /// Read this host's private key, refusing a file other users can read.

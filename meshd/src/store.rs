@@ -13,13 +13,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use crate::input::{HostPort, Label};
-use crate::model::{Device, Network, Node, Role, Service, Snapshot};
+use crate::model::{Device, Invite, InviteStatus, Network, Node, Role, Service, Snapshot};
 
 /// `PRAGMA application_id` of a meshd database ("mshd"), so a foreign SQLite file is recognised.
 const APPLICATION_ID: i32 = 0x6d73_6864;
 
 /// Numbered migrations; `PRAGMA user_version` records how many have run.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE network (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     name TEXT NOT NULL,
@@ -41,7 +42,7 @@ CREATE TABLE nodes (
     endpoint TEXT,
     listen_port INTEGER NOT NULL,
     interface TEXT NOT NULL,
-    role TEXT NOT NULL CHECK (role IN ('hub', 'node')),
+    role TEXT NOT NULL CHECK (role IN ('hub', 'node', 'relay')),
     created_at INTEGER NOT NULL
 );
 CREATE TABLE devices (
@@ -66,7 +67,28 @@ CREATE TABLE grants (
     service_id INTEGER NOT NULL REFERENCES services(id) ON DELETE CASCADE,
     PRIMARY KEY (device_id, service_id)
 );
-"#];
+"#,
+    r#"
+-- Invites to join; the secret is stored hashed. A pending name is reserved.
+CREATE TABLE invites (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('node', 'relay')),
+    secret_hash TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'redeemed', 'cancelled')),
+    finished_at INTEGER
+);
+CREATE UNIQUE INDEX invites_pending_name ON invites (name) WHERE status = 'pending';
+-- The controller's TLS identity for joins (the certificate's fingerprint goes into tokens).
+CREATE TABLE join_identity (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    cert BLOB NOT NULL,
+    key BLOB NOT NULL
+);
+"#,
+];
 
 /// How long a released address stays out of circulation, so a stale peer config elsewhere cannot
 /// reach whoever gets it next.
@@ -102,6 +124,9 @@ pub enum StoreError {
 fn sql(context: &str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
     move |source| StoreError::Sqlite { context: context.to_owned(), source }
 }
+
+/// A DER certificate and its DER (PKCS#8) private key.
+pub type CertAndKey = (Vec<u8>, Vec<u8>);
 
 /// An open meshd database.
 pub struct Store {
@@ -320,6 +345,80 @@ impl Writer<'_> {
         Ok(())
     }
 
+    /// Store a new pending invite.
+    pub fn insert_invite(&self, invite: &Invite) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "INSERT INTO invites (id, name, role, secret_hash, created_at, expires_at, status)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending')",
+                params![
+                    invite.id,
+                    invite.name.as_str(),
+                    role_text(invite.role),
+                    invite.secret_hash,
+                    now(),
+                    invite.expires_at
+                ],
+            )
+            .map_err(sql("insert invite"))?;
+        Ok(())
+    }
+
+    /// The invite with `id`, whatever its status.
+    pub fn invite(&self, id: &str) -> Result<Option<Invite>, StoreError> {
+        let mut stmt = self
+            .tx
+            .prepare("SELECT id, name, role, secret_hash, expires_at, status FROM invites WHERE id = ?1")
+            .map_err(sql("read invite"))?;
+        Ok(read_invites(&mut stmt, [id])?.pop())
+    }
+
+    /// Invites not yet redeemed or cancelled (expired ones included), oldest first.
+    pub fn pending_invites(&self) -> Result<Vec<Invite>, StoreError> {
+        let mut stmt = self
+            .tx
+            .prepare(
+                "SELECT id, name, role, secret_hash, expires_at, status FROM invites WHERE status = 'pending'
+                 ORDER BY created_at, id",
+            )
+            .map_err(sql("read invites"))?;
+        read_invites(&mut stmt, [])
+    }
+
+    /// Mark an invite redeemed or cancelled.
+    pub fn finish_invite(&self, id: &str, status: InviteStatus) -> Result<(), StoreError> {
+        let status = match status {
+            InviteStatus::Pending => "pending",
+            InviteStatus::Redeemed => "redeemed",
+            InviteStatus::Cancelled => "cancelled",
+        };
+        self.tx
+            .execute("UPDATE invites SET status = ?1, finished_at = ?2 WHERE id = ?3", params![status, now(), id])
+            .map_err(sql("update invite"))?;
+        Ok(())
+    }
+
+    /// The controller's join certificate and key (DER), if made yet.
+    pub fn join_identity(&self) -> Result<Option<CertAndKey>, StoreError> {
+        self.tx
+            .query_row("SELECT cert, key FROM join_identity WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .map_err(sql("read join identity"))
+    }
+
+    /// Store the controller's join certificate and key (DER).
+    pub fn insert_join_identity(&self, cert: &[u8], key: &[u8]) -> Result<(), StoreError> {
+        self.tx
+            .execute("INSERT INTO join_identity (id, cert, key) VALUES (1, ?1, ?2)", params![cert, key])
+            .map_err(sql("store join identity"))?;
+        Ok(())
+    }
+
+    /// Delete a node that hosts no service and release its address; false if there was none.
+    pub fn delete_node(&self, name: &Label) -> Result<bool, StoreError> {
+        self.delete_addressed("nodes", name)
+    }
+
     /// Delete a device (and its grants) and release its address; false if there was none.
     pub fn delete_device(&self, name: &Label) -> Result<bool, StoreError> {
         self.delete_addressed("devices", name)
@@ -387,6 +486,7 @@ fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
             role: match role.as_str() {
                 "hub" => Role::Hub,
                 "node" => Role::Node,
+                "relay" => Role::Relay,
                 _ => return Err(StoreError::Corrupt("nodes.role".into())),
             },
         });
@@ -455,6 +555,43 @@ fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
     Ok(Snapshot { network, nodes, devices, services })
 }
 
+fn read_invites(stmt: &mut rusqlite::Statement<'_>, args: impl rusqlite::Params) -> Result<Vec<Invite>, StoreError> {
+    let raw = stmt
+        .query_map(args, |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, String>(5)?,
+            ))
+        })
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(sql("read invites"))?;
+    raw.into_iter()
+        .map(|(id, name, role, secret_hash, expires_at, status)| {
+            Ok(Invite {
+                id,
+                name: parse_column("invites.name", &name)?,
+                role: match role.as_str() {
+                    "node" => Role::Node,
+                    "relay" => Role::Relay,
+                    _ => return Err(StoreError::Corrupt("invites.role".into())),
+                },
+                secret_hash,
+                expires_at,
+                status: match status.as_str() {
+                    "pending" => InviteStatus::Pending,
+                    "redeemed" => InviteStatus::Redeemed,
+                    "cancelled" => InviteStatus::Cancelled,
+                    _ => return Err(StoreError::Corrupt("invites.status".into())),
+                },
+            })
+        })
+        .collect()
+}
+
 fn parse_column<T: std::str::FromStr>(column: &str, text: &str) -> Result<T, StoreError> {
     text.parse().map_err(|_| StoreError::Corrupt(column.to_owned()))
 }
@@ -463,9 +600,11 @@ fn role_text(role: Role) -> &'static str {
     match role {
         Role::Hub => "hub",
         Role::Node => "node",
+        Role::Relay => "relay",
     }
 }
 
-fn now() -> i64 {
+/// Unix seconds now.
+pub fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }

@@ -1,6 +1,11 @@
 //! The WireGuard interface of a host: kernel WireGuard where the module exists, otherwise boringtun
-//! embedded in this process, both driven through defguard_wireguard_rs. Addresses are managed with
-//! `ip` (iproute2) so that they can be removed as well as added.
+//! embedded in this process, both configured through defguard_wireguard_rs. Addresses are managed
+//! with `ip` (iproute2) so that they can be removed as well as added.
+//!
+//! meshd owns the embedded boringtun device (rather than letting defguard start it) because boringtun
+//! stops its device on SIGTERM, SIGINT, or when its UAPI socket is removed: a thread waits on the
+//! device and reports that through [`Interface::stopped`], so the daemon shuts down with it instead of
+//! running on without an interface. Removing the socket is also how meshd stops the device.
 //!
 //! defguard's API is blocking; callers run it off the async runtime (`spawn_blocking`).
 
@@ -9,10 +14,12 @@ use std::process::Command;
 use std::str::FromStr;
 use std::time::UNIX_EPOCH;
 
+use defguard_boringtun::device::{DeviceConfig, DeviceHandle};
 use defguard_wireguard_rs::key::Key;
 use defguard_wireguard_rs::peer::Peer;
 use defguard_wireguard_rs::{InterfaceConfiguration, Kernel, Userspace, WGApi, WireguardInterfaceApi};
 use ipnet::IpNet;
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::desired::{HostPlan, PeerDiff, PeerPlan};
@@ -45,25 +52,53 @@ pub struct Interface {
     name: String,
     api: Box<dyn WireguardInterfaceApi + Send>,
     kernel: bool,
+    /// The embedded device's waiting thread (userspace only).
+    device: Option<std::thread::JoinHandle<()>>,
+    stopped: watch::Receiver<bool>,
+    /// Held for a kernel interface, which nothing stops behind our back, so `stopped` never fires.
+    _kernel_stays: Option<watch::Sender<bool>>,
 }
+
+/// Where boringtun puts its UAPI socket.
+const UAPI_DIR: &str = "/var/run/wireguard";
 
 impl Interface {
     /// Create the interface of `plan` with its key, port, MTU, addresses and peers.
     pub fn create(backend: Backend, plan: &HostPlan, key: &PrivateKey) -> Result<Interface, WgError> {
         let name = plan.interface.clone();
         let err = |e: &dyn std::fmt::Display| WgError::Interface { interface: name.clone(), message: e.to_string() };
-        let (api, kernel): (Box<dyn WireguardInterfaceApi + Send>, bool) = match backend {
-            Backend::Kernel => (Box::new(create_kernel(&name).map_err(|e| err(&e))?), true),
-            Backend::Userspace => (Box::new(create_userspace(&name).map_err(|e| err(&e))?), false),
-            Backend::Auto => match create_kernel(&name) {
-                Ok(api) => (Box::new(api), true),
-                Err(e) => {
-                    info!(interface = %name, reason = %e, "kernel WireGuard unavailable; using embedded userspace WireGuard");
-                    (Box::new(create_userspace(&name).map_err(|e| err(&e))?), false)
-                }
-            },
+        let (stop_tx, stopped) = watch::channel(false);
+        let kernel_api = match backend {
+            Backend::Kernel => Some(create_kernel(&name).map_err(|e| err(&e))?),
+            Backend::Userspace => None,
+            Backend::Auto => create_kernel(&name)
+                .inspect_err(|e| {
+                    info!(interface = %name, reason = %e, "kernel WireGuard unavailable; using embedded userspace WireGuard")
+                })
+                .ok(),
         };
-        let interface = Interface { name: name.clone(), api, kernel };
+        let interface = match kernel_api {
+            Some(api) => Interface {
+                name: name.clone(),
+                api: Box::new(api),
+                kernel: true,
+                device: None,
+                stopped,
+                _kernel_stays: Some(stop_tx),
+            },
+            None => {
+                let device = start_userspace(&name, stop_tx).map_err(|e| err(&e))?;
+                let api = WGApi::<Userspace>::new(name.as_str()).map_err(|e| err(&e))?;
+                Interface {
+                    name: name.clone(),
+                    api: Box::new(api),
+                    kernel: false,
+                    device: Some(device),
+                    stopped,
+                    _kernel_stays: None,
+                }
+            }
+        };
         let peers = plan.peers.iter().map(|(k, p)| to_peer(k, p)).collect::<Result<Vec<_>, _>>()?;
         let config = InterfaceConfiguration {
             name: interface.name.clone(),
@@ -112,6 +147,21 @@ impl Interface {
         Ok(())
     }
 
+    /// Turns true when the embedded device has stopped by itself (signal, or its socket removed).
+    pub fn stopped(&self) -> watch::Receiver<bool> {
+        self.stopped.clone()
+    }
+
+    /// Let the kernel route packets that arrive on this interface (the hub routes between its peers; the
+    /// firewall decides what may pass).
+    pub fn enable_forwarding(&self) -> Result<(), WgError> {
+        for family in ["ipv4", "ipv6"] {
+            let path = format!("/proc/sys/net/{family}/conf/{}/forwarding", self.name);
+            std::fs::write(&path, "1").map_err(|e| self.error(format!("enabling forwarding ({path}): {e}")))?;
+        }
+        Ok(())
+    }
+
     /// Last handshake (unix seconds) of every peer, by public key; `None` for never.
     pub fn handshakes(&self) -> Result<HashMap<String, Option<u64>>, WgError> {
         let host = self.api.read_interface_data().map_err(|e| self.error(e))?;
@@ -137,22 +187,46 @@ impl Interface {
 impl Drop for Interface {
     fn drop(&mut self) {
         if self.kernel {
-            // Userspace interfaces vanish with their device handle; a kernel one must be deleted.
+            // A kernel interface must be deleted; a userspace one goes with its device.
             if let Err(e) = self.api.remove_interface() {
                 debug!(interface = %self.name, error = %e, "removing interface");
             }
         }
+        if let Some(device) = self.device.take() {
+            // boringtun checks every second that its socket still exists and stops when it does not.
+            let _ = std::fs::remove_file(uapi_socket(&self.name));
+            let _ = device.join();
+        }
     }
+}
+
+fn uapi_socket(interface: &str) -> String {
+    format!("{UAPI_DIR}/{interface}.sock")
+}
+
+/// Start boringtun for `name`, bring the link up, and wait for the device on a thread of its own.
+fn start_userspace(name: &str, stopped: watch::Sender<bool>) -> Result<std::thread::JoinHandle<()>, String> {
+    let mut handle = DeviceHandle::new(name, DeviceConfig::default()).map_err(|e| e.to_string())?;
+    if let Err(e) = ip(&["link", "set", "dev", name, "up"]) {
+        let _ = std::fs::remove_file(uapi_socket(name));
+        handle.wait();
+        return Err(e.to_string());
+    }
+    let name = name.to_owned();
+    std::thread::Builder::new()
+        .name(format!("wg-{name}"))
+        .spawn(move || {
+            handle.wait();
+            handle.clean();
+            drop(handle);
+            debug!(interface = %name, "embedded WireGuard device stopped");
+            let _ = stopped.send(true);
+        })
+        .map_err(|e| e.to_string())
 }
 
 fn create_kernel(name: &str) -> Result<WGApi<Kernel>, defguard_wireguard_rs::error::WireguardInterfaceError> {
     let mut api = WGApi::<Kernel>::new(name)?;
-    api.create_interface()?;
-    Ok(api)
-}
-
-fn create_userspace(name: &str) -> Result<WGApi<Userspace>, defguard_wireguard_rs::error::WireguardInterfaceError> {
-    let mut api = WGApi::<Userspace>::new(name)?;
     api.create_interface()?;
     Ok(api)
 }

@@ -1,6 +1,7 @@
 //! A daemon killed with SIGKILL leaves a stale socket behind: `meshctl` must then work on the state
 //! directly, and a restarted `meshd run` must apply what changed meanwhile. SIGTERM tears down cleanly.
 use std::fs;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -13,9 +14,11 @@ fn start(node: &Netns, state: &Path, log: &Path) -> Proc {
     let mut cmd = node.command(product_bin("meshd"));
     cmd.env("RUST_LOG", "info").args(["run", "--wireguard", "userspace", "--state-dir"]).arg(state);
     let mut daemon = Proc::spawn_logged(cmd, "meshd run", log);
+    // Readiness is a socket that accepts, not a socket file: a killed daemon leaves its file behind.
     let ready = wait_until(Duration::from_secs(60), || {
         daemon.assert_running("starting up");
-        state.join("meshd.sock").exists() && output(meshctl(state).args(["status", "--json"])).status.success()
+        UnixStream::connect(state.join("meshd.sock")).is_ok()
+            && output(meshctl(state).args(["status", "--json"])).status.success()
     });
     assert!(ready, "meshd run did not become ready within 60 s");
     daemon

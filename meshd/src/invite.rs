@@ -1,0 +1,172 @@
+//! Invites: the one-time token a new host redeems to join the network, and its parts.
+//!
+//! A token is `meshd-invite:` followed by base64url JSON carrying what the joining host needs to find
+//! and authenticate the controller (its join address and the SHA-256 fingerprint of its TLS
+//! certificate) and the invite's id and 128-bit secret. The controller stores only a hash of the
+//! secret.
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::input::HostPort;
+
+const PREFIX: &str = "meshd-invite:";
+
+/// Default lifetime of an invite.
+pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(3600);
+
+/// Longest lifetime an invite may be given.
+pub const MAX_EXPIRY: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// A token that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("not a meshd invite token (it starts with \"meshd-invite:\"; was it cut when copied?)")]
+    Malformed,
+    #[error("this invite token comes from a newer meshd (version {0})")]
+    Version(u32),
+}
+
+/// An invite token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    /// Format version.
+    pub v: u32,
+    /// Name of the network, for messages.
+    pub network: String,
+    /// Where the controller's join service listens (TCP).
+    pub join: HostPort,
+    /// Lowercase hex SHA-256 of the controller's join certificate.
+    pub fingerprint: String,
+    /// Invite id (hex).
+    pub id: String,
+    /// The secret (hex, 128 bits).
+    pub secret: String,
+}
+
+impl Token {
+    /// The one-line text form.
+    pub fn encode(&self) -> String {
+        let json = serde_json::to_vec(self).expect("a token always serialises");
+        format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(json))
+    }
+
+    /// Read a token, tolerating surrounding whitespace.
+    pub fn decode(text: &str) -> Result<Token, TokenError> {
+        let body = text.trim().strip_prefix(PREFIX).ok_or(TokenError::Malformed)?;
+        let json = URL_SAFE_NO_PAD.decode(body).map_err(|_| TokenError::Malformed)?;
+        let token: Token = serde_json::from_slice(&json).map_err(|_| TokenError::Malformed)?;
+        if token.v != 1 {
+            return Err(TokenError::Version(token.v));
+        }
+        let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if !hex(&token.id, 32) || !hex(&token.secret, 32) || !hex(&token.fingerprint, 64) {
+            return Err(TokenError::Malformed);
+        }
+        Ok(token)
+    }
+}
+
+/// A new random invite id and secret, 128 bits each, as hex.
+pub fn new_id_and_secret() -> (String, String) {
+    (hex(&rand::random::<[u8; 16]>()), hex(&rand::random::<[u8; 16]>()))
+}
+
+/// What the controller stores of a secret.
+pub fn hash_secret(secret: &str) -> String {
+    hex(&Sha256::digest(secret.as_bytes()))
+}
+
+/// Compare two hashes without an early exit, so timing does not tell how much of a guess was right.
+pub fn hashes_equal(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A lifetime such as `90s`, `30m`, `1h` or `2d`; at least a second, at most [`MAX_EXPIRY`].
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("{text:?} is not a duration such as 90s, 30m, 1h or 2d (at most 30d)");
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    let duration = Duration::from_secs(number.checked_mul(unit_secs).ok_or_else(bad)?);
+    if duration.is_zero() || duration > MAX_EXPIRY {
+        return Err(bad());
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token() -> Token {
+        let (id, secret) = new_id_and_secret();
+        Token {
+            v: 1,
+            network: "home".into(),
+            join: "hub.example.net:51820".parse().unwrap(),
+            fingerprint: "ab".repeat(32),
+            id,
+            secret,
+        }
+    }
+
+    #[test]
+    fn tokens_round_trip_as_one_line() {
+        let t = token();
+        let text = t.encode();
+        assert!(text.starts_with("meshd-invite:") && !text.contains(char::is_whitespace), "{text}");
+        assert_eq!(Token::decode(&format!("  {text}\n")).unwrap(), t);
+        assert_eq!(t.secret.len(), 32, "128 bits of secret");
+    }
+
+    #[test]
+    fn damaged_tokens_are_refused() {
+        let text = token().encode();
+        assert_eq!(Token::decode(&text[..text.len() - 5]), Err(TokenError::Malformed));
+        assert_eq!(Token::decode(&text.replace("meshd-invite:", "")), Err(TokenError::Malformed));
+        assert_eq!(Token::decode("meshd-invite:!!!"), Err(TokenError::Malformed));
+        let mut short = token();
+        short.secret.truncate(8);
+        assert_eq!(Token::decode(&short.encode()), Err(TokenError::Malformed));
+        let mut newer = token();
+        newer.v = 2;
+        assert_eq!(Token::decode(&newer.encode()), Err(TokenError::Version(2)));
+    }
+
+    #[test]
+    fn secrets_are_random_and_hashed() {
+        let (id1, s1) = new_id_and_secret();
+        let (id2, s2) = new_id_and_secret();
+        assert_ne!((id1, &s1), (id2, &s2));
+        assert_eq!(hash_secret(&s1).len(), 64);
+        assert!(hashes_equal(&hash_secret(&s1), &hash_secret(&s1)));
+        assert!(!hashes_equal(&hash_secret(&s1), &hash_secret(&s2)));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        for bad in ["", "h", "10", "0s", "1w", "-5m", "31d", "99999999999999999999s", "1.5h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}
