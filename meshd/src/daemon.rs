@@ -6,12 +6,13 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::admin::{self, Call};
 use crate::api::{JoinReply, JoinRequest, Outcome, Reply, Request};
@@ -53,9 +54,15 @@ pub async fn run(state: &StateDir, backend: Backend) -> anyhow::Result<()> {
         result
     } else if state.member_state().exists() {
         let member = state.read_member_state()?;
-        let host = start_host(state, backend, &member.snapshot()).await?;
+        let snapshot = member.snapshot();
+        let host = start_host(state, backend, &snapshot).await?;
         info!(node = %host.name, network = %member.network.name, "meshd ready (member)");
+        let opener = snapshot.hub().map(|hub| {
+            let dns = SocketAddr::new(snapshot.network.pool().v4_of(hub.index).into(), dns::DNS_PORT);
+            tokio::spawn(open_tunnel_to_hub(dns, snapshot.network.fqdn(&hub.name)))
+        });
         let result = wait_for_signal(host.stopped.clone()).await;
+        opener.inspect(tokio::task::JoinHandle::abort);
         shut_down(host).await;
         result
     } else {
@@ -109,6 +116,21 @@ async fn start_host(state: &StateDir, backend: Backend, snapshot: &Snapshot) -> 
         return Err(e);
     }
     Ok(host)
+}
+
+/// A member behind NAT can be reached only once its tunnel to the hub is up, and WireGuard opens a
+/// tunnel only when there is something to send: ask the hub's DNS for the hub's name until it answers,
+/// rather than waiting for the first keepalive.
+async fn open_tunnel_to_hub(dns: SocketAddr, hub_name: String) {
+    let mut pause = Duration::from_millis(250);
+    loop {
+        match dns::probe(dns, &hub_name, Duration::from_secs(2)).await {
+            Ok(_) => return info!(%dns, "tunnel to the hub is open"),
+            Err(e) => debug!(%dns, error = %e, "hub not answering yet"),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(10));
+    }
 }
 
 async fn wait_for_signal(mut stopped: watch::Receiver<bool>) -> anyhow::Result<()> {

@@ -41,6 +41,10 @@ pub struct AccessPlan {
     pub grants: BTreeSet<(IpAddr, SocketAddr)>,
     /// Whether this host routes between its peers (the hub does).
     pub routes: bool,
+    /// Source ranges admitted wholesale: on a member, the mesh, because everything reaches a member
+    /// through the hub, which applies the network's current rules to what it routes (a member's own
+    /// copy of the network is as of its join).
+    pub trusted: Vec<IpNet>,
 }
 
 /// One WireGuard peer of a host.
@@ -182,6 +186,7 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
             .collect(),
         grants,
         routes: is_hub,
+        trusted: if is_hub { Vec::new() } else { vec![mesh_v4, mesh_v6] },
     };
 
     let dns = is_hub.then(|| {
@@ -424,6 +429,10 @@ mod tests {
         assert_eq!(hub.persistent_keepalive, Some(25));
         assert_eq!(hub.endpoint, Some("203.0.113.5:51820".parse().unwrap()));
         assert!(!plan.access.routes && plan.dns.is_none());
+        assert_eq!(
+            plan.access.trusted,
+            vec!["10.77.0.0/16".parse().unwrap(), "fd00:1:2::/64".parse::<IpNet>().unwrap()]
+        );
         let beacon = plan.services.iter().find(|v| v.name.as_str() == "beacon").expect("the member serves beacon");
         assert!(beacon.allowed.contains(&"10.77.0.4".parse().unwrap()));
         assert!(

@@ -14,12 +14,13 @@
 use std::{
     collections::{BTreeMap, HashSet},
     fs, io,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
     sync::Arc,
     time::Duration,
 };
 
+use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{
     LowerName, Name, RData, RecordSet, RecordType, RrKey,
     rdata::{A, AAAA, NS, SOA},
@@ -166,6 +167,34 @@ impl MeshDns {
         }
         info!(domain = %self.origin, "mesh DNS stopped");
     }
+}
+
+/// Ask `server` for the A record of `name` once (UDP) and return the addresses it answers; used by
+/// member hosts to open, and check, their tunnel to the hub's mesh DNS.
+pub async fn probe(server: SocketAddr, name: &str, wait: Duration) -> io::Result<Vec<IpAddr>> {
+    let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
+    let mut query = Message::query();
+    query.add_query(Query::query(Name::from_ascii(name).map_err(|e| invalid(e.to_string()))?, RecordType::A));
+    query.metadata.recursion_desired = true;
+    let local: SocketAddr =
+        if server.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+    let socket = UdpSocket::bind(local).await?;
+    socket.connect(server).await?;
+    socket.send(&query.to_vec().map_err(|e| invalid(e.to_string()))?).await?;
+    let mut buf = vec![0u8; 4096];
+    let len = tokio::time::timeout(wait, socket.recv(&mut buf)).await.map_err(|_| io::ErrorKind::TimedOut)??;
+    let reply = Message::from_vec(&buf[..len]).map_err(|e| invalid(e.to_string()))?;
+    if reply.metadata.id != query.metadata.id {
+        return Err(invalid("reply to another query".into()));
+    }
+    Ok(reply
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            _ => None,
+        })
+        .collect())
 }
 
 /// Upstream resolvers (port 53) from a resolv.conf-format file, skipping `exclude` (the mesh

@@ -77,6 +77,10 @@ pub fn render(plan: &HostPlan) -> String {
             }
         }
     }
+    for range in &access.trusted {
+        let family = if range.addr().is_ipv4() { "ip" } else { "ip6" };
+        let _ = writeln!(out, "    {family} saddr {range} accept");
+    }
     let _ = writeln!(out, "    {admitted}\n    counter drop\n  }}");
     let _ = writeln!(out, "  chain forward {{\n    type filter hook forward priority filter; policy accept;");
     if access.routes {
@@ -152,6 +156,7 @@ mod tests {
                     .iter()
                     .flat_map(|src| wallet.iter().filter(|dst| dst.is_ipv4() == src.is_ipv4()).map(|dst| (*src, *dst)))
                     .collect(),
+                trusted: if routes { Vec::new() } else { vec!["10.77.0.0/16".parse().unwrap()] },
                 routes,
             },
         }
@@ -178,6 +183,7 @@ mod tests {
     fn only_the_hub_routes_between_peers() {
         let rules = render(&plan(&["10.77.0.4"], false));
         assert!(!rules.contains("mesh_routing"), "{rules}");
+        assert!(rules.contains("ip saddr 10.77.0.0/16 accept"), "a member trusts what the hub routes: {rules}");
         assert!(rules.contains("iifname \"wg-home.1\" counter drop"));
     }
 
@@ -185,6 +191,7 @@ mod tests {
     fn no_grant_means_empty_sets_and_default_deny() {
         let mut empty = plan(&[], false);
         empty.access.nodes.clear();
+        empty.access.trusted.clear();
         let rules = render(&empty);
         assert!(!rules.contains("elements"), "{rules}");
         assert!(rules.contains("counter drop"));

@@ -379,7 +379,7 @@ impl Writer<'_> {
             .tx
             .prepare(
                 "SELECT id, name, role, secret_hash, expires_at, status FROM invites WHERE status = 'pending'
-                 ORDER BY created_at, id",
+                 ORDER BY rowid",
             )
             .map_err(sql("read invites"))?;
         read_invites(&mut stmt, [])

@@ -152,14 +152,12 @@ impl Interface {
         self.stopped.clone()
     }
 
-    /// Let the kernel route packets that arrive on this interface (the hub routes between its peers; the
-    /// firewall decides what may pass).
+    /// Let the kernel route IPv4 packets that arrive on this interface (the hub routes between its
+    /// peers; the firewall decides what may pass). IPv6 forwarding is a host-wide switch that also
+    /// changes how every interface treats router advertisements, so meshd leaves it alone.
     pub fn enable_forwarding(&self) -> Result<(), WgError> {
-        for family in ["ipv4", "ipv6"] {
-            let path = format!("/proc/sys/net/{family}/conf/{}/forwarding", self.name);
-            std::fs::write(&path, "1").map_err(|e| self.error(format!("enabling forwarding ({path}): {e}")))?;
-        }
-        Ok(())
+        let path = format!("/proc/sys/net/ipv4/conf/{}/forwarding", self.name);
+        std::fs::write(&path, "1").map_err(|e| self.error(format!("enabling forwarding ({path}): {e}")))
     }
 
     /// Last handshake (unix seconds) of every peer, by public key; `None` for never.
