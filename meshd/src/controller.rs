@@ -44,8 +44,10 @@ pub enum ControlError {
     NoInvite(Label),
     #[error("\"{0}\" is the hub; it cannot be removed from its own network")]
     RemoveHub(Label),
-    #[error("node \"{node}\" still hosts services ({services}); remove them first")]
-    NodeHostsServices { node: Label, services: String },
+    #[error(
+        "\"{0}\" is a member host: services on member hosts arrive with live updates to members; host it on the hub"
+    )]
+    ServiceOnMember(Label),
     #[error("this invite token was not issued by this controller (forged, mistyped or from another network)")]
     InviteForged,
     #[error("this invite was already used; ask for a new one")]
@@ -176,10 +178,6 @@ impl Controller {
                 if node.role == Role::Hub {
                     return Err(ControlError::RemoveHub(name));
                 }
-                let hosted: Vec<&str> = s.services.iter().filter(|v| v.node == name).map(|v| v.name.as_str()).collect();
-                if !hosted.is_empty() {
-                    return Err(ControlError::NodeHostsServices { node: name, services: hosted.join(", ") });
-                }
                 w.delete_node(&name)?;
                 Ok(Reply::Removed)
             }),
@@ -290,8 +288,10 @@ impl Controller {
         self.store.write(|w| {
             let s = w.snapshot()?;
             ensure_name_free(w, &s, &name)?;
-            if !s.nodes.iter().any(|n| n.name == node) {
-                return Err(ControlError::UnknownNode(node));
+            match s.nodes.iter().find(|n| n.name == node) {
+                None => return Err(ControlError::UnknownNode(node)),
+                Some(host) if host.role != Role::Hub => return Err(ControlError::ServiceOnMember(node)),
+                Some(_) => {}
             }
             let index = allocate(w, &s.network)?;
             let service = Service { name, node, port: port.unwrap_or(target.port()), target, index };
@@ -589,19 +589,14 @@ mod tests {
         let mut c = new_network(dir.path(), "10.77.0.0/16");
         let token = invite(&mut c, "vps", 3600);
         c.redeem(&join_request(&token)).unwrap();
-        c.handle(Request::ServiceAdd {
+        let on_member = Request::ServiceAdd {
             name: label("beacon"),
             node: label("vps"),
             target: "127.0.0.1:5052".parse().unwrap(),
             port: None,
-        })
-        .unwrap();
+        };
+        assert!(matches!(c.handle(on_member), Err(ControlError::ServiceOnMember(_))));
         assert!(matches!(c.handle(Request::NodeRemove { name: label("hub") }), Err(ControlError::RemoveHub(_))));
-        assert!(matches!(
-            c.handle(Request::NodeRemove { name: label("vps") }),
-            Err(ControlError::NodeHostsServices { .. })
-        ));
-        c.handle(Request::ServiceRemove { name: label("beacon") }).unwrap();
         c.handle(Request::NodeRemove { name: label("vps") }).unwrap();
         assert_eq!(c.snapshot().unwrap().nodes.len(), 1);
         assert!(matches!(c.handle(Request::NodeRemove { name: label("vps") }), Err(ControlError::UnknownNode(_))));

@@ -224,21 +224,27 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
 /// peers keep their sessions.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerDiff {
-    pub upsert: Vec<(String, PeerPlan)>,
+    pub add: Vec<(String, PeerPlan)>,
+    /// Peers whose settings changed (the embedded WireGuard can only replace these, not edit them).
+    pub update: Vec<(String, PeerPlan)>,
     pub remove: Vec<String>,
 }
 
 impl PeerDiff {
     /// True when nothing changes.
     pub fn is_empty(&self) -> bool {
-        self.upsert.is_empty() && self.remove.is_empty()
+        self.add.is_empty() && self.update.is_empty() && self.remove.is_empty()
     }
 }
 
-/// Peers to add or update and peers to remove to go from `old` to `new`.
+/// Peers to add, to update and to remove to go from `old` to `new`.
 pub fn diff_peers(old: &BTreeMap<String, PeerPlan>, new: &BTreeMap<String, PeerPlan>) -> PeerDiff {
+    let pick = |keep: &dyn Fn(Option<&PeerPlan>, &PeerPlan) -> bool| {
+        new.iter().filter(|(k, p)| keep(old.get(*k), p)).map(|(k, p)| (k.clone(), p.clone())).collect()
+    };
     PeerDiff {
-        upsert: new.iter().filter(|(k, p)| old.get(*k) != Some(*p)).map(|(k, p)| (k.clone(), p.clone())).collect(),
+        add: pick(&|before, _| before.is_none()),
+        update: pick(&|before, now| before.is_some_and(|b| b != now)),
         remove: old.keys().filter(|k| !new.contains_key(*k)).cloned().collect(),
     }
 }
@@ -372,7 +378,8 @@ mod tests {
         let after = plan_host(&changed, "hub").unwrap();
         let diff = diff_peers(&before.peers, &after.peers);
         assert_eq!(diff.remove, vec!["LAPTOP".to_string()]);
-        assert_eq!(diff.upsert.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["TABLET"]);
+        assert_eq!(diff.add.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["TABLET"]);
+        assert!(diff.update.is_empty());
         assert!(diff_peers(&after.peers, &after.peers).is_empty());
 
         changed.services.retain(|v| v.name.as_str() != "explorer");
@@ -440,6 +447,16 @@ mod tests {
             "only grants to its own services: {:?}",
             plan.access.grants
         );
+    }
+
+    #[test]
+    fn a_changed_peer_is_an_update() {
+        let before = plan_host(&with_members(), "hub").unwrap();
+        let mut moved = with_members();
+        moved.nodes[1].endpoint = Some("198.51.100.99:51820".parse().unwrap());
+        let diff = diff_peers(&before.peers, &plan_host(&moved, "hub").unwrap().peers);
+        assert!(diff.add.is_empty() && diff.remove.is_empty());
+        assert_eq!(diff.update.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["VPS"]);
     }
 
     #[test]

@@ -118,11 +118,19 @@ impl Interface {
 
     /// Apply a peer diff: only the listed peers are touched, so other sessions stay up.
     pub fn apply_peers(&self, diff: &PeerDiff) -> Result<(), WgError> {
-        for key in &diff.remove {
+        let remove = |key: &String| {
             let k = Key::from_str(key).map_err(|_| WgError::Key { peer: key.clone() })?;
-            self.api.remove_peer(&k).map_err(|e| self.error(e))?;
+            self.api.remove_peer(&k).map_err(|e| self.error(e))
+        };
+        diff.remove.iter().try_for_each(remove)?;
+        for (key, plan) in &diff.update {
+            // boringtun refuses (by panicking) to edit a peer in place: replace it, resetting only its session.
+            if !self.kernel {
+                remove(key)?;
+            }
+            self.api.configure_peer(&to_peer(key, plan)?).map_err(|e| self.error(e))?;
         }
-        for (key, plan) in &diff.upsert {
+        for (key, plan) in &diff.add {
             self.api.configure_peer(&to_peer(key, plan)?).map_err(|e| self.error(e))?;
         }
         Ok(())

@@ -189,6 +189,19 @@ table inet nofwd {{
     let out = attic.join(&invite(&hub.state, "attic", "10m"), &attic.state, None);
     assert!(out.status.success(), "attic join: {}", String::from_utf8_lossy(&out.stderr));
 
+    // Services live on the hub in this slice: a member learns of nothing after its join.
+    let out = meshd_e2e::output(meshctl(&hub.state).args([
+        "service",
+        "add",
+        "beacon",
+        "--node",
+        "vps1",
+        "--target",
+        "127.0.0.1:5052",
+    ]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.starts_with("error: ") && stderr.contains("member host"), "{stderr}");
+
     // Members run from the state `meshd join` left.
     let _daemons: Vec<Proc> =
         [&vps1, &vps2, &attic].iter().map(|h| h.run_daemon(&root.join(format!("{}.log", h.name)))).collect();
