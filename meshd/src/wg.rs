@@ -51,8 +51,7 @@ pub enum WgError {
 pub struct Interface {
     name: String,
     api: Box<dyn WireguardInterfaceApi + Send>,
-    kernel: bool,
-    /// The embedded device's waiting thread (userspace only).
+    /// The embedded device's waiting thread; none for a kernel interface.
     device: Option<std::thread::JoinHandle<()>>,
     stopped: watch::Receiver<bool>,
     /// Held for a kernel interface, which nothing stops behind our back, so `stopped` never fires.
@@ -81,7 +80,6 @@ impl Interface {
             Some(api) => Interface {
                 name: name.clone(),
                 api: Box::new(api),
-                kernel: true,
                 device: None,
                 stopped,
                 _kernel_stays: Some(stop_tx),
@@ -89,14 +87,7 @@ impl Interface {
             None => {
                 let device = start_userspace(&name, stop_tx).map_err(|e| err(&e))?;
                 let api = WGApi::<Userspace>::new(name.as_str()).map_err(|e| err(&e))?;
-                Interface {
-                    name: name.clone(),
-                    api: Box::new(api),
-                    kernel: false,
-                    device: Some(device),
-                    stopped,
-                    _kernel_stays: None,
-                }
+                Interface { name: name.clone(), api: Box::new(api), device: Some(device), stopped, _kernel_stays: None }
             }
         };
         let peers = plan.peers.iter().map(|(k, p)| to_peer(k, p)).collect::<Result<Vec<_>, _>>()?;
@@ -112,7 +103,7 @@ impl Interface {
         interface.api.configure_interface(&config).map_err(|e| err(&e))?;
         let added: Vec<IpNet> = plan.addresses.iter().copied().collect();
         interface.change_addresses(&added, &[])?;
-        info!(interface = %interface.name, kernel = interface.kernel, port = plan.listen_port, peers = plan.peers.len(), "interface up");
+        info!(interface = %interface.name, kernel = interface.is_kernel(), port = plan.listen_port, peers = plan.peers.len(), "interface up");
         Ok(interface)
     }
 
@@ -125,7 +116,7 @@ impl Interface {
         diff.remove.iter().try_for_each(remove)?;
         for (key, plan) in &diff.update {
             // boringtun refuses (by panicking) to edit a peer in place: replace it, resetting only its session.
-            if !self.kernel {
+            if !self.is_kernel() {
                 remove(key)?;
             }
             self.api.configure_peer(&to_peer(key, plan)?).map_err(|e| self.error(e))?;
@@ -185,6 +176,10 @@ impl Interface {
             .collect())
     }
 
+    fn is_kernel(&self) -> bool {
+        self.device.is_none()
+    }
+
     fn error(&self, e: impl std::fmt::Display) -> WgError {
         WgError::Interface { interface: self.name.clone(), message: e.to_string() }
     }
@@ -192,7 +187,7 @@ impl Interface {
 
 impl Drop for Interface {
     fn drop(&mut self) {
-        if self.kernel {
+        if self.is_kernel() {
             // A kernel interface must be deleted; a userspace one goes with its device.
             if let Err(e) = self.api.remove_interface() {
                 debug!(interface = %self.name, error = %e, "removing interface");
