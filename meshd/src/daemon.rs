@@ -147,9 +147,6 @@ async fn wait_for_signal(mut stopped: watch::Receiver<bool>) -> anyhow::Result<(
 
 /// Open the admin socket and the join service, then answer both until SIGINT or SIGTERM.
 async fn serve(state: &StateDir, controller: &mut Controller, host: &mut Host) -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-
     // Joining hosts reach the join service on the TCP port of the same number as WireGuard's UDP one.
     let identity = controller.join_identity()?;
     let join_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, host.plan.listen_port));
@@ -164,8 +161,9 @@ async fn serve(state: &StateDir, controller: &mut Controller, host: &mut Host) -
     let listener = admin::bind(&state.socket())?;
     let server = tokio::spawn(admin::serve(listener, calls_tx));
     info!(node = %host.name, socket = %state.socket().display(), join = %join_addr, "meshd ready");
-    let mut stopped = host.stopped.clone();
-    loop {
+    let shutdown = wait_for_signal(host.stopped.clone());
+    tokio::pin!(shutdown);
+    let result = loop {
         tokio::select! {
             Some((request, reply)) = calls.recv() => {
                 let outcome = handle(controller, host, request).await;
@@ -174,19 +172,13 @@ async fn serve(state: &StateDir, controller: &mut Controller, host: &mut Host) -
             Some((request, peer, reply)) = joins.recv() => {
                 let _ = reply.send(redeem(controller, host, &request, peer).await);
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = stopped.wait_for(|s| *s) => {
-                info!("the WireGuard device stopped");
-                break;
-            }
+            result = &mut shutdown => break result,
         }
-    }
-    info!("shutting down");
+    };
     server.abort();
     join_server.abort();
     let _ = std::fs::remove_file(state.socket());
-    Ok(())
+    result
 }
 
 /// A joining host redeems its invite; the hub takes the new node as a peer before answering.
@@ -242,7 +234,8 @@ async fn reconcile(controller: &mut Controller, host: &mut Host) -> anyhow::Resu
     let new = desired::plan_host(&snapshot, &host.name)?;
     let peers = desired::diff_peers(&host.plan.peers, &new.peers);
     let (add, remove) = desired::diff_addresses(&host.plan.addresses, &new.addresses);
-    // Withdrawn peers go first so that a removed device loses access before anything else happens.
+    // Addresses are added before peers that route to them; within the peer diff, withdrawn peers go
+    // first, so a removed device loses access before anything else happens.
     let interface = host.interface.clone();
     tokio::task::spawn_blocking(move || {
         let interface = interface.lock().map_err(|_| anyhow!("interface lock poisoned"))?;
