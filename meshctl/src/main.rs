@@ -18,6 +18,7 @@ use meshd::keys::PrivateKey;
 use meshd::model::{DeviceView, NodeView, Role, ServiceView};
 use meshd::render::{self, DeviceConfig, HubPeer};
 use meshd::statedir::{DEFAULT_STATE_DIR, StateDir};
+use meshd::store;
 use serde::Serialize;
 
 #[derive(Parser)]
@@ -199,7 +200,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             Reply::Invites(invites) => print(g, &invites, || {
                 println!("{:<20} {:<6} EXPIRES IN", "NAME", "ROLE");
                 for i in &invites {
-                    let left = i.expires_at - now_secs() as i64;
+                    let left = i.expires_at - store::now();
                     println!("{:<20} {:<6} {left} s", i.name, role_name(i.role));
                 }
             }),
@@ -382,10 +383,6 @@ fn role_name(role: Role) -> String {
     serde_json::to_value(role).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 fn print_nodes(nodes: &[NodeView]) {
     println!("{:<20} {:<6} {:<16} {:<28} ENDPOINT", "NODE", "ROLE", "ADDRESS", "ADDRESS6");
     for n in nodes {
@@ -403,10 +400,12 @@ fn print_nodes(nodes: &[NodeView]) {
 
 fn print_devices(devices: &[DeviceView]) {
     println!("{:<20} {:<16} {:<28} {:<24} LAST HANDSHAKE", "DEVICE", "ADDRESS", "ADDRESS6", "ALLOW");
-    let now = now_secs();
+    let now = store::now();
     for d in devices {
-        let seen =
-            d.last_handshake.map(|t| format!("{}s ago", now.saturating_sub(t))).unwrap_or_else(|| "never".into());
+        let seen = d
+            .last_handshake
+            .map(|t| format!("{}s ago", now.saturating_sub(t as i64).max(0)))
+            .unwrap_or_else(|| "never".into());
         println!("{:<20} {:<16} {:<28} {:<24} {}", d.name, d.address, d.address_v6, join(&d.allow), seen);
     }
 }
