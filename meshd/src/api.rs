@@ -7,9 +7,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::input::{HostPort, Label};
-use crate::model::{
-    DeviceView, InviteView, Network, NetworkView, Node, NodeView, Role, Service, ServiceView, Snapshot,
-};
+use crate::model::{AccessRule, DeviceView, InviteView, NetworkView, NodeView, Role, ServiceView, SharedState};
 
 /// What `meshctl` asks of the controller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +31,27 @@ pub enum Request {
     NodeRemove {
         name: Label,
     },
+    /// Keep a node (name, addresses) but take it out of the mesh: no host keeps it as a peer.
+    NodeDisable {
+        name: Label,
+    },
+    NodeEnable {
+        name: Label,
+    },
+    /// Ask a member host for a new key; it makes the key itself on its next contact.
+    NodeRotate {
+        name: Label,
+    },
+    /// Let node `from` reach node `to`; once a node is the `to` of a rule, only its rules' sources reach it.
+    AccessAllow {
+        from: Label,
+        to: Label,
+    },
+    AccessRevoke {
+        from: Label,
+        to: Label,
+    },
+    AccessList,
     ServiceAdd {
         name: Label,
         node: Label,
@@ -53,6 +72,17 @@ pub enum Request {
     DeviceRemove {
         name: Label,
     },
+    /// Replace the services a device may reach.
+    DeviceAllow {
+        name: Label,
+        allow: Vec<Label>,
+    },
+    /// Change where a service points and the port it is offered on; its addresses and grants stay.
+    ServiceUpdate {
+        name: Label,
+        target: HostPort,
+        port: Option<u16>,
+    },
     /// Replace a device's keys (made by `meshctl`, public half only here) and preshared key; the old
     /// key stops working at once, the device keeps its addresses and grants.
     DeviceRotate {
@@ -72,6 +102,13 @@ impl Request {
                 | Request::DeviceRemove { .. }
                 | Request::DeviceRotate { .. }
                 | Request::NodeRemove { .. }
+                | Request::NodeDisable { .. }
+                | Request::NodeEnable { .. }
+                | Request::NodeRotate { .. }
+                | Request::AccessAllow { .. }
+                | Request::AccessRevoke { .. }
+                | Request::DeviceAllow { .. }
+                | Request::ServiceUpdate { .. }
         )
     }
 }
@@ -90,6 +127,8 @@ pub enum Reply {
     Removed,
     Invite(InviteIssued),
     Invites(Vec<InviteView>),
+    Rules(Vec<AccessRule>),
+    Done,
 }
 
 /// A new invite and its token (shown once).
@@ -120,26 +159,13 @@ pub enum JoinReply {
     Refused(String),
 }
 
-/// What a member host knows of the network: enough to plan its own interface, no secrets of others.
+/// What a member host knows of the network (cached in its state directory): its own name and the
+/// last state the controller sent it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberState {
-    pub network: Network,
     /// This host's name.
     pub me: Label,
-    pub nodes: Vec<Node>,
-    pub services: Vec<Service>,
-}
-
-impl MemberState {
-    /// The network as a snapshot (without devices, which members do not peer with).
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            network: self.network.clone(),
-            nodes: self.nodes.clone(),
-            devices: Vec::new(),
-            services: self.services.clone(),
-        }
-    }
+    pub state: SharedState,
 }
 
 /// A reply or the one-line reason the request was refused.

@@ -12,7 +12,7 @@ use crate::invite::{self, Token};
 use crate::join::JoinIdentity;
 use crate::keys;
 use crate::model::{
-    DEVICE_KEEPALIVE_SECS, Device, Invite, InviteStatus, InviteView, MESH_MTU, Network, NetworkView, Node, Role,
+    AccessRule, DEVICE_KEEPALIVE_SECS, Device, Invite, InviteStatus, InviteView, MESH_MTU, Network, NetworkView, Node, Role,
     Service, Snapshot,
 };
 use crate::store::{self, ADDRESS_COOLDOWN, Store, StoreError, Writer};
@@ -44,10 +44,16 @@ pub enum ControlError {
     NoInvite(Label),
     #[error("\"{0}\" is the hub; it cannot be removed from its own network")]
     RemoveHub(Label),
-    #[error(
-        "\"{0}\" is a member host: services on member hosts arrive with live updates to members; host it on the hub"
-    )]
-    ServiceOnMember(Label),
+    #[error("\"{0}\" is the hub; it cannot be disabled")]
+    DisableHub(Label),
+    #[error("\"{0}\" is the hub; its key is the controller's own (re-run `meshd init` elsewhere to move it)")]
+    RotateHub(Label),
+    #[error("\"{0}\" is disabled; enable it first")]
+    NodeDisabled(Label),
+    #[error("a node cannot be given a rule to itself")]
+    RuleToSelf,
+    #[error("no rule lets \"{from}\" reach \"{to}\"")]
+    NoRule { from: Label, to: Label },
     #[error("this invite token was not issued by this controller (forged, mistyped or from another network)")]
     InviteForged,
     #[error("this invite was already used; ask for a new one")]
@@ -101,6 +107,8 @@ impl Controller {
                 listen_port: new.listen_port,
                 interface: new.interface.clone(),
                 role: Role::Hub,
+                disabled: false,
+                rotate_key: false,
             })?;
             Ok::<_, ControlError>(w.snapshot()?)
         })?;
@@ -173,15 +181,92 @@ impl Controller {
             }),
             Request::NodeRemove { name } => self.store.write(|w| {
                 let s = w.snapshot()?;
-                let node =
-                    s.nodes.iter().find(|n| n.name == name).ok_or_else(|| ControlError::UnknownNode(name.clone()))?;
-                if node.role == Role::Hub {
+                if member(&s, &name)?.role == Role::Hub {
                     return Err(ControlError::RemoveHub(name));
+                }
+                // Its services go with it (their addresses, like its own, cool down before reuse).
+                for service in s.services.iter().filter(|v| v.node == name) {
+                    w.delete_service(&service.name)?;
                 }
                 w.delete_node(&name)?;
                 Ok(Reply::Removed)
             }),
+            Request::NodeDisable { name } => self.store.write(|w| {
+                if member(&w.snapshot()?, &name)?.role == Role::Hub {
+                    return Err(ControlError::DisableHub(name));
+                }
+                w.set_node_disabled(&name, true)?;
+                Ok(Reply::Done)
+            }),
+            Request::NodeEnable { name } => self.store.write(|w| {
+                member(&w.snapshot()?, &name)?;
+                w.set_node_disabled(&name, false)?;
+                Ok(Reply::Done)
+            }),
+            Request::NodeRotate { name } => self.store.write(|w| {
+                let s = w.snapshot()?;
+                let node = member(&s, &name)?;
+                if node.role == Role::Hub {
+                    return Err(ControlError::RotateHub(name));
+                }
+                if node.disabled {
+                    return Err(ControlError::NodeDisabled(name));
+                }
+                w.set_node_rotate(&name, true)?;
+                Ok(Reply::Done)
+            }),
+            Request::AccessAllow { from, to } => self.store.write(|w| {
+                let s = w.snapshot()?;
+                member(&s, &from)?;
+                member(&s, &to)?;
+                if from == to {
+                    return Err(ControlError::RuleToSelf);
+                }
+                w.insert_rule(&AccessRule { from, to })?;
+                Ok(Reply::Done)
+            }),
+            Request::AccessRevoke { from, to } => self.store.write(|w| {
+                let rule = AccessRule { from, to };
+                match w.delete_rule(&rule)? {
+                    true => Ok(Reply::Done),
+                    false => Err(ControlError::NoRule { from: rule.from, to: rule.to }),
+                }
+            }),
+            Request::AccessList => Ok(Reply::Rules(self.snapshot()?.rules)),
+            Request::DeviceAllow { name, allow } => {
+                let allow = checked_allow(allow)?;
+                self.store.write(|w| {
+                    let s = w.snapshot()?;
+                    if !s.devices.iter().any(|d| d.name == name) {
+                        return Err(ControlError::UnknownDevice(name));
+                    }
+                    ensure_services_exist(&s, &allow)?;
+                    w.set_device_grants(&name, &allow)?;
+                    Ok(Reply::Done)
+                })
+            }
+            Request::ServiceUpdate { name, target, port } => self.store.write(|w| {
+                let s = w.snapshot()?;
+                let mut service =
+                    s.services.iter().find(|v| v.name == name).cloned().ok_or(ControlError::UnknownService(name))?;
+                service.port = port.unwrap_or(target.port());
+                service.target = target;
+                w.update_service(&service)?;
+                Ok(Reply::Service(s.service_view(&service)))
+            }),
         }
+    }
+
+    /// A member host made the new key it was asked for: the network knows it by that key from now on.
+    pub fn replace_node_key(&mut self, name: &Label, public_key: &str) -> Result<(), ControlError> {
+        let public_key = keys::parse_public_key(public_key)?;
+        self.store.write(|w| {
+            let s = w.snapshot()?;
+            member(&s, name)?;
+            ensure_key_free(&s, &public_key)?;
+            w.set_node_key(name, &public_key)?;
+            Ok(())
+        })
     }
 
     fn invite(&mut self, name: Label, role: Role, expires_secs: u64) -> Result<Reply, ControlError> {
@@ -252,9 +337,10 @@ impl Controller {
                 listen_port: request.listen_port,
                 interface: request.interface.clone(),
                 role: invite.role,
+                disabled: false,
+                rotate_key: false,
             })?;
-            let s = w.snapshot()?;
-            Ok(MemberState { network: s.network, me: invite.name, nodes: s.nodes, services: s.services })
+            Ok(MemberState { me: invite.name, state: w.snapshot()?.shared() })
         })
     }
 
@@ -288,11 +374,7 @@ impl Controller {
         self.store.write(|w| {
             let s = w.snapshot()?;
             ensure_name_free(w, &s, &name)?;
-            match s.nodes.iter().find(|n| n.name == node) {
-                None => return Err(ControlError::UnknownNode(node)),
-                Some(host) if host.role != Role::Hub => return Err(ControlError::ServiceOnMember(node)),
-                Some(_) => {}
-            }
+            member(&s, &node)?;
             let index = allocate(w, &s.network)?;
             let service = Service { name, node, port: port.unwrap_or(target.port()), target, index };
             w.insert_service(&service)?;
@@ -301,19 +383,13 @@ impl Controller {
         })
     }
 
-    fn add_device(&mut self, name: Label, mut allow: Vec<Label>, public_key: &str) -> Result<Reply, ControlError> {
+    fn add_device(&mut self, name: Label, allow: Vec<Label>, public_key: &str) -> Result<Reply, ControlError> {
         let public_key = keys::parse_public_key(public_key)?;
-        allow.sort();
-        allow.dedup();
-        if allow.is_empty() {
-            return Err(ControlError::NothingAllowed);
-        }
+        let allow = checked_allow(allow)?;
         self.store.write(|w| {
             let s = w.snapshot()?;
             ensure_name_free(w, &s, &name)?;
-            if let Some(unknown) = allow.iter().find(|a| !s.services.iter().any(|svc| &svc.name == *a)) {
-                return Err(ControlError::UnknownService(unknown.clone()));
-            }
+            ensure_services_exist(&s, &allow)?;
             ensure_key_free(&s, &public_key)?;
             let hub = s.hub().ok_or(ControlError::NoHub)?;
             let index = allocate(w, &s.network)?;
@@ -353,6 +429,28 @@ fn join_identity(w: &Writer<'_>) -> Result<JoinIdentity, ControlError> {
     let identity = JoinIdentity::generate()?;
     w.insert_join_identity(identity.cert_der(), identity.key_der())?;
     Ok(identity)
+}
+
+/// The node named `name`.
+fn member<'s>(s: &'s Snapshot, name: &Label) -> Result<&'s Node, ControlError> {
+    s.nodes.iter().find(|n| &n.name == name).ok_or_else(|| ControlError::UnknownNode(name.clone()))
+}
+
+/// A device's grants, sorted and without repeats; at least one.
+fn checked_allow(mut allow: Vec<Label>) -> Result<Vec<Label>, ControlError> {
+    allow.sort();
+    allow.dedup();
+    if allow.is_empty() {
+        return Err(ControlError::NothingAllowed);
+    }
+    Ok(allow)
+}
+
+fn ensure_services_exist(s: &Snapshot, allow: &[Label]) -> Result<(), ControlError> {
+    match allow.iter().find(|a| !s.services.iter().any(|svc| &svc.name == *a)) {
+        Some(unknown) => Err(ControlError::UnknownService(unknown.clone())),
+        None => Ok(()),
+    }
 }
 
 /// A key may belong to one node or device only.
@@ -534,7 +632,7 @@ mod tests {
 
         let member = c.redeem(&join_request(&token)).unwrap();
         assert_eq!(member.me.as_str(), "vps");
-        let vps = member.nodes.iter().find(|n| n.name.as_str() == "vps").unwrap();
+        let vps = member.state.nodes.iter().find(|n| n.name.as_str() == "vps").unwrap();
         assert_eq!(vps.index, 3, "hub 1, wallet 2, vps 3");
         assert_eq!(vps.endpoint.as_ref().map(ToString::to_string).as_deref(), Some("198.51.100.7:51820"));
         assert!(matches!(c.redeem(&join_request(&token)), Err(ControlError::InviteUsed)));
@@ -584,7 +682,7 @@ mod tests {
     }
 
     #[test]
-    fn removing_nodes() {
+    fn removing_a_node_takes_its_services_and_rules_with_it() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = new_network(dir.path(), "10.77.0.0/16");
         let token = invite(&mut c, "vps", 3600);
@@ -595,11 +693,52 @@ mod tests {
             target: "127.0.0.1:5052".parse().unwrap(),
             port: None,
         };
-        assert!(matches!(c.handle(on_member), Err(ControlError::ServiceOnMember(_))));
+        c.handle(on_member).expect("services may live on members");
+        add_device(&mut c, "phone", &["beacon"]).unwrap();
+        c.handle(Request::AccessAllow { from: label("hub"), to: label("vps") }).unwrap();
         assert!(matches!(c.handle(Request::NodeRemove { name: label("hub") }), Err(ControlError::RemoveHub(_))));
         c.handle(Request::NodeRemove { name: label("vps") }).unwrap();
-        assert_eq!(c.snapshot().unwrap().nodes.len(), 1);
+        let s = c.snapshot().unwrap();
+        assert_eq!(s.nodes.len(), 1);
+        assert!(s.services.is_empty() && s.rules.is_empty());
+        assert!(s.devices[0].allow.is_empty(), "the grant went with the service");
         assert!(matches!(c.handle(Request::NodeRemove { name: label("vps") }), Err(ControlError::UnknownNode(_))));
+    }
+
+    #[test]
+    fn disabling_rotating_and_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        let token = invite(&mut c, "vps", 3600);
+        c.redeem(&join_request(&token)).unwrap();
+        let (hub, vps) = (label("hub"), label("vps"));
+        assert!(matches!(c.handle(Request::NodeDisable { name: hub.clone() }), Err(ControlError::DisableHub(_))));
+        assert!(matches!(c.handle(Request::NodeRotate { name: hub.clone() }), Err(ControlError::RotateHub(_))));
+        c.handle(Request::NodeDisable { name: vps.clone() }).unwrap();
+        assert!(c.snapshot().unwrap().nodes[1].disabled);
+        assert!(matches!(c.handle(Request::NodeRotate { name: vps.clone() }), Err(ControlError::NodeDisabled(_))));
+        c.handle(Request::NodeEnable { name: vps.clone() }).unwrap();
+        c.handle(Request::NodeRotate { name: vps.clone() }).unwrap();
+        assert!(c.snapshot().unwrap().nodes[1].rotate_key);
+        let new_key = PrivateKey::generate().public_key();
+        c.replace_node_key(&vps, &new_key).unwrap();
+        let node = c.snapshot().unwrap().nodes[1].clone();
+        assert_eq!((node.public_key.as_str(), node.rotate_key), (new_key.as_str(), false));
+        assert!(matches!(c.replace_node_key(&vps, &new_key), Err(ControlError::KeyTaken(_))));
+
+        assert!(matches!(
+            c.handle(Request::AccessAllow { from: vps.clone(), to: vps.clone() }),
+            Err(ControlError::RuleToSelf)
+        ));
+        assert!(matches!(
+            c.handle(Request::AccessAllow { from: label("ghost"), to: vps.clone() }),
+            Err(ControlError::UnknownNode(_))
+        ));
+        c.handle(Request::AccessAllow { from: hub.clone(), to: vps.clone() }).unwrap();
+        c.handle(Request::AccessAllow { from: hub.clone(), to: vps.clone() }).expect("allowing twice is harmless");
+        assert_eq!(c.handle(Request::AccessList).unwrap(), Reply::Rules(vec![AccessRule { from: hub.clone(), to: vps.clone() }]));
+        c.handle(Request::AccessRevoke { from: hub.clone(), to: vps.clone() }).unwrap();
+        assert!(matches!(c.handle(Request::AccessRevoke { from: hub, to: vps }), Err(ControlError::NoRule { .. })));
     }
 
     #[test]

@@ -54,9 +54,9 @@ pub async fn run(state: &StateDir, backend: Backend) -> anyhow::Result<()> {
         result
     } else if state.member_state().exists() {
         let member = state.read_member_state()?;
-        let snapshot = member.snapshot();
+        let snapshot = member.state.snapshot();
         let host = start_host(state, backend, &snapshot).await?;
-        info!(node = %host.name, network = %member.network.name, "meshd ready (member)");
+        info!(node = %host.name, network = %member.state.network.name, "meshd ready (member)");
         let opener = snapshot.hub().map(|hub| {
             let dns = SocketAddr::new(snapshot.network.pool().v4_of(hub.index).into(), dns::DNS_PORT);
             tokio::spawn(open_tunnel_to_hub(dns, snapshot.network.fqdn(&hub.name)))

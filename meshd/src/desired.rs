@@ -10,7 +10,7 @@ use ipnet::IpNet;
 
 use crate::dns::{DNS_PORT, DnsRecords};
 use crate::input::{HostPort, Label};
-use crate::model::{DEVICE_KEEPALIVE_SECS, MESH_MTU, Role, Service, Snapshot};
+use crate::model::{MESH_MTU, NODE_KEEPALIVE_SECS, Node, Role, SYNC_PORT, Service, Snapshot};
 
 /// The desired state of one host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +27,8 @@ pub struct HostPlan {
     pub services: Vec<ServicePlan>,
     /// Mesh DNS, on the hub only.
     pub dns: Option<DnsPlan>,
+    /// The sync service, on the hub only.
+    pub sync: Option<SyncPlan>,
     /// Who may reach what through this host.
     pub access: AccessPlan,
 }
@@ -34,17 +36,23 @@ pub struct HostPlan {
 /// The access rules of a host (default deny on the mesh interface).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AccessPlan {
-    /// Every node's mesh addresses: nodes reach each other freely.
+    /// Node addresses admitted to this host and its services: every active node, or, once access rules
+    /// name this host, only the nodes they let in.
     pub nodes: BTreeSet<IpAddr>,
     /// (device address, service address and port) pairs admitted: local services, and on the hub, which
     /// routes devices to services on other nodes, those too.
     pub grants: BTreeSet<(IpAddr, SocketAddr)>,
+    /// On the hub: every active node's addresses. The hub routes between them (each receiving host
+    /// applies its own rules) and lets them all reach its sync service, whatever its own rules say.
+    pub members: BTreeSet<IpAddr>,
     /// Whether this host routes between its peers (the hub does).
     pub routes: bool,
-    /// Source ranges admitted wholesale: on a member, the mesh, because everything reaches a member
-    /// through the hub, which applies the network's current rules to what it routes (a member's own
-    /// copy of the network is as of its join).
-    pub trusted: Vec<IpNet>,
+}
+
+/// The hub's sync service, which pushes the network's state to the members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncPlan {
+    pub listen: Vec<SocketAddr>,
 }
 
 /// One WireGuard peer of a host.
@@ -84,14 +92,33 @@ pub enum PlanError {
 }
 
 /// What `host` must look like for the network in `s`.
+///
+/// Topology: the hub peers with every active node and every device. Two members peer directly when at
+/// least one of them has an endpoint (the other, if behind NAT, keeps the tunnel open with keepalives);
+/// two members that both lack one reach each other through the hub, whose peer entry on each member
+/// covers the whole mesh range (WireGuard picks the most specific AllowedIPs, so direct peers win).
 pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
     let node =
         s.nodes.iter().find(|n| n.name.as_str() == host).ok_or_else(|| PlanError::UnknownNode(host.to_owned()))?;
     let pool = s.network.pool();
     let mesh_v4 = IpNet::V4(pool.v4());
     let mesh_v6 = IpNet::V6(pool.v6());
-    let host_v4 = |i: u32| IpNet::new(pool.v4_of(i).into(), 32).expect("/32 is valid");
-    let host_v6 = |i: u32| IpNet::new(pool.v6_of(i).into(), 128).expect("/128 is valid");
+    let host_nets = |i: u32| {
+        [
+            IpNet::new(pool.v4_of(i).into(), 32).expect("/32 is valid"),
+            IpNet::new(pool.v6_of(i).into(), 128).expect("/128 is valid"),
+        ]
+    };
+    let host_addrs = |i: u32| [IpAddr::V4(pool.v4_of(i)), IpAddr::V6(pool.v6_of(i))];
+    // A disabled host is nobody's peer, and has none itself.
+    let active: Vec<&Node> = if node.active() { s.nodes.iter().filter(|n| n.active()).collect() } else { Vec::new() };
+    // A node's addresses: its own and its services'.
+    let routes_of = |n: &Node| -> Vec<IpNet> {
+        std::iter::once(n.index)
+            .chain(s.services.iter().filter(|v| v.node == n.name).map(|v| v.index))
+            .flat_map(host_nets)
+            .collect()
+    };
 
     let mut addresses = BTreeSet::from([
         IpNet::new(pool.v4_of(node.index).into(), pool.v4().prefix_len()).expect("the mesh prefix is valid"),
@@ -108,47 +135,34 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
                     name: device.name.clone(),
                     preshared_key: Some(device.preshared_key.clone()),
                     endpoint: None,
-                    allowed_ips: vec![host_v4(device.index), host_v6(device.index)],
+                    allowed_ips: host_nets(device.index).to_vec(),
                     persistent_keepalive: None,
                 },
             );
         }
-        // Members and their services are reached through their tunnel; a member without an endpoint
-        // (behind NAT) keeps that tunnel open from its side.
-        for member in s.nodes.iter().filter(|n| n.role != Role::Hub) {
-            let indexes = std::iter::once(member.index)
-                .chain(s.services.iter().filter(|v| v.node == member.name).map(|v| v.index));
-            peers.insert(
-                member.public_key.clone(),
-                PeerPlan {
-                    name: member.name.clone(),
-                    preshared_key: None,
-                    endpoint: member.endpoint.clone(),
-                    allowed_ips: indexes.flat_map(|i| [host_v4(i), host_v6(i)]).collect(),
-                    persistent_keepalive: None,
-                },
-            );
+    }
+    for other in active.iter().filter(|n| n.name != node.name) {
+        let direct = is_hub || other.role == Role::Hub || node.endpoint.is_some() || other.endpoint.is_some();
+        if !direct {
+            continue;
         }
-    } else if let Some(hub) = s.hub() {
-        // A member reaches the whole mesh through the hub, and keeps its tunnel open through NAT.
+        let allowed_ips = if other.role == Role::Hub { vec![mesh_v4, mesh_v6] } else { routes_of(other) };
         peers.insert(
-            hub.public_key.clone(),
+            other.public_key.clone(),
             PeerPlan {
-                name: hub.name.clone(),
+                name: other.name.clone(),
                 preshared_key: None,
-                endpoint: hub.endpoint.clone(),
-                allowed_ips: vec![mesh_v4, mesh_v6],
-                persistent_keepalive: Some(DEVICE_KEEPALIVE_SECS),
+                endpoint: other.endpoint.clone(),
+                allowed_ips,
+                // Members keep every tunnel warm: through NAT it is the only way in, and after a restart
+                // it renews sessions at once instead of waiting out a stale one.
+                persistent_keepalive: (!is_hub).then_some(NODE_KEEPALIVE_SECS),
             },
         );
     }
 
     let device_addrs = |service: &Service| -> Vec<IpAddr> {
-        s.devices
-            .iter()
-            .filter(|d| d.allow.contains(&service.name))
-            .flat_map(|d| [IpAddr::V4(pool.v4_of(d.index)), IpAddr::V6(pool.v6_of(d.index))])
-            .collect()
+        s.devices.iter().filter(|d| d.allow.contains(&service.name)).flat_map(|d| host_addrs(d.index)).collect()
     };
     let service_addrs = |service: &Service| {
         [
@@ -156,20 +170,18 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
             SocketAddr::new(pool.v6_of(service.index).into(), service.port),
         ]
     };
+    let hosted_here = |service: &Service| {
+        service.node == node.name && node.active() || is_hub && active.iter().any(|n| n.name == service.node)
+    };
     let mut services = Vec::new();
     let mut grants = BTreeSet::new();
-    for service in &s.services {
-        let local = service.node == node.name;
-        if !local && !is_hub {
-            continue;
-        }
+    for service in s.services.iter().filter(|v| hosted_here(v)) {
         let allowed = device_addrs(service);
         for dst in service_addrs(service) {
             grants.extend(allowed.iter().filter(|src| src.is_ipv4() == dst.is_ipv4()).map(|&src| (src, dst)));
         }
-        if local {
-            addresses.insert(host_v4(service.index));
-            addresses.insert(host_v6(service.index));
+        if service.node == node.name {
+            addresses.extend(host_nets(service.index));
             services.push(ServicePlan {
                 name: service.name.clone(),
                 listen: service_addrs(service).to_vec(),
@@ -178,35 +190,31 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
             });
         }
     }
+
+    let rules_to_me: Vec<&Label> = s.rules.iter().filter(|r| r.to == node.name).map(|r| &r.from).collect();
+    let admitted = |n: &&&Node| rules_to_me.is_empty() || rules_to_me.contains(&&n.name) || n.name == node.name;
+    let members: BTreeSet<IpAddr> = if is_hub { active.iter().flat_map(|n| host_addrs(n.index)).collect() } else { BTreeSet::new() };
     let access = AccessPlan {
-        nodes: s
-            .nodes
-            .iter()
-            .flat_map(|n| [IpAddr::V4(pool.v4_of(n.index)), IpAddr::V6(pool.v6_of(n.index))])
-            .collect(),
+        nodes: active.iter().filter(admitted).flat_map(|n| host_addrs(n.index)).collect(),
         grants,
+        members,
         routes: is_hub,
-        trusted: if is_hub { Vec::new() } else { vec![mesh_v4, mesh_v6] },
     };
 
+    let own_listen = |port: u16| {
+        vec![SocketAddr::new(pool.v4_of(node.index).into(), port), SocketAddr::new(pool.v6_of(node.index).into(), port)]
+    };
     let dns = is_hub.then(|| {
         let mut records = DnsRecords::new();
         let mut add = |name: &Label, index: u32| {
-            records.insert(s.network.fqdn(name), vec![IpAddr::V4(pool.v4_of(index)), IpAddr::V6(pool.v6_of(index))]);
+            records.insert(s.network.fqdn(name), host_addrs(index).to_vec());
         };
-        s.nodes.iter().for_each(|n| add(&n.name, n.index));
+        active.iter().for_each(|n| add(&n.name, n.index));
         s.devices.iter().for_each(|d| add(&d.name, d.index));
-        s.services.iter().for_each(|v| add(&v.name, v.index));
-        DnsPlan {
-            listen: vec![
-                SocketAddr::new(pool.v4_of(node.index).into(), DNS_PORT),
-                SocketAddr::new(pool.v6_of(node.index).into(), DNS_PORT),
-            ],
-            domain: s.network.domain.clone(),
-            records,
-            clients: vec![mesh_v4, mesh_v6],
-        }
+        s.services.iter().filter(|v| active.iter().any(|n| n.name == v.node)).for_each(|v| add(&v.name, v.index));
+        DnsPlan { listen: own_listen(DNS_PORT), domain: s.network.domain.clone(), records, clients: vec![mesh_v4, mesh_v6] }
     });
+    let sync = is_hub.then(|| SyncPlan { listen: own_listen(SYNC_PORT) });
 
     Ok(HostPlan {
         interface: node.interface.clone(),
@@ -216,6 +224,7 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
         peers,
         services,
         dns,
+        sync,
         access,
     })
 }
@@ -257,7 +266,7 @@ pub fn diff_addresses(old: &BTreeSet<IpNet>, new: &BTreeSet<IpNet>) -> (Vec<IpNe
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Device, Network, Node, Service};
+    use crate::model::{AccessRule, Device, Network, Node, Service};
 
     fn label(s: &str) -> Label {
         s.parse().unwrap()
@@ -279,6 +288,8 @@ mod tests {
                 listen_port: 51820,
                 interface: "meshd0".into(),
                 role: Role::Hub,
+                disabled: false,
+                rotate_key: false,
             }],
             devices: vec![
                 Device {
@@ -312,6 +323,7 @@ mod tests {
                     index: 3,
                 },
             ],
+            rules: vec![],
         }
     }
 
@@ -398,9 +410,12 @@ mod tests {
             listen_port: 51820,
             interface: "meshd0".into(),
             role: Role::Node,
+            disabled: false,
+            rotate_key: false,
         };
         s.nodes.push(member("vps", "VPS", 7, Some("198.51.100.7:51820")));
         s.nodes.push(member("attic", "ATTIC", 8, None));
+        s.nodes.push(member("cellar", "CELLAR", 10, None));
         s.services.push(Service {
             name: label("beacon"),
             node: label("attic"),
@@ -424,22 +439,37 @@ mod tests {
         let beacon: SocketAddr = "10.77.0.9:5052".parse().unwrap();
         assert!(plan.access.grants.contains(&("10.77.0.4".parse().unwrap(), beacon)), "routed grant for the phone");
         assert!(!plan.services.iter().any(|v| v.name.as_str() == "beacon"), "the hub does not serve it itself");
-        assert_eq!(plan.access.nodes.len(), 6, "three nodes, two addresses each");
+        assert_eq!(plan.access.nodes.len(), 8, "four nodes, two addresses each");
+    }
+
+    fn nets(ips: &[IpNet]) -> Vec<String> {
+        ips.iter().map(ToString::to_string).collect()
     }
 
     #[test]
-    fn a_member_reaches_the_mesh_through_the_hub() {
-        let plan = plan_host(&with_members(), "attic").unwrap();
-        assert_eq!(plan.peers.keys().collect::<Vec<_>>(), ["HUB"]);
-        let hub = &plan.peers["HUB"];
-        assert_eq!(hub.allowed_ips, vec!["10.77.0.0/16".parse().unwrap(), "fd00:1:2::/64".parse::<IpNet>().unwrap()]);
+    fn members_peer_directly_when_one_side_has_an_endpoint() {
+        let s = with_members();
+        let attic = plan_host(&s, "attic").unwrap();
+        assert_eq!(attic.peers.keys().collect::<Vec<_>>(), ["HUB", "VPS"], "cellar is behind NAT too: via the hub");
+        let hub = &attic.peers["HUB"];
+        assert_eq!(nets(&hub.allowed_ips), ["10.77.0.0/16", "fd00:1:2::/64"], "the hub covers the rest of the mesh");
         assert_eq!(hub.persistent_keepalive, Some(25));
         assert_eq!(hub.endpoint, Some("203.0.113.5:51820".parse().unwrap()));
-        assert!(!plan.access.routes && plan.dns.is_none());
-        assert_eq!(
-            plan.access.trusted,
-            vec!["10.77.0.0/16".parse().unwrap(), "fd00:1:2::/64".parse::<IpNet>().unwrap()]
-        );
+        let vps = &attic.peers["VPS"];
+        assert_eq!(nets(&vps.allowed_ips), ["10.77.0.7/32", "fd00:1:2::7/128"]);
+        assert_eq!((vps.endpoint.is_some(), vps.persistent_keepalive), (true, Some(25)));
+
+        let vps = plan_host(&s, "vps").unwrap();
+        assert_eq!(vps.peers.keys().collect::<Vec<_>>(), ["ATTIC", "CELLAR", "HUB"]);
+        let attic = &vps.peers["ATTIC"];
+        assert_eq!(attic.endpoint, None, "behind NAT: attic opens the tunnel");
+        assert_eq!(nets(&attic.allowed_ips), ["10.77.0.8/32", "fd00:1:2::8/128", "10.77.0.9/32", "fd00:1:2::9/128"]);
+        assert!(!vps.access.routes && vps.dns.is_none() && vps.sync.is_none());
+    }
+
+    #[test]
+    fn a_member_admits_nodes_and_the_devices_granted_its_services() {
+        let plan = plan_host(&with_members(), "attic").unwrap();
         let beacon = plan.services.iter().find(|v| v.name.as_str() == "beacon").expect("the member serves beacon");
         assert!(beacon.allowed.contains(&"10.77.0.4".parse().unwrap()));
         assert!(
@@ -447,6 +477,37 @@ mod tests {
             "only grants to its own services: {:?}",
             plan.access.grants
         );
+        assert_eq!(plan.access.nodes.len(), 8, "four nodes, two addresses each");
+        assert!(plan.access.members.is_empty());
+    }
+
+    #[test]
+    fn access_rules_restrict_the_receiving_host_only() {
+        let mut s = with_members();
+        s.rules.push(AccessRule { from: label("attic"), to: label("vps") });
+        let vps = plan_host(&s, "vps").unwrap();
+        let admitted: Vec<String> = vps.access.nodes.iter().map(ToString::to_string).collect();
+        assert_eq!(admitted, ["10.77.0.7", "10.77.0.8", "fd00:1:2::7", "fd00:1:2::8"], "itself and attic only");
+        assert_eq!(vps.peers.len(), 3, "rules do not change who peers with whom");
+        let attic = plan_host(&s, "attic").unwrap();
+        assert_eq!(attic.access.nodes.len(), 8, "attic has no rule: every node reaches it");
+        let hub = plan_host(&s, "hub").unwrap();
+        assert_eq!(hub.access.members.len(), 8, "the hub routes for and syncs every node");
+        assert_eq!(hub.sync.unwrap().listen[0].to_string(), "10.77.0.1:51871");
+    }
+
+    #[test]
+    fn a_disabled_node_is_nobodys_peer() {
+        let mut s = with_members();
+        s.nodes[1].disabled = true;
+        for host in ["hub", "attic", "cellar"] {
+            let plan = plan_host(&s, host).unwrap();
+            assert!(!plan.peers.contains_key("VPS"), "{host} still peers with the disabled node");
+            assert!(!plan.access.nodes.contains(&"10.77.0.7".parse().unwrap()));
+        }
+        assert!(!plan_host(&s, "hub").unwrap().dns.unwrap().records.contains_key("vps.home.internal"));
+        let vps = plan_host(&s, "vps").unwrap();
+        assert!(vps.peers.is_empty() && vps.access.nodes.is_empty());
     }
 
     #[test]

@@ -35,15 +35,18 @@ pub fn render(plan: &HostPlan) -> String {
     let table = table_name(&plan.interface);
     let access = &plan.access;
     let (nodes_v4, nodes_v6): (Vec<&IpAddr>, Vec<&IpAddr>) = access.nodes.iter().partition(|ip| ip.is_ipv4());
+    let (members_v4, members_v6): (Vec<&IpAddr>, Vec<&IpAddr>) = access.members.iter().partition(|ip| ip.is_ipv4());
     let (grants_v4, grants_v6): (Vec<_>, Vec<_>) = access.grants.iter().partition(|(src, _)| src.is_ipv4());
     let grant = |(src, dst): &&(IpAddr, std::net::SocketAddr)| format!("{src} . {} . {}", dst.ip(), dst.port());
 
     let mut out = String::new();
     // Creating then deleting makes the script work whether or not the table exists yet.
     let _ = writeln!(out, "table inet {table}\ndelete table inet {table}\ntable inet {table} {{");
-    let sets: [(&str, &str, Vec<String>); 4] = [
+    let sets: [(&str, &str, Vec<String>); 6] = [
         ("nodes_v4", "ipv4_addr", nodes_v4.iter().map(ToString::to_string).collect()),
         ("nodes_v6", "ipv6_addr", nodes_v6.iter().map(ToString::to_string).collect()),
+        ("members_v4", "ipv4_addr", members_v4.iter().map(ToString::to_string).collect()),
+        ("members_v6", "ipv6_addr", members_v6.iter().map(ToString::to_string).collect()),
         ("grants_v4", "ipv4_addr . ipv4_addr . inet_service", grants_v4.iter().map(grant).collect()),
         ("grants_v6", "ipv6_addr . ipv6_addr . inet_service", grants_v6.iter().map(grant).collect()),
     ];
@@ -54,9 +57,11 @@ pub fn render(plan: &HostPlan) -> String {
         }
         let _ = writeln!(out, "  }}");
     }
-    // Nodes reach each other freely; devices only their granted services (and the hub's DNS).
-    let admitted = "ip saddr @nodes_v4 accept\n    ip6 saddr @nodes_v6 accept
-    ip saddr . ip daddr . tcp dport @grants_v4 accept\n    ip6 saddr . ip6 daddr . tcp dport @grants_v6 accept";
+    // Admitted nodes reach this host freely; devices only their granted services (and the hub's DNS).
+    let grants = "ip saddr . ip daddr . tcp dport @grants_v4 accept\n    ip6 saddr . ip6 daddr . tcp dport @grants_v6 accept";
+    let admitted = format!("ip saddr @nodes_v4 accept\n    ip6 saddr @nodes_v6 accept\n    {grants}");
+    // The hub routes between all nodes (receivers apply their own rules) and devices' granted flows.
+    let routed = format!("ip saddr @members_v4 accept\n    ip6 saddr @members_v6 accept\n    {grants}");
     let iface = &plan.interface;
     let _ = writeln!(out, "  chain input {{\n    type filter hook input priority filter; policy accept;");
     let _ = writeln!(out, "    iifname != \"{iface}\" accept");
@@ -77,9 +82,12 @@ pub fn render(plan: &HostPlan) -> String {
             }
         }
     }
-    for range in &access.trusted {
-        let family = if range.addr().is_ipv4() { "ip" } else { "ip6" };
-        let _ = writeln!(out, "    {family} saddr {range} accept");
+    if let Some(sync) = &plan.sync {
+        // Every node reaches the sync service, whatever access rules say about the hub itself.
+        for listen in &sync.listen {
+            let (saddr, daddr, set) = if listen.is_ipv4() { ("ip", "ip", "members_v4") } else { ("ip6", "ip6", "members_v6") };
+            let _ = writeln!(out, "    {saddr} saddr @{set} {daddr} daddr {} tcp dport {} accept", listen.ip(), listen.port());
+        }
     }
     let _ = writeln!(out, "    {admitted}\n    counter drop\n  }}");
     let _ = writeln!(out, "  chain forward {{\n    type filter hook forward priority filter; policy accept;");
@@ -89,7 +97,7 @@ pub fn render(plan: &HostPlan) -> String {
     }
     let _ = writeln!(out, "    iifname \"{iface}\" counter drop\n  }}");
     if access.routes {
-        let _ = writeln!(out, "  chain mesh_routing {{\n    ct state established,related accept\n    {admitted}\n  }}");
+        let _ = writeln!(out, "  chain mesh_routing {{\n    ct state established,related accept\n    {routed}\n  }}");
     }
     let _ = writeln!(out, "}}");
     out
@@ -125,7 +133,7 @@ pub async fn remove(interface: &str) -> Result<(), FirewallError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired::{AccessPlan, DnsPlan, ServicePlan};
+    use crate::desired::{AccessPlan, DnsPlan, ServicePlan, SyncPlan};
     use std::collections::{BTreeMap, BTreeSet};
 
     fn plan(allowed: &[&str], routes: bool) -> HostPlan {
@@ -144,6 +152,7 @@ mod tests {
                 target: "127.0.0.1:9737".parse().unwrap(),
                 allowed: allowed.clone(),
             }],
+            sync: routes.then(|| SyncPlan { listen: vec!["10.77.0.1:51871".parse().unwrap()] }),
             dns: Some(DnsPlan {
                 listen: vec!["10.77.0.1:53".parse().unwrap(), "[fd00::1]:53".parse().unwrap()],
                 domain: "home.internal".into(),
@@ -156,7 +165,11 @@ mod tests {
                     .iter()
                     .flat_map(|src| wallet.iter().filter(|dst| dst.is_ipv4() == src.is_ipv4()).map(|dst| (*src, *dst)))
                     .collect(),
-                trusted: if routes { Vec::new() } else { vec!["10.77.0.0/16".parse().unwrap()] },
+                members: if routes {
+                    ["10.77.0.1", "fd00::1", "10.77.0.5", "fd00::5", "10.77.0.6"].iter().map(|a| a.parse().unwrap()).collect()
+                } else {
+                    BTreeSet::new()
+                },
                 routes,
             },
         }
@@ -177,13 +190,17 @@ mod tests {
         assert!(rules.find("@grants_v4 accept").unwrap() < drop_at, "grants must come before the final drop");
         assert!(rules.contains("elements = { 10.77.0.1, 10.77.0.5 }"), "nodes reach each other: {rules}");
         assert!(rules.contains("iifname \"wg-home.1\" oifname \"wg-home.1\" jump mesh_routing"), "{rules}");
+        assert!(rules.contains("ip saddr @members_v4 ip daddr 10.77.0.1 tcp dport 51871 accept"), "{rules}");
+        let routing = &rules[rules.find("chain mesh_routing").unwrap()..];
+        assert!(routing.contains("ip saddr @members_v4 accept"), "the hub routes between all nodes: {rules}");
+        assert!(rules.contains("elements = { 10.77.0.1, 10.77.0.5, 10.77.0.6 }"), "{rules}");
     }
 
     #[test]
     fn only_the_hub_routes_between_peers() {
         let rules = render(&plan(&["10.77.0.4"], false));
-        assert!(!rules.contains("mesh_routing"), "{rules}");
-        assert!(rules.contains("ip saddr 10.77.0.0/16 accept"), "a member trusts what the hub routes: {rules}");
+        assert!(!rules.contains("mesh_routing") && !rules.contains("51871"), "{rules}");
+        assert!(!rules.contains("ip saddr 10.77.0.0/16 accept"), "a member admits exact sources only: {rules}");
         assert!(rules.contains("iifname \"wg-home.1\" counter drop"));
     }
 
@@ -191,7 +208,7 @@ mod tests {
     fn no_grant_means_empty_sets_and_default_deny() {
         let mut empty = plan(&[], false);
         empty.access.nodes.clear();
-        empty.access.trusted.clear();
+
         let rules = render(&empty);
         assert!(!rules.contains("elements"), "{rules}");
         assert!(rules.contains("counter drop"));

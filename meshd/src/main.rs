@@ -197,9 +197,9 @@ fn join(
             member.me, member.me
         )));
     }
-    let snapshot = member.snapshot();
+    let snapshot = member.state.snapshot();
     let view = snapshot.nodes.iter().find(|n| n.name == member.me).map(|n| snapshot.node_view(n));
-    println!("joined network {} as {}", member.network.name, member.me);
+    println!("joined network {} as {}", member.state.network.name, member.me);
     if let Some(me) = view {
         println!("  addresses {} and {}", me.address, me.address_v6);
     }

@@ -15,6 +15,14 @@ use crate::ipam::Pool;
 /// session fresh so it can reach them.
 pub const DEVICE_KEEPALIVE_SECS: u16 = 25;
 
+/// Persistent keepalive between hosts: a host behind NAT stays reachable, and a restarted host renews
+/// its sessions at once.
+pub const NODE_KEEPALIVE_SECS: u16 = 25;
+
+/// TCP port of the hub's sync service, on its mesh addresses only (members reach it through their tunnel,
+/// which is what authenticates them).
+pub const SYNC_PORT: u16 = 51871;
+
 /// MTU of every mesh interface: 1500 minus WireGuard's worst-case IPv6 overhead.
 pub const MESH_MTU: u16 = 1420;
 
@@ -61,6 +69,19 @@ pub struct Node {
     pub listen_port: u16,
     pub interface: String,
     pub role: Role,
+    /// A disabled node keeps its name and addresses but is nobody's peer until enabled again.
+    #[serde(default)]
+    pub disabled: bool,
+    /// The operator asked for a new key: the host makes one itself on its next contact.
+    #[serde(default)]
+    pub rotate_key: bool,
+}
+
+impl Node {
+    /// Whether the node takes part in the mesh now.
+    pub fn active(&self) -> bool {
+        !self.disabled
+    }
 }
 
 /// A roaming peer (a phone or laptop with the stock WireGuard app).
@@ -73,6 +94,21 @@ pub struct Device {
     pub index: u32,
     /// Services this device may reach.
     pub allow: Vec<Label>,
+}
+
+/// What the hosts know of a device: its address and grants, never its keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceGrants {
+    pub name: Label,
+    pub index: u32,
+    pub allow: Vec<Label>,
+}
+
+/// `from` may reach `to`. A node named as `to` by any rule admits only the nodes its rules name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct AccessRule {
+    pub from: Label,
+    pub to: Label,
 }
 
 /// A TCP service on a node, exposed to the mesh on its own mesh address.
@@ -93,9 +129,60 @@ pub struct Snapshot {
     pub nodes: Vec<Node>,
     pub devices: Vec<Device>,
     pub services: Vec<Service>,
+    pub rules: Vec<AccessRule>,
+}
+
+/// What every host of the network is told: the controller's snapshot without any secret. Members
+/// plan their own interface from it, exactly as the hub plans its own from the full snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedState {
+    pub network: Network,
+    pub nodes: Vec<Node>,
+    pub services: Vec<Service>,
+    pub devices: Vec<DeviceGrants>,
+    pub rules: Vec<AccessRule>,
+}
+
+impl SharedState {
+    /// The state as a snapshot a member can plan from: devices without keys (members never peer
+    /// with devices; they only admit them to their services).
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            network: self.network.clone(),
+            nodes: self.nodes.clone(),
+            devices: self
+                .devices
+                .iter()
+                .map(|d| Device {
+                    name: d.name.clone(),
+                    public_key: String::new(),
+                    preshared_key: String::new(),
+                    index: d.index,
+                    allow: d.allow.clone(),
+                })
+                .collect(),
+            services: self.services.clone(),
+            rules: self.rules.clone(),
+        }
+    }
 }
 
 impl Snapshot {
+    /// What the hosts are told of this network.
+    pub fn shared(&self) -> SharedState {
+        SharedState {
+            network: self.network.clone(),
+            nodes: self.nodes.clone(),
+            services: self.services.clone(),
+            devices: self
+                .devices
+                .iter()
+                .map(|d| DeviceGrants { name: d.name.clone(), index: d.index, allow: d.allow.clone() })
+                .collect(),
+            rules: self.rules.clone(),
+        }
+    }
+
     /// The hub node.
     pub fn hub(&self) -> Option<&Node> {
         self.nodes.iter().find(|n| n.role == Role::Hub)
@@ -112,6 +199,8 @@ impl Snapshot {
             endpoint: node.endpoint.as_ref().map(ToString::to_string),
             role: node.role,
             dns_name: self.network.fqdn(&node.name),
+            disabled: node.disabled,
+            rotate_key: node.rotate_key,
         }
     }
 
@@ -154,6 +243,9 @@ pub struct NodeView {
     pub endpoint: Option<String>,
     pub role: Role,
     pub dns_name: String,
+    pub disabled: bool,
+    /// A new key was asked for and the host has not made it yet.
+    pub rotate_key: bool,
 }
 
 /// A device as `meshctl device list` shows it.

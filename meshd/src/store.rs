@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use crate::input::{HostPort, Label};
-use crate::model::{Device, Invite, InviteStatus, Network, Node, Role, Service, Snapshot};
+use crate::model::{AccessRule, Device, Invite, InviteStatus, Network, Node, Role, Service, Snapshot};
 
 /// `PRAGMA application_id` of a meshd database ("mshd"), so a foreign SQLite file is recognised.
 const APPLICATION_ID: i32 = 0x6d73_6864;
@@ -86,6 +86,17 @@ CREATE TABLE join_identity (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     cert BLOB NOT NULL,
     key BLOB NOT NULL
+);
+"#,
+    r#"
+-- A disabled node keeps its name and addresses; a node asked for a new key makes it on next contact.
+ALTER TABLE nodes ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0 CHECK (disabled IN (0, 1));
+ALTER TABLE nodes ADD COLUMN rotate_key INTEGER NOT NULL DEFAULT 0 CHECK (rotate_key IN (0, 1));
+-- Node `from_node` may reach node `to_node`; a node that is the target of any rule admits only its sources.
+CREATE TABLE access_rules (
+    from_node INTEGER NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+    to_node INTEGER NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+    PRIMARY KEY (from_node, to_node)
 );
 "#,
 ];
@@ -345,6 +356,85 @@ impl Writer<'_> {
         Ok(())
     }
 
+    /// Set whether a node is disabled; false if there is no such node.
+    pub fn set_node_disabled(&self, name: &Label, disabled: bool) -> Result<bool, StoreError> {
+        let n = self
+            .tx
+            .execute("UPDATE nodes SET disabled = ?1 WHERE name = ?2", params![disabled, name.as_str()])
+            .map_err(sql("update node"))?;
+        Ok(n == 1)
+    }
+
+    /// Ask (or stop asking) a node for a new key.
+    pub fn set_node_rotate(&self, name: &Label, rotate: bool) -> Result<(), StoreError> {
+        self.tx
+            .execute("UPDATE nodes SET rotate_key = ?1 WHERE name = ?2", params![rotate, name.as_str()])
+            .map_err(sql("update node"))?;
+        Ok(())
+    }
+
+    /// Give a node its new public key; the rotation it was asked for is done.
+    pub fn set_node_key(&self, name: &Label, public_key: &str) -> Result<(), StoreError> {
+        self.tx
+            .execute("UPDATE nodes SET public_key = ?1, rotate_key = 0 WHERE name = ?2", params![public_key, name.as_str()])
+            .map_err(sql("update node key"))?;
+        Ok(())
+    }
+
+    /// Add an access rule between two existing nodes; false if it was there already.
+    pub fn insert_rule(&self, rule: &AccessRule) -> Result<bool, StoreError> {
+        let n = self
+            .tx
+            .execute(
+                "INSERT OR IGNORE INTO access_rules (from_node, to_node)
+                 SELECT f.id, t.id FROM nodes f, nodes t WHERE f.name = ?1 AND t.name = ?2",
+                params![rule.from.as_str(), rule.to.as_str()],
+            )
+            .map_err(sql("insert access rule"))?;
+        Ok(n == 1)
+    }
+
+    /// Remove an access rule; false if there was none.
+    pub fn delete_rule(&self, rule: &AccessRule) -> Result<bool, StoreError> {
+        let n = self
+            .tx
+            .execute(
+                "DELETE FROM access_rules WHERE from_node = (SELECT id FROM nodes WHERE name = ?1)
+                 AND to_node = (SELECT id FROM nodes WHERE name = ?2)",
+                params![rule.from.as_str(), rule.to.as_str()],
+            )
+            .map_err(sql("delete access rule"))?;
+        Ok(n == 1)
+    }
+
+    /// Replace the grants of an existing device; the services must exist.
+    pub fn set_device_grants(&self, name: &Label, allow: &[Label]) -> Result<(), StoreError> {
+        self.tx
+            .execute("DELETE FROM grants WHERE device_id = (SELECT id FROM devices WHERE name = ?1)", [name.as_str()])
+            .map_err(sql("delete grants"))?;
+        for service in allow {
+            self.tx
+                .execute(
+                    "INSERT INTO grants (device_id, service_id)
+                     SELECT d.id, s.id FROM devices d, services s WHERE d.name = ?1 AND s.name = ?2",
+                    params![name.as_str(), service.as_str()],
+                )
+                .map_err(sql("insert grant"))?;
+        }
+        Ok(())
+    }
+
+    /// Point an existing service elsewhere.
+    pub fn update_service(&self, service: &Service) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "UPDATE services SET target = ?1, port = ?2 WHERE name = ?3",
+                params![service.target.to_string(), service.port, service.name.as_str()],
+            )
+            .map_err(sql("update service"))?;
+        Ok(())
+    }
+
     /// Store a new pending invite.
     pub fn insert_invite(&self, invite: &Invite) -> Result<(), StoreError> {
         self.tx
@@ -458,7 +548,8 @@ fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
     };
 
     let mut stmt = conn
-        .prepare("SELECT name, public_key, addr_index, endpoint, listen_port, interface, role FROM nodes ORDER BY addr_index")
+        .prepare("SELECT name, public_key, addr_index, endpoint, listen_port, interface, role, disabled, rotate_key
+             FROM nodes ORDER BY addr_index")
         .map_err(sql("read nodes"))?;
     let raw_nodes = stmt
         .query_map([], |r| {
@@ -470,12 +561,14 @@ fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
                 r.get::<_, u16>(4)?,
                 r.get::<_, String>(5)?,
                 r.get::<_, String>(6)?,
+                r.get::<_, bool>(7)?,
+                r.get::<_, bool>(8)?,
             ))
         })
         .and_then(Iterator::collect::<Result<Vec<_>, _>>)
         .map_err(sql("read nodes"))?;
     let mut nodes = Vec::with_capacity(raw_nodes.len());
-    for (name, public_key, index, endpoint, listen_port, interface, role) in raw_nodes {
+    for (name, public_key, index, endpoint, listen_port, interface, role, disabled, rotate_key) in raw_nodes {
         nodes.push(Node {
             name: parse_column("nodes.name", &name)?,
             public_key,
@@ -489,6 +582,8 @@ fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
                 "relay" => Role::Relay,
                 _ => return Err(StoreError::Corrupt("nodes.role".into())),
             },
+            disabled,
+            rotate_key,
         });
     }
 
@@ -552,7 +647,21 @@ fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
             index,
         });
     }
-    Ok(Snapshot { network, nodes, devices, services })
+    let mut stmt = conn
+        .prepare(
+            "SELECT f.name, t.name FROM access_rules r JOIN nodes f ON f.id = r.from_node JOIN nodes t ON t.id = r.to_node
+             ORDER BY t.name, f.name",
+        )
+        .map_err(sql("read access rules"))?;
+    let raw_rules = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(sql("read access rules"))?;
+    let rules = raw_rules
+        .into_iter()
+        .map(|(from, to)| Ok(AccessRule { from: parse_column("nodes.name", &from)?, to: parse_column("nodes.name", &to)? }))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(Snapshot { network, nodes, devices, services, rules })
 }
 
 fn read_invites(stmt: &mut rusqlite::Statement<'_>, args: impl rusqlite::Params) -> Result<Vec<Invite>, StoreError> {
