@@ -1,6 +1,8 @@
 //! `meshctl`: the operator's command line. It talks to the controller over the admin socket in the
 //! state directory, or, when no daemon runs there, opens the state itself.
 
+mod apply;
+
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -15,14 +17,14 @@ use meshd::controller::Controller;
 use meshd::input::{self, HostPort, Label};
 use meshd::invite;
 use meshd::keys::PrivateKey;
-use meshd::model::{DeviceView, NodeView, Role, ServiceView};
+use meshd::model::{AccessRule, DeviceView, NodeView, Role, ServiceView};
 use meshd::render::{self, DeviceConfig, HubPeer};
 use meshd::statedir::{DEFAULT_STATE_DIR, StateDir};
 use meshd::store;
 use serde::Serialize;
 
 #[derive(Parser)]
-#[command(name = "meshctl", version, about = "Manage a meshd network: services, devices, nodes")]
+#[command(name = "meshctl", version, about = "Manage a meshd network: services, devices, nodes, access rules")]
 struct Cli {
     #[command(flatten)]
     global: Global,
@@ -54,8 +56,25 @@ enum Command {
     /// Hosts running meshd.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Which nodes may reach which: every node reaches every node until a node is the target of a rule.
+    #[command(subcommand)]
+    Access(AccessCommand),
     /// The network: nodes, devices with their last handshake, services.
     Status,
+    /// Make the network match a declaration file (TOML): member nodes, services, devices, access rules.
+    Apply {
+        /// The declaration file.
+        file: PathBuf,
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Directory for the wg-quick configs (NAME.conf, 0600) of new devices.
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        out_dir: PathBuf,
+        /// How long the tokens of new invites stay valid, e.g. 90s, 30m, 1h, 2d.
+        #[arg(long, default_value = "1h", value_parser = invite::parse_duration)]
+        expires: Duration,
+    },
 }
 
 #[derive(Subcommand)]
@@ -77,6 +96,16 @@ enum ServiceCommand {
     List,
     /// Remove a service (devices lose access to it).
     Remove { name: Label },
+    /// Point a service elsewhere; its mesh address and the devices allowed to reach it stay.
+    Update {
+        name: Label,
+        /// Where the node reaches the service: HOST:PORT.
+        #[arg(long)]
+        target: HostPort,
+        /// Port on the mesh address [default: the target's port].
+        #[arg(long, value_parser = input::parse_port)]
+        port: Option<u16>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -100,6 +129,13 @@ enum DeviceCommand {
     List,
     /// Remove a device: it can reach nothing from then on.
     Remove { name: Label },
+    /// Replace the services a device may reach; its keys and config stay.
+    Update {
+        name: Label,
+        /// Services the device may reach (replacing the ones it may reach now).
+        #[arg(long, value_delimiter = ',', required = true)]
+        allow: Vec<Label>,
+    },
 }
 
 /// How a device's config is handed out; with none of these, it is printed.
@@ -139,6 +175,22 @@ enum NodeCommand {
     Uninvite { name: Label },
     /// Remove a member node: no host keeps it as a peer from then on.
     Remove { name: Label },
+    /// Take a member out of the mesh but keep its name and addresses: no host keeps it as a peer.
+    Disable { name: Label },
+    /// Bring a disabled member back into the mesh.
+    Enable { name: Label },
+    /// Ask a member for a new key: the host makes it itself on its next contact with the controller.
+    Rotate { name: Label },
+}
+
+#[derive(Subcommand)]
+enum AccessCommand {
+    /// Let node FROM reach node TO; TO then admits only the nodes its rules name.
+    Allow { from: Label, to: Label },
+    /// Take a rule away; a node left without rules is reachable by every node again.
+    Revoke { from: Label, to: Label },
+    /// List the rules.
+    List,
 }
 
 /// Roles an invited host can take.
@@ -212,17 +264,46 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Node(NodeCommand::Remove { name }) => {
             removed(g, Request::NodeRemove { name: name.clone() }, "node", &name)
         }
+        Command::Node(NodeCommand::Disable { name }) => {
+            done(g, Request::NodeDisable { name: name.clone() })?;
+            node_changed(g, &name, &format!("node {name} disabled: no host keeps it as a peer until it is enabled"))
+        }
+        Command::Node(NodeCommand::Enable { name }) => {
+            done(g, Request::NodeEnable { name: name.clone() })?;
+            node_changed(g, &name, &format!("node {name} enabled: it is in the mesh again"))
+        }
+        Command::Node(NodeCommand::Rotate { name }) => {
+            done(g, Request::NodeRotate { name: name.clone() })?;
+            node_changed(g, &name, &format!("node {name} will make a new key on its next contact with the controller"))
+        }
+        Command::Access(AccessCommand::Allow { from, to }) => {
+            done(g, Request::AccessAllow { from: from.clone(), to: to.clone() })?;
+            let rule = AccessRule { from, to };
+            print(g, &serde_json::json!({ "allowed": rule }), || {
+                println!("{} may reach {}; {} admits only the nodes its rules name", rule.from, rule.to, rule.to)
+            })
+        }
+        Command::Access(AccessCommand::Revoke { from, to }) => {
+            done(g, Request::AccessRevoke { from: from.clone(), to: to.clone() })?;
+            let rule = AccessRule { from, to };
+            print(g, &serde_json::json!({ "revoked": rule }), || println!("revoked {} -> {}", rule.from, rule.to))
+        }
+        Command::Access(AccessCommand::List) => match send(g, Request::AccessList)? {
+            Reply::Rules(rules) => print(g, &rules, || print_rules(&rules)),
+            other => unexpected(other),
+        },
+        Command::Apply { file, dry_run, out_dir, expires } => {
+            apply::apply(g, apply::Apply { file, dry_run, out_dir, expires })
+        }
         Command::Service(ServiceCommand::List) => match send(g, Request::ServiceList)? {
             Reply::Services(services) => print(g, &services, || print_services(&services)),
             other => unexpected(other),
         },
         Command::Service(ServiceCommand::Add { name, node, target, port }) => {
-            match send(g, Request::ServiceAdd { name, node, target, port })? {
-                Reply::Service(s) => print(g, &s, || {
-                    println!("service {} on {}: {} ({}) -> {}", s.name, s.node, s.mesh_address, s.dns_name, s.target)
-                }),
-                other => unexpected(other),
-            }
+            print_service(g, send(g, Request::ServiceAdd { name, node, target, port })?)
+        }
+        Command::Service(ServiceCommand::Update { name, target, port }) => {
+            print_service(g, send(g, Request::ServiceUpdate { name, target, port })?)
         }
         Command::Service(ServiceCommand::Remove { name }) => {
             removed(g, Request::ServiceRemove { name: name.clone() }, "service", &name)
@@ -240,6 +321,16 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Device(DeviceCommand::Rotate { name, out }) => {
             hand_out(g, out, |public_key| Request::DeviceRotate { name, public_key }, None)
+        }
+        Command::Device(DeviceCommand::Update { name, allow }) => {
+            done(g, Request::DeviceAllow { name: name.clone(), allow })?;
+            let devices = match send(g, Request::DeviceList)? {
+                Reply::Devices(devices) => devices,
+                other => return unexpected(other),
+            };
+            let device =
+                devices.into_iter().find(|d| d.name == name).with_context(|| format!("device {name} is gone"))?;
+            print(g, &device, || println!("device {}: may reach {}", device.name, join(&device.allow)))
         }
     }
 }
@@ -362,6 +453,33 @@ fn removed(g: &Global, request: Request, kind: &str, name: &Label) -> anyhow::Re
     }
 }
 
+/// Send a request whose reply is only that it was done.
+fn done(g: &Global, request: Request) -> anyhow::Result<()> {
+    match send(g, request)? {
+        Reply::Done => Ok(()),
+        other => unexpected(other),
+    }
+}
+
+/// After a change to node `name`: its view with `--json`, else `line`.
+fn node_changed(g: &Global, name: &Label, line: &str) -> anyhow::Result<()> {
+    let nodes = match send(g, Request::NodeList)? {
+        Reply::Nodes(nodes) => nodes,
+        other => return unexpected(other),
+    };
+    let node = nodes.into_iter().find(|n| &n.name == name).with_context(|| format!("node {name} is gone"))?;
+    print(g, &node, || println!("{line}"))
+}
+
+fn print_service(g: &Global, reply: Reply) -> anyhow::Result<()> {
+    match reply {
+        Reply::Service(s) => print(g, &s, || {
+            println!("service {} on {}: {} ({}) -> {}", s.name, s.node, s.mesh_address, s.dns_name, s.target)
+        }),
+        other => unexpected(other),
+    }
+}
+
 fn unexpected(reply: Reply) -> anyhow::Result<()> {
     bail!("the controller sent an unexpected reply: {reply:?}")
 }
@@ -384,17 +502,44 @@ fn role_name(role: Role) -> String {
 }
 
 fn print_nodes(nodes: &[NodeView]) {
-    println!("{:<20} {:<6} {:<16} {:<28} ENDPOINT", "NODE", "ROLE", "ADDRESS", "ADDRESS6");
+    print!("{}", nodes_table(nodes));
+}
+
+/// The node table; STATE comes last so the columns before it stay where scripts expect them.
+fn nodes_table(nodes: &[NodeView]) -> String {
+    let mut table =
+        format!("{:<20} {:<6} {:<16} {:<28} {:<24} STATE\n", "NODE", "ROLE", "ADDRESS", "ADDRESS6", "ENDPOINT");
     for n in nodes {
-        let role = role_name(n.role);
-        println!(
-            "{:<20} {:<6} {:<16} {:<28} {}",
+        table.push_str(&format!(
+            "{:<20} {:<6} {:<16} {:<28} {:<24} {}\n",
             n.name,
-            role,
+            role_name(n.role),
             n.address,
             n.address_v6,
-            n.endpoint.as_deref().unwrap_or("-")
-        );
+            n.endpoint.as_deref().unwrap_or("-"),
+            node_state(n)
+        ));
+    }
+    table
+}
+
+fn node_state(n: &NodeView) -> &'static str {
+    match (n.disabled, n.rotate_key) {
+        (false, false) => "active",
+        (false, true) => "key rotation pending",
+        (true, false) => "disabled",
+        (true, true) => "disabled, key rotation pending",
+    }
+}
+
+fn print_rules(rules: &[AccessRule]) {
+    if rules.is_empty() {
+        println!("no access rules: every node reaches every node");
+        return;
+    }
+    println!("{:<20} TO", "FROM");
+    for rule in rules {
+        println!("{:<20} {}", rule.from, rule.to);
     }
 }
 
@@ -480,5 +625,219 @@ impl Outputs {
             fs::rename(tmp, path).with_context(|| format!("writing {}", path.display()))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Commands on joined members. No host can join without a running daemon, so the members here join
+    //! through the controller's own redemption of an invite, as the daemon's join service does.
+
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use meshd::api::JoinRequest;
+    use meshd::controller::NewNetwork;
+    use meshd::declare::{self, Current, Declaration};
+    use meshd::invite::Token;
+    use meshd::model::Snapshot;
+
+    use super::*;
+
+    /// A new directory under the system's temporary directory, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> TempDir {
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let name = format!("meshctl-test-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+            let path = std::env::temp_dir().join(name);
+            fs::create_dir(&path).unwrap();
+            TempDir(path)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn label(s: &str) -> Label {
+        s.parse().unwrap()
+    }
+
+    /// A state dir for network `home` (hub `hub`) in which `members` have joined as nodes.
+    fn network(members: &[&str]) -> TempDir {
+        let dir = TempDir::new();
+        let new = NewNetwork {
+            network: label("home"),
+            domain: "home.internal".into(),
+            cidr: "10.77.0.0/16".parse().unwrap(),
+            hub: label("hub"),
+            hub_public_key: PrivateKey::generate().public_key(),
+            endpoint: "192.0.2.1:51820".parse().unwrap(),
+            listen_port: 51820,
+            interface: "meshd0".into(),
+        };
+        let mut c = Controller::init(&StateDir::new(&dir.0).db(), &new).unwrap().0;
+        for name in members {
+            let reply =
+                c.handle(Request::NodeInvite { name: label(name), role: Role::Node, expires_secs: 60 }).unwrap();
+            let Reply::Invite(issued) = reply else { panic!("{reply:?}") };
+            let token = Token::decode(&issued.token).unwrap();
+            let join = JoinRequest {
+                id: token.id,
+                secret: token.secret,
+                public_key: PrivateKey::generate().public_key(),
+                endpoint: None,
+                listen_port: 51820,
+                interface: "meshd0".into(),
+            };
+            c.redeem(&join).unwrap();
+        }
+        dir
+    }
+
+    /// `meshctl --state-dir DIR ARGS...`, carried out in-process.
+    fn meshctl(dir: &TempDir, args: &[&str]) -> anyhow::Result<()> {
+        let state = dir.0.to_str().unwrap();
+        execute(Cli::try_parse_from(["meshctl", "--state-dir", state].iter().chain(args)).unwrap())
+    }
+
+    fn snapshot(dir: &TempDir) -> Snapshot {
+        Controller::open(&StateDir::new(&dir.0).db()).unwrap().snapshot().unwrap()
+    }
+
+    fn views(dir: &TempDir) -> Vec<NodeView> {
+        let s = snapshot(dir);
+        s.nodes.iter().map(|n| s.node_view(n)).collect()
+    }
+
+    /// The STATE column of `name` in the node table.
+    fn state_column(dir: &TempDir, name: &str) -> String {
+        let table = nodes_table(&views(dir));
+        let line = table.lines().find(|l| l.split_whitespace().next() == Some(name)).unwrap();
+        line.split_whitespace().skip(5).collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn disable_enable_and_rotate_a_member_show_in_the_node_table() {
+        let dir = network(&["vps"]);
+        assert_eq!(state_column(&dir, "vps"), "active");
+        meshctl(&dir, &["node", "disable", "vps"]).unwrap();
+        assert!(snapshot(&dir).nodes[1].disabled);
+        assert_eq!(state_column(&dir, "vps"), "disabled");
+        let refused = meshctl(&dir, &["node", "rotate", "vps"]).unwrap_err();
+        assert_eq!(refused.to_string(), "\"vps\" is disabled; enable it first");
+        meshctl(&dir, &["node", "enable", "vps"]).unwrap();
+        assert_eq!(state_column(&dir, "vps"), "active");
+        meshctl(&dir, &["node", "rotate", "vps", "--json"]).unwrap();
+        assert!(snapshot(&dir).nodes[1].rotate_key);
+        assert_eq!(state_column(&dir, "vps"), "key rotation pending");
+        meshctl(&dir, &["node", "disable", "vps"]).unwrap();
+        assert_eq!(state_column(&dir, "vps"), "disabled, key rotation pending");
+        assert_eq!(state_column(&dir, "hub"), "active");
+    }
+
+    #[test]
+    fn access_rules_between_members() {
+        let dir = network(&["consensus", "validator"]);
+        meshctl(&dir, &["access", "allow", "consensus", "validator"]).unwrap();
+        meshctl(&dir, &["access", "allow", "hub", "validator", "--json"]).unwrap();
+        let rule = |from: &str, to: &str| AccessRule { from: label(from), to: label(to) };
+        assert_eq!(snapshot(&dir).rules, [rule("consensus", "validator"), rule("hub", "validator")]);
+        meshctl(&dir, &["access", "list"]).unwrap();
+        meshctl(&dir, &["access", "revoke", "hub", "validator"]).unwrap();
+        assert_eq!(snapshot(&dir).rules, [rule("consensus", "validator")]);
+        let refused = meshctl(&dir, &["access", "revoke", "hub", "validator"]).unwrap_err();
+        assert_eq!(refused.to_string(), "no rule lets \"hub\" reach \"validator\"");
+    }
+
+    const DECLARATION: &str = r#"
+[[node]]
+name = "consensus"
+
+[[node]]
+name = "validator"
+disabled = true
+
+[[service]]
+name = "beacon"
+node = "consensus"
+target = "127.0.0.1:5052"
+
+[[device]]
+name = "phone"
+allow = ["beacon"]
+
+[[access]]
+from = ["consensus"]
+to = "validator"
+"#;
+
+    #[test]
+    fn apply_to_joined_members_converges_and_then_changes_nothing() {
+        let dir = network(&["consensus", "validator", "old"]);
+        meshctl(&dir, &["service", "add", "junk", "--node", "old", "--target", "127.0.0.1:1"]).unwrap();
+        meshctl(&dir, &["access", "allow", "old", "validator"]).unwrap();
+        let file = dir.0.join("net.toml");
+        fs::write(&file, DECLARATION).unwrap();
+        let out = dir.0.join("out");
+        fs::create_dir(&out).unwrap();
+        let apply = |extra: &[&str]| {
+            let mut args = vec!["apply", file.to_str().unwrap(), "--out-dir", out.to_str().unwrap()];
+            args.extend(extra);
+            meshctl(&dir, &args)
+        };
+        apply(&["--dry-run"]).unwrap();
+        assert_eq!(snapshot(&dir).nodes.len(), 4, "a dry run changes nothing");
+        apply(&[]).unwrap();
+
+        let s = snapshot(&dir);
+        let nodes: Vec<(&str, bool)> = s.nodes.iter().map(|n| (n.name.as_str(), n.disabled)).collect();
+        assert_eq!(nodes, [("hub", false), ("consensus", false), ("validator", true)]);
+        assert_eq!(s.services.len(), 1);
+        assert_eq!((s.services[0].name.as_str(), s.services[0].node.as_str()), ("beacon", "consensus"));
+        assert_eq!(s.devices.len(), 1);
+        assert_eq!(s.devices[0].allow, [label("beacon")]);
+        assert_eq!(s.rules, [AccessRule { from: label("consensus"), to: label("validator") }]);
+        let conf = out.join("phone.conf");
+        assert_eq!(fs::metadata(&conf).unwrap().permissions().mode() & 0o777, 0o600);
+        let text = fs::read_to_string(&conf).unwrap();
+        assert_eq!(render::DeviceConfig::parse(&text).unwrap().peer.public_key, s.hub().unwrap().public_key);
+
+        let db = fs::read(StateDir::new(&dir.0).db()).unwrap();
+        apply(&[]).unwrap();
+        assert!(fs::read(StateDir::new(&dir.0).db()).unwrap() == db, "a second apply changed meshd.db");
+        let mut c = Controller::open(&StateDir::new(&dir.0).db()).unwrap();
+        let (Reply::Status(status), Reply::Invites(invites), Reply::Rules(rules)) = (
+            c.handle(Request::Status).unwrap(),
+            c.handle(Request::NodeInvites).unwrap(),
+            c.handle(Request::AccessList).unwrap(),
+        ) else {
+            panic!("unexpected replies")
+        };
+        let current = Current::from_views(&status, &invites, &rules).unwrap();
+        let plan = declare::plan(&Declaration::parse(DECLARATION, &current.hub).unwrap(), &current).unwrap();
+        assert_eq!(plan, declare::Plan::default());
+    }
+
+    #[test]
+    fn node_states_in_the_table() {
+        let view = |name: &str, disabled, rotate_key| NodeView {
+            name: label(name),
+            public_key: String::new(),
+            address: "10.77.0.2".parse().unwrap(),
+            address_v6: "fd00::2".parse().unwrap(),
+            endpoint: None,
+            role: Role::Node,
+            dns_name: format!("{name}.home.internal"),
+            disabled,
+            rotate_key,
+        };
+        let table = nodes_table(&[view("a", false, false), view("b", true, false), view("c", false, true)]);
+        let states: Vec<&str> = table.lines().skip(1).map(|l| l.split_once(" - ").unwrap().1.trim()).collect();
+        assert_eq!(states, ["active", "disabled", "key rotation pending"], "{table}");
     }
 }

@@ -12,8 +12,8 @@ use crate::invite::{self, Token};
 use crate::join::JoinIdentity;
 use crate::keys;
 use crate::model::{
-    AccessRule, DEVICE_KEEPALIVE_SECS, Device, Invite, InviteStatus, InviteView, MESH_MTU, Network, NetworkView, Node, Role,
-    Service, Snapshot,
+    AccessRule, DEVICE_KEEPALIVE_SECS, Device, Invite, InviteStatus, InviteView, MESH_MTU, Network, NetworkView, Node,
+    Role, Service, Snapshot,
 };
 use crate::store::{self, ADDRESS_COOLDOWN, Store, StoreError, Writer};
 
@@ -50,6 +50,8 @@ pub enum ControlError {
     RotateHub(Label),
     #[error("\"{0}\" is disabled; enable it first")]
     NodeDisabled(Label),
+    #[error("\"{0}\" was not asked for a new key")]
+    NoRotation(Label),
     #[error("a node cannot be given a rule to itself")]
     RuleToSelf,
     #[error("no rule lets \"{from}\" reach \"{to}\"")]
@@ -255,6 +257,16 @@ impl Controller {
                 Ok(Reply::Service(s.service_view(&service)))
             }),
         }
+    }
+
+    /// Whether `public_key` may become the key of member `name`, which was asked for a new one.
+    pub fn check_node_key(&mut self, name: &Label, public_key: &str) -> Result<(), ControlError> {
+        let public_key = keys::parse_public_key(public_key)?;
+        let s = self.snapshot()?;
+        if !member(&s, name)?.rotate_key {
+            return Err(ControlError::NoRotation(name.clone()));
+        }
+        ensure_key_free(&s, &public_key)
     }
 
     /// A member host made the new key it was asked for: the network knows it by that key from now on.
@@ -721,7 +733,11 @@ mod tests {
         c.handle(Request::NodeRotate { name: vps.clone() }).unwrap();
         assert!(c.snapshot().unwrap().nodes[1].rotate_key);
         let new_key = PrivateKey::generate().public_key();
+        c.check_node_key(&vps, &new_key).unwrap();
+        let hub_key = c.snapshot().unwrap().nodes[0].public_key.clone();
+        assert!(matches!(c.check_node_key(&vps, &hub_key), Err(ControlError::KeyTaken(_))));
         c.replace_node_key(&vps, &new_key).unwrap();
+        assert!(matches!(c.check_node_key(&vps, &new_key), Err(ControlError::NoRotation(_))));
         let node = c.snapshot().unwrap().nodes[1].clone();
         assert_eq!((node.public_key.as_str(), node.rotate_key), (new_key.as_str(), false));
         assert!(matches!(c.replace_node_key(&vps, &new_key), Err(ControlError::KeyTaken(_))));
@@ -736,7 +752,10 @@ mod tests {
         ));
         c.handle(Request::AccessAllow { from: hub.clone(), to: vps.clone() }).unwrap();
         c.handle(Request::AccessAllow { from: hub.clone(), to: vps.clone() }).expect("allowing twice is harmless");
-        assert_eq!(c.handle(Request::AccessList).unwrap(), Reply::Rules(vec![AccessRule { from: hub.clone(), to: vps.clone() }]));
+        assert_eq!(
+            c.handle(Request::AccessList).unwrap(),
+            Reply::Rules(vec![AccessRule { from: hub.clone(), to: vps.clone() }])
+        );
         c.handle(Request::AccessRevoke { from: hub.clone(), to: vps.clone() }).unwrap();
         assert!(matches!(c.handle(Request::AccessRevoke { from: hub, to: vps }), Err(ControlError::NoRule { .. })));
     }

@@ -3,6 +3,7 @@
 //! Requests enter through the admin socket, change the store through the controller, and every change
 //! is followed by one reconcile: new plan, diff against the running one, apply only the difference.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -11,20 +12,22 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::admin::{self, Call};
-use crate::api::{JoinReply, JoinRequest, Outcome, Reply, Request};
+use crate::api::{JoinReply, JoinRequest, MemberState, Outcome, Reply, Request};
 use crate::controller::Controller;
-use crate::desired::{self, HostPlan};
+use crate::desired::{self, HostPlan, PeerPlan};
 use crate::dns::{self, MeshDns};
 use crate::firewall;
 use crate::forward::Forwarders;
 use crate::join::{self, JoinCall};
-use crate::model::{DeviceView, Snapshot};
+use crate::keys::PrivateKey;
+use crate::model::{DeviceView, SYNC_PORT, Snapshot};
 use crate::statedir::StateDir;
 use crate::store::StoreError;
+use crate::sync::{self, FromSession, Outgoing, Publisher, SyncEvent, ToHub, ToMember};
 use crate::wg::{Backend, Interface};
 
 /// Where upstream resolvers are read from.
@@ -48,21 +51,18 @@ pub async fn run(state: &StateDir, backend: Backend) -> anyhow::Result<()> {
     if state.db().exists() {
         let mut controller = Controller::open(&state.db())?;
         let snapshot = controller.snapshot()?;
-        let mut host = start_host(state, backend, &snapshot).await?;
-        let result = serve(state, &mut controller, &mut host).await;
+        let key = state.read_private_key()?;
+        let mut host = start_host(state, backend, &snapshot, &key).await?;
+        let result = serve(state, &mut controller, &mut host, &snapshot).await;
         shut_down(host).await;
         result
     } else if state.member_state().exists() {
         let member = state.read_member_state()?;
+        let key = member_key(state, &member)?;
         let snapshot = member.state.snapshot();
-        let host = start_host(state, backend, &snapshot).await?;
+        let mut host = start_host(state, backend, &snapshot, &key).await?;
         info!(node = %host.name, network = %member.state.network.name, "meshd ready (member)");
-        let opener = snapshot.hub().map(|hub| {
-            let dns = SocketAddr::new(snapshot.network.pool().v4_of(hub.index).into(), dns::DNS_PORT);
-            tokio::spawn(open_tunnel_to_hub(dns, snapshot.network.fqdn(&hub.name)))
-        });
-        let result = wait_for_signal(host.stopped.clone()).await;
-        opener.inspect(tokio::task::JoinHandle::abort);
+        let result = follow_controller(state, member, key, &mut host).await;
         shut_down(host).await;
         result
     } else {
@@ -70,9 +70,27 @@ pub async fn run(state: &StateDir, backend: Backend) -> anyhow::Result<()> {
     }
 }
 
-/// Bring this host's part of the network up: access rules, interface, forwarders, DNS.
-async fn start_host(state: &StateDir, backend: Backend, snapshot: &Snapshot) -> anyhow::Result<Host> {
+/// The member's key: `private.key`, or the key of an interrupted rotation if the network already
+/// knows the member by it.
+fn member_key(state: &StateDir, member: &MemberState) -> anyhow::Result<PrivateKey> {
+    let known = member.state.nodes.iter().find(|n| n.name == member.me).map(|n| n.public_key.clone());
     let key = state.read_private_key()?;
+    match state.read_next_private_key()? {
+        Some(next) if Some(next.public_key()) == known => {
+            state.promote_next_private_key()?;
+            info!("finishing an interrupted key rotation");
+            Ok(next)
+        }
+        Some(_) => {
+            state.discard_next_private_key();
+            Ok(key)
+        }
+        None => Ok(key),
+    }
+}
+
+/// Bring this host's part of the network up: access rules, interface, forwarders, DNS.
+async fn start_host(state: &StateDir, backend: Backend, snapshot: &Snapshot, key: &PrivateKey) -> anyhow::Result<Host> {
     let me = key.public_key();
     let name = snapshot.nodes.iter().find(|n| n.public_key == me).map(|n| n.name.to_string()).ok_or_else(|| {
         anyhow!(
@@ -86,7 +104,7 @@ async fn start_host(state: &StateDir, backend: Backend, snapshot: &Snapshot) -> 
     // The access rules match the interface by name, so they are in place before it comes up.
     firewall::load(&firewall::render(&plan)).await.context("installing access rules")?;
     let created = {
-        let plan = plan.clone();
+        let (plan, key) = (plan.clone(), key.clone());
         tokio::task::spawn_blocking(move || {
             let interface = Interface::create(backend, &plan, &key)?;
             if plan.access.routes {
@@ -118,21 +136,6 @@ async fn start_host(state: &StateDir, backend: Backend, snapshot: &Snapshot) -> 
     Ok(host)
 }
 
-/// A member behind NAT can be reached only once its tunnel to the hub is up, and WireGuard opens a
-/// tunnel only when there is something to send: ask the hub's DNS for the hub's name until it answers,
-/// rather than waiting for the first keepalive.
-async fn open_tunnel_to_hub(dns: SocketAddr, hub_name: String) {
-    let mut pause = Duration::from_millis(250);
-    loop {
-        match dns::probe(dns, &hub_name, Duration::from_secs(2)).await {
-            Ok(_) => return info!(%dns, "tunnel to the hub is open"),
-            Err(e) => debug!(%dns, error = %e, "hub not answering yet"),
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(10));
-    }
-}
-
 async fn wait_for_signal(mut stopped: watch::Receiver<bool>) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -145,48 +148,86 @@ async fn wait_for_signal(mut stopped: watch::Receiver<bool>) -> anyhow::Result<(
     Ok(())
 }
 
-/// Open the admin socket and the join service, then answer both until SIGINT or SIGTERM.
-async fn serve(state: &StateDir, controller: &mut Controller, host: &mut Host) -> anyhow::Result<()> {
+/// Open the admin socket, the join service and the sync service, then answer them until SIGINT or
+/// SIGTERM. Every change is applied to this host and published to the members.
+async fn serve(
+    state: &StateDir,
+    controller: &mut Controller,
+    host: &mut Host,
+    snapshot: &Snapshot,
+) -> anyhow::Result<()> {
     // Joining hosts reach the join service on the TCP port of the same number as WireGuard's UDP one.
     let identity = controller.join_identity()?;
     let join_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, host.plan.listen_port));
     let join_listener =
         TcpListener::bind(join_addr).await.with_context(|| format!("join service on TCP {join_addr}"))?;
     let (joins_tx, mut joins) = mpsc::channel::<JoinCall<JoinRequest, JoinReply>>(64);
-    let join_server = tokio::spawn(join::serve(join_listener, identity, joins_tx, |reason| {
+    let mut tasks = vec![tokio::spawn(join::serve(join_listener, identity, joins_tx, |reason| {
         JoinReply::Refused(format!("malformed join request: {reason}"))
-    }));
+    }))];
+
+    let publisher = Publisher::new(snapshot.shared());
+    let (sessions_tx, mut sessions) = mpsc::channel::<FromSession>(64);
+    for addr in host.plan.sync.iter().flat_map(|s| s.listen.iter()) {
+        let listener = crate::socket::listen_tcp(*addr).with_context(|| format!("sync service on TCP {addr}"))?;
+        tasks.push(tokio::spawn(publisher.clone().serve(listener, sessions_tx.clone())));
+    }
 
     let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
     let listener = admin::bind(&state.socket())?;
-    let server = tokio::spawn(admin::serve(listener, calls_tx));
+    tasks.push(tokio::spawn(admin::serve(listener, calls_tx)));
     info!(node = %host.name, socket = %state.socket().display(), join = %join_addr, "meshd ready");
     let shutdown = wait_for_signal(host.stopped.clone());
     tokio::pin!(shutdown);
     let result = loop {
         tokio::select! {
             Some((request, reply)) = calls.recv() => {
-                let outcome = handle(controller, host, request).await;
+                let outcome = handle(controller, host, &publisher, request).await;
                 let _ = reply.send(outcome);
             }
             Some((request, peer, reply)) = joins.recv() => {
-                let _ = reply.send(redeem(controller, host, &request, peer).await);
+                let _ = reply.send(redeem(controller, host, &publisher, &request, peer).await);
             }
+            Some(request) = sessions.recv() => rotate_member_key(controller, host, &publisher, request).await,
             result = &mut shutdown => break result,
         }
     };
-    server.abort();
-    join_server.abort();
+    tasks.iter().for_each(tokio::task::JoinHandle::abort);
     let _ = std::fs::remove_file(state.socket());
     result
 }
 
+/// A member asked for a new key offers it, then switches to it.
+async fn rotate_member_key(controller: &mut Controller, host: &mut Host, publisher: &Publisher, request: FromSession) {
+    match request {
+        FromSession::Offer(offer) => {
+            let verdict = controller.check_node_key(&offer.node, &offer.public_key).map_err(|e| e.to_string());
+            let _ = offer.reply.send(verdict);
+        }
+        FromSession::Switch { node, public_key } => match controller.replace_node_key(&node, &public_key) {
+            Ok(()) => {
+                info!(%node, "member switched to its new key");
+                if let Err(e) = publish_change(controller, host, publisher).await {
+                    error!(error = format!("{e:#}"), "applying the new key failed");
+                }
+            }
+            Err(e) => warn!(%node, error = %e, "refused the member's new key"),
+        },
+    }
+}
+
 /// A joining host redeems its invite; the hub takes the new node as a peer before answering.
-async fn redeem(controller: &mut Controller, host: &mut Host, request: &JoinRequest, peer: SocketAddr) -> JoinReply {
+async fn redeem(
+    controller: &mut Controller,
+    host: &mut Host,
+    publisher: &Publisher,
+    request: &JoinRequest,
+    peer: SocketAddr,
+) -> JoinReply {
     match controller.redeem(request) {
         Ok(member) => {
             info!(node = %member.me, %peer, "host joined");
-            if let Err(e) = reconcile(controller, host).await {
+            if let Err(e) = publish_change(controller, host, publisher).await {
                 error!(error = format!("{e:#}"), "applying the join failed");
             }
             JoinReply::Joined(Box::new(member))
@@ -197,6 +238,232 @@ async fn redeem(controller: &mut Controller, host: &mut Host, request: &JoinRequ
         }
     }
 }
+
+/// After a change: apply the stored network to this host, then push it to the members.
+async fn publish_change(controller: &mut Controller, host: &mut Host, publisher: &Publisher) -> anyhow::Result<()> {
+    let snapshot = controller.snapshot()?;
+    reconcile(host, &snapshot).await?;
+    publisher.publish(snapshot.shared());
+    Ok(())
+}
+
+/// A member's key rotation, as far as it got.
+enum Rotation {
+    Idle,
+    /// The key was offered to the controller.
+    Offered(PrivateKey),
+    /// The controller accepted it and the interface uses it; waiting for the network to confirm.
+    Switched {
+        key: PrivateKey,
+        old: PrivateKey,
+        since: tokio::time::Instant,
+    },
+}
+
+/// When a member opens its tunnels: shortly after its controller session starts, or this long after
+/// start without one.
+const TUNNELS_AFTER_CONNECT: Duration = Duration::from_millis(500);
+const TUNNELS_WITHOUT_CONTROLLER: Duration = Duration::from_secs(3);
+
+/// How long a member waits, after switching keys, for the network to confirm before it goes back.
+const ROTATION_CONFIRM: Duration = Duration::from_secs(30);
+
+/// A member host: follow the controller's live updates, apply each to this host and cache it, and
+/// carry out key rotations the operator asks for. Without a controller the host keeps running on its
+/// cached state and reconnects with backoff.
+async fn follow_controller(
+    state: &StateDir,
+    mut member: MemberState,
+    key: PrivateKey,
+    host: &mut Host,
+) -> anyhow::Result<()> {
+    let snapshot = member.state.snapshot();
+    let hub = snapshot.hub().ok_or_else(|| anyhow!("the cached network has no hub"))?;
+    let hub_addr = SocketAddr::new(snapshot.network.pool().v4_of(hub.index).into(), SYNC_PORT);
+    let (digest_tx, digest_rx) = watch::channel(sync::digest(&member.state));
+    let (events_tx, mut events) = mpsc::channel(64);
+    let (outgoing, outgoing_rx) = mpsc::channel(8);
+    let client = tokio::spawn(sync::follow(hub_addr, digest_rx, events_tx, outgoing_rx));
+    // Open the tunnels once peers have had a moment to learn of this host from the controller (a
+    // handshake they drop blocks the next attempt for 5 s), or soon anyway if it does not answer.
+    let mut open_tunnels_at = Some(tokio::time::Instant::now() + TUNNELS_WITHOUT_CONTROLLER);
+
+    let mut key = key;
+    let mut rotation = Rotation::Idle;
+    let shutdown = wait_for_signal(host.stopped.clone());
+    tokio::pin!(shutdown);
+    let result = loop {
+        let confirm_by = match &rotation {
+            Rotation::Switched { since, .. } => *since + ROTATION_CONFIRM,
+            _ => tokio::time::Instant::now() + Duration::from_secs(3600),
+        };
+        tokio::select! {
+            Some(event) = events.recv() => {
+                let message = match event {
+                    SyncEvent::Connected => {
+                        if open_tunnels_at.is_some() {
+                            open_tunnels_at = Some(tokio::time::Instant::now() + TUNNELS_AFTER_CONNECT);
+                        }
+                        if let Err(e) = offer_key_if_asked(state, &member, &mut rotation, &outgoing).await {
+                            warn!(error = format!("{e:#}"), "starting the key rotation");
+                        }
+                        continue;
+                    }
+                    SyncEvent::Message(message) => message,
+                };
+                let updated = match message {
+                    ToMember::State { digest, state: shared } => {
+                        member.state = shared;
+                        Some(digest)
+                    }
+                    ToMember::Changes { from, to, changes } => {
+                        if from != *digest_tx.borrow() {
+                            debug!("missed a change; asking for the current state");
+                            let _ = outgoing.send(ToHub::Hello { digest: digest_tx.borrow().clone() }.into()).await;
+                            None
+                        } else {
+                            sync::apply(&mut member.state, &changes);
+                            Some(to)
+                        }
+                    }
+                    ToMember::KeyAccepted => {
+                        if let Rotation::Offered(new) = std::mem::replace(&mut rotation, Rotation::Idle) {
+                            // Switch only once the hub has the message: after that, the old key's
+                            // tunnel may stop carrying anything.
+                            let (delivered, acknowledged) = oneshot::channel();
+                            let _ = outgoing.send(Outgoing { message: ToHub::Switch, delivered: Some(delivered) }).await;
+                            if acknowledged.await.is_err() {
+                                warn!("the controller went away before the key switch reached it; keeping the old key");
+                                state.discard_next_private_key();
+                                continue;
+                            }
+                            match switch_key(host, &new).await {
+                                Ok(()) => {
+                                    info!("switched to the new key; waiting for the network to confirm it");
+                                    // Renew every session with the new key now rather than at the next keepalive.
+                                    open_tunnels(&host.plan.peers);
+                                    rotation = Rotation::Switched { key: new, old: key.clone(), since: tokio::time::Instant::now() };
+                                }
+                                Err(e) => warn!(error = format!("{e:#}"), "switching to the new key"),
+                            }
+                        }
+                        None
+                    }
+                    ToMember::Refused { reason } => {
+                        warn!(%reason, "the controller refused");
+                        if matches!(rotation, Rotation::Offered(_)) {
+                            state.discard_next_private_key();
+                            rotation = Rotation::Idle;
+                        }
+                        None
+                    }
+                };
+                let Some(digest) = updated else { continue };
+                let _ = digest_tx.send(digest);
+                if let Err(e) = state.write_member_state(&member) {
+                    warn!(error = %e, "caching the network's state");
+                }
+                let Some(me) = member.state.nodes.iter().find(|n| n.name == member.me).cloned() else {
+                    break Err(anyhow!("this host was removed from network {}", member.state.network.name));
+                };
+                if let Rotation::Switched { key: new, .. } = &rotation
+                    && me.public_key == new.public_key()
+                {
+                    state.promote_next_private_key().context("saving the new key")?;
+                    info!("key rotation done");
+                    key = new.clone();
+                    rotation = Rotation::Idle;
+                }
+                let before: BTreeSet<String> = host.plan.peers.keys().cloned().collect();
+                if let Err(e) = reconcile(host, &member.state.snapshot()).await {
+                    error!(error = format!("{e:#}"), "applying the controller's change failed");
+                }
+                let added = host.plan.peers.iter().filter(|(k, _)| !before.contains(*k));
+                open_tunnels(&added.map(|(k, p)| (k.clone(), p.clone())).collect());
+                if let Err(e) = offer_key_if_asked(state, &member, &mut rotation, &outgoing).await {
+                    warn!(error = format!("{e:#}"), "starting the key rotation");
+                }
+            }
+            _ = tokio::time::sleep_until(open_tunnels_at.unwrap_or(confirm_by)), if open_tunnels_at.is_some() => {
+                open_tunnels_at = None;
+                open_tunnels(&host.plan.peers);
+            }
+            _ = tokio::time::sleep_until(confirm_by) => {
+                if let Rotation::Switched { old, .. } = std::mem::replace(&mut rotation, Rotation::Idle) {
+                    warn!("the network did not confirm the new key; going back to the old one");
+                    state.discard_next_private_key();
+                    if let Err(e) = switch_key(host, &old).await {
+                        error!(error = format!("{e:#}"), "going back to the old key");
+                    }
+                }
+            }
+            result = &mut shutdown => break result,
+        }
+    };
+    client.abort();
+    result
+}
+
+/// When the network asks this host for a new key (and no rotation is under way), make one, keep it
+/// next to the current one, and offer its public half.
+async fn offer_key_if_asked(
+    state: &StateDir,
+    member: &MemberState,
+    rotation: &mut Rotation,
+    outgoing: &mpsc::Sender<Outgoing>,
+) -> anyhow::Result<()> {
+    let asked = member.state.nodes.iter().any(|n| n.name == member.me && n.rotate_key);
+    if !asked || !matches!(rotation, Rotation::Idle) {
+        return Ok(());
+    }
+    let new = PrivateKey::generate();
+    state.write_next_private_key(&new)?;
+    info!("the operator asked for a new key: offering one");
+    outgoing.send(ToHub::NewKey { public_key: new.public_key() }.into()).await.context("sync client stopped")?;
+    *rotation = Rotation::Offered(new);
+    Ok(())
+}
+
+async fn switch_key(host: &Host, key: &PrivateKey) -> anyhow::Result<()> {
+    let (interface, key) = (host.interface.clone(), key.clone());
+    tokio::task::spawn_blocking(move || {
+        let interface = interface.lock().map_err(|_| anyhow!("interface lock poisoned"))?;
+        anyhow::Ok(interface.set_private_key(&key)?)
+    })
+    .await?
+}
+
+/// WireGuard opens a tunnel only when there is something to send, and a host behind NAT can be
+/// reached only through a tunnel it opened: send one datagram to each new peer right away rather than
+/// waiting for the first keepalive. (It arrives at a closed port and is dropped; the handshake is what
+/// counts.)
+fn open_tunnels(peers: &BTreeMap<String, PeerPlan>) {
+    let targets: Vec<SocketAddr> = peers
+        .values()
+        .filter(|p| p.persistent_keepalive.is_some())
+        .filter_map(|p| p.allowed_ips.iter().find(|n| n.addr().is_ipv4()))
+        .map(|net| {
+            // The hub's entry is the whole mesh range; its first host is the hub in practice, and any
+            // address in the range goes through the hub's tunnel anyway.
+            let addr = if net.prefix_len() == 32 { net.addr() } else { net.hosts().next().unwrap_or(net.addr()) };
+            SocketAddr::new(addr, TUNNEL_OPENER_PORT)
+        })
+        .collect();
+    if targets.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        let Ok(socket) = tokio::net::UdpSocket::bind("0.0.0.0:0").await else { return };
+        for target in targets {
+            if let Err(e) = socket.send_to(b"meshd", target).await {
+                debug!(%target, error = %e, "opening tunnel");
+            }
+        }
+    });
+}
+
+/// The discard port: nothing listens on it on mesh hosts.
+const TUNNEL_OPENER_PORT: u16 = 9;
 
 /// Forwarders and DNS, once the interface and its access rules are up.
 async fn bring_up(host: &mut Host, plan: &HostPlan) -> anyhow::Result<()> {
@@ -215,23 +482,25 @@ async fn bring_up(host: &mut Host, plan: &HostPlan) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn handle(controller: &mut Controller, host: &mut Host, request: Request) -> Outcome {
+async fn handle(controller: &mut Controller, host: &mut Host, publisher: &Publisher, request: Request) -> Outcome {
     let is_change = request.is_change();
     let reply = match controller.handle(request) {
         Ok(reply) => reply,
         Err(e) => return Outcome::Error(e.to_string()),
     };
-    if is_change && let Err(e) = reconcile(controller, host).await {
+    if is_change && let Err(e) = publish_change(controller, host, publisher).await {
         error!(error = format!("{e:#}"), "applying the change failed");
         return Outcome::Error(format!("the change was saved but applying it failed: {e:#}"));
     }
     Outcome::Ok(with_handshakes(host, reply).await)
 }
 
-/// Make the host match the stored network, touching only what changed.
-async fn reconcile(controller: &mut Controller, host: &mut Host) -> anyhow::Result<()> {
-    let snapshot = controller.snapshot()?;
-    let new = desired::plan_host(&snapshot, &host.name)?;
+/// Make the host match the network in `snapshot`, touching only what changed.
+async fn reconcile(host: &mut Host, snapshot: &Snapshot) -> anyhow::Result<()> {
+    let new = desired::plan_host(snapshot, &host.name)?;
+    if new == host.plan {
+        return Ok(());
+    }
     let peers = desired::diff_peers(&host.plan.peers, &new.peers);
     let (add, remove) = desired::diff_addresses(&host.plan.addresses, &new.addresses);
     // Addresses are added before peers that route to them; within the peer diff, withdrawn peers go

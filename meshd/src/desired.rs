@@ -23,7 +23,8 @@ pub struct HostPlan {
     pub addresses: BTreeSet<IpNet>,
     /// WireGuard peers by public key.
     pub peers: BTreeMap<String, PeerPlan>,
-    /// Forwarders for the services this host serves.
+    /// Forwarders for the services this host serves (to the devices granted them, and to the nodes
+    /// admitted to this host).
     pub services: Vec<ServicePlan>,
     /// Mesh DNS, on the hub only.
     pub dns: Option<DnsPlan>,
@@ -110,8 +111,13 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
         ]
     };
     let host_addrs = |i: u32| [IpAddr::V4(pool.v4_of(i)), IpAddr::V6(pool.v6_of(i))];
-    // A disabled host is nobody's peer, and has none itself.
-    let active: Vec<&Node> = if node.active() { s.nodes.iter().filter(|n| n.active()).collect() } else { Vec::new() };
+    // A disabled host is nobody's peer; it keeps only the hub, whose tunnel (refused while disabled) it
+    // keeps trying, so that it hears of being enabled again.
+    let active: Vec<&Node> = if node.active() {
+        s.nodes.iter().filter(|n| n.active()).collect()
+    } else {
+        s.nodes.iter().filter(|n| n.role == Role::Hub).collect()
+    };
     // A node's addresses: its own and its services'.
     let routes_of = |n: &Node| -> Vec<IpNet> {
         std::iter::once(n.index)
@@ -161,6 +167,11 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
         );
     }
 
+    // Nodes admitted to this host (and so to its services): all active ones, unless rules name it.
+    let rules_to_me: Vec<&Label> = s.rules.iter().filter(|r| r.to == node.name).map(|r| &r.from).collect();
+    let admitted = |n: &&&Node| rules_to_me.is_empty() || rules_to_me.contains(&&n.name) || n.name == node.name;
+    let admitted_nodes: BTreeSet<IpAddr> = active.iter().filter(admitted).flat_map(|n| host_addrs(n.index)).collect();
+
     let device_addrs = |service: &Service| -> Vec<IpAddr> {
         s.devices.iter().filter(|d| d.allow.contains(&service.name)).flat_map(|d| host_addrs(d.index)).collect()
     };
@@ -186,20 +197,14 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
                 name: service.name.clone(),
                 listen: service_addrs(service).to_vec(),
                 target: service.target.clone(),
-                allowed: allowed.into_iter().collect(),
+                allowed: allowed.into_iter().chain(admitted_nodes.iter().copied()).collect(),
             });
         }
     }
 
-    let rules_to_me: Vec<&Label> = s.rules.iter().filter(|r| r.to == node.name).map(|r| &r.from).collect();
-    let admitted = |n: &&&Node| rules_to_me.is_empty() || rules_to_me.contains(&&n.name) || n.name == node.name;
-    let members: BTreeSet<IpAddr> = if is_hub { active.iter().flat_map(|n| host_addrs(n.index)).collect() } else { BTreeSet::new() };
-    let access = AccessPlan {
-        nodes: active.iter().filter(admitted).flat_map(|n| host_addrs(n.index)).collect(),
-        grants,
-        members,
-        routes: is_hub,
-    };
+    let members: BTreeSet<IpAddr> =
+        if is_hub { active.iter().flat_map(|n| host_addrs(n.index)).collect() } else { BTreeSet::new() };
+    let access = AccessPlan { nodes: admitted_nodes, grants, members, routes: is_hub };
 
     let own_listen = |port: u16| {
         vec![SocketAddr::new(pool.v4_of(node.index).into(), port), SocketAddr::new(pool.v6_of(node.index).into(), port)]
@@ -212,7 +217,12 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
         active.iter().for_each(|n| add(&n.name, n.index));
         s.devices.iter().for_each(|d| add(&d.name, d.index));
         s.services.iter().filter(|v| active.iter().any(|n| n.name == v.node)).for_each(|v| add(&v.name, v.index));
-        DnsPlan { listen: own_listen(DNS_PORT), domain: s.network.domain.clone(), records, clients: vec![mesh_v4, mesh_v6] }
+        DnsPlan {
+            listen: own_listen(DNS_PORT),
+            domain: s.network.domain.clone(),
+            records,
+            clients: vec![mesh_v4, mesh_v6],
+        }
     });
     let sync = is_hub.then(|| SyncPlan { listen: own_listen(SYNC_PORT) });
 
@@ -344,10 +354,11 @@ mod tests {
     }
 
     #[test]
-    fn each_service_admits_only_its_devices() {
+    fn each_service_admits_its_devices_and_the_admitted_nodes() {
         let plan = plan_host(&snapshot(), "hub").unwrap();
         let wallet = plan.services.iter().find(|v| v.name.as_str() == "wallet").unwrap();
-        assert_eq!(wallet.allowed, BTreeSet::from(["10.77.0.4".parse().unwrap(), "fd00:1:2::4".parse().unwrap()]));
+        let allowed: Vec<String> = wallet.allowed.iter().map(ToString::to_string).collect();
+        assert_eq!(allowed, ["10.77.0.1", "10.77.0.4", "fd00:1:2::1", "fd00:1:2::4"], "the hub itself and the phone");
         assert_eq!(wallet.listen[0].to_string(), "10.77.0.2:9737");
         let explorer = plan.services.iter().find(|v| v.name.as_str() == "explorer").unwrap();
         assert_eq!(explorer.listen[1].to_string(), "[fd00:1:2::3]:80");
@@ -507,7 +518,8 @@ mod tests {
         }
         assert!(!plan_host(&s, "hub").unwrap().dns.unwrap().records.contains_key("vps.home.internal"));
         let vps = plan_host(&s, "vps").unwrap();
-        assert!(vps.peers.is_empty() && vps.access.nodes.is_empty());
+        assert_eq!(vps.peers.keys().collect::<Vec<_>>(), ["HUB"], "only the hub, to hear of being enabled");
+        assert!(vps.services.is_empty());
     }
 
     #[test]

@@ -58,7 +58,8 @@ pub fn render(plan: &HostPlan) -> String {
         let _ = writeln!(out, "  }}");
     }
     // Admitted nodes reach this host freely; devices only their granted services (and the hub's DNS).
-    let grants = "ip saddr . ip daddr . tcp dport @grants_v4 accept\n    ip6 saddr . ip6 daddr . tcp dport @grants_v6 accept";
+    let grants =
+        "ip saddr . ip daddr . tcp dport @grants_v4 accept\n    ip6 saddr . ip6 daddr . tcp dport @grants_v6 accept";
     let admitted = format!("ip saddr @nodes_v4 accept\n    ip6 saddr @nodes_v6 accept\n    {grants}");
     // The hub routes between all nodes (receivers apply their own rules) and devices' granted flows.
     let routed = format!("ip saddr @members_v4 accept\n    ip6 saddr @members_v6 accept\n    {grants}");
@@ -85,8 +86,14 @@ pub fn render(plan: &HostPlan) -> String {
     if let Some(sync) = &plan.sync {
         // Every node reaches the sync service, whatever access rules say about the hub itself.
         for listen in &sync.listen {
-            let (saddr, daddr, set) = if listen.is_ipv4() { ("ip", "ip", "members_v4") } else { ("ip6", "ip6", "members_v6") };
-            let _ = writeln!(out, "    {saddr} saddr @{set} {daddr} daddr {} tcp dport {} accept", listen.ip(), listen.port());
+            let (saddr, daddr, set) =
+                if listen.is_ipv4() { ("ip", "ip", "members_v4") } else { ("ip6", "ip6", "members_v6") };
+            let _ = writeln!(
+                out,
+                "    {saddr} saddr @{set} {daddr} daddr {} tcp dport {} accept",
+                listen.ip(),
+                listen.port()
+            );
         }
     }
     let _ = writeln!(out, "    {admitted}\n    counter drop\n  }}");
@@ -166,7 +173,10 @@ mod tests {
                     .flat_map(|src| wallet.iter().filter(|dst| dst.is_ipv4() == src.is_ipv4()).map(|dst| (*src, *dst)))
                     .collect(),
                 members: if routes {
-                    ["10.77.0.1", "fd00::1", "10.77.0.5", "fd00::5", "10.77.0.6"].iter().map(|a| a.parse().unwrap()).collect()
+                    ["10.77.0.1", "fd00::1", "10.77.0.5", "fd00::5", "10.77.0.6"]
+                        .iter()
+                        .map(|a| a.parse().unwrap())
+                        .collect()
                 } else {
                     BTreeSet::new()
                 },

@@ -8,7 +8,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{Protocol, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -84,18 +83,15 @@ fn start(plan: &ServicePlan, allowed: Allowed) -> Result<Running, ForwardError> 
     let (tx, rx) = watch::channel(allowed);
     let mut listeners = Vec::new();
     for &addr in &plan.listen {
-        let listener = bind(addr).map_err(|source| ForwardError { service: plan.name.clone(), addr, source })?;
+        let listener = crate::socket::listen_tcp(addr).map_err(|source| ForwardError {
+            service: plan.name.clone(),
+            addr,
+            source,
+        })?;
         info!(service = %plan.name, %addr, target = %plan.target, "forwarding");
         listeners.push(tokio::spawn(accept_loop(plan.name.clone(), listener, plan.target.clone(), rx.clone())));
     }
     Ok(Running { listen: plan.listen.clone(), target: plan.target.clone(), allowed: tx, listeners })
-}
-
-/// A listener on a mesh address, which may still be being added to the interface.
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = crate::socket::bind_freely(addr, Type::STREAM, Protocol::TCP)?;
-    socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
 }
 
 async fn accept_loop(service: Label, listener: TcpListener, target: HostPort, allowed: watch::Receiver<Allowed>) {

@@ -31,6 +31,11 @@ impl PrivateKey {
         STANDARD.encode(self.0.to_bytes())
     }
 
+    /// Lowercase hex, as WireGuard's UAPI wants it.
+    pub fn to_hex(&self) -> String {
+        self.0.to_bytes().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// The matching public key.
     pub fn public_key(&self) -> String {
         STANDARD.encode(PublicKey::from(&self.0).as_bytes())
@@ -78,6 +83,7 @@ mod tests {
         assert_eq!(key.public_key(), again.public_key());
         assert_eq!(key.to_base64().len(), 44);
         assert!(!format!("{key:?}").contains(&key.to_base64()));
+        assert_eq!(hex32(&key.to_hex()), key.0.to_bytes());
         assert_ne!(generate_preshared_key(), generate_preshared_key());
     }
 

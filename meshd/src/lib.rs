@@ -7,6 +7,7 @@ pub mod admin;
 pub mod api;
 pub mod controller;
 pub mod daemon;
+pub mod declare;
 pub mod desired;
 pub mod dns;
 pub mod firewall;
@@ -22,6 +23,7 @@ pub mod render;
 pub mod socket;
 pub mod statedir;
 pub mod store;
+pub mod sync;
 pub mod wg;
 
 /// Log to stderr; `RUST_LOG` sets the filter (default `info`).

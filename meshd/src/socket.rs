@@ -21,3 +21,10 @@ pub fn bind_freely(addr: SocketAddr, ty: Type, protocol: Protocol) -> io::Result
     socket.bind(&addr.into())?;
     Ok(socket)
 }
+
+/// A TCP listener on a mesh address, which may still be being added to the interface.
+pub fn listen_tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    let socket = bind_freely(addr, Type::STREAM, Protocol::TCP)?;
+    socket.listen(1024)?;
+    tokio::net::TcpListener::from_std(socket.into())
+}

@@ -1,6 +1,7 @@
 //! The state directory of a host: where its database, private key, admin socket and lock live.
 //!
-//! Layout: `meshd.db` (0600), `private.key` (0600), `meshd.sock` (0600, only while the daemon runs),
+//! Layout: `meshd.db` (0600) on the controller or `member.json` (0600) on a member, `private.key` (0600)
+//! and, during a key rotation, `private.key.next` (0600), `meshd.sock` (0600, only while the daemon runs),
 //! `meshd.lock`. The directory itself is 0700.
 
 use std::fs::{self, File, OpenOptions};
@@ -39,6 +40,17 @@ pub enum StateDirError {
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateDirError + '_ {
     move |source| StateDirError::Io { path: path.to_path_buf(), source }
+}
+
+/// Read a private key file, refusing one other users can read.
+fn read_key_file(path: &Path) -> Result<PrivateKey, StateDirError> {
+    let file = File::open(path).map_err(io(path))?;
+    let mode = file.metadata().map_err(io(path))?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(StateDirError::KeyMode(path.to_path_buf(), mode));
+    }
+    let text = fs::read_to_string(path).map_err(io(path))?;
+    PrivateKey::from_base64(&text).map_err(|_| StateDirError::BadKey(path.to_path_buf()))
 }
 
 /// Paths inside one state directory.
@@ -124,6 +136,39 @@ impl StateDir {
         file.sync_all().map_err(io(&path))
     }
 
+    /// Where a member keeps the key it made for a rotation until the network has taken it.
+    pub fn next_private_key(&self) -> PathBuf {
+        self.root.join("private.key.next")
+    }
+
+    /// Write the key made for a rotation (0600, replacing an abandoned one).
+    pub fn write_next_private_key(&self, key: &PrivateKey) -> Result<(), StateDirError> {
+        let path = self.next_private_key();
+        let _ = fs::remove_file(&path);
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(io(&path))?;
+        writeln!(file, "{}", key.to_base64()).and_then(|()| file.sync_all()).map_err(io(&path))
+    }
+
+    /// The key made for a rotation, if one is pending.
+    pub fn read_next_private_key(&self) -> Result<Option<PrivateKey>, StateDirError> {
+        let path = self.next_private_key();
+        if !path.exists() {
+            return Ok(None);
+        }
+        read_key_file(&path).map(Some)
+    }
+
+    /// The network has the new key: it becomes this host's key (atomically replacing the old one).
+    pub fn promote_next_private_key(&self) -> Result<(), StateDirError> {
+        let path = self.private_key();
+        fs::rename(self.next_private_key(), &path).map_err(io(&path))
+    }
+
+    /// Forget an abandoned rotation.
+    pub fn discard_next_private_key(&self) {
+        let _ = fs::remove_file(self.next_private_key());
+    }
+
     /// Save what this member host knows of its network (0600, replaced atomically).
     pub fn write_member_state(&self, state: &MemberState) -> Result<(), StateDirError> {
         let path = self.member_state();
@@ -144,14 +189,7 @@ impl StateDir {
 
     /// Read this host's private key, refusing a file other users can read.
     pub fn read_private_key(&self) -> Result<PrivateKey, StateDirError> {
-        let path = self.private_key();
-        let file = File::open(&path).map_err(io(&path))?;
-        let mode = file.metadata().map_err(io(&path))?.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(StateDirError::KeyMode(path, mode));
-        }
-        let text = fs::read_to_string(&path).map_err(io(&path))?;
-        PrivateKey::from_base64(&text).map_err(|_| StateDirError::BadKey(path))
+        read_key_file(&self.private_key())
     }
 
     /// The daemon's exclusive lock: refused at once while another daemon holds it; waits briefly for

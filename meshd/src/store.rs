@@ -376,7 +376,10 @@ impl Writer<'_> {
     /// Give a node its new public key; the rotation it was asked for is done.
     pub fn set_node_key(&self, name: &Label, public_key: &str) -> Result<(), StoreError> {
         self.tx
-            .execute("UPDATE nodes SET public_key = ?1, rotate_key = 0 WHERE name = ?2", params![public_key, name.as_str()])
+            .execute(
+                "UPDATE nodes SET public_key = ?1, rotate_key = 0 WHERE name = ?2",
+                params![public_key, name.as_str()],
+            )
             .map_err(sql("update node key"))?;
         Ok(())
     }
@@ -548,8 +551,10 @@ fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
     };
 
     let mut stmt = conn
-        .prepare("SELECT name, public_key, addr_index, endpoint, listen_port, interface, role, disabled, rotate_key
-             FROM nodes ORDER BY addr_index")
+        .prepare(
+            "SELECT name, public_key, addr_index, endpoint, listen_port, interface, role, disabled, rotate_key
+             FROM nodes ORDER BY addr_index",
+        )
         .map_err(sql("read nodes"))?;
     let raw_nodes = stmt
         .query_map([], |r| {
@@ -650,7 +655,7 @@ fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
     let mut stmt = conn
         .prepare(
             "SELECT f.name, t.name FROM access_rules r JOIN nodes f ON f.id = r.from_node JOIN nodes t ON t.id = r.to_node
-             ORDER BY t.name, f.name",
+             ORDER BY f.name, t.name",
         )
         .map_err(sql("read access rules"))?;
     let raw_rules = stmt
@@ -659,7 +664,9 @@ fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
         .map_err(sql("read access rules"))?;
     let rules = raw_rules
         .into_iter()
-        .map(|(from, to)| Ok(AccessRule { from: parse_column("nodes.name", &from)?, to: parse_column("nodes.name", &to)? }))
+        .map(|(from, to)| {
+            Ok(AccessRule { from: parse_column("nodes.name", &from)?, to: parse_column("nodes.name", &to)? })
+        })
         .collect::<Result<Vec<_>, StoreError>>()?;
     Ok(Snapshot { network, nodes, devices, services, rules })
 }

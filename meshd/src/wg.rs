@@ -10,6 +10,8 @@
 //! defguard's API is blocking; callers run it off the async runtime (`spawn_blocking`).
 
 use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::str::FromStr;
 use std::time::UNIX_EPOCH;
@@ -114,12 +116,25 @@ impl Interface {
             self.api.remove_peer(&k).map_err(|e| self.error(e))
         };
         diff.remove.iter().try_for_each(remove)?;
+        // boringtun refuses (by panicking) to edit a peer in place: replace it, resetting only its
+        // session. The endpoint it learned from the peer (one behind NAT has no configured endpoint)
+        // is carried over, so this side can renew the session itself.
+        let learned = if self.is_kernel() || diff.update.is_empty() {
+            HashMap::new()
+        } else {
+            let host = self.api.read_interface_data().map_err(|e| self.error(e))?;
+            host.peers.into_iter().filter_map(|(k, p)| Some((k.to_string(), p.endpoint?))).collect()
+        };
         for (key, plan) in &diff.update {
-            // boringtun refuses (by panicking) to edit a peer in place: replace it, resetting only its session.
+            let mut peer = to_peer(key, plan)?;
             if !self.is_kernel() {
                 remove(key)?;
+                if peer.endpoint.is_none() {
+                    peer.endpoint = learned.get(key).copied();
+                }
+                debug!(peer = %plan.name, endpoint = ?peer.endpoint, known = learned.len(), "replacing peer");
             }
-            self.api.configure_peer(&to_peer(key, plan)?).map_err(|e| self.error(e))?;
+            self.api.configure_peer(&peer).map_err(|e| self.error(e))?;
         }
         for (key, plan) in &diff.add {
             self.api.configure_peer(&to_peer(key, plan)?).map_err(|e| self.error(e))?;
@@ -151,12 +166,49 @@ impl Interface {
         self.stopped.clone()
     }
 
-    /// Let the kernel route IPv4 packets that arrive on this interface (the hub routes between its
-    /// peers; the firewall decides what may pass). IPv6 forwarding is a host-wide switch that also
-    /// changes how every interface treats router advertisements, so meshd leaves it alone.
+    /// Let the kernel route packets that arrive on this interface (the hub routes between its peers;
+    /// the firewall decides what may pass), for this interface only. IPv4 has a per-interface switch;
+    /// IPv6 has one (`force_forwarding`) from Linux 6.17. On older kernels IPv6 forwarding is host-wide
+    /// and changes how every interface treats router advertisements, so meshd leaves it off and says
+    /// so: two members that are both behind NAT then reach each other over IPv4 only.
     pub fn enable_forwarding(&self) -> Result<(), WgError> {
         let path = format!("/proc/sys/net/ipv4/conf/{}/forwarding", self.name);
-        std::fs::write(&path, "1").map_err(|e| self.error(format!("enabling forwarding ({path}): {e}")))
+        std::fs::write(&path, "1").map_err(|e| self.error(format!("enabling forwarding ({path}): {e}")))?;
+        let v6 = format!("/proc/sys/net/ipv6/conf/{}/force_forwarding", self.name);
+        if let Err(e) = std::fs::write(&v6, "1") {
+            warn!(interface = %self.name, error = %e, "no per-interface IPv6 forwarding (Linux < 6.17): members behind NAT reach each other over IPv4 only");
+        }
+        Ok(())
+    }
+
+    /// Switch the interface to a new private key (a rotation). Peers keep their settings; sessions
+    /// are renewed with the new key.
+    pub fn set_private_key(&self, key: &PrivateKey) -> Result<(), WgError> {
+        if self.is_kernel() {
+            // `wg` reads the key from standard input, never from its command line.
+            let mut child = Command::new("wg")
+                .args(["set", &self.name, "private-key", "/dev/stdin"])
+                .stdin(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .map_err(|e| self.error(format!("running wg: {e}")))?;
+            if let Some(mut stdin) = child.stdin.take() {
+                writeln!(stdin, "{}", key.to_base64()).map_err(|e| self.error(e))?;
+            }
+            let out = child.wait_with_output().map_err(|e| self.error(e))?;
+            if !out.status.success() {
+                return Err(self.error(format!("wg set: {}", String::from_utf8_lossy(&out.stderr).trim())));
+            }
+            return Ok(());
+        }
+        let mut socket = UnixStream::connect(uapi_socket(&self.name)).map_err(|e| self.error(e))?;
+        write!(socket, "set=1\nprivate_key={}\n\n", key.to_hex()).map_err(|e| self.error(e))?;
+        let mut reply = String::new();
+        BufReader::new(socket).read_line(&mut reply).map_err(|e| self.error(e))?;
+        match reply.trim() {
+            "errno=0" => Ok(()),
+            other => Err(self.error(format!("setting the private key: {other}"))),
+        }
     }
 
     /// Last handshake (unix seconds) of every peer, by public key; `None` for never.

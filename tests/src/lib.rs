@@ -175,6 +175,12 @@ impl Proc {
         }
     }
 
+    /// SIGKILL, as a crash or `kill -9` would; returns once the process is gone.
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM, waits up to `grace`, then SIGKILL; returns how it ended.
     pub fn stop(&mut self, grace: Duration) -> std::process::ExitStatus {
         if let Ok(Some(status)) = self.child.try_wait() {

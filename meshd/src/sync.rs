@@ -1,0 +1,664 @@
+//! Live updates: the controller pushes the network's state to every member host over one long-lived
+//! TCP stream per member, inside the mesh (to the hub's mesh address, [`SYNC_PORT`]), so WireGuard's
+//! cryptokey routing is what authenticates a member: its source address can only come from its key.
+//!
+//! The protocol is JSON lines. A member says `hello` with the digest of the state it has cached; the
+//! hub answers with nothing (up to date), the changes since that digest (if it still has them), or the
+//! whole state. After that, every change is serialised once and the same line goes to every member.
+//! A member applies the changes to its cached copy and plans its own interface from it, exactly as the
+//! hub plans its own from the controller's snapshot, so the controller's work per change does not
+//! depend on how many peers each host has.
+//!
+//! [`SYNC_PORT`]: crate::model::SYNC_PORT
+
+use std::collections::{HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::input::Label;
+use crate::model::{AccessRule, DeviceGrants, Network, Node, Role, Service, SharedState};
+
+/// How many past changes the hub keeps to catch up a member that missed some.
+const LOG_LEN: usize = 256;
+/// Longest accepted line (a whole state of a large network fits).
+const MAX_LINE: usize = 64 << 20;
+/// How long a member has to say hello, and a connection attempt may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reconnect backoff of members.
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// One change to the shared state. Items are replaced whole, by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "change", content = "value", rename_all = "snake_case")]
+pub enum Change {
+    Network(Network),
+    Node(Node),
+    NodeGone(Label),
+    Service(Service),
+    ServiceGone(Label),
+    Device(DeviceGrants),
+    DeviceGone(Label),
+    Rules(Vec<AccessRule>),
+}
+
+/// What a member sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "snake_case")]
+pub enum ToHub {
+    /// (Re)start: the digest of the state the member has.
+    Hello { digest: String },
+    /// The key the member made after being asked to rotate (its private half stays on the member).
+    NewKey { public_key: String },
+    /// The member is switching to the accepted key now.
+    Switch,
+}
+
+/// What the hub sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "snake_case")]
+pub enum ToMember {
+    State {
+        digest: String,
+        state: SharedState,
+    },
+    Changes {
+        from: String,
+        to: String,
+        changes: Vec<Change>,
+    },
+    /// The new key is valid and free; switch to it and say so.
+    KeyAccepted,
+    Refused {
+        reason: String,
+    },
+}
+
+/// Content digest of a state: hex SHA-256 of its JSON.
+pub fn digest(state: &SharedState) -> String {
+    let json = serde_json::to_vec(state).expect("the shared state serialises");
+    hex(&Sha256::digest(&json))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The changes that turn `old` into `new`.
+pub fn changes(old: &SharedState, new: &SharedState) -> Vec<Change> {
+    let mut out = Vec::new();
+    if old.network != new.network {
+        out.push(Change::Network(new.network.clone()));
+    }
+    diff_named(&old.nodes, &new.nodes, |n| &n.name, Change::Node, Change::NodeGone, &mut out);
+    diff_named(&old.services, &new.services, |v| &v.name, Change::Service, Change::ServiceGone, &mut out);
+    diff_named(&old.devices, &new.devices, |d| &d.name, Change::Device, Change::DeviceGone, &mut out);
+    if old.rules != new.rules {
+        out.push(Change::Rules(new.rules.clone()));
+    }
+    out
+}
+
+fn diff_named<T: Clone + PartialEq>(
+    old: &[T],
+    new: &[T],
+    name: impl Fn(&T) -> &Label,
+    upsert: impl Fn(T) -> Change,
+    gone: impl Fn(Label) -> Change,
+    out: &mut Vec<Change>,
+) {
+    let before: std::collections::HashMap<&Label, &T> = old.iter().map(|t| (name(t), t)).collect();
+    let after: HashSet<&Label> = new.iter().map(&name).collect();
+    out.extend(old.iter().filter(|t| !after.contains(name(t))).map(|t| gone(name(t).clone())));
+    out.extend(new.iter().filter(|t| before.get(name(t)) != Some(t)).map(|t| upsert(t.clone())));
+}
+
+/// Apply `changes` to `state`, keeping the controller's order (by address index), so the result has
+/// the same digest as the controller's own copy.
+pub fn apply(state: &mut SharedState, changes: &[Change]) {
+    fn upsert<T>(items: &mut Vec<T>, item: T, name: impl Fn(&T) -> &Label) {
+        match items.iter_mut().find(|t| name(t) == name(&item)) {
+            Some(slot) => *slot = item,
+            None => items.push(item),
+        }
+    }
+    for change in changes {
+        match change.clone() {
+            Change::Network(n) => state.network = n,
+            Change::Node(n) => upsert(&mut state.nodes, n, |n| &n.name),
+            Change::NodeGone(name) => state.nodes.retain(|n| n.name != name),
+            Change::Service(v) => upsert(&mut state.services, v, |v| &v.name),
+            Change::ServiceGone(name) => state.services.retain(|v| v.name != name),
+            Change::Device(d) => upsert(&mut state.devices, d, |d| &d.name),
+            Change::DeviceGone(name) => state.devices.retain(|d| d.name != name),
+            Change::Rules(r) => state.rules = r,
+        }
+    }
+    state.nodes.sort_by_key(|n| n.index);
+    state.services.sort_by_key(|v| v.index);
+    state.devices.sort_by_key(|d| d.index);
+}
+
+/// The hub's side: the current state, recent changes, and the stream every session listens to.
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<RwLock<Published>>,
+}
+
+struct Published {
+    state: SharedState,
+    digest: String,
+    /// Active member nodes (a session whose node leaves this set is closed), by mesh address.
+    members: std::collections::HashMap<IpAddr, Label>,
+    /// (digest before, serialised `Changes` line) of recent changes, oldest first.
+    log: VecDeque<(String, Arc<str>)>,
+    /// The whole state as a `State` line, made on first need after each change.
+    full: Option<Arc<str>>,
+    lines: broadcast::Sender<Arc<str>>,
+}
+
+impl Published {
+    fn full_line(&mut self) -> Arc<str> {
+        let (state, digest) = (&self.state, &self.digest);
+        self.full.get_or_insert_with(|| line(&ToMember::State { digest: digest.clone(), state: state.clone() })).clone()
+    }
+
+    /// What a member whose state has `digest` must receive to be current.
+    fn catch_up(&mut self, digest: &str) -> Vec<Arc<str>> {
+        if digest == self.digest {
+            return Vec::new();
+        }
+        match self.log.iter().position(|(from, _)| from == digest) {
+            Some(start) => self.log.iter().skip(start).map(|(_, l)| l.clone()).collect(),
+            None => vec![self.full_line()],
+        }
+    }
+}
+
+fn members_of(state: &SharedState) -> std::collections::HashMap<IpAddr, Label> {
+    let pool = state.network.pool();
+    state
+        .nodes
+        .iter()
+        .filter(|n| n.active() && n.role != Role::Hub)
+        .flat_map(|n| {
+            [(IpAddr::V4(pool.v4_of(n.index)), n.name.clone()), (IpAddr::V6(pool.v6_of(n.index)), n.name.clone())]
+        })
+        .collect()
+}
+
+fn line(message: &ToMember) -> Arc<str> {
+    let mut text = serde_json::to_string(message).expect("messages serialise");
+    text.push('\n');
+    text.into()
+}
+
+/// A member's request that needs the controller.
+#[derive(Debug)]
+pub struct KeyOffer {
+    pub node: Label,
+    pub public_key: String,
+    pub reply: oneshot::Sender<Result<(), String>>,
+}
+
+/// Requests from sessions to the controller's loop.
+#[derive(Debug)]
+pub enum FromSession {
+    /// A member offers a new key (after `NodeRotate`); the controller checks it is valid and free.
+    Offer(KeyOffer),
+    /// A member whose offer was accepted switches to that key now.
+    Switch { node: Label, public_key: String },
+}
+
+impl Publisher {
+    pub fn new(state: SharedState) -> Publisher {
+        let (lines, _) = broadcast::channel(LOG_LEN);
+        let published = Published {
+            digest: digest(&state),
+            members: members_of(&state),
+            state,
+            log: VecDeque::new(),
+            full: None,
+            lines,
+        };
+        Publisher { inner: Arc::new(RwLock::new(published)) }
+    }
+
+    /// Make `state` the current one and send what changed to every member; false if nothing did.
+    pub fn publish(&self, state: SharedState) -> bool {
+        let mut p = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let changes = changes(&p.state, &state);
+        if changes.is_empty() {
+            return false;
+        }
+        let to = digest(&state);
+        let message = line(&ToMember::Changes { from: p.digest.clone(), to: to.clone(), changes });
+        let from = std::mem::replace(&mut p.digest, to);
+        p.log.push_back((from, message.clone()));
+        if p.log.len() > LOG_LEN {
+            p.log.pop_front();
+        }
+        p.members = members_of(&state);
+        p.state = state;
+        p.full = None;
+        // No receiver (no member connected) is not an error.
+        let _ = p.lines.send(message);
+        true
+    }
+
+    /// The digest of the current state.
+    pub fn digest(&self) -> String {
+        self.inner.read().unwrap_or_else(|e| e.into_inner()).digest.clone()
+    }
+
+    fn member(&self, addr: IpAddr) -> Option<Label> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner()).members.get(&addr).cloned()
+    }
+
+    /// Accept member sessions on `listener` until the task is dropped.
+    pub async fn serve(self, listener: TcpListener, requests: mpsc::Sender<FromSession>) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    warn!(error = %e, "sync: accepting a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Some(node) = self.member(peer.ip()) else {
+                debug!(%peer, "sync: connection from an address that is no active member; closed");
+                continue;
+            };
+            let publisher = self.clone();
+            let requests = requests.clone();
+            tokio::spawn(async move {
+                match publisher.session(stream, peer, &node, requests).await {
+                    Ok(()) => debug!(%node, "sync session ended"),
+                    Err(e) => debug!(%node, error = %e, "sync session ended"),
+                }
+            });
+        }
+    }
+
+    async fn session(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        node: &Label,
+        requests: mpsc::Sender<FromSession>,
+    ) -> std::io::Result<()> {
+        let _ = stream.set_nodelay(true);
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, lines.next_line())
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no hello"))??;
+        let Some(Ok(ToHub::Hello { digest })) = hello.as_deref().map(serde_json::from_str::<ToHub>) else {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "expected hello"));
+        };
+        let (catch_up, mut updates) = self.catch_up(&digest);
+        info!(%node, %peer, sent = catch_up.len(), "member connected for live updates");
+        for l in catch_up {
+            write.write_all(l.as_bytes()).await?;
+        }
+        let mut offered: Option<String> = None;
+        loop {
+            tokio::select! {
+                update = updates.recv() => {
+                    match update {
+                        Ok(l) => write.write_all(l.as_bytes()).await?,
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            debug!(%node, missed, "member fell behind; sending the whole state");
+                            let l = self.inner.write().unwrap_or_else(|e| e.into_inner()).full_line();
+                            write.write_all(l.as_bytes()).await?;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                    }
+                    if self.member(peer.ip()).as_ref() != Some(node) {
+                        info!(%node, "no longer an active member: closing its session");
+                        return Ok(());
+                    }
+                }
+                incoming = lines.next_line() => {
+                    let Some(text) = incoming? else { return Ok(()) };
+                    if text.len() > MAX_LINE {
+                        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "line too long"));
+                    }
+                    let reply = match serde_json::from_str::<ToHub>(&text) {
+                        Ok(ToHub::Hello { digest }) => {
+                            let (catch_up, fresh) = self.catch_up(&digest);
+                            updates = fresh;
+                            for l in catch_up {
+                                write.write_all(l.as_bytes()).await?;
+                            }
+                            None
+                        }
+                        Ok(ToHub::NewKey { public_key }) => {
+                            let (reply, answer) = oneshot::channel();
+                            let offer = KeyOffer { node: node.clone(), public_key: public_key.clone(), reply };
+                            if requests.send(FromSession::Offer(offer)).await.is_err() {
+                                return Ok(());
+                            }
+                            match answer.await {
+                                Ok(Ok(())) => {
+                                    offered = Some(public_key);
+                                    Some(ToMember::KeyAccepted)
+                                }
+                                Ok(Err(reason)) => Some(ToMember::Refused { reason }),
+                                Err(_) => return Ok(()),
+                            }
+                        }
+                        Ok(ToHub::Switch) => match offered.take() {
+                            Some(public_key) => {
+                                let _ = requests.send(FromSession::Switch { node: node.clone(), public_key }).await;
+                                None
+                            }
+                            None => Some(ToMember::Refused { reason: "no key was accepted to switch to".into() }),
+                        },
+                        Err(e) => Some(ToMember::Refused { reason: format!("malformed message: {e}") }),
+                    };
+                    if let Some(reply) = reply {
+                        write.write_all(line(&reply).as_bytes()).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lines that bring a member at `digest` up to date, and the stream of changes after them (taken
+    /// under the same lock, so nothing is missed or sent twice).
+    fn catch_up(&self, digest: &str) -> (Vec<Arc<str>>, broadcast::Receiver<Arc<str>>) {
+        let mut p = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        (p.catch_up(digest), p.lines.subscribe())
+    }
+}
+
+/// What the member's loop hears from its sync client.
+#[derive(Debug)]
+pub enum SyncEvent {
+    /// A session with the hub started (the member's hello is sent).
+    Connected,
+    Message(ToMember),
+}
+
+/// A message for the hub; `delivered` fires once the hub's host has acknowledged every byte of it, or
+/// after a quarter of a second (so the member may then change what its tunnel depends on).
+#[derive(Debug)]
+pub struct Outgoing {
+    pub message: ToHub,
+    pub delivered: Option<oneshot::Sender<()>>,
+}
+
+impl From<ToHub> for Outgoing {
+    fn from(message: ToHub) -> Outgoing {
+        Outgoing { message, delivered: None }
+    }
+}
+
+/// The member's side: keep a session with the hub at `hub`, reconnecting with backoff, forward what
+/// the hub sends to `events` and what the member's loop sends from `outgoing`. `digest` is the digest
+/// of the state the member has, read at each (re)connect.
+pub async fn follow(
+    hub: SocketAddr,
+    digest: watch::Receiver<String>,
+    events: mpsc::Sender<SyncEvent>,
+    mut outgoing: mpsc::Receiver<Outgoing>,
+) {
+    let mut pause = BACKOFF_MIN;
+    loop {
+        let started = tokio::time::Instant::now();
+        match session(hub, &digest, &events, &mut outgoing).await {
+            Ok(()) => return,
+            Err(e) => debug!(%hub, error = %e, "sync session with the hub ended"),
+        }
+        if started.elapsed() > BACKOFF_MAX {
+            pause = BACKOFF_MIN;
+        }
+        // Jitter spreads a crowd of members reconnecting to a restarted hub.
+        let jitter = Duration::from_millis(u64::from(rand::random::<u16>()) % (pause.as_millis() as u64 / 2 + 1));
+        tokio::time::sleep(pause + jitter).await;
+        pause = (pause * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One session; `Ok` only when the member's loop has gone away.
+async fn session(
+    hub: SocketAddr,
+    digest: &watch::Receiver<String>,
+    events: &mpsc::Sender<SyncEvent>,
+    outgoing: &mut mpsc::Receiver<Outgoing>,
+) -> std::io::Result<()> {
+    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(hub))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting"))??;
+    let _ = stream.set_nodelay(true);
+    set_keepalive(&stream);
+    let (read, mut write) = stream.into_split();
+    let hello = ToHub::Hello { digest: digest.borrow().clone() };
+    write.write_all(to_line(&hello).as_bytes()).await?;
+    info!(%hub, "connected to the controller for live updates");
+    if events.send(SyncEvent::Connected).await.is_err() {
+        return Ok(());
+    }
+    let mut lines = BufReader::new(read).lines();
+    loop {
+        tokio::select! {
+            incoming = lines.next_line() => {
+                let text = incoming?.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "hub closed"))?;
+                if text.len() > MAX_LINE {
+                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "line too long"));
+                }
+                let message = serde_json::from_str::<ToMember>(&text)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("malformed message: {e}")))?;
+                if events.send(SyncEvent::Message(message)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            message = outgoing.recv() => {
+                let Some(Outgoing { message, delivered }) = message else { return Ok(()) };
+                write.write_all(to_line(&message).as_bytes()).await?;
+                if let Some(delivered) = delivered {
+                    wait_until_acknowledged(write.as_ref()).await;
+                    let _ = delivered.send(());
+                }
+            }
+        }
+    }
+}
+
+fn to_line(message: &ToHub) -> String {
+    let mut text = serde_json::to_string(message).expect("messages serialise");
+    text.push('\n');
+    text
+}
+
+/// Wait until the peer has acknowledged everything written to `stream`, or a quarter of a second:
+/// the acknowledgement of a key switch may itself be lost to the switch, the hub having changed keys
+/// the moment it read the message.
+async fn wait_until_acknowledged(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    for _ in 0..25 {
+        let mut unacknowledged: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ) on a TCP socket we own writes one int: the bytes not yet acknowledged.
+        let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut unacknowledged) };
+        if rc != 0 || unacknowledged == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// TCP keepalives notice a hub that vanished (killed, or its host gone) within seconds, not hours.
+fn set_keepalive(stream: &TcpStream) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(5))
+        .with_interval(Duration::from_secs(2))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        debug!(error = %e, "setting TCP keepalive");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DeviceGrants, Network, Node, Role, Service};
+
+    fn label(s: &str) -> Label {
+        s.parse().unwrap()
+    }
+
+    fn node(name: &str, index: u32) -> Node {
+        Node {
+            name: label(name),
+            public_key: format!("KEY{index}"),
+            index,
+            endpoint: None,
+            listen_port: 51820,
+            interface: "meshd0".into(),
+            role: if index == 1 { Role::Hub } else { Role::Node },
+            disabled: false,
+            rotate_key: false,
+        }
+    }
+
+    fn state() -> SharedState {
+        SharedState {
+            network: Network {
+                name: label("home"),
+                domain: "home.internal".into(),
+                cidr: "10.77.0.0/16".parse().unwrap(),
+                ula: "fd00:1:2::/48".parse().unwrap(),
+            },
+            nodes: vec![node("hub", 1), node("vps", 2), node("attic", 3)],
+            services: vec![Service {
+                name: label("beacon"),
+                node: label("attic"),
+                target: "127.0.0.1:5052".parse().unwrap(),
+                port: 5052,
+                index: 4,
+            }],
+            devices: vec![DeviceGrants { name: label("phone"), index: 5, allow: vec![label("beacon")] }],
+            rules: vec![],
+        }
+    }
+
+    #[test]
+    fn applying_the_changes_reproduces_the_new_state_and_its_digest() {
+        let old = state();
+        let mut new = old.clone();
+        new.nodes.retain(|n| n.name.as_str() != "vps");
+        new.nodes.push(node("cellar", 6));
+        new.nodes[1].endpoint = Some("198.51.100.3:51820".parse().unwrap());
+        new.devices[0].allow.clear();
+        new.rules.push(AccessRule { from: label("hub"), to: label("attic") });
+        new.services.insert(
+            0,
+            Service {
+                name: label("early"),
+                node: label("hub"),
+                target: "127.0.0.1:1".parse().unwrap(),
+                port: 1,
+                index: 2,
+            },
+        );
+        new.services.sort_by_key(|v| v.index);
+        let diff = changes(&old, &new);
+        assert_eq!(diff.len(), 6, "{diff:?}");
+        assert!(diff.contains(&Change::NodeGone(label("vps"))));
+        let mut copy = old.clone();
+        apply(&mut copy, &diff);
+        assert_eq!(copy, new);
+        assert_eq!(digest(&copy), digest(&new));
+        assert_ne!(digest(&old), digest(&new));
+        assert!(changes(&new, &copy).is_empty());
+    }
+
+    #[test]
+    fn messages_round_trip_as_single_lines() {
+        let message =
+            ToMember::Changes { from: "a".into(), to: "b".into(), changes: vec![Change::NodeGone(label("vps"))] };
+        let text = line(&message);
+        assert_eq!(text.matches('\n').count(), 1);
+        assert_eq!(serde_json::from_str::<ToMember>(&text).unwrap(), message);
+        let hello = to_line(&ToHub::Hello { digest: "x".into() });
+        assert_eq!(hello, "{\"msg\":\"hello\",\"digest\":\"x\"}\n");
+    }
+
+    #[test]
+    fn catch_up_sends_nothing_the_missed_changes_or_everything() {
+        let publisher = Publisher::new(state());
+        let d0 = publisher.digest();
+        let mut s = state();
+        s.nodes[1].endpoint = Some("198.51.100.3:51820".parse().unwrap());
+        assert!(publisher.publish(s.clone()));
+        assert!(!publisher.publish(s.clone()), "an identical state is no change");
+        let d1 = publisher.digest();
+        s.rules.push(AccessRule { from: label("vps"), to: label("attic") });
+        publisher.publish(s);
+        assert!(publisher.catch_up(&publisher.digest()).0.is_empty());
+        let missed = publisher.catch_up(&d0).0;
+        assert_eq!(missed.len(), 2);
+        assert!(missed[0].contains(&d0) && missed[1].contains(&d1));
+        let unknown = publisher.catch_up("something else").0;
+        assert_eq!(unknown.len(), 1);
+        assert!(matches!(serde_json::from_str::<ToMember>(&unknown[0]).unwrap(), ToMember::State { .. }));
+    }
+
+    /// A real session over loopback: hello, catch-up, a live change, and the session closed when the
+    /// member is removed.
+    #[tokio::test]
+    async fn a_member_follows_live_changes_until_removed() {
+        let mut s = state();
+        // Loopback stands in for the member's mesh address.
+        s.network.cidr = "127.0.0.0/8".parse().unwrap();
+        let publisher = Publisher::new(s.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (requests, _requests_rx) = mpsc::channel(4);
+        let server = tokio::spawn(publisher.clone().serve(listener, requests));
+
+        // vps has index 2: 127.0.0.2.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        write.write_all(to_line(&ToHub::Hello { digest: "stale".into() }).as_bytes()).await.unwrap();
+        let first: ToMember = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        let ToMember::State { state: mut copy, digest: d } = first else { panic!("expected the whole state") };
+        assert_eq!(d, publisher.digest());
+
+        s.services.clear();
+        publisher.publish(s.clone());
+        let next: ToMember = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        let ToMember::Changes { from, to, changes } = next else { panic!("expected changes") };
+        assert_eq!(from, d);
+        apply(&mut copy, &changes);
+        assert_eq!(digest(&copy), to);
+        assert_eq!(copy, s);
+
+        s.nodes.retain(|n| n.name.as_str() != "vps");
+        publisher.publish(s);
+        let gone: ToMember = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        assert!(matches!(gone, ToMember::Changes { .. }));
+        assert_eq!(lines.next_line().await.unwrap(), None, "the session of a removed member is closed");
+
+        let stranger = tokio::net::TcpSocket::new_v4().unwrap();
+        stranger.bind("127.0.0.9:0".parse().unwrap()).unwrap();
+        let stream = stranger.connect(addr).await.unwrap();
+        let mut lines = BufReader::new(stream).lines();
+        assert_eq!(lines.next_line().await.unwrap_or(None), None, "no session for a non-member address");
+        server.abort();
+    }
+}
