@@ -22,9 +22,11 @@ pub fn bind_freely(addr: SocketAddr, ty: Type, protocol: Protocol) -> io::Result
     Ok(socket)
 }
 
-/// A TCP listener on a mesh address, which may still be being added to the interface.
+/// A TCP listener on a mesh address, which may still be being added to the interface. The backlog is
+/// the kernel's maximum (it caps the value at `net.core.somaxconn`): a hub restarting with thousands of
+/// members reconnecting at once should not make them retry their SYNs.
 pub fn listen_tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
     let socket = bind_freely(addr, Type::STREAM, Protocol::TCP)?;
-    socket.listen(1024)?;
+    socket.listen(libc::c_int::MAX)?;
     tokio::net::TcpListener::from_std(socket.into())
 }

@@ -234,19 +234,25 @@ impl Publisher {
 
     /// Make `state` the current one and send what changed to every member; false if nothing did.
     pub fn publish(&self, state: SharedState) -> bool {
-        let mut p = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        let changes = changes(&p.state, &state);
+        // What depends only on the new state is made before taking the lock, which sessions and new
+        // connections wait on: under it, only fields are swapped. (This is the only writer of the state.)
+        let to = digest(&state);
+        let members = members_of(&state);
+        let (changes, from) = {
+            let p = self.inner.read().unwrap_or_else(|e| e.into_inner());
+            (changes(&p.state, &state), p.digest.clone())
+        };
         if changes.is_empty() {
             return false;
         }
-        let to = digest(&state);
-        let message = line(&ToMember::Changes { from: p.digest.clone(), to: to.clone(), changes });
+        let message = line(&ToMember::Changes { from, to: to.clone(), changes });
+        let mut p = self.inner.write().unwrap_or_else(|e| e.into_inner());
         let from = std::mem::replace(&mut p.digest, to);
         p.log.push_back((from, message.clone()));
         if p.log.len() > LOG_LEN {
             p.log.pop_front();
         }
-        p.members = members_of(&state);
+        p.members = members;
         p.state = state;
         p.full = None;
         // No receiver (no member connected) is not an error.
@@ -257,6 +263,10 @@ impl Publisher {
     /// The digest of the current state.
     pub fn digest(&self) -> String {
         self.inner.read().unwrap_or_else(|e| e.into_inner()).digest.clone()
+    }
+
+    fn is_member(&self, addr: IpAddr, node: &Label) -> bool {
+        self.inner.read().unwrap_or_else(|e| e.into_inner()).members.get(&addr) == Some(node)
     }
 
     fn member(&self, addr: IpAddr) -> Option<Label> {
@@ -323,7 +333,7 @@ impl Publisher {
                         }
                         Err(broadcast::error::RecvError::Closed) => return Ok(()),
                     }
-                    if self.member(peer.ip()).as_ref() != Some(node) {
+                    if !self.is_member(peer.ip(), node) {
                         info!(%node, "no longer an active member: closing its session");
                         return Ok(());
                     }
