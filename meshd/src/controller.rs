@@ -499,16 +499,18 @@ fn allocate(w: &Writer<'_>, network: &Network) -> Result<u32, ControlError> {
     Ok(index)
 }
 
+/// Networks for tests: a controller over a new network, and hosts invited and joined through it.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
     use crate::keys::PrivateKey;
 
-    fn label(s: &str) -> Label {
+    pub(crate) fn label(s: &str) -> Label {
         s.parse().unwrap()
     }
 
-    fn new_network(dir: &Path, cidr: &str) -> Controller {
+    /// A new network `home` (domain `home.internal`, hub `hub`) in `dir`.
+    pub(crate) fn new_network(dir: &Path, cidr: &str) -> Controller {
         let new = NewNetwork {
             network: label("home"),
             domain: "home.internal".into(),
@@ -521,6 +523,36 @@ mod tests {
         };
         Controller::init(&dir.join("meshd.db"), &new).unwrap().0
     }
+
+    /// Invite `name` as a node.
+    pub(crate) fn invite(c: &mut Controller, name: &str, expires_secs: u64) -> Token {
+        invite_as(c, name, Role::Node, expires_secs)
+    }
+
+    pub(crate) fn invite_as(c: &mut Controller, name: &str, role: Role, expires_secs: u64) -> Token {
+        let reply = c.handle(Request::NodeInvite { name: label(name), role, expires_secs }).unwrap();
+        let Reply::Invite(issued) = reply else { panic!("{reply:?}") };
+        Token::decode(&issued.token).unwrap()
+    }
+
+    /// What a host with a fresh key and an endpoint sends to redeem `token`.
+    pub(crate) fn join_request(token: &Token) -> JoinRequest {
+        JoinRequest {
+            id: token.id.clone(),
+            secret: token.secret.clone(),
+            public_key: PrivateKey::generate().public_key(),
+            endpoint: Some("198.51.100.7:51820".parse().unwrap()),
+            listen_port: 51820,
+            interface: "meshd0".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{invite, join_request, label, new_network};
+    use super::*;
+    use crate::keys::PrivateKey;
 
     fn add_service(c: &mut Controller, name: &str) -> Result<Reply, ControlError> {
         c.handle(Request::ServiceAdd {
@@ -604,23 +636,6 @@ mod tests {
         let hub_key = stored.hub().unwrap().public_key.clone();
         assert!(matches!(rotate(&mut c, "phone", &hub_key), Err(ControlError::KeyTaken(_))));
         assert_eq!(c.snapshot().unwrap(), stored, "refused rotations change nothing");
-    }
-
-    fn invite(c: &mut Controller, name: &str, expires_secs: u64) -> Token {
-        let reply = c.handle(Request::NodeInvite { name: label(name), role: Role::Node, expires_secs }).unwrap();
-        let Reply::Invite(issued) = reply else { panic!("{reply:?}") };
-        Token::decode(&issued.token).unwrap()
-    }
-
-    fn join_request(token: &Token) -> JoinRequest {
-        JoinRequest {
-            id: token.id.clone(),
-            secret: token.secret.clone(),
-            public_key: PrivateKey::generate().public_key(),
-            endpoint: Some("198.51.100.7:51820".parse().unwrap()),
-            listen_port: 51820,
-            interface: "meshd0".into(),
-        }
     }
 
     #[test]

@@ -3,7 +3,6 @@
 //! Requests enter through the admin socket, change the store through the controller, and every change
 //! is followed by one reconcile: new plan, diff against the running one, apply only the difference.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -18,7 +17,7 @@ use tracing::{debug, error, info, warn};
 use crate::admin::{self, Call};
 use crate::api::{JoinReply, JoinRequest, MemberState, Outcome, Reply, Request};
 use crate::controller::Controller;
-use crate::desired::{self, HostPlan, PeerPlan};
+use crate::desired::{self, HostPlan, PeerDiff, PeerPlan};
 use crate::dns::{self, MeshDns};
 use crate::firewall;
 use crate::forward::Forwarders;
@@ -28,7 +27,7 @@ use crate::model::{DeviceView, SYNC_PORT, Snapshot};
 use crate::statedir::StateDir;
 use crate::store::StoreError;
 use crate::sync::{self, FromSession, Outgoing, Publisher, SyncEvent, ToHub, ToMember};
-use crate::wg::{Backend, Interface};
+use crate::wg::{Backend, Interface, WgError};
 
 /// Where upstream resolvers are read from.
 const RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -341,7 +340,7 @@ async fn follow_controller(
                                 Ok(()) => {
                                     info!("switched to the new key; waiting for the network to confirm it");
                                     // Renew every session with the new key now rather than at the next keepalive.
-                                    open_tunnels(&host.plan.peers);
+                                    open_tunnels(host.plan.peers.values());
                                     rotation = Rotation::Switched { key: new, old: key.clone(), since: tokio::time::Instant::now() };
                                 }
                                 Err(e) => warn!(error = format!("{e:#}"), "switching to the new key"),
@@ -374,19 +373,17 @@ async fn follow_controller(
                     key = new.clone();
                     rotation = Rotation::Idle;
                 }
-                let before: BTreeSet<String> = host.plan.peers.keys().cloned().collect();
-                if let Err(e) = reconcile(host, &member.state.snapshot()).await {
-                    error!(error = format!("{e:#}"), "applying the controller's change failed");
+                match reconcile(host, &member.state.snapshot()).await {
+                    Ok(peers) => open_tunnels(peers.add.iter().map(|(_, p)| p)),
+                    Err(e) => error!(error = format!("{e:#}"), "applying the controller's change failed"),
                 }
-                let added = host.plan.peers.iter().filter(|(k, _)| !before.contains(*k));
-                open_tunnels(&added.map(|(k, p)| (k.clone(), p.clone())).collect());
                 if let Err(e) = offer_key_if_asked(state, &member, &mut rotation, &outgoing).await {
                     warn!(error = format!("{e:#}"), "starting the key rotation");
                 }
             }
             _ = tokio::time::sleep_until(open_tunnels_at.unwrap_or(confirm_by)), if open_tunnels_at.is_some() => {
                 open_tunnels_at = None;
-                open_tunnels(&host.plan.peers);
+                open_tunnels(host.plan.peers.values());
             }
             _ = tokio::time::sleep_until(confirm_by) => {
                 if let Rotation::Switched { old, .. } = std::mem::replace(&mut rotation, Rotation::Idle) {
@@ -425,21 +422,17 @@ async fn offer_key_if_asked(
 }
 
 async fn switch_key(host: &Host, key: &PrivateKey) -> anyhow::Result<()> {
-    let (interface, key) = (host.interface.clone(), key.clone());
-    tokio::task::spawn_blocking(move || {
-        let interface = interface.lock().map_err(|_| anyhow!("interface lock poisoned"))?;
-        anyhow::Ok(interface.set_private_key(&key)?)
-    })
-    .await?
+    let key = key.clone();
+    on_interface(host, move |interface| interface.set_private_key(&key)).await
 }
 
 /// WireGuard opens a tunnel only when there is something to send, and a host behind NAT can be
 /// reached only through a tunnel it opened: send one datagram to each new peer right away rather than
 /// waiting for the first keepalive. (It arrives at a closed port and is dropped; the handshake is what
 /// counts.)
-fn open_tunnels(peers: &BTreeMap<String, PeerPlan>) {
+fn open_tunnels<'a>(peers: impl IntoIterator<Item = &'a PeerPlan>) {
     let targets: Vec<SocketAddr> = peers
-        .values()
+        .into_iter()
         .filter(|p| p.persistent_keepalive.is_some())
         .filter_map(|p| p.allowed_ips.iter().find(|n| n.addr().is_ipv4()))
         .map(|net| {
@@ -495,39 +488,45 @@ async fn handle(controller: &mut Controller, host: &mut Host, publisher: &Publis
     Outcome::Ok(with_handshakes(host, reply).await)
 }
 
-/// Make the host match the network in `snapshot`, touching only what changed.
-async fn reconcile(host: &mut Host, snapshot: &Snapshot) -> anyhow::Result<()> {
+/// Make the host match the network in `snapshot`, touching only what changed; returns the peer changes.
+async fn reconcile(host: &mut Host, snapshot: &Snapshot) -> anyhow::Result<PeerDiff> {
     let new = desired::plan_host(snapshot, &host.name)?;
     if new == host.plan {
-        return Ok(());
+        return Ok(PeerDiff::default());
     }
     let peers = desired::diff_peers(&host.plan.peers, &new.peers);
     let (add, remove) = desired::diff_addresses(&host.plan.addresses, &new.addresses);
     // Addresses are added before peers that route to them; within the peer diff, withdrawn peers go
     // first, so a removed device loses access before anything else happens.
-    let interface = host.interface.clone();
-    tokio::task::spawn_blocking(move || {
-        let interface = interface.lock().map_err(|_| anyhow!("interface lock poisoned"))?;
+    let peers = on_interface(host, move |interface| {
         interface.change_addresses(&add, &[])?;
         interface.apply_peers(&peers)?;
-        anyhow::Ok(())
+        Ok(peers)
     })
-    .await??;
+    .await?;
     firewall::load(&firewall::render(&new)).await.context("updating access rules")?;
     host.forwarders.apply(&new.services)?;
     if let (Some(server), Some(plan)) = (&host.dns, &new.dns) {
         server.update(plan.records.clone()).await;
     }
     if !remove.is_empty() {
-        let interface = host.interface.clone();
-        tokio::task::spawn_blocking(move || {
-            let interface = interface.lock().map_err(|_| anyhow!("interface lock poisoned"))?;
-            anyhow::Ok(interface.change_addresses(&[], &remove)?)
-        })
-        .await??;
+        on_interface(host, move |interface| interface.change_addresses(&[], &remove)).await?;
     }
     host.plan = new;
-    Ok(())
+    Ok(peers)
+}
+
+/// Run `f` on the interface, off the async runtime (the WireGuard API blocks).
+async fn on_interface<T: Send + 'static>(
+    host: &Host,
+    f: impl FnOnce(&Interface) -> Result<T, WgError> + Send + 'static,
+) -> anyhow::Result<T> {
+    let interface = host.interface.clone();
+    tokio::task::spawn_blocking(move || {
+        let interface = interface.lock().map_err(|_| anyhow!("interface lock poisoned"))?;
+        Ok(f(&interface)?)
+    })
+    .await?
 }
 
 /// Fill in the last handshake of devices from the live interface.
@@ -536,12 +535,10 @@ async fn with_handshakes(host: &Host, reply: Reply) -> Reply {
     if !needs {
         return reply;
     }
-    let interface = host.interface.clone();
-    let handshakes = tokio::task::spawn_blocking(move || interface.lock().ok().map(|i| i.handshakes())).await;
-    let handshakes = match handshakes {
-        Ok(Some(Ok(h))) => h,
-        _ => {
-            warn!("could not read handshakes from the interface");
+    let handshakes = match on_interface(host, Interface::handshakes).await {
+        Ok(h) => h,
+        Err(e) => {
+            warn!(error = format!("{e:#}"), "could not read handshakes from the interface");
             return reply;
         }
     };

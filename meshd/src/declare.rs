@@ -692,14 +692,10 @@ fn list(labels: &[Label]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{JoinRequest, Reply};
-    use crate::controller::{Controller, NewNetwork};
-    use crate::invite::Token;
+    use crate::api::Reply;
+    use crate::controller::Controller;
+    use crate::controller::fixtures::{self, label};
     use crate::keys::PrivateKey;
-
-    fn label(s: &str) -> Label {
-        s.parse().unwrap()
-    }
 
     fn labels(names: &[&str]) -> Vec<Label> {
         names.iter().map(|n| label(n)).collect()
@@ -1078,30 +1074,10 @@ to = "validator"
 
     /// A controller over a new network (hub `hub`) in `dir`, with `members` joined through real invites.
     fn controller(dir: &std::path::Path, members: &[(&str, Role)]) -> Controller {
-        let new = NewNetwork {
-            network: label("home"),
-            domain: "home.internal".into(),
-            cidr: "10.77.0.0/16".parse().unwrap(),
-            hub: label("hub"),
-            hub_public_key: PrivateKey::generate().public_key(),
-            endpoint: "203.0.113.5:51820".parse().unwrap(),
-            listen_port: 51820,
-            interface: "meshd0".into(),
-        };
-        let mut c = Controller::init(&dir.join("meshd.db"), &new).unwrap().0;
+        let mut c = fixtures::new_network(dir, "10.77.0.0/16");
         for &(name, role) in members {
-            let reply = c.handle(Request::NodeInvite { name: label(name), role, expires_secs: 60 }).unwrap();
-            let Reply::Invite(issued) = reply else { panic!("{reply:?}") };
-            let token = Token::decode(&issued.token).unwrap();
-            c.redeem(&JoinRequest {
-                id: token.id,
-                secret: token.secret,
-                public_key: PrivateKey::generate().public_key(),
-                endpoint: None,
-                listen_port: 51820,
-                interface: "meshd0".into(),
-            })
-            .unwrap();
+            let token = fixtures::invite_as(&mut c, name, role, 60);
+            c.redeem(&fixtures::join_request(&token)).unwrap();
         }
         c
     }

@@ -73,21 +73,17 @@ impl Token {
 
 /// A new random invite id and secret, 128 bits each, as hex.
 pub fn new_id_and_secret() -> (String, String) {
-    (hex(&rand::random::<[u8; 16]>()), hex(&rand::random::<[u8; 16]>()))
+    (hex::encode(rand::random::<[u8; 16]>()), hex::encode(rand::random::<[u8; 16]>()))
 }
 
 /// What the controller stores of a secret.
 pub fn hash_secret(secret: &str) -> String {
-    hex(&Sha256::digest(secret.as_bytes()))
+    hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
 /// Compare two hashes without an early exit, so timing does not tell how much of a guess was right.
 pub fn hashes_equal(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A lifetime such as `90s`, `30m`, `1h` or `2d`; at least a second, at most [`MAX_EXPIRY`].

@@ -123,7 +123,7 @@ impl JoinIdentity {
 
     /// Lowercase hex SHA-256 of the certificate DER (64 chars): what tokens carry.
     pub fn fingerprint(&self) -> String {
-        Sha256::digest(&self.cert_der).iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(Sha256::digest(&self.cert_der))
     }
 }
 
@@ -534,7 +534,7 @@ mod tests {
         assert!(JoinIdentity::from_der(cert, other.key_der().to_vec()).is_err(), "mismatched key accepted");
 
         let debug = format!("{identity:?}");
-        let key_hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        let key_hex = hex::encode(&key);
         assert!(debug.contains(&fp) && debug.contains("redacted"), "{debug}");
         assert!(!debug.contains(&key_hex) && !debug.contains(&format!("{key:?}")), "{debug}");
     }

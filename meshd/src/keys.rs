@@ -33,7 +33,7 @@ impl PrivateKey {
 
     /// Lowercase hex, as WireGuard's UAPI wants it.
     pub fn to_hex(&self) -> String {
-        self.0.to_bytes().iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(self.0.to_bytes())
     }
 
     /// The matching public key.

@@ -11,7 +11,7 @@
 //!
 //! [`SYNC_PORT`]: crate::model::SYNC_PORT
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -85,11 +85,7 @@ pub enum ToMember {
 /// Content digest of a state: hex SHA-256 of its JSON.
 pub fn digest(state: &SharedState) -> String {
     let json = serde_json::to_vec(state).expect("the shared state serialises");
-    hex(&Sha256::digest(&json))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(Sha256::digest(&json))
 }
 
 /// The changes that turn `old` into `new`.
@@ -115,7 +111,7 @@ fn diff_named<T: Clone + PartialEq>(
     gone: impl Fn(Label) -> Change,
     out: &mut Vec<Change>,
 ) {
-    let before: std::collections::HashMap<&Label, &T> = old.iter().map(|t| (name(t), t)).collect();
+    let before: HashMap<&Label, &T> = old.iter().map(|t| (name(t), t)).collect();
     let after: HashSet<&Label> = new.iter().map(&name).collect();
     out.extend(old.iter().filter(|t| !after.contains(name(t))).map(|t| gone(name(t).clone())));
     out.extend(new.iter().filter(|t| before.get(name(t)) != Some(t)).map(|t| upsert(t.clone())));
@@ -157,7 +153,7 @@ struct Published {
     state: SharedState,
     digest: String,
     /// Active member nodes (a session whose node leaves this set is closed), by mesh address.
-    members: std::collections::HashMap<IpAddr, Label>,
+    members: HashMap<IpAddr, Label>,
     /// (digest before, serialised `Changes` line) of recent changes, oldest first.
     log: VecDeque<(String, Arc<str>)>,
     /// The whole state as a `State` line, made on first need after each change.
@@ -183,7 +179,7 @@ impl Published {
     }
 }
 
-fn members_of(state: &SharedState) -> std::collections::HashMap<IpAddr, Label> {
+fn members_of(state: &SharedState) -> HashMap<IpAddr, Label> {
     let pool = state.network.pool();
     state
         .nodes

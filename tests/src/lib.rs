@@ -82,6 +82,20 @@ pub fn meshctl(state_dir: &Path) -> Command {
     cmd
 }
 
+/// A state dir for network `home` with hub `hub` (endpoint 192.0.2.1:51820), made by `meshd init` with
+/// `extra` arguments; no daemon, no root.
+pub fn init_network(extra: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    run_ok(
+        Command::new(product_bin("meshd"))
+            .args(["init", "--network", "home", "--name", "hub", "--endpoint", "192.0.2.1:51820"])
+            .args(extra)
+            .arg("--state-dir")
+            .arg(dir.path()),
+    );
+    dir
+}
+
 /// Runs a command to completion with stdin closed and returns its output.
 pub fn output(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))

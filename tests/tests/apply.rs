@@ -11,21 +11,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use meshd_e2e::{WgQuick, describe, meshctl, output, product_bin, run_json, run_ok, wg_pubkey};
+use meshd_e2e::{WgQuick, describe, init_network, meshctl, output, run_json, run_ok, wg_pubkey};
 use serde_json::{Value, json};
-
-/// A state dir for network `home` with hub `hub` (endpoint 192.0.2.1:51820), made by `meshd init`.
-fn init(extra: &[&str]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    run_ok(
-        Command::new(product_bin("meshd"))
-            .args(["init", "--network", "home", "--name", "hub", "--endpoint", "192.0.2.1:51820"])
-            .args(extra)
-            .arg("--state-dir")
-            .arg(dir.path()),
-    );
-    dir
-}
 
 const NETWORK: &str = r#"
 [[node]]
@@ -72,7 +59,7 @@ struct Setup {
 
 impl Setup {
     fn new(text: &str) -> Setup {
-        let setup = Setup { state: init(&[]), files: tempfile::tempdir().unwrap() };
+        let setup = Setup { state: init_network(&[]), files: tempfile::tempdir().unwrap() };
         fs::create_dir(setup.out()).unwrap();
         setup.write(text);
         setup
@@ -373,7 +360,7 @@ fn a_config_that_cannot_be_written_stops_the_apply_before_any_change() {
 #[test]
 fn a_failure_midway_says_what_was_applied_and_hands_out_what_was_made() {
     // A /29 holds the hub and five more: the service and four devices fit, the fifth device does not.
-    let s = Setup { state: init(&["--cidr", "10.9.9.0/29"]), files: tempfile::tempdir().unwrap() };
+    let s = Setup { state: init_network(&["--cidr", "10.9.9.0/29"]), files: tempfile::tempdir().unwrap() };
     fs::create_dir(s.out()).unwrap();
     let mut text =
         "[[node]]\nname = \"vps\"\n[[service]]\nname = \"web\"\nnode = \"hub\"\ntarget = \"127.0.0.1:80\"\n".to_owned();

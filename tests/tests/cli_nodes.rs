@@ -6,21 +6,14 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 
-use meshd_e2e::{describe, meshctl, output, product_bin, run_json, run_ok};
+use meshd_e2e::{describe, init_network, meshctl, output, run_json, run_ok};
 use serde_json::{Value, json};
 
 /// A state dir for network `home` (hub `hub`) with services `svc` (127.0.0.1:8080) and `web`
 /// (127.0.0.1:80) on the hub, and a pending invite for `vps`.
 fn network() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    run_ok(
-        Command::new(product_bin("meshd"))
-            .args(["init", "--network", "home", "--name", "hub", "--endpoint", "192.0.2.1:51820"])
-            .arg("--state-dir")
-            .arg(dir.path()),
-    );
+    let dir = init_network(&[]);
     let d = dir.path();
     run_ok(meshctl(d).args(["service", "add", "svc", "--node", "hub", "--target", "127.0.0.1:8080"]));
     run_ok(meshctl(d).args(["service", "add", "web", "--node", "hub", "--target", "127.0.0.1:80"]));

@@ -8,18 +8,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use meshd_e2e::{WgQuick, assert_key_not_stored, meshctl, product_bin, run_json, run_ok, wg_pubkey};
+use meshd_e2e::{WgQuick, assert_key_not_stored, init_network, meshctl, run_json, run_ok, wg_pubkey};
 use serde_json::Value;
 
 /// A state dir for network `home` with hub `hub` (endpoint 192.0.2.1:51820) and a service `svc`.
 fn state_with_service() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    run_ok(
-        Command::new(product_bin("meshd"))
-            .args(["init", "--network", "home", "--name", "hub", "--endpoint", "192.0.2.1:51820"])
-            .arg("--state-dir")
-            .arg(dir.path()),
-    );
+    let dir = init_network(&[]);
     run_ok(meshctl(dir.path()).args(["service", "add", "svc", "--node", "hub", "--target", "127.0.0.1:8080"]));
     dir
 }
