@@ -461,17 +461,17 @@ const TUNNEL_OPENER_PORT: u16 = 9;
 /// Forwarders and DNS, once the interface and its access rules are up.
 async fn bring_up(host: &mut Host, plan: &HostPlan) -> anyhow::Result<()> {
     host.forwarders.apply(&plan.services)?;
-    if let Some(dns_plan) = &plan.dns {
-        let own: Vec<IpAddr> = dns_plan.listen.iter().map(|a| a.ip()).collect();
-        let upstreams = dns::upstreams_from_resolv_conf(Path::new(RESOLV_CONF), &own);
-        if upstreams.is_empty() {
-            warn!("no upstream resolvers in {RESOLV_CONF}: names outside the mesh will not resolve for devices");
-        }
-        let server = MeshDns::start(&dns_plan.listen, &dns_plan.domain, dns_plan.records.clone(), upstreams)
+    let dns_plan = &plan.dns;
+    let own: Vec<IpAddr> = dns_plan.listen.iter().map(|a| a.ip()).collect();
+    let upstreams = dns::upstreams_from_resolv_conf(Path::new(RESOLV_CONF), &own);
+    if upstreams.is_empty() {
+        warn!("no upstream resolvers in {RESOLV_CONF}: the mesh DNS will answer only names of the mesh");
+    }
+    let server =
+        MeshDns::start(&dns_plan.listen, &dns_plan.domain, &dns_plan.reverse, dns_plan.records.clone(), upstreams)
             .await
             .context("starting mesh DNS")?;
-        host.dns = Some(server);
-    }
+    host.dns = Some(server);
     Ok(())
 }
 
@@ -506,8 +506,10 @@ async fn reconcile(host: &mut Host, snapshot: &Snapshot) -> anyhow::Result<PeerD
     .await?;
     firewall::load(&firewall::render(&new)).await.context("updating access rules")?;
     host.forwarders.apply(&new.services)?;
-    if let (Some(server), Some(plan)) = (&host.dns, &new.dns) {
-        server.update(plan.records.clone()).await;
+    if let Some(server) = &host.dns
+        && new.dns.records != host.plan.dns.records
+    {
+        server.update(new.dns.records.clone()).await;
     }
     if !remove.is_empty() {
         on_interface(host, move |interface| interface.change_addresses(&[], &remove)).await?;

@@ -26,8 +26,9 @@ pub struct HostPlan {
     /// Forwarders for the services this host serves (to the devices granted them, and to the nodes
     /// admitted to this host).
     pub services: Vec<ServicePlan>,
-    /// Mesh DNS, on the hub only.
-    pub dns: Option<DnsPlan>,
+    /// Mesh DNS: on every host, so names resolve from the host's own copy of the network even while
+    /// the controller is away.
+    pub dns: DnsPlan,
     /// The sync service, on the hub only.
     pub sync: Option<SyncPlan>,
     /// Who may reach what through this host.
@@ -75,13 +76,16 @@ pub struct ServicePlan {
     pub allowed: BTreeSet<IpAddr>,
 }
 
-/// The mesh DNS of the hub.
+/// The mesh DNS of a host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsPlan {
     pub listen: Vec<SocketAddr>,
     pub domain: String,
     pub records: DnsRecords,
-    /// Who may query it: the mesh ranges.
+    /// Ranges whose reverse names (PTR) it serves: the mesh ranges.
+    pub reverse: Vec<IpNet>,
+    /// Who may query it over the mesh: on the hub the mesh ranges (devices use it); none on members,
+    /// whose server is for the host itself (its queries arrive over loopback).
     pub clients: Vec<IpNet>,
 }
 
@@ -209,7 +213,7 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
     let own_listen = |port: u16| {
         vec![SocketAddr::new(pool.v4_of(node.index).into(), port), SocketAddr::new(pool.v6_of(node.index).into(), port)]
     };
-    let dns = is_hub.then(|| {
+    let dns = {
         let mut records = DnsRecords::new();
         let mut add = |name: &Label, index: u32| {
             records.insert(s.network.fqdn(name), host_addrs(index).to_vec());
@@ -221,9 +225,10 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
             listen: own_listen(DNS_PORT),
             domain: s.network.domain.clone(),
             records,
-            clients: vec![mesh_v4, mesh_v6],
+            reverse: vec![mesh_v4, mesh_v6],
+            clients: if is_hub { vec![mesh_v4, mesh_v6] } else { Vec::new() },
         }
-    });
+    };
     let sync = is_hub.then(|| SyncPlan { listen: own_listen(SYNC_PORT) });
 
     Ok(HostPlan {
@@ -367,7 +372,7 @@ mod tests {
 
     #[test]
     fn dns_names_every_node_device_and_service() {
-        let dns = plan_host(&snapshot(), "hub").unwrap().dns.unwrap();
+        let dns = plan_host(&snapshot(), "hub").unwrap().dns;
         assert_eq!(
             dns.records["wallet.home.internal"],
             vec!["10.77.0.2".parse::<IpAddr>().unwrap(), "fd00:1:2::2".parse().unwrap()]
@@ -475,7 +480,9 @@ mod tests {
         let attic = &vps.peers["ATTIC"];
         assert_eq!(attic.endpoint, None, "behind NAT: attic opens the tunnel");
         assert_eq!(nets(&attic.allowed_ips), ["10.77.0.8/32", "fd00:1:2::8/128", "10.77.0.9/32", "fd00:1:2::9/128"]);
-        assert!(!vps.access.routes && vps.dns.is_none() && vps.sync.is_none());
+        assert!(!vps.access.routes && vps.sync.is_none());
+        assert!(vps.dns.clients.is_empty(), "a member's DNS serves the host itself, not the mesh");
+        assert_eq!(vps.dns.records, plan_host(&s, "hub").unwrap().dns.records, "every host serves the same names");
     }
 
     #[test]
@@ -516,7 +523,7 @@ mod tests {
             assert!(!plan.peers.contains_key("VPS"), "{host} still peers with the disabled node");
             assert!(!plan.access.nodes.contains(&"10.77.0.7".parse().unwrap()));
         }
-        assert!(!plan_host(&s, "hub").unwrap().dns.unwrap().records.contains_key("vps.home.internal"));
+        assert!(!plan_host(&s, "hub").unwrap().dns.records.contains_key("vps.home.internal"));
         let vps = plan_host(&s, "vps").unwrap();
         assert_eq!(vps.peers.keys().collect::<Vec<_>>(), ["HUB"], "only the hub, to hear of being enabled");
         assert!(vps.services.is_empty());

@@ -1,11 +1,13 @@
-//! Mesh DNS server of a WireGuard hub: authoritative A/AAAA for the network's domain, everything
-//! else forwarded to the host's upstream resolvers.
+//! Mesh DNS server of a mesh host: authoritative A/AAAA for the network's domain, everything else
+//! forwarded to the host's upstream resolvers. Every host runs one from its own copy of the network
+//! (the hub for the devices too), so names keep resolving while the controller is away.
 //!
-//! Requests enter through a hickory [`Server`] whose [`Catalog`] holds two zone handlers: an
-//! in-memory zone for the mesh domain and, when upstreams exist, a forwarder for the root zone.
-//! The catalog picks the most specific zone, so mesh names never leave the hub.
+//! Requests enter through a hickory [`Server`] whose [`Catalog`] holds in-memory zones for the mesh
+//! domain and for the reverse names of the mesh ranges (PTR, so `ping`, `ssh` and logs show names
+//! instead of waiting on a lookup nobody answers) and, when upstreams exist, a forwarder for the root
+//! zone. The catalog picks the most specific zone, so mesh names never leave the host.
 //!
-//! Live updates replace the whole record map of the in-memory zone under its write lock
+//! Live updates replace the whole record map of each in-memory zone under its write lock
 //! (`records_mut`). That is atomic for readers (a query sees the old set or the new one, never a
 //! mix), removes names as easily as it adds them, and keeps the catalog, the sockets and the
 //! forwarder's cache untouched; per-record `upsert` cannot delete, and swapping the catalog would
@@ -14,16 +16,15 @@
 use std::{
     collections::{BTreeMap, HashSet},
     fs, io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::Path,
     sync::Arc,
     time::Duration,
 };
 
-use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{
     LowerName, Name, RData, RecordSet, RecordType, RrKey,
-    rdata::{A, AAAA, NS, SOA},
+    rdata::{A, AAAA, NS, PTR, SOA},
 };
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig};
 use hickory_server::{
@@ -34,6 +35,7 @@ use hickory_server::{
     },
     zone_handler::{AxfrPolicy, Catalog, ZoneHandler, ZoneType},
 };
+use ipnet::IpNet;
 use socket2::{Protocol, Type};
 use tokio::{
     net::{TcpListener, UdpSocket},
@@ -72,6 +74,9 @@ pub enum DnsError {
     /// A UDP or TCP socket could not be created or bound.
     #[error("cannot bind mesh DNS {transport} socket on {addr}: {source}")]
     Bind { transport: &'static str, addr: SocketAddr, source: io::Error },
+    /// A mesh range too wide to serve reverse names for.
+    #[error("cannot serve reverse names for {0}: the range is too wide")]
+    ReverseRange(IpNet),
     /// The forwarder for non-mesh names could not be built.
     #[error("cannot set up forwarding to {upstreams:?}: {reason}")]
     Forwarder { upstreams: Vec<SocketAddr>, reason: String },
@@ -80,7 +85,8 @@ pub enum DnsError {
 /// A running mesh DNS server; stop it with [`MeshDns::shutdown`].
 pub struct MeshDns {
     server: Server<Catalog>,
-    zone: Arc<InMemoryZoneHandler>,
+    /// The mesh domain first, then the reverse zones.
+    zones: Vec<Zone>,
     origin: Name,
     /// SOA serial; the lock also serialises updates so a newer serial never carries older records.
     serial: Mutex<u32>,
@@ -89,10 +95,12 @@ pub struct MeshDns {
 
 impl MeshDns {
     /// Binds UDP and TCP on every `listen` address (even one still tentative), serves `records`
-    /// under `domain` and forwards other names to `upstreams`; names outside `domain` are skipped.
+    /// under `domain` and their reverse names within the `reverse` ranges, and forwards other names
+    /// to `upstreams`; names outside `domain` are skipped.
     pub async fn start(
         listen: &[SocketAddr],
         domain: &str,
+        reverse: &[IpNet],
         records: DnsRecords,
         upstreams: Vec<SocketAddr>,
     ) -> Result<MeshDns, DnsError> {
@@ -102,12 +110,19 @@ impl MeshDns {
         let origin = parse_domain(domain)?;
         let serial = 1;
 
-        let mut zone = InMemoryZoneHandler::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
-        *zone.records_get_mut() = zone_records(&origin, &records, serial);
-        let zone = Arc::new(zone);
-
+        let mut kinds = vec![(origin.clone(), ZoneKind::Names)];
+        for &range in reverse {
+            kinds.extend(reverse_zones(range)?.into_iter().map(|(name, net)| (name, ZoneKind::Reverse(net))));
+        }
         let mut catalog = Catalog::new();
-        catalog.upsert(LowerName::new(&origin), vec![zone.clone() as Arc<dyn ZoneHandler>]);
+        let mut zones = Vec::with_capacity(kinds.len());
+        for (zone_origin, kind) in kinds {
+            let mut handler = InMemoryZoneHandler::empty(zone_origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
+            *handler.records_get_mut() = zone_records(&zone_origin, &origin, kind, &records, serial);
+            let handler = Arc::new(handler);
+            catalog.upsert(LowerName::new(&zone_origin), vec![handler.clone() as Arc<dyn ZoneHandler>]);
+            zones.push(Zone { origin: zone_origin, kind, handler });
+        }
         // Without upstreams there is no root zone, so the catalog answers REFUSED at once
         // instead of a resolver timing out against nothing.
         if !upstreams.is_empty() {
@@ -142,7 +157,7 @@ impl MeshDns {
             "mesh DNS started"
         );
 
-        Ok(MeshDns { server, zone, origin, serial: Mutex::new(serial), local_addrs })
+        Ok(MeshDns { server, zones, origin, serial: Mutex::new(serial), local_addrs })
     }
 
     /// Addresses actually bound (UDP and TCP share each one), with real ports when 0 was asked.
@@ -155,8 +170,10 @@ impl MeshDns {
     pub async fn update(&self, records: DnsRecords) {
         let mut serial = self.serial.lock().await;
         *serial = serial.wrapping_add(1);
-        let fresh = zone_records(&self.origin, &records, *serial);
-        *self.zone.records_mut().await = fresh;
+        for zone in &self.zones {
+            let fresh = zone_records(&zone.origin, &self.origin, zone.kind, &records, *serial);
+            *zone.handler.records_mut().await = fresh;
+        }
         debug!(domain = %self.origin, serial = *serial, names = records.len(), "mesh DNS records updated");
     }
 
@@ -167,34 +184,6 @@ impl MeshDns {
         }
         info!(domain = %self.origin, "mesh DNS stopped");
     }
-}
-
-/// Ask `server` for the A record of `name` once (UDP) and return the addresses it answers; used by
-/// member hosts to open, and check, their tunnel to the hub's mesh DNS.
-pub async fn probe(server: SocketAddr, name: &str, wait: Duration) -> io::Result<Vec<IpAddr>> {
-    let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
-    let mut query = Message::query();
-    query.add_query(Query::query(Name::from_ascii(name).map_err(|e| invalid(e.to_string()))?, RecordType::A));
-    query.metadata.recursion_desired = true;
-    let local: SocketAddr =
-        if server.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
-    let socket = UdpSocket::bind(local).await?;
-    socket.connect(server).await?;
-    socket.send(&query.to_vec().map_err(|e| invalid(e.to_string()))?).await?;
-    let mut buf = vec![0u8; 4096];
-    let len = tokio::time::timeout(wait, socket.recv(&mut buf)).await.map_err(|_| io::ErrorKind::TimedOut)??;
-    let reply = Message::from_vec(&buf[..len]).map_err(|e| invalid(e.to_string()))?;
-    if reply.metadata.id != query.metadata.id {
-        return Err(invalid("reply to another query".into()));
-    }
-    Ok(reply
-        .answers
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::A(a) => Some(IpAddr::V4(a.0)),
-            _ => None,
-        })
-        .collect())
 }
 
 /// Upstream resolvers (port 53) from a resolv.conf-format file, skipping `exclude` (the mesh
@@ -256,8 +245,65 @@ fn parse_domain(domain: &str) -> Result<Name, DnsError> {
     Ok(name.to_lowercase())
 }
 
-/// Builds the complete record map of the mesh zone: SOA and NS at the apex plus A/AAAA sets.
-fn zone_records(origin: &Name, records: &DnsRecords, serial: u32) -> BTreeMap<RrKey, Arc<RecordSet>> {
+/// One zone served from the mesh records.
+struct Zone {
+    origin: Name,
+    kind: ZoneKind,
+    handler: Arc<InMemoryZoneHandler>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ZoneKind {
+    /// The mesh domain: A/AAAA.
+    Names,
+    /// Reverse names (PTR) of the addresses in this range.
+    Reverse(IpNet),
+}
+
+/// The reverse zones that cover `range`: reverse names have one label per octet (IPv4) or nibble
+/// (IPv6), so a range not on such a boundary is served as the aligned ranges it splits into.
+fn reverse_zones(range: IpNet) -> Result<Vec<(Name, IpNet)>, DnsError> {
+    // Bits per reverse label, and the fewest bits a zone may fix (a wider zone would shadow reverse
+    // names far outside the mesh), for each family.
+    let (bits, narrowest) = if range.addr().is_ipv4() { (8, 8) } else { (4, 16) };
+    if range.prefix_len() < narrowest {
+        return Err(DnsError::ReverseRange(range));
+    }
+    let aligned = range.prefix_len().div_ceil(bits) * bits;
+    let subnets = range.subnets(aligned).map_err(|_| DnsError::ReverseRange(range))?;
+    // The labels of the reverse name that the zone fixes, plus "in-addr.arpa" / "ip6.arpa".
+    let labels = usize::from(aligned / bits) + 2;
+    Ok(subnets.map(|net| (Name::from(net.network()).trim_to(labels), net)).collect())
+}
+
+/// A mesh record's name as a lowercase FQDN within `domain`, or None (logged) if it is unusable.
+fn record_name(raw: &str, domain: &Name) -> Option<Name> {
+    let name = match Name::from_ascii(raw) {
+        Ok(mut name) => {
+            name.set_fqdn(true);
+            name.to_lowercase()
+        }
+        Err(error) => {
+            warn!(name = raw, %error, "skipping invalid mesh DNS name");
+            return None;
+        }
+    };
+    if !domain.zone_of(&name) {
+        warn!(name = raw, %domain, "skipping mesh DNS name outside the domain");
+        return None;
+    }
+    Some(name)
+}
+
+/// Builds the complete record map of one zone: SOA and NS at the apex plus A/AAAA sets (the mesh
+/// domain) or PTR records (a reverse zone).
+fn zone_records(
+    origin: &Name,
+    domain: &Name,
+    kind: ZoneKind,
+    records: &DnsRecords,
+    serial: u32,
+) -> BTreeMap<RrKey, Arc<RecordSet>> {
     let mut sets: BTreeMap<RrKey, RecordSet> = BTreeMap::new();
     let mut add = |name: &Name, rtype: RecordType, ttl: u32, rdata: RData| {
         sets.entry(RrKey::new(LowerName::new(name), rtype))
@@ -265,32 +311,23 @@ fn zone_records(origin: &Name, records: &DnsRecords, serial: u32) -> BTreeMap<Rr
             .add_rdata(rdata);
     };
 
-    // The apex names itself as the name server: the zone only exists on this hub.
-    let hostmaster = Name::from_labels([&b"hostmaster"[..]]).and_then(|label| label.append_domain(origin));
-    let rname = hostmaster.unwrap_or_else(|_| origin.clone());
-    let soa = SOA::new(origin.clone(), rname, serial, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, ZONE_TTL);
+    // The apex names the mesh domain as its name server: the zones only exist on this host.
+    let hostmaster = Name::from_labels([&b"hostmaster"[..]]).and_then(|label| label.append_domain(domain));
+    let rname = hostmaster.unwrap_or_else(|_| domain.clone());
+    let soa = SOA::new(domain.clone(), rname, serial, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, ZONE_TTL);
     add(origin, RecordType::SOA, ZONE_TTL, RData::SOA(soa));
-    add(origin, RecordType::NS, ZONE_TTL, RData::NS(NS(origin.clone())));
+    add(origin, RecordType::NS, ZONE_TTL, RData::NS(NS(domain.clone())));
 
     for (raw, addrs) in records {
-        let name = match Name::from_ascii(raw) {
-            Ok(mut name) => {
-                name.set_fqdn(true);
-                name.to_lowercase()
-            }
-            Err(error) => {
-                warn!(name = raw, %error, "skipping invalid mesh DNS name");
-                continue;
-            }
-        };
-        if !origin.zone_of(&name) {
-            warn!(name = raw, domain = %origin, "skipping mesh DNS name outside the domain");
-            continue;
-        }
-        for addr in addrs {
-            match addr {
-                IpAddr::V4(v4) => add(&name, RecordType::A, RECORD_TTL, RData::A(A(*v4))),
-                IpAddr::V6(v6) => add(&name, RecordType::AAAA, RECORD_TTL, RData::AAAA(AAAA(*v6))),
+        let Some(name) = record_name(raw, domain) else { continue };
+        for &addr in addrs {
+            match (kind, addr) {
+                (ZoneKind::Names, IpAddr::V4(v4)) => add(&name, RecordType::A, RECORD_TTL, RData::A(A(v4))),
+                (ZoneKind::Names, IpAddr::V6(v6)) => add(&name, RecordType::AAAA, RECORD_TTL, RData::AAAA(AAAA(v6))),
+                (ZoneKind::Reverse(net), addr) if net.contains(&addr) => {
+                    add(&Name::from(addr), RecordType::PTR, RECORD_TTL, RData::PTR(PTR(name.clone())));
+                }
+                (ZoneKind::Reverse(_), _) => {}
             }
         }
     }
@@ -422,7 +459,7 @@ mod tests {
     #[tokio::test]
     async fn answers_mesh_names_authoritatively() {
         let listen = ["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()];
-        let dns = MeshDns::start(&listen, DOMAIN, mesh_records(), Vec::new()).await.expect("start mesh DNS");
+        let dns = MeshDns::start(&listen, DOMAIN, &[], mesh_records(), Vec::new()).await.expect("start mesh DNS");
         let [v4_addr, v6_addr] = dns.local_addrs() else {
             panic!("expected two bound addresses, got {:?}", dns.local_addrs());
         };
@@ -474,7 +511,7 @@ mod tests {
     #[tokio::test]
     async fn update_adds_and_removes_names() {
         let listen = ["127.0.0.1:0".parse().unwrap()];
-        let dns = MeshDns::start(&listen, DOMAIN, mesh_records(), Vec::new()).await.expect("start mesh DNS");
+        let dns = MeshDns::start(&listen, DOMAIN, &[], mesh_records(), Vec::new()).await.expect("start mesh DNS");
         let addr = dns.local_addrs()[0];
         let serial_before = soa_serial(addr).await;
 
@@ -503,14 +540,19 @@ mod tests {
     #[tokio::test]
     async fn forwards_other_names_to_upstream() {
         let upstream_records = DnsRecords::from([("outside.test".to_owned(), vec![v4(192, 0, 2, 55)])]);
-        let upstream = MeshDns::start(&["127.0.0.1:0".parse().unwrap()], "test", upstream_records, Vec::new())
+        let upstream = MeshDns::start(&["127.0.0.1:0".parse().unwrap()], "test", &[], upstream_records, Vec::new())
             .await
             .expect("start upstream DNS");
 
-        let dns =
-            MeshDns::start(&["127.0.0.1:0".parse().unwrap()], DOMAIN, mesh_records(), upstream.local_addrs().to_vec())
-                .await
-                .expect("start mesh DNS");
+        let dns = MeshDns::start(
+            &["127.0.0.1:0".parse().unwrap()],
+            DOMAIN,
+            &[],
+            mesh_records(),
+            upstream.local_addrs().to_vec(),
+        )
+        .await
+        .expect("start mesh DNS");
         let addr = dns.local_addrs()[0];
 
         let outside = query_udp(addr, "outside.test.", RecordType::A).await;
@@ -532,7 +574,7 @@ mod tests {
 
     #[tokio::test]
     async fn non_mesh_query_without_upstreams_fails_fast() {
-        let dns = MeshDns::start(&["127.0.0.1:0".parse().unwrap()], DOMAIN, mesh_records(), Vec::new())
+        let dns = MeshDns::start(&["127.0.0.1:0".parse().unwrap()], DOMAIN, &[], mesh_records(), Vec::new())
             .await
             .expect("start mesh DNS");
 
@@ -546,7 +588,7 @@ mod tests {
 
     #[tokio::test]
     async fn shutdown_releases_the_port() {
-        let dns = MeshDns::start(&["127.0.0.1:0".parse().unwrap()], DOMAIN, mesh_records(), Vec::new())
+        let dns = MeshDns::start(&["127.0.0.1:0".parse().unwrap()], DOMAIN, &[], mesh_records(), Vec::new())
             .await
             .expect("start mesh DNS");
         let addr = dns.local_addrs()[0];
@@ -562,7 +604,7 @@ mod tests {
         // Documentation prefixes are never local; binding them needs IP_FREEBIND/IPV6_FREEBIND,
         // as a freshly added (still tentative) mesh address does. Nothing is sent to them.
         let listen = ["192.0.2.1:0".parse().unwrap(), "[2001:db8::1]:0".parse().unwrap()];
-        let dns = MeshDns::start(&listen, DOMAIN, mesh_records(), Vec::new())
+        let dns = MeshDns::start(&listen, DOMAIN, &[], mesh_records(), Vec::new())
             .await
             .expect("freebind lets the server bind non-local addresses");
         let ips: Vec<IpAddr> = dns.local_addrs().iter().map(SocketAddr::ip).collect();
@@ -574,13 +616,73 @@ mod tests {
     async fn rejects_bad_configuration() {
         let listen = ["127.0.0.1:0".parse().unwrap()];
         assert!(matches!(
-            MeshDns::start(&listen, ".", DnsRecords::new(), Vec::new()).await,
+            MeshDns::start(&listen, ".", &[], DnsRecords::new(), Vec::new()).await,
             Err(DnsError::InvalidDomain { .. })
         ));
         assert!(matches!(
-            MeshDns::start(&[], DOMAIN, DnsRecords::new(), Vec::new()).await,
+            MeshDns::start(&[], DOMAIN, &[], DnsRecords::new(), Vec::new()).await,
             Err(DnsError::NoListenAddress)
         ));
+    }
+
+    fn ptr_names(response: &DnsResponse) -> Vec<String> {
+        response
+            .answers
+            .iter()
+            .filter_map(|record| match &record.data {
+                RData::PTR(ptr) => Some(ptr.0.to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn answers_reverse_names_of_mesh_addresses() {
+        let ranges = ["10.77.0.0/16".parse().unwrap(), "fd77::/64".parse().unwrap()];
+        let dns = MeshDns::start(&["127.0.0.1:0".parse().unwrap()], DOMAIN, &ranges, mesh_records(), Vec::new())
+            .await
+            .expect("start mesh DNS");
+        let addr = dns.local_addrs()[0];
+
+        let node = query_udp(addr, "1.0.77.10.in-addr.arpa.", RecordType::PTR).await;
+        assert_eq!(node.metadata.response_code, ResponseCode::NoError);
+        assert!(node.metadata.authoritative);
+        assert_eq!(ptr_names(&node), ["node1.home.internal."]);
+        let v6_name = Name::from(v6("fd77::1")).to_string();
+        assert_eq!(ptr_names(&query_udp(addr, &v6_name, RecordType::PTR).await), ["node1.home.internal."]);
+        assert_eq!(
+            ptr_names(&query_udp(addr, "10.0.77.10.in-addr.arpa.", RecordType::PTR).await),
+            ["web.home.internal."]
+        );
+
+        // An unused mesh address gets an authoritative NXDOMAIN at once, not a timeout.
+        let unused = query_udp(addr, "99.0.77.10.in-addr.arpa.", RecordType::PTR).await;
+        assert_eq!(unused.metadata.response_code, ResponseCode::NXDomain);
+        assert!(unused.metadata.authoritative && has_soa_authority(&unused));
+
+        // Updates reach the reverse names too.
+        let mut records = mesh_records();
+        records.remove("web.home.internal");
+        dns.update(records).await;
+        let gone = query_udp(addr, "10.0.77.10.in-addr.arpa.", RecordType::PTR).await;
+        assert_eq!(gone.metadata.response_code, ResponseCode::NXDomain);
+        dns.shutdown().await;
+    }
+
+    #[test]
+    fn reverse_zones_follow_label_boundaries() {
+        let names = |range: &str| -> Vec<String> {
+            reverse_zones(range.parse().unwrap()).unwrap().iter().map(|(name, _)| name.to_string()).collect()
+        };
+        assert_eq!(names("10.77.0.0/16"), ["77.10.in-addr.arpa."]);
+        let split = names("10.77.0.0/20");
+        assert_eq!(split.len(), 16);
+        assert_eq!((split[0].as_str(), split[15].as_str()), ("0.77.10.in-addr.arpa.", "15.77.10.in-addr.arpa."));
+        assert_eq!(names("fd77::/64"), ["0.0.0.0.0.0.0.0.0.0.0.0.7.7.d.f.ip6.arpa."]);
+        assert_eq!(names("fd77:1::/62").len(), 4);
+        for too_wide in ["10.0.0.0/7", "fd00::/8"] {
+            assert!(matches!(reverse_zones(too_wide.parse().unwrap()), Err(DnsError::ReverseRange(_))), "{too_wide}");
+        }
     }
 
     #[test]
@@ -591,7 +693,7 @@ mod tests {
             ("web.home.internal".to_owned(), vec![v4(10, 77, 0, 10)]),
             ("web.elsewhere.org".to_owned(), vec![v4(10, 77, 0, 11)]),
         ]);
-        let zone = zone_records(&origin, &records, 7);
+        let zone = zone_records(&origin, &origin, ZoneKind::Names, &records, 7);
         let names: Vec<String> =
             zone.keys().filter(|key| key.record_type == RecordType::A).map(|key| key.name().to_string()).collect();
         assert_eq!(names, vec!["web.home.internal.".to_owned()]);

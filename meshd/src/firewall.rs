@@ -67,20 +67,18 @@ pub fn render(plan: &HostPlan) -> String {
     let _ = writeln!(out, "  chain input {{\n    type filter hook input priority filter; policy accept;");
     let _ = writeln!(out, "    iifname != \"{iface}\" accept");
     let _ = writeln!(out, "    ct state established,related accept");
-    if let Some(dns) = &plan.dns {
-        for listen in &dns.listen {
-            for client in &dns.clients {
-                let (saddr, daddr) = match (client, listen.ip()) {
-                    (ipnet::IpNet::V4(_), IpAddr::V4(_)) => ("ip saddr", "ip daddr"),
-                    (ipnet::IpNet::V6(_), IpAddr::V6(_)) => ("ip6 saddr", "ip6 daddr"),
-                    _ => continue,
-                };
-                let _ = writeln!(
-                    out,
-                    "    {saddr} {client} {daddr} {} meta l4proto {{ tcp, udp }} th dport {DNS_PORT} accept",
-                    listen.ip()
-                );
-            }
+    for listen in &plan.dns.listen {
+        for client in &plan.dns.clients {
+            let (saddr, daddr) = match (client, listen.ip()) {
+                (ipnet::IpNet::V4(_), IpAddr::V4(_)) => ("ip saddr", "ip daddr"),
+                (ipnet::IpNet::V6(_), IpAddr::V6(_)) => ("ip6 saddr", "ip6 daddr"),
+                _ => continue,
+            };
+            let _ = writeln!(
+                out,
+                "    {saddr} {client} {daddr} {} meta l4proto {{ tcp, udp }} th dport {DNS_PORT} accept",
+                listen.ip()
+            );
         }
     }
     if let Some(sync) = &plan.sync {
@@ -160,12 +158,13 @@ mod tests {
                 allowed: allowed.clone(),
             }],
             sync: routes.then(|| SyncPlan { listen: vec!["10.77.0.1:51871".parse().unwrap()] }),
-            dns: Some(DnsPlan {
+            dns: DnsPlan {
                 listen: vec!["10.77.0.1:53".parse().unwrap(), "[fd00::1]:53".parse().unwrap()],
                 domain: "home.internal".into(),
                 records: BTreeMap::new(),
+                reverse: vec!["10.77.0.0/16".parse().unwrap(), "fd00::/64".parse().unwrap()],
                 clients: vec!["10.77.0.0/16".parse().unwrap(), "fd00::/64".parse().unwrap()],
-            }),
+            },
             access: AccessPlan {
                 nodes: ["10.77.0.1", "fd00::1", "10.77.0.5", "fd00::5"].iter().map(|a| a.parse().unwrap()).collect(),
                 grants: allowed

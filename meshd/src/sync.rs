@@ -16,11 +16,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tracing::{debug, info, warn};
 
 use crate::input::Label;
@@ -28,8 +30,10 @@ use crate::model::{AccessRule, DeviceGrants, Network, Node, Role, Service, Share
 
 /// How many past changes the hub keeps to catch up a member that missed some.
 const LOG_LEN: usize = 256;
-/// Longest accepted line (a whole state of a large network fits).
-const MAX_LINE: usize = 64 << 20;
+/// Longest line a member accepts from the hub (a whole state of a large network fits).
+const MAX_TO_MEMBER: usize = 64 << 20;
+/// Longest line the hub accepts from a member (hello, key offers: a few hundred bytes).
+const MAX_TO_HUB: usize = 4096;
 /// How long a member has to say hello, and a connection attempt may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Reconnect backoff of members.
@@ -304,8 +308,8 @@ impl Publisher {
     ) -> std::io::Result<()> {
         let _ = stream.set_nodelay(true);
         let (read, mut write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
-        let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, lines.next_line())
+        let mut lines = line_reader(read, MAX_TO_HUB);
+        let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, next_line(&mut lines))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no hello"))??;
         let Some(Ok(ToHub::Hello { digest })) = hello.as_deref().map(serde_json::from_str::<ToHub>) else {
@@ -334,11 +338,8 @@ impl Publisher {
                         return Ok(());
                     }
                 }
-                incoming = lines.next_line() => {
+                incoming = next_line(&mut lines) => {
                     let Some(text) = incoming? else { return Ok(()) };
-                    if text.len() > MAX_LINE {
-                        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "line too long"));
-                    }
                     let reply = match serde_json::from_str::<ToHub>(&text) {
                         Ok(ToHub::Hello { digest }) => {
                             let (catch_up, fresh) = self.catch_up(&digest);
@@ -455,14 +456,11 @@ async fn session(
     if events.send(SyncEvent::Connected).await.is_err() {
         return Ok(());
     }
-    let mut lines = BufReader::new(read).lines();
+    let mut lines = line_reader(read, MAX_TO_MEMBER);
     loop {
         tokio::select! {
-            incoming = lines.next_line() => {
+            incoming = next_line(&mut lines) => {
                 let text = incoming?.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "hub closed"))?;
-                if text.len() > MAX_LINE {
-                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "line too long"));
-                }
                 let message = serde_json::from_str::<ToMember>(&text)
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("malformed message: {e}")))?;
                 if events.send(SyncEvent::Message(message)).await.is_err() {
@@ -515,8 +513,28 @@ fn set_keepalive(stream: &TcpStream) {
     }
 }
 
+/// JSON lines from `read`, refusing a line longer than `max` before buffering more of it.
+fn line_reader<R: AsyncRead>(read: R, max: usize) -> FramedRead<R, LinesCodec> {
+    FramedRead::new(read, LinesCodec::new_with_max_length(max))
+}
+
+/// The next line, or None at the end of the stream. Cancel-safe (partial lines stay in the reader), so
+/// it can race other events in `select!`.
+async fn next_line<R: AsyncRead + Unpin>(lines: &mut FramedRead<R, LinesCodec>) -> std::io::Result<Option<String>> {
+    match lines.next().await {
+        None => Ok(None),
+        Some(Ok(line)) => Ok(Some(line)),
+        Some(Err(LinesCodecError::Io(e))) => Err(e),
+        Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+            Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "line too long"))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+
     use super::*;
     use crate::model::{DeviceGrants, Network, Node, Role, Service};
 
@@ -665,6 +683,39 @@ mod tests {
         let stream = stranger.connect(addr).await.unwrap();
         let mut lines = BufReader::new(stream).lines();
         assert_eq!(lines.next_line().await.unwrap_or(None), None, "no session for a non-member address");
+        server.abort();
+    }
+
+    /// A member that sends an endless line is cut off once it passes the limit; the hub does not keep
+    /// buffering it.
+    #[tokio::test]
+    async fn an_overlong_line_from_a_member_ends_its_session() {
+        let mut s = state();
+        s.network.cidr = "127.0.0.0/8".parse().unwrap();
+        let publisher = Publisher::new(s);
+        let publisher_digest = publisher.digest();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (requests, _requests_rx) = mpsc::channel(4);
+        let server = tokio::spawn(publisher.serve(listener, requests));
+
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let (mut read, mut write) = stream.into_split();
+        let hello = to_line(&ToHub::Hello { digest: publisher_digest });
+        write.write_all(hello.as_bytes()).await.unwrap();
+        let chunk = vec![b'x'; 1024];
+        let mut sent = 0;
+        // A valid hello (the hub's own digest: nothing to send back), then one endless line. Writing
+        // fails once the hub has closed the session; the limit is 4 KiB.
+        while sent < (1 << 20) && write.write_all(&chunk).await.is_ok() {
+            sent += chunk.len();
+            tokio::task::yield_now().await;
+        }
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), read.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "the hub kept the session open");
         server.abort();
     }
 }

@@ -148,13 +148,18 @@ impl Interface {
             ip(&["addr", "del", &net.to_string(), "dev", &self.name])?;
         }
         for net in add {
-            let mut args = vec!["addr", "replace", "dev", &self.name];
-            let net = net.to_string();
-            args.insert(2, &net);
-            if net.contains(':') {
+            let text = net.to_string();
+            let mut args = vec!["addr", "replace", &text, "dev", &self.name];
+            if let IpNet::V6(v6) = net {
                 // No duplicate address detection: the address is ours by construction, and DAD would
                 // leave it unusable for a second or two.
                 args.push("nodad");
+                // A service's host address must never be picked as the source of the host's own
+                // traffic (its longer prefix would win IPv6 source selection, and peers admit the
+                // node by its own address): deprecated, it still receives and can be bound.
+                if v6.prefix_len() == 128 {
+                    args.extend(["preferred_lft", "0"]);
+                }
             }
             ip(&args)?;
         }
