@@ -24,7 +24,7 @@ use crate::forward::Forwarders;
 use crate::join::{self, JoinCall};
 use crate::keys::PrivateKey;
 use crate::model::{DeviceView, SYNC_PORT, Snapshot};
-use crate::statedir::StateDir;
+use crate::statedir::{PeerEndpoints, StateDir};
 use crate::store::StoreError;
 use crate::sync::{self, FromSession, Outgoing, Publisher, SyncEvent, ToHub, ToMember};
 use crate::wg::{Backend, Interface, WgError};
@@ -41,6 +41,53 @@ struct Host {
     dns: Option<MeshDns>,
     /// Fires when the embedded WireGuard device stops by itself (it takes SIGTERM and SIGINT too).
     stopped: watch::Receiver<bool>,
+    endpoints: EndpointKeeper,
+}
+
+/// How often where peers were last seen is checked and, when it changed, saved (and once more at
+/// shutdown, where the device still answers: the embedded one stops on SIGTERM by itself).
+const ENDPOINTS_SAVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Saves where peers were seen to the state directory, so a restarted host renews tunnels to peers
+/// behind NAT itself.
+struct EndpointKeeper {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EndpointKeeper {
+    fn start(state: &StateDir, interface: Arc<Mutex<Interface>>, mut saved: PeerEndpoints) -> EndpointKeeper {
+        let (stop, mut stopping) = oneshot::channel();
+        let state = state.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ENDPOINTS_SAVE_INTERVAL);
+            tick.tick().await;
+            loop {
+                let last = tokio::select! {
+                    _ = tick.tick() => false,
+                    _ = &mut stopping => true,
+                };
+                match on_interface(&interface, Interface::endpoints).await {
+                    Ok(now) if now != saved => match state.write_peer_endpoints(&now) {
+                        Ok(()) => saved = now,
+                        Err(e) => warn!(error = %e, "saving peer endpoints"),
+                    },
+                    Ok(_) => {}
+                    Err(e) => debug!(error = format!("{e:#}"), "reading peer endpoints"),
+                }
+                if last {
+                    break;
+                }
+            }
+        });
+        EndpointKeeper { stop, task }
+    }
+
+    /// Save once more and stop.
+    async fn finish(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
 }
 
 /// Run the daemon on `state` until SIGINT or SIGTERM: the controller and hub where the network's
@@ -99,13 +146,14 @@ async fn start_host(state: &StateDir, backend: Backend, snapshot: &Snapshot, key
         )
     })?;
     let plan = desired::plan_host(snapshot, &name)?;
+    let last_seen = state.read_peer_endpoints();
 
     // The access rules match the interface by name, so they are in place before it comes up.
     firewall::load(&firewall::render(&plan)).await.context("installing access rules")?;
     let created = {
-        let (plan, key) = (plan.clone(), key.clone());
+        let (plan, key, last_seen) = (plan.clone(), key.clone(), last_seen.clone());
         tokio::task::spawn_blocking(move || {
-            let interface = Interface::create(backend, &plan, &key)?;
+            let interface = Interface::create(backend, &plan, &key, &last_seen)?;
             if plan.access.routes {
                 interface.enable_forwarding()?;
             }
@@ -120,14 +168,11 @@ async fn start_host(state: &StateDir, backend: Backend, snapshot: &Snapshot, key
             return Err(e.into());
         }
     };
-    let mut host = Host {
-        name,
-        plan: plan.clone(),
-        stopped: interface.stopped(),
-        interface: Arc::new(Mutex::new(interface)),
-        forwarders: Forwarders::default(),
-        dns: None,
-    };
+    let stopped = interface.stopped();
+    let interface = Arc::new(Mutex::new(interface));
+    let endpoints = EndpointKeeper::start(state, interface.clone(), last_seen);
+    let mut host =
+        Host { name, plan: plan.clone(), stopped, interface, forwarders: Forwarders::default(), dns: None, endpoints };
     if let Err(e) = bring_up(&mut host, &plan).await {
         shut_down(host).await;
         return Err(e);
@@ -423,7 +468,7 @@ async fn offer_key_if_asked(
 
 async fn switch_key(host: &Host, key: &PrivateKey) -> anyhow::Result<()> {
     let key = key.clone();
-    on_interface(host, move |interface| interface.set_private_key(&key)).await
+    on_interface(&host.interface, move |interface| interface.set_private_key(&key)).await
 }
 
 /// WireGuard opens a tunnel only when there is something to send, and a host behind NAT can be
@@ -498,7 +543,7 @@ async fn reconcile(host: &mut Host, snapshot: &Snapshot) -> anyhow::Result<PeerD
     let (add, remove) = desired::diff_addresses(&host.plan.addresses, &new.addresses);
     // Addresses are added before peers that route to them; within the peer diff, withdrawn peers go
     // first, so a removed device loses access before anything else happens.
-    let peers = on_interface(host, move |interface| {
+    let peers = on_interface(&host.interface, move |interface| {
         interface.change_addresses(&add, &[])?;
         interface.apply_peers(&peers)?;
         Ok(peers)
@@ -512,7 +557,7 @@ async fn reconcile(host: &mut Host, snapshot: &Snapshot) -> anyhow::Result<PeerD
         server.update(new.dns.records.clone()).await;
     }
     if !remove.is_empty() {
-        on_interface(host, move |interface| interface.change_addresses(&[], &remove)).await?;
+        on_interface(&host.interface, move |interface| interface.change_addresses(&[], &remove)).await?;
     }
     host.plan = new;
     Ok(peers)
@@ -520,10 +565,10 @@ async fn reconcile(host: &mut Host, snapshot: &Snapshot) -> anyhow::Result<PeerD
 
 /// Run `f` on the interface, off the async runtime (the WireGuard API blocks).
 async fn on_interface<T: Send + 'static>(
-    host: &Host,
+    interface: &Arc<Mutex<Interface>>,
     f: impl FnOnce(&Interface) -> Result<T, WgError> + Send + 'static,
 ) -> anyhow::Result<T> {
-    let interface = host.interface.clone();
+    let interface = interface.clone();
     tokio::task::spawn_blocking(move || {
         let interface = interface.lock().map_err(|_| anyhow!("interface lock poisoned"))?;
         Ok(f(&interface)?)
@@ -537,7 +582,7 @@ async fn with_handshakes(host: &Host, reply: Reply) -> Reply {
     if !needs {
         return reply;
     }
-    let handshakes = match on_interface(host, Interface::handshakes).await {
+    let handshakes = match on_interface(&host.interface, Interface::handshakes).await {
         Ok(h) => h,
         Err(e) => {
             warn!(error = format!("{e:#}"), "could not read handshakes from the interface");
@@ -563,7 +608,8 @@ async fn with_handshakes(host: &Host, reply: Reply) -> Reply {
 }
 
 async fn shut_down(host: Host) {
-    let Host { plan, interface, forwarders, dns, .. } = host;
+    let Host { plan, interface, forwarders, dns, endpoints, .. } = host;
+    endpoints.finish().await;
     drop(forwarders);
     if let Some(dns) = dns {
         dns.shutdown().await;

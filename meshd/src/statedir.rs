@@ -1,16 +1,23 @@
 //! The state directory of a host: where its database, private key, admin socket and lock live.
 //!
 //! Layout: `meshd.db` (0600) on the controller or `member.json` (0600) on a member, `private.key` (0600)
-//! and, during a key rotation, `private.key.next` (0600), `meshd.sock` (0600, only while the daemon runs),
-//! `meshd.lock`. The directory itself is 0700.
+//! and, during a key rotation, `private.key.next` (0600), `peer-endpoints.json` (0600: where peers were last
+//! seen), `meshd.sock` (0600, only while the daemon runs), `meshd.lock`. The directory itself is 0700.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use tracing::warn;
+
 use crate::api::MemberState;
 use crate::keys::PrivateKey;
+
+/// Where each peer (by public key) was last seen sending from.
+pub type PeerEndpoints = BTreeMap<String, SocketAddr>;
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshd";
@@ -172,12 +179,48 @@ impl StateDir {
     /// Save what this member host knows of its network (0600, replaced atomically).
     pub fn write_member_state(&self, state: &MemberState) -> Result<(), StateDirError> {
         let path = self.member_state();
-        let tmp = self.root.join(".member.json.tmp");
         let json = serde_json::to_vec_pretty(state).map_err(|e| io(&path)(e.into()))?;
+        self.replace_private_file(&path, &json)
+    }
+
+    /// Where peers were last seen: kept so that after a restart this host can renew the tunnel to a
+    /// peer behind NAT itself (its NAT still maps the peer's side) instead of waiting for the peer.
+    pub fn peer_endpoints(&self) -> PathBuf {
+        self.root.join("peer-endpoints.json")
+    }
+
+    /// Save where peers were last seen (0600, replaced atomically).
+    pub fn write_peer_endpoints(&self, endpoints: &PeerEndpoints) -> Result<(), StateDirError> {
+        let path = self.peer_endpoints();
+        let json = serde_json::to_vec_pretty(endpoints).map_err(|e| io(&path)(e.into()))?;
+        self.replace_private_file(&path, &json)
+    }
+
+    /// Where peers were last seen; none if never saved. A damaged file is only a lost hint: logged and
+    /// ignored.
+    pub fn read_peer_endpoints(&self) -> PeerEndpoints {
+        let path = self.peer_endpoints();
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                warn!(path = %path.display(), error = %e, "ignoring unreadable peer endpoints");
+                PeerEndpoints::new()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => PeerEndpoints::new(),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "ignoring unreadable peer endpoints");
+                PeerEndpoints::new()
+            }
+        }
+    }
+
+    /// Replace `path` with `bytes` atomically (a temporary file renamed over it), mode 0600.
+    fn replace_private_file(&self, path: &Path, bytes: &[u8]) -> Result<(), StateDirError> {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
+        let tmp = self.root.join(format!(".{name}.tmp"));
         let mut file =
             OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
-        file.write_all(&json).and_then(|()| file.sync_all()).map_err(io(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io(&path))
+        file.write_all(bytes).and_then(|()| file.sync_all()).map_err(io(&tmp))?;
+        fs::rename(&tmp, path).map_err(io(path))
     }
 
     /// What this member host knows of its network.
@@ -253,6 +296,19 @@ mod tests {
         assert!(dir.write_private_key(&key).is_err(), "never overwrites a key");
         fs::set_permissions(dir.private_key(), fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(dir.read_private_key(), Err(StateDirError::KeyMode(_, 0o644))));
+    }
+
+    #[test]
+    fn peer_endpoints_round_trip_privately_and_damage_is_only_a_lost_hint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        assert!(dir.read_peer_endpoints().is_empty(), "none saved yet");
+        let seen = PeerEndpoints::from([("KEY".to_owned(), "192.0.2.7:40123".parse().unwrap())]);
+        dir.write_peer_endpoints(&seen).unwrap();
+        assert_eq!(fs::metadata(dir.peer_endpoints()).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(dir.read_peer_endpoints(), seen);
+        fs::write(dir.peer_endpoints(), "{not json").unwrap();
+        assert!(dir.read_peer_endpoints().is_empty());
     }
 
     #[test]

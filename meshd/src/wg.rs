@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::desired::{HostPlan, PeerDiff, PeerPlan};
 use crate::keys::PrivateKey;
+use crate::statedir::PeerEndpoints;
 
 /// Which WireGuard implementation to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -64,8 +65,14 @@ pub struct Interface {
 const UAPI_DIR: &str = "/var/run/wireguard";
 
 impl Interface {
-    /// Create the interface of `plan` with its key, port, MTU, addresses and peers.
-    pub fn create(backend: Backend, plan: &HostPlan, key: &PrivateKey) -> Result<Interface, WgError> {
+    /// Create the interface of `plan` with its key, port, MTU, addresses and peers. A peer without a
+    /// configured endpoint starts from where it was last seen (`last_seen`), if known.
+    pub fn create(
+        backend: Backend,
+        plan: &HostPlan,
+        key: &PrivateKey,
+        last_seen: &PeerEndpoints,
+    ) -> Result<Interface, WgError> {
         let name = plan.interface.clone();
         let err = |e: &dyn std::fmt::Display| WgError::Interface { interface: name.clone(), message: e.to_string() };
         let (stop_tx, stopped) = watch::channel(false);
@@ -92,7 +99,12 @@ impl Interface {
                 Interface { name: name.clone(), api: Box::new(api), device: Some(device), stopped, _kernel_stays: None }
             }
         };
-        let peers = plan.peers.iter().map(|(k, p)| to_peer(k, p)).collect::<Result<Vec<_>, _>>()?;
+        let mut peers = plan.peers.iter().map(|(k, p)| to_peer(k, p)).collect::<Result<Vec<_>, _>>()?;
+        for (peer, key) in peers.iter_mut().zip(plan.peers.keys()) {
+            if peer.endpoint.is_none() {
+                peer.endpoint = last_seen.get(key).copied();
+            }
+        }
         let config = InterfaceConfiguration {
             name: interface.name.clone(),
             prvkey: key.to_base64(),
@@ -119,12 +131,7 @@ impl Interface {
         // boringtun refuses (by panicking) to edit a peer in place: replace it, resetting only its
         // session. The endpoint it learned from the peer (one behind NAT has no configured endpoint)
         // is carried over, so this side can renew the session itself.
-        let learned = if self.is_kernel() || diff.update.is_empty() {
-            HashMap::new()
-        } else {
-            let host = self.api.read_interface_data().map_err(|e| self.error(e))?;
-            host.peers.into_iter().filter_map(|(k, p)| Some((k.to_string(), p.endpoint?))).collect()
-        };
+        let learned = if self.is_kernel() || diff.update.is_empty() { PeerEndpoints::new() } else { self.endpoints()? };
         for (key, plan) in &diff.update {
             let mut peer = to_peer(key, plan)?;
             if !self.is_kernel() {
@@ -214,6 +221,12 @@ impl Interface {
             "errno=0" => Ok(()),
             other => Err(self.error(format!("setting the private key: {other}"))),
         }
+    }
+
+    /// Where each peer with a known endpoint (configured, or learned from its packets) is, by public key.
+    pub fn endpoints(&self) -> Result<PeerEndpoints, WgError> {
+        let host = self.api.read_interface_data().map_err(|e| self.error(e))?;
+        Ok(host.peers.into_iter().filter_map(|(key, peer)| Some((key.to_string(), peer.endpoint?))).collect())
     }
 
     /// Last handshake (unix seconds) of every peer, by public key; `None` for never.
