@@ -1,6 +1,6 @@
 //! `meshctl apply`: make the network match a declaration file. The plan comes from meshd's pure
 //! [`declare`] core; this edge reads the network through the admin API, prints the plan, sends the
-//! plan's requests and hands out the new devices' configs and invite tokens.
+//! plan's requests as one batch (all or nothing) and hands out the new devices' configs and invite tokens.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -15,7 +15,7 @@ use meshd::input::Label;
 use meshd::keys::PrivateKey;
 use serde::Serialize;
 
-use crate::{Global, device_config, send};
+use crate::{BatchRefused, Global, device_config, send};
 
 /// What `meshctl apply` was asked to do.
 pub struct Apply {
@@ -132,7 +132,8 @@ fn print_plan(plan: &Plan) {
     }
 }
 
-/// Carry the steps out in order; on a failure, stop and say which steps were carried out.
+/// Carry the plan out as one batch: the controller makes every change or, refusing one, none. Then hand
+/// out what was made: the new devices' configs and the invite tokens.
 fn execute(
     g: &Global,
     plan: &Plan,
@@ -140,50 +141,43 @@ fn execute(
     configs: Vec<ConfigFile>,
     report: &mut Report<'_>,
 ) -> anyhow::Result<()> {
-    let mut configs = configs.into_iter();
-    let total = plan.steps.len();
+    let mut device_keys = Vec::new();
+    let mut requests = Vec::new();
+    // The step each request belongs to, to name the change the controller refused.
+    let mut step_of = Vec::new();
     for (i, step) in plan.steps.iter().enumerate() {
-        let config = if let Step::AddDevice { .. } = step { configs.next() } else { None };
-        if let Err(e) = execute_step(g, step, invite_secs, config, report) {
-            let before = match i {
-                0 => "nothing was applied".to_owned(),
-                1 => "the change before it was applied".to_owned(),
-                _ => format!("the {i} changes before it were applied"),
-            };
-            bail!("change {} of {total} ({step}) failed: {e:#}; {before}", i + 1);
-        }
-        report.applied += 1;
+        let made = step.requests(invite_secs, || {
+            let key = PrivateKey::generate();
+            let public = key.public_key();
+            device_keys.push(key);
+            public
+        });
+        step_of.extend(std::iter::repeat_n(i, made.len()));
+        requests.extend(made);
     }
-    Ok(())
-}
+    let replies = match send(g, Request::Batch { requests }) {
+        Ok(Reply::Batch(replies)) => replies,
+        Ok(other) => bail!("the controller sent an unexpected reply: {other:?}"),
+        Err(e) => {
+            let total = plan.steps.len();
+            // Only a refusal says for sure that nothing happened (not, say, a daemon gone mid-call).
+            return Err(match e.downcast_ref::<BatchRefused>().and_then(|r| step_of.get(r.index)) {
+                Some(&i) => anyhow!("change {} of {total} ({}) failed: {e}; nothing was applied", i + 1, plan.steps[i]),
+                None => e,
+            });
+        }
+    };
+    report.applied = plan.steps.len();
 
-fn execute_step(
-    g: &Global,
-    step: &Step,
-    invite_secs: u64,
-    mut config: Option<ConfigFile>,
-    report: &mut Report<'_>,
-) -> anyhow::Result<()> {
-    let mut device_key = None;
-    let requests = step.requests(invite_secs, || {
-        let key = PrivateKey::generate();
-        let public = key.public_key();
-        device_key = Some(key);
-        public
-    });
-    let parts = requests.len();
-    for (part, request) in requests.into_iter().enumerate() {
-        let reply = send(g, request);
-        let reply = match part {
-            0 => reply?,
-            _ => reply.with_context(|| format!("only partly carried out ({part} of its {parts} requests)"))?,
-        };
+    let mut handouts = device_keys.into_iter().zip(configs);
+    let mut undelivered = Vec::new();
+    for reply in replies {
         match reply {
             Reply::Invite(issued) => report.invites.push(NewInvite { name: issued.invite.name, token: issued.token }),
             Reply::DeviceHandout(handout) => {
                 let name = handout.device.name.clone();
-                let written = match (device_key.take(), config.take()) {
-                    (Some(key), Some(config)) => {
+                let written = match handouts.next() {
+                    Some((key, config)) => {
                         let device = device_config(&key, &handout);
                         // Never hand out a config that would not read back as itself.
                         match device.validate() {
@@ -191,7 +185,7 @@ fn execute_step(
                             Err(e) => Err(anyhow!("refusing to hand out the device config: {e}")),
                         }
                     }
-                    _ => Err(anyhow!("no key pair or config file was prepared for device {name}")),
+                    None => Err(anyhow!("no key pair or config file was prepared for device {name}")),
                 };
                 match written {
                     Ok(path) => report.configs.push(NewConfig {
@@ -202,15 +196,19 @@ fn execute_step(
                     }),
                     Err(e) => {
                         // A device whose config cannot be handed out is of no use: take it back.
-                        let _ = send(g, Request::DeviceRemove { name });
-                        return Err(e);
+                        let _ = send(g, Request::DeviceRemove { name: name.clone() });
+                        report.applied -= 1;
+                        undelivered.push(format!("device {name}: {e:#}"));
                     }
                 }
             }
             _ => {}
         }
     }
-    Ok(())
+    match undelivered.is_empty() {
+        true => Ok(()),
+        false => bail!("applied, but taken back as their configs could not be written: {}", undelivered.join("; ")),
+    }
 }
 
 /// Where a new device's config goes: `DIR/NAME.conf`, which must not exist yet.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use meshd::api::{DeviceHandout, Outcome, Reply, Request};
-use meshd::controller::Controller;
+use meshd::controller::{self, Controller};
 use meshd::input::{self, HostPort, Label};
 use meshd::invite;
 use meshd::keys::PrivateKey;
@@ -413,9 +413,7 @@ fn send(g: &Global, request: Request) -> anyhow::Result<Reply> {
             // The shared lock is free only when no daemon runs (a socket file left by a killed
             // daemon is then ignored).
             match state.lock_offline()? {
-                Some(_lock) => {
-                    controller.handle(request).map(Outcome::Ok).unwrap_or_else(|e| Outcome::Error(e.to_string()))
-                }
+                Some(_lock) => controller::outcome(controller.handle(request)),
                 None => call_daemon(&state.socket(), &request)?,
             }
         }
@@ -423,7 +421,17 @@ fn send(g: &Global, request: Request) -> anyhow::Result<Reply> {
     match outcome {
         Outcome::Ok(reply) => Ok(reply),
         Outcome::Error(message) => bail!("{message}"),
+        Outcome::BatchRefused { index, error } => Err(BatchRefused { index, error }.into()),
     }
+}
+
+/// Request `index` of a batch was refused: nothing of the batch was carried out.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub(crate) struct BatchRefused {
+    /// Which request of the batch, from 0.
+    pub(crate) index: usize,
+    error: String,
 }
 
 fn call_daemon(socket: &Path, request: &Request) -> anyhow::Result<Outcome> {

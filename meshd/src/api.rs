@@ -89,11 +89,32 @@ pub enum Request {
         name: Label,
         public_key: String,
     },
+    /// Several requests carried out in one transaction: all of them, or (on the first refusal) none.
+    /// Replies come in the same order. Batches do not nest.
+    Batch {
+        requests: Vec<Request>,
+    },
 }
 
 impl Request {
+    /// Whether the request only reads the network.
+    pub fn is_read(&self) -> bool {
+        matches!(
+            self,
+            Request::Status
+                | Request::NodeList
+                | Request::NodeInvites
+                | Request::ServiceList
+                | Request::DeviceList
+                | Request::AccessList
+        )
+    }
+
     /// Whether the request changes the network (and so the hosts must be reconciled after it).
     pub fn is_change(&self) -> bool {
+        if let Request::Batch { requests } = self {
+            return requests.iter().any(Request::is_change);
+        }
         matches!(
             self,
             Request::ServiceAdd { .. }
@@ -129,6 +150,8 @@ pub enum Reply {
     Invites(Vec<InviteView>),
     Rules(Vec<AccessRule>),
     Done,
+    /// The replies to a batch, in order.
+    Batch(Vec<Reply>),
 }
 
 /// A new invite and its token (shown once).
@@ -174,6 +197,11 @@ pub struct MemberState {
 pub enum Outcome {
     Ok(Reply),
     Error(String),
+    /// Request `index` (from 0) of a batch was refused, so none of the batch was carried out.
+    BatchRefused {
+        index: usize,
+        error: String,
+    },
 }
 
 /// `meshctl status`.

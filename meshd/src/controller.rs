@@ -6,7 +6,7 @@ use std::path::Path;
 
 use ipnet::{IpNet, Ipv4Net};
 
-use crate::api::{DeviceHandout, InviteIssued, JoinRequest, MemberState, Reply, Request, StatusView};
+use crate::api::{DeviceHandout, InviteIssued, JoinRequest, MemberState, Outcome, Reply, Request, StatusView};
 use crate::input::{HostPort, Label};
 use crate::invite::{self, Token};
 use crate::join::JoinIdentity;
@@ -64,6 +64,11 @@ pub enum ControlError {
     InviteCancelled,
     #[error("this invite expired {0} s ago; ask for a new one")]
     InviteExpired(i64),
+    #[error("a batch cannot hold another batch")]
+    NestedBatch,
+    /// Request `index` of a batch was refused (and so the whole batch).
+    #[error("{source}")]
+    InBatch { index: usize, source: Box<ControlError> },
     #[error("the join certificate: {0}")]
     JoinIdentity(#[from] crate::join::JoinError),
     #[error(transparent)]
@@ -127,135 +132,16 @@ impl Controller {
         Ok(self.store.snapshot()?)
     }
 
-    /// Carry out one admin request.
+    /// Carry out one admin request (a batch: all of its requests in one transaction, or none).
     pub fn handle(&mut self, request: Request) -> Result<Reply, ControlError> {
         match request {
-            Request::Status => {
-                let s = self.snapshot()?;
-                Ok(Reply::Status(StatusView {
-                    network: NetworkView {
-                        name: s.network.name.clone(),
-                        domain: s.network.domain.clone(),
-                        cidr: s.network.cidr,
-                        cidr_v6: s.network.pool().v6(),
-                    },
-                    nodes: s.nodes.iter().map(|n| s.node_view(n)).collect(),
-                    devices: s.devices.iter().map(|d| s.device_view(d)).collect(),
-                    services: s.services.iter().map(|v| s.service_view(v)).collect(),
-                }))
-            }
-            Request::NodeList => {
-                let s = self.snapshot()?;
-                Ok(Reply::Nodes(s.nodes.iter().map(|n| s.node_view(n)).collect()))
-            }
-            Request::ServiceList => {
-                let s = self.snapshot()?;
-                Ok(Reply::Services(s.services.iter().map(|v| s.service_view(v)).collect()))
-            }
-            Request::DeviceList => {
-                let s = self.snapshot()?;
-                Ok(Reply::Devices(s.devices.iter().map(|d| s.device_view(d)).collect()))
-            }
-            Request::ServiceAdd { name, node, target, port } => self.add_service(name, node, target, port),
-            Request::ServiceRemove { name } => self.store.write(|w| match w.delete_service(&name)? {
-                true => Ok(Reply::Removed),
-                false => Err(ControlError::UnknownService(name)),
+            Request::Batch { requests } => self.store.write(|w| {
+                let carried = requests.into_iter().enumerate().map(|(index, request)| {
+                    carry_out(w, request).map_err(|e| ControlError::InBatch { index, source: Box::new(e) })
+                });
+                Ok(Reply::Batch(carried.collect::<Result<_, _>>()?))
             }),
-            Request::DeviceAdd { name, allow, public_key } => self.add_device(name, allow, &public_key),
-            Request::DeviceRemove { name } => self.store.write(|w| match w.delete_device(&name)? {
-                true => Ok(Reply::Removed),
-                false => Err(ControlError::UnknownDevice(name)),
-            }),
-            Request::DeviceRotate { name, public_key } => self.rotate_device(name, &public_key),
-            Request::NodeInvite { name, role, expires_secs } => self.invite(name, role, expires_secs),
-            Request::NodeInvites => self.store.write(|w| {
-                let now = store::now();
-                let pending = w.pending_invites()?.into_iter().filter(|i| i.expires_at > now);
-                Ok(Reply::Invites(
-                    pending.map(|i| InviteView { name: i.name, role: i.role, expires_at: i.expires_at }).collect(),
-                ))
-            }),
-            Request::NodeUninvite { name } => self.store.write(|w| {
-                let invite = w.pending_invites()?.into_iter().find(|i| i.name == name);
-                let invite = invite.ok_or(ControlError::NoInvite(name))?;
-                w.finish_invite(&invite.id, InviteStatus::Cancelled)?;
-                Ok(Reply::Removed)
-            }),
-            Request::NodeRemove { name } => self.store.write(|w| {
-                let s = w.snapshot()?;
-                if member(&s, &name)?.role == Role::Hub {
-                    return Err(ControlError::RemoveHub(name));
-                }
-                // Its services go with it (their addresses, like its own, cool down before reuse).
-                for service in s.services.iter().filter(|v| v.node == name) {
-                    w.delete_service(&service.name)?;
-                }
-                w.delete_node(&name)?;
-                Ok(Reply::Removed)
-            }),
-            Request::NodeDisable { name } => self.store.write(|w| {
-                if member(&w.snapshot()?, &name)?.role == Role::Hub {
-                    return Err(ControlError::DisableHub(name));
-                }
-                w.set_node_disabled(&name, true)?;
-                Ok(Reply::Done)
-            }),
-            Request::NodeEnable { name } => self.store.write(|w| {
-                member(&w.snapshot()?, &name)?;
-                w.set_node_disabled(&name, false)?;
-                Ok(Reply::Done)
-            }),
-            Request::NodeRotate { name } => self.store.write(|w| {
-                let s = w.snapshot()?;
-                let node = member(&s, &name)?;
-                if node.role == Role::Hub {
-                    return Err(ControlError::RotateHub(name));
-                }
-                if node.disabled {
-                    return Err(ControlError::NodeDisabled(name));
-                }
-                w.set_node_rotate(&name, true)?;
-                Ok(Reply::Done)
-            }),
-            Request::AccessAllow { from, to } => self.store.write(|w| {
-                let s = w.snapshot()?;
-                member(&s, &from)?;
-                member(&s, &to)?;
-                if from == to {
-                    return Err(ControlError::RuleToSelf);
-                }
-                w.insert_rule(&AccessRule { from, to })?;
-                Ok(Reply::Done)
-            }),
-            Request::AccessRevoke { from, to } => self.store.write(|w| {
-                let rule = AccessRule { from, to };
-                match w.delete_rule(&rule)? {
-                    true => Ok(Reply::Done),
-                    false => Err(ControlError::NoRule { from: rule.from, to: rule.to }),
-                }
-            }),
-            Request::AccessList => Ok(Reply::Rules(self.snapshot()?.rules)),
-            Request::DeviceAllow { name, allow } => {
-                let allow = checked_allow(allow)?;
-                self.store.write(|w| {
-                    let s = w.snapshot()?;
-                    if !s.devices.iter().any(|d| d.name == name) {
-                        return Err(ControlError::UnknownDevice(name));
-                    }
-                    ensure_services_exist(&s, &allow)?;
-                    w.set_device_grants(&name, &allow)?;
-                    Ok(Reply::Done)
-                })
-            }
-            Request::ServiceUpdate { name, target, port } => self.store.write(|w| {
-                let s = w.snapshot()?;
-                let mut service =
-                    s.services.iter().find(|v| v.name == name).cloned().ok_or(ControlError::UnknownService(name))?;
-                service.port = port.unwrap_or(target.port());
-                service.target = target;
-                w.update_service(&service)?;
-                Ok(Reply::Service(s.service_view(&service)))
-            }),
+            request => self.store.write(|w| carry_out(w, request)),
         }
     }
 
@@ -278,43 +164,6 @@ impl Controller {
             ensure_key_free(&s, &public_key)?;
             w.set_node_key(name, &public_key)?;
             Ok(())
-        })
-    }
-
-    fn invite(&mut self, name: Label, role: Role, expires_secs: u64) -> Result<Reply, ControlError> {
-        if role == Role::Hub {
-            return Err(ControlError::SecondHub);
-        }
-        self.store.write(|w| {
-            let s = w.snapshot()?;
-            ensure_name_free(w, &s, &name)?;
-            let now = store::now();
-            // An expired invite no longer reserves the name (ensure_name_free refused a live one).
-            for expired in w.pending_invites()?.into_iter().filter(|i| i.name == name) {
-                w.finish_invite(&expired.id, InviteStatus::Cancelled)?;
-            }
-            let hub = s.hub().ok_or(ControlError::NoHub)?;
-            let join = hub.endpoint.clone().ok_or(ControlError::NoHub)?;
-            let identity = join_identity(w)?;
-            let (id, secret) = invite::new_id_and_secret();
-            let expires_at = now + expires_secs as i64;
-            w.insert_invite(&Invite {
-                id: id.clone(),
-                name: name.clone(),
-                role,
-                secret_hash: invite::hash_secret(&secret),
-                expires_at,
-                status: InviteStatus::Pending,
-            })?;
-            let token = Token {
-                v: 1,
-                network: s.network.name.to_string(),
-                join,
-                fingerprint: identity.fingerprint(),
-                id,
-                secret,
-            };
-            Ok(Reply::Invite(InviteIssued { invite: InviteView { name, role, expires_at }, token: token.encode() }))
         })
     }
 
@@ -360,55 +209,225 @@ impl Controller {
     pub fn join_identity(&mut self) -> Result<JoinIdentity, ControlError> {
         self.store.write(join_identity)
     }
+}
 
-    fn rotate_device(&mut self, name: Label, public_key: &str) -> Result<Reply, ControlError> {
-        let public_key = keys::parse_public_key(public_key)?;
-        self.store.write(|w| {
-            let s = w.snapshot()?;
-            let mut device =
-                s.devices.iter().find(|d| d.name == name).cloned().ok_or(ControlError::UnknownDevice(name))?;
-            ensure_key_free(&s, &public_key)?;
-            let hub = s.hub().ok_or(ControlError::NoHub)?;
-            device.public_key = public_key;
-            device.preshared_key = keys::generate_preshared_key();
-            w.update_device_keys(&device)?;
-            Ok(Reply::DeviceHandout(Box::new(handout(&s, hub, &device))))
-        })
+/// What the admin API answers for the result of [`Controller::handle`].
+pub fn outcome(result: Result<Reply, ControlError>) -> Outcome {
+    match result {
+        Ok(reply) => Outcome::Ok(reply),
+        Err(ControlError::InBatch { index, source }) => Outcome::BatchRefused { index, error: source.to_string() },
+        Err(e) => Outcome::Error(e.to_string()),
     }
+}
 
-    fn add_service(
-        &mut self,
-        name: Label,
-        node: Label,
-        target: HostPort,
-        port: Option<u16>,
-    ) -> Result<Reply, ControlError> {
-        self.store.write(|w| {
+/// Carry out one request inside the caller's write transaction.
+fn carry_out(w: &Writer<'_>, request: Request) -> Result<Reply, ControlError> {
+    match request {
+        Request::Status => {
             let s = w.snapshot()?;
-            ensure_name_free(w, &s, &name)?;
-            member(&s, &node)?;
-            let index = allocate(w, &s.network)?;
-            let service = Service { name, node, port: port.unwrap_or(target.port()), target, index };
-            w.insert_service(&service)?;
-            // No device is granted a service that did not exist: the snapshot read above is enough.
-            Ok(Reply::Service(s.service_view(&service)))
-        })
-    }
-
-    fn add_device(&mut self, name: Label, allow: Vec<Label>, public_key: &str) -> Result<Reply, ControlError> {
-        let public_key = keys::parse_public_key(public_key)?;
-        let allow = checked_allow(allow)?;
-        self.store.write(|w| {
+            Ok(Reply::Status(StatusView {
+                network: NetworkView {
+                    name: s.network.name.clone(),
+                    domain: s.network.domain.clone(),
+                    cidr: s.network.cidr,
+                    cidr_v6: s.network.pool().v6(),
+                },
+                nodes: s.nodes.iter().map(|n| s.node_view(n)).collect(),
+                devices: s.devices.iter().map(|d| s.device_view(d)).collect(),
+                services: s.services.iter().map(|v| s.service_view(v)).collect(),
+            }))
+        }
+        Request::NodeList => {
             let s = w.snapshot()?;
-            ensure_name_free(w, &s, &name)?;
+            Ok(Reply::Nodes(s.nodes.iter().map(|n| s.node_view(n)).collect()))
+        }
+        Request::ServiceList => {
+            let s = w.snapshot()?;
+            Ok(Reply::Services(s.services.iter().map(|v| s.service_view(v)).collect()))
+        }
+        Request::DeviceList => {
+            let s = w.snapshot()?;
+            Ok(Reply::Devices(s.devices.iter().map(|d| s.device_view(d)).collect()))
+        }
+        Request::ServiceAdd { name, node, target, port } => add_service(w, name, node, target, port),
+        Request::ServiceRemove { name } => match w.delete_service(&name)? {
+            true => Ok(Reply::Removed),
+            false => Err(ControlError::UnknownService(name)),
+        },
+        Request::DeviceAdd { name, allow, public_key } => add_device(w, name, allow, &public_key),
+        Request::DeviceRemove { name } => match w.delete_device(&name)? {
+            true => Ok(Reply::Removed),
+            false => Err(ControlError::UnknownDevice(name)),
+        },
+        Request::DeviceRotate { name, public_key } => rotate_device(w, name, &public_key),
+        Request::NodeInvite { name, role, expires_secs } => invite(w, name, role, expires_secs),
+        Request::NodeInvites => {
+            let now = store::now();
+            let pending = w.pending_invites()?.into_iter().filter(|i| i.expires_at > now);
+            Ok(Reply::Invites(
+                pending.map(|i| InviteView { name: i.name, role: i.role, expires_at: i.expires_at }).collect(),
+            ))
+        }
+        Request::NodeUninvite { name } => {
+            let invite = w.pending_invites()?.into_iter().find(|i| i.name == name);
+            let invite = invite.ok_or(ControlError::NoInvite(name))?;
+            w.finish_invite(&invite.id, InviteStatus::Cancelled)?;
+            Ok(Reply::Removed)
+        }
+        Request::NodeRemove { name } => {
+            let s = w.snapshot()?;
+            if member(&s, &name)?.role == Role::Hub {
+                return Err(ControlError::RemoveHub(name));
+            }
+            // Its services go with it (their addresses, like its own, cool down before reuse).
+            for service in s.services.iter().filter(|v| v.node == name) {
+                w.delete_service(&service.name)?;
+            }
+            w.delete_node(&name)?;
+            Ok(Reply::Removed)
+        }
+        Request::NodeDisable { name } => {
+            if member(&w.snapshot()?, &name)?.role == Role::Hub {
+                return Err(ControlError::DisableHub(name));
+            }
+            w.set_node_disabled(&name, true)?;
+            Ok(Reply::Done)
+        }
+        Request::NodeEnable { name } => {
+            member(&w.snapshot()?, &name)?;
+            w.set_node_disabled(&name, false)?;
+            Ok(Reply::Done)
+        }
+        Request::NodeRotate { name } => {
+            let s = w.snapshot()?;
+            let node = member(&s, &name)?;
+            if node.role == Role::Hub {
+                return Err(ControlError::RotateHub(name));
+            }
+            if node.disabled {
+                return Err(ControlError::NodeDisabled(name));
+            }
+            w.set_node_rotate(&name, true)?;
+            Ok(Reply::Done)
+        }
+        Request::AccessAllow { from, to } => {
+            let s = w.snapshot()?;
+            member(&s, &from)?;
+            member(&s, &to)?;
+            if from == to {
+                return Err(ControlError::RuleToSelf);
+            }
+            w.insert_rule(&AccessRule { from, to })?;
+            Ok(Reply::Done)
+        }
+        Request::AccessRevoke { from, to } => {
+            let rule = AccessRule { from, to };
+            match w.delete_rule(&rule)? {
+                true => Ok(Reply::Done),
+                false => Err(ControlError::NoRule { from: rule.from, to: rule.to }),
+            }
+        }
+        Request::AccessList => Ok(Reply::Rules(w.snapshot()?.rules)),
+        Request::DeviceAllow { name, allow } => {
+            let allow = checked_allow(allow)?;
+            let s = w.snapshot()?;
+            if !s.devices.iter().any(|d| d.name == name) {
+                return Err(ControlError::UnknownDevice(name));
+            }
             ensure_services_exist(&s, &allow)?;
-            ensure_key_free(&s, &public_key)?;
-            let hub = s.hub().ok_or(ControlError::NoHub)?;
-            let index = allocate(w, &s.network)?;
-            let device = Device { name, public_key, preshared_key: keys::generate_preshared_key(), index, allow };
-            w.insert_device(&device)?;
-            Ok(Reply::DeviceHandout(Box::new(handout(&s, hub, &device))))
-        })
+            w.set_device_grants(&name, &allow)?;
+            Ok(Reply::Done)
+        }
+        Request::ServiceUpdate { name, target, port } => {
+            let s = w.snapshot()?;
+            let mut service =
+                s.services.iter().find(|v| v.name == name).cloned().ok_or(ControlError::UnknownService(name))?;
+            service.port = port.unwrap_or(target.port());
+            service.target = target;
+            w.update_service(&service)?;
+            Ok(Reply::Service(s.service_view(&service)))
+        }
+        Request::Batch { .. } => Err(ControlError::NestedBatch),
+    }
+}
+
+fn invite(w: &Writer<'_>, name: Label, role: Role, expires_secs: u64) -> Result<Reply, ControlError> {
+    if role == Role::Hub {
+        return Err(ControlError::SecondHub);
+    }
+    {
+        let s = w.snapshot()?;
+        ensure_name_free(w, &s, &name)?;
+        let now = store::now();
+        // An expired invite no longer reserves the name (ensure_name_free refused a live one).
+        for expired in w.pending_invites()?.into_iter().filter(|i| i.name == name) {
+            w.finish_invite(&expired.id, InviteStatus::Cancelled)?;
+        }
+        let hub = s.hub().ok_or(ControlError::NoHub)?;
+        let join = hub.endpoint.clone().ok_or(ControlError::NoHub)?;
+        let identity = join_identity(w)?;
+        let (id, secret) = invite::new_id_and_secret();
+        let expires_at = now + expires_secs as i64;
+        w.insert_invite(&Invite {
+            id: id.clone(),
+            name: name.clone(),
+            role,
+            secret_hash: invite::hash_secret(&secret),
+            expires_at,
+            status: InviteStatus::Pending,
+        })?;
+        let token =
+            Token { v: 1, network: s.network.name.to_string(), join, fingerprint: identity.fingerprint(), id, secret };
+        Ok(Reply::Invite(InviteIssued { invite: InviteView { name, role, expires_at }, token: token.encode() }))
+    }
+}
+
+fn rotate_device(w: &Writer<'_>, name: Label, public_key: &str) -> Result<Reply, ControlError> {
+    let public_key = keys::parse_public_key(public_key)?;
+    {
+        let s = w.snapshot()?;
+        let mut device = s.devices.iter().find(|d| d.name == name).cloned().ok_or(ControlError::UnknownDevice(name))?;
+        ensure_key_free(&s, &public_key)?;
+        let hub = s.hub().ok_or(ControlError::NoHub)?;
+        device.public_key = public_key;
+        device.preshared_key = keys::generate_preshared_key();
+        w.update_device_keys(&device)?;
+        Ok(Reply::DeviceHandout(Box::new(handout(&s, hub, &device))))
+    }
+}
+
+fn add_service(
+    w: &Writer<'_>,
+    name: Label,
+    node: Label,
+    target: HostPort,
+    port: Option<u16>,
+) -> Result<Reply, ControlError> {
+    {
+        let s = w.snapshot()?;
+        ensure_name_free(w, &s, &name)?;
+        member(&s, &node)?;
+        let index = allocate(w, &s.network)?;
+        let service = Service { name, node, port: port.unwrap_or(target.port()), target, index };
+        w.insert_service(&service)?;
+        // No device is granted a service that did not exist: the snapshot read above is enough.
+        Ok(Reply::Service(s.service_view(&service)))
+    }
+}
+
+fn add_device(w: &Writer<'_>, name: Label, allow: Vec<Label>, public_key: &str) -> Result<Reply, ControlError> {
+    let public_key = keys::parse_public_key(public_key)?;
+    let allow = checked_allow(allow)?;
+    {
+        let s = w.snapshot()?;
+        ensure_name_free(w, &s, &name)?;
+        ensure_services_exist(&s, &allow)?;
+        ensure_key_free(&s, &public_key)?;
+        let hub = s.hub().ok_or(ControlError::NoHub)?;
+        let index = allocate(w, &s.network)?;
+        let device = Device { name, public_key, preshared_key: keys::generate_preshared_key(), index, allow };
+        w.insert_device(&device)?;
+        Ok(Reply::DeviceHandout(Box::new(handout(&s, hub, &device))))
     }
 }
 
@@ -588,6 +607,53 @@ mod tests {
         assert_eq!(h.allowed_ips[1].prefix_len(), 64);
         let Reply::Services(list) = c.handle(Request::ServiceList).unwrap() else { panic!() };
         assert_eq!(list[0].devices, vec![label("phone")]);
+    }
+
+    #[test]
+    fn a_batch_is_carried_out_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        let service = |name: &str| Request::ServiceAdd {
+            name: label(name),
+            node: label("hub"),
+            target: "127.0.0.1:9737".parse().unwrap(),
+            port: None,
+        };
+        let device = |name: &str, allow: &str| Request::DeviceAdd {
+            name: label(name),
+            allow: vec![label(allow)],
+            public_key: PrivateKey::generate().public_key(),
+        };
+
+        // The third request refers to a service nobody adds: nothing of the batch stays, not even the
+        // addresses the first two took.
+        let before = c.snapshot().unwrap();
+        let refused = c.handle(Request::Batch {
+            requests: vec![service("wallet"), device("phone", "wallet"), device("tab", "nope")],
+        });
+        let Err(ControlError::InBatch { index: 2, source }) = refused else { panic!("{refused:?}") };
+        assert!(matches!(*source, ControlError::UnknownService(_)), "{source:?}");
+        assert_eq!(c.snapshot().unwrap(), before);
+
+        // Requests see the effects of the ones before them; replies come in order.
+        let Reply::Batch(replies) = c
+            .handle(Request::Batch {
+                requests: vec![service("wallet"), device("phone", "wallet"), Request::ServiceList],
+            })
+            .unwrap()
+        else {
+            panic!("a batch answers with a batch")
+        };
+        assert!(matches!(&replies[0], Reply::Service(v) if v.mesh_address == "10.77.0.2:9737"), "{replies:?}");
+        assert!(matches!(&replies[1], Reply::DeviceHandout(h) if h.device.address.to_string() == "10.77.0.3"));
+        assert!(matches!(&replies[2], Reply::Services(list) if list.len() == 1));
+
+        let nested = c.handle(Request::Batch { requests: vec![Request::Batch { requests: Vec::new() }] });
+        assert!(
+            matches!(nested, Err(ControlError::InBatch { index: 0, source }) if matches!(*source, ControlError::NestedBatch))
+        );
+        assert!(Request::Batch { requests: vec![Request::NodeList, service("x")] }.is_change());
+        assert!(!Request::Batch { requests: vec![Request::NodeList] }.is_change());
     }
 
     #[test]

@@ -522,9 +522,9 @@ async fn bring_up(host: &mut Host, plan: &HostPlan) -> anyhow::Result<()> {
 
 async fn handle(controller: &mut Controller, host: &mut Host, publisher: &Publisher, request: Request) -> Outcome {
     let is_change = request.is_change();
-    let reply = match controller.handle(request) {
-        Ok(reply) => reply,
-        Err(e) => return Outcome::Error(e.to_string()),
+    let reply = match crate::controller::outcome(controller.handle(request)) {
+        Outcome::Ok(reply) => reply,
+        refused => return refused,
     };
     if is_change && let Err(e) = publish_change(controller, host, publisher).await {
         error!(error = format!("{e:#}"), "applying the change failed");

@@ -358,34 +358,37 @@ fn a_config_that_cannot_be_written_stops_the_apply_before_any_change() {
 }
 
 #[test]
-fn a_failure_midway_says_what_was_applied_and_hands_out_what_was_made() {
+fn a_refused_change_leaves_everything_as_it_was() {
     // A /29 holds the hub and five more: the service and four devices fit, the fifth device does not.
     let s = Setup { state: init_network(&["--cidr", "10.9.9.0/29"]), files: tempfile::tempdir().unwrap() };
     fs::create_dir(s.out()).unwrap();
-    let mut text =
-        "[[node]]\nname = \"vps\"\n[[service]]\nname = \"web\"\nnode = \"hub\"\ntarget = \"127.0.0.1:80\"\n".to_owned();
-    for i in 1..=5 {
-        text.push_str(&format!("[[device]]\nname = \"d{i}\"\nallow = [\"web\"]\n"));
-    }
-    s.write(&text);
-    let mut cmd = s.apply(&[]);
-    let out = output(&mut cmd);
-    assert_refused(
-        &cmd,
-        &out,
-        &["change 7 of 7", "add device d5", "exhausted", "the 6 changes before it were applied"],
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("applied 6 of 7 changes"), "{stdout}");
-    assert!(stdout.lines().any(|l| l.starts_with("vps meshd-invite:")), "the token made before the failure: {stdout}");
-    let devices = by_name(&s.list("device"));
-    assert_eq!(devices.keys().collect::<Vec<_>>(), ["d1", "d2", "d3", "d4"]);
-    assert_eq!(s.out_files(), ["d1.conf", "d2.conf", "d3.conf", "d4.conf"], "d5's temporary file was not removed");
-
-    // Applying again resumes where it stopped, and fails the same way while the pool is full.
+    let declare = |devices: usize| {
+        let mut text =
+            "[[node]]\nname = \"vps\"\n[[service]]\nname = \"web\"\nnode = \"hub\"\ntarget = \"127.0.0.1:80\"\n"
+                .to_owned();
+        for i in 1..=devices {
+            text.push_str(&format!("[[device]]\nname = \"d{i}\"\nallow = [\"web\"]\n"));
+        }
+        s.write(&text);
+    };
+    declare(5);
+    let db = s.db();
     let mut cmd = s.apply(&["--json"]);
     let out = output(&mut cmd);
-    assert_refused(&cmd, &out, &["change 1 of 1", "add device d5", "nothing was applied"]);
+    assert_refused(&cmd, &out, &["change 7 of 7", "add device d5", "exhausted", "nothing was applied"]);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((report["applied"].clone(), report["changes"][0]["name"].clone()), (json!(0), json!("d5")));
+    assert_eq!((report["applied"].clone(), report["invites"].clone()), (json!(0), json!([])), "{report}");
+    // All or nothing: no invite, service or device of the six changes before it, no config file.
+    assert!(s.db() == db, "meshd.db changed");
+    assert_eq!(s.list("device"), json!([]));
+    assert_eq!(s.list("service"), json!([]));
+    assert_eq!(run_json(meshctl(s.state()).args(["node", "invites", "--json"])), json!([]));
+    assert_eq!(s.out_files(), Vec::<String>::new(), "a config (or its temporary file) was left behind");
+
+    // With a file that fits, the same plan goes through whole.
+    declare(4);
+    let stdout = run_ok(&mut s.apply(&[]));
+    assert!(stdout.contains("applied 6 of 6 changes"), "{stdout}");
+    assert_eq!(by_name(&s.list("device")).keys().collect::<Vec<_>>(), ["d1", "d2", "d3", "d4"]);
+    assert_eq!(s.out_files(), ["d1.conf", "d2.conf", "d3.conf", "d4.conf"]);
 }

@@ -268,8 +268,18 @@ table inet nofwd {{
     let beacon_name = attic.reverse(beacon.rsplit_once(':').unwrap().0);
     assert_eq!(beacon_name.as_deref(), Some("beacon.home.internal"), "reverse name of the new service");
 
-    // Access rules, enforced by the receiving host: only vps2 may reach vps1.
-    run_ok(meshctl(&hub.state).args(["access", "allow", "vps2", "vps1"]));
+    // Access rules, enforced by the receiving host: only vps2 may reach vps1. Declared in a file and
+    // applied through the running controller (one batch: the network as declared, all or nothing).
+    let declared = |rules: &str| {
+        let file = root.join("mesh.toml");
+        let nodes = "[[node]]\nname = \"vps1\"\n[[node]]\nname = \"vps2\"\n[[node]]\nname = \"attic\"\n";
+        let beacon = "[[service]]\nname = \"beacon\"\nnode = \"attic\"\ntarget = \"127.0.0.1:5052\"\n";
+        fs::write(&file, format!("{nodes}{beacon}{rules}")).unwrap();
+        file
+    };
+    let file = declared("[[access]]\nfrom = [\"vps2\"]\nto = \"vps1\"\n");
+    let applied = run_ok(meshctl(&hub.state).arg("apply").arg(&file));
+    assert!(applied.contains("+ allow vps2 -> vps1") && applied.contains("applied 1 of 1 changes"), "{applied}");
     let ruled = Instant::now();
     assert!(wait_until(Duration::from_secs(1), || !attic.pings(&vps1_v4)), "the attic still reaches vps1");
     eprintln!(
@@ -279,7 +289,8 @@ table inet nofwd {{
     assert!(vps2.pings(&vps1_v4), "vps2 may reach vps1");
     assert!(!hub.pings(&vps1_v4), "the hub has no rule to vps1");
     assert!(vps1.pings(&attic_v4), "vps1 still reaches the attic (the rule restricts vps1's inbound only)");
-    run_ok(meshctl(&hub.state).args(["access", "revoke", "vps2", "vps1"]));
+    let applied = run_ok(meshctl(&hub.state).arg("apply").arg(declared("")));
+    assert!(applied.contains("applied 1 of 1 changes"), "{applied}");
     assert!(wait_until(Duration::from_secs(1), || attic.pings(&vps1_v4)), "revoking the rule restores access");
 
     // Key rotation: vps1 makes a new key itself; the others keep talking throughout.
