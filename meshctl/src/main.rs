@@ -645,9 +645,8 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use meshd::api::JoinRequest;
-    use meshd::controller::NewNetwork;
+    use meshd::controller::fixtures::{self, label};
     use meshd::declare::{self, Current, Declaration};
-    use meshd::invite::Token;
     use meshd::model::Snapshot;
 
     use super::*;
@@ -671,37 +670,12 @@ mod tests {
         }
     }
 
-    fn label(s: &str) -> Label {
-        s.parse().unwrap()
-    }
-
-    /// A state dir for network `home` (hub `hub`) in which `members` have joined as nodes.
+    /// A state dir for network `home` (hub `hub`) in which `members` have joined as nodes behind NAT.
     fn network(members: &[&str]) -> TempDir {
         let dir = TempDir::new();
-        let new = NewNetwork {
-            network: label("home"),
-            domain: "home.internal".into(),
-            cidr: "10.77.0.0/16".parse().unwrap(),
-            hub: label("hub"),
-            hub_public_key: PrivateKey::generate().public_key(),
-            endpoint: "192.0.2.1:51820".parse().unwrap(),
-            listen_port: 51820,
-            interface: "meshd0".into(),
-        };
-        let mut c = Controller::init(&StateDir::new(&dir.0).db(), &new).unwrap().0;
+        let mut c = fixtures::new_network(&dir.0, "10.77.0.0/16");
         for name in members {
-            let reply =
-                c.handle(Request::NodeInvite { name: label(name), role: Role::Node, expires_secs: 60 }).unwrap();
-            let Reply::Invite(issued) = reply else { panic!("{reply:?}") };
-            let token = Token::decode(&issued.token).unwrap();
-            let join = JoinRequest {
-                id: token.id,
-                secret: token.secret,
-                public_key: PrivateKey::generate().public_key(),
-                endpoint: None,
-                listen_port: 51820,
-                interface: "meshd0".into(),
-            };
+            let join = JoinRequest { endpoint: None, ..fixtures::join_request(&fixtures::invite(&mut c, name, 60)) };
             c.redeem(&join).unwrap();
         }
         dir

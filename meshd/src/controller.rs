@@ -518,18 +518,19 @@ fn allocate(w: &Writer<'_>, network: &Network) -> Result<u32, ControlError> {
     Ok(index)
 }
 
-/// Networks for tests: a controller over a new network, and hosts invited and joined through it.
-#[cfg(test)]
-pub(crate) mod fixtures {
+/// Networks for tests: a controller over a new network, and hosts invited and joined through it. For this
+/// crate's tests and, with the `test-support` feature, other crates'.
+#[cfg(any(test, feature = "test-support"))]
+pub mod fixtures {
     use super::*;
     use crate::keys::PrivateKey;
 
-    pub(crate) fn label(s: &str) -> Label {
+    pub fn label(s: &str) -> Label {
         s.parse().unwrap()
     }
 
     /// A new network `home` (domain `home.internal`, hub `hub`) in `dir`.
-    pub(crate) fn new_network(dir: &Path, cidr: &str) -> Controller {
+    pub fn new_network(dir: &Path, cidr: &str) -> Controller {
         let new = NewNetwork {
             network: label("home"),
             domain: "home.internal".into(),
@@ -544,18 +545,18 @@ pub(crate) mod fixtures {
     }
 
     /// Invite `name` as a node.
-    pub(crate) fn invite(c: &mut Controller, name: &str, expires_secs: u64) -> Token {
+    pub fn invite(c: &mut Controller, name: &str, expires_secs: u64) -> Token {
         invite_as(c, name, Role::Node, expires_secs)
     }
 
-    pub(crate) fn invite_as(c: &mut Controller, name: &str, role: Role, expires_secs: u64) -> Token {
+    pub fn invite_as(c: &mut Controller, name: &str, role: Role, expires_secs: u64) -> Token {
         let reply = c.handle(Request::NodeInvite { name: label(name), role, expires_secs }).unwrap();
         let Reply::Invite(issued) = reply else { panic!("{reply:?}") };
         Token::decode(&issued.token).unwrap()
     }
 
     /// What a host with a fresh key and an endpoint sends to redeem `token`.
-    pub(crate) fn join_request(token: &Token) -> JoinRequest {
+    pub fn join_request(token: &Token) -> JoinRequest {
         JoinRequest {
             id: token.id.clone(),
             secret: token.secret.clone(),
