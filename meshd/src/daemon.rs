@@ -512,11 +512,17 @@ async fn bring_up(host: &mut Host, plan: &HostPlan) -> anyhow::Result<()> {
     if upstreams.is_empty() {
         warn!("no upstream resolvers in {RESOLV_CONF}: the mesh DNS will answer only names of the mesh");
     }
-    let server =
+    let started =
         MeshDns::start(&dns_plan.listen, &dns_plan.domain, &dns_plan.reverse, dns_plan.records.clone(), upstreams)
-            .await
-            .context("starting mesh DNS")?;
-    host.dns = Some(server);
+            .await;
+    match started {
+        Ok(server) => host.dns = Some(server),
+        // Devices are told to use the hub's DNS: without it they lose names, so the hub does not run without.
+        Err(e) if !dns_plan.clients.is_empty() => return Err(anyhow::Error::new(e).context("starting mesh DNS")),
+        // A member's DNS is a convenience for the host itself; another DNS server on port 53 of every
+        // address (dnsmasq, Pi-hole) must not keep the host out of the mesh.
+        Err(e) => warn!(error = %e, "no mesh DNS on this host: mesh names resolve through the hub's DNS only"),
+    }
     Ok(())
 }
 

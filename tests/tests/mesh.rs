@@ -332,6 +332,20 @@ table inet nofwd {{
     eprintln!("vps2 restarted without the controller: reachable again after {:?}", restarted.elapsed());
     assert!(vps2.pings("attic.home.internal"), "restarted vps2 resolves names from its cache, no controller");
     assert!(attic.pings("vps2.home.internal"), "attic -> vps2 by name, no controller");
+    // Another DNS server holding port 53 on every address of vps2 (dnsmasq, Pi-hole) costs vps2 its own
+    // mesh DNS, not its place in the mesh.
+    daemons[1].stop(Duration::from_secs(5));
+    let blocker = "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',53))\ntime.sleep(600)";
+    let _port_53 = vps2.ns.spawn_logged(&["python3", "-c", blocker], &root.join("blocker.log"));
+    assert!(wait_until(Duration::from_secs(5), || String::from_utf8_lossy(&vps2.ns.exec(&["ss", "-Hlun"]).stdout)
+        .contains("0.0.0.0:53")));
+    daemons[1] = vps2.run_daemon(&root.join("vps2-blocked.log"));
+    let warned = wait_until(Duration::from_secs(10), || {
+        daemons[1].assert_running("starting next to another DNS server");
+        fs::read_to_string(root.join("vps2-blocked.log")).unwrap_or_default().contains("no mesh DNS on this host")
+    });
+    assert!(warned, "vps2 did not say it runs without its mesh DNS");
+    assert!(wait_until(Duration::from_secs(10), || vps2.pings(&vps1_v4)), "vps2 without its DNS -> vps1");
     // A change made while the controller is down (meshctl works offline) reaches everyone when it returns.
     run_ok(meshctl(&hub.state).args(["access", "allow", "vps2", "vps1"]));
     let mut hub_daemon = hub.run_daemon(&root.join("hub.log"));
