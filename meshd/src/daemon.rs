@@ -419,7 +419,9 @@ async fn follow_controller(
                     rotation = Rotation::Idle;
                 }
                 match reconcile(host, &member.state.snapshot()).await {
-                    Ok(peers) => open_tunnels(peers.add.iter().map(|(_, p)| p)),
+                    // A replaced peer lost its session on this side only: the peer would keep sending
+                    // on the old one (dropped here) until its own rekey, ~15 s; a handshake now renews both.
+                    Ok(peers) => open_tunnels(peers.add.iter().chain(&peers.update).map(|(_, p)| p)),
                     Err(e) => error!(error = format!("{e:#}"), "applying the controller's change failed"),
                 }
                 if let Err(e) = offer_key_if_asked(state, &member, &mut rotation, &outgoing).await {
@@ -555,6 +557,10 @@ async fn reconcile(host: &mut Host, snapshot: &Snapshot) -> anyhow::Result<PeerD
         Ok(peers)
     })
     .await?;
+    if new.access.routes && !host.plan.access.routes {
+        // This host became the relay (the one before it left or was disabled).
+        on_interface(&host.interface, Interface::enable_forwarding).await?;
+    }
     firewall::load(&firewall::render(&new)).await.context("updating access rules")?;
     host.forwarders.apply(&new.services)?;
     if let Some(server) = &host.dns

@@ -44,10 +44,11 @@ pub struct AccessPlan {
     /// (device address, service address and port) pairs admitted: local services, and on the hub, which
     /// routes devices to services on other nodes, those too.
     pub grants: BTreeSet<(IpAddr, SocketAddr)>,
-    /// On the hub: every active node's addresses. The hub routes between them (each receiving host
-    /// applies its own rules) and lets them all reach its sync service, whatever its own rules say.
+    /// On hosts that route (the hub, the relay): every active node's addresses. They route between them
+    /// (each receiving host applies its own rules); the hub also lets them all reach its sync service,
+    /// whatever its own rules say.
     pub members: BTreeSet<IpAddr>,
-    /// Whether this host routes between its peers (the hub does).
+    /// Whether this host routes between its peers (the hub does, and the relay between hosts behind NAT).
     pub routes: bool,
 }
 
@@ -99,9 +100,12 @@ pub enum PlanError {
 /// What `host` must look like for the network in `s`.
 ///
 /// Topology: the hub peers with every active node and every device. Two members peer directly when at
-/// least one of them has an endpoint (the other, if behind NAT, keeps the tunnel open with keepalives);
-/// two members that both lack one reach each other through the hub, whose peer entry on each member
-/// covers the whole mesh range (WireGuard picks the most specific AllowedIPs, so direct peers win).
+/// least one of them has an endpoint (the other, if behind NAT, keeps the tunnel open with keepalives).
+/// Two members that both lack one reach each other through the relay (the active node of role relay
+/// with an endpoint, the lowest address if several), whose peer entry on each of them also covers the
+/// others behind NAT; so they keep reaching each other while the hub is down. Without a relay they go
+/// through the hub, whose peer entry on each member covers the whole mesh range (WireGuard picks the
+/// most specific AllowedIPs, so direct peers and the relay win).
 pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
     let node =
         s.nodes.iter().find(|n| n.name.as_str() == host).ok_or_else(|| PlanError::UnknownNode(host.to_owned()))?;
@@ -136,6 +140,9 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
     ]);
 
     let is_hub = node.role == Role::Hub;
+    let behind_nat = |n: &Node| n.endpoint.is_none() && n.role != Role::Hub;
+    let relay = active.iter().filter(|n| n.role == Role::Relay && n.endpoint.is_some()).min_by_key(|n| n.index);
+    let is_relay = relay.is_some_and(|r| r.name == node.name);
     let mut peers = BTreeMap::new();
     if is_hub {
         for device in &s.devices {
@@ -156,7 +163,12 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
         if !direct {
             continue;
         }
-        let allowed_ips = if other.role == Role::Hub { vec![mesh_v4, mesh_v6] } else { routes_of(other) };
+        let mut allowed_ips = if other.role == Role::Hub { vec![mesh_v4, mesh_v6] } else { routes_of(other) };
+        if behind_nat(node) && relay.is_some_and(|r| r.name == other.name) {
+            // The relay carries this host's traffic to the other hosts behind NAT, and theirs to it.
+            let nat_peers = active.iter().filter(|n| behind_nat(n) && n.name != node.name && n.name != other.name);
+            allowed_ips.extend(nat_peers.flat_map(|n| routes_of(n)));
+        }
         peers.insert(
             other.public_key.clone(),
             PeerPlan {
@@ -206,9 +218,10 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
         }
     }
 
+    let routes = is_hub || is_relay;
     let members: BTreeSet<IpAddr> =
-        if is_hub { active.iter().flat_map(|n| host_addrs(n.index)).collect() } else { BTreeSet::new() };
-    let access = AccessPlan { nodes: admitted_nodes, grants, members, routes: is_hub };
+        if routes { active.iter().flat_map(|n| host_addrs(n.index)).collect() } else { BTreeSet::new() };
+    let access = AccessPlan { nodes: admitted_nodes, grants, members, routes };
 
     let own_listen = |port: u16| {
         vec![SocketAddr::new(pool.v4_of(node.index).into(), port), SocketAddr::new(pool.v6_of(node.index).into(), port)]
@@ -460,6 +473,46 @@ mod tests {
 
     fn nets(ips: &[IpNet]) -> Vec<String> {
         ips.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn hosts_behind_nat_reach_each_other_through_the_relay() {
+        let mut s = with_members();
+        let mut relay = s.nodes.iter().find(|n| n.name.as_str() == "vps").unwrap().clone();
+        relay.name = label("relay");
+        relay.public_key = "RELAY".into();
+        relay.index = 11;
+        relay.role = Role::Relay;
+        s.nodes.push(relay);
+
+        let attic = plan_host(&s, "attic").unwrap();
+        assert_eq!(attic.peers.keys().collect::<Vec<_>>(), ["HUB", "RELAY", "VPS"]);
+        assert_eq!(
+            nets(&attic.peers["RELAY"].allowed_ips),
+            ["10.77.0.11/32", "fd00:1:2::b/128", "10.77.0.10/32", "fd00:1:2::a/128"],
+            "the relay carries the attic's traffic to the cellar"
+        );
+        let cellar = plan_host(&s, "cellar").unwrap();
+        assert_eq!(
+            nets(&cellar.peers["RELAY"].allowed_ips),
+            ["10.77.0.11/32", "fd00:1:2::b/128", "10.77.0.8/32", "fd00:1:2::8/128", "10.77.0.9/32", "fd00:1:2::9/128"],
+            "and the cellar's to the attic and its service"
+        );
+        assert_eq!(
+            nets(&plan_host(&s, "vps").unwrap().peers["RELAY"].allowed_ips),
+            ["10.77.0.11/32", "fd00:1:2::b/128"]
+        );
+
+        let relay = plan_host(&s, "relay").unwrap();
+        assert!(relay.access.routes && relay.sync.is_none());
+        assert!(relay.access.members.contains(&"10.77.0.8".parse().unwrap()));
+        assert!(!plan_host(&s, "vps").unwrap().access.routes);
+
+        // A disabled relay relays nothing: the hub takes over.
+        s.nodes.iter_mut().find(|n| n.name.as_str() == "relay").unwrap().disabled = true;
+        let attic = plan_host(&s, "attic").unwrap();
+        assert!(!attic.peers.contains_key("RELAY"));
+        assert!(!plan_host(&s, "relay").unwrap().access.routes);
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! key rotation, the controller killed (and a member restarted meanwhile: addresses and names keep
 //! working), disable and removal.
 //!
-//! Namespaces: `router` stands for the internet (and NATs `attic`, allowing no inbound flow to it),
-//! `hub` runs the controller, `vps1` and `vps2` have public endpoints, `attic` has none.
+//! Namespaces: `router` stands for the internet (and NATs `attic` and `cellar`, allowing no inbound flow
+//! to them), `hub` runs the controller, `vps1` and `vps2` have public endpoints (vps2 is the relay),
+//! `attic` and `cellar` have none: they reach each other through the relay, also while the hub is down.
 use std::fs;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -121,6 +122,7 @@ fn hosts_form_one_mesh_that_outlives_the_controller() {
     let vps1 = Host::new("vps1", root);
     let vps2 = Host::new("vps2", root);
     let attic = Host::new("attic", root);
+    let cellar = Host::new("cellar", root);
 
     // The internet: public hosts on their own links, the attic behind the router's NAT.
     router.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
@@ -130,11 +132,14 @@ fn hosts_form_one_mesh_that_outlives_the_controller() {
     }
     let (to_attic, _) = veth(&router, &attic.ns, "192.168.77.1/24", "192.168.77.2/24");
     attic.ns.ip(&["route", "add", "default", "via", "192.168.77.1"]);
+    let (to_cellar, _) = veth(&router, &cellar.ns, "192.168.78.1/24", "192.168.78.2/24");
+    cellar.ns.ip(&["route", "add", "default", "via", "192.168.78.1"]);
     let nat = format!(
         "table ip nat {{
   chain postrouting {{
     type nat hook postrouting priority srcnat;
     ip saddr 192.168.77.0/24 oifname != \"{to_attic}\" masquerade
+    ip saddr 192.168.78.0/24 oifname != \"{to_cellar}\" masquerade
   }}
 }}
 table inet nofwd {{
@@ -142,6 +147,7 @@ table inet nofwd {{
     type filter hook forward priority filter;
     ct state established,related accept
     oifname \"{to_attic}\" drop
+    oifname \"{to_cellar}\" drop
   }}
 }}
 "
@@ -151,6 +157,7 @@ table inet nofwd {{
     child.stdin.take().unwrap().write_all(nat.as_bytes()).unwrap();
     assert!(child.wait().unwrap().success(), "router NAT rules");
     assert!(!vps1.pings("192.168.77.2"), "the attic must not be reachable from outside");
+    assert!(!attic.pings("192.168.78.2"), "nor the cellar, from outside or from the attic");
 
     // The controller.
     let hub_endpoint = "172.31.230.2:51820";
@@ -188,7 +195,8 @@ table inet nofwd {{
     assert_eq!(std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777, 0o600);
 
     // Two hosts racing on one token: exactly one wins.
-    let race = invite(&hub.state, "vps2", "10m");
+    let race = run_ok(meshctl(&hub.state).args(["node", "invite", "vps2", "--role", "relay", "--expires", "10m"]));
+    let race = race.trim();
     let (a, b) = (root.join("vps2-a"), root.join("vps2-b"));
     let outcomes: Vec<(PathBuf, bool)> = std::thread::scope(|scope| {
         let runs: Vec<_> = [a.clone(), b.clone()]
@@ -207,19 +215,22 @@ table inet nofwd {{
     assert_eq!(winners.len(), 1, "racing joins: {outcomes:?}");
     fs::rename(winners[0], &vps2.state).unwrap();
 
-    let out = attic.join(&invite(&hub.state, "attic", "10m"), &attic.state, None);
-    assert!(out.status.success(), "attic join: {}", String::from_utf8_lossy(&out.stderr));
+    for host in [&attic, &cellar] {
+        let out = host.join(&invite(&hub.state, host.name, "10m"), &host.state, None);
+        assert!(out.status.success(), "{} join: {}", host.name, String::from_utf8_lossy(&out.stderr));
+    }
 
     // Members run from the state `meshd join` left.
     let mut daemons: Vec<Proc> =
-        [&vps1, &vps2, &attic].iter().map(|h| h.run_daemon(&root.join(format!("{}.log", h.name)))).collect();
+        [&vps1, &vps2, &attic, &cellar].iter().map(|h| h.run_daemon(&root.join(format!("{}.log", h.name)))).collect();
     let nodes = run_json(meshctl(&hub.state).args(["node", "list", "--json"]));
-    assert_eq!(nodes.as_array().unwrap().len(), 4, "{nodes}");
-    let hosts = [&hub, &vps1, &vps2, &attic];
+    assert_eq!(nodes.as_array().unwrap().len(), 5, "{nodes}");
+    let hosts = [&hub, &vps1, &vps2, &attic, &cellar];
     let addresses: Vec<(String, String)> = hosts.iter().map(|h| mesh_addresses(&nodes, h.name)).collect();
     let hub_v4 = addresses[0].0.clone();
     let (vps1_v4, vps2_v4, attic_v4) = (addresses[1].0.clone(), addresses[2].0.clone(), addresses[3].0.clone());
     let vps1_v6 = addresses[1].1.clone();
+    let (cellar_v4, cellar_v6) = addresses[4].clone();
     // Each host's system resolver asks the mesh DNS its own meshd serves on its own mesh address.
     for (host, (v4, _)) in hosts.iter().zip(&addresses) {
         host.ns.set_resolv_conf(&format!("nameserver {v4}\noptions timeout:1 attempts:1\n"));
@@ -243,10 +254,14 @@ table inet nofwd {{
             assert_eq!(String::from_utf8_lossy(&dig.stdout).trim(), v4, "{} resolving {name} at the hub", from.name);
         }
     }
-    eprintln!("all 12 pairs connected (v4, v6, names) {:?} after the members started", started.elapsed());
-    // Members with endpoints peer directly, and the attic (behind NAT) with each of them.
-    assert_eq!(peers(&vps1).len(), 3, "vps1 peers with hub, vps2 and attic directly");
+    eprintln!("all 20 pairs connected (v4, v6, names) {:?} after the members started", started.elapsed());
+    // Members with endpoints peer directly, and those behind NAT with each of them; the attic reaches
+    // the cellar (both behind NAT) through the relay, vps2.
+    assert_eq!(peers(&vps1).len(), 4, "vps1 peers with hub, vps2, attic and cellar directly");
     assert_eq!(peers(&attic).len(), 3, "attic peers with hub, vps1 and vps2 directly");
+    let vps2_key = mesh_key(&hub.state, "vps2");
+    let via_relay = allowed_ips(&attic).into_iter().find(|(key, _)| *key == vps2_key).map(|(_, ips)| ips);
+    assert!(via_relay.is_some_and(|ips| ips.contains(&format!("{cellar_v4}/32"))), "attic -> cellar via vps2");
 
     // A change reaches the running hosts within 1 s: a service on the attic, reached from vps1.
     let _beacon = attic.ns.spawn_logged(
@@ -265,6 +280,9 @@ table inet nofwd {{
     // The service's address on the attic is never the source of the attic's own traffic (vps1 admits
     // the attic by its own address): IPv6, where source selection would prefer it, still works.
     assert!(attic.pings(&vps1_v6), "the attic, serving a service, reaches vps1 over IPv6");
+    // The cellar's peer entry for the relay changed (it now carries the new service's address too):
+    // the tunnel is renewed at once, not after the relay's stale session times out (~15 s).
+    assert!(wait_until(Duration::from_secs(1), || attic.pings(&cellar_v4)), "attic -> cellar after the change");
     let beacon_name = attic.reverse(beacon.rsplit_once(':').unwrap().0);
     assert_eq!(beacon_name.as_deref(), Some("beacon.home.internal"), "reverse name of the new service");
 
@@ -272,7 +290,8 @@ table inet nofwd {{
     // applied through the running controller (one batch: the network as declared, all or nothing).
     let declared = |rules: &str| {
         let file = root.join("mesh.toml");
-        let nodes = "[[node]]\nname = \"vps1\"\n[[node]]\nname = \"vps2\"\n[[node]]\nname = \"attic\"\n";
+        let nodes = "[[node]]\nname = \"vps1\"\n[[node]]\nname = \"vps2\"\nrole = \"relay\"\n\
+                     [[node]]\nname = \"attic\"\n[[node]]\nname = \"cellar\"\n";
         let beacon = "[[service]]\nname = \"beacon\"\nnode = \"attic\"\ntarget = \"127.0.0.1:5052\"\n";
         fs::write(&file, format!("{nodes}{beacon}{rules}")).unwrap();
         file
@@ -313,10 +332,11 @@ table inet nofwd {{
     // The controller is killed: the mesh keeps working, names included, also across a restart of vps2.
     hub_daemon.kill_hard();
     assert!(vps1.pings(&vps2_v4) && attic.pings(&vps1_v4) && vps2.pings(&attic_v4), "mesh without the controller");
-    for (from, to) in [(&vps1, &vps2), (&attic, &vps1), (&vps2, &attic)] {
+    for (from, to) in [(&vps1, &vps2), (&attic, &vps1), (&vps2, &attic), (&attic, &cellar), (&cellar, &attic)] {
         let name = format!("{}.home.internal", to.name);
         assert!(from.pings(&name), "{} -> {name} without the controller", from.name);
     }
+    assert!(attic.pings(&cellar_v6) && cellar.pings(&attic_v4), "behind NAT, through the relay, no controller");
     // Where peers were seen is saved every 10 s (when it changed).
     let saved = vps2.state.join("peer-endpoints.json");
     assert!(wait_until(Duration::from_secs(12), || saved.exists()), "vps2 saved its peers' endpoints");
@@ -332,6 +352,11 @@ table inet nofwd {{
     eprintln!("vps2 restarted without the controller: reachable again after {:?}", restarted.elapsed());
     assert!(vps2.pings("attic.home.internal"), "restarted vps2 resolves names from its cache, no controller");
     assert!(attic.pings("vps2.home.internal"), "attic -> vps2 by name, no controller");
+    // The restarted relay renews its tunnels to both hosts behind NAT itself.
+    assert!(
+        wait_until(Duration::from_secs(8), || attic.pings(&cellar_v4)),
+        "attic -> cellar after the relay restarted"
+    );
     // Another DNS server holding port 53 on every address of vps2 (dnsmasq, Pi-hole) costs vps2 its own
     // mesh DNS, not its place in the mesh.
     daemons[1].stop(Duration::from_secs(5));
@@ -367,6 +392,7 @@ table inet nofwd {{
         wait_until(Duration::from_secs(2), || [&hub, &vps1, &vps2].iter().all(|h| !peers(h).contains(&attic_key)));
     assert!(cut, "a host still has the disabled attic as a peer {:?} after disable", disabled.elapsed());
     assert!(!attic.pings(&vps1_v4) && !vps2.pings(&attic_v4), "the disabled attic is still reachable");
+    assert!(!cellar.pings(&attic_v4), "the disabled attic is still reachable through the relay");
     run_ok(meshctl(&hub.state).args(["node", "enable", "attic"]));
     let enabled = Instant::now();
     // The attic, behind NAT, is reached again once its next reconnect attempt (backoff up to 10 s) opens the tunnel.
@@ -384,12 +410,20 @@ table inet nofwd {{
         assert!(!attic.pings(target), "the removed attic still reaches {target}");
     }
     assert!(vps1.pings(&vps2_v4), "removing the attic must not disturb vps1 -> vps2");
+    assert!(cellar.pings(&vps1_v4), "nor the cellar");
 }
 
 /// Public keys of the peers of `host`'s interface, as `wg` (wireguard-tools) reads them.
 fn peers(host: &Host) -> Vec<String> {
     let out = host.ns.exec(&["wg", "show", &host.ifname, "peers"]);
     String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+}
+
+/// `(peer public key, its allowed IPs)` of `host`'s interface, as `wg` reads them.
+fn allowed_ips(host: &Host) -> Vec<(String, String)> {
+    let out = host.ns.exec(&["wg", "show", &host.ifname, "allowed-ips"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().filter_map(|l| l.split_once('\t')).map(|(k, ips)| (k.to_owned(), ips.to_owned())).collect()
 }
 
 /// A node's public key from `meshctl node list`.
