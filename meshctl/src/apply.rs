@@ -196,9 +196,15 @@ fn execute(
                     }),
                     Err(e) => {
                         // A device whose config cannot be handed out is of no use: take it back.
-                        let _ = send(g, Request::DeviceRemove { name: name.clone() });
-                        report.applied -= 1;
-                        undelivered.push(format!("device {name}: {e:#}"));
+                        match send(g, Request::DeviceRemove { name: name.clone() }) {
+                            Ok(_) => {
+                                report.applied -= 1;
+                                undelivered.push(format!("device {name} (taken back): {e:#}"));
+                            }
+                            Err(removal) => undelivered.push(format!(
+                                "device {name}: {e:#}; taking it back failed too ({removal:#}): remove it with `meshctl device remove {name}`"
+                            )),
+                        }
                     }
                 }
             }
@@ -207,7 +213,7 @@ fn execute(
     }
     match undelivered.is_empty() {
         true => Ok(()),
-        false => bail!("applied, but taken back as their configs could not be written: {}", undelivered.join("; ")),
+        false => bail!("applied, but some device configs could not be written: {}", undelivered.join("; ")),
     }
 }
 

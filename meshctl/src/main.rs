@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use meshd::admin::AdminError;
 use meshd::api::{DeviceHandout, Outcome, Reply, Request};
 use meshd::controller::{self, Controller};
 use meshd::input::{self, HostPort, Label};
@@ -435,16 +436,26 @@ pub(crate) struct BatchRefused {
 }
 
 fn call_daemon(socket: &Path, request: &Request) -> anyhow::Result<Outcome> {
-    // A daemon that is starting holds the lock before its socket exists: give it a moment.
-    let mut last = None;
-    for _ in 0..50 {
+    // A daemon that is starting holds the lock before its socket exists: give it a moment. Only a
+    // connection that failed is tried again: once the request is sent, the daemon may have carried it
+    // out, and sending it twice would (at best) be refused as a duplicate.
+    let mut attempts = 0;
+    loop {
         match meshd::admin::call(socket, request) {
             Ok(outcome) => return Ok(outcome),
-            Err(e) => last = Some(e),
+            Err(AdminError::Connect { .. }) if attempts < 50 => attempts += 1,
+            Err(e @ AdminError::Connect { .. }) => {
+                return Err(e).context("meshd is running but its admin socket does not answer");
+            }
+            Err(e @ AdminError::TooLarge(_)) => return Err(e.into()),
+            Err(e) => {
+                return Err(e).context(
+                    "no answer from meshd: whether the request was carried out is unknown; check with a list command",
+                );
+            }
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    Err(last.expect("at least one attempt")).context("meshd is running but its admin socket does not answer")
 }
 
 fn removed(g: &Global, request: Request, kind: &str, name: &Label) -> anyhow::Result<()> {

@@ -14,8 +14,8 @@ use tracing::{debug, warn};
 
 use crate::api::{Outcome, Request};
 
-/// Largest request accepted, far above any real one.
-const MAX_REQUEST: u64 = 1 << 20;
+/// Largest request accepted (a batch of some thousands of changes).
+pub const MAX_REQUEST: u64 = 1 << 20;
 
 /// A request from the socket with the channel its outcome goes back on.
 pub type Call = (Request, oneshot::Sender<Outcome>);
@@ -29,8 +29,17 @@ pub enum AdminError {
         #[source]
         source: std::io::Error,
     },
+    /// Nothing was sent: the daemon is not listening (yet).
+    #[error("admin socket {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("admin socket {0}: the daemon sent an unreadable reply")]
     BadReply(PathBuf),
+    #[error("the request is {0} bytes, more than the admin socket takes ({MAX_REQUEST}); split it up")]
+    TooLarge(usize),
 }
 
 /// Bind the socket at `path` with mode 0600 (any stale socket file is replaced: the caller holds the
@@ -104,12 +113,33 @@ async fn serve_one(stream: UnixStream, calls: mpsc::Sender<Call>) {
 /// Send `request` to the daemon at `path` and wait for its outcome (blocking; for `meshctl`).
 pub fn call(path: &Path, request: &Request) -> Result<Outcome, AdminError> {
     let err = |source| AdminError::Io { path: path.to_path_buf(), source };
-    let mut stream = StdUnixStream::connect(path).map_err(err)?;
-    stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(err)?;
     let mut line = serde_json::to_vec(request).map_err(|e| err(e.into()))?;
     line.push(b'\n');
+    if line.len() as u64 > MAX_REQUEST {
+        return Err(AdminError::TooLarge(line.len()));
+    }
+    let mut stream =
+        StdUnixStream::connect(path).map_err(|source| AdminError::Connect { path: path.to_path_buf(), source })?;
+    stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(err)?;
     stream.write_all(&line).map_err(err)?;
     let mut reply = String::new();
     BufReader::new(stream).read_line(&mut reply).map_err(err)?;
     serde_json::from_str(&reply).map_err(|_| AdminError::BadReply(path.to_path_buf()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_over_the_limit_is_refused_before_anything_is_sent() {
+        let name: crate::input::Label = "a".parse().unwrap();
+        let one = Request::ServiceRemove { name };
+        let per_request = serde_json::to_vec(&one).unwrap().len();
+        let requests = vec![one; MAX_REQUEST as usize / per_request + 1];
+        // No daemon listens at this path: the size is checked before connecting.
+        let missing = Path::new("/nonexistent/meshd.sock");
+        assert!(matches!(call(missing, &Request::Batch { requests }), Err(AdminError::TooLarge(_))));
+        assert!(matches!(call(missing, &Request::Status), Err(AdminError::Connect { .. })));
+    }
 }

@@ -97,19 +97,6 @@ pub enum Request {
 }
 
 impl Request {
-    /// Whether the request only reads the network.
-    pub fn is_read(&self) -> bool {
-        matches!(
-            self,
-            Request::Status
-                | Request::NodeList
-                | Request::NodeInvites
-                | Request::ServiceList
-                | Request::DeviceList
-                | Request::AccessList
-        )
-    }
-
     /// Whether the request changes the network (and so the hosts must be reconciled after it).
     pub fn is_change(&self) -> bool {
         if let Request::Batch { requests } = self {

@@ -44,48 +44,46 @@ struct Host {
     endpoints: EndpointKeeper,
 }
 
-/// How often where peers were last seen is checked and, when it changed, saved (and once more at
-/// shutdown, where the device still answers: the embedded one stops on SIGTERM by itself).
+/// How often where peers were last seen is checked and, when it changed, saved. Not at shutdown: the
+/// embedded device stops on SIGTERM by itself, and a read cut short would save a partial list.
 const ENDPOINTS_SAVE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Saves where peers were seen to the state directory, so a restarted host renews tunnels to peers
 /// behind NAT itself.
 struct EndpointKeeper {
-    stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl EndpointKeeper {
     fn start(state: &StateDir, interface: Arc<Mutex<Interface>>, mut saved: PeerEndpoints) -> EndpointKeeper {
-        let (stop, mut stopping) = oneshot::channel();
         let state = state.clone();
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(ENDPOINTS_SAVE_INTERVAL);
             tick.tick().await;
             loop {
-                let last = tokio::select! {
-                    _ = tick.tick() => false,
-                    _ = &mut stopping => true,
+                tick.tick().await;
+                let now = match on_interface(&interface, Interface::endpoints).await {
+                    Ok(now) if now != saved => now,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        debug!(error = format!("{e:#}"), "reading peer endpoints");
+                        continue;
+                    }
                 };
-                match on_interface(&interface, Interface::endpoints).await {
-                    Ok(now) if now != saved => match state.write_peer_endpoints(&now) {
-                        Ok(()) => saved = now,
-                        Err(e) => warn!(error = %e, "saving peer endpoints"),
-                    },
-                    Ok(_) => {}
-                    Err(e) => debug!(error = format!("{e:#}"), "reading peer endpoints"),
-                }
-                if last {
-                    break;
+                let (state, write) = (state.clone(), now.clone());
+                match tokio::task::spawn_blocking(move || state.write_peer_endpoints(&write)).await {
+                    Ok(Ok(())) => saved = now,
+                    Ok(Err(e)) => warn!(error = %e, "saving peer endpoints"),
+                    Err(e) => warn!(error = %e, "saving peer endpoints"),
                 }
             }
         });
-        EndpointKeeper { stop, task }
+        EndpointKeeper { task }
     }
 
-    /// Save once more and stop.
+    /// Stop, releasing the interface.
     async fn finish(self) {
-        let _ = self.stop.send(());
+        self.task.abort();
         let _ = self.task.await;
     }
 }
@@ -557,11 +555,16 @@ async fn reconcile(host: &mut Host, snapshot: &Snapshot) -> anyhow::Result<PeerD
         Ok(peers)
     })
     .await?;
-    if new.access.routes && !host.plan.access.routes {
-        // This host became the relay (the one before it left or was disabled).
-        on_interface(&host.interface, Interface::enable_forwarding).await?;
-    }
+    // The interface has them now: should a later step fail, the next change must not add them again.
+    host.plan.peers = new.peers.clone();
     firewall::load(&firewall::render(&new)).await.context("updating access rules")?;
+    if new.access.routes && !host.plan.access.routes {
+        // This host became the relay (the one before it left or was disabled). Without forwarding it
+        // only fails to relay; the rest of the change still applies.
+        if let Err(e) = on_interface(&host.interface, Interface::enable_forwarding).await {
+            error!(error = format!("{e:#}"), "cannot relay: enabling forwarding failed");
+        }
+    }
     host.forwarders.apply(&new.services)?;
     if let Some(server) = &host.dns
         && new.dns.records != host.plan.dns.records

@@ -508,6 +508,13 @@ mod tests {
         assert!(relay.access.members.contains(&"10.77.0.8".parse().unwrap()));
         assert!(!plan_host(&s, "vps").unwrap().access.routes);
 
+        // A relay without an endpoint is a plain node (behind NAT itself: reached through the hub).
+        let mut unreachable = s.clone();
+        unreachable.nodes.iter_mut().find(|n| n.name.as_str() == "relay").unwrap().endpoint = None;
+        let attic = plan_host(&unreachable, "attic").unwrap();
+        assert_eq!(attic.peers.keys().collect::<Vec<_>>(), ["HUB", "VPS"]);
+        assert!(!plan_host(&unreachable, "relay").unwrap().access.routes);
+
         // A disabled relay relays nothing: the hub takes over.
         s.nodes.iter_mut().find(|n| n.name.as_str() == "relay").unwrap().disabled = true;
         let attic = plan_host(&s, "attic").unwrap();

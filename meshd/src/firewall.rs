@@ -1,6 +1,7 @@
 //! Access rules on the host that serves: an nftables table per mesh interface that lets a peer reach
 //! only the services it was granted (and the mesh DNS), whatever it puts in its own AllowedIPs, and
-//! drops everything else that arrives on the interface, including attempts to route through the host.
+//! drops everything else that arrives on the interface, including attempts to route through the host
+//! unless it routes (hub, relay): then only flows from active nodes and devices' granted flows pass.
 //!
 //! The ruleset is rendered from the host plan (pure) and loaded in one `nft -f -` transaction, so a
 //! change replaces the whole table atomically.
@@ -61,7 +62,8 @@ pub fn render(plan: &HostPlan) -> String {
     let grants =
         "ip saddr . ip daddr . tcp dport @grants_v4 accept\n    ip6 saddr . ip6 daddr . tcp dport @grants_v6 accept";
     let admitted = format!("ip saddr @nodes_v4 accept\n    ip6 saddr @nodes_v6 accept\n    {grants}");
-    // The hub routes between all nodes (receivers apply their own rules) and devices' granted flows.
+    // Routing hosts (hub, relay) pass flows between all nodes (receivers apply their own rules) and
+    // devices' granted flows.
     let routed = format!("ip saddr @members_v4 accept\n    ip6 saddr @members_v6 accept\n    {grants}");
     let iface = &plan.interface;
     let _ = writeln!(out, "  chain input {{\n    type filter hook input priority filter; policy accept;");
@@ -97,7 +99,7 @@ pub fn render(plan: &HostPlan) -> String {
     let _ = writeln!(out, "    {admitted}\n    counter drop\n  }}");
     let _ = writeln!(out, "  chain forward {{\n    type filter hook forward priority filter; policy accept;");
     if access.routes {
-        // The hub routes between its peers, under the same rules as traffic addressed to it.
+        // A routing host (hub, relay) routes between its peers.
         let _ = writeln!(out, "    iifname \"{iface}\" oifname \"{iface}\" jump mesh_routing");
     }
     let _ = writeln!(out, "    iifname \"{iface}\" counter drop\n  }}");

@@ -25,6 +25,8 @@ pub enum InputError {
     Cidr(String),
     #[error("CIDR {0} is too small: it needs room for at least two hosts (use /30 or larger)")]
     CidrTooSmall(Ipv4Net),
+    #[error("CIDR {0} is too large for a mesh (use /8 or smaller; 10.0.0.0/8 holds 16 million hosts)")]
+    CidrTooLarge(Ipv4Net),
     #[error("CIDR {given} has host bits set; did you mean {network}?")]
     CidrHostBits { given: String, network: Ipv4Net },
     #[error("interface name {0:?} is invalid: 1-15 characters of letters, digits, '-', '_' or '.'")]
@@ -199,6 +201,10 @@ pub fn parse_cidr(s: &str) -> Result<Ipv4Net, InputError> {
     if net.prefix_len() > 30 {
         return Err(InputError::CidrTooSmall(net));
     }
+    // Wider ranges would overlap most of the internet, and their reverse names could not be served.
+    if net.prefix_len() < 8 {
+        return Err(InputError::CidrTooLarge(net));
+    }
     Ok(net)
 }
 
@@ -264,6 +270,8 @@ mod tests {
         assert_eq!(parse_cidr("banana"), Err(InputError::Cidr("banana".into())));
         assert_eq!(parse_cidr("fd00::/64"), Err(InputError::Cidr("fd00::/64".into())));
         assert!(matches!(parse_cidr("10.0.0.0/31"), Err(InputError::CidrTooSmall(_))));
+        assert!(matches!(parse_cidr("10.0.0.0/7"), Err(InputError::CidrTooLarge(_))));
+        assert!(parse_cidr("10.0.0.0/8").is_ok());
         assert!(matches!(parse_cidr("10.0.0.5/24"), Err(InputError::CidrHostBits { .. })));
     }
 
