@@ -4,8 +4,12 @@
 # Run it again to add another phone. `sudo meshd run --state-dir ./meshd-state` then brings the hub up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --quiet --bins
-bin=target/debug
+if [ -n "${MESHD_BIN_DIR:-}" ]; then
+  bin=$MESHD_BIN_DIR                             # binaries built already (the tests use this)
+else
+  cargo build --quiet --bins
+  bin=target/debug
+fi
 state=${MESHD_STATE_DIR:-./meshd-state}
 endpoint=${MESHD_ENDPOINT:-203.0.113.10:51820}   # where phones reach this host: your public IP or name
 

@@ -1,0 +1,48 @@
+//! The README's first command: `examples/quickstart.sh` provisions a network with SQLite state in a local
+//! directory and prints a phone's QR code, without root; run again, it adds another phone.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use meshd_e2e::{bin_dir, meshctl, run_json};
+
+fn quickstart(state: &Path) -> Output {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart.sh");
+    // The binaries the tests use (the script would build them otherwise).
+    Command::new("bash").arg(script).env("MESHD_BIN_DIR", bin_dir()).env("MESHD_STATE_DIR", state).output().unwrap()
+}
+
+/// Rows of the terminal QR code (half blocks, two modules per character row).
+fn qr_rows(stdout: &str) -> usize {
+    stdout.lines().filter(|l| l.contains('▀')).count()
+}
+
+#[test]
+fn quickstart_provisions_a_network_and_prints_a_phone_qr() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("meshd-state");
+
+    let first = quickstart(&state);
+    let (stdout, stderr) = (String::from_utf8_lossy(&first.stdout), String::from_utf8_lossy(&first.stderr));
+    assert!(first.status.success(), "quickstart failed: {stderr}");
+    assert!(stdout.contains("network home created"), "{stdout}");
+    // The QR goes to stdout, what it is for to stderr.
+    assert!(stderr.contains("device phone1: 10.77.0.3"), "{stderr}");
+    assert!(qr_rows(&stdout) >= 20, "no QR code printed:\n{stdout}");
+    for file in ["meshd.db", "private.key"] {
+        let mode = std::fs::metadata(state.join(file)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{file}");
+    }
+
+    // Again: the same network, another phone.
+    let second = quickstart(&state);
+    let (stdout, stderr) = (String::from_utf8_lossy(&second.stdout), String::from_utf8_lossy(&second.stderr));
+    assert!(second.status.success(), "second run failed: {stderr}");
+    assert!(!stdout.contains("network home created") && stderr.contains("device phone2"), "{stdout}{stderr}");
+    assert!(qr_rows(&stdout) >= 20);
+    let devices = run_json(meshctl(&state).args(["device", "list", "--json"]));
+    let names: Vec<&str> = devices.as_array().unwrap().iter().filter_map(|d| d["name"].as_str()).collect();
+    assert_eq!(names, ["phone1", "phone2"]);
+    assert!(devices.as_array().unwrap().iter().all(|d| d["allow"] == serde_json::json!(["wallet"])), "{devices}");
+}
