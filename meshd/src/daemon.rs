@@ -3,6 +3,7 @@
 //! Requests enter through the admin socket, change the store through the controller, and every change
 //! is followed by one reconcile: new plan, diff against the running one, apply only the difference.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -17,7 +18,7 @@ use tracing::{debug, error, info, warn};
 use crate::admin::{self, Call};
 use crate::api::{JoinReply, JoinRequest, MemberState, Outcome, Reply, Request};
 use crate::controller::Controller;
-use crate::desired::{self, HostPlan, PeerDiff, PeerPlan};
+use crate::desired::{self, HostPlan, PeerPlan};
 use crate::dns::{self, MeshDns};
 use crate::firewall;
 use crate::forward::Forwarders;
@@ -284,7 +285,12 @@ async fn redeem(
 /// After a change: apply the stored network to this host, then push it to the members.
 async fn publish_change(controller: &mut Controller, host: &mut Host, publisher: &Publisher) -> anyhow::Result<()> {
     let snapshot = controller.snapshot()?;
-    reconcile(host, &snapshot).await?;
+    let renewable = reconcile(host, &snapshot).await?;
+    // Nodes the hub gained or replaced as peers: open the tunnel from here. One behind NAT that comes
+    // back (enabled again) is reached at once from where it was last seen, rather than when one of its
+    // own attempts gets through. Devices are left alone.
+    let nodes: HashSet<&str> = snapshot.nodes.iter().map(|n| n.public_key.as_str()).collect();
+    open_tunnels(renewable.iter().filter(|(key, _)| nodes.contains(key.as_str())).map(|(_, p)| p));
     publisher.publish(snapshot.shared());
     Ok(())
 }
@@ -417,9 +423,10 @@ async fn follow_controller(
                     rotation = Rotation::Idle;
                 }
                 match reconcile(host, &member.state.snapshot()).await {
-                    // A replaced peer lost its session on this side only: the peer would keep sending
-                    // on the old one (dropped here) until its own rekey, ~15 s; a handshake now renews both.
-                    Ok(peers) => open_tunnels(peers.add.iter().chain(&peers.update).map(|(_, p)| p)),
+                    // New peers get a tunnel at once; a replaced peer lost its session on this side only
+                    // and would keep sending on the old one (dropped here) until its own rekey, ~15 s: a
+                    // handshake now renews both.
+                    Ok(renewable) => open_tunnels(renewable.iter().map(|(_, p)| p)),
                     Err(e) => error!(error = format!("{e:#}"), "applying the controller's change failed"),
                 }
                 if let Err(e) = offer_key_if_asked(state, &member, &mut rotation, &outgoing).await {
@@ -478,7 +485,6 @@ async fn switch_key(host: &Host, key: &PrivateKey) -> anyhow::Result<()> {
 fn open_tunnels<'a>(peers: impl IntoIterator<Item = &'a PeerPlan>) {
     let targets: Vec<SocketAddr> = peers
         .into_iter()
-        .filter(|p| p.persistent_keepalive.is_some())
         .filter_map(|p| p.allowed_ips.iter().find(|n| n.addr().is_ipv4()))
         .map(|net| {
             // The hub's entry is the whole mesh range; its first host is the hub in practice, and any
@@ -539,22 +545,23 @@ async fn handle(controller: &mut Controller, host: &mut Host, publisher: &Publis
     Outcome::Ok(with_handshakes(host, reply).await)
 }
 
-/// Make the host match the network in `snapshot`, touching only what changed; returns the peer changes.
-async fn reconcile(host: &mut Host, snapshot: &Snapshot) -> anyhow::Result<PeerDiff> {
+/// Make the host match the network in `snapshot`, touching only what changed. Returns the peers added or
+/// replaced that this host can open a tunnel to (they have an endpoint), by key.
+async fn reconcile(host: &mut Host, snapshot: &Snapshot) -> anyhow::Result<Vec<(String, PeerPlan)>> {
     let new = desired::plan_host(snapshot, &host.name)?;
     if new == host.plan {
-        return Ok(PeerDiff::default());
+        return Ok(Vec::new());
     }
     let peers = desired::diff_peers(&host.plan.peers, &new.peers);
     let (add, remove) = desired::diff_addresses(&host.plan.addresses, &new.addresses);
     // Addresses are added before peers that route to them; within the peer diff, withdrawn peers go
     // first, so a removed device loses access before anything else happens.
-    let peers = on_interface(&host.interface, move |interface| {
+    let reachable = on_interface(&host.interface, move |interface| {
         interface.change_addresses(&add, &[])?;
-        interface.apply_peers(&peers)?;
-        Ok(peers)
+        interface.apply_peers(&peers)
     })
     .await?;
+    let renewable = reachable.into_iter().filter_map(|key| Some((key.clone(), new.peers.get(&key)?.clone()))).collect();
     // The interface has them now: should a later step fail, the next change must not add them again.
     host.plan.peers = new.peers.clone();
     firewall::load(&firewall::render(&new)).await.context("updating access rules")?;
@@ -575,7 +582,7 @@ async fn reconcile(host: &mut Host, snapshot: &Snapshot) -> anyhow::Result<PeerD
         on_interface(&host.interface, move |interface| interface.change_addresses(&[], &remove)).await?;
     }
     host.plan = new;
-    Ok(peers)
+    Ok(renewable)
 }
 
 /// Run `f` on the interface, off the async runtime (the WireGuard API blocks).

@@ -59,6 +59,9 @@ pub struct Interface {
     stopped: watch::Receiver<bool>,
     /// Held for a kernel interface, which nothing stops behind our back, so `stopped` never fires.
     _kernel_stays: Option<watch::Sender<bool>>,
+    /// Where removed peers were last seen: a peer behind NAT that comes back (a node enabled again)
+    /// starts from there, so this side can open the tunnel at once.
+    departed: std::sync::Mutex<PeerEndpoints>,
 }
 
 /// Where boringtun puts its UAPI socket.
@@ -92,11 +95,19 @@ impl Interface {
                 device: None,
                 stopped,
                 _kernel_stays: Some(stop_tx),
+                departed: Default::default(),
             },
             None => {
                 let device = start_userspace(&name, stop_tx).map_err(|e| err(&e))?;
                 let api = WGApi::<Userspace>::new(name.as_str()).map_err(|e| err(&e))?;
-                Interface { name: name.clone(), api: Box::new(api), device: Some(device), stopped, _kernel_stays: None }
+                Interface {
+                    name: name.clone(),
+                    api: Box::new(api),
+                    device: Some(device),
+                    stopped,
+                    _kernel_stays: None,
+                    departed: Default::default(),
+                }
             }
         };
         let mut peers = plan.peers.iter().map(|(k, p)| to_peer(k, p)).collect::<Result<Vec<_>, _>>()?;
@@ -122,16 +133,26 @@ impl Interface {
     }
 
     /// Apply a peer diff: only the listed peers are touched, so other sessions stay up.
-    pub fn apply_peers(&self, diff: &PeerDiff) -> Result<(), WgError> {
+    ///
+    /// Returns the keys of the added and replaced peers that have an endpoint (configured, learned, or
+    /// remembered from before they were removed): those this side can open a tunnel to.
+    pub fn apply_peers(&self, diff: &PeerDiff) -> Result<Vec<String>, WgError> {
         let remove = |key: &String| {
             let k = Key::from_str(key).map_err(|_| WgError::Key { peer: key.clone() })?;
             self.api.remove_peer(&k).map_err(|e| self.error(e))
         };
+        // Where peers are now: kept for removed ones, and carried over to replaced ones.
+        let replaces = !self.is_kernel() && !diff.update.is_empty();
+        let learned = if replaces || !diff.remove.is_empty() { self.endpoints()? } else { PeerEndpoints::new() };
+        {
+            let mut departed = self.departed.lock().map_err(|_| self.error("endpoint memory poisoned"))?;
+            departed.extend(diff.remove.iter().filter_map(|k| Some((k.clone(), *learned.get(k)?))));
+        }
         diff.remove.iter().try_for_each(remove)?;
         // boringtun refuses (by panicking) to edit a peer in place: replace it, resetting only its
         // session. The endpoint it learned from the peer (one behind NAT has no configured endpoint)
         // is carried over, so this side can renew the session itself.
-        let learned = if self.is_kernel() || diff.update.is_empty() { PeerEndpoints::new() } else { self.endpoints()? };
+        let mut reachable = Vec::new();
         for (key, plan) in &diff.update {
             let mut peer = to_peer(key, plan)?;
             if !self.is_kernel() {
@@ -142,11 +163,23 @@ impl Interface {
                 debug!(peer = %plan.name, endpoint = ?peer.endpoint, known = learned.len(), "replacing peer");
             }
             self.api.configure_peer(&peer).map_err(|e| self.error(e))?;
+            // The kernel keeps a learned endpoint across an update.
+            if peer.endpoint.is_some() || learned.contains_key(key) {
+                reachable.push(key.clone());
+            }
         }
         for (key, plan) in &diff.add {
-            self.api.configure_peer(&to_peer(key, plan)?).map_err(|e| self.error(e))?;
+            let mut peer = to_peer(key, plan)?;
+            let last_seen = self.departed.lock().map_err(|_| self.error("endpoint memory poisoned"))?.remove(key);
+            if peer.endpoint.is_none() {
+                peer.endpoint = last_seen;
+            }
+            self.api.configure_peer(&peer).map_err(|e| self.error(e))?;
+            if peer.endpoint.is_some() {
+                reachable.push(key.clone());
+            }
         }
-        Ok(())
+        Ok(reachable)
     }
 
     /// Add and remove interface addresses.

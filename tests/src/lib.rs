@@ -283,7 +283,13 @@ impl Netns {
 
     /// HTTP GET from inside the namespace with curl; the body, or None if curl failed.
     pub fn http_get(&self, url: &str, max_time_secs: u32) -> Option<String> {
-        let out = self.exec(&["curl", "-sf", "--max-time", &max_time_secs.to_string(), url]);
+        self.http_get_within(url, Duration::from_secs(max_time_secs.into()))
+    }
+
+    /// HTTP GET that gives up after `max_time` (fractions of a second allowed): short attempts in a loop
+    /// see a route that just appeared, where one long attempt would wait out a SYN retransmit (1 s).
+    pub fn http_get_within(&self, url: &str, max_time: Duration) -> Option<String> {
+        let out = self.exec(&["curl", "-sf", "--max-time", &format!("{:.3}", max_time.as_secs_f64()), url]);
         out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
