@@ -389,7 +389,7 @@ async fn follow_controller(
                                 Ok(()) => {
                                     info!("switched to the new key; waiting for the network to confirm it");
                                     // Renew every session with the new key now rather than at the next keepalive.
-                                    open_tunnels(host.plan.peers.values());
+                                    open_known_tunnels(host).await;
                                     rotation = Rotation::Switched { key: new, old: key.clone(), since: tokio::time::Instant::now() };
                                 }
                                 Err(e) => warn!(error = format!("{e:#}"), "switching to the new key"),
@@ -435,7 +435,7 @@ async fn follow_controller(
             }
             _ = tokio::time::sleep_until(open_tunnels_at.unwrap_or(confirm_by)), if open_tunnels_at.is_some() => {
                 open_tunnels_at = None;
-                open_tunnels(host.plan.peers.values());
+                open_known_tunnels(host).await;
             }
             _ = tokio::time::sleep_until(confirm_by) => {
                 if let Rotation::Switched { old, .. } = std::mem::replace(&mut rotation, Rotation::Idle) {
@@ -504,6 +504,15 @@ fn open_tunnels<'a>(peers: impl IntoIterator<Item = &'a PeerPlan>) {
             }
         }
     });
+}
+
+/// Open the tunnels to every peer whose endpoint the interface knows (configured, learned, or remembered
+/// from before a restart); a peer behind NAT that was never seen is left to open its side itself.
+async fn open_known_tunnels(host: &Host) {
+    match on_interface(&host.interface, Interface::endpoints).await {
+        Ok(known) => open_tunnels(host.plan.peers.iter().filter(|(key, _)| known.contains_key(*key)).map(|(_, p)| p)),
+        Err(e) => debug!(error = format!("{e:#}"), "reading peer endpoints"),
+    }
 }
 
 /// The discard port: nothing listens on it on mesh hosts.
