@@ -114,11 +114,12 @@ impl MeshDns {
         for &range in reverse {
             kinds.extend(reverse_zones(range)?.into_iter().map(|(name, net)| (name, ZoneKind::Reverse(net))));
         }
+        let names = mesh_names(&records, &origin);
         let mut catalog = Catalog::new();
         let mut zones = Vec::with_capacity(kinds.len());
         for (zone_origin, kind) in kinds {
             let mut handler = InMemoryZoneHandler::empty(zone_origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
-            *handler.records_get_mut() = zone_records(&zone_origin, &origin, kind, &records, serial);
+            *handler.records_get_mut() = zone_records(&zone_origin, &origin, kind, &names, serial);
             let handler = Arc::new(handler);
             catalog.upsert(LowerName::new(&zone_origin), vec![handler.clone() as Arc<dyn ZoneHandler>]);
             zones.push(Zone { origin: zone_origin, kind, handler });
@@ -170,8 +171,9 @@ impl MeshDns {
     pub async fn update(&self, records: DnsRecords) {
         let mut serial = self.serial.lock().await;
         *serial = serial.wrapping_add(1);
+        let names = mesh_names(&records, &self.origin);
         for zone in &self.zones {
-            let fresh = zone_records(&zone.origin, &self.origin, zone.kind, &records, *serial);
+            let fresh = zone_records(&zone.origin, &self.origin, zone.kind, &names, *serial);
             *zone.handler.records_mut().await = fresh;
         }
         debug!(domain = %self.origin, serial = *serial, names = records.len(), "mesh DNS records updated");
@@ -276,23 +278,27 @@ fn reverse_zones(range: IpNet) -> Result<Vec<(Name, IpNet)>, DnsError> {
     Ok(subnets.map(|net| (Name::from(net.network()).trim_to(labels), net)).collect())
 }
 
-/// A mesh record's name as a lowercase FQDN within `domain`, or None (logged) if it is unusable.
-fn record_name(raw: &str, domain: &Name) -> Option<Name> {
-    let name = match Name::from_ascii(raw) {
-        Ok(mut name) => {
-            name.set_fqdn(true);
-            name.to_lowercase()
-        }
-        Err(error) => {
-            warn!(name = raw, %error, "skipping invalid mesh DNS name");
+/// The mesh records' names as lowercase FQDNs within `domain`, parsed once for every zone built from
+/// them; unusable ones are logged and skipped.
+fn mesh_names<'a>(records: &'a DnsRecords, domain: &Name) -> Vec<(Name, &'a [IpAddr])> {
+    let usable = |raw: &str| {
+        let name = match Name::from_ascii(raw) {
+            Ok(mut name) => {
+                name.set_fqdn(true);
+                name.to_lowercase()
+            }
+            Err(error) => {
+                warn!(name = raw, %error, "skipping invalid mesh DNS name");
+                return None;
+            }
+        };
+        if !domain.zone_of(&name) {
+            warn!(name = raw, %domain, "skipping mesh DNS name outside the domain");
             return None;
         }
+        Some(name)
     };
-    if !domain.zone_of(&name) {
-        warn!(name = raw, %domain, "skipping mesh DNS name outside the domain");
-        return None;
-    }
-    Some(name)
+    records.iter().filter_map(|(raw, addrs)| Some((usable(raw)?, addrs.as_slice()))).collect()
 }
 
 /// Builds the complete record map of one zone: SOA and NS at the apex plus A/AAAA sets (the mesh
@@ -301,7 +307,7 @@ fn zone_records(
     origin: &Name,
     domain: &Name,
     kind: ZoneKind,
-    records: &DnsRecords,
+    names: &[(Name, &[IpAddr])],
     serial: u32,
 ) -> BTreeMap<RrKey, Arc<RecordSet>> {
     let mut sets: BTreeMap<RrKey, RecordSet> = BTreeMap::new();
@@ -318,12 +324,11 @@ fn zone_records(
     add(origin, RecordType::SOA, ZONE_TTL, RData::SOA(soa));
     add(origin, RecordType::NS, ZONE_TTL, RData::NS(NS(domain.clone())));
 
-    for (raw, addrs) in records {
-        let Some(name) = record_name(raw, domain) else { continue };
-        for &addr in addrs {
+    for (name, addrs) in names {
+        for &addr in *addrs {
             match (kind, addr) {
-                (ZoneKind::Names, IpAddr::V4(v4)) => add(&name, RecordType::A, RECORD_TTL, RData::A(A(v4))),
-                (ZoneKind::Names, IpAddr::V6(v6)) => add(&name, RecordType::AAAA, RECORD_TTL, RData::AAAA(AAAA(v6))),
+                (ZoneKind::Names, IpAddr::V4(v4)) => add(name, RecordType::A, RECORD_TTL, RData::A(A(v4))),
+                (ZoneKind::Names, IpAddr::V6(v6)) => add(name, RecordType::AAAA, RECORD_TTL, RData::AAAA(AAAA(v6))),
                 (ZoneKind::Reverse(net), addr) if net.contains(&addr) => {
                     add(&Name::from(addr), RecordType::PTR, RECORD_TTL, RData::PTR(PTR(name.clone())));
                 }
@@ -693,7 +698,7 @@ mod tests {
             ("web.home.internal".to_owned(), vec![v4(10, 77, 0, 10)]),
             ("web.elsewhere.org".to_owned(), vec![v4(10, 77, 0, 11)]),
         ]);
-        let zone = zone_records(&origin, &origin, ZoneKind::Names, &records, 7);
+        let zone = zone_records(&origin, &origin, ZoneKind::Names, &mesh_names(&records, &origin), 7);
         let names: Vec<String> =
             zone.keys().filter(|key| key.record_type == RecordType::A).map(|key| key.name().to_string()).collect();
         assert_eq!(names, vec!["web.home.internal.".to_owned()]);
