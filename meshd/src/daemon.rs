@@ -3,7 +3,7 @@
 //! Requests enter through the admin socket, change the store through the controller, and every change
 //! is followed by one reconcile: new plan, diff against the running one, apply only the difference.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -45,9 +45,11 @@ struct Host {
     endpoints: EndpointKeeper,
 }
 
-/// How often where peers were last seen is checked and, when it changed, saved. Not at shutdown: the
-/// embedded device stops on SIGTERM by itself, and a read cut short would save a partial list.
-const ENDPOINTS_SAVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How often where peers were last seen is checked and, when it changed, saved: often enough that a
+/// host restarted seconds after a peer first reached it still knows where that peer is (one UAPI read
+/// of the peers each time). Not at shutdown: the embedded device stops on SIGTERM by itself, and a read
+/// cut short would save a partial list.
+const ENDPOINTS_SAVE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Saves where peers were seen to the state directory, so a restarted host renews tunnels to peers
 /// behind NAT itself.
@@ -63,13 +65,16 @@ impl EndpointKeeper {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let now = match on_interface(&interface, Interface::endpoints).await {
-                    Ok(now) if now != saved => now,
-                    Ok(_) => continue,
+                let now = match on_interface(&interface, Interface::endpoint_states).await {
+                    Ok(states) => endpoints_to_remember(&saved, &states),
                     Err(e) => {
                         debug!(error = format!("{e:#}"), "reading peer endpoints");
                         continue;
                     }
+                };
+                let now = match now {
+                    now if now != saved => now,
+                    _ => continue,
                 };
                 let (state, write) = (state.clone(), now.clone());
                 match tokio::task::spawn_blocking(move || state.write_peer_endpoints(&write)).await {
@@ -87,6 +92,23 @@ impl EndpointKeeper {
         self.task.abort();
         let _ = self.task.await;
     }
+}
+
+/// What to remember of where the interface's peers are: the endpoint of each peer that completed a
+/// handshake (one it really used), else what was remembered before. An endpoint the interface merely
+/// holds is never taken as a sighting: it may be configured, remembered, or (as boringtun's multi-peer
+/// `set` once did) another peer's. Peers no longer on the interface are forgotten.
+fn endpoints_to_remember(
+    saved: &PeerEndpoints,
+    states: &BTreeMap<String, (Option<SocketAddr>, bool)>,
+) -> PeerEndpoints {
+    states
+        .iter()
+        .filter_map(|(key, (endpoint, handshaken))| {
+            let seen = endpoint.filter(|_| *handshaken).or_else(|| saved.get(key).copied())?;
+            Some((key.clone(), seen))
+        })
+        .collect()
 }
 
 /// Run the daemon on `state` until SIGINT or SIGTERM: the controller and hub where the network's
@@ -220,6 +242,10 @@ async fn serve(
     let listener = admin::bind(&state.socket())?;
     tasks.push(tokio::spawn(admin::serve(listener, calls_tx)));
     info!(node = %host.name, socket = %state.socket().display(), join = %join_addr, "meshd ready");
+    // Peers (members and devices alike) still hold sessions with the hub as it was before the restart and
+    // would send on them, dropped here, until their own rekey (~15 s). Where they were last seen is
+    // known: a handshake from here renews them at once.
+    open_known_tunnels(host).await;
     let shutdown = wait_for_signal(host.stopped.clone());
     tokio::pin!(shutdown);
     let result = loop {
@@ -650,5 +676,42 @@ async fn shut_down(host: Host) {
     let _ = tokio::task::spawn_blocking(move || drop(interface)).await;
     if let Err(e) = firewall::remove(&plan.interface).await {
         warn!(error = %e, "removing access rules");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> Option<SocketAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn only_endpoints_confirmed_by_a_handshake_are_remembered() {
+        let saved = PeerEndpoints::from([("natted".to_owned(), at("192.0.2.9:4000").unwrap())]);
+        let states = BTreeMap::from([
+            // Handshaken: where it really is now.
+            ("roamed".to_owned(), (at("198.51.100.2:51820"), true)),
+            // Holds another peer's endpoint but never answered from there: not a sighting.
+            ("never-ran".to_owned(), (at("198.51.100.2:51820"), false)),
+            // Not seen since the restart: what was remembered stays.
+            ("natted".to_owned(), (at("198.51.100.2:51820"), false)),
+            ("quiet".to_owned(), (None, false)),
+        ]);
+        let remembered = endpoints_to_remember(&saved, &states);
+        assert_eq!(
+            remembered,
+            PeerEndpoints::from([
+                ("roamed".to_owned(), at("198.51.100.2:51820").unwrap()),
+                ("natted".to_owned(), at("192.0.2.9:4000").unwrap()),
+            ])
+        );
+    }
+
+    #[test]
+    fn peers_gone_from_the_interface_are_forgotten() {
+        let saved = PeerEndpoints::from([("gone".to_owned(), at("192.0.2.9:4000").unwrap())]);
+        assert!(endpoints_to_remember(&saved, &BTreeMap::new()).is_empty());
     }
 }

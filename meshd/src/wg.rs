@@ -9,8 +9,9 @@
 //!
 //! defguard's API is blocking; callers run it off the async runtime (`spawn_blocking`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::str::FromStr;
@@ -116,16 +117,19 @@ impl Interface {
                 peer.endpoint = last_seen.get(key).copied();
             }
         }
+        // The interface first, without peers: boringtun's UAPI `set` carries one peer's endpoint,
+        // preshared key and keepalive over to the next peer of the same message (see `set_peers`).
         let config = InterfaceConfiguration {
             name: interface.name.clone(),
             prvkey: key.to_base64(),
             addresses: Vec::new(),
             port: plan.listen_port,
-            peers,
+            peers: Vec::new(),
             mtu: Some(u32::from(plan.mtu)),
             fwmark: None,
         };
         interface.api.configure_interface(&config).map_err(|e| err(&e))?;
+        interface.set_peers(&peers)?;
         let added: Vec<IpNet> = plan.addresses.iter().copied().collect();
         interface.change_addresses(&added, &[])?;
         info!(interface = %interface.name, kernel = interface.is_kernel(), port = plan.listen_port, peers = plan.peers.len(), "interface up");
@@ -153,6 +157,7 @@ impl Interface {
         // session. The endpoint it learned from the peer (one behind NAT has no configured endpoint)
         // is carried over, so this side can renew the session itself.
         let mut reachable = Vec::new();
+        let mut configured = Vec::new();
         for (key, plan) in &diff.update {
             let mut peer = to_peer(key, plan)?;
             if !self.is_kernel() {
@@ -162,11 +167,11 @@ impl Interface {
                 }
                 debug!(peer = %plan.name, endpoint = ?peer.endpoint, known = learned.len(), "replacing peer");
             }
-            self.api.configure_peer(&peer).map_err(|e| self.error(e))?;
             // The kernel keeps a learned endpoint across an update.
             if peer.endpoint.is_some() || learned.contains_key(key) {
                 reachable.push(key.clone());
             }
+            configured.push(peer);
         }
         for (key, plan) in &diff.add {
             let mut peer = to_peer(key, plan)?;
@@ -174,12 +179,43 @@ impl Interface {
             if peer.endpoint.is_none() {
                 peer.endpoint = last_seen;
             }
-            self.api.configure_peer(&peer).map_err(|e| self.error(e))?;
             if peer.endpoint.is_some() {
                 reachable.push(key.clone());
             }
+            configured.push(peer);
         }
+        self.set_peers(&configured)?;
         Ok(reachable)
+    }
+
+    /// Configure `peers`, each in a `set` of its own, then read every one back and compare it with
+    /// what was meant.
+    ///
+    /// Works around a bug of boringtun's UAPI handler (defguard's fork 0.7.1, as upstream): within one
+    /// `set`, a `public_key=` line that starts the next peer resets only the allowed IPs, so the
+    /// endpoint, preshared key, persistent keepalive and `remove` flag of one peer carry over to the
+    /// next peer that does not set its own (a node listed after a device got the device's preshared
+    /// key). One peer per `set` leaves nothing to carry over; the read-back catches any backend that
+    /// still applies something else. Errors: the first peer that failed to apply or reads back wrong.
+    fn set_peers(&self, peers: &[Peer]) -> Result<(), WgError> {
+        if peers.is_empty() {
+            return Ok(());
+        }
+        for peer in peers {
+            self.api.configure_peer(peer).map_err(|e| self.error(e))?;
+        }
+        let host = self.api.read_interface_data().map_err(|e| self.error(e))?;
+        for want in peers {
+            let Some(got) = host.peers.get(&want.public_key) else {
+                return Err(self.error(format!("peer {} is missing after it was configured", want.public_key)));
+            };
+            if let Some(field) = peer_mismatch(want, got) {
+                return Err(
+                    self.error(format!("peer {} reads back with another {field} than was configured", want.public_key))
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Add and remove interface addresses.
@@ -260,6 +296,21 @@ impl Interface {
     pub fn endpoints(&self) -> Result<PeerEndpoints, WgError> {
         let host = self.api.read_interface_data().map_err(|e| self.error(e))?;
         Ok(host.peers.into_iter().filter_map(|(key, peer)| Some((key.to_string(), peer.endpoint?))).collect())
+    }
+
+    /// Every peer's endpoint as the interface has it (configured, learned, or remembered), by public
+    /// key, with whether the peer has completed a handshake since the interface came up: only then is
+    /// the endpoint one the peer really used.
+    pub fn endpoint_states(&self) -> Result<BTreeMap<String, (Option<SocketAddr>, bool)>, WgError> {
+        let host = self.api.read_interface_data().map_err(|e| self.error(e))?;
+        Ok(host
+            .peers
+            .into_iter()
+            .map(|(key, peer)| {
+                let handshaken = peer.last_handshake.is_some_and(|t| t > UNIX_EPOCH);
+                (key.to_string(), (peer.endpoint, handshaken))
+            })
+            .collect())
     }
 
     /// Last handshake (unix seconds) of every peer, by public key; `None` for never.
@@ -354,6 +405,33 @@ fn to_peer(key: &str, plan: &PeerPlan) -> Result<Peer, WgError> {
     Ok(peer)
 }
 
+/// The first field in which the peer read back from the interface (`got`) differs from the one
+/// configured (`want`), if any. An endpoint may differ once the peer has completed a handshake (a
+/// peer roams: its endpoint is then where its packets came from); before that it must be exactly the
+/// configured one, or none. A zero preshared key and a zero keepalive read back as "none"
+/// (wireguard-go reports them so).
+fn peer_mismatch(want: &Peer, got: &Peer) -> Option<&'static str> {
+    let psk = |p: &Peer| p.preshared_key.as_ref().map(Key::as_array).filter(|k| k.iter().any(|b| *b != 0));
+    let keepalive = |p: &Peer| p.persistent_keepalive_interval.filter(|s| *s != 0);
+    let ips = |p: &Peer| {
+        let mut ips: Vec<String> = p.allowed_ips.iter().map(ToString::to_string).collect();
+        ips.sort();
+        ips
+    };
+    let handshaken = got.last_handshake.is_some_and(|t| t > UNIX_EPOCH);
+    if psk(want) != psk(got) {
+        Some("preshared key")
+    } else if keepalive(want) != keepalive(got) {
+        Some("persistent keepalive")
+    } else if ips(want) != ips(got) {
+        Some("allowed IPs")
+    } else if want.endpoint != got.endpoint && !handshaken {
+        Some("endpoint")
+    } else {
+        None
+    }
+}
+
 fn ip(args: &[&str]) -> Result<(), WgError> {
     let output = Command::new("ip")
         .args(args)
@@ -364,5 +442,56 @@ fn ip(args: &[&str]) -> Result<(), WgError> {
     } else {
         let stderr = String::from_utf8_lossy(&output.stderr);
         Err(WgError::Ip { args: args.join(" "), message: stderr.trim().to_owned() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use defguard_wireguard_rs::net::IpAddrMask;
+
+    use super::*;
+
+    fn peer(psk: Option<u8>, endpoint: Option<&str>, keepalive: Option<u16>) -> Peer {
+        let mut p = Peer::new(Key::new([7; 32]));
+        p.preshared_key = psk.map(|b| Key::new([b; 32]));
+        p.endpoint = endpoint.map(|e| e.parse().unwrap());
+        p.persistent_keepalive_interval = keepalive;
+        p.allowed_ips =
+            vec![IpAddrMask::from_str("10.77.0.3/32").unwrap(), IpAddrMask::from_str("fd00::3/128").unwrap()];
+        p
+    }
+
+    #[test]
+    fn a_peer_that_reads_back_as_configured_matches() {
+        let want = peer(Some(1), Some("192.0.2.1:51820"), Some(25));
+        let mut got = want.clone();
+        got.allowed_ips.reverse();
+        assert_eq!(peer_mismatch(&want, &got), None);
+        // wireguard-go reports "none" as zeros.
+        let (want, mut got) = (peer(None, None, None), peer(Some(0), None, Some(0)));
+        got.last_handshake = Some(UNIX_EPOCH);
+        assert_eq!(peer_mismatch(&want, &got), None);
+    }
+
+    #[test]
+    fn fields_carried_over_from_another_peer_are_caught() {
+        let node = peer(None, None, None);
+        assert_eq!(peer_mismatch(&node, &peer(Some(9), None, None)), Some("preshared key"));
+        assert_eq!(peer_mismatch(&node, &peer(None, Some("192.0.2.1:51820"), None)), Some("endpoint"));
+        assert_eq!(peer_mismatch(&node, &peer(None, None, Some(25))), Some("persistent keepalive"));
+        let mut fewer = node.clone();
+        fewer.allowed_ips.pop();
+        assert_eq!(peer_mismatch(&node, &fewer), Some("allowed IPs"));
+    }
+
+    #[test]
+    fn a_peer_that_completed_a_handshake_may_have_roamed() {
+        let want = peer(None, Some("192.0.2.1:51820"), None);
+        let mut got = peer(None, Some("203.0.113.9:40000"), None);
+        assert_eq!(peer_mismatch(&want, &got), Some("endpoint"));
+        got.last_handshake = Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        assert_eq!(peer_mismatch(&want, &got), None);
     }
 }
