@@ -8,7 +8,9 @@ if [ -n "${MESHD_BIN_DIR:-}" ]; then
   bin=$MESHD_BIN_DIR                             # binaries built already (the tests use this)
 else
   cargo build --quiet --bins
-  bin=target/debug
+  # Wherever cargo puts them: CARGO_TARGET_DIR, build.target-dir in a cargo config, or ./target.
+  target=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+  bin=$target/debug
 fi
 state=${MESHD_STATE_DIR:-./meshd-state}
 endpoint=${MESHD_ENDPOINT:-203.0.113.10:51820}   # where phones reach this host: your public IP or name

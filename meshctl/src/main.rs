@@ -202,6 +202,7 @@ enum InviteRole {
 }
 
 fn main() -> ExitCode {
+    meshd::exit_quietly_on_closed_output();
     let cli: Cli = meshd::parse_args();
     match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,7 @@
 //! The admin socket: a root-only unix socket in the state directory where `meshctl` sends one JSON
 //! request per connection and reads one JSON reply.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
@@ -118,13 +118,28 @@ pub fn call(path: &Path, request: &Request) -> Result<Outcome, AdminError> {
     if line.len() as u64 > MAX_REQUEST {
         return Err(AdminError::TooLarge(line.len()));
     }
-    let mut stream =
+    let stream =
         StdUnixStream::connect(path).map_err(|source| AdminError::Connect { path: path.to_path_buf(), source })?;
     stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(err)?;
-    stream.write_all(&line).map_err(err)?;
+    send_all(&stream, &line).map_err(err)?;
     let mut reply = String::new();
     BufReader::new(stream).read_line(&mut reply).map_err(err)?;
     serde_json::from_str(&reply).map_err(|_| AdminError::BadReply(path.to_path_buf()))
+}
+
+/// Write all of `bytes` with `MSG_NOSIGNAL`: a daemon gone mid-request is an error here, never a
+/// SIGPIPE (the command-line programs restore SIGPIPE's default action).
+fn send_all(stream: &StdUnixStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    let socket = socket2::SockRef::from(stream);
+    while !bytes.is_empty() {
+        match socket.send_with_flags(bytes, libc::MSG_NOSIGNAL) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -34,6 +34,18 @@ pub fn init_logging() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
+/// Let a closed standard output end the process quietly, as Unix tools do (`meshctl ... | head`).
+/// Rust starts programs with SIGPIPE ignored, so a write to a closed pipe fails and `println!`
+/// panics. For the command-line programs only: the daemon keeps ignoring SIGPIPE, since a client
+/// that goes away must never end it. Sockets these programs write to are written with `MSG_NOSIGNAL`
+/// (see [`admin::call`]), so a daemon that goes away mid-request is still reported as an error.
+pub fn exit_quietly_on_closed_output() {
+    // SAFETY: signal(2) with the default action; called at the start of main, before any thread.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Parse the command line; a usage error is printed as one line (`error: ...`) and exits with 2.
 pub fn parse_args<T: clap::Parser>() -> T {
     match T::try_parse() {

@@ -83,6 +83,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli: Cli = meshd::parse_args();
+    if !matches!(cli.command, Command::Run { .. }) {
+        meshd::exit_quietly_on_closed_output();
+    }
     meshd::init_logging();
     let result = match cli.command {
         Command::Init { network, name, endpoint, cidr, domain, state_dir, interface, listen_port } => {

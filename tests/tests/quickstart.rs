@@ -20,6 +20,7 @@ fn qr_rows(stdout: &str) -> usize {
 
 #[test]
 fn quickstart_provisions_a_network_and_prints_a_phone_qr() {
+    finds_the_binaries_under_cargo_target_dir();
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("meshd-state");
 
@@ -45,4 +46,28 @@ fn quickstart_provisions_a_network_and_prints_a_phone_qr() {
     let names: Vec<&str> = devices.as_array().unwrap().iter().filter_map(|d| d["name"].as_str()).collect();
     assert_eq!(names, ["phone1", "phone2"]);
     assert!(devices.as_array().unwrap().iter().all(|d| d["allow"] == serde_json::json!(["wallet"])), "{devices}");
+}
+
+/// Rust developers often set `CARGO_TARGET_DIR`: the script finds the binaries it built wherever cargo put
+/// them (here, the tests' own target directory reached through another path, so nothing is rebuilt and
+/// `./target/debug` would be the wrong guess). Run before the other quickstart runs, never beside them:
+/// should its `cargo build` have anything to do, it replaces the binaries they run.
+fn finds_the_binaries_under_cargo_target_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = bin_dir().parent().unwrap().canonicalize().unwrap();
+    let elsewhere = tmp.path().join("elsewhere");
+    std::os::unix::fs::symlink(&target, &elsewhere).unwrap();
+    let state = tmp.path().join("meshd-state");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .env_remove("MESHD_BIN_DIR")
+        .env("CARGO_TARGET_DIR", &elsewhere)
+        .env("MESHD_STATE_DIR", &state)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "quickstart with CARGO_TARGET_DIR failed: {stderr}");
+    assert!(stderr.contains("device phone1"), "{stderr}");
+    assert!(qr_rows(&stdout) >= 20, "no QR code printed:\n{stdout}");
 }
