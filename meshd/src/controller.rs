@@ -7,7 +7,7 @@ use std::path::Path;
 use ipnet::{IpNet, Ipv4Net};
 
 use crate::api::{DeviceHandout, InviteIssued, JoinRequest, MemberState, Outcome, Reply, Request, StatusView};
-use crate::input::{HostPort, Label};
+use crate::input::{self, HostPort, Label};
 use crate::invite::{self, Token};
 use crate::join::JoinIdentity;
 use crate::keys;
@@ -72,6 +72,8 @@ pub enum ControlError {
     #[error("the join certificate: {0}")]
     JoinIdentity(#[from] crate::join::JoinError),
     #[error(transparent)]
+    Input(#[from] input::InputError),
+    #[error(transparent)]
     Store(#[from] StoreError),
 }
 
@@ -96,6 +98,8 @@ pub struct Controller {
 impl Controller {
     /// Create the network in a new database at `db` and make this host its hub (first address).
     pub fn init(db: &Path, new: &NewNetwork) -> Result<(Controller, Snapshot), ControlError> {
+        input::check_dns_name(&format!("{}.{}", new.hub, new.domain))?;
+        input::check_endpoint(&new.endpoint)?;
         let mut store = Store::create(db)?;
         let snapshot = store.write(|w| {
             let network = Network {
@@ -171,6 +175,10 @@ impl Controller {
     /// exactly one becomes the node.
     pub fn redeem(&mut self, request: &JoinRequest) -> Result<MemberState, ControlError> {
         let public_key = keys::parse_public_key(&request.public_key)?;
+        // The joining host's word for where it is goes into every other host's config.
+        if let Some(endpoint) = &request.endpoint {
+            input::check_endpoint(endpoint)?;
+        }
         self.store.write(|w| {
             let invite = w.invite(&request.id)?.ok_or(ControlError::InviteForged)?;
             if !invite::hashes_equal(&invite.secret_hash, &invite::hash_secret(&request.secret)) {
@@ -494,7 +502,9 @@ fn ensure_key_free(s: &Snapshot, public_key: &str) -> Result<(), ControlError> {
     }
 }
 
+/// A new name must be free and, under the network's domain, a name DNS can carry.
 fn ensure_name_free(w: &Writer<'_>, s: &Snapshot, name: &Label) -> Result<(), ControlError> {
+    input::check_dns_name(&s.network.fqdn(name))?;
     let kind = if s.nodes.iter().any(|n| &n.name == name) {
         "node"
     } else if s.devices.iter().any(|d| &d.name == name) {

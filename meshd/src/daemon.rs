@@ -19,7 +19,7 @@ use crate::admin::{self, Call};
 use crate::api::{JoinReply, JoinRequest, MemberState, Outcome, Reply, Request};
 use crate::controller::Controller;
 use crate::desired::{self, HostPlan, PeerPlan};
-use crate::dns::{self, MeshDns};
+use crate::dns::{self, DnsError, MeshDns};
 use crate::firewall;
 use crate::forward::Forwarders;
 use crate::join::{self, JoinCall};
@@ -36,6 +36,8 @@ const RESOLV_CONF: &str = "/etc/resolv.conf";
 /// Everything this host runs for the mesh.
 struct Host {
     name: String,
+    /// The port the mesh DNS listens on, on this host's mesh addresses.
+    dns_port: u16,
     plan: HostPlan,
     interface: Arc<Mutex<Interface>>,
     forwarders: Forwarders,
@@ -111,15 +113,25 @@ fn endpoints_to_remember(
         .collect()
 }
 
+/// How `meshd run` runs this host.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    /// Which WireGuard implementation to use.
+    pub backend: Backend,
+    /// The port the mesh DNS listens on, on the host's mesh addresses: 53 unless another DNS server
+    /// holds port 53 on every address and forwards the mesh domain here.
+    pub dns_port: u16,
+}
+
 /// Run the daemon on `state` until SIGINT or SIGTERM: the controller and hub where the network's
 /// database is, a member host where `meshd join` left its membership.
-pub async fn run(state: &StateDir, backend: Backend) -> anyhow::Result<()> {
+pub async fn run(state: &StateDir, options: RunOptions) -> anyhow::Result<()> {
     let _lock = state.lock_daemon()?;
     if state.db().exists() {
         let mut controller = Controller::open(&state.db())?;
         let snapshot = controller.snapshot()?;
         let key = state.read_private_key()?;
-        let mut host = start_host(state, backend, &snapshot, &key).await?;
+        let mut host = start_host(state, options, &snapshot, &key).await?;
         let result = serve(state, &mut controller, &mut host, &snapshot).await;
         shut_down(host).await;
         result
@@ -127,7 +139,7 @@ pub async fn run(state: &StateDir, backend: Backend) -> anyhow::Result<()> {
         let member = state.read_member_state()?;
         let key = member_key(state, &member)?;
         let snapshot = member.state.snapshot();
-        let mut host = start_host(state, backend, &snapshot, &key).await?;
+        let mut host = start_host(state, options, &snapshot, &key).await?;
         info!(node = %host.name, network = %member.state.network.name, "meshd ready (member)");
         let result = follow_controller(state, member, key, &mut host).await;
         shut_down(host).await;
@@ -157,7 +169,12 @@ fn member_key(state: &StateDir, member: &MemberState) -> anyhow::Result<PrivateK
 }
 
 /// Bring this host's part of the network up: access rules, interface, forwarders, DNS.
-async fn start_host(state: &StateDir, backend: Backend, snapshot: &Snapshot, key: &PrivateKey) -> anyhow::Result<Host> {
+async fn start_host(
+    state: &StateDir,
+    options: RunOptions,
+    snapshot: &Snapshot,
+    key: &PrivateKey,
+) -> anyhow::Result<Host> {
     let me = key.public_key();
     let name = snapshot.nodes.iter().find(|n| n.public_key == me).map(|n| n.name.to_string()).ok_or_else(|| {
         anyhow!(
@@ -166,7 +183,7 @@ async fn start_host(state: &StateDir, backend: Backend, snapshot: &Snapshot, key
             snapshot.network.name
         )
     })?;
-    let plan = desired::plan_host(snapshot, &name)?;
+    let plan = plan_host(snapshot, &name, options.dns_port)?;
     let last_seen = state.read_peer_endpoints();
 
     // The access rules match the interface by name, so they are in place before it comes up.
@@ -174,7 +191,7 @@ async fn start_host(state: &StateDir, backend: Backend, snapshot: &Snapshot, key
     let created = {
         let (plan, key, last_seen) = (plan.clone(), key.clone(), last_seen.clone());
         tokio::task::spawn_blocking(move || {
-            let interface = Interface::create(backend, &plan, &key, &last_seen)?;
+            let interface = Interface::create(options.backend, &plan, &key, &last_seen)?;
             if plan.access.routes {
                 interface.enable_forwarding()?;
             }
@@ -192,8 +209,16 @@ async fn start_host(state: &StateDir, backend: Backend, snapshot: &Snapshot, key
     let stopped = interface.stopped();
     let interface = Arc::new(Mutex::new(interface));
     let endpoints = EndpointKeeper::start(state, interface.clone(), last_seen);
-    let mut host =
-        Host { name, plan: plan.clone(), stopped, interface, forwarders: Forwarders::default(), dns: None, endpoints };
+    let mut host = Host {
+        name,
+        dns_port: options.dns_port,
+        plan: plan.clone(),
+        stopped,
+        interface,
+        forwarders: Forwarders::default(),
+        dns: None,
+        endpoints,
+    };
     if let Err(e) = bring_up(&mut host, &plan).await {
         shut_down(host).await;
         return Err(e);
@@ -559,12 +584,42 @@ async fn bring_up(host: &mut Host, plan: &HostPlan) -> anyhow::Result<()> {
     match started {
         Ok(server) => host.dns = Some(server),
         // Devices are told to use the hub's DNS: without it they lose names, so the hub does not run without.
-        Err(e) if !dns_plan.clients.is_empty() => return Err(anyhow::Error::new(e).context("starting mesh DNS")),
+        Err(e) if !dns_plan.clients.is_empty() => return Err(dns_start_error(e, dns_plan)),
         // A member's DNS is a convenience for the host itself; another DNS server on port 53 of every
         // address (dnsmasq, Pi-hole) must not keep the host out of the mesh.
-        Err(e) => warn!(error = %e, "no mesh DNS on this host: mesh names resolve through the hub's DNS only"),
+        Err(e) => warn!(
+            error = %e,
+            "no mesh DNS on this host: mesh names resolve through the hub's DNS only (with another DNS server on port 53, run with --dns-port)"
+        ),
     }
     Ok(())
+}
+
+/// This host's plan, with the mesh DNS on `dns_port` (a setting of this host, not of the network).
+fn plan_host(snapshot: &Snapshot, name: &str, dns_port: u16) -> anyhow::Result<HostPlan> {
+    let mut plan = desired::plan_host(snapshot, name)?;
+    plan.dns.listen.iter_mut().for_each(|addr| addr.set_port(dns_port));
+    Ok(plan)
+}
+
+/// Why the hub's mesh DNS did not start, in one line. Port 53 taken on a mesh address almost always
+/// means another DNS server listening on every address (dnsmasq, Pi-hole, Unbound): say so, and how
+/// the two can run side by side.
+fn dns_start_error(e: DnsError, plan: &desired::DnsPlan) -> anyhow::Error {
+    match &e {
+        DnsError::Bind { addr, source, .. }
+            if source.kind() == std::io::ErrorKind::AddrInUse && addr.port() == dns::DNS_PORT =>
+        {
+            let ip = addr.ip();
+            anyhow!(
+                "port 53 on the mesh address {ip} is taken, most likely by another DNS server listening on every \
+                 address (dnsmasq, Pi-hole, Unbound): run `meshd run --dns-port 5353` and have that server forward \
+                 {domain} to {ip} port 5353 (docs/CLI.md, \"Next to another DNS server\")",
+                domain = plan.domain
+            )
+        }
+        _ => anyhow::Error::new(e).context("starting mesh DNS"),
+    }
 }
 
 async fn handle(controller: &mut Controller, host: &mut Host, publisher: &Publisher, request: Request) -> Outcome {
@@ -583,7 +638,7 @@ async fn handle(controller: &mut Controller, host: &mut Host, publisher: &Publis
 /// Make the host match the network in `snapshot`, touching only what changed. Returns the peers added or
 /// replaced that this host can open a tunnel to (they have an endpoint), by key.
 async fn reconcile(host: &mut Host, snapshot: &Snapshot) -> anyhow::Result<Vec<(String, PeerPlan)>> {
-    let new = desired::plan_host(snapshot, &host.name)?;
+    let new = plan_host(snapshot, &host.name, host.dns_port)?;
     if new == host.plan {
         return Ok(Vec::new());
     }

@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 /// Why an operator's input was refused; the message names the value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InputError {
-    #[error("{0:?} is not a valid name: use 1-63 lowercase letters, digits or '-', not starting or ending with '-'")]
+    #[error("{0:?} is not a valid name: use 1-63 letters, digits or '-', not starting or ending with '-'")]
     Label(String),
-    #[error("{0:?} is not a valid domain: use dot-separated names of lowercase letters, digits or '-'")]
+    #[error("{0:?} is not a valid domain: use dot-separated names of letters, digits or '-'")]
     Domain(String),
     #[error("{0:?} is not HOST:PORT (an IPv4 address, [IPv6] address or DNS name, then a port)")]
     HostPort(String),
@@ -31,9 +31,32 @@ pub enum InputError {
     CidrHostBits { given: String, network: Ipv4Net },
     #[error("interface name {0:?} is invalid: 1-15 characters of letters, digits, '-', '_' or '.'")]
     Interface(String),
+    #[error(
+        "{endpoint} cannot be an endpoint: {reason}; give the public address or DNS name where phones and other hosts reach this host"
+    )]
+    Endpoint { endpoint: String, reason: &'static str },
+    #[error(
+        "the DNS name {name} would be {len} characters long (DNS allows {MAX_DNS_NAME}): choose a shorter name or domain"
+    )]
+    NameTooLong { name: String, len: usize },
 }
 
-/// A DNS label used as the name of a network, node, device or service (RFC 1123, lowercase).
+/// The longest DNS name in presentation form, without the final dot (RFC 1035 section 2.3.4: 255
+/// octets on the wire).
+pub const MAX_DNS_NAME: usize = 253;
+
+/// Check that `name` (a full DNS name, without the final dot) fits DNS's limits; every label of it is
+/// 63 characters at most already, as a [`Label`] or a domain from [`parse_domain`]. Errors:
+/// [`InputError::NameTooLong`].
+pub fn check_dns_name(name: &str) -> Result<(), InputError> {
+    if name.len() > MAX_DNS_NAME {
+        return Err(InputError::NameTooLong { name: name.to_owned(), len: name.len() });
+    }
+    Ok(())
+}
+
+/// A DNS label used as the name of a network, node, device or service (RFC 1123). DNS compares names
+/// without regard to case (RFC 4343): a label is stored lowercase, so `Phone` and `phone` are one name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Label(String);
@@ -50,10 +73,10 @@ impl FromStr for Label {
     fn from_str(s: &str) -> Result<Self, InputError> {
         let ok = !s.is_empty()
             && s.len() <= 63
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
             && !s.starts_with('-')
             && !s.ends_with('-');
-        if ok { Ok(Label(s.to_owned())) } else { Err(InputError::Label(s.to_owned())) }
+        if ok { Ok(Label(s.to_ascii_lowercase())) } else { Err(InputError::Label(s.to_owned())) }
     }
 }
 
@@ -77,11 +100,12 @@ impl fmt::Display for Label {
 }
 
 /// Check a DNS domain made of labels (e.g. `home.internal`); returns it lowercase without a trailing dot.
+/// At most 200 characters, so that names under it (a label of up to 63 and a dot) still fit DNS.
 pub fn parse_domain(s: &str) -> Result<String, InputError> {
     let trimmed = s.strip_suffix('.').unwrap_or(s);
     let ok =
         !trimmed.is_empty() && trimmed.len() <= 200 && trimmed.split('.').all(|part| part.parse::<Label>().is_ok());
-    if ok { Ok(trimmed.to_owned()) } else { Err(InputError::Domain(s.to_owned())) }
+    if ok { Ok(trimmed.to_ascii_lowercase()) } else { Err(InputError::Domain(s.to_owned())) }
 }
 
 /// Where to reach something: a host (IP address or DNS name) and a port.
@@ -109,6 +133,33 @@ impl HostPort {
         match self.host {
             Host::Ip(ip) => Some(ip),
             Host::Name(_) => None,
+        }
+    }
+
+    /// Why no phone or other host could reach this as a WireGuard endpoint, if so: an unspecified,
+    /// loopback, multicast, broadcast or link-local address (RFC 6890), or `localhost` (RFC 6761
+    /// section 6.3). Private and documentation addresses pass: a LAN or a lab may use them.
+    pub fn unusable_as_endpoint(&self) -> Option<&'static str> {
+        match &self.host {
+            Host::Name(name) if name == "localhost" || name.ends_with(".localhost") => {
+                Some("localhost is this host itself on every device")
+            }
+            Host::Name(_) => None,
+            Host::Ip(ip) => {
+                let ip = match ip {
+                    IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(*ip),
+                    IpAddr::V4(_) => *ip,
+                };
+                match ip {
+                    ip if ip.is_unspecified() => Some("an unspecified address reaches nothing"),
+                    ip if ip.is_loopback() => Some("a loopback address is each device itself"),
+                    ip if ip.is_multicast() => Some("a multicast address is no single host"),
+                    IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address is no single host"),
+                    IpAddr::V4(v4) if v4.is_link_local() => Some("a link-local address is not routed"),
+                    IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("a link-local address is not routed"),
+                    _ => None,
+                }
+            }
         }
     }
 
@@ -181,6 +232,23 @@ impl fmt::Display for HostPort {
     }
 }
 
+/// Parse a WireGuard endpoint: a [`HostPort`] that phones and other hosts can reach (see
+/// [`HostPort::unusable_as_endpoint`]). Errors: [`InputError::HostPort`], [`InputError::Port`],
+/// [`InputError::Endpoint`].
+pub fn parse_endpoint(s: &str) -> Result<HostPort, InputError> {
+    let endpoint: HostPort = s.parse()?;
+    check_endpoint(&endpoint)?;
+    Ok(endpoint)
+}
+
+/// Refuse an endpoint no phone or other host can reach, with the reason.
+pub fn check_endpoint(endpoint: &HostPort) -> Result<(), InputError> {
+    match endpoint.unusable_as_endpoint() {
+        Some(reason) => Err(InputError::Endpoint { endpoint: endpoint.to_string(), reason }),
+        None => Ok(()),
+    }
+}
+
 /// Parse a port number (1-65535).
 pub fn parse_port(s: &str) -> Result<u16, InputError> {
     match s.parse::<u16>() {
@@ -228,16 +296,68 @@ mod tests {
         for good in ["a", "phone1", "btc-pay", "0x", &"a".repeat(63)] {
             assert!(good.parse::<Label>().is_ok(), "{good}");
         }
-        for bad in ["", "-a", "a-", "Phone", "bad_name!", "a.b", "é", &"a".repeat(64), "a b"] {
+        for bad in ["", "-a", "a-", "bad_name!", "a.b", "é", &"a".repeat(64), "a b"] {
             assert_eq!(bad.parse::<Label>(), Err(InputError::Label(bad.to_owned())), "{bad}");
         }
+    }
+
+    #[test]
+    fn names_are_case_insensitive_and_stored_lowercase() {
+        assert_eq!("Alice-Phone".parse::<Label>().unwrap(), "alice-phone".parse::<Label>().unwrap());
+        assert_eq!("BTCPay".parse::<Label>().unwrap().as_str(), "btcpay");
+        assert_eq!(parse_domain("Home.Internal.").unwrap(), "home.internal");
+        let endpoint: HostPort = "Node.DynDNS.Example:51820".parse().unwrap();
+        assert_eq!(endpoint.to_string(), "node.dyndns.example:51820");
+    }
+
+    #[test]
+    fn endpoints_no_device_can_reach_are_refused_with_the_reason() {
+        for (bad, why) in [
+            ("0.0.0.0:51820", "unspecified"),
+            ("[::]:51820", "unspecified"),
+            ("127.0.0.1:51820", "loopback"),
+            ("127.8.9.10:51820", "loopback"),
+            ("[::1]:51820", "loopback"),
+            ("[::ffff:127.0.0.1]:51820", "loopback"),
+            ("224.0.0.1:51820", "multicast"),
+            ("[ff02::1]:51820", "multicast"),
+            ("255.255.255.255:51820", "broadcast"),
+            ("169.254.1.1:51820", "link-local"),
+            ("[fe80::1]:51820", "link-local"),
+            ("localhost:51820", "localhost"),
+            ("LocalHost:51820", "localhost"),
+            ("vpn.localhost:51820", "localhost"),
+        ] {
+            let refused = parse_endpoint(bad).unwrap_err();
+            assert!(matches!(refused, InputError::Endpoint { .. }), "{bad}: {refused:?}");
+            assert!(refused.to_string().contains(why), "{bad}: {refused}");
+        }
+        for good in [
+            "203.0.113.10:51820",
+            "192.168.1.2:51820",
+            "[2001:db8::1]:51820",
+            "[2001:db8:aaaa:bbbb:cccc:dddd:eeee:ffff]:51820",
+            "node.example.net:51820",
+        ] {
+            assert!(parse_endpoint(good).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn names_longer_than_dns_allows_are_refused() {
+        let domain = parse_domain(&[&"d".repeat(63)[..], &"e".repeat(63), &"f".repeat(63)].join(".")).unwrap();
+        let label: Label = "a".repeat(63).parse().unwrap();
+        let name = format!("{label}.{domain}");
+        assert_eq!(name.len(), 255);
+        assert_eq!(check_dns_name(&name), Err(InputError::NameTooLong { name: name.clone(), len: 255 }));
+        assert!(check_dns_name(&name[2..]).is_ok(), "253 characters fit");
     }
 
     #[test]
     fn domains() {
         assert_eq!(parse_domain("home.internal.").unwrap(), "home.internal");
         assert_eq!(parse_domain("shop").unwrap(), "shop");
-        for bad in ["", ".", "a..b", "-a.b", "A.b", "a_b.c"] {
+        for bad in ["", ".", "a..b", "-a.b", "a_b.c", &format!("{}.b", "a".repeat(199))] {
             assert!(parse_domain(bad).is_err(), "{bad}");
         }
     }

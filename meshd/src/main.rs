@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use meshd::api::{JoinReply, JoinRequest};
 use meshd::controller::{Controller, NewNetwork};
+use meshd::daemon::RunOptions;
 use meshd::hostnet;
 use meshd::input::{self, HostPort, Label};
 use meshd::invite::Token;
@@ -35,7 +36,7 @@ enum Command {
         #[arg(long)]
         name: Label,
         /// Where devices and other hosts reach this host: HOST:PORT (public address or DNS name).
-        #[arg(long)]
+        #[arg(long, value_parser = input::parse_endpoint)]
         endpoint: HostPort,
         /// IPv4 range of the mesh.
         #[arg(long, default_value = "10.77.0.0/16", value_parser = input::parse_cidr)]
@@ -61,7 +62,7 @@ enum Command {
         #[arg(long, env = "MESHD_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
         /// Where other hosts reach this one: HOST:PORT (omit behind NAT without inbound).
-        #[arg(long)]
+        #[arg(long, value_parser = input::parse_endpoint)]
         endpoint: Option<HostPort>,
         /// WireGuard interface name.
         #[arg(long, default_value = "meshd0", value_parser = input::parse_interface)]
@@ -78,6 +79,11 @@ enum Command {
         /// WireGuard implementation.
         #[arg(long, value_enum, default_value = "auto")]
         wireguard: Backend,
+        /// Port of the mesh DNS on this host's mesh addresses. Next to another DNS server that holds
+        /// port 53 on every address (dnsmasq, Pi-hole, Unbound), serve here and have it forward the
+        /// mesh domain to this port.
+        #[arg(long, default_value_t = meshd::dns::DNS_PORT, value_parser = input::parse_port)]
+        dns_port: u16,
     },
 }
 
@@ -106,7 +112,9 @@ fn main() -> ExitCode {
             let listen_port = listen_port.or(endpoint.as_ref().map(HostPort::port)).unwrap_or(DEFAULT_LISTEN_PORT);
             join(&StateDir::new(state_dir), &token, endpoint, interface, listen_port)
         }
-        Command::Run { state_dir, wireguard } => run(&StateDir::new(state_dir), wireguard),
+        Command::Run { state_dir, wireguard, dns_port } => {
+            run(&StateDir::new(state_dir), RunOptions { backend: wireguard, dns_port })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -210,7 +218,7 @@ fn join(
     Ok(())
 }
 
-fn run(state: &StateDir, backend: Backend) -> anyhow::Result<()> {
+fn run(state: &StateDir, options: RunOptions) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(meshd::daemon::run(state, backend))
+    runtime.block_on(meshd::daemon::run(state, options))
 }

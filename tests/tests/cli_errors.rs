@@ -106,7 +106,17 @@ fn init_rejects_bad_cidr_endpoint_and_names() {
     for (extra, mention) in [(vec!["--cidr", "10.0.0.0/33"], "10.0.0.0/33"), (vec!["--cidr", "banana"], "banana")] {
         assert_refused(&mut init_cmd(d, &extra), d, &[mention]);
     }
-    for (endpoint, mention) in [("nocolon", "nocolon"), ("1.2.3.4:70000", "70000")] {
+    for (endpoint, mention) in [
+        ("nocolon", "nocolon"),
+        ("1.2.3.4:70000", "70000"),
+        // Endpoints no phone can reach go into no QR code.
+        ("0.0.0.0:51820", "unspecified"),
+        ("127.0.0.1:51820", "loopback"),
+        ("[::1]:51820", "loopback"),
+        ("239.1.2.3:51820", "multicast"),
+        ("255.255.255.255:51820", "broadcast"),
+        ("localhost:51820", "localhost"),
+    ] {
         let mut cmd = Command::new(product_bin("meshd"));
         cmd.args(["init", "--network", "home", "--name", "hub", "--endpoint", endpoint]).arg("--state-dir").arg(d);
         assert_refused(&mut cmd, d, &[mention]);
@@ -173,6 +183,47 @@ fn names_must_be_dns_labels() {
     let devices = run_json(meshctl(d).args(["device", "list", "--json"]));
     assert_eq!(devices.as_array().map(Vec::len), Some(1), "{devices}");
     assert_eq!(devices[0]["name"], max);
+}
+
+#[test]
+fn names_are_case_insensitive_as_in_dns() {
+    let mut init = Command::new(product_bin("meshd"));
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    init.args(["init", "--network", "Home", "--name", "Hub", "--endpoint", "Node.DynDNS.Example:51820"]);
+    run_ok(init.args(["--domain", "Home.Internal"]).arg("--state-dir").arg(d));
+    run_ok(meshctl(d).args(["service", "add", "Wallet", "--node", "HUB", "--target", "127.0.0.1:9737"]));
+    run_ok(meshctl(d).args(["device", "add", "Alice-Phone", "--allow", "WALLET"]));
+    let mut cmd = meshctl(d);
+    cmd.args(["device", "add", "alice-phone", "--allow", "wallet"]);
+    assert_refused(&mut cmd, d, &["already used"]);
+    let services = run_json(meshctl(d).args(["service", "list", "--json"]));
+    assert_eq!(services[0]["dns_name"], "wallet.home.internal");
+    let devices = run_json(meshctl(d).args(["device", "list", "--json"]));
+    assert_eq!(devices[0]["name"], "alice-phone");
+    let status = run_json(meshctl(d).args(["status", "--json"]));
+    assert_eq!(status["nodes"][0]["endpoint"], "node.dyndns.example:51820", "{status}");
+}
+
+#[test]
+fn names_longer_than_dns_allows_are_refused_when_created() {
+    // A 191-character domain: a 63-character name under it would be 255 characters, over DNS's 253.
+    let domain = ["d".repeat(63), "e".repeat(63), "f".repeat(63)].join(".");
+    let dir = init(&["--domain", &domain]);
+    let d = dir.path();
+    let long = "a".repeat(63);
+    let mut cmd = meshctl(d);
+    cmd.args(["service", "add", &long, "--node", "hub", "--target", "127.0.0.1:9090"]);
+    assert_refused(&mut cmd, d, &["253"]);
+    run_ok(meshctl(d).args(["service", "add", "svc", "--node", "hub", "--target", "127.0.0.1:9090"]));
+    let mut cmd = meshctl(d);
+    cmd.args(["device", "add", &long, "--allow", "svc"]);
+    assert_refused(&mut cmd, d, &["253"]);
+    let mut cmd = meshctl(d);
+    cmd.args(["node", "invite", &long]);
+    assert_refused(&mut cmd, d, &["253"]);
+    // The longest name that fits is fine.
+    run_ok(meshctl(d).args(["device", "add", &"b".repeat(61), "--allow", "svc"]));
 }
 
 #[test]
