@@ -2,9 +2,8 @@
 //! [`declare`] core; this edge reads the network through the admin API, prints the plan, sends the
 //! plan's requests as one batch (all or nothing) and hands out the new devices' configs and invite tokens.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::collections::BTreeMap;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,8 +12,10 @@ use meshd::api::{Reply, Request};
 use meshd::declare::{self, Current, Declaration, Plan, Step};
 use meshd::input::Label;
 use meshd::keys::PrivateKey;
+use meshd::render::{self, DeviceDns};
 use serde::Serialize;
 
+use crate::output::{Existing, Format, Output};
 use crate::{BatchRefused, Global, device_config, send};
 
 /// What `meshctl apply` was asked to do.
@@ -58,14 +59,18 @@ pub fn apply(g: &Global, args: Apply) -> anyhow::Result<()> {
     let current = read_network(g)?;
     let declaration = Declaration::parse(&text, &current.hub).map_err(|e| anyhow!("{file}: {e}"))?;
     let plan = declare::plan(&declaration, &current).map_err(|e| anyhow!("{file}: {e}"))?;
-    // Every config file is checked (and, for a real run, created) before the first change.
+    // Every config file is checked before the first change, and written before the batch is committed.
     let mut configs = Vec::new();
+    let mut paths: BTreeMap<PathBuf, &Label> = BTreeMap::new();
     for step in &plan.steps {
         if let Step::AddDevice { name, .. } = step {
             let path = config_path(&args.out_dir, name)?;
-            if !args.dry_run {
-                configs.push(ConfigFile::create(name.clone(), path)?);
+            if let Some(other) = paths.insert(path.clone(), name) {
+                bail!("devices {other} and {name} would both have their config in {}: rename one", path.display());
             }
+            let output = Output::open(&path, Format::Conf, Existing::Refuse)?;
+            let dns = declaration.device_dns.get(name).cloned().unwrap_or_default();
+            configs.push(ConfigFile { name: name.clone(), output, dns });
         }
     }
 
@@ -132,13 +137,22 @@ fn print_plan(plan: &Plan) {
     }
 }
 
-/// Carry the plan out as one batch: the controller makes every change or, refusing one, none. Then hand
-/// out what was made: the new devices' configs and the invite tokens.
+/// A new device's config file, resolved before anything changes.
+struct ConfigFile {
+    name: Label,
+    output: Output,
+    dns: DeviceDns,
+}
+
+/// Carry the plan out as one batch: the controller makes every change or, refusing one, none. The batch
+/// is previewed first, and the new devices' configs are written (staged) from the preview before the
+/// batch is committed asking for exactly those hand-outs; then they are put in place and the invite
+/// tokens handed out.
 fn execute(
     g: &Global,
     plan: &Plan,
     invite_secs: u64,
-    configs: Vec<ConfigFile>,
+    mut configs: Vec<ConfigFile>,
     report: &mut Report<'_>,
 ) -> anyhow::Result<()> {
     let mut device_keys = Vec::new();
@@ -155,129 +169,110 @@ fn execute(
         step_of.extend(std::iter::repeat_n(i, made.len()));
         requests.extend(made);
     }
+    let total = plan.steps.len();
+    // As for `device add`: no other hand-out between the preview and the commit.
+    let _lock = crate::StateDir::new(&g.state_dir).lock_hand_out().ok();
+    // Only a refusal says for sure that nothing happened (not, say, a daemon gone mid-call).
+    let refused = |e: anyhow::Error| match e.downcast_ref::<BatchRefused>().and_then(|r| step_of.get(r.index)) {
+        Some(&i) => anyhow!("change {} of {total} ({}) failed: {e}; nothing was applied", i + 1, plan.steps[i]),
+        None => e,
+    };
+    let previewed = match send(g, Request::Preview { request: Box::new(Request::Batch { requests: requests.clone() }) })
+    {
+        Ok(Reply::Batch(replies)) => replies,
+        Ok(other) => bail!("the controller sent an unexpected reply: {other:?}"),
+        Err(e) => return Err(refused(e)),
+    };
+    if device_keys.len() != configs.len() {
+        bail!("{} device keys for {} config files", device_keys.len(), configs.len());
+    }
+    let mut handouts = device_keys.iter().zip(configs.iter_mut());
+    for (request, reply) in requests.iter_mut().zip(previewed) {
+        let (Request::DeviceAdd { expect, .. }, Reply::DeviceHandout(handout)) = (request, reply) else { continue };
+        let (key, config) = handouts.next().context("a device was added that the plan did not make a key for")?;
+        let mut device = device_config(key, &handout);
+        config.dns.apply_to(&mut device);
+        // Never hand out a config that would not read back as itself.
+        device.validate().map_err(|e| anyhow!("refusing to hand out the config of device {}: {e}", config.name))?;
+        config.output.stage(&device.to_wg_quick())?;
+        *expect = Some(handout);
+    }
+
     let replies = match send(g, Request::Batch { requests }) {
         Ok(Reply::Batch(replies)) => replies,
         Ok(other) => bail!("the controller sent an unexpected reply: {other:?}"),
-        Err(e) => {
-            let total = plan.steps.len();
-            // Only a refusal says for sure that nothing happened (not, say, a daemon gone mid-call).
-            return Err(match e.downcast_ref::<BatchRefused>().and_then(|r| step_of.get(r.index)) {
-                Some(&i) => anyhow!("change {} of {total} ({}) failed: {e}; nothing was applied", i + 1, plan.steps[i]),
-                None => e,
-            });
-        }
+        Err(e) if e.is::<BatchRefused>() => return Err(refused(e)),
+        Err(e) => return Err(unclear_outcome(g, e, &device_keys, &mut configs)),
     };
-    report.applied = plan.steps.len();
+    report.applied = total;
 
-    let mut handouts = device_keys.into_iter().zip(configs);
-    let mut undelivered = Vec::new();
+    let mut placed = configs.iter_mut();
+    let mut unplaced = Vec::new();
     for reply in replies {
         match reply {
             Reply::Invite(issued) => report.invites.push(NewInvite { name: issued.invite.name, token: issued.token }),
             Reply::DeviceHandout(handout) => {
-                let name = handout.device.name.clone();
-                let written = match handouts.next() {
-                    Some((key, config)) => {
-                        let device = device_config(&key, &handout);
-                        // Never hand out a config that would not read back as itself.
-                        match device.validate() {
-                            Ok(()) => config.write(&device.to_wg_quick()),
-                            Err(e) => Err(anyhow!("refusing to hand out the device config: {e}")),
-                        }
-                    }
-                    None => Err(anyhow!("no key pair or config file was prepared for device {name}")),
-                };
-                match written {
-                    Ok(path) => report.configs.push(NewConfig {
-                        device: name,
+                let Some(config) = placed.next() else { continue };
+                match config.output.place() {
+                    Ok(()) => report.configs.push(NewConfig {
+                        device: handout.device.name.clone(),
                         address: handout.device.address.to_string(),
                         address_v6: handout.device.address_v6.to_string(),
-                        path,
+                        path: config.output.path().to_owned(),
                     }),
-                    Err(e) => {
-                        // A device whose config cannot be handed out is of no use: take it back.
-                        match send(g, Request::DeviceRemove { name: name.clone() }) {
-                            Ok(_) => {
-                                report.applied -= 1;
-                                undelivered.push(format!("device {name} (taken back): {e:#}"));
-                            }
-                            Err(removal) => undelivered.push(format!(
-                                "device {name}: {e:#}; taking it back failed too ({removal:#}): remove it with `meshctl device remove {name}`"
-                            )),
-                        }
-                    }
+                    Err(e) => unplaced.push(format!("device {}: {e:#}", handout.device.name)),
                 }
             }
             _ => {}
         }
     }
-    match undelivered.is_empty() {
+    match unplaced.is_empty() {
         true => Ok(()),
-        false => bail!("applied, but some device configs could not be written: {}", undelivered.join("; ")),
+        false => bail!("applied, but some device configs could not be put in place: {}", unplaced.join("; ")),
     }
 }
 
-/// Where a new device's config goes: `DIR/NAME.conf`, which must not exist yet.
+/// The batch got no clear answer (a daemon gone mid-call, a change saved but not applied to the
+/// interface): the new devices' configs are put in place if the devices exist with their new keys,
+/// kept where they were staged if that cannot be told, and dropped if the batch was not carried out.
+fn unclear_outcome(g: &Global, e: anyhow::Error, keys: &[PrivateKey], configs: &mut [ConfigFile]) -> anyhow::Error {
+    let devices = match send(g, Request::DeviceList) {
+        Ok(Reply::Devices(devices)) => Some(devices),
+        _ => None,
+    };
+    let made = |key: &PrivateKey, config: &ConfigFile| {
+        devices.as_ref().map(|list| list.iter().any(|d| d.name == config.name && d.public_key == key.public_key()))
+    };
+    let mut notes = Vec::new();
+    for (key, config) in keys.iter().zip(configs.iter_mut()) {
+        match made(key, config) {
+            Some(true) => match config.output.place() {
+                Ok(()) => notes.push(format!(
+                    "device {} was added, its config is in {}",
+                    config.name,
+                    config.output.path().display()
+                )),
+                Err(placing) => notes.push(format!("device {} was added: {placing:#}", config.name)),
+            },
+            Some(false) => {}
+            None => {
+                if let Some(kept) = config.output.keep_staged() {
+                    notes.push(format!("the config of device {} is kept in {}", config.name, kept.display()));
+                }
+            }
+        }
+    }
+    match notes.is_empty() {
+        true => e,
+        false => e.context(notes.join("; ")),
+    }
+}
+
+/// Where a new device's config goes: `DIR/NAME.conf`, NAME shortened to a tunnel name the WireGuard
+/// apps import (see [`render::tunnel_name`]).
 fn config_path(dir: &Path, name: &Label) -> anyhow::Result<PathBuf> {
-    if !dir.is_dir() {
+    if !fs::metadata(dir).map(|m| m.is_dir()).unwrap_or(false) {
         bail!("--out-dir {} is not a directory", dir.display());
     }
-    let path = dir.join(format!("{name}.conf"));
-    if fs::symlink_metadata(&path).is_ok() {
-        bail!(
-            "{} exists; refusing to overwrite the config of another device (move it away or use --out-dir)",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
-/// A device's wg-quick config file: created empty (0600) under a temporary name before anything changes,
-/// put in place without replacing anything once the device exists, removed if never written.
-struct ConfigFile {
-    path: PathBuf,
-    tmp: PathBuf,
-}
-
-impl ConfigFile {
-    fn create(name: Label, path: PathBuf) -> anyhow::Result<ConfigFile> {
-        let tmp = path.with_file_name(format!(".{name}.conf.{}.tmp", std::process::id()));
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(ConfigFile { path, tmp })
-    }
-
-    fn write(self, text: &str) -> anyhow::Result<PathBuf> {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .truncate(true)
-            .open(&self.tmp)
-            .with_context(|| format!("writing {}", self.tmp.display()))?;
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .with_context(|| format!("writing {}", self.tmp.display()))?;
-        // A hard link fails if the name was taken meanwhile, where a rename would replace it; a file
-        // system without hard links (vfat) gets a rename after a last check.
-        match fs::hard_link(&self.tmp, &self.path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                bail!("{} appeared meanwhile; refusing to overwrite it", self.path.display())
-            }
-            Err(_) if fs::symlink_metadata(&self.path).is_err() => {
-                fs::rename(&self.tmp, &self.path).with_context(|| format!("writing {}", self.path.display()))?
-            }
-            Err(e) => return Err(e).with_context(|| format!("writing {}", self.path.display())),
-        }
-        Ok(self.path.clone())
-    }
-}
-
-impl Drop for ConfigFile {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.tmp);
-    }
+    Ok(dir.join(format!("{}.conf", render::tunnel_name(name.as_str()))))
 }

@@ -2,10 +2,9 @@
 //! state directory, or, when no daemon runs there, opens the state itself.
 
 mod apply;
+mod output;
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,9 +18,10 @@ use meshd::input::{self, HostPort, Label};
 use meshd::invite;
 use meshd::keys::PrivateKey;
 use meshd::model::{AccessRule, DeviceView, NodeView, Role, ServiceView};
-use meshd::render::{self, DeviceConfig, HubPeer};
+use meshd::render::{DeviceConfig, DeviceDns, HubPeer};
 use meshd::statedir::{DEFAULT_STATE_DIR, StateDir};
 use meshd::store;
+use output::{Existing, Format, Output};
 use serde::Serialize;
 
 #[derive(Parser)]
@@ -139,7 +139,9 @@ enum DeviceCommand {
     },
 }
 
-/// How a device's config is handed out; with none of these, it is printed.
+/// How a device's config is handed out; with none of these, it is printed. A FILE is written 0600
+/// (an existing regular file is replaced whole), a FIFO or terminal is written to as it is, `-` is
+/// standard output, a symbolic link to anything but a FIFO or terminal is refused.
 #[derive(Args)]
 struct HandOut {
     /// Print the config as a QR code in the terminal.
@@ -154,6 +156,22 @@ struct HandOut {
     /// Write the wg-quick config (0600).
     #[arg(long, value_name = "FILE")]
     conf: Option<PathBuf>,
+    /// Leave the DNS line out of the config (for clients that cannot set resolvers).
+    #[arg(long, conflicts_with = "dns")]
+    no_dns: bool,
+    /// Resolvers for the config's DNS line instead of the hub's (no search domain then).
+    #[arg(long, value_name = "IP[,IP...]", value_delimiter = ',', num_args = 1)]
+    dns: Vec<IpAddr>,
+}
+
+impl HandOut {
+    fn dns(&self) -> DeviceDns {
+        match (self.no_dns, self.dns.is_empty()) {
+            (true, _) => DeviceDns::Omit,
+            (false, false) => DeviceDns::Servers(self.dns.clone()),
+            (false, true) => DeviceDns::Hub,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -317,13 +335,12 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Device(DeviceCommand::Remove { name }) => {
             removed(g, Request::DeviceRemove { name: name.clone() }, "device", &name)
         }
-        Command::Device(DeviceCommand::Add { name, allow, out }) => {
-            let undo = Request::DeviceRemove { name: name.clone() };
-            hand_out(g, out, |public_key| Request::DeviceAdd { name, allow, public_key }, Some(undo))
-        }
-        Command::Device(DeviceCommand::Rotate { name, out }) => {
-            hand_out(g, out, |public_key| Request::DeviceRotate { name, public_key }, None)
-        }
+        Command::Device(DeviceCommand::Add { name, allow, out }) => hand_out(g, out, &name, |public_key, expect| {
+            Request::DeviceAdd { name: name.clone(), allow: allow.clone(), public_key, expect }
+        }),
+        Command::Device(DeviceCommand::Rotate { name, out }) => hand_out(g, out, &name, |public_key, expect| {
+            Request::DeviceRotate { name: name.clone(), public_key, expect }
+        }),
         Command::Device(DeviceCommand::Update { name, allow }) => {
             done(g, Request::DeviceAllow { name: name.clone(), allow })?;
             let devices = match send(g, Request::DeviceList)? {
@@ -337,50 +354,116 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Make a key pair, send its public half with `request`, and hand out the device's config as `out`
-/// asks. `undo` is sent if the config cannot be handed out.
+/// How often a hand-out is previewed and written again when the network changed meanwhile.
+const HAND_OUT_ATTEMPTS: usize = 3;
+
+/// Make a key pair and hand out device `name`'s config as `out` asks, for the change `request` makes
+/// with its public half. The change is previewed first; every output is written in full (files as
+/// staged copies) before the change is committed, asking for exactly the previewed hand-out; then the
+/// files are put in place. A failure before the commit changes nothing; a commit refused because the
+/// network changed meanwhile is tried again (unless a stream already got the config).
 fn hand_out(
     g: &Global,
     out: HandOut,
-    request: impl FnOnce(String) -> Request,
-    undo: Option<Request>,
+    name: &Label,
+    request: impl Fn(String, Option<Box<DeviceHandout>>) -> Request,
 ) -> anyhow::Result<()> {
-    let outputs = Outputs::prepare([(out.conf, Format::Conf), (out.qr_png, Format::Png), (out.qr_svg, Format::Svg)])?;
+    let dns = out.dns();
+    let mut outputs = Vec::new();
+    for (path, format) in [(&out.conf, Format::Conf), (&out.qr_png, Format::Png), (&out.qr_svg, Format::Svg)] {
+        let Some(path) = path else { continue };
+        let output = Output::open(path, format, Existing::Replace)?;
+        if format == Format::Conf
+            && output.is_file()
+            && let Some(warning) = output::import_name_warning(path)
+        {
+            eprintln!("{warning}");
+        }
+        outputs.push(output);
+    }
+    if out.qr {
+        outputs.push(Output::stdout(Format::TerminalQr));
+    }
+    // Without an output option the config is printed (with --json, only the device record is).
+    if outputs.is_empty() && !g.json {
+        outputs.push(Output::stdout(Format::Conf));
+    }
+    // Another meshctl handing out a config waits: previews of both would offer the same address.
+    let _lock = StateDir::new(&g.state_dir).lock_hand_out().ok();
     // The key pair is made here; only the public key goes to the controller.
     let key = PrivateKey::generate();
-    let handout = match send(g, request(key.public_key())) {
-        Ok(Reply::DeviceHandout(h)) => h,
-        Ok(other) => return unexpected(other),
-        Err(e) => {
-            outputs.discard();
-            return Err(e);
+    let public_key = key.public_key();
+    let mut attempt = 0;
+    let handout = loop {
+        attempt += 1;
+        let preview = match send(g, Request::Preview { request: Box::new(request(public_key.clone(), None)) })? {
+            Reply::DeviceHandout(h) => h,
+            other => return unexpected(other),
+        };
+        let mut config = device_config(&key, &preview);
+        dns.apply_to(&mut config);
+        // Never hand out a config that would not read back as itself.
+        config.validate().map_err(|e| anyhow::anyhow!("refusing to hand out the device config: {e}"))?;
+        let text = config.to_wg_quick();
+        for output in &mut outputs {
+            output.stage(&text)?;
+        }
+        let streams: Vec<&mut Output> = outputs.iter_mut().filter(|o| !o.is_file()).collect();
+        let streamed: Vec<String> = streams.iter().map(|o| o.shown()).collect();
+        for output in streams {
+            output.write_stream(&text)?;
+        }
+        match send(g, request(public_key.clone(), Some(preview))) {
+            Ok(Reply::DeviceHandout(h)) => break h,
+            Ok(other) => return unexpected(other),
+            Err(e) if e.is::<Stale>() && streamed.is_empty() && attempt < HAND_OUT_ATTEMPTS => continue,
+            Err(e) => {
+                // Refused, or no clear answer (a daemon gone mid-call, a change saved but not applied):
+                // if the device has the new key the change was made, and its config must not be lost.
+                return match device_has_key(g, name, &public_key) {
+                    Some(true) => {
+                        let placed: anyhow::Result<()> = outputs.iter_mut().try_for_each(Output::place);
+                        placed?;
+                        Err(e.context(format!("device {name} has its new key and its config was written, but")))
+                    }
+                    // Not made: the staged files go on drop.
+                    Some(false) if streamed.is_empty() => Err(e),
+                    Some(false) => Err(e.context(format!("the config written to {} is void", streamed.join(", ")))),
+                    None => {
+                        let kept: Vec<String> = outputs
+                            .iter_mut()
+                            .filter_map(Output::keep_staged)
+                            .map(|p| p.display().to_string())
+                            .collect();
+                        match kept.is_empty() {
+                            true => Err(e),
+                            false => Err(e.context(format!("the config is kept in {}", kept.join(", ")))),
+                        }
+                    }
+                };
+            }
         }
     };
-    let config = device_config(&key, &handout);
-    if let Err(e) = config.validate() {
-        // Never hand out a config that would not read back as itself.
-        outputs.discard();
-        if let Some(undo) = undo {
-            let _ = send(g, undo);
-        }
-        bail!("refusing to hand out the device config: {e}");
-    }
-    let text = config.to_wg_quick();
-    let printed_elsewhere = out.qr || !outputs.is_empty();
-    outputs.write(&text)?;
-    if out.qr {
-        print!("{}", render::qr_terminal(&text)?);
+    for output in &mut outputs {
+        output.place()?;
     }
     let d = &handout.device;
     if g.json {
         println!("{}", serde_json::to_string_pretty(d)?);
-    } else if !printed_elsewhere {
-        print!("{text}");
     }
     eprintln!("device {}: {}, {}; may reach {}", d.name, d.address, d.address_v6, join(&d.allow));
     Ok(())
 }
 
+/// Whether device `name` is stored with `public_key`; `None` when that cannot be found out.
+fn device_has_key(g: &Global, name: &Label, public_key: &str) -> Option<bool> {
+    match send(g, Request::DeviceList) {
+        Ok(Reply::Devices(devices)) => Some(devices.iter().any(|d| &d.name == name && d.public_key == public_key)),
+        _ => None,
+    }
+}
+
+/// The device's config: the controller's hand-out and the private key made here.
 fn device_config(key: &PrivateKey, h: &DeviceHandout) -> DeviceConfig {
     DeviceConfig {
         private_key: key.to_base64(),
@@ -424,8 +507,14 @@ fn send(g: &Global, request: Request) -> anyhow::Result<Reply> {
         Outcome::Ok(reply) => Ok(reply),
         Outcome::Error(message) => bail!("{message}"),
         Outcome::BatchRefused { index, error } => Err(BatchRefused { index, error }.into()),
+        Outcome::Stale(message) => Err(Stale(message).into()),
     }
 }
+
+/// The network changed since the request was previewed; nothing was changed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Stale(String);
 
 /// Request `index` of a batch was refused: nothing of the batch was carried out.
 #[derive(Debug, thiserror::Error)]
@@ -590,69 +679,12 @@ fn print_services(services: &[ServiceView]) {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Format {
-    Conf,
-    Png,
-    Svg,
-}
-
-/// Output files of `device add`, created (0600, under a temporary name) before the device is
-/// registered, so that an unwritable path fails before anything changes.
-struct Outputs(Vec<(PathBuf, PathBuf, Format)>);
-
-impl Outputs {
-    fn prepare(wanted: [(Option<PathBuf>, Format); 3]) -> anyhow::Result<Outputs> {
-        let mut outputs = Outputs(Vec::new());
-        for (path, format) in wanted {
-            let Some(path) = path else { continue };
-            let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
-            let tmp = path.with_file_name(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
-            if let Err(e) = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp) {
-                outputs.discard();
-                return Err(e).with_context(|| format!("cannot write {}", path.display()));
-            }
-            outputs.0.push((path, tmp, format));
-        }
-        Ok(outputs)
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    fn discard(&self) {
-        for (_, tmp, _) in &self.0 {
-            let _ = fs::remove_file(tmp);
-        }
-    }
-
-    fn write(&self, text: &str) -> anyhow::Result<()> {
-        for (path, tmp, format) in &self.0 {
-            let bytes = match format {
-                Format::Conf => text.as_bytes().to_vec(),
-                Format::Png => render::qr_png(text)?,
-                Format::Svg => render::qr_svg(text)?.into_bytes(),
-            };
-            let mut file = OpenOptions::new()
-                .write(true)
-                .truncate(true)
-                .open(tmp)
-                .with_context(|| format!("writing {}", tmp.display()))?;
-            file.write_all(&bytes)
-                .and_then(|()| file.sync_all())
-                .with_context(|| format!("writing {}", tmp.display()))?;
-            fs::rename(tmp, path).with_context(|| format!("writing {}", path.display()))?;
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     //! Commands on joined members. No host can join without a running daemon, so the members here join
     //! through the controller's own redemption of an invite, as the daemon's join service does.
 
+    use std::fs;
     use std::os::unix::fs::PermissionsExt;
     use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -799,7 +831,7 @@ to = "validator"
         let conf = out.join("phone.conf");
         assert_eq!(fs::metadata(&conf).unwrap().permissions().mode() & 0o777, 0o600);
         let text = fs::read_to_string(&conf).unwrap();
-        assert_eq!(render::DeviceConfig::parse(&text).unwrap().peer.public_key, s.hub().unwrap().public_key);
+        assert_eq!(DeviceConfig::parse(&text).unwrap().peer.public_key, s.hub().unwrap().public_key);
 
         let db = fs::read(StateDir::new(&dir.0).db()).unwrap();
         apply(&[]).unwrap();

@@ -67,6 +67,11 @@ pub enum Request {
         name: Label,
         allow: Vec<Label>,
         public_key: String,
+        /// The hand-out a [`Request::Preview`] of this request gave and the caller has already written
+        /// out: the device gets its preshared key, and the request is refused unless it gives exactly
+        /// this hand-out again (the network may have changed meanwhile). `None`: a new preshared key.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expect: Option<Box<DeviceHandout>>,
     },
     DeviceList,
     DeviceRemove {
@@ -88,11 +93,20 @@ pub enum Request {
     DeviceRotate {
         name: Label,
         public_key: String,
+        /// As for [`Request::DeviceAdd`]: the previewed hand-out the caller has already written out.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expect: Option<Box<DeviceHandout>>,
     },
     /// Several requests carried out in one transaction: all of them, or (on the first refusal) none.
     /// Replies come in the same order. Batches do not nest.
     Batch {
         requests: Vec<Request>,
+    },
+    /// Carry `request` (a batch too) out in a transaction that is then rolled back: the reply it would
+    /// get now, with nothing changed. `meshctl` previews a device's hand-out to write its config out
+    /// before the change is made. Previews do not nest and are not part of a batch.
+    Preview {
+        request: Box<Request>,
     },
 }
 
@@ -189,6 +203,9 @@ pub enum Outcome {
         index: usize,
         error: String,
     },
+    /// Refused because the network changed since the caller previewed the request (its expected
+    /// hand-out differs now); nothing was changed, and previewing again may succeed.
+    Stale(String),
 }
 
 /// `meshctl status`.
@@ -201,8 +218,9 @@ pub struct StatusView {
 }
 
 /// Everything but the private key that a new device's wg-quick config needs; `meshctl` adds the key
-/// it generated and renders the config and QR codes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// it generated and renders the config and QR codes. Its `Debug` leaves the preshared key out (requests
+/// that carry a hand-out are logged at debug level).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceHandout {
     pub device: DeviceView,
     pub addresses: Vec<IpNet>,
@@ -214,4 +232,58 @@ pub struct DeviceHandout {
     pub endpoint: String,
     pub allowed_ips: Vec<IpNet>,
     pub persistent_keepalive: u16,
+}
+
+impl std::fmt::Debug for DeviceHandout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceHandout")
+            .field("device", &self.device)
+            .field("addresses", &self.addresses)
+            .field("dns_servers", &self.dns_servers)
+            .field("dns_search", &self.dns_search)
+            .field("mtu", &self.mtu)
+            .field("hub_public_key", &self.hub_public_key)
+            .field("preshared_key", &"<redacted>")
+            .field("endpoint", &self.endpoint)
+            .field("allowed_ips", &self.allowed_ips)
+            .field("persistent_keepalive", &self.persistent_keepalive)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hand_out_never_shows_its_preshared_key_in_debug_output() {
+        let secret = "c2VjcmV0LXByZXNoYXJlZC1rZXktMzItYnl0ZXMhISE=";
+        let handout = DeviceHandout {
+            device: DeviceView {
+                name: "phone".parse().unwrap(),
+                public_key: "pk".into(),
+                address: "10.77.0.3".parse().unwrap(),
+                address_v6: "fd00::3".parse().unwrap(),
+                allow: Vec::new(),
+                dns_name: "phone.home.internal".into(),
+                last_handshake: None,
+            },
+            addresses: Vec::new(),
+            dns_servers: Vec::new(),
+            dns_search: Vec::new(),
+            mtu: 1420,
+            hub_public_key: "hub".into(),
+            preshared_key: secret.into(),
+            endpoint: "192.0.2.1:51820".into(),
+            allowed_ips: Vec::new(),
+            persistent_keepalive: 25,
+        };
+        let request = Request::DeviceRotate {
+            name: "phone".parse().unwrap(),
+            public_key: "pk".into(),
+            expect: Some(Box::new(handout)),
+        };
+        assert!(!format!("{request:?}").contains(secret));
+        assert!(format!("{request:?}").contains("<redacted>"));
+    }
 }

@@ -66,6 +66,14 @@ pub enum ControlError {
     InviteExpired(i64),
     #[error("a batch cannot hold another batch")]
     NestedBatch,
+    #[error("a preview cannot be part of a batch or of another preview")]
+    NestedPreview,
+    #[error(
+        "the network changed while the config of device \"{0}\" was being written (its address, the hub's key or endpoint); nothing was changed, run the command again"
+    )]
+    HandoutChanged(Label),
+    #[error("the expected hand-out of device \"{0}\" has a malformed preshared key")]
+    BadPresharedKey(Label),
     /// Request `index` of a batch was refused (and so the whole batch).
     #[error("{source}")]
     InBatch { index: usize, source: Box<ControlError> },
@@ -139,13 +147,11 @@ impl Controller {
     /// Carry out one admin request (a batch: all of its requests in one transaction, or none).
     pub fn handle(&mut self, request: Request) -> Result<Reply, ControlError> {
         match request {
-            Request::Batch { requests } => self.store.write(|w| {
-                let carried = requests.into_iter().enumerate().map(|(index, request)| {
-                    carry_out(w, request).map_err(|e| ControlError::InBatch { index, source: Box::new(e) })
-                });
-                Ok(Reply::Batch(carried.collect::<Result<_, _>>()?))
-            }),
-            request => self.store.write(|w| carry_out(w, request)),
+            Request::Preview { request } => match *request {
+                Request::Preview { .. } => Err(ControlError::NestedPreview),
+                request => self.store.preview(|w| carry_out_whole(w, request)),
+            },
+            request => self.store.write(|w| carry_out_whole(w, request)),
         }
     }
 
@@ -224,7 +230,21 @@ pub fn outcome(result: Result<Reply, ControlError>) -> Outcome {
     match result {
         Ok(reply) => Outcome::Ok(reply),
         Err(ControlError::InBatch { index, source }) => Outcome::BatchRefused { index, error: source.to_string() },
+        Err(e @ ControlError::HandoutChanged(_)) => Outcome::Stale(e.to_string()),
         Err(e) => Outcome::Error(e.to_string()),
+    }
+}
+
+/// Carry out a request, a batch as a whole, inside the caller's write transaction.
+fn carry_out_whole(w: &Writer<'_>, request: Request) -> Result<Reply, ControlError> {
+    match request {
+        Request::Batch { requests } => {
+            let carried = requests.into_iter().enumerate().map(|(index, request)| {
+                carry_out(w, request).map_err(|e| ControlError::InBatch { index, source: Box::new(e) })
+            });
+            Ok(Reply::Batch(carried.collect::<Result<_, _>>()?))
+        }
+        request => carry_out(w, request),
     }
 }
 
@@ -262,12 +282,12 @@ fn carry_out(w: &Writer<'_>, request: Request) -> Result<Reply, ControlError> {
             true => Ok(Reply::Removed),
             false => Err(ControlError::UnknownService(name)),
         },
-        Request::DeviceAdd { name, allow, public_key } => add_device(w, name, allow, &public_key),
+        Request::DeviceAdd { name, allow, public_key, expect } => add_device(w, name, allow, &public_key, expect),
         Request::DeviceRemove { name } => match w.delete_device(&name)? {
             true => Ok(Reply::Removed),
             false => Err(ControlError::UnknownDevice(name)),
         },
-        Request::DeviceRotate { name, public_key } => rotate_device(w, name, &public_key),
+        Request::DeviceRotate { name, public_key, expect } => rotate_device(w, name, &public_key, expect),
         Request::NodeInvite { name, role, expires_secs } => invite(w, name, role, expires_secs),
         Request::NodeInvites => {
             let now = store::now();
@@ -356,6 +376,7 @@ fn carry_out(w: &Writer<'_>, request: Request) -> Result<Reply, ControlError> {
             Ok(Reply::Service(s.service_view(&service)))
         }
         Request::Batch { .. } => Err(ControlError::NestedBatch),
+        Request::Preview { .. } => Err(ControlError::NestedPreview),
     }
 }
 
@@ -390,18 +411,50 @@ fn invite(w: &Writer<'_>, name: Label, role: Role, expires_secs: u64) -> Result<
     }
 }
 
-fn rotate_device(w: &Writer<'_>, name: Label, public_key: &str) -> Result<Reply, ControlError> {
+fn rotate_device(
+    w: &Writer<'_>,
+    name: Label,
+    public_key: &str,
+    expect: Option<Box<DeviceHandout>>,
+) -> Result<Reply, ControlError> {
     let public_key = keys::parse_public_key(public_key)?;
     {
         let s = w.snapshot()?;
+        let preshared_key = preshared_key_for(&name, expect.as_deref())?;
         let mut device = s.devices.iter().find(|d| d.name == name).cloned().ok_or(ControlError::UnknownDevice(name))?;
         ensure_key_free(&s, &public_key)?;
         let hub = s.hub().ok_or(ControlError::NoHub)?;
         device.public_key = public_key;
-        device.preshared_key = keys::generate_preshared_key();
+        device.preshared_key = preshared_key;
         w.update_device_keys(&device)?;
-        Ok(Reply::DeviceHandout(Box::new(handout(&s, hub, &device))))
+        expected(handout(&s, hub, &device), expect.as_deref())
     }
+}
+
+/// The preshared key of a device being added or rotated: the one of the hand-out the caller previewed
+/// and wrote out, else a new one.
+fn preshared_key_for(name: &Label, expect: Option<&DeviceHandout>) -> Result<String, ControlError> {
+    match expect {
+        Some(h) => keys::parse_preshared_key(&h.preshared_key).map_err(|_| ControlError::BadPresharedKey(name.clone())),
+        None => Ok(keys::generate_preshared_key()),
+    }
+}
+
+/// The reply with `handout`, refused (so the caller's transaction rolls back) unless it is the one the
+/// caller previewed and already wrote out.
+fn expected(handout: DeviceHandout, expect: Option<&DeviceHandout>) -> Result<Reply, ControlError> {
+    if let Some(expect) = expect {
+        // The last handshake is not part of a config (and is filled in only for listings).
+        let same = |h: &DeviceHandout| {
+            let mut h = h.clone();
+            h.device.last_handshake = None;
+            h
+        };
+        if same(expect) != same(&handout) {
+            return Err(ControlError::HandoutChanged(handout.device.name));
+        }
+    }
+    Ok(Reply::DeviceHandout(Box::new(handout)))
 }
 
 fn add_service(
@@ -423,9 +476,16 @@ fn add_service(
     }
 }
 
-fn add_device(w: &Writer<'_>, name: Label, allow: Vec<Label>, public_key: &str) -> Result<Reply, ControlError> {
+fn add_device(
+    w: &Writer<'_>,
+    name: Label,
+    allow: Vec<Label>,
+    public_key: &str,
+    expect: Option<Box<DeviceHandout>>,
+) -> Result<Reply, ControlError> {
     let public_key = keys::parse_public_key(public_key)?;
     let allow = checked_allow(allow)?;
+    let preshared_key = preshared_key_for(&name, expect.as_deref())?;
     {
         let s = w.snapshot()?;
         ensure_name_free(w, &s, &name)?;
@@ -433,9 +493,9 @@ fn add_device(w: &Writer<'_>, name: Label, allow: Vec<Label>, public_key: &str) 
         ensure_key_free(&s, &public_key)?;
         let hub = s.hub().ok_or(ControlError::NoHub)?;
         let index = allocate(w, &s.network)?;
-        let device = Device { name, public_key, preshared_key: keys::generate_preshared_key(), index, allow };
+        let device = Device { name, public_key, preshared_key, index, allow };
         w.insert_device(&device)?;
-        Ok(Reply::DeviceHandout(Box::new(handout(&s, hub, &device))))
+        expected(handout(&s, hub, &device), expect.as_deref())
     }
 }
 
@@ -598,6 +658,7 @@ mod tests {
             name: label(name),
             allow: allow.iter().map(|a| label(a)).collect(),
             public_key: PrivateKey::generate().public_key(),
+            expect: None,
         })
     }
 
@@ -634,6 +695,7 @@ mod tests {
             name: label(name),
             allow: vec![label(allow)],
             public_key: PrivateKey::generate().public_key(),
+            expect: None,
         };
 
         // The third request refers to a service nobody adds: nothing of the batch stays, not even the
@@ -678,7 +740,12 @@ mod tests {
         assert!(matches!(add_device(&mut c, "p", &["nope"]), Err(ControlError::UnknownService(_))));
         assert!(matches!(add_device(&mut c, "p", &[]), Err(ControlError::NothingAllowed)));
         assert!(matches!(
-            c.handle(Request::DeviceAdd { name: label("p"), allow: vec![label("wallet")], public_key: "junk".into() }),
+            c.handle(Request::DeviceAdd {
+                name: label("p"),
+                allow: vec![label("wallet")],
+                public_key: "junk".into(),
+                expect: None
+            }),
             Err(ControlError::Key(_))
         ));
         assert!(matches!(
@@ -696,7 +763,7 @@ mod tests {
         let Reply::DeviceHandout(before) = add_device(&mut c, "phone", &["wallet"]).unwrap() else { panic!() };
         let new_key = PrivateKey::generate().public_key();
         let rotate = |c: &mut Controller, name: &str, key: &str| {
-            c.handle(Request::DeviceRotate { name: label(name), public_key: key.to_owned() })
+            c.handle(Request::DeviceRotate { name: label(name), public_key: key.to_owned(), expect: None })
         };
         let Reply::DeviceHandout(after) = rotate(&mut c, "phone", &new_key).unwrap() else { panic!() };
         assert_eq!(after.device.public_key, new_key);
@@ -713,6 +780,75 @@ mod tests {
         let hub_key = stored.hub().unwrap().public_key.clone();
         assert!(matches!(rotate(&mut c, "phone", &hub_key), Err(ControlError::KeyTaken(_))));
         assert_eq!(c.snapshot().unwrap(), stored, "refused rotations change nothing");
+    }
+
+    #[test]
+    fn a_previewed_hand_out_is_committed_exactly_or_refused_without_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        add_service(&mut c, "wallet").unwrap();
+        let key = PrivateKey::generate().public_key();
+        let add = |expect| Request::DeviceAdd {
+            name: label("phone"),
+            allow: vec![label("wallet")],
+            public_key: key.clone(),
+            expect,
+        };
+        let preview =
+            |c: &mut Controller, request: Request| match c.handle(Request::Preview { request: Box::new(request) }) {
+                Ok(Reply::DeviceHandout(h)) => h,
+                other => panic!("{other:?}"),
+            };
+
+        // A preview changes nothing, not even the address ledger.
+        let before = c.snapshot().unwrap();
+        let previewed = preview(&mut c, add(None));
+        assert_eq!(c.snapshot().unwrap(), before);
+        assert_eq!(preview(&mut c, add(None)).device.address, previewed.device.address, "same address again");
+
+        // Someone else takes the previewed address meanwhile: refused, and nothing of it stays.
+        let other = Request::DeviceAdd {
+            name: label("tablet"),
+            allow: vec![label("wallet")],
+            public_key: PrivateKey::generate().public_key(),
+            expect: None,
+        };
+        c.handle(other).unwrap();
+        let taken = c.snapshot().unwrap();
+        let refused = c.handle(add(Some(previewed.clone())));
+        assert!(matches!(refused, Err(ControlError::HandoutChanged(_))), "{refused:?}");
+        assert_eq!(c.snapshot().unwrap(), taken);
+
+        // Previewed again: committed with exactly that hand-out, its preshared key included.
+        let previewed = preview(&mut c, add(None));
+        let Reply::DeviceHandout(added) = c.handle(add(Some(previewed.clone()))).unwrap() else { panic!() };
+        assert_eq!(added, previewed);
+        let stored = c.snapshot().unwrap();
+        assert_eq!(
+            stored.devices.iter().find(|d| d.name.as_str() == "phone").unwrap().preshared_key,
+            added.preshared_key
+        );
+
+        // A rotation likewise: the preview leaves the old keys in place.
+        let new_key = PrivateKey::generate().public_key();
+        let rotate = |expect| Request::DeviceRotate { name: label("phone"), public_key: new_key.clone(), expect };
+        let previewed = preview(&mut c, rotate(None));
+        assert_eq!(c.snapshot().unwrap(), stored, "a previewed rotation keeps the old key");
+        let Reply::DeviceHandout(rotated) = c.handle(rotate(Some(previewed.clone()))).unwrap() else { panic!() };
+        assert_eq!(rotated, previewed);
+        assert_eq!(
+            c.snapshot().unwrap().devices.iter().find(|d| d.name.as_str() == "phone").unwrap().public_key,
+            new_key
+        );
+
+        let mut forged = previewed;
+        forged.preshared_key = "junk".into();
+        assert!(matches!(c.handle(rotate(Some(forged))), Err(ControlError::BadPresharedKey(_))));
+        let nested = Request::Preview { request: Box::new(Request::Preview { request: Box::new(Request::NodeList) }) };
+        assert!(matches!(c.handle(nested), Err(ControlError::NestedPreview)));
+        let in_batch = Request::Batch { requests: vec![Request::Preview { request: Box::new(Request::NodeList) }] };
+        assert!(matches!(c.handle(in_batch), Err(ControlError::InBatch { index: 0, .. })));
+        assert!(!Request::Preview { request: Box::new(add(None)) }.is_change(), "a preview changes nothing");
     }
 
     #[test]

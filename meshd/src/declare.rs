@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::{Request, StatusView};
 use crate::input::{HostPort, Label};
 use crate::model::{AccessRule, InviteView, Role};
+use crate::render::DeviceDns;
 
 /// Why a declaration was refused, or cannot be planned against the network; the message names the entry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -113,6 +114,9 @@ pub struct Declaration {
     pub services: Vec<ServiceSpec>,
     pub devices: Vec<DeviceSpec>,
     pub rules: BTreeSet<AccessRule>,
+    /// The resolvers the config of a new device names, for devices that do not take the hub's (`dns`
+    /// in the file). Not stored: it shapes only the config written when the device is added.
+    pub device_dns: BTreeMap<Label, DeviceDns>,
 }
 
 /// The network as it stands, as the admin API describes it.
@@ -166,6 +170,40 @@ struct ServiceEntry {
 struct DeviceEntry {
     name: Label,
     allow: Vec<Label>,
+    #[serde(default)]
+    dns: Option<DnsEntry>,
+}
+
+/// `dns = true` (the hub's, the default), `dns = false` (no DNS line) or `dns = ["IP", ...]`.
+struct DnsEntry(DeviceDns);
+
+impl<'de> Deserialize<'de> for DnsEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<DnsEntry, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = DnsEntry;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("true, false or a list of IP addresses")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<DnsEntry, E> {
+                Ok(DnsEntry(if v { DeviceDns::Hub } else { DeviceDns::Omit }))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<DnsEntry, A::Error> {
+                let mut servers = Vec::new();
+                while let Some(item) = seq.next_element::<String>()? {
+                    let server = item
+                        .parse()
+                        .map_err(|_| serde::de::Error::custom(format!("dns: \"{item}\" is not an IP address")))?;
+                    servers.push(server);
+                }
+                if servers.is_empty() {
+                    return Err(serde::de::Error::custom("dns = [] names no resolver: use dns = false for none"));
+                }
+                Ok(DnsEntry(DeviceDns::Servers(servers)))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Deserialize)]
@@ -219,6 +257,11 @@ impl Declaration {
             }
             if entry.allow.is_empty() {
                 return Err(DeclareError::NothingAllowed(entry.name));
+            }
+            if let Some(DnsEntry(dns)) = entry.dns
+                && dns != DeviceDns::Hub
+            {
+                declaration.device_dns.insert(entry.name.clone(), dns);
             }
             declaration.devices.push(DeviceSpec { name: entry.name, allow: entry.allow.into_iter().collect() });
         }
@@ -411,7 +454,12 @@ impl Step {
                 vec![Request::ServiceUpdate { name: name.clone(), target: target.clone(), port: Some(*port) }]
             }
             Step::AddDevice { name, allow } => {
-                vec![Request::DeviceAdd { name: name.clone(), allow: allow.clone(), public_key: device_key() }]
+                vec![Request::DeviceAdd {
+                    name: name.clone(),
+                    allow: allow.clone(),
+                    public_key: device_key(),
+                    expect: None,
+                }]
             }
             Step::AllowDevice { name, allow, .. } => {
                 vec![Request::DeviceAllow { name: name.clone(), allow: allow.clone() }]
@@ -766,6 +814,26 @@ to = "validator"
     }
 
     #[test]
+    fn devices_may_leave_dns_out_or_name_their_resolvers() {
+        let service = "[[service]]\nname = \"w\"\nnode = \"hub\"\ntarget = \"127.0.0.1:1\"\n";
+        let device = |name: &str, dns: &str| format!("[[device]]\nname = \"{name}\"\nallow = [\"w\"]\n{dns}\n");
+        let text = [
+            service.to_owned(),
+            device("router", "dns = false"),
+            device("laptop", "dns = [\"192.168.1.1\", \"2001:db8::53\"]"),
+            device("phone", "dns = true"),
+            device("tablet", ""),
+        ]
+        .concat();
+        let declared = parse(&text).unwrap();
+        let servers = vec!["192.168.1.1".parse().unwrap(), "2001:db8::53".parse().unwrap()];
+        assert_eq!(
+            declared.device_dns,
+            BTreeMap::from([(label("router"), DeviceDns::Omit), (label("laptop"), DeviceDns::Servers(servers))])
+        );
+    }
+
+    #[test]
     fn syntax_errors_name_line_and_column() {
         let cases = [
             ("[[node]\nname = \"a\"\n", 1, "unclosed array table"),
@@ -778,6 +846,9 @@ to = "validator"
             ("[[service]]\nname = \"s\"\nnode = \"hub\"\n", 1, "missing field `target`"),
             ("[[device]]\nname = \"p\"\nallow = \"wallet\"\n", 3, "expected a sequence"),
             ("[[access]]\nfrom = [\"a\"]\nto = \"b\"\nextra = 1\n", 4, "unknown field `extra`"),
+            ("[[device]]\nname = \"p\"\nallow = [\"w\"]\ndns = \"yes\"\n", 4, "true, false or a list of IP addresses"),
+            ("[[device]]\nname = \"p\"\nallow = [\"w\"]\ndns = [\"1.2.3\"]\n", 4, "\"1.2.3\" is not an IP address"),
+            ("[[device]]\nname = \"p\"\nallow = [\"w\"]\ndns = []\n", 4, "use dns = false"),
         ];
         for (text, line, message) in cases {
             match parse(text) {
@@ -1066,7 +1137,12 @@ to = "validator"
         let add = Step::AddDevice { name: label("phone"), allow: labels(&["wallet"]) };
         assert_eq!(
             add.requests(60, || "KEY".into()),
-            [Request::DeviceAdd { name: label("phone"), allow: labels(&["wallet"]), public_key: "KEY".into() }]
+            [Request::DeviceAdd {
+                name: label("phone"),
+                allow: labels(&["wallet"]),
+                public_key: "KEY".into(),
+                expect: None
+            }]
         );
         let json = serde_json::to_value(Step::InviteNode { name: label("vps"), role: Role::Relay }).unwrap();
         assert_eq!(json, serde_json::json!({"op": "invite_node", "name": "vps", "role": "relay"}));

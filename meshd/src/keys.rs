@@ -58,6 +58,11 @@ pub fn parse_public_key(text: &str) -> Result<String, KeyError> {
     decode32(text).map(|bytes| STANDARD.encode(bytes))
 }
 
+/// Check that `text` is a base64 preshared key (32 bytes) and return it normalised.
+pub fn parse_preshared_key(text: &str) -> Result<String, KeyError> {
+    parse_public_key(text)
+}
+
 fn decode32(text: &str) -> Result<[u8; 32], KeyError> {
     let bytes = STANDARD.decode(text.trim()).map_err(|_| KeyError)?;
     bytes.try_into().map_err(|_| KeyError)

@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use qrcode::bits::Bits;
 use qrcode::types::QrError;
 use qrcode::{EcLevel, QrCode, Version};
+use sha2::{Digest as _, Sha256};
 
 /// Length in bytes of a WireGuard (x25519) key or preshared key.
 const KEY_LEN: usize = 32;
@@ -28,6 +29,69 @@ const ANSI_LIGHT: u8 = 231;
 /// Upper half block: the foreground paints the top module, the background the bottom one.
 const HALF_BLOCK: char = '\u{2580}';
 const ANSI_RESET: &str = "\x1b[0m";
+
+/// Which resolvers a device's config names in its `DNS` line.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DeviceDns {
+    /// The hub's mesh DNS (both its addresses) and the network domain as search domain: the default.
+    #[default]
+    Hub,
+    /// No `DNS` line: for clients that cannot set resolvers (routers, wg-quick without resolvconf).
+    Omit,
+    /// Exactly these resolvers, and no search domain (other resolvers do not know the mesh names, and
+    /// a search domain would send short names to them).
+    Servers(Vec<IpAddr>),
+}
+
+impl DeviceDns {
+    /// Make `config`'s `DNS` line what this choice says; `config` comes with the hub's resolvers.
+    pub fn apply_to(&self, config: &mut DeviceConfig) {
+        match self {
+            DeviceDns::Hub => {}
+            DeviceDns::Omit => {
+                config.dns_servers.clear();
+                config.dns_search.clear();
+            }
+            DeviceDns::Servers(servers) => {
+                config.dns_servers = servers.clone();
+                config.dns_search.clear();
+            }
+        }
+    }
+}
+
+/// Longest tunnel name the WireGuard apps (Android's "import from file") and wg-quick accept: the
+/// length of a Linux interface name.
+pub const TUNNEL_NAME_MAX: usize = 15;
+
+/// Whether the apps import a config file whose name (without `.conf`) is `name` as a tunnel of that
+/// name: 1 to 15 characters out of `a-z A-Z 0-9 _ = + . -`.
+pub fn is_tunnel_name(name: &str) -> bool {
+    (1..=TUNNEL_NAME_MAX).contains(&name.len()) && name.bytes().all(is_tunnel_name_byte)
+}
+
+fn is_tunnel_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"_=+.-".contains(&b)
+}
+
+/// A tunnel name for the config file of `device` that the apps accept: the name itself when it is one,
+/// else its first (up to 8) characters, `-` and 6 base32 characters (30 bits) of its SHA-256, 15
+/// characters at most. The same device always gets the same name; two different names get the same
+/// one with a chance of one in a billion, which callers writing several files check for.
+pub fn tunnel_name(device: &str) -> String {
+    if is_tunnel_name(device) {
+        return device.to_owned();
+    }
+    const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let digest = Sha256::digest(device.as_bytes());
+    let bits = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
+    let suffix: String = (0..6).map(|i| BASE32[(bits >> (27 - 5 * i)) as usize & 31] as char).collect();
+    let keep = TUNNEL_NAME_MAX - 1 - suffix.len();
+    let prefix: String =
+        device.bytes().map(|b| if is_tunnel_name_byte(b) { b as char } else { '-' }).take(keep).collect();
+    let prefix = prefix.trim_end_matches(['-', '.']);
+    if prefix.is_empty() { format!("device-{suffix}") } else { format!("{prefix}-{suffix}") }
+}
 
 /// A wg-quick configuration for a roaming device with exactly one peer (the hub).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -587,6 +651,51 @@ PersistentKeepalive = 25
         let mut bytes = Vec::new();
         grids[0].decode_to(&mut bytes).expect("QR code decodes");
         bytes
+    }
+
+    #[test]
+    fn device_dns_choices_shape_the_dns_line() {
+        let mut omitted = sample();
+        DeviceDns::Omit.apply_to(&mut omitted);
+        let text = omitted.to_wg_quick();
+        assert!(!text.to_ascii_lowercase().contains("dns"), "{text}");
+        assert_eq!(DeviceConfig::parse(&text).unwrap(), omitted);
+        omitted.validate().unwrap();
+
+        let mut own = sample();
+        let servers: Vec<IpAddr> = vec!["192.168.1.1".parse().unwrap(), "2001:db8::53".parse().unwrap()];
+        DeviceDns::Servers(servers.clone()).apply_to(&mut own);
+        let text = own.to_wg_quick();
+        assert!(text.contains("\nDNS = 192.168.1.1, 2001:db8::53\n"), "{text}");
+        assert_eq!(DeviceConfig::parse(&text).unwrap().dns_servers, servers);
+        own.validate().unwrap();
+
+        let mut hub = sample();
+        DeviceDns::Hub.apply_to(&mut hub);
+        assert_eq!(hub, sample());
+    }
+
+    #[test]
+    fn tunnel_names_are_what_the_apps_import() {
+        for ok in ["phone", "alice-phone", "a", "exactly-15-char", "A_b=c+d.e-f"] {
+            assert!(is_tunnel_name(ok), "{ok}");
+            assert_eq!(tunnel_name(ok), ok, "a name the apps take stays as it is");
+        }
+        for bad in ["", "sixteen-chars-xx", "grandmas-living-room-tablet", "with space", "ümlaut", "a/b"] {
+            assert!(!is_tunnel_name(bad), "{bad:?}");
+            let short = tunnel_name(bad);
+            assert!(is_tunnel_name(&short), "{bad:?} -> {short:?}");
+            assert_eq!(tunnel_name(bad), short, "stable");
+        }
+        let long = tunnel_name("grandmas-living-room-tablet");
+        assert!(long.starts_with("grandmas-"), "{long}");
+        assert_eq!(long.len(), 15, "{long}");
+        assert_eq!(tunnel_name("abcdefg-hijklmnop").len(), 14, "a prefix loses its trailing dash");
+        assert_ne!(tunnel_name("grandmas-living-room-tablet"), tunnel_name("grandmas-living-room-tv"));
+        // Many long names sharing a prefix stay distinct.
+        let names: std::collections::BTreeSet<String> =
+            (0..2000).map(|i| tunnel_name(&format!("shared-prefix-device-{i}"))).collect();
+        assert_eq!(names.len(), 2000);
     }
 
     #[test]

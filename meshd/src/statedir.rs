@@ -266,6 +266,15 @@ impl StateDir {
         }
     }
 
+    /// An exclusive lock that `meshctl` holds from previewing a device's hand-out to committing it, so
+    /// that two hand-outs on this state directory do not race for one address (waits for the other).
+    /// It locks the directory itself, so it creates no file.
+    pub fn lock_hand_out(&self) -> Result<StateLock, StateDirError> {
+        let dir = File::open(&self.root).map_err(io(&self.root))?;
+        dir.lock().map_err(io(&self.root))?;
+        Ok(StateLock(dir))
+    }
+
     fn open_lock(&self) -> Result<File, StateDirError> {
         let path = self.lock_path();
         OpenOptions::new()

@@ -220,6 +220,16 @@ impl Store {
         Ok(value)
     }
 
+    /// Run `f` in a write transaction like [`Store::write`], then roll it back whatever it did: what `f`
+    /// returns is what it would return as a change now, and the database stays as it was.
+    pub fn preview<T, E: From<StoreError>>(&mut self, f: impl FnOnce(&Writer<'_>) -> Result<T, E>) -> Result<T, E> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql("begin preview"))?;
+        let writer = Writer { tx };
+        let value = f(&writer);
+        writer.tx.rollback().map_err(sql("roll back preview"))?;
+        value
+    }
+
     /// The whole network as stored.
     pub fn snapshot(&mut self) -> Result<Snapshot, StoreError> {
         let tx = self.conn.transaction().map_err(sql("begin read"))?;
