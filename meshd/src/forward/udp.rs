@@ -402,20 +402,34 @@ mod tests {
 
     #[tokio::test]
     async fn refuses_others_and_cuts_sessions_when_access_is_withdrawn() {
-        let target = echo_server(Ipv4Addr::LOCALHOST.into()).await;
         let granted: IpAddr = Ipv4Addr::LOCALHOST.into();
+        // A target that records who wrote, so it can also send unasked on an open session.
+        let target = UdpSocket::bind((granted, 0)).await.unwrap();
+        let not_granted = [IpAddr::from([10, 77, 0, 9])];
         let (listen, allowed, task) =
-            forwarder(granted, target, &["10.77.0.9".parse().unwrap()], Limits::default()).await;
+            forwarder(granted, target.local_addr().unwrap(), &not_granted, Limits::default()).await;
         let phone = UdpSocket::bind((granted, 0)).await.unwrap();
-        assert_eq!(exchange(&phone, listen, b"ping").await, None, "a client not granted gets nothing");
+        let mut buf = [0u8; 16];
+        phone.send_to(b"ping", listen).await.unwrap();
+        let heard = tokio::time::timeout(Duration::from_millis(300), target.recv_from(&mut buf)).await;
+        assert!(heard.is_err(), "a client not granted reaches nothing");
 
         allowed.send_replace(Arc::new(BTreeSet::from([granted])));
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(exchange(&phone, listen, b"ping").await.is_some(), "granted now");
+        phone.send_to(b"ping", listen).await.unwrap();
+        let (_, upstream) = target.recv_from(&mut buf).await.unwrap();
+        target.send_to(b"push", upstream).await.unwrap();
+        let (n, _) = tokio::time::timeout(Duration::from_secs(1), phone.recv_from(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(&buf[..n], b"push", "granted now: the target reaches the client on its session");
 
         allowed.send_replace(Arc::new(BTreeSet::new()));
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(exchange(&phone, listen, b"ping").await, None, "the open session is cut");
+        target.send_to(b"push", upstream).await.unwrap();
+        let pushed = tokio::time::timeout(Duration::from_millis(300), phone.recv_from(&mut buf)).await;
+        assert!(pushed.is_err(), "the session must be gone at once, not when it idles out");
+        phone.send_to(b"ping", listen).await.unwrap();
+        let heard = tokio::time::timeout(Duration::from_millis(300), target.recv_from(&mut buf)).await;
+        assert!(heard.is_err(), "and the client's datagrams are refused again");
 
         drop(allowed);
         tokio::time::timeout(Duration::from_secs(1), task).await.expect("the forwarder stops").unwrap();
