@@ -28,14 +28,13 @@ use tracing::{debug, info, warn};
 use super::{Allowed, CONNECT_TIMEOUT};
 use crate::input::{HostPort, Label};
 
-/// A session nobody has sent anything on for this long is closed: conntrack's timeout for a UDP flow
-/// that has seen replies (`nf_conntrack_udp_timeout_stream`, 120 s) halved, its timeout for one-way
-/// flows doubled. Protocols that keep a session open longer send keepalives (WireGuard every 25 s, QUIC
+/// A session nobody has sent anything on for this long is closed: between conntrack's timeouts for a
+/// one-way UDP flow (30 s) and for one that has seen replies (`nf_conntrack_udp_timeout_stream`, 120 s). Protocols that keep a session open longer send keepalives (WireGuard every 25 s, QUIC
 /// every 15-30 s); DNS and similar exchanges are done in well under a second.
 pub const SESSION_IDLE: Duration = Duration::from_secs(60);
 
 /// Most sessions one mesh address of a service keeps at a time. Each holds an upstream socket (one file
-/// descriptor) and a task; 1024 keep a service within systemd's default open-file limit.
+/// descriptor) and a task, so this bounds both whatever granted clients do.
 pub const MAX_SESSIONS: usize = 1024;
 
 /// The largest UDP payload: 65535 bytes of IPv4 packet less its 20-byte header and the 8-byte UDP header.
