@@ -508,8 +508,9 @@ fn node_changed(g: &Global, name: &Label, line: &str) -> anyhow::Result<()> {
 fn print_service(g: &Global, reply: Reply) -> anyhow::Result<()> {
     match reply {
         Reply::Service(s) => print(g, &s, || {
-            let (name, node, protocol) = (&s.name, &s.node, s.protocol);
-            println!("service {name} on {node}: {} ({}) -> {}, {protocol}", s.mesh_address, s.dns_name, s.target)
+            // TCP, the default, is not named: the line stays as it was before UDP services.
+            let udp = if s.protocol == Protocol::Udp { ", udp" } else { "" };
+            println!("service {} on {}: {} ({}) -> {}{udp}", s.name, s.node, s.mesh_address, s.dns_name, s.target)
         }),
         other => unexpected(other),
     }
