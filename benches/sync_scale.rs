@@ -24,7 +24,7 @@ use std::sync::{Arc, mpsc as std_mpsc};
 use std::time::Duration;
 
 use meshd::input::Label;
-use meshd::model::{AccessRule, DeviceGrants, Network, Node, Role, Service, SharedState};
+use meshd::model::{AccessRule, DeviceGrants, Network, Node, Protocol, Role, Service, SharedState};
 use meshd::sync::{self, Publisher, ToHub, ToMember};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -518,6 +518,7 @@ fn build_state(hosts: usize) -> SharedState {
                 target: format!("127.0.0.1:{}", 8000 + j % 1000).parse().expect("a valid target"),
                 port: 8000 + (j % 1000) as u16,
                 index: hosts + 2 + j,
+                protocol: Protocol::Tcp,
             })
             .collect(),
         devices: (0..extra)
@@ -557,6 +558,7 @@ fn change(state: &mut SharedState, k: usize, next_index: &mut u32) {
                 target: "127.0.0.1:9000".parse().expect("a valid target"),
                 port: 9000,
                 index: take(),
+                protocol: Protocol::Tcp,
             });
         }
         2 => {

@@ -17,7 +17,7 @@ use meshd::controller::{self, Controller};
 use meshd::input::{self, HostPort, Label};
 use meshd::invite;
 use meshd::keys::PrivateKey;
-use meshd::model::{AccessRule, DeviceView, NodeView, Role, ServiceView};
+use meshd::model::{AccessRule, DeviceView, NodeView, Protocol, Role, ServiceView};
 use meshd::render::{DeviceConfig, DeviceDns, HubPeer};
 use meshd::statedir::{DEFAULT_STATE_DIR, StateDir};
 use meshd::store;
@@ -80,7 +80,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ServiceCommand {
-    /// Expose a TCP service of a node on its own mesh address.
+    /// Expose a TCP (or, with --udp, UDP) service of a node on its own mesh address.
     Add {
         name: Label,
         /// Node that hosts the service.
@@ -92,12 +92,15 @@ enum ServiceCommand {
         /// Port on the mesh address [default: the target's port].
         #[arg(long, value_parser = input::parse_port)]
         port: Option<u16>,
+        /// Forward UDP datagrams instead of TCP connections (DNS, WireGuard, game or echo services).
+        #[arg(long)]
+        udp: bool,
     },
     /// List services.
     List,
     /// Remove a service (devices lose access to it).
     Remove { name: Label },
-    /// Point a service elsewhere; its mesh address and the devices allowed to reach it stay.
+    /// Point a service elsewhere; its mesh address, protocol and the devices allowed to reach it stay.
     Update {
         name: Label,
         /// Where the node reaches the service: HOST:PORT.
@@ -106,6 +109,12 @@ enum ServiceCommand {
         /// Port on the mesh address [default: the target's port].
         #[arg(long, value_parser = input::parse_port)]
         port: Option<u16>,
+        /// Switch the service to UDP.
+        #[arg(long, conflicts_with = "tcp")]
+        udp: bool,
+        /// Switch the service to TCP.
+        #[arg(long)]
+        tcp: bool,
     },
 }
 
@@ -319,11 +328,17 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             Reply::Services(services) => print(g, &services, || print_services(&services)),
             other => unexpected(other),
         },
-        Command::Service(ServiceCommand::Add { name, node, target, port }) => {
-            print_service(g, send(g, Request::ServiceAdd { name, node, target, port })?)
+        Command::Service(ServiceCommand::Add { name, node, target, port, udp }) => {
+            let protocol = if udp { Protocol::Udp } else { Protocol::Tcp };
+            print_service(g, send(g, Request::ServiceAdd { name, node, target, port, protocol })?)
         }
-        Command::Service(ServiceCommand::Update { name, target, port }) => {
-            print_service(g, send(g, Request::ServiceUpdate { name, target, port })?)
+        Command::Service(ServiceCommand::Update { name, target, port, udp, tcp }) => {
+            let protocol = match (udp, tcp) {
+                (true, _) => Some(Protocol::Udp),
+                (_, true) => Some(Protocol::Tcp),
+                _ => None,
+            };
+            print_service(g, send(g, Request::ServiceUpdate { name, target, port, protocol })?)
         }
         Command::Service(ServiceCommand::Remove { name }) => {
             removed(g, Request::ServiceRemove { name: name.clone() }, "service", &name)
@@ -583,7 +598,9 @@ fn node_changed(g: &Global, name: &Label, line: &str) -> anyhow::Result<()> {
 fn print_service(g: &Global, reply: Reply) -> anyhow::Result<()> {
     match reply {
         Reply::Service(s) => print(g, &s, || {
-            println!("service {} on {}: {} ({}) -> {}", s.name, s.node, s.mesh_address, s.dns_name, s.target)
+            // TCP, the default, is not named: the line stays as it was before UDP services.
+            let udp = if s.protocol == Protocol::Udp { ", udp" } else { "" };
+            println!("service {} on {}: {} ({}) -> {}{udp}", s.name, s.node, s.mesh_address, s.dns_name, s.target)
         }),
         other => unexpected(other),
     }
@@ -665,18 +682,28 @@ fn print_devices(devices: &[DeviceView]) {
 }
 
 fn print_services(services: &[ServiceView]) {
-    println!("{:<20} {:<12} {:<22} {:<32} {:<24} DEVICES", "SERVICE", "NODE", "MESH ADDRESS", "DNS NAME", "TARGET");
+    print!("{}", services_table(services));
+}
+
+/// The service table; PROTOCOL comes last so the columns before it stay where scripts expect them.
+fn services_table(services: &[ServiceView]) -> String {
+    let mut table = format!(
+        "{:<20} {:<12} {:<22} {:<32} {:<24} {:<24} PROTOCOL\n",
+        "SERVICE", "NODE", "MESH ADDRESS", "DNS NAME", "TARGET", "DEVICES"
+    );
     for s in services {
-        println!(
-            "{:<20} {:<12} {:<22} {:<32} {:<24} {}",
+        table.push_str(&format!(
+            "{:<20} {:<12} {:<22} {:<32} {:<24} {:<24} {}\n",
             s.name,
             s.node,
             s.mesh_address,
             s.dns_name,
             s.target,
-            join(&s.devices)
-        );
+            join(&s.devices),
+            s.protocol
+        ));
     }
+    table
 }
 
 #[cfg(test)]
@@ -847,6 +874,34 @@ to = "validator"
         let current = Current::from_views(&status, &invites, &rules).unwrap();
         let plan = declare::plan(&Declaration::parse(DECLARATION, &current.hub).unwrap(), &current).unwrap();
         assert_eq!(plan, declare::Plan::default());
+    }
+
+    #[test]
+    fn udp_services_are_added_listed_and_keep_their_protocol_on_update() {
+        let dir = network(&[]);
+        meshctl(&dir, &["service", "add", "echo", "--node", "hub", "--target", "127.0.0.1:7", "--udp"]).unwrap();
+        meshctl(&dir, &["service", "add", "web", "--node", "hub", "--target", "127.0.0.1:80"]).unwrap();
+        let protocols = |dir: &TempDir| -> Vec<(String, Protocol)> {
+            snapshot(dir).services.iter().map(|v| (v.name.to_string(), v.protocol)).collect()
+        };
+        assert_eq!(protocols(&dir), [("echo".into(), Protocol::Udp), ("web".into(), Protocol::Tcp)]);
+
+        meshctl(&dir, &["service", "update", "echo", "--target", "127.0.0.1:7007"]).unwrap();
+        assert_eq!(protocols(&dir)[0], ("echo".into(), Protocol::Udp), "an update keeps the protocol");
+        meshctl(&dir, &["service", "update", "web", "--target", "127.0.0.1:53", "--udp"]).unwrap();
+        assert_eq!(protocols(&dir)[1], ("web".into(), Protocol::Udp));
+        meshctl(&dir, &["service", "update", "web", "--target", "127.0.0.1:53", "--tcp"]).unwrap();
+        assert_eq!(protocols(&dir)[1], ("web".into(), Protocol::Tcp));
+        let both = ["meshctl", "service", "update", "web", "--target", "127.0.0.1:53", "--udp", "--tcp"];
+        assert!(Cli::try_parse_from(both).is_err(), "--udp and --tcp exclude each other");
+
+        let s = snapshot(&dir);
+        let views: Vec<ServiceView> = s.services.iter().map(|v| s.service_view(v)).collect();
+        let table = services_table(&views);
+        let last_column: Vec<&str> = table.lines().map(|l| l.split_whitespace().last().unwrap()).collect();
+        assert_eq!(last_column, ["PROTOCOL", "udp", "tcp"], "{table}");
+        let json = serde_json::to_value(&views).unwrap();
+        assert_eq!((json[0]["protocol"].as_str(), json[1]["protocol"].as_str()), (Some("udp"), Some("tcp")));
     }
 
     #[test]

@@ -7,7 +7,9 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::input::{HostPort, Label};
-use crate::model::{AccessRule, DeviceView, InviteView, NetworkView, NodeView, Role, ServiceView, SharedState};
+use crate::model::{
+    AccessRule, DeviceView, InviteView, NetworkView, NodeView, Protocol, Role, ServiceView, SharedState,
+};
 
 /// What `meshctl` asks of the controller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +59,9 @@ pub enum Request {
         node: Label,
         target: HostPort,
         port: Option<u16>,
+        /// TCP unless asked for (and in requests of a `meshctl` from before UDP services).
+        #[serde(default)]
+        protocol: Protocol,
     },
     ServiceList,
     ServiceRemove {
@@ -82,11 +87,14 @@ pub enum Request {
         name: Label,
         allow: Vec<Label>,
     },
-    /// Change where a service points and the port it is offered on; its addresses and grants stay.
+    /// Change where a service points and the port it is offered on; its addresses and grants stay. The
+    /// protocol changes only when one is given.
     ServiceUpdate {
         name: Label,
         target: HostPort,
         port: Option<u16>,
+        #[serde(default)]
+        protocol: Option<Protocol>,
     },
     /// Replace a device's keys (made by `meshctl`, public half only here) and preshared key; the old
     /// key stops working at once, the device keeps its addresses and grants.

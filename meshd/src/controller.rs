@@ -13,7 +13,7 @@ use crate::join::JoinIdentity;
 use crate::keys;
 use crate::model::{
     AccessRule, DEVICE_KEEPALIVE_SECS, Device, Invite, InviteStatus, InviteView, MESH_MTU, Network, NetworkView, Node,
-    Role, Service, Snapshot,
+    Protocol, Role, Service, Snapshot,
 };
 use crate::store::{self, ADDRESS_COOLDOWN, Store, StoreError, Writer};
 
@@ -277,7 +277,9 @@ fn carry_out(w: &Writer<'_>, request: Request) -> Result<Reply, ControlError> {
             let s = w.snapshot()?;
             Ok(Reply::Devices(s.devices.iter().map(|d| s.device_view(d)).collect()))
         }
-        Request::ServiceAdd { name, node, target, port } => add_service(w, name, node, target, port),
+        Request::ServiceAdd { name, node, target, port, protocol } => {
+            add_service(w, name, node, target, port, protocol)
+        }
         Request::ServiceRemove { name } => match w.delete_service(&name)? {
             true => Ok(Reply::Removed),
             false => Err(ControlError::UnknownService(name)),
@@ -366,12 +368,13 @@ fn carry_out(w: &Writer<'_>, request: Request) -> Result<Reply, ControlError> {
             w.set_device_grants(&name, &allow)?;
             Ok(Reply::Done)
         }
-        Request::ServiceUpdate { name, target, port } => {
+        Request::ServiceUpdate { name, target, port, protocol } => {
             let s = w.snapshot()?;
             let mut service =
                 s.services.iter().find(|v| v.name == name).cloned().ok_or(ControlError::UnknownService(name))?;
             service.port = port.unwrap_or(target.port());
             service.target = target;
+            service.protocol = protocol.unwrap_or(service.protocol);
             w.update_service(&service)?;
             Ok(Reply::Service(s.service_view(&service)))
         }
@@ -463,13 +466,14 @@ fn add_service(
     node: Label,
     target: HostPort,
     port: Option<u16>,
+    protocol: Protocol,
 ) -> Result<Reply, ControlError> {
     {
         let s = w.snapshot()?;
         ensure_name_free(w, &s, &name)?;
         member(&s, &node)?;
         let index = allocate(w, &s.network)?;
-        let service = Service { name, node, port: port.unwrap_or(target.port()), target, index };
+        let service = Service { name, node, port: port.unwrap_or(target.port()), target, index, protocol };
         w.insert_service(&service)?;
         // No device is granted a service that did not exist: the snapshot read above is enough.
         Ok(Reply::Service(s.service_view(&service)))
@@ -650,7 +654,40 @@ mod tests {
             node: label("hub"),
             target: "169.254.1.17:9737".parse().unwrap(),
             port: None,
+            protocol: Protocol::Tcp,
         })
+    }
+
+    #[test]
+    fn a_udp_service_keeps_its_protocol_unless_an_update_names_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        let add = Request::ServiceAdd {
+            name: label("echo"),
+            node: label("hub"),
+            target: "127.0.0.1:7".parse().unwrap(),
+            port: None,
+            protocol: Protocol::Udp,
+        };
+        let Reply::Service(echo) = c.handle(add).unwrap() else { panic!() };
+        assert_eq!((echo.protocol, echo.mesh_address.as_str()), (Protocol::Udp, "10.77.0.2:7"));
+        let update = |protocol| Request::ServiceUpdate {
+            name: label("echo"),
+            target: "127.0.0.1:7007".parse().unwrap(),
+            port: None,
+            protocol,
+        };
+        let Reply::Service(echo) = c.handle(update(None)).unwrap() else { panic!() };
+        assert_eq!((echo.protocol, echo.target.as_str()), (Protocol::Udp, "127.0.0.1:7007"));
+        let Reply::Service(echo) = c.handle(update(Some(Protocol::Tcp))).unwrap() else { panic!() };
+        assert_eq!(echo.protocol, Protocol::Tcp);
+        assert_eq!(echo.mesh_address, "10.77.0.2:7007", "an update keeps the service's address");
+        // A request from a meshctl that knows no protocol field means TCP.
+        let old: Request = serde_json::from_str(
+            r#"{"op":"service_add","name":"web","node":"hub","target":"127.0.0.1:80","port":null}"#,
+        )
+        .unwrap();
+        assert!(matches!(old, Request::ServiceAdd { protocol: Protocol::Tcp, .. }));
     }
 
     fn add_device(c: &mut Controller, name: &str, allow: &[&str]) -> Result<Reply, ControlError> {
@@ -690,6 +727,7 @@ mod tests {
             node: label("hub"),
             target: "127.0.0.1:9737".parse().unwrap(),
             port: None,
+            protocol: Protocol::Tcp,
         };
         let device = |name: &str, allow: &str| Request::DeviceAdd {
             name: label(name),
@@ -932,6 +970,7 @@ mod tests {
             node: label("vps"),
             target: "127.0.0.1:5052".parse().unwrap(),
             port: None,
+            protocol: Protocol::Tcp,
         };
         c.handle(on_member).expect("services may live on members");
         add_device(&mut c, "phone", &["beacon"]).unwrap();

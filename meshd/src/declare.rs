@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::{Request, StatusView};
 use crate::input::{HostPort, Label};
-use crate::model::{AccessRule, InviteView, Role};
+use crate::model::{AccessRule, InviteView, Protocol, Role};
 use crate::render::DeviceDns;
 
 /// Why a declaration was refused, or cannot be planned against the network; the message names the entry.
@@ -98,6 +98,8 @@ pub struct ServiceSpec {
     pub target: HostPort,
     /// Port on the service's mesh address.
     pub port: u16,
+    /// `protocol = "udp"` in the file; TCP when absent.
+    pub protocol: Protocol,
 }
 
 /// A device and the services it may reach: as declared, or as it stands.
@@ -163,6 +165,8 @@ struct ServiceEntry {
     node: Label,
     target: HostPort,
     port: Option<u16>,
+    #[serde(default)]
+    protocol: Protocol,
 }
 
 #[derive(Deserialize)]
@@ -249,7 +253,8 @@ impl Declaration {
             if port == 0 {
                 return Err(DeclareError::PortZero(entry.name));
             }
-            declaration.services.push(ServiceSpec { name: entry.name, node: entry.node, target: entry.target, port });
+            let (name, node, target, protocol) = (entry.name, entry.node, entry.target, entry.protocol);
+            declaration.services.push(ServiceSpec { name, node, target, port, protocol });
         }
         for entry in file.device {
             if let Some(service) = entry.allow.iter().find(|a| names.get(a) != Some(&Kind::Service)) {
@@ -310,7 +315,7 @@ impl Current {
                 let target = s.target.parse().map_err(|_| DeclareError::UnreadableService(s.name.clone(), "target"))?;
                 let port = (s.mesh_address.rsplit_once(':').and_then(|(_, port)| port.parse().ok()))
                     .ok_or_else(|| DeclareError::UnreadableService(s.name.clone(), "mesh address"))?;
-                Ok(ServiceSpec { name: s.name.clone(), node: s.node.clone(), target, port })
+                Ok(ServiceSpec { name: s.name.clone(), node: s.node.clone(), target, port, protocol: s.protocol })
             })
             .collect::<Result<_, DeclareError>>()?;
         Ok(Current {
@@ -372,6 +377,7 @@ pub enum Step {
         node: Label,
         target: HostPort,
         port: u16,
+        protocol: Protocol,
     },
     /// Removed and added again on another node: it gets a new address, and its devices their grants back
     /// (a later [`Step::AllowDevice`]).
@@ -381,13 +387,17 @@ pub enum Step {
         was_node: Label,
         target: HostPort,
         port: u16,
+        protocol: Protocol,
     },
+    /// Target, port or protocol changed in place: the service keeps its addresses and grants.
     UpdateService {
         name: Label,
         target: HostPort,
         port: u16,
+        protocol: Protocol,
         was_target: HostPort,
         was_port: u16,
+        was_protocol: Protocol,
     },
     AddDevice {
         name: Label,
@@ -435,24 +445,29 @@ impl Step {
                 vec![Request::NodeUninvite { name: name.clone() }, invite(name, *role)]
             }
             Step::EnableNode { name } => vec![Request::NodeEnable { name: name.clone() }],
-            Step::AddService { name, node, target, port } => vec![Request::ServiceAdd {
+            Step::AddService { name, node, target, port, protocol } => vec![Request::ServiceAdd {
                 name: name.clone(),
                 node: node.clone(),
                 target: target.clone(),
                 port: Some(*port),
+                protocol: *protocol,
             }],
-            Step::MoveService { name, node, target, port, .. } => vec![
+            Step::MoveService { name, node, target, port, protocol, .. } => vec![
                 Request::ServiceRemove { name: name.clone() },
                 Request::ServiceAdd {
                     name: name.clone(),
                     node: node.clone(),
                     target: target.clone(),
                     port: Some(*port),
+                    protocol: *protocol,
                 },
             ],
-            Step::UpdateService { name, target, port, .. } => {
-                vec![Request::ServiceUpdate { name: name.clone(), target: target.clone(), port: Some(*port) }]
-            }
+            Step::UpdateService { name, target, port, protocol, .. } => vec![Request::ServiceUpdate {
+                name: name.clone(),
+                target: target.clone(),
+                port: Some(*port),
+                protocol: Some(*protocol),
+            }],
             Step::AddDevice { name, allow } => {
                 vec![Request::DeviceAdd {
                     name: name.clone(),
@@ -487,20 +502,25 @@ impl fmt::Display for Step {
                 role_name(*was)
             ),
             Step::EnableNode { name } => write!(f, "+ enable node {name}"),
-            Step::AddService { name, node, target, port } => {
-                write!(f, "+ add service {name} on {node}: {target}, port {port}")
+            Step::AddService { name, node, target, port, protocol } => {
+                write!(f, "+ add service {name} on {node}: {target}, port {port}{}", udp_suffix(*protocol))
             }
-            Step::MoveService { name, node, was_node, target, port } => write!(
+            Step::MoveService { name, node, was_node, target, port, protocol } => write!(
                 f,
-                "~ service {name}: node {was_node} -> {node} (removed and added again: new address), {target}, port {port}"
+                "~ service {name}: node {was_node} -> {node} (removed and added again: new address), {target}, port \
+                 {port}{}",
+                udp_suffix(*protocol)
             ),
-            Step::UpdateService { name, target, port, was_target, was_port } => {
+            Step::UpdateService { name, target, port, protocol, was_target, was_port, was_protocol } => {
                 let mut changes = Vec::new();
                 if target != was_target {
                     changes.push(format!("target {was_target} -> {target}"));
                 }
                 if port != was_port {
                     changes.push(format!("port {was_port} -> {port}"));
+                }
+                if protocol != was_protocol {
+                    changes.push(format!("protocol {was_protocol} -> {protocol}"));
                 }
                 write!(f, "~ service {name}: {}", changes.join(", "))
             }
@@ -616,17 +636,25 @@ fn plan_services<'a>(desired: &'a Declaration, current: &Current, plan: &mut Pla
             continue;
         }
         services.ready.insert(&service.name);
-        let (name, node, target, port) =
-            (service.name.clone(), service.node.clone(), service.target.clone(), service.port);
+        let (name, node, target, port, protocol) =
+            (service.name.clone(), service.node.clone(), service.target.clone(), service.port, service.protocol);
         match current.services.iter().find(|s| s.name == service.name) {
-            None => plan.steps.push(Step::AddService { name, node, target, port }),
+            None => plan.steps.push(Step::AddService { name, node, target, port, protocol }),
             Some(now) if now.node != service.node => {
                 services.moved.insert(&service.name);
-                plan.steps.push(Step::MoveService { name, node, was_node: now.node.clone(), target, port });
+                plan.steps.push(Step::MoveService { name, node, was_node: now.node.clone(), target, port, protocol });
             }
-            Some(now) if now.target != service.target || now.port != service.port => {
-                let (was_target, was_port) = (now.target.clone(), now.port);
-                plan.steps.push(Step::UpdateService { name, target, port, was_target, was_port });
+            Some(now) if now.target != service.target || now.port != service.port || now.protocol != protocol => {
+                let (was_target, was_port, was_protocol) = (now.target.clone(), now.port, now.protocol);
+                plan.steps.push(Step::UpdateService {
+                    name,
+                    target,
+                    port,
+                    protocol,
+                    was_target,
+                    was_port,
+                    was_protocol,
+                });
             }
             Some(_) => {}
         }
@@ -733,6 +761,14 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
+/// `, udp` after a UDP service's port in plan lines; nothing for TCP, the default.
+fn udp_suffix(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Tcp => "",
+        Protocol::Udp => ", udp",
+    }
+}
+
 fn list(labels: &[Label]) -> String {
     labels.iter().map(Label::as_str).collect::<Vec<_>>().join(",")
 }
@@ -834,6 +870,32 @@ to = "validator"
     }
 
     #[test]
+    fn a_service_is_tcp_unless_the_file_says_udp() {
+        let text = "[[service]]\nname = \"echo\"\nnode = \"hub\"\ntarget = \"127.0.0.1:7\"\nprotocol = \"udp\"\n\
+                    [[service]]\nname = \"web\"\nnode = \"hub\"\ntarget = \"127.0.0.1:80\"\nprotocol = \"tcp\"\n";
+        let d = parse(text).unwrap();
+        assert_eq!(d.services.iter().map(|s| s.protocol).collect::<Vec<_>>(), [Protocol::Udp, Protocol::Tcp]);
+        assert!(parse(EXAMPLE).unwrap().services.iter().all(|s| s.protocol == Protocol::Tcp), "the default");
+
+        // Added as UDP; switching the protocol is an update in place (addresses and grants stay).
+        let plan_lines = |network: &Current| lines(&plan(&d, network).unwrap());
+        assert_eq!(
+            plan_lines(&empty_network()),
+            ["+ add service echo on hub: 127.0.0.1:7, port 7, udp", "+ add service web on hub: 127.0.0.1:80, port 80"]
+        );
+        let mut network = empty_network();
+        network.services = vec![service("echo", "hub", "127.0.0.1:7", 7), service("web", "hub", "127.0.0.1:80", 80)];
+        assert_eq!(plan_lines(&network), ["~ service echo: protocol tcp -> udp"]);
+        let step = &plan(&d, &network).unwrap().steps[0];
+        assert!(matches!(
+            step.requests(60, || unreachable!("no device")).as_slice(),
+            [Request::ServiceUpdate { protocol: Some(Protocol::Udp), .. }]
+        ));
+        let json = serde_json::to_value(step).unwrap();
+        assert_eq!((json["protocol"].as_str(), json["was_protocol"].as_str()), (Some("udp"), Some("tcp")));
+    }
+
+    #[test]
     fn syntax_errors_name_line_and_column() {
         let cases = [
             ("[[node]\nname = \"a\"\n", 1, "unclosed array table"),
@@ -845,6 +907,11 @@ to = "validator"
             ("[[service]]\nname = \"s\"\nnode = \"hub\"\ntarget = \"1.2.3.4:80\"\nport = 70000\n", 5, "70000"),
             ("[[service]]\nname = \"s\"\nnode = \"hub\"\n", 1, "missing field `target`"),
             ("[[device]]\nname = \"p\"\nallow = \"wallet\"\n", 3, "expected a sequence"),
+            (
+                "[[service]]\nname = \"s\"\nnode = \"hub\"\ntarget = \"1.2.3.4:53\"\nprotocol = \"sctp\"\n",
+                5,
+                "unknown variant `sctp`, expected `tcp` or `udp`",
+            ),
             ("[[access]]\nfrom = [\"a\"]\nto = \"b\"\nextra = 1\n", 4, "unknown field `extra`"),
             ("[[device]]\nname = \"p\"\nallow = [\"w\"]\ndns = \"yes\"\n", 4, "true, false or a list of IP addresses"),
             ("[[device]]\nname = \"p\"\nallow = [\"w\"]\ndns = [\"1.2.3\"]\n", 4, "\"1.2.3\" is not an IP address"),
@@ -923,7 +990,7 @@ to = "validator"
     proptest::proptest! {
         /// Any mix of the file's tables and keys, valid or not, is parsed or refused, never a panic.
         #[test]
-        fn parsing_never_panics(text in "(\\[\\[(node|service|device|access)\\]\\]\n|(name|role|disabled|node|target|port|allow|from|to) = (\"[a-z0-9.:_\\[\\]-]{0,12}\"|[0-9]{1,6}|\\[\"[a-z]{1,3}\"\\])\n|.{0,8}){0,12}") {
+        fn parsing_never_panics(text in "(\\[\\[(node|service|device|access)\\]\\]\n|(name|role|disabled|node|target|port|protocol|allow|from|to) = (\"[a-z0-9.:_\\[\\]-]{0,12}\"|[0-9]{1,6}|\\[\"[a-z]{1,3}\"\\])\n|.{0,8}){0,12}") {
             let _ = parse(&text);
         }
     }
@@ -941,7 +1008,13 @@ to = "validator"
     }
 
     fn service(name: &str, node: &str, target: &str, port: u16) -> ServiceSpec {
-        ServiceSpec { name: label(name), node: label(node), target: target.parse().unwrap(), port }
+        ServiceSpec {
+            name: label(name),
+            node: label(node),
+            target: target.parse().unwrap(),
+            port,
+            protocol: Protocol::Tcp,
+        }
     }
 
     fn device(name: &str, allow: &[&str]) -> DeviceSpec {
@@ -1113,6 +1186,7 @@ to = "validator"
             was_node: label("hub"),
             target: "127.0.0.1:5052".parse().unwrap(),
             port: 80,
+            protocol: Protocol::Udp,
         };
         assert_eq!(
             move_beacon.requests(60, || unreachable!("no device")),
@@ -1122,7 +1196,8 @@ to = "validator"
                     name: label("beacon"),
                     node: label("vps"),
                     target: "127.0.0.1:5052".parse().unwrap(),
-                    port: Some(80)
+                    port: Some(80),
+                    protocol: Protocol::Udp,
                 },
             ]
         );
@@ -1208,6 +1283,15 @@ to = "validator"
         assert_eq!(plan(&parse(&moved).unwrap(), &read(&mut c)).unwrap(), Plan::default());
         let s = c.snapshot().unwrap();
         assert_eq!(s.devices[0].allow, labels(&["beacon", "wallet"]), "grants restored after the move");
+
+        // A UDP service converges too: the controller reports its protocol, so a second plan is empty.
+        let with_udp = format!(
+            "{moved}[[service]]\nname = \"echo\"\nnode = \"hub\"\ntarget = \"127.0.0.1:7\"\nprotocol = \"udp\"\n"
+        );
+        assert_eq!(apply(&mut c, &with_udp).steps.len(), 1);
+        assert_eq!(plan(&parse(&with_udp).unwrap(), &read(&mut c)).unwrap(), Plan::default());
+        let s = c.snapshot().unwrap();
+        assert_eq!(s.services.iter().find(|v| v.name.as_str() == "echo").map(|v| v.protocol), Some(Protocol::Udp));
 
         // An empty file takes every member, service, device and rule away; the hub stays.
         apply(&mut c, "");

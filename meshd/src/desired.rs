@@ -10,7 +10,7 @@ use ipnet::IpNet;
 
 use crate::dns::{DNS_PORT, DnsRecords};
 use crate::input::{HostPort, Label};
-use crate::model::{MESH_MTU, NODE_KEEPALIVE_SECS, Node, Role, SYNC_PORT, Service, Snapshot};
+use crate::model::{MESH_MTU, NODE_KEEPALIVE_SECS, Node, Protocol, Role, SYNC_PORT, Service, Snapshot};
 
 /// The desired state of one host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,15 +41,25 @@ pub struct AccessPlan {
     /// Node addresses admitted to this host and its services: every active node, or, once access rules
     /// name this host, only the nodes they let in.
     pub nodes: BTreeSet<IpAddr>,
-    /// (device address, service address and port) pairs admitted: local services, and on the hub, which
-    /// routes devices to services on other nodes, those too.
-    pub grants: BTreeSet<(IpAddr, SocketAddr)>,
+    /// Device flows admitted: local services, and on the hub, which routes devices to services on other
+    /// nodes, those too.
+    pub grants: BTreeSet<Grant>,
     /// On hosts that route (the hub, the relay): every active node's addresses. They route between them
     /// (each receiving host applies its own rules); the hub also lets them all reach its sync service,
     /// whatever its own rules say.
     pub members: BTreeSet<IpAddr>,
     /// Whether this host routes between its peers (the hub does, and the relay between hosts behind NAT).
     pub routes: bool,
+}
+
+/// A flow a device is granted: from its address to a service's address and port, over the service's protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Grant {
+    /// The device's address (v4 or v6, the family of `service`).
+    pub source: IpAddr,
+    /// The service's mesh address and port.
+    pub service: SocketAddr,
+    pub protocol: Protocol,
 }
 
 /// The hub's sync service, which pushes the network's state to the members.
@@ -75,6 +85,8 @@ pub struct ServicePlan {
     pub listen: Vec<SocketAddr>,
     pub target: HostPort,
     pub allowed: BTreeSet<IpAddr>,
+    /// What it forwards: TCP connections or UDP datagrams.
+    pub protocol: Protocol,
 }
 
 /// The mesh DNS of a host.
@@ -205,7 +217,8 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
     for service in s.services.iter().filter(|v| hosted_here(v)) {
         let allowed = device_addrs(service);
         for dst in service_addrs(service) {
-            grants.extend(allowed.iter().filter(|src| src.is_ipv4() == dst.is_ipv4()).map(|&src| (src, dst)));
+            let same_family = allowed.iter().filter(|src| src.is_ipv4() == dst.is_ipv4());
+            grants.extend(same_family.map(|&source| Grant { source, service: dst, protocol: service.protocol }));
         }
         if service.node == node.name {
             addresses.extend(host_nets(service.index));
@@ -214,6 +227,7 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
                 listen: service_addrs(service).to_vec(),
                 target: service.target.clone(),
                 allowed: allowed.into_iter().chain(admitted_nodes.iter().copied()).collect(),
+                protocol: service.protocol,
             });
         }
     }
@@ -342,6 +356,7 @@ mod tests {
                     target: "169.254.1.17:9737".parse().unwrap(),
                     port: 9737,
                     index: 2,
+                    protocol: Protocol::Tcp,
                 },
                 Service {
                     name: label("explorer"),
@@ -349,6 +364,7 @@ mod tests {
                     target: "127.0.0.1:3002".parse().unwrap(),
                     port: 80,
                     index: 3,
+                    protocol: Protocol::Tcp,
                 },
             ],
             rules: vec![],
@@ -381,6 +397,23 @@ mod tests {
         let explorer = plan.services.iter().find(|v| v.name.as_str() == "explorer").unwrap();
         assert_eq!(explorer.listen[1].to_string(), "[fd00:1:2::3]:80");
         assert!(!explorer.allowed.contains(&"10.77.0.4".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_udp_service_grants_and_forwards_udp_only() {
+        let mut s = with_members();
+        s.services.iter_mut().find(|v| v.name.as_str() == "beacon").unwrap().protocol = Protocol::Udp;
+        for host in ["hub", "attic"] {
+            let grants = plan_host(&s, host).unwrap().access.grants;
+            let beacon: Vec<&Grant> = grants.iter().filter(|g| g.service.port() == 5052).collect();
+            assert_eq!(beacon.len(), 2, "the phone, over v4 and v6, on {host}: {grants:?}");
+            assert!(beacon.iter().all(|g| g.protocol == Protocol::Udp), "{host}: {beacon:?}");
+            assert!(grants.iter().filter(|g| g.service.port() != 5052).all(|g| g.protocol == Protocol::Tcp));
+        }
+        let attic = plan_host(&s, "attic").unwrap();
+        let beacon = attic.services.iter().find(|v| v.name.as_str() == "beacon").unwrap();
+        assert_eq!(beacon.protocol, Protocol::Udp);
+        assert!(beacon.allowed.contains(&"fd00:1:2::4".parse().unwrap()));
     }
 
     #[test]
@@ -451,6 +484,7 @@ mod tests {
             target: "127.0.0.1:5052".parse().unwrap(),
             port: 5052,
             index: 9,
+            protocol: Protocol::Tcp,
         });
         s.devices[0].allow.push(label("beacon"));
         s
@@ -466,7 +500,8 @@ mod tests {
         assert_eq!(plan.peers["VPS"].endpoint, Some("198.51.100.7:51820".parse().unwrap()));
         assert!(plan.access.routes);
         let beacon: SocketAddr = "10.77.0.9:5052".parse().unwrap();
-        assert!(plan.access.grants.contains(&("10.77.0.4".parse().unwrap(), beacon)), "routed grant for the phone");
+        let phone = Grant { source: "10.77.0.4".parse().unwrap(), service: beacon, protocol: Protocol::Tcp };
+        assert!(plan.access.grants.contains(&phone), "routed grant for the phone");
         assert!(!plan.services.iter().any(|v| v.name.as_str() == "beacon"), "the hub does not serve it itself");
         assert_eq!(plan.access.nodes.len(), 8, "four nodes, two addresses each");
     }
@@ -551,7 +586,7 @@ mod tests {
         let beacon = plan.services.iter().find(|v| v.name.as_str() == "beacon").expect("the member serves beacon");
         assert!(beacon.allowed.contains(&"10.77.0.4".parse().unwrap()));
         assert!(
-            plan.access.grants.iter().all(|(_, dst)| dst.port() == 5052),
+            plan.access.grants.iter().all(|g| g.service.port() == 5052),
             "only grants to its own services: {:?}",
             plan.access.grants
         );

@@ -13,7 +13,7 @@ use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use crate::desired::HostPlan;
+use crate::desired::{Grant, HostPlan};
 use crate::dns::DNS_PORT;
 
 /// Loading the ruleset failed.
@@ -37,8 +37,8 @@ pub fn render(plan: &HostPlan) -> String {
     let access = &plan.access;
     let (nodes_v4, nodes_v6): (Vec<&IpAddr>, Vec<&IpAddr>) = access.nodes.iter().partition(|ip| ip.is_ipv4());
     let (members_v4, members_v6): (Vec<&IpAddr>, Vec<&IpAddr>) = access.members.iter().partition(|ip| ip.is_ipv4());
-    let (grants_v4, grants_v6): (Vec<_>, Vec<_>) = access.grants.iter().partition(|(src, _)| src.is_ipv4());
-    let grant = |(src, dst): &&(IpAddr, std::net::SocketAddr)| format!("{src} . {} . {}", dst.ip(), dst.port());
+    let (grants_v4, grants_v6): (Vec<&Grant>, Vec<&Grant>) = access.grants.iter().partition(|g| g.source.is_ipv4());
+    let grant = |g: &&Grant| format!("{} . {} . {} . {}", g.source, g.service.ip(), g.protocol, g.service.port());
 
     let mut out = String::new();
     // Creating then deleting makes the script work whether or not the table exists yet.
@@ -48,8 +48,8 @@ pub fn render(plan: &HostPlan) -> String {
         ("nodes_v6", "ipv6_addr", nodes_v6.iter().map(ToString::to_string).collect()),
         ("members_v4", "ipv4_addr", members_v4.iter().map(ToString::to_string).collect()),
         ("members_v6", "ipv6_addr", members_v6.iter().map(ToString::to_string).collect()),
-        ("grants_v4", "ipv4_addr . ipv4_addr . inet_service", grants_v4.iter().map(grant).collect()),
-        ("grants_v6", "ipv6_addr . ipv6_addr . inet_service", grants_v6.iter().map(grant).collect()),
+        ("grants_v4", "ipv4_addr . ipv4_addr . inet_proto . inet_service", grants_v4.iter().map(grant).collect()),
+        ("grants_v6", "ipv6_addr . ipv6_addr . inet_proto . inet_service", grants_v6.iter().map(grant).collect()),
     ];
     for (set, ty, elements) in sets {
         let _ = writeln!(out, "  set {set} {{\n    type {ty}");
@@ -58,9 +58,10 @@ pub fn render(plan: &HostPlan) -> String {
         }
         let _ = writeln!(out, "  }}");
     }
-    // Admitted nodes reach this host freely; devices only their granted services (and the hub's DNS).
-    let grants =
-        "ip saddr . ip daddr . tcp dport @grants_v4 accept\n    ip6 saddr . ip6 daddr . tcp dport @grants_v6 accept";
+    // Admitted nodes reach this host freely; devices only their granted services (and the hub's DNS), each
+    // over its own protocol: a TCP grant admits no UDP to the same port, and the other way round.
+    let grants = "ip saddr . ip daddr . meta l4proto . th dport @grants_v4 accept\n    \
+                  ip6 saddr . ip6 daddr . meta l4proto . th dport @grants_v6 accept";
     let admitted = format!("ip saddr @nodes_v4 accept\n    ip6 saddr @nodes_v6 accept\n    {grants}");
     // Routing hosts (hub, relay) pass flows between all nodes (receivers apply their own rules) and
     // devices' granted flows.
@@ -141,6 +142,7 @@ pub async fn remove(interface: &str) -> Result<(), FirewallError> {
 mod tests {
     use super::*;
     use crate::desired::{AccessPlan, DnsPlan, ServicePlan, SyncPlan};
+    use crate::model::Protocol;
     use std::collections::{BTreeMap, BTreeSet};
 
     fn plan(allowed: &[&str], routes: bool) -> HostPlan {
@@ -158,6 +160,7 @@ mod tests {
                 listen: wallet.clone(),
                 target: "127.0.0.1:9737".parse().unwrap(),
                 allowed: allowed.clone(),
+                protocol: Protocol::Tcp,
             }],
             sync: routes.then(|| SyncPlan { listen: vec!["10.77.0.1:51871".parse().unwrap()] }),
             dns: DnsPlan {
@@ -171,7 +174,10 @@ mod tests {
                 nodes: ["10.77.0.1", "fd00::1", "10.77.0.5", "fd00::5"].iter().map(|a| a.parse().unwrap()).collect(),
                 grants: allowed
                     .iter()
-                    .flat_map(|src| wallet.iter().filter(|dst| dst.is_ipv4() == src.is_ipv4()).map(|dst| (*src, *dst)))
+                    .flat_map(|&source| {
+                        let same_family = wallet.iter().filter(move |dst| dst.is_ipv4() == source.is_ipv4());
+                        same_family.map(move |&service| Grant { source, service, protocol: Protocol::Tcp })
+                    })
                     .collect(),
                 members: if routes {
                     ["10.77.0.1", "fd00::1", "10.77.0.5", "fd00::5", "10.77.0.6"]
@@ -190,8 +196,8 @@ mod tests {
     fn grants_are_exact_source_destination_port_triples() {
         let rules = render(&plan(&["10.77.0.4", "fd00::4"], true));
         assert!(rules.contains("table inet meshd_wg_home_1 {"), "{rules}");
-        assert!(rules.contains("elements = { 10.77.0.4 . 10.77.0.2 . 9737 }"), "{rules}");
-        assert!(rules.contains("elements = { fd00::4 . fd00::2 . 9737 }"), "{rules}");
+        assert!(rules.contains("elements = { 10.77.0.4 . 10.77.0.2 . tcp . 9737 }"), "{rules}");
+        assert!(rules.contains("elements = { fd00::4 . fd00::2 . tcp . 9737 }"), "{rules}");
         assert!(
             rules.contains("ip saddr 10.77.0.0/16 ip daddr 10.77.0.1 meta l4proto { tcp, udp } th dport 53 accept")
         );
@@ -205,6 +211,37 @@ mod tests {
         let routing = &rules[rules.find("chain mesh_routing").unwrap()..];
         assert!(routing.contains("ip saddr @members_v4 accept"), "the hub routes between all nodes: {rules}");
         assert!(rules.contains("elements = { 10.77.0.1, 10.77.0.5, 10.77.0.6 }"), "{rules}");
+    }
+
+    /// A UDP service: the same exact triples, with udp as the protocol, matched on the transport port.
+    fn with_udp_echo(mut plan: HostPlan) -> HostPlan {
+        let echo: std::net::SocketAddr = "10.77.0.3:7".parse().unwrap();
+        let source = "10.77.0.4".parse().unwrap();
+        plan.access.grants.insert(Grant { source, service: echo, protocol: Protocol::Udp });
+        plan.services.push(ServicePlan {
+            name: "echo".parse().unwrap(),
+            listen: vec![echo],
+            target: "127.0.0.1:7".parse().unwrap(),
+            allowed: BTreeSet::from([source]),
+            protocol: Protocol::Udp,
+        });
+        plan
+    }
+
+    #[test]
+    fn udp_grants_admit_udp_to_the_service_port_only() {
+        let rules = render(&with_udp_echo(plan(&["10.77.0.4", "fd00::4"], false)));
+        assert!(
+            rules.contains("elements = { 10.77.0.4 . 10.77.0.2 . tcp . 9737, 10.77.0.4 . 10.77.0.3 . udp . 7 }"),
+            "{rules}"
+        );
+        assert!(rules.contains("type ipv4_addr . ipv4_addr . inet_proto . inet_service"), "{rules}");
+        assert!(rules.contains("ip saddr . ip daddr . meta l4proto . th dport @grants_v4 accept"), "{rules}");
+        assert!(rules.contains("ip6 saddr . ip6 daddr . meta l4proto . th dport @grants_v6 accept"), "{rules}");
+        assert!(!rules.contains("tcp dport @grants"), "grants must not be TCP-only: {rules}");
+        let routed = render(&with_udp_echo(plan(&["10.77.0.4"], true)));
+        let routing = &routed[routed.find("chain mesh_routing").unwrap()..];
+        assert!(routing.contains("meta l4proto . th dport @grants_v4 accept"), "the hub routes UDP grants: {routed}");
     }
 
     #[test]
@@ -240,7 +277,7 @@ mod tests {
                     .stdin
                     .take()
                     .expect("piped")
-                    .write_all(render(&plan(&["10.77.0.4", "fd00::4"], true)).as_bytes())?;
+                    .write_all(render(&with_udp_echo(plan(&["10.77.0.4", "fd00::4"], true))).as_bytes())?;
                 child.wait_with_output()
             })
         else {

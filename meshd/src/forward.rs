@@ -1,7 +1,10 @@
-//! Service forwarders: a TCP listener on each mesh address of a local service that relays admitted
-//! connections to the service's target (a namespace address such as `169.254.1.17:9737`, or
-//! loopback). The forwarder checks the peer's source address itself too, so access holds even where the
-//! firewall is bypassed, and it cuts live connections of a peer whose access is withdrawn.
+//! Service forwarders: a TCP listener (or a UDP socket, see [`udp`]) on each mesh address of a local
+//! service that relays admitted connections (datagrams) to the service's target (a namespace address
+//! such as `169.254.1.17:9737`, or loopback). The forwarder checks the peer's source address itself too,
+//! so access holds even where the firewall is bypassed, and it cuts live connections (sessions) of a
+//! peer whose access is withdrawn.
+
+pub mod udp;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -15,6 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::desired::ServicePlan;
 use crate::input::{HostPort, Label};
+use crate::model::Protocol;
 
 /// How long a forwarder waits for the service's target to accept.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,18 +33,21 @@ pub struct ForwardError {
     source: std::io::Error,
 }
 
+/// The source addresses a forwarder admits; replaced whole when grants change.
 type Allowed = Arc<BTreeSet<IpAddr>>;
 
 struct Running {
     listen: Vec<SocketAddr>,
     target: HostPort,
+    protocol: Protocol,
     allowed: watch::Sender<Allowed>,
     listeners: Vec<JoinHandle<()>>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        // Closing the listeners and emptying the allowed set ends every open connection too.
+        // Closing the listeners and emptying the allowed set ends every open connection (and UDP
+        // session) too.
         self.listeners.iter().for_each(JoinHandle::abort);
         self.allowed.send_replace(Arc::default());
     }
@@ -54,14 +61,15 @@ pub struct Forwarders {
 
 impl Forwarders {
     /// Make the running forwarders match `plans`: start new ones, stop removed ones, and update who is
-    /// admitted in place (connections of peers no longer admitted are closed).
+    /// admitted in place (connections and UDP sessions of peers no longer admitted are closed). A service
+    /// whose addresses, target or protocol changed is restarted.
     pub fn apply(&mut self, plans: &[ServicePlan]) -> Result<(), ForwardError> {
         let wanted: BTreeSet<&Label> = plans.iter().map(|p| &p.name).collect();
         self.running.retain(|name, _| wanted.contains(name));
         for plan in plans {
             let allowed: Allowed = Arc::new(plan.allowed.clone());
             match self.running.get(&plan.name) {
-                Some(r) if r.listen == plan.listen && r.target == plan.target => {
+                Some(r) if r.listen == plan.listen && r.target == plan.target && r.protocol == plan.protocol => {
                     r.allowed.send_if_modified(|current| {
                         let changed = *current != allowed;
                         *current = allowed.clone();
@@ -83,15 +91,27 @@ fn start(plan: &ServicePlan, allowed: Allowed) -> Result<Running, ForwardError> 
     let (tx, rx) = watch::channel(allowed);
     let mut listeners = Vec::new();
     for &addr in &plan.listen {
-        let listener = crate::socket::listen_tcp(addr).map_err(|source| ForwardError {
-            service: plan.name.clone(),
-            addr,
-            source,
-        })?;
-        info!(service = %plan.name, %addr, target = %plan.target, "forwarding");
-        listeners.push(tokio::spawn(accept_loop(plan.name.clone(), listener, plan.target.clone(), rx.clone())));
+        let failed = |source| ForwardError { service: plan.name.clone(), addr, source };
+        let (service, target) = (plan.name.clone(), plan.target.clone());
+        info!(%service, %addr, %target, protocol = %plan.protocol, "forwarding");
+        listeners.push(match plan.protocol {
+            Protocol::Tcp => {
+                let listener = crate::socket::listen_tcp(addr).map_err(failed)?;
+                tokio::spawn(accept_loop(service, listener, target, rx.clone()))
+            }
+            Protocol::Udp => {
+                let socket = crate::socket::bind_udp(addr).map_err(failed)?;
+                tokio::spawn(udp::serve(service, socket, target, rx.clone(), udp::Limits::default()))
+            }
+        });
     }
-    Ok(Running { listen: plan.listen.clone(), target: plan.target.clone(), allowed: tx, listeners })
+    Ok(Running {
+        listen: plan.listen.clone(),
+        target: plan.target.clone(),
+        protocol: plan.protocol,
+        allowed: tx,
+        listeners,
+    })
 }
 
 async fn accept_loop(service: Label, listener: TcpListener, target: HostPort, allowed: watch::Receiver<Allowed>) {
@@ -180,6 +200,7 @@ mod tests {
             listen: vec![listen],
             target: target.to_string().parse().unwrap(),
             allowed: allowed.iter().map(|a| a.parse().unwrap()).collect(),
+            protocol: Protocol::Tcp,
         }
     }
 

@@ -29,6 +29,8 @@ pub enum InputError {
     CidrTooLarge(Ipv4Net),
     #[error("CIDR {given} has host bits set; did you mean {network}?")]
     CidrHostBits { given: String, network: Ipv4Net },
+    #[error("protocol {0:?} is neither tcp nor udp")]
+    Protocol(String),
     #[error("interface name {0:?} is invalid: 1-15 characters of letters, digits, '-', '_' or '.'")]
     Interface(String),
     #[error(

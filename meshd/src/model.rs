@@ -111,7 +111,45 @@ pub struct AccessRule {
     pub to: Label,
 }
 
-/// A TCP service on a node, exposed to the mesh on its own mesh address.
+/// The transport a service speaks; its forwarder and access rules are for that protocol only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Streams: one relayed connection per client connection (the default).
+    #[default]
+    Tcp,
+    /// Datagrams: one relayed session per client address and port.
+    Udp,
+}
+
+impl Protocol {
+    /// `tcp` or `udp`, as in the CLI, the declaration file and nftables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = crate::input::InputError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => Err(crate::input::InputError::Protocol(s.to_owned())),
+        }
+    }
+}
+
+/// A TCP or UDP service on a node, exposed to the mesh on its own mesh address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
     pub name: Label,
@@ -120,6 +158,9 @@ pub struct Service {
     /// Port on the service's mesh address.
     pub port: u16,
     pub index: u32,
+    /// Absent in states cached before UDP services existed: those were all TCP.
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 /// Everything the controller stores about one network: the input of every desired-state computation.
@@ -224,6 +265,7 @@ impl Snapshot {
         ServiceView {
             name: service.name.clone(),
             node: service.node.clone(),
+            protocol: service.protocol,
             target: service.target.to_string(),
             mesh_address: format!("{}:{}", pool.v4_of(service.index), service.port),
             mesh_address_v6: format!("[{}]:{}", pool.v6_of(service.index), service.port),
@@ -266,6 +308,9 @@ pub struct DeviceView {
 pub struct ServiceView {
     pub name: Label,
     pub node: Label,
+    /// `tcp` or `udp`; absent in replies of a controller from before UDP services (all TCP).
+    #[serde(default)]
+    pub protocol: Protocol,
     pub target: String,
     pub mesh_address: String,
     pub mesh_address_v6: String,

@@ -30,3 +30,10 @@ pub fn listen_tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
     socket.listen(libc::c_int::MAX)?;
     tokio::net::TcpListener::from_std(socket.into())
 }
+
+/// A UDP socket on a mesh address, which may still be being added to the interface. Replies sent from it
+/// leave from that address, so a client sees them come from the service it wrote to.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+    let socket = bind_freely(addr, Type::DGRAM, Protocol::UDP)?;
+    tokio::net::UdpSocket::from_std(socket.into())
+}

@@ -99,6 +99,10 @@ CREATE TABLE access_rules (
     PRIMARY KEY (from_node, to_node)
 );
 "#,
+    r#"
+-- A service is TCP or UDP; every service made before this migration was TCP.
+ALTER TABLE services ADD COLUMN protocol TEXT NOT NULL DEFAULT 'tcp' CHECK (protocol IN ('tcp', 'udp'));
+"#,
 ];
 
 /// How long a released address stays out of circulation, so a stale peer config elsewhere cannot
@@ -340,15 +344,16 @@ impl Writer<'_> {
     pub fn insert_service(&self, service: &Service) -> Result<(), StoreError> {
         self.tx
             .execute(
-                "INSERT INTO services (name, node_id, target, port, addr_index, created_at)
-                 SELECT ?1, id, ?2, ?3, ?4, ?5 FROM nodes WHERE name = ?6",
+                "INSERT INTO services (name, node_id, target, port, addr_index, created_at, protocol)
+                 SELECT ?1, id, ?2, ?3, ?4, ?5, ?7 FROM nodes WHERE name = ?6",
                 params![
                     service.name.as_str(),
                     service.target.to_string(),
                     service.port,
                     service.index,
                     now(),
-                    service.node.as_str()
+                    service.node.as_str(),
+                    service.protocol.as_str()
                 ],
             )
             .map_err(sql("insert service"))?;
@@ -437,12 +442,12 @@ impl Writer<'_> {
         Ok(())
     }
 
-    /// Point an existing service elsewhere.
+    /// Point an existing service elsewhere (target, port, protocol).
     pub fn update_service(&self, service: &Service) -> Result<(), StoreError> {
         self.tx
             .execute(
-                "UPDATE services SET target = ?1, port = ?2 WHERE name = ?3",
-                params![service.target.to_string(), service.port, service.name.as_str()],
+                "UPDATE services SET target = ?1, port = ?2, protocol = ?3 WHERE name = ?4",
+                params![service.target.to_string(), service.port, service.protocol.as_str(), service.name.as_str()],
             )
             .map_err(sql("update service"))?;
         Ok(())
@@ -636,8 +641,8 @@ fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
 
     let mut stmt = conn
         .prepare(
-            "SELECT s.name, n.name, s.target, s.port, s.addr_index FROM services s JOIN nodes n ON n.id = s.node_id
-             ORDER BY s.addr_index",
+            "SELECT s.name, n.name, s.target, s.port, s.addr_index, s.protocol
+             FROM services s JOIN nodes n ON n.id = s.node_id ORDER BY s.addr_index",
         )
         .map_err(sql("read services"))?;
     let raw_services = stmt
@@ -648,18 +653,20 @@ fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
                 r.get::<_, String>(2)?,
                 r.get::<_, u16>(3)?,
                 r.get::<_, u32>(4)?,
+                r.get::<_, String>(5)?,
             ))
         })
         .and_then(Iterator::collect::<Result<Vec<_>, _>>)
         .map_err(sql("read services"))?;
     let mut services = Vec::with_capacity(raw_services.len());
-    for (name, node, target, port, index) in raw_services {
+    for (name, node, target, port, index, protocol) in raw_services {
         services.push(Service {
             name: parse_column("services.name", &name)?,
             node: parse_column("nodes.name", &node)?,
             target: parse_column("services.target", &target)?,
             port,
             index,
+            protocol: parse_column("services.protocol", &protocol)?,
         });
     }
     let mut stmt = conn
@@ -733,4 +740,73 @@ fn role_text(role: Role) -> &'static str {
 /// Unix seconds now.
 pub fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Protocol;
+
+    /// A database made by a meshd from before UDP services (schema 3), holding one service.
+    fn schema_3_with_a_service(path: &Path) {
+        let conn = Connection::open(path).unwrap();
+        for migration in &MIGRATIONS[..3] {
+            conn.execute_batch(migration).unwrap();
+        }
+        conn.pragma_update(None, "application_id", APPLICATION_ID).unwrap();
+        conn.pragma_update(None, "user_version", 3).unwrap();
+        conn.execute_batch(
+            "INSERT INTO network VALUES (1, 'home', 'home.internal', '10.77.0.0/16', 'fd00:1:2::/48', 0);
+             INSERT INTO addresses VALUES (1, NULL), (2, NULL);
+             INSERT INTO nodes (name, public_key, addr_index, endpoint, listen_port, interface, role, created_at)
+                 VALUES ('hub', 'HUB', 1, NULL, 51820, 'meshd0', 'hub', 0);
+             INSERT INTO services (name, node_id, target, port, addr_index, created_at)
+                 VALUES ('wallet', 1, '127.0.0.1:9737', 9737, 2, 0);",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn services_of_an_older_database_migrate_as_tcp() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meshd.db");
+        schema_3_with_a_service(&path);
+
+        let mut store = Store::open(&path).unwrap();
+        let s = store.snapshot().unwrap();
+        assert_eq!(s.services.len(), 1);
+        assert_eq!(s.services[0].protocol, Protocol::Tcp);
+        let version: i64 = store.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version as usize, MIGRATIONS.len());
+
+        // A UDP service is stored as such, and an update may switch the protocol.
+        store
+            .write(|w| {
+                w.take_index(3)?;
+                w.insert_service(&Service {
+                    name: "dns".parse().unwrap(),
+                    node: "hub".parse().unwrap(),
+                    target: "127.0.0.1:5353".parse().unwrap(),
+                    port: 53,
+                    index: 3,
+                    protocol: Protocol::Udp,
+                })?;
+                let mut wallet = w.snapshot()?.services[0].clone();
+                wallet.protocol = Protocol::Udp;
+                w.update_service(&wallet)
+            })
+            .unwrap();
+        let protocols: Vec<(String, Protocol)> =
+            store.snapshot().unwrap().services.iter().map(|v| (v.name.to_string(), v.protocol)).collect();
+        assert_eq!(protocols, [("wallet".into(), Protocol::Udp), ("dns".into(), Protocol::Udp)]);
+    }
+
+    #[test]
+    fn a_protocol_other_than_tcp_or_udp_is_refused_by_the_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meshd.db");
+        schema_3_with_a_service(&path);
+        let store = Store::open(&path).unwrap();
+        assert!(store.conn.execute("UPDATE services SET protocol = 'sctp'", []).is_err());
+    }
 }

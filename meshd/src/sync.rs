@@ -536,7 +536,7 @@ mod tests {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
     use super::*;
-    use crate::model::{DeviceGrants, Network, Node, Role, Service};
+    use crate::model::{DeviceGrants, Network, Node, Protocol, Role, Service};
 
     fn label(s: &str) -> Label {
         s.parse().unwrap()
@@ -571,6 +571,7 @@ mod tests {
                 target: "127.0.0.1:5052".parse().unwrap(),
                 port: 5052,
                 index: 4,
+                protocol: Protocol::Tcp,
             }],
             devices: vec![DeviceGrants { name: label("phone"), index: 5, allow: vec![label("beacon")] }],
             rules: vec![],
@@ -594,6 +595,7 @@ mod tests {
                 target: "127.0.0.1:1".parse().unwrap(),
                 port: 1,
                 index: 2,
+                protocol: Protocol::Udp,
             },
         );
         new.services.sort_by_key(|v| v.index);
@@ -606,6 +608,15 @@ mod tests {
         assert_eq!(digest(&copy), digest(&new));
         assert_ne!(digest(&old), digest(&new));
         assert!(changes(&new, &copy).is_empty());
+    }
+
+    #[test]
+    fn a_state_cached_before_udp_services_reads_its_services_as_tcp() {
+        let mut json = serde_json::to_value(state()).unwrap();
+        json["services"][0].as_object_mut().unwrap().remove("protocol");
+        let cached: SharedState = serde_json::from_value(json).unwrap();
+        assert_eq!(cached.services[0].protocol, Protocol::Tcp);
+        assert_eq!(cached, state());
     }
 
     #[test]

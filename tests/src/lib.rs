@@ -5,11 +5,14 @@
 
 use std::fs;
 use std::io::Write;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Directory of the userspace WireGuard UAPI sockets, shared by every namespace.
@@ -293,6 +296,48 @@ impl Netns {
         out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Runs `f` on a thread that has entered the namespace (the test process stays where it is). Sockets
+    /// made there belong to the namespace and can be used from any thread afterwards.
+    pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = Path::new("/run/netns").join(&self.name);
+        std::thread::spawn(move || {
+            let ns = fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+            // SAFETY: setns(2) with a namespace fd we own; CLONE_NEWNET moves only this thread, which ends
+            // after `f`.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns into {}: {}", path.display(), std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| panic!("the thread inside namespace {} panicked", self.name))
+    }
+
+    /// A UDP socket of the namespace bound to `addr` (`0.0.0.0:0`, `[::]:0`, `169.254.1.17:7007`...).
+    pub fn udp_socket(&self, addr: &str) -> UdpSocket {
+        let addr: SocketAddr = addr.parse().unwrap_or_else(|e| panic!("{addr:?} is not a socket address: {e}"));
+        self.within(move || UdpSocket::bind(addr)).unwrap_or_else(|e| panic!("bind UDP {addr} in {}: {e}", self.name))
+    }
+
+    /// A UDP echo server of the namespace on `addr`; it stops when the guard is dropped.
+    pub fn udp_echo(&self, addr: &str) -> UdpEcho {
+        let socket = self.udp_socket(addr);
+        socket.set_read_timeout(Some(Duration::from_millis(100))).expect("set a read timeout");
+        let pusher = socket.try_clone().expect("clone the echo socket");
+        let stop = Arc::new(AtomicBool::new(false));
+        let last_client = Arc::new(Mutex::new(None));
+        let (stopped, last) = (stop.clone(), last_client.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            while !stopped.load(Ordering::Relaxed) {
+                if let Ok((len, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(&buf[..len], from);
+                    *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
+                }
+            }
+        });
+        UdpEcho { stop, thread: Some(thread), socket: pusher, last_client }
+    }
+
     /// Directory whose files `ip netns exec` mounts over `/etc` in this namespace.
     pub fn etc_dir(&self) -> PathBuf {
         Path::new("/etc/netns").join(&self.name)
@@ -318,6 +363,60 @@ impl Drop for Netns {
         }
         let _ = Command::new("ip").args(["netns", "del", &self.name]).stderr(Stdio::null()).status();
         let _ = fs::remove_dir_all(self.etc_dir());
+    }
+}
+
+/// A UDP echo server on a thread of the test (its socket in a namespace); stopped and joined on drop.
+pub struct UdpEcho {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    socket: UdpSocket,
+    last_client: Arc<Mutex<Option<SocketAddr>>>,
+}
+
+impl UdpEcho {
+    /// Sends `payload` unasked to whoever the server last echoed (as a server pushing data on an open
+    /// flow does); false if it echoed nobody yet.
+    pub fn push(&self, payload: &[u8]) -> bool {
+        let last = *self.last_client.lock().unwrap_or_else(|e| e.into_inner());
+        last.is_some_and(|client| self.socket.send_to(payload, client).is_ok())
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Sends a datagram unique to this call from `socket` to `to` and waits up to `wait` for the same bytes
+/// to come back from `to` (replies to earlier calls are skipped); whether they did.
+pub fn udp_echoed(socket: &UdpSocket, to: SocketAddr, wait: Duration) -> bool {
+    let payload = format!("probe {} {:?}", next_serial(), Instant::now());
+    socket.send_to(payload.as_bytes(), to).is_ok() && udp_received(socket, to, payload.as_bytes(), wait)
+}
+
+/// Whether `payload` arrives on `socket` from `from` within `wait` (other datagrams are skipped).
+pub fn udp_received(socket: &UdpSocket, from: SocketAddr, payload: &[u8], wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || socket.set_read_timeout(Some(left)).is_err() {
+            return false;
+        }
+        match socket.recv_from(&mut buf) {
+            Ok((len, sender)) if sender == from && buf[..len] == *payload => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return false;
+            }
+            // An ICMP error from an earlier datagram (port unreachable): keep waiting for this one's echo.
+            Err(_) => continue,
+        }
     }
 }
 

@@ -77,6 +77,7 @@ fn mixed_network(dir: &Path) -> (HostPlan, PeerEndpoints) {
         node: label("hub"),
         target: "127.0.0.1:9737".parse().unwrap(),
         port: None,
+        protocol: Default::default(),
     })
     .unwrap();
     for (i, name) in ["vps1", "phone", "attic", "tablet", "vps2", "laptop", "cellar"].iter().enumerate() {
@@ -86,6 +87,7 @@ fn mixed_network(dir: &Path) -> (HostPlan, PeerEndpoints) {
                     name: label(name),
                     allow: vec![label("wallet")],
                     public_key: PrivateKey::generate().public_key(),
+                    expect: None,
                 })
                 .unwrap();
             assert!(matches!(reply, Reply::DeviceHandout(_)));

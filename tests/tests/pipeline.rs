@@ -6,7 +6,7 @@ use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 
-use meshd_e2e::{init_network, meshctl, product_bin, run_ok};
+use meshd_e2e::{init_network, meshctl, product_bin, run_json, run_ok};
 
 /// Runs `cmd` with standard output a pipe whose reader is already gone; returns its exit status and
 /// standard error. The child's first write fails at once (EPIPE), however little it writes.
@@ -49,4 +49,13 @@ fn commands_exit_quietly_when_their_reader_stops_early() {
     }
     let (status, stderr) = with_closed_stdout(Command::new(product_bin("meshd")).arg("--version"));
     assert_quiet("meshd --version", status, &stderr);
+
+    // A device added while the reader of its config is gone: the config is written before the device is
+    // registered, so the write that fails leaves no device behind with a key nobody has.
+    let (status, stderr) = with_closed_stdout(meshctl(state).args(["device", "add", "tablet", "--allow", "wallet"]));
+    assert_quiet("meshctl device add", status, &stderr);
+    let devices = run_json(meshctl(state).args(["device", "list", "--json"]));
+    let names: Vec<&str> = devices.as_array().unwrap().iter().filter_map(|d| d["name"].as_str()).collect();
+    assert_eq!(names, ["phone"], "a device whose config went nowhere is still registered");
+    run_ok(meshctl(state).args(["device", "add", "tablet", "--allow", "wallet"]));
 }
