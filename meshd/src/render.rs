@@ -171,6 +171,11 @@ pub enum RenderError {
     /// More bytes than the largest QR code holds.
     #[error("config too long for a QR code ({len} bytes)")]
     TooLongForQr { len: usize },
+    /// The terminal QR code would be wider than [`TERMINAL_COLUMNS`]: wrapped, no camera reads it.
+    #[error(
+        "the config's QR code needs {columns} columns, more than an {TERMINAL_COLUMNS}-column terminal has: write it with --qr-png FILE or --qr-svg FILE instead of --qr"
+    )]
+    TooWideForTerminal { columns: usize },
     /// Any other refusal of the QR encoder.
     #[error("QR encoding failed: {0}")]
     Qr(QrError),
@@ -538,18 +543,55 @@ fn encode(text: &str, level: EcLevel) -> Result<QrCode, RenderError> {
     Err(RenderError::TooLongForQr { len: text.len() })
 }
 
+/// The width of the terminal a `--qr` code must fit, in columns: the classic terminal, and what a
+/// wrapped code (unreadable) would be cut at.
+pub const TERMINAL_COLUMNS: usize = 80;
+
+/// The narrowest quiet zone the terminal code falls back to, in modules, when the standard one (4,
+/// ISO/IEC 18004 section 6.3.8) would make it wider than the terminal. Phone scanners and zbar read
+/// codes with 2; the zone is drawn light, so a dark theme's background never touches the code.
+const MIN_TERMINAL_QUIET_ZONE: usize = 2;
+
+/// wg-quick text without its optional spaces (`Key=a,b` for `Key = a, b`): what the terminal QR code
+/// carries, to fit more config into 80 columns. wg-quick and the WireGuard apps read both forms alike
+/// (a key, `=`, a value; list items trimmed). For text from [`DeviceConfig::to_wg_quick`], whose
+/// values hold no spaces or commas ([`DeviceConfig::validate`]).
+pub fn compact_wg_quick(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        match line.split_once('=') {
+            Some((key, value)) => {
+                out.push_str(key.trim());
+                out.push('=');
+                let items: Vec<&str> = value.split(',').map(str::trim).collect();
+                out.push_str(&items.join(","));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// QR for a terminal: Unicode half blocks with explicit ANSI colours, dark modules on a light field
 /// with a quiet zone, so that it scans on dark and light themes alike (zbar cannot read inverted codes).
+/// The code carries [`compact_wg_quick`] of `text` and is at most [`TERMINAL_COLUMNS`] wide: the quiet
+/// zone narrows from 4 to 2 modules when that makes it fit. Errors: [`RenderError::TooWideForTerminal`]
+/// when even that is too wide (a long endpoint name and a long domain together), with the way out.
 pub fn qr_terminal(text: &str) -> Result<String, RenderError> {
-    // EC level L, as `qrencode -t ansiutf8` uses: a ~400-byte dual-stack config then fits in 80
-    // columns (M needs 85), and a wrapped line makes the code unreadable. A screen is not smudged.
-    let code = encode(text, EcLevel::L)?;
+    // EC level L, as `qrencode -t ansiutf8` uses: the lowest level holds the most config in 80
+    // columns, and a wrapped line makes the code unreadable. A screen is not smudged.
+    let code = encode(&compact_wg_quick(text), EcLevel::L)?;
     let width = code.width();
+    let zone = (MIN_TERMINAL_QUIET_ZONE..=QUIET_ZONE)
+        .rev()
+        .find(|zone| width + 2 * zone <= TERMINAL_COLUMNS)
+        .ok_or(RenderError::TooWideForTerminal { columns: width + 2 * QUIET_ZONE })?;
     let modules = code.to_colors();
-    let side = width + 2 * QUIET_ZONE;
+    let side = width + 2 * zone;
     // Coordinates include the quiet zone; everything outside the code is light.
     let dark = |x: usize, y: usize| {
-        let (Some(x), Some(y)) = (x.checked_sub(QUIET_ZONE), y.checked_sub(QUIET_ZONE)) else {
+        let (Some(x), Some(y)) = (x.checked_sub(zone), y.checked_sub(zone)) else {
             return false;
         };
         x < width && y < width && modules[y * width + x] == qrcode::Color::Dark
@@ -1136,7 +1178,7 @@ PersistentKeepalive = 25
         let width = pixels[0].len();
         assert!(pixels.iter().all(|row| row.len() == width));
         // It must fit an 80-column terminal, or wrapping destroys it.
-        assert!(width <= 80, "{width} columns");
+        assert!(width <= TERMINAL_COLUMNS, "{width} columns");
         // Light quiet zone on every side: dark modules on a light field.
         let zone = QUIET_ZONE;
         for (y, row) in pixels.iter().enumerate() {
@@ -1148,7 +1190,28 @@ PersistentKeepalive = 25
         // so that rqrr sees modules of several pixels as a camera would.
         const SCALE: usize = 4;
         let decoded = scan(width * SCALE, pixels.len() * SCALE, |x, y| pixels[y / SCALE][x / SCALE]);
-        assert_eq!(decoded, text.as_bytes());
+        assert_eq!(decoded, compact_wg_quick(&text).as_bytes());
+        assert_eq!(DeviceConfig::parse(&String::from_utf8(decoded).unwrap()).unwrap(), sample());
+    }
+
+    #[test]
+    fn the_compact_form_reads_back_as_the_same_config() {
+        let text = sample().to_wg_quick();
+        let compact = compact_wg_quick(&text);
+        assert!(compact.len() < text.len());
+        assert!(compact.contains("\nAddress=") && !compact.contains(" = ") && !compact.contains(", "));
+        assert_eq!(DeviceConfig::parse(&compact).unwrap(), sample());
+    }
+
+    #[test]
+    fn a_config_too_wide_for_the_terminal_says_how_to_get_it() {
+        let mut config = sample();
+        config.dns_search = vec![format!("{}.{}.internal", "d".repeat(63), "e".repeat(63))];
+        let err = qr_terminal(&config.to_wg_quick()).unwrap_err();
+        assert!(matches!(err, RenderError::TooWideForTerminal { columns } if columns > TERMINAL_COLUMNS));
+        assert!(err.to_string().contains("--qr-png"), "{err}");
+        // The same config still goes into a PNG.
+        assert!(qr_png(&config.to_wg_quick()).is_ok());
     }
 
     #[test]
