@@ -20,7 +20,6 @@ use meshd::keys::PrivateKey;
 use meshd::model::{AccessRule, DeviceView, NodeView, Protocol, Role, ServiceView};
 use meshd::render::{DeviceConfig, DeviceDns, HubPeer};
 use meshd::statedir::{DEFAULT_STATE_DIR, StateDir};
-use meshd::store;
 use output::{Existing, Format, Output};
 use serde::Serialize;
 
@@ -281,7 +280,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             Reply::Invites(invites) => print(g, &invites, || {
                 println!("{:<20} {:<6} EXPIRES IN", "NAME", "ROLE");
                 for i in &invites {
-                    let left = i.expires_at - store::now();
+                    let left = i.expires_at - meshd::clock::wall_now();
                     println!("{:<20} {:<6} {left} s", i.name, role_name(i.role));
                 }
             }),
@@ -671,7 +670,7 @@ fn print_rules(rules: &[AccessRule]) {
 
 fn print_devices(devices: &[DeviceView]) {
     println!("{:<20} {:<16} {:<28} {:<24} LAST HANDSHAKE", "DEVICE", "ADDRESS", "ADDRESS6", "ALLOW");
-    let now = store::now();
+    let now = meshd::clock::wall_now();
     for d in devices {
         let seen = d
             .last_handshake

@@ -7,6 +7,7 @@ use std::path::Path;
 use ipnet::{IpNet, Ipv4Net};
 
 use crate::api::{DeviceHandout, InviteIssued, JoinRequest, MemberState, Outcome, Reply, Request, StatusView};
+use crate::clock::Stamp;
 use crate::input::{self, HostPort, Label};
 use crate::invite::{self, Token};
 use crate::join::JoinIdentity;
@@ -15,7 +16,7 @@ use crate::model::{
     AccessRule, DEVICE_KEEPALIVE_SECS, Device, Invite, InviteStatus, InviteView, MESH_MTU, Network, NetworkView, Node,
     Protocol, Role, Service, Snapshot,
 };
-use crate::store::{self, ADDRESS_COOLDOWN, Store, StoreError, Writer};
+use crate::store::{ADDRESS_COOLDOWN, Store, StoreError, Writer};
 
 /// Why the controller refused a request; the message is what the operator sees.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +65,8 @@ pub enum ControlError {
     InviteCancelled,
     #[error("this invite expired {0} s ago; ask for a new one")]
     InviteExpired(i64),
+    #[error("an invite must live between 1 s and 30 days, not {0} s")]
+    InviteLifetime(u64),
     #[error("a batch cannot hold another batch")]
     NestedBatch,
     #[error("a preview cannot be part of a batch or of another preview")]
@@ -195,9 +198,9 @@ impl Controller {
                 InviteStatus::Cancelled => return Err(ControlError::InviteCancelled),
                 InviteStatus::Pending => {}
             }
-            let now = store::now();
-            if invite.expires_at <= now {
-                return Err(ControlError::InviteExpired(now - invite.expires_at));
+            let left = invite.seconds_left(&Stamp::now());
+            if left <= 0 {
+                return Err(ControlError::InviteExpired(-left));
             }
             let s = w.snapshot()?;
             ensure_key_free(&s, &public_key)?;
@@ -292,10 +295,14 @@ fn carry_out(w: &Writer<'_>, request: Request) -> Result<Reply, ControlError> {
         Request::DeviceRotate { name, public_key, expect } => rotate_device(w, name, &public_key, expect),
         Request::NodeInvite { name, role, expires_secs } => invite(w, name, role, expires_secs),
         Request::NodeInvites => {
-            let now = store::now();
-            let pending = w.pending_invites()?.into_iter().filter(|i| i.expires_at > now);
+            // When each expires, by this host's wall clock now: real time left, from now.
+            let now = Stamp::now();
+            let pending =
+                w.pending_invites()?.into_iter().map(|i| (i.seconds_left(&now), i)).filter(|(left, _)| *left > 0);
             Ok(Reply::Invites(
-                pending.map(|i| InviteView { name: i.name, role: i.role, expires_at: i.expires_at }).collect(),
+                pending
+                    .map(|(left, i)| InviteView { name: i.name, role: i.role, expires_at: now.wall + left })
+                    .collect(),
             ))
         }
         Request::NodeUninvite { name } => {
@@ -387,10 +394,15 @@ fn invite(w: &Writer<'_>, name: Label, role: Role, expires_secs: u64) -> Result<
     if role == Role::Hub {
         return Err(ControlError::SecondHub);
     }
+    // An invite born expired (or living past any sane horizon) would be a token nobody can use, or
+    // one that never dies: refused, whoever asks (meshctl checks too, but the admin socket takes JSON).
+    if expires_secs == 0 || expires_secs > invite::MAX_EXPIRY.as_secs() {
+        return Err(ControlError::InviteLifetime(expires_secs));
+    }
     {
         let s = w.snapshot()?;
         ensure_name_free(w, &s, &name)?;
-        let now = store::now();
+        let now = Stamp::now();
         // An expired invite no longer reserves the name (ensure_name_free refused a live one).
         for expired in w.pending_invites()?.into_iter().filter(|i| i.name == name) {
             w.finish_invite(&expired.id, InviteStatus::Cancelled)?;
@@ -399,12 +411,13 @@ fn invite(w: &Writer<'_>, name: Label, role: Role, expires_secs: u64) -> Result<
         let join = hub.endpoint.clone().ok_or(ControlError::NoHub)?;
         let identity = join_identity(w)?;
         let (id, secret) = invite::new_id_and_secret();
-        let expires_at = now + expires_secs as i64;
+        let expires_at = now.wall + expires_secs as i64;
         w.insert_invite(&Invite {
             id: id.clone(),
             name: name.clone(),
             role,
             secret_hash: invite::hash_secret(&secret),
+            created: now,
             expires_at,
             status: InviteStatus::Pending,
         })?;
@@ -575,7 +588,7 @@ fn ensure_name_free(w: &Writer<'_>, s: &Snapshot, name: &Label) -> Result<(), Co
         "device"
     } else if s.services.iter().any(|v| &v.name == name) {
         "service"
-    } else if w.pending_invites()?.iter().any(|i| &i.name == name && i.expires_at > store::now()) {
+    } else if w.pending_invites()?.iter().any(|i| &i.name == name && i.seconds_left(&Stamp::now()) > 0) {
         "pending invite"
     } else {
         return Ok(());
@@ -586,7 +599,7 @@ fn ensure_name_free(w: &Writer<'_>, s: &Snapshot, name: &Label) -> Result<(), Co
 /// Take the lowest free host index of the network, inside the caller's write transaction.
 fn allocate(w: &Writer<'_>, network: &Network) -> Result<u32, ControlError> {
     let pool = network.pool();
-    let unavailable = w.unavailable_indexes(ADDRESS_COOLDOWN)?;
+    let unavailable = w.unavailable_indexes(ADDRESS_COOLDOWN, &Stamp::now())?;
     let index = pool.first_free(&unavailable).ok_or(ControlError::PoolExhausted(network.cidr))?;
     w.take_index(index)?;
     Ok(index)
@@ -933,11 +946,24 @@ mod tests {
         assert!(matches!(c.redeem(&join_request(&token)), Err(ControlError::InviteCancelled)));
         assert!(matches!(c.handle(Request::NodeUninvite { name: label("vps") }), Err(ControlError::NoInvite(_))));
 
-        let expired = invite(&mut c, "attic", 0);
+        let expired = invite(&mut c, "attic", 1);
+        std::thread::sleep(std::time::Duration::from_millis(1_100));
         assert!(matches!(c.redeem(&join_request(&expired)), Err(ControlError::InviteExpired(_))));
         let again = invite(&mut c, "attic", 3600);
         assert_eq!(c.snapshot().unwrap().nodes.len(), 1, "only the hub");
         c.redeem(&join_request(&again)).expect("a new invite for a name whose invite expired");
+    }
+
+    #[test]
+    fn an_invite_born_expired_or_immortal_is_refused_loudly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        for secs in [0, crate::invite::MAX_EXPIRY.as_secs() + 1, u64::MAX] {
+            let refused = c.handle(Request::NodeInvite { name: label("vps"), role: Role::Node, expires_secs: secs });
+            assert!(matches!(refused, Err(ControlError::InviteLifetime(s)) if s == secs), "{secs}: {refused:?}");
+        }
+        let Reply::Invites(pending) = c.handle(Request::NodeInvites).unwrap() else { panic!() };
+        assert!(pending.is_empty(), "{pending:?}");
     }
 
     #[test]

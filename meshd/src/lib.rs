@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod clock;
 pub mod controller;
 pub mod daemon;
 pub mod declare;

@@ -8,6 +8,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
+use crate::clock::{self, Stamp};
 use crate::input::{HostPort, Label};
 use crate::ipam::Pool;
 
@@ -343,9 +344,21 @@ pub struct Invite {
     pub name: Label,
     pub role: Role,
     pub secret_hash: String,
-    /// Unix seconds.
+    /// When it was made.
+    pub created: Stamp,
+    /// Unix seconds, by the wall clock when it was made: `created.wall` + its lifetime.
     pub expires_at: i64,
     pub status: InviteStatus,
+}
+
+impl Invite {
+    /// Real seconds left of its lifetime at `now` (zero or less: expired that long ago), measured with
+    /// [`clock::seconds_between`] so that a wall clock stepped forward or back neither cuts an invite
+    /// short nor stretches it.
+    pub fn seconds_left(&self, now: &Stamp) -> i64 {
+        let lifetime = self.expires_at.saturating_sub(self.created.wall);
+        lifetime.saturating_sub(clock::seconds_between(&self.created, now))
+    }
 }
 
 /// An unredeemed invite as `meshctl node invites` shows it.

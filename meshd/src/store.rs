@@ -8,10 +8,11 @@ use std::collections::BTreeSet;
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
 
+use crate::clock::{self, Stamp, wall_now as now};
 use crate::input::{HostPort, Label};
 use crate::model::{AccessRule, Device, Invite, InviteStatus, Network, Node, Role, Service, Snapshot};
 
@@ -102,6 +103,15 @@ CREATE TABLE access_rules (
     r#"
 -- A service is TCP or UDP; every service made before this migration was TCP.
 ALTER TABLE services ADD COLUMN protocol TEXT NOT NULL DEFAULT 'tcp' CHECK (protocol IN ('tcp', 'udp'));
+"#,
+    r#"
+-- Waits that must last a real time are measured on the boot-time clock within a boot (a wall clock
+-- that jumps changes nothing): the boot id and seconds since boot when an address was released and
+-- when an invite was made. NULL for rows from before: they count as from another boot.
+ALTER TABLE addresses ADD COLUMN released_boot TEXT;
+ALTER TABLE addresses ADD COLUMN released_uptime INTEGER;
+ALTER TABLE invites ADD COLUMN created_boot TEXT;
+ALTER TABLE invites ADD COLUMN created_uptime INTEGER;
 "#,
 ];
 
@@ -269,15 +279,40 @@ impl Writer<'_> {
         Ok(())
     }
 
-    /// Host indexes that may not be handed out now: in use, or released less than `cooldown` ago.
-    pub fn unavailable_indexes(&self, cooldown: Duration) -> Result<BTreeSet<u32>, StoreError> {
-        let threshold = now() - cooldown.as_secs() as i64;
+    /// Host indexes that may not be handed out at `now`: in use, or released less than `cooldown` of
+    /// real time ago ([`clock::seconds_between`]: a wall clock that jumps neither blocks an address
+    /// for a year nor frees it seconds after its release).
+    pub fn unavailable_indexes(&self, cooldown: Duration, now: &Stamp) -> Result<BTreeSet<u32>, StoreError> {
         let mut stmt = self
             .tx
-            .prepare("SELECT addr_index FROM addresses WHERE released_at IS NULL OR released_at > ?1")
+            .prepare("SELECT addr_index, released_at, released_boot, released_uptime FROM addresses")
             .map_err(sql("read address ledger"))?;
-        let rows = stmt.query_map([threshold], |r| r.get::<_, u32>(0)).map_err(sql("read address ledger"))?;
-        rows.collect::<Result<_, _>>().map_err(sql("read address ledger"))
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, u32>(0)?,
+                    r.get::<_, Option<i64>>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                ))
+            })
+            .map_err(sql("read address ledger"))?;
+        let cooldown = cooldown.as_secs() as i64;
+        let mut unavailable = BTreeSet::new();
+        for row in rows {
+            let (index, released_at, boot, uptime) = row.map_err(sql("read address ledger"))?;
+            let cooling = match released_at {
+                None => true,
+                Some(wall) => {
+                    let released = Stamp { wall, boot: boot.unwrap_or_default(), uptime: uptime.unwrap_or(0) };
+                    clock::seconds_between(&released, now) < cooldown
+                }
+            };
+            if cooling {
+                unavailable.insert(index);
+            }
+        }
+        Ok(unavailable)
     }
 
     /// Mark `index` as taken.
@@ -293,8 +328,12 @@ impl Writer<'_> {
     }
 
     fn release_index(&self, index: u32) -> Result<(), StoreError> {
+        let now = Stamp::now();
         self.tx
-            .execute("UPDATE addresses SET released_at = ?1 WHERE addr_index = ?2", params![now(), index])
+            .execute(
+                "UPDATE addresses SET released_at = ?1, released_boot = ?2, released_uptime = ?3 WHERE addr_index = ?4",
+                params![now.wall, now.boot, now.uptime, index],
+            )
             .map_err(sql("release address"))?;
         Ok(())
     }
@@ -457,14 +496,17 @@ impl Writer<'_> {
     pub fn insert_invite(&self, invite: &Invite) -> Result<(), StoreError> {
         self.tx
             .execute(
-                "INSERT INTO invites (id, name, role, secret_hash, created_at, expires_at, status)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending')",
+                "INSERT INTO invites (id, name, role, secret_hash, created_at, created_boot, created_uptime,
+                                      expires_at, status)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending')",
                 params![
                     invite.id,
                     invite.name.as_str(),
                     role_text(invite.role),
                     invite.secret_hash,
-                    now(),
+                    invite.created.wall,
+                    invite.created.boot,
+                    invite.created.uptime,
                     invite.expires_at
                 ],
             )
@@ -476,7 +518,7 @@ impl Writer<'_> {
     pub fn invite(&self, id: &str) -> Result<Option<Invite>, StoreError> {
         let mut stmt = self
             .tx
-            .prepare("SELECT id, name, role, secret_hash, expires_at, status FROM invites WHERE id = ?1")
+            .prepare("SELECT id, name, role, secret_hash, expires_at, status, created_at, created_boot, created_uptime FROM invites WHERE id = ?1")
             .map_err(sql("read invite"))?;
         Ok(read_invites(&mut stmt, [id])?.pop())
     }
@@ -486,7 +528,7 @@ impl Writer<'_> {
         let mut stmt = self
             .tx
             .prepare(
-                "SELECT id, name, role, secret_hash, expires_at, status FROM invites WHERE status = 'pending'
+                "SELECT id, name, role, secret_hash, expires_at, status, created_at, created_boot, created_uptime FROM invites WHERE status = 'pending'
                  ORDER BY rowid",
             )
             .map_err(sql("read invites"))?;
@@ -698,12 +740,17 @@ fn read_invites(stmt: &mut rusqlite::Statement<'_>, args: impl rusqlite::Params)
                 r.get::<_, String>(3)?,
                 r.get::<_, i64>(4)?,
                 r.get::<_, String>(5)?,
+                Stamp {
+                    wall: r.get::<_, i64>(6)?,
+                    boot: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
+                    uptime: r.get::<_, Option<i64>>(8)?.unwrap_or(0),
+                },
             ))
         })
         .and_then(Iterator::collect::<Result<Vec<_>, _>>)
         .map_err(sql("read invites"))?;
     raw.into_iter()
-        .map(|(id, name, role, secret_hash, expires_at, status)| {
+        .map(|(id, name, role, secret_hash, expires_at, status, created)| {
             Ok(Invite {
                 id,
                 name: parse_column("invites.name", &name)?,
@@ -713,6 +760,7 @@ fn read_invites(stmt: &mut rusqlite::Statement<'_>, args: impl rusqlite::Params)
                     _ => return Err(StoreError::Corrupt("invites.role".into())),
                 },
                 secret_hash,
+                created,
                 expires_at,
                 status: match status.as_str() {
                     "pending" => InviteStatus::Pending,
@@ -735,11 +783,6 @@ fn role_text(role: Role) -> &'static str {
         Role::Node => "node",
         Role::Relay => "relay",
     }
-}
-
-/// Unix seconds now.
-pub fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -808,5 +851,69 @@ mod tests {
         schema_3_with_a_service(&path);
         let store = Store::open(&path).unwrap();
         assert!(store.conn.execute("UPDATE services SET protocol = 'sctp'", []).is_err());
+    }
+}
+
+#[cfg(test)]
+mod clock_tests {
+    //! The address cooldown against a wall clock that jumps (hosts without a real-time clock).
+    use super::*;
+
+    const YEAR: i64 = 365 * 86_400;
+    const T: i64 = 1_800_000_000;
+
+    fn released(w: &Writer<'_>, index: u32, at: &Stamp) {
+        w.tx.execute(
+            "INSERT INTO addresses (addr_index, released_at, released_boot, released_uptime) VALUES (?1, ?2, ?3, ?4)",
+            params![index, at.wall, at.boot, at.uptime],
+        )
+        .unwrap();
+    }
+
+    fn this_boot(wall: i64, uptime: i64) -> Stamp {
+        Stamp { wall, boot: "b1".into(), uptime }
+    }
+
+    #[test]
+    fn a_released_address_cools_down_for_an_hour_of_real_time_whatever_the_wall_clock_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::create(&dir.path().join("meshd.db")).unwrap();
+        let cooldown = Duration::from_secs(3600);
+        store
+            .write(|w| {
+                released(w, 2, &this_boot(T, 1_000));
+                // Released before a reboot, by a clock then a year ahead.
+                released(w, 3, &Stamp { wall: T + YEAR, boot: "b0".into(), uptime: 50 });
+                // A row from before boot times were kept, two hours ago by the wall clock.
+                w.tx.execute("INSERT INTO addresses (addr_index, released_at) VALUES (4, ?1)", [T - 7_200]).unwrap();
+                w.take_index(5)?;
+                let unavailable = |now: Stamp| w.unavailable_indexes(cooldown, &now).unwrap();
+                // Ten real seconds later with the wall clock a year ahead: no reuse seconds after removal.
+                // Index 3 waits for this boot to have lasted the cooldown.
+                assert_eq!(unavailable(this_boot(T + YEAR, 1_010)), BTreeSet::from([2, 3, 5]));
+                // An hour of real time later with the wall clock a year behind: no year-long block.
+                assert_eq!(unavailable(this_boot(T - YEAR, 4_600)), BTreeSet::from([5]));
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn a_release_records_both_clocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::create(&dir.path().join("meshd.db")).unwrap();
+        store
+            .write(|w| {
+                w.take_index(7)?;
+                w.release_index(7)?;
+                let now = Stamp::now();
+                assert_eq!(w.unavailable_indexes(Duration::from_secs(3600), &now)?, BTreeSet::from([7]));
+                let later = Stamp { wall: now.wall + 10 * YEAR, ..now.clone() };
+                assert_eq!(w.unavailable_indexes(Duration::from_secs(3600), &later)?, BTreeSet::from([7]));
+                let real_hour_later = Stamp { uptime: now.uptime + 3_601, ..now };
+                assert!(w.unavailable_indexes(Duration::from_secs(3600), &real_hour_later)?.is_empty());
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
     }
 }

@@ -1,0 +1,110 @@
+//! Time as meshd measures waits that must last a real time (an address's cooldown, an invite's
+//! lifetime). The wall clock can jump: a host without a real-time clock boots at a wrong time (1970, or
+//! the last time saved to disk) and NTP then steps it by months; an operator sets it by hand. The
+//! boot-time clock (`CLOCK_BOOTTIME`) counts real seconds since boot, suspend included, and never jumps;
+//! the kernel's boot id says which boot it counts from.
+//!
+//! A [`Stamp`] takes both at a moment; [`seconds_between`] is the pure rule that turns two stamps into
+//! elapsed real time. Reading the clocks ([`Stamp::now`]) is this module's only contact with the host.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Where the kernel tells which boot this is (random per boot, `proc(5)`).
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
+/// A moment, on both clocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamp {
+    /// Wall-clock time, unix seconds (may be wrong, and may jump).
+    pub wall: i64,
+    /// The kernel's boot id at the time; empty when unknown (a record from before meshd kept it).
+    pub boot: String,
+    /// Seconds since that boot by the boot-time clock.
+    pub uptime: i64,
+}
+
+impl Stamp {
+    /// Now, read from the host: `CLOCK_REALTIME`, `CLOCK_BOOTTIME` and the boot id. A clock that
+    /// cannot be read gives 0 and an unreadable boot id an empty one, which [`seconds_between`] then
+    /// treats as "another boot" (the wall clock decides, bounded below by the uptime).
+    pub fn now() -> Stamp {
+        let wall = wall_now();
+        let boot = std::fs::read_to_string(BOOT_ID).map(|s| s.trim().to_owned()).unwrap_or_default();
+        Stamp { wall, boot, uptime: boot_time_secs() }
+    }
+
+    /// A stamp known only by its wall-clock time (stored before boot times were kept).
+    pub fn wall_only(wall: i64) -> Stamp {
+        Stamp { wall, boot: String::new(), uptime: 0 }
+    }
+}
+
+/// Real seconds from `then` to `now` (both taken on this host), as well as can be known; never negative.
+///
+/// - Same boot: by the boot-time clock, so a wall clock stepped forward or back changes nothing.
+/// - Across a reboot (or a stamp without a boot id): the wall-clock difference, but at least `now`'s
+///   uptime, since `then` came before this boot. So a wall clock set back (a stamp from the "future")
+///   cannot stretch a wait beyond the uptime it needs; a wall clock set forward across a reboot can
+///   shorten one, and nothing on the host can tell.
+pub fn seconds_between(then: &Stamp, now: &Stamp) -> i64 {
+    let same_boot = !then.boot.is_empty() && then.boot == now.boot;
+    if same_boot {
+        return now.uptime.saturating_sub(then.uptime).max(0);
+    }
+    now.wall.saturating_sub(then.wall).max(now.uptime).max(0)
+}
+
+/// The wall clock now, unix seconds (0 for a clock set before 1970). For records and displays; a wait
+/// is measured with [`Stamp`]s.
+pub fn wall_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn boot_time_secs() -> i64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime(2) writes one timespec to a valid pointer; CLOCK_BOOTTIME exists on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    if rc == 0 { ts.tv_sec } else { 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp(wall: i64, boot: &str, uptime: i64) -> Stamp {
+        Stamp { wall, boot: boot.into(), uptime }
+    }
+
+    const YEAR: i64 = 365 * 86_400;
+
+    #[test]
+    fn within_a_boot_the_boot_time_clock_decides_whatever_the_wall_clock_does() {
+        let then = stamp(1_800_000_000, "b1", 100);
+        // Ten real seconds later, the wall clock stepped a year forward: ten seconds.
+        assert_eq!(seconds_between(&then, &stamp(1_800_000_000 + YEAR, "b1", 110)), 10);
+        // ... or a year back: still ten seconds.
+        assert_eq!(seconds_between(&then, &stamp(1_800_000_000 - YEAR, "b1", 110)), 10);
+    }
+
+    #[test]
+    fn across_a_reboot_the_wall_clock_decides_bounded_below_by_the_uptime() {
+        let then = stamp(1_800_000_000, "b1", 5_000);
+        // Rebooted, clock right: two hours by the wall clock.
+        assert_eq!(seconds_between(&then, &stamp(1_800_007_200, "b2", 60)), 7_200);
+        // Rebooted with the clock a year behind (no real-time clock): not a year-long wait; what is
+        // known is that this boot has lasted 600 s.
+        assert_eq!(seconds_between(&then, &stamp(1_800_000_000 - YEAR, "b2", 600)), 600);
+        // A record without a boot id counts as another boot.
+        assert_eq!(seconds_between(&Stamp::wall_only(1_800_000_000), &stamp(1_800_000_030, "b2", 5)), 30);
+    }
+
+    #[test]
+    fn the_host_clocks_read_sensibly() {
+        let a = Stamp::now();
+        let b = Stamp::now();
+        assert!(a.wall > 1_600_000_000, "{a:?}");
+        assert_eq!(a.boot.len(), 36, "a boot id is a UUID: {a:?}");
+        assert!(a.uptime > 0 && b.uptime >= a.uptime);
+        assert!((0..=1).contains(&seconds_between(&a, &b)));
+    }
+}
