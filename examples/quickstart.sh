@@ -10,6 +10,7 @@ else
   cargo build --quiet --bins
   # Wherever cargo puts them: CARGO_TARGET_DIR, build.target-dir in a cargo config, or ./target.
   target=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+  [ -d "$target/debug" ] || { echo "error: cannot find cargo's target directory (got '$target')" >&2; exit 1; }
   bin=$target/debug
 fi
 state=${MESHD_STATE_DIR:-./meshd-state}
@@ -21,6 +22,7 @@ if [ ! -e "$state/meshd.db" ]; then
   "$bin/meshctl" --state-dir "$state" service add wallet --node hub --target 127.0.0.1:9737
 fi
 n=1
-while "$bin/meshctl" --state-dir "$state" device list --json | grep -q "\"phone$n\""; do n=$((n + 1)); done
+devices=$("$bin/meshctl" --state-dir "$state" device list --json)   # read once, no pipe for pipefail to trip on
+while grep -q "\"phone$n\"" <<<"$devices"; do n=$((n + 1)); done
 "$bin/meshctl" --state-dir "$state" device add "phone$n" --allow wallet --qr
 "$bin/meshctl" --state-dir "$state" service list

@@ -194,7 +194,8 @@ fn execute(
         config.dns.apply_to(&mut device);
         // Never hand out a config that would not read back as itself.
         device.validate().map_err(|e| anyhow!("refusing to hand out the config of device {}: {e}", config.name))?;
-        config.output.stage(&device.to_wg_quick())?;
+        let bytes = config.output.render(&device.to_wg_quick())?;
+        config.output.stage(&bytes)?;
         *expect = Some(handout);
     }
 

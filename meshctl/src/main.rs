@@ -168,7 +168,7 @@ struct HandOut {
     #[arg(long, conflicts_with = "dns")]
     no_dns: bool,
     /// Resolvers for the config's DNS line instead of the hub's (no search domain then).
-    #[arg(long, value_name = "IP[,IP...]", value_delimiter = ',', num_args = 1)]
+    #[arg(long, value_name = "IP[,IP...]", value_delimiter = ',', num_args = 1, value_parser = input::parse_resolver)]
     dns: Vec<IpAddr>,
 }
 
@@ -176,7 +176,16 @@ impl HandOut {
     fn dns(&self) -> DeviceDns {
         match (self.no_dns, self.dns.is_empty()) {
             (true, _) => DeviceDns::Omit,
-            (false, false) => DeviceDns::Servers(self.dns.clone()),
+            (false, false) => {
+                // Each resolver once, in the order given.
+                let mut servers: Vec<IpAddr> = Vec::new();
+                for ip in &self.dns {
+                    if !servers.contains(ip) {
+                        servers.push(*ip);
+                    }
+                }
+                DeviceDns::Servers(servers)
+            }
             (false, true) => DeviceDns::Hub,
         }
     }
@@ -383,6 +392,9 @@ fn hand_out(
     request: impl Fn(String, Option<Box<DeviceHandout>>) -> Request,
 ) -> anyhow::Result<()> {
     let dns = out.dns();
+    // A reader that goes away (`| true`) must not end meshctl between staging files and cleaning them up:
+    // here a closed output is an error like any other, and nothing is changed.
+    let _sigpipe = SigpipeIgnored::new();
     let mut outputs = Vec::new();
     for (path, format) in [(&out.conf, Format::Conf), (&out.qr_png, Format::Png), (&out.qr_svg, Format::Svg)] {
         let Some(path) = path else { continue };
@@ -419,13 +431,13 @@ fn hand_out(
         // Never hand out a config that would not read back as itself.
         config.validate().map_err(|e| anyhow::anyhow!("refusing to hand out the device config: {e}"))?;
         let text = config.to_wg_quick();
-        for output in &mut outputs {
-            output.stage(&text)?;
+        let rendered = outputs.iter().map(|o| o.render(&text)).collect::<anyhow::Result<Vec<_>>>()?;
+        for (output, bytes) in outputs.iter_mut().zip(&rendered) {
+            output.stage(bytes)?;
         }
-        let streams: Vec<&mut Output> = outputs.iter_mut().filter(|o| !o.is_file()).collect();
-        let streamed: Vec<String> = streams.iter().map(|o| o.shown()).collect();
-        for output in streams {
-            output.write_stream(&text)?;
+        let streamed: Vec<String> = outputs.iter().filter(|o| !o.is_file()).map(Output::shown).collect();
+        for (output, bytes) in outputs.iter_mut().zip(&rendered).filter(|(o, _)| !o.is_file()) {
+            output.write_stream(bytes)?;
         }
         match send(g, request(public_key.clone(), Some(preview))) {
             Ok(Reply::DeviceHandout(h)) => break h,
@@ -478,6 +490,24 @@ fn device_has_key(g: &Global, name: &Label, public_key: &str) -> Option<bool> {
 }
 
 /// The device's config: the controller's hand-out and the private key made here.
+/// SIGPIPE ignored while it lives (writes to a closed pipe then fail with EPIPE), its default action
+/// back after.
+struct SigpipeIgnored;
+
+impl SigpipeIgnored {
+    fn new() -> SigpipeIgnored {
+        // SAFETY: signal(2) with SIG_IGN; meshctl is single-threaded here.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+        SigpipeIgnored
+    }
+}
+
+impl Drop for SigpipeIgnored {
+    fn drop(&mut self) {
+        meshd::exit_quietly_on_closed_output();
+    }
+}
+
 fn device_config(key: &PrivateKey, h: &DeviceHandout) -> DeviceConfig {
     DeviceConfig {
         private_key: key.to_base64(),

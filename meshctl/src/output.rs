@@ -7,6 +7,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -75,6 +76,14 @@ impl Output {
             return Ok(Output::stdout(format));
         }
         let shown = path.display();
+        if path.as_os_str().as_bytes().ends_with(b"/") {
+            bail!("{shown} is not a file path (it ends with /): name the file");
+        }
+        // Nothing that exists is written over by `apply`, whatever it is: a FIFO or device there would
+        // take the config in place of the file the report names.
+        if existing == Existing::Refuse && fs::symlink_metadata(path).is_ok() {
+            bail!("{shown} exists; refusing to overwrite it (move it away or use --out-dir)");
+        }
         let target = match fs::symlink_metadata(path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let dir = directory_of(path);
@@ -129,13 +138,20 @@ impl Output {
         matches!(self.target, Target::File { .. })
     }
 
-    /// Write the file's staged copy in full (0600, synced); a stream is left for [`Output::write_stream`].
-    pub fn stage(&mut self, text: &str) -> anyhow::Result<()> {
+    /// What this output gets for the config `text`: the text itself or a QR code of it. Rendered for
+    /// every output before any is written, so that one that cannot be made (a QR code too wide for the
+    /// terminal) fails before another has the config.
+    pub fn render(&self, text: &str) -> anyhow::Result<Vec<u8>> {
+        self.format.bytes(text)
+    }
+
+    /// Write the file's staged copy of `bytes` (from [`Output::render`]) in full (0600, synced); a
+    /// stream is left for [`Output::write_stream`].
+    pub fn stage(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         let Target::File { staged, .. } = &mut self.target else { return Ok(()) };
         if let Some(old) = staged.take() {
             let _ = fs::remove_file(old);
         }
-        let bytes = self.format.bytes(text)?;
         let tmp = temp_path(&self.path);
         let written = OpenOptions::new()
             .write(true)
@@ -144,7 +160,7 @@ impl Output {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .and_then(|mut file| {
-                file.write_all(&bytes)?;
+                file.write_all(bytes)?;
                 file.sync_all()
             });
         if let Err(e) = written {
@@ -155,18 +171,15 @@ impl Output {
         Ok(())
     }
 
-    /// Write a stream output (standard output, a FIFO, a terminal); files are left to staging.
-    pub fn write_stream(&mut self, text: &str) -> anyhow::Result<()> {
-        let bytes = match self.target {
-            Target::File { .. } => return Ok(()),
-            _ => self.format.bytes(text)?,
-        };
+    /// Write `bytes` (from [`Output::render`]) to a stream output (standard output, a FIFO, a
+    /// terminal); files are left to staging.
+    pub fn write_stream(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         let written = match &mut self.target {
             Target::Stdout => {
                 let mut out = io::stdout().lock();
-                out.write_all(&bytes).and_then(|()| out.flush())
+                out.write_all(bytes).and_then(|()| out.flush())
             }
-            Target::Stream(file) => file.write_all(&bytes).and_then(|()| file.flush()),
+            Target::Stream(file) => file.write_all(bytes).and_then(|()| file.flush()),
             Target::File { .. } => Ok(()),
         };
         written.with_context(|| format!("cannot write {}", self.shown()))

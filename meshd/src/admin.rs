@@ -23,19 +23,12 @@ pub type Call = (Request, oneshot::Sender<Outcome>);
 /// Errors of the admin socket, on either side.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
-    #[error("admin socket {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    // The I/O error is part of the message, not a source: the one-line error shows it once.
+    #[error("admin socket {path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     /// Nothing was sent: the daemon is not listening (yet).
-    #[error("admin socket {path}: {source}")]
-    Connect {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("admin socket {path}: {error}")]
+    Connect { path: PathBuf, error: std::io::Error },
     #[error("admin socket {0}: the daemon sent an unreadable reply")]
     BadReply(PathBuf),
     #[error("the request is {0} bytes, more than the admin socket takes ({MAX_REQUEST}); split it up")]
@@ -45,7 +38,7 @@ pub enum AdminError {
 /// Bind the socket at `path` with mode 0600 (any stale socket file is replaced: the caller holds the
 /// state directory's daemon lock).
 pub fn bind(path: &Path) -> Result<UnixListener, AdminError> {
-    let err = |source| AdminError::Io { path: path.to_path_buf(), source };
+    let err = |error| AdminError::Io { path: path.to_path_buf(), error };
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -112,14 +105,14 @@ async fn serve_one(stream: UnixStream, calls: mpsc::Sender<Call>) {
 
 /// Send `request` to the daemon at `path` and wait for its outcome (blocking; for `meshctl`).
 pub fn call(path: &Path, request: &Request) -> Result<Outcome, AdminError> {
-    let err = |source| AdminError::Io { path: path.to_path_buf(), source };
+    let err = |error| AdminError::Io { path: path.to_path_buf(), error };
     let mut line = serde_json::to_vec(request).map_err(|e| err(e.into()))?;
     line.push(b'\n');
     if line.len() as u64 > MAX_REQUEST {
         return Err(AdminError::TooLarge(line.len()));
     }
     let stream =
-        StdUnixStream::connect(path).map_err(|source| AdminError::Connect { path: path.to_path_buf(), source })?;
+        StdUnixStream::connect(path).map_err(|error| AdminError::Connect { path: path.to_path_buf(), error })?;
     stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(err)?;
     send_all(&stream, &line).map_err(err)?;
     let mut reply = String::new();

@@ -184,6 +184,13 @@ async fn start_host(
         )
     })?;
     let plan = plan_host(snapshot, &name, options.dns_port)?;
+    if options.dns_port == plan.listen_port || options.dns_port == SYNC_PORT {
+        return Err(anyhow!(
+            "--dns-port {}: meshd itself uses that port (WireGuard and joins on {}, live updates on {SYNC_PORT}); choose another, e.g. 5353",
+            options.dns_port,
+            plan.listen_port
+        ));
+    }
     let last_seen = state.read_peer_endpoints();
 
     // The access rules match the interface by name, so they are in place before it comes up.

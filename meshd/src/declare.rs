@@ -195,10 +195,11 @@ impl<'de> Deserialize<'de> for DnsEntry {
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<DnsEntry, A::Error> {
                 let mut servers = Vec::new();
                 while let Some(item) = seq.next_element::<String>()? {
-                    let server = item
-                        .parse()
-                        .map_err(|_| serde::de::Error::custom(format!("dns: \"{item}\" is not an IP address")))?;
-                    servers.push(server);
+                    let server = crate::input::parse_resolver(&item)
+                        .map_err(|e| serde::de::Error::custom(format!("dns: {e}")))?;
+                    if !servers.contains(&server) {
+                        servers.push(server);
+                    }
                 }
                 if servers.is_empty() {
                     return Err(serde::de::Error::custom("dns = [] names no resolver: use dns = false for none"));
@@ -914,7 +915,12 @@ to = "validator"
             ),
             ("[[access]]\nfrom = [\"a\"]\nto = \"b\"\nextra = 1\n", 4, "unknown field `extra`"),
             ("[[device]]\nname = \"p\"\nallow = [\"w\"]\ndns = \"yes\"\n", 4, "true, false or a list of IP addresses"),
-            ("[[device]]\nname = \"p\"\nallow = [\"w\"]\ndns = [\"1.2.3\"]\n", 4, "\"1.2.3\" is not an IP address"),
+            (
+                "[[device]]\nname = \"p\"\nallow = [\"w\"]\ndns = [\"1.2.3\"]\n",
+                4,
+                "\"1.2.3\" cannot be a device's resolver: not an IP address",
+            ),
+            ("[[device]]\nname = \"p\"\nallow = [\"w\"]\ndns = [\"0.0.0.0\"]\n", 4, "unspecified"),
             ("[[device]]\nname = \"p\"\nallow = [\"w\"]\ndns = []\n", 4, "use dns = false"),
         ];
         for (text, line, message) in cases {

@@ -37,6 +37,8 @@ pub enum InputError {
         "{endpoint} cannot be an endpoint: {reason}; give the public address or DNS name where phones and other hosts reach this host"
     )]
     Endpoint { endpoint: String, reason: &'static str },
+    #[error("{resolver:?} cannot be a device's resolver: {reason}")]
+    Resolver { resolver: String, reason: &'static str },
     #[error(
         "the DNS name {name} would be {len} characters long (DNS allows {MAX_DNS_NAME}): choose a shorter name or domain"
     )]
@@ -157,6 +159,8 @@ impl HostPort {
                     ip if ip.is_loopback() => Some("a loopback address is each device itself"),
                     ip if ip.is_multicast() => Some("a multicast address is no single host"),
                     IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address is no single host"),
+                    IpAddr::V4(v4) if v4.octets()[0] == 0 => Some("0.0.0.0/8 addresses no host (RFC 791)"),
+                    IpAddr::V4(v4) if v4.octets()[0] >= 240 => Some("240.0.0.0/4 is reserved (RFC 1112)"),
                     IpAddr::V4(v4) if v4.is_link_local() => Some("a link-local address is not routed"),
                     IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("a link-local address is not routed"),
                     _ => None,
@@ -206,9 +210,16 @@ impl FromStr for HostPort {
     }
 }
 
-/// `300.1.2.3` must not be taken for a DNS name.
+/// Not a DNS name but an address in disguise: `300.1.2.3`, and the forms resolvers take for IPv4
+/// addresses (`inet_aton(3)`: `127.1`, `2130706433`, `0x7f000001`, `0` is 0.0.0.0). A top-level label
+/// is never all digits (RFC 3696 section 2), so no real name looks like this.
 fn looks_like_ipv4(s: &str) -> bool {
-    s.split('.').count() == 4 && s.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+    let number = |part: &str| match part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
+        Some(hex) => hex.bytes().all(|b| b.is_ascii_hexdigit()),
+        None => !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()),
+    };
+    let last_is_numeric = s.rsplit('.').next().is_some_and(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()));
+    last_is_numeric || (s.split('.').count() <= 4 && s.split('.').all(number))
 }
 
 impl TryFrom<String> for HostPort {
@@ -248,6 +259,19 @@ pub fn check_endpoint(endpoint: &HostPort) -> Result<(), InputError> {
     match endpoint.unusable_as_endpoint() {
         Some(reason) => Err(InputError::Endpoint { endpoint: endpoint.to_string(), reason }),
         None => Ok(()),
+    }
+}
+
+/// Parse a resolver's address for a device's `DNS` line: an IP address a client can send queries to
+/// (not unspecified, multicast or broadcast). Errors: [`InputError::Resolver`].
+pub fn parse_resolver(s: &str) -> Result<IpAddr, InputError> {
+    let bad = |reason| InputError::Resolver { resolver: s.to_owned(), reason };
+    let ip: IpAddr = s.trim().parse().map_err(|_| bad("not an IP address"))?;
+    match ip {
+        ip if ip.is_unspecified() => Err(bad("an unspecified address reaches no resolver")),
+        ip if ip.is_multicast() => Err(bad("a multicast address is no single resolver")),
+        IpAddr::V4(v4) if v4.is_broadcast() => Err(bad("the broadcast address is no single resolver")),
+        ip => Ok(ip),
     }
 }
 
@@ -329,19 +353,43 @@ mod tests {
             ("localhost:51820", "localhost"),
             ("LocalHost:51820", "localhost"),
             ("vpn.localhost:51820", "localhost"),
+            ("0.0.0.1:51820", "0.0.0.0/8"),
+            ("240.0.0.1:51820", "reserved"),
         ] {
             let refused = parse_endpoint(bad).unwrap_err();
             assert!(matches!(refused, InputError::Endpoint { .. }), "{bad}: {refused:?}");
             assert!(refused.to_string().contains(why), "{bad}: {refused}");
         }
+        // Numbers resolvers take for IPv4 addresses are neither addresses nor names here.
+        for disguised in ["0:1", "127.1:1", "2130706433:1", "0x7f000001:1", "0X7F.1:1", "host.123:1"] {
+            assert_eq!(parse_endpoint(disguised), Err(InputError::HostPort(disguised.to_owned())), "{disguised}");
+        }
         for good in [
             "203.0.113.10:51820",
+            "1password.example:51820",
+            "0xdead.example:51820",
             "192.168.1.2:51820",
             "[2001:db8::1]:51820",
             "[2001:db8:aaaa:bbbb:cccc:dddd:eeee:ffff]:51820",
             "node.example.net:51820",
         ] {
             assert!(parse_endpoint(good).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn resolvers_must_be_single_reachable_addresses() {
+        assert_eq!(parse_resolver("192.168.1.1"), Ok("192.168.1.1".parse().unwrap()));
+        assert_eq!(parse_resolver("2001:db8::53"), Ok("2001:db8::53".parse().unwrap()));
+        for (bad, why) in [
+            ("0.0.0.0", "unspecified"),
+            ("::", "unspecified"),
+            ("224.0.0.251", "multicast"),
+            ("255.255.255.255", "broadcast"),
+            ("dns.example", "not an IP"),
+        ] {
+            let refused = parse_resolver(bad).unwrap_err();
+            assert!(refused.to_string().contains(why), "{bad}: {refused}");
         }
     }
 

@@ -1203,6 +1203,26 @@ PersistentKeepalive = 25
         assert_eq!(DeviceConfig::parse(&compact).unwrap(), sample());
     }
 
+    /// A device config as long as a /16 network makes one: the last address of the range, a random ULA
+    /// prefix with no zero to drop, a 63-character endpoint name, and a domain of `domain_len` characters.
+    fn longest_config(domain_len: usize) -> DeviceConfig {
+        let mut config = sample();
+        config.addresses = vec![net("10.77.255.254/32"), net("fdff:ffff:ffff::fffe/128")];
+        config.dns_servers = vec!["10.77.0.1".parse().unwrap(), "fdff:ffff:ffff::1".parse().unwrap()];
+        config.dns_search = vec![format!("{}.internal", "d".repeat(domain_len - ".internal".len()))];
+        config.peer.endpoint = format!("{}.example:51820", "n".repeat(55));
+        config.peer.allowed_ips = vec![net("10.77.0.0/16"), net("fdff:ffff:ffff::/48")];
+        config
+    }
+
+    #[test]
+    fn the_terminal_qr_fits_80_columns_for_the_longest_configs_the_docs_promise() {
+        // docs/CLI.md: a 63-character endpoint name with a domain of up to 24 characters, any device.
+        let fits = qr_terminal(&longest_config(24).to_wg_quick()).unwrap();
+        assert!(terminal_pixels(&fits)[0].len() <= TERMINAL_COLUMNS);
+        assert!(matches!(qr_terminal(&longest_config(40).to_wg_quick()), Err(RenderError::TooWideForTerminal { .. })));
+    }
+
     #[test]
     fn a_config_too_wide_for_the_terminal_says_how_to_get_it() {
         let mut config = sample();

@@ -87,6 +87,16 @@ fn a_hub_runs_next_to_dnsmasq_on_port_53() {
     assert!(!hub.ip(&["link", "show"]).contains(&ifname), "interface left behind");
     assert!(!hub.run(&["nft", "list", "tables"]).contains("meshd"), "access rules left behind");
 
+    // A --dns-port that meshd itself uses (WireGuard and joins, live updates) is refused up front.
+    for port in ["51820", "51871"] {
+        let mut clash = hub.command(product_bin("meshd"));
+        clash.args(["run", "--wireguard", "userspace", "--dns-port", port, "--state-dir"]).arg(&state);
+        let out = output(clash.env("RUST_LOG", "off"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.lines().count() == 1, "{stderr}");
+        assert!(stderr.contains(&format!("--dns-port {port}: meshd itself uses that port")), "{stderr}");
+    }
+
     // With --dns-port 5353: up, next to dnsmasq.
     let mut cmd = hub.command(product_bin("meshd"));
     cmd.args(["run", "--wireguard", "userspace", "--dns-port", "5353", "--state-dir"]).arg(&state);

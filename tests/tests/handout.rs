@@ -382,3 +382,34 @@ dns = ["192.168.1.1"]
     let phone = fs::read_to_string(out.join("phone.conf")).unwrap();
     assert!(phone.contains("DNS = 192.168.1.1\n"), "{phone}");
 }
+
+/// `apply` writes each config to a new file only: a FIFO, a device node or a link to one already at
+/// the path (where the report would claim the config went) is refused before anything changes, as an
+/// existing file is. `--conf` naming a directory-to-be (`newdir/`) is refused before the device is added.
+#[test]
+fn apply_refuses_any_existing_path_and_conf_refuses_a_directory_path() {
+    let state = state_with_service(&[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    fs::create_dir(&out).unwrap();
+    let file = tmp.path().join("net.toml");
+    fs::write(&file, "[[service]]\nname = \"svc\"\nnode = \"hub\"\ntarget = \"127.0.0.1:8080\"\n[[device]]\nname = \"newdev\"\nallow = [\"svc\"]\n").unwrap();
+    let fifo = out.join("newdev.conf");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let refused = output(meshctl(state.path()).arg("apply").arg(&file).arg("--out-dir").arg(&out));
+    assert_refused(&refused, &["newdev.conf", "exists"]);
+    assert_eq!(devices(state.path()), serde_json::json!([]), "the device was added");
+    assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(), "the FIFO was replaced");
+    fs::remove_file(&fifo).unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("elsewhere"), &fifo).unwrap();
+    let refused = output(meshctl(state.path()).arg("apply").arg(&file).arg("--out-dir").arg(&out));
+    assert_refused(&refused, &["newdev.conf", "exists"]);
+    assert_eq!(devices(state.path()), serde_json::json!([]));
+
+    let dir_path = tmp.path().join("newdir/");
+    let refused =
+        output(meshctl(state.path()).args(["device", "add", "d1", "--allow", "svc", "--conf"]).arg(&dir_path));
+    assert_refused(&refused, &["not a file path"]);
+    assert_eq!(devices(state.path()), serde_json::json!([]), "the device was added");
+    assert_eq!(entries(tmp.path()), ["net.toml", "out"], "a file was left behind");
+}

@@ -50,12 +50,22 @@ fn commands_exit_quietly_when_their_reader_stops_early() {
     let (status, stderr) = with_closed_stdout(Command::new(product_bin("meshd")).arg("--version"));
     assert_quiet("meshd --version", status, &stderr);
 
-    // A device added while the reader of its config is gone: the config is written before the device is
-    // registered, so the write that fails leaves no device behind with a key nobody has.
-    let (status, stderr) = with_closed_stdout(meshctl(state).args(["device", "add", "tablet", "--allow", "wallet"]));
-    assert_quiet("meshctl device add", status, &stderr);
-    let devices = run_json(meshctl(state).args(["device", "list", "--json"]));
-    let names: Vec<&str> = devices.as_array().unwrap().iter().filter_map(|d| d["name"].as_str()).collect();
-    assert_eq!(names, ["phone"], "a device whose config went nowhere is still registered");
+    // A device added while the reader of its config is gone: the config cannot be handed out, so the
+    // device is not added, the file staged next to `--conf` is not left behind (it holds the private
+    // key), and meshctl says so in one line.
+    let conf = state.join("tablet.conf");
+    for extra in [&[][..], &["--conf".as_ref(), conf.as_os_str(), "--qr".as_ref()]] {
+        let (status, stderr) =
+            with_closed_stdout(meshctl(state).args(["device", "add", "tablet", "--allow", "wallet"]).args(extra));
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert_eq!(status.code(), Some(1), "{status:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with("error: ") && stderr.contains("standard output"), "{stderr}");
+        let devices = run_json(meshctl(state).args(["device", "list", "--json"]));
+        let names: Vec<&str> = devices.as_array().unwrap().iter().filter_map(|d| d["name"].as_str()).collect();
+        assert_eq!(names, ["phone"], "a device whose config went nowhere is still registered");
+        let left: Vec<_> = std::fs::read_dir(state).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(left.iter().all(|n| !n.to_string_lossy().contains("tablet")), "left behind: {left:?}");
+    }
     run_ok(meshctl(state).args(["device", "add", "tablet", "--allow", "wallet"]));
 }

@@ -151,3 +151,20 @@ fn a_config_too_long_for_the_terminal_is_refused_and_changes_nothing() {
     let out = output(Command::new("zbarimg").args(["--raw", "-q", "-Sbinary"]).arg(&png));
     assert!(String::from_utf8_lossy(&out.stdout).contains(&domain), "{}", describe(&out));
 }
+
+/// Every output is made before any is written: with `--conf -` and a `--qr` that cannot fit, the
+/// config (private key included) is not printed before the refusal.
+#[test]
+fn no_output_gets_the_config_when_another_cannot_be_made() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let domain = format!("{}.{}.example", "a".repeat(60), "b".repeat(60));
+    let mut init = Command::new(product_bin("meshd"));
+    init.args(["init", "--network", "home", "--name", "hub", "--endpoint", "[2001:db8::1]:51820", "--domain", &domain]);
+    run_ok(init.arg("--state-dir").arg(&state));
+    run_ok(meshctl(&state).args(["service", "add", "wallet", "--node", "hub", "--target", "127.0.0.1:9737"]));
+    let out = output(meshctl(&state).args(["device", "add", "phone", "--allow", "wallet", "--conf", "-", "--qr"]));
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(out.stdout.is_empty(), "the config went out before the refusal: {}", describe(&out));
+    assert_eq!(run_json(meshctl(&state).args(["device", "list", "--json"])), serde_json::json!([]));
+}

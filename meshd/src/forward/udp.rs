@@ -33,12 +33,18 @@ use crate::input::{HostPort, Label};
 /// every 15-30 s); DNS and similar exchanges are done in well under a second.
 pub const SESSION_IDLE: Duration = Duration::from_secs(60);
 
+/// Most sessions one client address (a device or node, over all its ports) keeps at a time, so that one
+/// granted client opening sessions from many ports evicts only its own, never other clients'.
+pub const MAX_SESSIONS_PER_CLIENT: usize = 256;
+
 /// Most sessions one mesh address of a service keeps at a time. Each holds an upstream socket (one file
 /// descriptor) and a task, so this bounds both whatever granted clients do.
 pub const MAX_SESSIONS: usize = 1024;
 
-/// The largest UDP payload: 65535 bytes of IPv4 packet less its 20-byte header and the 8-byte UDP header.
-pub const MAX_DATAGRAM: usize = 65_507;
+/// The largest UDP payload: over IPv6, 65535 bytes of payload (the fixed header is not counted) less
+/// the 8-byte UDP header (RFC 8200 section 3); over IPv4 it is 65507. Buffers hold one byte more, so
+/// a datagram that filled one would show as cut short and be dropped rather than forwarded cut.
+pub const MAX_DATAGRAM: usize = 65_527;
 
 /// Datagrams queued towards the target per session before more are dropped, as a congested router
 /// drops them (sending on a UDP socket rarely waits, so the queue is almost always empty).
@@ -54,11 +60,13 @@ pub struct Limits {
     pub idle: Duration,
     /// Most sessions at a time; a new client beyond this evicts the least recently heard one.
     pub max_sessions: usize,
+    /// Most sessions of one client address; beyond this its own quietest session is evicted.
+    pub max_per_client: usize,
 }
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits { idle: SESSION_IDLE, max_sessions: MAX_SESSIONS }
+        Limits { idle: SESSION_IDLE, max_sessions: MAX_SESSIONS, max_per_client: MAX_SESSIONS_PER_CLIENT }
     }
 }
 
@@ -67,13 +75,15 @@ impl Default for Limits {
 #[derive(Debug)]
 pub struct Sessions<S> {
     max: usize,
+    max_per_client: usize,
     by_client: HashMap<SocketAddr, (Instant, S)>,
 }
 
 impl<S> Sessions<S> {
-    /// No sessions yet; at most `max` (at least one) at a time.
-    pub fn new(max: usize) -> Sessions<S> {
-        Sessions { max: max.max(1), by_client: HashMap::new() }
+    /// No sessions yet; at most `max` at a time, and `max_per_client` of one client address (each at
+    /// least one).
+    pub fn new(max: usize, max_per_client: usize) -> Sessions<S> {
+        Sessions { max: max.max(1), max_per_client: max_per_client.max(1), by_client: HashMap::new() }
     }
 
     /// The session of `client`, marked as heard from at `now`.
@@ -84,9 +94,9 @@ impl<S> Sessions<S> {
         })
     }
 
-    /// Add the session of a new `client`. When full, sessions for which `ended` holds are dropped first;
-    /// if that frees no room, the session whose client was heard from least recently is evicted and its
-    /// client returned.
+    /// Add the session of a new `client`. A client address at its own limit loses its quietest session.
+    /// Otherwise, when full, sessions for which `ended` holds are dropped first; if that frees no room,
+    /// the session whose client was heard from least recently is evicted. The evicted client is returned.
     pub fn insert(
         &mut self,
         client: SocketAddr,
@@ -94,14 +104,25 @@ impl<S> Sessions<S> {
         now: Instant,
         ended: impl Fn(&S) -> bool,
     ) -> Option<SocketAddr> {
+        let quietest = |sessions: &HashMap<SocketAddr, (Instant, S)>, of: &dyn Fn(&SocketAddr) -> bool| {
+            sessions.iter().filter(|(c, _)| of(c)).min_by_key(|(_, (heard, _))| *heard).map(|(c, _)| *c)
+        };
+        let same_client = |c: &SocketAddr| c.ip() == client.ip();
+        let own = |sessions: &HashMap<SocketAddr, (Instant, S)>| sessions.keys().filter(|c| same_client(c)).count();
         let mut evicted = None;
-        if !self.by_client.contains_key(&client) && self.by_client.len() >= self.max {
-            self.by_client.retain(|_, (_, s)| !ended(s));
-            if self.by_client.len() >= self.max {
-                evicted = self.by_client.iter().min_by_key(|(_, (heard, _))| *heard).map(|(c, _)| *c);
-                if let Some(quietest) = evicted {
-                    self.by_client.remove(&quietest);
-                }
+        if !self.by_client.contains_key(&client) {
+            if own(&self.by_client) >= self.max_per_client || self.by_client.len() >= self.max {
+                self.by_client.retain(|_, (_, s)| !ended(s));
+            }
+            evicted = if own(&self.by_client) >= self.max_per_client {
+                quietest(&self.by_client, &same_client)
+            } else if self.by_client.len() >= self.max {
+                quietest(&self.by_client, &|_| true)
+            } else {
+                None
+            };
+            if let Some(quietest) = evicted {
+                self.by_client.remove(&quietest);
             }
         }
         self.by_client.insert(client, (now, session));
@@ -161,7 +182,7 @@ pub async fn serve(
     limits: Limits,
 ) {
     let socket = Arc::new(socket);
-    let mut sessions: Sessions<Session> = Sessions::new(limits.max_sessions);
+    let mut sessions: Sessions<Session> = Sessions::new(limits.max_sessions, limits.max_per_client);
     // One buffer for every client of this address: larger than any UDP payload, so nothing is cut.
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
     loop {
@@ -178,6 +199,10 @@ pub async fn serve(
                 };
                 if !allowed.borrow().contains(&client.ip()) {
                     debug!(%service, %client, "datagram refused: not granted");
+                    continue;
+                }
+                if len > MAX_DATAGRAM {
+                    debug!(%service, %client, "datagram larger than UDP allows: dropped");
                     continue;
                 }
                 let datagram = buf.get(..len).unwrap_or_default().to_vec();
@@ -226,7 +251,8 @@ fn forward(
     let evicted = sessions.insert(client, Session { to_target, task }, now, Session::ended);
     debug!(%service, %client, sessions = sessions.len(), "UDP session opened");
     if let Some(quietest) = evicted {
-        info!(%service, client = %quietest, max = limits.max_sessions, "too many UDP sessions: the quietest closed");
+        // At debug level: a client flooding from many ports would otherwise write a line per datagram.
+        debug!(%service, client = %quietest, max = limits.max_sessions, "too many UDP sessions: the quietest closed");
     }
 }
 
@@ -279,6 +305,7 @@ fn pass_replies(service: &Label, upstream: &UdpSocket, socket: &UdpSocket, clien
     let mut buf = [0u8; MAX_DATAGRAM + 1];
     for _ in 0..REPLY_BATCH {
         match upstream.try_recv(&mut buf) {
+            Ok(len) if len > MAX_DATAGRAM => debug!(%service, "reply larger than UDP allows: dropped"),
             Ok(len) => {
                 if let Err(e) = socket.try_send_to(buf.get(..len).unwrap_or_default(), client) {
                     debug!(%service, %client, error = %e, "reply dropped");
@@ -321,7 +348,7 @@ mod tests {
     fn a_full_table_evicts_ended_sessions_first_then_the_quietest() {
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
-        let mut sessions: Sessions<&str> = Sessions::new(2);
+        let mut sessions: Sessions<&str> = Sessions::new(2, 8);
         assert_eq!(sessions.insert(client(1), "live", at(0), |_| false), None);
         assert_eq!(sessions.insert(client(2), "live", at(1), |_| false), None);
         assert!(sessions.get(client(1), at(2)).is_some(), "client 1 is heard from again");
@@ -336,16 +363,32 @@ mod tests {
     }
 
     #[test]
+    fn a_client_opening_sessions_from_many_ports_evicts_only_its_own() {
+        let t0 = Instant::now();
+        let other = SocketAddr::from(([10, 77, 0, 9], 5000));
+        let mut sessions: Sessions<u16> = Sessions::new(8, 3);
+        sessions.insert(other, 0, t0, |_| false);
+        for port in 1..=100u16 {
+            let evicted = sessions.insert(client(port), port, t0 + Duration::from_secs(port.into()), |_| false);
+            if port > 3 {
+                assert_eq!(evicted, Some(client(port - 3)), "its own quietest goes");
+            }
+        }
+        assert_eq!(sessions.len(), 4);
+        assert!(sessions.get(other, t0).is_some(), "the other client keeps its session");
+    }
+
+    #[test]
     fn withdrawn_clients_lose_their_sessions() {
         let now = Instant::now();
-        let mut sessions = Sessions::new(8);
+        let mut sessions = Sessions::new(8, 8);
         for port in 1..=3 {
             sessions.insert(client(port), (), now, |_| false);
         }
         sessions.insert(SocketAddr::from(([10, 77, 0, 5], 1)), (), now, |_| false);
         assert_eq!(sessions.retain(|c| c.ip() != client(0).ip()), 3);
         assert_eq!(sessions.len(), 1);
-        assert_eq!(Sessions::<()>::new(0).insert(client(1), (), now, |_| false), None, "at least one session");
+        assert_eq!(Sessions::<()>::new(0, 0).insert(client(1), (), now, |_| false), None, "at least one session");
     }
 
     /// A UDP echo on loopback; returns its address.
@@ -392,9 +435,11 @@ mod tests {
             let phone = UdpSocket::bind((ip, 0)).await.unwrap();
             let (reply, from) = exchange(&phone, listen, b"ping").await.expect("an echo");
             assert_eq!((reply.as_slice(), from), (&b"ping"[..], listen), "the reply comes from the service");
-            let largest = vec![0xa5; MAX_DATAGRAM];
+            // The largest payload of each family passes whole (IPv6 counts no header in its length).
+            let size = if ip.is_ipv4() { 65_507 } else { MAX_DATAGRAM };
+            let largest = vec![0xa5; size];
             let (reply, _) = exchange(&phone, listen, &largest).await.expect("the largest datagram is echoed");
-            assert_eq!(reply.len(), MAX_DATAGRAM);
+            assert_eq!(reply.len(), size);
             assert_eq!(exchange(&phone, listen, b"").await.map(|(r, _)| r), Some(vec![]), "an empty datagram");
         }
     }
@@ -440,7 +485,7 @@ mod tests {
         // A target that answers from where the session's upstream socket can see: it records who wrote.
         let target = UdpSocket::bind((ip, 0)).await.unwrap();
         let target_addr = target.local_addr().unwrap();
-        let limits = Limits { idle: Duration::from_millis(300), max_sessions: 2 };
+        let limits = Limits { idle: Duration::from_millis(300), max_sessions: 2, max_per_client: 2 };
         let (listen, _allowed, _task) = forwarder(ip, target_addr, &[ip], limits).await;
         let mut buf = [0u8; 16];
         let phones = [
