@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Provision a network on an embedded default and print a phone's QR code, no root needed:
-# the controller's SQLite state goes to ./meshd-state (or $MESHD_STATE_DIR).
-# Run it again to add another phone. `sudo meshd run --state-dir ./meshd-state` then brings the hub up.
+# the controller's SQLite state goes to ./meshd-state (or $MESHD_STATE_DIR), relative to where you run it.
+# Set MESHD_ENDPOINT=your.public.name:51820 on the first run so that phones can find this host.
+# Run it again to add another phone; then `sudo .../meshd run --state-dir ./meshd-state` brings the hub up.
 set -euo pipefail
+state=${MESHD_STATE_DIR:-./meshd-state}
+case $state in /*) ;; *) state=$PWD/$state ;; esac     # the caller's directory, not the repository's
+placeholder=203.0.113.10:51820                          # a documentation address (RFC 5737): reaches nothing
+endpoint=${MESHD_ENDPOINT:-$placeholder}                # where phones reach this host: your public IP or name
 cd "$(dirname "$0")/.."
 if [ -n "${MESHD_BIN_DIR:-}" ]; then
   bin=$MESHD_BIN_DIR                             # binaries built already (the tests use this)
@@ -13,16 +18,20 @@ else
   [ -d "$target/debug" ] || { echo "error: cannot find cargo's target directory (got '$target')" >&2; exit 1; }
   bin=$target/debug
 fi
-state=${MESHD_STATE_DIR:-./meshd-state}
-endpoint=${MESHD_ENDPOINT:-203.0.113.10:51820}   # where phones reach this host: your public IP or name
 
 if [ ! -e "$state/meshd.db" ]; then
   "$bin/meshd" init --network home --name hub --endpoint "$endpoint" --state-dir "$state"
   # A nix-bitcoin style service: a wallet UI on the host (any TCP service works).
   "$bin/meshctl" --state-dir "$state" service add wallet --node hub --target 127.0.0.1:9737
+elif [ -n "${MESHD_ENDPOINT:-}" ]; then
+  echo "warning: $state already holds a network; MESHD_ENDPOINT applies only when it is created (remove $state to start over)" >&2
+fi
+if [ "$endpoint" = "$placeholder" ] && [ -z "${MESHD_ENDPOINT:-}" ]; then
+  echo "warning: the endpoint is the placeholder $placeholder: phones will not reach this host; rerun with MESHD_ENDPOINT=your.public.name:51820 on a new state directory" >&2
 fi
 n=1
 devices=$("$bin/meshctl" --state-dir "$state" device list --json)   # read once, no pipe for pipefail to trip on
 while grep -q "\"phone$n\"" <<<"$devices"; do n=$((n + 1)); done
 "$bin/meshctl" --state-dir "$state" device add "phone$n" --allow wallet --qr
 "$bin/meshctl" --state-dir "$state" service list
+echo "next: start the hub with  sudo $bin/meshd run --state-dir $state" >&2

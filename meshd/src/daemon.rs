@@ -194,7 +194,14 @@ async fn start_host(
     let last_seen = state.read_peer_endpoints();
 
     // The access rules match the interface by name, so they are in place before it comes up.
-    firewall::load(&firewall::render(&plan)).await.context("installing access rules")?;
+    firewall::load(&firewall::render(&plan)).await.map_err(|e| {
+        let e = anyhow::Error::new(e);
+        if format!("{e:#}").contains("Operation not permitted") {
+            e.context("installing access rules needs root (or CAP_NET_ADMIN): run meshd run as root")
+        } else {
+            e.context("installing access rules")
+        }
+    })?;
     let created = {
         let (plan, key, last_seen) = (plan.clone(), key.clone(), last_seen.clone());
         tokio::task::spawn_blocking(move || {

@@ -30,7 +30,11 @@ pub mod wg;
 /// Log to stderr; `RUST_LOG` sets the filter (default `info`).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,hickory_server=warn"));
+        // defguard_wireguard_rs logs an ERROR when the kernel module is missing, before meshd falls back
+        // to its embedded WireGuard (and says so): not a failure, so not shown unless RUST_LOG asks.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,hickory_server=warn,defguard_wireguard_rs::netlink=off")
+        });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }

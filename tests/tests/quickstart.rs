@@ -30,6 +30,8 @@ fn quickstart_provisions_a_network_and_prints_a_phone_qr() {
     assert!(stdout.contains("network home created"), "{stdout}");
     // The QR goes to stdout, what it is for to stderr.
     assert!(stderr.contains("device phone1: 10.77.0.3"), "{stderr}");
+    assert!(stderr.contains("warning: the endpoint is the placeholder"), "no word about the placeholder: {stderr}");
+    assert!(stderr.contains("next: start the hub with  sudo "), "{stderr}");
     assert!(qr_rows(&stdout) >= 20, "no QR code printed:\n{stdout}");
     for file in ["meshd.db", "private.key"] {
         let mode = std::fs::metadata(state.join(file)).unwrap().permissions().mode() & 0o777;
@@ -42,9 +44,24 @@ fn quickstart_provisions_a_network_and_prints_a_phone_qr() {
     assert!(second.status.success(), "second run failed: {stderr}");
     assert!(!stdout.contains("network home created") && stderr.contains("device phone2"), "{stdout}{stderr}");
     assert!(qr_rows(&stdout) >= 20);
+
+    // A relative MESHD_STATE_DIR is the caller's, not the repository's; an endpoint given once the network
+    // exists is not silently ignored.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart.sh");
+    let third = Command::new("bash")
+        .arg(script)
+        .current_dir(tmp.path())
+        .env("MESHD_BIN_DIR", bin_dir())
+        .env("MESHD_STATE_DIR", "meshd-state")
+        .env("MESHD_ENDPOINT", "node.example.net:51820")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&third.stderr);
+    assert!(third.status.success(), "third run failed: {stderr}");
+    assert!(stderr.contains("device phone3") && stderr.contains("applies only when it is created"), "{stderr}");
     let devices = run_json(meshctl(&state).args(["device", "list", "--json"]));
     let names: Vec<&str> = devices.as_array().unwrap().iter().filter_map(|d| d["name"].as_str()).collect();
-    assert_eq!(names, ["phone1", "phone2"]);
+    assert_eq!(names, ["phone1", "phone2", "phone3"]);
     assert!(devices.as_array().unwrap().iter().all(|d| d["allow"] == serde_json::json!(["wallet"])), "{devices}");
 }
 
