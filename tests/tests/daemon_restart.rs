@@ -1,13 +1,12 @@
 //! A daemon killed with SIGKILL leaves a stale socket behind: `meshctl` must then work on the state
 //! directly, and a restarted `meshd run` must apply what changed meanwhile. SIGTERM tears down cleanly.
-use std::fs;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use meshd_e2e::{
-    Netns, Proc, WG_SOCKET_DIR, meshctl, output, product_bin, require_root, run_json, run_ok, unique_ifname, wait_until,
+    Netns, Proc, UapiCleanup, meshctl, output, product_bin, require_root, run_json, run_ok, unique_ifname, wait_until,
 };
 
 fn start(node: &Netns, state: &Path, log: &Path) -> Proc {
@@ -68,13 +67,4 @@ fn restart_after_sigkill_applies_offline_changes() {
     assert!(!tables.contains(&table), "access rules left behind: {tables}");
     let links = node.ip(&["link", "show"]);
     assert!(!links.contains(&ifname), "interface left behind: {links}");
-}
-
-/// Removes the UAPI socket a SIGKILLed boringtun leaves behind.
-struct UapiCleanup(String);
-
-impl Drop for UapiCleanup {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(Path::new(WG_SOCKET_DIR).join(format!("{}.sock", self.0)));
-    }
 }

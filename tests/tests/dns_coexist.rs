@@ -5,22 +5,13 @@
 //! name (answered by dnsmasq), and reaches its service by name.
 use std::fs;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use meshd_e2e::{
-    Netns, Phone, Proc, WG_SOCKET_DIR, meshctl, output, product_bin, require_root, run_json, run_ok, unique_ifname,
-    veth, wait_until,
+    Netns, Phone, Proc, UapiCleanup, meshctl, output, product_bin, require_root, run_json, run_ok, unique_ifname, veth,
+    wait_until,
 };
-
-struct UapiCleanup(String);
-
-impl Drop for UapiCleanup {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(Path::new(WG_SOCKET_DIR).join(format!("{}.sock", self.0)));
-    }
-}
 
 #[test]
 fn a_hub_runs_next_to_dnsmasq_on_port_53() {

@@ -13,7 +13,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use meshd_e2e::{
-    Netns, Proc, WG_SOCKET_DIR, WgQuick, describe, init_network, meshctl, output, product_bin, require_root, run_json,
+    Netns, Proc, UapiCleanup, WgQuick, describe, init_network, meshctl, output, product_bin, require_root, run_json,
     run_ok, unique_ifname, wait_until, wg_pubkey,
 };
 use serde_json::Value;
@@ -135,15 +135,6 @@ fn a_full_file_system_changes_nothing_and_loses_no_key_offline() {
     let full = FullFs::new();
     let ok = tempfile::tempdir().unwrap();
     failed_hand_outs_change_nothing(state.path(), &full.dir, ok.path());
-}
-
-/// Removes a userspace interface's UAPI socket file on drop.
-struct UapiCleanup(String);
-
-impl Drop for UapiCleanup {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(Path::new(WG_SOCKET_DIR).join(format!("{}.sock", self.0)));
-    }
 }
 
 #[test]

@@ -7,80 +7,33 @@
 //! to them), `hub` runs the controller, `vps1` and `vps2` have public endpoints (vps2 is the relay),
 //! `attic` and `cellar` have none: they reach each other through the relay, also while the hub is down.
 use std::fs;
-use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use meshd_e2e::{
-    Netns, Proc, WG_SOCKET_DIR, meshctl, product_bin, require_root, run_json, run_ok, unique_ifname, veth, wait_until,
+    MeshHost, Netns, Proc, meshctl, nat_router, product_bin, require_root, run_json, run_ok, veth, wait_until,
 };
 use serde_json::Value;
 
-/// A host of the test: its namespace, state directory and interface name.
-struct Host {
-    name: &'static str,
-    ns: Netns,
-    state: PathBuf,
-    ifname: String,
+type Host = MeshHost;
+
+/// The IPv4 address the host's system resolver (glibc, reading the namespace's resolv.conf) finds for
+/// `name`, as any program on the host would.
+fn resolve(host: &Host, name: &str) -> Option<String> {
+    let out = host.ns.exec(&["getent", "ahostsv4", name]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    out.status.success().then(|| text.split_whitespace().next().map(str::to_owned)).flatten()
 }
 
-impl Host {
-    fn new(name: &'static str, root: &Path) -> Host {
-        Host { name, ns: Netns::new(name), state: root.join(name), ifname: unique_ifname("mm") }
-    }
-
-    /// `meshd join` with the token on standard input, as the docs recommend.
-    fn join(&self, token: &str, state: &Path, endpoint: Option<&str>) -> Output {
-        let mut cmd = self.ns.command(product_bin("meshd"));
-        cmd.arg("join").arg("-").arg("--state-dir").arg(state).args(["--interface", &self.ifname]);
-        if let Some(endpoint) = endpoint {
-            cmd.args(["--endpoint", endpoint]);
-        }
-        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        child.stdin.take().unwrap().write_all(token.as_bytes()).unwrap();
-        child.wait_with_output().unwrap()
-    }
-
-    fn run_daemon(&self, log: &Path) -> Proc {
-        let mut cmd = self.ns.command(product_bin("meshd"));
-        cmd.env("RUST_LOG", "info,meshd=debug")
-            .args(["run", "--wireguard", "userspace", "--state-dir"])
-            .arg(&self.state);
-        Proc::spawn_logged(cmd, &format!("meshd run on {}", self.name), log)
-    }
-
-    /// One ping, answered within half a second (a mesh round trip here takes about a millisecond; a
-    /// new tunnel's handshake a few), so a cut is seen promptly.
-    fn pings(&self, addr: &str) -> bool {
-        self.ns.exec(&["ping", "-c1", "-W0.5", addr]).status.success()
-    }
-
-    /// The IPv4 address the host's system resolver (glibc, reading the namespace's resolv.conf) finds
-    /// for `name`, as any program on the host would.
-    fn resolve(&self, name: &str) -> Option<String> {
-        let out = self.ns.exec(&["getent", "ahostsv4", name]);
-        let text = String::from_utf8_lossy(&out.stdout);
-        out.status.success().then(|| text.split_whitespace().next().map(str::to_owned)).flatten()
-    }
-
-    /// The name the host's system resolver finds for a mesh address (a PTR lookup, as `ping` and
-    /// `ssh` make).
-    fn reverse(&self, addr: &str) -> Option<String> {
-        let out = self.ns.exec(&["getent", "hosts", addr]);
-        let text = String::from_utf8_lossy(&out.stdout);
-        out.status.success().then(|| text.split_whitespace().nth(1).map(str::to_owned)).flatten()
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        // A daemon stopped with SIGKILL by a failing test leaves boringtun's socket behind.
-        let _ = fs::remove_file(Path::new(WG_SOCKET_DIR).join(format!("{}.sock", self.ifname)));
-    }
+/// The name the host's system resolver finds for a mesh address (a PTR lookup, as `ping` and `ssh` make).
+fn reverse(host: &Host, addr: &str) -> Option<String> {
+    let out = host.ns.exec(&["getent", "hosts", addr]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    out.status.success().then(|| text.split_whitespace().nth(1).map(str::to_owned)).flatten()
 }
 
 fn invite(hub_state: &Path, name: &str, expires: &str) -> String {
@@ -118,11 +71,11 @@ fn hosts_form_one_mesh_that_outlives_the_controller() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let router = Netns::new("router");
-    let hub = Host::new("hub", root);
-    let vps1 = Host::new("vps1", root);
-    let vps2 = Host::new("vps2", root);
-    let attic = Host::new("attic", root);
-    let cellar = Host::new("cellar", root);
+    let hub = Host::new("hub", root, "mm");
+    let vps1 = Host::new("vps1", root, "mm");
+    let vps2 = Host::new("vps2", root, "mm");
+    let attic = Host::new("attic", root, "mm");
+    let cellar = Host::new("cellar", root, "mm");
 
     // The internet: public hosts on their own links, the attic behind the router's NAT.
     router.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
@@ -134,28 +87,7 @@ fn hosts_form_one_mesh_that_outlives_the_controller() {
     attic.ns.ip(&["route", "add", "default", "via", "192.168.77.1"]);
     let (to_cellar, _) = veth(&router, &cellar.ns, "192.168.78.1/24", "192.168.78.2/24");
     cellar.ns.ip(&["route", "add", "default", "via", "192.168.78.1"]);
-    let nat = format!(
-        "table ip nat {{
-  chain postrouting {{
-    type nat hook postrouting priority srcnat;
-    ip saddr 192.168.77.0/24 oifname != \"{to_attic}\" masquerade
-    ip saddr 192.168.78.0/24 oifname != \"{to_cellar}\" masquerade
-  }}
-}}
-table inet nofwd {{
-  chain forward {{
-    type filter hook forward priority filter;
-    ct state established,related accept
-    oifname \"{to_attic}\" drop
-    oifname \"{to_cellar}\" drop
-  }}
-}}
-"
-    );
-    let mut nft = router.command("nft");
-    let mut child = nft.args(["-f", "-"]).stdin(Stdio::piped()).spawn().unwrap();
-    child.stdin.take().unwrap().write_all(nat.as_bytes()).unwrap();
-    assert!(child.wait().unwrap().success(), "router NAT rules");
+    nat_router(&router, &[("192.168.77.0/24", to_attic.as_str()), ("192.168.78.0/24", to_cellar.as_str())]);
     assert!(!vps1.pings("192.168.77.2"), "the attic must not be reachable from outside");
     assert!(!attic.pings("192.168.78.2"), "nor the cellar, from outside or from the attic");
 
@@ -248,8 +180,8 @@ table inet nofwd {{
             assert!(wait_until(Duration::from_secs(5), || from.pings(v6)), "{} -> {} ({v6})", from.name, to.name);
             let name = format!("{}.home.internal", to.name);
             assert!(from.pings(&name), "{} -> {name}", from.name);
-            assert_eq!(from.resolve(&name).as_deref(), Some(v4.as_str()), "{} resolving {name}", from.name);
-            assert_eq!(from.reverse(v6).as_deref(), Some(name.as_str()), "{} reverse of {v6}", from.name);
+            assert_eq!(resolve(from, &name).as_deref(), Some(v4.as_str()), "{} resolving {name}", from.name);
+            assert_eq!(reverse(from, v6).as_deref(), Some(name.as_str()), "{} reverse of {v6}", from.name);
             let dig = from.ns.exec(&["dig", "+short", "+time=2", "+tries=1", &format!("@{hub_v4}"), &name]);
             assert_eq!(String::from_utf8_lossy(&dig.stdout).trim(), v4, "{} resolving {name} at the hub", from.name);
         }
@@ -285,7 +217,7 @@ table inet nofwd {{
     // The cellar's peer entry for the relay changed (it now carries the new service's address too):
     // the tunnel is renewed at once, not after the relay's stale session times out (~15 s).
     assert!(wait_until(Duration::from_secs(1), || attic.pings(&cellar_v4)), "attic -> cellar after the change");
-    let beacon_name = attic.reverse(beacon.rsplit_once(':').unwrap().0);
+    let beacon_name = reverse(&attic, beacon.rsplit_once(':').unwrap().0);
     assert_eq!(beacon_name.as_deref(), Some("beacon.home.internal"), "reverse name of the new service");
 
     // Access rules, enforced by the receiving host: only vps2 may reach vps1. Declared in a file and

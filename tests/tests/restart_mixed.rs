@@ -8,71 +8,36 @@
 //! seconds after its start: what it remembers of where peers are holds no other peer's endpoint, and
 //! the attic behind NAT reaches it again at once.
 use std::fs;
-use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use meshd_e2e::{
-    Netns, Phone, Proc, WG_SOCKET_DIR, meshctl, product_bin, require_root, run_json, run_ok, unique_ifname, veth,
+    MeshHost, Netns, Phone, meshctl, nat_router, product_bin, require_root, run_json, run_ok, unique_ifname, veth,
     wait_until,
 };
 use serde_json::Value;
 
-struct Host {
-    name: &'static str,
-    ns: Netns,
-    state: PathBuf,
-    ifname: String,
+/// A mesh host of the test, with the `wg show IF dump` reader the checks below use.
+type Host = MeshHost;
+
+/// `wg show IF dump` of `host`: per peer, its (public key, preshared key, endpoint) as `wg` prints them.
+fn dump(host: &Host) -> Vec<(String, String, String)> {
+    let text = host.ns.run(&["wg", "show", &host.ifname, "dump"]);
+    text.lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f[0].to_owned(), f[1].to_owned(), f[2].to_owned())
+        })
+        .collect()
 }
 
-impl Host {
-    fn new(name: &'static str, root: &Path) -> Host {
-        Host { name, ns: Netns::new(name), state: root.join(name), ifname: unique_ifname("mr") }
-    }
-
-    fn join(&self, token: &str, state: &Path, ifname: &str, endpoint: Option<&str>) {
-        let mut cmd = self.ns.command(product_bin("meshd"));
-        cmd.arg("join").arg("-").arg("--state-dir").arg(state).args(["--interface", ifname]);
-        if let Some(endpoint) = endpoint {
-            cmd.args(["--endpoint", endpoint]);
-        }
-        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        child.stdin.take().unwrap().write_all(token.as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "{} join: {}", self.name, String::from_utf8_lossy(&out.stderr));
-    }
-
-    fn run_daemon(&self, log: &Path) -> Proc {
-        let mut cmd = self.ns.command(product_bin("meshd"));
-        cmd.env("RUST_LOG", "info,meshd=debug")
-            .args(["run", "--wireguard", "userspace", "--state-dir"])
-            .arg(&self.state);
-        Proc::spawn_logged(cmd, &format!("meshd run on {}", self.name), log)
-    }
-
-    fn pings(&self, addr: &str) -> bool {
-        self.ns.exec(&["ping", "-c1", "-W0.5", addr]).status.success()
-    }
-
-    /// `wg show IF dump`: per peer key, its (preshared key, endpoint) as `wg` prints them.
-    fn dump(&self) -> Vec<(String, String, String)> {
-        let text = self.ns.run(&["wg", "show", &self.ifname, "dump"]);
-        text.lines()
-            .skip(1)
-            .map(|l| {
-                let f: Vec<&str> = l.split('\t').collect();
-                (f[0].to_owned(), f[1].to_owned(), f[2].to_owned())
-            })
-            .collect()
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(Path::new(WG_SOCKET_DIR).join(format!("{}.sock", self.ifname)));
-    }
+/// `meshd join` that must succeed.
+fn joined(host: &Host, token: &str, state: &Path, ifname: &str, endpoint: Option<&str>) {
+    let out = host.join_as(token, state, ifname, endpoint);
+    assert!(out.status.success(), "{} join: {}", host.name, String::from_utf8_lossy(&out.stderr));
 }
 
 fn key_of(list: &Value, name: &str) -> String {
@@ -85,7 +50,7 @@ fn key_of(list: &Value, name: &str) -> String {
 fn assert_hub_peers(hub: &Host, phone_key: &str) {
     let nodes = run_json(meshctl(&hub.state).args(["node", "list", "--json"]));
     let devices = run_json(meshctl(&hub.state).args(["device", "list", "--json"]));
-    let dump = hub.dump();
+    let dump = dump(hub);
     assert_eq!(dump.len(), 3 + 6, "{dump:?}");
     for (key, psk, endpoint) in &dump {
         let node = nodes.as_array().unwrap().iter().find(|n| n["public_key"] == key.as_str());
@@ -112,9 +77,9 @@ fn a_hub_with_devices_and_members_and_a_member_restarted_come_back_whole() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let router = Netns::new("rrouter");
-    let hub = Host::new("hub", root);
-    let vps1 = Host::new("vps1", root);
-    let attic = Host::new("attic", root);
+    let hub = Host::new("hub", root, "mr");
+    let vps1 = Host::new("vps1", root, "mr");
+    let attic = Host::new("attic", root, "mr");
     let phone_ns = Netns::new("rphone");
 
     router.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
@@ -124,25 +89,7 @@ fn a_hub_with_devices_and_members_and_a_member_restarted_come_back_whole() {
     }
     let (to_attic, _) = veth(&router, &attic.ns, "192.168.79.1/24", "192.168.79.2/24");
     attic.ns.ip(&["route", "add", "default", "via", "192.168.79.1"]);
-    let nat = format!(
-        "table ip nat {{
-  chain postrouting {{
-    type nat hook postrouting priority srcnat;
-    ip saddr 192.168.79.0/24 oifname != \"{to_attic}\" masquerade
-  }}
-}}
-table inet nofwd {{
-  chain forward {{
-    type filter hook forward priority filter;
-    ct state established,related accept
-    oifname \"{to_attic}\" drop
-  }}
-}}
-"
-    );
-    let mut child = router.command("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().unwrap();
-    child.stdin.take().unwrap().write_all(nat.as_bytes()).unwrap();
-    assert!(child.wait().unwrap().success(), "router NAT rules");
+    nat_router(&router, &[("192.168.79.0/24", to_attic.as_str())]);
 
     // The hub: a wallet, five devices that never connect and a phone, all added before it runs.
     let mut init = Command::new(product_bin("meshd"));
@@ -169,10 +116,10 @@ table inet nofwd {{
     assert!(ready, "the hub did not become ready");
 
     let invite = |name: &str| run_ok(meshctl(&hub.state).args(["node", "invite", name])).trim().to_owned();
-    vps1.join(&invite("vps1"), &vps1.state, &vps1.ifname, Some("172.31.241.2:51820"));
-    attic.join(&invite("attic"), &attic.state, &attic.ifname, None);
+    joined(&vps1, &invite("vps1"), &vps1.state, &vps1.ifname, Some("172.31.241.2:51820"));
+    joined(&attic, &invite("attic"), &attic.state, &attic.ifname, None);
     // Joined, never run: a peer that nobody ever sees.
-    vps1.join(&invite("ghost"), &root.join("ghost"), &unique_ifname("mg"), None);
+    joined(&vps1, &invite("ghost"), &root.join("ghost"), &unique_ifname("mg"), None);
     let mut vps1_daemon = vps1.run_daemon(&root.join("vps1.log"));
     let _attic_daemon = attic.run_daemon(&root.join("attic.log"));
 

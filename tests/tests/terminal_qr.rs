@@ -128,15 +128,22 @@ fn the_terminal_qr_scans_at_80_columns_with_long_endpoints_and_domains() {
     }
 }
 
-#[test]
-fn a_config_too_long_for_the_terminal_is_refused_and_changes_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
+/// A network in `dir` whose device configs cannot fit an 80-column QR code (a 125-character domain),
+/// with a service `wallet`; returns its state directory and domain.
+fn network_too_long_for_the_terminal(dir: &Path) -> (std::path::PathBuf, String) {
+    let state = dir.join("state");
     let domain = format!("{}.{}.example", "a".repeat(60), "b".repeat(60));
     let mut init = Command::new(product_bin("meshd"));
     init.args(["init", "--network", "home", "--name", "hub", "--endpoint", "[2001:db8::1]:51820", "--domain", &domain]);
     run_ok(init.arg("--state-dir").arg(&state));
     run_ok(meshctl(&state).args(["service", "add", "wallet", "--node", "hub", "--target", "127.0.0.1:9737"]));
+    (state, domain)
+}
+
+#[test]
+fn a_config_too_long_for_the_terminal_is_refused_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (state, domain) = network_too_long_for_the_terminal(tmp.path());
     let out = output(meshctl(&state).args(["device", "add", "phone", "--allow", "wallet", "--qr"]));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{}", describe(&out));
@@ -157,12 +164,7 @@ fn a_config_too_long_for_the_terminal_is_refused_and_changes_nothing() {
 #[test]
 fn no_output_gets_the_config_when_another_cannot_be_made() {
     let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state");
-    let domain = format!("{}.{}.example", "a".repeat(60), "b".repeat(60));
-    let mut init = Command::new(product_bin("meshd"));
-    init.args(["init", "--network", "home", "--name", "hub", "--endpoint", "[2001:db8::1]:51820", "--domain", &domain]);
-    run_ok(init.arg("--state-dir").arg(&state));
-    run_ok(meshctl(&state).args(["service", "add", "wallet", "--node", "hub", "--target", "127.0.0.1:9737"]));
+    let (state, _) = network_too_long_for_the_terminal(tmp.path());
     let out = output(meshctl(&state).args(["device", "add", "phone", "--allow", "wallet", "--conf", "-", "--qr"]));
     assert!(!out.status.success(), "{}", describe(&out));
     assert!(out.stdout.is_empty(), "the config went out before the refusal: {}", describe(&out));
