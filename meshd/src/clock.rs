@@ -17,7 +17,8 @@ const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 pub struct Stamp {
     /// Wall-clock time, unix seconds (may be wrong, and may jump).
     pub wall: i64,
-    /// The kernel's boot id at the time; empty when unknown (a record from before meshd kept it).
+    /// The kernel's boot id at the time; empty when unknown (a record from before meshd kept it, or a
+    /// host whose boot id could not be read).
     pub boot: String,
     /// Seconds since that boot by the boot-time clock.
     pub uptime: i64,
@@ -25,8 +26,8 @@ pub struct Stamp {
 
 impl Stamp {
     /// Now, read from the host: `CLOCK_REALTIME`, `CLOCK_BOOTTIME` and the boot id. A clock that
-    /// cannot be read gives 0 and an unreadable boot id an empty one, which [`seconds_between`] then
-    /// treats as "another boot" (the wall clock decides, bounded below by the uptime).
+    /// cannot be read gives 0 and an unreadable boot id an empty one, for which [`seconds_between`]
+    /// then goes by the wall clock alone.
     pub fn now() -> Stamp {
         let wall = wall_now();
         let boot = std::fs::read_to_string(BOOT_ID).map(|s| s.trim().to_owned()).unwrap_or_default();
@@ -42,16 +43,21 @@ impl Stamp {
 /// Real seconds from `then` to `now` (both taken on this host), as well as can be known; never negative.
 ///
 /// - Same boot: by the boot-time clock, so a wall clock stepped forward or back changes nothing.
-/// - Across a reboot (or a stamp without a boot id): the wall-clock difference, but at least `now`'s
-///   uptime, since `then` came before this boot. So a wall clock set back (a stamp from the "future")
-///   cannot stretch a wait beyond the uptime it needs; a wall clock set forward across a reboot can
-///   shorten one, and nothing on the host can tell.
+/// - Across a reboot: the wall-clock difference, but at least `now`'s uptime, since `then` came before
+///   this boot. So a wall clock set back (a stamp from the "future") cannot stretch a wait beyond the
+///   uptime it needs; a wall clock set forward across a reboot can shorten one, and nothing on the
+///   host can tell.
+/// - A stamp without a boot id (a record from before meshd kept one): the wall-clock difference alone,
+///   as before; which boot it came from is unknown, so the uptime bounds nothing.
 pub fn seconds_between(then: &Stamp, now: &Stamp) -> i64 {
-    let same_boot = !then.boot.is_empty() && then.boot == now.boot;
-    if same_boot {
-        return now.uptime.saturating_sub(then.uptime).max(0);
+    let by_wall = now.wall.saturating_sub(then.wall).max(0);
+    if then.boot.is_empty() {
+        by_wall
+    } else if then.boot == now.boot {
+        now.uptime.saturating_sub(then.uptime).max(0)
+    } else {
+        by_wall.max(now.uptime)
     }
-    now.wall.saturating_sub(then.wall).max(now.uptime).max(0)
 }
 
 /// The wall clock now, unix seconds (0 for a clock set before 1970). For records and displays; a wait
@@ -94,8 +100,9 @@ mod tests {
         // Rebooted with the clock a year behind (no real-time clock): not a year-long wait; what is
         // known is that this boot has lasted 600 s.
         assert_eq!(seconds_between(&then, &stamp(1_800_000_000 - YEAR, "b2", 600)), 600);
-        // A record without a boot id counts as another boot.
-        assert_eq!(seconds_between(&Stamp::wall_only(1_800_000_000), &stamp(1_800_000_030, "b2", 5)), 30);
+        // A record without a boot id: the wall clock alone (it may come from this very boot, so a long
+        // uptime must not free an address released a minute ago).
+        assert_eq!(seconds_between(&Stamp::wall_only(1_800_000_000), &stamp(1_800_000_060, "b2", 900_000)), 60);
     }
 
     #[test]

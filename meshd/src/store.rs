@@ -884,15 +884,20 @@ mod clock_tests {
                 released(w, 2, &this_boot(T, 1_000));
                 // Released before a reboot, by a clock then a year ahead.
                 released(w, 3, &Stamp { wall: T + YEAR, boot: "b0".into(), uptime: 50 });
-                // A row from before boot times were kept, two hours ago by the wall clock.
+                // Rows from before boot times were kept: two hours and one minute ago by the wall clock.
                 w.tx.execute("INSERT INTO addresses (addr_index, released_at) VALUES (4, ?1)", [T - 7_200]).unwrap();
+                w.tx.execute("INSERT INTO addresses (addr_index, released_at) VALUES (6, ?1)", [T - 60]).unwrap();
                 w.take_index(5)?;
                 let unavailable = |now: Stamp| w.unavailable_indexes(cooldown, &now).unwrap();
                 // Ten real seconds later with the wall clock a year ahead: no reuse seconds after removal.
                 // Index 3 waits for this boot to have lasted the cooldown.
                 assert_eq!(unavailable(this_boot(T + YEAR, 1_010)), BTreeSet::from([2, 3, 5]));
-                // An hour of real time later with the wall clock a year behind: no year-long block.
-                assert_eq!(unavailable(this_boot(T - YEAR, 4_600)), BTreeSet::from([5]));
+                // An hour of real time later with the wall clock a year behind: no year-long block. (Rows
+                // without boot times go by the wall clock alone, as they always did.)
+                assert_eq!(unavailable(this_boot(T - YEAR, 4_600)), BTreeSet::from([4, 5, 6]));
+                // The clock right and the host up for days: a row without boot times released a minute
+                // ago still cools down (it may come from this very boot).
+                assert_eq!(unavailable(this_boot(T, 900_000)), BTreeSet::from([5, 6]));
                 Ok::<_, StoreError>(())
             })
             .unwrap();
