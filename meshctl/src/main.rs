@@ -176,16 +176,7 @@ impl HandOut {
     fn dns(&self) -> DeviceDns {
         match (self.no_dns, self.dns.is_empty()) {
             (true, _) => DeviceDns::Omit,
-            (false, false) => {
-                // Each resolver once, in the order given.
-                let mut servers: Vec<IpAddr> = Vec::new();
-                for ip in &self.dns {
-                    if !servers.contains(ip) {
-                        servers.push(*ip);
-                    }
-                }
-                DeviceDns::Servers(servers)
-            }
+            (false, false) => DeviceDns::servers(self.dns.iter().copied()),
             (false, true) => DeviceDns::Hub,
         }
     }

@@ -74,10 +74,9 @@ impl EndpointKeeper {
                         continue;
                     }
                 };
-                let now = match now {
-                    now if now != saved => now,
-                    _ => continue,
-                };
+                if now == saved {
+                    continue;
+                }
                 let (state, write) = (state.clone(), now.clone());
                 match tokio::task::spawn_blocking(move || state.write_peer_endpoints(&write)).await {
                     Ok(Ok(())) => saved = now,

@@ -197,14 +197,12 @@ impl<'de> Deserialize<'de> for DnsEntry {
                 while let Some(item) = seq.next_element::<String>()? {
                     let server = crate::input::parse_resolver(&item)
                         .map_err(|e| serde::de::Error::custom(format!("dns: {e}")))?;
-                    if !servers.contains(&server) {
-                        servers.push(server);
-                    }
+                    servers.push(server);
                 }
                 if servers.is_empty() {
                     return Err(serde::de::Error::custom("dns = [] names no resolver: use dns = false for none"));
                 }
-                Ok(DnsEntry(DeviceDns::Servers(servers)))
+                Ok(DnsEntry(DeviceDns::servers(servers)))
             }
         }
         deserializer.deserialize_any(Visitor)

@@ -44,6 +44,17 @@ pub enum DeviceDns {
 }
 
 impl DeviceDns {
+    /// Exactly `servers`, each once, in the order given (a resolver named twice is asked once).
+    pub fn servers(servers: impl IntoIterator<Item = IpAddr>) -> DeviceDns {
+        let mut unique: Vec<IpAddr> = Vec::new();
+        for server in servers {
+            if !unique.contains(&server) {
+                unique.push(server);
+            }
+        }
+        DeviceDns::Servers(unique)
+    }
+
     /// Make `config`'s `DNS` line what this choice says; `config` comes with the hub's resolvers.
     pub fn apply_to(&self, config: &mut DeviceConfig) {
         match self {
@@ -1192,6 +1203,12 @@ PersistentKeepalive = 25
         let decoded = scan(width * SCALE, pixels.len() * SCALE, |x, y| pixels[y / SCALE][x / SCALE]);
         assert_eq!(decoded, compact_wg_quick(&text).as_bytes());
         assert_eq!(DeviceConfig::parse(&String::from_utf8(decoded).unwrap()).unwrap(), sample());
+    }
+
+    #[test]
+    fn a_resolver_named_twice_is_listed_once() {
+        let ips: Vec<IpAddr> = ["1.1.1.1", "9.9.9.9", "1.1.1.1"].iter().map(|s| s.parse().unwrap()).collect();
+        assert_eq!(DeviceDns::servers(ips.clone()), DeviceDns::Servers(ips[..2].to_vec()));
     }
 
     #[test]

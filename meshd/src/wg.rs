@@ -294,8 +294,7 @@ impl Interface {
 
     /// Where each peer with a known endpoint (configured, or learned from its packets) is, by public key.
     pub fn endpoints(&self) -> Result<PeerEndpoints, WgError> {
-        let host = self.api.read_interface_data().map_err(|e| self.error(e))?;
-        Ok(host.peers.into_iter().filter_map(|(key, peer)| Some((key.to_string(), peer.endpoint?))).collect())
+        Ok(self.endpoint_states()?.into_iter().filter_map(|(key, (endpoint, _))| Some((key, endpoint?))).collect())
     }
 
     /// Every peer's endpoint as the interface has it (configured, learned, or remembered), by public

@@ -82,6 +82,16 @@ fn http_server(ns: &Netns, root: &Path, bind: &str, port: u16, body: &str) -> Pr
     ])
 }
 
+/// `meshd init` of network `home` with hub `hub` at [`ENDPOINT`], run on `node` (it checks the node's
+/// own routes), state in `state_dir`; returns the hub's interface name (from `prefix`, unique).
+fn init_hub(node: &Netns, state_dir: &Path, prefix: &str) -> String {
+    let hub_if = unique_ifname(prefix);
+    let mut init = node.command(product_bin("meshd"));
+    init.args(["init", "--network", "home", "--name", "hub", "--endpoint", ENDPOINT, "--interface", &hub_if]);
+    run_ok(init.arg("--state-dir").arg(state_dir));
+    hub_if
+}
+
 /// Seconds since the Unix epoch.
 fn now_secs() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
@@ -139,20 +149,7 @@ fn phone_reaches_exactly_its_services_from_the_qr_code() {
     );
 
     // 1-2. A network and two services, offline. Init runs on the node: it checks the node's own routes.
-    let hub_if = unique_ifname("mh");
-    run_ok(node.command(product_bin("meshd")).args([
-        "init",
-        "--network",
-        "home",
-        "--name",
-        "hub",
-        "--endpoint",
-        ENDPOINT,
-        "--state-dir",
-        state_dir.to_str().unwrap(),
-        "--interface",
-        &hub_if,
-    ]));
+    let hub_if = init_hub(&node, state_dir, "mh");
     for (name, target) in [("wallet", WALLET_TARGET), ("explorer", EXPLORER_TARGET)] {
         run_ok(meshctl(state_dir).args(["service", "add", name, "--node", "hub", "--target", target]));
     }
@@ -470,20 +467,7 @@ fn phone_gets_udp_echoes_only_while_allowed() {
     let node_socket = node.udp_socket("0.0.0.0:0");
     assert!(udp_echoed(&node_socket, echo_target, Duration::from_secs(2)), "the echo service does not answer");
 
-    let hub_if = unique_ifname("uh");
-    run_ok(node.command(product_bin("meshd")).args([
-        "init",
-        "--network",
-        "home",
-        "--name",
-        "hub",
-        "--endpoint",
-        ENDPOINT,
-        "--state-dir",
-        state_dir.to_str().unwrap(),
-        "--interface",
-        &hub_if,
-    ]));
+    let hub_if = init_hub(&node, state_dir, "uh");
     let added = run_json(meshctl(state_dir).args([
         "service",
         "add",
