@@ -23,9 +23,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, mpsc as std_mpsc};
 use std::time::Duration;
 
-use meshd::input::Label;
-use meshd::model::{AccessRule, DeviceGrants, Network, Node, Protocol, Role, Service, SharedState};
-use meshd::sync::{self, Publisher, ToHub, ToMember};
+use meshd::links::sync::Publisher;
+use meshd_core::input::Label;
+use meshd_core::model::{AccessRule, DeviceGrants, Network, Node, Protocol, Role, Service, SharedState};
+use meshd_core::wire::sync::{self, ToHub, ToMember};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpSocket;
@@ -268,7 +269,8 @@ fn controller(args: &[String]) -> Result<()> {
     let publisher = Publisher::new(state.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(WORKERS).enable_all().build()?;
     // The daemon's own listener (backlog 1024), on the hub's address.
-    let listener = runtime.block_on(async { meshd::socket::listen_tcp("127.0.0.1:0".parse().expect("an address")) })?;
+    let listener =
+        runtime.block_on(async { meshd::host::socket::listen_tcp("127.0.0.1:0".parse().expect("an address")) })?;
     let hub = listener.local_addr()?;
     let (requests, _requests) = mpsc::channel(16);
     runtime.spawn(publisher.clone().serve(listener, requests));

@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use meshd::api::{Reply, Request};
-use meshd::declare::{self, Current, Declaration, Plan, Step};
-use meshd::input::Label;
-use meshd::keys::PrivateKey;
-use meshd::render::{self, DeviceDns};
+use meshd_core::declare::{self, Current, Declaration, Plan, Step};
+use meshd_core::handout::{self, DeviceDns};
+use meshd_core::input::Label;
+use meshd_core::keys::PrivateKey;
+use meshd_core::wire::admin::{Reply, Request};
 use serde::Serialize;
 
 use crate::output::{Existing, Format, Output};
@@ -270,10 +270,10 @@ fn unclear_outcome(g: &Global, e: anyhow::Error, keys: &[PrivateKey], configs: &
 }
 
 /// Where a new device's config goes: `DIR/NAME.conf`, NAME shortened to a tunnel name the WireGuard
-/// apps import (see [`render::tunnel_name`]).
+/// apps import (see [`handout::tunnel_name`]).
 fn config_path(dir: &Path, name: &Label) -> anyhow::Result<PathBuf> {
     if !fs::metadata(dir).map(|m| m.is_dir()).unwrap_or(false) {
         bail!("--out-dir {} is not a directory", dir.display());
     }
-    Ok(dir.join(format!("{}.conf", render::tunnel_name(name.as_str()))))
+    Ok(dir.join(format!("{}.conf", handout::tunnel_name(name.as_str()))))
 }

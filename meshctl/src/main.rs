@@ -11,15 +11,15 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use meshd::admin::AdminError;
-use meshd::api::{DeviceHandout, Outcome, Reply, Request};
 use meshd::controller::{self, Controller};
-use meshd::input::{self, HostPort, Label};
-use meshd::invite;
-use meshd::keys::PrivateKey;
-use meshd::model::{AccessRule, DeviceView, NodeView, Protocol, Role, ServiceView};
-use meshd::render::{DeviceConfig, DeviceDns, HubPeer};
-use meshd::statedir::{DEFAULT_STATE_DIR, StateDir};
+use meshd::host::statedir::{DEFAULT_STATE_DIR, StateDir};
+use meshd::links::admin::AdminError;
+use meshd_core::handout::{DeviceConfig, DeviceDns, HubPeer};
+use meshd_core::input::{self, HostPort, Label};
+use meshd_core::keys::PrivateKey;
+use meshd_core::model::{AccessRule, DeviceView, NodeView, Protocol, Role, ServiceView};
+use meshd_core::wire::admin::{DeviceHandout, Outcome, Reply, Request};
+use meshd_core::wire::invite;
 use output::{Existing, Format, Output};
 use serde::Serialize;
 
@@ -280,7 +280,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             Reply::Invites(invites) => print(g, &invites, || {
                 println!("{:<20} {:<6} EXPIRES IN", "NAME", "ROLE");
                 for i in &invites {
-                    let left = i.expires_at - meshd::clock::wall_now();
+                    let left = i.expires_at - meshd::host::clock::wall_now();
                     println!("{:<20} {:<6} {left} s", i.name, role_name(i.role));
                 }
             }),
@@ -566,7 +566,7 @@ fn call_daemon(socket: &Path, request: &Request) -> anyhow::Result<Outcome> {
     // out, and sending it twice would (at best) be refused as a duplicate.
     let mut attempts = 0;
     loop {
-        match meshd::admin::call(socket, request) {
+        match meshd::links::admin::call(socket, request) {
             Ok(outcome) => return Ok(outcome),
             Err(AdminError::Connect { .. }) if attempts < 50 => attempts += 1,
             Err(e @ AdminError::Connect { .. }) => {
@@ -691,7 +691,7 @@ fn print_rules(rules: &[AccessRule]) {
 
 fn print_devices(devices: &[DeviceView]) {
     println!("{:<20} {:<16} {:<28} {:<24} LAST HANDSHAKE", "DEVICE", "ADDRESS", "ADDRESS6", "ALLOW");
-    let now = meshd::clock::wall_now();
+    let now = meshd::host::clock::wall_now();
     for d in devices {
         let seen = d
             .last_handshake
@@ -735,10 +735,10 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    use meshd::api::JoinRequest;
     use meshd::controller::fixtures::{self, label};
-    use meshd::declare::{self, Current, Declaration};
-    use meshd::model::Snapshot;
+    use meshd_core::declare::{self, Current, Declaration};
+    use meshd_core::model::Snapshot;
+    use meshd_core::wire::admin::JoinRequest;
 
     use super::*;
 

@@ -12,7 +12,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use meshd::render;
+use meshd_core::handout;
 
 /// What is written: the wg-quick text, or a QR code of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,9 +28,9 @@ impl Format {
     fn bytes(self, text: &str) -> anyhow::Result<Vec<u8>> {
         Ok(match self {
             Format::Conf => text.as_bytes().to_vec(),
-            Format::Png => render::qr_png(text)?,
-            Format::Svg => render::qr_svg(text)?.into_bytes(),
-            Format::TerminalQr => render::qr_terminal(text)?.into_bytes(),
+            Format::Png => handout::qr_png(text)?,
+            Format::Svg => handout::qr_svg(text)?.into_bytes(),
+            Format::TerminalQr => handout::qr_terminal(text)?.into_bytes(),
         })
     }
 }
@@ -273,14 +273,14 @@ fn temp_path(path: &Path) -> PathBuf {
 pub fn import_name_warning(path: &Path) -> Option<String> {
     let stem = path.file_stem()?.to_string_lossy();
     let is_conf = path.extension().is_some_and(|e| e == "conf");
-    if is_conf && render::is_tunnel_name(&stem) {
+    if is_conf && handout::is_tunnel_name(&stem) {
         return None;
     }
-    let suggestion = directory_of(path).join(format!("{}.conf", render::tunnel_name(&stem)));
+    let suggestion = directory_of(path).join(format!("{}.conf", handout::tunnel_name(&stem)));
     Some(format!(
         "warning: the WireGuard apps import a file as a tunnel named after it, only with a .conf name of 1 to {} \
          characters out of a-z A-Z 0-9 _ = + . - ; {} is not one: rename it, e.g. to {}",
-        render::TUNNEL_NAME_MAX,
+        handout::TUNNEL_NAME_MAX,
         path.display(),
         suggestion.display()
     ))
@@ -295,7 +295,7 @@ mod tests {
         assert_eq!(import_name_warning(Path::new("out/alice-phone.conf")), None);
         let warned = import_name_warning(Path::new("out/grandmas-living-room-tablet.conf")).unwrap();
         assert!(
-            warned.contains(&format!("out/{}.conf", render::tunnel_name("grandmas-living-room-tablet"))),
+            warned.contains(&format!("out/{}.conf", handout::tunnel_name("grandmas-living-room-tablet"))),
             "{warned}"
         );
         assert!(import_name_warning(Path::new("phone.txt")).is_some(), "the apps want .conf");

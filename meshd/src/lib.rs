@@ -1,31 +1,19 @@
-//! meshd: a self-hosted WireGuard mesh and remote-access provisioner.
+//! meshd: a self-hosted WireGuard mesh and remote-access provisioner, the daemon and its controller.
+//! What to do is decided in [`meshd_core`], without I/O; this crate carries it out.
 //!
-//! Data flows one way: `meshctl` -> [`admin`] socket -> [`controller`] -> [`store`] -> [`desired`]
-//! state -> diff -> the host's [`wg`] interface, [`firewall`], [`forward`]ers and [`dns`].
+//! Data flows one way: `meshctl` -> [`links::admin`] socket -> [`controller`] (and its
+//! [`controller::store`]) -> the network's state -> [`meshd_core::plan`] -> [`meshd_core::reconcile`]
+//! steps -> [`runtime`] -> the host edges in [`host`] (WireGuard, nftables, forwarders, DNS).
+//!
+//! - [`controller`]: the network's records in SQLite, and every change to them.
+//! - [`runtime`]: the daemon's loops: the hub, a member, and the executor of host steps.
+//! - [`links`]: the sockets between processes and hosts: admin (local), join (TLS), sync (in the mesh).
+//! - [`host`]: one module per outside system the daemon touches.
 
-pub mod admin;
-pub mod api;
-pub mod clock;
 pub mod controller;
-pub mod daemon;
-pub mod declare;
-pub mod desired;
-pub mod dns;
-pub mod firewall;
-pub mod forward;
-pub mod hostnet;
-pub mod input;
-pub mod invite;
-pub mod ipam;
-pub mod join;
-pub mod keys;
-pub mod model;
-pub mod render;
-pub mod socket;
-pub mod statedir;
-pub mod store;
-pub mod sync;
-pub mod wg;
+pub mod host;
+pub mod links;
+pub mod runtime;
 
 /// Log to stderr; `RUST_LOG` sets the filter (default `info`).
 pub fn init_logging() {
@@ -43,7 +31,7 @@ pub fn init_logging() {
 /// Rust starts programs with SIGPIPE ignored, so a write to a closed pipe fails and `println!`
 /// panics. For the command-line programs only: the daemon keeps ignoring SIGPIPE, since a client
 /// that goes away must never end it. Sockets these programs write to are written with `MSG_NOSIGNAL`
-/// (see [`admin::call`]), so a daemon that goes away mid-request is still reported as an error.
+/// (see [`links::admin::call`]), so a daemon that goes away mid-request is still reported as an error.
 pub fn exit_quietly_on_closed_output() {
     // SAFETY: signal(2) with the default action; called at the start of main, before any thread.
     unsafe {

@@ -8,15 +8,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use meshd::api::{JoinReply, JoinRequest};
 use meshd::controller::{Controller, NewNetwork};
-use meshd::daemon::RunOptions;
-use meshd::hostnet;
-use meshd::input::{self, HostPort, Label};
-use meshd::invite::Token;
-use meshd::keys::PrivateKey;
-use meshd::statedir::{DEFAULT_STATE_DIR, StateDir};
-use meshd::wg::Backend;
+use meshd::host::hostnet;
+use meshd::host::statedir::{DEFAULT_STATE_DIR, StateDir};
+use meshd::host::wg::Backend;
+use meshd::runtime::RunOptions;
+use meshd_core::input::{self, HostPort, Label};
+use meshd_core::keys::PrivateKey;
+use meshd_core::wire::admin::{JoinReply, JoinRequest};
+use meshd_core::wire::invite::Token;
 
 #[derive(Parser)]
 #[command(name = "meshd", version, about = "WireGuard mesh controller and node daemon")]
@@ -82,7 +82,7 @@ enum Command {
         /// Port of the mesh DNS on this host's mesh addresses. Next to another DNS server that holds
         /// port 53 on every address (dnsmasq, Pi-hole, Unbound), serve here and have it forward the
         /// mesh domain to this port.
-        #[arg(long, default_value_t = meshd::dns::DNS_PORT, value_parser = input::parse_port)]
+        #[arg(long, default_value_t = meshd_core::plan::dns::DNS_PORT, value_parser = input::parse_port)]
         dns_port: u16,
     },
 }
@@ -193,7 +193,7 @@ fn join(
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let reply: JoinReply = runtime
-        .block_on(meshd::join::call(&token.join.to_string(), &token.fingerprint, &request, JOIN_TIMEOUT))
+        .block_on(meshd::links::join::call(&token.join.to_string(), &token.fingerprint, &request, JOIN_TIMEOUT))
         .with_context(|| format!("joining network {} at {}", token.network, token.join))?;
     let member = match reply {
         JoinReply::Joined(member) => member,
@@ -220,5 +220,5 @@ fn join(
 
 fn run(state: &StateDir, options: RunOptions) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(meshd::daemon::run(state, options))
+    runtime.block_on(meshd::runtime::run(state, options))
 }

@@ -2,7 +2,7 @@
 //! out, idempotence, dry runs, and files it refuses without changing anything.
 //!
 //! No daemon and no root; needs `wg` (wireguard-tools). Without a daemon no host can join, so only the
-//! hub is a member here: services and rules on invited nodes wait (the unit tests of `meshd::declare` and
+//! hub is a member here: services and rules on invited nodes wait (the unit tests of `meshd_core::declare` and
 //! of `meshctl` apply files to joined members).
 
 use std::collections::BTreeMap;

@@ -11,12 +11,12 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use meshd::api::{Reply, Request};
 use meshd::controller::fixtures::{invite, join_request, label, new_network};
-use meshd::desired::{self, HostPlan, PeerDiff};
-use meshd::keys::PrivateKey;
-use meshd::statedir::PeerEndpoints;
-use meshd::wg::{Backend, Interface};
+use meshd::host::statedir::PeerEndpoints;
+use meshd::host::wg::{Backend, Interface};
+use meshd_core::keys::PrivateKey;
+use meshd_core::plan::{self, HostPlan, PeerDiff};
+use meshd_core::wire::admin::{Reply, Request};
 use meshd_e2e::{Netns, require_root, unique_ifname};
 
 /// One peer as `wg show IF dump` prints it.
@@ -98,7 +98,7 @@ fn mixed_network(dir: &Path) -> (HostPlan, PeerEndpoints) {
         }
     }
     let snapshot = c.snapshot().unwrap();
-    let mut plan = desired::plan_host(&snapshot, "hub").unwrap();
+    let mut plan = plan::plan_host(&snapshot, "hub").unwrap();
     plan.interface = unique_ifname("mp");
     let attic = snapshot.nodes.iter().find(|n| n.name.to_string() == "attic").unwrap();
     let last_seen = PeerEndpoints::from([(attic.public_key.clone(), "192.0.2.44:40404".parse().unwrap())]);

@@ -485,7 +485,7 @@ fn phone_gets_udp_echoes_only_while_allowed() {
     run_ok(meshctl(state_dir).args(["service", "add", "wallet", "--node", "hub", "--target", WALLET_TARGET]));
 
     let mut daemon_cmd = node.command(product_bin("meshd"));
-    daemon_cmd.env("RUST_LOG", "info,meshd::forward=debug").args([
+    daemon_cmd.env("RUST_LOG", "info,meshd::host::forward=debug").args([
         "run",
         "--state-dir",
         state_dir.to_str().unwrap(),

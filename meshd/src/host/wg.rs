@@ -25,9 +25,9 @@ use ipnet::IpNet;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::desired::{HostPlan, PeerDiff, PeerPlan};
-use crate::keys::PrivateKey;
-use crate::statedir::PeerEndpoints;
+use crate::host::statedir::PeerEndpoints;
+use meshd_core::keys::PrivateKey;
+use meshd_core::plan::{HostPlan, PeerDiff, PeerPlan};
 
 /// Which WireGuard implementation to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::{Allowed, CONNECT_TIMEOUT};
-use crate::input::{HostPort, Label};
+use meshd_core::input::{HostPort, Label};
 
 /// A session nobody has sent anything on for this long is closed: between conntrack's timeouts for a
 /// one-way UDP flow (30 s) and for one that has seen replies (`nf_conntrack_udp_timeout_stream`, 120 s). Protocols that keep a session open longer send keepalives (WireGuard every 25 s, QUIC
@@ -411,7 +411,7 @@ mod tests {
         allowed: &[IpAddr],
         limits: Limits,
     ) -> (SocketAddr, watch::Sender<Allowed>, JoinHandle<()>) {
-        let socket = crate::socket::bind_udp((listen_ip, 0).into()).unwrap();
+        let socket = crate::host::socket::bind_udp((listen_ip, 0).into()).unwrap();
         let listen = socket.local_addr().unwrap();
         let (tx, rx) = watch::channel(Arc::new(allowed.iter().copied().collect::<BTreeSet<_>>()));
         let task =

@@ -9,10 +9,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::{Request, StatusView};
+use crate::handout::DeviceDns;
 use crate::input::{HostPort, Label};
 use crate::model::{AccessRule, InviteView, Protocol, Role};
-use crate::render::DeviceDns;
+use crate::wire::admin::{Request, StatusView};
 
 /// Why a declaration was refused, or cannot be planned against the network; the message names the entry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -775,10 +775,7 @@ fn list(labels: &[Label]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::Reply;
-    use crate::controller::Controller;
-    use crate::controller::fixtures::{self, label};
-    use crate::keys::PrivateKey;
+    use crate::fixtures::{SAMPLE_DECLARATION as EXAMPLE, label};
 
     fn labels(names: &[&str]) -> Vec<Label> {
         names.iter().map(|n| label(n)).collect()
@@ -791,38 +788,6 @@ mod tests {
     fn parse(text: &str) -> Result<Declaration, DeclareError> {
         Declaration::parse(text, &label("hub"))
     }
-
-    const EXAMPLE: &str = r#"
-[[node]]
-name = "vps1"
-
-[[node]]
-name = "validator"
-role = "relay"
-disabled = true
-
-[[node]]
-name = "consensus"
-
-[[service]]
-name = "wallet"
-node = "hub"
-target = "127.0.0.1:9737"
-
-[[service]]
-name = "beacon"
-node = "consensus"
-target = "[fd00::5]:5052"
-port = 80
-
-[[device]]
-name = "phone"
-allow = ["wallet", "beacon", "wallet"]
-
-[[access]]
-from = ["consensus", "hub"]
-to = "validator"
-"#;
 
     #[test]
     fn parses_nodes_services_devices_and_rules() {
@@ -1225,85 +1190,5 @@ to = "validator"
         );
         let json = serde_json::to_value(Step::InviteNode { name: label("vps"), role: Role::Relay }).unwrap();
         assert_eq!(json, serde_json::json!({"op": "invite_node", "name": "vps", "role": "relay"}));
-    }
-
-    /// A controller over a new network (hub `hub`) in `dir`, with `members` joined through real invites.
-    fn controller(dir: &std::path::Path, members: &[(&str, Role)]) -> Controller {
-        let mut c = fixtures::new_network(dir, "10.77.0.0/16");
-        for &(name, role) in members {
-            let token = fixtures::invite_as(&mut c, name, role, 60);
-            c.redeem(&fixtures::join_request(&token)).unwrap();
-        }
-        c
-    }
-
-    fn read(c: &mut Controller) -> Current {
-        let Reply::Status(status) = c.handle(Request::Status).unwrap() else { panic!() };
-        let Reply::Invites(invites) = c.handle(Request::NodeInvites).unwrap() else { panic!() };
-        let Reply::Rules(rules) = c.handle(Request::AccessList).unwrap() else { panic!() };
-        Current::from_views(&status, &invites, &rules).unwrap()
-    }
-
-    fn apply(c: &mut Controller, text: &str) -> Plan {
-        let current = read(c);
-        let plan = plan(&Declaration::parse(text, &current.hub).unwrap(), &current).unwrap();
-        for step in &plan.steps {
-            for request in step.requests(60, || PrivateKey::generate().public_key()) {
-                c.handle(request).unwrap_or_else(|e| panic!("{step}: {e}"));
-            }
-        }
-        plan
-    }
-
-    #[test]
-    fn applying_through_the_controller_converges_and_is_idempotent() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut c =
-            controller(dir.path(), &[("consensus", Role::Node), ("validator", Role::Relay), ("old", Role::Node)]);
-        c.handle(Request::AccessAllow { from: label("old"), to: label("consensus") }).unwrap();
-        let first = apply(&mut c, EXAMPLE);
-        assert!(first.steps.len() >= 8, "{:#?}", first.steps);
-        assert!(first.waiting.is_empty(), "{:?}", first.waiting);
-        let again = plan(&parse(EXAMPLE).unwrap(), &read(&mut c)).unwrap();
-        assert_eq!(again, Plan::default(), "the network matches after one apply");
-
-        let s = c.snapshot().unwrap();
-        assert_eq!(
-            s.nodes.iter().map(|n| (n.name.as_str(), n.disabled)).collect::<Vec<_>>(),
-            [("hub", false), ("consensus", false), ("validator", true)],
-            "old removed, validator disabled"
-        );
-        let Reply::Invites(invites) = c.handle(Request::NodeInvites).unwrap() else { panic!() };
-        assert_eq!(invites.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), ["vps1"]);
-        assert_eq!(s.rules, [rule("consensus", "validator"), rule("hub", "validator")]);
-        let beacon = s.services.iter().find(|v| v.name.as_str() == "beacon").unwrap();
-        assert_eq!((beacon.node.as_str(), beacon.port), ("consensus", 80));
-        assert_eq!(s.devices[0].allow, labels(&["beacon", "wallet"]));
-
-        // Move beacon to the hub and change wallet: the phone keeps both grants.
-        let moved = EXAMPLE.replace("node = \"consensus\"", "node = \"hub\"").replace("9737\"", "9738\"");
-        let second = apply(&mut c, &moved);
-        assert_eq!(second.steps.len(), 3, "{:#?}", second.steps);
-        assert_eq!(plan(&parse(&moved).unwrap(), &read(&mut c)).unwrap(), Plan::default());
-        let s = c.snapshot().unwrap();
-        assert_eq!(s.devices[0].allow, labels(&["beacon", "wallet"]), "grants restored after the move");
-
-        // A UDP service converges too: the controller reports its protocol, so a second plan is empty.
-        let with_udp = format!(
-            "{moved}[[service]]\nname = \"echo\"\nnode = \"hub\"\ntarget = \"127.0.0.1:7\"\nprotocol = \"udp\"\n"
-        );
-        assert_eq!(apply(&mut c, &with_udp).steps.len(), 1);
-        assert_eq!(plan(&parse(&with_udp).unwrap(), &read(&mut c)).unwrap(), Plan::default());
-        let s = c.snapshot().unwrap();
-        assert_eq!(s.services.iter().find(|v| v.name.as_str() == "echo").map(|v| v.protocol), Some(Protocol::Udp));
-
-        // An empty file takes every member, service, device and rule away; the hub stays.
-        apply(&mut c, "");
-        let s = c.snapshot().unwrap();
-        assert_eq!(s.nodes.len(), 1);
-        assert!(s.services.is_empty() && s.devices.is_empty() && s.rules.is_empty());
-        let Reply::Invites(invites) = c.handle(Request::NodeInvites).unwrap() else { panic!() };
-        assert!(invites.is_empty());
-        assert_eq!(plan(&Declaration::default(), &read(&mut c)).unwrap(), Plan::default());
     }
 }

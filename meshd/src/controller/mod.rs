@@ -1,22 +1,29 @@
 //! The controller: validates requests against the stored network and changes it. Every change to the
 //! network enters here, whether it comes over the admin socket or from `meshctl` working offline.
 
+pub mod store;
+
+#[cfg(test)]
+mod declare_tests;
+
 use std::net::IpAddr;
 use std::path::Path;
 
 use ipnet::{IpNet, Ipv4Net};
 
-use crate::api::{DeviceHandout, InviteIssued, JoinRequest, MemberState, Outcome, Reply, Request, StatusView};
-use crate::clock::Stamp;
-use crate::input::{self, HostPort, Label};
-use crate::invite::{self, Token};
-use crate::join::JoinIdentity;
-use crate::keys;
-use crate::model::{
+use crate::host::clock;
+use crate::links::join::JoinIdentity;
+use meshd_core::input::{self, HostPort, Label};
+use meshd_core::keys;
+use meshd_core::model::{
     AccessRule, DEVICE_KEEPALIVE_SECS, Device, Invite, InviteStatus, InviteView, MESH_MTU, Network, NetworkView, Node,
     Protocol, Role, Service, Snapshot,
 };
-use crate::store::{ADDRESS_COOLDOWN, Store, StoreError, Writer};
+use meshd_core::wire::admin::{
+    DeviceHandout, InviteIssued, JoinRequest, MemberState, Outcome, Reply, Request, StatusView,
+};
+use meshd_core::wire::invite::{self, Token};
+use store::{ADDRESS_COOLDOWN, Store, StoreError, Writer};
 
 /// Why the controller refused a request; the message is what the operator sees.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +88,7 @@ pub enum ControlError {
     #[error("{source}")]
     InBatch { index: usize, source: Box<ControlError> },
     #[error("the join certificate: {0}")]
-    JoinIdentity(#[from] crate::join::JoinError),
+    JoinIdentity(#[from] crate::links::join::JoinError),
     #[error(transparent)]
     Input(#[from] input::InputError),
     #[error(transparent)]
@@ -117,7 +124,7 @@ impl Controller {
                 name: new.network.clone(),
                 domain: new.domain.clone(),
                 cidr: new.cidr,
-                ula: crate::ipam::random_ula48(),
+                ula: meshd_core::ipam::random_ula48(),
             };
             w.insert_network(&network)?;
             let index = allocate(w, &network)?;
@@ -198,7 +205,7 @@ impl Controller {
                 InviteStatus::Cancelled => return Err(ControlError::InviteCancelled),
                 InviteStatus::Pending => {}
             }
-            let left = invite.seconds_left(&Stamp::now());
+            let left = invite.seconds_left(&clock::now());
             if left <= 0 {
                 return Err(ControlError::InviteExpired(-left));
             }
@@ -296,7 +303,7 @@ fn carry_out(w: &Writer<'_>, request: Request) -> Result<Reply, ControlError> {
         Request::NodeInvite { name, role, expires_secs } => invite(w, name, role, expires_secs),
         Request::NodeInvites => {
             // When each expires, by this host's wall clock now: real time left, from now.
-            let now = Stamp::now();
+            let now = clock::now();
             let pending =
                 w.pending_invites()?.into_iter().map(|i| (i.seconds_left(&now), i)).filter(|(left, _)| *left > 0);
             Ok(Reply::Invites(
@@ -402,7 +409,7 @@ fn invite(w: &Writer<'_>, name: Label, role: Role, expires_secs: u64) -> Result<
     {
         let s = w.snapshot()?;
         ensure_name_free(w, &s, &name)?;
-        let now = Stamp::now();
+        let now = clock::now();
         // An expired invite no longer reserves the name (ensure_name_free refused a live one).
         for expired in w.pending_invites()?.into_iter().filter(|i| i.name == name) {
             w.finish_invite(&expired.id, InviteStatus::Cancelled)?;
@@ -588,7 +595,7 @@ fn ensure_name_free(w: &Writer<'_>, s: &Snapshot, name: &Label) -> Result<(), Co
         "device"
     } else if s.services.iter().any(|v| &v.name == name) {
         "service"
-    } else if w.pending_invites()?.iter().any(|i| &i.name == name && i.seconds_left(&Stamp::now()) > 0) {
+    } else if w.pending_invites()?.iter().any(|i| &i.name == name && i.seconds_left(&clock::now()) > 0) {
         "pending invite"
     } else {
         return Ok(());
@@ -599,7 +606,7 @@ fn ensure_name_free(w: &Writer<'_>, s: &Snapshot, name: &Label) -> Result<(), Co
 /// Take the lowest free host index of the network, inside the caller's write transaction.
 fn allocate(w: &Writer<'_>, network: &Network) -> Result<u32, ControlError> {
     let pool = network.pool();
-    let unavailable = w.unavailable_indexes(ADDRESS_COOLDOWN, &Stamp::now())?;
+    let unavailable = w.unavailable_indexes(ADDRESS_COOLDOWN, &clock::now())?;
     let index = pool.first_free(&unavailable).ok_or(ControlError::PoolExhausted(network.cidr))?;
     w.take_index(index)?;
     Ok(index)
@@ -610,25 +617,23 @@ fn allocate(w: &Writer<'_>, network: &Network) -> Result<u32, ControlError> {
 #[cfg(any(test, feature = "test-support"))]
 pub mod fixtures {
     use super::*;
-    use crate::keys::PrivateKey;
+    use meshd_core::keys::PrivateKey;
 
-    pub fn label(s: &str) -> Label {
-        s.parse().unwrap()
-    }
+    pub use meshd_core::fixtures::label;
 
     /// A new network `home` (domain `home.internal`, hub `hub`) in `dir`.
     pub fn new_network(dir: &Path, cidr: &str) -> Controller {
         let new = NewNetwork {
             network: label("home"),
             domain: "home.internal".into(),
-            cidr: cidr.parse().unwrap(),
+            cidr: cidr.parse().expect("a sample range"),
             hub: label("hub"),
             hub_public_key: PrivateKey::generate().public_key(),
-            endpoint: "203.0.113.5:51820".parse().unwrap(),
+            endpoint: "203.0.113.5:51820".parse().expect("a sample endpoint"),
             listen_port: 51820,
             interface: "meshd0".into(),
         };
-        Controller::init(&dir.join("meshd.db"), &new).unwrap().0
+        Controller::init(&dir.join("meshd.db"), &new).expect("a new network").0
     }
 
     /// Invite `name` as a node.
@@ -637,9 +642,9 @@ pub mod fixtures {
     }
 
     pub fn invite_as(c: &mut Controller, name: &str, role: Role, expires_secs: u64) -> Token {
-        let reply = c.handle(Request::NodeInvite { name: label(name), role, expires_secs }).unwrap();
+        let reply = c.handle(Request::NodeInvite { name: label(name), role, expires_secs }).expect("an invite");
         let Reply::Invite(issued) = reply else { panic!("{reply:?}") };
-        Token::decode(&issued.token).unwrap()
+        Token::decode(&issued.token).expect("a token")
     }
 
     /// What a host with a fresh key and an endpoint sends to redeem `token`.
@@ -648,7 +653,7 @@ pub mod fixtures {
             id: token.id.clone(),
             secret: token.secret.clone(),
             public_key: PrivateKey::generate().public_key(),
-            endpoint: Some("198.51.100.7:51820".parse().unwrap()),
+            endpoint: Some("198.51.100.7:51820".parse().expect("a sample endpoint")),
             listen_port: 51820,
             interface: "meshd0".into(),
         }
@@ -659,7 +664,7 @@ pub mod fixtures {
 mod tests {
     use super::fixtures::{invite, join_request, label, new_network};
     use super::*;
-    use crate::keys::PrivateKey;
+    use meshd_core::keys::PrivateKey;
 
     fn add_service(c: &mut Controller, name: &str) -> Result<Reply, ControlError> {
         c.handle(Request::ServiceAdd {
@@ -958,7 +963,7 @@ mod tests {
     fn an_invite_born_expired_or_immortal_is_refused_loudly() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = new_network(dir.path(), "10.77.0.0/16");
-        for secs in [0, crate::invite::MAX_EXPIRY.as_secs() + 1, u64::MAX] {
+        for secs in [0, meshd_core::wire::invite::MAX_EXPIRY.as_secs() + 1, u64::MAX] {
             let refused = c.handle(Request::NodeInvite { name: label("vps"), role: Role::Node, expires_secs: secs });
             assert!(matches!(refused, Err(ControlError::InviteLifetime(s)) if s == secs), "{secs}: {refused:?}");
         }

@@ -14,7 +14,7 @@
 //! need a custom request handler in front of the server.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::HashSet,
     fs, io,
     net::{IpAddr, SocketAddr},
     path::Path,
@@ -22,10 +22,7 @@ use std::{
     time::Duration,
 };
 
-use hickory_proto::rr::{
-    LowerName, Name, RData, RecordSet, RecordType, RrKey,
-    rdata::{A, AAAA, NS, PTR, SOA},
-};
+use hickory_proto::rr::{LowerName, Name};
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig};
 use hickory_server::{
     Server,
@@ -43,40 +40,27 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-/// Names to serve: fully-qualified lowercase names without trailing dot -> addresses (v4 and/or v6).
-pub type DnsRecords = BTreeMap<String, Vec<IpAddr>>;
+use meshd_core::plan::dns::{
+    DNS_PORT, DnsRecords, ZoneError, ZoneKind, mesh_names, parse_domain, reverse_zones, zone_records,
+};
 
-/// TTL of mesh records: short, because peers come and go and updates must show quickly.
-const RECORD_TTL: u32 = 30;
-/// TTL of SOA/NS and of negative answers (SOA minimum), short for the same reason.
-const ZONE_TTL: u32 = 30;
-/// SOA timers; nothing transfers this zone, but resolvers expect plausible values.
-const SOA_REFRESH: i32 = 3600;
-const SOA_RETRY: i32 = 600;
-const SOA_EXPIRE: i32 = 86_400;
 /// Idle TCP connections are closed after this, so clients cannot pin sockets forever.
 const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Responses queued per TCP connection (the value hickory's own tests use).
 const TCP_RESPONSE_BUFFER: usize = 32;
 const TCP_BACKLOG: i32 = 128;
-/// The DNS port, where the mesh DNS listens and upstream resolvers answer.
-pub const DNS_PORT: u16 = 53;
-
 /// Errors from starting the mesh DNS server.
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
-    /// The mesh domain is not a usable DNS name.
-    #[error("invalid mesh DNS domain {domain:?}: {reason}")]
-    InvalidDomain { domain: String, reason: String },
+    /// The mesh domain or a mesh range cannot be served as a zone.
+    #[error(transparent)]
+    Zone(#[from] ZoneError),
     /// No address to listen on was given.
     #[error("mesh DNS needs at least one listen address")]
     NoListenAddress,
     /// A UDP or TCP socket could not be created or bound.
     #[error("cannot bind mesh DNS {transport} socket on {addr}: {source}")]
     Bind { transport: &'static str, addr: SocketAddr, source: io::Error },
-    /// A mesh range too wide to serve reverse names for.
-    #[error("cannot serve reverse names for {0}: the range is too wide")]
-    ReverseRange(IpNet),
     /// The forwarder for non-mesh names could not be built.
     #[error("cannot set up forwarding to {upstreams:?}: {reason}")]
     Forwarder { upstreams: Vec<SocketAddr>, reason: String },
@@ -235,109 +219,11 @@ pub fn upstreams_from_resolv_conf(path: &Path, exclude: &[IpAddr]) -> Vec<Socket
     upstreams
 }
 
-/// Parses the mesh domain into a fully-qualified lowercase name; the root is refused because
-/// the mesh zone would then shadow every name on the internet.
-fn parse_domain(domain: &str) -> Result<Name, DnsError> {
-    let invalid = |reason: String| DnsError::InvalidDomain { domain: domain.to_owned(), reason };
-    let mut name = Name::from_ascii(domain).map_err(|error| invalid(error.to_string()))?;
-    name.set_fqdn(true);
-    if name.is_root() {
-        return Err(invalid("the root cannot be the mesh domain".to_owned()));
-    }
-    Ok(name.to_lowercase())
-}
-
 /// One zone served from the mesh records.
 struct Zone {
     origin: Name,
     kind: ZoneKind,
     handler: Arc<InMemoryZoneHandler>,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum ZoneKind {
-    /// The mesh domain: A/AAAA.
-    Names,
-    /// Reverse names (PTR) of the addresses in this range.
-    Reverse(IpNet),
-}
-
-/// The reverse zones that cover `range`: reverse names have one label per octet (IPv4) or nibble
-/// (IPv6), so a range not on such a boundary is served as the aligned ranges it splits into.
-fn reverse_zones(range: IpNet) -> Result<Vec<(Name, IpNet)>, DnsError> {
-    // Bits per reverse label, and the fewest bits a zone may fix (a wider zone would shadow reverse
-    // names far outside the mesh), for each family.
-    let (bits, narrowest) = if range.addr().is_ipv4() { (8, 8) } else { (4, 16) };
-    if range.prefix_len() < narrowest {
-        return Err(DnsError::ReverseRange(range));
-    }
-    let aligned = range.prefix_len().div_ceil(bits) * bits;
-    let subnets = range.subnets(aligned).map_err(|_| DnsError::ReverseRange(range))?;
-    // The labels of the reverse name that the zone fixes, plus "in-addr.arpa" / "ip6.arpa".
-    let labels = usize::from(aligned / bits) + 2;
-    Ok(subnets.map(|net| (Name::from(net.network()).trim_to(labels), net)).collect())
-}
-
-/// The mesh records' names as lowercase FQDNs within `domain`, parsed once for every zone built from
-/// them; unusable ones are logged and skipped.
-fn mesh_names<'a>(records: &'a DnsRecords, domain: &Name) -> Vec<(Name, &'a [IpAddr])> {
-    let usable = |raw: &str| {
-        let name = match Name::from_ascii(raw) {
-            Ok(mut name) => {
-                name.set_fqdn(true);
-                name.to_lowercase()
-            }
-            Err(error) => {
-                warn!(name = raw, %error, "skipping invalid mesh DNS name");
-                return None;
-            }
-        };
-        if !domain.zone_of(&name) {
-            warn!(name = raw, %domain, "skipping mesh DNS name outside the domain");
-            return None;
-        }
-        Some(name)
-    };
-    records.iter().filter_map(|(raw, addrs)| Some((usable(raw)?, addrs.as_slice()))).collect()
-}
-
-/// Builds the complete record map of one zone: SOA and NS at the apex plus A/AAAA sets (the mesh
-/// domain) or PTR records (a reverse zone).
-fn zone_records(
-    origin: &Name,
-    domain: &Name,
-    kind: ZoneKind,
-    names: &[(Name, &[IpAddr])],
-    serial: u32,
-) -> BTreeMap<RrKey, Arc<RecordSet>> {
-    let mut sets: BTreeMap<RrKey, RecordSet> = BTreeMap::new();
-    let mut add = |name: &Name, rtype: RecordType, ttl: u32, rdata: RData| {
-        sets.entry(RrKey::new(LowerName::new(name), rtype))
-            .or_insert_with(|| RecordSet::with_ttl(name.clone(), rtype, ttl))
-            .add_rdata(rdata);
-    };
-
-    // The apex names the mesh domain as its name server: the zones only exist on this host.
-    let hostmaster = Name::from_labels([&b"hostmaster"[..]]).and_then(|label| label.append_domain(domain));
-    let rname = hostmaster.unwrap_or_else(|_| domain.clone());
-    let soa = SOA::new(domain.clone(), rname, serial, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, ZONE_TTL);
-    add(origin, RecordType::SOA, ZONE_TTL, RData::SOA(soa));
-    add(origin, RecordType::NS, ZONE_TTL, RData::NS(NS(domain.clone())));
-
-    for (name, addrs) in names {
-        for &addr in *addrs {
-            match (kind, addr) {
-                (ZoneKind::Names, IpAddr::V4(v4)) => add(name, RecordType::A, RECORD_TTL, RData::A(A(v4))),
-                (ZoneKind::Names, IpAddr::V6(v6)) => add(name, RecordType::AAAA, RECORD_TTL, RData::AAAA(AAAA(v6))),
-                (ZoneKind::Reverse(net), addr) if net.contains(&addr) => {
-                    add(&Name::from(addr), RecordType::PTR, RECORD_TTL, RData::PTR(PTR(name.clone())));
-                }
-                (ZoneKind::Reverse(_), _) => {}
-            }
-        }
-    }
-
-    sets.into_iter().map(|(key, set)| (key, Arc::new(set))).collect()
 }
 
 /// Builds the root-zone forwarder; upstreams are asked over UDP, and over TCP when truncated.
@@ -359,13 +245,13 @@ fn forwarder(upstreams: &[SocketAddr]) -> Result<ForwardZoneHandler, DnsError> {
 }
 
 fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, DnsError> {
-    crate::socket::bind_freely(addr, Type::DGRAM, Protocol::UDP)
+    crate::host::socket::bind_freely(addr, Type::DGRAM, Protocol::UDP)
         .and_then(|socket| UdpSocket::from_std(socket.into()))
         .map_err(|source| DnsError::Bind { transport: "UDP", addr, source })
 }
 
 fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, DnsError> {
-    crate::socket::bind_freely(addr, Type::STREAM, Protocol::TCP)
+    crate::host::socket::bind_freely(addr, Type::STREAM, Protocol::TCP)
         .and_then(|socket| {
             socket.listen(TCP_BACKLOG)?;
             TcpListener::from_std(socket.into())
@@ -392,6 +278,9 @@ mod tests {
         udp::UdpClientStream,
     };
     use tokio::time::timeout;
+
+    use hickory_proto::rr::{RData, RecordType};
+    use meshd_core::plan::dns::RECORD_TTL;
 
     use super::*;
 
@@ -622,7 +511,7 @@ mod tests {
         let listen = ["127.0.0.1:0".parse().unwrap()];
         assert!(matches!(
             MeshDns::start(&listen, ".", &[], DnsRecords::new(), Vec::new()).await,
-            Err(DnsError::InvalidDomain { .. })
+            Err(DnsError::Zone(ZoneError::InvalidDomain { .. }))
         ));
         assert!(matches!(
             MeshDns::start(&[], DOMAIN, &[], DnsRecords::new(), Vec::new()).await,
@@ -672,36 +561,6 @@ mod tests {
         let gone = query_udp(addr, "10.0.77.10.in-addr.arpa.", RecordType::PTR).await;
         assert_eq!(gone.metadata.response_code, ResponseCode::NXDomain);
         dns.shutdown().await;
-    }
-
-    #[test]
-    fn reverse_zones_follow_label_boundaries() {
-        let names = |range: &str| -> Vec<String> {
-            reverse_zones(range.parse().unwrap()).unwrap().iter().map(|(name, _)| name.to_string()).collect()
-        };
-        assert_eq!(names("10.77.0.0/16"), ["77.10.in-addr.arpa."]);
-        let split = names("10.77.0.0/20");
-        assert_eq!(split.len(), 16);
-        assert_eq!((split[0].as_str(), split[15].as_str()), ("0.77.10.in-addr.arpa.", "15.77.10.in-addr.arpa."));
-        assert_eq!(names("fd77::/64"), ["0.0.0.0.0.0.0.0.0.0.0.0.7.7.d.f.ip6.arpa."]);
-        assert_eq!(names("fd77:1::/62").len(), 4);
-        for too_wide in ["10.0.0.0/7", "fd00::/8"] {
-            assert!(matches!(reverse_zones(too_wide.parse().unwrap()), Err(DnsError::ReverseRange(_))), "{too_wide}");
-        }
-    }
-
-    #[test]
-    fn zone_skips_names_outside_the_domain() {
-        let origin = parse_domain("Home.Internal.").expect("valid domain");
-        assert_eq!(origin, Name::from_ascii("home.internal.").unwrap());
-        let records = DnsRecords::from([
-            ("web.home.internal".to_owned(), vec![v4(10, 77, 0, 10)]),
-            ("web.elsewhere.org".to_owned(), vec![v4(10, 77, 0, 11)]),
-        ]);
-        let zone = zone_records(&origin, &origin, ZoneKind::Names, &mesh_names(&records, &origin), 7);
-        let names: Vec<String> =
-            zone.keys().filter(|key| key.record_type == RecordType::A).map(|key| key.name().to_string()).collect();
-        assert_eq!(names, vec!["web.home.internal.".to_owned()]);
     }
 
     #[test]

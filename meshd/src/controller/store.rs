@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
 
-use crate::clock::{self, Stamp, wall_now as now};
-use crate::input::{HostPort, Label};
-use crate::model::{AccessRule, Device, Invite, InviteStatus, Network, Node, Role, Service, Snapshot};
+use meshd_core::clock::{self, Stamp};
+
+use crate::host::clock::{now as stamp_now, wall_now as now};
+use meshd_core::input::{HostPort, Label};
+use meshd_core::model::{AccessRule, Device, Invite, InviteStatus, Network, Node, Role, Service, Snapshot};
 
 /// `PRAGMA application_id` of a meshd database ("mshd"), so a foreign SQLite file is recognised.
 const APPLICATION_ID: i32 = 0x6d73_6864;
@@ -328,7 +330,7 @@ impl Writer<'_> {
     }
 
     fn release_index(&self, index: u32) -> Result<(), StoreError> {
-        let now = Stamp::now();
+        let now = stamp_now();
         self.tx
             .execute(
                 "UPDATE addresses SET released_at = ?1, released_boot = ?2, released_uptime = ?3 WHERE addr_index = ?4",
@@ -788,7 +790,7 @@ fn role_text(role: Role) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Protocol;
+    use meshd_core::model::Protocol;
 
     /// A database made by a meshd from before UDP services (schema 3), holding one service.
     fn schema_3_with_a_service(path: &Path) {
@@ -911,7 +913,7 @@ mod clock_tests {
             .write(|w| {
                 w.take_index(7)?;
                 w.release_index(7)?;
-                let now = Stamp::now();
+                let now = stamp_now();
                 assert_eq!(w.unavailable_indexes(Duration::from_secs(3600), &now)?, BTreeSet::from([7]));
                 let later = Stamp { wall: now.wall + 10 * YEAR, ..now.clone() };
                 assert_eq!(w.unavailable_indexes(Duration::from_secs(3600), &later)?, BTreeSet::from([7]));

@@ -12,7 +12,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use crate::api::{Outcome, Request};
+use meshd_core::wire::admin::{Outcome, Request};
 
 /// Largest request accepted (a batch of some thousands of changes).
 pub const MAX_REQUEST: u64 = 1 << 20;
@@ -141,7 +141,7 @@ mod tests {
 
     #[test]
     fn a_request_over_the_limit_is_refused_before_anything_is_sent() {
-        let name: crate::input::Label = "a".parse().unwrap();
+        let name: meshd_core::input::Label = "a".parse().unwrap();
         let one = Request::ServiceRemove { name };
         let per_request = serde_json::to_vec(&one).unwrap().len();
         let requests = vec![one; MAX_REQUEST as usize / per_request + 1];

@@ -3,14 +3,17 @@
 //!
 //! No I/O here, so every rule about who reaches what is testable without root.
 
+pub mod dns;
+pub mod nftables;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
-use crate::dns::{DNS_PORT, DnsRecords};
 use crate::input::{HostPort, Label};
 use crate::model::{MESH_MTU, NODE_KEEPALIVE_SECS, Node, Protocol, Role, SYNC_PORT, Service, Snapshot};
+use dns::{DNS_PORT, DnsRecords};
 
 /// The desired state of one host.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 use tracing::warn;
 
-use crate::api::MemberState;
-use crate::keys::PrivateKey;
+use meshd_core::keys::PrivateKey;
+use meshd_core::wire::admin::MemberState;
 
 /// Where each peer (by public key) was last seen sending from.
 pub type PeerEndpoints = BTreeMap<String, SocketAddr>;

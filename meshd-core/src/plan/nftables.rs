@@ -1,29 +1,16 @@
-//! Access rules on the host that serves: an nftables table per mesh interface that lets a peer reach
-//! only the services it was granted (and the mesh DNS), whatever it puts in its own AllowedIPs, and
-//! drops everything else that arrives on the interface, including attempts to route through the host
-//! unless it routes (hub, relay): then only flows from active nodes and devices' granted flows pass.
+//! The nftables text of a host's access rules: a table per mesh interface that lets a peer reach only
+//! the services it was granted (and the mesh DNS), whatever it puts in its own AllowedIPs, and drops
+//! everything else that arrives on the interface, including attempts to route through the host unless
+//! it routes (hub, relay): then only flows from active nodes and devices' granted flows pass.
 //!
-//! The ruleset is rendered from the host plan (pure) and loaded in one `nft -f -` transaction, so a
-//! change replaces the whole table atomically.
+//! Rendered from the host plan (pure); the daemon's `host::firewall` loads it in one `nft -f -`
+//! transaction, so a change replaces the whole table atomically.
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
-use std::process::Stdio;
 
-use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
-
-use crate::desired::{Grant, HostPlan};
-use crate::dns::DNS_PORT;
-
-/// Loading the ruleset failed.
-#[derive(Debug, thiserror::Error)]
-pub enum FirewallError {
-    #[error("running nft (install nftables): {0}")]
-    Spawn(#[source] std::io::Error),
-    #[error("nft refused the ruleset: {0}")]
-    Rejected(String),
-}
+use crate::plan::dns::DNS_PORT;
+use crate::plan::{Grant, HostPlan};
 
 /// The nftables table that belongs to interface `interface`.
 pub fn table_name(interface: &str) -> String {
@@ -111,90 +98,14 @@ pub fn render(plan: &HostPlan) -> String {
     out
 }
 
-/// Load `script` with `nft -f -`.
-pub async fn load(script: &str) -> Result<(), FirewallError> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(FirewallError::Spawn)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(script.as_bytes()).await.map_err(FirewallError::Spawn)?;
-    }
-    let output = child.wait_with_output().await.map_err(FirewallError::Spawn)?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        Err(FirewallError::Rejected(stderr.lines().next().unwrap_or("unknown error").to_owned()))
-    }
-}
-
-/// Remove the table of `interface` (on shutdown).
-pub async fn remove(interface: &str) -> Result<(), FirewallError> {
-    let table = table_name(interface);
-    load(&format!("table inet {table}\ndelete table inet {table}\n")).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired::{AccessPlan, DnsPlan, ServicePlan, SyncPlan};
-    use crate::model::Protocol;
-    use std::collections::{BTreeMap, BTreeSet};
-
-    fn plan(allowed: &[&str], routes: bool) -> HostPlan {
-        let wallet: Vec<std::net::SocketAddr> =
-            vec!["10.77.0.2:9737".parse().unwrap(), "[fd00::2]:9737".parse().unwrap()];
-        let allowed: BTreeSet<IpAddr> = allowed.iter().map(|a| a.parse().unwrap()).collect();
-        HostPlan {
-            interface: "wg-home.1".into(),
-            listen_port: 51820,
-            mtu: 1420,
-            addresses: BTreeSet::new(),
-            peers: BTreeMap::new(),
-            services: vec![ServicePlan {
-                name: "wallet".parse().unwrap(),
-                listen: wallet.clone(),
-                target: "127.0.0.1:9737".parse().unwrap(),
-                allowed: allowed.clone(),
-                protocol: Protocol::Tcp,
-            }],
-            sync: routes.then(|| SyncPlan { listen: vec!["10.77.0.1:51871".parse().unwrap()] }),
-            dns: DnsPlan {
-                listen: vec!["10.77.0.1:53".parse().unwrap(), "[fd00::1]:53".parse().unwrap()],
-                domain: "home.internal".into(),
-                records: BTreeMap::new(),
-                reverse: vec!["10.77.0.0/16".parse().unwrap(), "fd00::/64".parse().unwrap()],
-                clients: vec!["10.77.0.0/16".parse().unwrap(), "fd00::/64".parse().unwrap()],
-            },
-            access: AccessPlan {
-                nodes: ["10.77.0.1", "fd00::1", "10.77.0.5", "fd00::5"].iter().map(|a| a.parse().unwrap()).collect(),
-                grants: allowed
-                    .iter()
-                    .flat_map(|&source| {
-                        let same_family = wallet.iter().filter(move |dst| dst.is_ipv4() == source.is_ipv4());
-                        same_family.map(move |&service| Grant { source, service, protocol: Protocol::Tcp })
-                    })
-                    .collect(),
-                members: if routes {
-                    ["10.77.0.1", "fd00::1", "10.77.0.5", "fd00::5", "10.77.0.6"]
-                        .iter()
-                        .map(|a| a.parse().unwrap())
-                        .collect()
-                } else {
-                    BTreeSet::new()
-                },
-                routes,
-            },
-        }
-    }
+    use crate::fixtures::{sample_host_plan, with_udp_echo};
 
     #[test]
     fn grants_are_exact_source_destination_port_triples() {
-        let rules = render(&plan(&["10.77.0.4", "fd00::4"], true));
+        let rules = render(&sample_host_plan(&["10.77.0.4", "fd00::4"], true));
         assert!(rules.contains("table inet meshd_wg_home_1 {"), "{rules}");
         assert!(rules.contains("elements = { 10.77.0.4 . 10.77.0.2 . tcp . 9737 }"), "{rules}");
         assert!(rules.contains("elements = { fd00::4 . fd00::2 . tcp . 9737 }"), "{rules}");
@@ -214,23 +125,9 @@ mod tests {
     }
 
     /// A UDP service: the same exact triples, with udp as the protocol, matched on the transport port.
-    fn with_udp_echo(mut plan: HostPlan) -> HostPlan {
-        let echo: std::net::SocketAddr = "10.77.0.3:7".parse().unwrap();
-        let source = "10.77.0.4".parse().unwrap();
-        plan.access.grants.insert(Grant { source, service: echo, protocol: Protocol::Udp });
-        plan.services.push(ServicePlan {
-            name: "echo".parse().unwrap(),
-            listen: vec![echo],
-            target: "127.0.0.1:7".parse().unwrap(),
-            allowed: BTreeSet::from([source]),
-            protocol: Protocol::Udp,
-        });
-        plan
-    }
-
     #[test]
     fn udp_grants_admit_udp_to_the_service_port_only() {
-        let rules = render(&with_udp_echo(plan(&["10.77.0.4", "fd00::4"], false)));
+        let rules = render(&with_udp_echo(sample_host_plan(&["10.77.0.4", "fd00::4"], false)));
         assert!(
             rules.contains("elements = { 10.77.0.4 . 10.77.0.2 . tcp . 9737, 10.77.0.4 . 10.77.0.3 . udp . 7 }"),
             "{rules}"
@@ -239,14 +136,14 @@ mod tests {
         assert!(rules.contains("ip saddr . ip daddr . meta l4proto . th dport @grants_v4 accept"), "{rules}");
         assert!(rules.contains("ip6 saddr . ip6 daddr . meta l4proto . th dport @grants_v6 accept"), "{rules}");
         assert!(!rules.contains("tcp dport @grants"), "grants must not be TCP-only: {rules}");
-        let routed = render(&with_udp_echo(plan(&["10.77.0.4"], true)));
+        let routed = render(&with_udp_echo(sample_host_plan(&["10.77.0.4"], true)));
         let routing = &routed[routed.find("chain mesh_routing").unwrap()..];
         assert!(routing.contains("meta l4proto . th dport @grants_v4 accept"), "the hub routes UDP grants: {routed}");
     }
 
     #[test]
     fn only_the_hub_routes_between_peers() {
-        let rules = render(&plan(&["10.77.0.4"], false));
+        let rules = render(&sample_host_plan(&["10.77.0.4"], false));
         assert!(!rules.contains("mesh_routing") && !rules.contains("51871"), "{rules}");
         assert!(!rules.contains("ip saddr 10.77.0.0/16 accept"), "a member admits exact sources only: {rules}");
         assert!(rules.contains("iifname \"wg-home.1\" counter drop"));
@@ -254,43 +151,11 @@ mod tests {
 
     #[test]
     fn no_grant_means_empty_sets_and_default_deny() {
-        let mut empty = plan(&[], false);
+        let mut empty = sample_host_plan(&[], false);
         empty.access.nodes.clear();
 
         let rules = render(&empty);
         assert!(!rules.contains("elements"), "{rules}");
         assert!(rules.contains("counter drop"));
-    }
-
-    /// The rendered script must be accepted by the real nft parser (`nft -c` checks without loading).
-    #[test]
-    fn nft_accepts_the_ruleset() {
-        let Ok(out) = std::process::Command::new("nft")
-            .args(["-c", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .and_then(|mut child| {
-                use std::io::Write;
-                child
-                    .stdin
-                    .take()
-                    .expect("piped")
-                    .write_all(render(&with_udp_echo(plan(&["10.77.0.4", "fd00::4"], true))).as_bytes())?;
-                child.wait_with_output()
-            })
-        else {
-            assert!(std::env::var_os("CI").is_none(), "nft must be installed in CI");
-            eprintln!("nft not installed: skipping the parser check");
-            return;
-        };
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if stderr.contains("Operation not permitted") {
-            assert!(std::env::var_os("CI").is_none(), "CI runs as root");
-            eprintln!("not root: skipping the nft parser check");
-            return;
-        }
-        assert!(out.status.success(), "nft -c rejected the ruleset: {stderr}");
     }
 }

@@ -9,24 +9,23 @@
 //! hub plans its own from the controller's snapshot, so the controller's work per change does not
 //! depend on how many peers each host has.
 //!
-//! [`SYNC_PORT`]: crate::model::SYNC_PORT
+//! [`SYNC_PORT`]: meshd_core::model::SYNC_PORT
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tracing::{debug, info, warn};
 
-use crate::input::Label;
-use crate::model::{AccessRule, DeviceGrants, Network, Node, Role, Service, SharedState};
+use meshd_core::input::Label;
+use meshd_core::model::{Role, SharedState};
+use meshd_core::wire::sync::{ToHub, ToMember, changes, digest, line};
 
 /// How many past changes the hub keeps to catch up a member that missed some.
 const LOG_LEN: usize = 256;
@@ -39,113 +38,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Reconnect backoff of members.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
-
-/// One change to the shared state. Items are replaced whole, by name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "change", content = "value", rename_all = "snake_case")]
-pub enum Change {
-    Network(Network),
-    Node(Node),
-    NodeGone(Label),
-    Service(Service),
-    ServiceGone(Label),
-    Device(DeviceGrants),
-    DeviceGone(Label),
-    Rules(Vec<AccessRule>),
-}
-
-/// What a member sends.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "msg", rename_all = "snake_case")]
-pub enum ToHub {
-    /// (Re)start: the digest of the state the member has.
-    Hello { digest: String },
-    /// The key the member made after being asked to rotate (its private half stays on the member).
-    NewKey { public_key: String },
-    /// The member is switching to the accepted key now.
-    Switch,
-}
-
-/// What the hub sends.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "msg", rename_all = "snake_case")]
-pub enum ToMember {
-    State {
-        digest: String,
-        state: SharedState,
-    },
-    Changes {
-        from: String,
-        to: String,
-        changes: Vec<Change>,
-    },
-    /// The new key is valid and free; switch to it and say so.
-    KeyAccepted,
-    Refused {
-        reason: String,
-    },
-}
-
-/// Content digest of a state: hex SHA-256 of its JSON.
-pub fn digest(state: &SharedState) -> String {
-    let json = serde_json::to_vec(state).expect("the shared state serialises");
-    hex::encode(Sha256::digest(&json))
-}
-
-/// The changes that turn `old` into `new`.
-pub fn changes(old: &SharedState, new: &SharedState) -> Vec<Change> {
-    let mut out = Vec::new();
-    if old.network != new.network {
-        out.push(Change::Network(new.network.clone()));
-    }
-    diff_named(&old.nodes, &new.nodes, |n| &n.name, Change::Node, Change::NodeGone, &mut out);
-    diff_named(&old.services, &new.services, |v| &v.name, Change::Service, Change::ServiceGone, &mut out);
-    diff_named(&old.devices, &new.devices, |d| &d.name, Change::Device, Change::DeviceGone, &mut out);
-    if old.rules != new.rules {
-        out.push(Change::Rules(new.rules.clone()));
-    }
-    out
-}
-
-fn diff_named<T: Clone + PartialEq>(
-    old: &[T],
-    new: &[T],
-    name: impl Fn(&T) -> &Label,
-    upsert: impl Fn(T) -> Change,
-    gone: impl Fn(Label) -> Change,
-    out: &mut Vec<Change>,
-) {
-    let before: HashMap<&Label, &T> = old.iter().map(|t| (name(t), t)).collect();
-    let after: HashSet<&Label> = new.iter().map(&name).collect();
-    out.extend(old.iter().filter(|t| !after.contains(name(t))).map(|t| gone(name(t).clone())));
-    out.extend(new.iter().filter(|t| before.get(name(t)) != Some(t)).map(|t| upsert(t.clone())));
-}
-
-/// Apply `changes` to `state`, keeping the controller's order (by address index), so the result has
-/// the same digest as the controller's own copy.
-pub fn apply(state: &mut SharedState, changes: &[Change]) {
-    fn upsert<T>(items: &mut Vec<T>, item: T, name: impl Fn(&T) -> &Label) {
-        match items.iter_mut().find(|t| name(t) == name(&item)) {
-            Some(slot) => *slot = item,
-            None => items.push(item),
-        }
-    }
-    for change in changes {
-        match change.clone() {
-            Change::Network(n) => state.network = n,
-            Change::Node(n) => upsert(&mut state.nodes, n, |n| &n.name),
-            Change::NodeGone(name) => state.nodes.retain(|n| n.name != name),
-            Change::Service(v) => upsert(&mut state.services, v, |v| &v.name),
-            Change::ServiceGone(name) => state.services.retain(|v| v.name != name),
-            Change::Device(d) => upsert(&mut state.devices, d, |d| &d.name),
-            Change::DeviceGone(name) => state.devices.retain(|d| d.name != name),
-            Change::Rules(r) => state.rules = r,
-        }
-    }
-    state.nodes.sort_by_key(|n| n.index);
-    state.services.sort_by_key(|v| v.index);
-    state.devices.sort_by_key(|d| d.index);
-}
 
 /// The hub's side: the current state, recent changes, and the stream every session listens to.
 #[derive(Clone)]
@@ -193,12 +85,6 @@ fn members_of(state: &SharedState) -> HashMap<IpAddr, Label> {
             [(IpAddr::V4(pool.v4_of(n.index)), n.name.clone()), (IpAddr::V6(pool.v6_of(n.index)), n.name.clone())]
         })
         .collect()
-}
-
-fn line(message: &ToMember) -> Arc<str> {
-    let mut text = serde_json::to_string(message).expect("messages serialise");
-    text.push('\n');
-    text.into()
 }
 
 /// A member's request that needs the controller.
@@ -535,97 +421,14 @@ async fn next_line<R: AsyncRead + Unpin>(lines: &mut FramedRead<R, LinesCodec>) 
 mod tests {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
+    use meshd_core::fixtures::{label, sample_state as state};
+    use meshd_core::model::AccessRule;
+    use meshd_core::wire::sync::apply;
+
     use super::*;
-    use crate::model::{DeviceGrants, Network, Node, Protocol, Role, Service};
-
-    fn label(s: &str) -> Label {
-        s.parse().unwrap()
-    }
-
-    fn node(name: &str, index: u32) -> Node {
-        Node {
-            name: label(name),
-            public_key: format!("KEY{index}"),
-            index,
-            endpoint: None,
-            listen_port: 51820,
-            interface: "meshd0".into(),
-            role: if index == 1 { Role::Hub } else { Role::Node },
-            disabled: false,
-            rotate_key: false,
-        }
-    }
-
-    fn state() -> SharedState {
-        SharedState {
-            network: Network {
-                name: label("home"),
-                domain: "home.internal".into(),
-                cidr: "10.77.0.0/16".parse().unwrap(),
-                ula: "fd00:1:2::/48".parse().unwrap(),
-            },
-            nodes: vec![node("hub", 1), node("vps", 2), node("attic", 3)],
-            services: vec![Service {
-                name: label("beacon"),
-                node: label("attic"),
-                target: "127.0.0.1:5052".parse().unwrap(),
-                port: 5052,
-                index: 4,
-                protocol: Protocol::Tcp,
-            }],
-            devices: vec![DeviceGrants { name: label("phone"), index: 5, allow: vec![label("beacon")] }],
-            rules: vec![],
-        }
-    }
 
     #[test]
-    fn applying_the_changes_reproduces_the_new_state_and_its_digest() {
-        let old = state();
-        let mut new = old.clone();
-        new.nodes.retain(|n| n.name.as_str() != "vps");
-        new.nodes.push(node("cellar", 6));
-        new.nodes[1].endpoint = Some("198.51.100.3:51820".parse().unwrap());
-        new.devices[0].allow.clear();
-        new.rules.push(AccessRule { from: label("hub"), to: label("attic") });
-        new.services.insert(
-            0,
-            Service {
-                name: label("early"),
-                node: label("hub"),
-                target: "127.0.0.1:1".parse().unwrap(),
-                port: 1,
-                index: 2,
-                protocol: Protocol::Udp,
-            },
-        );
-        new.services.sort_by_key(|v| v.index);
-        let diff = changes(&old, &new);
-        assert_eq!(diff.len(), 6, "{diff:?}");
-        assert!(diff.contains(&Change::NodeGone(label("vps"))));
-        let mut copy = old.clone();
-        apply(&mut copy, &diff);
-        assert_eq!(copy, new);
-        assert_eq!(digest(&copy), digest(&new));
-        assert_ne!(digest(&old), digest(&new));
-        assert!(changes(&new, &copy).is_empty());
-    }
-
-    #[test]
-    fn a_state_cached_before_udp_services_reads_its_services_as_tcp() {
-        let mut json = serde_json::to_value(state()).unwrap();
-        json["services"][0].as_object_mut().unwrap().remove("protocol");
-        let cached: SharedState = serde_json::from_value(json).unwrap();
-        assert_eq!(cached.services[0].protocol, Protocol::Tcp);
-        assert_eq!(cached, state());
-    }
-
-    #[test]
-    fn messages_round_trip_as_single_lines() {
-        let message =
-            ToMember::Changes { from: "a".into(), to: "b".into(), changes: vec![Change::NodeGone(label("vps"))] };
-        let text = line(&message);
-        assert_eq!(text.matches('\n').count(), 1);
-        assert_eq!(serde_json::from_str::<ToMember>(&text).unwrap(), message);
+    fn a_hello_is_one_line() {
         let hello = to_line(&ToHub::Hello { digest: "x".into() });
         assert_eq!(hello, "{\"msg\":\"hello\",\"digest\":\"x\"}\n");
     }

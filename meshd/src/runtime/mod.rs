@@ -15,20 +15,23 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
-use crate::admin::{self, Call};
-use crate::api::{JoinReply, JoinRequest, MemberState, Outcome, Reply, Request};
 use crate::controller::Controller;
-use crate::desired::{self, HostPlan, PeerPlan};
-use crate::dns::{self, DnsError, MeshDns};
-use crate::firewall;
-use crate::forward::Forwarders;
-use crate::join::{self, JoinCall};
-use crate::keys::PrivateKey;
-use crate::model::{DeviceView, SYNC_PORT, Snapshot};
-use crate::statedir::{PeerEndpoints, StateDir};
-use crate::store::StoreError;
-use crate::sync::{self, FromSession, Outgoing, Publisher, SyncEvent, ToHub, ToMember};
-use crate::wg::{Backend, Interface, WgError};
+use crate::controller::store::StoreError;
+use crate::host::dns::{self, DnsError, MeshDns};
+use crate::host::firewall;
+use crate::host::forward::Forwarders;
+use crate::host::statedir::{PeerEndpoints, StateDir};
+use crate::host::wg::{Backend, Interface, WgError};
+use crate::links::admin::{self, Call};
+use crate::links::join::{self, JoinCall};
+use crate::links::sync::{self, FromSession, Outgoing, Publisher, SyncEvent};
+use meshd_core::keys::PrivateKey;
+use meshd_core::model::{DeviceView, SYNC_PORT, Snapshot};
+use meshd_core::plan::dns::DNS_PORT;
+use meshd_core::plan::nftables;
+use meshd_core::plan::{self, HostPlan, PeerPlan};
+use meshd_core::wire::admin::{JoinReply, JoinRequest, MemberState, Outcome, Reply, Request};
+use meshd_core::wire::sync::{self as wire_sync, ToHub, ToMember};
 
 /// Where upstream resolvers are read from.
 const RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -193,7 +196,7 @@ async fn start_host(
     let last_seen = state.read_peer_endpoints();
 
     // The access rules match the interface by name, so they are in place before it comes up.
-    firewall::load(&firewall::render(&plan)).await.map_err(|e| {
+    firewall::load(&nftables::render(&plan)).await.map_err(|e| {
         let e = anyhow::Error::new(e);
         if format!("{e:#}").contains("Operation not permitted") {
             e.context("installing access rules needs root (or CAP_NET_ADMIN): run meshd run as root")
@@ -208,7 +211,7 @@ async fn start_host(
             if plan.access.routes {
                 interface.enable_forwarding()?;
             }
-            Ok::<_, crate::wg::WgError>(interface)
+            Ok::<_, crate::host::wg::WgError>(interface)
         })
         .await?
     };
@@ -272,7 +275,7 @@ async fn serve(
     let publisher = Publisher::new(snapshot.shared());
     let (sessions_tx, mut sessions) = mpsc::channel::<FromSession>(64);
     for addr in host.plan.sync.iter().flat_map(|s| s.listen.iter()) {
-        let listener = crate::socket::listen_tcp(*addr).with_context(|| format!("sync service on TCP {addr}"))?;
+        let listener = crate::host::socket::listen_tcp(*addr).with_context(|| format!("sync service on TCP {addr}"))?;
         tasks.push(tokio::spawn(publisher.clone().serve(listener, sessions_tx.clone())));
     }
 
@@ -392,7 +395,7 @@ async fn follow_controller(
     let snapshot = member.state.snapshot();
     let hub = snapshot.hub().ok_or_else(|| anyhow!("the cached network has no hub"))?;
     let hub_addr = SocketAddr::new(snapshot.network.pool().v4_of(hub.index).into(), SYNC_PORT);
-    let (digest_tx, digest_rx) = watch::channel(sync::digest(&member.state));
+    let (digest_tx, digest_rx) = watch::channel(wire_sync::digest(&member.state));
     let (events_tx, mut events) = mpsc::channel(64);
     let (outgoing, outgoing_rx) = mpsc::channel(8);
     let client = tokio::spawn(sync::follow(hub_addr, digest_rx, events_tx, outgoing_rx));
@@ -434,7 +437,7 @@ async fn follow_controller(
                             let _ = outgoing.send(ToHub::Hello { digest: digest_tx.borrow().clone() }.into()).await;
                             None
                         } else {
-                            sync::apply(&mut member.state, &changes);
+                            wire_sync::apply(&mut member.state, &changes);
                             Some(to)
                         }
                     }
@@ -610,7 +613,7 @@ async fn bring_up(host: &mut Host, plan: &HostPlan) -> anyhow::Result<()> {
 
 /// This host's plan, with the mesh DNS on `dns_port` (a setting of this host, not of the network).
 fn plan_host(snapshot: &Snapshot, name: &str, dns_port: u16) -> anyhow::Result<HostPlan> {
-    let mut plan = desired::plan_host(snapshot, name)?;
+    let mut plan = plan::plan_host(snapshot, name)?;
     plan.dns.listen.iter_mut().for_each(|addr| addr.set_port(dns_port));
     Ok(plan)
 }
@@ -618,10 +621,10 @@ fn plan_host(snapshot: &Snapshot, name: &str, dns_port: u16) -> anyhow::Result<H
 /// Why the hub's mesh DNS did not start, in one line. Port 53 taken on a mesh address almost always
 /// means another DNS server listening on every address (dnsmasq, Pi-hole, Unbound): say so, and how
 /// the two can run side by side.
-fn dns_start_error(e: DnsError, plan: &desired::DnsPlan) -> anyhow::Error {
+fn dns_start_error(e: DnsError, plan: &plan::DnsPlan) -> anyhow::Error {
     match &e {
         DnsError::Bind { addr, source, .. }
-            if source.kind() == std::io::ErrorKind::AddrInUse && addr.port() == dns::DNS_PORT =>
+            if source.kind() == std::io::ErrorKind::AddrInUse && addr.port() == DNS_PORT =>
         {
             let ip = addr.ip();
             anyhow!(
@@ -655,8 +658,8 @@ async fn reconcile(host: &mut Host, snapshot: &Snapshot) -> anyhow::Result<Vec<(
     if new == host.plan {
         return Ok(Vec::new());
     }
-    let peers = desired::diff_peers(&host.plan.peers, &new.peers);
-    let (add, remove) = desired::diff_addresses(&host.plan.addresses, &new.addresses);
+    let peers = plan::diff_peers(&host.plan.peers, &new.peers);
+    let (add, remove) = plan::diff_addresses(&host.plan.addresses, &new.addresses);
     // Addresses are added before peers that route to them; within the peer diff, withdrawn peers go
     // first, so a removed device loses access before anything else happens.
     let reachable = on_interface(&host.interface, move |interface| {
@@ -667,7 +670,7 @@ async fn reconcile(host: &mut Host, snapshot: &Snapshot) -> anyhow::Result<Vec<(
     let renewable = reachable.into_iter().filter_map(|key| Some((key.clone(), new.peers.get(&key)?.clone()))).collect();
     // The interface has them now: should a later step fail, the next change must not add them again.
     host.plan.peers = new.peers.clone();
-    firewall::load(&firewall::render(&new)).await.context("updating access rules")?;
+    firewall::load(&nftables::render(&new)).await.context("updating access rules")?;
     if new.access.routes && !host.plan.access.routes {
         // This host became the relay (the one before it left or was disabled). Without forwarding it
         // only fails to relay; the rest of the change still applies.

@@ -16,9 +16,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::desired::ServicePlan;
-use crate::input::{HostPort, Label};
-use crate::model::Protocol;
+use meshd_core::input::{HostPort, Label};
+use meshd_core::model::Protocol;
+use meshd_core::plan::ServicePlan;
 
 /// How long a forwarder waits for the service's target to accept.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -96,11 +96,11 @@ fn start(plan: &ServicePlan, allowed: Allowed) -> Result<Running, ForwardError> 
         info!(%service, %addr, %target, protocol = %plan.protocol, "forwarding");
         listeners.push(match plan.protocol {
             Protocol::Tcp => {
-                let listener = crate::socket::listen_tcp(addr).map_err(failed)?;
+                let listener = crate::host::socket::listen_tcp(addr).map_err(failed)?;
                 tokio::spawn(accept_loop(service, listener, target, rx.clone()))
             }
             Protocol::Udp => {
-                let socket = crate::socket::bind_udp(addr).map_err(failed)?;
+                let socket = crate::host::socket::bind_udp(addr).map_err(failed)?;
                 tokio::spawn(udp::serve(service, socket, target, rx.clone(), udp::Limits::default()))
             }
         });

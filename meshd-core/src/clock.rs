@@ -5,12 +5,8 @@
 //! the kernel's boot id says which boot it counts from.
 //!
 //! A [`Stamp`] takes both at a moment; [`seconds_between`] is the pure rule that turns two stamps into
-//! elapsed real time. Reading the clocks ([`Stamp::now`]) is this module's only contact with the host.
-
-use std::time::{SystemTime, UNIX_EPOCH};
-
-/// Where the kernel tells which boot this is (random per boot, `proc(5)`).
-const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+//! elapsed real time. The core never reads a clock: stamps come in as arguments (the daemon's
+//! `host::clock` reads them from the host).
 
 /// A moment, on both clocks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,15 +21,6 @@ pub struct Stamp {
 }
 
 impl Stamp {
-    /// Now, read from the host: `CLOCK_REALTIME`, `CLOCK_BOOTTIME` and the boot id. A clock that
-    /// cannot be read gives 0 and an unreadable boot id an empty one, for which [`seconds_between`]
-    /// then goes by the wall clock alone.
-    pub fn now() -> Stamp {
-        let wall = wall_now();
-        let boot = std::fs::read_to_string(BOOT_ID).map(|s| s.trim().to_owned()).unwrap_or_default();
-        Stamp { wall, boot, uptime: boot_time_secs() }
-    }
-
     /// A stamp known only by its wall-clock time (stored before boot times were kept).
     pub fn wall_only(wall: i64) -> Stamp {
         Stamp { wall, boot: String::new(), uptime: 0 }
@@ -58,19 +45,6 @@ pub fn seconds_between(then: &Stamp, now: &Stamp) -> i64 {
     } else {
         by_wall.max(now.uptime)
     }
-}
-
-/// The wall clock now, unix seconds (0 for a clock set before 1970). For records and displays; a wait
-/// is measured with [`Stamp`]s.
-pub fn wall_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
-
-fn boot_time_secs() -> i64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime(2) writes one timespec to a valid pointer; CLOCK_BOOTTIME exists on Linux.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    if rc == 0 { ts.tv_sec } else { 0 }
 }
 
 #[cfg(test)]
@@ -103,15 +77,5 @@ mod tests {
         // A record without a boot id: the wall clock alone (it may come from this very boot, so a long
         // uptime must not free an address released a minute ago).
         assert_eq!(seconds_between(&Stamp::wall_only(1_800_000_000), &stamp(1_800_000_060, "b2", 900_000)), 60);
-    }
-
-    #[test]
-    fn the_host_clocks_read_sensibly() {
-        let a = Stamp::now();
-        let b = Stamp::now();
-        assert!(a.wall > 1_600_000_000, "{a:?}");
-        assert_eq!(a.boot.len(), 36, "a boot id is a UUID: {a:?}");
-        assert!(a.uptime > 0 && b.uptime >= a.uptime);
-        assert!((0..=1).contains(&seconds_between(&a, &b)));
     }
 }

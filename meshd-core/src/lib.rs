@@ -1,0 +1,26 @@
+//! meshd's core, without I/O: everything the controller, the hub and the members decide, as values and
+//! pure functions. Nothing here opens a file or a socket, starts a thread or reads a clock (time comes
+//! in as an argument); the daemon (`meshd`) and the CLI (`meshctl`) carry out what the core decides.
+//!
+//! - [`model`], [`input`], [`keys`], [`ipam`], [`clock`]: the network's records, names and values as
+//!   operators type them, WireGuard keys, address assignment, elapsed real time between two stamps.
+//! - [`plan`]: one host's desired interface, peers, access rules, services and DNS zones, from the
+//!   network's state; [`plan::nftables`] renders its rules as text.
+//! - [`reconcile`]: the ordered host steps that turn one plan into the next.
+//! - [`handout`]: a device's wg-quick configuration and its QR code.
+//! - [`declare`]: a network declared in a file, and the plan that brings the network to it.
+//! - [`wire`]: the admin, join and sync protocols' messages, and the invite token.
+//! - [`session`]: the sync protocol's two ends (a member, the hub's session with one member) as state
+//!   machines driven by messages and time.
+
+pub mod clock;
+pub mod declare;
+#[cfg(any(test, feature = "test-support"))]
+pub mod fixtures;
+pub mod handout;
+pub mod input;
+pub mod ipam;
+pub mod keys;
+pub mod model;
+pub mod plan;
+pub mod wire;

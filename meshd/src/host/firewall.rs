@@ -1,0 +1,84 @@
+//! Loading a host's access rules (rendered by [`meshd_core::plan::nftables`]) into nftables: one
+//! `nft -f -` transaction, so a change replaces the whole table atomically.
+
+use std::process::Stdio;
+
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+use meshd_core::plan::nftables::table_name;
+
+/// Loading the ruleset failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    #[error("running nft (install nftables): {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("nft refused the ruleset: {0}")]
+    Rejected(String),
+}
+
+/// Load `script` with `nft -f -`.
+pub async fn load(script: &str) -> Result<(), FirewallError> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(FirewallError::Spawn)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes()).await.map_err(FirewallError::Spawn)?;
+    }
+    let output = child.wait_with_output().await.map_err(FirewallError::Spawn)?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        Err(FirewallError::Rejected(stderr.lines().next().unwrap_or("unknown error").to_owned()))
+    }
+}
+
+/// Remove the table of `interface` (on shutdown).
+pub async fn remove(interface: &str) -> Result<(), FirewallError> {
+    let table = table_name(interface);
+    load(&format!("table inet {table}\ndelete table inet {table}\n")).await
+}
+
+#[cfg(test)]
+mod tests {
+    use meshd_core::fixtures::{sample_host_plan, with_udp_echo};
+    use meshd_core::plan::nftables::render;
+
+    use super::*;
+
+    /// The rendered script must be accepted by the real nft parser (`nft -c` checks without loading).
+    #[test]
+    fn nft_accepts_the_ruleset() {
+        let Ok(out) =
+            std::process::Command::new("nft")
+                .args(["-c", "-f", "-"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .and_then(|mut child| {
+                    use std::io::Write;
+                    child.stdin.take().expect("piped").write_all(
+                        render(&with_udp_echo(sample_host_plan(&["10.77.0.4", "fd00::4"], true))).as_bytes(),
+                    )?;
+                    child.wait_with_output()
+                })
+        else {
+            assert!(std::env::var_os("CI").is_none(), "nft must be installed in CI");
+            eprintln!("nft not installed: skipping the parser check");
+            return;
+        };
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if stderr.contains("Operation not permitted") {
+            assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+            eprintln!("not root: skipping the nft parser check");
+            return;
+        }
+        assert!(out.status.success(), "nft -c rejected the ruleset: {stderr}");
+    }
+}

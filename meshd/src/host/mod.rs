@@ -1,0 +1,17 @@
+//! The host edges: one module per outside system the daemon touches. Each carries out what the core
+//! decided and decides nothing itself.
+//!
+//! - [`wg`]: the WireGuard interface (kernel, or the embedded userspace boringtun).
+//! - [`firewall`]: nftables. [`forward`]: the TCP and UDP forwarders of services. [`dns`]: the mesh DNS
+//!   server. [`hostnet`]: the host's addresses and routes as `ip` sees them. [`socket`]: sockets bound
+//!   on mesh addresses.
+//! - [`statedir`]: the state directory (files, locks). [`clock`]: the host's clocks.
+
+pub mod clock;
+pub mod dns;
+pub mod firewall;
+pub mod forward;
+pub mod hostnet;
+pub mod socket;
+pub mod statedir;
+pub mod wg;
