@@ -42,6 +42,15 @@ impl PrivateKey {
     }
 }
 
+/// Two private keys are the same key when their public halves are.
+impl PartialEq for PrivateKey {
+    fn eq(&self, other: &PrivateKey) -> bool {
+        self.public_key() == other.public_key()
+    }
+}
+
+impl Eq for PrivateKey {}
+
 impl fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("PrivateKey(<redacted>)")
