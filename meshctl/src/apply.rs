@@ -7,16 +7,18 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context as _, anyhow, bail};
+use meshd_core::wire::admin::{Reply, Request};
 use meshd_core::declare::{self, Current, Declaration, Plan, Step};
-use meshd_core::handout::{self, DeviceDns};
 use meshd_core::input::Label;
 use meshd_core::keys::PrivateKey;
-use meshd_core::wire::admin::{Reply, Request};
+use meshd_core::handout::{self, DeviceDns};
 use serde::Serialize;
 
+use crate::admin::BatchRefused;
+use crate::commands::handout::device_config;
+use crate::commands::{Context, unexpected};
 use crate::output::{Existing, Format, Output};
-use crate::{BatchRefused, Global, device_config, send};
 
 /// What `meshctl apply` was asked to do.
 pub struct Apply {
@@ -53,10 +55,10 @@ struct NewConfig {
 }
 
 /// Read the file and the network, print the plan, and carry it out unless this is a dry run.
-pub fn apply(g: &Global, args: Apply) -> anyhow::Result<()> {
+pub fn apply(cx: &Context, args: Apply) -> anyhow::Result<()> {
     let file = args.file.display();
     let text = fs::read_to_string(&args.file).with_context(|| format!("cannot read {file}"))?;
-    let current = read_network(g)?;
+    let current = read_network(cx)?;
     let declaration = Declaration::parse(&text, &current.hub).map_err(|e| anyhow!("{file}: {e}"))?;
     let plan = declare::plan(&declaration, &current).map_err(|e| anyhow!("{file}: {e}"))?;
     // Every config file is checked before the first change, and written before the batch is committed.
@@ -82,15 +84,15 @@ pub fn apply(g: &Global, args: Apply) -> anyhow::Result<()> {
         invites: Vec::new(),
         configs: Vec::new(),
     };
-    if !g.json {
+    if !cx.json {
         print_plan(&plan);
     }
     let outcome = if args.dry_run || plan.steps.is_empty() {
         Ok(())
     } else {
-        execute(g, &plan, args.expires.as_secs(), configs, &mut report)
+        execute(cx, &plan, args.expires.as_secs(), configs, &mut report)
     };
-    if g.json {
+    if cx.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else if !plan.steps.is_empty() {
         match args.dry_run {
@@ -109,18 +111,18 @@ pub fn apply(g: &Global, args: Apply) -> anyhow::Result<()> {
 }
 
 /// The network through the admin API: the same view for a running daemon and for offline work.
-fn read_network(g: &Global) -> anyhow::Result<Current> {
-    let status = match send(g, Request::Status)? {
+fn read_network(cx: &Context) -> anyhow::Result<Current> {
+    let status = match cx.admin.send(Request::Status)? {
         Reply::Status(status) => status,
-        other => bail!("the controller sent an unexpected reply: {other:?}"),
+        other => return unexpected(other),
     };
-    let invites = match send(g, Request::NodeInvites)? {
+    let invites = match cx.admin.send(Request::NodeInvites)? {
         Reply::Invites(invites) => invites,
-        other => bail!("the controller sent an unexpected reply: {other:?}"),
+        other => return unexpected(other),
     };
-    let rules = match send(g, Request::AccessList)? {
+    let rules = match cx.admin.send(Request::AccessList)? {
         Reply::Rules(rules) => rules,
-        other => bail!("the controller sent an unexpected reply: {other:?}"),
+        other => return unexpected(other),
     };
     Ok(Current::from_views(&status, &invites, &rules)?)
 }
@@ -149,7 +151,7 @@ struct ConfigFile {
 /// batch is committed asking for exactly those hand-outs; then they are put in place and the invite
 /// tokens handed out.
 fn execute(
-    g: &Global,
+    cx: &Context,
     plan: &Plan,
     invite_secs: u64,
     mut configs: Vec<ConfigFile>,
@@ -171,18 +173,18 @@ fn execute(
     }
     let total = plan.steps.len();
     // As for `device add`: no other hand-out between the preview and the commit.
-    let _lock = crate::StateDir::new(&g.state_dir).lock_hand_out().ok();
+    let _lock = cx.admin.lock_hand_out();
     // Only a refusal says for sure that nothing happened (not, say, a daemon gone mid-call).
     let refused = |e: anyhow::Error| match e.downcast_ref::<BatchRefused>().and_then(|r| step_of.get(r.index)) {
         Some(&i) => anyhow!("change {} of {total} ({}) failed: {e}; nothing was applied", i + 1, plan.steps[i]),
         None => e,
     };
-    let previewed = match send(g, Request::Preview { request: Box::new(Request::Batch { requests: requests.clone() }) })
-    {
-        Ok(Reply::Batch(replies)) => replies,
-        Ok(other) => bail!("the controller sent an unexpected reply: {other:?}"),
-        Err(e) => return Err(refused(e)),
-    };
+    let previewed =
+        match cx.admin.send(Request::Preview { request: Box::new(Request::Batch { requests: requests.clone() }) }) {
+            Ok(Reply::Batch(replies)) => replies,
+            Ok(other) => return unexpected(other),
+            Err(e) => return Err(refused(e)),
+        };
     if device_keys.len() != configs.len() {
         bail!("{} device keys for {} config files", device_keys.len(), configs.len());
     }
@@ -199,11 +201,11 @@ fn execute(
         *expect = Some(handout);
     }
 
-    let replies = match send(g, Request::Batch { requests }) {
+    let replies = match cx.admin.send(Request::Batch { requests }) {
         Ok(Reply::Batch(replies)) => replies,
-        Ok(other) => bail!("the controller sent an unexpected reply: {other:?}"),
+        Ok(other) => return unexpected(other),
         Err(e) if e.is::<BatchRefused>() => return Err(refused(e)),
-        Err(e) => return Err(unclear_outcome(g, e, &device_keys, &mut configs)),
+        Err(e) => return Err(unclear_outcome(cx, e, &device_keys, &mut configs)),
     };
     report.applied = total;
 
@@ -236,8 +238,8 @@ fn execute(
 /// The batch got no clear answer (a daemon gone mid-call, a change saved but not applied to the
 /// interface): the new devices' configs are put in place if the devices exist with their new keys,
 /// kept where they were staged if that cannot be told, and dropped if the batch was not carried out.
-fn unclear_outcome(g: &Global, e: anyhow::Error, keys: &[PrivateKey], configs: &mut [ConfigFile]) -> anyhow::Error {
-    let devices = match send(g, Request::DeviceList) {
+fn unclear_outcome(cx: &Context, e: anyhow::Error, keys: &[PrivateKey], configs: &mut [ConfigFile]) -> anyhow::Error {
+    let devices = match cx.admin.send(Request::DeviceList) {
         Ok(Reply::Devices(devices)) => Some(devices),
         _ => None,
     };
@@ -276,4 +278,87 @@ fn config_path(dir: &Path, name: &Label) -> anyhow::Result<PathBuf> {
         bail!("--out-dir {} is not a directory", dir.display());
     }
     Ok(dir.join(format!("{}.conf", handout::tunnel_name(name.as_str()))))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use meshd::controller::fixtures::label;
+    use meshd_core::model::AccessRule;
+    use meshd_core::handout::DeviceConfig;
+    use meshd::host::statedir::StateDir;
+
+    use super::*;
+    use crate::admin::Admin;
+    use crate::testing::{meshctl, network, snapshot};
+
+    const DECLARATION: &str = r#"
+[[node]]
+name = "consensus"
+
+[[node]]
+name = "validator"
+disabled = true
+
+[[service]]
+name = "beacon"
+node = "consensus"
+target = "127.0.0.1:5052"
+
+[[device]]
+name = "phone"
+allow = ["beacon"]
+
+[[access]]
+from = ["consensus"]
+to = "validator"
+"#;
+
+    #[test]
+    fn apply_to_joined_members_converges_and_then_changes_nothing() {
+        let dir = network(&["consensus", "validator", "old"]);
+        meshctl(&dir, &["service", "add", "junk", "--node", "old", "--target", "127.0.0.1:1"]).unwrap();
+        meshctl(&dir, &["access", "allow", "old", "validator"]).unwrap();
+        let file = dir.0.join("net.toml");
+        fs::write(&file, DECLARATION).unwrap();
+        let out = dir.0.join("out");
+        fs::create_dir(&out).unwrap();
+        let apply = |extra: &[&str]| {
+            let mut args = vec!["apply", file.to_str().unwrap(), "--out-dir", out.to_str().unwrap()];
+            args.extend(extra);
+            meshctl(&dir, &args)
+        };
+        apply(&["--dry-run"]).unwrap();
+        assert_eq!(snapshot(&dir).nodes.len(), 4, "a dry run changes nothing");
+        apply(&[]).unwrap();
+
+        let s = snapshot(&dir);
+        let nodes: Vec<(&str, bool)> = s.nodes.iter().map(|n| (n.name.as_str(), n.disabled)).collect();
+        assert_eq!(nodes, [("hub", false), ("consensus", false), ("validator", true)]);
+        assert_eq!(s.services.len(), 1);
+        assert_eq!((s.services[0].name.as_str(), s.services[0].node.as_str()), ("beacon", "consensus"));
+        assert_eq!(s.devices.len(), 1);
+        assert_eq!(s.devices[0].allow, [label("beacon")]);
+        assert_eq!(s.rules, [AccessRule { from: label("consensus"), to: label("validator") }]);
+        let conf = out.join("phone.conf");
+        assert_eq!(fs::metadata(&conf).unwrap().permissions().mode() & 0o777, 0o600);
+        let text = fs::read_to_string(&conf).unwrap();
+        assert_eq!(DeviceConfig::parse(&text).unwrap().peer.public_key, s.hub().unwrap().public_key);
+
+        let db = fs::read(StateDir::new(&dir.0).db()).unwrap();
+        apply(&[]).unwrap();
+        assert!(fs::read(StateDir::new(&dir.0).db()).unwrap() == db, "a second apply changed meshd.db");
+        let admin = Admin::new(&dir.0, None);
+        let (Reply::Status(status), Reply::Invites(invites), Reply::Rules(rules)) = (
+            admin.send(Request::Status).unwrap(),
+            admin.send(Request::NodeInvites).unwrap(),
+            admin.send(Request::AccessList).unwrap(),
+        ) else {
+            panic!("unexpected replies")
+        };
+        let current = Current::from_views(&status, &invites, &rules).unwrap();
+        let plan = declare::plan(&Declaration::parse(DECLARATION, &current.hub).unwrap(), &current).unwrap();
+        assert_eq!(plan, declare::Plan::default());
+    }
 }

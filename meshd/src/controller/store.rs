@@ -117,6 +117,20 @@ ALTER TABLE invites ADD COLUMN created_uptime INTEGER;
 "#,
 ];
 
+/// Test support: make a database at `path` as a meshd of schema `version` left it (its first `version`
+/// real migrations, no rows), for tests of what newer programs do to an older database.
+#[cfg(any(test, feature = "test-support"))]
+pub fn create_at_schema(path: &Path, version: usize) -> Result<(), StoreError> {
+    assert!(version <= MIGRATIONS.len(), "schema {version} is newer than this meshd's");
+    let conn = Connection::open(path).map_err(sql("open"))?;
+    for (i, migration) in MIGRATIONS[..version].iter().enumerate() {
+        conn.execute_batch(migration)
+            .map_err(|e| StoreError::Sqlite { context: format!("migration {}", i + 1), source: e })?;
+    }
+    conn.pragma_update(None, "application_id", APPLICATION_ID).map_err(sql("set application id"))?;
+    conn.pragma_update(None, "user_version", version as i64).map_err(sql("set schema version"))
+}
+
 /// How long a released address stays out of circulation, so a stale peer config elsewhere cannot
 /// reach whoever gets it next.
 pub const ADDRESS_COOLDOWN: Duration = Duration::from_secs(3600);

@@ -1,0 +1,92 @@
+//! `meshctl service`: services of the nodes, exposed to the mesh on their own addresses.
+
+use meshd_core::wire::admin::{Reply, Request};
+use meshd_core::input::{HostPort, Label};
+use meshd_core::model::Protocol;
+
+use super::{Context, removed, unexpected};
+use crate::print::print_services;
+
+pub fn list(cx: &Context) -> anyhow::Result<()> {
+    match cx.admin.send(Request::ServiceList)? {
+        Reply::Services(services) => cx.print(&services, || print_services(&services)),
+        other => unexpected(other),
+    }
+}
+
+pub fn add(
+    cx: &Context,
+    name: Label,
+    node: Label,
+    target: HostPort,
+    port: Option<u16>,
+    protocol: Protocol,
+) -> anyhow::Result<()> {
+    show(cx, cx.admin.send(Request::ServiceAdd { name, node, target, port, protocol })?)
+}
+
+/// Point a service elsewhere; `protocol` `None` keeps its protocol.
+pub fn update(
+    cx: &Context,
+    name: Label,
+    target: HostPort,
+    port: Option<u16>,
+    protocol: Option<Protocol>,
+) -> anyhow::Result<()> {
+    show(cx, cx.admin.send(Request::ServiceUpdate { name, target, port, protocol })?)
+}
+
+pub fn remove(cx: &Context, name: Label) -> anyhow::Result<()> {
+    removed(cx, Request::ServiceRemove { name: name.clone() }, "service", &name)
+}
+
+/// The service a change made, as one line (or its record with `--json`).
+fn show(cx: &Context, reply: Reply) -> anyhow::Result<()> {
+    match reply {
+        Reply::Service(s) => cx.print(&s, || {
+            // TCP, the default, is not named: the line stays as it was before UDP services.
+            let udp = if s.protocol == Protocol::Udp { ", udp" } else { "" };
+            println!("service {} on {}: {} ({}) -> {}{udp}", s.name, s.node, s.mesh_address, s.dns_name, s.target)
+        }),
+        other => unexpected(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use meshd_core::model::ServiceView;
+
+    use super::*;
+    use crate::Cli;
+    use crate::print::services_table;
+    use crate::testing::{TempDir, meshctl, network, snapshot};
+
+    #[test]
+    fn udp_services_are_added_listed_and_keep_their_protocol_on_update() {
+        let dir = network(&[]);
+        meshctl(&dir, &["service", "add", "echo", "--node", "hub", "--target", "127.0.0.1:7", "--udp"]).unwrap();
+        meshctl(&dir, &["service", "add", "web", "--node", "hub", "--target", "127.0.0.1:80"]).unwrap();
+        let protocols = |dir: &TempDir| -> Vec<(String, Protocol)> {
+            snapshot(dir).services.iter().map(|v| (v.name.to_string(), v.protocol)).collect()
+        };
+        assert_eq!(protocols(&dir), [("echo".into(), Protocol::Udp), ("web".into(), Protocol::Tcp)]);
+
+        meshctl(&dir, &["service", "update", "echo", "--target", "127.0.0.1:7007"]).unwrap();
+        assert_eq!(protocols(&dir)[0], ("echo".into(), Protocol::Udp), "an update keeps the protocol");
+        meshctl(&dir, &["service", "update", "web", "--target", "127.0.0.1:53", "--udp"]).unwrap();
+        assert_eq!(protocols(&dir)[1], ("web".into(), Protocol::Udp));
+        meshctl(&dir, &["service", "update", "web", "--target", "127.0.0.1:53", "--tcp"]).unwrap();
+        assert_eq!(protocols(&dir)[1], ("web".into(), Protocol::Tcp));
+        let both = ["meshctl", "service", "update", "web", "--target", "127.0.0.1:53", "--udp", "--tcp"];
+        assert!(Cli::try_parse_from(both).is_err(), "--udp and --tcp exclude each other");
+
+        let s = snapshot(&dir);
+        let views: Vec<ServiceView> = s.services.iter().map(|v| s.service_view(v)).collect();
+        let table = services_table(&views);
+        let last_column: Vec<&str> = table.lines().map(|l| l.split_whitespace().last().unwrap()).collect();
+        assert_eq!(last_column, ["PROTOCOL", "udp", "tcp"], "{table}");
+        let json = serde_json::to_value(&views).unwrap();
+        assert_eq!((json[0]["protocol"].as_str(), json[1]["protocol"].as_str()), (Some("udp"), Some("tcp")));
+    }
+}

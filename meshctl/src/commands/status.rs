@@ -1,0 +1,21 @@
+//! `meshctl status`: the network, its nodes, devices and services.
+
+use meshd_core::wire::admin::{Reply, Request};
+
+use super::{Context, unexpected};
+use crate::print::{print_devices, print_nodes, print_services};
+
+pub fn status(cx: &Context) -> anyhow::Result<()> {
+    match cx.admin.send(Request::Status)? {
+        Reply::Status(s) => cx.print(&s, || {
+            println!(
+                "network {} ({}, {}), domain {}",
+                s.network.name, s.network.cidr, s.network.cidr_v6, s.network.domain
+            );
+            print_nodes(&s.nodes);
+            print_devices(&s.devices);
+            print_services(&s.services);
+        }),
+        other => unexpected(other),
+    }
+}

@@ -1,0 +1,139 @@
+//! What meshctl prints on standard output: JSON with `--json`, else the human tables and lines. The
+//! tables' columns are a contract with scripts: new columns go last.
+
+use meshd_core::input::Label;
+use meshd_core::model::{AccessRule, DeviceView, InviteView, NodeView, Role, ServiceView};
+use serde::Serialize;
+
+/// Print `value` as pretty JSON with `--json` (`json`), else what `human` prints.
+pub fn print<T: Serialize>(json: bool, value: &T, human: impl FnOnce()) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        human();
+    }
+    Ok(())
+}
+
+/// Labels separated by commas, `-` for none.
+pub fn join(labels: &[Label]) -> String {
+    if labels.is_empty() { "-".into() } else { labels.iter().map(Label::as_str).collect::<Vec<_>>().join(",") }
+}
+
+/// A role as its JSON name (`hub`, `node`, `relay`).
+pub fn role_name(role: Role) -> String {
+    serde_json::to_value(role).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+pub fn print_nodes(nodes: &[NodeView]) {
+    print!("{}", nodes_table(nodes));
+}
+
+/// The node table; STATE comes last so the columns before it stay where scripts expect them.
+pub fn nodes_table(nodes: &[NodeView]) -> String {
+    let mut table =
+        format!("{:<20} {:<6} {:<16} {:<28} {:<24} STATE\n", "NODE", "ROLE", "ADDRESS", "ADDRESS6", "ENDPOINT");
+    for n in nodes {
+        table.push_str(&format!(
+            "{:<20} {:<6} {:<16} {:<28} {:<24} {}\n",
+            n.name,
+            role_name(n.role),
+            n.address,
+            n.address_v6,
+            n.endpoint.as_deref().unwrap_or("-"),
+            node_state(n)
+        ));
+    }
+    table
+}
+
+fn node_state(n: &NodeView) -> &'static str {
+    match (n.disabled, n.rotate_key) {
+        (false, false) => "active",
+        (false, true) => "key rotation pending",
+        (true, false) => "disabled",
+        (true, true) => "disabled, key rotation pending",
+    }
+}
+
+/// The pending invites with the seconds each has left.
+pub fn print_invites(invites: &[InviteView]) {
+    println!("{:<20} {:<6} EXPIRES IN", "NAME", "ROLE");
+    for i in invites {
+        let left = i.expires_at - meshd::host::clock::wall_now();
+        println!("{:<20} {:<6} {left} s", i.name, role_name(i.role));
+    }
+}
+
+pub fn print_rules(rules: &[AccessRule]) {
+    if rules.is_empty() {
+        println!("no access rules: every node reaches every node");
+        return;
+    }
+    println!("{:<20} TO", "FROM");
+    for rule in rules {
+        println!("{:<20} {}", rule.from, rule.to);
+    }
+}
+
+pub fn print_devices(devices: &[DeviceView]) {
+    println!("{:<20} {:<16} {:<28} {:<24} LAST HANDSHAKE", "DEVICE", "ADDRESS", "ADDRESS6", "ALLOW");
+    let now = meshd::host::clock::wall_now();
+    for d in devices {
+        let seen = d
+            .last_handshake
+            .map(|t| format!("{}s ago", now.saturating_sub(t as i64).max(0)))
+            .unwrap_or_else(|| "never".into());
+        println!("{:<20} {:<16} {:<28} {:<24} {}", d.name, d.address, d.address_v6, join(&d.allow), seen);
+    }
+}
+
+pub fn print_services(services: &[ServiceView]) {
+    print!("{}", services_table(services));
+}
+
+/// The service table; PROTOCOL comes last so the columns before it stay where scripts expect them.
+pub fn services_table(services: &[ServiceView]) -> String {
+    let mut table = format!(
+        "{:<20} {:<12} {:<22} {:<32} {:<24} {:<24} PROTOCOL\n",
+        "SERVICE", "NODE", "MESH ADDRESS", "DNS NAME", "TARGET", "DEVICES"
+    );
+    for s in services {
+        table.push_str(&format!(
+            "{:<20} {:<12} {:<22} {:<32} {:<24} {:<24} {}\n",
+            s.name,
+            s.node,
+            s.mesh_address,
+            s.dns_name,
+            s.target,
+            join(&s.devices),
+            s.protocol
+        ));
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use meshd::controller::fixtures::label;
+
+    use super::*;
+
+    #[test]
+    fn node_states_in_the_table() {
+        let view = |name: &str, disabled, rotate_key| NodeView {
+            name: label(name),
+            public_key: String::new(),
+            address: "10.77.0.2".parse().unwrap(),
+            address_v6: "fd00::2".parse().unwrap(),
+            endpoint: None,
+            role: Role::Node,
+            dns_name: format!("{name}.home.internal"),
+            disabled,
+            rotate_key,
+        };
+        let table = nodes_table(&[view("a", false, false), view("b", true, false), view("c", false, true)]);
+        let states: Vec<&str> = table.lines().skip(1).map(|l| l.split_once(" - ").unwrap().1.trim()).collect();
+        assert_eq!(states, ["active", "disabled", "key rotation pending"], "{table}");
+    }
+}
