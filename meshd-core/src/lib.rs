@@ -23,4 +23,6 @@ pub mod ipam;
 pub mod keys;
 pub mod model;
 pub mod plan;
+pub mod reconcile;
+pub mod session;
 pub mod wire;

@@ -12,10 +12,10 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use meshd::controller::fixtures::{invite, join_request, label, new_network};
-use meshd::host::statedir::PeerEndpoints;
 use meshd::host::wg::{Backend, Interface};
 use meshd_core::keys::PrivateKey;
-use meshd_core::plan::{self, HostPlan, PeerDiff};
+use meshd_core::plan::{self, HostPlan};
+use meshd_core::reconcile::{PeerDiff, PeerEndpoints};
 use meshd_core::wire::admin::{Reply, Request};
 use meshd_e2e::{Netns, require_root, unique_ifname};
 

@@ -274,44 +274,11 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
     })
 }
 
-/// The changes that turn one host's peers into another's: only what differs is touched, so untouched
-/// peers keep their sessions.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PeerDiff {
-    pub add: Vec<(String, PeerPlan)>,
-    /// Peers whose settings changed (the embedded WireGuard can only replace these, not edit them).
-    pub update: Vec<(String, PeerPlan)>,
-    pub remove: Vec<String>,
-}
-
-impl PeerDiff {
-    /// True when nothing changes.
-    pub fn is_empty(&self) -> bool {
-        self.add.is_empty() && self.update.is_empty() && self.remove.is_empty()
-    }
-}
-
-/// Peers to add, to update and to remove to go from `old` to `new`.
-pub fn diff_peers(old: &BTreeMap<String, PeerPlan>, new: &BTreeMap<String, PeerPlan>) -> PeerDiff {
-    let pick = |keep: &dyn Fn(Option<&PeerPlan>, &PeerPlan) -> bool| {
-        new.iter().filter(|(k, p)| keep(old.get(*k), p)).map(|(k, p)| (k.clone(), p.clone())).collect()
-    };
-    PeerDiff {
-        add: pick(&|before, _| before.is_none()),
-        update: pick(&|before, now| before.is_some_and(|b| b != now)),
-        remove: old.keys().filter(|k| !new.contains_key(*k)).cloned().collect(),
-    }
-}
-
-/// Addresses to add and to remove to go from `old` to `new`.
-pub fn diff_addresses(old: &BTreeSet<IpNet>, new: &BTreeSet<IpNet>) -> (Vec<IpNet>, Vec<IpNet>) {
-    (new.difference(old).copied().collect(), old.difference(new).copied().collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::{AccessRule, Device, Network, Node, Service};
+    use crate::reconcile::{diff_addresses, diff_peers};
 
     fn label(s: &str) -> Label {
         s.parse().unwrap()

@@ -276,3 +276,108 @@ impl HubSession {
         self.effects.push_back(Effect::Close(reason));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{label, sample_state as state};
+    use crate::model::AccessRule;
+
+    #[test]
+    fn catch_up_sends_nothing_the_missed_changes_or_everything() {
+        let mut journal = Journal::new(state());
+        let d0 = journal.digest().to_owned();
+        let mut s = state();
+        s.nodes[1].endpoint = Some("198.51.100.3:51820".parse().unwrap());
+        assert!(journal.publish(s.clone()).is_some());
+        assert!(journal.publish(s.clone()).is_none(), "an identical state is no change");
+        let d1 = journal.digest().to_owned();
+        s.rules.push(AccessRule { from: label("vps"), to: label("attic") });
+        journal.publish(s);
+        let current = journal.digest().to_owned();
+        assert!(journal.catch_up(&current).is_empty());
+        let missed = journal.catch_up(&d0);
+        assert_eq!(missed.len(), 2);
+        assert!(missed[0].contains(&d0) && missed[1].contains(&d1));
+        let unknown = journal.catch_up("something else");
+        assert_eq!(unknown.len(), 1);
+        assert!(matches!(serde_json::from_str::<ToMember>(&unknown[0]).unwrap(), ToMember::State { .. }));
+    }
+
+    fn now() -> Instant {
+        Instant::now()
+    }
+
+    fn effects(session: &mut HubSession) -> Vec<Effect> {
+        std::iter::from_fn(|| session.poll_effect()).collect()
+    }
+
+    #[test]
+    fn a_member_must_say_hello_first_and_in_time() {
+        let start = now();
+        let mut quiet = HubSession::new(label("vps"), start);
+        assert_eq!(quiet.poll_timeout(), Some(start + HELLO_TIMEOUT));
+        quiet.handle_timeout(start + HELLO_TIMEOUT - Duration::from_millis(1));
+        assert!(effects(&mut quiet).is_empty());
+        quiet.handle_timeout(start + HELLO_TIMEOUT);
+        assert_eq!(effects(&mut quiet), [Effect::Close("no hello")]);
+        assert!(quiet.is_closed());
+
+        let mut rude = HubSession::new(label("vps"), start);
+        rude.handle_line(r#"{"msg":"switch"}"#);
+        assert_eq!(effects(&mut rude), [Effect::Close("expected hello")]);
+
+        let mut polite = HubSession::new(label("vps"), start);
+        polite.handle_line(r#"{"msg":"hello","digest":"d1"}"#);
+        assert_eq!(effects(&mut polite), [Effect::CatchUp { digest: "d1".into() }]);
+        assert_eq!(polite.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_key_is_switched_to_only_after_the_controller_accepted_it() {
+        let mut session = HubSession::new(label("vps"), now());
+        session.handle_line(r#"{"msg":"hello","digest":"d1"}"#);
+        effects(&mut session);
+        session.handle_line(r#"{"msg":"switch"}"#);
+        assert_eq!(
+            effects(&mut session),
+            [Effect::Send(ToMember::Refused { reason: "no key was accepted to switch to".into() })]
+        );
+        session.handle_line(r#"{"msg":"new_key","public_key":"K1"}"#);
+        assert_eq!(effects(&mut session), [Effect::CheckKey { public_key: "K1".into() }]);
+        session.handle_key_verdict(Err("the key is in use".into()));
+        assert_eq!(effects(&mut session), [Effect::Send(ToMember::Refused { reason: "the key is in use".into() })]);
+        session.handle_line(r#"{"msg":"switch"}"#);
+        assert!(
+            matches!(effects(&mut session)[..], [Effect::Send(ToMember::Refused { .. })]),
+            "a refused key is not switched to"
+        );
+        session.handle_line(r#"{"msg":"new_key","public_key":"K2"}"#);
+        effects(&mut session);
+        session.handle_key_verdict(Ok(()));
+        assert_eq!(effects(&mut session), [Effect::Send(ToMember::KeyAccepted)]);
+        session.handle_line(r#"{"msg":"switch"}"#);
+        assert_eq!(effects(&mut session), [Effect::SwitchKey { public_key: "K2".into() }]);
+        session.handle_line("not json");
+        assert!(
+            matches!(&effects(&mut session)[..], [Effect::Send(ToMember::Refused { reason })] if reason.starts_with("malformed message"))
+        );
+    }
+
+    #[test]
+    fn a_session_closes_when_its_node_is_no_longer_an_active_member() {
+        let mut journal = Journal::new(state());
+        let vps = journal.state().network.pool().v4_of(2);
+        assert_eq!(journal.member(IpAddr::V4(vps)), Some(&label("vps")));
+        assert_eq!(journal.member(IpAddr::V4(journal.state().network.pool().v4_of(1))), None, "the hub is no member");
+        let mut s = state();
+        s.nodes[1].disabled = true;
+        journal.publish(s);
+        assert_eq!(journal.member(IpAddr::V4(vps)), None);
+        let mut session = HubSession::new(label("vps"), now());
+        session.handle_published(true);
+        assert!(effects(&mut session).is_empty());
+        session.handle_published(false);
+        assert_eq!(effects(&mut session), [Effect::Close("no longer an active member")]);
+    }
+}

@@ -69,10 +69,17 @@ enum Rotation {
     /// The hub accepted it; the switch is on its way to the hub.
     Acknowledging(PrivateKey),
     /// The interface is being switched to `key`.
-    Switching { key: PrivateKey, old: PrivateKey },
+    Switching {
+        key: PrivateKey,
+        old: PrivateKey,
+    },
     /// The interface uses `key`; waiting for the network to confirm it until `since` +
     /// [`ROTATION_CONFIRM`].
-    Switched { key: PrivateKey, old: PrivateKey, since: Instant },
+    Switched {
+        key: PrivateKey,
+        old: PrivateKey,
+        since: Instant,
+    },
     /// The interface is going back to the old key.
     Reverting,
 }
@@ -193,7 +200,10 @@ impl Member {
                 self.rotation = Rotation::Switched { key, old, since: now };
             }
             Rotation::Switching { .. } => warn!("switching to the new key failed"),
-            Rotation::Reverting if !used => warn!("going back to the old key failed"),
+            // Back on the old key, which the network still knows: if it still asks for a new one, offer
+            // another now rather than at the next change or reconnect.
+            Rotation::Reverting if used => self.offer_key_if_asked(),
+            Rotation::Reverting => warn!("going back to the old key failed"),
             other => self.rotation = other,
         }
     }
@@ -268,5 +278,120 @@ impl Member {
         info!("the operator asked for a new key: offering one");
         self.effects.push_back(Effect::OfferKey(new.clone()));
         self.rotation = Rotation::Offered(new);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{label, sample_state};
+
+    fn member(now: Instant) -> (Member, PrivateKey) {
+        let key = PrivateKey::generate();
+        let mut state = sample_state();
+        state.nodes[1].public_key = key.public_key();
+        (Member::new(MemberState { me: label("vps"), state }, key.clone(), now), key)
+    }
+
+    fn effects(member: &mut Member) -> Vec<Effect> {
+        std::iter::from_fn(|| member.poll_effect()).collect()
+    }
+
+    #[test]
+    fn tunnels_open_soon_after_connecting_or_a_while_after_start_without_a_hub() {
+        let start = Instant::now();
+        let (mut alone, _) = member(start);
+        assert_eq!(alone.poll_timeout(), Some(start + TUNNELS_WITHOUT_CONTROLLER));
+        alone.handle_timeout(start + TUNNELS_WITHOUT_CONTROLLER);
+        assert_eq!(effects(&mut alone), [Effect::OpenKnownTunnels]);
+        assert_eq!(alone.poll_timeout(), None, "once");
+
+        let (mut connected, _) = member(start);
+        connected.handle_connected(start + Duration::from_secs(1));
+        assert_eq!(connected.poll_timeout(), Some(start + Duration::from_secs(1) + TUNNELS_AFTER_CONNECT));
+    }
+
+    #[test]
+    fn a_change_is_cached_applied_and_a_missed_one_asks_for_the_state() {
+        let (mut m, _) = member(Instant::now());
+        let mut next = m.member_state().state.clone();
+        next.rules.push(crate::model::AccessRule { from: label("vps"), to: label("attic") });
+        let changes = sync::changes(&m.member_state().state, &next);
+        let to = sync::digest(&next);
+        m.handle_message(ToMember::Changes { from: "elsewhere".into(), to: to.clone(), changes: changes.clone() });
+        assert_eq!(effects(&mut m), [Effect::Send(ToHub::Hello { digest: m.digest().to_owned() })]);
+        let from = m.digest().to_owned();
+        m.handle_message(ToMember::Changes { from, to: to.clone(), changes });
+        assert_eq!(effects(&mut m), [Effect::CacheState, Effect::Reconcile]);
+        assert_eq!((m.digest(), &m.member_state().state), (to.as_str(), &next));
+    }
+
+    #[test]
+    fn a_member_left_out_of_the_state_stops() {
+        let (mut m, _) = member(Instant::now());
+        let mut gone = m.member_state().state.clone();
+        gone.nodes.retain(|n| n.name.as_str() != "vps");
+        m.handle_message(ToMember::State { digest: sync::digest(&gone), state: gone });
+        assert_eq!(effects(&mut m), [Effect::CacheState, Effect::Removed { network: label("home") }]);
+    }
+
+    #[test]
+    fn a_rotation_offers_switches_after_delivery_and_finishes_when_confirmed() {
+        let start = Instant::now();
+        let (mut m, old) = member(start);
+        let mut asked = m.member_state().state.clone();
+        asked.nodes[1].rotate_key = true;
+        m.handle_message(ToMember::State { digest: sync::digest(&asked), state: asked.clone() });
+        let offered = match &effects(&mut m)[..] {
+            [Effect::CacheState, Effect::Reconcile, Effect::OfferKey(new)] => new.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_ne!(offered, old);
+        m.handle_message(ToMember::KeyAccepted);
+        assert_eq!(effects(&mut m), [Effect::SendAcknowledged(ToHub::Switch)]);
+        m.handle_acknowledged(true);
+        assert_eq!(effects(&mut m), [Effect::UseKey(offered.clone())]);
+        m.handle_key_used(true, start);
+        assert_eq!(effects(&mut m), [Effect::OpenKnownTunnels]);
+        assert_eq!(m.poll_timeout(), Some(start + ROTATION_CONFIRM).min(Some(start + TUNNELS_WITHOUT_CONTROLLER)));
+        let mut confirmed = asked;
+        confirmed.nodes[1].public_key = offered.public_key();
+        confirmed.nodes[1].rotate_key = false;
+        m.handle_message(ToMember::State { digest: sync::digest(&confirmed), state: confirmed });
+        assert_eq!(effects(&mut m), [Effect::CacheState, Effect::PromoteNextKey, Effect::Reconcile]);
+        assert_eq!(m.key(), &offered);
+        assert!(!m.is_rotating());
+    }
+
+    #[test]
+    fn an_unconfirmed_key_is_given_up_and_a_refused_or_undelivered_one_discarded() {
+        let start = Instant::now();
+        let (mut m, old) = member(start);
+        let mut asked = m.member_state().state.clone();
+        asked.nodes[1].rotate_key = true;
+        m.handle_message(ToMember::State { digest: sync::digest(&asked), state: asked });
+        effects(&mut m);
+        m.handle_message(ToMember::Refused { reason: "the key is in use".into() });
+        assert_eq!(effects(&mut m), [Effect::DiscardNextKey]);
+        assert!(!m.is_rotating());
+
+        m.handle_connected(start);
+        assert!(matches!(effects(&mut m)[..], [Effect::OfferKey(_)]), "offered again at the next session");
+        m.handle_message(ToMember::KeyAccepted);
+        effects(&mut m);
+        m.handle_acknowledged(false);
+        assert_eq!(effects(&mut m), [Effect::DiscardNextKey]);
+
+        m.handle_connected(start);
+        effects(&mut m);
+        m.handle_message(ToMember::KeyAccepted);
+        m.handle_acknowledged(true);
+        m.handle_key_used(true, start);
+        effects(&mut m);
+        m.handle_timeout(start + ROTATION_CONFIRM);
+        assert_eq!(effects(&mut m), [Effect::OpenKnownTunnels, Effect::DiscardNextKey, Effect::UseKey(old.clone())]);
+        m.handle_key_used(true, start + ROTATION_CONFIRM);
+        assert!(matches!(effects(&mut m)[..], [Effect::OfferKey(_)]), "the network still asks: another offer");
+        assert_eq!(m.key(), &old);
     }
 }

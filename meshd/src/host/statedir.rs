@@ -4,20 +4,16 @@
 //! and, during a key rotation, `private.key.next` (0600), `peer-endpoints.json` (0600: where peers were last
 //! seen), `meshd.sock` (0600, only while the daemon runs), `meshd.lock`. The directory itself is 0700.
 
-use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tracing::warn;
 
 use meshd_core::keys::PrivateKey;
+use meshd_core::reconcile::PeerEndpoints;
 use meshd_core::wire::admin::MemberState;
-
-/// Where each peer (by public key) was last seen sending from.
-pub type PeerEndpoints = BTreeMap<String, SocketAddr>;
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshd";

@@ -11,10 +11,9 @@
 //!
 //! [`SYNC_PORT`]: meshd_core::model::SYNC_PORT
 
-use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWriteExt};
@@ -24,67 +23,29 @@ use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tracing::{debug, info, warn};
 
 use meshd_core::input::Label;
-use meshd_core::model::{Role, SharedState};
-use meshd_core::wire::sync::{ToHub, ToMember, changes, digest, line};
+use meshd_core::model::SharedState;
+use meshd_core::session::hub::{self, HubSession, Journal};
+use meshd_core::wire::sync::{ToHub, ToMember, line};
 
-/// How many past changes the hub keeps to catch up a member that missed some.
-const LOG_LEN: usize = 256;
 /// Longest line a member accepts from the hub (a whole state of a large network fits).
 const MAX_TO_MEMBER: usize = 64 << 20;
 /// Longest line the hub accepts from a member (hello, key offers: a few hundred bytes).
 const MAX_TO_HUB: usize = 4096;
-/// How long a member has to say hello, and a connection attempt may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Reconnect backoff of members.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
-/// The hub's side: the current state, recent changes, and the stream every session listens to.
+/// The hub's side: the [`Journal`] of what it published, and the stream every session listens to.
 #[derive(Clone)]
 pub struct Publisher {
     inner: Arc<RwLock<Published>>,
 }
 
 struct Published {
-    state: SharedState,
-    digest: String,
-    /// Active member nodes (a session whose node leaves this set is closed), by mesh address.
-    members: HashMap<IpAddr, Label>,
-    /// (digest before, serialised `Changes` line) of recent changes, oldest first.
-    log: VecDeque<(String, Arc<str>)>,
-    /// The whole state as a `State` line, made on first need after each change.
-    full: Option<Arc<str>>,
+    journal: Journal,
     lines: broadcast::Sender<Arc<str>>,
-}
-
-impl Published {
-    fn full_line(&mut self) -> Arc<str> {
-        let (state, digest) = (&self.state, &self.digest);
-        self.full.get_or_insert_with(|| line(&ToMember::State { digest: digest.clone(), state: state.clone() })).clone()
-    }
-
-    /// What a member whose state has `digest` must receive to be current.
-    fn catch_up(&mut self, digest: &str) -> Vec<Arc<str>> {
-        if digest == self.digest {
-            return Vec::new();
-        }
-        match self.log.iter().position(|(from, _)| from == digest) {
-            Some(start) => self.log.iter().skip(start).map(|(_, l)| l.clone()).collect(),
-            None => vec![self.full_line()],
-        }
-    }
-}
-
-fn members_of(state: &SharedState) -> HashMap<IpAddr, Label> {
-    let pool = state.network.pool();
-    state
-        .nodes
-        .iter()
-        .filter(|n| n.active() && n.role != Role::Hub)
-        .flat_map(|n| {
-            [(IpAddr::V4(pool.v4_of(n.index)), n.name.clone()), (IpAddr::V6(pool.v6_of(n.index)), n.name.clone())]
-        })
-        .collect()
 }
 
 /// A member's request that needs the controller.
@@ -106,41 +67,17 @@ pub enum FromSession {
 
 impl Publisher {
     pub fn new(state: SharedState) -> Publisher {
-        let (lines, _) = broadcast::channel(LOG_LEN);
-        let published = Published {
-            digest: digest(&state),
-            members: members_of(&state),
-            state,
-            log: VecDeque::new(),
-            full: None,
-            lines,
-        };
-        Publisher { inner: Arc::new(RwLock::new(published)) }
+        let (lines, _) = broadcast::channel(hub::LOG_LEN);
+        Publisher { inner: Arc::new(RwLock::new(Published { journal: Journal::new(state), lines })) }
     }
 
     /// Make `state` the current one and send what changed to every member; false if nothing did.
     pub fn publish(&self, state: SharedState) -> bool {
-        // What depends only on the new state is made before taking the lock, which sessions and new
-        // connections wait on: under it, only fields are swapped. (This is the only writer of the state.)
-        let to = digest(&state);
-        let members = members_of(&state);
-        let (changes, from) = {
-            let p = self.inner.read().unwrap_or_else(|e| e.into_inner());
-            (changes(&p.state, &state), p.digest.clone())
-        };
-        if changes.is_empty() {
-            return false;
-        }
-        let message = line(&ToMember::Changes { from, to: to.clone(), changes });
+        // What depends only on the new state is made under the read lock, which sessions and new
+        // connections share: under the write lock, only fields are swapped. (This is the only writer.)
+        let Some(prepared) = self.read().journal.prepare(state) else { return false };
         let mut p = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        let from = std::mem::replace(&mut p.digest, to);
-        p.log.push_back((from, message.clone()));
-        if p.log.len() > LOG_LEN {
-            p.log.pop_front();
-        }
-        p.members = members;
-        p.state = state;
-        p.full = None;
+        let message = p.journal.commit(prepared);
         // No receiver (no member connected) is not an error.
         let _ = p.lines.send(message);
         true
@@ -148,15 +85,15 @@ impl Publisher {
 
     /// The digest of the current state.
     pub fn digest(&self) -> String {
-        self.inner.read().unwrap_or_else(|e| e.into_inner()).digest.clone()
+        self.read().journal.digest().to_owned()
     }
 
-    fn is_member(&self, addr: IpAddr, node: &Label) -> bool {
-        self.inner.read().unwrap_or_else(|e| e.into_inner()).members.get(&addr) == Some(node)
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Published> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
     }
 
     fn member(&self, addr: IpAddr) -> Option<Label> {
-        self.inner.read().unwrap_or_else(|e| e.into_inner()).members.get(&addr).cloned()
+        self.read().journal.member(addr).cloned()
     }
 
     /// Accept member sessions on `listener` until the task is dropped.
@@ -177,7 +114,7 @@ impl Publisher {
             let publisher = self.clone();
             let requests = requests.clone();
             tokio::spawn(async move {
-                match publisher.session(stream, peer, &node, requests).await {
+                match publisher.session(stream, peer, node.clone(), requests).await {
                     Ok(()) => debug!(%node, "sync session ended"),
                     Err(e) => debug!(%node, error = %e, "sync session ended"),
                 }
@@ -185,84 +122,71 @@ impl Publisher {
         }
     }
 
+    /// One member's session: the socket, the broadcast of changes and the controller's verdicts,
+    /// driving the session's state machine ([`HubSession`]) and carrying out what it asks for.
     async fn session(
         &self,
         stream: TcpStream,
         peer: SocketAddr,
-        node: &Label,
+        node: Label,
         requests: mpsc::Sender<FromSession>,
     ) -> std::io::Result<()> {
         let _ = stream.set_nodelay(true);
         let (read, mut write) = stream.into_split();
         let mut lines = line_reader(read, MAX_TO_HUB);
-        let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, next_line(&mut lines))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no hello"))??;
-        let Some(Ok(ToHub::Hello { digest })) = hello.as_deref().map(serde_json::from_str::<ToHub>) else {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "expected hello"));
-        };
-        let (catch_up, mut updates) = self.catch_up(&digest);
-        info!(%node, %peer, sent = catch_up.len(), "member connected for live updates");
-        for l in catch_up {
-            write.write_all(l.as_bytes()).await?;
-        }
-        let mut offered: Option<String> = None;
+        let mut session = HubSession::new(node.clone(), Instant::now());
+        let mut updates: Option<broadcast::Receiver<Arc<str>>> = None;
         loop {
+            while let Some(effect) = session.poll_effect() {
+                match effect {
+                    hub::Effect::CatchUp { digest } => {
+                        let (catch_up, fresh) = self.catch_up(&digest);
+                        if updates.is_none() {
+                            info!(%node, %peer, sent = catch_up.len(), "member connected for live updates");
+                        }
+                        updates = Some(fresh);
+                        for l in catch_up {
+                            write.write_all(l.as_bytes()).await?;
+                        }
+                    }
+                    hub::Effect::Send(message) => write.write_all(line(&message).as_bytes()).await?,
+                    hub::Effect::CheckKey { public_key } => {
+                        let (reply, answer) = oneshot::channel();
+                        let offer = KeyOffer { node: node.clone(), public_key, reply };
+                        if requests.send(FromSession::Offer(offer)).await.is_err() {
+                            return Ok(());
+                        }
+                        let Ok(verdict) = answer.await else { return Ok(()) };
+                        session.handle_key_verdict(verdict);
+                    }
+                    hub::Effect::SwitchKey { public_key } => {
+                        let _ = requests.send(FromSession::Switch { node: node.clone(), public_key }).await;
+                    }
+                    hub::Effect::Close(reason) => {
+                        info!(%node, reason, "closing the member's sync session");
+                        return Ok(());
+                    }
+                }
+            }
+            let deadline = session.poll_timeout();
             tokio::select! {
-                update = updates.recv() => {
+                update = next_update(&mut updates) => {
                     match update {
                         Ok(l) => write.write_all(l.as_bytes()).await?,
                         Err(broadcast::error::RecvError::Lagged(missed)) => {
                             debug!(%node, missed, "member fell behind; sending the whole state");
-                            let l = self.inner.write().unwrap_or_else(|e| e.into_inner()).full_line();
+                            let l = self.inner.write().unwrap_or_else(|e| e.into_inner()).journal.full_line();
                             write.write_all(l.as_bytes()).await?;
                         }
                         Err(broadcast::error::RecvError::Closed) => return Ok(()),
                     }
-                    if !self.is_member(peer.ip(), node) {
-                        info!(%node, "no longer an active member: closing its session");
-                        return Ok(());
-                    }
+                    session.handle_published(self.member(peer.ip()).as_ref() == Some(&node));
                 }
                 incoming = next_line(&mut lines) => {
                     let Some(text) = incoming? else { return Ok(()) };
-                    let reply = match serde_json::from_str::<ToHub>(&text) {
-                        Ok(ToHub::Hello { digest }) => {
-                            let (catch_up, fresh) = self.catch_up(&digest);
-                            updates = fresh;
-                            for l in catch_up {
-                                write.write_all(l.as_bytes()).await?;
-                            }
-                            None
-                        }
-                        Ok(ToHub::NewKey { public_key }) => {
-                            let (reply, answer) = oneshot::channel();
-                            let offer = KeyOffer { node: node.clone(), public_key: public_key.clone(), reply };
-                            if requests.send(FromSession::Offer(offer)).await.is_err() {
-                                return Ok(());
-                            }
-                            match answer.await {
-                                Ok(Ok(())) => {
-                                    offered = Some(public_key);
-                                    Some(ToMember::KeyAccepted)
-                                }
-                                Ok(Err(reason)) => Some(ToMember::Refused { reason }),
-                                Err(_) => return Ok(()),
-                            }
-                        }
-                        Ok(ToHub::Switch) => match offered.take() {
-                            Some(public_key) => {
-                                let _ = requests.send(FromSession::Switch { node: node.clone(), public_key }).await;
-                                None
-                            }
-                            None => Some(ToMember::Refused { reason: "no key was accepted to switch to".into() }),
-                        },
-                        Err(e) => Some(ToMember::Refused { reason: format!("malformed message: {e}") }),
-                    };
-                    if let Some(reply) = reply {
-                        write.write_all(line(&reply).as_bytes()).await?;
-                    }
+                    session.handle_line(&text);
                 }
+                () = sleep_until(deadline) => session.handle_timeout(Instant::now()),
             }
         }
     }
@@ -271,7 +195,25 @@ impl Publisher {
     /// under the same lock, so nothing is missed or sent twice).
     fn catch_up(&self, digest: &str) -> (Vec<Arc<str>>, broadcast::Receiver<Arc<str>>) {
         let mut p = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        (p.catch_up(digest), p.lines.subscribe())
+        (p.journal.catch_up(digest), p.lines.subscribe())
+    }
+}
+
+/// The next published line, once the session listens (after its hello).
+async fn next_update(
+    updates: &mut Option<broadcast::Receiver<Arc<str>>>,
+) -> Result<Arc<str>, broadcast::error::RecvError> {
+    match updates {
+        Some(updates) => updates.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Wait until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -330,7 +272,7 @@ async fn session(
     events: &mpsc::Sender<SyncEvent>,
     outgoing: &mut mpsc::Receiver<Outgoing>,
 ) -> std::io::Result<()> {
-    let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(hub))
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(hub))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting"))??;
     let _ = stream.set_nodelay(true);
@@ -421,9 +363,8 @@ async fn next_line<R: AsyncRead + Unpin>(lines: &mut FramedRead<R, LinesCodec>) 
 mod tests {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
-    use meshd_core::fixtures::{label, sample_state as state};
-    use meshd_core::model::AccessRule;
-    use meshd_core::wire::sync::apply;
+    use meshd_core::fixtures::sample_state as state;
+    use meshd_core::wire::sync::{apply, digest};
 
     use super::*;
 
@@ -431,26 +372,6 @@ mod tests {
     fn a_hello_is_one_line() {
         let hello = to_line(&ToHub::Hello { digest: "x".into() });
         assert_eq!(hello, "{\"msg\":\"hello\",\"digest\":\"x\"}\n");
-    }
-
-    #[test]
-    fn catch_up_sends_nothing_the_missed_changes_or_everything() {
-        let publisher = Publisher::new(state());
-        let d0 = publisher.digest();
-        let mut s = state();
-        s.nodes[1].endpoint = Some("198.51.100.3:51820".parse().unwrap());
-        assert!(publisher.publish(s.clone()));
-        assert!(!publisher.publish(s.clone()), "an identical state is no change");
-        let d1 = publisher.digest();
-        s.rules.push(AccessRule { from: label("vps"), to: label("attic") });
-        publisher.publish(s);
-        assert!(publisher.catch_up(&publisher.digest()).0.is_empty());
-        let missed = publisher.catch_up(&d0).0;
-        assert_eq!(missed.len(), 2);
-        assert!(missed[0].contains(&d0) && missed[1].contains(&d1));
-        let unknown = publisher.catch_up("something else").0;
-        assert_eq!(unknown.len(), 1);
-        assert!(matches!(serde_json::from_str::<ToMember>(&unknown[0]).unwrap(), ToMember::State { .. }));
     }
 
     /// A real session over loopback: hello, catch-up, a live change, and the session closed when the

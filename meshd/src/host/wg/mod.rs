@@ -1,33 +1,29 @@
-//! The WireGuard interface of a host: kernel WireGuard where the module exists, otherwise boringtun
-//! embedded in this process, both configured through defguard_wireguard_rs. Addresses are managed
-//! with `ip` (iproute2) so that they can be removed as well as added.
-//!
-//! meshd owns the embedded boringtun device (rather than letting defguard start it) because boringtun
-//! stops its device on SIGTERM, SIGINT, or when its UAPI socket is removed: a thread waits on the
-//! device and reports that through [`Interface::stopped`], so the daemon shuts down with it instead of
-//! running on without an interface. Removing the socket is also how meshd stops the device.
+//! The WireGuard interface of a host: kernel WireGuard where the module exists ([`kernel`]), otherwise
+//! boringtun embedded in this process ([`userspace`]), both configured through defguard_wireguard_rs.
+//! Addresses are managed with `ip` (iproute2) so that they can be removed as well as added. When the
+//! embedded device stops by itself, [`Interface::stopped`] says so.
 //!
 //! defguard's API is blocking; callers run it off the async runtime (`spawn_blocking`).
 
+mod kernel;
+mod userspace;
+
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::str::FromStr;
 use std::time::UNIX_EPOCH;
 
-use defguard_boringtun::device::{DeviceConfig, DeviceHandle};
 use defguard_wireguard_rs::key::Key;
 use defguard_wireguard_rs::peer::Peer;
-use defguard_wireguard_rs::{InterfaceConfiguration, Kernel, Userspace, WGApi, WireguardInterfaceApi};
+use defguard_wireguard_rs::{InterfaceConfiguration, Userspace, WGApi, WireguardInterfaceApi};
 use ipnet::IpNet;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::host::statedir::PeerEndpoints;
 use meshd_core::keys::PrivateKey;
-use meshd_core::plan::{HostPlan, PeerDiff, PeerPlan};
+use meshd_core::plan::{HostPlan, PeerPlan};
+use meshd_core::reconcile::{PeerChange, PeerDiff, PeerEndpoints, peer_start};
 
 /// Which WireGuard implementation to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -65,9 +61,6 @@ pub struct Interface {
     departed: std::sync::Mutex<PeerEndpoints>,
 }
 
-/// Where boringtun puts its UAPI socket.
-const UAPI_DIR: &str = "/var/run/wireguard";
-
 impl Interface {
     /// Create the interface of `plan` with its key, port, MTU, addresses and peers. A peer without a
     /// configured endpoint starts from where it was last seen (`last_seen`), if known.
@@ -81,9 +74,9 @@ impl Interface {
         let err = |e: &dyn std::fmt::Display| WgError::Interface { interface: name.clone(), message: e.to_string() };
         let (stop_tx, stopped) = watch::channel(false);
         let kernel_api = match backend {
-            Backend::Kernel => Some(create_kernel(&name).map_err(|e| err(&e))?),
+            Backend::Kernel => Some(kernel::create(&name).map_err(|e| err(&e))?),
             Backend::Userspace => None,
-            Backend::Auto => create_kernel(&name)
+            Backend::Auto => kernel::create(&name)
                 .inspect_err(|e| {
                     info!(interface = %name, reason = %e, "kernel WireGuard unavailable; using embedded userspace WireGuard")
                 })
@@ -99,7 +92,7 @@ impl Interface {
                 departed: Default::default(),
             },
             None => {
-                let device = start_userspace(&name, stop_tx).map_err(|e| err(&e))?;
+                let device = userspace::start(&name, stop_tx).map_err(|e| err(&e))?;
                 let api = WGApi::<Userspace>::new(name.as_str()).map_err(|e| err(&e))?;
                 Interface {
                     name: name.clone(),
@@ -154,21 +147,19 @@ impl Interface {
         }
         diff.remove.iter().try_for_each(remove)?;
         // boringtun refuses (by panicking) to edit a peer in place: replace it, resetting only its
-        // session. The endpoint it learned from the peer (one behind NAT has no configured endpoint)
-        // is carried over, so this side can renew the session itself.
+        // session. Where each changed peer starts sending is decided by `reconcile::peer_start`.
+        let change = if self.is_kernel() { PeerChange::EditedInPlace } else { PeerChange::Replaced };
         let mut reachable = Vec::new();
         let mut configured = Vec::new();
         for (key, plan) in &diff.update {
             let mut peer = to_peer(key, plan)?;
-            if !self.is_kernel() {
+            let start = peer_start(change, peer.endpoint.is_some(), learned.get(key).copied(), None);
+            if change == PeerChange::Replaced {
                 remove(key)?;
-                if peer.endpoint.is_none() {
-                    peer.endpoint = learned.get(key).copied();
-                }
-                debug!(peer = %plan.name, endpoint = ?peer.endpoint, known = learned.len(), "replacing peer");
+                debug!(peer = %plan.name, endpoint = ?start.endpoint, known = learned.len(), "replacing peer");
             }
-            // The kernel keeps a learned endpoint across an update.
-            if peer.endpoint.is_some() || learned.contains_key(key) {
+            peer.endpoint = peer.endpoint.or(start.endpoint);
+            if start.reachable {
                 reachable.push(key.clone());
             }
             configured.push(peer);
@@ -176,10 +167,9 @@ impl Interface {
         for (key, plan) in &diff.add {
             let mut peer = to_peer(key, plan)?;
             let last_seen = self.departed.lock().map_err(|_| self.error("endpoint memory poisoned"))?.remove(key);
-            if peer.endpoint.is_none() {
-                peer.endpoint = last_seen;
-            }
-            if peer.endpoint.is_some() {
+            let start = peer_start(PeerChange::Added, peer.endpoint.is_some(), None, last_seen);
+            peer.endpoint = peer.endpoint.or(start.endpoint);
+            if start.reachable {
                 reachable.push(key.clone());
             }
             configured.push(peer);
@@ -265,31 +255,8 @@ impl Interface {
     /// Switch the interface to a new private key (a rotation). Peers keep their settings; sessions
     /// are renewed with the new key.
     pub fn set_private_key(&self, key: &PrivateKey) -> Result<(), WgError> {
-        if self.is_kernel() {
-            // `wg` reads the key from standard input, never from its command line.
-            let mut child = Command::new("wg")
-                .args(["set", &self.name, "private-key", "/dev/stdin"])
-                .stdin(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .map_err(|e| self.error(format!("running wg: {e}")))?;
-            if let Some(mut stdin) = child.stdin.take() {
-                writeln!(stdin, "{}", key.to_base64()).map_err(|e| self.error(e))?;
-            }
-            let out = child.wait_with_output().map_err(|e| self.error(e))?;
-            if !out.status.success() {
-                return Err(self.error(format!("wg set: {}", String::from_utf8_lossy(&out.stderr).trim())));
-            }
-            return Ok(());
-        }
-        let mut socket = UnixStream::connect(uapi_socket(&self.name)).map_err(|e| self.error(e))?;
-        write!(socket, "set=1\nprivate_key={}\n\n", key.to_hex()).map_err(|e| self.error(e))?;
-        let mut reply = String::new();
-        BufReader::new(socket).read_line(&mut reply).map_err(|e| self.error(e))?;
-        match reply.trim() {
-            "errno=0" => Ok(()),
-            other => Err(self.error(format!("setting the private key: {other}"))),
-        }
+        let set = if self.is_kernel() { kernel::set_private_key } else { userspace::set_private_key };
+        set(&self.name, key).map_err(|e| self.error(e))
     }
 
     /// Where each peer with a known endpoint (configured, or learned from its packets) is, by public key.
@@ -347,42 +314,9 @@ impl Drop for Interface {
             }
         }
         if let Some(device) = self.device.take() {
-            // boringtun checks every second that its socket still exists and stops when it does not.
-            let _ = std::fs::remove_file(uapi_socket(&self.name));
-            let _ = device.join();
+            userspace::stop(&self.name, device);
         }
     }
-}
-
-fn uapi_socket(interface: &str) -> String {
-    format!("{UAPI_DIR}/{interface}.sock")
-}
-
-/// Start boringtun for `name`, bring the link up, and wait for the device on a thread of its own.
-fn start_userspace(name: &str, stopped: watch::Sender<bool>) -> Result<std::thread::JoinHandle<()>, String> {
-    let mut handle = DeviceHandle::new(name, DeviceConfig::default()).map_err(|e| e.to_string())?;
-    if let Err(e) = ip(&["link", "set", "dev", name, "up"]) {
-        let _ = std::fs::remove_file(uapi_socket(name));
-        handle.wait();
-        return Err(e.to_string());
-    }
-    let name = name.to_owned();
-    std::thread::Builder::new()
-        .name(format!("wg-{name}"))
-        .spawn(move || {
-            handle.wait();
-            handle.clean();
-            drop(handle);
-            debug!(interface = %name, "embedded WireGuard device stopped");
-            let _ = stopped.send(true);
-        })
-        .map_err(|e| e.to_string())
-}
-
-fn create_kernel(name: &str) -> Result<WGApi<Kernel>, defguard_wireguard_rs::error::WireguardInterfaceError> {
-    let mut api = WGApi::<Kernel>::new(name)?;
-    api.create_interface()?;
-    Ok(api)
 }
 
 fn to_peer(key: &str, plan: &PeerPlan) -> Result<Peer, WgError> {
@@ -429,6 +363,7 @@ fn peer_mismatch(want: &Peer, got: &Peer) -> Option<&'static str> {
     }
 }
 
+/// Run `ip` with `args` (iproute2); its first error line on failure.
 fn ip(args: &[&str]) -> Result<(), WgError> {
     let output = Command::new("ip")
         .args(args)

@@ -1,0 +1,543 @@
+//! Simulation: a hub and several members, the real state machines of this module, over an in-memory
+//! network on a fake clock; no root, no sockets, no threads. A stand-in controller holds the network's
+//! state and makes the decisions the hub's loop asks of it (is this key free, switch to it). Hosts
+//! join, the network changes, connections drop with what was in flight, members reconnect, the hub
+//! restarts (its journal lost), and two key rotations go wrong: one whose confirmation is lost with
+//! the connection, one whose switch never reaches the hub. Each seed is one schedule; at the end every
+//! member must hold the controller's state, have applied the plan the planner makes of it, and use the
+//! key the network knows it by.
+//!
+//! Cryptokey routing is modelled: a member reaches the hub only while the hub has it as an active peer
+//! with the key its interface uses; a member the hub drops hears nothing more.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::hub::{self, HubSession, Journal};
+use super::member::{self, Member};
+use crate::fixtures::{label, node, sample_state};
+use crate::keys::PrivateKey;
+use crate::model::{AccessRule, Protocol, Role, Service, SharedState};
+use crate::plan::{HostPlan, plan_host};
+use crate::wire::admin::MemberState;
+use crate::wire::sync::{ToHub, ToMember, line};
+
+const TICK: Duration = Duration::from_millis(50);
+const RECONNECT: Duration = Duration::from_millis(700);
+
+/// A connection between a member and the hub, and the hub's session on it.
+struct Link {
+    to_member: VecDeque<Arc<str>>,
+    to_hub: VecDeque<String>,
+    session: HubSession,
+    /// The session receives published changes (after its catch-up).
+    subscribed: bool,
+}
+
+/// A member host: its state machine, and what its daemon would hold on the host.
+struct Host {
+    member: Member,
+    /// Its mesh address (IPv4), what the hub knows a session's node by.
+    addr: IpAddr,
+    /// The key the interface uses.
+    interface_key: PrivateKey,
+    /// `private.key` and the saved next key of a rotation.
+    key_file: PrivateKey,
+    next_key_file: Option<PrivateKey>,
+    /// `member.json`.
+    cache: MemberState,
+    /// The plan the last reconcile applied.
+    applied: Option<HostPlan>,
+    /// Messages waiting for a session (the member's outgoing channel); `true`: acknowledged.
+    outbox: VecDeque<(ToHub, bool)>,
+    /// The public key it joined with.
+    joined_with: String,
+    link: Option<Link>,
+    reconnect_at: Instant,
+    stopped: bool,
+}
+
+/// What goes wrong on purpose, once, at a rotation.
+#[derive(Default)]
+struct Faults {
+    /// Drop this member's connection right after the hub switched its key (the confirmation is lost).
+    drop_after_switch: Option<String>,
+    /// Drop this member's connection while its switch message is unread (the hub never switches).
+    drop_before_switch: Option<String>,
+}
+
+struct World {
+    now: Instant,
+    /// The controller's state of the network.
+    network: SharedState,
+    journal: Journal,
+    hosts: BTreeMap<String, Host>,
+    rng: u64,
+    /// Chance per tick and connection of a drop, in 1/1000.
+    drop_per_mille: u64,
+    faults: Faults,
+    drops: usize,
+}
+
+impl World {
+    /// A network of the hub alone.
+    fn new(seed: u64) -> World {
+        let mut network = sample_state();
+        network.nodes.truncate(1);
+        network.services.clear();
+        network.devices.clear();
+        let now = Instant::now();
+        World {
+            now,
+            journal: Journal::new(network.clone()),
+            network,
+            hosts: BTreeMap::new(),
+            rng: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            drop_per_mille: 0,
+            faults: Faults::default(),
+            drops: 0,
+        }
+    }
+
+    fn random(&mut self, below: u64) -> u64 {
+        // xorshift64: a reproducible schedule per seed.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng % below
+    }
+
+    /// The controller changed the network: the hub publishes, every live session sends the change,
+    /// and a session whose node left is closed (with what it had not delivered: the hub took the peer
+    /// away first).
+    fn publish(&mut self) {
+        let Some(change) = self.journal.publish(self.network.clone()) else { return };
+        let journal = &self.journal;
+        for host in self.hosts.values_mut() {
+            let Some(link) = &mut host.link else { continue };
+            if link.subscribed {
+                link.to_member.push_back(change.clone());
+            }
+            let still = journal.member(host.addr) == Some(link.session.node());
+            link.session.handle_published(still);
+        }
+        self.hub_effects();
+    }
+
+    /// A host joins with a fresh key and the state of the moment.
+    fn join(&mut self, name: &str) {
+        let index = self.network.nodes.iter().map(|n| n.index).max().unwrap_or(0) + 1;
+        let key = PrivateKey::generate();
+        let mut joined = node(name, index);
+        joined.public_key = key.public_key();
+        self.network.nodes.push(joined);
+        self.publish();
+        let cache = MemberState { me: label(name), state: self.network.clone() };
+        let addr = IpAddr::V4(self.network.network.pool().v4_of(index));
+        let host = Host {
+            member: Member::new(cache.clone(), key.clone(), self.now),
+            addr,
+            interface_key: key.clone(),
+            key_file: key.clone(),
+            next_key_file: None,
+            cache,
+            applied: None,
+            outbox: VecDeque::new(),
+            joined_with: key.public_key(),
+            link: None,
+            reconnect_at: self.now,
+            stopped: false,
+        };
+        self.hosts.insert(name.to_owned(), host);
+    }
+
+    /// The hub's interface has `name` as an active peer with the key its interface uses.
+    fn reachable(&self, name: &str) -> bool {
+        let host = &self.hosts[name];
+        self.network
+            .nodes
+            .iter()
+            .any(|n| n.name.as_str() == name && n.active() && n.public_key == host.interface_key.public_key())
+            && self.journal.member(host.addr).is_some_and(|n| n.as_str() == name)
+    }
+
+    fn drop_link(&mut self, name: &str) {
+        let host = self.hosts.get_mut(name).expect("a host");
+        if host.link.take().is_some() {
+            self.drops += 1;
+        }
+        host.reconnect_at = self.now + RECONNECT;
+    }
+
+    fn restart_hub(&mut self) {
+        let names: Vec<String> = self.hosts.keys().cloned().collect();
+        for name in names {
+            self.drop_link(&name);
+        }
+        self.journal = Journal::new(self.network.clone());
+    }
+
+    fn step(&mut self) {
+        self.now += TICK;
+        let names: Vec<String> = self.hosts.keys().cloned().collect();
+        for name in &names {
+            if self.hosts[name].stopped {
+                continue;
+            }
+            self.connect_if_due(name);
+            if self.hosts[name].link.is_some() && self.drop_per_mille > 0 && self.random(1000) < self.drop_per_mille {
+                self.drop_link(name);
+            }
+            self.hub_reads(name);
+            self.member_reads(name);
+            let now = self.now;
+            let host = self.hosts.get_mut(name).expect("a host");
+            if host.member.poll_timeout().is_some_and(|at| at <= now) {
+                host.member.handle_timeout(now);
+            }
+            if let Some(link) = &mut host.link
+                && link.session.poll_timeout().is_some_and(|at| at <= now)
+            {
+                link.session.handle_timeout(now);
+            }
+            self.member_effects(name);
+        }
+        self.hub_effects();
+    }
+
+    fn connect_if_due(&mut self, name: &str) {
+        let host = &self.hosts[name];
+        if host.link.is_some() || host.reconnect_at > self.now || !self.reachable(name) {
+            return;
+        }
+        let now = self.now;
+        let host = self.hosts.get_mut(name).expect("a host");
+        let mut link = Link {
+            to_member: VecDeque::new(),
+            to_hub: VecDeque::new(),
+            session: HubSession::new(label(name), now),
+            subscribed: false,
+        };
+        link.to_hub.push_back(line_to_hub(&ToHub::Hello { digest: host.member.digest().to_owned() }));
+        host.link = Some(link);
+        host.member.handle_connected(now);
+        self.flush_outbox(name);
+        self.member_effects(name);
+    }
+
+    /// Messages the member queued while no session was up go out in the next one.
+    fn flush_outbox(&mut self, name: &str) {
+        let host = self.hosts.get_mut(name).expect("a host");
+        let Some(link) = &mut host.link else { return };
+        while let Some((message, acknowledged)) = host.outbox.pop_front() {
+            link.to_hub.push_back(line_to_hub(&message));
+            if acknowledged {
+                host.member.handle_acknowledged(true);
+            }
+        }
+    }
+
+    fn hub_reads(&mut self, name: &str) {
+        loop {
+            let host = self.hosts.get_mut(name).expect("a host");
+            let Some(link) = &mut host.link else { return };
+            let Some(text) = link.to_hub.pop_front() else { return };
+            if text.contains("\"switch\"") && self.faults.drop_before_switch.as_deref() == Some(name) {
+                self.faults.drop_before_switch = None;
+                self.drop_link(name);
+                return;
+            }
+            link.session.handle_line(text.trim_end());
+            self.session_effects(name);
+        }
+    }
+
+    /// Carry out what the hub's session of `name` asks for.
+    fn session_effects(&mut self, name: &str) {
+        loop {
+            let host = self.hosts.get_mut(name).expect("a host");
+            let Some(link) = &mut host.link else { return };
+            let Some(effect) = link.session.poll_effect() else { return };
+            match effect {
+                hub::Effect::CatchUp { digest } => {
+                    link.to_member.extend(self.journal.catch_up(&digest));
+                    link.subscribed = true;
+                }
+                hub::Effect::Send(message) => link.to_member.push_back(line(&message)),
+                hub::Effect::CheckKey { public_key } => {
+                    let verdict = check_key(&self.network, name, &public_key);
+                    link.session.handle_key_verdict(verdict);
+                }
+                hub::Effect::SwitchKey { public_key } => {
+                    if check_key(&self.network, name, &public_key).is_ok() {
+                        let n = self.network.nodes.iter_mut().find(|n| n.name.as_str() == name).expect("a node");
+                        n.public_key = public_key;
+                        n.rotate_key = false;
+                        self.publish();
+                        if self.faults.drop_after_switch.as_deref() == Some(name) {
+                            self.faults.drop_after_switch = None;
+                            self.drop_link(name);
+                        }
+                    }
+                }
+                hub::Effect::Close(_) => {
+                    host.link = None;
+                    host.reconnect_at = self.now + RECONNECT;
+                }
+            }
+        }
+    }
+
+    fn hub_effects(&mut self) {
+        let names: Vec<String> = self.hosts.keys().cloned().collect();
+        for name in names {
+            self.session_effects(&name);
+        }
+    }
+
+    fn member_reads(&mut self, name: &str) {
+        loop {
+            let host = self.hosts.get_mut(name).expect("a host");
+            let Some(link) = &mut host.link else { return };
+            let Some(text) = link.to_member.pop_front() else { return };
+            let message: ToMember = serde_json::from_str(&text).expect("the hub sends valid lines");
+            host.member.handle_message(message);
+            self.member_effects(name);
+        }
+    }
+
+    /// Carry out what member `name` asks for, as its daemon would.
+    fn member_effects(&mut self, name: &str) {
+        let now = self.now;
+        let host = self.hosts.get_mut(name).expect("a host");
+        while let Some(effect) = host.member.poll_effect() {
+            match effect {
+                member::Effect::Send(message) => host.send(message, false),
+                member::Effect::SendAcknowledged(message) => host.send(message, true),
+                member::Effect::OfferKey(key) => {
+                    let public_key = key.public_key();
+                    host.next_key_file = Some(key);
+                    host.send(ToHub::NewKey { public_key }, false);
+                }
+                member::Effect::UseKey(key) => {
+                    host.interface_key = key;
+                    host.member.handle_key_used(true, now);
+                }
+                member::Effect::DiscardNextKey => host.next_key_file = None,
+                member::Effect::PromoteNextKey => {
+                    host.key_file = host.next_key_file.take().expect("a confirmed key was saved first");
+                }
+                member::Effect::CacheState => host.cache = host.member.member_state().clone(),
+                member::Effect::Reconcile => {
+                    let state = &host.member.member_state().state;
+                    host.applied = Some(plan_host(&state.snapshot(), name).expect("a member plans itself"));
+                }
+                member::Effect::OpenKnownTunnels => {}
+                member::Effect::Removed { .. } => host.stopped = true,
+            }
+        }
+    }
+
+    fn run(&mut self, duration: Duration) {
+        let until = self.now + duration;
+        while self.now < until {
+            self.step();
+        }
+    }
+
+    fn change(&mut self, f: impl FnOnce(&mut SharedState)) {
+        f(&mut self.network);
+        self.publish();
+    }
+}
+
+impl Host {
+    fn send(&mut self, message: ToHub, acknowledged: bool) {
+        match &mut self.link {
+            Some(link) => {
+                link.to_hub.push_back(line_to_hub(&message));
+                if acknowledged {
+                    self.member.handle_acknowledged(true);
+                }
+            }
+            None => self.outbox.push_back((message, acknowledged)),
+        }
+    }
+}
+
+fn line_to_hub(message: &ToHub) -> String {
+    serde_json::to_string(message).expect("messages serialise") + "\n"
+}
+
+/// The controller's check of an offered key: the node was asked for one and no other node has it.
+fn check_key(network: &SharedState, name: &str, public_key: &str) -> Result<(), String> {
+    let asked = network.nodes.iter().any(|n| n.name.as_str() == name && n.rotate_key);
+    if !asked {
+        return Err(format!("node {name} was not asked for a new key"));
+    }
+    if network.nodes.iter().any(|n| n.public_key == public_key) {
+        return Err("the key is in use".into());
+    }
+    Ok(())
+}
+
+fn service(name: &str, on: &str, port: u16, index: u32) -> Service {
+    Service {
+        name: label(name),
+        node: label(on),
+        target: format!("127.0.0.1:{port}").parse().expect("a target"),
+        port,
+        index,
+        protocol: if port.is_multiple_of(2) { Protocol::Tcp } else { Protocol::Udp },
+    }
+}
+
+/// One schedule: joins, changes under random drops, a hub restart, two rotations that go wrong, a
+/// member disabled and one removed; then a quiet minute.
+fn schedule(seed: u64) -> World {
+    let mut w = World::new(seed);
+    for name in ["alpha", "bravo", "charlie"] {
+        w.join(name);
+    }
+    w.run(Duration::from_secs(2));
+    w.drop_per_mille = 15;
+    for (round, index) in (0..12u16).zip(101..) {
+        let on = ["alpha", "bravo", "charlie"][usize::from(round) % 3];
+        w.change(|s| s.services.push(service(&format!("svc{round}"), on, 8000 + round, index)));
+        if round % 3 == 0 {
+            w.change(|s| s.rules.push(AccessRule { from: label("bravo"), to: label(on) }));
+        }
+        if round == 4 {
+            w.join("delta");
+        }
+        if round == 5 {
+            w.faults.drop_after_switch = Some("bravo".into());
+            w.change(|s| s.nodes.iter_mut().filter(|n| n.name.as_str() == "bravo").for_each(|n| n.rotate_key = true));
+        }
+        if round == 6 {
+            w.restart_hub();
+        }
+        if round == 7 {
+            w.faults.drop_before_switch = Some("charlie".into());
+            w.change(|s| s.nodes.iter_mut().filter(|n| n.name.as_str() == "charlie").for_each(|n| n.rotate_key = true));
+        }
+        if round == 8 {
+            w.change(|s| s.nodes.iter_mut().filter(|n| n.name.as_str() == "delta").for_each(|n| n.disabled = true));
+        }
+        if round == 9 {
+            w.join("echo");
+            w.change(|s| s.services.retain(|v| v.node.as_str() != "alpha" || v.port % 3 != 0));
+        }
+        if round == 10 {
+            w.change(|s| {
+                let alpha = label("alpha");
+                s.services.retain(|v| v.node != alpha);
+                s.rules.retain(|r| r.from != alpha && r.to != alpha);
+                s.nodes.retain(|n| n.name != alpha);
+            });
+        }
+        if round == 11 {
+            w.change(|s| s.nodes.iter_mut().filter(|n| n.name.as_str() == "delta").for_each(|n| n.disabled = false));
+        }
+        let pause = 200 + w.random(3000);
+        w.run(Duration::from_millis(pause));
+    }
+    w.drop_per_mille = 0;
+    // Long enough for a rotation to time out (30 s), go back, and be offered again.
+    w.run(member::ROTATION_CONFIRM * 2 + Duration::from_secs(10));
+    w
+}
+
+fn assert_converged(w: &World, seed: u64) {
+    let snapshot = w.network.snapshot();
+    for (name, host) in &w.hosts {
+        let known = w.network.nodes.iter().find(|n| n.name.as_str() == name);
+        let Some(known) = known else {
+            // Removed: the hub dropped it as a peer and it hears nothing more.
+            assert!(host.link.is_none() && !w.reachable(name), "seed {seed}: removed {name} still connected");
+            continue;
+        };
+        assert_eq!(host.member.digest(), w.journal.digest(), "seed {seed}: {name} holds another state");
+        assert_eq!(host.member.member_state().state, w.network, "seed {seed}: {name}");
+        assert_eq!(host.cache.state, w.network, "seed {seed}: {name} cached an older state");
+        let planned = plan_host(&snapshot, name).expect("the controller plans every node");
+        assert_eq!(host.applied.as_ref(), Some(&planned), "seed {seed}: {name} applied another plan");
+        assert_eq!(
+            host.interface_key.public_key(),
+            known.public_key,
+            "seed {seed}: {name} uses a key the network does not know"
+        );
+        assert_eq!(host.key_file, host.interface_key, "seed {seed}: {name} would restart with another key");
+        assert!(host.next_key_file.is_none() && !host.member.is_rotating(), "seed {seed}: {name} is still rotating");
+        assert!(!known.rotate_key, "seed {seed}: {name} never rotated");
+        assert!(host.link.is_some(), "seed {seed}: {name} is not connected");
+    }
+}
+
+#[test]
+fn members_converge_to_the_planners_view_through_drops_restarts_and_failed_rotations() {
+    let mut drops = 0;
+    for seed in 1..=40 {
+        let w = schedule(seed);
+        assert_converged(&w, seed);
+        // Both rotations went through in the end, to new keys; the others kept theirs.
+        for (name, host) in &w.hosts {
+            let rotated = host.key_file.public_key() != host.joined_with;
+            assert_eq!(rotated, name == "bravo" || name == "charlie", "seed {seed}: {name}");
+        }
+        assert_eq!(w.hosts.len(), 5);
+        drops += w.drops;
+    }
+    assert!(drops > 40, "the schedules dropped connections ({drops})");
+}
+
+#[test]
+fn a_rotation_whose_switch_never_reaches_the_hub_goes_back_and_is_offered_again() {
+    let mut w = World::new(7);
+    w.join("alpha");
+    w.run(Duration::from_secs(2));
+    let old = w.hosts["alpha"].interface_key.public_key();
+    w.faults.drop_before_switch = Some("alpha".into());
+    w.change(|s| s.nodes.iter_mut().for_each(|n| n.rotate_key = n.role != Role::Hub));
+    w.run(Duration::from_secs(2));
+    // The member switched; the hub never heard: the network still knows the old key.
+    let host = &w.hosts["alpha"];
+    let first = host.interface_key.public_key();
+    assert!(host.member.is_rotating() && first != old);
+    assert_eq!(w.network.nodes[1].public_key, old);
+    w.run(member::ROTATION_CONFIRM - Duration::from_secs(5));
+    assert_eq!(w.hosts["alpha"].interface_key.public_key(), first, "still waiting for the confirmation");
+    // Then it goes back to the old key and offers another, which goes through.
+    w.run(Duration::from_secs(10));
+    assert_converged(&w, 7);
+    let now = &w.network.nodes[1].public_key;
+    assert!(now != &old && now != &first, "a second, new key: {now}");
+}
+
+#[test]
+fn a_rotation_confirmed_while_the_member_was_away_is_finished_on_reconnect() {
+    let mut w = World::new(11);
+    w.join("alpha");
+    w.run(Duration::from_secs(2));
+    let old = w.hosts["alpha"].interface_key.public_key();
+    w.faults.drop_after_switch = Some("alpha".into());
+    w.change(|s| s.nodes.iter_mut().for_each(|n| n.rotate_key = n.role != Role::Hub));
+    w.run(Duration::from_secs(5));
+    assert_eq!(w.drops, 1, "the confirmation was lost with the connection");
+    assert_converged(&w, 11);
+    assert_ne!(w.hosts["alpha"].key_file.public_key(), old);
+}
+
+#[test]
+fn a_restarted_hub_sends_every_member_the_whole_state() {
+    let mut w = World::new(3);
+    w.join("alpha");
+    w.join("bravo");
+    w.run(Duration::from_secs(2));
+    w.restart_hub();
+    w.change(|s| s.services.push(service("late", "alpha", 9000, 50)));
+    w.run(Duration::from_secs(3));
+    assert_converged(&w, 3);
+}

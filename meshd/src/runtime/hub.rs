@@ -1,0 +1,175 @@
+//! The hub: the controller's loop. Requests enter here (the admin socket, the join service, the
+//! members' sync sessions), change the network through the [`Controller`], and every change is applied
+//! to this host (one reconcile) and published to the members.
+
+use std::collections::HashSet;
+use std::net::{Ipv6Addr, SocketAddr};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use super::apply::{Host, open_tunnels};
+use super::wait_for_signal;
+use crate::controller::Controller;
+use crate::host::statedir::StateDir;
+use crate::host::wg::Interface;
+use crate::links::admin::{self, Call};
+use crate::links::join::{self, JoinCall};
+use crate::links::sync::{FromSession, Publisher};
+use meshd_core::model::{DeviceView, Snapshot};
+use meshd_core::wire::admin::{JoinReply, JoinRequest, Outcome, Reply, Request};
+
+/// Open the admin socket, the join service and the sync service, then answer them until SIGINT or
+/// SIGTERM. Every change is applied to this host and published to the members.
+pub(super) async fn serve(
+    state: &StateDir,
+    controller: &mut Controller,
+    host: &mut Host,
+    snapshot: &Snapshot,
+) -> anyhow::Result<()> {
+    // Joining hosts reach the join service on the TCP port of the same number as WireGuard's UDP one.
+    let identity = controller.join_identity()?;
+    let join_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, host.plan.listen_port));
+    let join_listener =
+        TcpListener::bind(join_addr).await.with_context(|| format!("join service on TCP {join_addr}"))?;
+    let (joins_tx, mut joins) = mpsc::channel::<JoinCall<JoinRequest, JoinReply>>(64);
+    let mut tasks = vec![tokio::spawn(join::serve(join_listener, identity, joins_tx, |reason| {
+        JoinReply::Refused(format!("malformed join request: {reason}"))
+    }))];
+
+    let publisher = Publisher::new(snapshot.shared());
+    let (sessions_tx, mut sessions) = mpsc::channel::<FromSession>(64);
+    for addr in host.plan.sync.iter().flat_map(|s| s.listen.iter()) {
+        let listener = crate::host::socket::listen_tcp(*addr).with_context(|| format!("sync service on TCP {addr}"))?;
+        tasks.push(tokio::spawn(publisher.clone().serve(listener, sessions_tx.clone())));
+    }
+
+    let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
+    let listener = admin::bind(&state.socket())?;
+    tasks.push(tokio::spawn(admin::serve(listener, calls_tx)));
+    info!(node = %host.name, socket = %state.socket().display(), join = %join_addr, "meshd ready");
+    // Peers (members and devices alike) still hold sessions with the hub as it was before the restart and
+    // would send on them, dropped here, until their own rekey (~15 s). Where they were last seen is
+    // known: a handshake from here renews them at once.
+    host.open_known_tunnels().await;
+    let shutdown = wait_for_signal(host.stopped()?);
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            Some((request, reply)) = calls.recv() => {
+                let outcome = handle(controller, host, &publisher, request).await;
+                let _ = reply.send(outcome);
+            }
+            Some((request, peer, reply)) = joins.recv() => {
+                let _ = reply.send(redeem(controller, host, &publisher, &request, peer).await);
+            }
+            Some(request) = sessions.recv() => rotate_member_key(controller, host, &publisher, request).await,
+            result = &mut shutdown => break result,
+        }
+    };
+    tasks.iter().for_each(tokio::task::JoinHandle::abort);
+    let _ = std::fs::remove_file(state.socket());
+    result
+}
+
+/// A member asked for a new key offers it, then switches to it.
+async fn rotate_member_key(controller: &mut Controller, host: &mut Host, publisher: &Publisher, request: FromSession) {
+    match request {
+        FromSession::Offer(offer) => {
+            let verdict = controller.check_node_key(&offer.node, &offer.public_key).map_err(|e| e.to_string());
+            let _ = offer.reply.send(verdict);
+        }
+        FromSession::Switch { node, public_key } => match controller.replace_node_key(&node, &public_key) {
+            Ok(()) => {
+                info!(%node, "member switched to its new key");
+                if let Err(e) = publish_change(controller, host, publisher).await {
+                    error!(error = format!("{e:#}"), "applying the new key failed");
+                }
+            }
+            Err(e) => warn!(%node, error = %e, "refused the member's new key"),
+        },
+    }
+}
+
+/// A joining host redeems its invite; the hub takes the new node as a peer before answering.
+async fn redeem(
+    controller: &mut Controller,
+    host: &mut Host,
+    publisher: &Publisher,
+    request: &JoinRequest,
+    peer: SocketAddr,
+) -> JoinReply {
+    match controller.redeem(request) {
+        Ok(member) => {
+            info!(node = %member.me, %peer, "host joined");
+            if let Err(e) = publish_change(controller, host, publisher).await {
+                error!(error = format!("{e:#}"), "applying the join failed");
+            }
+            JoinReply::Joined(Box::new(member))
+        }
+        Err(e) => {
+            info!(%peer, reason = %e, "join refused");
+            JoinReply::Refused(e.to_string())
+        }
+    }
+}
+
+/// After a change: apply the stored network to this host, then push it to the members.
+async fn publish_change(controller: &mut Controller, host: &mut Host, publisher: &Publisher) -> anyhow::Result<()> {
+    let snapshot = controller.snapshot()?;
+    let renewable = host.reconcile(&snapshot).await?;
+    // Nodes the hub gained or replaced as peers: open the tunnel from here. One behind NAT that comes
+    // back (enabled again) is reached at once from where it was last seen, rather than when one of its
+    // own attempts gets through. Devices are left alone.
+    let nodes: HashSet<&str> = snapshot.nodes.iter().map(|n| n.public_key.as_str()).collect();
+    open_tunnels(renewable.iter().filter(|(key, _)| nodes.contains(key.as_str())).map(|(_, p)| p));
+    publisher.publish(snapshot.shared());
+    Ok(())
+}
+
+/// Carry out one admin request; a change is applied to this host and published to the members.
+async fn handle(controller: &mut Controller, host: &mut Host, publisher: &Publisher, request: Request) -> Outcome {
+    let is_change = request.is_change();
+    let reply = match crate::controller::outcome(controller.handle(request)) {
+        Outcome::Ok(reply) => reply,
+        refused => return refused,
+    };
+    if is_change && let Err(e) = publish_change(controller, host, publisher).await {
+        error!(error = format!("{e:#}"), "applying the change failed");
+        return Outcome::Error(format!("the change was saved but applying it failed: {e:#}"));
+    }
+    Outcome::Ok(with_handshakes(host, reply).await)
+}
+
+/// Fill in the last handshake of devices from the live interface.
+async fn with_handshakes(host: &Host, reply: Reply) -> Reply {
+    let needs = matches!(reply, Reply::Devices(_) | Reply::Status(_));
+    if !needs {
+        return reply;
+    }
+    let handshakes = match host.on_interface(Interface::handshakes).await {
+        Ok(h) => h,
+        Err(e) => {
+            warn!(error = format!("{e:#}"), "could not read handshakes from the interface");
+            return reply;
+        }
+    };
+    let fill = |devices: &mut Vec<DeviceView>| {
+        for d in devices {
+            d.last_handshake = handshakes.get(&d.public_key).copied().flatten();
+        }
+    };
+    match reply {
+        Reply::Devices(mut devices) => {
+            fill(&mut devices);
+            Reply::Devices(devices)
+        }
+        Reply::Status(mut status) => {
+            fill(&mut status.devices);
+            Reply::Status(status)
+        }
+        other => other,
+    }
+}

@@ -1,0 +1,149 @@
+//! A member host: follows the controller's live updates through its sync session and carries out what
+//! its state machine ([`meshd_core::session::member::Member`]) decides: apply each change to this host
+//! and cache it, key rotations the operator asks for, the opening of tunnels after start. Without a
+//! controller the host keeps running on its cached state and reconnects with backoff.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use anyhow::{Context, anyhow};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
+
+use super::apply::{Host, open_tunnels};
+use super::wait_for_signal;
+use crate::host::statedir::StateDir;
+use crate::links::sync::{self, Outgoing, SyncEvent};
+use meshd_core::keys::PrivateKey;
+use meshd_core::model::SYNC_PORT;
+use meshd_core::session::member::{Effect, Member};
+use meshd_core::wire::admin::MemberState;
+use meshd_core::wire::sync::ToHub;
+
+/// The member's key: `private.key`, or the key of an interrupted rotation if the network already
+/// knows the member by it.
+pub(super) fn member_key(state: &StateDir, member: &MemberState) -> anyhow::Result<PrivateKey> {
+    let known = member.state.nodes.iter().find(|n| n.name == member.me).map(|n| n.public_key.clone());
+    let key = state.read_private_key()?;
+    match state.read_next_private_key()? {
+        Some(next) if Some(next.public_key()) == known => {
+            state.promote_next_private_key()?;
+            info!("finishing an interrupted key rotation");
+            Ok(next)
+        }
+        Some(_) => {
+            state.discard_next_private_key();
+            Ok(key)
+        }
+        None => Ok(key),
+    }
+}
+
+/// Follow the controller until SIGINT or SIGTERM, or until this host is removed from the network.
+pub(super) async fn follow_controller(
+    state: &StateDir,
+    member: MemberState,
+    key: PrivateKey,
+    host: &mut Host,
+) -> anyhow::Result<()> {
+    let snapshot = member.state.snapshot();
+    let hub = snapshot.hub().ok_or_else(|| anyhow!("the cached network has no hub"))?;
+    let hub_addr = SocketAddr::new(snapshot.network.pool().v4_of(hub.index).into(), SYNC_PORT);
+    let mut member = Member::new(member, key, Instant::now());
+    let (digest_tx, digest_rx) = watch::channel(member.digest().to_owned());
+    let (events_tx, mut events) = mpsc::channel(64);
+    let (outgoing, outgoing_rx) = mpsc::channel(8);
+    let client = tokio::spawn(sync::follow(hub_addr, digest_rx, events_tx, outgoing_rx));
+    let shutdown = wait_for_signal(host.stopped()?);
+    tokio::pin!(shutdown);
+    let result = loop {
+        if let Err(e) = carry_out(&mut member, state, host, &outgoing).await {
+            break Err(e);
+        }
+        digest_tx.send_if_modified(|digest| {
+            let changed = digest != member.digest();
+            if changed {
+                member.digest().clone_into(digest);
+            }
+            changed
+        });
+        let deadline = member.poll_timeout();
+        tokio::select! {
+            Some(event) = events.recv() => match event {
+                SyncEvent::Connected => member.handle_connected(Instant::now()),
+                SyncEvent::Message(message) => member.handle_message(message),
+            },
+            () = sleep_until(deadline) => member.handle_timeout(Instant::now()),
+            result = &mut shutdown => break result,
+        }
+    };
+    client.abort();
+    result
+}
+
+/// Carry out every effect the member asks for, in order, reporting back what it needs to know. An
+/// error ends the daemon: the host was removed from the network, or a confirmed key could not be saved.
+async fn carry_out(
+    member: &mut Member,
+    state: &StateDir,
+    host: &mut Host,
+    outgoing: &mpsc::Sender<Outgoing>,
+) -> anyhow::Result<()> {
+    while let Some(effect) = member.poll_effect() {
+        match effect {
+            Effect::Send(message) => {
+                let _ = outgoing.send(message.into()).await;
+            }
+            Effect::SendAcknowledged(message) => {
+                let (delivered, acknowledged) = oneshot::channel();
+                let _ = outgoing.send(Outgoing { message, delivered: Some(delivered) }).await;
+                member.handle_acknowledged(acknowledged.await.is_ok());
+            }
+            Effect::OfferKey(key) => {
+                let offered = match state.write_next_private_key(&key) {
+                    Ok(()) => outgoing
+                        .send(ToHub::NewKey { public_key: key.public_key() }.into())
+                        .await
+                        .context("sync client stopped"),
+                    Err(e) => Err(e.into()),
+                };
+                if let Err(e) = offered {
+                    warn!(error = format!("{e:#}"), "starting the key rotation");
+                    member.handle_offer_failed();
+                }
+            }
+            Effect::UseKey(key) => {
+                let used = host.use_key(&key).await;
+                if let Err(e) = &used {
+                    warn!(error = format!("{e:#}"), "switching keys");
+                }
+                member.handle_key_used(used.is_ok(), Instant::now());
+            }
+            Effect::DiscardNextKey => state.discard_next_private_key(),
+            Effect::PromoteNextKey => state.promote_next_private_key().context("saving the new key")?,
+            Effect::CacheState => {
+                if let Err(e) = state.write_member_state(member.member_state()) {
+                    warn!(error = %e, "caching the network's state");
+                }
+            }
+            Effect::Reconcile => match host.reconcile(&member.member_state().state.snapshot()).await {
+                // New peers get a tunnel at once; a replaced peer lost its session on this side only and
+                // would keep sending on the old one (dropped here) until its own rekey, ~15 s: a handshake
+                // now renews both.
+                Ok(renewable) => open_tunnels(renewable.iter().map(|(_, p)| p)),
+                Err(e) => error!(error = format!("{e:#}"), "applying the controller's change failed"),
+            },
+            Effect::OpenKnownTunnels => host.open_known_tunnels().await,
+            Effect::Removed { network } => return Err(anyhow!("this host was removed from network {network}")),
+        }
+    }
+    Ok(())
+}
+
+/// Wait until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}
