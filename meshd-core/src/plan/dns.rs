@@ -1,6 +1,6 @@
-//! The mesh DNS zones as data: the records a host serves (its network's names), the mesh domain as a
-//! DNS name, the reverse zones that cover the mesh ranges, and each zone's complete record map (SOA and
-//! NS at the apex, A/AAAA or PTR sets). The daemon's DNS server (`host::dns`) serves these maps; it
+//! A host's mesh DNS as data: the records it serves (its network's names: nodes, devices, services),
+//! where it listens and for whom, the mesh domain as a DNS name, the reverse zones that cover the mesh
+//! ranges, and each zone's complete record map (SOA and NS at the apex, A/AAAA or PTR sets). The daemon's DNS server (`host::dns`) serves these maps; it
 //! decides nothing about their content.
 
 use std::collections::BTreeMap;
@@ -11,11 +11,51 @@ use hickory_proto::rr::{
     LowerName, Name, RData, RecordSet, RecordType, RrKey,
     rdata::{A, AAAA, NS, PTR, SOA},
 };
+use std::net::SocketAddr;
+
 use ipnet::IpNet;
 use tracing::warn;
 
+use super::HostView;
+use crate::input::Label;
+
 /// Names to serve: fully-qualified lowercase names without trailing dot -> addresses (v4 and/or v6).
 pub type DnsRecords = BTreeMap<String, Vec<IpAddr>>;
+
+/// The mesh DNS of a host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsPlan {
+    /// The host's mesh addresses, port [`DNS_PORT`] (the daemon may move it).
+    pub listen: Vec<SocketAddr>,
+    /// The mesh domain.
+    pub domain: String,
+    /// The names it answers for.
+    pub records: DnsRecords,
+    /// Ranges whose reverse names (PTR) it serves: the mesh ranges.
+    pub reverse: Vec<IpNet>,
+    /// Who may query it over the mesh: on the hub the mesh ranges (devices use it); none on members,
+    /// whose server is for the host itself (its queries arrive over loopback).
+    pub clients: Vec<IpNet>,
+}
+
+/// The mesh DNS of the host of `view`: names of active nodes, devices, and services on active nodes.
+pub(super) fn plan(view: &HostView<'_>) -> DnsPlan {
+    let s = view.s;
+    let mut records = DnsRecords::new();
+    let mut add = |name: &Label, index: u32| {
+        records.insert(s.network.fqdn(name), view.host_addrs(index).to_vec());
+    };
+    view.active.iter().for_each(|n| add(&n.name, n.index));
+    s.devices.iter().for_each(|d| add(&d.name, d.index));
+    s.services.iter().filter(|v| view.active.iter().any(|n| n.name == v.node)).for_each(|v| add(&v.name, v.index));
+    DnsPlan {
+        listen: view.own(DNS_PORT),
+        domain: s.network.domain.clone(),
+        records,
+        reverse: view.mesh().to_vec(),
+        clients: if view.is_hub { view.mesh().to_vec() } else { Vec::new() },
+    }
+}
 
 /// TTL of mesh records: short, because peers come and go and updates must show quickly.
 pub const RECORD_TTL: u32 = 30;

@@ -1,25 +1,36 @@
-//! The pure core: from the stored network to what one host must look like (its interface, peers,
-//! forwarders, access rules and DNS), and from two such pictures to the changes between them.
+//! From the stored network to what one host must look like: its interface, peers ([`peers`]), access
+//! rules ([`access`]), service forwarders ([`services`]), mesh DNS ([`dns`]) and, on the hub, the sync
+//! service. [`nftables`] renders the access rules as text; [`crate::reconcile`] turns two plans into
+//! the steps between them.
 //!
 //! No I/O here, so every rule about who reaches what is testable without root.
 
+pub mod access;
 pub mod dns;
 pub mod nftables;
+pub mod peers;
+pub mod services;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
-use crate::input::{HostPort, Label};
-use crate::model::{MESH_MTU, NODE_KEEPALIVE_SECS, Node, Protocol, Role, SYNC_PORT, Service, Snapshot};
-use dns::{DNS_PORT, DnsRecords};
+use crate::ipam::Pool;
+use crate::model::{MESH_MTU, Node, Role, SYNC_PORT, Snapshot};
+pub use access::{AccessPlan, Grant};
+pub use dns::DnsPlan;
+pub use peers::PeerPlan;
+pub use services::ServicePlan;
 
 /// The desired state of one host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostPlan {
+    /// The WireGuard interface's name.
     pub interface: String,
+    /// Its UDP port (and the join service's TCP port on the hub).
     pub listen_port: u16,
+    /// Its MTU, bytes.
     pub mtu: u16,
     /// Addresses of the interface: the host's own (with the mesh prefix, which routes the mesh through
     /// it) and one host address per local service.
@@ -38,78 +49,77 @@ pub struct HostPlan {
     pub access: AccessPlan,
 }
 
-/// The access rules of a host (default deny on the mesh interface).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AccessPlan {
-    /// Node addresses admitted to this host and its services: every active node, or, once access rules
-    /// name this host, only the nodes they let in.
-    pub nodes: BTreeSet<IpAddr>,
-    /// Device flows admitted: local services, and on the hub, which routes devices to services on other
-    /// nodes, those too.
-    pub grants: BTreeSet<Grant>,
-    /// On hosts that route (the hub, the relay): every active node's addresses. They route between them
-    /// (each receiving host applies its own rules); the hub also lets them all reach its sync service,
-    /// whatever its own rules say.
-    pub members: BTreeSet<IpAddr>,
-    /// Whether this host routes between its peers (the hub does, and the relay between hosts behind NAT).
-    pub routes: bool,
-}
-
-/// A flow a device is granted: from its address to a service's address and port, over the service's protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Grant {
-    /// The device's address (v4 or v6, the family of `service`).
-    pub source: IpAddr,
-    /// The service's mesh address and port.
-    pub service: SocketAddr,
-    pub protocol: Protocol,
-}
-
 /// The hub's sync service, which pushes the network's state to the members.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncPlan {
+    /// The hub's mesh addresses, port [`SYNC_PORT`].
     pub listen: Vec<SocketAddr>,
-}
-
-/// One WireGuard peer of a host.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerPlan {
-    pub name: Label,
-    pub preshared_key: Option<String>,
-    pub endpoint: Option<HostPort>,
-    pub allowed_ips: Vec<IpNet>,
-    pub persistent_keepalive: Option<u16>,
-}
-
-/// A service forwarder: listens on the service's mesh addresses, admits only `allowed` sources.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServicePlan {
-    pub name: Label,
-    pub listen: Vec<SocketAddr>,
-    pub target: HostPort,
-    pub allowed: BTreeSet<IpAddr>,
-    /// What it forwards: TCP connections or UDP datagrams.
-    pub protocol: Protocol,
-}
-
-/// The mesh DNS of a host.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DnsPlan {
-    pub listen: Vec<SocketAddr>,
-    pub domain: String,
-    pub records: DnsRecords,
-    /// Ranges whose reverse names (PTR) it serves: the mesh ranges.
-    pub reverse: Vec<IpNet>,
-    /// Who may query it over the mesh: on the hub the mesh ranges (devices use it); none on members,
-    /// whose server is for the host itself (its queries arrive over loopback).
-    pub clients: Vec<IpNet>,
 }
 
 /// Why no plan could be made for a host.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
+    /// The host is no node of the network.
     #[error("node {0:?} is not part of the network")]
     UnknownNode(String),
+}
+
+/// One host's view of the network: what every part of its plan is made from.
+struct HostView<'a> {
+    s: &'a Snapshot,
+    node: &'a Node,
+    pool: Pool,
+    /// The nodes this host deals with: every active node; a disabled host is nobody's peer and keeps
+    /// only the hub, whose tunnel (refused while disabled) it keeps trying, so that it hears of being
+    /// enabled again.
+    active: Vec<&'a Node>,
+    is_hub: bool,
+    /// The relay: the active node of role relay with an endpoint (the lowest address if several).
+    relay: Option<&'a Node>,
+}
+
+impl<'a> HostView<'a> {
+    fn new(s: &'a Snapshot, node: &'a Node) -> HostView<'a> {
+        let active: Vec<&Node> = if node.active() {
+            s.nodes.iter().filter(|n| n.active()).collect()
+        } else {
+            s.nodes.iter().filter(|n| n.role == Role::Hub).collect()
+        };
+        let relay =
+            active.iter().filter(|n| n.role == Role::Relay && n.endpoint.is_some()).min_by_key(|n| n.index).copied();
+        HostView { s, node, pool: s.network.pool(), active, is_hub: node.role == Role::Hub, relay }
+    }
+
+    /// The mesh ranges, IPv4 and IPv6.
+    fn mesh(&self) -> [IpNet; 2] {
+        [IpNet::V4(self.pool.v4()), IpNet::V6(self.pool.v6())]
+    }
+
+    /// The host routes (/32, /128) of address index `i`.
+    fn host_nets(&self, i: u32) -> [IpNet; 2] {
+        [
+            IpNet::new(self.pool.v4_of(i).into(), 32).expect("/32 is valid"),
+            IpNet::new(self.pool.v6_of(i).into(), 128).expect("/128 is valid"),
+        ]
+    }
+
+    /// The addresses of address index `i`.
+    fn host_addrs(&self, i: u32) -> [IpAddr; 2] {
+        [IpAddr::V4(self.pool.v4_of(i)), IpAddr::V6(self.pool.v6_of(i))]
+    }
+
+    /// A node's routes: its own and its services'.
+    fn routes_of(&self, n: &Node) -> Vec<IpNet> {
+        std::iter::once(n.index)
+            .chain(self.s.services.iter().filter(|v| v.node == n.name).map(|v| v.index))
+            .flat_map(|i| self.host_nets(i))
+            .collect()
+    }
+
+    /// This host's own addresses with `port`.
+    fn own(&self, port: u16) -> Vec<SocketAddr> {
+        self.host_addrs(self.node.index).iter().map(|&ip| SocketAddr::new(ip, port)).collect()
+    }
 }
 
 /// What `host` must look like for the network in `s`.
@@ -124,160 +134,32 @@ pub enum PlanError {
 pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
     let node =
         s.nodes.iter().find(|n| n.name.as_str() == host).ok_or_else(|| PlanError::UnknownNode(host.to_owned()))?;
-    let pool = s.network.pool();
-    let mesh_v4 = IpNet::V4(pool.v4());
-    let mesh_v6 = IpNet::V6(pool.v6());
-    let host_nets = |i: u32| {
-        [
-            IpNet::new(pool.v4_of(i).into(), 32).expect("/32 is valid"),
-            IpNet::new(pool.v6_of(i).into(), 128).expect("/128 is valid"),
-        ]
-    };
-    let host_addrs = |i: u32| [IpAddr::V4(pool.v4_of(i)), IpAddr::V6(pool.v6_of(i))];
-    // A disabled host is nobody's peer; it keeps only the hub, whose tunnel (refused while disabled) it
-    // keeps trying, so that it hears of being enabled again.
-    let active: Vec<&Node> = if node.active() {
-        s.nodes.iter().filter(|n| n.active()).collect()
-    } else {
-        s.nodes.iter().filter(|n| n.role == Role::Hub).collect()
-    };
-    // A node's addresses: its own and its services'.
-    let routes_of = |n: &Node| -> Vec<IpNet> {
-        std::iter::once(n.index)
-            .chain(s.services.iter().filter(|v| v.node == n.name).map(|v| v.index))
-            .flat_map(host_nets)
-            .collect()
-    };
-
+    let view = HostView::new(s, node);
     let mut addresses = BTreeSet::from([
-        IpNet::new(pool.v4_of(node.index).into(), pool.v4().prefix_len()).expect("the mesh prefix is valid"),
-        IpNet::new(pool.v6_of(node.index).into(), pool.v6().prefix_len()).expect("the mesh prefix is valid"),
+        IpNet::new(view.pool.v4_of(node.index).into(), view.pool.v4().prefix_len()).expect("the mesh prefix is valid"),
+        IpNet::new(view.pool.v6_of(node.index).into(), view.pool.v6().prefix_len()).expect("the mesh prefix is valid"),
     ]);
-
-    let is_hub = node.role == Role::Hub;
-    let behind_nat = |n: &Node| n.endpoint.is_none() && n.role != Role::Hub;
-    let relay = active.iter().filter(|n| n.role == Role::Relay && n.endpoint.is_some()).min_by_key(|n| n.index);
-    let is_relay = relay.is_some_and(|r| r.name == node.name);
-    let mut peers = BTreeMap::new();
-    if is_hub {
-        for device in &s.devices {
-            peers.insert(
-                device.public_key.clone(),
-                PeerPlan {
-                    name: device.name.clone(),
-                    preshared_key: Some(device.preshared_key.clone()),
-                    endpoint: None,
-                    allowed_ips: host_nets(device.index).to_vec(),
-                    persistent_keepalive: None,
-                },
-            );
-        }
-    }
-    for other in active.iter().filter(|n| n.name != node.name) {
-        let direct = is_hub || other.role == Role::Hub || node.endpoint.is_some() || other.endpoint.is_some();
-        if !direct {
-            continue;
-        }
-        let mut allowed_ips = if other.role == Role::Hub { vec![mesh_v4, mesh_v6] } else { routes_of(other) };
-        if behind_nat(node) && relay.is_some_and(|r| r.name == other.name) {
-            // The relay carries this host's traffic to the other hosts behind NAT, and theirs to it.
-            let nat_peers = active.iter().filter(|n| behind_nat(n) && n.name != node.name && n.name != other.name);
-            allowed_ips.extend(nat_peers.flat_map(|n| routes_of(n)));
-        }
-        peers.insert(
-            other.public_key.clone(),
-            PeerPlan {
-                name: other.name.clone(),
-                preshared_key: None,
-                endpoint: other.endpoint.clone(),
-                allowed_ips,
-                // Members keep every tunnel warm: through NAT it is the only way in, and after a restart
-                // it renews sessions at once instead of waiting out a stale one.
-                persistent_keepalive: (!is_hub).then_some(NODE_KEEPALIVE_SECS),
-            },
-        );
-    }
-
-    // Nodes admitted to this host (and so to its services): all active ones, unless rules name it.
-    let rules_to_me: Vec<&Label> = s.rules.iter().filter(|r| r.to == node.name).map(|r| &r.from).collect();
-    let admitted = |n: &&&Node| rules_to_me.is_empty() || rules_to_me.contains(&&n.name) || n.name == node.name;
-    let admitted_nodes: BTreeSet<IpAddr> = active.iter().filter(admitted).flat_map(|n| host_addrs(n.index)).collect();
-
-    let device_addrs = |service: &Service| -> Vec<IpAddr> {
-        s.devices.iter().filter(|d| d.allow.contains(&service.name)).flat_map(|d| host_addrs(d.index)).collect()
-    };
-    let service_addrs = |service: &Service| {
-        [
-            SocketAddr::new(pool.v4_of(service.index).into(), service.port),
-            SocketAddr::new(pool.v6_of(service.index).into(), service.port),
-        ]
-    };
-    let hosted_here = |service: &Service| {
-        service.node == node.name && node.active() || is_hub && active.iter().any(|n| n.name == service.node)
-    };
-    let mut services = Vec::new();
-    let mut grants = BTreeSet::new();
-    for service in s.services.iter().filter(|v| hosted_here(v)) {
-        let allowed = device_addrs(service);
-        for dst in service_addrs(service) {
-            let same_family = allowed.iter().filter(|src| src.is_ipv4() == dst.is_ipv4());
-            grants.extend(same_family.map(|&source| Grant { source, service: dst, protocol: service.protocol }));
-        }
-        if service.node == node.name {
-            addresses.extend(host_nets(service.index));
-            services.push(ServicePlan {
-                name: service.name.clone(),
-                listen: service_addrs(service).to_vec(),
-                target: service.target.clone(),
-                allowed: allowed.into_iter().chain(admitted_nodes.iter().copied()).collect(),
-                protocol: service.protocol,
-            });
-        }
-    }
-
-    let routes = is_hub || is_relay;
-    let members: BTreeSet<IpAddr> =
-        if routes { active.iter().flat_map(|n| host_addrs(n.index)).collect() } else { BTreeSet::new() };
-    let access = AccessPlan { nodes: admitted_nodes, grants, members, routes };
-
-    let own_listen = |port: u16| {
-        vec![SocketAddr::new(pool.v4_of(node.index).into(), port), SocketAddr::new(pool.v6_of(node.index).into(), port)]
-    };
-    let dns = {
-        let mut records = DnsRecords::new();
-        let mut add = |name: &Label, index: u32| {
-            records.insert(s.network.fqdn(name), host_addrs(index).to_vec());
-        };
-        active.iter().for_each(|n| add(&n.name, n.index));
-        s.devices.iter().for_each(|d| add(&d.name, d.index));
-        s.services.iter().filter(|v| active.iter().any(|n| n.name == v.node)).for_each(|v| add(&v.name, v.index));
-        DnsPlan {
-            listen: own_listen(DNS_PORT),
-            domain: s.network.domain.clone(),
-            records,
-            reverse: vec![mesh_v4, mesh_v6],
-            clients: if is_hub { vec![mesh_v4, mesh_v6] } else { Vec::new() },
-        }
-    };
-    let sync = is_hub.then(|| SyncPlan { listen: own_listen(SYNC_PORT) });
-
+    let admitted = access::admitted_nodes(&view);
+    let served = services::plan(&view, &admitted);
+    addresses.extend(served.addresses);
     Ok(HostPlan {
         interface: node.interface.clone(),
         listen_port: node.listen_port,
         mtu: MESH_MTU,
         addresses,
-        peers,
-        services,
-        dns,
-        sync,
-        access,
+        peers: peers::plan(&view),
+        services: served.services,
+        dns: dns::plan(&view),
+        sync: view.is_hub.then(|| SyncPlan { listen: view.own(SYNC_PORT) }),
+        access: access::plan(&view, admitted, served.grants),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{AccessRule, Device, Network, Node, Service};
+    use crate::input::Label;
+    use crate::model::{AccessRule, Device, Network, Node, Protocol, Service};
     use crate::reconcile::{diff_addresses, diff_peers};
 
     fn label(s: &str) -> Label {

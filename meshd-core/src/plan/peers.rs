@@ -1,0 +1,75 @@
+//! A host's WireGuard peers. The hub peers with every active node and every device. Two members peer
+//! directly when at least one of them has an endpoint (the other, if behind NAT, keeps the tunnel open
+//! with keepalives). Two members that both lack one reach each other through the relay, whose peer
+//! entry on each of them also covers the others behind NAT; without a relay they go through the hub,
+//! whose peer entry on each member covers the whole mesh range (WireGuard picks the most specific
+//! allowed IPs, so direct peers and the relay win).
+
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
+
+use super::HostView;
+use crate::input::{HostPort, Label};
+use crate::model::{NODE_KEEPALIVE_SECS, Node, Role};
+
+/// One WireGuard peer of a host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerPlan {
+    /// The node's or device's name.
+    pub name: Label,
+    /// The preshared key, base64 (devices have one).
+    pub preshared_key: Option<String>,
+    /// Where to send to it, if known; a peer behind NAT has none.
+    pub endpoint: Option<HostPort>,
+    /// The addresses routed to it (WireGuard's AllowedIPs).
+    pub allowed_ips: Vec<IpNet>,
+    /// Persistent keepalive, seconds.
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// The peers of the host of `view`, by public key.
+pub(super) fn plan(view: &HostView<'_>) -> BTreeMap<String, PeerPlan> {
+    let node = view.node;
+    let behind_nat = |n: &Node| n.endpoint.is_none() && n.role != Role::Hub;
+    let mut peers = BTreeMap::new();
+    if view.is_hub {
+        for device in &view.s.devices {
+            peers.insert(
+                device.public_key.clone(),
+                PeerPlan {
+                    name: device.name.clone(),
+                    preshared_key: Some(device.preshared_key.clone()),
+                    endpoint: None,
+                    allowed_ips: view.host_nets(device.index).to_vec(),
+                    persistent_keepalive: None,
+                },
+            );
+        }
+    }
+    for other in view.active.iter().filter(|n| n.name != node.name) {
+        let direct = view.is_hub || other.role == Role::Hub || node.endpoint.is_some() || other.endpoint.is_some();
+        if !direct {
+            continue;
+        }
+        let mut allowed_ips = if other.role == Role::Hub { view.mesh().to_vec() } else { view.routes_of(other) };
+        if behind_nat(node) && view.relay.is_some_and(|r| r.name == other.name) {
+            // The relay carries this host's traffic to the other hosts behind NAT, and theirs to it.
+            let nat_peers = view.active.iter().filter(|n| behind_nat(n) && n.name != node.name && n.name != other.name);
+            allowed_ips.extend(nat_peers.flat_map(|n| view.routes_of(n)));
+        }
+        peers.insert(
+            other.public_key.clone(),
+            PeerPlan {
+                name: other.name.clone(),
+                preshared_key: None,
+                endpoint: other.endpoint.clone(),
+                allowed_ips,
+                // Members keep every tunnel warm: through NAT it is the only way in, and after a restart
+                // it renews sessions at once instead of waiting out a stale one.
+                persistent_keepalive: (!view.is_hub).then_some(NODE_KEEPALIVE_SECS),
+            },
+        );
+    }
+    peers
+}
