@@ -73,7 +73,12 @@ pub const DNS_PORT: u16 = 53;
 pub enum ZoneError {
     /// The mesh domain is not a usable DNS name.
     #[error("invalid mesh DNS domain {domain:?}: {reason}")]
-    InvalidDomain { domain: String, reason: String },
+    InvalidDomain {
+        /// The domain as configured.
+        domain: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A mesh range too wide to serve reverse names for.
     #[error("cannot serve reverse names for {0}: the range is too wide")]
     ReverseRange(IpNet),

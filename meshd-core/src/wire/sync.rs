@@ -16,13 +16,21 @@ use crate::model::{AccessRule, DeviceGrants, Network, Node, Service, SharedState
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "change", content = "value", rename_all = "snake_case")]
 pub enum Change {
+    /// The network's settings (name, domain, ranges).
     Network(Network),
+    /// A node added or changed.
     Node(Node),
+    /// A node removed, by name.
     NodeGone(Label),
+    /// A service added or changed.
     Service(Service),
+    /// A service removed, by name.
     ServiceGone(Label),
+    /// A device's grants added or changed (members never see device keys).
     Device(DeviceGrants),
+    /// A device removed, by name.
     DeviceGone(Label),
+    /// The access rules, all of them.
     Rules(Vec<AccessRule>),
 }
 
@@ -31,9 +39,15 @@ pub enum Change {
 #[serde(tag = "msg", rename_all = "snake_case")]
 pub enum ToHub {
     /// (Re)start: the digest of the state the member has.
-    Hello { digest: String },
+    Hello {
+        /// [`digest`] of the member's copy.
+        digest: String,
+    },
     /// The key the member made after being asked to rotate (its private half stays on the member).
-    NewKey { public_key: String },
+    NewKey {
+        /// The new public key, base64.
+        public_key: String,
+    },
     /// The member is switching to the accepted key now.
     Switch,
 }
@@ -42,18 +56,27 @@ pub enum ToHub {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "msg", rename_all = "snake_case")]
 pub enum ToMember {
+    /// The whole state (a member whose digest the hub does not know).
     State {
+        /// [`digest`] of `state`.
         digest: String,
+        /// The network as members see it.
         state: SharedState,
     },
+    /// The changes from the state of digest `from` to the state of digest `to`.
     Changes {
+        /// The digest the member must have for these to apply.
         from: String,
+        /// The digest after them.
         to: String,
+        /// What changed, in order.
         changes: Vec<Change>,
     },
     /// The new key is valid and free; switch to it and say so.
     KeyAccepted,
+    /// A message refused.
     Refused {
+        /// Why, in one line.
         reason: String,
     },
 }
