@@ -4,11 +4,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use meshd::links::admin::AdminError;
-use meshd_core::wire::admin::{Outcome, Reply, Request};
+use meshd::controller::store::StoreError;
 use meshd::controller::{self, Controller};
 use meshd::host::statedir::{StateDir, StateLock};
-use meshd::controller::store::StoreError;
+use meshd::links::admin::AdminError;
+use meshd_core::wire::admin::{Outcome, Reply, Request};
 
 /// The controller of one state directory, as meshctl reaches it. Every request meshctl makes goes
 /// through here, and nothing else in meshctl opens the database.

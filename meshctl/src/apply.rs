@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
-use meshd_core::wire::admin::{Reply, Request};
 use meshd_core::declare::{self, Current, Declaration, Plan, Step};
+use meshd_core::handout::{self, DeviceDns};
 use meshd_core::input::Label;
 use meshd_core::keys::PrivateKey;
-use meshd_core::handout::{self, DeviceDns};
+use meshd_core::wire::admin::{Reply, Request};
 use serde::Serialize;
 
 use crate::admin::BatchRefused;
@@ -285,9 +285,9 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use meshd::controller::fixtures::label;
-    use meshd_core::model::AccessRule;
-    use meshd_core::handout::DeviceConfig;
     use meshd::host::statedir::StateDir;
+    use meshd_core::handout::DeviceConfig;
+    use meshd_core::model::AccessRule;
 
     use super::*;
     use crate::admin::Admin;

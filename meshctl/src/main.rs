@@ -18,11 +18,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use commands::{Context, access, devices, nodes, services, status};
-use meshd_core::input::{self, HostPort, Label};
-use meshd_core::wire::invite;
-use meshd_core::model::{Protocol, Role};
-use meshd_core::handout::DeviceDns;
 use meshd::host::statedir::DEFAULT_STATE_DIR;
+use meshd_core::handout::DeviceDns;
+use meshd_core::input::{self, HostPort, Label};
+use meshd_core::model::{Protocol, Role};
+use meshd_core::wire::invite;
 
 #[derive(Parser)]
 #[command(name = "meshctl", version, about = "Manage a meshd network: services, devices, nodes, access rules")]

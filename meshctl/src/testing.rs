@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use clap::Parser;
-use meshd_core::wire::admin::JoinRequest;
 use meshd::controller::{Controller, fixtures};
-use meshd_core::model::Snapshot;
 use meshd::host::statedir::StateDir;
+use meshd_core::model::Snapshot;
+use meshd_core::wire::admin::JoinRequest;
 
 use crate::{Cli, execute};
 

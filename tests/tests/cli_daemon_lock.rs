@@ -8,8 +8,8 @@ use std::fs;
 use std::path::Path;
 
 use base64::Engine;
-use meshd::host::statedir::StateDir;
 use meshd::controller::store;
+use meshd::host::statedir::StateDir;
 use meshd_e2e::{describe, meshctl, output, run_json};
 
 /// The schema of a meshd from before UDP services.

@@ -1,8 +1,8 @@
 //! `meshctl access`: which nodes may reach which.
 
-use meshd_core::wire::admin::{Reply, Request};
 use meshd_core::input::Label;
 use meshd_core::model::AccessRule;
+use meshd_core::wire::admin::{Reply, Request};
 
 use super::{Context, done, unexpected};
 use crate::print::print_rules;

@@ -2,8 +2,8 @@
 //! hand out its config ([`super::handout`]).
 
 use anyhow::Context as _;
-use meshd_core::wire::admin::{Reply, Request};
 use meshd_core::input::Label;
+use meshd_core::wire::admin::{Reply, Request};
 
 use super::handout::hand_out;
 use super::{Context, done, removed, unexpected};

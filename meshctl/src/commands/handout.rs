@@ -1,10 +1,10 @@
 //! Handing out a device's config (`device add`, `device rotate`): the key pair is made here, the
 //! change previewed, every output written, and only then the change committed.
 
-use meshd_core::wire::admin::{DeviceHandout, Reply, Request};
+use meshd_core::handout::{DeviceConfig, HubPeer};
 use meshd_core::input::Label;
 use meshd_core::keys::PrivateKey;
-use meshd_core::handout::{DeviceConfig, HubPeer};
+use meshd_core::wire::admin::{DeviceHandout, Reply, Request};
 
 use super::{Context, unexpected};
 use crate::HandOut;

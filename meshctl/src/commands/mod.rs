@@ -9,8 +9,8 @@ pub mod services;
 pub mod status;
 
 use anyhow::bail;
-use meshd_core::wire::admin::{Reply, Request};
 use meshd_core::input::Label;
+use meshd_core::wire::admin::{Reply, Request};
 use serde::Serialize;
 
 use crate::admin::Admin;

@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use meshd_core::wire::admin::{Reply, Request};
 use meshd_core::input::Label;
 use meshd_core::model::Role;
+use meshd_core::wire::admin::{Reply, Request};
 
 use super::{Context, done, removed, unexpected};
 use crate::print::{print_invites, print_nodes};

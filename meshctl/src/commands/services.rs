@@ -1,8 +1,8 @@
 //! `meshctl service`: services of the nodes, exposed to the mesh on their own addresses.
 
-use meshd_core::wire::admin::{Reply, Request};
 use meshd_core::input::{HostPort, Label};
 use meshd_core::model::Protocol;
+use meshd_core::wire::admin::{Reply, Request};
 
 use super::{Context, removed, unexpected};
 use crate::print::print_services;
