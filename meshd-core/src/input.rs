@@ -13,36 +13,69 @@ use serde::{Deserialize, Serialize};
 /// Why an operator's input was refused; the message names the value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InputError {
+    /// Not a DNS label (RFC 1123): the text as given.
     #[error("{0:?} is not a valid name: use 1-63 letters, digits or '-', not starting or ending with '-'")]
     Label(String),
+    /// Not a domain of labels, or longer than 200 characters: the text as given.
     #[error("{0:?} is not a valid domain: use dot-separated names of letters, digits or '-'")]
     Domain(String),
+    /// Not `HOST:PORT` with an IPv4 address, a `[IPv6]` address or a DNS name: the text as given.
     #[error("{0:?} is not HOST:PORT (an IPv4 address, [IPv6] address or DNS name, then a port)")]
     HostPort(String),
+    /// A port that is not a number from 1 to 65535: the port as given.
     #[error("port {0:?} is out of range (1-65535)")]
     Port(String),
+    /// Not `A.B.C.D/N`: the text as given.
     #[error("{0:?} is not a valid IPv4 CIDR such as 10.77.0.0/16")]
     Cidr(String),
+    /// A range with room for fewer than two hosts (longer than /30).
     #[error("CIDR {0} is too small: it needs room for at least two hosts (use /30 or larger)")]
     CidrTooSmall(Ipv4Net),
+    /// A range larger than a /8.
     #[error("CIDR {0} is too large for a mesh (use /8 or smaller; 10.0.0.0/8 holds 16 million hosts)")]
     CidrTooLarge(Ipv4Net),
+    /// A range written with host bits set, e.g. `10.77.0.1/16`.
     #[error("CIDR {given} has host bits set; did you mean {network}?")]
-    CidrHostBits { given: String, network: Ipv4Net },
+    CidrHostBits {
+        /// The range as given.
+        given: String,
+        /// The same range with the host bits cleared.
+        network: Ipv4Net,
+    },
+    /// A service protocol other than `tcp` and `udp`: the text as given.
     #[error("protocol {0:?} is neither tcp nor udp")]
     Protocol(String),
+    /// Not a Linux interface name (1 to 15 of letters, digits, `-`, `_`, `.`): the text as given.
     #[error("interface name {0:?} is invalid: 1-15 characters of letters, digits, '-', '_' or '.'")]
     Interface(String),
+    /// An endpoint no phone or other host can reach (see [`HostPort::unusable_as_endpoint`]).
     #[error(
         "{endpoint} cannot be an endpoint: {reason}; give the public address or DNS name where phones and other hosts reach this host"
     )]
-    Endpoint { endpoint: String, reason: &'static str },
+    Endpoint {
+        /// The endpoint as given.
+        endpoint: String,
+        /// Why no one could reach it.
+        reason: &'static str,
+    },
+    /// An address a device cannot use as its resolver.
     #[error("{resolver:?} cannot be a device's resolver: {reason}")]
-    Resolver { resolver: String, reason: &'static str },
+    Resolver {
+        /// The resolver as given.
+        resolver: String,
+        /// Why a device cannot use it.
+        reason: &'static str,
+    },
+    /// A full DNS name longer than [`MAX_DNS_NAME`].
     #[error(
         "the DNS name {name} would be {len} characters long (DNS allows {MAX_DNS_NAME}): choose a shorter name or domain"
     )]
-    NameTooLong { name: String, len: usize },
+    NameTooLong {
+        /// The full name.
+        name: String,
+        /// Its length in characters.
+        len: usize,
+    },
 }
 
 /// The longest DNS name in presentation form, without the final dot (RFC 1035 section 2.3.4: 255

@@ -30,9 +30,13 @@ pub const MESH_MTU: u16 = 1420;
 /// The network and its address ranges.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Network {
+    /// The network's name (in tokens and messages).
     pub name: Label,
+    /// DNS domain of its names (`<name>.<domain>`), lowercase, without the final dot.
     pub domain: String,
+    /// IPv4 range of its addresses.
     pub cidr: Ipv4Net,
+    /// Its random RFC 4193 unique local /48; hosts are numbered in its first /64.
     pub ula: Ipv6Net,
 }
 
@@ -63,12 +67,19 @@ pub enum Role {
 /// A host that runs `meshd`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
+    /// The node's name.
     pub name: Label,
+    /// Its WireGuard public key, standard base64 (44 characters).
     pub public_key: String,
+    /// Host index in the network's [`Pool`]: one IPv4 and one IPv6 address.
     pub index: u32,
+    /// Where other hosts reach it (`HOST:PORT`); `None` behind NAT: it is reached through the hub.
     pub endpoint: Option<HostPort>,
+    /// UDP port its WireGuard interface listens on.
     pub listen_port: u16,
+    /// Name of its WireGuard interface, e.g. `meshd0`.
     pub interface: String,
+    /// What it does in the mesh.
     pub role: Role,
     /// A disabled node keeps its name and addresses but is nobody's peer until enabled again.
     #[serde(default)]
@@ -88,10 +99,13 @@ impl Node {
 /// A roaming peer (a phone or laptop with the stock WireGuard app).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {
+    /// The device's name.
     pub name: Label,
+    /// Its WireGuard public key, standard base64; the private key stays with the device.
     pub public_key: String,
     /// Secret: goes to the hub's interface, never into a view.
     pub preshared_key: String,
+    /// Host index in the network's [`Pool`]: one IPv4 and one IPv6 address.
     pub index: u32,
     /// Services this device may reach.
     pub allow: Vec<Label>,
@@ -100,15 +114,20 @@ pub struct Device {
 /// What the hosts know of a device: its address and grants, never its keys.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceGrants {
+    /// The device's name.
     pub name: Label,
+    /// Host index in the network's [`Pool`]: one IPv4 and one IPv6 address.
     pub index: u32,
+    /// Services this device may reach.
     pub allow: Vec<Label>,
 }
 
 /// `from` may reach `to`. A node named as `to` by any rule admits only the nodes its rules name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct AccessRule {
+    /// The node that may reach `to`.
     pub from: Label,
+    /// The node reached.
     pub to: Label,
 }
 
@@ -153,11 +172,15 @@ impl std::str::FromStr for Protocol {
 /// A TCP or UDP service on a node, exposed to the mesh on its own mesh address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
+    /// The service's name.
     pub name: Label,
+    /// The node that runs it.
     pub node: Label,
+    /// Where that node forwards its connections or datagrams to.
     pub target: HostPort,
     /// Port on the service's mesh address.
     pub port: u16,
+    /// Host index in the network's [`Pool`]: one IPv4 and one IPv6 address.
     pub index: u32,
     /// Absent in states cached before UDP services existed: those were all TCP.
     #[serde(default)]
@@ -167,10 +190,15 @@ pub struct Service {
 /// Everything the controller stores about one network: the input of every desired-state computation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
+    /// The network's identity and ranges.
     pub network: Network,
+    /// Every node, the hub included, by index.
     pub nodes: Vec<Node>,
+    /// Every device, by index.
     pub devices: Vec<Device>,
+    /// Every service, by index.
     pub services: Vec<Service>,
+    /// Every access rule, sorted.
     pub rules: Vec<AccessRule>,
 }
 
@@ -178,10 +206,15 @@ pub struct Snapshot {
 /// plan their own interface from it, exactly as the hub plans its own from the full snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SharedState {
+    /// The network's identity and ranges.
     pub network: Network,
+    /// Every node, the hub included.
     pub nodes: Vec<Node>,
+    /// Every service.
     pub services: Vec<Service>,
+    /// Every device, without its keys.
     pub devices: Vec<DeviceGrants>,
+    /// Every access rule.
     pub rules: Vec<AccessRule>,
 }
 
@@ -279,13 +312,21 @@ impl Snapshot {
 /// A node as `meshctl node list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeView {
+    /// The node's name.
     pub name: Label,
+    /// Its WireGuard public key, standard base64.
     pub public_key: String,
+    /// Its mesh IPv4 address.
     pub address: Ipv4Addr,
+    /// Its mesh IPv6 address.
     pub address_v6: Ipv6Addr,
+    /// `HOST:PORT` where other hosts reach it, if anywhere.
     pub endpoint: Option<String>,
+    /// What it does in the mesh.
     pub role: Role,
+    /// `<name>.<domain>`.
     pub dns_name: String,
+    /// Kept out of the mesh until enabled.
     pub disabled: bool,
     /// A new key was asked for and the host has not made it yet.
     pub rotate_key: bool,
@@ -294,11 +335,17 @@ pub struct NodeView {
 /// A device as `meshctl device list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceView {
+    /// The device's name.
     pub name: Label,
+    /// Its WireGuard public key, standard base64.
     pub public_key: String,
+    /// Its mesh IPv4 address.
     pub address: Ipv4Addr,
+    /// Its mesh IPv6 address.
     pub address_v6: Ipv6Addr,
+    /// Services it may reach.
     pub allow: Vec<Label>,
+    /// `<name>.<domain>`.
     pub dns_name: String,
     /// Unix seconds of the last WireGuard handshake seen by the hub, if any.
     pub last_handshake: Option<u64>,
@@ -307,24 +354,35 @@ pub struct DeviceView {
 /// A service as `meshctl service list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceView {
+    /// The service's name.
     pub name: Label,
+    /// The node that runs it.
     pub node: Label,
     /// `tcp` or `udp`; absent in replies of a controller from before UDP services (all TCP).
     #[serde(default)]
     pub protocol: Protocol,
+    /// Where its node forwards it to, `HOST:PORT`.
     pub target: String,
+    /// `IPv4:PORT` where the mesh reaches it.
     pub mesh_address: String,
+    /// `[IPv6]:PORT` where the mesh reaches it.
     pub mesh_address_v6: String,
+    /// `<name>.<domain>`.
     pub dns_name: String,
+    /// Devices allowed to reach it.
     pub devices: Vec<Label>,
 }
 
 /// The network as `meshctl status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkView {
+    /// The network's name.
     pub name: Label,
+    /// Its DNS domain.
     pub domain: String,
+    /// Its IPv4 range.
     pub cidr: Ipv4Net,
+    /// The IPv6 /64 its hosts are numbered in.
     pub cidr_v6: Ipv6Net,
 }
 
@@ -332,22 +390,30 @@ pub struct NetworkView {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InviteStatus {
+    /// Not redeemed or cancelled yet (it may have expired).
     Pending,
+    /// A host joined with it.
     Redeemed,
+    /// Cancelled by the operator, or expired and replaced by a new invite for the name.
     Cancelled,
 }
 
 /// An invite as stored: the secret only as its hash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invite {
+    /// Its id, 128 bits as hex (also in the token).
     pub id: String,
+    /// The name the joining host gets.
     pub name: Label,
+    /// The role it gets ([`Role::Node`] or [`Role::Relay`]).
     pub role: Role,
+    /// Hex SHA-256 of the token's secret ([`crate::wire::invite::hash_secret`]).
     pub secret_hash: String,
     /// When it was made.
     pub created: Stamp,
     /// Unix seconds, by the wall clock when it was made: `created.wall` + its lifetime.
     pub expires_at: i64,
+    /// Where it stands.
     pub status: InviteStatus,
 }
 
@@ -364,7 +430,9 @@ impl Invite {
 /// An unredeemed invite as `meshctl node invites` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InviteView {
+    /// The name the joining host gets.
     pub name: Label,
+    /// The role it gets.
     pub role: Role,
     /// Unix seconds.
     pub expires_at: i64,

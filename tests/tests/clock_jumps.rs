@@ -46,7 +46,7 @@ fn a_clock_set_back_blocks_no_address_for_a_year() {
     let next = run_json(meshctl_at("+0s", state).args(["device", "add", "tablet", "--allow", "wallet", "--json"]));
     assert_ne!(address(&next), address(&first), "reused within the hour");
     // The rest of the rule (the hour measured on the boot-time clock, and across reboots) is unit-tested:
-    // `store::clock_tests`, `clock::tests`.
+    // `store::writer::clock_tests`, `clock::tests`.
 }
 
 #[test]

@@ -15,62 +15,90 @@ use crate::model::{
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
+    /// The network, its nodes, devices and services: [`Reply::Status`].
     Status,
+    /// Every node: [`Reply::Nodes`].
     NodeList,
     /// Invite a new host under `name`; the reply carries the one-time token.
     NodeInvite {
+        /// The name the host gets.
         name: Label,
+        /// [`Role::Node`] or [`Role::Relay`].
         role: Role,
+        /// Lifetime in seconds, 1 to [`crate::wire::invite::MAX_EXPIRY`].
         expires_secs: u64,
     },
     /// Unredeemed, unexpired invites.
     NodeInvites,
     /// Cancel the pending invite for `name`.
     NodeUninvite {
+        /// The invited name.
         name: Label,
     },
     /// Remove a member node: the hub drops it as a peer at once.
     NodeRemove {
+        /// The node.
         name: Label,
     },
     /// Keep a node (name, addresses) but take it out of the mesh: no host keeps it as a peer.
     NodeDisable {
+        /// The node.
         name: Label,
     },
+    /// Put a disabled node back into the mesh.
     NodeEnable {
+        /// The node.
         name: Label,
     },
     /// Ask a member host for a new key; it makes the key itself on its next contact.
     NodeRotate {
+        /// The node.
         name: Label,
     },
     /// Let node `from` reach node `to`; once a node is the `to` of a rule, only its rules' sources reach it.
     AccessAllow {
+        /// The node that may reach `to`.
         from: Label,
+        /// The node reached.
         to: Label,
     },
+    /// Take a rule away.
     AccessRevoke {
+        /// The rule's source.
         from: Label,
+        /// The rule's target.
         to: Label,
     },
+    /// Every access rule: [`Reply::Rules`].
     AccessList,
+    /// Add a service on a node, with its own mesh address: [`Reply::Service`].
     ServiceAdd {
+        /// The service's name.
         name: Label,
+        /// The node that runs it.
         node: Label,
+        /// Where that node forwards it to.
         target: HostPort,
+        /// Port on its mesh address; the target's port when `None`.
         port: Option<u16>,
         /// TCP unless asked for (and in requests of a `meshctl` from before UDP services).
         #[serde(default)]
         protocol: Protocol,
     },
+    /// Every service: [`Reply::Services`].
     ServiceList,
+    /// Remove a service; devices lose their grants to it.
     ServiceRemove {
+        /// The service.
         name: Label,
     },
     /// The device's key pair is made by `meshctl`; only the public key reaches the controller.
     DeviceAdd {
+        /// The device's name.
         name: Label,
+        /// The services it may reach (at least one).
         allow: Vec<Label>,
+        /// Its WireGuard public key, standard base64.
         public_key: String,
         /// The hand-out a [`Request::Preview`] of this request gave and the caller has already written
         /// out: the device gets its preshared key, and the request is refused unless it gives exactly
@@ -78,28 +106,39 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         expect: Option<Box<DeviceHandout>>,
     },
+    /// Every device: [`Reply::Devices`].
     DeviceList,
+    /// Remove a device: the hub drops it as a peer at once.
     DeviceRemove {
+        /// The device.
         name: Label,
     },
     /// Replace the services a device may reach.
     DeviceAllow {
+        /// The device.
         name: Label,
+        /// The services it may reach from now on (at least one).
         allow: Vec<Label>,
     },
     /// Change where a service points and the port it is offered on; its addresses and grants stay. The
     /// protocol changes only when one is given.
     ServiceUpdate {
+        /// The service.
         name: Label,
+        /// Where its node forwards it to from now on.
         target: HostPort,
+        /// Port on its mesh address; the target's port when `None`.
         port: Option<u16>,
+        /// The protocol from now on; unchanged when `None`.
         #[serde(default)]
         protocol: Option<Protocol>,
     },
     /// Replace a device's keys (made by `meshctl`, public half only here) and preshared key; the old
     /// key stops working at once, the device keeps its addresses and grants.
     DeviceRotate {
+        /// The device.
         name: Label,
+        /// Its new WireGuard public key, standard base64.
         public_key: String,
         /// As for [`Request::DeviceAdd`]: the previewed hand-out the caller has already written out.
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -108,12 +147,14 @@ pub enum Request {
     /// Several requests carried out in one transaction: all of them, or (on the first refusal) none.
     /// Replies come in the same order. Batches do not nest.
     Batch {
+        /// The requests, in order.
         requests: Vec<Request>,
     },
     /// Carry `request` (a batch too) out in a transaction that is then rolled back: the reply it would
     /// get now, with nothing changed. `meshctl` previews a device's hand-out to write its config out
     /// before the change is made. Previews do not nest and are not part of a batch.
     Preview {
+        /// The request to preview.
         request: Box<Request>,
     },
 }
@@ -147,17 +188,27 @@ impl Request {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "data", rename_all = "snake_case")]
 pub enum Reply {
+    /// To [`Request::Status`].
     Status(StatusView),
+    /// To [`Request::NodeList`], by index.
     Nodes(Vec<NodeView>),
+    /// To [`Request::ServiceList`], by index.
     Services(Vec<ServiceView>),
+    /// The service as it is after [`Request::ServiceAdd`] or [`Request::ServiceUpdate`].
     Service(ServiceView),
+    /// To [`Request::DeviceList`], by index.
     Devices(Vec<DeviceView>),
     /// A device's config to hand out, after `DeviceAdd` or `DeviceRotate`.
     DeviceHandout(Box<DeviceHandout>),
+    /// A node, device or service was removed, or an invite cancelled.
     Removed,
+    /// To [`Request::NodeInvite`].
     Invite(InviteIssued),
+    /// To [`Request::NodeInvites`], oldest first.
     Invites(Vec<InviteView>),
+    /// To [`Request::AccessList`], sorted.
     Rules(Vec<AccessRule>),
+    /// A change without anything to show.
     Done,
     /// The replies to a batch, in order.
     Batch(Vec<Reply>),
@@ -166,20 +217,26 @@ pub enum Reply {
 /// A new invite and its token (shown once).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InviteIssued {
+    /// The invite.
     pub invite: InviteView,
+    /// The token in its text form ([`crate::wire::invite::Token::encode`]).
     pub token: String,
 }
 
 /// What a joining host sends, over TLS, with the token's id and secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinRequest {
+    /// The invite's id, from the token.
     pub id: String,
+    /// The invite's secret, from the token.
     pub secret: String,
     /// The host's own public key; its private key never leaves it.
     pub public_key: String,
     /// Where other hosts reach it, if anywhere (none: behind NAT).
     pub endpoint: Option<HostPort>,
+    /// UDP port its WireGuard interface listens on.
     pub listen_port: u16,
+    /// Name of its WireGuard interface.
     pub interface: String,
 }
 
@@ -187,7 +244,9 @@ pub struct JoinRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JoinReply {
+    /// The host is a member now: its name and the network's state.
     Joined(Box<MemberState>),
+    /// Why the invite was not redeemed, for the operator.
     Refused(String),
 }
 
@@ -197,6 +256,7 @@ pub enum JoinReply {
 pub struct MemberState {
     /// This host's name.
     pub me: Label,
+    /// The network's state, as last sent.
     pub state: SharedState,
 }
 
@@ -204,11 +264,15 @@ pub struct MemberState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
+    /// Carried out.
     Ok(Reply),
+    /// Refused, with the reason for the operator; nothing was changed.
     Error(String),
     /// Request `index` (from 0) of a batch was refused, so none of the batch was carried out.
     BatchRefused {
+        /// Which request, from 0.
         index: usize,
+        /// Why it was refused.
         error: String,
     },
     /// Refused because the network changed since the caller previewed the request (its expected
@@ -219,9 +283,13 @@ pub enum Outcome {
 /// `meshctl status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusView {
+    /// The network.
     pub network: NetworkView,
+    /// Every node, by index.
     pub nodes: Vec<NodeView>,
+    /// Every device, by index.
     pub devices: Vec<DeviceView>,
+    /// Every service, by index.
     pub services: Vec<ServiceView>,
 }
 
@@ -230,15 +298,26 @@ pub struct StatusView {
 /// that carry a hand-out are logged at debug level).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceHandout {
+    /// The device as listed.
     pub device: DeviceView,
+    /// Its tunnel addresses: its IPv4 /32 and IPv6 /128.
     pub addresses: Vec<IpNet>,
+    /// The hub's mesh addresses, as the device's resolvers (`meshctl` may name others instead, see
+    /// [`crate::handout::DeviceDns`]).
     pub dns_servers: Vec<IpAddr>,
+    /// The network's domain, as search domain.
     pub dns_search: Vec<String>,
+    /// Interface MTU ([`crate::model::MESH_MTU`]).
     pub mtu: u16,
+    /// The hub's WireGuard public key, standard base64.
     pub hub_public_key: String,
+    /// The key this device shares with the hub, standard base64. Secret.
     pub preshared_key: String,
+    /// `HOST:PORT` of the hub as the operator gave it.
     pub endpoint: String,
+    /// What the device routes through the hub: the mesh's IPv4 range and IPv6 /64.
     pub allowed_ips: Vec<IpNet>,
+    /// Seconds between keepalives ([`crate::model::DEVICE_KEEPALIVE_SECS`]).
     pub persistent_keepalive: u16,
 }
 

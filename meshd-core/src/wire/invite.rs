@@ -25,8 +25,10 @@ pub const MAX_EXPIRY: Duration = Duration::from_secs(30 * 24 * 3600);
 /// A token that cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
+    /// Not `meshd-invite:` and base64url JSON of a token with hex id, secret and fingerprint.
     #[error("not a meshd invite token (it starts with \"meshd-invite:\"; was it cut when copied?)")]
     Malformed,
+    /// A token format version this meshd does not know (it knows 1).
     #[error("this invite token comes from a newer meshd (version {0})")]
     Version(u32),
 }

@@ -1,0 +1,543 @@
+//! Planning: the network as it stands ([`Current`], from the admin API's replies) against a
+//! [`Declaration`] gives a [`Plan`], the [`Step`]s in a safe order and what must wait for a node to join.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::Serialize;
+
+use super::{Declaration, DeclareError, DeviceSpec, Kind, NodeSpec, ServiceSpec, Step, list};
+use crate::input::Label;
+use crate::model::{AccessRule, InviteView, Role};
+use crate::wire::admin::StatusView;
+
+/// The network as it stands, as the admin API describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Current {
+    /// The hub's name.
+    pub hub: Label,
+    /// Joined nodes other than the hub.
+    pub members: Vec<NodeSpec>,
+    /// Pending, unexpired invites.
+    pub invites: BTreeMap<Label, Role>,
+    /// The services.
+    pub services: Vec<ServiceSpec>,
+    /// The devices and their grants.
+    pub devices: Vec<DeviceSpec>,
+    /// The access rules.
+    pub rules: BTreeSet<AccessRule>,
+}
+
+impl Current {
+    /// The network from the replies to `Status`, `NodeInvites` and `AccessList`.
+    pub fn from_views(
+        status: &StatusView,
+        invites: &[InviteView],
+        rules: &[AccessRule],
+    ) -> Result<Current, DeclareError> {
+        let hub = status.nodes.iter().find(|n| n.role == Role::Hub).ok_or(DeclareError::NoHub)?;
+        let members = (status.nodes.iter().filter(|n| n.role != Role::Hub))
+            .map(|n| NodeSpec { name: n.name.clone(), role: n.role, disabled: n.disabled })
+            .collect();
+        let services = status
+            .services
+            .iter()
+            .map(|s| {
+                let target = s.target.parse().map_err(|_| DeclareError::UnreadableService(s.name.clone(), "target"))?;
+                let port = (s.mesh_address.rsplit_once(':').and_then(|(_, port)| port.parse().ok()))
+                    .ok_or_else(|| DeclareError::UnreadableService(s.name.clone(), "mesh address"))?;
+                Ok(ServiceSpec { name: s.name.clone(), node: s.node.clone(), target, port, protocol: s.protocol })
+            })
+            .collect::<Result<_, DeclareError>>()?;
+        Ok(Current {
+            hub: hub.name.clone(),
+            members,
+            invites: invites.iter().map(|i| (i.name.clone(), i.role)).collect(),
+            services,
+            devices: (status.devices.iter())
+                .map(|d| DeviceSpec { name: d.name.clone(), allow: d.allow.iter().cloned().collect() })
+                .collect(),
+            rules: rules.iter().cloned().collect(),
+        })
+    }
+
+    fn member(&self, name: &Label) -> Option<&NodeSpec> {
+        self.members.iter().find(|m| &m.name == name)
+    }
+
+    /// Whether `name` is a node that is in the mesh now (the hub or a joined member).
+    fn joined(&self, name: &Label) -> bool {
+        name == &self.hub || self.member(name).is_some()
+    }
+
+    /// What holds `name` in the network now, if anything.
+    fn kind_of(&self, name: &Label) -> Option<Kind> {
+        if self.joined(name) {
+            Some(Kind::Node)
+        } else if self.invites.contains_key(name) {
+            Some(Kind::PendingInvite)
+        } else if self.services.iter().any(|s| &s.name == name) {
+            Some(Kind::Service)
+        } else if self.devices.iter().any(|d| &d.name == name) {
+            Some(Kind::Device)
+        } else {
+            None
+        }
+    }
+}
+
+/// Part of the file that cannot take effect yet; applying again later picks it up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "what", rename_all = "snake_case")]
+pub enum Waiting {
+    /// A service on a node that has not joined.
+    Service {
+        /// The service.
+        name: Label,
+        /// Its node.
+        node: Label,
+    },
+    /// A device none of whose services can exist yet: it is neither added nor changed.
+    Device {
+        /// The device.
+        name: Label,
+        /// The services it is allowed, none of them on a joined node.
+        services: Vec<Label>,
+    },
+    /// A device that gets its other services now, and these once their nodes join.
+    Grants {
+        /// The device.
+        name: Label,
+        /// The services it gets later.
+        services: Vec<Label>,
+    },
+    /// A rule naming a node that has not joined.
+    Rule {
+        /// The rule's source.
+        from: Label,
+        /// The rule's target.
+        to: Label,
+        /// The one of them that has not joined (the first, if neither has).
+        node: Label,
+    },
+    /// A disabled node that is not a member is not invited.
+    DisabledNode {
+        /// The node.
+        name: Label,
+    },
+}
+
+impl fmt::Display for Waiting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Waiting::Service { name, node } => write!(f, "! service {name} waits for node {node} to join"),
+            Waiting::Device { name, services } => {
+                write!(f, "! device {name} waits: none of its services ({}) is on a joined node", list(services))
+            }
+            Waiting::Grants { name, services } => {
+                let nodes = if services.len() == 1 { "its node joins" } else { "their nodes join" };
+                write!(f, "! device {name} gets {} once {nodes}", list(services))
+            }
+            Waiting::Rule { from, to, node } => write!(f, "! allow {from} -> {to} waits for node {node} to join"),
+            Waiting::DisabledNode { name } => write!(f, "! node {name} is disabled and not a member: not invited"),
+        }
+    }
+}
+
+/// What makes the network match a declaration: the steps in a safe order, and what must wait.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct Plan {
+    /// The changes, in the order they are to be made.
+    pub steps: Vec<Step>,
+    /// What waits for a node to join.
+    pub waiting: Vec<Waiting>,
+}
+
+/// The steps that make `current` match `desired`. Things others depend on come first (invites,
+/// enables, services, devices, rules), removals last (rules, devices, services, then nodes), so no step
+/// refers to something that is not there yet or already gone. Services, devices and rules that need a
+/// node which has not joined wait (see [`Waiting`]).
+pub fn plan(desired: &Declaration, current: &Current) -> Result<Plan, DeclareError> {
+    check_against(desired, current)?;
+    let mut plan = Plan::default();
+    let disables = plan_nodes(desired, current, &mut plan);
+    let services = plan_services(desired, current, &mut plan);
+    plan_devices(desired, current, &services, &mut plan);
+    plan_rules(desired, current, &mut plan);
+    plan_removals(desired, current, &services, disables, &mut plan);
+    Ok(plan)
+}
+
+/// Invites, re-invites and enables; the disables it returns go with the removals.
+fn plan_nodes(desired: &Declaration, current: &Current, plan: &mut Plan) -> Vec<Step> {
+    let mut disables = Vec::new();
+    for node in &desired.nodes {
+        let name = node.name.clone();
+        if let Some(member) = current.member(&node.name) {
+            match (member.disabled, node.disabled) {
+                (true, false) => plan.steps.push(Step::EnableNode { name }),
+                (false, true) => disables.push(Step::DisableNode { name }),
+                _ => {}
+            }
+        } else if let Some(&was) = current.invites.get(&node.name) {
+            if was != node.role {
+                plan.steps.push(Step::ReinviteNode { name, role: node.role, was });
+            }
+        } else if node.disabled {
+            plan.waiting.push(Waiting::DisabledNode { name });
+        } else {
+            plan.steps.push(Step::InviteNode { name, role: node.role });
+        }
+    }
+    disables
+}
+
+/// Declared services that can exist now (their node has joined), and those of them that move node.
+#[derive(Default)]
+struct ReadyServices<'a> {
+    ready: BTreeSet<&'a Label>,
+    moved: BTreeSet<&'a Label>,
+}
+
+fn plan_services<'a>(desired: &'a Declaration, current: &Current, plan: &mut Plan) -> ReadyServices<'a> {
+    let mut services = ReadyServices::default();
+    for service in &desired.services {
+        if !current.joined(&service.node) {
+            plan.waiting.push(Waiting::Service { name: service.name.clone(), node: service.node.clone() });
+            continue;
+        }
+        services.ready.insert(&service.name);
+        let (name, node, target, port, protocol) =
+            (service.name.clone(), service.node.clone(), service.target.clone(), service.port, service.protocol);
+        match current.services.iter().find(|s| s.name == service.name) {
+            None => plan.steps.push(Step::AddService { name, node, target, port, protocol }),
+            Some(now) if now.node != service.node => {
+                services.moved.insert(&service.name);
+                plan.steps.push(Step::MoveService { name, node, was_node: now.node.clone(), target, port, protocol });
+            }
+            Some(now) if now.target != service.target || now.port != service.port || now.protocol != protocol => {
+                let (was_target, was_port, was_protocol) = (now.target.clone(), now.port, now.protocol);
+                plan.steps.push(Step::UpdateService {
+                    name,
+                    target,
+                    port,
+                    protocol,
+                    was_target,
+                    was_port,
+                    was_protocol,
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    services
+}
+
+/// New devices and changed grants. A device gets the services that can exist now; one with none of
+/// them is left as it is. A service that moves loses its grants, so they are given again.
+fn plan_devices(desired: &Declaration, current: &Current, services: &ReadyServices<'_>, plan: &mut Plan) {
+    for device in &desired.devices {
+        let (grants, waits): (Vec<Label>, Vec<Label>) =
+            device.allow.iter().cloned().partition(|a| services.ready.contains(a));
+        let name = device.name.clone();
+        if grants.is_empty() {
+            plan.waiting.push(Waiting::Device { name, services: waits });
+            continue;
+        }
+        if !waits.is_empty() {
+            plan.waiting.push(Waiting::Grants { name: name.clone(), services: waits });
+        }
+        match current.devices.iter().find(|d| d.name == device.name) {
+            None => plan.steps.push(Step::AddDevice { name, allow: grants }),
+            Some(now) => {
+                let was: Vec<Label> = now.allow.iter().cloned().collect();
+                if was != grants || was.iter().any(|a| services.moved.contains(a)) {
+                    plan.steps.push(Step::AllowDevice { name, allow: grants, was });
+                }
+            }
+        }
+    }
+}
+
+/// The rules whose nodes have joined become exactly the network's rules: allows, then revokes.
+fn plan_rules(desired: &Declaration, current: &Current, plan: &mut Plan) {
+    let mut rules = BTreeSet::new();
+    for rule in &desired.rules {
+        match [&rule.from, &rule.to].into_iter().find(|n| !current.joined(n)) {
+            Some(node) => {
+                plan.waiting.push(Waiting::Rule { from: rule.from.clone(), to: rule.to.clone(), node: node.clone() })
+            }
+            None => {
+                rules.insert(rule);
+            }
+        }
+    }
+    let allow = rules.iter().filter(|r| !current.rules.contains(r));
+    plan.steps.extend(allow.map(|r| Step::AllowAccess { from: r.from.clone(), to: r.to.clone() }));
+    let revoke = current.rules.iter().filter(|r| !rules.contains(r));
+    plan.steps.extend(revoke.map(|r| Step::RevokeAccess { from: r.from.clone(), to: r.to.clone() }));
+}
+
+/// Devices, then services, then nodes: each goes before what it depends on.
+fn plan_removals(
+    desired: &Declaration,
+    current: &Current,
+    services: &ReadyServices<'_>,
+    disables: Vec<Step>,
+    plan: &mut Plan,
+) {
+    let devices: BTreeSet<&Label> = desired.devices.iter().map(|d| &d.name).collect();
+    let gone_devices = current.devices.iter().filter(|d| !devices.contains(&d.name));
+    plan.steps.extend(gone_devices.map(|d| Step::RemoveDevice { name: d.name.clone() }));
+    // A declared service that waits for its node does not stay elsewhere meanwhile.
+    let gone_services = current.services.iter().filter(|s| !services.ready.contains(&s.name));
+    plan.steps.extend(gone_services.map(|s| Step::RemoveService { name: s.name.clone() }));
+    plan.steps.extend(disables);
+    let nodes: BTreeSet<&Label> = desired.nodes.iter().map(|n| &n.name).collect();
+    let gone_members = current.members.iter().filter(|m| !nodes.contains(&m.name));
+    plan.steps.extend(gone_members.map(|m| Step::RemoveNode { name: m.name.clone() }));
+    let gone_invites = current.invites.keys().filter(|name| !nodes.contains(name));
+    plan.steps.extend(gone_invites.map(|name| Step::UninviteNode { name: name.clone() }));
+}
+
+/// Refuse what the API cannot do in place: a member changing role, a name moving between kinds.
+fn check_against(desired: &Declaration, current: &Current) -> Result<(), DeclareError> {
+    for node in &desired.nodes {
+        if let Some(member) = current.member(&node.name)
+            && member.role != node.role
+        {
+            return Err(DeclareError::RoleChange { name: node.name.clone(), joined: member.role, declared: node.role });
+        }
+    }
+    let declared = (desired.nodes.iter().map(|n| (&n.name, Kind::Node)))
+        .chain(desired.services.iter().map(|s| (&s.name, Kind::Service)))
+        .chain(desired.devices.iter().map(|d| (&d.name, Kind::Device)));
+    for (name, kind) in declared {
+        match current.kind_of(name) {
+            Some(Kind::PendingInvite) if kind == Kind::Node => {}
+            Some(now) if now != kind => {
+                return Err(DeclareError::KindChange { name: name.clone(), now, declared: kind });
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{labels, parse, rule};
+    use super::*;
+    use crate::fixtures::{SAMPLE_DECLARATION as EXAMPLE, label};
+    use crate::model::Protocol;
+    use crate::wire::admin::Request;
+
+    #[test]
+    fn a_service_is_tcp_unless_the_file_says_udp() {
+        let text = "[[service]]\nname = \"echo\"\nnode = \"hub\"\ntarget = \"127.0.0.1:7\"\nprotocol = \"udp\"\n\
+                    [[service]]\nname = \"web\"\nnode = \"hub\"\ntarget = \"127.0.0.1:80\"\nprotocol = \"tcp\"\n";
+        let d = parse(text).unwrap();
+        assert_eq!(d.services.iter().map(|s| s.protocol).collect::<Vec<_>>(), [Protocol::Udp, Protocol::Tcp]);
+        assert!(parse(EXAMPLE).unwrap().services.iter().all(|s| s.protocol == Protocol::Tcp), "the default");
+
+        // Added as UDP; switching the protocol is an update in place (addresses and grants stay).
+        let plan_lines = |network: &Current| lines(&plan(&d, network).unwrap());
+        assert_eq!(
+            plan_lines(&empty_network()),
+            ["+ add service echo on hub: 127.0.0.1:7, port 7, udp", "+ add service web on hub: 127.0.0.1:80, port 80"]
+        );
+        let mut network = empty_network();
+        network.services = vec![service("echo", "hub", "127.0.0.1:7", 7), service("web", "hub", "127.0.0.1:80", 80)];
+        assert_eq!(plan_lines(&network), ["~ service echo: protocol tcp -> udp"]);
+        let step = &plan(&d, &network).unwrap().steps[0];
+        assert!(matches!(
+            step.requests(60, || unreachable!("no device")).as_slice(),
+            [Request::ServiceUpdate { protocol: Some(Protocol::Udp), .. }]
+        ));
+        let json = serde_json::to_value(step).unwrap();
+        assert_eq!((json["protocol"].as_str(), json["was_protocol"].as_str()), (Some("udp"), Some("tcp")));
+    }
+
+    /// The network with only its hub.
+    fn empty_network() -> Current {
+        Current {
+            hub: label("hub"),
+            members: Vec::new(),
+            invites: BTreeMap::new(),
+            services: Vec::new(),
+            devices: Vec::new(),
+            rules: BTreeSet::new(),
+        }
+    }
+
+    fn service(name: &str, node: &str, target: &str, port: u16) -> ServiceSpec {
+        ServiceSpec {
+            name: label(name),
+            node: label(node),
+            target: target.parse().unwrap(),
+            port,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn device(name: &str, allow: &[&str]) -> DeviceSpec {
+        DeviceSpec { name: label(name), allow: labels(allow).into_iter().collect() }
+    }
+
+    fn member(name: &str, role: Role, disabled: bool) -> NodeSpec {
+        NodeSpec { name: label(name), role, disabled }
+    }
+
+    fn lines(plan: &Plan) -> Vec<String> {
+        plan.steps.iter().map(ToString::to_string).chain(plan.waiting.iter().map(ToString::to_string)).collect()
+    }
+
+    #[test]
+    fn plans_a_new_network_with_waits_for_nodes_that_have_not_joined() {
+        let plan = plan(&parse(EXAMPLE).unwrap(), &empty_network()).unwrap();
+        assert_eq!(
+            lines(&plan),
+            [
+                "+ invite node vps1 (node)",
+                "+ invite node consensus (node)",
+                "+ add service wallet on hub: 127.0.0.1:9737, port 9737",
+                "+ add device phone (allow wallet)",
+                "! node validator is disabled and not a member: not invited",
+                "! service beacon waits for node consensus to join",
+                "! device phone gets beacon once its node joins",
+                "! allow consensus -> validator waits for node consensus to join",
+                "! allow hub -> validator waits for node validator to join",
+            ]
+        );
+    }
+
+    /// The example's network once consensus and validator have joined (validator disabled).
+    fn example_network() -> Current {
+        Current {
+            hub: label("hub"),
+            members: vec![member("validator", Role::Relay, true), member("consensus", Role::Node, false)],
+            invites: [(label("vps1"), Role::Node)].into_iter().collect(),
+            services: vec![
+                service("wallet", "hub", "127.0.0.1:9737", 9737),
+                service("beacon", "consensus", "[fd00::5]:5052", 80),
+            ],
+            devices: vec![device("phone", &["beacon", "wallet"])],
+            rules: [rule("consensus", "validator"), rule("hub", "validator")].into_iter().collect(),
+        }
+    }
+
+    #[test]
+    fn a_matching_network_needs_no_steps() {
+        assert_eq!(plan(&parse(EXAMPLE).unwrap(), &example_network()).unwrap(), Plan::default());
+    }
+
+    #[test]
+    fn plans_changes_and_removals_in_a_safe_order() {
+        let mut network = example_network();
+        network.members.push(member("old", Role::Node, false));
+        network.members[0].disabled = false; // validator: the file disables it
+        network.invites.insert(label("attic"), Role::Node);
+        network.invites.insert(label("vps1"), Role::Relay);
+        network.services[0] = service("wallet", "hub", "127.0.0.1:9738", 9738);
+        network.services[1] = service("beacon", "hub", "[fd00::5]:5052", 80);
+        network.services.push(service("junk", "old", "127.0.0.1:1", 1));
+        network.devices.push(device("old-phone", &["junk"]));
+        network.rules.remove(&rule("hub", "validator"));
+        network.rules.insert(rule("old", "consensus"));
+
+        let plan = plan(&parse(EXAMPLE).unwrap(), &network).unwrap();
+        assert_eq!(
+            lines(&plan),
+            [
+                "~ invite node vps1 again as node (was relay; the old token stops working)",
+                "~ service wallet: target 127.0.0.1:9738 -> 127.0.0.1:9737, port 9738 -> 9737",
+                "~ service beacon: node hub -> consensus (removed and added again: new address), [fd00::5]:5052, port 80",
+                "~ device phone: allow beacon,wallet again (a service it reaches moves)",
+                "+ allow hub -> validator",
+                "- revoke old -> consensus",
+                "- remove device old-phone",
+                "- remove service junk",
+                "- disable node validator",
+                "- remove node old",
+                "- uninvite node attic",
+            ]
+        );
+        let position = |wanted: fn(&Step) -> bool| plan.steps.iter().position(wanted).unwrap();
+        assert!(
+            position(|s| matches!(s, Step::MoveService { .. })) < position(|s| matches!(s, Step::AllowDevice { .. }))
+        );
+        assert!(
+            position(|s| matches!(s, Step::RemoveService { .. })) < position(|s| matches!(s, Step::RemoveNode { .. }))
+        );
+        assert!(
+            position(|s| matches!(s, Step::RevokeAccess { .. })) < position(|s| matches!(s, Step::RemoveNode { .. }))
+        );
+    }
+
+    #[test]
+    fn enables_changes_grants_and_ports() {
+        let mut network = example_network();
+        network.members[1].disabled = true;
+        network.services[0].port = 1234;
+        network.devices[0] = device("phone", &["wallet"]);
+        let text = EXAMPLE.replace(
+            "name = \"validator\"\nrole = \"relay\"\ndisabled = true",
+            "name = \"validator\"\nrole = \"relay\"",
+        );
+        let plan = plan(&parse(&text).unwrap(), &network).unwrap();
+        assert_eq!(
+            lines(&plan),
+            [
+                "+ enable node validator",
+                "+ enable node consensus",
+                "~ service wallet: port 1234 -> 9737",
+                "~ device phone: allow wallet -> beacon,wallet",
+            ]
+        );
+    }
+
+    #[test]
+    fn refuses_role_changes_of_members_and_names_changing_kind() {
+        let mut network = example_network();
+        network.members[1].role = Role::Relay;
+        let refused = plan(&parse(EXAMPLE).unwrap(), &network).unwrap_err();
+        assert_eq!(
+            refused,
+            DeclareError::RoleChange { name: label("consensus"), joined: Role::Relay, declared: Role::Node }
+        );
+        assert!(refused.to_string().starts_with("node \"consensus\" joined as a relay and the file makes it a node"));
+        let mut network = example_network();
+        network.devices.push(device("vps1", &["wallet"]));
+        network.invites.clear();
+        assert_eq!(
+            plan(&parse(EXAMPLE).unwrap(), &network),
+            Err(DeclareError::KindChange { name: label("vps1"), now: Kind::Device, declared: Kind::Node })
+        );
+        let mut network = example_network();
+        network.invites.insert(label("phone"), Role::Node);
+        network.devices.clear();
+        assert_eq!(
+            plan(&parse(EXAMPLE).unwrap(), &network),
+            Err(DeclareError::KindChange { name: label("phone"), now: Kind::PendingInvite, declared: Kind::Device })
+        );
+    }
+
+    #[test]
+    fn a_service_waiting_for_its_node_does_not_stay_elsewhere() {
+        let mut network = empty_network();
+        network.services.push(service("beacon", "hub", "127.0.0.1:5052", 5052));
+        network.devices.push(device("phone", &["beacon"]));
+        let text = "[[node]]\nname = \"vps\"\n[[service]]\nname = \"beacon\"\nnode = \"vps\"\ntarget = \"127.0.0.1:5052\"\n\
+                    [[device]]\nname = \"phone\"\nallow = [\"beacon\"]\n";
+        let plan = plan(&parse(text).unwrap(), &network).unwrap();
+        assert_eq!(
+            lines(&plan),
+            [
+                "+ invite node vps (node)",
+                "- remove service beacon",
+                "! service beacon waits for node vps to join",
+                "! device phone waits: none of its services (beacon) is on a joined node",
+            ]
+        );
+    }
+}

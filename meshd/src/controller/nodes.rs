@@ -1,0 +1,356 @@
+//! Member nodes: invites and their redemption by joining hosts, removal, disabling, and the rotation of a
+//! member's key (asked for here, made by the host, checked and recorded on its next contact).
+
+use meshd_core::input::{self, Label};
+use meshd_core::keys;
+use meshd_core::model::{Invite, InviteStatus, InviteView, Node, Role};
+use meshd_core::wire::admin::{InviteIssued, JoinRequest, MemberState, Reply};
+use meshd_core::wire::invite::{self, Token};
+
+use super::checks::{allocate, ensure_key_free, ensure_name_free, member};
+use super::store::Writer;
+use super::{ControlError, Controller};
+use crate::host::clock;
+use crate::links::join::JoinIdentity;
+
+impl Controller {
+    /// Whether `public_key` may become the key of member `name`, which was asked for a new one.
+    pub fn check_node_key(&mut self, name: &Label, public_key: &str) -> Result<(), ControlError> {
+        let public_key = keys::parse_public_key(public_key)?;
+        let s = self.snapshot()?;
+        if !member(&s, name)?.rotate_key {
+            return Err(ControlError::NoRotation(name.clone()));
+        }
+        ensure_key_free(&s, &public_key)
+    }
+
+    /// A member host made the new key it was asked for: the network knows it by that key from now on.
+    pub fn replace_node_key(&mut self, name: &Label, public_key: &str) -> Result<(), ControlError> {
+        let public_key = keys::parse_public_key(public_key)?;
+        self.store.write(|w| {
+            let s = w.snapshot()?;
+            member(&s, name)?;
+            ensure_key_free(&s, &public_key)?;
+            w.set_node_key(name, &public_key)?;
+            Ok(())
+        })
+    }
+
+    /// Redeem an invite for a joining host: one transaction, so of two hosts racing on one token
+    /// exactly one becomes the node.
+    pub fn redeem(&mut self, request: &JoinRequest) -> Result<MemberState, ControlError> {
+        let public_key = keys::parse_public_key(&request.public_key)?;
+        // The joining host's word for where it is goes into every other host's config.
+        if let Some(endpoint) = &request.endpoint {
+            input::check_endpoint(endpoint)?;
+        }
+        self.store.write(|w| {
+            let invite = w.invite(&request.id)?.ok_or(ControlError::InviteForged)?;
+            if !invite::hashes_equal(&invite.secret_hash, &invite::hash_secret(&request.secret)) {
+                return Err(ControlError::InviteForged);
+            }
+            match invite.status {
+                InviteStatus::Redeemed => return Err(ControlError::InviteUsed),
+                InviteStatus::Cancelled => return Err(ControlError::InviteCancelled),
+                InviteStatus::Pending => {}
+            }
+            let left = invite.seconds_left(&clock::now());
+            if left <= 0 {
+                return Err(ControlError::InviteExpired(-left));
+            }
+            let s = w.snapshot()?;
+            ensure_key_free(&s, &public_key)?;
+            w.finish_invite(&invite.id, InviteStatus::Redeemed)?;
+            ensure_name_free(w, &s, &invite.name)?;
+            let index = allocate(w, &s.network)?;
+            w.insert_node(&Node {
+                name: invite.name.clone(),
+                public_key,
+                index,
+                endpoint: request.endpoint.clone(),
+                listen_port: request.listen_port,
+                interface: request.interface.clone(),
+                role: invite.role,
+                disabled: false,
+                rotate_key: false,
+            })?;
+            Ok(MemberState { me: invite.name, state: w.snapshot()?.shared() })
+        })
+    }
+
+    /// The TLS identity joining hosts pin (made on first use).
+    pub fn join_identity(&mut self) -> Result<JoinIdentity, ControlError> {
+        self.store.write(join_identity)
+    }
+}
+
+/// Invite a host to join as `name` with `role` (not the hub), for `expires_secs` seconds: a token.
+pub(super) fn invite(w: &Writer<'_>, name: Label, role: Role, expires_secs: u64) -> Result<Reply, ControlError> {
+    if role == Role::Hub {
+        return Err(ControlError::SecondHub);
+    }
+    // An invite born expired (or living past any sane horizon) would be a token nobody can use, or
+    // one that never dies: refused, whoever asks (meshctl checks too, but the admin socket takes JSON).
+    if expires_secs == 0 || expires_secs > invite::MAX_EXPIRY.as_secs() {
+        return Err(ControlError::InviteLifetime(expires_secs));
+    }
+    {
+        let s = w.snapshot()?;
+        ensure_name_free(w, &s, &name)?;
+        let now = clock::now();
+        // An expired invite no longer reserves the name (ensure_name_free refused a live one).
+        for expired in w.pending_invites()?.into_iter().filter(|i| i.name == name) {
+            w.finish_invite(&expired.id, InviteStatus::Cancelled)?;
+        }
+        let hub = s.hub().ok_or(ControlError::NoHub)?;
+        let join = hub.endpoint.clone().ok_or(ControlError::NoHub)?;
+        let identity = join_identity(w)?;
+        let (id, secret) = invite::new_id_and_secret();
+        let expires_at = now.wall + expires_secs as i64;
+        w.insert_invite(&Invite {
+            id: id.clone(),
+            name: name.clone(),
+            role,
+            secret_hash: invite::hash_secret(&secret),
+            created: now,
+            expires_at,
+            status: InviteStatus::Pending,
+        })?;
+        let token =
+            Token { v: 1, network: s.network.name.to_string(), join, fingerprint: identity.fingerprint(), id, secret };
+        Ok(Reply::Invite(InviteIssued { invite: InviteView { name, role, expires_at }, token: token.encode() }))
+    }
+}
+
+/// The pending invites that have not expired, with when each expires.
+pub(super) fn pending_invites(w: &Writer<'_>) -> Result<Reply, ControlError> {
+    // When each expires, by this host's wall clock now: real time left, from now.
+    let now = clock::now();
+    let pending = w.pending_invites()?.into_iter().map(|i| (i.seconds_left(&now), i)).filter(|(left, _)| *left > 0);
+    Ok(Reply::Invites(
+        pending.map(|(left, i)| InviteView { name: i.name, role: i.role, expires_at: now.wall + left }).collect(),
+    ))
+}
+
+/// Cancel the pending invite for `name`.
+pub(super) fn uninvite(w: &Writer<'_>, name: Label) -> Result<Reply, ControlError> {
+    let invite = w.pending_invites()?.into_iter().find(|i| i.name == name);
+    let invite = invite.ok_or(ControlError::NoInvite(name))?;
+    w.finish_invite(&invite.id, InviteStatus::Cancelled)?;
+    Ok(Reply::Removed)
+}
+
+/// Remove a member node (never the hub) and its services.
+pub(super) fn remove(w: &Writer<'_>, name: Label) -> Result<Reply, ControlError> {
+    let s = w.snapshot()?;
+    if member(&s, &name)?.role == Role::Hub {
+        return Err(ControlError::RemoveHub(name));
+    }
+    // Its services go with it (their addresses, like its own, cool down before reuse).
+    for service in s.services.iter().filter(|v| v.node == name) {
+        w.delete_service(&service.name)?;
+    }
+    w.delete_node(&name)?;
+    Ok(Reply::Removed)
+}
+
+/// Disable a member node (never the hub): it keeps its name and addresses.
+pub(super) fn disable(w: &Writer<'_>, name: Label) -> Result<Reply, ControlError> {
+    if member(&w.snapshot()?, &name)?.role == Role::Hub {
+        return Err(ControlError::DisableHub(name));
+    }
+    w.set_node_disabled(&name, true)?;
+    Ok(Reply::Done)
+}
+
+/// Enable a disabled node again.
+pub(super) fn enable(w: &Writer<'_>, name: Label) -> Result<Reply, ControlError> {
+    member(&w.snapshot()?, &name)?;
+    w.set_node_disabled(&name, false)?;
+    Ok(Reply::Done)
+}
+
+/// Ask an enabled member node (not the hub) to make a new key on its next contact.
+pub(super) fn ask_for_new_key(w: &Writer<'_>, name: Label) -> Result<Reply, ControlError> {
+    let s = w.snapshot()?;
+    let node = member(&s, &name)?;
+    if node.role == Role::Hub {
+        return Err(ControlError::RotateHub(name));
+    }
+    if node.disabled {
+        return Err(ControlError::NodeDisabled(name));
+    }
+    w.set_node_rotate(&name, true)?;
+    Ok(Reply::Done)
+}
+
+/// The TLS identity joining hosts pin, made and stored on first use.
+fn join_identity(w: &Writer<'_>) -> Result<JoinIdentity, ControlError> {
+    if let Some((cert, key)) = w.join_identity()? {
+        return Ok(JoinIdentity::from_der(cert, key)?);
+    }
+    let identity = JoinIdentity::generate()?;
+    w.insert_join_identity(identity.cert_der(), identity.key_der())?;
+    Ok(identity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fixtures::{invite, join_request, label, new_network};
+    use super::super::tests::{add_device, add_service};
+    use super::*;
+    use meshd_core::keys::PrivateKey;
+    use meshd_core::model::{AccessRule, Protocol};
+    use meshd_core::wire::admin::Request;
+
+    #[test]
+    fn an_invite_is_redeemed_once_into_a_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        let token = invite(&mut c, "vps", 3600);
+        assert_eq!(token.join.to_string(), "203.0.113.5:51820");
+        assert_eq!(token.fingerprint, c.join_identity().unwrap().fingerprint(), "the token pins the join certificate");
+        let Reply::Invites(list) = c.handle(Request::NodeInvites).unwrap() else { panic!() };
+        assert_eq!(list.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), ["vps"]);
+        assert!(matches!(add_device(&mut c, "vps", &[]), Err(ControlError::NothingAllowed)));
+        add_service(&mut c, "wallet").unwrap();
+        assert!(
+            matches!(
+                add_device(&mut c, "vps", &["wallet"]),
+                Err(ControlError::NameTaken { kind: "pending invite", .. })
+            ),
+            "an invited name is reserved"
+        );
+
+        let member = c.redeem(&join_request(&token)).unwrap();
+        assert_eq!(member.me.as_str(), "vps");
+        let vps = member.state.nodes.iter().find(|n| n.name.as_str() == "vps").unwrap();
+        assert_eq!(vps.index, 3, "hub 1, wallet 2, vps 3");
+        assert_eq!(vps.endpoint.as_ref().map(ToString::to_string).as_deref(), Some("198.51.100.7:51820"));
+        assert!(matches!(c.redeem(&join_request(&token)), Err(ControlError::InviteUsed)));
+        let Reply::Invites(list) = c.handle(Request::NodeInvites).unwrap() else { panic!() };
+        assert!(list.is_empty());
+    }
+
+    #[test]
+    fn forged_cancelled_and_expired_invites_are_refused_without_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        let token = invite(&mut c, "vps", 3600);
+        let mut forged = token.clone();
+        forged.secret = "0".repeat(32);
+        assert!(matches!(c.redeem(&join_request(&forged)), Err(ControlError::InviteForged)));
+        forged.id = "1".repeat(32);
+        assert!(matches!(c.redeem(&join_request(&forged)), Err(ControlError::InviteForged)));
+
+        c.handle(Request::NodeUninvite { name: label("vps") }).unwrap();
+        assert!(matches!(c.redeem(&join_request(&token)), Err(ControlError::InviteCancelled)));
+        assert!(matches!(c.handle(Request::NodeUninvite { name: label("vps") }), Err(ControlError::NoInvite(_))));
+
+        let expired = invite(&mut c, "attic", 1);
+        std::thread::sleep(std::time::Duration::from_millis(1_100));
+        assert!(matches!(c.redeem(&join_request(&expired)), Err(ControlError::InviteExpired(_))));
+        let again = invite(&mut c, "attic", 3600);
+        assert_eq!(c.snapshot().unwrap().nodes.len(), 1, "only the hub");
+        c.redeem(&join_request(&again)).expect("a new invite for a name whose invite expired");
+    }
+
+    #[test]
+    fn an_invite_born_expired_or_immortal_is_refused_loudly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        for secs in [0, meshd_core::wire::invite::MAX_EXPIRY.as_secs() + 1, u64::MAX] {
+            let refused = c.handle(Request::NodeInvite { name: label("vps"), role: Role::Node, expires_secs: secs });
+            assert!(matches!(refused, Err(ControlError::InviteLifetime(s)) if s == secs), "{secs}: {refused:?}");
+        }
+        let Reply::Invites(pending) = c.handle(Request::NodeInvites).unwrap() else { panic!() };
+        assert!(pending.is_empty(), "{pending:?}");
+    }
+
+    #[test]
+    fn racing_redemptions_have_one_winner() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        let token = invite(&mut c, "vps", 3600);
+        let db = dir.path().join("meshd.db");
+        let results: Vec<bool> = (0..6)
+            .map(|_| {
+                let (db, request) = (db.clone(), join_request(&token));
+                std::thread::spawn(move || Controller::open(&db).unwrap().redeem(&request).is_ok())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        assert_eq!(results.iter().filter(|ok| **ok).count(), 1, "{results:?}");
+        assert_eq!(c.snapshot().unwrap().nodes.len(), 2);
+    }
+
+    #[test]
+    fn removing_a_node_takes_its_services_and_rules_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        let token = invite(&mut c, "vps", 3600);
+        c.redeem(&join_request(&token)).unwrap();
+        let on_member = Request::ServiceAdd {
+            name: label("beacon"),
+            node: label("vps"),
+            target: "127.0.0.1:5052".parse().unwrap(),
+            port: None,
+            protocol: Protocol::Tcp,
+        };
+        c.handle(on_member).expect("services may live on members");
+        add_device(&mut c, "phone", &["beacon"]).unwrap();
+        c.handle(Request::AccessAllow { from: label("hub"), to: label("vps") }).unwrap();
+        assert!(matches!(c.handle(Request::NodeRemove { name: label("hub") }), Err(ControlError::RemoveHub(_))));
+        c.handle(Request::NodeRemove { name: label("vps") }).unwrap();
+        let s = c.snapshot().unwrap();
+        assert_eq!(s.nodes.len(), 1);
+        assert!(s.services.is_empty() && s.rules.is_empty());
+        assert!(s.devices[0].allow.is_empty(), "the grant went with the service");
+        assert!(matches!(c.handle(Request::NodeRemove { name: label("vps") }), Err(ControlError::UnknownNode(_))));
+    }
+
+    #[test]
+    fn disabling_rotating_and_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        let token = invite(&mut c, "vps", 3600);
+        c.redeem(&join_request(&token)).unwrap();
+        let (hub, vps) = (label("hub"), label("vps"));
+        assert!(matches!(c.handle(Request::NodeDisable { name: hub.clone() }), Err(ControlError::DisableHub(_))));
+        assert!(matches!(c.handle(Request::NodeRotate { name: hub.clone() }), Err(ControlError::RotateHub(_))));
+        c.handle(Request::NodeDisable { name: vps.clone() }).unwrap();
+        assert!(c.snapshot().unwrap().nodes[1].disabled);
+        assert!(matches!(c.handle(Request::NodeRotate { name: vps.clone() }), Err(ControlError::NodeDisabled(_))));
+        c.handle(Request::NodeEnable { name: vps.clone() }).unwrap();
+        c.handle(Request::NodeRotate { name: vps.clone() }).unwrap();
+        assert!(c.snapshot().unwrap().nodes[1].rotate_key);
+        let new_key = PrivateKey::generate().public_key();
+        c.check_node_key(&vps, &new_key).unwrap();
+        let hub_key = c.snapshot().unwrap().nodes[0].public_key.clone();
+        assert!(matches!(c.check_node_key(&vps, &hub_key), Err(ControlError::KeyTaken(_))));
+        c.replace_node_key(&vps, &new_key).unwrap();
+        assert!(matches!(c.check_node_key(&vps, &new_key), Err(ControlError::NoRotation(_))));
+        let node = c.snapshot().unwrap().nodes[1].clone();
+        assert_eq!((node.public_key.as_str(), node.rotate_key), (new_key.as_str(), false));
+        assert!(matches!(c.replace_node_key(&vps, &new_key), Err(ControlError::KeyTaken(_))));
+
+        assert!(matches!(
+            c.handle(Request::AccessAllow { from: vps.clone(), to: vps.clone() }),
+            Err(ControlError::RuleToSelf)
+        ));
+        assert!(matches!(
+            c.handle(Request::AccessAllow { from: label("ghost"), to: vps.clone() }),
+            Err(ControlError::UnknownNode(_))
+        ));
+        c.handle(Request::AccessAllow { from: hub.clone(), to: vps.clone() }).unwrap();
+        c.handle(Request::AccessAllow { from: hub.clone(), to: vps.clone() }).expect("allowing twice is harmless");
+        assert_eq!(
+            c.handle(Request::AccessList).unwrap(),
+            Reply::Rules(vec![AccessRule { from: hub.clone(), to: vps.clone() }])
+        );
+        c.handle(Request::AccessRevoke { from: hub.clone(), to: vps.clone() }).unwrap();
+        assert!(matches!(c.handle(Request::AccessRevoke { from: hub, to: vps }), Err(ControlError::NoRule { .. })));
+    }
+}

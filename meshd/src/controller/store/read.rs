@@ -1,0 +1,199 @@
+//! Reading rows back into the model: the whole network as a [`Snapshot`], and invites; a value the
+//! model cannot parse is [`StoreError::Corrupt`] with its column.
+
+use rusqlite::Connection;
+
+use meshd_core::clock::Stamp;
+use meshd_core::input::{HostPort, Label};
+use meshd_core::model::{AccessRule, Device, Invite, InviteStatus, Network, Node, Role, Service, Snapshot};
+
+use super::{StoreError, sql};
+
+/// The whole network as stored, as seen by `conn`'s current transaction.
+pub(super) fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
+    let network = conn
+        .query_row("SELECT name, domain, cidr, ula FROM network WHERE id = 1", [], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+        })
+        .map_err(sql("read network"))?;
+    let network = Network {
+        name: parse_column("network.name", &network.0)?,
+        domain: network.1,
+        cidr: parse_column("network.cidr", &network.2)?,
+        ula: parse_column("network.ula", &network.3)?,
+    };
+
+    let mut stmt = conn
+        .prepare(
+            "SELECT name, public_key, addr_index, endpoint, listen_port, interface, role, disabled, rotate_key
+             FROM nodes ORDER BY addr_index",
+        )
+        .map_err(sql("read nodes"))?;
+    let raw_nodes = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, u16>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, bool>(7)?,
+                r.get::<_, bool>(8)?,
+            ))
+        })
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(sql("read nodes"))?;
+    let mut nodes = Vec::with_capacity(raw_nodes.len());
+    for (name, public_key, index, endpoint, listen_port, interface, role, disabled, rotate_key) in raw_nodes {
+        nodes.push(Node {
+            name: parse_column("nodes.name", &name)?,
+            public_key,
+            index,
+            endpoint: endpoint.map(|e| parse_column::<HostPort>("nodes.endpoint", &e)).transpose()?,
+            listen_port,
+            interface,
+            role: match role.as_str() {
+                "hub" => Role::Hub,
+                "node" => Role::Node,
+                "relay" => Role::Relay,
+                _ => return Err(StoreError::Corrupt("nodes.role".into())),
+            },
+            disabled,
+            rotate_key,
+        });
+    }
+
+    let mut stmt = conn
+        .prepare(
+            "SELECT d.name, d.public_key, d.preshared_key, d.addr_index,
+                    (SELECT group_concat(s.name, ',') FROM grants g JOIN services s ON s.id = g.service_id
+                     WHERE g.device_id = d.id ORDER BY s.name)
+             FROM devices d ORDER BY d.addr_index",
+        )
+        .map_err(sql("read devices"))?;
+    let raw_devices = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, u32>(3)?,
+                r.get::<_, Option<String>>(4)?,
+            ))
+        })
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(sql("read devices"))?;
+    let mut devices = Vec::with_capacity(raw_devices.len());
+    for (name, public_key, preshared_key, index, allow) in raw_devices {
+        let mut allow = allow
+            .unwrap_or_default()
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| parse_column::<Label>("services.name", s))
+            .collect::<Result<Vec<_>, _>>()?;
+        allow.sort();
+        devices.push(Device { name: parse_column("devices.name", &name)?, public_key, preshared_key, index, allow });
+    }
+
+    let mut stmt = conn
+        .prepare(
+            "SELECT s.name, n.name, s.target, s.port, s.addr_index, s.protocol
+             FROM services s JOIN nodes n ON n.id = s.node_id ORDER BY s.addr_index",
+        )
+        .map_err(sql("read services"))?;
+    let raw_services = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, u16>(3)?,
+                r.get::<_, u32>(4)?,
+                r.get::<_, String>(5)?,
+            ))
+        })
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(sql("read services"))?;
+    let mut services = Vec::with_capacity(raw_services.len());
+    for (name, node, target, port, index, protocol) in raw_services {
+        services.push(Service {
+            name: parse_column("services.name", &name)?,
+            node: parse_column("nodes.name", &node)?,
+            target: parse_column("services.target", &target)?,
+            port,
+            index,
+            protocol: parse_column("services.protocol", &protocol)?,
+        });
+    }
+    let mut stmt = conn
+        .prepare(
+            "SELECT f.name, t.name FROM access_rules r JOIN nodes f ON f.id = r.from_node JOIN nodes t ON t.id = r.to_node
+             ORDER BY f.name, t.name",
+        )
+        .map_err(sql("read access rules"))?;
+    let raw_rules = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(sql("read access rules"))?;
+    let rules = raw_rules
+        .into_iter()
+        .map(|(from, to)| {
+            Ok(AccessRule { from: parse_column("nodes.name", &from)?, to: parse_column("nodes.name", &to)? })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(Snapshot { network, nodes, devices, services, rules })
+}
+
+/// The invites `stmt` selects (its columns in the order of [`super::Writer::invite`]'s query).
+pub(super) fn read_invites(
+    stmt: &mut rusqlite::Statement<'_>,
+    args: impl rusqlite::Params,
+) -> Result<Vec<Invite>, StoreError> {
+    let raw = stmt
+        .query_map(args, |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, String>(5)?,
+                Stamp {
+                    wall: r.get::<_, i64>(6)?,
+                    boot: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
+                    uptime: r.get::<_, Option<i64>>(8)?.unwrap_or(0),
+                },
+            ))
+        })
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(sql("read invites"))?;
+    raw.into_iter()
+        .map(|(id, name, role, secret_hash, expires_at, status, created)| {
+            Ok(Invite {
+                id,
+                name: parse_column("invites.name", &name)?,
+                role: match role.as_str() {
+                    "node" => Role::Node,
+                    "relay" => Role::Relay,
+                    _ => return Err(StoreError::Corrupt("invites.role".into())),
+                },
+                secret_hash,
+                created,
+                expires_at,
+                status: match status.as_str() {
+                    "pending" => InviteStatus::Pending,
+                    "redeemed" => InviteStatus::Redeemed,
+                    "cancelled" => InviteStatus::Cancelled,
+                    _ => return Err(StoreError::Corrupt("invites.status".into())),
+                },
+            })
+        })
+        .collect()
+}
+
+/// `text` of `column` as a `T`, else [`StoreError::Corrupt`].
+fn parse_column<T: std::str::FromStr>(column: &str, text: &str) -> Result<T, StoreError> {
+    text.parse().map_err(|_| StoreError::Corrupt(column.to_owned()))
+}

@@ -1,0 +1,93 @@
+//! Hosts of a mesh test: [`MeshHost`] (a namespace, a state directory and a unique interface name,
+//! with `meshd join` and `meshd run` in it) and [`nat_router`], a home router in front of some of them.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+
+use crate::{Netns, Proc, WG_SOCKET_DIR, product_bin, unique_ifname};
+
+/// Removes a userspace interface's UAPI socket file on drop: a daemon stopped with SIGKILL (or by a
+/// failing test) leaves boringtun's socket behind in the directory every namespace shares.
+pub struct UapiCleanup(pub String);
+
+impl Drop for UapiCleanup {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(Path::new(WG_SOCKET_DIR).join(format!("{}.sock", self.0)));
+    }
+}
+
+/// A host of a mesh test: its namespace, state directory and interface name (unique on the machine).
+pub struct MeshHost {
+    /// The node's name in the network.
+    pub name: &'static str,
+    /// Its namespace.
+    pub ns: Netns,
+    /// Its state directory.
+    pub state: PathBuf,
+    /// Its WireGuard interface.
+    pub ifname: String,
+    _uapi: UapiCleanup,
+}
+
+impl MeshHost {
+    /// A host `name` with state in `root/name` and an interface named from `prefix`.
+    pub fn new(name: &'static str, root: &Path, prefix: &str) -> MeshHost {
+        let ifname = unique_ifname(prefix);
+        MeshHost { name, ns: Netns::new(name), state: root.join(name), _uapi: UapiCleanup(ifname.clone()), ifname }
+    }
+
+    /// `meshd join` with the token on standard input (as the docs recommend), state in `state`, on this
+    /// host's interface.
+    pub fn join(&self, token: &str, state: &Path, endpoint: Option<&str>) -> Output {
+        self.join_as(token, state, &self.ifname, endpoint)
+    }
+
+    /// `meshd join` as another node of this host (its own state directory and interface).
+    pub fn join_as(&self, token: &str, state: &Path, ifname: &str, endpoint: Option<&str>) -> Output {
+        let mut cmd = self.ns.command(product_bin("meshd"));
+        cmd.arg("join").arg("-").arg("--state-dir").arg(state).args(["--interface", ifname]);
+        if let Some(endpoint) = endpoint {
+            cmd.args(["--endpoint", endpoint]);
+        }
+        let mut child =
+            cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("meshd join");
+        child.stdin.take().expect("stdin").write_all(token.as_bytes()).expect("token to meshd join");
+        child.wait_with_output().expect("meshd join")
+    }
+
+    /// `meshd run` (userspace WireGuard, debug logs of meshd) with its output in `log`.
+    pub fn run_daemon(&self, log: &Path) -> Proc {
+        let mut cmd = self.ns.command(product_bin("meshd"));
+        cmd.env("RUST_LOG", "info,meshd=debug")
+            .args(["run", "--wireguard", "userspace", "--state-dir"])
+            .arg(&self.state);
+        Proc::spawn_logged(cmd, &format!("meshd run on {}", self.name), log)
+    }
+
+    /// One ping, answered within half a second (a mesh round trip here takes about a millisecond; a
+    /// new tunnel's handshake a few), so a cut is seen promptly.
+    pub fn pings(&self, addr: &str) -> bool {
+        self.ns.exec(&["ping", "-c1", "-W0.5", addr]).status.success()
+    }
+}
+
+/// Makes `router` a home router for each `(private subnet, router-side interface)`: traffic from the
+/// subnet leaving by another interface is masqueraded, and no new flow enters towards it (as behind
+/// NAT without port forwarding).
+pub fn nat_router(router: &Netns, homes: &[(&str, &str)]) {
+    let masquerade: String = homes
+        .iter()
+        .map(|(subnet, iface)| format!("    ip saddr {subnet} oifname != \"{iface}\" masquerade\n"))
+        .collect();
+    let drops: String = homes.iter().map(|(_, iface)| format!("    oifname \"{iface}\" drop\n")).collect();
+    let rules = format!(
+        "table ip nat {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat;\n{masquerade}  }}\n}}\n\
+         table inet nofwd {{\n  chain forward {{\n    type filter hook forward priority filter;\n    \
+         ct state established,related accept\n{drops}  }}\n}}\n"
+    );
+    let mut child = router.command("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().expect("nft");
+    child.stdin.take().expect("stdin").write_all(rules.as_bytes()).expect("rules to nft");
+    assert!(child.wait().expect("nft").success(), "router NAT rules:\n{rules}");
+}
