@@ -1,7 +1,7 @@
 //! `meshctl`: the operator's command line. Here are its commands and flags (a contract: scripts use
 //! them) and which code carries each out: the commands in [`commands`] and [`apply`] reach the
 //! controller only through [`admin::Admin`] (over the admin socket in the state directory, or, when no
-//! daemon runs there, in-process), and print with [`print`].
+//! daemon runs there, in-process), and print with [`mod@print`].
 
 mod admin;
 mod apply;

@@ -13,6 +13,8 @@
 //! - [`session`]: the sync protocol's two ends (a member, the hub's session with one member) as state
 //!   machines driven by messages and time.
 
+#![warn(missing_docs)]
+
 pub mod clock;
 pub mod declare;
 #[cfg(any(test, feature = "test-support"))]

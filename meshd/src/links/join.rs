@@ -227,7 +227,7 @@ where
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client did not take the reply in time"))?
 }
 
-/// Connect to `addr` ("HOST:PORT", host a DNS name, IPv4 or [IPv6]), accept only a server certificate whose
+/// Connect to `addr` ("HOST:PORT", host a DNS name, IPv4 or `[IPv6]`), accept only a server certificate whose
 /// SHA-256 is `fingerprint`, send `request` and return the reply; the whole exchange is bounded by `timeout`.
 pub async fn call<Req, Resp>(addr: &str, fingerprint: &str, request: &Req, timeout: Duration) -> Result<Resp, JoinError>
 where

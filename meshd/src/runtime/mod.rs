@@ -1,9 +1,9 @@
 //! `meshd run`: brings this host's part of the network up and keeps it matching the network's state.
 //!
-//! - [`hub`]: the controller's host. Requests enter there (admin socket, joins, members' sessions),
+//! - `hub`: the controller's host. Requests enter there (admin socket, joins, members' sessions),
 //!   change the network through the controller, and each change is applied here and published.
-//! - [`member`]: a member host, following the hub's live updates.
-//! - [`apply`]: the one executor of host steps; every change to the host goes through it.
+//! - `member`: a member host, following the hub's live updates.
+//! - `apply`: the one executor of host steps; every change to the host goes through it.
 
 mod apply;
 mod hub;

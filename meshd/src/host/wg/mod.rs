@@ -1,5 +1,5 @@
-//! The WireGuard interface of a host: kernel WireGuard where the module exists ([`kernel`]), otherwise
-//! boringtun embedded in this process ([`userspace`]), both configured through defguard_wireguard_rs.
+//! The WireGuard interface of a host: kernel WireGuard where the module exists (`kernel.rs`), otherwise
+//! boringtun embedded in this process (`userspace.rs`), both configured through defguard_wireguard_rs.
 //! Addresses are managed with `ip` (iproute2) so that they can be removed as well as added. When the
 //! embedded device stops by itself, [`Interface::stopped`] says so.
 //!
