@@ -244,7 +244,9 @@ fn unclear_outcome(cx: &Context, e: anyhow::Error, keys: &[PrivateKey], configs:
         _ => None,
     };
     let made = |key: &PrivateKey, config: &ConfigFile| {
-        devices.as_ref().map(|list| list.iter().any(|d| d.name == config.name && d.public_key == key.public_key()))
+        devices
+            .as_ref()
+            .map(|list| list.iter().any(|d| d.name == config.name && d.public_key == Some(key.public_key())))
     };
     let mut notes = Vec::new();
     for (key, config) in keys.iter().zip(configs.iter_mut()) {

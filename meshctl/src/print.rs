@@ -123,7 +123,7 @@ mod tests {
     fn node_states_in_the_table() {
         let view = |name: &str, disabled, rotate_key| NodeView {
             name: label(name),
-            public_key: String::new(),
+            public_key: meshd_core::fixtures::public_key(2),
             address: "10.77.0.2".parse().unwrap(),
             address_v6: "fd00::2".parse().unwrap(),
             endpoint: None,

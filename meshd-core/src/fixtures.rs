@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use crate::input::Label;
+use crate::keys::{PresharedKey, PublicKey};
 use crate::model::{DeviceGrants, Network, Node, Protocol, Role, Service, SharedState};
 use crate::plan::{AccessPlan, DnsPlan, Grant, HostPlan, ServicePlan, SyncPlan};
 
@@ -14,11 +15,32 @@ pub fn label(s: &str) -> Label {
     s.parse().expect("a valid sample name")
 }
 
-/// A node with placeholder key `KEY<index>`; index 1 is the hub.
+/// A valid public key made from `n` (32 bytes of it), for samples.
+pub fn public_key(n: u32) -> PublicKey {
+    use base64::Engine as _;
+    let bytes = [u8::try_from(n % 256).unwrap_or(0); 32];
+    PublicKey::parse(&base64::engine::general_purpose::STANDARD.encode(bytes)).expect("32 bytes are a key")
+}
+
+/// A valid public key standing for `name` (the SHA-256 of it), for samples that name their keys.
+pub fn named_key(name: &str) -> PublicKey {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(name.as_bytes());
+    PublicKey::parse(&base64::engine::general_purpose::STANDARD.encode(digest)).expect("32 bytes are a key")
+}
+
+/// A valid preshared key made from `n`, for samples.
+pub fn preshared_key(n: u8) -> PresharedKey {
+    use base64::Engine as _;
+    PresharedKey::parse(&base64::engine::general_purpose::STANDARD.encode([n; 32])).expect("32 bytes are a key")
+}
+
+/// A node with sample key [`public_key`]`(index)`; index 1 is the hub.
 pub fn node(name: &str, index: u32) -> Node {
     Node {
         name: label(name),
-        public_key: format!("KEY{index}"),
+        public_key: public_key(index),
         index,
         endpoint: None,
         listen_port: 51820,

@@ -1,10 +1,14 @@
-//! WireGuard keys: x25519 key pairs and preshared keys, in the standard base64 form `wg` uses.
+//! WireGuard keys (the WireGuard paper, section 5.4: Curve25519 key pairs and 32-byte preshared keys),
+//! in the standard base64 form `wg` uses: 44 characters for 32 bytes. Public and preshared keys are types
+//! of their own, so a key cannot be mixed up with a name, and a preshared key never shows in a log.
 
 use std::fmt;
+use std::str::FromStr;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use x25519_dalek::{PublicKey, StaticSecret};
+use serde::{Deserialize, Serialize};
+use x25519_dalek::StaticSecret;
 
 /// A key that is not 32 bytes of standard base64.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,8 +41,8 @@ impl PrivateKey {
     }
 
     /// The matching public key.
-    pub fn public_key(&self) -> String {
-        STANDARD.encode(PublicKey::from(&self.0).as_bytes())
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(STANDARD.encode(x25519_dalek::PublicKey::from(&self.0).as_bytes()))
     }
 }
 
@@ -57,19 +61,108 @@ impl fmt::Debug for PrivateKey {
     }
 }
 
-/// A new random preshared key in base64.
-pub fn generate_preshared_key() -> String {
-    STANDARD.encode(rand::random::<[u8; 32]>())
+/// A WireGuard public key, in base64 (always valid: made by [`PublicKey::parse`] or from a private key).
+/// It is serialised as its base64 text, and checked when read back.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PublicKey(String);
+
+impl PublicKey {
+    /// Parse base64 encoding 32 bytes (surrounding whitespace ignored), normalised.
+    pub fn parse(text: &str) -> Result<PublicKey, KeyError> {
+        decode32(text).map(|bytes| PublicKey(STANDARD.encode(bytes)))
+    }
+
+    /// The key in base64.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
-/// Check that `text` is a base64 WireGuard key and return it normalised (trimmed).
-pub fn parse_public_key(text: &str) -> Result<String, KeyError> {
-    decode32(text).map(|bytes| STANDARD.encode(bytes))
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
-/// Check that `text` is a base64 preshared key (32 bytes) and return it normalised.
-pub fn parse_preshared_key(text: &str) -> Result<String, KeyError> {
-    parse_public_key(text)
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({})", self.0)
+    }
+}
+
+impl FromStr for PublicKey {
+    type Err = KeyError;
+
+    fn from_str(text: &str) -> Result<PublicKey, KeyError> {
+        PublicKey::parse(text)
+    }
+}
+
+impl TryFrom<String> for PublicKey {
+    type Error = KeyError;
+
+    fn try_from(text: String) -> Result<PublicKey, KeyError> {
+        PublicKey::parse(&text)
+    }
+}
+
+impl From<PublicKey> for String {
+    fn from(key: PublicKey) -> String {
+        key.0
+    }
+}
+
+/// A WireGuard preshared key (32 random bytes, mixed into the handshake), in base64. Its `Debug` never
+/// shows the key; it is serialised as its base64 text (the database and hand-outs hold it), and checked
+/// when read back.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PresharedKey(String);
+
+impl PresharedKey {
+    /// A new random preshared key.
+    pub fn generate() -> PresharedKey {
+        PresharedKey(STANDARD.encode(rand::random::<[u8; 32]>()))
+    }
+
+    /// Parse base64 encoding 32 bytes (surrounding whitespace ignored), normalised.
+    pub fn parse(text: &str) -> Result<PresharedKey, KeyError> {
+        decode32(text).map(|bytes| PresharedKey(STANDARD.encode(bytes)))
+    }
+
+    /// The key in base64, for a config handed out once or the 0600 database.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for PresharedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PresharedKey(<redacted>)")
+    }
+}
+
+impl FromStr for PresharedKey {
+    type Err = KeyError;
+
+    fn from_str(text: &str) -> Result<PresharedKey, KeyError> {
+        PresharedKey::parse(text)
+    }
+}
+
+impl TryFrom<String> for PresharedKey {
+    type Error = KeyError;
+
+    fn try_from(text: String) -> Result<PresharedKey, KeyError> {
+        PresharedKey::parse(&text)
+    }
+}
+
+impl From<PresharedKey> for String {
+    fn from(key: PresharedKey) -> String {
+        key.0
+    }
 }
 
 fn decode32(text: &str) -> Result<[u8; 32], KeyError> {
@@ -87,7 +180,7 @@ mod tests {
         let private = hex32("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a");
         let public = hex32("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a");
         let key = PrivateKey::from_base64(&STANDARD.encode(private)).unwrap();
-        assert_eq!(key.public_key(), STANDARD.encode(public));
+        assert_eq!(key.public_key().as_str(), STANDARD.encode(public));
     }
 
     #[test]
@@ -98,14 +191,22 @@ mod tests {
         assert_eq!(key.to_base64().len(), 44);
         assert!(!format!("{key:?}").contains(&key.to_base64()));
         assert_eq!(hex32(&key.to_hex()), key.0.to_bytes());
-        assert_ne!(generate_preshared_key(), generate_preshared_key());
+        let psk = PresharedKey::generate();
+        assert_ne!(psk, PresharedKey::generate());
+        assert_eq!(PresharedKey::parse(psk.as_str()), Ok(psk.clone()));
+        assert!(!format!("{psk:?}").contains(psk.as_str()), "a preshared key never shows in Debug");
     }
 
     #[test]
     fn rejects_malformed_keys() {
-        assert_eq!(parse_public_key("short"), Err(KeyError));
-        assert_eq!(parse_public_key(&STANDARD.encode([0u8; 31])), Err(KeyError));
-        assert!(parse_public_key(&format!(" {} \n", STANDARD.encode([7u8; 32]))).is_ok());
+        assert_eq!(PublicKey::parse("short"), Err(KeyError));
+        assert_eq!(PublicKey::parse(&STANDARD.encode([0u8; 31])), Err(KeyError));
+        assert_eq!(PresharedKey::parse("short"), Err(KeyError));
+        let padded = PublicKey::parse(&format!(" {} \n", STANDARD.encode([7u8; 32]))).unwrap();
+        assert_eq!(padded.as_str(), STANDARD.encode([7u8; 32]), "normalised");
+        // Read back checked: a damaged cache or message cannot carry a bad key in.
+        assert!(serde_json::from_str::<PublicKey>("\"KEY1\"").is_err());
+        assert_eq!(serde_json::from_value::<PublicKey>(serde_json::to_value(&padded).unwrap()).unwrap(), padded);
     }
 
     fn hex32(s: &str) -> [u8; 32] {

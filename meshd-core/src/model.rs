@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::{self, Stamp};
 use crate::input::{HostPort, Label};
 use crate::ipam::Pool;
+use crate::keys::{PresharedKey, PublicKey};
 
 /// Persistent keepalive handed to roaming devices: they sit behind NAT and must keep the hub's
 /// session fresh so it can reach them.
@@ -70,7 +71,7 @@ pub struct Node {
     /// The node's name.
     pub name: Label,
     /// Its WireGuard public key, standard base64 (44 characters).
-    pub public_key: String,
+    pub public_key: PublicKey,
     /// Host index in the network's [`Pool`]: one IPv4 and one IPv6 address.
     pub index: u32,
     /// Where other hosts reach it (`HOST:PORT`); `None` behind NAT: it is reached through the hub.
@@ -101,14 +102,21 @@ impl Node {
 pub struct Device {
     /// The device's name.
     pub name: Label,
-    /// Its WireGuard public key, standard base64; the private key stays with the device.
-    pub public_key: String,
-    /// Secret: goes to the hub's interface, never into a view.
-    pub preshared_key: String,
+    /// Its keys: known on the controller's host only (members are never told them).
+    pub keys: Option<DeviceKeys>,
     /// Host index in the network's [`Pool`]: one IPv4 and one IPv6 address.
     pub index: u32,
     /// Services this device may reach.
     pub allow: Vec<Label>,
+}
+
+/// A device's keys, as the controller's host holds them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceKeys {
+    /// The device's WireGuard public key; the private key stays with the device.
+    pub public_key: PublicKey,
+    /// Secret: goes to the hub's interface, never into a view.
+    pub preshared_key: PresharedKey,
 }
 
 /// What the hosts know of a device: its address and grants, never its keys.
@@ -228,13 +236,7 @@ impl SharedState {
             devices: self
                 .devices
                 .iter()
-                .map(|d| Device {
-                    name: d.name.clone(),
-                    public_key: String::new(),
-                    preshared_key: String::new(),
-                    index: d.index,
-                    allow: d.allow.clone(),
-                })
+                .map(|d| Device { name: d.name.clone(), keys: None, index: d.index, allow: d.allow.clone() })
                 .collect(),
             services: self.services.clone(),
             rules: self.rules.clone(),
@@ -284,7 +286,7 @@ impl Snapshot {
         let pool = self.network.pool();
         DeviceView {
             name: device.name.clone(),
-            public_key: device.public_key.clone(),
+            public_key: device.keys.as_ref().map(|k| k.public_key.clone()),
             address: pool.v4_of(device.index),
             address_v6: pool.v6_of(device.index),
             allow: device.allow.clone(),
@@ -315,7 +317,7 @@ pub struct NodeView {
     /// The node's name.
     pub name: Label,
     /// Its WireGuard public key, standard base64.
-    pub public_key: String,
+    pub public_key: PublicKey,
     /// Its mesh IPv4 address.
     pub address: Ipv4Addr,
     /// Its mesh IPv6 address.
@@ -337,8 +339,8 @@ pub struct NodeView {
 pub struct DeviceView {
     /// The device's name.
     pub name: Label,
-    /// Its WireGuard public key, standard base64.
-    pub public_key: String,
+    /// Its WireGuard public key (always known where views are made: on the controller's host).
+    pub public_key: Option<PublicKey>,
     /// Its mesh IPv4 address.
     pub address: Ipv4Addr,
     /// Its mesh IPv6 address.

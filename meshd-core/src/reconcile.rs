@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 
 use ipnet::IpNet;
 
+use crate::keys::PublicKey;
 use crate::plan::dns::DnsRecords;
 use crate::plan::{HostPlan, PeerPlan, ServicePlan, nftables};
 
@@ -87,11 +88,11 @@ pub fn steps(old: &HostPlan, new: &HostPlan) -> Vec<HostStep> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerDiff {
     /// New peers, by public key.
-    pub add: Vec<(String, PeerPlan)>,
+    pub add: Vec<(PublicKey, PeerPlan)>,
     /// Peers whose settings changed (the embedded WireGuard can only replace these, not edit them).
-    pub update: Vec<(String, PeerPlan)>,
+    pub update: Vec<(PublicKey, PeerPlan)>,
     /// Public keys of peers to withdraw.
-    pub remove: Vec<String>,
+    pub remove: Vec<PublicKey>,
 }
 
 impl PeerDiff {
@@ -102,7 +103,7 @@ impl PeerDiff {
 }
 
 /// Peers to add, to update and to remove to go from `old` to `new`.
-pub fn diff_peers(old: &BTreeMap<String, PeerPlan>, new: &BTreeMap<String, PeerPlan>) -> PeerDiff {
+pub fn diff_peers(old: &BTreeMap<PublicKey, PeerPlan>, new: &BTreeMap<PublicKey, PeerPlan>) -> PeerDiff {
     let pick = |keep: &dyn Fn(Option<&PeerPlan>, &PeerPlan) -> bool| {
         new.iter().filter(|(k, p)| keep(old.get(*k), p)).map(|(k, p)| (k.clone(), p.clone())).collect()
     };
@@ -119,7 +120,7 @@ pub fn diff_addresses(old: &BTreeSet<IpNet>, new: &BTreeSet<IpNet>) -> (Vec<IpNe
 }
 
 /// Where peers were last seen, by public key: what a restarted host starts from.
-pub type PeerEndpoints = BTreeMap<String, SocketAddr>;
+pub type PeerEndpoints = BTreeMap<PublicKey, SocketAddr>;
 
 /// What to remember of where the interface's peers are: the endpoint of each peer that completed a
 /// handshake (one it really used), else what was remembered before. An endpoint the interface merely
@@ -127,7 +128,7 @@ pub type PeerEndpoints = BTreeMap<String, SocketAddr>;
 /// `set` once did) another peer's. Peers no longer on the interface are forgotten.
 pub fn endpoints_to_remember(
     saved: &PeerEndpoints,
-    states: &BTreeMap<String, (Option<SocketAddr>, bool)>,
+    states: &BTreeMap<PublicKey, (Option<SocketAddr>, bool)>,
 ) -> PeerEndpoints {
     states
         .iter()
@@ -183,9 +184,9 @@ pub fn peer_start(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{sample_host_plan, with_udp_echo};
+    use crate::fixtures::{named_key, sample_host_plan, with_udp_echo};
 
-    fn peer(name: &str, last: u8) -> (String, PeerPlan) {
+    fn peer(name: &str, last: u8) -> (PublicKey, PeerPlan) {
         let plan = PeerPlan {
             name: name.parse().expect("a name"),
             preshared_key: None,
@@ -193,7 +194,7 @@ mod tests {
             allowed_ips: vec![format!("10.77.0.{last}/32").parse().expect("a net")],
             persistent_keepalive: Some(25),
         };
-        (format!("KEY{last}"), plan)
+        (named_key(&format!("KEY{last}")), plan)
     }
 
     fn position(steps: &[HostStep], f: impl Fn(&HostStep) -> bool) -> usize {
@@ -239,8 +240,8 @@ mod tests {
         );
         assert!(add < peers && peers < rules && rules < forwarders && forwarders < dns && dns < remove, "{steps:#?}");
         let HostStep::ChangePeers(diff) = &steps[peers] else { unreachable!() };
-        assert_eq!(diff.remove, ["KEY4"]);
-        assert_eq!(diff.add.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["KEY6"]);
+        assert_eq!(diff.remove, [named_key("KEY4")]);
+        assert_eq!(diff.add.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(), [named_key("KEY6")]);
         assert!(diff.update.is_empty(), "an unchanged peer is not touched");
         assert!(!steps.contains(&HostStep::EnableForwarding), "already routing");
     }
@@ -278,29 +279,29 @@ mod tests {
 
     #[test]
     fn only_endpoints_confirmed_by_a_handshake_are_remembered() {
-        let saved = PeerEndpoints::from([("natted".to_owned(), at("192.0.2.9:4000").unwrap())]);
+        let saved = PeerEndpoints::from([(named_key("natted"), at("192.0.2.9:4000").unwrap())]);
         let states = BTreeMap::from([
             // Handshaken: where it really is now.
-            ("roamed".to_owned(), (at("198.51.100.2:51820"), true)),
+            (named_key("roamed"), (at("198.51.100.2:51820"), true)),
             // Holds another peer's endpoint but never answered from there: not a sighting.
-            ("never-ran".to_owned(), (at("198.51.100.2:51820"), false)),
+            (named_key("never-ran"), (at("198.51.100.2:51820"), false)),
             // Not seen since the restart: what was remembered stays.
-            ("natted".to_owned(), (at("198.51.100.2:51820"), false)),
-            ("quiet".to_owned(), (None, false)),
+            (named_key("natted"), (at("198.51.100.2:51820"), false)),
+            (named_key("quiet"), (None, false)),
         ]);
         let remembered = endpoints_to_remember(&saved, &states);
         assert_eq!(
             remembered,
             PeerEndpoints::from([
-                ("roamed".to_owned(), at("198.51.100.2:51820").unwrap()),
-                ("natted".to_owned(), at("192.0.2.9:4000").unwrap()),
+                (named_key("roamed"), at("198.51.100.2:51820").unwrap()),
+                (named_key("natted"), at("192.0.2.9:4000").unwrap()),
             ])
         );
     }
 
     #[test]
     fn peers_gone_from_the_interface_are_forgotten() {
-        let saved = PeerEndpoints::from([("gone".to_owned(), at("192.0.2.9:4000").unwrap())]);
+        let saved = PeerEndpoints::from([(named_key("gone"), at("192.0.2.9:4000").unwrap())]);
         assert!(endpoints_to_remember(&saved, &BTreeMap::new()).is_empty());
     }
 }

@@ -96,17 +96,18 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Init { network, name, endpoint, cidr, domain, state_dir, interface, listen_port } => {
             let domain = domain.unwrap_or_else(|| format!("{network}.internal"));
+            let key = PrivateKey::generate();
             let new = NewNetwork {
                 network,
                 domain,
                 cidr,
                 hub: name,
-                hub_public_key: String::new(),
+                hub_public_key: key.public_key(),
                 listen_port: listen_port.unwrap_or(endpoint.port()),
                 endpoint,
                 interface,
             };
-            init(&StateDir::new(state_dir), new)
+            init(&StateDir::new(state_dir), new, &key)
         }
         Command::Join { token, state_dir, endpoint, interface, listen_port } => {
             let listen_port = listen_port.or(endpoint.as_ref().map(HostPort::port)).unwrap_or(DEFAULT_LISTEN_PORT);
@@ -125,7 +126,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn init(state: &StateDir, mut new: NewNetwork) -> anyhow::Result<()> {
+fn init(state: &StateDir, new: NewNetwork, key: &PrivateKey) -> anyhow::Result<()> {
     if let Some(route) = hostnet::overlapping(&new.cidr, &hostnet::ipv4_routes()) {
         anyhow::bail!(
             "--cidr {} overlaps {} on interface {}: choose a range this host does not use",
@@ -135,10 +136,8 @@ fn init(state: &StateDir, mut new: NewNetwork) -> anyhow::Result<()> {
         );
     }
     state.create()?;
-    let key = PrivateKey::generate();
-    new.hub_public_key = key.public_key();
     let created = state
-        .write_private_key(&key)
+        .write_private_key(key)
         .map_err(anyhow::Error::from)
         .and_then(|()| Ok(Controller::init(&state.db(), &new)?));
     let (_, snapshot) = match created {

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use meshd::controller::fixtures::{invite, join_request, label, new_network};
 use meshd::host::wg::{Backend, Interface};
-use meshd_core::keys::PrivateKey;
+use meshd_core::keys::{PrivateKey, PublicKey};
 use meshd_core::plan::{self, HostPlan};
 use meshd_core::reconcile::{PeerDiff, PeerEndpoints};
 use meshd_core::wire::admin::{Reply, Request};
@@ -58,12 +58,12 @@ fn expected(plan: &HostPlan, last_seen: &PeerEndpoints) -> BTreeMap<String, Dump
             let endpoint =
                 p.endpoint.as_ref().map(ToString::to_string).or_else(|| last_seen.get(key).map(|e| e.to_string()));
             let peer = Dumped {
-                preshared_key: p.preshared_key.clone(),
+                preshared_key: p.preshared_key.as_ref().map(|k| k.as_str().to_owned()),
                 endpoint,
                 allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
                 keepalive: p.persistent_keepalive,
             };
-            (key.clone(), peer)
+            (key.to_string(), peer)
         })
         .collect()
 }
@@ -140,7 +140,7 @@ fn every_peer_of_a_mixed_set_reads_back_with_exactly_its_own_fields() {
 
         // The same peers taken away and given back through a diff, in reverse key order, with one of
         // each kind replaced: the paths reconcile and rotations take.
-        let keys: Vec<String> = plan.peers.keys().cloned().collect();
+        let keys: Vec<PublicKey> = plan.peers.keys().cloned().collect();
         let remove = PeerDiff { add: Vec::new(), update: Vec::new(), remove: keys.clone() };
         interface.apply_peers(&remove).unwrap();
         assert!(dump(&ns, &plan.interface).is_empty());

@@ -3,7 +3,7 @@
 
 use meshd_core::handout::{DeviceConfig, HubPeer};
 use meshd_core::input::Label;
-use meshd_core::keys::PrivateKey;
+use meshd_core::keys::{PrivateKey, PublicKey};
 use meshd_core::wire::admin::{DeviceHandout, Reply, Request};
 
 use super::{Context, unexpected};
@@ -24,7 +24,7 @@ pub fn hand_out(
     cx: &Context,
     out: HandOut,
     name: &Label,
-    request: impl Fn(String, Option<Box<DeviceHandout>>) -> Request,
+    request: impl Fn(PublicKey, Option<Box<DeviceHandout>>) -> Request,
 ) -> anyhow::Result<()> {
     let dns = out.dns();
     // A reader that goes away (`| true`) must not end meshctl between staging files and cleaning them up:
@@ -117,9 +117,11 @@ pub fn hand_out(
 }
 
 /// Whether device `name` is stored with `public_key`; `None` when that cannot be found out.
-fn device_has_key(cx: &Context, name: &Label, public_key: &str) -> Option<bool> {
+fn device_has_key(cx: &Context, name: &Label, public_key: &PublicKey) -> Option<bool> {
     match cx.admin.send(Request::DeviceList) {
-        Ok(Reply::Devices(devices)) => Some(devices.iter().any(|d| &d.name == name && d.public_key == public_key)),
+        Ok(Reply::Devices(devices)) => {
+            Some(devices.iter().any(|d| &d.name == name && d.public_key.as_ref() == Some(public_key)))
+        }
         _ => None,
     }
 }
@@ -145,7 +147,7 @@ impl Drop for SigpipeIgnored {
 /// The device's config: the controller's hand-out and the private key made here.
 pub fn device_config(key: &PrivateKey, h: &DeviceHandout) -> DeviceConfig {
     DeviceConfig {
-        private_key: key.to_base64(),
+        private_key: key.clone(),
         addresses: h.addresses.clone(),
         dns_servers: h.dns_servers.clone(),
         dns_search: h.dns_search.clone(),

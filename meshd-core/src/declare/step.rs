@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::{list, role_name};
 use crate::input::{HostPort, Label};
+use crate::keys::PublicKey;
 use crate::model::{Protocol, Role};
 use crate::wire::admin::Request;
 
@@ -141,7 +142,7 @@ pub enum Step {
 impl Step {
     /// The admin requests that carry the step out, in order. Invites last `invite_secs`; a new device's
     /// key pair is made by `device_key`, which returns the public half (the caller keeps the private one).
-    pub fn requests(&self, invite_secs: u64, device_key: impl FnOnce() -> String) -> Vec<Request> {
+    pub fn requests(&self, invite_secs: u64, device_key: impl FnOnce() -> PublicKey) -> Vec<Request> {
         let invite =
             |name: &Label, role: Role| Request::NodeInvite { name: name.clone(), role, expires_secs: invite_secs };
         match self {
@@ -260,6 +261,7 @@ mod tests {
     use super::super::tests::labels;
     use super::*;
     use crate::fixtures::label;
+    use crate::fixtures::named_key;
 
     #[test]
     fn steps_become_the_matching_requests() {
@@ -294,11 +296,11 @@ mod tests {
         );
         let add = Step::AddDevice { name: label("phone"), allow: labels(&["wallet"]) };
         assert_eq!(
-            add.requests(60, || "KEY".into()),
+            add.requests(60, || named_key("KEY")),
             [Request::DeviceAdd {
                 name: label("phone"),
                 allow: labels(&["wallet"]),
-                public_key: "KEY".into(),
+                public_key: named_key("KEY"),
                 expect: None
             }]
         );

@@ -220,6 +220,8 @@ mod tests {
     use super::*;
     use ipnet::IpNet;
 
+    use crate::keys::{PresharedKey, PrivateKey, PublicKey};
+
     pub(super) fn net(s: &str) -> IpNet {
         s.parse().unwrap()
     }
@@ -227,14 +229,14 @@ mod tests {
     /// A device config as meshd hands it out: two addresses, the hub's resolvers, MTU and keepalive set.
     pub(super) fn sample() -> DeviceConfig {
         DeviceConfig {
-            private_key: "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=".into(),
+            private_key: PrivateKey::from_base64("yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=").unwrap(),
             addresses: vec![net("10.77.0.3/32"), net("fd12:3456:789a::3/128")],
             dns_servers: vec!["10.77.0.1".parse().unwrap(), "fd12:3456:789a::1".parse().unwrap()],
             dns_search: vec!["home.internal".into()],
             mtu: Some(1420),
             peer: HubPeer {
-                public_key: "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=".into(),
-                preshared_key: "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".into(),
+                public_key: PublicKey::parse("xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=").unwrap(),
+                preshared_key: PresharedKey::parse("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap(),
                 endpoint: "hub.example.net:51820".into(),
                 allowed_ips: vec![net("10.77.0.0/16"), net("fd12:3456:789a::/48"), net("192.168.1.0/24")],
                 persistent_keepalive: 25,

@@ -10,13 +10,14 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::RenderError;
+use crate::keys::{PresharedKey, PrivateKey, PublicKey};
 use parse::Parser;
 
 /// A wg-quick configuration for a roaming device with exactly one peer (the hub).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceConfig {
-    /// The device's x25519 private key, standard base64 (44 characters).
-    pub private_key: String,
+    /// The device's x25519 private key (its `Debug` is redacted).
+    pub private_key: PrivateKey,
     /// The device's tunnel addresses, e.g. 10.77.0.3/32 and fd12:3456:789a::3/128.
     pub addresses: Vec<IpNet>,
     /// Resolvers to use while the tunnel is up.
@@ -32,10 +33,10 @@ pub struct DeviceConfig {
 /// The hub as seen from a roaming device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HubPeer {
-    /// The hub's public key, standard base64.
-    pub public_key: String,
-    /// The key shared by this device and the hub, standard base64.
-    pub preshared_key: String,
+    /// The hub's public key.
+    pub public_key: PublicKey,
+    /// The key shared by this device and the hub.
+    pub preshared_key: PresharedKey,
     /// HOST:PORT as given by the operator; the host is an IPv4 address, a `[IPv6]` address or a DNS name.
     pub endpoint: String,
     /// Destinations routed through the hub.
@@ -119,7 +120,7 @@ impl DeviceConfig {
     /// search domains; empty lists, an unset MTU and a keepalive of 0 are left out. Ends with a newline.
     pub fn to_wg_quick(&self) -> String {
         let mut out = String::from("[Interface]\n");
-        push_line(&mut out, Field::PrivateKey, &self.private_key);
+        push_line(&mut out, Field::PrivateKey, &self.private_key.to_base64());
         push_list(&mut out, Field::Address, self.addresses.iter());
         let dns = self.dns_servers.iter().map(ToString::to_string);
         push_list(&mut out, Field::Dns, dns.chain(self.dns_search.iter().cloned()));
@@ -128,8 +129,8 @@ impl DeviceConfig {
         }
         let peer = &self.peer;
         out.push_str("\n[Peer]\n");
-        push_line(&mut out, Field::PublicKey, &peer.public_key);
-        push_line(&mut out, Field::PresharedKey, &peer.preshared_key);
+        push_line(&mut out, Field::PublicKey, peer.public_key.as_str());
+        push_line(&mut out, Field::PresharedKey, peer.preshared_key.as_str());
         push_line(&mut out, Field::Endpoint, &peer.endpoint);
         push_list(&mut out, Field::AllowedIps, peer.allowed_ips.iter());
         if peer.persistent_keepalive != 0 {
@@ -272,15 +273,15 @@ PersistentKeepalive = 25
         );
         let peer = (key(), key(), endpoint(), prop::collection::vec(ip_net(), 0..=4), any::<u16>()).prop_map(
             |(public_key, preshared_key, endpoint, allowed_ips, persistent_keepalive)| HubPeer {
-                public_key,
-                preshared_key,
+                public_key: PublicKey::parse(&public_key).expect("32 bytes are a key"),
+                preshared_key: PresharedKey::parse(&preshared_key).expect("32 bytes are a key"),
                 endpoint,
                 allowed_ips,
                 persistent_keepalive,
             },
         );
         (interface, peer).prop_map(|((private_key, addresses, dns_servers, dns_search, mtu), peer)| DeviceConfig {
-            private_key,
+            private_key: PrivateKey::from_base64(&private_key).expect("32 bytes are a key"),
             addresses,
             dns_servers,
             dns_search,

@@ -17,6 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 
 use crate::ipam::Pool;
+use crate::keys::PublicKey;
 use crate::model::{MESH_MTU, Node, Role, SYNC_PORT, Snapshot};
 pub use access::{AccessPlan, Grant};
 pub use dns::DnsPlan;
@@ -36,7 +37,7 @@ pub struct HostPlan {
     /// it) and one host address per local service.
     pub addresses: BTreeSet<IpNet>,
     /// WireGuard peers by public key.
-    pub peers: BTreeMap<String, PeerPlan>,
+    pub peers: BTreeMap<PublicKey, PeerPlan>,
     /// Forwarders for the services this host serves (to the devices granted them, and to the nodes
     /// admitted to this host).
     pub services: Vec<ServicePlan>,
@@ -158,6 +159,13 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::{named_key, preshared_key};
+    use crate::model::DeviceKeys;
+
+    /// The public keys standing for `names`.
+    fn keys(names: &[&str]) -> BTreeSet<PublicKey> {
+        names.iter().map(|n| named_key(n)).collect()
+    }
     use crate::input::Label;
     use crate::model::{AccessRule, Device, Network, Node, Protocol, Service};
     use crate::reconcile::{diff_addresses, diff_peers};
@@ -176,7 +184,7 @@ mod tests {
             },
             nodes: vec![Node {
                 name: label("hub"),
-                public_key: "HUB".into(),
+                public_key: named_key("HUB"),
                 index: 1,
                 endpoint: Some("203.0.113.5:51820".parse().unwrap()),
                 listen_port: 51820,
@@ -188,15 +196,13 @@ mod tests {
             devices: vec![
                 Device {
                     name: label("phone"),
-                    public_key: "PHONE".into(),
-                    preshared_key: "PSK1".into(),
+                    keys: Some(DeviceKeys { public_key: named_key("PHONE"), preshared_key: preshared_key(1) }),
                     index: 4,
                     allow: vec![label("wallet")],
                 },
                 Device {
                     name: label("laptop"),
-                    public_key: "LAPTOP".into(),
-                    preshared_key: "PSK2".into(),
+                    keys: Some(DeviceKeys { public_key: named_key("LAPTOP"), preshared_key: preshared_key(2) }),
                     index: 5,
                     allow: vec![label("explorer")],
                 },
@@ -226,12 +232,12 @@ mod tests {
     #[test]
     fn hub_plan_has_every_device_as_a_host_route_peer() {
         let plan = plan_host(&snapshot(), "hub").unwrap();
-        let phone = &plan.peers["PHONE"];
+        let phone = &plan.peers[&named_key("PHONE")];
         assert_eq!(
             phone.allowed_ips,
             vec!["10.77.0.4/32".parse().unwrap(), "fd00:1:2::4/128".parse::<IpNet>().unwrap()]
         );
-        assert_eq!(phone.preshared_key.as_deref(), Some("PSK1"));
+        assert_eq!(phone.preshared_key, Some(preshared_key(1)));
         let addrs: Vec<String> = plan.addresses.iter().map(ToString::to_string).collect();
         assert_eq!(
             addrs,
@@ -296,15 +302,14 @@ mod tests {
         changed.devices.retain(|d| d.name.as_str() != "laptop");
         changed.devices.push(Device {
             name: label("tablet"),
-            public_key: "TABLET".into(),
-            preshared_key: "PSK3".into(),
+            keys: Some(DeviceKeys { public_key: named_key("TABLET"), preshared_key: preshared_key(3) }),
             index: 6,
             allow: vec![],
         });
         let after = plan_host(&changed, "hub").unwrap();
         let diff = diff_peers(&before.peers, &after.peers);
-        assert_eq!(diff.remove, vec!["LAPTOP".to_string()]);
-        assert_eq!(diff.add.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["TABLET"]);
+        assert_eq!(diff.remove, vec![named_key("LAPTOP")]);
+        assert_eq!(diff.add.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(), [named_key("TABLET")]);
         assert!(diff.update.is_empty());
         assert!(diff_peers(&after.peers, &after.peers).is_empty());
 
@@ -318,7 +323,7 @@ mod tests {
         let mut s = snapshot();
         let member = |name: &str, key: &str, index: u32, endpoint: Option<&str>| Node {
             name: label(name),
-            public_key: key.into(),
+            public_key: named_key(key),
             index,
             endpoint: endpoint.map(|e| e.parse().unwrap()),
             listen_port: 51820,
@@ -345,11 +350,11 @@ mod tests {
     #[test]
     fn the_hub_peers_with_members_and_routes_to_their_services() {
         let plan = plan_host(&with_members(), "hub").unwrap();
-        let attic = &plan.peers["ATTIC"];
+        let attic = &plan.peers[&named_key("ATTIC")];
         assert_eq!(attic.endpoint, None, "behind NAT: the member keeps the tunnel open");
         let ips: Vec<String> = attic.allowed_ips.iter().map(ToString::to_string).collect();
         assert_eq!(ips, ["10.77.0.8/32", "fd00:1:2::8/128", "10.77.0.9/32", "fd00:1:2::9/128"]);
-        assert_eq!(plan.peers["VPS"].endpoint, Some("198.51.100.7:51820".parse().unwrap()));
+        assert_eq!(plan.peers[&named_key("VPS")].endpoint, Some("198.51.100.7:51820".parse().unwrap()));
         assert!(plan.access.routes);
         let beacon: SocketAddr = "10.77.0.9:5052".parse().unwrap();
         let phone = Grant { source: "10.77.0.4".parse().unwrap(), service: beacon, protocol: Protocol::Tcp };
@@ -367,26 +372,26 @@ mod tests {
         let mut s = with_members();
         let mut relay = s.nodes.iter().find(|n| n.name.as_str() == "vps").unwrap().clone();
         relay.name = label("relay");
-        relay.public_key = "RELAY".into();
+        relay.public_key = named_key("RELAY");
         relay.index = 11;
         relay.role = Role::Relay;
         s.nodes.push(relay);
 
         let attic = plan_host(&s, "attic").unwrap();
-        assert_eq!(attic.peers.keys().collect::<Vec<_>>(), ["HUB", "RELAY", "VPS"]);
+        assert_eq!(attic.peers.keys().cloned().collect::<BTreeSet<_>>(), keys(&["HUB", "RELAY", "VPS"]));
         assert_eq!(
-            nets(&attic.peers["RELAY"].allowed_ips),
+            nets(&attic.peers[&named_key("RELAY")].allowed_ips),
             ["10.77.0.11/32", "fd00:1:2::b/128", "10.77.0.10/32", "fd00:1:2::a/128"],
             "the relay carries the attic's traffic to the cellar"
         );
         let cellar = plan_host(&s, "cellar").unwrap();
         assert_eq!(
-            nets(&cellar.peers["RELAY"].allowed_ips),
+            nets(&cellar.peers[&named_key("RELAY")].allowed_ips),
             ["10.77.0.11/32", "fd00:1:2::b/128", "10.77.0.8/32", "fd00:1:2::8/128", "10.77.0.9/32", "fd00:1:2::9/128"],
             "and the cellar's to the attic and its service"
         );
         assert_eq!(
-            nets(&plan_host(&s, "vps").unwrap().peers["RELAY"].allowed_ips),
+            nets(&plan_host(&s, "vps").unwrap().peers[&named_key("RELAY")].allowed_ips),
             ["10.77.0.11/32", "fd00:1:2::b/128"]
         );
 
@@ -399,13 +404,13 @@ mod tests {
         let mut unreachable = s.clone();
         unreachable.nodes.iter_mut().find(|n| n.name.as_str() == "relay").unwrap().endpoint = None;
         let attic = plan_host(&unreachable, "attic").unwrap();
-        assert_eq!(attic.peers.keys().collect::<Vec<_>>(), ["HUB", "VPS"]);
+        assert_eq!(attic.peers.keys().cloned().collect::<BTreeSet<_>>(), keys(&["HUB", "VPS"]));
         assert!(!plan_host(&unreachable, "relay").unwrap().access.routes);
 
         // A disabled relay relays nothing: the hub takes over.
         s.nodes.iter_mut().find(|n| n.name.as_str() == "relay").unwrap().disabled = true;
         let attic = plan_host(&s, "attic").unwrap();
-        assert!(!attic.peers.contains_key("RELAY"));
+        assert!(!attic.peers.contains_key(&named_key("RELAY")));
         assert!(!plan_host(&s, "relay").unwrap().access.routes);
     }
 
@@ -413,18 +418,22 @@ mod tests {
     fn members_peer_directly_when_one_side_has_an_endpoint() {
         let s = with_members();
         let attic = plan_host(&s, "attic").unwrap();
-        assert_eq!(attic.peers.keys().collect::<Vec<_>>(), ["HUB", "VPS"], "cellar is behind NAT too: via the hub");
-        let hub = &attic.peers["HUB"];
+        assert_eq!(
+            attic.peers.keys().cloned().collect::<BTreeSet<_>>(),
+            keys(&["HUB", "VPS"]),
+            "cellar is behind NAT too: via the hub"
+        );
+        let hub = &attic.peers[&named_key("HUB")];
         assert_eq!(nets(&hub.allowed_ips), ["10.77.0.0/16", "fd00:1:2::/64"], "the hub covers the rest of the mesh");
         assert_eq!(hub.persistent_keepalive, Some(25));
         assert_eq!(hub.endpoint, Some("203.0.113.5:51820".parse().unwrap()));
-        let vps = &attic.peers["VPS"];
+        let vps = &attic.peers[&named_key("VPS")];
         assert_eq!(nets(&vps.allowed_ips), ["10.77.0.7/32", "fd00:1:2::7/128"]);
         assert_eq!((vps.endpoint.is_some(), vps.persistent_keepalive), (true, Some(25)));
 
         let vps = plan_host(&s, "vps").unwrap();
-        assert_eq!(vps.peers.keys().collect::<Vec<_>>(), ["ATTIC", "CELLAR", "HUB"]);
-        let attic = &vps.peers["ATTIC"];
+        assert_eq!(vps.peers.keys().cloned().collect::<BTreeSet<_>>(), keys(&["ATTIC", "CELLAR", "HUB"]));
+        let attic = &vps.peers[&named_key("ATTIC")];
         assert_eq!(attic.endpoint, None, "behind NAT: attic opens the tunnel");
         assert_eq!(nets(&attic.allowed_ips), ["10.77.0.8/32", "fd00:1:2::8/128", "10.77.0.9/32", "fd00:1:2::9/128"]);
         assert!(!vps.access.routes && vps.sync.is_none());
@@ -467,12 +476,16 @@ mod tests {
         s.nodes[1].disabled = true;
         for host in ["hub", "attic", "cellar"] {
             let plan = plan_host(&s, host).unwrap();
-            assert!(!plan.peers.contains_key("VPS"), "{host} still peers with the disabled node");
+            assert!(!plan.peers.contains_key(&named_key("VPS")), "{host} still peers with the disabled node");
             assert!(!plan.access.nodes.contains(&"10.77.0.7".parse().unwrap()));
         }
         assert!(!plan_host(&s, "hub").unwrap().dns.records.contains_key("vps.home.internal"));
         let vps = plan_host(&s, "vps").unwrap();
-        assert_eq!(vps.peers.keys().collect::<Vec<_>>(), ["HUB"], "only the hub, to hear of being enabled");
+        assert_eq!(
+            vps.peers.keys().cloned().collect::<BTreeSet<_>>(),
+            keys(&["HUB"]),
+            "only the hub, to hear of being enabled"
+        );
         assert!(vps.services.is_empty());
     }
 
@@ -483,7 +496,7 @@ mod tests {
         moved.nodes[1].endpoint = Some("198.51.100.99:51820".parse().unwrap());
         let diff = diff_peers(&before.peers, &plan_host(&moved, "hub").unwrap().peers);
         assert!(diff.add.is_empty() && diff.remove.is_empty());
-        assert_eq!(diff.update.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["VPS"]);
+        assert_eq!(diff.update.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(), [named_key("VPS")]);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use ipnet::IpNet;
 
 use super::HostView;
 use crate::input::{HostPort, Label};
+use crate::keys::{PresharedKey, PublicKey};
 use crate::model::{NODE_KEEPALIVE_SECS, Node, Role};
 
 /// One WireGuard peer of a host.
@@ -18,8 +19,8 @@ use crate::model::{NODE_KEEPALIVE_SECS, Node, Role};
 pub struct PeerPlan {
     /// The node's or device's name.
     pub name: Label,
-    /// The preshared key, base64 (devices have one).
-    pub preshared_key: Option<String>,
+    /// The preshared key (devices have one).
+    pub preshared_key: Option<PresharedKey>,
     /// Where to send to it, if known; a peer behind NAT has none.
     pub endpoint: Option<HostPort>,
     /// The addresses routed to it (WireGuard's AllowedIPs).
@@ -29,17 +30,17 @@ pub struct PeerPlan {
 }
 
 /// The peers of the host of `view`, by public key.
-pub(super) fn plan(view: &HostView<'_>) -> BTreeMap<String, PeerPlan> {
+pub(super) fn plan(view: &HostView<'_>) -> BTreeMap<PublicKey, PeerPlan> {
     let node = view.node;
     let behind_nat = |n: &Node| n.endpoint.is_none() && n.role != Role::Hub;
     let mut peers = BTreeMap::new();
     if view.is_hub {
-        for device in &view.s.devices {
+        for (device, keys) in view.s.devices.iter().filter_map(|d| Some((d, d.keys.as_ref()?))) {
             peers.insert(
-                device.public_key.clone(),
+                keys.public_key.clone(),
                 PeerPlan {
                     name: device.name.clone(),
-                    preshared_key: Some(device.preshared_key.clone()),
+                    preshared_key: Some(keys.preshared_key.clone()),
                     endpoint: None,
                     allowed_ips: view.host_nets(device.index).to_vec(),
                     persistent_keepalive: None,

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::input::Label;
+use crate::keys::PublicKey;
 use crate::model::{Role, SharedState};
 use crate::wire::sync::{self, Change, ToHub, ToMember, line};
 
@@ -148,12 +149,12 @@ pub enum Effect {
     /// [`HubSession::handle_key_verdict`].
     CheckKey {
         /// The key the member offers.
-        public_key: String,
+        public_key: PublicKey,
     },
     /// Tell the controller the member switches to `public_key` now (it was accepted).
     SwitchKey {
         /// The accepted key.
-        public_key: String,
+        public_key: PublicKey,
     },
     /// End the session.
     Close(&'static str),
@@ -174,9 +175,9 @@ pub struct HubSession {
     node: Label,
     phase: Phase,
     /// A key being checked by the controller.
-    checking: Option<String>,
+    checking: Option<PublicKey>,
     /// The key the controller accepted, until the member switches to it.
-    offered: Option<String>,
+    offered: Option<PublicKey>,
     effects: VecDeque<Effect>,
 }
 
@@ -280,7 +281,7 @@ impl HubSession {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{label, sample_state as state};
+    use crate::fixtures::{label, named_key, sample_state as state};
     use crate::model::AccessRule;
 
     #[test]
@@ -343,8 +344,9 @@ mod tests {
             effects(&mut session),
             [Effect::Send(ToMember::Refused { reason: "no key was accepted to switch to".into() })]
         );
-        session.handle_line(r#"{"msg":"new_key","public_key":"K1"}"#);
-        assert_eq!(effects(&mut session), [Effect::CheckKey { public_key: "K1".into() }]);
+        let (k1, k2) = (named_key("K1"), named_key("K2"));
+        session.handle_line(&format!(r#"{{"msg":"new_key","public_key":"{k1}"}}"#));
+        assert_eq!(effects(&mut session), [Effect::CheckKey { public_key: k1 }]);
         session.handle_key_verdict(Err("the key is in use".into()));
         assert_eq!(effects(&mut session), [Effect::Send(ToMember::Refused { reason: "the key is in use".into() })]);
         session.handle_line(r#"{"msg":"switch"}"#);
@@ -352,12 +354,12 @@ mod tests {
             matches!(effects(&mut session)[..], [Effect::Send(ToMember::Refused { .. })]),
             "a refused key is not switched to"
         );
-        session.handle_line(r#"{"msg":"new_key","public_key":"K2"}"#);
+        session.handle_line(&format!(r#"{{"msg":"new_key","public_key":"{k2}"}}"#));
         effects(&mut session);
         session.handle_key_verdict(Ok(()));
         assert_eq!(effects(&mut session), [Effect::Send(ToMember::KeyAccepted)]);
         session.handle_line(r#"{"msg":"switch"}"#);
-        assert_eq!(effects(&mut session), [Effect::SwitchKey { public_key: "K2".into() }]);
+        assert_eq!(effects(&mut session), [Effect::SwitchKey { public_key: k2 }]);
         session.handle_line("not json");
         assert!(
             matches!(&effects(&mut session)[..], [Effect::Send(ToMember::Refused { reason })] if reason.starts_with("malformed message"))

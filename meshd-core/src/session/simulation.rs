@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use super::hub::{self, HubSession, Journal};
 use super::member::{self, Member};
 use crate::fixtures::{label, node, sample_state};
-use crate::keys::PrivateKey;
+use crate::keys::{PrivateKey, PublicKey};
 use crate::model::{AccessRule, Protocol, Role, Service, SharedState};
 use crate::plan::{HostPlan, plan_host};
 use crate::wire::admin::MemberState;
@@ -53,7 +53,7 @@ struct Host {
     /// Messages waiting for a session (the member's outgoing channel); `true`: acknowledged.
     outbox: VecDeque<(ToHub, bool)>,
     /// The public key it joined with.
-    joined_with: String,
+    joined_with: PublicKey,
     link: Option<Link>,
     reconnect_at: Instant,
     stopped: bool,
@@ -372,12 +372,12 @@ fn line_to_hub(message: &ToHub) -> String {
 }
 
 /// The controller's check of an offered key: the node was asked for one and no other node has it.
-fn check_key(network: &SharedState, name: &str, public_key: &str) -> Result<(), String> {
+fn check_key(network: &SharedState, name: &str, public_key: &PublicKey) -> Result<(), String> {
     let asked = network.nodes.iter().any(|n| n.name.as_str() == name && n.rotate_key);
     if !asked {
         return Err(format!("node {name} was not asked for a new key"));
     }
-    if network.nodes.iter().any(|n| n.public_key == public_key) {
+    if network.nodes.iter().any(|n| &n.public_key == public_key) {
         return Err("the key is in use".into());
     }
     Ok(())

@@ -7,6 +7,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::input::{HostPort, Label};
+use crate::keys::{PresharedKey, PublicKey};
 use crate::model::{
     AccessRule, DeviceView, InviteView, NetworkView, NodeView, Protocol, Role, ServiceView, SharedState,
 };
@@ -98,8 +99,8 @@ pub enum Request {
         name: Label,
         /// The services it may reach (at least one).
         allow: Vec<Label>,
-        /// Its WireGuard public key, standard base64.
-        public_key: String,
+        /// Its WireGuard public key.
+        public_key: PublicKey,
         /// The hand-out a [`Request::Preview`] of this request gave and the caller has already written
         /// out: the device gets its preshared key, and the request is refused unless it gives exactly
         /// this hand-out again (the network may have changed meanwhile). `None`: a new preshared key.
@@ -138,8 +139,8 @@ pub enum Request {
     DeviceRotate {
         /// The device.
         name: Label,
-        /// Its new WireGuard public key, standard base64.
-        public_key: String,
+        /// Its new WireGuard public key.
+        public_key: PublicKey,
         /// As for [`Request::DeviceAdd`]: the previewed hand-out the caller has already written out.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         expect: Option<Box<DeviceHandout>>,
@@ -231,7 +232,7 @@ pub struct JoinRequest {
     /// The invite's secret, from the token.
     pub secret: String,
     /// The host's own public key; its private key never leaves it.
-    pub public_key: String,
+    pub public_key: PublicKey,
     /// Where other hosts reach it, if anywhere (none: behind NAT).
     pub endpoint: Option<HostPort>,
     /// UDP port its WireGuard interface listens on.
@@ -296,7 +297,7 @@ pub struct StatusView {
 /// Everything but the private key that a new device's wg-quick config needs; `meshctl` adds the key
 /// it generated and renders the config and QR codes. Its `Debug` leaves the preshared key out (requests
 /// that carry a hand-out are logged at debug level).
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceHandout {
     /// The device as listed.
     pub device: DeviceView,
@@ -309,33 +310,16 @@ pub struct DeviceHandout {
     pub dns_search: Vec<String>,
     /// Interface MTU ([`crate::model::MESH_MTU`]).
     pub mtu: u16,
-    /// The hub's WireGuard public key, standard base64.
-    pub hub_public_key: String,
-    /// The key this device shares with the hub, standard base64. Secret.
-    pub preshared_key: String,
+    /// The hub's WireGuard public key.
+    pub hub_public_key: PublicKey,
+    /// The key this device shares with the hub. Secret: its `Debug` is redacted.
+    pub preshared_key: PresharedKey,
     /// `HOST:PORT` of the hub as the operator gave it.
     pub endpoint: String,
     /// What the device routes through the hub: the mesh's IPv4 range and IPv6 /64.
     pub allowed_ips: Vec<IpNet>,
     /// Seconds between keepalives ([`crate::model::DEVICE_KEEPALIVE_SECS`]).
     pub persistent_keepalive: u16,
-}
-
-impl std::fmt::Debug for DeviceHandout {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceHandout")
-            .field("device", &self.device)
-            .field("addresses", &self.addresses)
-            .field("dns_servers", &self.dns_servers)
-            .field("dns_search", &self.dns_search)
-            .field("mtu", &self.mtu)
-            .field("hub_public_key", &self.hub_public_key)
-            .field("preshared_key", &"<redacted>")
-            .field("endpoint", &self.endpoint)
-            .field("allowed_ips", &self.allowed_ips)
-            .field("persistent_keepalive", &self.persistent_keepalive)
-            .finish()
-    }
 }
 
 #[cfg(test)]
@@ -348,7 +332,7 @@ mod tests {
         let handout = DeviceHandout {
             device: DeviceView {
                 name: "phone".parse().unwrap(),
-                public_key: "pk".into(),
+                public_key: Some(crate::fixtures::public_key(3)),
                 address: "10.77.0.3".parse().unwrap(),
                 address_v6: "fd00::3".parse().unwrap(),
                 allow: Vec::new(),
@@ -359,15 +343,15 @@ mod tests {
             dns_servers: Vec::new(),
             dns_search: Vec::new(),
             mtu: 1420,
-            hub_public_key: "hub".into(),
-            preshared_key: secret.into(),
+            hub_public_key: crate::fixtures::public_key(1),
+            preshared_key: PresharedKey::parse(secret).unwrap(),
             endpoint: "192.0.2.1:51820".into(),
             allowed_ips: Vec::new(),
             persistent_keepalive: 25,
         };
         let request = Request::DeviceRotate {
             name: "phone".parse().unwrap(),
-            public_key: "pk".into(),
+            public_key: crate::fixtures::public_key(3),
             expect: Some(Box::new(handout)),
         };
         assert!(!format!("{request:?}").contains(secret));

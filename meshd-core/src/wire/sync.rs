@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::input::Label;
+use crate::keys::PublicKey;
 use crate::model::{AccessRule, DeviceGrants, Network, Node, Service, SharedState};
 
 /// One change to the shared state. Items are replaced whole, by name.
@@ -45,8 +46,8 @@ pub enum ToHub {
     },
     /// The key the member made after being asked to rotate (its private half stays on the member).
     NewKey {
-        /// The new public key, base64.
-        public_key: String,
+        /// The new public key.
+        public_key: PublicKey,
     },
     /// The member is switching to the accepted key now.
     Switch,

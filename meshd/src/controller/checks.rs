@@ -2,6 +2,7 @@
 //! one else holds, and the lowest free address of the pool (released ones only after a cooldown).
 
 use meshd_core::input::{self, Label};
+use meshd_core::keys::PublicKey;
 use meshd_core::model::{Network, Node, Snapshot};
 
 use super::ControlError;
@@ -14,10 +15,10 @@ pub(super) fn member<'s>(s: &'s Snapshot, name: &Label) -> Result<&'s Node, Cont
 }
 
 /// A key may belong to one node or device only.
-pub(super) fn ensure_key_free(s: &Snapshot, public_key: &str) -> Result<(), ControlError> {
-    let holders =
-        s.nodes.iter().map(|n| (&n.name, &n.public_key)).chain(s.devices.iter().map(|d| (&d.name, &d.public_key)));
-    match holders.into_iter().find(|(_, k)| *k == public_key) {
+pub(super) fn ensure_key_free(s: &Snapshot, public_key: &PublicKey) -> Result<(), ControlError> {
+    let devices = s.devices.iter().filter_map(|d| Some((&d.name, &d.keys.as_ref()?.public_key)));
+    let mut holders = s.nodes.iter().map(|n| (&n.name, &n.public_key)).chain(devices);
+    match holders.find(|(_, k)| *k == public_key) {
         Some((owner, _)) => Err(ControlError::KeyTaken(owner.clone())),
         None => Ok(()),
     }

@@ -7,8 +7,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use meshd_core::input::Label;
-use meshd_core::keys;
-use meshd_core::model::{DEVICE_KEEPALIVE_SECS, Device, MESH_MTU, Node, Snapshot};
+use meshd_core::keys::{PresharedKey, PublicKey};
+use meshd_core::model::{DEVICE_KEEPALIVE_SECS, Device, DeviceKeys, MESH_MTU, Node, Snapshot};
 use meshd_core::wire::admin::{DeviceHandout, Reply};
 
 use super::ControlError;
@@ -21,12 +21,11 @@ pub(super) fn add(
     w: &Writer<'_>,
     name: Label,
     allow: Vec<Label>,
-    public_key: &str,
+    public_key: PublicKey,
     expect: Option<Box<DeviceHandout>>,
 ) -> Result<Reply, ControlError> {
-    let public_key = keys::parse_public_key(public_key)?;
     let allow = checked_allow(allow)?;
-    let preshared_key = preshared_key_for(&name, expect.as_deref())?;
+    let preshared_key = preshared_key_for(expect.as_deref());
     {
         let s = w.snapshot()?;
         ensure_name_free(w, &s, &name)?;
@@ -34,9 +33,10 @@ pub(super) fn add(
         ensure_key_free(&s, &public_key)?;
         let hub = s.hub().ok_or(ControlError::NoHub)?;
         let index = allocate(w, &s.network)?;
-        let device = Device { name, public_key, preshared_key, index, allow };
-        w.insert_device(&device)?;
-        expected(handout(&s, hub, &device), expect.as_deref())
+        let keys = DeviceKeys { public_key, preshared_key };
+        let device = Device { name, keys: Some(keys.clone()), index, allow };
+        w.insert_device(&device, &keys)?;
+        expected(handout(&s, hub, &device, &keys), expect.as_deref())
     }
 }
 
@@ -56,20 +56,19 @@ pub(super) fn allow(w: &Writer<'_>, name: Label, allow: Vec<Label>) -> Result<Re
 pub(super) fn rotate(
     w: &Writer<'_>,
     name: Label,
-    public_key: &str,
+    public_key: PublicKey,
     expect: Option<Box<DeviceHandout>>,
 ) -> Result<Reply, ControlError> {
-    let public_key = keys::parse_public_key(public_key)?;
     {
         let s = w.snapshot()?;
-        let preshared_key = preshared_key_for(&name, expect.as_deref())?;
+        let preshared_key = preshared_key_for(expect.as_deref());
         let mut device = s.devices.iter().find(|d| d.name == name).cloned().ok_or(ControlError::UnknownDevice(name))?;
         ensure_key_free(&s, &public_key)?;
         let hub = s.hub().ok_or(ControlError::NoHub)?;
-        device.public_key = public_key;
-        device.preshared_key = preshared_key;
-        w.update_device_keys(&device)?;
-        expected(handout(&s, hub, &device), expect.as_deref())
+        let keys = DeviceKeys { public_key, preshared_key };
+        device.keys = Some(keys.clone());
+        w.update_device_keys(&device.name, &keys)?;
+        expected(handout(&s, hub, &device, &keys), expect.as_deref())
     }
 }
 
@@ -83,10 +82,10 @@ pub(super) fn remove(w: &Writer<'_>, name: Label) -> Result<Reply, ControlError>
 
 /// The preshared key of a device being added or rotated: the one of the hand-out the caller previewed
 /// and wrote out, else a new one.
-fn preshared_key_for(name: &Label, expect: Option<&DeviceHandout>) -> Result<String, ControlError> {
+fn preshared_key_for(expect: Option<&DeviceHandout>) -> PresharedKey {
     match expect {
-        Some(h) => keys::parse_preshared_key(&h.preshared_key).map_err(|_| ControlError::BadPresharedKey(name.clone())),
-        None => Ok(keys::generate_preshared_key()),
+        Some(h) => h.preshared_key.clone(),
+        None => PresharedKey::generate(),
     }
 }
 
@@ -108,7 +107,7 @@ fn expected(handout: DeviceHandout, expect: Option<&DeviceHandout>) -> Result<Re
 }
 
 /// Everything a device's config needs from the network, for `meshctl` to render.
-fn handout(s: &Snapshot, hub: &Node, device: &Device) -> DeviceHandout {
+fn handout(s: &Snapshot, hub: &Node, device: &Device, keys: &DeviceKeys) -> DeviceHandout {
     let pool = s.network.pool();
     let hub_v4 = pool.v4_of(hub.index);
     let hub_v6 = pool.v6_of(hub.index);
@@ -122,7 +121,7 @@ fn handout(s: &Snapshot, hub: &Node, device: &Device) -> DeviceHandout {
         dns_search: vec![s.network.domain.clone()],
         mtu: MESH_MTU,
         hub_public_key: hub.public_key.clone(),
-        preshared_key: device.preshared_key.clone(),
+        preshared_key: keys.preshared_key.clone(),
         endpoint: hub.endpoint.as_ref().map(ToString::to_string).unwrap_or_default(),
         allowed_ips: vec![IpNet::V4(pool.v4()), IpNet::V6(pool.v6())],
         persistent_keepalive: DEVICE_KEEPALIVE_SECS,
@@ -182,16 +181,16 @@ mod tests {
         add_service(&mut c, "wallet").unwrap();
         let Reply::DeviceHandout(before) = add_device(&mut c, "phone", &["wallet"]).unwrap() else { panic!() };
         let new_key = PrivateKey::generate().public_key();
-        let rotate = |c: &mut Controller, name: &str, key: &str| {
-            c.handle(Request::DeviceRotate { name: label(name), public_key: key.to_owned(), expect: None })
+        let rotate = |c: &mut Controller, name: &str, key: &PublicKey| {
+            c.handle(Request::DeviceRotate { name: label(name), public_key: key.clone(), expect: None })
         };
         let Reply::DeviceHandout(after) = rotate(&mut c, "phone", &new_key).unwrap() else { panic!() };
-        assert_eq!(after.device.public_key, new_key);
+        assert_eq!(after.device.public_key.as_ref(), Some(&new_key));
         assert_ne!(after.preshared_key, before.preshared_key, "a new preshared key too");
         assert_eq!(after.addresses, before.addresses);
         assert_eq!(after.device.allow, before.device.allow);
         let stored = c.snapshot().unwrap();
-        assert_eq!(stored.devices[0].public_key, new_key);
+        assert_eq!(stored.devices[0].keys.as_ref().map(|k| &k.public_key), Some(&new_key));
 
         assert!(matches!(
             rotate(&mut c, "ghost", &PrivateKey::generate().public_key()),
@@ -245,7 +244,7 @@ mod tests {
         assert_eq!(added, previewed);
         let stored = c.snapshot().unwrap();
         assert_eq!(
-            stored.devices.iter().find(|d| d.name.as_str() == "phone").unwrap().preshared_key,
+            stored.devices.iter().find(|d| d.name.as_str() == "phone").unwrap().keys.as_ref().unwrap().preshared_key,
             added.preshared_key
         );
 
@@ -257,13 +256,23 @@ mod tests {
         let Reply::DeviceHandout(rotated) = c.handle(rotate(Some(previewed.clone()))).unwrap() else { panic!() };
         assert_eq!(rotated, previewed);
         assert_eq!(
-            c.snapshot().unwrap().devices.iter().find(|d| d.name.as_str() == "phone").unwrap().public_key,
+            c.snapshot()
+                .unwrap()
+                .devices
+                .iter()
+                .find(|d| d.name.as_str() == "phone")
+                .unwrap()
+                .keys
+                .as_ref()
+                .unwrap()
+                .public_key,
             new_key
         );
 
-        let mut forged = previewed;
-        forged.preshared_key = "junk".into();
-        assert!(matches!(c.handle(rotate(Some(forged))), Err(ControlError::BadPresharedKey(_))));
+        // A malformed preshared key cannot reach the controller: the request is refused when read.
+        let psk = previewed.preshared_key.as_str().to_owned();
+        let forged = serde_json::to_string(&rotate(Some(previewed))).unwrap().replace(&psk, "junk");
+        assert!(serde_json::from_str::<Request>(&forged).is_err());
         let nested = Request::Preview { request: Box::new(Request::Preview { request: Box::new(Request::NodeList) }) };
         assert!(matches!(c.handle(nested), Err(ControlError::NestedPreview)));
         let in_batch = Request::Batch { requests: vec![Request::Preview { request: Box::new(Request::NodeList) }] };

@@ -24,7 +24,7 @@ use ipnet::Ipv4Net;
 
 use checks::allocate;
 use meshd_core::input::{self, HostPort, Label};
-use meshd_core::keys;
+use meshd_core::keys::PublicKey;
 use meshd_core::model::{Network, NetworkView, Node, Role, Snapshot};
 use meshd_core::wire::admin::{Outcome, Reply, Request, StatusView};
 use store::{Store, StoreError, Writer};
@@ -44,8 +44,6 @@ pub enum ControlError {
     NothingAllowed,
     #[error("the address pool {0} is exhausted (removed hosts' addresses are reused after a cooldown of an hour)")]
     PoolExhausted(Ipv4Net),
-    #[error("public key: {0}")]
-    Key(#[from] keys::KeyError),
     #[error("the public key is already used by \"{0}\"")]
     KeyTaken(Label),
     #[error("the network has no hub node")]
@@ -86,8 +84,6 @@ pub enum ControlError {
         "the network changed while the config of device \"{0}\" was being written (its address, the hub's key or endpoint); nothing was changed, run the command again"
     )]
     HandoutChanged(Label),
-    #[error("the expected hand-out of device \"{0}\" has a malformed preshared key")]
-    BadPresharedKey(Label),
     /// Request `index` of a batch was refused (and so the whole batch).
     #[error("{source}")]
     InBatch { index: usize, source: Box<ControlError> },
@@ -106,7 +102,7 @@ pub struct NewNetwork {
     pub domain: String,
     pub cidr: Ipv4Net,
     pub hub: Label,
-    pub hub_public_key: String,
+    pub hub_public_key: PublicKey,
     pub endpoint: HostPort,
     pub listen_port: u16,
     pub interface: String,
@@ -134,7 +130,7 @@ impl Controller {
             let index = allocate(w, &network)?;
             w.insert_node(&Node {
                 name: new.hub.clone(),
-                public_key: keys::parse_public_key(&new.hub_public_key)?,
+                public_key: new.hub_public_key.clone(),
                 index,
                 endpoint: Some(new.endpoint.clone()),
                 listen_port: new.listen_port,
@@ -227,9 +223,9 @@ fn carry_out(w: &Writer<'_>, request: Request) -> Result<Reply, ControlError> {
         }
         Request::ServiceUpdate { name, target, port, protocol } => services::update(w, name, target, port, protocol),
         Request::ServiceRemove { name } => services::remove(w, name),
-        Request::DeviceAdd { name, allow, public_key, expect } => devices::add(w, name, allow, &public_key, expect),
+        Request::DeviceAdd { name, allow, public_key, expect } => devices::add(w, name, allow, public_key, expect),
         Request::DeviceAllow { name, allow } => devices::allow(w, name, allow),
-        Request::DeviceRotate { name, public_key, expect } => devices::rotate(w, name, &public_key, expect),
+        Request::DeviceRotate { name, public_key, expect } => devices::rotate(w, name, public_key, expect),
         Request::DeviceRemove { name } => devices::remove(w, name),
         Request::NodeInvite { name, role, expires_secs } => nodes::invite(w, name, role, expires_secs),
         Request::NodeInvites => nodes::pending_invites(w),
@@ -383,15 +379,16 @@ mod tests {
         assert!(matches!(add_service(&mut c, "hub"), Err(ControlError::NameTaken { kind: "node", .. })));
         assert!(matches!(add_device(&mut c, "p", &["nope"]), Err(ControlError::UnknownService(_))));
         assert!(matches!(add_device(&mut c, "p", &[]), Err(ControlError::NothingAllowed)));
-        assert!(matches!(
-            c.handle(Request::DeviceAdd {
-                name: label("p"),
-                allow: vec![label("wallet")],
-                public_key: "junk".into(),
-                expect: None
-            }),
-            Err(ControlError::Key(_))
-        ));
+        // A malformed key cannot reach the controller: the request is refused when read.
+        let key = PrivateKey::generate().public_key();
+        let add = Request::DeviceAdd {
+            name: label("p"),
+            allow: vec![label("wallet")],
+            public_key: key.clone(),
+            expect: None,
+        };
+        let forged = serde_json::to_string(&add).unwrap().replace(key.as_str(), "junk");
+        assert!(serde_json::from_str::<Request>(&forged).is_err());
         assert!(matches!(
             c.handle(Request::DeviceRemove { name: label("ghost") }),
             Err(ControlError::UnknownDevice(_))

@@ -2,7 +2,7 @@
 //! member's key (asked for here, made by the host, checked and recorded on its next contact).
 
 use meshd_core::input::{self, Label};
-use meshd_core::keys;
+use meshd_core::keys::PublicKey;
 use meshd_core::model::{Invite, InviteStatus, InviteView, Node, Role};
 use meshd_core::wire::admin::{InviteIssued, JoinRequest, MemberState, Reply};
 use meshd_core::wire::invite::{self, Token};
@@ -15,23 +15,21 @@ use crate::links::join::JoinIdentity;
 
 impl Controller {
     /// Whether `public_key` may become the key of member `name`, which was asked for a new one.
-    pub fn check_node_key(&mut self, name: &Label, public_key: &str) -> Result<(), ControlError> {
-        let public_key = keys::parse_public_key(public_key)?;
+    pub fn check_node_key(&mut self, name: &Label, public_key: &PublicKey) -> Result<(), ControlError> {
         let s = self.snapshot()?;
         if !member(&s, name)?.rotate_key {
             return Err(ControlError::NoRotation(name.clone()));
         }
-        ensure_key_free(&s, &public_key)
+        ensure_key_free(&s, public_key)
     }
 
     /// A member host made the new key it was asked for: the network knows it by that key from now on.
-    pub fn replace_node_key(&mut self, name: &Label, public_key: &str) -> Result<(), ControlError> {
-        let public_key = keys::parse_public_key(public_key)?;
+    pub fn replace_node_key(&mut self, name: &Label, public_key: &PublicKey) -> Result<(), ControlError> {
         self.store.write(|w| {
             let s = w.snapshot()?;
             member(&s, name)?;
-            ensure_key_free(&s, &public_key)?;
-            w.set_node_key(name, &public_key)?;
+            ensure_key_free(&s, public_key)?;
+            w.set_node_key(name, public_key)?;
             Ok(())
         })
     }
@@ -39,7 +37,7 @@ impl Controller {
     /// Redeem an invite for a joining host: one transaction, so of two hosts racing on one token
     /// exactly one becomes the node.
     pub fn redeem(&mut self, request: &JoinRequest) -> Result<MemberState, ControlError> {
-        let public_key = keys::parse_public_key(&request.public_key)?;
+        let public_key = request.public_key.clone();
         // The joining host's word for where it is goes into every other host's config.
         if let Some(endpoint) = &request.endpoint {
             input::check_endpoint(endpoint)?;

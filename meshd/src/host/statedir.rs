@@ -286,6 +286,8 @@ impl StateDir {
 
 #[cfg(test)]
 mod tests {
+    use meshd_core::fixtures::named_key;
+
     use super::*;
 
     #[test]
@@ -308,7 +310,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = StateDir::new(tmp.path());
         assert!(dir.read_peer_endpoints().is_empty(), "none saved yet");
-        let seen = PeerEndpoints::from([("KEY".to_owned(), "192.0.2.7:40123".parse().unwrap())]);
+        let seen = PeerEndpoints::from([(named_key("KEY"), "192.0.2.7:40123".parse().unwrap())]);
         dir.write_peer_endpoints(&seen).unwrap();
         assert_eq!(fs::metadata(dir.peer_endpoints()).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(dir.read_peer_endpoints(), seen);

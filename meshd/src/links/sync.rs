@@ -23,6 +23,7 @@ use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tracing::{debug, info, warn};
 
 use meshd_core::input::Label;
+use meshd_core::keys::PublicKey;
 use meshd_core::model::SharedState;
 use meshd_core::session::hub::{self, HubSession, Journal};
 use meshd_core::wire::sync::{ToHub, ToMember, line};
@@ -52,7 +53,7 @@ struct Published {
 #[derive(Debug)]
 pub struct KeyOffer {
     pub node: Label,
-    pub public_key: String,
+    pub public_key: PublicKey,
     pub reply: oneshot::Sender<Result<(), String>>,
 }
 
@@ -62,7 +63,7 @@ pub enum FromSession {
     /// A member offers a new key (after `NodeRotate`); the controller checks it is valid and free.
     Offer(KeyOffer),
     /// A member whose offer was accepted switches to that key now.
-    Switch { node: Label, public_key: String },
+    Switch { node: Label, public_key: PublicKey },
 }
 
 impl Publisher {

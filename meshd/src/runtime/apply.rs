@@ -17,7 +17,7 @@ use crate::host::firewall;
 use crate::host::forward::Forwarders;
 use crate::host::statedir::StateDir;
 use crate::host::wg::{Backend, Interface, WgError};
-use meshd_core::keys::PrivateKey;
+use meshd_core::keys::{PrivateKey, PublicKey};
 use meshd_core::model::Snapshot;
 use meshd_core::plan::dns::DNS_PORT;
 use meshd_core::plan::{self, DnsPlan, HostPlan, PeerPlan};
@@ -108,7 +108,7 @@ impl Host {
 
     /// Make the host match the network in `snapshot`, touching only what changed. Returns the peers
     /// added or replaced that this host can open a tunnel to (they have an endpoint), by key.
-    pub(super) async fn reconcile(&mut self, snapshot: &Snapshot) -> anyhow::Result<Vec<(String, PeerPlan)>> {
+    pub(super) async fn reconcile(&mut self, snapshot: &Snapshot) -> anyhow::Result<Vec<(PublicKey, PeerPlan)>> {
         let new = plan_host(snapshot, &self.name, self.dns_port)?;
         let steps = reconcile::steps(&self.plan, &new);
         let renewable = self.execute(&new, steps).await?;
@@ -118,7 +118,7 @@ impl Host {
 
     /// Carry out `steps` toward `new`, in order; the first failure stops them. Returns the peers that
     /// were added or replaced and can be reached.
-    async fn execute(&mut self, new: &HostPlan, steps: Vec<HostStep>) -> anyhow::Result<Vec<(String, PeerPlan)>> {
+    async fn execute(&mut self, new: &HostPlan, steps: Vec<HostStep>) -> anyhow::Result<Vec<(PublicKey, PeerPlan)>> {
         let mut renewable = Vec::new();
         for step in steps {
             match step {

@@ -158,7 +158,7 @@ async fn with_handshakes(host: &Host, reply: Reply) -> Reply {
     };
     let fill = |devices: &mut Vec<DeviceView>| {
         for d in devices {
-            d.last_handshake = handshakes.get(&d.public_key).copied().flatten();
+            d.last_handshake = d.public_key.as_ref().and_then(|k| handshakes.get(k).copied().flatten());
         }
     };
     match reply {

@@ -9,6 +9,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use ipnet::IpNet;
 
 use super::{DeviceConfig, Field, HubPeer, RenderError, Section};
+use crate::keys::{KeyError, PresharedKey, PrivateKey, PublicKey};
 
 /// Length in bytes of a WireGuard (x25519) key or preshared key.
 pub(super) const KEY_LEN: usize = 32;
@@ -19,13 +20,13 @@ pub(super) struct Parser {
     section: Option<Section>,
     seen_interface: bool,
     seen_peer: bool,
-    private_key: Option<String>,
+    private_key: Option<PrivateKey>,
     addresses: Vec<IpNet>,
     dns_servers: Vec<IpAddr>,
     dns_search: Vec<String>,
     mtu: Option<u16>,
-    public_key: Option<String>,
-    preshared_key: Option<String>,
+    public_key: Option<PublicKey>,
+    preshared_key: Option<PresharedKey>,
     endpoint: Option<String>,
     allowed_ips: Vec<IpNet>,
     persistent_keepalive: Option<u16>,
@@ -74,9 +75,15 @@ impl Parser {
 
     fn value(&mut self, line: usize, key: Field, value: &str) -> Result<(), RenderError> {
         match key {
-            Field::PrivateKey => set_once(&mut self.private_key, parse_key(line, key, value)?, line, key),
-            Field::PublicKey => set_once(&mut self.public_key, parse_key(line, key, value)?, line, key),
-            Field::PresharedKey => set_once(&mut self.preshared_key, parse_key(line, key, value)?, line, key),
+            Field::PrivateKey => {
+                set_once(&mut self.private_key, parse_key(line, key, value, PrivateKey::from_base64)?, line, key)
+            }
+            Field::PublicKey => {
+                set_once(&mut self.public_key, parse_key(line, key, value, PublicKey::parse)?, line, key)
+            }
+            Field::PresharedKey => {
+                set_once(&mut self.preshared_key, parse_key(line, key, value, PresharedKey::parse)?, line, key)
+            }
             Field::Endpoint => set_once(&mut self.endpoint, parse_endpoint(line, value)?, line, key),
             Field::Mtu => {
                 let mtu = parse_number(value)
@@ -165,12 +172,18 @@ fn list_items(value: &str) -> impl Iterator<Item = &str> {
     value.split(|c: char| c == ',' || c.is_whitespace()).filter(|item| !item.is_empty())
 }
 
-fn parse_key(line: usize, key: Field, value: &str) -> Result<String, RenderError> {
-    let bytes = BASE64.decode(value).map_err(|_| RenderError::KeyNotBase64 { line, key: key.name() })?;
+fn parse_key<T>(
+    line: usize,
+    key: Field,
+    value: &str,
+    make: impl FnOnce(&str) -> Result<T, KeyError>,
+) -> Result<T, RenderError> {
+    let not_base64 = || RenderError::KeyNotBase64 { line, key: key.name() };
+    let bytes = BASE64.decode(value).map_err(|_| not_base64())?;
     if bytes.len() != KEY_LEN {
         return Err(RenderError::KeyWrongLength { line, key: key.name(), len: bytes.len() });
     }
-    Ok(value.to_owned())
+    make(value).map_err(|_| not_base64())
 }
 
 /// Plain decimal digits only: `u16::from_str` would also take a leading '+'.

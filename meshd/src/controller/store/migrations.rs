@@ -159,7 +159,7 @@ mod tests {
             "INSERT INTO network VALUES (1, 'home', 'home.internal', '10.77.0.0/16', 'fd00:1:2::/48', 0);
              INSERT INTO addresses VALUES (1, NULL), (2, NULL);
              INSERT INTO nodes (name, public_key, addr_index, endpoint, listen_port, interface, role, created_at)
-                 VALUES ('hub', 'HUB', 1, NULL, 51820, 'meshd0', 'hub', 0);
+                 VALUES ('hub', 'xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=', 1, NULL, 51820, 'meshd0', 'hub', 0);
              INSERT INTO services (name, node_id, target, port, addr_index, created_at)
                  VALUES ('wallet', 1, '127.0.0.1:9737', 9737, 2, 0);",
         )

@@ -5,7 +5,7 @@ use rusqlite::Connection;
 
 use meshd_core::clock::Stamp;
 use meshd_core::input::{HostPort, Label};
-use meshd_core::model::{AccessRule, Device, Invite, InviteStatus, Network, Node, Role, Service, Snapshot};
+use meshd_core::model::{AccessRule, Device, DeviceKeys, Invite, InviteStatus, Network, Node, Role, Service, Snapshot};
 
 use super::{StoreError, sql};
 
@@ -49,7 +49,7 @@ pub(super) fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
     for (name, public_key, index, endpoint, listen_port, interface, role, disabled, rotate_key) in raw_nodes {
         nodes.push(Node {
             name: parse_column("nodes.name", &name)?,
-            public_key,
+            public_key: parse_column("nodes.public_key", &public_key)?,
             index,
             endpoint: endpoint.map(|e| parse_column::<HostPort>("nodes.endpoint", &e)).transpose()?,
             listen_port,
@@ -94,7 +94,11 @@ pub(super) fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
             .map(|s| parse_column::<Label>("services.name", s))
             .collect::<Result<Vec<_>, _>>()?;
         allow.sort();
-        devices.push(Device { name: parse_column("devices.name", &name)?, public_key, preshared_key, index, allow });
+        let keys = DeviceKeys {
+            public_key: parse_column("devices.public_key", &public_key)?,
+            preshared_key: parse_column("devices.preshared_key", &preshared_key)?,
+        };
+        devices.push(Device { name: parse_column("devices.name", &name)?, keys: Some(keys), index, allow });
     }
 
     let mut stmt = conn

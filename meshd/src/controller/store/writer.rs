@@ -8,7 +8,8 @@ use rusqlite::{OptionalExtension, Transaction, params};
 
 use meshd_core::clock::{self, Stamp};
 use meshd_core::input::Label;
-use meshd_core::model::{AccessRule, Device, Invite, InviteStatus, Network, Node, Role, Service, Snapshot};
+use meshd_core::keys::PublicKey;
+use meshd_core::model::{AccessRule, Device, DeviceKeys, Invite, InviteStatus, Network, Node, Role, Service, Snapshot};
 
 use super::read::{read_invites, read_snapshot};
 use super::{CertAndKey, StoreError, sql};
@@ -109,7 +110,7 @@ impl Writer<'_> {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     node.name.as_str(),
-                    node.public_key,
+                    node.public_key.as_str(),
                     node.index,
                     node.endpoint.as_ref().map(ToString::to_string),
                     node.listen_port,
@@ -123,11 +124,11 @@ impl Writer<'_> {
     }
 
     /// Store a device and its grants; its index must have been taken and its services must exist.
-    pub fn insert_device(&self, device: &Device) -> Result<(), StoreError> {
+    pub fn insert_device(&self, device: &Device, keys: &DeviceKeys) -> Result<(), StoreError> {
         self.tx
             .execute(
                 "INSERT INTO devices (name, public_key, preshared_key, addr_index, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![device.name.as_str(), device.public_key, device.preshared_key, device.index, now()],
+                params![device.name.as_str(), keys.public_key.as_str(), keys.preshared_key.as_str(), device.index, now()],
             )
             .map_err(sql("insert device"))?;
         let device_id = self.tx.last_insert_rowid();
@@ -163,11 +164,11 @@ impl Writer<'_> {
     }
 
     /// Replace a device's public and preshared keys.
-    pub fn update_device_keys(&self, device: &Device) -> Result<(), StoreError> {
+    pub fn update_device_keys(&self, name: &Label, keys: &DeviceKeys) -> Result<(), StoreError> {
         self.tx
             .execute(
                 "UPDATE devices SET public_key = ?1, preshared_key = ?2 WHERE name = ?3",
-                params![device.public_key, device.preshared_key, device.name.as_str()],
+                params![keys.public_key.as_str(), keys.preshared_key.as_str(), name.as_str()],
             )
             .map_err(sql("update device keys"))?;
         Ok(())
@@ -191,11 +192,11 @@ impl Writer<'_> {
     }
 
     /// Give a node its new public key; the rotation it was asked for is done.
-    pub fn set_node_key(&self, name: &Label, public_key: &str) -> Result<(), StoreError> {
+    pub fn set_node_key(&self, name: &Label, public_key: &PublicKey) -> Result<(), StoreError> {
         self.tx
             .execute(
                 "UPDATE nodes SET public_key = ?1, rotate_key = 0 WHERE name = ?2",
-                params![public_key, name.as_str()],
+                params![public_key.as_str(), name.as_str()],
             )
             .map_err(sql("update node key"))?;
         Ok(())

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use meshd_core::keys::PrivateKey;
+use meshd_core::keys::PublicKey;
 use meshd_core::plan::{HostPlan, PeerPlan};
 use meshd_core::reconcile::{PeerChange, PeerDiff, PeerEndpoints, peer_start};
 
@@ -133,9 +134,9 @@ impl Interface {
     ///
     /// Returns the keys of the added and replaced peers that have an endpoint (configured, learned, or
     /// remembered from before they were removed): those this side can open a tunnel to.
-    pub fn apply_peers(&self, diff: &PeerDiff) -> Result<Vec<String>, WgError> {
-        let remove = |key: &String| {
-            let k = Key::from_str(key).map_err(|_| WgError::Key { peer: key.clone() })?;
+    pub fn apply_peers(&self, diff: &PeerDiff) -> Result<Vec<PublicKey>, WgError> {
+        let remove = |key: &PublicKey| {
+            let k = Key::from_str(key.as_str()).map_err(|_| WgError::Key { peer: key.to_string() })?;
             self.api.remove_peer(&k).map_err(|e| self.error(e))
         };
         // Where peers are now: kept for removed ones, and carried over to replaced ones.
@@ -267,31 +268,31 @@ impl Interface {
     /// Every peer's endpoint as the interface has it (configured, learned, or remembered), by public
     /// key, with whether the peer has completed a handshake since the interface came up: only then is
     /// the endpoint one the peer really used.
-    pub fn endpoint_states(&self) -> Result<BTreeMap<String, (Option<SocketAddr>, bool)>, WgError> {
+    pub fn endpoint_states(&self) -> Result<BTreeMap<PublicKey, (Option<SocketAddr>, bool)>, WgError> {
         let host = self.api.read_interface_data().map_err(|e| self.error(e))?;
         Ok(host
             .peers
             .into_iter()
-            .map(|(key, peer)| {
+            .filter_map(|(key, peer)| {
                 let handshaken = peer.last_handshake.is_some_and(|t| t > UNIX_EPOCH);
-                (key.to_string(), (peer.endpoint, handshaken))
+                Some((public_key(&key)?, (peer.endpoint, handshaken)))
             })
             .collect())
     }
 
     /// Last handshake (unix seconds) of every peer, by public key; `None` for never.
-    pub fn handshakes(&self) -> Result<HashMap<String, Option<u64>>, WgError> {
+    pub fn handshakes(&self) -> Result<HashMap<PublicKey, Option<u64>>, WgError> {
         let host = self.api.read_interface_data().map_err(|e| self.error(e))?;
         Ok(host
             .peers
             .into_iter()
-            .map(|(key, peer)| {
+            .filter_map(|(key, peer)| {
                 let secs = peer
                     .last_handshake
                     .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                     .map(|d| d.as_secs())
                     .filter(|s| *s > 0);
-                (key.to_string(), secs)
+                Some((public_key(&key)?, secs))
             })
             .collect())
     }
@@ -319,10 +320,16 @@ impl Drop for Interface {
     }
 }
 
-fn to_peer(key: &str, plan: &PeerPlan) -> Result<Peer, WgError> {
+/// A peer's key as the interface reports it, as meshd's type (always valid: 32 bytes).
+fn public_key(key: &Key) -> Option<PublicKey> {
+    PublicKey::parse(&key.to_string()).ok()
+}
+
+fn to_peer(key: &PublicKey, plan: &PeerPlan) -> Result<Peer, WgError> {
     let bad_key = || WgError::Key { peer: plan.name.to_string() };
-    let mut peer = Peer::new(Key::from_str(key).map_err(|_| bad_key())?);
-    peer.preshared_key = plan.preshared_key.as_deref().map(Key::from_str).transpose().map_err(|_| bad_key())?;
+    let mut peer = Peer::new(Key::from_str(key.as_str()).map_err(|_| bad_key())?);
+    peer.preshared_key =
+        plan.preshared_key.as_ref().map(|k| Key::from_str(k.as_str())).transpose().map_err(|_| bad_key())?;
     if let Some(endpoint) = &plan.endpoint {
         // An endpoint that does not resolve now is left unset; the peer can still roam to us.
         if let Err(e) = peer.set_endpoint(&endpoint.to_string()) {
