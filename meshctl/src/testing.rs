@@ -10,7 +10,7 @@ use clap::Parser;
 use meshd::controller::{Controller, fixtures};
 use meshd::host::statedir::StateDir;
 use meshd_core::model::Snapshot;
-use meshd_core::wire::admin::JoinRequest;
+use meshd_core::wire::join::JoinRequest;
 
 use crate::{Cli, execute};
 

@@ -15,8 +15,8 @@ use meshd::host::wg::Backend;
 use meshd::runtime::RunOptions;
 use meshd_core::input::{self, HostPort, Label};
 use meshd_core::keys::PrivateKey;
-use meshd_core::wire::admin::{JoinReply, JoinRequest};
 use meshd_core::wire::invite::Token;
+use meshd_core::wire::join::{JoinReply, JoinRequest};
 
 #[derive(Parser)]
 #[command(name = "meshd", version, about = "WireGuard mesh controller and node daemon")]

@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use crate::input::Label;
 use crate::keys::PrivateKey;
-use crate::wire::admin::MemberState;
+use crate::wire::join::MemberState;
 use crate::wire::sync::{self, ToHub, ToMember};
 
 /// When a member opens its tunnels: shortly after its session with the hub starts (peers have had a

@@ -21,7 +21,7 @@ use crate::fixtures::{label, node, sample_state};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::model::{AccessRule, Protocol, Role, Service, SharedState};
 use crate::plan::{HostPlan, plan_host};
-use crate::wire::admin::MemberState;
+use crate::wire::join::MemberState;
 use crate::wire::sync::{ToHub, ToMember, line};
 
 const TICK: Duration = Duration::from_millis(50);

@@ -248,8 +248,8 @@ fn carry_out(w: &Writer<'_>, request: Request) -> Result<Reply, ControlError> {
 pub mod fixtures {
     use super::*;
     use meshd_core::keys::PrivateKey;
-    use meshd_core::wire::admin::JoinRequest;
     use meshd_core::wire::invite::Token;
+    use meshd_core::wire::join::JoinRequest;
 
     pub use meshd_core::fixtures::label;
 

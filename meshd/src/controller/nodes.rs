@@ -4,8 +4,9 @@
 use meshd_core::input::{self, Label};
 use meshd_core::keys::PublicKey;
 use meshd_core::model::{Invite, InviteStatus, InviteView, Node, Role};
-use meshd_core::wire::admin::{InviteIssued, JoinRequest, MemberState, Reply};
+use meshd_core::wire::admin::{InviteIssued, Reply};
 use meshd_core::wire::invite::{self, Token};
+use meshd_core::wire::join::{JoinRequest, MemberState};
 
 use super::checks::{allocate, ensure_key_free, ensure_name_free, member};
 use super::store::Writer;

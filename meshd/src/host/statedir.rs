@@ -13,7 +13,7 @@ use tracing::warn;
 
 use meshd_core::keys::PrivateKey;
 use meshd_core::reconcile::PeerEndpoints;
-use meshd_core::wire::admin::MemberState;
+use meshd_core::wire::join::MemberState;
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshd";

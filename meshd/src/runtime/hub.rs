@@ -19,7 +19,8 @@ use crate::links::admin::{self, Call};
 use crate::links::join::{self, JoinCall};
 use crate::links::sync::{FromSession, Publisher};
 use meshd_core::model::{DeviceView, Snapshot};
-use meshd_core::wire::admin::{JoinReply, JoinRequest, Outcome, Reply, Request};
+use meshd_core::wire::admin::{Outcome, Reply, Request};
+use meshd_core::wire::join::{JoinReply, JoinRequest};
 
 /// Open the admin socket, the join service and the sync service, then answer them until SIGINT or
 /// SIGTERM. Every change is applied to this host and published to the members.

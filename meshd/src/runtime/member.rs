@@ -17,7 +17,7 @@ use crate::links::sync::{self, Outgoing, SyncEvent};
 use meshd_core::keys::PrivateKey;
 use meshd_core::model::SYNC_PORT;
 use meshd_core::session::member::{Effect, Member};
-use meshd_core::wire::admin::MemberState;
+use meshd_core::wire::join::MemberState;
 use meshd_core::wire::sync::ToHub;
 
 /// The member's key: `private.key`, or the key of an interrupted rotation if the network already
