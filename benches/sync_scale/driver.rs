@@ -10,7 +10,7 @@ pub(crate) fn driver(args: &[String]) -> Result<()> {
                 rest.next();
             }
             "--no-reference" => {}
-            _ => return Err(format!("unknown argument {arg:?} (see the header of benches/sync_scale.rs)").into()),
+            _ => return Err(format!("unknown argument {arg:?} (see the header of benches/sync_scale/main.rs)").into()),
         }
     }
     let hosts: Vec<usize> = match flag(args, "--hosts") {

@@ -3,13 +3,13 @@
 //!
 //! One binary in three roles (it runs itself):
 //! - the driver (no role argument) runs one controller process per host count and prints the tables;
-//! - `controller` serves a `sync::Publisher` over a state of N member nodes on 127.0.0.1, publishes
+//! - `controller` serves a `meshd::links::sync::Publisher` over a state of N member nodes on 127.0.0.1, publishes
 //!   changes and measures; the process holds nothing else, so its CPU time and memory are the controller's;
 //! - `clients` runs N light members in one process, each a TCP session from its own mesh address: the
 //!   network is 127.0.0.0/8, so member index `i` is 127.0.0.0 + i, and Linux routes all of it to `lo`.
 //!
 //! Every member parses every `Changes` line and checks that it follows the previous one; FULL_MEMBERS
-//! of them also keep a whole copy of the state, apply each change with `sync::apply` and finally check
+//! of them also keep a whole copy of the state, apply each change with `meshd_core::wire::sync::apply` and finally check
 //! their copy's digest against the controller's (a copy for every member would need N copies of an
 //! N-node state, an estimated 30 GB at 10,000).
 //!

@@ -1,9 +1,10 @@
 //! meshd: a self-hosted WireGuard mesh and remote-access provisioner, the daemon and its controller.
 //! What to do is decided in [`meshd_core`], without I/O; this crate carries it out.
 //!
-//! Data flows one way: `meshctl` -> [`links::admin`] socket -> [`controller`] (and its
-//! [`controller::store`]) -> the network's state -> [`meshd_core::plan`] -> [`meshd_core::reconcile`]
-//! steps -> [`runtime`] -> the host edges in [`host`] (WireGuard, nftables, forwarders, DNS).
+//! Data flows one way: `meshctl` -> [`links::admin`] socket (or the controller in-process, under the
+//! offline lock) -> [`controller`] (and its [`controller::store`]) -> the network's state ->
+//! [`meshd_core::plan`] -> [`meshd_core::reconcile`] steps -> [`runtime`] -> the host edges in [`host`]
+//! (WireGuard, nftables, forwarders, DNS).
 //!
 //! - [`controller`]: the network's records in SQLite, and every change to them.
 //! - [`runtime`]: the daemon's loops: the hub, a member, and the executor of host steps.

@@ -1,12 +1,19 @@
 //! A member host's end of the sync protocol, as a state machine: it keeps the member's copy of the
 //! network current from what the hub sends, says when the host must be reconciled and the copy cached,
-//! carries out the key rotations the operator asks for (offered, switched, confirmed or reverted), and
-//! times the opening of tunnels after start.
+//! carries out the key rotations the operator asks for, and times the opening of tunnels after start.
 //!
-//! Driven by [`Member::handle_connected`], [`Member::handle_message`], the reports of effects it asked
-//! for ([`Member::handle_acknowledged`], [`Member::handle_key_used`], [`Member::handle_offer_failed`])
-//! and [`Member::handle_timeout`] at [`Member::poll_timeout`]; what the host must do comes out of
-//! [`Member::poll_effect`], in order. Time comes in as an argument.
+//! A rotation: the member makes a key and offers it; once the hub accepts, the member sends `switch`
+//! and switches its interface; the network confirms by naming the new key in its state. From the moment
+//! `switch` is sent the hub may have stored the new key, and a member that drops it could never reach
+//! the hub again (WireGuard admits only the key the hub has). So the member keeps both keys until it
+//! knows which one the hub has: a state that names the new key, or a session with the hub opened with
+//! one of them (the hub accepts only the key it has). Until then, every [`ROTATION_CONFIRM`] without
+//! knowing, it tries the other key.
+//!
+//! Driven by [`Member::handle_connected`], [`Member::handle_disconnected`], [`Member::handle_message`],
+//! the reports of effects it asked for ([`Member::handle_acknowledged`], [`Member::handle_key_used`],
+//! [`Member::handle_offer_failed`]) and [`Member::handle_timeout`] at [`Member::poll_timeout`]; what the
+//! host must do comes out of [`Member::poll_effect`], in order. Time comes in as an argument.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -24,27 +31,28 @@ use crate::wire::sync::{self, ToHub, ToMember};
 pub const TUNNELS_AFTER_CONNECT: Duration = Duration::from_millis(500);
 /// See [`TUNNELS_AFTER_CONNECT`].
 pub const TUNNELS_WITHOUT_CONTROLLER: Duration = Duration::from_secs(3);
-/// How long a member waits, after switching keys, for the network to confirm before it goes back.
+/// How long a member waits, after switching keys, for the network to confirm before it tries the other
+/// key (and again after each try, until it knows which key the hub has).
 pub const ROTATION_CONFIRM: Duration = Duration::from_secs(30);
 
 /// What the host must do for the member, in the order given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
-    /// Send this to the hub (now, or in the next session if none is up).
+    /// Send this to the hub in the current session (dropped if none is up: a message belongs to the
+    /// session it was made in).
     Send(ToHub),
     /// Send this to the hub and report with [`Member::handle_acknowledged`] once the hub's host has
-    /// acknowledged it (or the session ended first).
+    /// acknowledged it, or the session ended first (or none was up).
     SendAcknowledged(ToHub),
-    /// Save this key next to the current one (so a restart can finish the rotation), then send its
-    /// public half to the hub ([`ToHub::NewKey`]); report a failure to save with
-    /// [`Member::handle_offer_failed`].
+    /// Save this key next to the current one (so a restart still has it), then send its public half to
+    /// the hub ([`ToHub::NewKey`]); report a failure to save or send with [`Member::handle_offer_failed`].
     OfferKey(PrivateKey),
     /// Make the interface use this private key; report with [`Member::handle_key_used`].
     UseKey(PrivateKey),
-    /// Forget the saved next key.
+    /// Forget the saved next key (the hub does not have it).
     DiscardNextKey,
-    /// The saved next key becomes this host's key (the network confirmed it). A failure is fatal: the
-    /// host would otherwise restart with a key the network no longer knows.
+    /// The saved next key becomes this host's key (the hub has it). A failure is fatal: the host would
+    /// otherwise restart with a key the network no longer knows.
     PromoteNextKey,
     /// Cache [`Member::member_state`], so the host starts from it without a controller.
     CacheState,
@@ -60,28 +68,28 @@ pub enum Effect {
     },
 }
 
+/// Which of a rotation's two keys the interface uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Using {
+    Old,
+    New,
+}
+
 /// A key rotation, as far as it got.
 #[derive(Debug)]
 enum Rotation {
     Idle,
-    /// The new key was offered to the hub.
+    /// The new key was offered to the hub in the current session.
     Offered(PrivateKey),
     /// The hub accepted it; the switch is on its way to the hub.
     Acknowledging(PrivateKey),
-    /// The interface is being switched to `key`.
-    Switching {
-        key: PrivateKey,
-        old: PrivateKey,
-    },
-    /// The interface uses `key`; waiting for the network to confirm it until `since` +
-    /// [`ROTATION_CONFIRM`].
-    Switched {
-        key: PrivateKey,
-        old: PrivateKey,
+    /// The switch may have reached the hub: it has one of the two keys, and the member does not know
+    /// which yet. The interface uses (or is being switched to) `using` since `since`.
+    Unsettled {
+        new: PrivateKey,
+        using: Using,
         since: Instant,
     },
-    /// The interface is going back to the old key.
-    Reverting,
 }
 
 /// A member's end of the sync protocol. See the module documentation.
@@ -89,6 +97,7 @@ enum Rotation {
 pub struct Member {
     member: MemberState,
     digest: String,
+    /// The key the network knows this host by, as far as the member knows (`private.key`).
     key: PrivateKey,
     rotation: Rotation,
     open_tunnels_at: Option<Instant>,
@@ -97,9 +106,12 @@ pub struct Member {
 }
 
 impl Member {
-    /// A member starting at `now` from its cached `member` state, with `key` as its interface's key.
-    pub fn new(member: MemberState, key: PrivateKey, now: Instant) -> Member {
-        Member {
+    /// A member starting at `now` from its cached `member` state, with `key` (`private.key`) and the
+    /// `next` key of a rotation that was under way, if one was saved. Which key the interface starts
+    /// with is [`Member::interface_key`]: the next key if the cached state names it (the rotation is
+    /// then finished), else `key`, keeping `next` until the member knows which one the hub has.
+    pub fn new(member: MemberState, key: PrivateKey, next: Option<PrivateKey>, now: Instant) -> Member {
+        let mut m = Member {
             digest: sync::digest(&member.state),
             member,
             key,
@@ -107,7 +119,18 @@ impl Member {
             open_tunnels_at: Some(now + TUNNELS_WITHOUT_CONTROLLER),
             removed: false,
             effects: VecDeque::new(),
+        };
+        if let Some(next) = next {
+            if m.named_key().is_some_and(|k| k == next.public_key()) {
+                info!("finishing an interrupted key rotation");
+                m.effects.push_back(Effect::PromoteNextKey);
+                m.key = next;
+            } else {
+                info!("a key rotation was under way: keeping both keys until the hub is reached");
+                m.rotation = Rotation::Unsettled { new: next, using: Using::Old, since: now };
+            }
         }
+        m
     }
 
     /// The member's name and its copy of the network.
@@ -120,9 +143,17 @@ impl Member {
         &self.digest
     }
 
-    /// The key the network knows this host by, as far as the member knows (the new one once confirmed).
+    /// The key the network knows this host by, as far as the member knows (the new one once settled).
     pub fn key(&self) -> &PrivateKey {
         &self.key
+    }
+
+    /// The key the interface uses (or is being switched to).
+    pub fn interface_key(&self) -> &PrivateKey {
+        match &self.rotation {
+            Rotation::Unsettled { new, using: Using::New, .. } => new,
+            _ => &self.key,
+        }
     }
 
     /// True when a key rotation is under way.
@@ -130,12 +161,28 @@ impl Member {
         !matches!(self.rotation, Rotation::Idle)
     }
 
-    /// A session with the hub started (the hello with [`Member::digest`] is sent).
+    /// A session with the hub started (the hello with [`Member::digest`] is sent). The hub admits only
+    /// the key it has, so the key in use is the one it has.
     pub fn handle_connected(&mut self, now: Instant) {
         if self.open_tunnels_at.is_some() {
             self.open_tunnels_at = Some(now + TUNNELS_AFTER_CONNECT);
         }
+        if let Rotation::Unsettled { using, .. } = self.rotation {
+            self.settle(using);
+        }
         self.offer_key_if_asked();
+    }
+
+    /// The session with the hub ended. An offer made in it is void (the hub forgets it with the
+    /// session); a switch not yet known to have arrived may still have: both keys are kept.
+    pub fn handle_disconnected(&mut self, now: Instant) {
+        match std::mem::replace(&mut self.rotation, Rotation::Idle) {
+            Rotation::Offered(_) => self.effects.push_back(Effect::DiscardNextKey),
+            Rotation::Acknowledging(new) => {
+                self.rotation = Rotation::Unsettled { new, using: Using::Old, since: now };
+            }
+            other => self.rotation = other,
+        }
     }
 
     /// A message from the hub.
@@ -176,39 +223,43 @@ impl Member {
     }
 
     /// The message sent with [`Effect::SendAcknowledged`] reached the hub's host (`delivered`), or the
-    /// session ended before it did.
-    pub fn handle_acknowledged(&mut self, delivered: bool) {
+    /// session ended before it was known to.
+    pub fn handle_acknowledged(&mut self, delivered: bool, now: Instant) {
         let Rotation::Acknowledging(new) = std::mem::replace(&mut self.rotation, Rotation::Idle) else {
             return;
         };
         if delivered {
             self.effects.push_back(Effect::UseKey(new.clone()));
-            self.rotation = Rotation::Switching { key: new, old: self.key.clone() };
+            self.rotation = Rotation::Unsettled { new, using: Using::New, since: now };
         } else {
-            warn!("the controller went away before the key switch reached it; keeping the old key");
-            self.effects.push_back(Effect::DiscardNextKey);
+            warn!("the session ended before the key switch was known to reach the hub; keeping both keys");
+            self.rotation = Rotation::Unsettled { new, using: Using::Old, since: now };
         }
     }
 
-    /// The interface took the key of [`Effect::UseKey`] (`used`), or could not.
+    /// The interface took the key of [`Effect::UseKey`] (`used`), or could not (it keeps the other).
     pub fn handle_key_used(&mut self, used: bool, now: Instant) {
-        match std::mem::replace(&mut self.rotation, Rotation::Idle) {
-            Rotation::Switching { key, old } if used => {
-                info!("switched to the new key; waiting for the network to confirm it");
-                // Renew every session with the new key now rather than at the next keepalive.
+        match &mut self.rotation {
+            Rotation::Unsettled { using, since, .. } if used => {
+                if *using == Using::New {
+                    info!("switched to the new key; waiting for the network to confirm it");
+                }
+                *since = now;
+                // Renew every session with this key now rather than at the next keepalive.
                 self.effects.push_back(Effect::OpenKnownTunnels);
-                self.rotation = Rotation::Switched { key, old, since: now };
             }
-            Rotation::Switching { .. } => warn!("switching to the new key failed"),
-            // Back on the old key, which the network still knows: if it still asks for a new one, offer
-            // another now rather than at the next change or reconnect.
-            Rotation::Reverting if used => self.offer_key_if_asked(),
-            Rotation::Reverting => warn!("going back to the old key failed"),
-            other => self.rotation = other,
+            Rotation::Unsettled { using, .. } => {
+                warn!("switching keys failed; the interface keeps the other key");
+                *using = match using {
+                    Using::Old => Using::New,
+                    Using::New => Using::Old,
+                };
+            }
+            _ => {}
         }
     }
 
-    /// Saving the key of [`Effect::OfferKey`] failed: it was not offered.
+    /// Saving or sending the key of [`Effect::OfferKey`] failed: it was not offered.
     pub fn handle_offer_failed(&mut self) {
         if matches!(self.rotation, Rotation::Offered(_)) {
             self.rotation = Rotation::Idle;
@@ -217,27 +268,37 @@ impl Member {
 
     /// When [`Member::handle_timeout`] is due next, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let confirm_by = match &self.rotation {
-            Rotation::Switched { since, .. } => Some(*since + ROTATION_CONFIRM),
+        let try_other_by = match &self.rotation {
+            Rotation::Unsettled { since, .. } => Some(*since + ROTATION_CONFIRM),
             _ => None,
         };
-        [self.open_tunnels_at, confirm_by].into_iter().flatten().min()
+        [self.open_tunnels_at, try_other_by].into_iter().flatten().min()
     }
 
-    /// Time passed to `now`: open the tunnels once it is time, go back to the old key if the network
-    /// did not confirm the new one in time.
+    /// Time passed to `now`: open the tunnels once it is time; while it is not known which key the hub
+    /// has, try the other one every [`ROTATION_CONFIRM`].
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.open_tunnels_at.is_some_and(|at| at <= now) {
             self.open_tunnels_at = None;
             self.effects.push_back(Effect::OpenKnownTunnels);
         }
-        if let Rotation::Switched { since, .. } = &self.rotation
+        if let Rotation::Unsettled { new, using, since } = &mut self.rotation
             && *since + ROTATION_CONFIRM <= now
-            && let Rotation::Switched { old, .. } = std::mem::replace(&mut self.rotation, Rotation::Reverting)
         {
-            warn!("the network did not confirm the new key; going back to the old one");
-            self.effects.push_back(Effect::DiscardNextKey);
-            self.effects.push_back(Effect::UseKey(old));
+            *since = now;
+            let other = match using {
+                Using::New => {
+                    warn!("the network did not confirm the new key; trying the old one");
+                    *using = Using::Old;
+                    self.key.clone()
+                }
+                Using::Old => {
+                    warn!("the hub cannot be reached with the old key; trying the new one");
+                    *using = Using::New;
+                    new.clone()
+                }
+            };
+            self.effects.push_back(Effect::UseKey(other));
         }
     }
 
@@ -246,32 +307,59 @@ impl Member {
         self.effects.pop_front()
     }
 
-    /// The copy now has `digest`: cache it, finish a confirmed rotation, reconcile the host, and start
-    /// a rotation the network asks for.
+    /// The hub has the key the member uses as `which`: keep that one, forget the other.
+    fn settle(&mut self, which: Using) {
+        let Rotation::Unsettled { new, .. } = std::mem::replace(&mut self.rotation, Rotation::Idle) else {
+            return;
+        };
+        match which {
+            Using::New => {
+                info!("key rotation done");
+                self.effects.push_back(Effect::PromoteNextKey);
+                self.key = new;
+            }
+            Using::Old => {
+                info!("the hub has the old key: the new one is dropped");
+                self.effects.push_back(Effect::DiscardNextKey);
+            }
+        }
+    }
+
+    /// This host's key as the member's copy of the network names it.
+    fn named_key(&self) -> Option<crate::keys::PublicKey> {
+        self.member.state.nodes.iter().find(|n| n.name == self.member.me).map(|n| n.public_key.clone())
+    }
+
+    /// The copy now has `digest`: cache it, settle a rotation the network confirms, reconcile the host,
+    /// and start a rotation the network asks for.
     fn updated(&mut self, digest: String) {
         self.digest = digest;
         self.effects.push_back(Effect::CacheState);
-        let Some(me) = self.member.state.nodes.iter().find(|n| n.name == self.member.me) else {
+        let Some(named) = self.named_key() else {
             self.removed = true;
             self.effects.push_back(Effect::Removed { network: self.member.state.network.name.clone() });
             return;
         };
-        if let Rotation::Switched { key, .. } = &self.rotation
-            && me.public_key == key.public_key()
-            && let Rotation::Switched { key, .. } = std::mem::replace(&mut self.rotation, Rotation::Idle)
+        // Only a state naming the new key settles anything: one naming the old key may have been sent
+        // before the hub stored the new one.
+        if let Rotation::Unsettled { new, using, .. } = &self.rotation
+            && named == new.public_key()
         {
-            info!("key rotation done");
-            self.effects.push_back(Effect::PromoteNextKey);
-            self.key = key;
+            if *using == Using::Old {
+                self.effects.push_back(Effect::UseKey(new.clone()));
+            }
+            self.settle(Using::New);
         }
         self.effects.push_back(Effect::Reconcile);
         self.offer_key_if_asked();
     }
 
     /// When the network asks this host for a new key and no rotation is under way, make one and offer it.
+    /// Not while the copy still names another key than this host's: it predates a rotation just settled.
     fn offer_key_if_asked(&mut self) {
         let asked = self.member.state.nodes.iter().any(|n| n.name == self.member.me && n.rotate_key);
-        if !asked || self.is_rotating() || self.removed {
+        let current = self.named_key().is_some_and(|k| k == self.key.public_key());
+        if !asked || !current || self.is_rotating() || self.removed {
             return;
         }
         let new = PrivateKey::generate();
@@ -290,7 +378,7 @@ mod tests {
         let key = PrivateKey::generate();
         let mut state = sample_state();
         state.nodes[1].public_key = key.public_key();
-        (Member::new(MemberState { me: label("vps"), state }, key.clone(), now), key)
+        (Member::new(MemberState { me: label("vps"), state }, key.clone(), None, now), key)
     }
 
     fn effects(member: &mut Member) -> Vec<Effect> {
@@ -335,36 +423,54 @@ mod tests {
         assert_eq!(effects(&mut m), [Effect::CacheState, Effect::Removed { network: label("home") }]);
     }
 
-    #[test]
-    fn a_rotation_offers_switches_after_delivery_and_finishes_when_confirmed() {
-        let start = Instant::now();
+    /// A member asked for a new key, with the offer made and accepted: it has sent `switch`.
+    fn switching(start: Instant) -> (Member, PrivateKey, PrivateKey) {
         let (mut m, old) = member(start);
+        m.handle_timeout(start + TUNNELS_WITHOUT_CONTROLLER);
+        assert_eq!(effects(&mut m), [Effect::OpenKnownTunnels]);
         let mut asked = m.member_state().state.clone();
         asked.nodes[1].rotate_key = true;
-        m.handle_message(ToMember::State { digest: sync::digest(&asked), state: asked.clone() });
-        let offered = match &effects(&mut m)[..] {
+        m.handle_message(ToMember::State { digest: sync::digest(&asked), state: asked });
+        let new = match &effects(&mut m)[..] {
             [Effect::CacheState, Effect::Reconcile, Effect::OfferKey(new)] => new.clone(),
             other => panic!("{other:?}"),
         };
-        assert_ne!(offered, old);
+        assert_ne!(new, old);
         m.handle_message(ToMember::KeyAccepted);
         assert_eq!(effects(&mut m), [Effect::SendAcknowledged(ToHub::Switch)]);
-        m.handle_acknowledged(true);
-        assert_eq!(effects(&mut m), [Effect::UseKey(offered.clone())]);
+        (m, old, new)
+    }
+
+    fn confirming(m: &Member, new: &PrivateKey) -> ToMember {
+        let mut confirmed = m.member_state().state.clone();
+        confirmed.nodes[1].public_key = new.public_key();
+        confirmed.nodes[1].rotate_key = false;
+        ToMember::State { digest: sync::digest(&confirmed), state: confirmed }
+    }
+
+    #[test]
+    fn a_rotation_switches_after_delivery_and_finishes_when_the_network_names_the_new_key() {
+        let start = Instant::now();
+        let (mut m, _, new) = switching(start);
+        m.handle_acknowledged(true, start);
+        assert_eq!(effects(&mut m), [Effect::UseKey(new.clone())]);
         m.handle_key_used(true, start);
         assert_eq!(effects(&mut m), [Effect::OpenKnownTunnels]);
-        assert_eq!(m.poll_timeout(), Some(start + ROTATION_CONFIRM).min(Some(start + TUNNELS_WITHOUT_CONTROLLER)));
-        let mut confirmed = asked;
-        confirmed.nodes[1].public_key = offered.public_key();
-        confirmed.nodes[1].rotate_key = false;
-        m.handle_message(ToMember::State { digest: sync::digest(&confirmed), state: confirmed });
+        assert_eq!(m.interface_key(), &new);
+        // A change sent before the hub stored the key still names the old one: it settles nothing.
+        let mut unrelated = m.member_state().state.clone();
+        unrelated.rules.push(crate::model::AccessRule { from: label("vps"), to: label("attic") });
+        m.handle_message(ToMember::State { digest: sync::digest(&unrelated), state: unrelated });
+        assert_eq!(effects(&mut m), [Effect::CacheState, Effect::Reconcile]);
+        assert!(m.is_rotating());
+        m.handle_message(confirming(&m, &new));
         assert_eq!(effects(&mut m), [Effect::CacheState, Effect::PromoteNextKey, Effect::Reconcile]);
-        assert_eq!(m.key(), &offered);
+        assert_eq!((m.key(), m.interface_key()), (&new, &new));
         assert!(!m.is_rotating());
     }
 
     #[test]
-    fn an_unconfirmed_key_is_given_up_and_a_refused_or_undelivered_one_discarded() {
+    fn an_offer_refused_or_lost_with_its_session_is_dropped_and_made_again() {
         let start = Instant::now();
         let (mut m, old) = member(start);
         let mut asked = m.member_state().state.clone();
@@ -374,24 +480,73 @@ mod tests {
         m.handle_message(ToMember::Refused { reason: "the key is in use".into() });
         assert_eq!(effects(&mut m), [Effect::DiscardNextKey]);
         assert!(!m.is_rotating());
-
         m.handle_connected(start);
         assert!(matches!(effects(&mut m)[..], [Effect::OfferKey(_)]), "offered again at the next session");
-        m.handle_message(ToMember::KeyAccepted);
-        effects(&mut m);
-        m.handle_acknowledged(false);
-        assert_eq!(effects(&mut m), [Effect::DiscardNextKey]);
-
+        m.handle_disconnected(start);
+        assert_eq!(effects(&mut m), [Effect::DiscardNextKey], "the hub forgets an offer with its session");
         m.handle_connected(start);
+        assert!(matches!(effects(&mut m)[..], [Effect::OfferKey(_)]));
+        assert_eq!(m.key(), &old);
+    }
+
+    #[test]
+    fn after_a_switch_both_keys_are_kept_until_a_session_shows_which_one_the_hub_has() {
+        let start = Instant::now();
+        let later = |secs| start + Duration::from_secs(secs);
+        // The switch may have arrived although its delivery was not confirmed: the old key stays in use.
+        let (mut m, old, new) = switching(start);
+        m.handle_acknowledged(false, start);
+        assert!(effects(&mut m).is_empty());
+        assert_eq!(m.interface_key(), &old);
+        // No session for a while: the new key is tried, then the old one again, and so on.
+        m.handle_timeout(later(30));
+        assert_eq!(effects(&mut m), [Effect::UseKey(new.clone())]);
+        m.handle_key_used(true, later(30));
+        assert_eq!(effects(&mut m), [Effect::OpenKnownTunnels]);
+        m.handle_timeout(later(60));
+        assert_eq!(effects(&mut m), [Effect::UseKey(old.clone())]);
+        m.handle_key_used(true, later(60));
         effects(&mut m);
-        m.handle_message(ToMember::KeyAccepted);
-        m.handle_acknowledged(true);
+        m.handle_timeout(later(90));
+        assert_eq!(effects(&mut m), [Effect::UseKey(new.clone())]);
+        m.handle_key_used(true, later(90));
+        effects(&mut m);
+        // A session opens with the new key: the hub has it.
+        m.handle_connected(later(95));
+        assert_eq!(effects(&mut m), [Effect::PromoteNextKey]);
+        assert_eq!(m.key(), &new);
+        assert!(!m.is_rotating());
+
+        // Likewise a session opened with the old key drops the new one, and a new offer follows while
+        // the network still asks.
+        let (mut m, old, _) = switching(start);
+        m.handle_acknowledged(true, start);
         m.handle_key_used(true, start);
         effects(&mut m);
-        m.handle_timeout(start + ROTATION_CONFIRM);
-        assert_eq!(effects(&mut m), [Effect::OpenKnownTunnels, Effect::DiscardNextKey, Effect::UseKey(old.clone())]);
-        m.handle_key_used(true, start + ROTATION_CONFIRM);
-        assert!(matches!(effects(&mut m)[..], [Effect::OfferKey(_)]), "the network still asks: another offer");
+        m.handle_timeout(later(30));
+        assert_eq!(effects(&mut m), [Effect::UseKey(old.clone())]);
+        m.handle_key_used(true, later(30));
+        effects(&mut m);
+        m.handle_connected(later(31));
+        assert!(matches!(&effects(&mut m)[..], [Effect::DiscardNextKey, Effect::OfferKey(_)]));
         assert_eq!(m.key(), &old);
+    }
+
+    #[test]
+    fn a_restart_mid_rotation_finishes_it_or_keeps_both_keys() {
+        let start = Instant::now();
+        let (m, old, new) = switching(start);
+        // Restarted after the network named the new key: finished at once.
+        let mut confirmed = m.member_state().clone();
+        confirmed.state.nodes[1].public_key = new.public_key();
+        let mut restarted = Member::new(confirmed, old.clone(), Some(new.clone()), start);
+        assert_eq!(effects(&mut restarted), [Effect::PromoteNextKey]);
+        assert_eq!(restarted.interface_key(), &new);
+        // Restarted before: it starts on the old key and keeps the new one until it reaches the hub.
+        let mut unsure = Member::new(m.member_state().clone(), old.clone(), Some(new.clone()), start);
+        assert!(effects(&mut unsure).is_empty() && unsure.is_rotating());
+        assert_eq!(unsure.interface_key(), &old);
+        unsure.handle_timeout(start + ROTATION_CONFIRM);
+        assert_eq!(effects(&mut unsure), [Effect::OpenKnownTunnels, Effect::UseKey(new.clone())]);
     }
 }

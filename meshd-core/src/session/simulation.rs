@@ -1,11 +1,12 @@
 //! Simulation: a hub and several members, the real state machines of this module, over an in-memory
 //! network on a fake clock; no root, no sockets, no threads. A stand-in controller holds the network's
 //! state and makes the decisions the hub's loop asks of it (is this key free, switch to it). Hosts
-//! join, the network changes, connections drop with what was in flight, members reconnect, the hub
-//! restarts (its journal lost), and two key rotations go wrong: one whose confirmation is lost with
-//! the connection, one whose switch never reaches the hub. Each seed is one schedule; at the end every
-//! member must hold the controller's state, have applied the plan the planner makes of it, and use the
-//! key the network knows it by.
+//! join, the network changes, connections drop with what was in flight, members reconnect and restart,
+//! the hub restarts (its journal lost) and goes away for longer than a rotation waits, and key
+//! rotations go wrong: an offer lost with its connection, a confirmation lost, a switch that never
+//! reaches the hub, a member restarted halfway. Each seed is one schedule of events (the keys made are
+//! random, and play no part in it); at the end every member must hold the controller's state, have
+//! applied the plan the planner makes of it, and use the key the network knows it by.
 //!
 //! Cryptokey routing is modelled: a member reaches the hub only while the hub has it as an active peer
 //! with the key its interface uses; a member the hub drops hears nothing more.
@@ -50,8 +51,6 @@ struct Host {
     cache: MemberState,
     /// The plan the last reconcile applied.
     applied: Option<HostPlan>,
-    /// Messages waiting for a session (the member's outgoing channel); `true`: acknowledged.
-    outbox: VecDeque<(ToHub, bool)>,
     /// The public key it joined with.
     joined_with: PublicKey,
     link: Option<Link>,
@@ -66,6 +65,10 @@ struct Faults {
     drop_after_switch: Option<String>,
     /// Drop this member's connection while its switch message is unread (the hub never switches).
     drop_before_switch: Option<String>,
+    /// Drop this member's connection while its key offer is unread (the offer is lost).
+    drop_before_offer: Option<String>,
+    /// Take the hub away for this long right after it switched a member's key.
+    outage_after_switch: Option<Duration>,
 }
 
 struct World {
@@ -79,6 +82,8 @@ struct World {
     drop_per_mille: u64,
     faults: Faults,
     drops: usize,
+    /// The hub is down until then; it comes back restarted.
+    hub_down_until: Option<Instant>,
 }
 
 impl World {
@@ -98,6 +103,7 @@ impl World {
             drop_per_mille: 0,
             faults: Faults::default(),
             drops: 0,
+            hub_down_until: None,
         }
     }
 
@@ -137,14 +143,13 @@ impl World {
         let cache = MemberState { me: label(name), state: self.network.clone() };
         let addr = IpAddr::V4(self.network.network.pool().v4_of(index));
         let host = Host {
-            member: Member::new(cache.clone(), key.clone(), self.now),
+            member: Member::new(cache.clone(), key.clone(), None, self.now),
             addr,
             interface_key: key.clone(),
             key_file: key.clone(),
             next_key_file: None,
             cache,
             applied: None,
-            outbox: VecDeque::new(),
             joined_with: key.public_key(),
             link: None,
             reconnect_at: self.now,
@@ -153,9 +158,12 @@ impl World {
         self.hosts.insert(name.to_owned(), host);
     }
 
-    /// The hub's interface has `name` as an active peer with the key its interface uses.
+    /// The hub is up and its interface has `name` as an active peer with the key its interface uses.
     fn reachable(&self, name: &str) -> bool {
         let host = &self.hosts[name];
+        if self.hub_down_until.is_some() {
+            return false;
+        }
         self.network
             .nodes
             .iter()
@@ -164,11 +172,31 @@ impl World {
     }
 
     fn drop_link(&mut self, name: &str) {
+        let now = self.now;
         let host = self.hosts.get_mut(name).expect("a host");
         if host.link.take().is_some() {
             self.drops += 1;
+            host.member.handle_disconnected(now);
         }
-        host.reconnect_at = self.now + RECONNECT;
+        host.reconnect_at = now + RECONNECT;
+        self.member_effects(name);
+    }
+
+    /// The hub goes away for `duration` and comes back restarted.
+    fn hub_outage(&mut self, duration: Duration) {
+        self.restart_hub();
+        self.hub_down_until = Some(self.now + duration);
+    }
+
+    /// Member `name` restarts from what it has on disk: its cached state, `private.key` and the next key
+    /// of a rotation under way.
+    fn restart_member(&mut self, name: &str) {
+        self.drop_link(name);
+        let now = self.now;
+        let host = self.hosts.get_mut(name).expect("a host");
+        host.member = Member::new(host.cache.clone(), host.key_file.clone(), host.next_key_file.clone(), now);
+        host.interface_key = host.member.interface_key().clone();
+        self.member_effects(name);
     }
 
     fn restart_hub(&mut self) {
@@ -181,6 +209,9 @@ impl World {
 
     fn step(&mut self) {
         self.now += TICK;
+        if self.hub_down_until.is_some_and(|until| until <= self.now) {
+            self.hub_down_until = None;
+        }
         let names: Vec<String> = self.hosts.keys().cloned().collect();
         for name in &names {
             if self.hosts[name].stopped {
@@ -223,20 +254,7 @@ impl World {
         link.to_hub.push_back(line_to_hub(&ToHub::Hello { digest: host.member.digest().to_owned() }));
         host.link = Some(link);
         host.member.handle_connected(now);
-        self.flush_outbox(name);
         self.member_effects(name);
-    }
-
-    /// Messages the member queued while no session was up go out in the next one.
-    fn flush_outbox(&mut self, name: &str) {
-        let host = self.hosts.get_mut(name).expect("a host");
-        let Some(link) = &mut host.link else { return };
-        while let Some((message, acknowledged)) = host.outbox.pop_front() {
-            link.to_hub.push_back(line_to_hub(&message));
-            if acknowledged {
-                host.member.handle_acknowledged(true);
-            }
-        }
     }
 
     fn hub_reads(&mut self, name: &str) {
@@ -246,6 +264,11 @@ impl World {
             let Some(text) = link.to_hub.pop_front() else { return };
             if text.contains("\"switch\"") && self.faults.drop_before_switch.as_deref() == Some(name) {
                 self.faults.drop_before_switch = None;
+                self.drop_link(name);
+                return;
+            }
+            if text.contains("\"new_key\"") && self.faults.drop_before_offer.as_deref() == Some(name) {
+                self.faults.drop_before_offer = None;
                 self.drop_link(name);
                 return;
             }
@@ -279,12 +302,15 @@ impl World {
                         if self.faults.drop_after_switch.as_deref() == Some(name) {
                             self.faults.drop_after_switch = None;
                             self.drop_link(name);
+                            if let Some(outage) = self.faults.outage_after_switch.take() {
+                                self.hub_outage(outage);
+                            }
                         }
                     }
                 }
                 hub::Effect::Close(_) => {
-                    host.link = None;
-                    host.reconnect_at = self.now + RECONNECT;
+                    self.drop_link(name);
+                    return;
                 }
             }
         }
@@ -314,12 +340,15 @@ impl World {
         let host = self.hosts.get_mut(name).expect("a host");
         while let Some(effect) = host.member.poll_effect() {
             match effect {
-                member::Effect::Send(message) => host.send(message, false),
-                member::Effect::SendAcknowledged(message) => host.send(message, true),
+                member::Effect::Send(message) => host.send(message, false, now),
+                member::Effect::SendAcknowledged(message) => host.send(message, true, now),
                 member::Effect::OfferKey(key) => {
                     let public_key = key.public_key();
                     host.next_key_file = Some(key);
-                    host.send(ToHub::NewKey { public_key }, false);
+                    if host.link.is_none() {
+                        host.member.handle_offer_failed();
+                    }
+                    host.send(ToHub::NewKey { public_key }, false, now);
                 }
                 member::Effect::UseKey(key) => {
                     host.interface_key = key;
@@ -354,15 +383,17 @@ impl World {
 }
 
 impl Host {
-    fn send(&mut self, message: ToHub, acknowledged: bool) {
-        match &mut self.link {
+    /// What the daemon's sync client does: a message goes out in the current session, or nowhere.
+    fn send(&mut self, message: ToHub, acknowledged: bool, now: Instant) {
+        let sent = match &mut self.link {
             Some(link) => {
                 link.to_hub.push_back(line_to_hub(&message));
-                if acknowledged {
-                    self.member.handle_acknowledged(true);
-                }
+                true
             }
-            None => self.outbox.push_back((message, acknowledged)),
+            None => false,
+        };
+        if acknowledged {
+            self.member.handle_acknowledged(sent, now);
         }
     }
 }
@@ -394,8 +425,9 @@ fn service(name: &str, on: &str, port: u16, index: u32) -> Service {
     }
 }
 
-/// One schedule: joins, changes under random drops, a hub restart, two rotations that go wrong, a
-/// member disabled and one removed; then a quiet minute.
+/// One schedule: joins, changes under random drops, a hub restart, rotations that go wrong (a
+/// confirmation lost and the hub then away for 45 s, a switch lost, an offer lost, a member restarted
+/// halfway), a member disabled and one removed; then two quiet minutes.
 fn schedule(seed: u64) -> World {
     let mut w = World::new(seed);
     for name in ["alpha", "bravo", "charlie"] {
@@ -414,6 +446,7 @@ fn schedule(seed: u64) -> World {
         }
         if round == 5 {
             w.faults.drop_after_switch = Some("bravo".into());
+            w.faults.outage_after_switch = Some(Duration::from_secs(45));
             w.change(|s| s.nodes.iter_mut().filter(|n| n.name.as_str() == "bravo").for_each(|n| n.rotate_key = true));
         }
         if round == 6 {
@@ -424,6 +457,7 @@ fn schedule(seed: u64) -> World {
             w.change(|s| s.nodes.iter_mut().filter(|n| n.name.as_str() == "charlie").for_each(|n| n.rotate_key = true));
         }
         if round == 8 {
+            w.restart_member("charlie");
             w.change(|s| s.nodes.iter_mut().filter(|n| n.name.as_str() == "delta").for_each(|n| n.disabled = true));
         }
         if round == 9 {
@@ -439,14 +473,19 @@ fn schedule(seed: u64) -> World {
             });
         }
         if round == 11 {
-            w.change(|s| s.nodes.iter_mut().filter(|n| n.name.as_str() == "delta").for_each(|n| n.disabled = false));
+            w.faults.drop_before_offer = Some("delta".into());
+            w.change(|s| {
+                let delta = s.nodes.iter_mut().find(|n| n.name.as_str() == "delta").expect("delta joined");
+                delta.disabled = false;
+                delta.rotate_key = true;
+            });
         }
         let pause = 200 + w.random(3000);
         w.run(Duration::from_millis(pause));
     }
     w.drop_per_mille = 0;
-    // Long enough for a rotation to time out (30 s), go back, and be offered again.
-    w.run(member::ROTATION_CONFIRM * 2 + Duration::from_secs(10));
+    // Long enough for the hub to come back and a rotation to try both keys and be offered again.
+    w.run(member::ROTATION_CONFIRM * 4);
     w
 }
 
@@ -485,7 +524,7 @@ fn members_converge_to_the_planners_view_through_drops_restarts_and_failed_rotat
         // Both rotations went through in the end, to new keys; the others kept theirs.
         for (name, host) in &w.hosts {
             let rotated = host.key_file.public_key() != host.joined_with;
-            assert_eq!(rotated, name == "bravo" || name == "charlie", "seed {seed}: {name}");
+            assert_eq!(rotated, ["bravo", "charlie", "delta"].contains(&name.as_str()), "seed {seed}: {name}");
         }
         assert_eq!(w.hosts.len(), 5);
         drops += w.drops;

@@ -1,5 +1,6 @@
-//! The host edges: one module per outside system the daemon touches. Each carries out what the core
-//! decided and decides nothing itself.
+//! The host edges: one module per outside system the daemon touches. Each carries out what it is asked
+//! (by `runtime::apply`, from the core's plans and steps); what they decide is how to talk to their
+//! system (a UAPI `set` per peer, a ruleset in one `nft` transaction, a forwarder's sessions).
 //!
 //! - [`wg`]: the WireGuard interface (kernel, or the embedded userspace boringtun).
 //! - [`firewall`]: nftables. [`forward`]: the TCP and UDP forwarders of services. [`dns`]: the mesh DNS

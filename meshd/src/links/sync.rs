@@ -97,6 +97,11 @@ impl Publisher {
         self.read().journal.member(addr).cloned()
     }
 
+    /// Whether `node` is still the active member at `addr` (compared in place: once per line per session).
+    fn is_member(&self, addr: IpAddr, node: &Label) -> bool {
+        self.read().journal.member(addr) == Some(node)
+    }
+
     /// Accept member sessions on `listener` until the task is dropped.
     pub async fn serve(self, listener: TcpListener, requests: mpsc::Sender<FromSession>) {
         loop {
@@ -181,7 +186,7 @@ impl Publisher {
                         }
                         Err(broadcast::error::RecvError::Closed) => return Ok(()),
                     }
-                    session.handle_published(self.member(peer.ip()).as_ref() == Some(&node));
+                    session.handle_published(self.is_member(peer.ip(), &node));
                 }
                 incoming = next_line(&mut lines) => {
                     let Some(text) = incoming? else { return Ok(()) };
@@ -223,6 +228,8 @@ async fn sleep_until(deadline: Option<Instant>) {
 pub enum SyncEvent {
     /// A session with the hub started (the member's hello is sent).
     Connected,
+    /// That session ended (what the member sent in it and the hub did not read is lost).
+    Disconnected,
     Message(ToMember),
 }
 
@@ -282,9 +289,26 @@ async fn session(
     let hello = ToHub::Hello { digest: digest.borrow().clone() };
     write.write_all(to_line(&hello).as_bytes()).await?;
     info!(%hub, "connected to the controller for live updates");
+    // A message belongs to the session it was made in (an offer, a switch): any made for an earlier one
+    // is dropped unsent (its `delivered` reports it was not).
+    while outgoing.try_recv().is_ok() {}
     if events.send(SyncEvent::Connected).await.is_err() {
         return Ok(());
     }
+    let result = live(read, &mut write, events, outgoing).await;
+    if result.is_err() && events.send(SyncEvent::Disconnected).await.is_err() {
+        return Ok(());
+    }
+    result
+}
+
+/// A session after its hello: what the hub sends goes to `events`, what the member sends goes out.
+async fn live(
+    read: tokio::net::tcp::OwnedReadHalf,
+    write: &mut tokio::net::tcp::OwnedWriteHalf,
+    events: &mpsc::Sender<SyncEvent>,
+    outgoing: &mut mpsc::Receiver<Outgoing>,
+) -> std::io::Result<()> {
     let mut lines = line_reader(read, MAX_TO_MEMBER);
     loop {
         tokio::select! {
@@ -300,7 +324,7 @@ async fn session(
                 let Some(Outgoing { message, delivered }) = message else { return Ok(()) };
                 write.write_all(to_line(&message).as_bytes()).await?;
                 if let Some(delivered) = delivered {
-                    wait_until_acknowledged(write.as_ref()).await;
+                    wait_until_acknowledged((*write).as_ref()).await;
                     let _ = delivered.send(());
                 }
             }

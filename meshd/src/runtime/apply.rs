@@ -203,10 +203,13 @@ impl Host {
         on_interface(self.interface()?, f).await
     }
 
-    /// Switch the interface to `key` (a member's key rotation).
-    pub(super) async fn use_key(&self, key: &PrivateKey) -> anyhow::Result<()> {
-        let key = key.clone();
-        self.on_interface(move |interface| interface.set_private_key(&key)).await
+    /// Switch the interface to `key` (a member's key rotation: not a step of a plan, since plans hold no
+    /// private key; the member's state machine decides when).
+    pub(super) async fn use_key(&mut self, key: &PrivateKey) -> anyhow::Result<()> {
+        let new = key.clone();
+        self.on_interface(move |interface| interface.set_private_key(&new)).await?;
+        self.key = key.clone();
+        Ok(())
     }
 
     /// Open the tunnels to every peer whose endpoint the interface knows (configured, learned, or

@@ -18,6 +18,7 @@ use crate::host::wg::Interface;
 use crate::links::admin::{self, Call};
 use crate::links::join::{self, JoinCall};
 use crate::links::sync::{FromSession, Publisher};
+use meshd_core::keys::PublicKey;
 use meshd_core::model::{DeviceView, Snapshot};
 use meshd_core::wire::admin::{Outcome, Reply, Request};
 use meshd_core::wire::join::{JoinReply, JoinRequest};
@@ -117,16 +118,18 @@ async fn redeem(
     }
 }
 
-/// After a change: apply the stored network to this host, then push it to the members.
+/// After a change: apply the stored network to this host, then push it to the members. The change is
+/// saved: the members get it even if applying it here failed (that error is returned, and the next
+/// change applies the whole difference again).
 async fn publish_change(controller: &mut Controller, host: &mut Host, publisher: &Publisher) -> anyhow::Result<()> {
     let snapshot = controller.snapshot()?;
-    let renewable = host.reconcile(&snapshot).await?;
+    let applied = host.reconcile(&snapshot).await;
+    publisher.publish(snapshot.shared());
     // Nodes the hub gained or replaced as peers: open the tunnel from here. One behind NAT that comes
     // back (enabled again) is reached at once from where it was last seen, rather than when one of its
     // own attempts gets through. Devices are left alone.
-    let nodes: HashSet<&str> = snapshot.nodes.iter().map(|n| n.public_key.as_str()).collect();
-    open_tunnels(renewable.iter().filter(|(key, _)| nodes.contains(key.as_str())).map(|(_, p)| p));
-    publisher.publish(snapshot.shared());
+    let nodes: HashSet<&PublicKey> = snapshot.nodes.iter().map(|n| &n.public_key).collect();
+    open_tunnels(applied?.iter().filter(|(key, _)| nodes.contains(key)).map(|(_, p)| p));
     Ok(())
 }
 

@@ -8,56 +8,31 @@ use std::time::Instant;
 
 use anyhow::{Context, anyhow};
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{error, info, warn};
+use tracing::{error, warn};
 
 use super::apply::{Host, open_tunnels};
 use super::wait_for_signal;
 use crate::host::statedir::StateDir;
 use crate::links::sync::{self, Outgoing, SyncEvent};
-use meshd_core::keys::PrivateKey;
 use meshd_core::model::SYNC_PORT;
 use meshd_core::session::member::{Effect, Member};
-use meshd_core::wire::join::MemberState;
 use meshd_core::wire::sync::ToHub;
 
-/// The member's key: `private.key`, or the key of an interrupted rotation if the network already
-/// knows the member by it.
-pub(super) fn member_key(state: &StateDir, member: &MemberState) -> anyhow::Result<PrivateKey> {
-    let known = member.state.nodes.iter().find(|n| n.name == member.me).map(|n| n.public_key.clone());
-    let key = state.read_private_key()?;
-    match state.read_next_private_key()? {
-        Some(next) if Some(next.public_key()) == known => {
-            state.promote_next_private_key()?;
-            info!("finishing an interrupted key rotation");
-            Ok(next)
-        }
-        Some(_) => {
-            state.discard_next_private_key();
-            Ok(key)
-        }
-        None => Ok(key),
-    }
-}
-
 /// Follow the controller until SIGINT or SIGTERM, or until this host is removed from the network.
-pub(super) async fn follow_controller(
-    state: &StateDir,
-    member: MemberState,
-    key: PrivateKey,
-    host: &mut Host,
-) -> anyhow::Result<()> {
-    let snapshot = member.state.snapshot();
+pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host: &mut Host) -> anyhow::Result<()> {
+    let snapshot = member.member_state().state.snapshot();
     let hub = snapshot.hub().ok_or_else(|| anyhow!("the cached network has no hub"))?;
     let hub_addr = SocketAddr::new(snapshot.network.pool().v4_of(hub.index).into(), SYNC_PORT);
-    let mut member = Member::new(member, key, Instant::now());
     let (digest_tx, digest_rx) = watch::channel(member.digest().to_owned());
     let (events_tx, mut events) = mpsc::channel(64);
     let (outgoing, outgoing_rx) = mpsc::channel(8);
     let client = tokio::spawn(sync::follow(hub_addr, digest_rx, events_tx, outgoing_rx));
     let shutdown = wait_for_signal(host.stopped()?);
     tokio::pin!(shutdown);
+    // The delivery of a message sent with `SendAcknowledged`, awaited beside everything else.
+    let mut delivery: Option<oneshot::Receiver<()>> = None;
     let result = loop {
-        if let Err(e) = carry_out(&mut member, state, host, &outgoing).await {
+        if let Err(e) = carry_out(&mut member, state, host, &outgoing, &mut delivery).await {
             break Err(e);
         }
         digest_tx.send_if_modified(|digest| {
@@ -71,8 +46,13 @@ pub(super) async fn follow_controller(
         tokio::select! {
             Some(event) = events.recv() => match event {
                 SyncEvent::Connected => member.handle_connected(Instant::now()),
+                SyncEvent::Disconnected => member.handle_disconnected(Instant::now()),
                 SyncEvent::Message(message) => member.handle_message(message),
             },
+            delivered = delivered(&mut delivery) => {
+                delivery = None;
+                member.handle_acknowledged(delivered, Instant::now());
+            }
             () = sleep_until(deadline) => member.handle_timeout(Instant::now()),
             result = &mut shutdown => break result,
         }
@@ -81,30 +61,33 @@ pub(super) async fn follow_controller(
     result
 }
 
-/// Carry out every effect the member asks for, in order, reporting back what it needs to know. An
-/// error ends the daemon: the host was removed from the network, or a confirmed key could not be saved.
+/// Carry out every effect the member asks for, in order, reporting back what it needs to know. Nothing
+/// here waits on the hub: a message goes into the current session's queue or is dropped. An error ends
+/// the daemon: the host was removed from the network, or a settled key could not be saved.
 async fn carry_out(
     member: &mut Member,
     state: &StateDir,
     host: &mut Host,
     outgoing: &mpsc::Sender<Outgoing>,
+    delivery: &mut Option<oneshot::Receiver<()>>,
 ) -> anyhow::Result<()> {
     while let Some(effect) = member.poll_effect() {
         match effect {
             Effect::Send(message) => {
-                let _ = outgoing.send(message.into()).await;
+                let _ = outgoing.try_send(message.into());
             }
             Effect::SendAcknowledged(message) => {
-                let (delivered, acknowledged) = oneshot::channel();
-                let _ = outgoing.send(Outgoing { message, delivered: Some(delivered) }).await;
-                member.handle_acknowledged(acknowledged.await.is_ok());
+                let (delivered, receiver) = oneshot::channel();
+                match outgoing.try_send(Outgoing { message, delivered: Some(delivered) }) {
+                    Ok(()) => *delivery = Some(receiver),
+                    Err(_) => member.handle_acknowledged(false, Instant::now()),
+                }
             }
             Effect::OfferKey(key) => {
                 let offered = match state.write_next_private_key(&key) {
                     Ok(()) => outgoing
-                        .send(ToHub::NewKey { public_key: key.public_key() }.into())
-                        .await
-                        .context("sync client stopped"),
+                        .try_send(ToHub::NewKey { public_key: key.public_key() }.into())
+                        .map_err(|_| anyhow!("no session with the hub")),
                     Err(e) => Err(e.into()),
                 };
                 if let Err(e) = offered {
@@ -138,6 +121,14 @@ async fn carry_out(
         }
     }
     Ok(())
+}
+
+/// Whether the message awaited in `delivery` reached the hub's host; forever pending without one.
+async fn delivered(delivery: &mut Option<oneshot::Receiver<()>>) -> bool {
+    match delivery {
+        Some(receiver) => receiver.await.is_ok(),
+        None => std::future::pending().await,
+    }
 }
 
 /// Wait until `deadline`, or forever without one.

@@ -21,6 +21,7 @@ use crate::host::wg::Backend;
 use apply::{Host, plan_host};
 use meshd_core::keys::PrivateKey;
 use meshd_core::model::{SYNC_PORT, Snapshot};
+use meshd_core::session::member::Member;
 
 /// How `meshd run` runs this host.
 #[derive(Debug, Clone, Copy)]
@@ -45,12 +46,15 @@ pub async fn run(state: &StateDir, options: RunOptions) -> anyhow::Result<()> {
         host.shut_down().await;
         result
     } else if state.member_state().exists() {
-        let member = state.read_member_state()?;
-        let key = member::member_key(state, &member)?;
-        let snapshot = member.state.snapshot();
-        let mut host = start_host(state, options, &snapshot, &key).await?;
-        info!(node = %host.name, network = %member.state.network.name, "meshd ready (member)");
-        let result = member::follow_controller(state, member, key, &mut host).await;
+        let cached = state.read_member_state()?;
+        let (key, next) = (state.read_private_key()?, state.read_next_private_key()?);
+        // The member's state machine decides which key the interface starts with (a rotation may have
+        // been under way).
+        let member = Member::new(cached, key, next, std::time::Instant::now());
+        let snapshot = member.member_state().state.snapshot();
+        let mut host = start_host(state, options, &snapshot, member.interface_key()).await?;
+        info!(node = %host.name, network = %snapshot.network.name, "meshd ready (member)");
+        let result = member::follow_controller(state, member, &mut host).await;
         host.shut_down().await;
         result
     } else {
