@@ -47,7 +47,48 @@ pub struct Token {
     /// Invite id (hex).
     pub id: String,
     /// The secret (hex, 128 bits).
-    pub secret: String,
+    pub secret: InviteSecret,
+}
+
+/// An invite's secret: 128 random bits as 32 lowercase hex digits. Its `Debug` never shows it (a token
+/// or a join request logged at debug level must not hand out the invite).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct InviteSecret(String);
+
+impl InviteSecret {
+    /// A new random secret.
+    pub fn generate() -> InviteSecret {
+        InviteSecret(hex::encode(rand::random::<[u8; 16]>()))
+    }
+
+    /// The secret as hex, for the token's text form and for hashing.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for InviteSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InviteSecret(<redacted>)")
+    }
+}
+
+impl std::str::FromStr for InviteSecret {
+    type Err = TokenError;
+
+    /// 32 hex digits; anything else is [`TokenError::Malformed`].
+    fn from_str(text: &str) -> Result<InviteSecret, TokenError> {
+        match is_hex(text, 32) {
+            true => Ok(InviteSecret(text.to_owned())),
+            false => Err(TokenError::Malformed),
+        }
+    }
+}
+
+/// `text` is `len` hex digits.
+fn is_hex(text: &str, len: usize) -> bool {
+    text.len() == len && text.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 impl Token {
@@ -65,8 +106,7 @@ impl Token {
         if token.v != 1 {
             return Err(TokenError::Version(token.v));
         }
-        let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
-        if !hex(&token.id, 32) || !hex(&token.secret, 32) || !hex(&token.fingerprint, 64) {
+        if !is_hex(&token.id, 32) || !is_hex(token.secret.as_str(), 32) || !is_hex(&token.fingerprint, 64) {
             return Err(TokenError::Malformed);
         }
         Ok(token)
@@ -74,13 +114,13 @@ impl Token {
 }
 
 /// A new random invite id and secret, 128 bits each, as hex.
-pub fn new_id_and_secret() -> (String, String) {
-    (hex::encode(rand::random::<[u8; 16]>()), hex::encode(rand::random::<[u8; 16]>()))
+pub fn new_id_and_secret() -> (String, InviteSecret) {
+    (hex::encode(rand::random::<[u8; 16]>()), InviteSecret::generate())
 }
 
 /// What the controller stores of a secret.
-pub fn hash_secret(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
+pub fn hash_secret(secret: &InviteSecret) -> String {
+    hex::encode(Sha256::digest(secret.0.as_bytes()))
 }
 
 /// Compare two hashes without an early exit, so timing does not tell how much of a guess was right.
@@ -130,7 +170,8 @@ mod tests {
         let text = t.encode();
         assert!(text.starts_with("meshd-invite:") && !text.contains(char::is_whitespace), "{text}");
         assert_eq!(Token::decode(&format!("  {text}\n")).unwrap(), t);
-        assert_eq!(t.secret.len(), 32, "128 bits of secret");
+        assert_eq!(t.secret.as_str().len(), 32, "128 bits of secret");
+        assert!(!format!("{t:?}").contains(t.secret.as_str()), "a token's Debug never shows its secret");
     }
 
     #[test]
@@ -140,7 +181,7 @@ mod tests {
         assert_eq!(Token::decode(&text.replace("meshd-invite:", "")), Err(TokenError::Malformed));
         assert_eq!(Token::decode("meshd-invite:!!!"), Err(TokenError::Malformed));
         let mut short = token();
-        short.secret.truncate(8);
+        short.secret = InviteSecret(short.secret.as_str()[..8].to_owned());
         assert_eq!(Token::decode(&short.encode()), Err(TokenError::Malformed));
         let mut newer = token();
         newer.v = 2;
@@ -155,6 +196,8 @@ mod tests {
         assert_eq!(hash_secret(&s1).len(), 64);
         assert!(hashes_equal(&hash_secret(&s1), &hash_secret(&s1)));
         assert!(!hashes_equal(&hash_secret(&s1), &hash_secret(&s2)));
+        assert_eq!("0".repeat(32).parse::<InviteSecret>().map(|s| s.as_str().len()), Ok(32));
+        assert!("xyz".parse::<InviteSecret>().is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::input::{HostPort, Label};
 use crate::keys::PublicKey;
 use crate::model::SharedState;
+use crate::wire::invite::InviteSecret;
 
 /// What a joining host sends, over TLS, with the token's id and secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -14,7 +15,7 @@ pub struct JoinRequest {
     /// The invite's id, from the token.
     pub id: String,
     /// The invite's secret, from the token.
-    pub secret: String,
+    pub secret: InviteSecret,
     /// The host's own public key; its private key never leaves it.
     pub public_key: PublicKey,
     /// Where other hosts reach it, if anywhere (none: behind NAT).

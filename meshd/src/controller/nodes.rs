@@ -237,7 +237,7 @@ mod tests {
         let mut c = new_network(dir.path(), "10.77.0.0/16");
         let token = invite(&mut c, "vps", 3600);
         let mut forged = token.clone();
-        forged.secret = "0".repeat(32);
+        forged.secret = "0".repeat(32).parse().unwrap();
         assert!(matches!(c.redeem(&join_request(&forged)), Err(ControlError::InviteForged)));
         forged.id = "1".repeat(32);
         assert!(matches!(c.redeem(&join_request(&forged)), Err(ControlError::InviteForged)));
