@@ -4,7 +4,6 @@
 //! daemon runs there, in-process), and print with [`mod@print`].
 
 mod admin;
-mod apply;
 mod commands;
 mod output;
 mod print;
@@ -271,7 +270,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             AccessCommand::List => access::list(&cx),
         },
         Command::Apply { file, dry_run, out_dir, expires } => {
-            apply::apply(&cx, apply::Apply { file, dry_run, out_dir, expires })
+            commands::apply::apply(&cx, commands::apply::Apply { file, dry_run, out_dir, expires })
         }
         Command::Service(command) => match command {
             ServiceCommand::List => services::list(&cx),

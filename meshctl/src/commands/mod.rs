@@ -2,6 +2,7 @@
 //! prints the replies with [`crate::print`].
 
 pub mod access;
+pub mod apply;
 pub mod devices;
 pub mod handout;
 pub mod nodes;
