@@ -36,7 +36,7 @@ impl Pool {
     /// The largest usable index: the IPv4 range without its network and broadcast addresses.
     pub fn max_index(&self) -> u32 {
         let hosts = 1u64 << (32 - self.v4.prefix_len());
-        (hosts - 2) as u32
+        u32::try_from(hosts.saturating_sub(2)).unwrap_or(u32::MAX)
     }
 
     /// IPv4 address of host `index`.

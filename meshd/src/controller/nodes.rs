@@ -28,7 +28,11 @@ impl Controller {
     pub fn replace_node_key(&mut self, name: &Label, public_key: &PublicKey) -> Result<(), ControlError> {
         self.store.write(|w| {
             let s = w.snapshot()?;
-            member(&s, name)?;
+            // Only while the network asks for a new key: an offer accepted in another session, or before
+            // an earlier rotation ended, cannot change the key afterwards.
+            if !member(&s, name)?.rotate_key {
+                return Err(ControlError::NoRotation(name.clone()));
+            }
             ensure_key_free(&s, public_key)?;
             w.set_node_key(name, public_key)?;
             Ok(())
@@ -333,7 +337,10 @@ mod tests {
         assert!(matches!(c.check_node_key(&vps, &new_key), Err(ControlError::NoRotation(_))));
         let node = c.snapshot().unwrap().nodes[1].clone();
         assert_eq!((node.public_key.as_str(), node.rotate_key), (new_key.as_str(), false));
-        assert!(matches!(c.replace_node_key(&vps, &new_key), Err(ControlError::KeyTaken(_))));
+        // A second offer accepted during that rotation (another session) cannot switch afterwards.
+        let stale_offer = PrivateKey::generate().public_key();
+        assert!(matches!(c.replace_node_key(&vps, &stale_offer), Err(ControlError::NoRotation(_))));
+        assert_eq!(c.snapshot().unwrap().nodes[1].public_key, new_key);
 
         assert!(matches!(
             c.handle(Request::AccessAllow { from: vps.clone(), to: vps.clone() }),

@@ -223,7 +223,10 @@ impl StateDir {
     pub fn read_member_state(&self) -> Result<MemberState, StateDirError> {
         let path = self.member_state();
         let text = fs::read(&path).map_err(io(&path))?;
-        serde_json::from_slice(&text).map_err(|e| StateDirError::BadMemberState(path, e.to_string()))
+        let member: MemberState =
+            serde_json::from_slice(&text).map_err(|e| StateDirError::BadMemberState(path.clone(), e.to_string()))?;
+        member.state.check().map_err(|e| StateDirError::BadMemberState(path, e))?;
+        Ok(member)
     }
 
     /// Read this host's private key, refusing a file other users can read.
@@ -303,6 +306,19 @@ mod tests {
         assert!(dir.write_private_key(&key).is_err(), "never overwrites a key");
         fs::set_permissions(dir.private_key(), fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(dir.read_private_key(), Err(StateDirError::KeyMode(_, 0o644))));
+    }
+
+    #[test]
+    fn a_cached_state_with_an_address_outside_the_range_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        let mut member = MemberState { me: "vps".parse().unwrap(), state: meshd_core::fixtures::sample_state() };
+        dir.write_member_state(&member).unwrap();
+        assert_eq!(dir.read_member_state().unwrap(), member);
+        member.state.nodes[1].index = u32::MAX;
+        dir.write_member_state(&member).unwrap();
+        let e = dir.read_member_state().unwrap_err().to_string();
+        assert!(e.contains("member.json") && e.contains("outside 10.77.0.0/16"), "{e}");
     }
 
     #[test]
