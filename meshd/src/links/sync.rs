@@ -11,6 +11,7 @@
 //!
 //! [`SYNC_PORT`]: meshd_core::model::SYNC_PORT
 
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -19,6 +20,7 @@ use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::AbortHandle;
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tracing::{debug, info, warn};
 
@@ -38,10 +40,17 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
+/// Sessions one member may hold at once: one, and room for reconnects that overlap sessions the hub
+/// has not yet seen end. A member opening more is gone bad (or its old sessions died unnoticed): its
+/// oldest session is closed, so it can hold no more of the hub's file descriptors than this.
+const SESSIONS_PER_MEMBER: usize = 4;
+
 /// The hub's side: the [`Journal`] of what it published, and the stream every session listens to.
 #[derive(Clone)]
 pub struct Publisher {
     inner: Arc<RwLock<Published>>,
+    /// Each member's live sessions, oldest first: (session number, the task to abort).
+    sessions: Arc<std::sync::Mutex<(u64, HashMap<Label, VecDeque<(u64, AbortHandle)>>)>>,
 }
 
 struct Published {
@@ -69,7 +78,10 @@ pub enum FromSession {
 impl Publisher {
     pub fn new(state: SharedState) -> Publisher {
         let (lines, _) = broadcast::channel(hub::LOG_LEN);
-        Publisher { inner: Arc::new(RwLock::new(Published { journal: Journal::new(state), lines })) }
+        Publisher {
+            inner: Arc::new(RwLock::new(Published { journal: Journal::new(state), lines })),
+            sessions: Arc::default(),
+        }
     }
 
     /// Make `state` the current one and send what changed to every member; false if nothing did.
@@ -119,12 +131,36 @@ impl Publisher {
             };
             let publisher = self.clone();
             let requests = requests.clone();
-            tokio::spawn(async move {
-                match publisher.session(stream, peer, node.clone(), requests).await {
-                    Ok(()) => debug!(%node, "sync session ended"),
-                    Err(e) => debug!(%node, error = %e, "sync session ended"),
+            let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            sessions.0 += 1;
+            let id = sessions.0;
+            let (node_, publisher_) = (node.clone(), publisher.clone());
+            let task = tokio::spawn(async move {
+                match publisher.session(stream, peer, node_.clone(), requests).await {
+                    Ok(()) => debug!(node = %node_, "sync session ended"),
+                    Err(e) => debug!(node = %node_, error = %e, "sync session ended"),
                 }
+                publisher_.session_ended(&node_, id);
             });
+            let live = sessions.1.entry(node.clone()).or_default();
+            live.push_back((id, task.abort_handle()));
+            if live.len() > SESSIONS_PER_MEMBER
+                && let Some((_, oldest)) = live.pop_front()
+            {
+                warn!(%node, %peer, "sync: too many sessions from one member; closing its oldest");
+                oldest.abort();
+            }
+        }
+    }
+
+    /// Session `id` of `node` is over.
+    fn session_ended(&self, node: &Label, id: u64) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(live) = sessions.1.get_mut(node) {
+            live.retain(|(other, _)| *other != id);
+            if live.is_empty() {
+                sessions.1.remove(node);
+            }
         }
     }
 
@@ -397,6 +433,44 @@ mod tests {
     fn a_hello_is_one_line() {
         let hello = to_line(&ToHub::Hello { digest: "x".into() });
         assert_eq!(hello, "{\"msg\":\"hello\",\"digest\":\"x\"}\n");
+    }
+
+    /// A member gone bad opens session after session: it holds no more than four; the oldest go, and
+    /// the newest sessions keep working.
+    #[tokio::test]
+    async fn one_member_holds_at_most_four_sessions() {
+        let mut s = state();
+        s.network.cidr = "127.0.0.0/8".parse().unwrap();
+        let publisher = Publisher::new(s.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (requests, _requests_rx) = mpsc::channel(4);
+        let server = tokio::spawn(publisher.clone().serve(listener, requests));
+        let mut sessions = Vec::new();
+        for _ in 0..6 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            let stream = socket.connect(addr).await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            write.write_all(to_line(&ToHub::Hello { digest: publisher.digest() }).as_bytes()).await.unwrap();
+            sessions.push((lines, write));
+            // Each connection is accepted before the next one.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        s.services.clear();
+        publisher.publish(s);
+        for (i, (lines, _)) in sessions.iter_mut().enumerate() {
+            let line = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await.unwrap().unwrap();
+            if i < 2 {
+                assert_eq!(line, None, "session {i} was closed");
+            } else {
+                let message: ToMember = serde_json::from_str(&line.unwrap()).unwrap();
+                assert!(matches!(message, ToMember::Changes { .. }), "session {i} lives: {message:?}");
+            }
+        }
+        assert_eq!(publisher.sessions.lock().unwrap().1[&"vps".parse::<Label>().unwrap()].len(), 4);
+        server.abort();
     }
 
     /// A real session over loopback: hello, catch-up, a live change, and the session closed when the
