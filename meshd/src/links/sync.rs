@@ -452,7 +452,7 @@ mod tests {
             socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
             let stream = socket.connect(addr).await.unwrap();
             let (read, mut write) = stream.into_split();
-            let mut lines = BufReader::new(read).lines();
+            let lines = BufReader::new(read).lines();
             write.write_all(to_line(&ToHub::Hello { digest: publisher.digest() }).as_bytes()).await.unwrap();
             sessions.push((lines, write));
             // Each connection is accepted before the next one.
