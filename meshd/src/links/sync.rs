@@ -49,8 +49,16 @@ const SESSIONS_PER_MEMBER: usize = 4;
 #[derive(Clone)]
 pub struct Publisher {
     inner: Arc<RwLock<Published>>,
-    /// Each member's live sessions, oldest first: (session number, the task to abort).
-    sessions: Arc<std::sync::Mutex<(u64, HashMap<Label, VecDeque<(u64, AbortHandle)>>)>>,
+    sessions: Arc<std::sync::Mutex<Sessions>>,
+}
+
+/// Each member's live sessions, oldest first.
+#[derive(Default)]
+struct Sessions {
+    /// The number of the last session.
+    last: u64,
+    /// By member: (session number, the task to abort).
+    live: HashMap<Label, VecDeque<(u64, AbortHandle)>>,
 }
 
 struct Published {
@@ -132,8 +140,8 @@ impl Publisher {
             let publisher = self.clone();
             let requests = requests.clone();
             let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-            sessions.0 += 1;
-            let id = sessions.0;
+            sessions.last += 1;
+            let id = sessions.last;
             let (node_, publisher_) = (node.clone(), publisher.clone());
             let task = tokio::spawn(async move {
                 match publisher.session(stream, peer, node_.clone(), requests).await {
@@ -142,7 +150,7 @@ impl Publisher {
                 }
                 publisher_.session_ended(&node_, id);
             });
-            let live = sessions.1.entry(node.clone()).or_default();
+            let live = sessions.live.entry(node.clone()).or_default();
             live.push_back((id, task.abort_handle()));
             if live.len() > SESSIONS_PER_MEMBER
                 && let Some((_, oldest)) = live.pop_front()
@@ -156,10 +164,10 @@ impl Publisher {
     /// Session `id` of `node` is over.
     fn session_ended(&self, node: &Label, id: u64) {
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(live) = sessions.1.get_mut(node) {
+        if let Some(live) = sessions.live.get_mut(node) {
             live.retain(|(other, _)| *other != id);
             if live.is_empty() {
-                sessions.1.remove(node);
+                sessions.live.remove(node);
             }
         }
     }
@@ -469,7 +477,7 @@ mod tests {
                 assert!(matches!(message, ToMember::Changes { .. }), "session {i} lives: {message:?}");
             }
         }
-        assert_eq!(publisher.sessions.lock().unwrap().1[&"vps".parse::<Label>().unwrap()].len(), 4);
+        assert_eq!(publisher.sessions.lock().unwrap().live[&"vps".parse::<Label>().unwrap()].len(), 4);
         server.abort();
     }
 
