@@ -75,6 +75,15 @@ enum Using {
     New,
 }
 
+impl Using {
+    fn other(self) -> Using {
+        match self {
+            Using::Old => Using::New,
+            Using::New => Using::Old,
+        }
+    }
+}
+
 /// A key rotation, as far as it got.
 #[derive(Debug)]
 enum Rotation {
@@ -84,11 +93,13 @@ enum Rotation {
     /// The hub accepted it; the switch is on its way to the hub.
     Acknowledging(PrivateKey),
     /// The switch may have reached the hub: it has one of the two keys, and the member does not know
-    /// which yet. The interface uses (or is being switched to) `using` since `since`.
+    /// which yet. The interface uses (or is being switched to) `using` since `since`; `switched` is when
+    /// the interface last took a key during the rotation, if it did.
     Unsettled {
         new: PrivateKey,
         using: Using,
         since: Instant,
+        switched: Option<Instant>,
     },
 }
 
@@ -127,7 +138,7 @@ impl Member {
                 m.key = next;
             } else {
                 info!("a key rotation was under way: keeping both keys until the hub is reached");
-                m.rotation = Rotation::Unsettled { new: next, using: Using::Old, since: now };
+                m.rotation = Rotation::Unsettled { new: next, using: Using::Old, since: now, switched: None };
             }
         }
         m
@@ -161,14 +172,30 @@ impl Member {
         !matches!(self.rotation, Rotation::Idle)
     }
 
-    /// A session with the hub started (the hello with [`Member::digest`] is sent). The hub admits only
-    /// the key it has, so the key in use is the one it has.
-    pub fn handle_connected(&mut self, now: Instant) {
+    /// A session with the hub started, its connection made at `at` (the hello with [`Member::digest`] is
+    /// sent). The hub admits only the key it has, so the key the interface used at `at` is the one it
+    /// has: the current one, or the other if the interface switched keys after `at`.
+    pub fn handle_connected(&mut self, at: Instant) {
         if self.open_tunnels_at.is_some() {
-            self.open_tunnels_at = Some(now + TUNNELS_AFTER_CONNECT);
+            self.open_tunnels_at = Some(at + TUNNELS_AFTER_CONNECT);
         }
-        if let Rotation::Unsettled { using, .. } = self.rotation {
-            self.settle(using);
+        if let Rotation::Unsettled { using, switched, .. } = self.rotation {
+            let proven = match switched {
+                Some(switched) if at < switched => using.other(),
+                _ => using,
+            };
+            if proven != using {
+                // The interface must go back to the key the connection was made with.
+                let key = match proven {
+                    Using::Old => self.key.clone(),
+                    Using::New => match &self.rotation {
+                        Rotation::Unsettled { new, .. } => new.clone(),
+                        _ => self.key.clone(),
+                    },
+                };
+                self.effects.push_back(Effect::UseKey(key));
+            }
+            self.settle(proven);
         }
         self.offer_key_if_asked();
     }
@@ -179,7 +206,7 @@ impl Member {
         match std::mem::replace(&mut self.rotation, Rotation::Idle) {
             Rotation::Offered(_) => self.effects.push_back(Effect::DiscardNextKey),
             Rotation::Acknowledging(new) => {
-                self.rotation = Rotation::Unsettled { new, using: Using::Old, since: now };
+                self.rotation = Rotation::Unsettled { new, using: Using::Old, since: now, switched: None };
             }
             other => self.rotation = other,
         }
@@ -230,30 +257,28 @@ impl Member {
         };
         if delivered {
             self.effects.push_back(Effect::UseKey(new.clone()));
-            self.rotation = Rotation::Unsettled { new, using: Using::New, since: now };
+            self.rotation = Rotation::Unsettled { new, using: Using::New, since: now, switched: None };
         } else {
             warn!("the session ended before the key switch was known to reach the hub; keeping both keys");
-            self.rotation = Rotation::Unsettled { new, using: Using::Old, since: now };
+            self.rotation = Rotation::Unsettled { new, using: Using::Old, since: now, switched: None };
         }
     }
 
     /// The interface took the key of [`Effect::UseKey`] (`used`), or could not (it keeps the other).
     pub fn handle_key_used(&mut self, used: bool, now: Instant) {
         match &mut self.rotation {
-            Rotation::Unsettled { using, since, .. } if used => {
+            Rotation::Unsettled { using, since, switched, .. } if used => {
                 if *using == Using::New {
                     info!("switched to the new key; waiting for the network to confirm it");
                 }
                 *since = now;
+                *switched = Some(now);
                 // Renew every session with this key now rather than at the next keepalive.
                 self.effects.push_back(Effect::OpenKnownTunnels);
             }
             Rotation::Unsettled { using, .. } => {
                 warn!("switching keys failed; the interface keeps the other key");
-                *using = match using {
-                    Using::Old => Using::New,
-                    Using::New => Using::Old,
-                };
+                *using = using.other();
             }
             _ => {}
         }
@@ -282,7 +307,7 @@ impl Member {
             self.open_tunnels_at = None;
             self.effects.push_back(Effect::OpenKnownTunnels);
         }
-        if let Rotation::Unsettled { new, using, since } = &mut self.rotation
+        if let Rotation::Unsettled { new, using, since, .. } = &mut self.rotation
             && *since + ROTATION_CONFIRM <= now
         {
             *since = now;
@@ -529,6 +554,24 @@ mod tests {
         effects(&mut m);
         m.handle_connected(later(31));
         assert!(matches!(&effects(&mut m)[..], [Effect::DiscardNextKey, Effect::OfferKey(_)]));
+        assert_eq!(m.key(), &old);
+    }
+
+    #[test]
+    fn a_session_made_just_before_a_key_switch_proves_the_key_it_was_made_with() {
+        let start = Instant::now();
+        let later = |secs| start + Duration::from_secs(secs);
+        let (mut m, old, new) = switching(start);
+        m.handle_acknowledged(false, start);
+        m.handle_timeout(later(30));
+        assert_eq!(effects(&mut m), [Effect::UseKey(new.clone())]);
+        m.handle_key_used(true, later(30));
+        effects(&mut m);
+        // The connection was made with the old key, a moment before the interface took the new one.
+        m.handle_connected(later(29));
+        let after = effects(&mut m);
+        assert_eq!(after[..2], [Effect::UseKey(old.clone()), Effect::DiscardNextKey]);
+        assert!(matches!(after[2..], [Effect::OfferKey(_)]), "the network still asks: another offer");
         assert_eq!(m.key(), &old);
     }
 

@@ -270,8 +270,10 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// What the member's loop hears from its sync client.
 #[derive(Debug)]
 pub enum SyncEvent {
-    /// A session with the hub started (the member's hello is sent).
-    Connected,
+    /// A session with the hub started (the member's hello is sent); its connection was made `at`.
+    Connected {
+        at: std::time::Instant,
+    },
     /// That session ended (what the member sent in it and the hub did not read is lost).
     Disconnected,
     Message(ToMember),
@@ -327,6 +329,8 @@ async fn session(
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(hub))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting"))??;
+    // When the hub admitted the key the interface used (the member's key rotation relies on it).
+    let at = std::time::Instant::now();
     let _ = stream.set_nodelay(true);
     set_keepalive(&stream);
     let (read, mut write) = stream.into_split();
@@ -336,7 +340,7 @@ async fn session(
     // A message belongs to the session it was made in (an offer, a switch): any made for an earlier one
     // is dropped unsent (its `delivered` reports it was not).
     while outgoing.try_recv().is_ok() {}
-    if events.send(SyncEvent::Connected).await.is_err() {
+    if events.send(SyncEvent::Connected { at }).await.is_err() {
         return Ok(());
     }
     let result = live(read, &mut write, events, outgoing).await;

@@ -45,7 +45,7 @@ pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host
         let deadline = member.poll_timeout();
         tokio::select! {
             Some(event) = events.recv() => match event {
-                SyncEvent::Connected => member.handle_connected(Instant::now()),
+                SyncEvent::Connected { at } => member.handle_connected(at),
                 SyncEvent::Disconnected => member.handle_disconnected(Instant::now()),
                 SyncEvent::Message(message) => member.handle_message(message),
             },
