@@ -179,20 +179,14 @@ impl Member {
         if self.open_tunnels_at.is_some() {
             self.open_tunnels_at = Some(at + TUNNELS_AFTER_CONNECT);
         }
-        if let Rotation::Unsettled { using, switched, .. } = self.rotation {
+        if let Rotation::Unsettled { new, using, switched, .. } = &self.rotation {
             let proven = match switched {
-                Some(switched) if at < switched => using.other(),
-                _ => using,
+                Some(switched) if at < *switched => using.other(),
+                _ => *using,
             };
-            if proven != using {
+            if proven != *using {
                 // The interface must go back to the key the connection was made with.
-                let key = match proven {
-                    Using::Old => self.key.clone(),
-                    Using::New => match &self.rotation {
-                        Rotation::Unsettled { new, .. } => new.clone(),
-                        _ => self.key.clone(),
-                    },
-                };
+                let key = if proven == Using::New { new.clone() } else { self.key.clone() };
                 self.effects.push_back(Effect::UseKey(key));
             }
             self.settle(proven);
