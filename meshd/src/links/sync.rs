@@ -142,13 +142,13 @@ impl Publisher {
             let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
             sessions.last += 1;
             let id = sessions.last;
-            let (node_, publisher_) = (node.clone(), publisher.clone());
+            let member = node.clone();
             let task = tokio::spawn(async move {
-                match publisher.session(stream, peer, node_.clone(), requests).await {
-                    Ok(()) => debug!(node = %node_, "sync session ended"),
-                    Err(e) => debug!(node = %node_, error = %e, "sync session ended"),
+                match publisher.session(stream, peer, member.clone(), requests).await {
+                    Ok(()) => debug!(node = %member, "sync session ended"),
+                    Err(e) => debug!(node = %member, error = %e, "sync session ended"),
                 }
-                publisher_.session_ended(&node_, id);
+                publisher.session_ended(&member, id);
             });
             let live = sessions.live.entry(node.clone()).or_default();
             live.push_back((id, task.abort_handle()));

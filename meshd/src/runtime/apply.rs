@@ -144,7 +144,7 @@ impl Host {
                     let reachable = self.on_interface(move |interface| interface.apply_peers(&diff)).await?;
                     renewable = reachable
                         .into_iter()
-                        .filter_map(|key| Some((key.clone(), new.peers.get(&key)?.clone())))
+                        .filter_map(|key| new.peers.get(&key).cloned().map(|peer| (key, peer)))
                         .collect();
                     // The interface has them now: should a later step fail, the next change must not add
                     // them again.
