@@ -228,9 +228,16 @@ pub struct SharedState {
 
 /// The first address index of `items` outside `network`'s range: a damaged database or cached file
 /// (meshd never stores one), which must not be planned from.
-fn check_indexes<'a>(network: &Network, items: impl IntoIterator<Item = (&'a Label, u32)>) -> Result<(), String> {
+fn check_indexes<'a>(
+    network: &Network,
+    nodes: &'a [Node],
+    services: &'a [Service],
+    devices: impl Iterator<Item = (&'a Label, u32)>,
+) -> Result<(), String> {
     let max = network.pool().max_index();
-    match items.into_iter().find(|(_, index)| !(1..=max).contains(index)) {
+    let mut items =
+        nodes.iter().map(|n| (&n.name, n.index)).chain(services.iter().map(|v| (&v.name, v.index))).chain(devices);
+    match items.find(|(_, index)| !(1..=max).contains(index)) {
         Some((name, index)) => Err(format!("{name} has address index {index}, outside {} (1 to {max})", network.cidr)),
         None => Ok(()),
     }
@@ -239,9 +246,7 @@ fn check_indexes<'a>(network: &Network, items: impl IntoIterator<Item = (&'a Lab
 impl SharedState {
     /// Every node, service and device has an address index within the network's range.
     pub fn check(&self) -> Result<(), String> {
-        let nodes = self.nodes.iter().map(|n| (&n.name, n.index));
-        let services = self.services.iter().map(|v| (&v.name, v.index));
-        check_indexes(&self.network, nodes.chain(services).chain(self.devices.iter().map(|d| (&d.name, d.index))))
+        check_indexes(&self.network, &self.nodes, &self.services, self.devices.iter().map(|d| (&d.name, d.index)))
     }
 
     /// The state as a snapshot a member can plan from: devices without keys (members never peer
@@ -264,9 +269,7 @@ impl SharedState {
 impl Snapshot {
     /// Every node, service and device has an address index within the network's range.
     pub fn check(&self) -> Result<(), String> {
-        let nodes = self.nodes.iter().map(|n| (&n.name, n.index));
-        let services = self.services.iter().map(|v| (&v.name, v.index));
-        check_indexes(&self.network, nodes.chain(services).chain(self.devices.iter().map(|d| (&d.name, d.index))))
+        check_indexes(&self.network, &self.nodes, &self.services, self.devices.iter().map(|d| (&d.name, d.index)))
     }
 
     /// What the hosts are told of this network.

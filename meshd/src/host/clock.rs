@@ -1,6 +1,7 @@
 //! Reading the host's clocks into a [`Stamp`] (the rules that compare stamps are pure, in
 //! [`meshd_core::clock`]): `CLOCK_REALTIME`, `CLOCK_BOOTTIME` and the kernel's boot id. This module is the
-//! daemon's and the controller's only contact with the host's time.
+//! daemon's and the controller's only contact with the host's time, and where the daemon waits for a state
+//! machine's timeout.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -28,6 +29,14 @@ fn boot_time_secs() -> i64 {
     // SAFETY: clock_gettime(2) writes one timespec to a valid pointer; CLOCK_BOOTTIME exists on Linux.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     if rc == 0 { ts.tv_sec } else { 0 }
+}
+
+/// Wait until `deadline` (a state machine's `poll_timeout`), or forever without one.
+pub async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ use tokio::task::AbortHandle;
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tracing::{debug, info, warn};
 
+use crate::host::clock;
 use meshd_core::input::Label;
 use meshd_core::keys::PublicKey;
 use meshd_core::model::SharedState;
@@ -236,7 +237,7 @@ impl Publisher {
                     let Some(text) = incoming? else { return Ok(()) };
                     session.handle_line(&text);
                 }
-                () = sleep_until(deadline) => session.handle_timeout(Instant::now()),
+                () = clock::sleep_until(deadline) => session.handle_timeout(Instant::now()),
             }
         }
     }
@@ -255,14 +256,6 @@ async fn next_update(
 ) -> Result<Arc<str>, broadcast::error::RecvError> {
     match updates {
         Some(updates) => updates.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Wait until `deadline`, or forever without one.
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
         None => std::future::pending().await,
     }
 }
@@ -441,6 +434,26 @@ mod tests {
 
     use super::*;
 
+    /// The sample network on loopback (member `vps`, index 2, is 127.0.0.2) and a publisher of it serving
+    /// on an ephemeral port: the state, the publisher, its address and the serving task.
+    async fn serve_on_loopback() -> (SharedState, Publisher, SocketAddr, tokio::task::JoinHandle<()>) {
+        let mut s = state();
+        s.network.cidr = "127.0.0.0/8".parse().unwrap();
+        let publisher = Publisher::new(s.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (requests, _) = mpsc::channel(4);
+        let server = tokio::spawn(publisher.clone().serve(listener, requests));
+        (s, publisher, addr, server)
+    }
+
+    /// A connection to `addr` from `source`, a mesh address on loopback.
+    async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(source.parse().unwrap(), 0)).unwrap();
+        socket.connect(addr).await.unwrap()
+    }
+
     #[test]
     fn a_hello_is_one_line() {
         let hello = to_line(&ToHub::Hello { digest: "x".into() });
@@ -451,19 +464,10 @@ mod tests {
     /// the newest sessions keep working.
     #[tokio::test]
     async fn one_member_holds_at_most_four_sessions() {
-        let mut s = state();
-        s.network.cidr = "127.0.0.0/8".parse().unwrap();
-        let publisher = Publisher::new(s.clone());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (requests, _requests_rx) = mpsc::channel(4);
-        let server = tokio::spawn(publisher.clone().serve(listener, requests));
+        let (mut s, publisher, addr, server) = serve_on_loopback().await;
         let mut sessions = Vec::new();
         for _ in 0..6 {
-            let socket = tokio::net::TcpSocket::new_v4().unwrap();
-            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-            let stream = socket.connect(addr).await.unwrap();
-            let (read, mut write) = stream.into_split();
+            let (read, mut write) = connect_from("127.0.0.2", addr).await.into_split();
             let lines = BufReader::new(read).lines();
             write.write_all(to_line(&ToHub::Hello { digest: publisher.digest() }).as_bytes()).await.unwrap();
             sessions.push((lines, write));
@@ -489,20 +493,8 @@ mod tests {
     /// member is removed.
     #[tokio::test]
     async fn a_member_follows_live_changes_until_removed() {
-        let mut s = state();
-        // Loopback stands in for the member's mesh address.
-        s.network.cidr = "127.0.0.0/8".parse().unwrap();
-        let publisher = Publisher::new(s.clone());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (requests, _requests_rx) = mpsc::channel(4);
-        let server = tokio::spawn(publisher.clone().serve(listener, requests));
-
-        // vps has index 2: 127.0.0.2.
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-        let stream = socket.connect(addr).await.unwrap();
-        let (read, mut write) = stream.into_split();
+        let (mut s, publisher, addr, server) = serve_on_loopback().await;
+        let (read, mut write) = connect_from("127.0.0.2", addr).await.into_split();
         let mut lines = BufReader::new(read).lines();
         write.write_all(to_line(&ToHub::Hello { digest: "stale".into() }).as_bytes()).await.unwrap();
         let first: ToMember = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
@@ -524,10 +516,7 @@ mod tests {
         assert!(matches!(gone, ToMember::Changes { .. }));
         assert_eq!(lines.next_line().await.unwrap(), None, "the session of a removed member is closed");
 
-        let stranger = tokio::net::TcpSocket::new_v4().unwrap();
-        stranger.bind("127.0.0.9:0".parse().unwrap()).unwrap();
-        let stream = stranger.connect(addr).await.unwrap();
-        let mut lines = BufReader::new(stream).lines();
+        let mut lines = BufReader::new(connect_from("127.0.0.9", addr).await).lines();
         assert_eq!(lines.next_line().await.unwrap_or(None), None, "no session for a non-member address");
         server.abort();
     }
@@ -536,20 +525,9 @@ mod tests {
     /// buffering it.
     #[tokio::test]
     async fn an_overlong_line_from_a_member_ends_its_session() {
-        let mut s = state();
-        s.network.cidr = "127.0.0.0/8".parse().unwrap();
-        let publisher = Publisher::new(s);
-        let publisher_digest = publisher.digest();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (requests, _requests_rx) = mpsc::channel(4);
-        let server = tokio::spawn(publisher.serve(listener, requests));
-
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-        let stream = socket.connect(addr).await.unwrap();
-        let (mut read, mut write) = stream.into_split();
-        let hello = to_line(&ToHub::Hello { digest: publisher_digest });
+        let (_, publisher, addr, server) = serve_on_loopback().await;
+        let (mut read, mut write) = connect_from("127.0.0.2", addr).await.into_split();
+        let hello = to_line(&ToHub::Hello { digest: publisher.digest() });
         write.write_all(hello.as_bytes()).await.unwrap();
         let chunk = vec![b'x'; 1024];
         let mut sent = 0;

@@ -12,6 +12,7 @@ use tracing::{error, warn};
 
 use super::apply::{Host, open_tunnels};
 use super::wait_for_signal;
+use crate::host::clock;
 use crate::host::statedir::StateDir;
 use crate::links::sync::{self, Outgoing, SyncEvent};
 use meshd_core::model::SYNC_PORT;
@@ -53,7 +54,7 @@ pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host
                 delivery = None;
                 member.handle_acknowledged(delivered, Instant::now());
             }
-            () = sleep_until(deadline) => member.handle_timeout(Instant::now()),
+            () = clock::sleep_until(deadline) => member.handle_timeout(Instant::now()),
             result = &mut shutdown => break result,
         }
     };
@@ -127,14 +128,6 @@ async fn carry_out(
 async fn delivered(delivery: &mut Option<oneshot::Receiver<()>>) -> bool {
     match delivery {
         Some(receiver) => receiver.await.is_ok(),
-        None => std::future::pending().await,
-    }
-}
-
-/// Wait until `deadline`, or forever without one.
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
         None => std::future::pending().await,
     }
 }
