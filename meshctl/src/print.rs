@@ -29,22 +29,37 @@ pub fn print_nodes(nodes: &[NodeView]) {
     print!("{}", nodes_table(nodes));
 }
 
-/// The node table; STATE comes last so the columns before it stay where scripts expect them.
+/// The node table; STATE and LAST HEARD (when the hub last heard from the node) come last so the
+/// columns before them stay where scripts expect them.
 pub fn nodes_table(nodes: &[NodeView]) -> String {
-    let mut table =
-        format!("{:<20} {:<6} {:<16} {:<28} {:<24} STATE\n", "NODE", "ROLE", "ADDRESS", "ADDRESS6", "ENDPOINT");
+    let mut table = format!(
+        "{:<20} {:<6} {:<16} {:<28} {:<24} {:<30} LAST HEARD\n",
+        "NODE", "ROLE", "ADDRESS", "ADDRESS6", "ENDPOINT", "STATE"
+    );
+    let now = meshd::host::clock::wall_now();
     for n in nodes {
+        let heard = match (n.role, n.last_heard) {
+            (Role::Hub, _) => "-".to_owned(),
+            (_, Some(t)) => ago(now, t),
+            (_, None) => "never".to_owned(),
+        };
         table.push_str(&format!(
-            "{:<20} {:<6} {:<16} {:<28} {:<24} {}\n",
+            "{:<20} {:<6} {:<16} {:<28} {:<24} {:<30} {}\n",
             n.name,
             role_name(n.role),
             n.address,
             n.address_v6,
             n.endpoint.as_deref().unwrap_or("-"),
-            node_state(n)
+            node_state(n),
+            heard
         ));
     }
     table
+}
+
+/// `Ns ago` for unix seconds `then`, seen at `now`.
+fn ago(now: i64, then: u64) -> String {
+    format!("{}s ago", now.saturating_sub(then as i64).max(0))
 }
 
 fn node_state(n: &NodeView) -> &'static str {
@@ -80,10 +95,7 @@ pub fn print_devices(devices: &[DeviceView]) {
     println!("{:<20} {:<16} {:<28} {:<24} LAST HANDSHAKE", "DEVICE", "ADDRESS", "ADDRESS6", "ALLOW");
     let now = meshd::host::clock::wall_now();
     for d in devices {
-        let seen = d
-            .last_handshake
-            .map(|t| format!("{}s ago", now.saturating_sub(t as i64).max(0)))
-            .unwrap_or_else(|| "never".into());
+        let seen = d.last_handshake.map(|t| ago(now, t)).unwrap_or_else(|| "never".into());
         println!("{:<20} {:<16} {:<28} {:<24} {}", d.name, d.address, d.address_v6, join(&d.allow), seen);
     }
 }
@@ -120,8 +132,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn node_states_in_the_table() {
-        let view = |name: &str, disabled, rotate_key| NodeView {
+    fn node_states_and_last_heard_in_the_table() {
+        let now = meshd::host::clock::wall_now() as u64;
+        let view = |name: &str, disabled, rotate_key, last_heard| NodeView {
             name: label(name),
             public_key: meshd_core::fixtures::public_key(2),
             address: "10.77.0.2".parse().unwrap(),
@@ -131,9 +144,21 @@ mod tests {
             dns_name: format!("{name}.home.internal"),
             disabled,
             rotate_key,
+            last_heard,
         };
-        let table = nodes_table(&[view("a", false, false), view("b", true, false), view("c", false, true)]);
-        let states: Vec<&str> = table.lines().skip(1).map(|l| l.split_once(" - ").unwrap().1.trim()).collect();
-        assert_eq!(states, ["active", "disabled", "key rotation pending"], "{table}");
+        let table = nodes_table(&[
+            view("a", false, false, Some(now - 7)),
+            view("b", true, false, None),
+            view("c", false, true, Some(now)),
+        ]);
+        let rows: Vec<(&str, &str)> = table
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let (state, heard) = l.split_once(" - ").unwrap().1.trim().split_at(30);
+                (state.trim(), heard.trim())
+            })
+            .collect();
+        assert_eq!(rows, [("active", "7s ago"), ("disabled", "never"), ("key rotation pending", "0s ago")], "{table}");
     }
 }

@@ -305,6 +305,7 @@ impl Snapshot {
             dns_name: self.network.fqdn(&node.name),
             disabled: node.disabled,
             rotate_key: node.rotate_key,
+            last_heard: None,
         }
     }
 
@@ -359,6 +360,11 @@ pub struct NodeView {
     pub disabled: bool,
     /// A new key was asked for and the host has not made it yet.
     pub rotate_key: bool,
+    /// Unix seconds at which the hub last heard from the node (a packet through its tunnel, or a
+    /// handshake), as the running hub saw it; `None` for the hub itself, a node never heard from since
+    /// the hub started, or with the hub's daemon not running.
+    #[serde(default)]
+    pub last_heard: Option<u64>,
 }
 
 /// A device as `meshctl device list` shows it.

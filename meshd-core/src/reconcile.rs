@@ -15,6 +15,7 @@ use ipnet::IpNet;
 use crate::keys::PublicKey;
 use crate::plan::dns::DnsRecords;
 use crate::plan::{HostPlan, PeerPlan, ServicePlan, nftables};
+use crate::session::paths::Reading;
 
 /// One thing to do on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,14 +127,12 @@ pub type PeerEndpoints = BTreeMap<PublicKey, SocketAddr>;
 /// handshake (one it really used), else what was remembered before. An endpoint the interface merely
 /// holds is never taken as a sighting: it may be configured, remembered, or (as boringtun's multi-peer
 /// `set` once did) another peer's. Peers no longer on the interface are forgotten.
-pub fn endpoints_to_remember(
-    saved: &PeerEndpoints,
-    states: &BTreeMap<PublicKey, (Option<SocketAddr>, bool)>,
-) -> PeerEndpoints {
-    states
+pub fn endpoints_to_remember(saved: &PeerEndpoints, readings: &BTreeMap<PublicKey, Reading>) -> PeerEndpoints {
+    readings
         .iter()
-        .filter_map(|(key, (endpoint, handshaken))| {
-            let seen = endpoint.filter(|_| *handshaken).or_else(|| saved.get(key).copied())?;
+        .filter_map(|(key, reading)| {
+            let handshaken = reading.last_handshake.is_some();
+            let seen = reading.endpoint.filter(|_| handshaken).or_else(|| saved.get(key).copied())?;
             Some((key.clone(), seen))
         })
         .collect()
@@ -193,6 +192,7 @@ mod tests {
             endpoint: None,
             allowed_ips: vec![format!("10.77.0.{last}/32").parse().expect("a net")],
             persistent_keepalive: Some(25),
+            path: crate::plan::PathRole::Fallback,
         };
         (named_key(&format!("KEY{last}")), plan)
     }
@@ -280,14 +280,19 @@ mod tests {
     #[test]
     fn only_endpoints_confirmed_by_a_handshake_are_remembered() {
         let saved = PeerEndpoints::from([(named_key("natted"), at("192.0.2.9:4000").unwrap())]);
+        let reading = |endpoint: &str, handshaken: bool| Reading {
+            rx_bytes: 0,
+            last_handshake: handshaken.then_some(1_790_000_000),
+            endpoint: at(endpoint),
+        };
         let states = BTreeMap::from([
             // Handshaken: where it really is now.
-            (named_key("roamed"), (at("198.51.100.2:51820"), true)),
+            (named_key("roamed"), reading("198.51.100.2:51820", true)),
             // Holds another peer's endpoint but never answered from there: not a sighting.
-            (named_key("never-ran"), (at("198.51.100.2:51820"), false)),
+            (named_key("never-ran"), reading("198.51.100.2:51820", false)),
             // Not seen since the restart: what was remembered stays.
-            (named_key("natted"), (at("198.51.100.2:51820"), false)),
-            (named_key("quiet"), (None, false)),
+            (named_key("natted"), reading("198.51.100.2:51820", false)),
+            (named_key("quiet"), Reading::default()),
         ]);
         let remembered = endpoints_to_remember(&saved, &states);
         assert_eq!(

@@ -21,7 +21,7 @@ use crate::keys::PublicKey;
 use crate::model::{MESH_MTU, Node, Role, SYNC_PORT, Snapshot};
 pub use access::{AccessPlan, Grant};
 pub use dns::DnsPlan;
-pub use peers::PeerPlan;
+pub use peers::{PathRole, PeerPlan};
 pub use services::ServicePlan;
 
 /// The desired state of one host.
@@ -352,6 +352,13 @@ mod tests {
         let plan = plan_host(&with_members(), "hub").unwrap();
         let attic = &plan.peers[&named_key("ATTIC")];
         assert_eq!(attic.endpoint, None, "behind NAT: the member keeps the tunnel open");
+        assert_eq!(
+            (attic.persistent_keepalive, attic.path),
+            (Some(25), PathRole::LastResort),
+            "the hub keeps its tunnels to nodes warm too, and never routes around one"
+        );
+        let phone = &plan.peers[&named_key("PHONE")];
+        assert_eq!((phone.persistent_keepalive, phone.path), (None, PathRole::Device), "phones are left to sleep");
         let ips: Vec<String> = attic.allowed_ips.iter().map(ToString::to_string).collect();
         assert_eq!(ips, ["10.77.0.8/32", "fd00:1:2::8/128", "10.77.0.9/32", "fd00:1:2::9/128"]);
         assert_eq!(plan.peers[&named_key("VPS")].endpoint, Some("198.51.100.7:51820".parse().unwrap()));
@@ -425,11 +432,12 @@ mod tests {
         );
         let hub = &attic.peers[&named_key("HUB")];
         assert_eq!(nets(&hub.allowed_ips), ["10.77.0.0/16", "fd00:1:2::/64"], "the hub covers the rest of the mesh");
-        assert_eq!(hub.persistent_keepalive, Some(25));
+        assert_eq!((hub.persistent_keepalive, hub.path), (Some(25), PathRole::LastResort));
         assert_eq!(hub.endpoint, Some("203.0.113.5:51820".parse().unwrap()));
         let vps = &attic.peers[&named_key("VPS")];
         assert_eq!(nets(&vps.allowed_ips), ["10.77.0.7/32", "fd00:1:2::7/128"]);
         assert_eq!((vps.endpoint.is_some(), vps.persistent_keepalive), (true, Some(25)));
+        assert_eq!(vps.path, PathRole::Fallback, "a silent direct peer is reached through the hub");
 
         let vps = plan_host(&s, "vps").unwrap();
         assert_eq!(vps.peers.keys().cloned().collect::<BTreeSet<_>>(), keys(&["ATTIC", "CELLAR", "HUB"]));

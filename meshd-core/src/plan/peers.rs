@@ -27,6 +27,21 @@ pub struct PeerPlan {
     pub allowed_ips: Vec<IpNet>,
     /// Persistent keepalive, seconds.
     pub persistent_keepalive: Option<u16>,
+    /// What this host does when the peer falls silent ([`crate::session::paths`]).
+    pub path: PathRole,
+}
+
+/// How a host watches the path to a peer ([`crate::session::paths::Paths`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathRole {
+    /// A roaming device: it sleeps and roams at will, and is not watched.
+    Device,
+    /// A host this host cannot route around (the hub on a member; every node on the hub): watched,
+    /// its name resolved again and its session renewed from this side when it falls silent.
+    LastResort,
+    /// A direct peer or the relay on a member: watched like [`PathRole::LastResort`], and while it is
+    /// silent its routes go through the hub, whose peer entry covers the whole mesh.
+    Fallback,
 }
 
 /// The peers of the host of `view`, by public key.
@@ -44,6 +59,7 @@ pub(super) fn plan(view: &HostView<'_>) -> BTreeMap<PublicKey, PeerPlan> {
                     endpoint: None,
                     allowed_ips: view.host_nets(device.index).to_vec(),
                     persistent_keepalive: None,
+                    path: PathRole::Device,
                 },
             );
         }
@@ -66,9 +82,13 @@ pub(super) fn plan(view: &HostView<'_>) -> BTreeMap<PublicKey, PeerPlan> {
                 preshared_key: None,
                 endpoint: other.endpoint.clone(),
                 allowed_ips,
-                // Members keep every tunnel warm: through NAT it is the only way in, and after a restart
-                // it renews sessions at once instead of waiting out a stale one.
-                persistent_keepalive: (!view.is_hub).then_some(NODE_KEEPALIVE_SECS),
+                // Every host keeps its tunnels to other hosts warm: through NAT it is the only way in,
+                // after a restart it renews sessions at once instead of waiting out a stale one, and a
+                // peer that stops sending keepalives is seen to be gone (`session::paths`). The hub does
+                // too: towards members it knows an endpoint for, its keepalives are what tells them it is
+                // still there, and what starts a handshake from its side once its session is gone.
+                persistent_keepalive: Some(NODE_KEEPALIVE_SECS),
+                path: if view.is_hub || other.role == Role::Hub { PathRole::LastResort } else { PathRole::Fallback },
             },
         );
     }

@@ -5,7 +5,7 @@
 //! - [`wg`]: the WireGuard interface (kernel, or the embedded userspace boringtun).
 //! - [`firewall`]: nftables. [`forward`]: the TCP and UDP forwarders of services. [`dns`]: the mesh DNS
 //!   server. [`hostnet`]: the host's addresses and routes as `ip` sees them. [`socket`]: sockets bound
-//!   on mesh addresses.
+//!   on mesh addresses. [`resolve`]: peers' endpoint names, through the host's resolver configuration.
 //! - [`statedir`]: the state directory (files, locks). [`clock`]: the host's clocks.
 
 pub mod clock;
@@ -13,6 +13,7 @@ pub mod dns;
 pub mod firewall;
 pub mod forward;
 pub mod hostnet;
+pub mod resolve;
 pub mod socket;
 pub mod statedir;
 pub mod wg;

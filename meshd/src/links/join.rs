@@ -242,6 +242,24 @@ where
         .map_err(|_| JoinError::Timeout { addr: addr.to_string(), timeout })?
 }
 
+/// How long one address of the hub's name may take to accept a connection before the next is tried.
+const CONNECT_EACH: Duration = Duration::from_secs(5);
+
+/// A connection to `addr` (`HOST:PORT`): every address the host resolves to, both families, in the
+/// system resolver's order, each for at most [`CONNECT_EACH`] (a router that drops one family's packets
+/// costs seconds, not the whole join). Errors: the last address's, or the resolver's.
+async fn connect_any(addr: &str) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
+    for target in tokio::net::lookup_host(addr).await? {
+        match tokio::time::timeout(CONNECT_EACH, TcpStream::connect(target)).await {
+            Ok(Ok(tcp)) => return Ok(tcp),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = io::Error::new(io::ErrorKind::TimedOut, format!("{target} did not answer")),
+        }
+    }
+    Err(last)
+}
+
 /// The client side of one join, without the overall timeout.
 async fn exchange<Resp: DeserializeOwned>(addr: &str, pin: [u8; 32], line: &[u8]) -> Result<Resp, JoinError> {
     let owned_addr = || addr.to_string();
@@ -255,7 +273,7 @@ async fn exchange<Resp: DeserializeOwned>(addr: &str, pin: [u8; 32], line: &[u8]
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
 
-    let tcp = TcpStream::connect(addr).await.map_err(|source| JoinError::Connect { addr: owned_addr(), source })?;
+    let tcp = connect_any(addr).await.map_err(|source| JoinError::Connect { addr: owned_addr(), source })?;
     let server_name =
         ServerName::try_from(SERVER_NAME).map_err(|e| JoinError::TlsConfig(rustls::Error::General(e.to_string())))?;
     let tls = match TlsConnector::from(Arc::new(config)).connect(server_name, tcp).await {

@@ -2,16 +2,15 @@
 //! WireGuard interface, nftables, the forwarders, the mesh DNS), in the order given, and keeps what it
 //! built in a [`Host`]. The one place where the daemon touches the host for the mesh.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::anyhow;
 use tokio::sync::watch;
 use tracing::{debug, error, warn};
 
+use super::paths::{LastHeard, PathKeeper};
 use crate::host::dns::{self, DnsError, MeshDns};
 use crate::host::firewall;
 use crate::host::forward::Forwarders;
@@ -21,16 +20,10 @@ use meshd_core::keys::{PrivateKey, PublicKey};
 use meshd_core::model::Snapshot;
 use meshd_core::plan::dns::DNS_PORT;
 use meshd_core::plan::{self, DnsPlan, HostPlan, PeerPlan};
-use meshd_core::reconcile::{self, HostStep, PeerEndpoints, endpoints_to_remember};
+use meshd_core::reconcile::{self, HostStep};
 
 /// Where upstream resolvers are read from.
 const RESOLV_CONF: &str = "/etc/resolv.conf";
-
-/// How often where peers were last seen is checked and, when it changed, saved: often enough that a
-/// host restarted seconds after a peer first reached it still knows where that peer is (one UAPI read
-/// of the peers each time). Not at shutdown: the embedded device stops on SIGTERM by itself, and a read
-/// cut short would save a partial list.
-const ENDPOINTS_SAVE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The discard port: nothing listens on it on mesh hosts.
 const TUNNEL_OPENER_PORT: u16 = 9;
@@ -52,7 +45,7 @@ pub(super) struct Host {
     interface: Option<Arc<Mutex<Interface>>>,
     forwarders: Forwarders,
     dns: Option<MeshDns>,
-    endpoints: Option<EndpointKeeper>,
+    paths: Option<PathKeeper>,
 }
 
 impl Host {
@@ -77,7 +70,7 @@ impl Host {
             interface: None,
             forwarders: Forwarders::default(),
             dns: None,
-            endpoints: None,
+            paths: None,
         }
     }
 
@@ -149,6 +142,9 @@ impl Host {
                     // The interface has them now: should a later step fail, the next change must not add
                     // them again.
                     self.plan.peers = new.peers.clone();
+                    if let Some(paths) = &self.paths {
+                        paths.set_peers(&new.peers);
+                    }
                 }
                 HostStep::RunForwarders(services) => self.forwarders.apply(&services)?,
                 HostStep::StartDns => self.start_dns(&new.dns).await?,
@@ -170,7 +166,7 @@ impl Host {
         let (plan, key, backend, seen) = (self.plan.clone(), self.key.clone(), self.backend, last_seen.clone());
         let interface = tokio::task::spawn_blocking(move || Interface::create(backend, &plan, &key, &seen)).await??;
         let interface = Arc::new(Mutex::new(interface));
-        self.endpoints = Some(EndpointKeeper::start(&self.state, interface.clone(), last_seen));
+        self.paths = Some(PathKeeper::start(&self.state, interface.clone(), last_seen, self.plan.peers.clone()));
         self.interface = Some(interface);
         Ok(())
     }
@@ -224,11 +220,16 @@ impl Host {
         }
     }
 
-    /// Take down what was built: endpoint keeper, forwarders, DNS, interface, then the access rules.
+    /// When each peer was last heard from, unix seconds, by public key (empty before the interface is up).
+    pub(super) fn last_heard(&self) -> LastHeard {
+        self.paths.as_ref().map(PathKeeper::last_heard).unwrap_or_default()
+    }
+
+    /// Take down what was built: the watch over paths, forwarders, DNS, interface, then the access rules.
     pub(super) async fn shut_down(self) {
-        let Host { plan, interface, forwarders, dns, endpoints, rules_loaded, .. } = self;
-        if let Some(endpoints) = endpoints {
-            endpoints.finish().await;
+        let Host { plan, interface, forwarders, dns, paths, rules_loaded, .. } = self;
+        if let Some(paths) = paths {
+            paths.finish().await;
         }
         drop(forwarders);
         if let Some(dns) = dns {
@@ -283,7 +284,7 @@ fn dns_start_error(e: DnsError, plan: &DnsPlan) -> anyhow::Error {
 }
 
 /// Run `f` on `interface`, off the async runtime.
-async fn on_interface<T: Send + 'static>(
+pub(super) async fn on_interface<T: Send + 'static>(
     interface: &Arc<Mutex<Interface>>,
     f: impl FnOnce(&Interface) -> Result<T, WgError> + Send + 'static,
 ) -> anyhow::Result<T> {
@@ -321,47 +322,4 @@ pub(super) fn open_tunnels<'a>(peers: impl IntoIterator<Item = &'a PeerPlan>) {
             }
         }
     });
-}
-
-/// Saves where peers were seen to the state directory, so a restarted host renews tunnels to peers
-/// behind NAT itself.
-struct EndpointKeeper {
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl EndpointKeeper {
-    fn start(state: &StateDir, interface: Arc<Mutex<Interface>>, mut saved: PeerEndpoints) -> EndpointKeeper {
-        let state = state.clone();
-        let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(ENDPOINTS_SAVE_INTERVAL);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let states: anyhow::Result<BTreeMap<_, _>> = on_interface(&interface, Interface::endpoint_states).await;
-                let now = match states {
-                    Ok(states) => endpoints_to_remember(&saved, &states),
-                    Err(e) => {
-                        debug!(error = format!("{e:#}"), "reading peer endpoints");
-                        continue;
-                    }
-                };
-                if now == saved {
-                    continue;
-                }
-                let (state, write) = (state.clone(), now.clone());
-                match tokio::task::spawn_blocking(move || state.write_peer_endpoints(&write)).await {
-                    Ok(Ok(())) => saved = now,
-                    Ok(Err(e)) => warn!(error = %e, "saving peer endpoints"),
-                    Err(e) => warn!(error = %e, "saving peer endpoints"),
-                }
-            }
-        });
-        EndpointKeeper { task }
-    }
-
-    /// Stop, releasing the interface.
-    async fn finish(self) {
-        self.task.abort();
-        let _ = self.task.await;
-    }
 }

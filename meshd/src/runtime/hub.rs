@@ -19,7 +19,7 @@ use crate::links::admin::{self, Call};
 use crate::links::join::{self, JoinCall};
 use crate::links::sync::{FromSession, Publisher};
 use meshd_core::keys::PublicKey;
-use meshd_core::model::{DeviceView, Snapshot};
+use meshd_core::model::{DeviceView, NodeView, Snapshot};
 use meshd_core::wire::admin::{Outcome, Reply, Request};
 use meshd_core::wire::join::{JoinReply, JoinRequest};
 
@@ -147,9 +147,10 @@ async fn handle(controller: &mut Controller, host: &mut Host, publisher: &Publis
     Outcome::Ok(with_handshakes(host, reply).await)
 }
 
-/// Fill in the last handshake of devices from the live interface.
+/// Fill in what the live interface knows: the last handshake of devices, and when the hub last heard
+/// from each node.
 async fn with_handshakes(host: &Host, reply: Reply) -> Reply {
-    let needs = matches!(reply, Reply::Devices(_) | Reply::Status(_));
+    let needs = matches!(reply, Reply::Devices(_) | Reply::Status(_) | Reply::Nodes(_));
     if !needs {
         return reply;
     }
@@ -165,13 +166,24 @@ async fn with_handshakes(host: &Host, reply: Reply) -> Reply {
             d.last_handshake = d.public_key.as_ref().and_then(|k| handshakes.get(k).copied().flatten());
         }
     };
+    let heard = host.last_heard();
+    let fill_nodes = |nodes: &mut Vec<NodeView>| {
+        for n in nodes {
+            n.last_heard = heard.get(&n.public_key).copied();
+        }
+    };
     match reply {
         Reply::Devices(mut devices) => {
             fill(&mut devices);
             Reply::Devices(devices)
         }
+        Reply::Nodes(mut nodes) => {
+            fill_nodes(&mut nodes);
+            Reply::Nodes(nodes)
+        }
         Reply::Status(mut status) => {
             fill(&mut status.devices);
+            fill_nodes(&mut status.nodes);
             Reply::Status(status)
         }
         other => other,

@@ -4,10 +4,12 @@
 //!   change the network through the controller, and each change is applied here and published.
 //! - `member`: a member host, following the hub's live updates.
 //! - `apply`: the one executor of host steps; every change to the host goes through it.
+//! - `paths`: the watch over the paths to this host's peers (liveness, names, routes around).
 
 mod apply;
 mod hub;
 mod member;
+mod paths;
 
 use anyhow::{Context, anyhow};
 use tokio::signal::unix::{SignalKind, signal};

@@ -25,6 +25,7 @@ use meshd_core::keys::PrivateKey;
 use meshd_core::keys::PublicKey;
 use meshd_core::plan::{HostPlan, PeerPlan};
 use meshd_core::reconcile::{PeerChange, PeerDiff, PeerEndpoints, peer_start};
+use meshd_core::session::paths::Reading;
 
 /// Which WireGuard implementation to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -262,39 +263,51 @@ impl Interface {
 
     /// Where each peer with a known endpoint (configured, or learned from its packets) is, by public key.
     pub fn endpoints(&self) -> Result<PeerEndpoints, WgError> {
-        Ok(self.endpoint_states()?.into_iter().filter_map(|(key, (endpoint, _))| Some((key, endpoint?))).collect())
+        Ok(self.readings()?.into_iter().filter_map(|(key, reading)| Some((key, reading.endpoint?))).collect())
     }
 
-    /// Every peer's endpoint as the interface has it (configured, learned, or remembered), by public
-    /// key, with whether the peer has completed a handshake since the interface came up: only then is
-    /// the endpoint one the peer really used.
-    pub fn endpoint_states(&self) -> Result<BTreeMap<PublicKey, (Option<SocketAddr>, bool)>, WgError> {
+    /// Every peer as the interface has it now, by public key: bytes received, last handshake (since the
+    /// peer was configured), and where it sends to it (configured, learned, or remembered).
+    pub fn readings(&self) -> Result<BTreeMap<PublicKey, Reading>, WgError> {
         let host = self.api.read_interface_data().map_err(|e| self.error(e))?;
         Ok(host
             .peers
             .into_iter()
             .filter_map(|(key, peer)| {
-                let handshaken = peer.last_handshake.is_some_and(|t| t > UNIX_EPOCH);
-                Some((public_key(&key)?, (peer.endpoint, handshaken)))
+                let reading = Reading {
+                    rx_bytes: peer.rx_bytes,
+                    last_handshake: unix_secs(peer.last_handshake),
+                    endpoint: peer.endpoint,
+                };
+                Some((public_key(&key)?, reading))
             })
             .collect())
+    }
+
+    /// Configure the peer `key` afresh from `plan`: a new session, started from this side by its next
+    /// packet (a keepalive, or anything routed to it), sending to `endpoint` (or where the interface
+    /// sends to it now), with the plan's allowed IPs when `routes`, else none, so that the more general
+    /// route (the hub's) carries its traffic. A peer the interface does not have is left alone.
+    pub fn reset_peer(
+        &self,
+        key: &PublicKey,
+        plan: &PeerPlan,
+        endpoint: Option<SocketAddr>,
+        routes: bool,
+    ) -> Result<(), WgError> {
+        let Some(now) = self.readings()?.remove(key) else { return Ok(()) };
+        let mut peer = to_peer(key, &PeerPlan { endpoint: None, ..plan.clone() })?;
+        peer.endpoint = endpoint.or(now.endpoint);
+        if !routes {
+            peer.allowed_ips.clear();
+        }
+        self.api.remove_peer(&peer.public_key).map_err(|e| self.error(e))?;
+        self.set_peers(&[peer])
     }
 
     /// Last handshake (unix seconds) of every peer, by public key; `None` for never.
     pub fn handshakes(&self) -> Result<HashMap<PublicKey, Option<u64>>, WgError> {
-        let host = self.api.read_interface_data().map_err(|e| self.error(e))?;
-        Ok(host
-            .peers
-            .into_iter()
-            .filter_map(|(key, peer)| {
-                let secs = peer
-                    .last_handshake
-                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                    .map(|d| d.as_secs())
-                    .filter(|s| *s > 0);
-                Some((public_key(&key)?, secs))
-            })
-            .collect())
+        Ok(self.readings()?.into_iter().map(|(key, reading)| (key, reading.last_handshake)).collect())
     }
 
     fn is_kernel(&self) -> bool {
@@ -318,6 +331,12 @@ impl Drop for Interface {
             userspace::stop(&self.name, device);
         }
     }
+}
+
+/// A time as unix seconds; `None` for none, or for the epoch (how a peer that never completed a
+/// handshake reads back).
+fn unix_secs(t: Option<std::time::SystemTime>) -> Option<u64> {
+    t.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()).filter(|s| *s > 0)
 }
 
 /// A peer's key as the interface reports it, as meshd's type (always valid: 32 bytes).
