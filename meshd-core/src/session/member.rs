@@ -34,6 +34,10 @@ pub const TUNNELS_WITHOUT_CONTROLLER: Duration = Duration::from_secs(3);
 /// How long a member waits, after switching keys, for the network to confirm before it tries the other
 /// key (and again after each try, until it knows which key the hub has).
 pub const ROTATION_CONFIRM: Duration = Duration::from_secs(30);
+/// How long a member waits, after a new key could not be saved or sent (a full or read-only state
+/// directory, no session), before it makes and offers another one while the network still asks. A new
+/// session or a change of the network tries sooner.
+pub const OFFER_RETRY: Duration = Duration::from_secs(30);
 
 /// What the host must do for the member, in the order given.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +49,8 @@ pub enum Effect {
     /// acknowledged it, or the session ended first (or none was up).
     SendAcknowledged(ToHub),
     /// Save this key next to the current one (so a restart still has it), then send its public half to
-    /// the hub ([`ToHub::NewKey`]); report a failure to save or send with [`Member::handle_offer_failed`].
+    /// the hub ([`ToHub::NewKey`]); report a failure to save or send with [`Member::handle_offer_failed`]
+    /// (the rotation is then postponed: offered again after [`OFFER_RETRY`]).
     OfferKey(PrivateKey),
     /// Make the interface use this private key; report with [`Member::handle_key_used`].
     UseKey(PrivateKey),
@@ -111,6 +116,10 @@ pub struct Member {
     /// The key the network knows this host by, as far as the member knows (`private.key`).
     key: PrivateKey,
     rotation: Rotation,
+    /// When to offer a new key again after an offer could not be saved or sent.
+    offer_again_at: Option<Instant>,
+    /// Offers in a row that could not be saved or sent (only the first is worth a warning).
+    offers_failed: u32,
     open_tunnels_at: Option<Instant>,
     removed: bool,
     effects: VecDeque<Effect>,
@@ -127,6 +136,8 @@ impl Member {
             member,
             key,
             rotation: Rotation::Idle,
+            offer_again_at: None,
+            offers_failed: 0,
             open_tunnels_at: Some(now + TUNNELS_WITHOUT_CONTROLLER),
             removed: false,
             effects: VecDeque::new(),
@@ -227,6 +238,7 @@ impl Member {
             }
             ToMember::KeyAccepted => {
                 if let Rotation::Offered(new) = std::mem::replace(&mut self.rotation, Rotation::Idle) {
+                    self.offers_failed = 0;
                     // Switch only once the hub has the message: after that, the old key's tunnel may
                     // stop carrying anything.
                     self.effects.push_back(Effect::SendAcknowledged(ToHub::Switch));
@@ -278,10 +290,22 @@ impl Member {
         }
     }
 
-    /// Saving or sending the key of [`Effect::OfferKey`] failed: it was not offered.
-    pub fn handle_offer_failed(&mut self) {
+    /// Saving or sending the key of [`Effect::OfferKey`] failed at `now`: it was not offered. The
+    /// rotation is postponed: another key is made and offered after [`OFFER_RETRY`], at the next
+    /// session or at the next change of the network, whichever comes first, while the network asks.
+    pub fn handle_offer_failed(&mut self, now: Instant) {
         if matches!(self.rotation, Rotation::Offered(_)) {
             self.rotation = Rotation::Idle;
+            if self.offers_failed == 0 {
+                warn!(
+                    retry_in_secs = OFFER_RETRY.as_secs(),
+                    "the new key could not be saved or offered: rotation postponed"
+                );
+            } else {
+                debug!("the new key could not be saved or offered again");
+            }
+            self.offers_failed = self.offers_failed.saturating_add(1);
+            self.offer_again_at = Some(now + OFFER_RETRY);
         }
     }
 
@@ -291,15 +315,19 @@ impl Member {
             Rotation::Unsettled { since, .. } => Some(*since + ROTATION_CONFIRM),
             _ => None,
         };
-        [self.open_tunnels_at, try_other_by].into_iter().flatten().min()
+        [self.open_tunnels_at, try_other_by, self.offer_again_at].into_iter().flatten().min()
     }
 
-    /// Time passed to `now`: open the tunnels once it is time; while it is not known which key the hub
-    /// has, try the other one every [`ROTATION_CONFIRM`].
+    /// Time passed to `now`: open the tunnels once it is time; offer a postponed new key again; while it
+    /// is not known which key the hub has, try the other one every [`ROTATION_CONFIRM`].
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.open_tunnels_at.is_some_and(|at| at <= now) {
             self.open_tunnels_at = None;
             self.effects.push_back(Effect::OpenKnownTunnels);
+        }
+        if self.offer_again_at.is_some_and(|at| at <= now) {
+            self.offer_again_at = None;
+            self.offer_key_if_asked();
         }
         if let Rotation::Unsettled { new, using, since, .. } = &mut self.rotation
             && *since + ROTATION_CONFIRM <= now
@@ -382,7 +410,12 @@ impl Member {
             return;
         }
         let new = PrivateKey::generate();
-        info!("the operator asked for a new key: offering one");
+        if self.offers_failed == 0 {
+            info!("the operator asked for a new key: offering one");
+        } else {
+            debug!("offering a new key again");
+        }
+        self.offer_again_at = None;
         self.effects.push_back(Effect::OfferKey(new.clone()));
         self.rotation = Rotation::Offered(new);
     }
@@ -506,6 +539,52 @@ mod tests {
         m.handle_connected(start);
         assert!(matches!(effects(&mut m)[..], [Effect::OfferKey(_)]));
         assert_eq!(m.key(), &old);
+    }
+
+    #[test]
+    fn a_new_key_that_cannot_be_saved_is_offered_again_later_until_it_can() {
+        let start = Instant::now();
+        let later = |secs| start + Duration::from_secs(secs);
+        let (mut m, old) = member(start);
+        m.handle_timeout(start + TUNNELS_WITHOUT_CONTROLLER);
+        effects(&mut m);
+        let mut asked = m.member_state().state.clone();
+        asked.nodes[1].rotate_key = true;
+        m.handle_message(ToMember::State { digest: sync::digest(&asked), state: asked.clone() });
+        let Some(Effect::OfferKey(first)) = effects(&mut m).pop() else { panic!("an offer") };
+        // The state directory is full: nothing was offered, and the member tries again in a while.
+        m.handle_offer_failed(later(4));
+        assert!(effects(&mut m).is_empty() && !m.is_rotating());
+        assert_eq!(m.poll_timeout(), Some(later(4) + OFFER_RETRY));
+        m.handle_timeout(later(20));
+        assert!(effects(&mut m).is_empty(), "not before its time");
+        m.handle_timeout(later(4) + OFFER_RETRY);
+        let Some(Effect::OfferKey(second)) = effects(&mut m).pop() else { panic!("offered again") };
+        assert_ne!(second, first, "a fresh key: the first was never saved");
+        // Still full: again later. Then space is back: the offer goes through and the rotation goes on.
+        m.handle_offer_failed(later(34));
+        assert_eq!(m.poll_timeout(), Some(later(34) + OFFER_RETRY));
+        m.handle_timeout(later(34) + OFFER_RETRY);
+        assert!(matches!(effects(&mut m)[..], [Effect::OfferKey(_)]));
+        assert_eq!(m.poll_timeout(), None, "no retry once offered");
+        m.handle_message(ToMember::KeyAccepted);
+        assert_eq!(effects(&mut m), [Effect::SendAcknowledged(ToHub::Switch)]);
+        assert_eq!(m.key(), &old);
+
+        // A retry due after the network stopped asking (the node was disabled) offers nothing.
+        let (mut m, _) = member(start);
+        m.handle_timeout(start + TUNNELS_WITHOUT_CONTROLLER);
+        m.handle_message(ToMember::State { digest: sync::digest(&asked), state: asked.clone() });
+        effects(&mut m);
+        m.handle_offer_failed(later(4));
+        let mut disabled = asked;
+        disabled.nodes[1].rotate_key = false;
+        disabled.nodes[1].disabled = true;
+        m.handle_message(ToMember::State { digest: sync::digest(&disabled), state: disabled });
+        effects(&mut m);
+        m.handle_timeout(later(4) + OFFER_RETRY);
+        assert!(effects(&mut m).is_empty() && !m.is_rotating());
+        assert_eq!(m.poll_timeout(), None);
     }
 
     #[test]

@@ -349,9 +349,14 @@ impl EndpointKeeper {
                     continue;
                 }
                 let (state, write) = (state.clone(), now.clone());
-                match tokio::task::spawn_blocking(move || state.write_peer_endpoints(&write)).await {
-                    Ok(Ok(())) => saved = now,
-                    Ok(Err(e)) => warn!(error = %e, "saving peer endpoints"),
+                let written = tokio::task::spawn_blocking(move || {
+                    let written = state.write_peer_endpoints(&write);
+                    state.log_save(&state.peer_endpoints(), "where peers were last seen", &written);
+                    written.is_ok()
+                });
+                match written.await {
+                    Ok(true) => saved = now,
+                    Ok(false) => {}
                     Err(e) => warn!(error = %e, "saving peer endpoints"),
                 }
             }
