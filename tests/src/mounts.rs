@@ -27,6 +27,15 @@ impl Tmpfs {
         run_ok(Command::new("mount").args(["-o", how]).arg(&self.dir));
     }
 
+    /// Remounts it read-write again as process `pid` sees it too: a process started by `ip netns exec`
+    /// has its own copy of the mount table, and its copy keeps the read-only flag of the mount it was
+    /// started on whatever a remount outside does.
+    pub fn remount_writable_for(&self, pid: u32) {
+        self.remount(false);
+        let target = pid.to_string();
+        run_ok(Command::new("nsenter").args(["-t", &target, "-m", "mount", "-o", "remount,rw"]).arg(&self.dir));
+    }
+
     /// Fills it with a file `filler` until no byte more fits; returns the file's path.
     pub fn fill(&self) -> PathBuf {
         let path = self.dir.join("filler");

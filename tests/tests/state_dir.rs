@@ -5,8 +5,9 @@
 //! rotation completes by itself within the retry time. A damaged `private.key.next` (empty, or text that
 //! is no key) is discarded at start with a log line instead of stopping the member. Read-only (as a
 //! remounted SD card): the member starts from its cache, the mesh works, and its log says once what it
-//! cannot save; a second daemon on it is still refused. A hub on a read-only directory refuses to start
-//! and names the directory.
+//! cannot save; a second daemon on it is still refused; one restarted before it could save the new key
+//! the network confirmed runs on that key and saves it once the directory is writable again. A hub on a
+//! read-only directory refuses to start and names the directory.
 use std::fs;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -248,4 +249,39 @@ fn a_hub_on_a_read_only_state_dir_refuses_to_start_naming_it() {
     assert!(stderr.contains("remount it read-write"), "{stderr}");
     let links = hub.ns.ip(&["link", "show"]);
     assert!(!links.contains(&hub.ifname), "no interface made: {links}");
+}
+
+#[test]
+fn a_member_restarted_read_only_before_saving_its_confirmed_new_key_runs_on_it() {
+    if !require_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mesh = Mesh::new(root, "172.31.164", "1m");
+    let old_private = fs::read_to_string(mesh.member.state.join("private.key")).unwrap();
+    let mut daemon = mesh.run_member(&root.join("member.log"));
+    run_ok(meshctl(&mesh.hub.state).args(["node", "rotate", "member"]));
+    let rotated = wait_until(Duration::from_secs(15), || mesh.member_node()["rotate_key"] == false);
+    assert!(rotated, "the rotation did not complete:\n{}", daemon.log_text());
+    let new_key = mesh.member_node()["public_key"].as_str().unwrap().to_owned();
+    assert!(wait_until(Duration::from_secs(5), || !mesh.member.state.join("private.key.next").exists()));
+    assert!(daemon.stop(Duration::from_secs(10)).success());
+    // As if the power went between the network's confirmation and the rename, and the card then came
+    // back read-only: the confirmed key is still `private.key.next`, `private.key` the old one.
+    fs::rename(mesh.member.state.join("private.key"), mesh.member.state.join("private.key.next")).unwrap();
+    write_private(&mesh.member.state.join("private.key"), &old_private);
+    mesh.disk.remount(true);
+    let daemon = mesh.run_member(&root.join("member-read-only.log"));
+    assert!(mesh.hub_peers().contains(&new_key), "the hub has the new key");
+    mesh.assert_member_reaches_hub("on the confirmed key from a read-only state directory");
+    let text = daemon.log_text();
+    assert_eq!(warnings(&text, "could not be saved as this host's key yet"), 1, "{text}");
+    // Writable again: the key is saved within the retry time.
+    mesh.disk.remount_writable_for(daemon.pid());
+    let saved = wait_until(Duration::from_secs(40), || {
+        fs::read_to_string(mesh.member.state.join("private.key")).is_ok_and(|k| wg_pubkey(&k) == new_key)
+    });
+    assert!(saved, "private.key is not the new key:\n{}", daemon.log_text());
+    assert!(!mesh.member.state.join("private.key.next").exists());
 }

@@ -56,8 +56,10 @@ pub enum Effect {
     UseKey(PrivateKey),
     /// Forget the saved next key (the hub does not have it).
     DiscardNextKey,
-    /// The saved next key becomes this host's key (the hub has it). A failure is fatal: the host would
-    /// otherwise restart with a key the network no longer knows.
+    /// The saved next key becomes this host's key (the hub has it); report with
+    /// [`Member::handle_promoted`]. A failure (a read-only state directory) leaves the next key saved,
+    /// so a restart still has it; the promotion is tried again after [`OFFER_RETRY`], and no new
+    /// rotation starts until it is done (it would replace the saved next key).
     PromoteNextKey,
     /// Cache [`Member::member_state`], so the host starts from it without a controller.
     CacheState,
@@ -120,6 +122,10 @@ pub struct Member {
     offer_again_at: Option<Instant>,
     /// Offers in a row that could not be saved or sent (only the first is worth a warning).
     offers_failed: u32,
+    /// The next key is being made, or waits to be made, this host's saved key ([`Effect::PromoteNextKey`]).
+    promoting: bool,
+    /// When to try that again after it failed.
+    promote_again_at: Option<Instant>,
     open_tunnels_at: Option<Instant>,
     removed: bool,
     effects: VecDeque<Effect>,
@@ -138,6 +144,8 @@ impl Member {
             rotation: Rotation::Idle,
             offer_again_at: None,
             offers_failed: 0,
+            promoting: false,
+            promote_again_at: None,
             open_tunnels_at: Some(now + TUNNELS_WITHOUT_CONTROLLER),
             removed: false,
             effects: VecDeque::new(),
@@ -145,7 +153,7 @@ impl Member {
         if let Some(next) = next {
             if m.named_key().is_some_and(|k| k == next.public_key()) {
                 info!("finishing an interrupted key rotation");
-                m.effects.push_back(Effect::PromoteNextKey);
+                m.promote();
                 m.key = next;
             } else {
                 info!("a key rotation was under way: keeping both keys until the hub is reached");
@@ -309,13 +317,31 @@ impl Member {
         }
     }
 
+    /// The saved next key became this host's key (`saved`), or could not: then it is tried again later.
+    pub fn handle_promoted(&mut self, saved: bool, now: Instant) {
+        if !self.promoting {
+            return;
+        }
+        if saved {
+            self.promoting = false;
+            self.promote_again_at = None;
+            // A rotation asked for meanwhile waited for this.
+            self.offer_key_if_asked();
+        } else {
+            if self.promote_again_at.is_none() {
+                warn!(retry_in_secs = OFFER_RETRY.as_secs(), "the new key could not be saved as this host's key yet");
+            }
+            self.promote_again_at = Some(now + OFFER_RETRY);
+        }
+    }
+
     /// When [`Member::handle_timeout`] is due next, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let try_other_by = match &self.rotation {
             Rotation::Unsettled { since, .. } => Some(*since + ROTATION_CONFIRM),
             _ => None,
         };
-        [self.open_tunnels_at, try_other_by, self.offer_again_at].into_iter().flatten().min()
+        [self.open_tunnels_at, try_other_by, self.offer_again_at, self.promote_again_at].into_iter().flatten().min()
     }
 
     /// Time passed to `now`: open the tunnels once it is time; offer a postponed new key again; while it
@@ -328,6 +354,11 @@ impl Member {
         if self.offer_again_at.is_some_and(|at| at <= now) {
             self.offer_again_at = None;
             self.offer_key_if_asked();
+        }
+        if self.promoting && self.promote_again_at.is_some_and(|at| at <= now) {
+            // Stays set until a report: a failure sets the next time, a success clears it.
+            self.promote_again_at = Some(now + OFFER_RETRY);
+            self.effects.push_back(Effect::PromoteNextKey);
         }
         if let Rotation::Unsettled { new, using, since, .. } = &mut self.rotation
             && *since + ROTATION_CONFIRM <= now
@@ -354,6 +385,12 @@ impl Member {
         self.effects.pop_front()
     }
 
+    /// Make the saved next key this host's key, until [`Member::handle_promoted`] says it is done.
+    fn promote(&mut self) {
+        self.promoting = true;
+        self.effects.push_back(Effect::PromoteNextKey);
+    }
+
     /// The hub has the key the member uses as `which`: keep that one, forget the other.
     fn settle(&mut self, which: Using) {
         let Rotation::Unsettled { new, .. } = std::mem::replace(&mut self.rotation, Rotation::Idle) else {
@@ -362,7 +399,7 @@ impl Member {
         match which {
             Using::New => {
                 info!("key rotation done");
-                self.effects.push_back(Effect::PromoteNextKey);
+                self.promote();
                 self.key = new;
             }
             Using::Old => {
@@ -406,7 +443,7 @@ impl Member {
     fn offer_key_if_asked(&mut self) {
         let asked = self.member.state.nodes.iter().any(|n| n.name == self.member.me && n.rotate_key);
         let current = self.named_key().is_some_and(|k| k == self.key.public_key());
-        if !asked || !current || self.is_rotating() || self.removed {
+        if !asked || !current || self.is_rotating() || self.promoting || self.removed {
             return;
         }
         let new = PrivateKey::generate();
@@ -584,6 +621,36 @@ mod tests {
         effects(&mut m);
         m.handle_timeout(later(4) + OFFER_RETRY);
         assert!(effects(&mut m).is_empty() && !m.is_rotating());
+        assert_eq!(m.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_new_key_that_cannot_become_the_saved_key_is_kept_and_tried_again_before_any_new_rotation() {
+        let start = Instant::now();
+        let later = |secs| start + Duration::from_secs(secs);
+        let (mut m, _, new) = switching(start);
+        m.handle_acknowledged(true, start);
+        m.handle_key_used(true, start);
+        effects(&mut m);
+        // Confirmed, but the state directory went read-only: the rename fails, the daemon runs on.
+        m.handle_message(confirming(&m, &new));
+        assert_eq!(effects(&mut m), [Effect::CacheState, Effect::PromoteNextKey, Effect::Reconcile]);
+        m.handle_promoted(false, later(1));
+        assert_eq!((m.key(), m.interface_key()), (&new, &new));
+        assert_eq!(m.poll_timeout(), Some(later(1) + OFFER_RETRY));
+        // The operator asks again meanwhile: no new key may replace the saved next key before it is promoted.
+        let mut asked = m.member_state().state.clone();
+        asked.nodes[1].rotate_key = true;
+        m.handle_message(ToMember::State { digest: sync::digest(&asked), state: asked });
+        assert_eq!(effects(&mut m), [Effect::CacheState, Effect::Reconcile]);
+        m.handle_timeout(later(1) + OFFER_RETRY);
+        assert_eq!(effects(&mut m), [Effect::PromoteNextKey]);
+        m.handle_promoted(false, later(31));
+        m.handle_timeout(later(61));
+        assert_eq!(effects(&mut m), [Effect::PromoteNextKey]);
+        // Writable again: promoted, and the rotation asked for meanwhile starts.
+        m.handle_promoted(true, later(61));
+        assert!(matches!(effects(&mut m)[..], [Effect::OfferKey(_)]));
         assert_eq!(m.poll_timeout(), None);
     }
 

@@ -362,6 +362,7 @@ impl World {
                 member::Effect::DiscardNextKey => host.next_key_file = None,
                 member::Effect::PromoteNextKey => {
                     host.key_file = host.next_key_file.take().expect("a confirmed key was saved first");
+                    host.member.handle_promoted(true, now);
                 }
                 member::Effect::CacheState if host.disk_full => {}
                 member::Effect::CacheState => host.cache = host.member.member_state().clone(),

@@ -185,10 +185,16 @@ impl StateDir {
         read_key_file(&path).map(Some)
     }
 
-    /// The network has the new key: it becomes this host's key (atomically replacing the old one).
+    /// The network has the new key: it becomes this host's key (atomically replacing the old one). On
+    /// failure (a read-only file system) both files are as they were.
     pub fn promote_next_private_key(&self) -> Result<(), StateDirError> {
         let path = self.private_key();
-        fs::rename(self.next_private_key(), &path).map_err(io(&path))
+        fs::rename(self.next_private_key(), &path).map_err(io(&path))?;
+        // Done once renamed: a failed sync of the directory must not have the rename tried again.
+        if let Err(e) = File::open(&self.root).and_then(|dir| dir.sync_all()) {
+            warn!(dir = %self.root.display(), error = %e, "syncing the state directory after the key switch");
+        }
+        Ok(())
     }
 
     /// Forget an abandoned rotation (none saved is fine).

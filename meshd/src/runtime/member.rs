@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use anyhow::{Context, anyhow};
+use anyhow::anyhow;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, warn};
 
@@ -64,7 +64,7 @@ pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host
 
 /// Carry out every effect the member asks for, in order, reporting back what it needs to know. Nothing
 /// here waits on the hub: a message goes into the current session's queue or is dropped. An error ends
-/// the daemon: the host was removed from the network, or a settled key could not be saved.
+/// the daemon: the host was removed from the network.
 async fn carry_out(
     member: &mut Member,
     state: &StateDir,
@@ -111,7 +111,11 @@ async fn carry_out(
                     warn!(error = %e, "removing the dropped new key");
                 }
             }
-            Effect::PromoteNextKey => state.promote_next_private_key().context("saving the new key")?,
+            Effect::PromoteNextKey => {
+                let saved = state.promote_next_private_key();
+                state.log_save(&state.private_key(), "the new key as this host's key", &saved);
+                member.handle_promoted(saved.is_ok(), Instant::now());
+            }
             Effect::CacheState => {
                 let saved = state.write_member_state(member.member_state());
                 state.log_save(&state.member_state(), "the network's changes", &saved);
