@@ -272,9 +272,10 @@ fn a_member_restarted_read_only_before_saving_its_confirmed_new_key_runs_on_it()
     fs::rename(mesh.member.state.join("private.key"), mesh.member.state.join("private.key.next")).unwrap();
     write_private(&mesh.member.state.join("private.key"), &old_private);
     mesh.disk.remount(true);
-    let daemon = mesh.run_member(&root.join("member-read-only.log"));
+    let mut daemon = mesh.run_member(&root.join("member-read-only.log"));
     assert!(mesh.hub_peers().contains(&new_key), "the hub has the new key");
     mesh.assert_member_reaches_hub("on the confirmed key from a read-only state directory");
+    daemon.assert_running("unable to save its confirmed key");
     let text = daemon.log_text();
     assert_eq!(warnings(&text, "could not be saved as this host's key yet"), 1, "{text}");
     // Writable again: the key is saved within the retry time.
