@@ -7,12 +7,14 @@
 //! - `netns`: [`Netns`], veth links and addresses, and UDP probes and echo servers inside a namespace;
 //! - `wireguard`: `wireguard-go` interfaces, `wg` keys, wg-quick text ([`WgQuick`]) and a [`Phone`];
 //! - `mesh`: [`MeshHost`], a meshd host of a mesh test, and [`nat_router`], a home router;
-//! - `files`: private files and checks that no key is stored.
+//! - `files`: private files and checks that no key is stored;
+//! - `mounts`: [`Tmpfs`], a small file system to fill up or make read-only.
 //!
 //! Tests use everything from the crate root (`use meshd_e2e::...`).
 
 mod files;
 mod mesh;
+mod mounts;
 mod netns;
 mod process;
 mod wireguard;
@@ -22,6 +24,7 @@ use std::time::{Duration, Instant};
 
 pub use files::{assert_key_not_stored, files_under, write_private};
 pub use mesh::{MeshHost, UapiCleanup, nat_router};
+pub use mounts::Tmpfs;
 pub use netns::{Netns, UdpEcho, add_address, udp_echoed, udp_received, veth};
 pub use process::{Proc, bin_dir, describe, init_network, meshctl, output, product_bin, run_json, run_ok};
 pub use wireguard::{Phone, WG_SOCKET_DIR, WgPeer, WgQuick, wg_keypair, wg_pubkey, wireguard_go};

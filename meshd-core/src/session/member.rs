@@ -34,6 +34,10 @@ pub const TUNNELS_WITHOUT_CONTROLLER: Duration = Duration::from_secs(3);
 /// How long a member waits, after switching keys, for the network to confirm before it tries the other
 /// key (and again after each try, until it knows which key the hub has).
 pub const ROTATION_CONFIRM: Duration = Duration::from_secs(30);
+/// How long a member waits, after a new key could not be saved or sent (a full or read-only state
+/// directory, no session), before it makes and offers another one while the network still asks. A new
+/// session or a change of the network tries sooner.
+pub const OFFER_RETRY: Duration = Duration::from_secs(30);
 
 /// What the host must do for the member, in the order given.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,14 +49,17 @@ pub enum Effect {
     /// acknowledged it, or the session ended first (or none was up).
     SendAcknowledged(ToHub),
     /// Save this key next to the current one (so a restart still has it), then send its public half to
-    /// the hub ([`ToHub::NewKey`]); report a failure to save or send with [`Member::handle_offer_failed`].
+    /// the hub ([`ToHub::NewKey`]); report a failure to save or send with [`Member::handle_offer_failed`]
+    /// (the rotation is then postponed: offered again after [`OFFER_RETRY`]).
     OfferKey(PrivateKey),
     /// Make the interface use this private key; report with [`Member::handle_key_used`].
     UseKey(PrivateKey),
     /// Forget the saved next key (the hub does not have it).
     DiscardNextKey,
-    /// The saved next key becomes this host's key (the hub has it). A failure is fatal: the host would
-    /// otherwise restart with a key the network no longer knows.
+    /// The saved next key becomes this host's key (the hub has it); report with
+    /// [`Member::handle_promoted`]. A failure (a read-only state directory) leaves the next key saved,
+    /// so a restart still has it; the promotion is tried again after [`OFFER_RETRY`], and no new
+    /// rotation starts until it is done (it would replace the saved next key).
     PromoteNextKey,
     /// Cache [`Member::member_state`], so the host starts from it without a controller.
     CacheState,
@@ -111,6 +118,14 @@ pub struct Member {
     /// The key the network knows this host by, as far as the member knows (`private.key`).
     key: PrivateKey,
     rotation: Rotation,
+    /// When to offer a new key again after an offer could not be saved or sent.
+    offer_again_at: Option<Instant>,
+    /// Offers in a row that could not be saved or sent (only the first is worth a warning).
+    offers_failed: u32,
+    /// The next key is being made, or waits to be made, this host's saved key ([`Effect::PromoteNextKey`]).
+    promoting: bool,
+    /// When to try that again after it failed.
+    promote_again_at: Option<Instant>,
     open_tunnels_at: Option<Instant>,
     removed: bool,
     effects: VecDeque<Effect>,
@@ -127,6 +142,10 @@ impl Member {
             member,
             key,
             rotation: Rotation::Idle,
+            offer_again_at: None,
+            offers_failed: 0,
+            promoting: false,
+            promote_again_at: None,
             open_tunnels_at: Some(now + TUNNELS_WITHOUT_CONTROLLER),
             removed: false,
             effects: VecDeque::new(),
@@ -134,7 +153,7 @@ impl Member {
         if let Some(next) = next {
             if m.named_key().is_some_and(|k| k == next.public_key()) {
                 info!("finishing an interrupted key rotation");
-                m.effects.push_back(Effect::PromoteNextKey);
+                m.promote();
                 m.key = next;
             } else {
                 info!("a key rotation was under way: keeping both keys until the hub is reached");
@@ -227,6 +246,7 @@ impl Member {
             }
             ToMember::KeyAccepted => {
                 if let Rotation::Offered(new) = std::mem::replace(&mut self.rotation, Rotation::Idle) {
+                    self.offers_failed = 0;
                     // Switch only once the hub has the message: after that, the old key's tunnel may
                     // stop carrying anything.
                     self.effects.push_back(Effect::SendAcknowledged(ToHub::Switch));
@@ -278,10 +298,40 @@ impl Member {
         }
     }
 
-    /// Saving or sending the key of [`Effect::OfferKey`] failed: it was not offered.
-    pub fn handle_offer_failed(&mut self) {
+    /// Saving or sending the key of [`Effect::OfferKey`] failed at `now`: it was not offered. The
+    /// rotation is postponed: another key is made and offered after [`OFFER_RETRY`], at the next
+    /// session or at the next change of the network, whichever comes first, while the network asks.
+    pub fn handle_offer_failed(&mut self, now: Instant) {
         if matches!(self.rotation, Rotation::Offered(_)) {
             self.rotation = Rotation::Idle;
+            if self.offers_failed == 0 {
+                warn!(
+                    retry_in_secs = OFFER_RETRY.as_secs(),
+                    "the new key could not be saved or offered: rotation postponed"
+                );
+            } else {
+                debug!("the new key could not be saved or offered again");
+            }
+            self.offers_failed = self.offers_failed.saturating_add(1);
+            self.offer_again_at = Some(now + OFFER_RETRY);
+        }
+    }
+
+    /// The saved next key became this host's key (`saved`), or could not: then it is tried again later.
+    pub fn handle_promoted(&mut self, saved: bool, now: Instant) {
+        if !self.promoting {
+            return;
+        }
+        if saved {
+            self.promoting = false;
+            self.promote_again_at = None;
+            // A rotation asked for meanwhile waited for this.
+            self.offer_key_if_asked();
+        } else {
+            if self.promote_again_at.is_none() {
+                warn!(retry_in_secs = OFFER_RETRY.as_secs(), "the new key could not be saved as this host's key yet");
+            }
+            self.promote_again_at = Some(now + OFFER_RETRY);
         }
     }
 
@@ -291,15 +341,24 @@ impl Member {
             Rotation::Unsettled { since, .. } => Some(*since + ROTATION_CONFIRM),
             _ => None,
         };
-        [self.open_tunnels_at, try_other_by].into_iter().flatten().min()
+        [self.open_tunnels_at, try_other_by, self.offer_again_at, self.promote_again_at].into_iter().flatten().min()
     }
 
-    /// Time passed to `now`: open the tunnels once it is time; while it is not known which key the hub
-    /// has, try the other one every [`ROTATION_CONFIRM`].
+    /// Time passed to `now`: open the tunnels once it is time; offer a postponed new key again; while it
+    /// is not known which key the hub has, try the other one every [`ROTATION_CONFIRM`].
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.open_tunnels_at.is_some_and(|at| at <= now) {
             self.open_tunnels_at = None;
             self.effects.push_back(Effect::OpenKnownTunnels);
+        }
+        if self.offer_again_at.is_some_and(|at| at <= now) {
+            self.offer_again_at = None;
+            self.offer_key_if_asked();
+        }
+        if self.promoting && self.promote_again_at.is_some_and(|at| at <= now) {
+            // Stays set until a report: a failure sets the next time, a success clears it.
+            self.promote_again_at = Some(now + OFFER_RETRY);
+            self.effects.push_back(Effect::PromoteNextKey);
         }
         if let Rotation::Unsettled { new, using, since, .. } = &mut self.rotation
             && *since + ROTATION_CONFIRM <= now
@@ -326,6 +385,12 @@ impl Member {
         self.effects.pop_front()
     }
 
+    /// Make the saved next key this host's key, until [`Member::handle_promoted`] says it is done.
+    fn promote(&mut self) {
+        self.promoting = true;
+        self.effects.push_back(Effect::PromoteNextKey);
+    }
+
     /// The hub has the key the member uses as `which`: keep that one, forget the other.
     fn settle(&mut self, which: Using) {
         let Rotation::Unsettled { new, .. } = std::mem::replace(&mut self.rotation, Rotation::Idle) else {
@@ -334,7 +399,7 @@ impl Member {
         match which {
             Using::New => {
                 info!("key rotation done");
-                self.effects.push_back(Effect::PromoteNextKey);
+                self.promote();
                 self.key = new;
             }
             Using::Old => {
@@ -378,11 +443,16 @@ impl Member {
     fn offer_key_if_asked(&mut self) {
         let asked = self.member.state.nodes.iter().any(|n| n.name == self.member.me && n.rotate_key);
         let current = self.named_key().is_some_and(|k| k == self.key.public_key());
-        if !asked || !current || self.is_rotating() || self.removed {
+        if !asked || !current || self.is_rotating() || self.promoting || self.removed {
             return;
         }
         let new = PrivateKey::generate();
-        info!("the operator asked for a new key: offering one");
+        if self.offers_failed == 0 {
+            info!("the operator asked for a new key: offering one");
+        } else {
+            debug!("offering a new key again");
+        }
+        self.offer_again_at = None;
         self.effects.push_back(Effect::OfferKey(new.clone()));
         self.rotation = Rotation::Offered(new);
     }
@@ -506,6 +576,82 @@ mod tests {
         m.handle_connected(start);
         assert!(matches!(effects(&mut m)[..], [Effect::OfferKey(_)]));
         assert_eq!(m.key(), &old);
+    }
+
+    #[test]
+    fn a_new_key_that_cannot_be_saved_is_offered_again_later_until_it_can() {
+        let start = Instant::now();
+        let later = |secs| start + Duration::from_secs(secs);
+        let (mut m, old) = member(start);
+        m.handle_timeout(start + TUNNELS_WITHOUT_CONTROLLER);
+        effects(&mut m);
+        let mut asked = m.member_state().state.clone();
+        asked.nodes[1].rotate_key = true;
+        m.handle_message(ToMember::State { digest: sync::digest(&asked), state: asked.clone() });
+        let Some(Effect::OfferKey(first)) = effects(&mut m).pop() else { panic!("an offer") };
+        // The state directory is full: nothing was offered, and the member tries again in a while.
+        m.handle_offer_failed(later(4));
+        assert!(effects(&mut m).is_empty() && !m.is_rotating());
+        assert_eq!(m.poll_timeout(), Some(later(4) + OFFER_RETRY));
+        m.handle_timeout(later(20));
+        assert!(effects(&mut m).is_empty(), "not before its time");
+        m.handle_timeout(later(4) + OFFER_RETRY);
+        let Some(Effect::OfferKey(second)) = effects(&mut m).pop() else { panic!("offered again") };
+        assert_ne!(second, first, "a fresh key: the first was never saved");
+        // Still full: again later. Then space is back: the offer goes through and the rotation goes on.
+        m.handle_offer_failed(later(34));
+        assert_eq!(m.poll_timeout(), Some(later(34) + OFFER_RETRY));
+        m.handle_timeout(later(34) + OFFER_RETRY);
+        assert!(matches!(effects(&mut m)[..], [Effect::OfferKey(_)]));
+        assert_eq!(m.poll_timeout(), None, "no retry once offered");
+        m.handle_message(ToMember::KeyAccepted);
+        assert_eq!(effects(&mut m), [Effect::SendAcknowledged(ToHub::Switch)]);
+        assert_eq!(m.key(), &old);
+
+        // A retry due after the network stopped asking (the node was disabled) offers nothing.
+        let (mut m, _) = member(start);
+        m.handle_timeout(start + TUNNELS_WITHOUT_CONTROLLER);
+        m.handle_message(ToMember::State { digest: sync::digest(&asked), state: asked.clone() });
+        effects(&mut m);
+        m.handle_offer_failed(later(4));
+        let mut disabled = asked;
+        disabled.nodes[1].rotate_key = false;
+        disabled.nodes[1].disabled = true;
+        m.handle_message(ToMember::State { digest: sync::digest(&disabled), state: disabled });
+        effects(&mut m);
+        m.handle_timeout(later(4) + OFFER_RETRY);
+        assert!(effects(&mut m).is_empty() && !m.is_rotating());
+        assert_eq!(m.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_new_key_that_cannot_become_the_saved_key_is_kept_and_tried_again_before_any_new_rotation() {
+        let start = Instant::now();
+        let later = |secs| start + Duration::from_secs(secs);
+        let (mut m, _, new) = switching(start);
+        m.handle_acknowledged(true, start);
+        m.handle_key_used(true, start);
+        effects(&mut m);
+        // Confirmed, but the state directory went read-only: the rename fails, the daemon runs on.
+        m.handle_message(confirming(&m, &new));
+        assert_eq!(effects(&mut m), [Effect::CacheState, Effect::PromoteNextKey, Effect::Reconcile]);
+        m.handle_promoted(false, later(1));
+        assert_eq!((m.key(), m.interface_key()), (&new, &new));
+        assert_eq!(m.poll_timeout(), Some(later(1) + OFFER_RETRY));
+        // The operator asks again meanwhile: no new key may replace the saved next key before it is promoted.
+        let mut asked = m.member_state().state.clone();
+        asked.nodes[1].rotate_key = true;
+        m.handle_message(ToMember::State { digest: sync::digest(&asked), state: asked });
+        assert_eq!(effects(&mut m), [Effect::CacheState, Effect::Reconcile]);
+        m.handle_timeout(later(1) + OFFER_RETRY);
+        assert_eq!(effects(&mut m), [Effect::PromoteNextKey]);
+        m.handle_promoted(false, later(31));
+        m.handle_timeout(later(61));
+        assert_eq!(effects(&mut m), [Effect::PromoteNextKey]);
+        // Writable again: promoted, and the rotation asked for meanwhile starts.
+        m.handle_promoted(true, later(61));
+        assert!(matches!(effects(&mut m)[..], [Effect::OfferKey(_)]));
+        assert_eq!(m.poll_timeout(), None);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! join, the network changes, connections drop with what was in flight, members reconnect and restart,
 //! the hub restarts (its journal lost) and goes away for longer than a rotation waits, and key
 //! rotations go wrong: an offer lost with its connection, a confirmation lost, a switch that never
-//! reaches the hub, a member restarted halfway. Each seed is one schedule of events (the keys made are
+//! reaches the hub, a member restarted halfway, a new key that cannot be saved (a full state
+//! directory) until space is freed. Each seed is one schedule of events (the keys made are
 //! random, and play no part in it); at the end every member must hold the controller's state, have
 //! applied the plan the planner makes of it, and use the key the network knows it by.
 //!
@@ -49,6 +50,8 @@ struct Host {
     next_key_file: Option<PrivateKey>,
     /// `member.json`.
     cache: MemberState,
+    /// Its state directory is full: neither a new key nor the cache can be saved.
+    disk_full: bool,
     /// The plan the last reconcile applied.
     applied: Option<HostPlan>,
     /// The public key it joined with.
@@ -149,6 +152,7 @@ impl World {
             key_file: key.clone(),
             next_key_file: None,
             cache,
+            disk_full: false,
             applied: None,
             joined_with: key.public_key(),
             link: None,
@@ -342,11 +346,12 @@ impl World {
             match effect {
                 member::Effect::Send(message) => host.send(message, false, now),
                 member::Effect::SendAcknowledged(message) => host.send(message, true, now),
+                member::Effect::OfferKey(_) if host.disk_full => host.member.handle_offer_failed(now),
                 member::Effect::OfferKey(key) => {
                     let public_key = key.public_key();
                     host.next_key_file = Some(key);
                     if host.link.is_none() {
-                        host.member.handle_offer_failed();
+                        host.member.handle_offer_failed(now);
                     }
                     host.send(ToHub::NewKey { public_key }, false, now);
                 }
@@ -357,7 +362,9 @@ impl World {
                 member::Effect::DiscardNextKey => host.next_key_file = None,
                 member::Effect::PromoteNextKey => {
                     host.key_file = host.next_key_file.take().expect("a confirmed key was saved first");
+                    host.member.handle_promoted(true, now);
                 }
+                member::Effect::CacheState if host.disk_full => {}
                 member::Effect::CacheState => host.cache = host.member.member_state().clone(),
                 member::Effect::Reconcile => {
                     let state = &host.member.member_state().state;
@@ -579,4 +586,23 @@ fn a_restarted_hub_sends_every_member_the_whole_state() {
     w.change(|s| s.services.push(service("late", "alpha", 9000, 50)));
     w.run(Duration::from_secs(3));
     assert_converged(&w, 3);
+}
+
+#[test]
+fn a_rotation_on_a_full_state_directory_waits_and_finishes_once_space_is_freed() {
+    let mut w = World::new(5);
+    w.join("alpha");
+    w.run(Duration::from_secs(2));
+    let old = w.hosts["alpha"].interface_key.public_key();
+    w.hosts.get_mut("alpha").expect("alpha joined").disk_full = true;
+    w.change(|s| s.nodes.iter_mut().for_each(|n| n.rotate_key = n.role != Role::Hub));
+    w.run(member::OFFER_RETRY * 2);
+    let host = &w.hosts["alpha"];
+    assert!(host.next_key_file.is_none() && !host.member.is_rotating(), "nothing saved, nothing offered");
+    assert_eq!((host.interface_key.public_key(), &w.network.nodes[1].public_key), (old.clone(), &old));
+    // Space is freed: the next retry goes through, with no restart and nothing asked again.
+    w.hosts.get_mut("alpha").expect("alpha joined").disk_full = false;
+    w.run(member::OFFER_RETRY + Duration::from_secs(2));
+    assert_converged(&w, 5);
+    assert_ne!(w.network.nodes[1].public_key, old);
 }

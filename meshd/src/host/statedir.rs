@@ -3,13 +3,19 @@
 //! Layout: `meshd.db` (0600) on the controller or `member.json` (0600) on a member, `private.key` (0600)
 //! and, during a key rotation, `private.key.next` (0600), `peer-endpoints.json` (0600: where peers were last
 //! seen), `meshd.sock` (0600, only while the daemon runs), `meshd.lock`. The directory itself is 0700.
+//!
+//! Files are replaced whole: written to a temporary file (0600), synced, renamed over the old one, so a
+//! full disk or a crash never leaves an empty or cut file behind. A member runs on a full or read-only
+//! directory too; [`StateDir::log_save`] says once what it cannot save.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use tracing::warn;
+use tracing::{debug, info, warn};
 
 use meshd_core::keys::PrivateKey;
 use meshd_core::reconcile::PeerEndpoints;
@@ -39,6 +45,8 @@ pub enum StateDirError {
     Busy(PathBuf),
     #[error("{0} is damaged: {1}")]
     BadMemberState(PathBuf, String),
+    #[error("{0} is read-only: the controller keeps its database there and must write it; remount it read-write")]
+    ReadOnly(PathBuf),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateDirError + '_ {
@@ -56,20 +64,37 @@ fn read_key_file(path: &Path) -> Result<PrivateKey, StateDirError> {
     PrivateKey::from_base64(&text).map_err(|_| StateDirError::BadKey(path.to_path_buf()))
 }
 
-/// Paths inside one state directory.
+/// Paths inside one state directory, and what could not be saved there lately (shared by clones).
 #[derive(Debug, Clone)]
 pub struct StateDir {
     root: PathBuf,
+    /// Files whose last save failed: their next failure is not worth another warning.
+    unsaved: Arc<Mutex<BTreeSet<PathBuf>>>,
 }
 
 /// A held lock on the state directory; released on drop.
 #[derive(Debug)]
-pub struct StateLock(#[allow(dead_code)] File);
+pub struct StateLock {
+    _file: File,
+    read_only: bool,
+}
+
+impl StateLock {
+    fn new(file: File) -> StateLock {
+        StateLock { _file: file, read_only: false }
+    }
+
+    /// True when the state directory is on a read-only file system (the lock file could not be opened
+    /// for writing): nothing can be saved there.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+}
 
 impl StateDir {
     /// The state directory at `root`.
     pub fn new(root: impl Into<PathBuf>) -> StateDir {
-        StateDir { root: root.into() }
+        StateDir { root: root.into(), unsaved: Arc::default() }
     }
 
     /// The directory.
@@ -144,15 +169,14 @@ impl StateDir {
         self.root.join("private.key.next")
     }
 
-    /// Write the key made for a rotation (0600, replacing an abandoned one).
+    /// Write the key made for a rotation (0600, replacing an abandoned one atomically). On failure (a
+    /// full or read-only file system) there is no new file, and an abandoned one is left as it was.
     pub fn write_next_private_key(&self, key: &PrivateKey) -> Result<(), StateDirError> {
-        let path = self.next_private_key();
-        let _ = fs::remove_file(&path);
-        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(io(&path))?;
-        writeln!(file, "{}", key.to_base64()).and_then(|()| file.sync_all()).map_err(io(&path))
+        self.replace_private_file(&self.next_private_key(), format!("{}\n", key.to_base64()).as_bytes())
     }
 
-    /// The key made for a rotation, if one is pending.
+    /// The key made for a rotation, if one is pending. An empty, cut or foreign file (left by a version
+    /// that wrote it in place on a full disk) is [`StateDirError::BadKey`].
     pub fn read_next_private_key(&self) -> Result<Option<PrivateKey>, StateDirError> {
         let path = self.next_private_key();
         if !path.exists() {
@@ -161,15 +185,25 @@ impl StateDir {
         read_key_file(&path).map(Some)
     }
 
-    /// The network has the new key: it becomes this host's key (atomically replacing the old one).
+    /// The network has the new key: it becomes this host's key (atomically replacing the old one). On
+    /// failure (a read-only file system) both files are as they were.
     pub fn promote_next_private_key(&self) -> Result<(), StateDirError> {
         let path = self.private_key();
-        fs::rename(self.next_private_key(), &path).map_err(io(&path))
+        fs::rename(self.next_private_key(), &path).map_err(io(&path))?;
+        // Done once renamed: a failed sync of the directory must not have the rename tried again.
+        if let Err(e) = File::open(&self.root).and_then(|dir| dir.sync_all()) {
+            warn!(dir = %self.root.display(), error = %e, "syncing the state directory after the key switch");
+        }
+        Ok(())
     }
 
-    /// Forget an abandoned rotation.
-    pub fn discard_next_private_key(&self) {
-        let _ = fs::remove_file(self.next_private_key());
+    /// Forget an abandoned rotation (none saved is fine).
+    pub fn discard_next_private_key(&self) -> Result<(), StateDirError> {
+        let path = self.next_private_key();
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(io(&path)(e)),
+            _ => Ok(()),
+        }
     }
 
     /// Save what this member host knows of its network (0600, replaced atomically).
@@ -209,14 +243,55 @@ impl StateDir {
         }
     }
 
-    /// Replace `path` with `bytes` atomically (a temporary file renamed over it), mode 0600.
+    /// Replace `path` with `bytes` atomically, mode 0600: a new temporary file, written and synced, is
+    /// renamed over it and the directory synced. On any failure the temporary file is removed and `path`
+    /// is as it was.
     fn replace_private_file(&self, path: &Path, bytes: &[u8]) -> Result<(), StateDirError> {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
         let tmp = self.root.join(format!(".{name}.tmp"));
-        let mut file =
-            OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
-        file.write_all(bytes).and_then(|()| file.sync_all()).map_err(io(&tmp))?;
-        fs::rename(&tmp, path).map_err(io(path))
+        // One left by a crash (its mode unknown) is replaced, never reused.
+        let _ = fs::remove_file(&tmp);
+        let written = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut file| file.write_all(bytes).and_then(|()| file.sync_all()))
+            .map_err(io(&tmp))
+            .and_then(|()| fs::rename(&tmp, path).map_err(io(path)));
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written?;
+        File::open(&self.root).and_then(|dir| dir.sync_all()).map_err(io(&self.root))
+    }
+
+    /// Log the outcome of saving `path` (holding `what`, for the operator) without repeating itself: the
+    /// first failure is a warning, the next ones debug lines, and the first success after them says so.
+    pub fn log_save(&self, path: &Path, what: &str, saved: &Result<(), StateDirError>) {
+        let mut unsaved = self.unsaved.lock().unwrap_or_else(PoisonError::into_inner);
+        match saved {
+            Ok(()) => {
+                if unsaved.remove(path) {
+                    info!(path = %path.display(), "saved {what} again");
+                }
+            }
+            Err(e) if unsaved.insert(path.to_path_buf()) => warn!(error = %e, "cannot save {what}; trying again later"),
+            Err(e) => debug!(error = %e, "still cannot save {what}"),
+        }
+    }
+
+    /// Say once that this member's state directory is read-only and what it therefore cannot save; the
+    /// failures to save those files are then not reported again (see [`StateDir::log_save`]).
+    pub fn warn_read_only_member(&self) {
+        warn!(
+            dir = %self.root.display(),
+            "the state directory is read-only: running from the cached state and keys; until it is writable again, \
+             meshd cannot save the network's changes (member.json), where peers were last seen \
+             (peer-endpoints.json) nor a new key (private.key.next: key rotations wait)"
+        );
+        let mut unsaved = self.unsaved.lock().unwrap_or_else(PoisonError::into_inner);
+        unsaved.extend([self.member_state(), self.peer_endpoints(), self.next_private_key()]);
     }
 
     /// What this member host knows of its network.
@@ -235,13 +310,25 @@ impl StateDir {
     }
 
     /// The daemon's exclusive lock: refused at once while another daemon holds it; waits briefly for
-    /// `meshctl` calls working offline (shared holders) to finish.
+    /// `meshctl` calls working offline (shared holders) to finish. On a read-only file system the lock
+    /// file is opened for reading (flock works on it), or, if it was never made, the directory itself is
+    /// locked; [`StateLock::read_only`] then says so.
     pub fn lock_daemon(&self) -> Result<StateLock, StateDirError> {
-        let file = self.open_lock()?;
+        let (file, read_only) = match self.open_lock() {
+            Ok(file) => (file, false),
+            Err(StateDirError::Io { source, .. }) if source.kind() == ErrorKind::ReadOnlyFilesystem => {
+                let file = match File::open(self.lock_path()) {
+                    Err(e) if e.kind() == ErrorKind::NotFound => File::open(&self.root).map_err(io(&self.root))?,
+                    opened => opened.map_err(io(&self.lock_path()))?,
+                };
+                (file, true)
+            }
+            Err(e) => return Err(e),
+        };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             match file.try_lock() {
-                Ok(()) => return Ok(StateLock(file)),
+                Ok(()) => return Ok(StateLock { _file: file, read_only }),
                 Err(fs::TryLockError::WouldBlock) => {}
                 Err(fs::TryLockError::Error(e)) => return Err(io(&self.lock_path())(e)),
             }
@@ -259,7 +346,7 @@ impl StateDir {
     pub fn lock_offline(&self) -> Result<Option<StateLock>, StateDirError> {
         let file = self.open_lock()?;
         match file.try_lock_shared() {
-            Ok(()) => Ok(Some(StateLock(file))),
+            Ok(()) => Ok(Some(StateLock::new(file))),
             Err(fs::TryLockError::WouldBlock) => Ok(None),
             Err(fs::TryLockError::Error(e)) => Err(io(&self.lock_path())(e)),
         }
@@ -271,7 +358,7 @@ impl StateDir {
     pub fn lock_hand_out(&self) -> Result<StateLock, StateDirError> {
         let dir = File::open(&self.root).map_err(io(&self.root))?;
         dir.lock().map_err(io(&self.root))?;
-        Ok(StateLock(dir))
+        Ok(StateLock::new(dir))
     }
 
     fn open_lock(&self) -> Result<File, StateDirError> {
@@ -332,6 +419,35 @@ mod tests {
         assert_eq!(dir.read_peer_endpoints(), seen);
         fs::write(dir.peer_endpoints(), "{not json").unwrap();
         assert!(dir.read_peer_endpoints().is_empty());
+    }
+
+    #[test]
+    fn a_pending_key_is_written_whole_or_not_at_all_and_a_damaged_one_is_told_apart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        assert!(dir.read_next_private_key().unwrap().is_none());
+        dir.discard_next_private_key().unwrap();
+        let key = PrivateKey::generate();
+        dir.write_next_private_key(&key).unwrap();
+        assert_eq!(fs::metadata(dir.next_private_key()).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(dir.read_next_private_key().unwrap(), Some(key.clone()));
+        // A write that fails (here the rename, onto a directory) leaves no file of its own behind.
+        dir.discard_next_private_key().unwrap();
+        fs::create_dir_all(dir.next_private_key().join("in-the-way")).unwrap();
+        assert!(dir.write_next_private_key(&key).is_err());
+        fs::remove_dir_all(dir.next_private_key()).unwrap();
+        let left: Vec<_> = fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+        // What a write in place left on a full disk, or any other damage, reads as no key.
+        for damaged in ["", "not a key\n", &key.to_base64()[..20]] {
+            write_private(&dir.next_private_key(), damaged);
+            assert!(matches!(dir.read_next_private_key(), Err(StateDirError::BadKey(_))), "{damaged:?}");
+        }
+    }
+
+    fn write_private(path: &Path, text: &str) {
+        fs::write(path, text).unwrap();
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use anyhow::{Context, anyhow};
+use anyhow::anyhow;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, warn};
 
@@ -64,7 +64,7 @@ pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host
 
 /// Carry out every effect the member asks for, in order, reporting back what it needs to know. Nothing
 /// here waits on the hub: a message goes into the current session's queue or is dropped. An error ends
-/// the daemon: the host was removed from the network, or a settled key could not be saved.
+/// the daemon: the host was removed from the network.
 async fn carry_out(
     member: &mut Member,
     state: &StateDir,
@@ -85,15 +85,18 @@ async fn carry_out(
                 }
             }
             Effect::OfferKey(key) => {
-                let offered = match state.write_next_private_key(&key) {
-                    Ok(()) => outgoing
-                        .try_send(ToHub::NewKey { public_key: key.public_key() }.into())
-                        .map_err(|_| anyhow!("no session with the hub")),
-                    Err(e) => Err(e.into()),
-                };
-                if let Err(e) = offered {
-                    warn!(error = format!("{e:#}"), "starting the key rotation");
-                    member.handle_offer_failed();
+                let saved = state.write_next_private_key(&key);
+                state.log_save(&state.next_private_key(), "a new key", &saved);
+                let offered = saved.is_ok()
+                    && match outgoing.try_send(ToHub::NewKey { public_key: key.public_key() }.into()) {
+                        Ok(()) => true,
+                        Err(_) => {
+                            warn!("no session with the hub: the new key was not offered");
+                            false
+                        }
+                    };
+                if !offered {
+                    member.handle_offer_failed(Instant::now());
                 }
             }
             Effect::UseKey(key) => {
@@ -103,12 +106,19 @@ async fn carry_out(
                 }
                 member.handle_key_used(used.is_ok(), Instant::now());
             }
-            Effect::DiscardNextKey => state.discard_next_private_key(),
-            Effect::PromoteNextKey => state.promote_next_private_key().context("saving the new key")?,
-            Effect::CacheState => {
-                if let Err(e) = state.write_member_state(member.member_state()) {
-                    warn!(error = %e, "caching the network's state");
+            Effect::DiscardNextKey => {
+                if let Err(e) = state.discard_next_private_key() {
+                    warn!(error = %e, "removing the dropped new key");
                 }
+            }
+            Effect::PromoteNextKey => {
+                let saved = state.promote_next_private_key();
+                state.log_save(&state.private_key(), "the new key as this host's key", &saved);
+                member.handle_promoted(saved.is_ok(), Instant::now());
+            }
+            Effect::CacheState => {
+                let saved = state.write_member_state(member.member_state());
+                state.log_save(&state.member_state(), "the network's changes", &saved);
             }
             Effect::Reconcile => match host.reconcile(&member.member_state().state.snapshot()).await {
                 // New peers get a tunnel at once; a replaced peer lost its session on this side only and

@@ -14,11 +14,11 @@ mod paths;
 use anyhow::{Context, anyhow};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::controller::Controller;
 use crate::controller::store::StoreError;
-use crate::host::statedir::StateDir;
+use crate::host::statedir::{StateDir, StateDirError};
 use crate::host::wg::Backend;
 use apply::{Host, plan_host};
 use meshd_core::keys::PrivateKey;
@@ -36,10 +36,14 @@ pub struct RunOptions {
 }
 
 /// Run the daemon on `state` until SIGINT or SIGTERM: the controller and hub where the network's
-/// database is, a member host where `meshd join` left its membership.
+/// database is, a member host where `meshd join` left its membership. A member runs from a read-only
+/// state directory too (saying once what it cannot save); the controller refuses one.
 pub async fn run(state: &StateDir, options: RunOptions) -> anyhow::Result<()> {
-    let _lock = state.lock_daemon()?;
+    let lock = state.lock_daemon()?;
     if state.db().exists() {
+        if lock.read_only() {
+            return Err(StateDirError::ReadOnly(state.root().to_path_buf()).into());
+        }
         let mut controller = Controller::open(&state.db())?;
         let snapshot = controller.snapshot()?;
         let key = state.read_private_key()?;
@@ -48,8 +52,11 @@ pub async fn run(state: &StateDir, options: RunOptions) -> anyhow::Result<()> {
         host.shut_down().await;
         result
     } else if state.member_state().exists() {
+        if lock.read_only() {
+            state.warn_read_only_member();
+        }
         let cached = state.read_member_state()?;
-        let (key, next) = (state.read_private_key()?, state.read_next_private_key()?);
+        let (key, next) = (state.read_private_key()?, pending_key(state)?);
         // The member's state machine decides which key the interface starts with (a rotation may have
         // been under way).
         let member = Member::new(cached, key, next, std::time::Instant::now());
@@ -61,6 +68,22 @@ pub async fn run(state: &StateDir, options: RunOptions) -> anyhow::Result<()> {
         result
     } else {
         Err(StoreError::NotInitialized(state.root().to_path_buf()).into())
+    }
+}
+
+/// The key of a rotation that was under way (`private.key.next`), if any. One that is empty, cut or not
+/// a key was never offered (it is complete before it is): it is discarded with a warning, and a rotation
+/// the network still asks for starts over.
+fn pending_key(state: &StateDir) -> Result<Option<PrivateKey>, StateDirError> {
+    match state.read_next_private_key() {
+        Err(StateDirError::BadKey(path)) => {
+            warn!(path = %path.display(), "discarding a damaged pending key; a rotation still asked for starts over");
+            if let Err(e) = state.discard_next_private_key() {
+                warn!(error = %e, "cannot remove the damaged pending key; it is ignored");
+            }
+            Ok(None)
+        }
+        read => read,
     }
 }
 

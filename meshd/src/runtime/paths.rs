@@ -136,12 +136,14 @@ async fn remember(state: &StateDir, saved: PeerEndpoints, readings: &BTreeMap<Pu
         return saved;
     }
     let (state, write) = (state.clone(), now.clone());
-    match tokio::task::spawn_blocking(move || state.write_peer_endpoints(&write)).await {
-        Ok(Ok(())) => now,
-        Ok(Err(e)) => {
-            warn!(error = %e, "saving peer endpoints");
-            saved
-        }
+    let written = tokio::task::spawn_blocking(move || {
+        let written = state.write_peer_endpoints(&write);
+        state.log_save(&state.peer_endpoints(), "where peers were last seen", &written);
+        written.is_ok()
+    });
+    match written.await {
+        Ok(true) => now,
+        Ok(false) => saved,
         Err(e) => {
             warn!(error = %e, "saving peer endpoints");
             saved
