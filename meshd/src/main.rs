@@ -185,7 +185,7 @@ fn join(
     owner::check_free(Path::new(owner::RUN_DIR), &interface)
         .map_err(|e| anyhow::anyhow!("{e}; stop that one first, or join with another --interface"))?;
     if let Some(cidr) = &token.cidr {
-        refuse_overlap(&token.network, cidr, "this host cannot join it")?;
+        refuse_overlap(&token.network, cidr, "this host cannot join it; free that range on this host first")?;
     }
     let key = PrivateKey::generate();
     let request = JoinRequest {
@@ -208,7 +208,7 @@ fn join(
     // A token from a controller of before the range was carried: checked now, when it is spent.
     if token.cidr.is_none() {
         let spent = format!(
-            "this host was registered as {} but not set up: remove it with `meshctl node remove {}`",
+            "this host was registered as {} but not set up: remove it with `meshctl node remove {}` and free that range on this host before joining again",
             member.me, member.me
         );
         refuse_overlap(&token.network, &member.state.network.cidr, &spent)?;
@@ -237,11 +237,11 @@ fn join(
 
 /// A mesh range that overlaps a network this host routes would send the member's mesh traffic (its
 /// route to the hub included) to that network, or that network's traffic into the mesh: refused,
-/// naming the interface and the network, as `init` does; `consequence` says what it means here.
-fn refuse_overlap(network: &str, cidr: &ipnet::Ipv4Net, consequence: &str) -> anyhow::Result<()> {
+/// naming the interface and the network, as `init` does; `what_now` says what the operator does.
+fn refuse_overlap(network: &str, cidr: &ipnet::Ipv4Net, what_now: &str) -> anyhow::Result<()> {
     match hostnet::overlapping(cidr, &hostnet::ipv4_routes()) {
         Some(route) => anyhow::bail!(
-            "network {network} uses {cidr}, which overlaps {} on interface {}: {consequence} (its mesh traffic would go to that network); free that range on this host, or create the network with another --cidr",
+            "network {network} uses {cidr}, which overlaps {} on interface {} (the mesh traffic would go there): {what_now}",
             route.network,
             route.interface
         ),

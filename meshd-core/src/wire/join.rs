@@ -37,7 +37,8 @@ pub struct StandingRequest {
     pub standing: Vec<PublicKey>,
 }
 
-/// Where a member's key stands in the network.
+/// Where a member's key stands in the network; declared from the standing that says most to the one
+/// that says least (see [`Standing::best`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Standing {
@@ -59,16 +60,29 @@ impl Standing {
     }
 }
 
-/// What the join service is asked: a join (an invite's redemption), or a member's standing. The
-/// request is told apart by its fields (a join's `id`, a standing's `standing`), so joining hosts of
-/// every version send what they always sent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What the join service is asked: a join (an invite's redemption), or a member's standing. Both are
+/// sent as they are, without a tag (joining hosts of every version send what they always sent); a
+/// request with a `standing` field is a standing question, any other a join, so a malformed join is
+/// refused with what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum ToJoinService {
     /// A host redeems its invite.
     Join(JoinRequest),
     /// A member asks where its key stands.
     Standing(StandingRequest),
+}
+
+impl<'de> Deserialize<'de> for ToJoinService {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<ToJoinService, D::Error> {
+        use serde::de::Error;
+        let value = serde_json::Value::deserialize(deserializer)?;
+        if value.get("standing").is_some() {
+            StandingRequest::deserialize(value).map(ToJoinService::Standing).map_err(D::Error::custom)
+        } else {
+            JoinRequest::deserialize(value).map(ToJoinService::Join).map_err(D::Error::custom)
+        }
+    }
 }
 
 /// The controller's answer.
@@ -124,6 +138,8 @@ mod tests {
         let text = serde_json::to_string(&standing).unwrap();
         assert_eq!(serde_json::from_str::<ToJoinService>(&text).unwrap(), standing);
         assert!(serde_json::from_str::<ToJoinService>(r#"{"standing":"nope"}"#).is_err());
+        let missing = serde_json::from_str::<ToJoinService>(r#"{"id":"ab"}"#).unwrap_err().to_string();
+        assert!(missing.contains("missing field `secret`"), "a malformed join says what is wrong: {missing}");
         let reply = serde_json::to_string(&JoinReply::Standing(Standing::Removed)).unwrap();
         assert_eq!(reply, r#"{"standing":"removed"}"#);
     }

@@ -183,3 +183,42 @@ async fn delivered(delivery: &mut Option<oneshot::Receiver<()>>) -> bool {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::links::join::{JoinCall, JoinIdentity};
+    use meshd_core::fixtures::named_key;
+
+    /// A join service on loopback that says every key was removed; its address and identity.
+    async fn says_removed() -> (String, JoinIdentity) {
+        let identity = JoinIdentity::generate().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (calls_tx, mut calls) = mpsc::channel::<JoinCall<ToJoinService, JoinReply>>(4);
+        tokio::spawn(join::serve(listener, identity.clone(), calls_tx, JoinReply::Refused));
+        tokio::spawn(async move {
+            while let Some((_, _, reply)) = calls.recv().await {
+                let _ = reply.send(JoinReply::Standing(Standing::Removed));
+            }
+        });
+        (addr, identity)
+    }
+
+    #[tokio::test]
+    async fn only_the_server_proving_the_tokens_certificate_is_believed() {
+        let (addr, identity) = says_removed().await;
+        let join: meshd_core::input::HostPort = addr.parse().unwrap();
+        let keys = vec![named_key("vps")];
+        let hub = HubContact { join: join.clone(), fingerprint: identity.fingerprint() };
+        assert_eq!(ask_standing(&hub, keys.clone()).await, Some(Standing::Removed));
+        // The same answer from a server with another certificate (an attacker on the path) is no answer.
+        let other = JoinIdentity::generate().unwrap().fingerprint();
+        assert_eq!(ask_standing(&HubContact { join, fingerprint: other }, keys.clone()).await, None);
+        // Nobody listening: no answer either.
+        let gone = HubContact { join: "127.0.0.1:1".parse().unwrap(), fingerprint: identity.fingerprint() };
+        assert_eq!(ask_standing(&gone, keys).await, None);
+    }
+}
