@@ -136,6 +136,8 @@ pub struct Member {
     /// When to ask where this host stands: none while a session is up, while a question is out, or
     /// without the join service's address (a member that joined before meshd kept it).
     ask_standing_at: Option<Instant>,
+    /// A question is out (answered by [`Member::handle_standing`]).
+    asking: bool,
     /// The last standing heard, so a lasting one is logged once.
     heard: Option<Standing>,
     removed: bool,
@@ -157,6 +159,7 @@ impl Member {
             open_tunnels_at: Some(now + TUNNELS_WITHOUT_CONTROLLER),
             connected: false,
             ask_standing_at,
+            asking: false,
             heard: None,
             removed: false,
             effects: VecDeque::new(),
@@ -233,7 +236,7 @@ impl Member {
     /// session); a switch not yet known to have arrived may still have: both keys are kept.
     pub fn handle_disconnected(&mut self, now: Instant) {
         self.connected = false;
-        if self.member.hub.is_some() && self.ask_standing_at.is_none() {
+        if self.member.hub.is_some() && self.ask_standing_at.is_none() && !self.asking {
             self.ask_standing_at = Some(now + STANDING_WITHOUT_SESSION);
         }
         match std::mem::replace(&mut self.rotation, Rotation::Idle) {
@@ -322,6 +325,7 @@ impl Member {
     /// a malformed reply). Removed: the member stops ([`Effect::Removed`]); nothing else changes what it
     /// does, and without a session it asks again after [`STANDING_AGAIN`].
     pub fn handle_standing(&mut self, answer: Option<Standing>, now: Instant) {
+        self.asking = false;
         if self.removed {
             return;
         }
@@ -375,6 +379,7 @@ impl Member {
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.ask_standing_at.is_some_and(|at| at <= now) && !self.removed {
             self.ask_standing_at = None;
+            self.asking = true;
             let mut keys = vec![self.key.public_key()];
             if let Rotation::Unsettled { new, .. } = &self.rotation {
                 keys.push(new.public_key());
@@ -586,6 +591,13 @@ mod tests {
         m.handle_disconnected(ended);
         assert_eq!(m.poll_timeout(), Some(ended + STANDING_WITHOUT_SESSION));
         m.handle_timeout(ended + STANDING_WITHOUT_SESSION);
+        assert_eq!(asked(&mut m), [Effect::AskStanding(vec![key.public_key()])]);
+        // The session ends again while the question is out: one question at a time.
+        m.handle_disconnected(ended + STANDING_WITHOUT_SESSION);
+        assert_eq!(m.poll_timeout(), None);
+        m.handle_standing(None, ended + STANDING_WITHOUT_SESSION);
+        assert_eq!(m.poll_timeout(), Some(ended + STANDING_WITHOUT_SESSION + STANDING_AGAIN));
+        m.handle_timeout(ended + STANDING_WITHOUT_SESSION + STANDING_AGAIN);
         assert_eq!(asked(&mut m), [Effect::AskStanding(vec![key.public_key()])]);
         // The session is back before the answer: the answer plans no further question.
         m.handle_connected(ended + STANDING_WITHOUT_SESSION);

@@ -158,7 +158,8 @@ async fn ask_standing(contact: &HubContact, keys: Vec<PublicKey>) -> Option<Stan
     match join::call::<_, JoinReply>(&addr, &contact.fingerprint, &request, STANDING_TIMEOUT).await {
         Ok(JoinReply::Standing(standing)) => Some(standing),
         Ok(JoinReply::Refused(reason)) => {
-            warn!(%addr, %reason, "the controller's join service refused to say where this host stands");
+            // A controller from before standing questions refuses them as malformed joins.
+            debug!(%addr, %reason, "the controller's join service did not say where this host stands");
             None
         }
         Ok(JoinReply::Joined(_)) => {
