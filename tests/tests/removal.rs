@@ -2,7 +2,8 @@
 //!
 //! A hub and two members (`vps1`, `vps2`), each member on its own link to the hub. A second daemon on
 //! vps1's interface (`meshd join --interface` into a new state directory, `meshd run` on a copy of its
-//! state) is refused in one line naming the interface, and the first keeps passing traffic. vps1 is
+//! state) is refused in one line naming the interface, and the first keeps passing traffic (another
+//! namespace may use the name: interface names are per namespace). vps1 is
 //! removed while it runs: within seconds its daemon exits with the reason in its log and its interface
 //! and rules are gone (before the fix it ran on, retrying handshakes, with nothing in its log). vps2 is
 //! disabled: its log says so and it keeps running; enabled again, it is back. Then vps2 is stopped,
@@ -109,6 +110,12 @@ fn removed_and_disabled_hosts_hear_of_it_and_an_interface_has_one_daemon() {
     assert_one_line_error(&out, &[&vps1.ifname, "another meshd"]);
     daemon1.assert_running("a second daemon was refused its interface");
     assert!(vps1.pings(&hub_v4), "vps1's daemon stopped passing traffic after the refused second daemon");
+    // Interface names are per network namespace: another host (namespace) may join with the same name.
+    let other = Host::new("other", root, "rm");
+    veth(&hub.ns, &other.ns, "172.31.243.1/24", "172.31.243.2/24");
+    other.ns.ip(&["route", "add", "default", "via", "172.31.243.1"]);
+    let out = other.join_as(token.trim(), &other.state, &vps1.ifname, None);
+    assert!(out.status.success(), "a join naming vps1's interface in another namespace: {}", describe(&out));
 
     // Removed while it runs: vps1 exits with the reason, its interface and rules gone.
     run_ok(meshctl(&hub.state).args(["node", "remove", "vps1"]));
