@@ -2,21 +2,21 @@
 //! `meshd run` runs this host's part of it in the foreground.
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use meshd::controller::{Controller, NewNetwork};
-use meshd::host::hostnet;
 use meshd::host::statedir::{DEFAULT_STATE_DIR, StateDir};
 use meshd::host::wg::Backend;
+use meshd::host::{hostnet, owner};
 use meshd::runtime::RunOptions;
 use meshd_core::input::{self, HostPort, Label};
 use meshd_core::keys::PrivateKey;
 use meshd_core::wire::invite::Token;
-use meshd_core::wire::join::{JoinReply, JoinRequest};
+use meshd_core::wire::join::{HubContact, JoinReply, JoinRequest};
 
 #[derive(Parser)]
 #[command(name = "meshd", version, about = "WireGuard mesh controller and node daemon")]
@@ -179,8 +179,14 @@ fn join(
         token.to_owned()
     };
     let token = Token::decode(&text)?;
-    // Refuse an unusable state directory before the one-time token is spent.
+    // Refuse what would not work before the one-time token is spent: an unusable state directory, an
+    // interface another meshd runs, a mesh range this host already routes elsewhere.
     state.check_new()?;
+    owner::check_free(Path::new(owner::RUN_DIR), &interface)
+        .map_err(|e| anyhow::anyhow!("{e}; stop that one first, or join with another --interface"))?;
+    if let Some(cidr) = &token.cidr {
+        refuse_overlap(&token.network, cidr, "this host cannot join it; free that range on this host first")?;
+    }
     let key = PrivateKey::generate();
     let request = JoinRequest {
         id: token.id.clone(),
@@ -194,10 +200,22 @@ fn join(
     let reply: JoinReply = runtime
         .block_on(meshd::links::join::call(&token.join.to_string(), &token.fingerprint, &request, JOIN_TIMEOUT))
         .with_context(|| format!("joining network {} at {}", token.network, token.join))?;
-    let member = match reply {
+    let mut member = match reply {
         JoinReply::Joined(member) => member,
         JoinReply::Refused(reason) => anyhow::bail!("the controller refused to join this host: {reason}"),
+        JoinReply::Standing(_) => anyhow::bail!("the controller at {} answered a join with something else", token.join),
     };
+    // A token from a controller of before the range was carried: checked now, when it is spent.
+    if token.cidr.is_none() {
+        let spent = format!(
+            "this host was registered as {} but not set up: remove it with `meshctl node remove {}` and free that range on this host before joining again",
+            member.me, member.me
+        );
+        refuse_overlap(&token.network, &member.state.network.cidr, &spent)?;
+    }
+    // Where this member asks where it stands when it has no sync session: the token's join address and
+    // certificate, which it authenticated the controller by.
+    member.hub = Some(HubContact { join: token.join.clone(), fingerprint: token.fingerprint.clone() });
     state.create()?;
     let saved = state.write_private_key(&key).and_then(|()| state.write_member_state(&member));
     if let Err(e) = saved {
@@ -215,6 +233,20 @@ fn join(
     }
     println!("  start it:  meshd run --state-dir {}", state.root().display());
     Ok(())
+}
+
+/// A mesh range that overlaps a network this host routes would send the member's mesh traffic (its
+/// route to the hub included) to that network, or that network's traffic into the mesh: refused,
+/// naming the interface and the network, as `init` does; `what_now` says what the operator does.
+fn refuse_overlap(network: &str, cidr: &ipnet::Ipv4Net, what_now: &str) -> anyhow::Result<()> {
+    match hostnet::overlapping(cidr, &hostnet::ipv4_routes()) {
+        Some(route) => anyhow::bail!(
+            "network {network} uses {cidr}, which overlaps {} on interface {} (the mesh traffic would go there): {what_now}",
+            route.network,
+            route.interface
+        ),
+        None => Ok(()),
+    }
 }
 
 fn run(state: &StateDir, options: RunOptions) -> anyhow::Result<()> {

@@ -85,11 +85,13 @@ mod tests {
         s.nodes.iter().map(|n| s.node_view(n)).collect()
     }
 
-    /// The STATE column of `name` in the node table.
+    /// The STATE column of `name` in the node table (between the STATE and LAST HEARD headings).
     fn state_column(dir: &TempDir, name: &str) -> String {
         let table = nodes_table(&views(dir));
+        let header = table.lines().next().unwrap();
+        let (from, to) = (header.find("STATE").unwrap(), header.find("LAST HEARD").unwrap());
         let line = table.lines().find(|l| l.split_whitespace().next() == Some(name)).unwrap();
-        line.split_whitespace().skip(5).collect::<Vec<_>>().join(" ")
+        line[from..to].trim().to_owned()
     }
 
     #[test]

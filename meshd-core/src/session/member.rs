@@ -10,19 +10,28 @@
 //! one of them (the hub accepts only the key it has). Until then, every [`ROTATION_CONFIRM`] without
 //! knowing, it tries the other key.
 //!
+//! A member learns that it was removed from a state that lacks it; but the hub drops a removed member's
+//! peer at once, so that state rarely reaches it, and a member that was away never gets it. So a member
+//! without a sync session (for [`STANDING_WITHOUT_SESSION`] after start or after a session ended, then
+//! every [`STANDING_AGAIN`]) asks the controller's join service, outside the mesh and authenticated by
+//! the join certificate's fingerprint from its token, where its key stands: removed, it stops; disabled,
+//! it says so once and waits. Only an answer the daemon authenticated counts; a failed question changes
+//! nothing but the time of the next.
+//!
 //! Driven by [`Member::handle_connected`], [`Member::handle_disconnected`], [`Member::handle_message`],
 //! the reports of effects it asked for ([`Member::handle_acknowledged`], [`Member::handle_key_used`],
-//! [`Member::handle_offer_failed`]) and [`Member::handle_timeout`] at [`Member::poll_timeout`]; what the
-//! host must do comes out of [`Member::poll_effect`], in order. Time comes in as an argument.
+//! [`Member::handle_offer_failed`], [`Member::handle_standing`]) and [`Member::handle_timeout`] at
+//! [`Member::poll_timeout`]; what the host must do comes out of [`Member::poll_effect`], in order. Time
+//! comes in as an argument.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::input::Label;
-use crate::keys::PrivateKey;
-use crate::wire::join::MemberState;
+use crate::keys::{PrivateKey, PublicKey};
+use crate::wire::join::{MemberState, Standing};
 use crate::wire::sync::{self, ToHub, ToMember};
 
 /// When a member opens its tunnels: shortly after its session with the hub starts (peers have had a
@@ -38,6 +47,12 @@ pub const ROTATION_CONFIRM: Duration = Duration::from_secs(30);
 /// directory, no session), before it makes and offers another one while the network still asks. A new
 /// session or a change of the network tries sooner.
 pub const OFFER_RETRY: Duration = Duration::from_secs(30);
+/// How long a member goes without a sync session, after start or after one ended, before it asks the
+/// controller's join service where it stands. Short: the question is one TLS exchange, and a removed
+/// member should stop within seconds of noticing that its session is gone.
+pub const STANDING_WITHOUT_SESSION: Duration = Duration::from_secs(2);
+/// How often a member asks again while it still has no session (the hub away, the member disabled).
+pub const STANDING_AGAIN: Duration = Duration::from_secs(30);
 
 /// What the host must do for the member, in the order given.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,7 +83,11 @@ pub enum Effect {
     Reconcile,
     /// Open a tunnel to every peer whose endpoint the interface knows.
     OpenKnownTunnels,
-    /// This host is no longer a member of the network: stop.
+    /// Ask the controller's join service ([`MemberState::hub`]) where these keys stand (the key the
+    /// network knows this host by, and the other key of a rotation under way); report the answer with
+    /// [`Member::handle_standing`]: the server's, if it proved the join certificate, else none.
+    AskStanding(Vec<PublicKey>),
+    /// This host is no longer a member of the network: take it down and stop.
     Removed {
         /// The network it left.
         network: Label,
@@ -127,6 +146,15 @@ pub struct Member {
     /// When to try that again after it failed.
     promote_again_at: Option<Instant>,
     open_tunnels_at: Option<Instant>,
+    /// A sync session with the hub is up.
+    connected: bool,
+    /// When to ask where this host stands: none while a session is up, while a question is out, or
+    /// without the join service's address (a member that joined before meshd kept it).
+    ask_standing_at: Option<Instant>,
+    /// A question is out (answered by [`Member::handle_standing`]).
+    asking: bool,
+    /// The last standing heard, so a lasting one is logged once.
+    heard: Option<Standing>,
     removed: bool,
     effects: VecDeque<Effect>,
 }
@@ -137,6 +165,7 @@ impl Member {
     /// with is [`Member::interface_key`]: the next key if the cached state names it (the rotation is
     /// then finished), else `key`, keeping `next` until the member knows which one the hub has.
     pub fn new(member: MemberState, key: PrivateKey, next: Option<PrivateKey>, now: Instant) -> Member {
+        let ask_standing_at = member.hub.is_some().then(|| now + STANDING_WITHOUT_SESSION);
         let mut m = Member {
             digest: sync::digest(&member.state),
             member,
@@ -147,6 +176,10 @@ impl Member {
             promoting: false,
             promote_again_at: None,
             open_tunnels_at: Some(now + TUNNELS_WITHOUT_CONTROLLER),
+            connected: false,
+            ask_standing_at,
+            asking: false,
+            heard: None,
             removed: false,
             effects: VecDeque::new(),
         };
@@ -195,6 +228,11 @@ impl Member {
     /// sent). The hub admits only the key it has, so the key the interface used at `at` is the one it
     /// has: the current one, or the other if the interface switched keys after `at`.
     pub fn handle_connected(&mut self, at: Instant) {
+        self.connected = true;
+        self.ask_standing_at = None;
+        if self.heard.take() == Some(Standing::Disabled) {
+            info!("the hub takes this host back: it was enabled again");
+        }
         if self.open_tunnels_at.is_some() {
             self.open_tunnels_at = Some(at + TUNNELS_AFTER_CONNECT);
         }
@@ -216,6 +254,10 @@ impl Member {
     /// The session with the hub ended. An offer made in it is void (the hub forgets it with the
     /// session); a switch not yet known to have arrived may still have: both keys are kept.
     pub fn handle_disconnected(&mut self, now: Instant) {
+        self.connected = false;
+        if self.member.hub.is_some() && self.ask_standing_at.is_none() && !self.asking {
+            self.ask_standing_at = Some(now + STANDING_WITHOUT_SESSION);
+        }
         match std::mem::replace(&mut self.rotation, Rotation::Idle) {
             Rotation::Offered(_) => self.effects.push_back(Effect::DiscardNextKey),
             Rotation::Acknowledging(new) => {
@@ -298,6 +340,44 @@ impl Member {
         }
     }
 
+    /// The answer to [`Effect::AskStanding`]: the standing the controller's join service gave, once the
+    /// daemon authenticated it, or `None` (no answer, a server that did not prove the join certificate,
+    /// a malformed reply). Removed: the member stops ([`Effect::Removed`]); nothing else changes what it
+    /// does, and without a session it asks again after [`STANDING_AGAIN`].
+    pub fn handle_standing(&mut self, answer: Option<Standing>, now: Instant) {
+        self.asking = false;
+        if self.removed {
+            return;
+        }
+        let network = &self.member.state.network.name;
+        match answer {
+            Some(Standing::Removed) => {
+                error!(%network, "the controller says this host was removed from the network");
+                self.removed = true;
+                self.ask_standing_at = None;
+                self.effects.push_back(Effect::Removed { network: network.clone() });
+                return;
+            }
+            Some(Standing::Disabled) if self.heard != answer => {
+                warn!(%network, node = %self.member.me, "this host is disabled in the network: it waits until the operator enables it again (meshctl node enable)");
+            }
+            Some(Standing::Unknown) if self.heard != answer => {
+                warn!(%network, "the controller does not know this host's key; waiting for the hub");
+            }
+            Some(Standing::Member) => {
+                debug!("the controller counts this host as a member; waiting for the sync session")
+            }
+            None => debug!("no authenticated answer from the controller's join service; asking again later"),
+            Some(_) => {}
+        }
+        if answer.is_some() {
+            self.heard = answer;
+        }
+        if !self.connected {
+            self.ask_standing_at = Some(now + STANDING_AGAIN);
+        }
+    }
+
     /// Saving or sending the key of [`Effect::OfferKey`] failed at `now`: it was not offered. The
     /// rotation is postponed: another key is made and offered after [`OFFER_RETRY`], at the next
     /// session or at the next change of the network, whichever comes first, while the network asks.
@@ -341,12 +421,25 @@ impl Member {
             Rotation::Unsettled { since, .. } => Some(*since + ROTATION_CONFIRM),
             _ => None,
         };
-        [self.open_tunnels_at, try_other_by, self.offer_again_at, self.promote_again_at].into_iter().flatten().min()
+        [self.open_tunnels_at, try_other_by, self.offer_again_at, self.promote_again_at, self.ask_standing_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Time passed to `now`: open the tunnels once it is time; offer a postponed new key again; while it
-    /// is not known which key the hub has, try the other one every [`ROTATION_CONFIRM`].
+    /// is not known which key the hub has, try the other one every [`ROTATION_CONFIRM`]; without a
+    /// session, ask where this host stands.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.ask_standing_at.is_some_and(|at| at <= now) && !self.removed {
+            self.ask_standing_at = None;
+            self.asking = true;
+            let mut keys = vec![self.key.public_key()];
+            if let Rotation::Unsettled { new, .. } = &self.rotation {
+                keys.push(new.public_key());
+            }
+            self.effects.push_back(Effect::AskStanding(keys));
+        }
         if self.open_tunnels_at.is_some_and(|at| at <= now) {
             self.open_tunnels_at = None;
             self.effects.push_back(Effect::OpenKnownTunnels);
@@ -467,7 +560,7 @@ mod tests {
         let key = PrivateKey::generate();
         let mut state = sample_state();
         state.nodes[1].public_key = key.public_key();
-        (Member::new(MemberState { me: label("vps"), state }, key.clone(), None, now), key)
+        (Member::new(MemberState { me: label("vps"), state, hub: None }, key.clone(), None, now), key)
     }
 
     fn effects(member: &mut Member) -> Vec<Effect> {
@@ -510,6 +603,101 @@ mod tests {
         gone.nodes.retain(|n| n.name.as_str() != "vps");
         m.handle_message(ToMember::State { digest: sync::digest(&gone), state: gone });
         assert_eq!(effects(&mut m), [Effect::CacheState, Effect::Removed { network: label("home") }]);
+    }
+
+    /// A member that knows the controller's join service (it joined with a token that named it).
+    fn member_with_contact(now: Instant) -> (Member, PrivateKey) {
+        let key = PrivateKey::generate();
+        let mut state = sample_state();
+        state.nodes[1].public_key = key.public_key();
+        let hub =
+            crate::wire::join::HubContact { join: "203.0.113.5:51820".parse().unwrap(), fingerprint: "ab".repeat(32) };
+        (Member::new(MemberState { me: label("vps"), state, hub: Some(hub) }, key.clone(), None, now), key)
+    }
+
+    /// Effects other than opening tunnels (whose timer runs beside).
+    fn asked(m: &mut Member) -> Vec<Effect> {
+        effects(m).into_iter().filter(|e| *e != Effect::OpenKnownTunnels).collect()
+    }
+
+    #[test]
+    fn without_a_session_a_member_asks_where_it_stands_and_stops_only_when_removed() {
+        let start = Instant::now();
+        let (mut m, key) = member_with_contact(start);
+        assert_eq!(m.poll_timeout(), Some(start + STANDING_WITHOUT_SESSION));
+        m.handle_timeout(start + STANDING_WITHOUT_SESSION);
+        assert_eq!(asked(&mut m), [Effect::AskStanding(vec![key.public_key()])]);
+        assert_eq!(m.poll_timeout(), Some(start + TUNNELS_WITHOUT_CONTROLLER), "one question at a time");
+        // No answer (the hub away, a server that is not the hub): only the next question is planned.
+        let t = start + Duration::from_secs(3);
+        m.handle_timeout(t);
+        m.handle_standing(None, t);
+        assert!(asked(&mut m).is_empty());
+        assert_eq!(m.poll_timeout(), Some(t + STANDING_AGAIN));
+        // Disabled, or a key the controller does not know: the member waits and asks again.
+        for (i, standing) in
+            [Standing::Disabled, Standing::Disabled, Standing::Unknown, Standing::Member].into_iter().enumerate()
+        {
+            let at = t + STANDING_AGAIN * (i as u32 + 1);
+            m.handle_timeout(at);
+            assert_eq!(asked(&mut m), [Effect::AskStanding(vec![key.public_key()])]);
+            m.handle_standing(Some(standing), at);
+            assert!(asked(&mut m).is_empty(), "{standing:?} changes nothing");
+            assert_eq!(m.poll_timeout(), Some(at + STANDING_AGAIN));
+        }
+        // Removed: it stops, and asks nothing more.
+        m.handle_standing(Some(Standing::Removed), t);
+        assert_eq!(asked(&mut m), [Effect::Removed { network: label("home") }]);
+        assert_eq!(m.poll_timeout(), None);
+        m.handle_standing(Some(Standing::Removed), t);
+        assert!(asked(&mut m).is_empty(), "said once");
+    }
+
+    #[test]
+    fn a_member_with_a_session_asks_nothing_until_it_ends() {
+        let start = Instant::now();
+        let (mut m, key) = member_with_contact(start);
+        m.handle_connected(start + Duration::from_secs(1));
+        m.handle_timeout(start + Duration::from_secs(10));
+        assert!(asked(&mut m).is_empty());
+        assert_eq!(m.poll_timeout(), None);
+        let ended = start + Duration::from_secs(20);
+        m.handle_disconnected(ended);
+        assert_eq!(m.poll_timeout(), Some(ended + STANDING_WITHOUT_SESSION));
+        m.handle_timeout(ended + STANDING_WITHOUT_SESSION);
+        assert_eq!(asked(&mut m), [Effect::AskStanding(vec![key.public_key()])]);
+        // The session ends again while the question is out: one question at a time.
+        m.handle_disconnected(ended + STANDING_WITHOUT_SESSION);
+        assert_eq!(m.poll_timeout(), None);
+        m.handle_standing(None, ended + STANDING_WITHOUT_SESSION);
+        assert_eq!(m.poll_timeout(), Some(ended + STANDING_WITHOUT_SESSION + STANDING_AGAIN));
+        m.handle_timeout(ended + STANDING_WITHOUT_SESSION + STANDING_AGAIN);
+        assert_eq!(asked(&mut m), [Effect::AskStanding(vec![key.public_key()])]);
+        // The session is back before the answer: the answer plans no further question.
+        m.handle_connected(ended + STANDING_WITHOUT_SESSION);
+        m.handle_standing(Some(Standing::Member), ended + STANDING_WITHOUT_SESSION);
+        assert_eq!(m.poll_timeout(), None);
+
+        // A member that joined before meshd kept the join service's address never asks.
+        let (mut old, _) = member(start);
+        old.handle_timeout(start + Duration::from_secs(60));
+        old.handle_disconnected(start + Duration::from_secs(60));
+        old.handle_timeout(start + Duration::from_secs(120));
+        assert!(asked(&mut old).is_empty());
+    }
+
+    #[test]
+    fn a_member_rotating_its_key_asks_for_both_keys() {
+        let start = Instant::now();
+        let (m, old, new) = switching(start);
+        let mut state = m.member_state().clone();
+        state.hub = Some(crate::wire::join::HubContact {
+            join: "203.0.113.5:51820".parse().unwrap(),
+            fingerprint: "ab".repeat(32),
+        });
+        let mut restarted = Member::new(state, old.clone(), Some(new.clone()), start);
+        restarted.handle_timeout(start + STANDING_WITHOUT_SESSION);
+        assert_eq!(asked(&mut restarted), [Effect::AskStanding(vec![old.public_key(), new.public_key()])]);
     }
 
     /// A member asked for a new key, with the offer made and accepted: it has sent `switch`.

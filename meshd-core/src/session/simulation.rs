@@ -10,7 +10,9 @@
 //! applied the plan the planner makes of it, and use the key the network knows it by.
 //!
 //! Cryptokey routing is modelled: a member reaches the hub only while the hub has it as an active peer
-//! with the key its interface uses; a member the hub drops hears nothing more.
+//! with the key its interface uses; a member the hub drops hears nothing more through the mesh. The
+//! controller's join service, outside the mesh, answers whoever asks where a key stands while the hub
+//! is up: that is how a removed member learns it.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
@@ -23,7 +25,7 @@ use crate::fixtures::{label, node, sample_state};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::model::{AccessRule, Protocol, Role, Service, SharedState};
 use crate::plan::{HostPlan, plan_host};
-use crate::wire::join::MemberState;
+use crate::wire::join::{HubContact, MemberState, Standing};
 use crate::wire::sync::{ToHub, ToMember, line};
 
 const TICK: Duration = Duration::from_millis(50);
@@ -87,6 +89,8 @@ struct World {
     drops: usize,
     /// The hub is down until then; it comes back restarted.
     hub_down_until: Option<Instant>,
+    /// The keys of removed nodes, as the controller's database keeps them.
+    removed_keys: Vec<PublicKey>,
 }
 
 impl World {
@@ -107,6 +111,7 @@ impl World {
             faults: Faults::default(),
             drops: 0,
             hub_down_until: None,
+            removed_keys: Vec::new(),
         }
     }
 
@@ -143,7 +148,8 @@ impl World {
         joined.public_key = key.public_key();
         self.network.nodes.push(joined);
         self.publish();
-        let cache = MemberState { me: label(name), state: self.network.clone() };
+        let hub = HubContact { join: "203.0.113.5:51820".parse().expect("an endpoint"), fingerprint: "ab".repeat(32) };
+        let cache = MemberState { me: label(name), state: self.network.clone(), hub: Some(hub) };
         let addr = IpAddr::V4(self.network.network.pool().v4_of(index));
         let host = Host {
             member: Member::new(cache.clone(), key.clone(), None, self.now),
@@ -371,6 +377,11 @@ impl World {
                     host.applied = Some(plan_host(&state.snapshot(), name).expect("a member plans itself"));
                 }
                 member::Effect::OpenKnownTunnels => {}
+                member::Effect::AskStanding(keys) => {
+                    let answer =
+                        self.hub_down_until.is_none().then(|| standing(&self.network, &self.removed_keys, &keys));
+                    host.member.handle_standing(answer, now);
+                }
                 member::Effect::Removed { .. } => host.stopped = true,
             }
         }
@@ -387,6 +398,28 @@ impl World {
         f(&mut self.network);
         self.publish();
     }
+
+    /// The controller removes member `name`, keeping its key as a removed node's.
+    fn remove(&mut self, name: &str) {
+        let gone = label(name);
+        let key = self.network.nodes.iter().find(|n| n.name == gone).map(|n| n.public_key.clone());
+        self.removed_keys.extend(key);
+        self.change(|s| {
+            s.services.retain(|v| v.node != gone);
+            s.rules.retain(|r| r.from != gone && r.to != gone);
+            s.nodes.retain(|n| n.name != gone);
+        });
+    }
+}
+
+/// What the controller's join service answers about `keys`.
+fn standing(network: &SharedState, removed: &[PublicKey], keys: &[PublicKey]) -> Standing {
+    Standing::best(keys.iter().map(|key| match network.nodes.iter().find(|n| &n.public_key == key) {
+        Some(node) if node.disabled => Standing::Disabled,
+        Some(_) => Standing::Member,
+        None if removed.contains(key) => Standing::Removed,
+        None => Standing::Unknown,
+    }))
 }
 
 impl Host {
@@ -472,12 +505,7 @@ fn schedule(seed: u64) -> World {
             w.change(|s| s.services.retain(|v| v.node.as_str() != "alpha" || v.port % 3 != 0));
         }
         if round == 10 {
-            w.change(|s| {
-                let alpha = label("alpha");
-                s.services.retain(|v| v.node != alpha);
-                s.rules.retain(|r| r.from != alpha && r.to != alpha);
-                s.nodes.retain(|n| n.name != alpha);
-            });
+            w.remove("alpha");
         }
         if round == 11 {
             w.faults.drop_before_offer = Some("delta".into());
@@ -501,8 +529,9 @@ fn assert_converged(w: &World, seed: u64) {
     for (name, host) in &w.hosts {
         let known = w.network.nodes.iter().find(|n| n.name.as_str() == name);
         let Some(known) = known else {
-            // Removed: the hub dropped it as a peer and it hears nothing more.
+            // Removed: the hub dropped it as a peer, and the join service told it so: it stopped.
             assert!(host.link.is_none() && !w.reachable(name), "seed {seed}: removed {name} still connected");
+            assert!(host.stopped, "seed {seed}: removed {name} never heard of it");
             continue;
         };
         assert_eq!(host.member.digest(), w.journal.digest(), "seed {seed}: {name} holds another state");
@@ -574,6 +603,28 @@ fn a_rotation_confirmed_while_the_member_was_away_is_finished_on_reconnect() {
     assert_eq!(w.drops, 1, "the confirmation was lost with the connection");
     assert_converged(&w, 11);
     assert_ne!(w.hosts["alpha"].key_file.public_key(), old);
+}
+
+#[test]
+fn a_member_removed_while_it_was_away_hears_of_it_when_the_hub_is_back() {
+    let mut w = World::new(5);
+    w.join("alpha");
+    w.join("bravo");
+    w.run(Duration::from_secs(2));
+    // alpha is stopped (its link gone, no timers run), removed meanwhile, and restarted from its disk
+    // while the hub is away: it keeps running, and stops once the hub answers.
+    w.drop_link("alpha");
+    w.hosts.get_mut("alpha").expect("alpha").stopped = true;
+    w.remove("alpha");
+    w.hub_outage(Duration::from_secs(40));
+    w.hosts.get_mut("alpha").expect("alpha").stopped = false;
+    w.restart_member("alpha");
+    w.run(Duration::from_secs(35));
+    assert!(!w.hosts["alpha"].stopped, "no answer while the hub is away: alpha keeps running");
+    w.run(member::STANDING_AGAIN + Duration::from_secs(5));
+    assert!(w.hosts["alpha"].stopped, "alpha did not hear it was removed");
+    assert!(!w.hosts["bravo"].stopped);
+    assert_converged(&w, 5);
 }
 
 #[test]

@@ -2,13 +2,15 @@
 //!
 //! A token is `meshd-invite:` followed by base64url JSON carrying what the joining host needs to find
 //! and authenticate the controller (its join address and the SHA-256 fingerprint of its TLS
-//! certificate) and the invite's id and 128-bit secret. The controller stores only a hash of the
-//! secret.
+//! certificate), the network's IPv4 range (so the joining host can refuse a range it already routes
+//! before it spends the token) and the invite's id and 128-bit secret. The controller stores only a
+//! hash of the secret. Tokens from before the range was carried still read (without it).
 
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -42,6 +44,9 @@ pub struct Token {
     pub network: String,
     /// Where the controller's join service listens (TCP).
     pub join: HostPort,
+    /// The network's IPv4 range; absent in tokens of a controller from before it was carried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<Ipv4Net>,
     /// Lowercase hex SHA-256 of the controller's join certificate.
     pub fingerprint: String,
     /// Invite id (hex).
@@ -158,6 +163,7 @@ mod tests {
             v: 1,
             network: "home".into(),
             join: "hub.example.net:51820".parse().unwrap(),
+            cidr: Some("10.77.0.0/16".parse().unwrap()),
             fingerprint: "ab".repeat(32),
             id,
             secret,
@@ -172,6 +178,16 @@ mod tests {
         assert_eq!(Token::decode(&format!("  {text}\n")).unwrap(), t);
         assert_eq!(t.secret.as_str().len(), 32, "128 bits of secret");
         assert!(!format!("{t:?}").contains(t.secret.as_str()), "a token's Debug never shows its secret");
+    }
+
+    #[test]
+    fn tokens_without_the_network_range_still_read() {
+        let mut old = token();
+        old.cidr = None;
+        let text = old.encode();
+        let json = URL_SAFE_NO_PAD.decode(text.strip_prefix(PREFIX).unwrap()).unwrap();
+        assert!(!String::from_utf8(json).unwrap().contains("cidr"), "written as an older controller wrote it");
+        assert_eq!(Token::decode(&text), Ok(old));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use meshd_core::keys::PublicKey;
 use meshd_core::model::{Invite, InviteStatus, InviteView, Node, Role};
 use meshd_core::wire::admin::{InviteIssued, Reply};
 use meshd_core::wire::invite::{self, Token};
-use meshd_core::wire::join::{JoinRequest, MemberState};
+use meshd_core::wire::join::{JoinRequest, MemberState, Standing};
 
 use super::checks::{allocate, ensure_key_free, ensure_name_free, member};
 use super::store::Writer;
@@ -77,8 +77,24 @@ impl Controller {
                 disabled: false,
                 rotate_key: false,
             })?;
-            Ok(MemberState { me: invite.name, state: w.snapshot()?.shared() })
+            Ok(MemberState { me: invite.name, state: w.snapshot()?.shared(), hub: None })
         })
+    }
+
+    /// Where a member known by any of `keys` stands: a node (enabled or disabled), a removed node, or
+    /// unknown to this network.
+    pub fn standing(&mut self, keys: &[PublicKey]) -> Result<Standing, ControlError> {
+        let s = self.snapshot()?;
+        let mut standings = Vec::with_capacity(keys.len());
+        for key in keys {
+            standings.push(match s.nodes.iter().find(|n| &n.public_key == key) {
+                Some(node) if node.disabled => Standing::Disabled,
+                Some(_) => Standing::Member,
+                None if self.store.is_removed_key(key)? => Standing::Removed,
+                None => Standing::Unknown,
+            });
+        }
+        Ok(Standing::best(standings))
     }
 
     /// The TLS identity joining hosts pin (made on first use).
@@ -119,8 +135,15 @@ pub(super) fn invite(w: &Writer<'_>, name: Label, role: Role, expires_secs: u64)
             expires_at,
             status: InviteStatus::Pending,
         })?;
-        let token =
-            Token { v: 1, network: s.network.name.to_string(), join, fingerprint: identity.fingerprint(), id, secret };
+        let token = Token {
+            v: 1,
+            network: s.network.name.to_string(),
+            join,
+            cidr: Some(s.network.cidr),
+            fingerprint: identity.fingerprint(),
+            id,
+            secret,
+        };
         Ok(Reply::Invite(InviteIssued { invite: InviteView { name, role, expires_at }, token: token.encode() }))
     }
 }
@@ -312,6 +335,26 @@ mod tests {
         assert!(s.services.is_empty() && s.rules.is_empty());
         assert!(s.devices[0].allow.is_empty(), "the grant went with the service");
         assert!(matches!(c.handle(Request::NodeRemove { name: label("vps") }), Err(ControlError::UnknownNode(_))));
+    }
+
+    #[test]
+    fn a_nodes_standing_follows_disable_enable_and_removal() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        let request = join_request(&invite(&mut c, "vps", 3600));
+        let key = request.public_key.clone();
+        c.redeem(&request).unwrap();
+        let stranger = PrivateKey::generate().public_key();
+        assert_eq!(c.standing(std::slice::from_ref(&key)).unwrap(), Standing::Member);
+        assert_eq!(c.standing(std::slice::from_ref(&stranger)).unwrap(), Standing::Unknown);
+        c.handle(Request::NodeDisable { name: label("vps") }).unwrap();
+        assert_eq!(c.standing(&[stranger.clone(), key.clone()]).unwrap(), Standing::Disabled);
+        c.handle(Request::NodeEnable { name: label("vps") }).unwrap();
+        c.handle(Request::NodeRemove { name: label("vps") }).unwrap();
+        assert_eq!(c.standing(&[stranger.clone(), key.clone()]).unwrap(), Standing::Removed);
+        // Reopened: the removed key is kept in the database.
+        let mut reopened = Controller::open(&dir.path().join("meshd.db")).unwrap();
+        assert_eq!(reopened.standing(&[key]).unwrap(), Standing::Removed);
     }
 
     #[test]

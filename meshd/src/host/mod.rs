@@ -6,13 +6,15 @@
 //! - [`firewall`]: nftables. [`forward`]: the TCP and UDP forwarders of services. [`dns`]: the mesh DNS
 //!   server. [`hostnet`]: the host's addresses and routes as `ip` sees them. [`socket`]: sockets bound
 //!   on mesh addresses. [`resolve`]: peers' endpoint names, through the host's resolver configuration.
-//! - [`statedir`]: the state directory (files, locks). [`clock`]: the host's clocks.
+//! - [`statedir`]: the state directory (files, locks). [`owner`]: which meshd runs an interface.
+//!   [`clock`]: the host's clocks.
 
 pub mod clock;
 pub mod dns;
 pub mod firewall;
 pub mod forward;
 pub mod hostnet;
+pub mod owner;
 pub mod resolve;
 pub mod socket;
 pub mod statedir;

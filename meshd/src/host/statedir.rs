@@ -399,7 +399,8 @@ mod tests {
     fn a_cached_state_with_an_address_outside_the_range_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = StateDir::new(tmp.path());
-        let mut member = MemberState { me: "vps".parse().unwrap(), state: meshd_core::fixtures::sample_state() };
+        let mut member =
+            MemberState { me: "vps".parse().unwrap(), state: meshd_core::fixtures::sample_state(), hub: None };
         dir.write_member_state(&member).unwrap();
         assert_eq!(dir.read_member_state().unwrap(), member);
         member.state.nodes[1].index = u32::MAX;

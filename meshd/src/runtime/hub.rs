@@ -8,7 +8,7 @@ use std::net::{Ipv6Addr, SocketAddr};
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::apply::{Host, open_tunnels};
 use super::wait_for_signal;
@@ -21,7 +21,7 @@ use crate::links::sync::{FromSession, Publisher};
 use meshd_core::keys::PublicKey;
 use meshd_core::model::{DeviceView, NodeView, Snapshot};
 use meshd_core::wire::admin::{Outcome, Reply, Request};
-use meshd_core::wire::join::{JoinReply, JoinRequest};
+use meshd_core::wire::join::{JoinReply, JoinRequest, ToJoinService};
 
 /// Open the admin socket, the join service and the sync service, then answer them until SIGINT or
 /// SIGTERM. Every change is applied to this host and published to the members.
@@ -36,7 +36,7 @@ pub(super) async fn serve(
     let join_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, host.plan.listen_port));
     let join_listener =
         TcpListener::bind(join_addr).await.with_context(|| format!("join service on TCP {join_addr}"))?;
-    let (joins_tx, mut joins) = mpsc::channel::<JoinCall<JoinRequest, JoinReply>>(64);
+    let (joins_tx, mut joins) = mpsc::channel::<JoinCall<ToJoinService, JoinReply>>(64);
     let mut tasks = vec![tokio::spawn(join::serve(join_listener, identity, joins_tx, |reason| {
         JoinReply::Refused(format!("malformed join request: {reason}"))
     }))];
@@ -65,7 +65,11 @@ pub(super) async fn serve(
                 let _ = reply.send(outcome);
             }
             Some((request, peer, reply)) = joins.recv() => {
-                let _ = reply.send(redeem(controller, host, &publisher, &request, peer).await);
+                let answer = match request {
+                    ToJoinService::Join(request) => redeem(controller, host, &publisher, &request, peer).await,
+                    ToJoinService::Standing(request) => standing(controller, &request.standing, peer),
+                };
+                let _ = reply.send(answer);
             }
             Some(request) = sessions.recv() => rotate_member_key(controller, host, &publisher, request).await,
             result = &mut shutdown => break result,
@@ -114,6 +118,24 @@ async fn redeem(
         Err(e) => {
             info!(%peer, reason = %e, "join refused");
             JoinReply::Refused(e.to_string())
+        }
+    }
+}
+
+/// A member without a sync session asks where its keys stand (removed members are told so).
+fn standing(controller: &mut Controller, keys: &[PublicKey], peer: SocketAddr) -> JoinReply {
+    // A member knows itself by one key, two during a key rotation.
+    if !(1..=2).contains(&keys.len()) {
+        return JoinReply::Refused(format!("a standing request names one or two keys, not {}", keys.len()));
+    }
+    match controller.standing(keys) {
+        Ok(standing) => {
+            debug!(%peer, ?standing, "told a host where its key stands");
+            JoinReply::Standing(standing)
+        }
+        Err(e) => {
+            warn!(%peer, error = %e, "reading where a host stands");
+            JoinReply::Refused(format!("the controller cannot tell: {e}"))
         }
     }
 }

@@ -1,23 +1,31 @@
 //! A member host: follows the controller's live updates through its sync session and carries out what
 //! its state machine ([`meshd_core::session::member::Member`]) decides: apply each change to this host
-//! and cache it, key rotations the operator asks for, the opening of tunnels after start. Without a
-//! controller the host keeps running on its cached state and reconnects with backoff.
+//! and cache it, key rotations the operator asks for, the opening of tunnels after start, and, without a
+//! session, the question where this host stands, put to the controller's join service over TLS pinned
+//! to the join certificate of its token. Without a controller the host keeps running on its cached
+//! state and reconnects with backoff.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 use super::apply::{Host, open_tunnels};
 use super::wait_for_signal;
 use crate::host::clock;
 use crate::host::statedir::StateDir;
+use crate::links::join;
 use crate::links::sync::{self, Outgoing, SyncEvent};
+use meshd_core::keys::PublicKey;
 use meshd_core::model::SYNC_PORT;
 use meshd_core::session::member::{Effect, Member};
+use meshd_core::wire::join::{HubContact, JoinReply, Standing, StandingRequest, ToJoinService};
 use meshd_core::wire::sync::ToHub;
+
+/// How long a question to the join service may take.
+const STANDING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Follow the controller until SIGINT or SIGTERM, or until this host is removed from the network.
 pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host: &mut Host) -> anyhow::Result<()> {
@@ -27,13 +35,14 @@ pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host
     let (digest_tx, digest_rx) = watch::channel(member.digest().to_owned());
     let (events_tx, mut events) = mpsc::channel(64);
     let (outgoing, outgoing_rx) = mpsc::channel(8);
+    let (standing_tx, mut standings) = mpsc::channel(1);
     let client = tokio::spawn(sync::follow(hub_addr, digest_rx, events_tx, outgoing_rx));
     let shutdown = wait_for_signal(host.stopped()?);
     tokio::pin!(shutdown);
     // The delivery of a message sent with `SendAcknowledged`, awaited beside everything else.
     let mut delivery: Option<oneshot::Receiver<()>> = None;
     let result = loop {
-        if let Err(e) = carry_out(&mut member, state, host, &outgoing, &mut delivery).await {
+        if let Err(e) = carry_out(&mut member, state, host, &outgoing, &mut delivery, &standing_tx).await {
             break Err(e);
         }
         digest_tx.send_if_modified(|digest| {
@@ -54,6 +63,7 @@ pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host
                 delivery = None;
                 member.handle_acknowledged(delivered, Instant::now());
             }
+            Some(answer) = standings.recv() => member.handle_standing(answer, Instant::now()),
             () = clock::sleep_until(deadline) => member.handle_timeout(Instant::now()),
             result = &mut shutdown => break result,
         }
@@ -63,14 +73,16 @@ pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host
 }
 
 /// Carry out every effect the member asks for, in order, reporting back what it needs to know. Nothing
-/// here waits on the hub: a message goes into the current session's queue or is dropped. An error ends
-/// the daemon: the host was removed from the network.
+/// here waits on the hub: a message goes into the current session's queue or is dropped, and a question
+/// to the join service runs in a task of its own that answers on `standings`. An error ends the
+/// daemon: the host was removed from the network.
 async fn carry_out(
     member: &mut Member,
     state: &StateDir,
     host: &mut Host,
     outgoing: &mpsc::Sender<Outgoing>,
     delivery: &mut Option<oneshot::Receiver<()>>,
+    standings: &mpsc::Sender<Option<Standing>>,
 ) -> anyhow::Result<()> {
     while let Some(effect) = member.poll_effect() {
         match effect {
@@ -128,10 +140,51 @@ async fn carry_out(
                 Err(e) => error!(error = format!("{e:#}"), "applying the controller's change failed"),
             },
             Effect::OpenKnownTunnels => host.open_known_tunnels().await,
-            Effect::Removed { network } => return Err(anyhow!("this host was removed from network {network}")),
+            Effect::AskStanding(keys) => match member.member_state().hub.clone() {
+                Some(contact) => {
+                    let standings = standings.clone();
+                    tokio::spawn(async move {
+                        let _ = standings.send(ask_standing(&contact, keys).await).await;
+                    });
+                }
+                None => member.handle_standing(None, Instant::now()),
+            },
+            Effect::Removed { network } => {
+                error!(%network, "this host was removed from the network: taking its interface, rules and forwarders down");
+                return Err(anyhow!(
+                    "this host was removed from network {network}; its interface is down (to come back, join with a new invite into a new state directory)"
+                ));
+            }
         }
     }
     Ok(())
+}
+
+/// Ask the controller's join service where `keys` stand. Only an answer from the server that proves the
+/// join certificate of the token counts; any failure is no answer.
+async fn ask_standing(contact: &HubContact, keys: Vec<PublicKey>) -> Option<Standing> {
+    let request = ToJoinService::Standing(StandingRequest { standing: keys });
+    let addr = contact.join.to_string();
+    match join::call::<_, JoinReply>(&addr, &contact.fingerprint, &request, STANDING_TIMEOUT).await {
+        Ok(JoinReply::Standing(standing)) => Some(standing),
+        Ok(JoinReply::Refused(reason)) => {
+            // A controller from before standing questions refuses them as malformed joins.
+            debug!(%addr, %reason, "the controller's join service did not say where this host stands");
+            None
+        }
+        Ok(JoinReply::Joined(_)) => {
+            warn!(%addr, "unexpected answer from the controller's join service");
+            None
+        }
+        Err(e @ join::JoinError::WrongServer { .. }) => {
+            warn!(error = %e, "asking the controller's join service where this host stands");
+            None
+        }
+        Err(e) => {
+            debug!(%addr, error = %e, "asking the controller's join service where this host stands");
+            None
+        }
+    }
 }
 
 /// Whether the message awaited in `delivery` reached the hub's host; forever pending without one.
@@ -139,5 +192,44 @@ async fn delivered(delivery: &mut Option<oneshot::Receiver<()>>) -> bool {
     match delivery {
         Some(receiver) => receiver.await.is_ok(),
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::links::join::{JoinCall, JoinIdentity};
+    use meshd_core::fixtures::named_key;
+
+    /// A join service on loopback that says every key was removed; its address and identity.
+    async fn says_removed() -> (String, JoinIdentity) {
+        let identity = JoinIdentity::generate().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (calls_tx, mut calls) = mpsc::channel::<JoinCall<ToJoinService, JoinReply>>(4);
+        tokio::spawn(join::serve(listener, identity.clone(), calls_tx, JoinReply::Refused));
+        tokio::spawn(async move {
+            while let Some((_, _, reply)) = calls.recv().await {
+                let _ = reply.send(JoinReply::Standing(Standing::Removed));
+            }
+        });
+        (addr, identity)
+    }
+
+    #[tokio::test]
+    async fn only_the_server_proving_the_tokens_certificate_is_believed() {
+        let (addr, identity) = says_removed().await;
+        let join: meshd_core::input::HostPort = addr.parse().unwrap();
+        let keys = vec![named_key("vps")];
+        let hub = HubContact { join: join.clone(), fingerprint: identity.fingerprint() };
+        assert_eq!(ask_standing(&hub, keys.clone()).await, Some(Standing::Removed));
+        // The same answer from a server with another certificate (an attacker on the path) is no answer.
+        let other = JoinIdentity::generate().unwrap().fingerprint();
+        assert_eq!(ask_standing(&HubContact { join, fingerprint: other }, keys.clone()).await, None);
+        // Nobody listening: no answer either.
+        let gone = HubContact { join: "127.0.0.1:1".parse().unwrap(), fingerprint: identity.fingerprint() };
+        assert_eq!(ask_standing(&gone, keys).await, None);
     }
 }

@@ -11,6 +11,8 @@ mod hub;
 mod member;
 mod paths;
 
+use std::path::Path;
+
 use anyhow::{Context, anyhow};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -18,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::controller::Controller;
 use crate::controller::store::StoreError;
+use crate::host::owner::{self, InterfaceLock};
 use crate::host::statedir::{StateDir, StateDirError};
 use crate::host::wg::Backend;
 use apply::{Host, plan_host};
@@ -47,7 +50,7 @@ pub async fn run(state: &StateDir, options: RunOptions) -> anyhow::Result<()> {
         let mut controller = Controller::open(&state.db())?;
         let snapshot = controller.snapshot()?;
         let key = state.read_private_key()?;
-        let mut host = start_host(state, options, &snapshot, &key).await?;
+        let (_owner, mut host) = start_host(state, options, &snapshot, &key).await?;
         let result = hub::serve(state, &mut controller, &mut host, &snapshot).await;
         host.shut_down().await;
         result
@@ -61,7 +64,7 @@ pub async fn run(state: &StateDir, options: RunOptions) -> anyhow::Result<()> {
         // been under way).
         let member = Member::new(cached, key, next, std::time::Instant::now());
         let snapshot = member.member_state().state.snapshot();
-        let mut host = start_host(state, options, &snapshot, member.interface_key()).await?;
+        let (_owner, mut host) = start_host(state, options, &snapshot, member.interface_key()).await?;
         info!(node = %host.name, network = %snapshot.network.name, "meshd ready (member)");
         let result = member::follow_controller(state, member, &mut host).await;
         host.shut_down().await;
@@ -87,13 +90,15 @@ fn pending_key(state: &StateDir) -> Result<Option<PrivateKey>, StateDirError> {
     }
 }
 
-/// Bring this host's part of the network up: access rules, interface, forwarders, DNS.
+/// Take the interface (refused while another meshd runs it), then bring this host's part of the
+/// network up: access rules, interface, forwarders, DNS. The interface is this daemon's while the lock
+/// returned is held.
 async fn start_host(
     state: &StateDir,
     options: RunOptions,
     snapshot: &Snapshot,
     key: &PrivateKey,
-) -> anyhow::Result<Host> {
+) -> anyhow::Result<(InterfaceLock, Host)> {
     let me = key.public_key();
     let name = snapshot.nodes.iter().find(|n| n.public_key == me).map(|n| n.name.to_string()).ok_or_else(|| {
         anyhow!(
@@ -110,7 +115,10 @@ async fn start_host(
             plan.listen_port
         ));
     }
-    Host::new(state, name, plan, key, options.backend, options.dns_port).bring_up().await
+    let owner = InterfaceLock::take(Path::new(owner::RUN_DIR), &plan.interface, state.root())
+        .map_err(|e| anyhow!("{e}; stop that one first"))?;
+    let host = Host::new(state, name, plan, key, options.backend, options.dns_port).bring_up().await?;
+    Ok((owner, host))
 }
 
 async fn wait_for_signal(mut stopped: watch::Receiver<bool>) -> anyhow::Result<()> {

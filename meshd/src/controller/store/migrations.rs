@@ -105,6 +105,14 @@ ALTER TABLE addresses ADD COLUMN released_uptime INTEGER;
 ALTER TABLE invites ADD COLUMN created_boot TEXT;
 ALTER TABLE invites ADD COLUMN created_uptime INTEGER;
 "#,
+    r#"
+-- The keys of removed nodes: a removed host that asks where its key stands is told it was removed.
+CREATE TABLE removed_node_keys (
+    public_key TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    removed_at INTEGER NOT NULL
+);
+"#,
 ];
 
 /// Bring the database at `path` to this meshd's schema in one transaction (a no-op when it is there);

@@ -17,8 +17,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
+use meshd_core::keys::PublicKey;
 use meshd_core::model::Snapshot;
 
 use migrations::APPLICATION_ID;
@@ -137,6 +138,15 @@ impl Store {
         let value = f(&writer);
         writer.tx.rollback().map_err(sql("roll back preview"))?;
         value
+    }
+
+    /// Whether `key` was the key of a node that was removed (and is no node's key since).
+    pub fn is_removed_key(&mut self, key: &PublicKey) -> Result<bool, StoreError> {
+        self.conn
+            .query_row("SELECT 1 FROM removed_node_keys WHERE public_key = ?1", [key.as_str()], |_| Ok(()))
+            .optional()
+            .map(|found| found.is_some())
+            .map_err(sql("read removed node keys"))
     }
 
     /// The whole network as stored.

@@ -328,8 +328,16 @@ impl Writer<'_> {
         Ok(())
     }
 
-    /// Delete a node that hosts no service and release its address; false if there was none.
+    /// Delete a node that hosts no service and release its address, keeping its key as a removed
+    /// node's (see [`super::Store::is_removed_key`]); false if there was none.
     pub fn delete_node(&self, name: &Label) -> Result<bool, StoreError> {
+        self.tx
+            .execute(
+                "INSERT OR REPLACE INTO removed_node_keys (public_key, name, removed_at)
+                 SELECT public_key, name, ?2 FROM nodes WHERE name = ?1",
+                params![name.as_str(), now()],
+            )
+            .map_err(sql("keep the removed node's key"))?;
         self.delete_addressed("nodes", name)
     }
 

@@ -1,0 +1,89 @@
+//! Issue 10, point 8: `meshd join` checks the mesh range as `meshd init` does, before the token is spent.
+//!
+//! A hub with the range 10.99.0.0/16, and a host whose LAN (`lan0`, 10.99.3.7/24) lies inside it: its
+//! join is refused in one line naming the interface and the network, nothing is written in its state
+//! directory, and the invite stays pending; the same token then joins a host without the overlap.
+//! (Before the fix the join went through silently and the member was cut off from the hub.) A token of a
+//! controller from before tokens carried the range is still read; the overlap is then caught when the
+//! token is spent, and the error says how to clean up.
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use meshd_e2e::{MeshHost, describe, meshctl, product_bin, require_root, run_json, run_ok, veth, wait_until};
+use serde_json::Value;
+
+/// A refused join: exit 1, one `error:` line that contains every one of `mentions`.
+fn assert_refused(out: &Output, mentions: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(out));
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {}", describe(out));
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    for mention in mentions {
+        assert!(stderr.contains(mention), "the error should mention {mention:?}: {stderr}");
+    }
+}
+
+/// The same token as a controller from before the range was carried wrote it.
+fn without_range(token: &str) -> String {
+    let body = token.strip_prefix("meshd-invite:").unwrap();
+    let mut json: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(body).unwrap()).unwrap();
+    assert_eq!(json["cidr"], "10.99.0.0/16", "the token carries the network's range: {json}");
+    json.as_object_mut().unwrap().remove("cidr");
+    format!("meshd-invite:{}", URL_SAFE_NO_PAD.encode(serde_json::to_vec(&json).unwrap()))
+}
+
+fn pending(hub: &MeshHost) -> Vec<String> {
+    let invites = run_json(meshctl(&hub.state).args(["node", "invites", "--json"]));
+    invites.as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap().to_owned()).collect()
+}
+
+#[test]
+fn join_refuses_a_range_the_host_already_routes_before_the_token_is_spent() {
+    if !require_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let hub = MeshHost::new("hub", root, "jo");
+    let lan = MeshHost::new("lan", root, "jo");
+    let clean = MeshHost::new("clean", root, "jo");
+    veth(&hub.ns, &lan.ns, "172.31.244.1/24", "172.31.244.2/24");
+    veth(&hub.ns, &clean.ns, "172.31.245.1/24", "172.31.245.2/24");
+    clean.ns.ip(&["route", "add", "default", "via", "172.31.245.1"]);
+    // The host's LAN lies inside the mesh range.
+    lan.ns.ip(&["link", "add", "lan0", "type", "veth", "peer", "name", "lan1"]);
+    lan.ns.ip(&["addr", "add", "10.99.3.7/24", "dev", "lan0"]);
+    lan.ns.ip(&["link", "set", "lan0", "up"]);
+
+    let mut init = Command::new(product_bin("meshd"));
+    init.args(["init", "--network", "home", "--name", "hub", "--endpoint", "172.31.244.1:51820", "--cidr"]);
+    run_ok(init.args(["10.99.0.0/16", "--interface", &hub.ifname, "--state-dir"]).arg(&hub.state));
+    let mut hub_daemon = hub.run_daemon(&root.join("hub.log"));
+    let ready = wait_until(Duration::from_secs(60), || {
+        hub_daemon.assert_running("starting up");
+        UnixStream::connect(hub.state.join("meshd.sock")).is_ok()
+    });
+    assert!(ready, "the hub did not become ready");
+
+    let token = run_ok(meshctl(&hub.state).args(["node", "invite", "member"])).trim().to_owned();
+    let out = lan.join(&token, &lan.state, None);
+    assert_refused(&out, &["lan0", "10.99.3.0/24", "network home", "10.99.0.0/16"]);
+    assert!(!lan.state.exists(), "a refused join wrote {}", lan.state.display());
+    assert_eq!(pending(&hub), ["member"], "the refused join spent the token");
+
+    // The same token joins a host without the overlap.
+    let out = clean.join(&token, &clean.state, None);
+    assert!(out.status.success(), "the token no longer works: {}", describe(&out));
+    let nodes = run_json(meshctl(&hub.state).args(["node", "list", "--json"]));
+    assert!(nodes.as_array().unwrap().iter().any(|n| n["name"] == "member"), "{nodes}");
+
+    // An older token (no range in it) still reads; the overlap is caught once it is spent, and the error
+    // says what to remove.
+    let old = without_range(run_ok(meshctl(&hub.state).args(["node", "invite", "old"])).trim());
+    let out = lan.join(&old, &lan.state, None);
+    assert_refused(&out, &["lan0", "10.99.3.0/24", "meshctl node remove old"]);
+    assert!(!lan.state.exists(), "a refused join wrote {}", lan.state.display());
+}
