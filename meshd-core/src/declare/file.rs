@@ -51,6 +51,14 @@ struct NodeEntry {
     role: Option<String>,
     #[serde(default)]
     disabled: bool,
+    #[serde(default, deserialize_with = "endpoint")]
+    endpoint: Option<HostPort>,
+}
+
+/// A node's `endpoint`: a `HOST:PORT` other hosts can reach, checked while parsing (so the error has a line).
+fn endpoint<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<HostPort>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    crate::input::parse_endpoint(&text).map(Some).map_err(|e| serde::de::Error::custom(format!("endpoint: {e}")))
 }
 
 #[derive(Deserialize)]
@@ -137,7 +145,8 @@ impl Declaration {
                 Some("hub") => return Err(DeclareError::HubRole(entry.name.clone())),
                 Some(other) => return Err(DeclareError::UnknownRole { node: entry.name.clone(), role: other.into() }),
             };
-            declaration.nodes.push(NodeSpec { name: entry.name.clone(), role, disabled: entry.disabled });
+            let (name, disabled, endpoint) = (entry.name.clone(), entry.disabled, entry.endpoint.clone());
+            declaration.nodes.push(NodeSpec { name, role, disabled, endpoint });
         }
         for entry in file.service {
             if !is_node(&entry.node) {
@@ -200,7 +209,7 @@ mod tests {
     #[test]
     fn parses_nodes_services_devices_and_rules() {
         let d = parse(EXAMPLE).unwrap();
-        let node = |name: &str, role, disabled| NodeSpec { name: label(name), role, disabled };
+        let node = |name: &str, role, disabled| NodeSpec { name: label(name), role, disabled, endpoint: None };
         assert_eq!(
             d.nodes,
             [
@@ -267,6 +276,9 @@ mod tests {
             ),
             ("[[device]]\nname = \"p\"\nallow = [\"w\"]\ndns = [\"0.0.0.0\"]\n", 4, "unspecified"),
             ("[[device]]\nname = \"p\"\nallow = [\"w\"]\ndns = []\n", 4, "use dns = false"),
+            ("[[node]]\nname = \"a\"\nendpoint = \"nocolon\"\n", 3, "endpoint: \"nocolon\" is not HOST:PORT"),
+            ("[[node]]\nname = \"a\"\nendpoint = \"127.0.0.1:51820\"\n", 3, "loopback"),
+            ("[[node]]\nname = \"a\"\nendpoint = 51820\n", 3, "a string"),
         ];
         for (text, line, message) in cases {
             match parse(text) {

@@ -37,8 +37,12 @@ impl Current {
     ) -> Result<Current, DeclareError> {
         let hub = status.nodes.iter().find(|n| n.role == Role::Hub).ok_or(DeclareError::NoHub)?;
         let members = (status.nodes.iter().filter(|n| n.role != Role::Hub))
-            .map(|n| NodeSpec { name: n.name.clone(), role: n.role, disabled: n.disabled })
-            .collect();
+            .map(|n| {
+                let endpoint = (n.endpoint.as_deref().map(str::parse).transpose())
+                    .map_err(|_| DeclareError::UnreadableNode(n.name.clone()))?;
+                Ok(NodeSpec { name: n.name.clone(), role: n.role, disabled: n.disabled, endpoint })
+            })
+            .collect::<Result<_, DeclareError>>()?;
         let services = status
             .services
             .iter()
@@ -174,6 +178,10 @@ fn plan_nodes(desired: &Declaration, current: &Current, plan: &mut Plan) -> Vec<
     for node in &desired.nodes {
         let name = node.name.clone();
         if let Some(member) = current.member(&node.name) {
+            if let Some(endpoint) = node.endpoint.as_ref().filter(|e| member.endpoint.as_ref() != Some(*e)) {
+                let (endpoint, was) = (endpoint.clone(), member.endpoint.clone());
+                plan.steps.push(Step::UpdateNode { name: name.clone(), endpoint, was });
+            }
             match (member.disabled, node.disabled) {
                 (true, false) => plan.steps.push(Step::EnableNode { name }),
                 (false, true) => disables.push(Step::DisableNode { name }),
@@ -330,7 +338,7 @@ mod tests {
     use super::*;
     use crate::fixtures::{SAMPLE_DECLARATION as EXAMPLE, label};
     use crate::model::Protocol;
-    use crate::wire::admin::Request;
+    use crate::wire::admin::{EndpointChange, Request};
 
     #[test]
     fn a_service_is_tcp_unless_the_file_says_udp() {
@@ -385,7 +393,7 @@ mod tests {
     }
 
     fn member(name: &str, role: Role, disabled: bool) -> NodeSpec {
-        NodeSpec { name: label(name), role, disabled }
+        NodeSpec { name: label(name), role, disabled, endpoint: None }
     }
 
     fn lines(plan: &Plan) -> Vec<String> {
@@ -494,6 +502,32 @@ mod tests {
                 "~ device phone: allow wallet -> beacon,wallet",
             ]
         );
+    }
+
+    #[test]
+    fn a_declared_endpoint_moves_a_member_once_and_an_absent_one_leaves_it() {
+        let mut network = example_network();
+        network.members[1].endpoint = Some("198.51.100.7:51820".parse().unwrap());
+        assert_eq!(plan(&parse(EXAMPLE).unwrap(), &network).unwrap(), Plan::default(), "no endpoint declared");
+        let text =
+            EXAMPLE.replace("name = \"consensus\"", "name = \"consensus\"\nendpoint = \"consensus.example.net:51821\"");
+        let declared = parse(&text).unwrap();
+        let moved = plan(&declared, &network).unwrap();
+        assert_eq!(lines(&moved), ["~ node consensus: endpoint 198.51.100.7:51820 -> consensus.example.net:51821"]);
+        assert_eq!(
+            moved.steps[0].requests(60, || unreachable!("no device")),
+            [Request::NodeUpdate {
+                name: label("consensus"),
+                endpoint: Some(EndpointChange::Set("consensus.example.net:51821".parse().unwrap())),
+            }]
+        );
+        network.members[1].endpoint = None;
+        assert_eq!(
+            lines(&plan(&declared, &network).unwrap()),
+            ["~ node consensus: endpoint none -> consensus.example.net:51821"]
+        );
+        network.members[1].endpoint = Some("consensus.example.net:51821".parse().unwrap());
+        assert_eq!(plan(&declared, &network).unwrap(), Plan::default(), "applied: nothing left to do");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::{list, role_name};
 use crate::input::{HostPort, Label};
 use crate::keys::PublicKey;
 use crate::model::{Protocol, Role};
-use crate::wire::admin::Request;
+use crate::wire::admin::{EndpointChange, Request};
 
 /// One change to the network, carried out by one or two admin requests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -30,6 +30,15 @@ pub enum Step {
         role: Role,
         /// The role of the cancelled invite.
         was: Role,
+    },
+    /// Change where a member is reached: every host follows.
+    UpdateNode {
+        /// The node.
+        name: Label,
+        /// The endpoint now declared.
+        endpoint: HostPort,
+        /// The endpoint it had, if any.
+        was: Option<HostPort>,
     },
     /// Enable a disabled member.
     EnableNode {
@@ -150,6 +159,9 @@ impl Step {
             Step::ReinviteNode { name, role, .. } => {
                 vec![Request::NodeUninvite { name: name.clone() }, invite(name, *role)]
             }
+            Step::UpdateNode { name, endpoint, .. } => {
+                vec![Request::NodeUpdate { name: name.clone(), endpoint: Some(EndpointChange::Set(endpoint.clone())) }]
+            }
             Step::EnableNode { name } => vec![Request::NodeEnable { name: name.clone() }],
             Step::AddService { name, node, target, port, protocol } => vec![Request::ServiceAdd {
                 name: name.clone(),
@@ -207,6 +219,10 @@ impl fmt::Display for Step {
                 role_name(*role),
                 role_name(*was)
             ),
+            Step::UpdateNode { name, endpoint, was } => match was {
+                Some(was) => write!(f, "~ node {name}: endpoint {was} -> {endpoint}"),
+                None => write!(f, "~ node {name}: endpoint none -> {endpoint}"),
+            },
             Step::EnableNode { name } => write!(f, "+ enable node {name}"),
             Step::AddService { name, node, target, port, protocol } => {
                 write!(f, "+ add service {name} on {node}: {target}, port {port}{}", udp_suffix(*protocol))

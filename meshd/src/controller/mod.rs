@@ -58,6 +58,10 @@ pub enum ControlError {
     DisableHub(Label),
     #[error("\"{0}\" is the hub; its key is the controller's own (re-run `meshd init` elsewhere to move it)")]
     RotateHub(Label),
+    #[error(
+        "\"{0}\" is the hub; devices and joining hosts reach it at its endpoint, so it must keep one (give --endpoint HOST:PORT)"
+    )]
+    HubNeedsEndpoint(Label),
     #[error("\"{0}\" is disabled; enable it first")]
     NodeDisabled(Label),
     #[error("\"{0}\" was not asked for a new key")]
@@ -234,6 +238,7 @@ fn carry_out(w: &Writer<'_>, request: Request) -> Result<Reply, ControlError> {
         Request::NodeDisable { name } => nodes::disable(w, name),
         Request::NodeEnable { name } => nodes::enable(w, name),
         Request::NodeRotate { name } => nodes::ask_for_new_key(w, name),
+        Request::NodeUpdate { name, endpoint } => nodes::update(w, name, endpoint),
         Request::AccessAllow { from, to } => access::allow(w, from, to),
         Request::AccessRevoke { from, to } => access::revoke(w, from, to),
         Request::AccessList => Ok(Reply::Rules(w.snapshot()?.rules)),

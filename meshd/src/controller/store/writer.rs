@@ -7,7 +7,7 @@ use std::time::Duration;
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use meshd_core::clock::{self, Stamp};
-use meshd_core::input::Label;
+use meshd_core::input::{HostPort, Label};
 use meshd_core::keys::PublicKey;
 use meshd_core::model::{AccessRule, Device, DeviceKeys, Invite, InviteStatus, Network, Node, Role, Service, Snapshot};
 
@@ -181,6 +181,17 @@ impl Writer<'_> {
             .execute("UPDATE nodes SET disabled = ?1 WHERE name = ?2", params![disabled, name.as_str()])
             .map_err(sql("update node"))?;
         Ok(n == 1)
+    }
+
+    /// Set where a node is reached (`None`: nowhere, it is behind NAT).
+    pub fn set_node_endpoint(&self, name: &Label, endpoint: Option<&HostPort>) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "UPDATE nodes SET endpoint = ?1 WHERE name = ?2",
+                params![endpoint.map(ToString::to_string), name.as_str()],
+            )
+            .map_err(sql("update node endpoint"))?;
+        Ok(())
     }
 
     /// Ask (or stop asking) a node for a new key.
