@@ -219,6 +219,9 @@ enum NodeCommand {
         /// The node has no endpoint any more (behind NAT); refused for the hub.
         #[arg(long, conflicts_with = "endpoint")]
         no_endpoint: bool,
+        /// Its mesh interface's own MTU from now on, 1280-9000 (the host sets it at once).
+        #[arg(long, value_parser = input::parse_mtu)]
+        mtu: Option<u16>,
     },
 }
 
@@ -275,15 +278,18 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             NodeCommand::Disable { name } => nodes::disable(&cx, name),
             NodeCommand::Enable { name } => nodes::enable(&cx, name),
             NodeCommand::Rotate { name } => nodes::rotate(&cx, name),
-            NodeCommand::Update { name, endpoint, no_endpoint } => {
+            NodeCommand::Update { name, endpoint, no_endpoint, mtu } => {
                 let endpoint = match (endpoint, no_endpoint) {
                     (Some(endpoint), _) => Some(EndpointChange::Set(endpoint)),
                     (None, true) => Some(EndpointChange::Clear),
-                    (None, false) => anyhow::bail!(
-                        "node update {name}: nothing to change; give --endpoint HOST:PORT or --no-endpoint"
-                    ),
+                    (None, false) => None,
                 };
-                nodes::update(&cx, name, endpoint)
+                if endpoint.is_none() && mtu.is_none() {
+                    anyhow::bail!(
+                        "node update {name}: nothing to change; give --endpoint HOST:PORT, --no-endpoint or --mtu N"
+                    );
+                }
+                nodes::update(&cx, name, endpoint, mtu)
             }
         },
         Command::Access(command) => match command {

@@ -131,6 +131,7 @@ mod tests {
             dns_name: format!("{name}.home.internal"),
             disabled,
             rotate_key,
+            mtu: 1420,
         };
         let table = nodes_table(&[view("a", false, false), view("b", true, false), view("c", false, true)]);
         let states: Vec<&str> = table.lines().skip(1).map(|l| l.split_once(" - ").unwrap().1.trim()).collect();

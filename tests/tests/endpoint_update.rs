@@ -108,12 +108,13 @@ fn a_member_and_the_hub_move_and_every_host_follows() {
     assert_refused(&hub.state, &["node", "update", "ghost", "--endpoint", "172.31.241.9:51820"], 1, "no node named");
     assert_refused(&hub.state, &["node", "update", "hub", "--no-endpoint"], 1, "is the hub");
     assert_refused(&hub.state, &["node", "update", "vps"], 1, "nothing to change");
+    assert_refused(&hub.state, &["node", "update", "vps", "--mtu", "1279"], 2, "MTU 1279 is out of range");
     assert_eq!(run_json(meshctl(&hub.state).args(["node", "list", "--json"])), before, "a refusal changed nothing");
 
     // The member gets a new static IP: the old one is gone, other hosts follow the update.
     move_address(&vps, &uplinks[1], "172.31.241.2", "172.31.241.3");
     let moved = run_ok(meshctl(&hub.state).args(["node", "update", "vps", "--endpoint", "172.31.241.3:51820"]));
-    assert_eq!(moved.trim(), "node vps: endpoint 172.31.241.3:51820");
+    assert_eq!(moved.trim(), "node vps: endpoint 172.31.241.3:51820, mtu 1420");
     let took = followed(&[&hub, &other], &vps_key, "172.31.241.3:51820");
     eprintln!("member moved: hub and other hold its new endpoint {took:?} after meshctl returned");
     assert!(wait_until(Duration::from_secs(2), || other.pings(&mesh("vps"))), "other -> vps after the move");

@@ -63,10 +63,10 @@ pub fn rotate(cx: &Context, name: Label) -> anyhow::Result<()> {
     changed(cx, &name, &format!("node {name} will make a new key on its next contact with the controller"))
 }
 
-/// Change where node `name` is reached; when the hub's endpoint changes, name the devices whose config
+/// Change where node `name` is reached or its MTU; when the hub's endpoint changes, name the devices whose config
 /// still names the old one (on standard error too, so a script reading `--json` sees it).
-pub fn update(cx: &Context, name: Label, endpoint: Option<EndpointChange>) -> anyhow::Result<()> {
-    match cx.admin.send(Request::NodeUpdate { name, endpoint })? {
+pub fn update(cx: &Context, name: Label, endpoint: Option<EndpointChange>, mtu: Option<u16>) -> anyhow::Result<()> {
+    match cx.admin.send(Request::NodeUpdate { name, endpoint, mtu })? {
         Reply::NodeUpdated(updated) => {
             let stale = &updated.devices_with_old_endpoint;
             if !stale.is_empty() {
@@ -78,7 +78,7 @@ pub fn update(cx: &Context, name: Label, endpoint: Option<EndpointChange>) -> an
             }
             let node = &updated.node;
             let endpoint = node.endpoint.as_deref().unwrap_or("none (behind NAT)");
-            cx.print(&updated, || println!("node {}: endpoint {endpoint}", node.name))
+            cx.print(&updated, || println!("node {}: endpoint {endpoint}, mtu {}", node.name, node.mtu))
         }
         other => unexpected(other),
     }

@@ -16,6 +16,8 @@ use crate::model::{AccessRule, Protocol, Role};
 /// A validated declaration file. The hub is implicit: it is never declared and never changed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Declaration {
+    /// The network's MTU (`mtu` at the top of the file); `None` leaves it as it is.
+    pub mtu: Option<u16>,
     /// The member nodes (`[[node]]`), in file order.
     pub nodes: Vec<NodeSpec>,
     /// The services (`[[service]]`), in file order, each with its mesh port resolved.
@@ -33,6 +35,8 @@ pub struct Declaration {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileEntries {
+    #[serde(default, deserialize_with = "mtu")]
+    mtu: Option<u16>,
     #[serde(default)]
     node: Vec<NodeEntry>,
     #[serde(default)]
@@ -53,6 +57,14 @@ struct NodeEntry {
     disabled: bool,
     #[serde(default, deserialize_with = "endpoint")]
     endpoint: Option<HostPort>,
+    #[serde(default, deserialize_with = "mtu")]
+    mtu: Option<u16>,
+}
+
+/// An `mtu`: [`crate::input::MIN_MTU`] to [`crate::input::MAX_MTU`], checked while parsing (so the error has a line).
+fn mtu<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u16>, D::Error> {
+    let value = i64::deserialize(deserializer)?;
+    crate::input::parse_mtu(&value.to_string()).map(Some).map_err(|e| serde::de::Error::custom(format!("mtu: {e}")))
 }
 
 /// A node's `endpoint`: a `HOST:PORT` other hosts can reach, checked while parsing (so the error has a line).
@@ -137,7 +149,7 @@ impl Declaration {
         }
         let is_node = |name: &Label| name == hub || names.get(name) == Some(&Kind::Node);
 
-        let mut declaration = Declaration::default();
+        let mut declaration = Declaration { mtu: file.mtu, ..Declaration::default() };
         for entry in &file.node {
             let role = match entry.role.as_deref() {
                 None | Some("node") => Role::Node,
@@ -146,7 +158,7 @@ impl Declaration {
                 Some(other) => return Err(DeclareError::UnknownRole { node: entry.name.clone(), role: other.into() }),
             };
             let (name, disabled, endpoint) = (entry.name.clone(), entry.disabled, entry.endpoint.clone());
-            declaration.nodes.push(NodeSpec { name, role, disabled, endpoint });
+            declaration.nodes.push(NodeSpec { name, role, disabled, endpoint, mtu: entry.mtu });
         }
         for entry in file.service {
             if !is_node(&entry.node) {
@@ -209,7 +221,8 @@ mod tests {
     #[test]
     fn parses_nodes_services_devices_and_rules() {
         let d = parse(EXAMPLE).unwrap();
-        let node = |name: &str, role, disabled| NodeSpec { name: label(name), role, disabled, endpoint: None };
+        let node =
+            |name: &str, role, disabled| NodeSpec { name: label(name), role, disabled, endpoint: None, mtu: None };
         assert_eq!(
             d.nodes,
             [

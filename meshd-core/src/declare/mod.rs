@@ -174,6 +174,9 @@ pub struct NodeSpec {
     /// Where other hosts reach it. Declared: `None` leaves a member's endpoint as it is (it is set when the
     /// host joins); as it stands: `None` when it has none.
     pub endpoint: Option<HostPort>,
+    /// Its interface's MTU, bytes. Declared: `None` leaves it as it is; as it stands: always known (its own,
+    /// else the network's).
+    pub mtu: Option<u16>,
 }
 
 /// A service: as declared (port resolved), or as it stands.

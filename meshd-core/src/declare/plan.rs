@@ -16,6 +16,8 @@ use crate::wire::admin::StatusView;
 pub struct Current {
     /// The hub's name.
     pub hub: Label,
+    /// The network's MTU.
+    pub mtu: u16,
     /// Joined nodes other than the hub.
     pub members: Vec<NodeSpec>,
     /// Pending, unexpired invites.
@@ -40,7 +42,7 @@ impl Current {
             .map(|n| {
                 let endpoint = (n.endpoint.as_deref().map(str::parse).transpose())
                     .map_err(|_| DeclareError::UnreadableNode(n.name.clone()))?;
-                Ok(NodeSpec { name: n.name.clone(), role: n.role, disabled: n.disabled, endpoint })
+                Ok(NodeSpec { name: n.name.clone(), role: n.role, disabled: n.disabled, endpoint, mtu: Some(n.mtu) })
             })
             .collect::<Result<_, DeclareError>>()?;
         let services = status
@@ -55,6 +57,7 @@ impl Current {
             .collect::<Result<_, DeclareError>>()?;
         Ok(Current {
             hub: hub.name.clone(),
+            mtu: status.network.mtu,
             members,
             invites: invites.iter().map(|i| (i.name.clone(), i.role)).collect(),
             services,
@@ -164,6 +167,9 @@ pub struct Plan {
 pub fn plan(desired: &Declaration, current: &Current) -> Result<Plan, DeclareError> {
     check_against(desired, current)?;
     let mut plan = Plan::default();
+    if let Some(mtu) = desired.mtu.filter(|m| *m != current.mtu) {
+        plan.steps.push(Step::UpdateNetwork { mtu, was_mtu: current.mtu });
+    }
     let disables = plan_nodes(desired, current, &mut plan);
     let services = plan_services(desired, current, &mut plan);
     plan_devices(desired, current, &services, &mut plan);
@@ -178,9 +184,12 @@ fn plan_nodes(desired: &Declaration, current: &Current, plan: &mut Plan) -> Vec<
     for node in &desired.nodes {
         let name = node.name.clone();
         if let Some(member) = current.member(&node.name) {
-            if let Some(endpoint) = node.endpoint.as_ref().filter(|e| member.endpoint.as_ref() != Some(*e)) {
-                let (endpoint, was) = (endpoint.clone(), member.endpoint.clone());
-                plan.steps.push(Step::UpdateNode { name: name.clone(), endpoint, was });
+            let endpoint = node.endpoint.clone().filter(|e| member.endpoint.as_ref() != Some(e));
+            let mtu = node.mtu.filter(|m| member.mtu != Some(*m));
+            if endpoint.is_some() || mtu.is_some() {
+                let was_endpoint = endpoint.as_ref().and(member.endpoint.clone());
+                let was_mtu = mtu.and(member.mtu);
+                plan.steps.push(Step::UpdateNode { name: name.clone(), endpoint, was_endpoint, mtu, was_mtu });
             }
             match (member.disabled, node.disabled) {
                 (true, false) => plan.steps.push(Step::EnableNode { name }),
@@ -370,6 +379,7 @@ mod tests {
     fn empty_network() -> Current {
         Current {
             hub: label("hub"),
+            mtu: 1420,
             members: Vec::new(),
             invites: BTreeMap::new(),
             services: Vec::new(),
@@ -393,7 +403,7 @@ mod tests {
     }
 
     fn member(name: &str, role: Role, disabled: bool) -> NodeSpec {
-        NodeSpec { name: label(name), role, disabled, endpoint: None }
+        NodeSpec { name: label(name), role, disabled, endpoint: None, mtu: Some(1420) }
     }
 
     fn lines(plan: &Plan) -> Vec<String> {
@@ -423,6 +433,7 @@ mod tests {
     fn example_network() -> Current {
         Current {
             hub: label("hub"),
+            mtu: 1420,
             members: vec![member("validator", Role::Relay, true), member("consensus", Role::Node, false)],
             invites: [(label("vps1"), Role::Node)].into_iter().collect(),
             services: vec![
@@ -519,6 +530,7 @@ mod tests {
             [Request::NodeUpdate {
                 name: label("consensus"),
                 endpoint: Some(EndpointChange::Set("consensus.example.net:51821".parse().unwrap())),
+                mtu: None,
             }]
         );
         network.members[1].endpoint = None;

@@ -62,6 +62,14 @@ pub enum Request {
         /// Its new endpoint, or none (behind NAT; refused for the hub); unchanged when `None`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         endpoint: Option<EndpointChange>,
+        /// Its interface's own MTU from now on, bytes; unchanged when `None`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mtu: Option<u16>,
+    },
+    /// Set the network's MTU (of every host without its own, and of devices' configs): [`Reply::NetworkUpdated`].
+    NetworkUpdate {
+        /// Bytes, [`crate::input::MIN_MTU`] to [`crate::input::MAX_MTU`].
+        mtu: u16,
     },
     /// Let node `from` reach node `to`; once a node is the `to` of a rule, only its rules' sources reach it.
     AccessAllow {
@@ -185,6 +193,7 @@ impl Request {
                 | Request::NodeEnable { .. }
                 | Request::NodeRotate { .. }
                 | Request::NodeUpdate { .. }
+                | Request::NetworkUpdate { .. }
                 | Request::AccessAllow { .. }
                 | Request::AccessRevoke { .. }
                 | Request::DeviceAllow { .. }
@@ -229,6 +238,8 @@ pub enum Reply {
     Rules(Vec<AccessRule>),
     /// To [`Request::NodeUpdate`].
     NodeUpdated(NodeUpdated),
+    /// To [`Request::NetworkUpdate`].
+    NetworkUpdated(NetworkUpdated),
     /// A change without anything to show.
     Done,
     /// The replies to a batch, in order.
@@ -253,6 +264,16 @@ pub struct NodeUpdated {
     /// changed; none otherwise): they reach the hub again once given a new config (`meshctl device rotate`)
     /// or once the endpoint is edited in their app.
     pub devices_with_old_endpoint: Vec<Label>,
+}
+
+/// The network after [`Request::NetworkUpdate`], and the devices whose configs it made stale.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkUpdated {
+    /// The network as it is now.
+    pub network: NetworkView,
+    /// Devices whose configs carry the MTU as it was (every device, when it changed): they take the new
+    /// one with a new config (`meshctl device rotate`) or an edit in their app.
+    pub devices_with_old_mtu: Vec<Label>,
 }
 
 /// A reply or the one-line reason the request was refused.
@@ -302,7 +323,7 @@ pub struct DeviceHandout {
     pub dns_servers: Vec<IpAddr>,
     /// The network's domain, as search domain.
     pub dns_search: Vec<String>,
-    /// Interface MTU ([`crate::model::MESH_MTU`]).
+    /// Interface MTU: the network's ([`crate::model::Network::mtu`]).
     pub mtu: u16,
     /// The hub's WireGuard public key.
     pub hub_public_key: PublicKey,

@@ -24,6 +24,9 @@ pub struct JoinRequest {
     pub listen_port: u16,
     /// Name of its WireGuard interface.
     pub interface: String,
+    /// Its interface's own MTU (`meshd join --mtu`); `None`, and from older hosts: the network's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
 }
 
 /// The controller's answer to a join.

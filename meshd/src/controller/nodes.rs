@@ -47,6 +47,9 @@ impl Controller {
         if let Some(endpoint) = &request.endpoint {
             input::check_endpoint(endpoint)?;
         }
+        if let Some(mtu) = request.mtu {
+            input::check_mtu(mtu)?;
+        }
         self.store.write(|w| {
             let invite = w.invite(&request.id)?.ok_or(ControlError::InviteForged)?;
             if !invite::hashes_equal(&invite.secret_hash, &invite::hash_secret(&request.secret)) {
@@ -76,6 +79,7 @@ impl Controller {
                 role: invite.role,
                 disabled: false,
                 rotate_key: false,
+                mtu: request.mtu,
             })?;
             Ok(MemberState { me: invite.name, state: w.snapshot()?.shared() })
         })
@@ -187,12 +191,21 @@ pub(super) fn ask_for_new_key(w: &Writer<'_>, name: Label) -> Result<Reply, Cont
     Ok(Reply::Done)
 }
 
-/// Change where a node is reached. A new endpoint must be one other hosts can reach; the hub cannot go
-/// without one. When the hub's endpoint changes, every device's config names the old one: the reply lists
-/// them.
-pub(super) fn update(w: &Writer<'_>, name: Label, endpoint: Option<EndpointChange>) -> Result<Reply, ControlError> {
+/// Change where a node is reached, or its interface's own MTU. A new endpoint must be one other hosts can
+/// reach; the hub cannot go without one. When the hub's endpoint changes, every device's config names the
+/// old one: the reply lists them.
+pub(super) fn update(
+    w: &Writer<'_>,
+    name: Label,
+    endpoint: Option<EndpointChange>,
+    mtu: Option<u16>,
+) -> Result<Reply, ControlError> {
     let s = w.snapshot()?;
     let node = member(&s, &name)?;
+    if let Some(mtu) = mtu {
+        input::check_mtu(mtu)?;
+        w.set_node_mtu(&name, Some(mtu))?;
+    }
     let mut devices_with_old_endpoint = Vec::new();
     if let Some(change) = endpoint {
         let endpoint = match change {
@@ -351,7 +364,7 @@ mod tests {
         add_service(&mut c, "wallet").unwrap();
         add_device(&mut c, "phone", &["wallet"]).unwrap();
         let update = |c: &mut Controller, name: &str, change: Option<EndpointChange>| {
-            c.handle(Request::NodeUpdate { name: label(name), endpoint: change })
+            c.handle(Request::NodeUpdate { name: label(name), endpoint: change, mtu: None })
         };
         let set = |e: &str| Some(EndpointChange::Set(e.parse().unwrap()));
 

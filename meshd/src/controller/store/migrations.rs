@@ -105,6 +105,12 @@ ALTER TABLE addresses ADD COLUMN released_uptime INTEGER;
 ALTER TABLE invites ADD COLUMN created_boot TEXT;
 ALTER TABLE invites ADD COLUMN created_uptime INTEGER;
 "#,
+    r#"
+-- The mesh MTU: the network's (hosts without their own, devices' configs) and a host's own (NULL: the
+-- network's). Every network made before this migration had 1420.
+ALTER TABLE network ADD COLUMN mtu INTEGER NOT NULL DEFAULT 1420 CHECK (mtu BETWEEN 1280 AND 9000);
+ALTER TABLE nodes ADD COLUMN mtu INTEGER CHECK (mtu IS NULL OR mtu BETWEEN 1280 AND 9000);
+"#,
 ];
 
 /// Bring the database at `path` to this meshd's schema in one transaction (a no-op when it is there);
