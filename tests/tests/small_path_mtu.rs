@@ -23,11 +23,18 @@ use serde_json::Value;
 /// Bytes of each transfer: several megabytes, thousands of full-sized segments.
 const TRANSFER: usize = 8 << 20;
 
-/// A TCP server that sends [`TRANSFER`] bytes to every client and logs the MSS the connection uses (the
+/// A TCP server that sends [`TRANSFER`] bytes to every client (each on its own thread: a stalled one
+/// blocks no other) and logs the MSS the connection uses (the
 /// smaller of the client's announced MSS, as it arrived, and what the server's own MTU allows, less the
 /// TCP options every segment carries).
 const SERVER: &str = r#"
-import socket, sys
+import socket, sys, threading
+def send(c):
+    try:
+        c.sendall(b"x" * int(sys.argv[2]))
+    except OSError:
+        pass
+    c.close()
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((sys.argv[1], 5001))
@@ -36,11 +43,7 @@ print("listening", flush=True)
 while True:
     c, _ = s.accept()
     print("mss", c.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG), flush=True)
-    try:
-        c.sendall(b"x" * int(sys.argv[2]))
-    except OSError:
-        pass
-    c.close()
+    threading.Thread(target=send, args=(c,), daemon=True).start()
 "#;
 
 /// A client that reads until the server closes and prints how many bytes came; it gives up when nothing
@@ -197,5 +200,21 @@ fn bulk_transfers_cross_a_small_path_that_eats_icmp_directly_and_through_the_hub
     assert!(cellar.pings(&mesh("hub")), "pings pass all the while");
     eprintln!("at MTU 1420: {bytes} of {TRANSFER} bytes before the transfer stalled");
     assert_eq!(logged_mss(&hub_server).last(), Some(&1368), "1380 less 12 bytes of timestamps");
+
+    // The declaration file sets MTUs too: the network's, and the cellar's own back to what fits its path;
+    // the transfer goes through again. A second apply changes nothing.
+    let file = root.join("network.toml");
+    std::fs::write(&file, "mtu = 1320\n\n[[node]]\nname = \"cellar\"\nmtu = 1340\n\n[[node]]\nname = \"attic\"\n")
+        .unwrap();
+    let applied = run_ok(meshctl(&hub.state).arg("apply").arg(&file));
+    assert!(
+        applied.contains("~ network: mtu 1340 -> 1320") && applied.contains("~ node cellar: mtu 1420 -> 1340"),
+        "{applied}"
+    );
+    assert!(wait_until(Duration::from_secs(2), || interface_mtu(&cellar) == 1340), "the cellar's interface MTU");
+    assert_eq!(run_json(meshctl(&hub.state).args(["status", "--json"]))["network"]["mtu"], 1320);
+    let (bytes, took) = download(&cellar, &mesh("hub"));
+    assert_eq!(bytes, TRANSFER, "hub (1420) -> cellar (1340): the cellar's MSS fits the path ({took:?})");
+    assert_eq!(run_ok(meshctl(&hub.state).arg("apply").arg(&file)).trim(), "no changes");
     hub_daemon.assert_running("after the changes");
 }

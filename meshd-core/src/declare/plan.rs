@@ -543,6 +543,29 @@ mod tests {
     }
 
     #[test]
+    fn declared_mtus_set_the_network_s_and_a_member_s_once() {
+        let text =
+            format!("mtu = 1340\n{}", EXAMPLE.replace("name = \"consensus\"", "name = \"consensus\"\nmtu = 1420"));
+        let declared = parse(&text).unwrap();
+        let mut network = example_network();
+        let moved = plan(&declared, &network).unwrap();
+        assert_eq!(lines(&moved), ["~ network: mtu 1420 -> 1340"], "consensus already has 1420");
+        assert_eq!(moved.steps[0].requests(60, || unreachable!("no device")), [Request::NetworkUpdate { mtu: 1340 }]);
+        network.mtu = 1340;
+        network.members[1].mtu = Some(1340);
+        let step = plan(&declared, &network).unwrap();
+        assert_eq!(lines(&step), ["~ node consensus: mtu 1340 -> 1420"]);
+        assert_eq!(
+            step.steps[0].requests(60, || unreachable!("no device")),
+            [Request::NodeUpdate { name: label("consensus"), endpoint: None, mtu: Some(1420) }]
+        );
+        let json = serde_json::to_value(&step.steps[0]).unwrap();
+        assert_eq!(json, serde_json::json!({"op": "update_node", "name": "consensus", "mtu": 1420, "was_mtu": 1340}));
+        network.members[1].mtu = Some(1420);
+        assert_eq!(plan(&declared, &network).unwrap(), Plan::default(), "applied: nothing left to do");
+    }
+
+    #[test]
     fn refuses_role_changes_of_members_and_names_changing_kind() {
         let mut network = example_network();
         network.members[1].role = Role::Relay;

@@ -351,6 +351,16 @@ mod tests {
     }
 
     #[test]
+    fn a_host_takes_its_own_mtu_else_the_network_s() {
+        let mut s = with_members();
+        s.network.mtu = 1340;
+        s.nodes[2].mtu = Some(1420);
+        assert_eq!(plan_host(&s, "hub").unwrap().mtu, 1340);
+        assert_eq!(plan_host(&s, "vps").unwrap().mtu, 1340);
+        assert_eq!(plan_host(&s, "attic").unwrap().mtu, 1420);
+    }
+
+    #[test]
     fn the_hub_peers_with_members_and_routes_to_their_services() {
         let plan = plan_host(&with_members(), "hub").unwrap();
         let attic = &plan.peers[&named_key("ATTIC")];

@@ -395,6 +395,45 @@ mod tests {
     }
 
     #[test]
+    fn mtus_of_the_network_and_of_hosts_are_checked_stored_and_handed_to_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        add_service(&mut c, "wallet").unwrap();
+        add_device(&mut c, "phone", &["wallet"]).unwrap();
+        let mut small = join_request(&invite(&mut c, "cellar", 3600));
+        small.mtu = Some(1279);
+        let before = c.snapshot().unwrap();
+        assert!(matches!(c.redeem(&small), Err(ControlError::Input(_))), "a join with an MTU below 1280");
+        assert_eq!(c.snapshot().unwrap(), before);
+        small.mtu = Some(1340);
+        c.redeem(&small).unwrap();
+        let s = c.snapshot().unwrap();
+        let cellar = &s.nodes[1];
+        assert_eq!((cellar.mtu, s.node_view(cellar).mtu, s.node_view(&s.nodes[0]).mtu), (Some(1340), 1340, 1420));
+
+        let update =
+            |c: &mut Controller, mtu| c.handle(Request::NodeUpdate { name: label("hub"), endpoint: None, mtu });
+        let before = c.snapshot().unwrap();
+        for bad in [0, 1279, 9001] {
+            assert!(matches!(update(&mut c, Some(bad)), Err(ControlError::Input(_))), "{bad}");
+            assert!(matches!(c.handle(Request::NetworkUpdate { mtu: bad }), Err(ControlError::Input(_))), "{bad}");
+        }
+        assert_eq!(c.snapshot().unwrap(), before);
+        let Reply::NodeUpdated(hub) = update(&mut c, Some(1400)).unwrap() else { panic!() };
+        assert_eq!((hub.node.mtu, hub.devices_with_old_endpoint.len()), (1400, 0));
+
+        let Reply::NetworkUpdated(net) = c.handle(Request::NetworkUpdate { mtu: 1320 }).unwrap() else { panic!() };
+        assert_eq!((net.network.mtu, net.devices_with_old_mtu), (1320, vec![label("phone")]));
+        let Reply::NetworkUpdated(same) = c.handle(Request::NetworkUpdate { mtu: 1320 }).unwrap() else { panic!() };
+        assert!(same.devices_with_old_mtu.is_empty());
+        let s = c.snapshot().unwrap();
+        let mtus: Vec<u16> = s.nodes.iter().map(|n| s.node_view(n).mtu).collect();
+        assert_eq!(mtus, [1400, 1340], "their own MTUs stay; hub, then cellar");
+        let Reply::DeviceHandout(handout) = add_device(&mut c, "tablet", &["wallet"]).unwrap() else { panic!() };
+        assert_eq!(handout.mtu, 1320, "devices get the network's MTU");
+    }
+
+    #[test]
     fn disabling_rotating_and_rules() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = new_network(dir.path(), "10.77.0.0/16");

@@ -208,6 +208,27 @@ mod tests {
     }
 
     #[test]
+    fn a_network_from_before_mtus_opens_at_1420_and_the_schema_keeps_mtus_in_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meshd.db");
+        schema_3_with_a_service(&path);
+        let mut store = Store::open(&path).unwrap();
+        let s = store.snapshot().unwrap();
+        assert_eq!(s.network.mtu, 1420);
+        assert_eq!(s.nodes[0].mtu, None);
+        store
+            .write(|w| {
+                w.set_network_mtu(1340)?;
+                w.set_node_mtu(&"hub".parse().unwrap(), Some(1280))
+            })
+            .unwrap();
+        let s = store.snapshot().unwrap();
+        assert_eq!((s.network.mtu, s.nodes[0].mtu), (1340, Some(1280)));
+        assert!(store.conn.execute("UPDATE network SET mtu = 1279", []).is_err());
+        assert!(store.conn.execute("UPDATE nodes SET mtu = 9001", []).is_err());
+    }
+
+    #[test]
     fn a_protocol_other_than_tcp_or_udp_is_refused_by_the_schema() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("meshd.db");
