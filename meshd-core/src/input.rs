@@ -68,7 +68,7 @@ pub enum InputError {
     },
     /// An interface MTU outside [`MIN_MTU`]..=[`MAX_MTU`]: the value as given.
     #[error(
-        "MTU {0} is out of range ({MIN_MTU}-{MAX_MTU}): WireGuard over IPv6 needs at least {MIN_MTU}; behind a 1400-byte hop use 1340 (IPv4 path) or 1320 (IPv6 path)"
+        "MTU {0} is not a number from {MIN_MTU} to {MAX_MTU} (IPv6 in the mesh needs at least {MIN_MTU}); behind a 1400-byte hop use 1340 (IPv4 path) or 1320 (IPv6 path)"
     )]
     Mtu(String),
     /// A full DNS name longer than [`MAX_DNS_NAME`].

@@ -292,8 +292,8 @@ mod tests {
             ("[[node]]\nname = \"a\"\nendpoint = \"nocolon\"\n", 3, "endpoint: \"nocolon\" is not HOST:PORT"),
             ("[[node]]\nname = \"a\"\nendpoint = \"127.0.0.1:51820\"\n", 3, "loopback"),
             ("[[node]]\nname = \"a\"\nendpoint = 51820\n", 3, "a string"),
-            ("mtu = 1200\n[[node]]\nname = \"a\"\n", 1, "mtu: MTU 1200 is out of range (1280-9000)"),
-            ("[[node]]\nname = \"a\"\nmtu = 70000\n", 3, "MTU 70000 is out of range"),
+            ("mtu = 1200\n[[node]]\nname = \"a\"\n", 1, "mtu: MTU 1200 is not a number from 1280 to 9000"),
+            ("[[node]]\nname = \"a\"\nmtu = 70000\n", 3, "MTU 70000 is not a number from 1280 to 9000"),
             ("[[node]]\nname = \"a\"\nmtu = \"1400\"\n", 3, "expected i64"),
         ];
         for (text, line, message) in cases {
