@@ -16,7 +16,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use meshd_e2e::{
-    MeshHost, Netns, Proc, meshctl, nat_router, product_bin, require_root, run_json, run_ok, veth, wait_until,
+    MeshHost, Netns, Proc, meshctl, nat_router, output, product_bin, require_root, run_json, run_ok, veth, wait_until,
 };
 use serde_json::Value;
 
@@ -142,6 +142,10 @@ fn bulk_transfers_cross_a_small_path_that_eats_icmp_directly_and_through_the_hub
     init.args(["init", "--network", "home", "--name", "hub", "--endpoint", "172.31.250.2:51820", "--mtu", "1340"]);
     let created = run_ok(init.args(["--interface", &hub.ifname]).arg("--state-dir").arg(&hub.state));
     assert!(created.contains("MTU 1340"), "{created}");
+    // A phone behind the same path gets the network's MTU in its config.
+    run_ok(meshctl(&hub.state).args(["service", "add", "wallet", "--node", "hub", "--target", "127.0.0.1:9737"]));
+    let config = run_ok(meshctl(&hub.state).args(["device", "add", "phone", "--allow", "wallet", "--conf", "-"]));
+    assert!(config.contains("\nMTU = 1340\n"), "{config}");
     let mut hub_daemon = hub.run_daemon(&root.join("hub.log"));
     let ready = wait_until(Duration::from_secs(60), || {
         hub_daemon.assert_running("starting up");
@@ -204,13 +208,18 @@ fn bulk_transfers_cross_a_small_path_that_eats_icmp_directly_and_through_the_hub
     // The declaration file sets MTUs too: the network's, and the cellar's own back to what fits its path;
     // the transfer goes through again. A second apply changes nothing.
     let file = root.join("network.toml");
-    std::fs::write(&file, "mtu = 1320\n\n[[node]]\nname = \"cellar\"\nmtu = 1340\n\n[[node]]\nname = \"attic\"\n")
-        .unwrap();
-    let applied = run_ok(meshctl(&hub.state).arg("apply").arg(&file));
+    let declared = "mtu = 1320\n\n[[node]]\nname = \"cellar\"\nmtu = 1340\n\n[[node]]\nname = \"attic\"\n\n\
+                    [[service]]\nname = \"wallet\"\nnode = \"hub\"\ntarget = \"127.0.0.1:9737\"\n\n\
+                    [[device]]\nname = \"phone\"\nallow = [\"wallet\"]\n";
+    std::fs::write(&file, declared).unwrap();
+    let out = output(meshctl(&hub.state).arg("apply").arg(&file));
+    let (applied, warning) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{applied}{warning}");
     assert!(
         applied.contains("~ network: mtu 1340 -> 1320") && applied.contains("~ node cellar: mtu 1420 -> 1340"),
         "{applied}"
     );
+    assert!(warning.contains("the config of these devices has the network's old MTU: phone"), "{warning}");
     assert!(wait_until(Duration::from_secs(2), || interface_mtu(&cellar) == 1340), "the cellar's interface MTU");
     assert_eq!(run_json(meshctl(&hub.state).args(["status", "--json"]))["network"]["mtu"], 1320);
     let (bytes, took) = download(&cellar, &mesh("hub"));
