@@ -13,6 +13,7 @@ pub(crate) fn network() -> Network {
         // Member index i is 127.0.0.0 + i: a loopback address a client can bind to.
         cidr: "127.0.0.0/8".parse().expect("a valid CIDR"),
         ula: "fd00:5ca1:e000::/48".parse().expect("a valid ULA prefix"),
+        mtu: 1420,
     }
 }
 
@@ -36,6 +37,7 @@ pub(crate) fn node(name: &str, index: u32, role: Role) -> Node {
         role,
         disabled: false,
         rotate_key: false,
+        mtu: None,
     }
 }
 

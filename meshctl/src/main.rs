@@ -21,6 +21,7 @@ use meshd::host::statedir::DEFAULT_STATE_DIR;
 use meshd_core::handout::DeviceDns;
 use meshd_core::input::{self, HostPort, Label};
 use meshd_core::model::{Protocol, Role};
+use meshd_core::wire::admin::EndpointChange;
 use meshd_core::wire::invite;
 
 #[derive(Parser)]
@@ -208,6 +209,20 @@ enum NodeCommand {
     Enable { name: Label },
     /// Ask a member for a new key: the host makes it itself on its next contact with the controller.
     Rotate { name: Label },
+    /// Change where a node (the hub included) is reached; every host follows within a second.
+    Update {
+        name: Label,
+        /// Where other hosts (and, for the hub, devices) reach it from now on: HOST:PORT (a DNS name is
+        /// best for the hub: devices keep it in their config).
+        #[arg(long, value_name = "HOST:PORT", value_parser = input::parse_endpoint)]
+        endpoint: Option<HostPort>,
+        /// The node has no endpoint any more (behind NAT); refused for the hub.
+        #[arg(long, conflicts_with = "endpoint")]
+        no_endpoint: bool,
+        /// Its mesh interface's own MTU from now on, 1280-9000 (the host sets it at once).
+        #[arg(long, value_parser = input::parse_mtu)]
+        mtu: Option<u16>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -263,6 +278,19 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             NodeCommand::Disable { name } => nodes::disable(&cx, name),
             NodeCommand::Enable { name } => nodes::enable(&cx, name),
             NodeCommand::Rotate { name } => nodes::rotate(&cx, name),
+            NodeCommand::Update { name, endpoint, no_endpoint, mtu } => {
+                let endpoint = match (endpoint, no_endpoint) {
+                    (Some(endpoint), _) => Some(EndpointChange::Set(endpoint)),
+                    (None, true) => Some(EndpointChange::Clear),
+                    (None, false) => None,
+                };
+                if endpoint.is_none() && mtu.is_none() {
+                    anyhow::bail!(
+                        "node update {name}: nothing to change; give --endpoint HOST:PORT, --no-endpoint or --mtu N"
+                    );
+                }
+                nodes::update(&cx, name, endpoint, mtu)
+            }
         },
         Command::Access(command) => match command {
             AccessCommand::Allow { from, to } => access::allow(&cx, from, to),

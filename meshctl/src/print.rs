@@ -145,6 +145,7 @@ mod tests {
             disabled,
             rotate_key,
             last_heard,
+            mtu: 1420,
         };
         let table = nodes_table(&[
             view("a", false, false, Some(now - 7)),

@@ -48,6 +48,7 @@ pub fn node(name: &str, index: u32) -> Node {
         role: if index == 1 { Role::Hub } else { Role::Node },
         disabled: false,
         rotate_key: false,
+        mtu: None,
     }
 }
 
@@ -60,6 +61,7 @@ pub fn sample_state() -> SharedState {
             domain: "home.internal".into(),
             cidr: "10.77.0.0/16".parse().expect("sample value"),
             ula: "fd00:1:2::/48".parse().expect("sample value"),
+            mtu: 1420,
         },
         nodes: vec![node("hub", 1), node("vps", 2), node("attic", 3)],
         services: vec![Service {

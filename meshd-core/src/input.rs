@@ -66,6 +66,11 @@ pub enum InputError {
         /// Why a device cannot use it.
         reason: &'static str,
     },
+    /// An interface MTU outside [`MIN_MTU`]..=[`MAX_MTU`]: the value as given.
+    #[error(
+        "MTU {0} is not a number from {MIN_MTU} to {MAX_MTU} (IPv6 in the mesh needs at least {MIN_MTU}); behind a 1400-byte hop use 1340 (IPv4 path) or 1320 (IPv6 path)"
+    )]
+    Mtu(String),
     /// A full DNS name longer than [`MAX_DNS_NAME`].
     #[error(
         "the DNS name {name} would be {len} characters long (DNS allows {MAX_DNS_NAME}): choose a shorter name or domain"
@@ -76,6 +81,25 @@ pub enum InputError {
         /// Its length in characters.
         len: usize,
     },
+}
+
+/// The smallest mesh MTU: IPv6 (inside the tunnel) needs links of at least 1280 bytes (RFC 8200).
+pub const MIN_MTU: u16 = 1280;
+
+/// The largest mesh MTU: jumbo frames of 9000 bytes, less nothing (a mesh that large needs jumbo frames
+/// on every path; anything beyond is a typo).
+pub const MAX_MTU: u16 = 9000;
+
+/// Parse a mesh MTU, bytes: [`MIN_MTU`] to [`MAX_MTU`]. Errors: [`InputError::Mtu`].
+pub fn parse_mtu(s: &str) -> Result<u16, InputError> {
+    let mtu: u16 = s.trim().parse().map_err(|_| InputError::Mtu(s.to_owned()))?;
+    check_mtu(mtu)?;
+    Ok(mtu)
+}
+
+/// Refuse an MTU outside [`MIN_MTU`]..=[`MAX_MTU`] (the admin and join sockets take numbers from JSON).
+pub fn check_mtu(mtu: u16) -> Result<(), InputError> {
+    if (MIN_MTU..=MAX_MTU).contains(&mtu) { Ok(()) } else { Err(InputError::Mtu(mtu.to_string())) }
 }
 
 /// The longest DNS name in presentation form, without the final dot (RFC 1035 section 2.3.4: 255

@@ -25,8 +25,14 @@ pub const NODE_KEEPALIVE_SECS: u16 = 25;
 /// which is what authenticates them).
 pub const SYNC_PORT: u16 = 51871;
 
-/// MTU of every mesh interface: 1500 minus WireGuard's worst-case IPv6 overhead.
+/// Default MTU of the mesh interfaces: 1500 minus WireGuard's worst-case overhead (an IPv6 underlay: 40 bytes
+/// IPv6 header, 8 UDP, 32 WireGuard). A network sets its own at `meshd init --mtu`, a host at `meshd join --mtu`.
 pub const MESH_MTU: u16 = 1420;
+
+/// The default of [`Network::mtu`] (states and databases from before MTUs could be set).
+fn default_mtu() -> u16 {
+    MESH_MTU
+}
 
 /// The network and its address ranges.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +45,9 @@ pub struct Network {
     pub cidr: Ipv4Net,
     /// Its random RFC 4193 unique local /48; hosts are numbered in its first /64.
     pub ula: Ipv6Net,
+    /// MTU of every mesh interface without its own ([`Node::mtu`]) and of the devices' configs, bytes.
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
 }
 
 impl Network {
@@ -88,12 +97,20 @@ pub struct Node {
     /// The operator asked for a new key: the host makes one itself on its next contact.
     #[serde(default)]
     pub rotate_key: bool,
+    /// Its interface's own MTU, bytes (a host behind a smaller path); `None`: the network's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
 }
 
 impl Node {
     /// Whether the node takes part in the mesh now.
     pub fn active(&self) -> bool {
         !self.disabled
+    }
+
+    /// The MTU of its interface in `network`, bytes: its own, else the network's.
+    pub fn mtu_in(&self, network: &Network) -> u16 {
+        self.mtu.unwrap_or(network.mtu)
     }
 }
 
@@ -306,6 +323,7 @@ impl Snapshot {
             disabled: node.disabled,
             rotate_key: node.rotate_key,
             last_heard: None,
+            mtu: node.mtu_in(&self.network),
         }
     }
 
@@ -365,6 +383,9 @@ pub struct NodeView {
     /// the hub started, or with the hub's daemon not running.
     #[serde(default)]
     pub last_heard: Option<u64>,
+    /// Its interface's MTU, bytes (its own, else the network's); absent from controllers before MTUs.
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
 }
 
 /// A device as `meshctl device list` shows it.
@@ -419,6 +440,9 @@ pub struct NetworkView {
     pub cidr: Ipv4Net,
     /// The IPv6 /64 its hosts are numbered in.
     pub cidr_v6: Ipv6Net,
+    /// MTU of the hosts without their own and of the devices, bytes; absent from controllers before MTUs.
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
 }
 
 /// Where an invite stands.

@@ -26,6 +26,8 @@ pub enum HostStep {
     CreateInterface,
     /// Let the kernel route packets that arrive on the interface (this host routes: hub, relay).
     EnableForwarding,
+    /// Set the running interface's MTU, bytes (`ip link set dev IF mtu N`).
+    SetMtu(u16),
     /// Add these addresses to the interface.
     AddAddresses(Vec<IpNet>),
     /// Withdraw, replace and add these peers, touching no other.
@@ -59,6 +61,9 @@ pub fn steps(old: &HostPlan, new: &HostPlan) -> Vec<HostStep> {
         return Vec::new();
     }
     let mut steps = Vec::new();
+    if new.mtu != old.mtu {
+        steps.push(HostStep::SetMtu(new.mtu));
+    }
     let (add, remove) = diff_addresses(&old.addresses, &new.addresses);
     if !add.is_empty() {
         steps.push(HostStep::AddAddresses(add));
@@ -244,6 +249,16 @@ mod tests {
         assert_eq!(diff.add.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(), [named_key("KEY6")]);
         assert!(diff.update.is_empty(), "an unchanged peer is not touched");
         assert!(!steps.contains(&HostStep::EnableForwarding), "already routing");
+    }
+
+    #[test]
+    fn a_new_mtu_is_set_on_the_running_interface_and_the_mss_clamp_follows() {
+        let plan = sample_host_plan(&["10.77.0.4"], true);
+        let mut smaller = plan.clone();
+        smaller.mtu = 1340;
+        let rules = nftables::render(&smaller);
+        assert!(rules.contains("maxseg size set 1300"), "{rules}");
+        assert_eq!(steps(&plan, &smaller), [HostStep::SetMtu(1340), HostStep::LoadRules(rules)]);
     }
 
     #[test]

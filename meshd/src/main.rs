@@ -53,6 +53,10 @@ enum Command {
         /// UDP port WireGuard listens on [default: the endpoint's port].
         #[arg(long, value_parser = input::parse_port)]
         listen_port: Option<u16>,
+        /// MTU of the mesh interfaces (hosts without their own) and of devices' configs, 1280-9000: 1500
+        /// less 60 over IPv4 or 80 over IPv6, from the smallest path between hosts (1340 behind a 1400 hop).
+        #[arg(long, default_value_t = meshd_core::model::MESH_MTU, value_parser = input::parse_mtu)]
+        mtu: u16,
     },
     /// Join a network with an invite token from `meshctl node invite`; then start it with `meshd run`.
     Join {
@@ -70,6 +74,9 @@ enum Command {
         /// UDP port WireGuard listens on [default: the endpoint's port, else 51820].
         #[arg(long, value_parser = input::parse_port)]
         listen_port: Option<u16>,
+        /// MTU of this host's mesh interface, 1280-9000 [default: the network's], for a host behind a smaller path.
+        #[arg(long, value_parser = input::parse_mtu)]
+        mtu: Option<u16>,
     },
     /// Run this host's part of the network in the foreground.
     Run {
@@ -94,7 +101,7 @@ fn main() -> ExitCode {
     }
     meshd::init_logging();
     let result = match cli.command {
-        Command::Init { network, name, endpoint, cidr, domain, state_dir, interface, listen_port } => {
+        Command::Init { network, name, endpoint, cidr, domain, state_dir, interface, listen_port, mtu } => {
             let domain = domain.unwrap_or_else(|| format!("{network}.internal"));
             let key = PrivateKey::generate();
             let new = NewNetwork {
@@ -106,12 +113,13 @@ fn main() -> ExitCode {
                 listen_port: listen_port.unwrap_or(endpoint.port()),
                 endpoint,
                 interface,
+                mtu,
             };
             init(&StateDir::new(state_dir), new, &key)
         }
-        Command::Join { token, state_dir, endpoint, interface, listen_port } => {
+        Command::Join { token, state_dir, endpoint, interface, listen_port, mtu } => {
             let listen_port = listen_port.or(endpoint.as_ref().map(HostPort::port)).unwrap_or(DEFAULT_LISTEN_PORT);
-            join(&StateDir::new(state_dir), &token, endpoint, interface, listen_port)
+            join(&StateDir::new(state_dir), &token, endpoint, interface, listen_port, mtu)
         }
         Command::Run { state_dir, wireguard, dns_port } => {
             run(&StateDir::new(state_dir), RunOptions { backend: wireguard, dns_port })
@@ -153,7 +161,7 @@ fn init(state: &StateDir, new: NewNetwork, key: &PrivateKey) -> anyhow::Result<(
     println!("  ranges    {} and {}", snapshot.network.cidr, snapshot.network.pool().v6());
     if let Some(hub) = hub {
         println!("  this host {} ({}, {}), endpoint {}", hub.name, hub.address, hub.address_v6, new.endpoint);
-        println!("  interface {} listening on UDP {}", new.interface, new.listen_port);
+        println!("  interface {} listening on UDP {}, MTU {}", new.interface, new.listen_port, new.mtu);
     }
     Ok(())
 }
@@ -170,6 +178,7 @@ fn join(
     endpoint: Option<HostPort>,
     interface: String,
     listen_port: u16,
+    mtu: Option<u16>,
 ) -> anyhow::Result<()> {
     let text = if token == "-" {
         let mut text = String::new();
@@ -195,6 +204,7 @@ fn join(
         endpoint,
         listen_port,
         interface,
+        mtu,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let reply: JoinReply = runtime

@@ -103,7 +103,14 @@ fn v4(entry: &Value, key: &str) -> Ipv4Addr {
 fn init_rejects_bad_cidr_endpoint_and_names() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    for (extra, mention) in [(vec!["--cidr", "10.0.0.0/33"], "10.0.0.0/33"), (vec!["--cidr", "banana"], "banana")] {
+    for (extra, mention) in [
+        (vec!["--cidr", "10.0.0.0/33"], "10.0.0.0/33"),
+        (vec!["--cidr", "banana"], "banana"),
+        // WireGuard over IPv6 needs 1280; more than jumbo frames is a typo.
+        (vec!["--mtu", "1279"], "MTU 1279 is not a number from 1280 to 9000"),
+        (vec!["--mtu", "9001"], "MTU 9001 is not a number from 1280 to 9000"),
+        (vec!["--mtu", "big"], "MTU big is not a number from 1280 to 9000"),
+    ] {
         assert_refused(&mut init_cmd(d, &extra), d, &[mention]);
     }
     for (endpoint, mention) in [
@@ -133,6 +140,27 @@ fn init_rejects_bad_cidr_endpoint_and_names() {
         assert_refused(&mut cmd, d, &[name]);
     }
     assert!(snapshot(d).is_empty(), "failed inits left files in {}", d.display());
+}
+
+#[test]
+fn node_update_refuses_bad_endpoints_mtus_and_the_hub_without_an_endpoint() {
+    let dir = init(&[]);
+    let d = dir.path();
+    for (args, mention) in [
+        (vec!["hub", "--no-endpoint"], "\"hub\" is the hub"),
+        (vec!["ghost", "--endpoint", "192.0.2.9:51820"], "no node named \"ghost\""),
+        (vec!["hub", "--endpoint", "nocolon"], "nocolon"),
+        (vec!["hub", "--endpoint", "127.0.0.1:51820"], "loopback"),
+        (vec!["hub", "--endpoint", "[::]:51820"], "unspecified"),
+        (vec!["hub", "--mtu", "1279"], "MTU 1279 is not a number from 1280 to 9000"),
+        (vec!["hub"], "nothing to change"),
+        (vec!["hub", "--endpoint", "192.0.2.9:51820", "--no-endpoint"], "cannot be used with"),
+    ] {
+        assert_refused(meshctl(d).args(["node", "update"]).args(&args), d, &[mention]);
+    }
+    let moved =
+        run_ok(meshctl(d).args(["node", "update", "hub", "--endpoint", "hub.example.net:51820", "--mtu", "1340"]));
+    assert_eq!(moved.trim(), "node hub: endpoint hub.example.net:51820, mtu 1340");
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use meshd_core::input::Label;
 use meshd_core::model::Role;
-use meshd_core::wire::admin::{Reply, Request};
+use meshd_core::wire::admin::{EndpointChange, Reply, Request};
 
 use super::{Context, done, removed, unexpected};
 use crate::print::{print_invites, print_nodes};
@@ -61,6 +61,27 @@ pub fn enable(cx: &Context, name: Label) -> anyhow::Result<()> {
 pub fn rotate(cx: &Context, name: Label) -> anyhow::Result<()> {
     done(cx, Request::NodeRotate { name: name.clone() })?;
     changed(cx, &name, &format!("node {name} will make a new key on its next contact with the controller"))
+}
+
+/// Change where node `name` is reached or its MTU; when the hub's endpoint changes, name the devices whose config
+/// still names the old one (on standard error too, so a script reading `--json` sees it).
+pub fn update(cx: &Context, name: Label, endpoint: Option<EndpointChange>, mtu: Option<u16>) -> anyhow::Result<()> {
+    match cx.admin.send(Request::NodeUpdate { name, endpoint, mtu })? {
+        Reply::NodeUpdated(updated) => {
+            let stale = &updated.devices_with_old_endpoint;
+            if !stale.is_empty() {
+                let names = stale.iter().map(Label::as_str).collect::<Vec<_>>().join(", ");
+                eprintln!(
+                    "warning: the config of these devices names the hub's old endpoint: {names}; give each a new \
+                     config (meshctl device rotate NAME --qr) or edit the Endpoint in its WireGuard app"
+                );
+            }
+            let node = &updated.node;
+            let endpoint = node.endpoint.as_deref().unwrap_or("none (behind NAT)");
+            cx.print(&updated, || println!("node {}: endpoint {endpoint}, mtu {}", node.name, node.mtu))
+        }
+        other => unexpected(other),
+    }
 }
 
 /// After a change to node `name`: its view with `--json`, else `line`.

@@ -9,8 +9,8 @@ pub fn status(cx: &Context) -> anyhow::Result<()> {
     match cx.admin.send(Request::Status)? {
         Reply::Status(s) => cx.print(&s, || {
             println!(
-                "network {} ({}, {}), domain {}",
-                s.network.name, s.network.cidr, s.network.cidr_v6, s.network.domain
+                "network {} ({}, {}), domain {}, MTU {}",
+                s.network.name, s.network.cidr, s.network.cidr_v6, s.network.domain, s.network.mtu
             );
             print_nodes(&s.nodes);
             print_devices(&s.devices);

@@ -16,6 +16,8 @@ use crate::model::{AccessRule, Protocol, Role};
 /// A validated declaration file. The hub is implicit: it is never declared and never changed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Declaration {
+    /// The network's MTU (`mtu` at the top of the file); `None` leaves it as it is.
+    pub mtu: Option<u16>,
     /// The member nodes (`[[node]]`), in file order.
     pub nodes: Vec<NodeSpec>,
     /// The services (`[[service]]`), in file order, each with its mesh port resolved.
@@ -33,6 +35,8 @@ pub struct Declaration {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileEntries {
+    #[serde(default, deserialize_with = "mtu")]
+    mtu: Option<u16>,
     #[serde(default)]
     node: Vec<NodeEntry>,
     #[serde(default)]
@@ -51,6 +55,22 @@ struct NodeEntry {
     role: Option<String>,
     #[serde(default)]
     disabled: bool,
+    #[serde(default, deserialize_with = "endpoint")]
+    endpoint: Option<HostPort>,
+    #[serde(default, deserialize_with = "mtu")]
+    mtu: Option<u16>,
+}
+
+/// An `mtu`: [`crate::input::MIN_MTU`] to [`crate::input::MAX_MTU`], checked while parsing (so the error has a line).
+fn mtu<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u16>, D::Error> {
+    let value = i64::deserialize(deserializer)?;
+    crate::input::parse_mtu(&value.to_string()).map(Some).map_err(|e| serde::de::Error::custom(format!("mtu: {e}")))
+}
+
+/// A node's `endpoint`: a `HOST:PORT` other hosts can reach, checked while parsing (so the error has a line).
+fn endpoint<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<HostPort>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    crate::input::parse_endpoint(&text).map(Some).map_err(|e| serde::de::Error::custom(format!("endpoint: {e}")))
 }
 
 #[derive(Deserialize)]
@@ -129,7 +149,7 @@ impl Declaration {
         }
         let is_node = |name: &Label| name == hub || names.get(name) == Some(&Kind::Node);
 
-        let mut declaration = Declaration::default();
+        let mut declaration = Declaration { mtu: file.mtu, ..Declaration::default() };
         for entry in &file.node {
             let role = match entry.role.as_deref() {
                 None | Some("node") => Role::Node,
@@ -137,7 +157,8 @@ impl Declaration {
                 Some("hub") => return Err(DeclareError::HubRole(entry.name.clone())),
                 Some(other) => return Err(DeclareError::UnknownRole { node: entry.name.clone(), role: other.into() }),
             };
-            declaration.nodes.push(NodeSpec { name: entry.name.clone(), role, disabled: entry.disabled });
+            let (name, disabled, endpoint) = (entry.name.clone(), entry.disabled, entry.endpoint.clone());
+            declaration.nodes.push(NodeSpec { name, role, disabled, endpoint, mtu: entry.mtu });
         }
         for entry in file.service {
             if !is_node(&entry.node) {
@@ -200,7 +221,8 @@ mod tests {
     #[test]
     fn parses_nodes_services_devices_and_rules() {
         let d = parse(EXAMPLE).unwrap();
-        let node = |name: &str, role, disabled| NodeSpec { name: label(name), role, disabled };
+        let node =
+            |name: &str, role, disabled| NodeSpec { name: label(name), role, disabled, endpoint: None, mtu: None };
         assert_eq!(
             d.nodes,
             [
@@ -267,6 +289,12 @@ mod tests {
             ),
             ("[[device]]\nname = \"p\"\nallow = [\"w\"]\ndns = [\"0.0.0.0\"]\n", 4, "unspecified"),
             ("[[device]]\nname = \"p\"\nallow = [\"w\"]\ndns = []\n", 4, "use dns = false"),
+            ("[[node]]\nname = \"a\"\nendpoint = \"nocolon\"\n", 3, "endpoint: \"nocolon\" is not HOST:PORT"),
+            ("[[node]]\nname = \"a\"\nendpoint = \"127.0.0.1:51820\"\n", 3, "loopback"),
+            ("[[node]]\nname = \"a\"\nendpoint = 51820\n", 3, "a string"),
+            ("mtu = 1200\n[[node]]\nname = \"a\"\n", 1, "mtu: MTU 1200 is not a number from 1280 to 9000"),
+            ("[[node]]\nname = \"a\"\nmtu = 70000\n", 3, "MTU 70000 is not a number from 1280 to 9000"),
+            ("[[node]]\nname = \"a\"\nmtu = \"1400\"\n", 3, "expected i64"),
         ];
         for (text, line, message) in cases {
             match parse(text) {

@@ -130,6 +130,9 @@ pub enum DeclareError {
     /// The network as read has no node with the hub role.
     #[error("the network has no hub node")]
     NoHub,
+    #[error("the controller described node \"{0}\" with an unreadable endpoint")]
+    /// The controller's view of a node (named) has an endpoint that does not parse.
+    UnreadableNode(Label),
     #[error("the controller described service \"{0}\" with an unreadable {1}")]
     /// The controller's view of a service (named) has a field (named) that does not parse.
     UnreadableService(Label, &'static str),
@@ -168,6 +171,12 @@ pub struct NodeSpec {
     pub role: Role,
     /// Kept out of the mesh, with its name and addresses.
     pub disabled: bool,
+    /// Where other hosts reach it. Declared: `None` leaves a member's endpoint as it is (it is set when the
+    /// host joins); as it stands: `None` when it has none.
+    pub endpoint: Option<HostPort>,
+    /// Its interface's MTU, bytes. Declared: `None` leaves it as it is; as it stands: always known (its own,
+    /// else the network's).
+    pub mtu: Option<u16>,
 }
 
 /// A service: as declared (port resolved), or as it stands.

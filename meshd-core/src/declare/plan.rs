@@ -16,6 +16,8 @@ use crate::wire::admin::StatusView;
 pub struct Current {
     /// The hub's name.
     pub hub: Label,
+    /// The network's MTU.
+    pub mtu: u16,
     /// Joined nodes other than the hub.
     pub members: Vec<NodeSpec>,
     /// Pending, unexpired invites.
@@ -37,8 +39,12 @@ impl Current {
     ) -> Result<Current, DeclareError> {
         let hub = status.nodes.iter().find(|n| n.role == Role::Hub).ok_or(DeclareError::NoHub)?;
         let members = (status.nodes.iter().filter(|n| n.role != Role::Hub))
-            .map(|n| NodeSpec { name: n.name.clone(), role: n.role, disabled: n.disabled })
-            .collect();
+            .map(|n| {
+                let endpoint = (n.endpoint.as_deref().map(str::parse).transpose())
+                    .map_err(|_| DeclareError::UnreadableNode(n.name.clone()))?;
+                Ok(NodeSpec { name: n.name.clone(), role: n.role, disabled: n.disabled, endpoint, mtu: Some(n.mtu) })
+            })
+            .collect::<Result<_, DeclareError>>()?;
         let services = status
             .services
             .iter()
@@ -51,6 +57,7 @@ impl Current {
             .collect::<Result<_, DeclareError>>()?;
         Ok(Current {
             hub: hub.name.clone(),
+            mtu: status.network.mtu,
             members,
             invites: invites.iter().map(|i| (i.name.clone(), i.role)).collect(),
             services,
@@ -160,6 +167,9 @@ pub struct Plan {
 pub fn plan(desired: &Declaration, current: &Current) -> Result<Plan, DeclareError> {
     check_against(desired, current)?;
     let mut plan = Plan::default();
+    if let Some(mtu) = desired.mtu.filter(|m| *m != current.mtu) {
+        plan.steps.push(Step::UpdateNetwork { mtu, was_mtu: current.mtu });
+    }
     let disables = plan_nodes(desired, current, &mut plan);
     let services = plan_services(desired, current, &mut plan);
     plan_devices(desired, current, &services, &mut plan);
@@ -174,6 +184,13 @@ fn plan_nodes(desired: &Declaration, current: &Current, plan: &mut Plan) -> Vec<
     for node in &desired.nodes {
         let name = node.name.clone();
         if let Some(member) = current.member(&node.name) {
+            let endpoint = node.endpoint.clone().filter(|e| member.endpoint.as_ref() != Some(e));
+            let mtu = node.mtu.filter(|m| member.mtu != Some(*m));
+            if endpoint.is_some() || mtu.is_some() {
+                let was_endpoint = endpoint.as_ref().and(member.endpoint.clone());
+                let was_mtu = mtu.and(member.mtu);
+                plan.steps.push(Step::UpdateNode { name: name.clone(), endpoint, was_endpoint, mtu, was_mtu });
+            }
             match (member.disabled, node.disabled) {
                 (true, false) => plan.steps.push(Step::EnableNode { name }),
                 (false, true) => disables.push(Step::DisableNode { name }),
@@ -330,7 +347,7 @@ mod tests {
     use super::*;
     use crate::fixtures::{SAMPLE_DECLARATION as EXAMPLE, label};
     use crate::model::Protocol;
-    use crate::wire::admin::Request;
+    use crate::wire::admin::{EndpointChange, Request};
 
     #[test]
     fn a_service_is_tcp_unless_the_file_says_udp() {
@@ -362,6 +379,7 @@ mod tests {
     fn empty_network() -> Current {
         Current {
             hub: label("hub"),
+            mtu: 1420,
             members: Vec::new(),
             invites: BTreeMap::new(),
             services: Vec::new(),
@@ -385,7 +403,7 @@ mod tests {
     }
 
     fn member(name: &str, role: Role, disabled: bool) -> NodeSpec {
-        NodeSpec { name: label(name), role, disabled }
+        NodeSpec { name: label(name), role, disabled, endpoint: None, mtu: Some(1420) }
     }
 
     fn lines(plan: &Plan) -> Vec<String> {
@@ -415,6 +433,7 @@ mod tests {
     fn example_network() -> Current {
         Current {
             hub: label("hub"),
+            mtu: 1420,
             members: vec![member("validator", Role::Relay, true), member("consensus", Role::Node, false)],
             invites: [(label("vps1"), Role::Node)].into_iter().collect(),
             services: vec![
@@ -494,6 +513,56 @@ mod tests {
                 "~ device phone: allow wallet -> beacon,wallet",
             ]
         );
+    }
+
+    #[test]
+    fn a_declared_endpoint_moves_a_member_once_and_an_absent_one_leaves_it() {
+        let mut network = example_network();
+        network.members[1].endpoint = Some("198.51.100.7:51820".parse().unwrap());
+        assert_eq!(plan(&parse(EXAMPLE).unwrap(), &network).unwrap(), Plan::default(), "no endpoint declared");
+        let text =
+            EXAMPLE.replace("name = \"consensus\"", "name = \"consensus\"\nendpoint = \"consensus.example.net:51821\"");
+        let declared = parse(&text).unwrap();
+        let moved = plan(&declared, &network).unwrap();
+        assert_eq!(lines(&moved), ["~ node consensus: endpoint 198.51.100.7:51820 -> consensus.example.net:51821"]);
+        assert_eq!(
+            moved.steps[0].requests(60, || unreachable!("no device")),
+            [Request::NodeUpdate {
+                name: label("consensus"),
+                endpoint: Some(EndpointChange::Set("consensus.example.net:51821".parse().unwrap())),
+                mtu: None,
+            }]
+        );
+        network.members[1].endpoint = None;
+        assert_eq!(
+            lines(&plan(&declared, &network).unwrap()),
+            ["~ node consensus: endpoint none -> consensus.example.net:51821"]
+        );
+        network.members[1].endpoint = Some("consensus.example.net:51821".parse().unwrap());
+        assert_eq!(plan(&declared, &network).unwrap(), Plan::default(), "applied: nothing left to do");
+    }
+
+    #[test]
+    fn declared_mtus_set_the_network_s_and_a_member_s_once() {
+        let text =
+            format!("mtu = 1340\n{}", EXAMPLE.replace("name = \"consensus\"", "name = \"consensus\"\nmtu = 1420"));
+        let declared = parse(&text).unwrap();
+        let mut network = example_network();
+        let moved = plan(&declared, &network).unwrap();
+        assert_eq!(lines(&moved), ["~ network: mtu 1420 -> 1340"], "consensus already has 1420");
+        assert_eq!(moved.steps[0].requests(60, || unreachable!("no device")), [Request::NetworkUpdate { mtu: 1340 }]);
+        network.mtu = 1340;
+        network.members[1].mtu = Some(1340);
+        let step = plan(&declared, &network).unwrap();
+        assert_eq!(lines(&step), ["~ node consensus: mtu 1340 -> 1420"]);
+        assert_eq!(
+            step.steps[0].requests(60, || unreachable!("no device")),
+            [Request::NodeUpdate { name: label("consensus"), endpoint: None, mtu: Some(1420) }]
+        );
+        let json = serde_json::to_value(&step.steps[0]).unwrap();
+        assert_eq!(json, serde_json::json!({"op": "update_node", "name": "consensus", "mtu": 1420, "was_mtu": 1340}));
+        network.members[1].mtu = Some(1420);
+        assert_eq!(plan(&declared, &network).unwrap(), Plan::default(), "applied: nothing left to do");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::{list, role_name};
 use crate::input::{HostPort, Label};
 use crate::keys::PublicKey;
 use crate::model::{Protocol, Role};
-use crate::wire::admin::Request;
+use crate::wire::admin::{EndpointChange, Request};
 
 /// One change to the network, carried out by one or two admin requests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -30,6 +30,30 @@ pub enum Step {
         role: Role,
         /// The role of the cancelled invite.
         was: Role,
+    },
+    /// Set the network's MTU (of the hosts without their own, and of new devices' configs).
+    UpdateNetwork {
+        /// The MTU now declared, bytes.
+        mtu: u16,
+        /// The MTU it had.
+        was_mtu: u16,
+    },
+    /// Change where a member is reached, or its interface's MTU: every host follows.
+    UpdateNode {
+        /// The node.
+        name: Label,
+        /// The endpoint now declared, when it changes.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        endpoint: Option<HostPort>,
+        /// The endpoint it had (`None`: none, or it does not change).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        was_endpoint: Option<HostPort>,
+        /// The MTU now declared, when it changes.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        mtu: Option<u16>,
+        /// The MTU it had, when it changes.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        was_mtu: Option<u16>,
     },
     /// Enable a disabled member.
     EnableNode {
@@ -150,6 +174,12 @@ impl Step {
             Step::ReinviteNode { name, role, .. } => {
                 vec![Request::NodeUninvite { name: name.clone() }, invite(name, *role)]
             }
+            Step::UpdateNetwork { mtu, .. } => vec![Request::NetworkUpdate { mtu: *mtu }],
+            Step::UpdateNode { name, endpoint, mtu, .. } => vec![Request::NodeUpdate {
+                name: name.clone(),
+                endpoint: endpoint.clone().map(EndpointChange::Set),
+                mtu: *mtu,
+            }],
             Step::EnableNode { name } => vec![Request::NodeEnable { name: name.clone() }],
             Step::AddService { name, node, target, port, protocol } => vec![Request::ServiceAdd {
                 name: name.clone(),
@@ -207,6 +237,18 @@ impl fmt::Display for Step {
                 role_name(*role),
                 role_name(*was)
             ),
+            Step::UpdateNetwork { mtu, was_mtu } => write!(f, "~ network: mtu {was_mtu} -> {mtu}"),
+            Step::UpdateNode { name, endpoint, was_endpoint, mtu, was_mtu } => {
+                let mut changes = Vec::new();
+                if let Some(endpoint) = endpoint {
+                    let was = was_endpoint.as_ref().map_or_else(|| "none".to_owned(), ToString::to_string);
+                    changes.push(format!("endpoint {was} -> {endpoint}"));
+                }
+                if let (Some(mtu), Some(was)) = (mtu, was_mtu) {
+                    changes.push(format!("mtu {was} -> {mtu}"));
+                }
+                write!(f, "~ node {name}: {}", changes.join(", "))
+            }
             Step::EnableNode { name } => write!(f, "+ enable node {name}"),
             Step::AddService { name, node, target, port, protocol } => {
                 write!(f, "+ add service {name} on {node}: {target}, port {port}{}", udp_suffix(*protocol))

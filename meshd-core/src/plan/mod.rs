@@ -18,7 +18,7 @@ use ipnet::IpNet;
 
 use crate::ipam::Pool;
 use crate::keys::PublicKey;
-use crate::model::{MESH_MTU, Node, Role, SYNC_PORT, Snapshot};
+use crate::model::{Node, Role, SYNC_PORT, Snapshot};
 pub use access::{AccessPlan, Grant};
 pub use dns::DnsPlan;
 pub use peers::{PathRole, PeerPlan};
@@ -146,7 +146,7 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
     Ok(HostPlan {
         interface: node.interface.clone(),
         listen_port: node.listen_port,
-        mtu: MESH_MTU,
+        mtu: node.mtu_in(&s.network),
         addresses,
         peers: peers::plan(&view),
         services: served.services,
@@ -181,6 +181,7 @@ mod tests {
                 domain: "home.internal".into(),
                 cidr: "10.77.0.0/16".parse().unwrap(),
                 ula: "fd00:1:2::/48".parse().unwrap(),
+                mtu: 1420,
             },
             nodes: vec![Node {
                 name: label("hub"),
@@ -192,6 +193,7 @@ mod tests {
                 role: Role::Hub,
                 disabled: false,
                 rotate_key: false,
+                mtu: None,
             }],
             devices: vec![
                 Device {
@@ -331,6 +333,7 @@ mod tests {
             role: Role::Node,
             disabled: false,
             rotate_key: false,
+            mtu: None,
         };
         s.nodes.push(member("vps", "VPS", 7, Some("198.51.100.7:51820")));
         s.nodes.push(member("attic", "ATTIC", 8, None));
@@ -345,6 +348,16 @@ mod tests {
         });
         s.devices[0].allow.push(label("beacon"));
         s
+    }
+
+    #[test]
+    fn a_host_takes_its_own_mtu_else_the_network_s() {
+        let mut s = with_members();
+        s.network.mtu = 1340;
+        s.nodes[2].mtu = Some(1420);
+        assert_eq!(plan_host(&s, "hub").unwrap().mtu, 1340);
+        assert_eq!(plan_host(&s, "vps").unwrap().mtu, 1340);
+        assert_eq!(plan_host(&s, "attic").unwrap().mtu, 1420);
     }
 
     #[test]

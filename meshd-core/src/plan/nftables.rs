@@ -18,6 +18,12 @@ pub fn table_name(interface: &str) -> String {
     format!("meshd_{safe}")
 }
 
+/// The largest TCP segments (MSS, bytes) that fit an interface MTU over IPv4 and IPv6: the MTU less the IP
+/// header (20 or 40 bytes) and the TCP header (20).
+pub fn mss(mtu: u16) -> (u16, u16) {
+    (mtu.saturating_sub(40), mtu.saturating_sub(60))
+}
+
 /// The full ruleset (as an `nft -f` script that replaces the table) for `plan`.
 pub fn render(plan: &HostPlan) -> String {
     let table = table_name(&plan.interface);
@@ -87,6 +93,18 @@ pub fn render(plan: &HostPlan) -> String {
     let _ = writeln!(out, "    {admitted}\n    counter drop\n  }}");
     let _ = writeln!(out, "  chain forward {{\n    type filter hook forward priority filter; policy accept;");
     if access.routes {
+        // What a routing host forwards leaves by its own interface, whose MTU may be smaller than what the two
+        // ends use (a member with a larger MTU of its own, a device with an old config). ICMP "fragmentation
+        // needed" is often eaten on the way, so path MTU discovery cannot be relied on: the SYNs it forwards
+        // announce at most the MSS its MTU carries (less 40 bytes of IPv4 and TCP headers, 60 for IPv6).
+        let (mss_v4, mss_v6) = mss(plan.mtu);
+        for (family, mss) in [("ipv4", mss_v4), ("ipv6", mss_v6)] {
+            let _ = writeln!(
+                out,
+                "    iifname \"{iface}\" oifname \"{iface}\" meta nfproto {family} tcp flags & (syn | rst) == syn \
+                 tcp option maxseg size > {mss} tcp option maxseg size set {mss}"
+            );
+        }
         // A routing host (hub, relay) routes between its peers.
         let _ = writeln!(out, "    iifname \"{iface}\" oifname \"{iface}\" jump mesh_routing");
     }
@@ -139,6 +157,28 @@ mod tests {
         let routed = render(&with_udp_echo(sample_host_plan(&["10.77.0.4"], true)));
         let routing = &routed[routed.find("chain mesh_routing").unwrap()..];
         assert!(routing.contains("meta l4proto . th dport @grants_v4 accept"), "the hub routes UDP grants: {routed}");
+    }
+
+    #[test]
+    fn a_routing_host_clamps_the_mss_of_what_it_forwards_to_its_mtu() {
+        let mut plan = sample_host_plan(&["10.77.0.4"], true);
+        plan.mtu = 1340;
+        let rules = render(&plan);
+        let forward = &rules[rules.find("chain forward").unwrap()..rules.find("chain mesh_routing").unwrap()];
+        assert!(
+            forward.contains(
+                "iifname \"wg-home.1\" oifname \"wg-home.1\" meta nfproto ipv4 tcp flags & (syn | rst) == syn \
+                 tcp option maxseg size > 1300 tcp option maxseg size set 1300"
+            ),
+            "{rules}"
+        );
+        assert!(forward.contains("meta nfproto ipv6 tcp flags & (syn | rst) == syn tcp option maxseg size > 1280 tcp option maxseg size set 1280"), "{rules}");
+        assert!(
+            forward.find("maxseg").unwrap() < forward.find("jump mesh_routing").unwrap(),
+            "clamped whatever is accepted"
+        );
+        assert_eq!(mss(1420), (1380, 1360));
+        assert!(!render(&sample_host_plan(&["10.77.0.4"], false)).contains("maxseg"), "a member routes nothing");
     }
 
     #[test]

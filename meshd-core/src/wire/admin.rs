@@ -54,6 +54,23 @@ pub enum Request {
         /// The node.
         name: Label,
     },
+    /// Change where a node (the hub included) is reached: [`Reply::NodeUpdated`]. Every host gets the change
+    /// through the sync; devices carry the hub's endpoint in their config.
+    NodeUpdate {
+        /// The node.
+        name: Label,
+        /// Its new endpoint, or none (behind NAT; refused for the hub); unchanged when `None`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        endpoint: Option<EndpointChange>,
+        /// Its interface's own MTU from now on, bytes; unchanged when `None`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mtu: Option<u16>,
+    },
+    /// Set the network's MTU (of every host without its own, and of devices' configs): [`Reply::NetworkUpdated`].
+    NetworkUpdate {
+        /// Bytes, [`crate::input::MIN_MTU`] to [`crate::input::MAX_MTU`].
+        mtu: u16,
+    },
     /// Let node `from` reach node `to`; once a node is the `to` of a rule, only its rules' sources reach it.
     AccessAllow {
         /// The node that may reach `to`.
@@ -175,12 +192,24 @@ impl Request {
                 | Request::NodeDisable { .. }
                 | Request::NodeEnable { .. }
                 | Request::NodeRotate { .. }
+                | Request::NodeUpdate { .. }
+                | Request::NetworkUpdate { .. }
                 | Request::AccessAllow { .. }
                 | Request::AccessRevoke { .. }
                 | Request::DeviceAllow { .. }
                 | Request::ServiceUpdate { .. }
         )
     }
+}
+
+/// A new endpoint for a node, or none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointChange {
+    /// Other hosts (and, for the hub, devices) reach it at this `HOST:PORT` from now on.
+    Set(HostPort),
+    /// It has no endpoint any more (behind NAT): it opens its tunnels itself.
+    Clear,
 }
 
 /// The controller's answer.
@@ -207,6 +236,10 @@ pub enum Reply {
     Invites(Vec<InviteView>),
     /// To [`Request::AccessList`], sorted.
     Rules(Vec<AccessRule>),
+    /// To [`Request::NodeUpdate`].
+    NodeUpdated(NodeUpdated),
+    /// To [`Request::NetworkUpdate`].
+    NetworkUpdated(NetworkUpdated),
     /// A change without anything to show.
     Done,
     /// The replies to a batch, in order.
@@ -220,6 +253,27 @@ pub struct InviteIssued {
     pub invite: InviteView,
     /// The token in its text form ([`crate::wire::invite::Token::encode`]).
     pub token: String,
+}
+
+/// A node after [`Request::NodeUpdate`], and the devices whose configs it made stale.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeUpdated {
+    /// The node as it is now.
+    pub node: NodeView,
+    /// Devices whose configs name the hub's endpoint as it was (every device, when the hub's endpoint
+    /// changed; none otherwise): they reach the hub again once given a new config (`meshctl device rotate`)
+    /// or once the endpoint is edited in their app.
+    pub devices_with_old_endpoint: Vec<Label>,
+}
+
+/// The network after [`Request::NetworkUpdate`], and the devices whose configs it made stale.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkUpdated {
+    /// The network as it is now.
+    pub network: NetworkView,
+    /// Devices whose configs carry the MTU as it was (every device, when it changed): they take the new
+    /// one with a new config (`meshctl device rotate`) or an edit in their app.
+    pub devices_with_old_mtu: Vec<Label>,
 }
 
 /// A reply or the one-line reason the request was refused.
@@ -269,7 +323,7 @@ pub struct DeviceHandout {
     pub dns_servers: Vec<IpAddr>,
     /// The network's domain, as search domain.
     pub dns_search: Vec<String>,
-    /// Interface MTU ([`crate::model::MESH_MTU`]).
+    /// Interface MTU: the network's ([`crate::model::Network::mtu`]).
     pub mtu: u16,
     /// The hub's WireGuard public key.
     pub hub_public_key: PublicKey,

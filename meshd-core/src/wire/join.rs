@@ -25,6 +25,9 @@ pub struct JoinRequest {
     pub listen_port: u16,
     /// Name of its WireGuard interface.
     pub interface: String,
+    /// Its interface's own MTU (`meshd join --mtu`); `None`, and from older hosts: the network's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
 }
 
 /// What a member asks the join service when it cannot reach the hub's sync service: where the keys it

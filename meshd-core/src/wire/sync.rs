@@ -198,6 +198,28 @@ mod tests {
     }
 
     #[test]
+    fn a_state_from_before_mtus_reads_as_the_default_and_a_new_mtu_travels_as_a_change() {
+        let mut json = serde_json::to_value(state()).unwrap();
+        json["network"].as_object_mut().unwrap().remove("mtu");
+        let cached: SharedState = serde_json::from_value(json).unwrap();
+        assert_eq!(cached.network.mtu, crate::model::MESH_MTU);
+        assert!(cached.nodes.iter().all(|n| n.mtu.is_none()));
+        assert!(!serde_json::to_string(&cached.nodes[0]).unwrap().contains("mtu"), "no own MTU, no field");
+
+        let mut new = cached.clone();
+        new.network.mtu = 1340;
+        new.nodes[1].mtu = Some(1320);
+        let diff = changes(&cached, &new);
+        assert_eq!(diff.len(), 2, "{diff:?}");
+        let mut copy = cached.clone();
+        apply(&mut copy, &diff);
+        assert_eq!(copy, new);
+        // A member from before MTUs reads the new state (unknown fields are ignored).
+        let text = serde_json::to_string(&new).unwrap();
+        assert!(text.contains("\"mtu\":1340") && text.contains("\"mtu\":1320"), "{text}");
+    }
+
+    #[test]
     fn messages_round_trip_as_single_lines() {
         let message =
             ToMember::Changes { from: "a".into(), to: "b".into(), changes: vec![Change::NodeGone(label("vps"))] };

@@ -8,7 +8,7 @@ use ipnet::IpNet;
 
 use meshd_core::input::Label;
 use meshd_core::keys::{PresharedKey, PublicKey};
-use meshd_core::model::{DEVICE_KEEPALIVE_SECS, Device, DeviceKeys, MESH_MTU, Node, Snapshot};
+use meshd_core::model::{DEVICE_KEEPALIVE_SECS, Device, DeviceKeys, Node, Snapshot};
 use meshd_core::wire::admin::{DeviceHandout, Reply};
 
 use super::ControlError;
@@ -119,7 +119,7 @@ fn handout(s: &Snapshot, hub: &Node, device: &Device, keys: &DeviceKeys) -> Devi
         ],
         dns_servers: vec![IpAddr::V4(hub_v4), IpAddr::V6(hub_v6)],
         dns_search: vec![s.network.domain.clone()],
-        mtu: MESH_MTU,
+        mtu: s.network.mtu,
         hub_public_key: hub.public_key.clone(),
         preshared_key: keys.preshared_key.clone(),
         endpoint: hub.endpoint.as_ref().map(ToString::to_string).unwrap_or_default(),

@@ -26,7 +26,7 @@ use checks::allocate;
 use meshd_core::input::{self, HostPort, Label};
 use meshd_core::keys::PublicKey;
 use meshd_core::model::{Network, NetworkView, Node, Role, Snapshot};
-use meshd_core::wire::admin::{Outcome, Reply, Request, StatusView};
+use meshd_core::wire::admin::{NetworkUpdated, Outcome, Reply, Request, StatusView};
 use store::{Store, StoreError, Writer};
 
 /// Why the controller refused a request; the message is what the operator sees.
@@ -58,6 +58,10 @@ pub enum ControlError {
     DisableHub(Label),
     #[error("\"{0}\" is the hub; its key is the controller's own (re-run `meshd init` elsewhere to move it)")]
     RotateHub(Label),
+    #[error(
+        "\"{0}\" is the hub; devices and joining hosts reach it at its endpoint, so it must keep one (give --endpoint HOST:PORT)"
+    )]
+    HubNeedsEndpoint(Label),
     #[error("\"{0}\" is disabled; enable it first")]
     NodeDisabled(Label),
     #[error("\"{0}\" was not asked for a new key")]
@@ -106,6 +110,8 @@ pub struct NewNetwork {
     pub endpoint: HostPort,
     pub listen_port: u16,
     pub interface: String,
+    /// The network's MTU, bytes ([`meshd_core::model::MESH_MTU`] unless `--mtu`).
+    pub mtu: u16,
 }
 
 /// The controller over one network's store.
@@ -118,6 +124,7 @@ impl Controller {
     pub fn init(db: &Path, new: &NewNetwork) -> Result<(Controller, Snapshot), ControlError> {
         input::check_dns_name(&format!("{}.{}", new.hub, new.domain))?;
         input::check_endpoint(&new.endpoint)?;
+        input::check_mtu(new.mtu)?;
         let mut store = Store::create(db)?;
         let snapshot = store.write(|w| {
             let network = Network {
@@ -125,6 +132,7 @@ impl Controller {
                 domain: new.domain.clone(),
                 cidr: new.cidr,
                 ula: meshd_core::ipam::random_ula48(),
+                mtu: new.mtu,
             };
             w.insert_network(&network)?;
             let index = allocate(w, &network)?;
@@ -138,6 +146,7 @@ impl Controller {
                 role: Role::Hub,
                 disabled: false,
                 rotate_key: false,
+                mtu: None,
             })?;
             Ok::<_, ControlError>(w.snapshot()?)
         })?;
@@ -195,12 +204,7 @@ fn carry_out(w: &Writer<'_>, request: Request) -> Result<Reply, ControlError> {
         Request::Status => {
             let s = w.snapshot()?;
             Ok(Reply::Status(StatusView {
-                network: NetworkView {
-                    name: s.network.name.clone(),
-                    domain: s.network.domain.clone(),
-                    cidr: s.network.cidr,
-                    cidr_v6: s.network.pool().v6(),
-                },
+                network: network_view(&s),
                 nodes: s.nodes.iter().map(|n| s.node_view(n)).collect(),
                 devices: s.devices.iter().map(|d| s.device_view(d)).collect(),
                 services: s.services.iter().map(|v| s.service_view(v)).collect(),
@@ -234,12 +238,37 @@ fn carry_out(w: &Writer<'_>, request: Request) -> Result<Reply, ControlError> {
         Request::NodeDisable { name } => nodes::disable(w, name),
         Request::NodeEnable { name } => nodes::enable(w, name),
         Request::NodeRotate { name } => nodes::ask_for_new_key(w, name),
+        Request::NodeUpdate { name, endpoint, mtu } => nodes::update(w, name, endpoint, mtu),
+        Request::NetworkUpdate { mtu } => network_update(w, mtu),
         Request::AccessAllow { from, to } => access::allow(w, from, to),
         Request::AccessRevoke { from, to } => access::revoke(w, from, to),
         Request::AccessList => Ok(Reply::Rules(w.snapshot()?.rules)),
         Request::Batch { .. } => Err(ControlError::NestedBatch),
         Request::Preview { .. } => Err(ControlError::NestedPreview),
     }
+}
+
+/// The network as `meshctl status` shows it.
+fn network_view(s: &Snapshot) -> NetworkView {
+    NetworkView {
+        name: s.network.name.clone(),
+        domain: s.network.domain.clone(),
+        cidr: s.network.cidr,
+        cidr_v6: s.network.pool().v6(),
+        mtu: s.network.mtu,
+    }
+}
+
+/// Set the network's MTU; every device's config carries the old one when it changes.
+fn network_update(w: &Writer<'_>, mtu: u16) -> Result<Reply, ControlError> {
+    input::check_mtu(mtu)?;
+    let s = w.snapshot()?;
+    let mut devices_with_old_mtu = Vec::new();
+    if mtu != s.network.mtu {
+        w.set_network_mtu(mtu)?;
+        devices_with_old_mtu = s.devices.iter().map(|d| d.name.clone()).collect();
+    }
+    Ok(Reply::NetworkUpdated(NetworkUpdated { network: network_view(&w.snapshot()?), devices_with_old_mtu }))
 }
 
 /// Networks for tests: a controller over a new network, and hosts invited and joined through it. For this
@@ -264,6 +293,7 @@ pub mod fixtures {
             endpoint: "203.0.113.5:51820".parse().expect("a sample endpoint"),
             listen_port: 51820,
             interface: "meshd0".into(),
+            mtu: meshd_core::model::MESH_MTU,
         };
         Controller::init(&dir.join("meshd.db"), &new).expect("a new network").0
     }
@@ -288,6 +318,7 @@ pub mod fixtures {
             endpoint: Some("198.51.100.7:51820".parse().expect("a sample endpoint")),
             listen_port: 51820,
             interface: "meshd0".into(),
+            mtu: None,
         }
     }
 }

@@ -4,7 +4,7 @@
 use meshd_core::input::{self, Label};
 use meshd_core::keys::PublicKey;
 use meshd_core::model::{Invite, InviteStatus, InviteView, Node, Role};
-use meshd_core::wire::admin::{InviteIssued, Reply};
+use meshd_core::wire::admin::{EndpointChange, InviteIssued, NodeUpdated, Reply};
 use meshd_core::wire::invite::{self, Token};
 use meshd_core::wire::join::{JoinRequest, MemberState, Standing};
 
@@ -47,6 +47,9 @@ impl Controller {
         if let Some(endpoint) = &request.endpoint {
             input::check_endpoint(endpoint)?;
         }
+        if let Some(mtu) = request.mtu {
+            input::check_mtu(mtu)?;
+        }
         self.store.write(|w| {
             let invite = w.invite(&request.id)?.ok_or(ControlError::InviteForged)?;
             if !invite::hashes_equal(&invite.secret_hash, &invite::hash_secret(&request.secret)) {
@@ -76,6 +79,7 @@ impl Controller {
                 role: invite.role,
                 disabled: false,
                 rotate_key: false,
+                mtu: request.mtu,
             })?;
             Ok(MemberState { me: invite.name, state: w.snapshot()?.shared(), hub: None })
         })
@@ -210,6 +214,43 @@ pub(super) fn ask_for_new_key(w: &Writer<'_>, name: Label) -> Result<Reply, Cont
     Ok(Reply::Done)
 }
 
+/// Change where a node is reached, or its interface's own MTU. A new endpoint must be one other hosts can
+/// reach; the hub cannot go without one. When the hub's endpoint changes, every device's config names the
+/// old one: the reply lists them.
+pub(super) fn update(
+    w: &Writer<'_>,
+    name: Label,
+    endpoint: Option<EndpointChange>,
+    mtu: Option<u16>,
+) -> Result<Reply, ControlError> {
+    let s = w.snapshot()?;
+    let node = member(&s, &name)?;
+    if let Some(mtu) = mtu {
+        input::check_mtu(mtu)?;
+        w.set_node_mtu(&name, Some(mtu))?;
+    }
+    let mut devices_with_old_endpoint = Vec::new();
+    if let Some(change) = endpoint {
+        let endpoint = match change {
+            EndpointChange::Set(endpoint) => {
+                input::check_endpoint(&endpoint)?;
+                Some(endpoint)
+            }
+            EndpointChange::Clear if node.role == Role::Hub => return Err(ControlError::HubNeedsEndpoint(name)),
+            EndpointChange::Clear => None,
+        };
+        if endpoint != node.endpoint {
+            w.set_node_endpoint(&name, endpoint.as_ref())?;
+            if node.role == Role::Hub {
+                devices_with_old_endpoint = s.devices.iter().map(|d| d.name.clone()).collect();
+            }
+        }
+    }
+    let s = w.snapshot()?;
+    let node = s.node_view(member(&s, &name)?);
+    Ok(Reply::NodeUpdated(NodeUpdated { node, devices_with_old_endpoint }))
+}
+
 /// The TLS identity joining hosts pin, made and stored on first use.
 fn join_identity(w: &Writer<'_>) -> Result<JoinIdentity, ControlError> {
     if let Some((cert, key)) = w.join_identity()? {
@@ -227,7 +268,7 @@ mod tests {
     use super::*;
     use meshd_core::keys::PrivateKey;
     use meshd_core::model::{AccessRule, Protocol};
-    use meshd_core::wire::admin::Request;
+    use meshd_core::wire::admin::{EndpointChange, Request};
 
     #[test]
     fn an_invite_is_redeemed_once_into_a_node() {
@@ -355,6 +396,84 @@ mod tests {
         // Reopened: the removed key is kept in the database.
         let mut reopened = Controller::open(&dir.path().join("meshd.db")).unwrap();
         assert_eq!(reopened.standing(&[key]).unwrap(), Standing::Removed);
+    }
+
+    #[test]
+    fn a_node_s_endpoint_changes_and_a_new_hub_endpoint_names_the_devices_to_hand_out_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        let token = invite(&mut c, "vps", 3600);
+        c.redeem(&join_request(&token)).unwrap();
+        add_service(&mut c, "wallet").unwrap();
+        add_device(&mut c, "phone", &["wallet"]).unwrap();
+        let update = |c: &mut Controller, name: &str, change: Option<EndpointChange>| {
+            c.handle(Request::NodeUpdate { name: label(name), endpoint: change, mtu: None })
+        };
+        let set = |e: &str| Some(EndpointChange::Set(e.parse().unwrap()));
+
+        let Reply::NodeUpdated(moved) = update(&mut c, "vps", set("198.51.100.9:51821")).unwrap() else { panic!() };
+        assert_eq!(moved.node.endpoint.as_deref(), Some("198.51.100.9:51821"));
+        assert!(moved.devices_with_old_endpoint.is_empty(), "devices carry only the hub's endpoint");
+        let Reply::NodeUpdated(nat) = update(&mut c, "vps", Some(EndpointChange::Clear)).unwrap() else { panic!() };
+        assert_eq!(nat.node.endpoint, None);
+        assert_eq!(c.snapshot().unwrap().nodes[1].endpoint, None);
+
+        let Reply::NodeUpdated(hub) = update(&mut c, "hub", set("hub.example.net:51820")).unwrap() else { panic!() };
+        assert_eq!(hub.node.endpoint.as_deref(), Some("hub.example.net:51820"));
+        assert_eq!(hub.devices_with_old_endpoint, [label("phone")]);
+        let Reply::NodeUpdated(same) = update(&mut c, "hub", set("hub.example.net:51820")).unwrap() else { panic!() };
+        assert!(same.devices_with_old_endpoint.is_empty(), "the same endpoint again changes no config");
+        let Reply::NodeUpdated(unchanged) = update(&mut c, "hub", None).unwrap() else { panic!() };
+        assert_eq!(unchanged.node.endpoint.as_deref(), Some("hub.example.net:51820"));
+
+        let before = c.snapshot().unwrap();
+        assert!(matches!(update(&mut c, "hub", Some(EndpointChange::Clear)), Err(ControlError::HubNeedsEndpoint(_))));
+        assert!(matches!(update(&mut c, "ghost", set("198.51.100.9:1")), Err(ControlError::UnknownNode(_))));
+        // The admin socket takes JSON: an endpoint meshctl would refuse is refused here too.
+        for unusable in ["127.0.0.1:51820", "0.0.0.0:51820", "localhost:51820", "[fe80::1]:51820"] {
+            let refused = update(&mut c, "vps", set(unusable));
+            assert!(matches!(refused, Err(ControlError::Input(_))), "{unusable}: {refused:?}");
+        }
+        assert_eq!(c.snapshot().unwrap(), before);
+    }
+
+    #[test]
+    fn mtus_of_the_network_and_of_hosts_are_checked_stored_and_handed_to_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        add_service(&mut c, "wallet").unwrap();
+        add_device(&mut c, "phone", &["wallet"]).unwrap();
+        let mut small = join_request(&invite(&mut c, "cellar", 3600));
+        small.mtu = Some(1279);
+        let before = c.snapshot().unwrap();
+        assert!(matches!(c.redeem(&small), Err(ControlError::Input(_))), "a join with an MTU below 1280");
+        assert_eq!(c.snapshot().unwrap(), before);
+        small.mtu = Some(1340);
+        c.redeem(&small).unwrap();
+        let s = c.snapshot().unwrap();
+        let cellar = &s.nodes[1];
+        assert_eq!((cellar.mtu, s.node_view(cellar).mtu, s.node_view(&s.nodes[0]).mtu), (Some(1340), 1340, 1420));
+
+        let update =
+            |c: &mut Controller, mtu| c.handle(Request::NodeUpdate { name: label("hub"), endpoint: None, mtu });
+        let before = c.snapshot().unwrap();
+        for bad in [0, 1279, 9001] {
+            assert!(matches!(update(&mut c, Some(bad)), Err(ControlError::Input(_))), "{bad}");
+            assert!(matches!(c.handle(Request::NetworkUpdate { mtu: bad }), Err(ControlError::Input(_))), "{bad}");
+        }
+        assert_eq!(c.snapshot().unwrap(), before);
+        let Reply::NodeUpdated(hub) = update(&mut c, Some(1400)).unwrap() else { panic!() };
+        assert_eq!((hub.node.mtu, hub.devices_with_old_endpoint.len()), (1400, 0));
+
+        let Reply::NetworkUpdated(net) = c.handle(Request::NetworkUpdate { mtu: 1320 }).unwrap() else { panic!() };
+        assert_eq!((net.network.mtu, net.devices_with_old_mtu), (1320, vec![label("phone")]));
+        let Reply::NetworkUpdated(same) = c.handle(Request::NetworkUpdate { mtu: 1320 }).unwrap() else { panic!() };
+        assert!(same.devices_with_old_mtu.is_empty());
+        let s = c.snapshot().unwrap();
+        let mtus: Vec<u16> = s.nodes.iter().map(|n| s.node_view(n).mtu).collect();
+        assert_eq!(mtus, [1400, 1340], "their own MTUs stay; hub, then cellar");
+        let Reply::DeviceHandout(handout) = add_device(&mut c, "tablet", &["wallet"]).unwrap() else { panic!() };
+        assert_eq!(handout.mtu, 1320, "devices get the network's MTU");
     }
 
     #[test]

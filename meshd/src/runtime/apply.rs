@@ -130,6 +130,9 @@ impl Host {
                         result => result?,
                     }
                 }
+                HostStep::SetMtu(mtu) => {
+                    self.on_interface(move |interface| interface.set_mtu(mtu)).await?;
+                }
                 HostStep::AddAddresses(add) => {
                     self.on_interface(move |interface| interface.change_addresses(&add, &[])).await?;
                 }

@@ -113,6 +113,12 @@ CREATE TABLE removed_node_keys (
     removed_at INTEGER NOT NULL
 );
 "#,
+    r#"
+-- The mesh MTU: the network's (hosts without their own, devices' configs) and a host's own (NULL: the
+-- network's). Every network made before this migration had 1420.
+ALTER TABLE network ADD COLUMN mtu INTEGER NOT NULL DEFAULT 1420 CHECK (mtu BETWEEN 1280 AND 9000);
+ALTER TABLE nodes ADD COLUMN mtu INTEGER CHECK (mtu IS NULL OR mtu BETWEEN 1280 AND 9000);
+"#,
 ];
 
 /// Bring the database at `path` to this meshd's schema in one transaction (a no-op when it is there);
@@ -207,6 +213,27 @@ mod tests {
         let protocols: Vec<(String, Protocol)> =
             store.snapshot().unwrap().services.iter().map(|v| (v.name.to_string(), v.protocol)).collect();
         assert_eq!(protocols, [("wallet".into(), Protocol::Udp), ("dns".into(), Protocol::Udp)]);
+    }
+
+    #[test]
+    fn a_network_from_before_mtus_opens_at_1420_and_the_schema_keeps_mtus_in_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meshd.db");
+        schema_3_with_a_service(&path);
+        let mut store = Store::open(&path).unwrap();
+        let s = store.snapshot().unwrap();
+        assert_eq!(s.network.mtu, 1420);
+        assert_eq!(s.nodes[0].mtu, None);
+        store
+            .write(|w| {
+                w.set_network_mtu(1340)?;
+                w.set_node_mtu(&"hub".parse().unwrap(), Some(1280))
+            })
+            .unwrap();
+        let s = store.snapshot().unwrap();
+        assert_eq!((s.network.mtu, s.nodes[0].mtu), (1340, Some(1280)));
+        assert!(store.conn.execute("UPDATE network SET mtu = 1279", []).is_err());
+        assert!(store.conn.execute("UPDATE nodes SET mtu = 9001", []).is_err());
     }
 
     #[test]

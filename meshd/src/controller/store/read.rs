@@ -12,8 +12,14 @@ use super::{StoreError, sql};
 /// The whole network as stored, as seen by `conn`'s current transaction.
 pub(super) fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
     let network = conn
-        .query_row("SELECT name, domain, cidr, ula FROM network WHERE id = 1", [], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+        .query_row("SELECT name, domain, cidr, ula, mtu FROM network WHERE id = 1", [], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, u16>(4)?,
+            ))
         })
         .map_err(sql("read network"))?;
     let network = Network {
@@ -21,11 +27,12 @@ pub(super) fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
         domain: network.1,
         cidr: parse_column("network.cidr", &network.2)?,
         ula: parse_column("network.ula", &network.3)?,
+        mtu: network.4,
     };
 
     let mut stmt = conn
         .prepare(
-            "SELECT name, public_key, addr_index, endpoint, listen_port, interface, role, disabled, rotate_key
+            "SELECT name, public_key, addr_index, endpoint, listen_port, interface, role, disabled, rotate_key, mtu
              FROM nodes ORDER BY addr_index",
         )
         .map_err(sql("read nodes"))?;
@@ -41,12 +48,13 @@ pub(super) fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
                 r.get::<_, String>(6)?,
                 r.get::<_, bool>(7)?,
                 r.get::<_, bool>(8)?,
+                r.get::<_, Option<u16>>(9)?,
             ))
         })
         .and_then(Iterator::collect::<Result<Vec<_>, _>>)
         .map_err(sql("read nodes"))?;
     let mut nodes = Vec::with_capacity(raw_nodes.len());
-    for (name, public_key, index, endpoint, listen_port, interface, role, disabled, rotate_key) in raw_nodes {
+    for (name, public_key, index, endpoint, listen_port, interface, role, disabled, rotate_key, mtu) in raw_nodes {
         nodes.push(Node {
             name: parse_column("nodes.name", &name)?,
             public_key: parse_column("nodes.public_key", &public_key)?,
@@ -62,6 +70,7 @@ pub(super) fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
             },
             disabled,
             rotate_key,
+            mtu,
         });
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use meshd_core::clock::{self, Stamp};
-use meshd_core::input::Label;
+use meshd_core::input::{HostPort, Label};
 use meshd_core::keys::PublicKey;
 use meshd_core::model::{AccessRule, Device, DeviceKeys, Invite, InviteStatus, Network, Node, Role, Service, Snapshot};
 
@@ -30,13 +30,14 @@ impl Writer<'_> {
     pub fn insert_network(&self, network: &Network) -> Result<(), StoreError> {
         self.tx
             .execute(
-                "INSERT INTO network (id, name, domain, cidr, ula, created_at) VALUES (1, ?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO network (id, name, domain, cidr, ula, created_at, mtu) VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
                     network.name.as_str(),
                     network.domain,
                     network.cidr.to_string(),
                     network.ula.to_string(),
-                    now()
+                    now(),
+                    network.mtu
                 ],
             )
             .map_err(sql("insert network"))?;
@@ -106,8 +107,8 @@ impl Writer<'_> {
     pub fn insert_node(&self, node: &Node) -> Result<(), StoreError> {
         self.tx
             .execute(
-                "INSERT INTO nodes (name, public_key, addr_index, endpoint, listen_port, interface, role, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO nodes (name, public_key, addr_index, endpoint, listen_port, interface, role, created_at, mtu)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     node.name.as_str(),
                     node.public_key.as_str(),
@@ -116,7 +117,8 @@ impl Writer<'_> {
                     node.listen_port,
                     node.interface,
                     role_text(node.role),
-                    now()
+                    now(),
+                    node.mtu
                 ],
             )
             .map_err(sql("insert node"))?;
@@ -181,6 +183,31 @@ impl Writer<'_> {
             .execute("UPDATE nodes SET disabled = ?1 WHERE name = ?2", params![disabled, name.as_str()])
             .map_err(sql("update node"))?;
         Ok(n == 1)
+    }
+
+    /// Set where a node is reached (`None`: nowhere, it is behind NAT).
+    pub fn set_node_endpoint(&self, name: &Label, endpoint: Option<&HostPort>) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "UPDATE nodes SET endpoint = ?1 WHERE name = ?2",
+                params![endpoint.map(ToString::to_string), name.as_str()],
+            )
+            .map_err(sql("update node endpoint"))?;
+        Ok(())
+    }
+
+    /// Set a node's own MTU (`None`: the network's).
+    pub fn set_node_mtu(&self, name: &Label, mtu: Option<u16>) -> Result<(), StoreError> {
+        self.tx
+            .execute("UPDATE nodes SET mtu = ?1 WHERE name = ?2", params![mtu, name.as_str()])
+            .map_err(sql("update node mtu"))?;
+        Ok(())
+    }
+
+    /// Set the network's MTU.
+    pub fn set_network_mtu(&self, mtu: u16) -> Result<(), StoreError> {
+        self.tx.execute("UPDATE network SET mtu = ?1 WHERE id = 1", params![mtu]).map_err(sql("update network mtu"))?;
+        Ok(())
     }
 
     /// Ask (or stop asking) a node for a new key.

@@ -210,6 +210,13 @@ impl Interface {
         Ok(())
     }
 
+    /// Set the interface's MTU, bytes; the kernel takes it at once (routes and new TCP connections follow).
+    pub fn set_mtu(&self, mtu: u16) -> Result<(), WgError> {
+        ip(&["link", "set", "dev", &self.name, "mtu", &mtu.to_string()])?;
+        info!(interface = %self.name, mtu, "interface MTU set");
+        Ok(())
+    }
+
     /// Add and remove interface addresses.
     pub fn change_addresses(&self, add: &[IpNet], remove: &[IpNet]) -> Result<(), WgError> {
         for net in remove {
