@@ -53,9 +53,10 @@ fn node_list_shows_each_nodes_state() {
     let table = run_ok(meshctl(d).args(["node", "list"]));
     let mut lines = table.lines();
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NODE", "ROLE", "ADDRESS", "ADDRESS6", "ENDPOINT", "STATE"], "{table}");
+    assert_eq!(header, ["NODE", "ROLE", "ADDRESS", "ADDRESS6", "ENDPOINT", "STATE", "LAST", "HEARD"], "{table}");
     let hub: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!((hub[0], hub[1], hub[4], hub[5]), ("hub", "hub", "192.0.2.1:51820", "active"), "{table}");
+    assert_eq!(hub[6], "-", "the hub does not hear from itself: {table}");
     let nodes = run_json(meshctl(d).args(["node", "list", "--json"]));
     assert_eq!((nodes[0]["disabled"].clone(), nodes[0]["rotate_key"].clone()), (json!(false), json!(false)));
 }
