@@ -6,7 +6,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 
-use crate::{Netns, Proc, WG_SOCKET_DIR, product_bin, unique_ifname};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::{Netns, Proc, WG_SOCKET_DIR, product_bin, run_ok, unique_ifname, wait_until};
 
 /// Removes a userspace interface's UAPI socket file on drop: a daemon stopped with SIGKILL (or by a
 /// failing test) leaves boringtun's socket behind in the directory every namespace shares.
@@ -64,6 +68,26 @@ impl MeshHost {
             .args(["run", "--wireguard", "userspace", "--state-dir"])
             .arg(&self.state);
         Proc::spawn_logged(cmd, &format!("meshd run on {}", self.name), log)
+    }
+
+    /// `meshd init` of network `home` with this host as the hub `hub`, reached at `endpoint`, on its
+    /// interface and state directory, with `extra` arguments (`--cidr`, `--mtu`, ...).
+    pub fn init_hub(&self, endpoint: &str, extra: &[&str]) {
+        let mut init = Command::new(product_bin("meshd"));
+        init.args(["init", "--network", "home", "--name", self.name, "--endpoint", endpoint]);
+        init.args(["--interface", &self.ifname]).args(extra).arg("--state-dir").arg(&self.state);
+        run_ok(&mut init);
+    }
+
+    /// [`MeshHost::run_daemon`] on the hub, returned once its admin socket answers.
+    pub fn run_hub(&self, log: &Path) -> Proc {
+        let mut daemon = self.run_daemon(log);
+        let ready = wait_until(Duration::from_secs(60), || {
+            daemon.assert_running("starting up");
+            UnixStream::connect(self.state.join("meshd.sock")).is_ok()
+        });
+        assert!(ready, "the hub did not become ready");
+        daemon
     }
 
     /// One ping, answered within half a second (a mesh round trip here takes about a millisecond; a

@@ -6,7 +6,6 @@
 //! Namespaces: `router` stands for the internet; `hub`, `vps` and `other` each have a public address on a
 //! link of their own (172.31.24{0,1,2}.2), so moving an address is adding a new one and deleting the old.
 
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -81,12 +80,7 @@ fn a_member_and_the_hub_move_and_every_host_follows() {
     run_ok(meshctl(&hub.state).args(["service", "add", "wallet", "--node", "hub", "--target", "127.0.0.1:9737"]));
     let conf = root.join("phone.conf");
     run_ok(meshctl(&hub.state).args(["device", "add", "phone", "--allow", "wallet", "--conf"]).arg(&conf));
-    let mut hub_daemon = hub.run_daemon(&root.join("hub.log"));
-    let ready = wait_until(Duration::from_secs(60), || {
-        hub_daemon.assert_running("starting up");
-        UnixStream::connect(hub.state.join("meshd.sock")).is_ok()
-    });
-    assert!(ready, "the hub did not become ready");
+    let mut hub_daemon = hub.run_hub(&root.join("hub.log"));
     for (host, endpoint) in [(&vps, "172.31.241.2:51820"), (&other, "172.31.242.2:51820")] {
         let token = run_ok(meshctl(&hub.state).args(["node", "invite", host.name]));
         let out = host.join(token.trim(), &host.state, Some(endpoint));

@@ -10,7 +10,6 @@
 //! Recovery times are printed (`--nocapture`) and recorded in docs/PERFORMANCE.md.
 
 use std::fs;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -53,16 +52,8 @@ fn set_hosts(ns: &Netns, text: &str) {
 
 /// `meshd init` on the hub with `endpoint`; its daemon, ready.
 fn start_hub(hub: &MeshHost, endpoint: &str, root: &Path) -> Proc {
-    let mut init = hub.ns.command(product_bin("meshd"));
-    init.args(["init", "--network", "home", "--name", "hub", "--endpoint", endpoint, "--interface", &hub.ifname]);
-    run_ok(init.arg("--state-dir").arg(&hub.state));
-    let mut daemon = hub.run_daemon(&root.join("hub.log"));
-    let ready = wait_until(Duration::from_secs(60), || {
-        daemon.assert_running("starting up");
-        UnixStream::connect(hub.state.join("meshd.sock")).is_ok()
-    });
-    assert!(ready, "the hub did not become ready");
-    daemon
+    hub.init_hub(endpoint, &[]);
+    hub.run_hub(&root.join("hub.log"))
 }
 
 /// Join `host` (with `endpoint`, or behind NAT) and start its daemon.

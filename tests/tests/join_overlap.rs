@@ -6,13 +6,11 @@
 //! (Before the fix the join went through silently and the member was cut off from the hub.) A token of a
 //! controller from before tokens carried the range is still read; the overlap is then caught when the
 //! token is spent, and the error says how to clean up.
-use std::os::unix::net::UnixStream;
-use std::process::{Command, Output};
-use std::time::Duration;
+use std::process::Output;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use meshd_e2e::{MeshHost, describe, meshctl, product_bin, require_root, run_json, run_ok, veth, wait_until};
+use meshd_e2e::{MeshHost, describe, meshctl, require_root, run_json, run_ok, veth};
 use serde_json::Value;
 
 /// A refused join: exit 1, one `error:` line that contains every one of `mentions`.
@@ -58,15 +56,8 @@ fn join_refuses_a_range_the_host_already_routes_before_the_token_is_spent() {
     lan.ns.ip(&["addr", "add", "10.99.3.7/24", "dev", "lan0"]);
     lan.ns.ip(&["link", "set", "lan0", "up"]);
 
-    let mut init = Command::new(product_bin("meshd"));
-    init.args(["init", "--network", "home", "--name", "hub", "--endpoint", "172.31.244.1:51820", "--cidr"]);
-    run_ok(init.args(["10.99.0.0/16", "--interface", &hub.ifname, "--state-dir"]).arg(&hub.state));
-    let mut hub_daemon = hub.run_daemon(&root.join("hub.log"));
-    let ready = wait_until(Duration::from_secs(60), || {
-        hub_daemon.assert_running("starting up");
-        UnixStream::connect(hub.state.join("meshd.sock")).is_ok()
-    });
-    assert!(ready, "the hub did not become ready");
+    hub.init_hub("172.31.244.1:51820", &["--cidr", "10.99.0.0/16"]);
+    let _hub_daemon = hub.run_hub(&root.join("hub.log"));
 
     let token = run_ok(meshctl(&hub.state).args(["node", "invite", "member"])).trim().to_owned();
     let out = lan.join(&token, &lan.state, None);

@@ -7,16 +7,13 @@
 //! to them), `hub` runs the controller, `vps1` and `vps2` have public endpoints (vps2 is the relay),
 //! `attic` and `cellar` have none: they reach each other through the relay, also while the hub is down.
 use std::fs;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use meshd_e2e::{
-    MeshHost, Netns, Proc, meshctl, nat_router, product_bin, require_root, run_json, run_ok, veth, wait_until,
-};
+use meshd_e2e::{MeshHost, Netns, Proc, meshctl, nat_router, require_root, run_json, run_ok, veth, wait_until};
 use serde_json::Value;
 
 type Host = MeshHost;
@@ -93,15 +90,8 @@ fn hosts_form_one_mesh_that_outlives_the_controller() {
 
     // The controller.
     let hub_endpoint = "172.31.230.2:51820";
-    let mut init = Command::new(product_bin("meshd"));
-    init.args(["init", "--network", "home", "--name", "hub", "--endpoint", hub_endpoint, "--interface", &hub.ifname]);
-    run_ok(init.arg("--state-dir").arg(&hub.state));
-    let mut hub_daemon = hub.run_daemon(&root.join("hub.log"));
-    let ready = wait_until(Duration::from_secs(60), || {
-        hub_daemon.assert_running("starting up");
-        UnixStream::connect(hub.state.join("meshd.sock")).is_ok()
-    });
-    assert!(ready, "the hub did not become ready");
+    hub.init_hub(hub_endpoint, &[]);
+    let mut hub_daemon = hub.run_hub(&root.join("hub.log"));
 
     // Bad tokens are refused with their own message, and change nothing on the joining host.
     let scratch = root.join("refused");

@@ -9,8 +9,7 @@
 //! disabled: its log says so and it keeps running; enabled again, it is back. Then vps2 is stopped,
 //! removed while it is down, and started again: it hears of it at its first contact and exits.
 use std::fs;
-use std::os::unix::net::UnixStream;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use meshd_e2e::{
@@ -69,15 +68,8 @@ fn removed_and_disabled_hosts_hear_of_it_and_an_interface_has_one_daemon() {
     vps1.ns.ip(&["route", "add", "default", "via", "172.31.241.1"]);
     vps2.ns.ip(&["route", "add", "default", "via", "172.31.242.1"]);
 
-    let mut init = Command::new(product_bin("meshd"));
-    init.args(["init", "--network", "home", "--name", "hub", "--endpoint", "172.31.241.1:51820"]);
-    run_ok(init.args(["--interface", &hub.ifname, "--state-dir"]).arg(&hub.state));
-    let mut hub_daemon = hub.run_daemon(&root.join("hub.log"));
-    let ready = wait_until(Duration::from_secs(60), || {
-        hub_daemon.assert_running("starting up");
-        UnixStream::connect(hub.state.join("meshd.sock")).is_ok()
-    });
-    assert!(ready, "the hub did not become ready");
+    hub.init_hub("172.31.241.1:51820", &[]);
+    let mut hub_daemon = hub.run_hub(&root.join("hub.log"));
     for host in [&vps1, &vps2] {
         let token = run_ok(meshctl(&hub.state).args(["node", "invite", host.name]));
         let out = host.join(token.trim(), &host.state, None);

@@ -11,7 +11,6 @@
 //! cellar both lack an endpoint, so their traffic goes through the hub.
 
 use std::io::Write;
-use std::os::unix::net::UnixStream;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -146,12 +145,7 @@ fn bulk_transfers_cross_a_small_path_that_eats_icmp_directly_and_through_the_hub
     run_ok(meshctl(&hub.state).args(["service", "add", "wallet", "--node", "hub", "--target", "127.0.0.1:9737"]));
     let config = run_ok(meshctl(&hub.state).args(["device", "add", "phone", "--allow", "wallet", "--conf", "-"]));
     assert!(config.contains("\nMTU = 1340\n"), "{config}");
-    let mut hub_daemon = hub.run_daemon(&root.join("hub.log"));
-    let ready = wait_until(Duration::from_secs(60), || {
-        hub_daemon.assert_running("starting up");
-        UnixStream::connect(hub.state.join("meshd.sock")).is_ok()
-    });
-    assert!(ready, "the hub did not become ready");
+    let mut hub_daemon = hub.run_hub(&root.join("hub.log"));
     for (host, mtu) in [(&cellar, "1340"), (&attic, "1420")] {
         let token = run_ok(meshctl(&hub.state).args(["node", "invite", host.name]));
         let out = join(host, token.trim(), mtu);

@@ -9,7 +9,6 @@
 //! the network confirmed runs on that key and saves it once the directory is writable again. A hub on a
 //! read-only directory refuses to start and names the directory.
 use std::fs;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -36,15 +35,8 @@ impl Mesh {
         let member = MeshHost::new("member", root, "sd");
         veth(&hub.ns, &member.ns, &format!("{subnet}.1/24"), &format!("{subnet}.2/24"));
         let disk = Tmpfs::mount(&member.state, size);
-        let mut init = Command::new(product_bin("meshd"));
-        init.args(["init", "--network", "home", "--name", "hub", "--endpoint", &format!("{subnet}.1:51820")]);
-        run_ok(init.args(["--interface", &hub.ifname, "--state-dir"]).arg(&hub.state));
-        let mut hub_daemon = hub.run_daemon(&root.join("hub.log"));
-        let ready = wait_until(Duration::from_secs(60), || {
-            hub_daemon.assert_running("starting up");
-            UnixStream::connect(hub.state.join("meshd.sock")).is_ok()
-        });
-        assert!(ready, "the hub did not become ready");
+        hub.init_hub(&format!("{subnet}.1:51820"), &[]);
+        let hub_daemon = hub.run_hub(&root.join("hub.log"));
         let token = run_ok(meshctl(&hub.state).args(["node", "invite", "member"])).trim().to_owned();
         let out = member.join(&token, &member.state, Some(&format!("{subnet}.2:51820")));
         assert!(out.status.success(), "member join: {}", describe(&out));

@@ -8,7 +8,8 @@
 //! key includes the namespace (the inode of `/proc/self/ns/net`): daemons in two namespaces may each
 //! run a `meshd0`. (A userspace interface's UAPI socket, `/var/run/wireguard/NAME.sock`, is not per
 //! namespace: two userspace daemons in two namespaces still need two names.) The file holds the
-//! owner's pid and state directory, for the message that refuses a second daemon.
+//! owner's pid and state directory, for the message that refuses a second daemon; it is 0600, since
+//! whoever can open it can lock it.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -48,7 +49,9 @@ impl InterfaceLock {
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(0o644)
+            // Not readable by others: anyone who can open the file can hold a lock on it (flock needs
+            // no write access), and would keep meshd from running the interface.
+            .mode(0o600)
             .open(&path)
             .map_err(io(&path))?;
         match file.try_lock() {
@@ -119,5 +122,7 @@ mod tests {
         drop(first);
         check_free(&dir, "meshd0").expect("free once its owner is gone");
         InterfaceLock::take(&dir, "meshd0", Path::new("/srv/other")).expect("taken again");
+        let mode = fs::metadata(lock_path(&dir, "meshd0")).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600, "another user who could open the lock file could hold its lock");
     }
 }
