@@ -24,10 +24,10 @@ if [ ! -e "$state/meshd.db" ]; then
   # A nix-bitcoin style service: a wallet UI on the host (any TCP service works).
   "$bin/meshctl" --state-dir "$state" service add wallet --node hub --target 127.0.0.1:9737
 elif [ -n "${MESHD_ENDPOINT:-}" ]; then
-  echo "warning: $state already holds a network; MESHD_ENDPOINT applies only when it is created (remove $state to start over)" >&2
+  echo "warning: $state already holds a network; MESHD_ENDPOINT applies only when it is created (change it with: $bin/meshctl --state-dir $state node update hub --endpoint HOST:PORT)" >&2
 fi
 if [ "$endpoint" = "$placeholder" ] && [ -z "${MESHD_ENDPOINT:-}" ]; then
-  echo "warning: the endpoint is the placeholder $placeholder: phones will not reach this host; rerun with MESHD_ENDPOINT=your.public.name:51820 on a new state directory" >&2
+  echo "warning: the endpoint is the placeholder $placeholder: phones will not reach this host; set yours with: $bin/meshctl --state-dir $state node update hub --endpoint your.public.name:51820" >&2
 fi
 n=1
 devices=$("$bin/meshctl" --state-dir "$state" device list --json)   # read once, no pipe for pipefail to trip on

@@ -62,6 +62,9 @@ enum Command {
     Access(AccessCommand),
     /// The network: nodes, devices with their last handshake, services.
     Status,
+    /// The network's own settings.
+    #[command(subcommand)]
+    Network(NetworkCommand),
     /// Make the network match a declaration file (TOML): member nodes, services, devices, access rules.
     Apply {
         /// The declaration file.
@@ -209,7 +212,7 @@ enum NodeCommand {
     Enable { name: Label },
     /// Ask a member for a new key: the host makes it itself on its next contact with the controller.
     Rotate { name: Label },
-    /// Change where a node (the hub included) is reached; every host follows within a second.
+    /// Change where a node (the hub included) is reached, or its own MTU; every host follows within a second.
     Update {
         name: Label,
         /// Where other hosts (and, for the hub, devices) reach it from now on: HOST:PORT (a DNS name is
@@ -222,6 +225,17 @@ enum NodeCommand {
         /// Its mesh interface's own MTU from now on, 1280-9000 (the host sets it at once).
         #[arg(long, value_parser = input::parse_mtu)]
         mtu: Option<u16>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NetworkCommand {
+    /// Change the network's MTU: every host without its own takes it at once; devices' configs name
+    /// the old one until handed out again (meshctl says which).
+    Update {
+        /// The mesh MTU, 1280-9000.
+        #[arg(long, value_parser = input::parse_mtu)]
+        mtu: u16,
     },
 }
 
@@ -269,6 +283,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
     let cx = Context { admin: admin::Admin::new(&g.state_dir, g.socket.as_deref()), json: g.json };
     match cli.command {
         Command::Status => status::status(&cx),
+        Command::Network(NetworkCommand::Update { mtu }) => status::update_network(&cx, mtu),
         Command::Node(command) => match command {
             NodeCommand::List => nodes::list(&cx),
             NodeCommand::Invite { name, role, expires } => nodes::invite(&cx, name, role.into(), expires),

@@ -207,9 +207,13 @@ impl HostPort {
             }
             Host::Name(_) => None,
             Host::Ip(ip) => {
+                // An IPv4-mapped or -compatible IPv6 address (`::ffff:127.0.0.1`, `::127.0.0.1`) is
+                // judged as the IPv4 address it carries; `::` and `::1` as themselves.
                 let ip = match ip {
-                    IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(*ip),
-                    IpAddr::V4(_) => *ip,
+                    IpAddr::V6(v6) if !v6.is_loopback() && !v6.is_unspecified() => {
+                        v6.to_ipv4().map(IpAddr::V4).unwrap_or(*ip)
+                    }
+                    _ => *ip,
                 };
                 match ip {
                     ip if ip.is_unspecified() => Some("an unspecified address reaches nothing"),

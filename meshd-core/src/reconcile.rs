@@ -129,14 +129,17 @@ pub fn diff_addresses(old: &BTreeSet<IpNet>, new: &BTreeSet<IpNet>) -> (Vec<IpNe
 pub type PeerEndpoints = BTreeMap<PublicKey, SocketAddr>;
 
 /// What to remember of where the interface's peers are: the endpoint of each peer that completed a
-/// handshake (one it really used), else what was remembered before. An endpoint the interface merely
-/// holds is never taken as a sighting: it may be configured, remembered, or (as boringtun's multi-peer
-/// `set` once did) another peer's. Peers no longer on the interface are forgotten.
+/// handshake and sent data over the session it made (one it really used), else what was remembered
+/// before. An endpoint the interface merely holds is never taken as a sighting: it may be configured,
+/// remembered, or (as boringtun's multi-peer `set` once did) another peer's; nor is one a handshake
+/// alone moved it to, which a replayed initiation can do after a peer was configured afresh (its
+/// replay memory gone), but whose session the replayer cannot use. Peers no longer on the interface
+/// are forgotten.
 pub fn endpoints_to_remember(saved: &PeerEndpoints, readings: &BTreeMap<PublicKey, Reading>) -> PeerEndpoints {
     readings
         .iter()
         .filter_map(|(key, reading)| {
-            let handshaken = reading.last_handshake.is_some();
+            let handshaken = reading.last_handshake.is_some() && reading.rx_bytes > 0;
             let seen = reading.endpoint.filter(|_| handshaken).or_else(|| saved.get(key).copied())?;
             Some((key.clone(), seen))
         })
@@ -296,13 +299,18 @@ mod tests {
     fn only_endpoints_confirmed_by_a_handshake_are_remembered() {
         let saved = PeerEndpoints::from([(named_key("natted"), at("192.0.2.9:4000").unwrap())]);
         let reading = |endpoint: &str, handshaken: bool| Reading {
-            rx_bytes: 0,
+            rx_bytes: if handshaken { 96 } else { 0 },
             last_handshake: handshaken.then_some(1_790_000_000),
             endpoint: at(endpoint),
         };
         let states = BTreeMap::from([
             // Handshaken: where it really is now.
             (named_key("roamed"), reading("198.51.100.2:51820", true)),
+            // A handshake and nothing over its session (a replayed initiation answered): not a sighting.
+            (
+                named_key("replayed"),
+                Reading { rx_bytes: 0, last_handshake: Some(1_790_000_000), endpoint: at("203.0.113.66:4040") },
+            ),
             // Holds another peer's endpoint but never answered from there: not a sighting.
             (named_key("never-ran"), reading("198.51.100.2:51820", false)),
             // Not seen since the restart: what was remembered stays.

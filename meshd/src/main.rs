@@ -250,6 +250,13 @@ fn join(
 /// naming the interface and the network, as `init` does; `what_now` says what the operator does.
 fn refuse_overlap(network: &str, cidr: &ipnet::Ipv4Net, what_now: &str) -> anyhow::Result<()> {
     match hostnet::overlapping(cidr, &hostnet::ipv4_routes()) {
+        // The range itself on an interface: this network (or one made with the same range) already runs
+        // here, which the overlap would only describe obscurely.
+        Some(route) if route.network == *cidr => anyhow::bail!(
+            "network {network} uses {cidr}, which interface {} of this host already routes: a mesh on that range \
+             runs here already (meshctl node list on its hub says which host this is); {what_now}",
+            route.interface
+        ),
         Some(route) => anyhow::bail!(
             "network {network} uses {cidr}, which overlaps {} on interface {} (the mesh traffic would go there): {what_now}",
             route.network,

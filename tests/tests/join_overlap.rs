@@ -65,6 +65,15 @@ fn join_refuses_a_range_the_host_already_routes_before_the_token_is_spent() {
     assert!(!lan.state.exists(), "a refused join wrote {}", lan.state.display());
     assert_eq!(pending(&hub), ["member"], "the refused join spent the token");
 
+    // A host where a mesh on that very range already runs is told so.
+    lan.ns.ip(&["link", "add", "mesh0", "type", "veth", "peer", "name", "mesh1"]);
+    lan.ns.ip(&["addr", "add", "10.99.0.5/16", "dev", "mesh0"]);
+    lan.ns.ip(&["link", "set", "mesh0", "up"]);
+    let out = lan.join(&token, &lan.state, None);
+    assert_refused(&out, &["mesh0", "10.99.0.0/16", "runs here already"]);
+    assert_eq!(pending(&hub), ["member"], "the refused join spent the token");
+    lan.ns.ip(&["link", "del", "mesh0"]);
+
     // The same token joins a host without the overlap.
     let out = clean.join(&token, &clean.state, None);
     assert!(out.status.success(), "the token no longer works: {}", describe(&out));

@@ -108,6 +108,14 @@ fn removed_and_disabled_hosts_hear_of_it_and_an_interface_has_one_daemon() {
     other.ns.ip(&["route", "add", "default", "via", "172.31.243.1"]);
     let out = other.join_as(token.trim(), &other.state, &vps1.ifname, None);
     assert!(out.status.success(), "a join naming vps1's interface in another namespace: {}", describe(&out));
+    // But the embedded userspace WireGuard's UAPI socket (/var/run/wireguard/NAME.sock) is not per
+    // namespace: running it there under that name would take vps1's socket. Refused, vps1 untouched.
+    let mut run = other.ns.command(product_bin("meshd"));
+    run.args(["run", "--wireguard", "userspace", "--state-dir"]).arg(&other.state);
+    let out = output(&mut run);
+    assert_one_line_error(&out, &[&vps1.ifname, "UAPI socket", "another network namespace"]);
+    daemon1.assert_running("a userspace daemon in another namespace was refused the interface name");
+    assert!(vps1.pings(&hub_v4), "vps1 stopped passing traffic after the refused daemon in another namespace");
 
     // Removed while it runs: vps1 exits with the reason, its interface and rules gone.
     run_ok(meshctl(&hub.state).args(["node", "remove", "vps1"]));

@@ -226,14 +226,7 @@ fn execute(
                     Err(e) => unplaced.push(format!("device {}: {e:#}", handout.device.name)),
                 }
             }
-            Reply::NetworkUpdated(updated) if !updated.devices_with_old_mtu.is_empty() => {
-                let names = updated.devices_with_old_mtu.iter().map(Label::as_str).collect::<Vec<_>>().join(", ");
-                eprintln!(
-                    "warning: the config of these devices has the network's old MTU: {names}; give each a new config \
-                     (meshctl device rotate NAME --qr) or set MTU = {} in its WireGuard app",
-                    updated.network.mtu
-                );
-            }
+            Reply::NetworkUpdated(updated) => super::status::warn_stale_mtu(&updated),
             _ => {}
         }
     }

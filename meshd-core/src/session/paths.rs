@@ -27,9 +27,10 @@
 //! Devices are not watched: phones sleep and roam at will, and the hub has no route around them.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use ipnet::IpNet;
 use tracing::{debug, info, warn};
 
 use crate::input::{HostPort, Label};
@@ -113,6 +114,9 @@ struct Path {
     last_handshake: Option<u64>,
     /// Where the interface sent to it at the last reading.
     in_use: Option<SocketAddr>,
+    /// Where it was last heard from: kept among the addresses to try whatever its name says next (an
+    /// answer of the resolver is not authenticated; a handshake is).
+    confirmed: Option<SocketAddr>,
     /// When it was last heard from.
     heard: Option<Instant>,
     /// When it was set up, or last sent to at a new address: the start of the wait for an answer.
@@ -144,6 +148,7 @@ impl Path {
             rx_bytes: None,
             last_handshake: None,
             in_use: None,
+            confirmed: None,
             heard: None,
             since: now,
             silent: false,
@@ -185,6 +190,7 @@ impl Path {
         if heard {
             self.heard = Some(now);
             self.tried = 0;
+            self.confirmed = reading.endpoint.or(self.confirmed);
         }
         heard
     }
@@ -194,13 +200,15 @@ impl Path {
 #[derive(Debug, Default)]
 pub struct Paths {
     paths: BTreeMap<PublicKey, Path>,
+    /// The mesh's own ranges: no endpoint lies inside them.
+    mesh: Vec<IpNet>,
     effects: VecDeque<Effect>,
 }
 
 impl Paths {
-    /// A watch over no peer yet.
-    pub fn new() -> Paths {
-        Paths::default()
+    /// A watch over no peer yet, in a mesh of the ranges `mesh` (IPv4 and IPv6).
+    pub fn new(mesh: Vec<IpNet>) -> Paths {
+        Paths { mesh, ..Paths::default() }
     }
 
     /// The host's peers are now `peers` (its plan's): watch the new ones, forget the gone ones. A peer
@@ -264,17 +272,27 @@ impl Paths {
         }
     }
 
-    /// The addresses `endpoint` of `key` resolved to at `now` (or why not). If the peer is not heard
-    /// from where the interface sends to it now and that is none of them, it is sent to the first.
+    /// The addresses `endpoint` of `key` resolved to at `now` (or why not). Addresses no peer can be
+    /// at (loopback, unspecified, multicast, link-local, inside the mesh) are dropped; where the peer was
+    /// last heard from is kept, last. If the peer is not heard from where the interface sends to it now
+    /// and that is none of them, it is sent to the first.
     pub fn handle_resolved(&mut self, key: &PublicKey, resolved: Result<Resolved, String>, now: Instant) {
         let Some(path) = self.paths.get_mut(key) else { return };
         path.resolving = false;
+        let mesh = &self.mesh;
+        let resolved = resolved.map(|mut r| {
+            r.addrs.retain(|a| usable(a, mesh));
+            r
+        });
         match resolved {
             Ok(resolved) if !resolved.addrs.is_empty() => {
                 path.resolve_at = Some(now + resolved.ttl.clamp(TTL_MIN, TTL_MAX));
                 debug!(peer = %path.name, addrs = ?resolved.addrs, ttl = resolved.ttl.as_secs(), "endpoint resolved");
+                let moved = path.in_use.is_none_or(|a| !resolved.addrs.contains(&a));
                 path.addrs = resolved.addrs;
-                let moved = path.in_use.is_none_or(|a| !path.addrs.contains(&a));
+                if let Some(confirmed) = path.confirmed.filter(|c| !path.addrs.contains(c)) {
+                    path.addrs.push(confirmed);
+                }
                 if moved && !path.alive(now) {
                     let to = path.addrs[0];
                     info!(peer = %path.name, from = ?path.in_use, %to, "endpoint name points elsewhere now");
@@ -352,6 +370,21 @@ impl Paths {
         path.in_use = Some(to);
         path.since = now;
     }
+}
+
+/// Whether a resolver's answer `addr` can be where a peer is: not an address that is no host's
+/// (unspecified, multicast, broadcast), this host itself (loopback), unrouted (link-local), nor inside the
+/// mesh, which is reached through the tunnels themselves.
+fn usable(addr: &SocketAddr, mesh: &[IpNet]) -> bool {
+    let ip = match addr.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    let unusable = match ip {
+        IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast() || v4.octets()[0] == 0,
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    !(unusable || ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || mesh.iter().any(|n| n.contains(&ip)))
 }
 
 /// The address of the peer's name after the one in use (the first if none is).

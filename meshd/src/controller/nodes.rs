@@ -1,9 +1,12 @@
 //! Member nodes: invites and their redemption by joining hosts, removal, disabling, and the rotation of a
 //! member's key (asked for here, made by the host, checked and recorded on its next contact).
 
-use meshd_core::input::{self, Label};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use meshd_core::input::{self, HostPort, InputError, Label};
 use meshd_core::keys::PublicKey;
-use meshd_core::model::{Invite, InviteStatus, InviteView, Node, Role};
+use meshd_core::model::{Invite, InviteStatus, InviteView, Node, Role, Snapshot};
 use meshd_core::wire::admin::{EndpointChange, InviteIssued, NodeUpdated, Reply};
 use meshd_core::wire::invite::{self, Token};
 use meshd_core::wire::join::{JoinRequest, MemberState, Standing};
@@ -45,7 +48,7 @@ impl Controller {
         let public_key = request.public_key.clone();
         // The joining host's word for where it is goes into every other host's config.
         if let Some(endpoint) = &request.endpoint {
-            input::check_endpoint(endpoint)?;
+            check_node_endpoint(&self.snapshot()?, endpoint)?;
         }
         if let Some(mtu) = request.mtu {
             input::check_mtu(mtu)?;
@@ -233,7 +236,7 @@ pub(super) fn update(
     if let Some(change) = endpoint {
         let endpoint = match change {
             EndpointChange::Set(endpoint) => {
-                input::check_endpoint(&endpoint)?;
+                check_node_endpoint(&s, &endpoint)?;
                 Some(endpoint)
             }
             EndpointChange::Clear if node.role == Role::Hub => return Err(ControlError::HubNeedsEndpoint(name)),
@@ -259,6 +262,24 @@ fn join_identity(w: &Writer<'_>) -> Result<JoinIdentity, ControlError> {
     let identity = JoinIdentity::generate()?;
     w.insert_join_identity(identity.cert_der(), identity.key_der())?;
     Ok(identity)
+}
+
+/// Refuse an endpoint no host or phone can reach ([`input::check_endpoint`]), or one inside the mesh's
+/// own ranges (reached through the tunnels themselves: a peer there is never reached).
+fn check_node_endpoint(s: &Snapshot, endpoint: &HostPort) -> Result<(), ControlError> {
+    input::check_endpoint(endpoint)?;
+    let inside = endpoint.ip().is_some_and(|ip| {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        IpNet::V4(s.network.cidr).contains(&ip) || IpNet::V6(s.network.ula).contains(&ip)
+    });
+    if inside {
+        let reason = "an address inside the mesh is reached through the mesh itself, never by a peer's endpoint";
+        return Err(InputError::Endpoint { endpoint: endpoint.to_string(), reason }.into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -430,7 +451,17 @@ mod tests {
         assert!(matches!(update(&mut c, "hub", Some(EndpointChange::Clear)), Err(ControlError::HubNeedsEndpoint(_))));
         assert!(matches!(update(&mut c, "ghost", set("198.51.100.9:1")), Err(ControlError::UnknownNode(_))));
         // The admin socket takes JSON: an endpoint meshctl would refuse is refused here too.
-        for unusable in ["127.0.0.1:51820", "0.0.0.0:51820", "localhost:51820", "[fe80::1]:51820"] {
+        // Nor one inside the mesh (reached through the mesh itself), nor loopback in IPv6 clothing.
+        let mesh_v6 = format!("[{}]:51820", before.network.pool().v6_of(2));
+        let unusables = [
+            "127.0.0.1:51820",
+            "0.0.0.0:51820",
+            "localhost:51820",
+            "[fe80::1]:51820",
+            "10.77.0.2:51820",
+            "[::127.0.0.1]:5",
+        ];
+        for unusable in unusables.iter().copied().chain([mesh_v6.as_str()]) {
             let refused = update(&mut c, "vps", set(unusable));
             assert!(matches!(refused, Err(ControlError::Input(_))), "{unusable}: {refused:?}");
         }

@@ -13,7 +13,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Where the locks live (a tmpfs: nothing survives a reboot, when no interface does either).
@@ -54,6 +54,8 @@ impl InterfaceLock {
             .mode(0o600)
             .open(&path)
             .map_err(io(&path))?;
+        // A file left by an older meshd may be readable by others.
+        file.set_permissions(fs::Permissions::from_mode(0o600)).map_err(io(&path))?;
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => return Err(taken(&mut file, interface)),

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::anyhow;
+use ipnet::IpNet;
 use tokio::sync::watch;
 use tracing::{debug, error, warn};
 
@@ -169,7 +170,9 @@ impl Host {
         let (plan, key, backend, seen) = (self.plan.clone(), self.key.clone(), self.backend, last_seen.clone());
         let interface = tokio::task::spawn_blocking(move || Interface::create(backend, &plan, &key, &seen)).await??;
         let interface = Arc::new(Mutex::new(interface));
-        self.paths = Some(PathKeeper::start(&self.state, interface.clone(), last_seen, self.plan.peers.clone()));
+        // The mesh's ranges: the interface's own addresses carry the mesh prefixes.
+        let mesh = self.plan.addresses.iter().map(IpNet::trunc).collect();
+        self.paths = Some(PathKeeper::start(&self.state, interface.clone(), last_seen, self.plan.peers.clone(), mesh));
         self.interface = Some(interface);
         Ok(())
     }

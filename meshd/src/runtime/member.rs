@@ -19,7 +19,7 @@ use crate::host::statedir::StateDir;
 use crate::links::join;
 use crate::links::sync::{self, Outgoing, SyncEvent};
 use meshd_core::keys::PublicKey;
-use meshd_core::model::SYNC_PORT;
+use meshd_core::model::{Role, SYNC_PORT};
 use meshd_core::session::member::{Effect, Member};
 use meshd_core::wire::join::{HubContact, JoinReply, Standing, StandingRequest, ToJoinService};
 use meshd_core::wire::sync::ToHub;
@@ -142,9 +142,26 @@ async fn carry_out(
             Effect::OpenKnownTunnels => host.open_known_tunnels().await,
             Effect::AskStanding(keys) => match member.member_state().hub.clone() {
                 Some(contact) => {
+                    // The hub's endpoint now (it may have moved since the token was made: the join service
+                    // listens on the same port), then the token's join address.
+                    let state = &member.member_state().state;
+                    let now = state.nodes.iter().find(|n| n.role == Role::Hub).and_then(|h| h.endpoint.clone());
+                    let contacts: Vec<HubContact> = now
+                        .filter(|e| *e != contact.join)
+                        .map(|join| HubContact { join, fingerprint: contact.fingerprint.clone() })
+                        .into_iter()
+                        .chain([contact])
+                        .collect();
                     let standings = standings.clone();
                     tokio::spawn(async move {
-                        let _ = standings.send(ask_standing(&contact, keys).await).await;
+                        let mut answer = None;
+                        for contact in &contacts {
+                            answer = ask_standing(contact, keys.clone()).await;
+                            if answer.is_some() {
+                                break;
+                            }
+                        }
+                        let _ = standings.send(answer).await;
                     });
                 }
                 None => member.handle_standing(None, Instant::now()),

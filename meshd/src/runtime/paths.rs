@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ipnet::IpNet;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
@@ -38,16 +39,17 @@ pub(super) struct PathKeeper {
 
 impl PathKeeper {
     /// Start watching `interface`, whose peers are `peers`, having remembered `saved` (where peers were
-    /// seen before a restart).
+    /// seen before a restart), in a mesh of the ranges `mesh`.
     pub(super) fn start(
         state: &StateDir,
         interface: Arc<Mutex<Interface>>,
         saved: PeerEndpoints,
         peers: BTreeMap<PublicKey, PeerPlan>,
+        mesh: Vec<IpNet>,
     ) -> PathKeeper {
         let (peers_tx, peers_rx) = watch::channel(peers);
         let (heard_tx, heard) = watch::channel(LastHeard::new());
-        let task = tokio::spawn(keep(state.clone(), interface, saved, peers_rx, heard_tx));
+        let task = tokio::spawn(keep(state.clone(), interface, saved, peers_rx, heard_tx, mesh));
         PathKeeper { task, peers: peers_tx, heard }
     }
 
@@ -74,9 +76,10 @@ async fn keep(
     mut saved: PeerEndpoints,
     mut peers_rx: watch::Receiver<BTreeMap<PublicKey, PeerPlan>>,
     heard_tx: watch::Sender<LastHeard>,
+    mesh: Vec<IpNet>,
 ) {
     let mut plans = peers_rx.borrow_and_update().clone();
-    let mut paths = Paths::new();
+    let mut paths = Paths::new(mesh);
     paths.set_peers(&plans, Instant::now());
     let (resolved_tx, mut resolved_rx) = mpsc::channel::<(PublicKey, Result<Resolved, String>)>(16);
     let mut tick = tokio::time::interval(READING_INTERVAL);

@@ -14,6 +14,11 @@ use crate::fixtures::named_key;
 /// How often the daemon reads the interface.
 const READING: Duration = Duration::from_secs(2);
 
+/// The mesh of these tests.
+fn mesh() -> Vec<ipnet::IpNet> {
+    vec!["10.77.0.0/16".parse().expect("a net"), "fd00:1:2::/64".parse().expect("a net")]
+}
+
 fn addr(s: &str) -> SocketAddr {
     s.parse().expect("a socket address")
 }
@@ -81,7 +86,7 @@ impl World {
             );
             by_key.insert(key, plan);
         }
-        let mut paths = Paths::new();
+        let mut paths = Paths::new(mesh());
         paths.set_peers(&by_key, start);
         World { start, now: start, paths, peers, plans: by_key, resets: 0 }
     }
@@ -261,7 +266,7 @@ fn a_peer_behind_nat_is_watched_without_an_endpoint_and_devices_are_not_watched(
     plans.insert(attic.clone(), plan("attic", None, PathRole::LastResort));
     plans.insert(phone.clone(), plan("phone", None, PathRole::Device));
     let start = Instant::now();
-    let mut paths = Paths::new();
+    let mut paths = Paths::new(mesh());
     paths.set_peers(&plans, start);
     let reading = |rx| Reading { rx_bytes: rx, last_handshake: None, endpoint: Some(addr("192.0.2.50:40000")) };
     let readings = BTreeMap::from([(attic.clone(), reading(0)), (phone.clone(), reading(0))]);
@@ -279,7 +284,7 @@ fn a_changed_plan_gives_a_routed_around_peer_its_routes_back() {
     let vps = named_key("VPS");
     let mut plans = BTreeMap::from([(vps.clone(), plan("vps", Some("198.51.100.7:51820"), PathRole::Fallback))]);
     let start = Instant::now();
-    let mut paths = Paths::new();
+    let mut paths = Paths::new(mesh());
     paths.set_peers(&plans, start);
     let silent = BTreeMap::from([(vps.clone(), Reading::default())]);
     paths.handle_readings(&silent, start + SILENT_AFTER);
@@ -299,7 +304,7 @@ fn a_failed_resolution_is_retried_and_the_ttl_is_respected() {
     let hub = named_key("HUB");
     let plans = BTreeMap::from([(hub.clone(), plan("hub", Some("hub.example:51820"), PathRole::LastResort))]);
     let start = Instant::now();
-    let mut paths = Paths::new();
+    let mut paths = Paths::new(mesh());
     paths.set_peers(&plans, start);
     let alive = |rx| BTreeMap::from([(hub.clone(), Reading { rx_bytes: rx, ..Reading::default() })]);
     paths.handle_readings(&alive(10), start);
@@ -375,4 +380,38 @@ fn seeded_schedules_always_settle() {
         let took = until(&mut world, limit, |w| [&hub, &relay, &vps].iter().all(|k| w.settled(k)));
         assert!(took.is_some(), "seed {seed}: not settled after {limit:?}: {:?}", world.peers);
     }
+}
+
+#[test]
+fn an_answer_no_peer_can_be_at_is_dropped_and_the_last_confirmed_address_kept() {
+    let hub = named_key("HUB");
+    let there = addr("192.0.2.1:51820");
+    let plans = BTreeMap::from([(hub.clone(), plan("hub", Some("hub.example:51820"), PathRole::LastResort))]);
+    let start = Instant::now();
+    let mut paths = Paths::new(mesh());
+    paths.set_peers(&plans, start);
+    let reading =
+        |rx| BTreeMap::from([(hub.clone(), Reading { rx_bytes: rx, last_handshake: None, endpoint: Some(there) })]);
+    paths.handle_readings(&reading(64), start);
+    assert!(matches!(paths.poll_effect(), Some(Effect::Resolve { .. })));
+    // A spoofed answer during an outage: the mesh's own addresses, loopback, and an attacker's address.
+    let spoofed =
+        ["10.77.0.1:51820", "[fd00:1:2::1]:51820", "127.0.0.1:51820", "[::ffff:127.0.0.1]:51820", "198.18.0.77:51820"];
+    let answer = Resolved { addrs: spoofed.iter().map(|a| addr(a)).collect(), ttl: Duration::from_secs(3600) };
+    let silent = start + SILENT_AFTER;
+    paths.handle_readings(&reading(64), silent);
+    while paths.poll_effect().is_some() {}
+    paths.handle_resolved(&hub, Ok(answer), silent);
+    assert_eq!(
+        paths.poll_effect(),
+        Some(Effect::Reset { key: hub.clone(), endpoint: Some(addr("198.18.0.77:51820")), routes: true }),
+        "the one usable answer is tried"
+    );
+    // It does not answer there: the address it was last heard at comes next, within one wait.
+    let moved = BTreeMap::from([(
+        hub.clone(),
+        Reading { rx_bytes: 0, last_handshake: None, endpoint: Some(addr("198.18.0.77:51820")) },
+    )]);
+    paths.handle_readings(&moved, silent + ADDRESS_WAIT);
+    assert_eq!(paths.poll_effect(), Some(Effect::Reset { key: hub.clone(), endpoint: Some(there), routes: true }));
 }

@@ -26,6 +26,16 @@ fn uapi_socket(interface: &str) -> String {
 /// Start boringtun for `name`, bring the link up, and wait for the device on a thread of its own, which
 /// sends `true` on `stopped` when the device stops.
 pub(super) fn start(name: &str, stopped: watch::Sender<bool>) -> Result<JoinHandle<()>, String> {
+    // The socket directory is shared by every network namespace: a live socket of this name is another
+    // process's interface (here or in another namespace), which boringtun would take over. A socket
+    // left by a process that died answers nothing and is replaced.
+    let socket = uapi_socket(name);
+    if UnixStream::connect(&socket).is_ok() {
+        return Err(format!(
+            "its UAPI socket {socket} answers: another userspace WireGuard (another meshd or wireguard-go, perhaps \
+             in another network namespace) runs an interface of this name; choose another --interface"
+        ));
+    }
     let mut handle = DeviceHandle::new(name, DeviceConfig::default()).map_err(|e| e.to_string())?;
     if let Err(e) = super::ip(&["link", "set", "dev", name, "up"]) {
         let _ = std::fs::remove_file(uapi_socket(name));
