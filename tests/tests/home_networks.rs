@@ -193,9 +193,11 @@ fn a_member_on_a_ddns_name_is_followed_and_reached_through_the_hub_meanwhile() {
     let back = pings_within(&attic, &vps_ip, RECOVERY);
     let back = back.unwrap_or_else(|| panic!("the attic lost the vps:\n{}", attic_daemon.log_text()));
     eprintln!("vps moved: the attic reaches it again after {:.1} s", back.as_secs_f64());
+    let moved = Instant::now() - back;
     let direct = wait_until(Duration::from_secs(60), || {
         wg_peer(&attic, &vps_key).is_some_and(|(e, ips)| e == "172.31.62.3:51820" && ips.contains(&vps_ip))
     });
+    eprintln!("vps moved: the attic talks to it directly again after {:.1} s", moved.elapsed().as_secs_f64());
     attic_daemon.assert_running("following the vps's name");
     assert!(direct, "not direct again: {:?}\n{}", wg_peer(&attic, &vps_key), attic_daemon.log_text());
     assert!(pings_within(&attic, &vps_ip, Duration::from_secs(10)).is_some(), "directly");
@@ -258,9 +260,11 @@ fn a_relay_that_dies_is_routed_around_and_shows_in_node_list() {
     // The relay comes back, and carries the traffic again.
     relay.ns.ip(&["link", "set", &relay_if, "up"]);
     relay.ns.ip(&["route", "replace", "default", "via", "172.31.64.1"]);
+    let up = Instant::now();
     let again = wait_until(Duration::from_secs(120), || {
         wg_peer(&attic, &relay_key).is_some_and(|(_, ips)| ips.contains(&cellar_ip))
     });
+    eprintln!("relay back: the attic routes through it again after {:.1} s", up.elapsed().as_secs_f64());
     assert!(again, "the relay is not used again:\n{}", attic_daemon.log_text());
     assert!(pings_within(&attic, &cellar_ip, Duration::from_secs(20)).is_some());
 }

@@ -59,6 +59,11 @@ pub const TTL_MIN: Duration = Duration::from_secs(30);
 /// A name is resolved again at least this often, whatever its TTL (a hosts-file entry has none).
 pub const TTL_MAX: Duration = Duration::from_secs(3600);
 
+/// Persistent keepalive of a peer routed around, seconds: with no session and no route, its keepalives
+/// are the handshake attempts that notice it is back (and the only ones, as nothing is routed to it),
+/// so they come often enough to try an address within [`ADDRESS_WAIT`].
+pub const PROBE_KEEPALIVE_SECS: u16 = 5;
+
 /// What the interface says of one peer at one reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Reading {
@@ -92,7 +97,8 @@ pub enum Effect {
     },
     /// Configure the peer afresh as its plan says (a new session, started from this side), sending to
     /// `endpoint` (or where the interface sends to it now, if `None`), with its allowed IPs when
-    /// `routes`, else with none: its traffic then goes through the hub.
+    /// `routes`, else with none and a keepalive of [`PROBE_KEEPALIVE_SECS`]: its traffic then goes
+    /// through the hub, and its handshakes probe the path.
     Reset {
         /// The peer.
         key: PublicKey,

@@ -25,7 +25,7 @@ use meshd_core::keys::PrivateKey;
 use meshd_core::keys::PublicKey;
 use meshd_core::plan::{HostPlan, PeerPlan};
 use meshd_core::reconcile::{PeerChange, PeerDiff, PeerEndpoints, peer_start};
-use meshd_core::session::paths::Reading;
+use meshd_core::session::paths::{PROBE_KEEPALIVE_SECS, Reading};
 
 /// Which WireGuard implementation to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -294,7 +294,8 @@ impl Interface {
     /// Configure the peer `key` afresh from `plan`: a new session, started from this side by its next
     /// packet (a keepalive, or anything routed to it), sending to `endpoint` (or where the interface
     /// sends to it now), with the plan's allowed IPs when `routes`, else none, so that the more general
-    /// route (the hub's) carries its traffic. A peer the interface does not have is left alone.
+    /// route (the hub's) carries its traffic, and a keepalive of [`PROBE_KEEPALIVE_SECS`] whose
+    /// handshakes probe its path. A peer the interface does not have is left alone.
     pub fn reset_peer(
         &self,
         key: &PublicKey,
@@ -307,6 +308,7 @@ impl Interface {
         peer.endpoint = endpoint.or(now.endpoint);
         if !routes {
             peer.allowed_ips.clear();
+            peer.persistent_keepalive_interval = Some(PROBE_KEEPALIVE_SECS);
         }
         self.api.remove_peer(&peer.public_key).map_err(|e| self.error(e))?;
         self.set_peers(&[peer])
