@@ -11,9 +11,11 @@
 //! owner's pid and state directory, for the message that refuses a second daemon; it is 0600, since
 //! whoever can open it can lock it.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+
+use super::statedir::open_lock_file;
 use std::path::{Path, PathBuf};
 
 /// Where the locks live (a tmpfs: nothing survives a reboot, when no interface does either).
@@ -44,16 +46,7 @@ impl InterfaceLock {
     pub fn take(dir: &Path, interface: &str, state_dir: &Path) -> Result<InterfaceLock, OwnerError> {
         fs::DirBuilder::new().recursive(true).mode(0o755).create(dir).map_err(io(dir))?;
         let path = lock_path(dir, interface);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            // Not readable by others: anyone who can open the file can hold a lock on it (flock needs
-            // no write access), and would keep meshd from running the interface.
-            .mode(0o600)
-            .open(&path)
-            .map_err(io(&path))?;
+        let mut file = open_lock_file(&path).map_err(io(&path))?;
         // A file left by an older meshd may be readable by others.
         file.set_permissions(fs::Permissions::from_mode(0o600)).map_err(io(&path))?;
         match file.try_lock() {

@@ -363,15 +363,14 @@ impl StateDir {
 
     fn open_lock(&self) -> Result<File, StateDirError> {
         let path = self.lock_path();
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io(&path))
+        open_lock_file(&path).map_err(io(&path))
     }
+}
+
+/// Open (or create) the lock file `path`, 0600, keeping what it holds: whoever can open a file can hold
+/// a `flock` on it (no write access needed), so no other user may.
+pub fn open_lock_file(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)
 }
 
 #[cfg(test)]
