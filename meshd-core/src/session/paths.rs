@@ -326,11 +326,6 @@ impl Paths {
         self.paths.iter().filter_map(|(key, path)| Some((key, path.heard?)))
     }
 
-    /// Whether the routes of `key` are taken away for now.
-    pub fn is_routed_around(&self, key: &PublicKey) -> bool {
-        self.paths.get(key).is_some_and(|p| p.withdrawn)
-    }
-
     /// A silent peer's retry: renew its session (keeping its routes away if they are) at the next
     /// address of its name if it has several (then try the others in turn again), resolve its name
     /// again, and schedule the next retry.

@@ -163,6 +163,11 @@ impl Paths {
     fn heard_recently(&self, key: &PublicKey, now: Instant) -> bool {
         self.paths.get(key).is_some_and(|p| p.alive(now))
     }
+
+    /// Whether the routes of `key` are taken away for now.
+    fn is_routed_around(&self, key: &PublicKey) -> bool {
+        self.paths.get(key).is_some_and(|p| p.withdrawn)
+    }
 }
 
 /// Run until `done` holds (checked at each reading), at most `limit`; how long it took.
