@@ -25,8 +25,11 @@ use std::time::{Duration, Instant};
 pub use files::{assert_key_not_stored, files_under, write_private};
 pub use mesh::{MeshHost, UapiCleanup, nat_router};
 pub use mounts::Tmpfs;
-pub use netns::{Netns, UdpEcho, add_address, udp_echoed, udp_received, veth};
-pub use process::{Proc, bin_dir, describe, init_network, meshctl, output, product_bin, run_json, run_ok};
+pub use netns::{Netns, UdpEcho, add_address, router, udp_echoed, udp_received, uplink, veth};
+pub use process::{
+    Proc, assert_error_line, assert_refused, bin_dir, describe, init_network, meshctl, output, product_bin, run_json,
+    run_ok,
+};
 pub use wireguard::{Phone, WG_SOCKET_DIR, WgPeer, WgQuick, wg_keypair, wg_pubkey, wireguard_go};
 
 /// True when the test may run; false (with a loud SKIPPED line) only when not root and `CI` is unset.

@@ -216,6 +216,21 @@ pub fn add_address(ns: &Netns, dev: &str, addr: &str) {
     }
 }
 
+/// A namespace `tag` that forwards IPv4 between its links: the internet, or a home router.
+pub fn router(tag: &str) -> Netns {
+    let router = Netns::new(tag);
+    router.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    router
+}
+
+/// Joins `host` to `router` on `<net>.0/24` (the router at `.1`, the host at `.2`) and routes the host's
+/// traffic through the router; returns the interface names (router side, host side).
+pub fn uplink(router: &Netns, host: &Netns, net: &str) -> (String, String) {
+    let link = veth(router, host, &format!("{net}.1/24"), &format!("{net}.2/24"));
+    host.ip(&["route", "add", "default", "via", &format!("{net}.1")]);
+    link
+}
+
 /// Joins two namespaces with a veth pair, addresses and raises both ends; returns the interface names.
 pub fn veth(a: &Netns, b: &Netns, addr_a: &str, addr_b: &str) -> (String, String) {
     let (if_a, if_b) = (unique_ifname("va"), unique_ifname("vb"));

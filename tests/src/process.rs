@@ -76,6 +76,30 @@ pub fn describe(out: &Output) -> String {
     )
 }
 
+/// A refused command: exit status 1, and standard error exactly one `error: ` line that contains every
+/// one of `mentions`.
+pub fn assert_refused(out: &Output, mentions: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(out));
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {}", describe(out));
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    for mention in mentions {
+        assert!(stderr.contains(mention), "the error should mention {mention:?}: {stderr}");
+    }
+}
+
+/// A command that failed among its own log lines (a daemon's): exit status 1, and exactly one
+/// `error: ` line on standard error, which contains every one of `mentions`.
+pub fn assert_error_line(out: &Output, mentions: &[&str]) {
+    assert_eq!(out.status.code(), Some(1), "{}", describe(out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error: ")).collect();
+    assert_eq!(errors.len(), 1, "one error line: {}", describe(out));
+    for mention in mentions {
+        assert!(errors[0].contains(mention), "the error should mention {mention:?}: {}", describe(out));
+    }
+}
+
 /// A child process that is killed by PID (SIGTERM, then SIGKILL) and reaped on drop.
 pub struct Proc {
     child: Child,

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use meshd_e2e::{MeshHost, Netns, meshctl, output, product_bin, require_root, run_json, run_ok, veth, wait_until};
+use meshd_e2e::{MeshHost, meshctl, output, product_bin, require_root, router, run_json, run_ok, uplink, wait_until};
 use serde_json::Value;
 
 /// The endpoint `host`'s interface holds for the peer with `key`, as `wg show` prints it.
@@ -60,15 +60,13 @@ fn a_member_and_the_hub_move_and_every_host_follows() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let router = Netns::new("router");
+    let router = router("router");
     let hub = MeshHost::new("hub", root, "eu");
     let vps = MeshHost::new("vps", root, "eu");
     let other = MeshHost::new("other", root, "eu");
-    router.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     let mut uplinks = Vec::new();
     for (i, host) in [&hub, &vps, &other].into_iter().enumerate() {
-        let (_, uplink) = veth(&router, &host.ns, &format!("172.31.24{i}.1/24"), &format!("172.31.24{i}.2/24"));
-        host.ns.ip(&["route", "add", "default", "via", &format!("172.31.24{i}.1")]);
+        let (_, uplink) = uplink(&router, &host.ns, &format!("172.31.24{i}"));
         // Deleting the first address of a subnet would take the new one (and the routes) with it.
         host.ns.run(&["sysctl", "-qw", &format!("net.ipv4.conf.{uplink}.promote_secondaries=1")]);
         uplinks.push(uplink);

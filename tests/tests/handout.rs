@@ -9,12 +9,12 @@ use std::fs;
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use meshd_e2e::{
-    Netns, Proc, UapiCleanup, WgQuick, describe, init_network, meshctl, output, product_bin, require_root, run_json,
-    run_ok, unique_ifname, wait_until, wg_pubkey,
+    Netns, Proc, UapiCleanup, WgQuick, assert_error_line, describe, init_network, meshctl, output, product_bin,
+    require_root, run_json, run_ok, unique_ifname, wait_until, wg_pubkey,
 };
 use serde_json::Value;
 
@@ -35,17 +35,6 @@ fn device<'a>(devices: &'a Value, name: &str) -> &'a Value {
         .as_array()
         .and_then(|d| d.iter().find(|d| d["name"] == name))
         .unwrap_or_else(|| panic!("no {name} in {devices}"))
-}
-
-/// A refused command: exit 1 and one `error:` line on stderr mentioning each of `mentions`.
-fn assert_refused(out: &Output, mentions: &[&str]) {
-    assert_eq!(out.status.code(), Some(1), "{}", describe(out));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error: ")).collect();
-    assert_eq!(errors.len(), 1, "{}", describe(out));
-    for m in mentions {
-        assert!(errors[0].contains(m), "error line lacks {m:?}: {}", describe(out));
-    }
 }
 
 /// Names of the entries of `dir`, sorted.
@@ -92,13 +81,13 @@ fn failed_hand_outs_change_nothing(state: &Path, full: &Path, ok_dir: &Path) {
     // A new device whose config cannot be written: not added, its address not taken.
     let conf = full.join("phone.conf");
     let out = output(meshctl(state).args(["device", "add", "phone", "--allow", "svc", "--conf"]).arg(&conf));
-    assert_refused(&out, &["phone.conf", "No space left on device"]);
+    assert_error_line(&out, &["phone.conf", "No space left on device"]);
     assert_eq!(devices(state), before, "a device add that could not write its config changed the devices");
     assert_eq!(entries(full), files_before, "a file was left behind");
     for qr in ["--qr-png", "--qr-svg"] {
         let out =
             output(meshctl(state).args(["device", "add", "phone", "--allow", "svc", qr]).arg(full.join("phone.qr")));
-        assert_refused(&out, &["phone.qr"]);
+        assert_error_line(&out, &["phone.qr"]);
         assert_eq!(devices(state), before, "{qr}");
         assert_eq!(entries(full), files_before, "{qr}");
     }
@@ -114,7 +103,7 @@ fn failed_hand_outs_change_nothing(state: &Path, full: &Path, ok_dir: &Path) {
 
     // A rotation that cannot write its config keeps the old key: the phone's config keeps working.
     let out = output(meshctl(state).args(["device", "rotate", "phone", "--conf"]).arg(&conf));
-    assert_refused(&out, &["phone.conf", "No space left on device"]);
+    assert_error_line(&out, &["phone.conf", "No space left on device"]);
     assert_eq!(devices(state), added, "a rotation that could not write its config changed the key");
     assert_eq!(entries(full), files_before);
 
@@ -163,7 +152,7 @@ fn a_full_file_system_changes_nothing_and_loses_no_key_with_a_running_daemon() {
     let out = output(
         meshctl(state.path()).args(["device", "add", "phone", "--allow", "svc", "--conf"]).arg(full.dir.join("p.conf")),
     );
-    assert_refused(&out, &["No space left on device"]);
+    assert_error_line(&out, &["No space left on device"]);
     assert_eq!(peers(), before, "the interface gained a peer for a device whose config was not written");
 
     failed_hand_outs_change_nothing(state.path(), &full.dir, ok.path());
@@ -185,7 +174,7 @@ fn a_symbolic_link_is_refused_and_its_target_untouched() {
     let before = devices(state.path());
     for path in [&link, &dangling] {
         let out = output(meshctl(state.path()).args(["device", "add", "phone", "--allow", "svc", "--conf"]).arg(path));
-        assert_refused(&out, &["symbolic link"]);
+        assert_error_line(&out, &["symbolic link"]);
         assert!(fs::symlink_metadata(path).unwrap().file_type().is_symlink(), "{} was replaced", path.display());
     }
     assert_eq!(fs::read_to_string(&target).unwrap(), "precious data");
@@ -271,7 +260,7 @@ fn device_nodes_are_written_in_place_and_a_failing_one_changes_nothing() {
 
     let before = devices(state.path());
     let out = output(meshctl(state.path()).args(["device", "add", "phone", "--allow", "svc", "--conf"]).arg(&full));
-    assert_refused(&out, &["No space left on device"]);
+    assert_error_line(&out, &["No space left on device"]);
     assert_eq!(devices(state.path()), before, "a device whose config went nowhere was added");
 
     run_ok(meshctl(state.path()).args(["device", "add", "phone", "--allow", "svc", "--qr-png"]).arg(&null));
@@ -388,19 +377,19 @@ fn apply_refuses_any_existing_path_and_conf_refuses_a_directory_path() {
     let fifo = out.join("newdev.conf");
     assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     let refused = output(meshctl(state.path()).arg("apply").arg(&file).arg("--out-dir").arg(&out));
-    assert_refused(&refused, &["newdev.conf", "exists"]);
+    assert_error_line(&refused, &["newdev.conf", "exists"]);
     assert_eq!(devices(state.path()), serde_json::json!([]), "the device was added");
     assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(), "the FIFO was replaced");
     fs::remove_file(&fifo).unwrap();
     std::os::unix::fs::symlink(tmp.path().join("elsewhere"), &fifo).unwrap();
     let refused = output(meshctl(state.path()).arg("apply").arg(&file).arg("--out-dir").arg(&out));
-    assert_refused(&refused, &["newdev.conf", "exists"]);
+    assert_error_line(&refused, &["newdev.conf", "exists"]);
     assert_eq!(devices(state.path()), serde_json::json!([]));
 
     let dir_path = tmp.path().join("newdir/");
     let refused =
         output(meshctl(state.path()).args(["device", "add", "d1", "--allow", "svc", "--conf"]).arg(&dir_path));
-    assert_refused(&refused, &["not a file path"]);
+    assert_error_line(&refused, &["not a file path"]);
     assert_eq!(devices(state.path()), serde_json::json!([]), "the device was added");
     assert_eq!(entries(tmp.path()), ["net.toml", "out"], "a file was left behind");
 }

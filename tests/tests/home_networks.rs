@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use meshd_e2e::{
-    MeshHost, Netns, Proc, meshctl, nat_router, product_bin, require_root, run_json, run_ok, veth, wait_until,
+    MeshHost, Netns, Proc, meshctl, nat_router, product_bin, require_root, router, run_json, run_ok, uplink, wait_until,
 };
 use serde_json::Value;
 
@@ -23,25 +23,9 @@ const RECOVERY: Duration = Duration::from_secs(75);
 
 /// The internet: a router namespace that forwards both families.
 fn internet() -> Netns {
-    let router = Netns::new("inet");
-    router.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    router.run(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
-    router
-}
-
-/// `host` on a public link `172.31.<net>.0/24` of the router (the host at `.2`); the router-side and
-/// host-side interfaces.
-fn public(router: &Netns, host: &MeshHost, net: u8) -> (String, String) {
-    let link = veth(router, &host.ns, &format!("172.31.{net}.1/24"), &format!("172.31.{net}.2/24"));
-    host.ns.ip(&["route", "add", "default", "via", &format!("172.31.{net}.1")]);
-    link
-}
-
-/// `host` on a home LAN `192.168.<net>.0/24` behind the router; the router-side and host-side interfaces.
-fn home(router: &Netns, host: &MeshHost, net: u8) -> (String, String) {
-    let link = veth(router, &host.ns, &format!("192.168.{net}.1/24"), &format!("192.168.{net}.2/24"));
-    host.ns.ip(&["route", "add", "default", "via", &format!("192.168.{net}.1")]);
-    link
+    let internet = router("inet");
+    internet.run(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    internet
 }
 
 /// The namespace's hosts file: how its programs resolve the dynamic names of this test.
@@ -129,8 +113,8 @@ fn a_hub_on_a_dynamic_ip_is_followed_by_its_name() {
     let router = internet();
     let hub = MeshHost::new("hub", root, "hn");
     let attic = MeshHost::new("attic", root, "hn");
-    let (_, hub_if) = public(&router, &hub, 60);
-    let (attic_lan, _) = home(&router, &attic, 60);
+    let (_, hub_if) = uplink(&router, &hub.ns, "172.31.60");
+    let (attic_lan, _) = uplink(&router, &attic.ns, "192.168.60");
     nat_router(&router, &[("192.168.60.0/24", &attic_lan)]);
     set_hosts(&attic.ns, "172.31.60.2 hub.dyn.test\n");
 
@@ -169,9 +153,9 @@ fn a_member_on_a_ddns_name_is_followed_and_reached_through_the_hub_meanwhile() {
     let hub = MeshHost::new("hub", root, "hd");
     let vps = MeshHost::new("vps", root, "hd");
     let attic = MeshHost::new("attic", root, "hd");
-    public(&router, &hub, 61);
-    let (_, vps_if) = public(&router, &vps, 62);
-    let (attic_lan, _) = home(&router, &attic, 61);
+    uplink(&router, &hub.ns, "172.31.61");
+    let (_, vps_if) = uplink(&router, &vps.ns, "172.31.62");
+    let (attic_lan, _) = uplink(&router, &attic.ns, "192.168.61");
     nat_router(&router, &[("192.168.61.0/24", &attic_lan)]);
     for host in [&hub, &vps, &attic] {
         set_hosts(&host.ns, "172.31.62.2 vps.dyn.test\n");
@@ -215,10 +199,10 @@ fn a_relay_that_dies_is_routed_around_and_shows_in_node_list() {
     let relay = MeshHost::new("relay", root, "hr");
     let attic = MeshHost::new("attic", root, "hr");
     let cellar = MeshHost::new("cellar", root, "hr");
-    public(&router, &hub, 63);
-    let (_, relay_if) = public(&router, &relay, 64);
-    let (attic_lan, _) = home(&router, &attic, 63);
-    let (cellar_lan, _) = home(&router, &cellar, 64);
+    uplink(&router, &hub.ns, "172.31.63");
+    let (_, relay_if) = uplink(&router, &relay.ns, "172.31.64");
+    let (attic_lan, _) = uplink(&router, &attic.ns, "192.168.63");
+    let (cellar_lan, _) = uplink(&router, &cellar.ns, "192.168.64");
     nat_router(&router, &[("192.168.63.0/24", &attic_lan), ("192.168.64.0/24", &cellar_lan)]);
 
     let _hub_daemon = start_hub(&hub, "172.31.63.2:51820", root);
@@ -279,8 +263,8 @@ fn a_member_whose_clock_ran_ahead_is_taken_back_after_a_restart() {
     let router = internet();
     let hub = MeshHost::new("hub", root, "hc");
     let attic = MeshHost::new("attic", root, "hc");
-    public(&router, &hub, 65);
-    let (attic_lan, _) = home(&router, &attic, 65);
+    uplink(&router, &hub.ns, "172.31.65");
+    let (attic_lan, _) = uplink(&router, &attic.ns, "192.168.65");
     nat_router(&router, &[("192.168.65.0/24", &attic_lan)]);
     let _hub_daemon = start_hub(&hub, "172.31.65.2:51820", root);
     let token = run_ok(meshctl(&hub.state).args(["node", "invite", "attic", "--expires", "10m"])).trim().to_owned();
@@ -315,8 +299,8 @@ fn a_dual_stack_hub_whose_router_drops_inbound_ipv6_udp_is_reached_over_ipv4() {
     let router = internet();
     let hub = MeshHost::new("hub", root, "h6");
     let attic = MeshHost::new("attic", root, "h6");
-    let (router_hub, hub_if) = public(&router, &hub, 66);
-    let (attic_lan, attic_if) = home(&router, &attic, 66);
+    let (router_hub, hub_if) = uplink(&router, &hub.ns, "172.31.66");
+    let (attic_lan, attic_if) = uplink(&router, &attic.ns, "192.168.66");
     nat_router(&router, &[("192.168.66.0/24", &attic_lan)]);
     // IPv6 on both links, routed without NAT.
     let v6 = |ns: &Netns, dev: &str, addr: &str| ns.ip(&["addr", "add", addr, "dev", dev, "nodad"]);

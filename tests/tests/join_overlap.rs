@@ -6,23 +6,11 @@
 //! (Before the fix the join went through silently and the member was cut off from the hub.) A token of a
 //! controller from before tokens carried the range is still read; the overlap is then caught when the
 //! token is spent, and the error says how to clean up.
-use std::process::Output;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use meshd_e2e::{MeshHost, describe, meshctl, require_root, run_json, run_ok, veth};
+use meshd_e2e::{MeshHost, assert_refused, describe, meshctl, require_root, run_json, run_ok, veth};
 use serde_json::Value;
-
-/// A refused join: exit 1, one `error:` line that contains every one of `mentions`.
-fn assert_refused(out: &Output, mentions: &[&str]) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{}", describe(out));
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {}", describe(out));
-    assert!(stderr.starts_with("error: "), "{stderr}");
-    for mention in mentions {
-        assert!(stderr.contains(mention), "the error should mention {mention:?}: {stderr}");
-    }
-}
 
 /// The same token as a controller from before the range was carried wrote it.
 fn without_range(token: &str) -> String {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use meshd_e2e::{MeshHost, Netns, Proc, meshctl, nat_router, require_root, run_json, run_ok, veth, wait_until};
+use meshd_e2e::{MeshHost, Proc, meshctl, nat_router, require_root, router, run_json, run_ok, uplink, wait_until};
 use serde_json::Value;
 
 type Host = MeshHost;
@@ -67,7 +67,7 @@ fn hosts_form_one_mesh_that_outlives_the_controller() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let router = Netns::new("router");
+    let router = router("router");
     let hub = Host::new("hub", root, "mm");
     let vps1 = Host::new("vps1", root, "mm");
     let vps2 = Host::new("vps2", root, "mm");
@@ -75,15 +75,11 @@ fn hosts_form_one_mesh_that_outlives_the_controller() {
     let cellar = Host::new("cellar", root, "mm");
 
     // The internet: public hosts on their own links, the attic behind the router's NAT.
-    router.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     for (i, host) in [&hub, &vps1, &vps2].into_iter().enumerate() {
-        veth(&router, &host.ns, &format!("172.31.23{i}.1/24"), &format!("172.31.23{i}.2/24"));
-        host.ns.ip(&["route", "add", "default", "via", &format!("172.31.23{i}.1")]);
+        uplink(&router, &host.ns, &format!("172.31.23{i}"));
     }
-    let (to_attic, _) = veth(&router, &attic.ns, "192.168.77.1/24", "192.168.77.2/24");
-    attic.ns.ip(&["route", "add", "default", "via", "192.168.77.1"]);
-    let (to_cellar, _) = veth(&router, &cellar.ns, "192.168.78.1/24", "192.168.78.2/24");
-    cellar.ns.ip(&["route", "add", "default", "via", "192.168.78.1"]);
+    let (to_attic, _) = uplink(&router, &attic.ns, "192.168.77");
+    let (to_cellar, _) = uplink(&router, &cellar.ns, "192.168.78");
     nat_router(&router, &[("192.168.77.0/24", to_attic.as_str()), ("192.168.78.0/24", to_cellar.as_str())]);
     assert!(!vps1.pings("192.168.77.2"), "the attic must not be reachable from outside");
     assert!(!attic.pings("192.168.78.2"), "nor the cellar, from outside or from the attic");

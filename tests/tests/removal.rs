@@ -9,11 +9,11 @@
 //! disabled: its log says so and it keeps running; enabled again, it is back. Then vps2 is stopped,
 //! removed while it is down, and started again: it hears of it at its first contact and exits.
 use std::fs;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use meshd_e2e::{
-    MeshHost, Proc, describe, meshctl, output, product_bin, require_root, run_json, run_ok, veth, wait_until,
+    MeshHost, Proc, assert_error_line, describe, meshctl, output, product_bin, require_root, run_json, run_ok, veth,
+    wait_until,
 };
 
 type Host = MeshHost;
@@ -23,17 +23,6 @@ fn address(hub: &Host, name: &str) -> String {
     let nodes = run_json(meshctl(&hub.state).args(["node", "list", "--json"]));
     let node = nodes.as_array().unwrap().iter().find(|n| n["name"] == name).unwrap_or_else(|| panic!("{name}"));
     node["address"].as_str().unwrap().to_owned()
-}
-
-/// A refusal: exit 1 and one `error:` line that contains every one of `mentions`.
-fn assert_one_line_error(out: &Output, mentions: &[&str]) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = stderr.trim_end().lines().filter(|l| l.starts_with("error: ")).collect();
-    assert_eq!(out.status.code(), Some(1), "{}", describe(out));
-    assert_eq!(lines.len(), 1, "one error line: {}", describe(out));
-    for mention in mentions {
-        assert!(lines[0].contains(mention), "the error should mention {mention:?}: {}", lines[0]);
-    }
 }
 
 /// The nftables table meshd keeps for `host`'s interface, if any.
@@ -87,7 +76,7 @@ fn removed_and_disabled_hosts_hear_of_it_and_an_interface_has_one_daemon() {
     let token = run_ok(meshctl(&hub.state).args(["node", "invite", "again"]));
     let second = root.join("vps1-again");
     let out = vps1.join(token.trim(), &second, None);
-    assert_one_line_error(&out, &[&vps1.ifname, "another meshd", &vps1.state.display().to_string()]);
+    assert_error_line(&out, &[&vps1.ifname, "another meshd", &vps1.state.display().to_string()]);
     assert!(!second.exists(), "a refused join left {} behind", second.display());
     let invites = run_json(meshctl(&hub.state).args(["node", "invites", "--json"]));
     assert_eq!(invites[0]["name"], "again", "the refused join spent the token: {invites}");
@@ -99,7 +88,7 @@ fn removed_and_disabled_hosts_hear_of_it_and_an_interface_has_one_daemon() {
     let mut run = vps1.ns.command(product_bin("meshd"));
     run.args(["run", "--wireguard", "userspace", "--state-dir"]).arg(&copy);
     let out = output(&mut run);
-    assert_one_line_error(&out, &[&vps1.ifname, "another meshd"]);
+    assert_error_line(&out, &[&vps1.ifname, "another meshd"]);
     daemon1.assert_running("a second daemon was refused its interface");
     assert!(vps1.pings(&hub_v4), "vps1's daemon stopped passing traffic after the refused second daemon");
     // Interface names are per network namespace: another host (namespace) may join with the same name.
@@ -113,7 +102,7 @@ fn removed_and_disabled_hosts_hear_of_it_and_an_interface_has_one_daemon() {
     let mut run = other.ns.command(product_bin("meshd"));
     run.args(["run", "--wireguard", "userspace", "--state-dir"]).arg(&other.state);
     let out = output(&mut run);
-    assert_one_line_error(&out, &[&vps1.ifname, "UAPI socket", "another network namespace"]);
+    assert_error_line(&out, &[&vps1.ifname, "UAPI socket", "another network namespace"]);
     daemon1.assert_running("a userspace daemon in another namespace was refused the interface name");
     assert!(vps1.pings(&hub_v4), "vps1 stopped passing traffic after the refused daemon in another namespace");
 

@@ -13,8 +13,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use meshd_e2e::{
-    MeshHost, Netns, Phone, meshctl, nat_router, product_bin, require_root, run_json, run_ok, unique_ifname, veth,
-    wait_until,
+    MeshHost, Netns, Phone, meshctl, nat_router, product_bin, require_root, router, run_json, run_ok, unique_ifname,
+    uplink, wait_until,
 };
 use serde_json::Value;
 
@@ -75,19 +75,16 @@ fn a_hub_with_devices_and_members_and_a_member_restarted_come_back_whole() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let router = Netns::new("rrouter");
+    let router = router("rrouter");
     let hub = Host::new("hub", root, "mr");
     let vps1 = Host::new("vps1", root, "mr");
     let attic = Host::new("attic", root, "mr");
     let phone_ns = Netns::new("rphone");
 
-    router.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     for (i, ns) in [&hub.ns, &vps1.ns, &phone_ns].into_iter().enumerate() {
-        veth(&router, ns, &format!("172.31.24{i}.1/24"), &format!("172.31.24{i}.2/24"));
-        ns.ip(&["route", "add", "default", "via", &format!("172.31.24{i}.1")]);
+        uplink(&router, ns, &format!("172.31.24{i}"));
     }
-    let (to_attic, _) = veth(&router, &attic.ns, "192.168.79.1/24", "192.168.79.2/24");
-    attic.ns.ip(&["route", "add", "default", "via", "192.168.79.1"]);
+    let (to_attic, _) = uplink(&router, &attic.ns, "192.168.79");
     nat_router(&router, &[("192.168.79.0/24", to_attic.as_str())]);
 
     // The hub: a wallet, five devices that never connect and a phone, all added before it runs.

@@ -15,7 +15,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use meshd_e2e::{
-    MeshHost, Netns, Proc, meshctl, nat_router, output, product_bin, require_root, run_json, run_ok, veth, wait_until,
+    MeshHost, Proc, meshctl, nat_router, output, product_bin, require_root, router, run_json, run_ok, uplink,
+    wait_until,
 };
 use serde_json::Value;
 
@@ -113,17 +114,13 @@ fn bulk_transfers_cross_a_small_path_that_eats_icmp_directly_and_through_the_hub
     }
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let router = Netns::new("router");
+    let router = router("router");
     let hub = MeshHost::new("hub", root, "pm");
     let cellar = MeshHost::new("cellar", root, "pm");
     let attic = MeshHost::new("attic", root, "pm");
-    router.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    veth(&router, &hub.ns, "172.31.250.1/24", "172.31.250.2/24");
-    hub.ns.ip(&["route", "add", "default", "via", "172.31.250.1"]);
-    let (to_cellar, cellar_uplink) = veth(&router, &cellar.ns, "192.168.250.1/24", "192.168.250.2/24");
-    cellar.ns.ip(&["route", "add", "default", "via", "192.168.250.1"]);
-    let (to_attic, _) = veth(&router, &attic.ns, "192.168.251.1/24", "192.168.251.2/24");
-    attic.ns.ip(&["route", "add", "default", "via", "192.168.251.1"]);
+    uplink(&router, &hub.ns, "172.31.250");
+    let (to_cellar, cellar_uplink) = uplink(&router, &cellar.ns, "192.168.250");
+    let (to_attic, _) = uplink(&router, &attic.ns, "192.168.251");
     nat_router(&router, &[("192.168.250.0/24", to_cellar.as_str()), ("192.168.251.0/24", to_attic.as_str())]);
     // The small hop, and a router that eats the ICMP that would tell senders about it.
     router.ip(&["link", "set", "dev", &to_cellar, "mtu", "1400"]);
