@@ -261,6 +261,11 @@ fn check_indexes<'a>(
 }
 
 impl SharedState {
+    /// The hub node.
+    pub fn hub(&self) -> Option<&Node> {
+        hub_of(&self.nodes)
+    }
+
     /// Every node, service and device has an address index within the network's range.
     pub fn check(&self) -> Result<(), String> {
         check_indexes(&self.network, &self.nodes, &self.services, self.devices.iter().map(|d| (&d.name, d.index)))
@@ -306,7 +311,7 @@ impl Snapshot {
 
     /// The hub node.
     pub fn hub(&self) -> Option<&Node> {
-        self.nodes.iter().find(|n| n.role == Role::Hub)
+        hub_of(&self.nodes)
     }
 
     /// The view of a node.
@@ -355,6 +360,11 @@ impl Snapshot {
             devices: self.devices.iter().filter(|d| d.allow.contains(&service.name)).map(|d| d.name.clone()).collect(),
         }
     }
+}
+
+/// The node of role hub among `nodes`.
+fn hub_of(nodes: &[Node]) -> Option<&Node> {
+    nodes.iter().find(|n| n.role == Role::Hub)
 }
 
 /// A node as `meshctl node list` shows it.

@@ -19,7 +19,7 @@ use crate::host::statedir::StateDir;
 use crate::links::join;
 use crate::links::sync::{self, Outgoing, SyncEvent};
 use meshd_core::keys::PublicKey;
-use meshd_core::model::{Role, SYNC_PORT};
+use meshd_core::model::SYNC_PORT;
 use meshd_core::session::member::{Effect, Member};
 use meshd_core::wire::join::{HubContact, JoinReply, Standing, StandingRequest, ToJoinService};
 use meshd_core::wire::sync::ToHub;
@@ -29,9 +29,9 @@ const STANDING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Follow the controller until SIGINT or SIGTERM, or until this host is removed from the network.
 pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host: &mut Host) -> anyhow::Result<()> {
-    let snapshot = member.member_state().state.snapshot();
-    let hub = snapshot.hub().ok_or_else(|| anyhow!("the cached network has no hub"))?;
-    let hub_addr = SocketAddr::new(snapshot.network.pool().v4_of(hub.index).into(), SYNC_PORT);
+    let shared = &member.member_state().state;
+    let hub = shared.hub().ok_or_else(|| anyhow!("the cached network has no hub"))?;
+    let hub_addr = SocketAddr::new(shared.network.pool().v4_of(hub.index).into(), SYNC_PORT);
     let (digest_tx, digest_rx) = watch::channel(member.digest().to_owned());
     let (events_tx, mut events) = mpsc::channel(64);
     let (outgoing, outgoing_rx) = mpsc::channel(8);
@@ -144,8 +144,7 @@ async fn carry_out(
                 Some(contact) => {
                     // The hub's endpoint now (it may have moved since the token was made: the join service
                     // listens on the same port), then the token's join address.
-                    let state = &member.member_state().state;
-                    let now = state.nodes.iter().find(|n| n.role == Role::Hub).and_then(|h| h.endpoint.clone());
+                    let now = member.member_state().state.hub().and_then(|h| h.endpoint.clone());
                     let contacts: Vec<HubContact> = now
                         .filter(|e| *e != contact.join)
                         .map(|join| HubContact { join, fingerprint: contact.fingerprint.clone() })
