@@ -133,7 +133,13 @@ pub fn sample_host_plan(allowed: &[&str], routes: bool) -> HostPlan {
             } else {
                 BTreeSet::new()
             },
+            devices: if routes {
+                ["10.77.0.4", "fd00::4", "10.77.0.7"].iter().map(|a| a.parse().expect("sample address")).collect()
+            } else {
+                BTreeSet::new()
+            },
             routes,
+            mesh: vec!["10.77.0.0/16".parse().expect("sample range"), "fd00::/64".parse().expect("sample range")],
         },
     }
 }

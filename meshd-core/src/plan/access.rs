@@ -4,6 +4,8 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 
+use ipnet::IpNet;
+
 use super::HostView;
 use crate::input::Label;
 use crate::model::{Node, Protocol};
@@ -21,8 +23,13 @@ pub struct AccessPlan {
     /// (each receiving host applies its own rules); the hub also lets them all reach its sync service,
     /// whatever its own rules say.
     pub members: BTreeSet<IpAddr>,
+    /// On hosts that route: every device's addresses. Nothing but the replies to flows a device started
+    /// reaches a device (the stock WireGuard apps filter nothing themselves).
+    pub devices: BTreeSet<IpAddr>,
     /// Whether this host routes between its peers (the hub does, and the relay between hosts behind NAT).
     pub routes: bool,
+    /// The mesh ranges (IPv4, IPv6): their addresses answer only on the mesh interface (and loopback).
+    pub mesh: Vec<IpNet>,
 }
 
 /// A flow a device is granted: from its address to a service's address and port, over the service's protocol.
@@ -47,7 +54,13 @@ pub(super) fn admitted_nodes(view: &HostView<'_>) -> BTreeSet<IpAddr> {
 /// The access plan of the host of `view`, from its admitted nodes and device grants.
 pub(super) fn plan(view: &HostView<'_>, nodes: BTreeSet<IpAddr>, grants: BTreeSet<Grant>) -> AccessPlan {
     let routes = view.is_hub || view.relay.is_some_and(|r| r.name == view.node.name);
-    let members =
-        if routes { view.active.iter().flat_map(|n| view.host_addrs(n.index)).collect() } else { BTreeSet::new() };
-    AccessPlan { nodes, grants, members, routes }
+    let (members, devices) = if routes {
+        (
+            view.active.iter().flat_map(|n| view.host_addrs(n.index)).collect(),
+            view.s.devices.iter().flat_map(|d| view.host_addrs(d.index)).collect(),
+        )
+    } else {
+        Default::default()
+    };
+    AccessPlan { nodes, grants, members, devices, routes, mesh: view.mesh().to_vec() }
 }

@@ -1,10 +1,13 @@
 //! The nftables text of a host's access rules: a table per mesh interface that lets a peer reach only
 //! the services it was granted (and the mesh DNS), whatever it puts in its own AllowedIPs, and drops
 //! everything else that arrives on the interface, including attempts to route through the host unless
-//! it routes (hub, relay): then only flows from active nodes and devices' granted flows pass.
+//! it routes (hub, relay): then only flows from active nodes and devices' granted flows pass, and nothing
+//! but replies reaches a device. The mesh's addresses answer only on the mesh interface (and loopback): a
+//! LAN neighbour routing the mesh range to the host reaches nothing.
 //!
 //! Rendered from the host plan (pure); the daemon's `host::firewall` loads it in one `nft -f -`
-//! transaction, so a change replaces the whole table atomically.
+//! transaction, so a change replaces the whole table atomically, and puts it back if anything else removes
+//! or changes it.
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -36,11 +39,14 @@ pub fn render(plan: &HostPlan) -> String {
     let mut out = String::new();
     // Creating then deleting makes the script work whether or not the table exists yet.
     let _ = writeln!(out, "table inet {table}\ndelete table inet {table}\ntable inet {table} {{");
-    let sets: [(&str, &str, Vec<String>); 6] = [
+    let (devices_v4, devices_v6): (Vec<&IpAddr>, Vec<&IpAddr>) = access.devices.iter().partition(|ip| ip.is_ipv4());
+    let sets: [(&str, &str, Vec<String>); 8] = [
         ("nodes_v4", "ipv4_addr", nodes_v4.iter().map(ToString::to_string).collect()),
         ("nodes_v6", "ipv6_addr", nodes_v6.iter().map(ToString::to_string).collect()),
         ("members_v4", "ipv4_addr", members_v4.iter().map(ToString::to_string).collect()),
         ("members_v6", "ipv6_addr", members_v6.iter().map(ToString::to_string).collect()),
+        ("devices_v4", "ipv4_addr", devices_v4.iter().map(ToString::to_string).collect()),
+        ("devices_v6", "ipv6_addr", devices_v6.iter().map(ToString::to_string).collect()),
         ("grants_v4", "ipv4_addr . ipv4_addr . inet_proto . inet_service", grants_v4.iter().map(grant).collect()),
         ("grants_v6", "ipv6_addr . ipv6_addr . inet_proto . inet_service", grants_v6.iter().map(grant).collect()),
     ];
@@ -60,6 +66,15 @@ pub fn render(plan: &HostPlan) -> String {
     // devices' granted flows.
     let routed = format!("ip saddr @members_v4 accept\n    ip6 saddr @members_v6 accept\n    {grants}");
     let iface = &plan.interface;
+    // The mesh's addresses are reached through the mesh interface, or from the host itself: a neighbour
+    // routing the mesh range to this host reaches neither the host's mesh addresses nor, routed, its peers.
+    // Dropped before connection tracking (priority raw), so a flood of them costs no state.
+    let _ = writeln!(out, "  chain outside {{\n    type filter hook prerouting priority raw; policy accept;");
+    for range in &access.mesh {
+        let daddr = if range.addr().is_ipv4() { "ip daddr" } else { "ip6 daddr" };
+        let _ = writeln!(out, "    iifname != {{ \"{iface}\", \"lo\" }} {daddr} {range} drop");
+    }
+    let _ = writeln!(out, "  }}");
     let _ = writeln!(out, "  chain input {{\n    type filter hook input priority filter; policy accept;");
     let _ = writeln!(out, "    iifname != \"{iface}\" accept");
     let _ = writeln!(out, "    ct state established,related accept");
@@ -110,7 +125,18 @@ pub fn render(plan: &HostPlan) -> String {
     }
     let _ = writeln!(out, "    iifname \"{iface}\" counter drop\n  }}");
     if access.routes {
-        let _ = writeln!(out, "  chain mesh_routing {{\n    ct state established,related accept\n    {routed}\n  }}");
+        // Devices start flows; nothing starts one towards a device (a member host, a local user on the
+        // routing host, another device), since the stock WireGuard apps filter nothing themselves.
+        let devices = "ip daddr @devices_v4 drop\n    ip6 daddr @devices_v6 drop";
+        let _ = writeln!(
+            out,
+            "  chain mesh_routing {{\n    ct state established,related accept\n    {devices}\n    {routed}\n  }}"
+        );
+        let _ = writeln!(
+            out,
+            "  chain output {{\n    type filter hook output priority filter; policy accept;\n    \
+             oifname != \"{iface}\" accept\n    ct state established,related accept\n    {devices}\n  }}"
+        );
     }
     let _ = writeln!(out, "}}");
     out
@@ -179,6 +205,48 @@ mod tests {
         );
         assert_eq!(mss(1420), (1380, 1360));
         assert!(!render(&sample_host_plan(&["10.77.0.4"], false)).contains("maxseg"), "a member routes nothing");
+    }
+
+    /// Member hosts reach each other through the hub, never a device; the hub's own processes reach no
+    /// device either. Only replies to what a device started go back to it.
+    #[test]
+    fn a_routing_host_passes_nothing_towards_devices_but_replies() {
+        let rules = render(&sample_host_plan(&["10.77.0.4"], true));
+        assert!(
+            rules.contains("set devices_v4 {\n    type ipv4_addr\n    elements = { 10.77.0.4, 10.77.0.7 }"),
+            "{rules}"
+        );
+        let routing = &rules[rules.find("chain mesh_routing").unwrap()..rules.find("chain output").unwrap()];
+        let replies = routing.find("ct state established,related accept").unwrap();
+        let to_devices = routing.find("ip daddr @devices_v4 drop").unwrap();
+        assert!(routing.contains("ip6 daddr @devices_v6 drop"), "{rules}");
+        assert!(replies < to_devices, "replies pass first: {rules}");
+        assert!(to_devices < routing.find("ip saddr @members_v4 accept").unwrap(), "before members pass: {rules}");
+        let output = &rules[rules.find("chain output").unwrap()..];
+        assert!(output.contains("type filter hook output priority filter; policy accept;"), "{rules}");
+        assert!(output.contains("oifname != \"wg-home.1\" accept"), "{rules}");
+        assert!(
+            output.find("ct state established,related accept").unwrap() < output.find("@devices_v4 drop").unwrap(),
+            "{rules}"
+        );
+        let member = render(&sample_host_plan(&["10.77.0.4"], false));
+        assert!(
+            !member.contains("chain output") && !member.contains("elements = { 10.77.0.4, 10.77.0.7 }"),
+            "{member}"
+        );
+    }
+
+    /// A neighbour on the LAN that routes the mesh range to the host reaches none of it: the mesh's
+    /// addresses are dropped unless they arrive on the mesh interface or loopback, on every host.
+    #[test]
+    fn mesh_addresses_answer_only_on_the_mesh_interface_and_loopback() {
+        for routes in [false, true] {
+            let rules = render(&sample_host_plan(&[], routes));
+            let outside = &rules[rules.find("chain outside").unwrap()..rules.find("chain input").unwrap()];
+            assert!(outside.contains("type filter hook prerouting priority raw; policy accept;"), "{rules}");
+            assert!(outside.contains("iifname != { \"wg-home.1\", \"lo\" } ip daddr 10.77.0.0/16 drop"), "{rules}");
+            assert!(outside.contains("iifname != { \"wg-home.1\", \"lo\" } ip6 daddr fd00::/64 drop"), "{rules}");
+        }
     }
 
     #[test]

@@ -80,7 +80,8 @@ pub struct MeshDns {
 impl MeshDns {
     /// Binds UDP and TCP on every `listen` address (even one still tentative), serves `records`
     /// under `domain` and their reverse names within the `reverse` ranges, and forwards other names
-    /// to `upstreams`; names outside `domain` are skipped.
+    /// to `upstreams`; names outside `domain` are skipped. Only clients within the `reverse` ranges (the
+    /// mesh) and loopback are answered; others get REFUSED.
     pub async fn start(
         listen: &[SocketAddr],
         domain: &str,
@@ -127,7 +128,13 @@ impl MeshDns {
             sockets.push((bound, udp, tcp));
         }
 
-        let mut server = Server::new(catalog);
+        // Only the mesh asks (and the host itself, over loopback): a neighbour that reaches a mesh address
+        // some other way gets REFUSED, neither the mesh's names nor a forwarder for outside ones.
+        let loopback: [IpNet; 2] = [
+            IpNet::V4(ipnet::Ipv4Net::new(std::net::Ipv4Addr::LOCALHOST, 8).expect("/8 is valid")),
+            IpNet::V6(ipnet::Ipv6Net::new(std::net::Ipv6Addr::LOCALHOST, 128).expect("/128 is valid")),
+        ];
+        let mut server = Server::with_access(catalog, [], reverse.iter().copied().chain(loopback));
         let mut local_addrs = Vec::with_capacity(sockets.len());
         for (bound, udp, tcp) in sockets {
             server.register_socket(udp);

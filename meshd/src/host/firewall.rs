@@ -1,5 +1,6 @@
 //! Loading a host's access rules (rendered by [`meshd_core::plan::nftables`]) into nftables: one
-//! `nft -f -` transaction, so a change replaces the whole table atomically.
+//! `nft -f -` transaction, so a change replaces the whole table atomically; and listing the table as it is
+//! in force, to notice it removed or changed by something else.
 
 use std::process::Stdio;
 
@@ -7,6 +8,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use meshd_core::plan::nftables::table_name;
+use meshd_core::session::rules::Listing;
 
 /// Loading the ruleset failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +37,17 @@ pub async fn load(script: &str) -> Result<(), FirewallError> {
     } else {
         let stderr = String::from_utf8_lossy(&output.stderr);
         Err(FirewallError::Rejected(stderr.lines().next().unwrap_or("unknown error").to_owned()))
+    }
+}
+
+/// The table of `interface` as it is in force, without counters (`nft -s list table`): the same text as
+/// long as nobody changes it. A table nft cannot list (none, or nft itself missing) is [`Listing::Missing`].
+pub async fn list(interface: &str) -> Listing {
+    let table = table_name(interface);
+    let output = Command::new("nft").args(["-s", "list", "table", "inet", &table]).stdin(Stdio::null()).output().await;
+    match output {
+        Ok(out) if out.status.success() => Listing::Table(String::from_utf8_lossy(&out.stdout).into_owned()),
+        _ => Listing::Missing,
     }
 }
 

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tracing::{debug, error, warn};
 
 use super::paths::{LastHeard, PathKeeper};
+use super::rules::RulesKeeper;
 use crate::host::dns::{self, DnsError, MeshDns};
 use crate::host::firewall;
 use crate::host::forward::Forwarders;
@@ -40,6 +41,8 @@ pub(super) struct Host {
     state: StateDir,
     backend: Backend,
     key: PrivateKey,
+    /// The access rules, kept in force.
+    rules: RulesKeeper,
     rules_loaded: bool,
     /// Brought up whole: a later failure to enable forwarding only costs relaying.
     up: bool,
@@ -62,6 +65,7 @@ impl Host {
         Host {
             name,
             dns_port,
+            rules: RulesKeeper::start(&plan.interface),
             plan,
             state: state.clone(),
             backend,
@@ -118,7 +122,7 @@ impl Host {
             match step {
                 HostStep::LoadRules(script) => {
                     let first = !self.rules_loaded;
-                    firewall::load(&script).await.map_err(|e| rules_error(e, first))?;
+                    self.rules.load(&script).await.map_err(|e| rules_error(e, first))?;
                     self.rules_loaded = true;
                 }
                 HostStep::CreateInterface => self.create_interface().await?,
@@ -136,6 +140,7 @@ impl Host {
                 }
                 HostStep::AddAddresses(add) => {
                     self.on_interface(move |interface| interface.change_addresses(&add, &[])).await?;
+                    self.rules.set_addresses(new.addresses.iter().copied());
                 }
                 HostStep::ChangePeers(diff) => {
                     let reachable = self.on_interface(move |interface| interface.apply_peers(&diff)).await?;
@@ -159,6 +164,7 @@ impl Host {
                 }
                 HostStep::RemoveAddresses(remove) => {
                     self.on_interface(move |interface| interface.change_addresses(&[], &remove)).await?;
+                    self.rules.set_addresses(new.addresses.iter().copied());
                 }
             }
         }
@@ -170,6 +176,8 @@ impl Host {
         let (plan, key, backend, seen) = (self.plan.clone(), self.key.clone(), self.backend, last_seen.clone());
         let interface = tokio::task::spawn_blocking(move || Interface::create(backend, &plan, &key, &seen)).await??;
         let interface = Arc::new(Mutex::new(interface));
+        self.rules.set_interface(interface.clone());
+        self.rules.set_addresses(self.plan.addresses.iter().copied());
         // The mesh's ranges: the interface's own addresses carry the mesh prefixes.
         let mesh = self.plan.addresses.iter().map(IpNet::trunc).collect();
         self.paths = Some(PathKeeper::start(&self.state, interface.clone(), last_seen, self.plan.peers.clone(), mesh));
@@ -233,10 +241,11 @@ impl Host {
 
     /// Take down what was built: the watch over paths, forwarders, DNS, interface, then the access rules.
     pub(super) async fn shut_down(self) {
-        let Host { plan, interface, forwarders, dns, paths, rules_loaded, .. } = self;
+        let Host { plan, interface, forwarders, dns, paths, rules, rules_loaded, .. } = self;
         if let Some(paths) = paths {
             paths.finish().await;
         }
+        rules.finish().await;
         drop(forwarders);
         if let Some(dns) = dns {
             dns.shutdown().await;

@@ -10,6 +10,7 @@ mod apply;
 mod hub;
 mod member;
 mod paths;
+mod rules;
 
 use std::path::Path;
 

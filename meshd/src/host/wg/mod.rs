@@ -217,6 +217,18 @@ impl Interface {
         Ok(())
     }
 
+    /// Stop the interface passing traffic (its access rules are gone and cannot be put back): the link goes
+    /// down, which takes its routes (and IPv6 addresses) with it.
+    pub fn block(&self) -> Result<(), WgError> {
+        ip(&["link", "set", "dev", &self.name, "down"])
+    }
+
+    /// Let the interface pass traffic again, with its `addresses` (and so its routes) back.
+    pub fn unblock(&self, addresses: &[IpNet]) -> Result<(), WgError> {
+        ip(&["link", "set", "dev", &self.name, "up"])?;
+        self.change_addresses(addresses, &[])
+    }
+
     /// Add and remove interface addresses.
     pub fn change_addresses(&self, add: &[IpNet], remove: &[IpNet]) -> Result<(), WgError> {
         for net in remove {

@@ -1,0 +1,141 @@
+//! The access rules kept in force ([`meshd_core::session::rules::RulesGuard`]): every load of the host's
+//! rules goes through the guard, and a task lists the table every [`CHECK_INTERVAL`], loads it again when
+//! something else removed or changed it, retries a change that failed, and takes the interface down while
+//! the rules in force are not meshd's and cannot be put back.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tracing::{error, info, warn};
+
+use super::apply::on_interface;
+use crate::host::firewall::{self, FirewallError};
+use crate::host::wg::Interface;
+use meshd_core::session::rules::{Effect, RulesGuard};
+
+/// How often the table in force is compared with what was loaded: a flushed ruleset is noticed (and
+/// repaired) within this. One `nft -s list table` each time, a few milliseconds.
+const CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What the guard needs to stop and restart traffic: the interface (once created) and its addresses.
+#[derive(Default)]
+struct Traffic {
+    interface: Option<Arc<Mutex<Interface>>>,
+    addresses: Vec<IpNet>,
+}
+
+struct Shared {
+    interface_name: String,
+    guard: tokio::sync::Mutex<RulesGuard>,
+    traffic: Mutex<Traffic>,
+}
+
+/// The keeper of one interface's access rules; the task stops when it is dropped.
+pub(super) struct RulesKeeper {
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RulesKeeper {
+    /// Keep the rules of interface `interface_name` (none are meant until the first [`RulesKeeper::load`]).
+    pub(super) fn start(interface_name: &str) -> RulesKeeper {
+        let shared = Arc::new(Shared {
+            interface_name: interface_name.to_owned(),
+            guard: tokio::sync::Mutex::new(RulesGuard::new()),
+            traffic: Mutex::default(),
+        });
+        let watched = shared.clone();
+        let task = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(CHECK_INTERVAL);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                let mut guard = watched.guard.lock().await;
+                guard.check();
+                let _ = watched.carry_out(&mut guard).await;
+            }
+        });
+        RulesKeeper { shared, task }
+    }
+
+    /// Make `script` the rules in force. On failure the guard keeps trying (and takes the interface down
+    /// if the rules in force are not the previous ones); the error is returned all the same.
+    pub(super) async fn load(&self, script: &str) -> Result<(), FirewallError> {
+        let mut guard = self.shared.guard.lock().await;
+        guard.want(script.to_owned());
+        self.shared.carry_out(&mut guard).await.unwrap_or(Ok(()))
+    }
+
+    /// The interface whose traffic stops while the rules are not in force, and the addresses it gets back
+    /// when they are.
+    pub(super) fn set_interface(&self, interface: Arc<Mutex<Interface>>) {
+        self.shared.traffic.lock().unwrap_or_else(|e| e.into_inner()).interface = Some(interface);
+    }
+
+    /// The interface's addresses are now `addresses`.
+    pub(super) fn set_addresses(&self, addresses: impl IntoIterator<Item = IpNet>) {
+        self.shared.traffic.lock().unwrap_or_else(|e| e.into_inner()).addresses = addresses.into_iter().collect();
+    }
+
+    /// Stop watching (before the rules are removed at shutdown).
+    pub(super) async fn finish(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+impl Shared {
+    /// Carry out what the guard asks; the result of the last load, if there was one.
+    async fn carry_out(&self, guard: &mut RulesGuard) -> Option<Result<(), FirewallError>> {
+        let mut result = None;
+        while let Some(effect) = guard.poll_effect() {
+            match effect {
+                Effect::Load(script) => match firewall::load(&script).await {
+                    Ok(()) => {
+                        guard.handle_loaded(Ok(self.listing().await));
+                        result = Some(Ok(()));
+                    }
+                    Err(e) => {
+                        guard.handle_loaded(Err((e.to_string(), firewall::list(&self.interface_name).await)));
+                        result = Some(Err(e));
+                    }
+                },
+                Effect::List => guard.handle_listing(firewall::list(&self.interface_name).await),
+                Effect::Block | Effect::Unblock => self.set_traffic(matches!(effect, Effect::Unblock)).await,
+                Effect::Warn(message) => warn!(interface = %self.interface_name, "{message}"),
+                Effect::Alarm(message) => error!(interface = %self.interface_name, "{message}"),
+                Effect::Recovered(message) => info!(interface = %self.interface_name, "{message}"),
+            }
+        }
+        result
+    }
+
+    /// The table right after a load (an empty text if nft cannot list it: the next check loads it again).
+    async fn listing(&self) -> String {
+        match firewall::list(&self.interface_name).await {
+            meshd_core::session::rules::Listing::Table(text) => text,
+            meshd_core::session::rules::Listing::Missing => String::new(),
+        }
+    }
+
+    /// Let the interface pass traffic, or stop it.
+    async fn set_traffic(&self, pass: bool) {
+        let (interface, addresses) = {
+            let traffic = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
+            (traffic.interface.clone(), traffic.addresses.clone())
+        };
+        // Before the interface exists there is no traffic to stop (and the daemon does not start without
+        // its rules).
+        let Some(interface) = interface else { return };
+        let outcome = if pass {
+            on_interface(&interface, move |i| i.unblock(&addresses)).await
+        } else {
+            on_interface(&interface, Interface::block).await
+        };
+        if let Err(e) = outcome {
+            error!(interface = %self.interface_name, error = format!("{e:#}"), pass, "switching the interface's traffic");
+        }
+    }
+}
