@@ -105,6 +105,41 @@ pub(crate) fn clients(args: &[String]) -> Result<()> {
     })
 }
 
+/// The member's side of the sync handshake, as the daemon does it (every session opens with one).
+async fn prove(
+    index: u32,
+    reader: &mut BufReader<OwnedReadHalf>,
+    write: &mut tokio::net::tcp::OwnedWriteHalf,
+    line: &mut Vec<u8>,
+) -> Result<()> {
+    let mut next = async |line: &mut Vec<u8>| -> Result<()> {
+        line.clear();
+        if reader.read_until(b'\n', line).await? == 0 {
+            return Err("the hub closed the session during the handshake".into());
+        }
+        Ok(())
+    };
+    next(line).await?;
+    let Challenge { challenge } = serde_json::from_slice(line)?;
+    let (own, ephemeral) = (private_key(index), PrivateKey::generate());
+    let handshake = Handshake::member(&own, &ephemeral, &private_key(1).public_key(), &challenge)?;
+    let proof = MemberProof {
+        public_key: own.public_key(),
+        ephemeral: ephemeral.public_key(),
+        proof: handshake.member_proof(),
+    };
+    let mut text = serde_json::to_string(&proof)?;
+    text.push('\n');
+    write.write_all(text.as_bytes()).await?;
+    next(line).await?;
+    match serde_json::from_slice(line)? {
+        HubAnswer::Proven { proof } => handshake.verify_hub(&proof)?,
+        HubAnswer::Refused { reason } => return Err(format!("the hub refused the handshake: {reason}").into()),
+    }
+    line.clear();
+    Ok(())
+}
+
 pub(crate) struct Member {
     index: u32,
     keeps_copy: bool,
@@ -125,6 +160,7 @@ impl Member {
         let (read, mut write) = stream.into_split();
         let mut reader = BufReader::new(read);
         let mut line = Vec::new();
+        prove(self.index, &mut reader, &mut write, &mut line).await?;
         let mut copy = None;
         let mut last = self.digest.to_string();
         if self.keeps_copy {

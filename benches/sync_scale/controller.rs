@@ -10,7 +10,7 @@ pub(crate) fn controller(args: &[String]) -> Result<()> {
 
     let mut state = build_state(hosts);
     let mut next_index = state.devices.iter().map(|d| d.index).max().unwrap_or(1) + 1;
-    let publisher = Publisher::new(state.clone());
+    let publisher = Publisher::new(state.clone(), &private_key(1));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(WORKERS).enable_all().build()?;
     // The daemon's own listener (backlog 1024), on the hub's address.
     let listener =

@@ -25,8 +25,9 @@ use std::time::Duration;
 
 use meshd::links::sync::Publisher;
 use meshd_core::input::Label;
-use meshd_core::keys::PublicKey;
+use meshd_core::keys::PrivateKey;
 use meshd_core::model::{AccessRule, DeviceGrants, Network, Node, Protocol, Role, Service, SharedState};
+use meshd_core::wire::auth::{Challenge, Handshake, HubAnswer, MemberProof};
 use meshd_core::wire::sync::{self, ToHub, ToMember};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};

@@ -17,16 +17,20 @@ pub(crate) fn network() -> Network {
     }
 }
 
+/// The private key of node `index`, which the clients (another process) make the same way: a distinct
+/// key per node (its index in the first four bytes of the scalar), so a client can prove it in the sync
+/// handshake.
+pub(crate) fn private_key(index: u32) -> PrivateKey {
+    use base64::Engine as _;
+    let mut bytes = [7u8; 32];
+    bytes[..4].copy_from_slice(&index.to_le_bytes());
+    PrivateKey::from_base64(&base64::engine::general_purpose::STANDARD.encode(bytes)).expect("32 bytes are a key")
+}
+
 pub(crate) fn node(name: &str, index: u32, role: Role) -> Node {
     Node {
         name: label(name),
-        // A distinct valid key per node (its index in the first four bytes).
-        public_key: {
-            use base64::Engine as _;
-            let mut bytes = [0u8; 32];
-            bytes[..4].copy_from_slice(&index.to_le_bytes());
-            PublicKey::parse(&base64::engine::general_purpose::STANDARD.encode(bytes)).expect("32 bytes are a key")
-        },
+        public_key: private_key(index).public_key(),
         index,
         // Half the hosts have a public endpoint, the others sit behind NAT.
         endpoint: index

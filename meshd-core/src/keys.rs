@@ -44,6 +44,14 @@ impl PrivateKey {
     pub fn public_key(&self) -> PublicKey {
         PublicKey(STANDARD.encode(x25519_dalek::PublicKey::from(&self.0).as_bytes()))
     }
+
+    /// The X25519 shared secret with `peer` (RFC 7748, section 6.1); `None` when `peer` is a low-order
+    /// point, whose result (all zeros) anyone could compute.
+    pub fn agree(&self, peer: &PublicKey) -> Option<[u8; 32]> {
+        let peer = x25519_dalek::PublicKey::from(decode32(peer.as_str()).ok()?);
+        let shared = self.0.diffie_hellman(&peer);
+        shared.was_contributory().then(|| shared.to_bytes())
+    }
 }
 
 /// Two private keys are the same key when their public halves are.

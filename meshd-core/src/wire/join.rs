@@ -31,13 +31,16 @@ pub struct JoinRequest {
 }
 
 /// What a member asks the join service when it cannot reach the hub's sync service: where the keys it
-/// may be known by stand (its key, and the other key of a key rotation under way). Anyone who can reach
-/// the join service may ask; the answer tells no more than whether a public key is a member, disabled or
-/// removed, and public keys are known only to the network's hosts.
+/// may be known by stand (its key, and the other key of a key rotation under way). Each key is proven
+/// ([`crate::wire::auth::standing_proof`], bound to the TLS session): only the holder of a key learns where
+/// it stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StandingRequest {
     /// The public keys asked about (one or two).
     pub standing: Vec<PublicKey>,
+    /// One proof per key, in the same order (lowercase hex).
+    #[serde(default)]
+    pub proofs: Vec<String>,
 }
 
 /// Where a member's key stands in the network; declared from the standing that says most to the one
@@ -137,7 +140,7 @@ mod tests {
         let key = named_key("KEY");
         let join = join.replace("KEY", key.as_str());
         assert!(matches!(serde_json::from_str::<ToJoinService>(&join), Ok(ToJoinService::Join(_))));
-        let standing = ToJoinService::Standing(StandingRequest { standing: vec![key] });
+        let standing = ToJoinService::Standing(StandingRequest { standing: vec![key], proofs: vec!["00".into()] });
         let text = serde_json::to_string(&standing).unwrap();
         assert_eq!(serde_json::from_str::<ToJoinService>(&text).unwrap(), standing);
         assert!(serde_json::from_str::<ToJoinService>(r#"{"standing":"nope"}"#).is_err());

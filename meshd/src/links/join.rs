@@ -25,6 +25,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, warn};
 
+use meshd_core::wire::auth::STANDING_EXPORTER_LABEL;
+
 /// Name in the certificate and the SNI the client sends; the client ignores it, the pin is what counts.
 const SERVER_NAME: &str = "meshd-join";
 /// Largest request line the hub reads, so a client cannot make it buffer without bound.
@@ -136,8 +138,22 @@ impl fmt::Debug for JoinIdentity {
     }
 }
 
-/// A request from a joining host, with the channel its reply goes back on.
-pub type JoinCall<Req, Resp> = (Req, SocketAddr, oneshot::Sender<Resp>);
+/// Keying material exported from one TLS session (RFC 5705, label [`STANDING_EXPORTER_LABEL`]): both ends
+/// compute it, nobody else can, and it differs for every connection. A request proves a key by a MAC
+/// over it ([`meshd_core::wire::auth::standing_proof`]).
+pub type Binding = [u8; 32];
+
+/// A request from a joining host, with the TLS session's [`Binding`] and the channel its reply goes back on.
+pub type JoinCall<Req, Resp> = (Req, SocketAddr, Binding, oneshot::Sender<Resp>);
+
+/// The [`Binding`] of a TLS connection.
+fn binding(connection: &rustls::ConnectionCommon<impl Sized>) -> io::Result<Binding> {
+    let mut out = [0u8; 32];
+    connection
+        .export_keying_material(&mut out, STANDING_EXPORTER_LABEL, None)
+        .map_err(|e| io::Error::other(format!("exporting keying material: {e}")))?;
+    Ok(out)
+}
 
 /// Accept TLS connections on `listener` until the receiver of `calls` is dropped: read one JSON line (at most
 /// 64 KiB, within 10 s), hand it to `calls`, write the reply as one JSON line, close. A malformed request gets
@@ -206,7 +222,8 @@ where
             Err(e) => malformed(format!("invalid request: {e}")),
             Ok(request) => {
                 let (reply_tx, reply_rx) = oneshot::channel();
-                if calls.send((request, peer, reply_tx)).await.is_err() {
+                let bound = binding(stream.get_ref().get_ref().1)?;
+                if calls.send((request, peer, bound, reply_tx)).await.is_err() {
                     return Err(io::Error::other("join handler is gone"));
                 }
                 reply_rx.await.map_err(|_| io::Error::other("join handler dropped the request"))?
@@ -234,10 +251,28 @@ where
     Req: Serialize,
     Resp: DeserializeOwned,
 {
+    call_bound(addr, fingerprint, |_| request, timeout).await
+}
+
+/// [`call`] with a request made once the TLS session is up, from its [`Binding`] (a request that proves
+/// keys for this connection only).
+pub async fn call_bound<Req, Resp>(
+    addr: &str,
+    fingerprint: &str,
+    request: impl FnOnce(&Binding) -> Req,
+    timeout: Duration,
+) -> Result<Resp, JoinError>
+where
+    Req: Serialize,
+    Resp: DeserializeOwned,
+{
     let pin = parse_fingerprint(fingerprint)?;
-    let mut line = serde_json::to_vec(request).map_err(JoinError::Encode)?;
-    line.push(b'\n');
-    tokio::time::timeout(timeout, exchange(addr, pin, &line))
+    let line = |bound: &Binding| {
+        let mut line = serde_json::to_vec(&request(bound)).map_err(JoinError::Encode)?;
+        line.push(b'\n');
+        Ok(line)
+    };
+    tokio::time::timeout(timeout, exchange(addr, pin, line))
         .await
         .map_err(|_| JoinError::Timeout { addr: addr.to_string(), timeout })?
 }
@@ -261,7 +296,11 @@ async fn connect_any(addr: &str) -> io::Result<TcpStream> {
 }
 
 /// The client side of one join, without the overall timeout.
-async fn exchange<Resp: DeserializeOwned>(addr: &str, pin: [u8; 32], line: &[u8]) -> Result<Resp, JoinError> {
+async fn exchange<Resp: DeserializeOwned>(
+    addr: &str,
+    pin: [u8; 32],
+    line: impl FnOnce(&Binding) -> Result<Vec<u8>, JoinError>,
+) -> Result<Resp, JoinError> {
     let owned_addr = || addr.to_string();
     let mismatch = Arc::new(AtomicBool::new(false));
     let verifier =
@@ -282,9 +321,10 @@ async fn exchange<Resp: DeserializeOwned>(addr: &str, pin: [u8; 32], line: &[u8]
         Err(source) => return Err(JoinError::Handshake { addr: owned_addr(), source }),
     };
 
-    let mut stream = BufReader::new(tls);
     let io_err = |source| JoinError::Io { addr: owned_addr(), source };
-    stream.get_mut().write_all(line).await.map_err(io_err)?;
+    let line = line(&binding(tls.get_ref().1).map_err(io_err)?)?;
+    let mut stream = BufReader::new(tls);
+    stream.get_mut().write_all(&line).await.map_err(io_err)?;
     stream.get_mut().flush().await.map_err(io_err)?;
     match read_line(&mut stream, MAX_REPLY).await.map_err(io_err)? {
         Line::Empty => Err(JoinError::NoReply { addr: owned_addr() }),
@@ -421,7 +461,7 @@ mod tests {
         let (seen_tx, seen_rx) = mpsc::unbounded_channel();
         tokio::spawn(serve(listener, identity.clone(), calls_tx, malformed));
         tokio::spawn(async move {
-            while let Some((hello, peer, reply)) = calls_rx.recv().await {
+            while let Some((hello, peer, _, reply)) = calls_rx.recv().await {
                 let _ = seen_tx.send(peer);
                 let _ = reply.send(Reply { echo: Some(hello.name), error: None });
             }

@@ -1,8 +1,11 @@
 //! Live updates: the controller pushes the network's state to every member host over one long-lived
-//! TCP stream per member, inside the mesh (to the hub's mesh address, [`SYNC_PORT`]), so WireGuard's
-//! cryptokey routing is what authenticates a member: its source address can only come from its key.
+//! TCP stream per member, inside the mesh (to the hub's mesh address, [`SYNC_PORT`]). A member's source
+//! address only says the connection came through its tunnel, which any process on that host can use: each
+//! session therefore opens with a handshake in which the member proves it holds the node's WireGuard
+//! private key and the hub proves it holds the hub's ([`meshd_core::wire::auth`]). Nothing of the state is
+//! sent before, and a new proven session of a node ends the one it had.
 //!
-//! The protocol is JSON lines. A member says `hello` with the digest of the state it has cached; the
+//! The protocol is JSON lines. After the handshake, a member says `hello` with the digest of the state it has cached; the
 //! hub answers with nothing (up to date), the changes since that digest (if it still has them), or the
 //! whole state. After that, every change is serialised once and the same line goes to every member.
 //! A member applies the changes to its cached copy and plans its own interface from it, exactly as the
@@ -20,15 +23,15 @@ use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
-use tokio::task::AbortHandle;
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tracing::{debug, info, warn};
 
 use crate::host::clock;
 use meshd_core::input::Label;
-use meshd_core::keys::PublicKey;
+use meshd_core::keys::{PrivateKey, PublicKey};
 use meshd_core::model::SharedState;
-use meshd_core::session::hub::{self, HubSession, Journal};
+use meshd_core::session::hub::{self, HELLO_TIMEOUT, HubSession, Journal};
+use meshd_core::wire::auth::{Challenge, Handshake, HubAnswer, MemberProof};
 use meshd_core::wire::sync::{ToHub, ToMember, line};
 
 /// Longest line a member accepts from the hub (a whole state of a large network fits).
@@ -41,25 +44,35 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
-/// Sessions one member may hold at once: one, and room for reconnects that overlap sessions the hub
-/// has not yet seen end. A member opening more is gone bad (or its old sessions died unnoticed): its
-/// oldest session is closed, so it can hold no more of the hub's file descriptors than this.
-const SESSIONS_PER_MEMBER: usize = 4;
+/// Handshakes that may be under way at once from one member's address. Only meshd on the host can
+/// finish one (within a round trip), so more are someone else on that host: the oldest is closed, so that
+/// they hold no more of the hub's descriptors than this and cannot keep the member out; each handshake has
+/// [`HELLO_TIMEOUT`] to finish.
+const HANDSHAKES_PER_MEMBER: usize = 4;
+
+/// How often at most a failed handshake from one member is logged at warning level (the others at debug).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The hub's side: the [`Journal`] of what it published, and the stream every session listens to.
 #[derive(Clone)]
 pub struct Publisher {
     inner: Arc<RwLock<Published>>,
     sessions: Arc<std::sync::Mutex<Sessions>>,
+    /// The hub's private key, which its proofs are made with.
+    key: Arc<PrivateKey>,
 }
 
-/// Each member's live sessions, oldest first.
+/// Each member's handshakes under way and its proven session.
 #[derive(Default)]
 struct Sessions {
     /// The number of the last session.
     last: u64,
-    /// By member: (session number, the task to abort).
-    live: HashMap<Label, VecDeque<(u64, AbortHandle)>>,
+    /// By member: handshakes under way, oldest first (dropping the sender closes one).
+    handshakes: HashMap<Label, VecDeque<(u64, oneshot::Sender<()>)>>,
+    /// By member: its proven session's number, and what ends it when dropped.
+    live: HashMap<Label, (u64, oneshot::Sender<()>)>,
+    /// By member: when a failed handshake was last logged at warning level.
+    warned: HashMap<Label, Instant>,
 }
 
 struct Published {
@@ -85,11 +98,13 @@ pub enum FromSession {
 }
 
 impl Publisher {
-    pub fn new(state: SharedState) -> Publisher {
+    /// The publisher of `state`, proving itself with the hub's private key `key`.
+    pub fn new(state: SharedState, key: &PrivateKey) -> Publisher {
         let (lines, _) = broadcast::channel(hub::LOG_LEN);
         Publisher {
             inner: Arc::new(RwLock::new(Published { journal: Journal::new(state), lines })),
             sessions: Arc::default(),
+            key: Arc::new(key.clone()),
         }
     }
 
@@ -123,6 +138,11 @@ impl Publisher {
         self.read().journal.member(addr) == Some(node)
     }
 
+    /// The current public key of member `node`.
+    fn member_key(&self, node: &Label) -> Option<PublicKey> {
+        self.read().journal.state().nodes.iter().find(|n| n.name == *node).map(|n| n.public_key.clone())
+    }
+
     /// Accept member sessions on `listener` until the task is dropped.
     pub async fn serve(self, listener: TcpListener, requests: mpsc::Sender<FromSession>) {
         loop {
@@ -138,38 +158,116 @@ impl Publisher {
                 debug!(%peer, "sync: connection from an address that is no active member; closed");
                 continue;
             };
+            let (id, mut crowded_out) = {
+                let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+                sessions.last += 1;
+                let id = sessions.last;
+                let (close, closed) = oneshot::channel();
+                let under_way = sessions.handshakes.entry(node.clone()).or_default();
+                under_way.push_back((id, close));
+                if under_way.len() > HANDSHAKES_PER_MEMBER {
+                    debug!(%node, %peer, "sync: too many handshakes under way from one member; closing the oldest");
+                    under_way.pop_front();
+                }
+                (id, closed)
+            };
             let publisher = self.clone();
             let requests = requests.clone();
-            let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-            sessions.last += 1;
-            let id = sessions.last;
-            let member = node.clone();
-            let task = tokio::spawn(async move {
-                match publisher.session(stream, peer, member.clone(), requests).await {
-                    Ok(()) => debug!(node = %member, "sync session ended"),
-                    Err(e) => debug!(node = %member, error = %e, "sync session ended"),
+            tokio::spawn(async move {
+                let _ = stream.set_nodelay(true);
+                let (read, mut write) = stream.into_split();
+                let mut lines = line_reader(read, MAX_TO_HUB);
+                let proven = tokio::select! {
+                    proven = tokio::time::timeout(HELLO_TIMEOUT, publisher.handshake(&mut lines, &mut write, &node)) => {
+                        proven.unwrap_or_else(|_| Err("no proof in time".into()))
+                    }
+                    _ = &mut crowded_out => Err("crowded out by newer handshakes".into()),
+                };
+                publisher.handshake_ended(&node, id);
+                if let Err(reason) = proven {
+                    publisher.refused(&node, peer, &reason);
+                    return;
                 }
-                publisher.session_ended(&member, id);
+                let superseded = publisher.go_live(&node, id);
+                match publisher.session(lines, write, peer, node.clone(), requests, superseded).await {
+                    Ok(()) => debug!(%node, "sync session ended"),
+                    Err(e) => debug!(%node, error = %e, "sync session ended"),
+                }
+                publisher.session_ended(&node, id);
             });
-            let live = sessions.live.entry(node.clone()).or_default();
-            live.push_back((id, task.abort_handle()));
-            if live.len() > SESSIONS_PER_MEMBER
-                && let Some((_, oldest)) = live.pop_front()
-            {
-                warn!(%node, %peer, "sync: too many sessions from one member; closing its oldest");
-                oldest.abort();
+        }
+    }
+
+    /// The handshake of a session of `node` ([`meshd_core::wire::auth`]): the challenge, the member's proof
+    /// checked against the node's key, and the hub's proof. Err: why the member is not proven (it was told).
+    async fn handshake(
+        &self,
+        lines: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, LinesCodec>,
+        write: &mut tokio::net::tcp::OwnedWriteHalf,
+        node: &Label,
+    ) -> Result<(), String> {
+        let challenge = PrivateKey::generate();
+        let first = to_json_line(&Challenge { challenge: challenge.public_key() });
+        write.write_all(first.as_bytes()).await.map_err(|e| e.to_string())?;
+        let text = next_line(lines).await.map_err(|e| e.to_string())?.ok_or("closed before its proof")?;
+        let verdict = match serde_json::from_str::<MemberProof>(&text) {
+            Err(e) => Err(format!("malformed proof: {e}")),
+            Ok(offer) => match self.member_key(node) {
+                Some(key) if key != offer.public_key => Err(format!("not the key of node {node}")),
+                None => Err(format!("node {node} is no member")),
+                Some(key) => Handshake::hub(&self.key, &challenge, &key, &offer.ephemeral)
+                    .and_then(|h| h.verify_member(&offer.proof).map(|()| h))
+                    .map_err(|e| format!("not proven: {e}")),
+            },
+        };
+        let (answer, result) = match verdict {
+            Ok(handshake) => (HubAnswer::Proven { proof: handshake.hub_proof() }, Ok(())),
+            Err(reason) => (HubAnswer::Refused { reason: reason.clone() }, Err(reason)),
+        };
+        write.write_all(to_json_line(&answer).as_bytes()).await.map_err(|e| e.to_string())?;
+        result
+    }
+
+    /// A handshake of `node` failed: logged at warning level once a minute per member, else at debug.
+    fn refused(&self, node: &Label, peer: SocketAddr, reason: &str) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let last = sessions.warned.get(node).copied();
+        if last.is_none_or(|at| now.duration_since(at) >= REFUSAL_LOG_INTERVAL) {
+            sessions.warned.insert(node.clone(), now);
+            warn!(%node, %peer, reason, "sync: a connection from the member's address did not prove the node's key (another process on that host?); closed");
+        } else {
+            debug!(%node, %peer, reason, "sync: handshake refused");
+        }
+    }
+
+    /// Handshake `id` of `node` is over.
+    fn handshake_ended(&self, node: &Label, id: u64) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(under_way) = sessions.handshakes.get_mut(node) {
+            under_way.retain(|(other, _)| *other != id);
+            if under_way.is_empty() {
+                sessions.handshakes.remove(node);
             }
         }
+    }
+
+    /// Session `id` of `node` is proven: it is the node's session now, and the one it had ends. The
+    /// receiver resolves when a later one supersedes this.
+    fn go_live(&self, node: &Label, id: u64) -> oneshot::Receiver<()> {
+        let (end, superseded) = oneshot::channel();
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if sessions.live.insert(node.clone(), (id, end)).is_some() {
+            debug!(%node, "sync: a new session of the member supersedes its previous one");
+        }
+        superseded
     }
 
     /// Session `id` of `node` is over.
     fn session_ended(&self, node: &Label, id: u64) {
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(live) = sessions.live.get_mut(node) {
-            live.retain(|(other, _)| *other != id);
-            if live.is_empty() {
-                sessions.live.remove(node);
-            }
+        if sessions.live.get(node).is_some_and(|(live, _)| *live == id) {
+            sessions.live.remove(node);
         }
     }
 
@@ -177,14 +275,13 @@ impl Publisher {
     /// driving the session's state machine ([`HubSession`]) and carrying out what it asks for.
     async fn session(
         &self,
-        stream: TcpStream,
+        mut lines: FramedRead<tokio::net::tcp::OwnedReadHalf, LinesCodec>,
+        mut write: tokio::net::tcp::OwnedWriteHalf,
         peer: SocketAddr,
         node: Label,
         requests: mpsc::Sender<FromSession>,
+        mut superseded: oneshot::Receiver<()>,
     ) -> std::io::Result<()> {
-        let _ = stream.set_nodelay(true);
-        let (read, mut write) = stream.into_split();
-        let mut lines = line_reader(read, MAX_TO_HUB);
         let mut session = HubSession::new(node.clone(), Instant::now());
         let mut updates: Option<broadcast::Receiver<Arc<str>>> = None;
         loop {
@@ -238,6 +335,10 @@ impl Publisher {
                     session.handle_line(&text);
                 }
                 () = clock::sleep_until(deadline) => session.handle_timeout(Instant::now()),
+                _ = &mut superseded => {
+                    info!(%node, %peer, "the member opened a new session; closing this one");
+                    return Ok(());
+                }
             }
         }
     }
@@ -286,11 +387,22 @@ impl From<ToHub> for Outgoing {
     }
 }
 
+/// Who a member is towards the hub: the private key its interface uses (its proof is made with it) and
+/// the hub's public key (the hub's proof must match it).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// This host's private key, as its interface uses it.
+    pub key: PrivateKey,
+    /// The hub's public key.
+    pub hub: PublicKey,
+}
+
 /// The member's side: keep a session with the hub at `hub`, reconnecting with backoff, forward what
-/// the hub sends to `events` and what the member's loop sends from `outgoing`. `digest` is the digest
-/// of the state the member has, read at each (re)connect.
+/// the hub sends to `events` and what the member's loop sends from `outgoing`. `identity` and `digest`
+/// (of the state the member has) are read at each (re)connect.
 pub async fn follow(
     hub: SocketAddr,
+    identity: watch::Receiver<Identity>,
     digest: watch::Receiver<String>,
     events: mpsc::Sender<SyncEvent>,
     mut outgoing: mpsc::Receiver<Outgoing>,
@@ -298,8 +410,11 @@ pub async fn follow(
     let mut pause = BACKOFF_MIN;
     loop {
         let started = tokio::time::Instant::now();
-        match session(hub, &digest, &events, &mut outgoing).await {
+        match session(hub, &identity, &digest, &events, &mut outgoing).await {
             Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                warn!(%hub, error = %e, "the sync handshake with the hub failed");
+            }
             Err(e) => debug!(%hub, error = %e, "sync session with the hub ended"),
         }
         if started.elapsed() > BACKOFF_MAX {
@@ -315,10 +430,13 @@ pub async fn follow(
 /// One session; `Ok` only when the member's loop has gone away.
 async fn session(
     hub: SocketAddr,
+    identity: &watch::Receiver<Identity>,
     digest: &watch::Receiver<String>,
     events: &mpsc::Sender<SyncEvent>,
     outgoing: &mut mpsc::Receiver<Outgoing>,
 ) -> std::io::Result<()> {
+    // The key the interface uses as the connection is made is the one the hub admitted it with.
+    let identity = identity.borrow().clone();
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(hub))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting"))??;
@@ -327,8 +445,12 @@ async fn session(
     let _ = stream.set_nodelay(true);
     set_keepalive(&stream);
     let (read, mut write) = stream.into_split();
+    let mut lines = line_reader(read, MAX_TO_MEMBER);
+    tokio::time::timeout(HELLO_TIMEOUT, prove(&mut lines, &mut write, &identity))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "the hub's handshake did not finish"))??;
     let hello = ToHub::Hello { digest: digest.borrow().clone() };
-    write.write_all(to_line(&hello).as_bytes()).await?;
+    write.write_all(to_json_line(&hello).as_bytes()).await?;
     info!(%hub, "connected to the controller for live updates");
     // A message belongs to the session it was made in (an offer, a switch): any made for an earlier one
     // is dropped unsent (its `delivered` reports it was not).
@@ -336,21 +458,51 @@ async fn session(
     if events.send(SyncEvent::Connected { at }).await.is_err() {
         return Ok(());
     }
-    let result = live(read, &mut write, events, outgoing).await;
+    let result = live(lines, &mut write, events, outgoing).await;
     if result.is_err() && events.send(SyncEvent::Disconnected).await.is_err() {
         return Ok(());
     }
     result
 }
 
+/// The member's side of the handshake ([`meshd_core::wire::auth`]): answer the hub's challenge with this
+/// host's proof and check the hub's. A refusal, or an answer that is not the hub's, is `PermissionDenied`.
+async fn prove(
+    lines: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, LinesCodec>,
+    write: &mut tokio::net::tcp::OwnedWriteHalf,
+    identity: &Identity,
+) -> std::io::Result<()> {
+    let denied = |why: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why);
+    let eof = || std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "hub closed");
+    let text = next_line(lines).await?.ok_or_else(eof)?;
+    let Challenge { challenge } =
+        serde_json::from_str(&text).map_err(|e| denied(format!("no challenge from the hub: {e}")))?;
+    let ephemeral = PrivateKey::generate();
+    let handshake = Handshake::member(&identity.key, &ephemeral, &identity.hub, &challenge)
+        .map_err(|e| denied(format!("the hub's challenge: {e}")))?;
+    let proof = MemberProof {
+        public_key: identity.key.public_key(),
+        ephemeral: ephemeral.public_key(),
+        proof: handshake.member_proof(),
+    };
+    write.write_all(to_json_line(&proof).as_bytes()).await?;
+    let text = next_line(lines).await?.ok_or_else(eof)?;
+    match serde_json::from_str::<HubAnswer>(&text) {
+        Ok(HubAnswer::Proven { proof }) => handshake
+            .verify_hub(&proof)
+            .map_err(|_| denied("the answer at the hub's address is not the hub's (its proof does not match)".into())),
+        Ok(HubAnswer::Refused { reason }) => Err(denied(format!("the hub refused: {reason}"))),
+        Err(e) => Err(denied(format!("malformed answer to the handshake: {e}"))),
+    }
+}
+
 /// A session after its hello: what the hub sends goes to `events`, what the member sends goes out.
 async fn live(
-    read: tokio::net::tcp::OwnedReadHalf,
+    mut lines: FramedRead<tokio::net::tcp::OwnedReadHalf, LinesCodec>,
     write: &mut tokio::net::tcp::OwnedWriteHalf,
     events: &mpsc::Sender<SyncEvent>,
     outgoing: &mut mpsc::Receiver<Outgoing>,
 ) -> std::io::Result<()> {
-    let mut lines = line_reader(read, MAX_TO_MEMBER);
     loop {
         tokio::select! {
             incoming = next_line(&mut lines) => {
@@ -363,7 +515,7 @@ async fn live(
             }
             message = outgoing.recv() => {
                 let Some(Outgoing { message, delivered }) = message else { return Ok(()) };
-                write.write_all(to_line(&message).as_bytes()).await?;
+                write.write_all(to_json_line(&message).as_bytes()).await?;
                 if let Some(delivered) = delivered {
                     wait_until_acknowledged((*write).as_ref()).await;
                     let _ = delivered.send(());
@@ -373,7 +525,8 @@ async fn live(
     }
 }
 
-fn to_line(message: &ToHub) -> String {
+/// `message` as one JSON line, newline included.
+fn to_json_line(message: &impl serde::Serialize) -> String {
     let mut text = serde_json::to_string(message).expect("messages serialise");
     text.push('\n');
     text
@@ -429,84 +582,168 @@ async fn next_line<R: AsyncRead + Unpin>(lines: &mut FramedRead<R, LinesCodec>) 
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    use tokio::io::AsyncReadExt;
 
     use meshd_core::fixtures::sample_state as state;
     use meshd_core::wire::sync::{apply, digest};
 
     use super::*;
 
-    /// The sample network on loopback (member `vps`, index 2, is 127.0.0.2) and a publisher of it serving
-    /// on an ephemeral port: the state, the publisher, its address and the serving task.
-    async fn serve_on_loopback() -> (SharedState, Publisher, SocketAddr, tokio::task::JoinHandle<()>) {
+    type Lines = FramedRead<tokio::net::tcp::OwnedReadHalf, LinesCodec>;
+
+    /// The sample network on loopback (member `vps`, index 2, is 127.0.0.2) with keys the test holds, and a
+    /// publisher of it serving on an ephemeral port: the state, the publisher, its address, the serving
+    /// task and vps's identity.
+    async fn serve_on_loopback() -> (SharedState, Publisher, SocketAddr, tokio::task::JoinHandle<()>, Identity) {
         let mut s = state();
         s.network.cidr = "127.0.0.0/8".parse().unwrap();
-        let publisher = Publisher::new(s.clone());
+        let (hub_key, vps_key) = (PrivateKey::generate(), PrivateKey::generate());
+        s.nodes[0].public_key = hub_key.public_key();
+        s.nodes[1].public_key = vps_key.public_key();
+        let publisher = Publisher::new(s.clone(), &hub_key);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (requests, _) = mpsc::channel(4);
         let server = tokio::spawn(publisher.clone().serve(listener, requests));
-        (s, publisher, addr, server)
+        (s, publisher, addr, server, Identity { key: vps_key, hub: hub_key.public_key() })
     }
 
-    /// A connection to `addr` from `source`, a mesh address on loopback.
-    async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
+    /// A connection to `addr` from `source`, a mesh address on loopback, as lines and a writer.
+    async fn connect_from(source: &str, addr: SocketAddr) -> (Lines, tokio::net::tcp::OwnedWriteHalf) {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.bind(SocketAddr::new(source.parse().unwrap(), 0)).unwrap();
-        socket.connect(addr).await.unwrap()
+        let (read, write) = socket.connect(addr).await.unwrap().into_split();
+        (line_reader(read, MAX_TO_MEMBER), write)
+    }
+
+    /// A session of vps that passed the handshake with `identity` and said hello with `digest`.
+    async fn proven(addr: SocketAddr, identity: &Identity, digest: &str) -> (Lines, tokio::net::tcp::OwnedWriteHalf) {
+        let (mut lines, mut write) = connect_from("127.0.0.2", addr).await;
+        prove(&mut lines, &mut write, identity).await.expect("the handshake");
+        write.write_all(to_json_line(&ToHub::Hello { digest: digest.into() }).as_bytes()).await.unwrap();
+        (lines, write)
+    }
+
+    async fn next(lines: &mut Lines) -> Option<String> {
+        tokio::time::timeout(Duration::from_secs(5), next_line(lines)).await.expect("an answer in time").unwrap_or(None)
     }
 
     #[test]
     fn a_hello_is_one_line() {
-        let hello = to_line(&ToHub::Hello { digest: "x".into() });
+        let hello = to_json_line(&ToHub::Hello { digest: "x".into() });
         assert_eq!(hello, "{\"msg\":\"hello\",\"digest\":\"x\"}\n");
     }
 
-    /// A member gone bad opens session after session: it holds no more than four; the oldest go, and
-    /// the newest sessions keep working.
+    /// Another process on vps's host (its packets carry vps's address) asks for the state: it cannot prove
+    /// vps's key, gets nothing of the state, and vps's session goes on. Nor does a fake hub pass.
     #[tokio::test]
-    async fn one_member_holds_at_most_four_sessions() {
-        let (mut s, publisher, addr, server) = serve_on_loopback().await;
-        let mut sessions = Vec::new();
-        for _ in 0..6 {
-            let (read, mut write) = connect_from("127.0.0.2", addr).await.into_split();
-            let lines = BufReader::new(read).lines();
-            write.write_all(to_line(&ToHub::Hello { digest: publisher.digest() }).as_bytes()).await.unwrap();
-            sessions.push((lines, write));
-            // Each connection is accepted before the next one.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    async fn a_connection_that_does_not_prove_the_nodes_key_gets_nothing() {
+        let (mut s, publisher, addr, server, vps) = serve_on_loopback().await;
+        let (mut real, _real_write) = proven(addr, &vps, &publisher.digest()).await;
+
+        let impostor = Identity { key: PrivateKey::generate(), ..vps.clone() };
+        let (mut lines, mut write) = connect_from("127.0.0.2", addr).await;
+        let refused = prove(&mut lines, &mut write, &impostor).await.unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::PermissionDenied);
+        assert!(refused.to_string().contains("not the key of node vps"), "{refused}");
+        assert_eq!(next(&mut lines).await, None, "the connection ends without the state");
+
+        // Claiming vps's key without its private half: the proof does not match.
+        let (mut lines, mut write) = connect_from("127.0.0.2", addr).await;
+        let text = next(&mut lines).await.unwrap();
+        let Challenge { challenge } = serde_json::from_str(&text).unwrap();
+        let ephemeral = PrivateKey::generate();
+        let forged = Handshake::member(&PrivateKey::generate(), &ephemeral, &vps.hub, &challenge).unwrap();
+        let claim = MemberProof {
+            public_key: vps.key.public_key(),
+            ephemeral: ephemeral.public_key(),
+            proof: forged.member_proof(),
+        };
+        write.write_all(to_json_line(&claim).as_bytes()).await.unwrap();
+        let answer: HubAnswer = serde_json::from_str(&next(&mut lines).await.unwrap()).unwrap();
+        assert!(matches!(&answer, HubAnswer::Refused { reason } if reason.contains("not proven")), "{answer:?}");
+        assert_eq!(next(&mut lines).await, None);
+
+        // Saying hello without a proof: refused too.
+        let (mut lines, mut write) = connect_from("127.0.0.2", addr).await;
+        next(&mut lines).await.unwrap();
+        write.write_all(to_json_line(&ToHub::Hello { digest: "stale".into() }).as_bytes()).await.unwrap();
+        let answer: HubAnswer = serde_json::from_str(&next(&mut lines).await.unwrap()).unwrap();
+        assert!(matches!(answer, HubAnswer::Refused { .. }), "{answer:?}");
+        assert_eq!(next(&mut lines).await, None);
+
+        // The real session was not disturbed.
         s.services.clear();
         publisher.publish(s);
-        for (i, (lines, _)) in sessions.iter_mut().enumerate() {
-            let line = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await.unwrap().unwrap();
-            if i < 2 {
-                assert_eq!(line, None, "session {i} was closed");
-            } else {
-                let message: ToMember = serde_json::from_str(&line.unwrap()).unwrap();
-                assert!(matches!(message, ToMember::Changes { .. }), "session {i} lives: {message:?}");
-            }
-        }
-        assert_eq!(publisher.sessions.lock().unwrap().live[&"vps".parse::<Label>().unwrap()].len(), 4);
+        let message: ToMember = serde_json::from_str(&next(&mut real).await.unwrap()).unwrap();
+        assert!(matches!(message, ToMember::Changes { .. }), "{message:?}");
+
+        // Whoever answers at the hub's address without the hub's key (a local user on the hub's host who
+        // bound the port first) is not believed: it cannot make the hub's proof.
+        let fake = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fake_addr = fake.local_addr().unwrap();
+        let fake_hub = tokio::spawn(async move {
+            let (stream, _) = fake.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut lines = line_reader(read, MAX_TO_HUB);
+            let challenge = PrivateKey::generate();
+            write.write_all(to_json_line(&Challenge { challenge: challenge.public_key() }).as_bytes()).await.unwrap();
+            let offer: MemberProof = serde_json::from_str(&next_line(&mut lines).await.unwrap().unwrap()).unwrap();
+            let own = Handshake::hub(&PrivateKey::generate(), &challenge, &offer.public_key, &offer.ephemeral).unwrap();
+            let answer = HubAnswer::Proven { proof: own.hub_proof() };
+            write.write_all(to_json_line(&answer).as_bytes()).await.unwrap();
+            write.write_all(to_json_line(&ToMember::KeyAccepted).as_bytes()).await.unwrap();
+        });
+        let (mut lines, mut write) = connect_from("127.0.0.2", fake_addr).await;
+        let refused = prove(&mut lines, &mut write, &vps).await.unwrap_err();
+        assert!(refused.to_string().contains("not the hub's"), "{refused}");
+        fake_hub.await.unwrap();
         server.abort();
     }
 
-    /// A real session over loopback: hello, catch-up, a live change, and the session closed when the
-    /// member is removed.
+    /// A second proven session of a member ends its first; connections that only hold handshakes open
+    /// are capped and end without disturbing the proven one.
+    #[tokio::test]
+    async fn a_new_proven_session_supersedes_the_old_and_idle_handshakes_are_capped() {
+        let (mut s, publisher, addr, server, vps) = serve_on_loopback().await;
+        let (mut first, _first_write) = proven(addr, &vps, &publisher.digest()).await;
+        let mut idle = Vec::new();
+        for _ in 0..6 {
+            idle.push(connect_from("127.0.0.2", addr).await);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (mut second, _second_write) = proven(addr, &vps, &publisher.digest()).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (mut third, _third_write) = proven(addr, &vps, &publisher.digest()).await;
+        assert_eq!(next(&mut first).await, None, "the first session was superseded");
+        assert_eq!(next(&mut second).await, None, "the second session was superseded");
+        s.services.clear();
+        publisher.publish(s);
+        let message: ToMember = serde_json::from_str(&next(&mut third).await.unwrap()).unwrap();
+        assert!(matches!(message, ToMember::Changes { .. }), "{message:?}");
+        // The idle handshakes were crowded out by the newer ones and the proven sessions' (or timed out).
+        for (lines, _) in &mut idle {
+            let challenge = next(lines).await;
+            assert!(challenge.is_some_and(|c| c.contains("challenge")), "every connection is challenged first");
+            assert_eq!(next(lines).await, None, "an idle handshake stays open");
+        }
+        server.abort();
+    }
+
+    /// A real session over loopback: handshake, hello, catch-up, a live change, and the session closed
+    /// when the member is removed.
     #[tokio::test]
     async fn a_member_follows_live_changes_until_removed() {
-        let (mut s, publisher, addr, server) = serve_on_loopback().await;
-        let (read, mut write) = connect_from("127.0.0.2", addr).await.into_split();
-        let mut lines = BufReader::new(read).lines();
-        write.write_all(to_line(&ToHub::Hello { digest: "stale".into() }).as_bytes()).await.unwrap();
-        let first: ToMember = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        let (mut s, publisher, addr, server, vps) = serve_on_loopback().await;
+        let (mut lines, _write) = proven(addr, &vps, "stale").await;
+        let first: ToMember = serde_json::from_str(&next(&mut lines).await.unwrap()).unwrap();
         let ToMember::State { state: mut copy, digest: d } = first else { panic!("expected the whole state") };
         assert_eq!(d, publisher.digest());
 
         s.services.clear();
         publisher.publish(s.clone());
-        let next: ToMember = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
-        let ToMember::Changes { from, to, changes } = next else { panic!("expected changes") };
+        let next_message: ToMember = serde_json::from_str(&next(&mut lines).await.unwrap()).unwrap();
+        let ToMember::Changes { from, to, changes } = next_message else { panic!("expected changes") };
         assert_eq!(from, d);
         apply(&mut copy, &changes);
         assert_eq!(digest(&copy), to);
@@ -514,12 +751,12 @@ mod tests {
 
         s.nodes.retain(|n| n.name.as_str() != "vps");
         publisher.publish(s);
-        let gone: ToMember = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        let gone: ToMember = serde_json::from_str(&next(&mut lines).await.unwrap()).unwrap();
         assert!(matches!(gone, ToMember::Changes { .. }));
-        assert_eq!(lines.next_line().await.unwrap(), None, "the session of a removed member is closed");
+        assert_eq!(next(&mut lines).await, None, "the session of a removed member is closed");
 
-        let mut lines = BufReader::new(connect_from("127.0.0.9", addr).await).lines();
-        assert_eq!(lines.next_line().await.unwrap_or(None), None, "no session for a non-member address");
+        let (mut lines, _) = connect_from("127.0.0.9", addr).await;
+        assert_eq!(next(&mut lines).await, None, "no session for a non-member address");
         server.abort();
     }
 
@@ -527,10 +764,9 @@ mod tests {
     /// buffering it.
     #[tokio::test]
     async fn an_overlong_line_from_a_member_ends_its_session() {
-        let (_, publisher, addr, server) = serve_on_loopback().await;
-        let (mut read, mut write) = connect_from("127.0.0.2", addr).await.into_split();
-        let hello = to_line(&ToHub::Hello { digest: publisher.digest() });
-        write.write_all(hello.as_bytes()).await.unwrap();
+        let (_, publisher, addr, server, vps) = serve_on_loopback().await;
+        let (lines, mut write) = proven(addr, &vps, &publisher.digest()).await;
+        let mut read = lines.into_inner();
         let chunk = vec![b'x'; 1024];
         let mut sent = 0;
         // A valid hello (the hub's own digest: nothing to send back), then one endless line. Writing

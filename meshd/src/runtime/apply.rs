@@ -213,6 +213,11 @@ impl Host {
         on_interface(self.interface()?, f).await
     }
 
+    /// The private key the interface uses.
+    pub(super) fn key(&self) -> &PrivateKey {
+        &self.key
+    }
+
     /// Switch the interface to `key` (a member's key rotation: not a step of a plan, since plans hold no
     /// private key; the member's state machine decides when).
     pub(super) async fn use_key(&mut self, key: &PrivateKey) -> anyhow::Result<()> {

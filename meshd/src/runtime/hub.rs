@@ -16,12 +16,13 @@ use crate::controller::Controller;
 use crate::host::statedir::StateDir;
 use crate::host::wg::Interface;
 use crate::links::admin::{self, Call};
-use crate::links::join::{self, JoinCall};
+use crate::links::join::{self, Binding, JoinCall};
 use crate::links::sync::{FromSession, Publisher};
-use meshd_core::keys::PublicKey;
+use meshd_core::keys::{PrivateKey, PublicKey};
 use meshd_core::model::{DeviceView, NodeView, Snapshot};
 use meshd_core::wire::admin::{Outcome, Reply, Request};
-use meshd_core::wire::join::{JoinReply, JoinRequest, ToJoinService};
+use meshd_core::wire::auth;
+use meshd_core::wire::join::{JoinReply, JoinRequest, StandingRequest, ToJoinService};
 
 /// Open the admin socket, the join service and the sync service, then answer them until SIGINT or
 /// SIGTERM. Every change is applied to this host and published to the members.
@@ -41,7 +42,7 @@ pub(super) async fn serve(
         JoinReply::Refused(format!("malformed join request: {reason}"))
     }))];
 
-    let publisher = Publisher::new(snapshot.shared());
+    let publisher = Publisher::new(snapshot.shared(), host.key());
     let (sessions_tx, mut sessions) = mpsc::channel::<FromSession>(64);
     for addr in host.plan.sync.iter().flat_map(|s| s.listen.iter()) {
         let listener = crate::host::socket::listen_tcp(*addr).with_context(|| format!("sync service on TCP {addr}"))?;
@@ -64,10 +65,10 @@ pub(super) async fn serve(
                 let outcome = handle(controller, host, &publisher, request).await;
                 let _ = reply.send(outcome);
             }
-            Some((request, peer, reply)) = joins.recv() => {
+            Some((request, peer, binding, reply)) = joins.recv() => {
                 let answer = match request {
                     ToJoinService::Join(request) => redeem(controller, host, &publisher, &request, peer).await,
-                    ToJoinService::Standing(request) => standing(controller, &request.standing, peer),
+                    ToJoinService::Standing(request) => standing(controller, host.key(), &request, &binding, peer),
                 };
                 let _ = reply.send(answer);
             }
@@ -122,11 +123,25 @@ async fn redeem(
     }
 }
 
-/// A member without a sync session asks where its keys stand (removed members are told so).
-fn standing(controller: &mut Controller, keys: &[PublicKey], peer: SocketAddr) -> JoinReply {
+/// A member without a sync session asks where its keys stand (removed members are told so), proving each
+/// with the hub's key `own` and the TLS session's `binding`.
+fn standing(
+    controller: &mut Controller,
+    own: &PrivateKey,
+    request: &StandingRequest,
+    binding: &Binding,
+    peer: SocketAddr,
+) -> JoinReply {
+    let keys = &request.standing;
     // A member knows itself by one key, two during a key rotation.
     if !(1..=2).contains(&keys.len()) {
         return JoinReply::Refused(format!("a standing request names one or two keys, not {}", keys.len()));
+    }
+    let proven = keys.len() == request.proofs.len()
+        && keys.iter().zip(&request.proofs).all(|(key, proof)| auth::verify_standing(own, key, binding, proof).is_ok());
+    if !proven {
+        debug!(%peer, "a standing question without proof of its keys; refused");
+        return JoinReply::Refused("the keys asked about are not proven".into());
     }
     match controller.standing(keys) {
         Ok(standing) => {

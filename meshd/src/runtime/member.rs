@@ -17,10 +17,11 @@ use super::wait_for_signal;
 use crate::host::clock;
 use crate::host::statedir::StateDir;
 use crate::links::join;
-use crate::links::sync::{self, Outgoing, SyncEvent};
-use meshd_core::keys::PublicKey;
+use crate::links::sync::{self, Identity, Outgoing, SyncEvent};
+use meshd_core::keys::{PrivateKey, PublicKey};
 use meshd_core::model::SYNC_PORT;
 use meshd_core::session::member::{Effect, Member};
+use meshd_core::wire::auth;
 use meshd_core::wire::join::{HubContact, JoinReply, Standing, StandingRequest, ToJoinService};
 use meshd_core::wire::sync::ToHub;
 
@@ -32,11 +33,17 @@ pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host
     let shared = &member.member_state().state;
     let hub = shared.hub().ok_or_else(|| anyhow!("the cached network has no hub"))?;
     let hub_addr = SocketAddr::new(shared.network.pool().v4_of(hub.index).into(), SYNC_PORT);
+    let identity = |member: &Member, host: &Host| {
+        let hub = member.member_state().state.hub().map(|h| h.public_key.clone());
+        hub.map(|hub| Identity { key: host.key().clone(), hub })
+    };
+    let (identity_tx, identity_rx) =
+        watch::channel(identity(&member, host).ok_or_else(|| anyhow!("the cached network has no hub"))?);
     let (digest_tx, digest_rx) = watch::channel(member.digest().to_owned());
     let (events_tx, mut events) = mpsc::channel(64);
     let (outgoing, outgoing_rx) = mpsc::channel(8);
     let (standing_tx, mut standings) = mpsc::channel(1);
-    let client = tokio::spawn(sync::follow(hub_addr, digest_rx, events_tx, outgoing_rx));
+    let client = tokio::spawn(sync::follow(hub_addr, identity_rx, digest_rx, events_tx, outgoing_rx));
     let shutdown = wait_for_signal(host.stopped()?);
     tokio::pin!(shutdown);
     // The delivery of a message sent with `SendAcknowledged`, awaited beside everything else.
@@ -44,6 +51,14 @@ pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host
     let result = loop {
         if let Err(e) = carry_out(&mut member, state, host, &outgoing, &mut delivery, &standing_tx).await {
             break Err(e);
+        }
+        // The key the interface uses (a rotation switches it) and the hub's, for the next handshake.
+        if let Some(now) = identity(&member, host) {
+            identity_tx.send_if_modified(|identity| {
+                let changed = *identity != now;
+                *identity = now;
+                changed
+            });
         }
         digest_tx.send_if_modified(|digest| {
             let changed = digest != member.digest();
@@ -151,11 +166,23 @@ async fn carry_out(
                         .into_iter()
                         .chain([contact])
                         .collect();
+                    // Each key is proven with its private half: the interface's key, and the other of a rotation.
+                    let held = [
+                        Some(host.key().clone()),
+                        state.read_private_key().ok(),
+                        state.read_next_private_key().ok().flatten(),
+                    ];
+                    let keys: Vec<PrivateKey> = keys
+                        .iter()
+                        .filter_map(|public| held.iter().flatten().find(|k| k.public_key() == *public).cloned())
+                        .collect();
+                    let hub_key = member.member_state().state.hub().map(|h| h.public_key.clone());
                     let standings = standings.clone();
                     tokio::spawn(async move {
                         let mut answer = None;
-                        for contact in &contacts {
-                            answer = ask_standing(contact, keys.clone()).await;
+                        for (contact, hub) in hub_key.iter().flat_map(|hub| contacts.iter().zip(std::iter::repeat(hub)))
+                        {
+                            answer = ask_standing(contact, &keys, hub).await;
                             if answer.is_some() {
                                 break;
                             }
@@ -176,12 +203,17 @@ async fn carry_out(
     Ok(())
 }
 
-/// Ask the controller's join service where `keys` stand. Only an answer from the server that proves the
-/// join certificate of the token counts; any failure is no answer.
-async fn ask_standing(contact: &HubContact, keys: Vec<PublicKey>) -> Option<Standing> {
-    let request = ToJoinService::Standing(StandingRequest { standing: keys });
+/// Ask the controller's join service where the public halves of `keys` stand, proving each to the hub
+/// (public key `hub`). Only an answer from the server that proves the join certificate of the token
+/// counts; any failure is no answer.
+async fn ask_standing(contact: &HubContact, keys: &[PrivateKey], hub: &PublicKey) -> Option<Standing> {
+    let request = |binding: &join::Binding| {
+        let proofs = keys.iter().map(|k| auth::standing_proof(k, hub, binding)).collect::<Result<Vec<_>, _>>();
+        let standing = keys.iter().map(PrivateKey::public_key).collect();
+        ToJoinService::Standing(StandingRequest { standing, proofs: proofs.unwrap_or_default() })
+    };
     let addr = contact.join.to_string();
-    match join::call::<_, JoinReply>(&addr, &contact.fingerprint, &request, STANDING_TIMEOUT).await {
+    match join::call_bound::<ToJoinService, JoinReply>(&addr, &contact.fingerprint, request, STANDING_TIMEOUT).await {
         Ok(JoinReply::Standing(standing)) => Some(standing),
         Ok(JoinReply::Refused(reason)) => {
             // A controller from before standing questions refuses them as malformed joins.
@@ -217,18 +249,30 @@ mod tests {
 
     use super::*;
     use crate::links::join::{JoinCall, JoinIdentity};
-    use meshd_core::fixtures::named_key;
 
-    /// A join service on loopback that says every key was removed; its address and identity.
-    async fn says_removed() -> (String, JoinIdentity) {
+    /// A join service on loopback that says every key was removed once its proofs check out for the hub's
+    /// key `hub` (and refuses otherwise); its address and identity.
+    async fn says_removed(hub: PrivateKey) -> (String, JoinIdentity) {
         let identity = JoinIdentity::generate().unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (calls_tx, mut calls) = mpsc::channel::<JoinCall<ToJoinService, JoinReply>>(4);
         tokio::spawn(join::serve(listener, identity.clone(), calls_tx, JoinReply::Refused));
         tokio::spawn(async move {
-            while let Some((_, _, reply)) = calls.recv().await {
-                let _ = reply.send(JoinReply::Standing(Standing::Removed));
+            while let Some((request, _, binding, reply)) = calls.recv().await {
+                let ToJoinService::Standing(request) = request else { continue };
+                let proven = request.standing.len() == request.proofs.len()
+                    && request
+                        .standing
+                        .iter()
+                        .zip(&request.proofs)
+                        .all(|(k, p)| auth::verify_standing(&hub, k, &binding, p).is_ok());
+                let answer = if proven {
+                    JoinReply::Standing(Standing::Removed)
+                } else {
+                    JoinReply::Refused("not proven".into())
+                };
+                let _ = reply.send(answer);
             }
         });
         (addr, identity)
@@ -236,16 +280,19 @@ mod tests {
 
     #[tokio::test]
     async fn only_the_server_proving_the_tokens_certificate_is_believed() {
-        let (addr, identity) = says_removed().await;
+        let hub_key = PrivateKey::generate();
+        let (addr, identity) = says_removed(hub_key.clone()).await;
         let join: meshd_core::input::HostPort = addr.parse().unwrap();
-        let keys = vec![named_key("vps")];
+        let keys = vec![PrivateKey::generate()];
         let hub = HubContact { join: join.clone(), fingerprint: identity.fingerprint() };
-        assert_eq!(ask_standing(&hub, keys.clone()).await, Some(Standing::Removed));
+        assert_eq!(ask_standing(&hub, &keys, &hub_key.public_key()).await, Some(Standing::Removed));
+        // Proofs made for another hub's key do not pass (no answer).
+        assert_eq!(ask_standing(&hub, &keys, &PrivateKey::generate().public_key()).await, None);
         // The same answer from a server with another certificate (an attacker on the path) is no answer.
         let other = JoinIdentity::generate().unwrap().fingerprint();
-        assert_eq!(ask_standing(&HubContact { join, fingerprint: other }, keys.clone()).await, None);
+        assert_eq!(ask_standing(&HubContact { join, fingerprint: other }, &keys, &hub_key.public_key()).await, None);
         // Nobody listening: no answer either.
         let gone = HubContact { join: "127.0.0.1:1".parse().unwrap(), fingerprint: identity.fingerprint() };
-        assert_eq!(ask_standing(&gone, keys).await, None);
+        assert_eq!(ask_standing(&gone, &keys, &hub_key.public_key()).await, None);
     }
 }
