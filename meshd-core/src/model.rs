@@ -9,7 +9,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::{self, Stamp};
-use crate::input::{HostPort, Label};
+use crate::input::{HostPort, InterfaceName, Label};
 use crate::ipam::Pool;
 use crate::keys::{PresharedKey, PublicKey};
 
@@ -88,7 +88,7 @@ pub struct Node {
     /// UDP port its WireGuard interface listens on.
     pub listen_port: u16,
     /// Name of its WireGuard interface, e.g. `meshd0`.
-    pub interface: String,
+    pub interface: InterfaceName,
     /// What it does in the mesh.
     pub role: Role,
     /// A disabled node keeps its name and addresses but is nobody's peer until enabled again.
