@@ -483,6 +483,20 @@ mod tests {
         assert!(e.contains("member.json") && e.contains("outside 10.77.0.0/16"), "{e}");
     }
 
+    /// Issue 11, point 5: an interface name edited into `member.json` never reaches `ip` or nftables.
+    #[test]
+    fn a_cached_state_with_an_interface_name_that_could_break_out_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        let member = MemberState { me: "vps".parse().unwrap(), state: meshd_core::fixtures::sample_state(), hub: None };
+        dir.write_member_state(&member).unwrap();
+        let text = fs::read_to_string(dir.member_state()).unwrap();
+        assert!(text.contains(r#""interface": "meshd0""#), "{text}");
+        write_private(&dir.member_state(), &text.replace(r#""meshd0""#, r#""x\" drop; iifname \"x""#));
+        let e = dir.read_member_state().unwrap_err().to_string();
+        assert!(e.contains("member.json is damaged") && e.contains("interface name") && e.contains("drop;"), "{e}");
+    }
+
     #[test]
     fn peer_endpoints_round_trip_privately_and_damage_is_only_a_lost_hint() {
         let tmp = tempfile::tempdir().unwrap();
