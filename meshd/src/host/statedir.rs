@@ -147,7 +147,8 @@ impl StateDir {
         self.root.join("meshd.lock")
     }
 
-    /// Check that the directory can hold a new network or membership: new, or empty.
+    /// Check that the directory can hold a new network or membership: new, or empty, and safe as
+    /// [`StateDir::check_private`] says (a new one: the directories it would be made in).
     pub fn check_new(&self) -> Result<(), StateDirError> {
         if self.db().exists() || self.member_state().exists() {
             return Err(StateDirError::AlreadyInitialized(self.root.clone()));
@@ -155,9 +156,15 @@ impl StateDir {
         match fs::read_dir(&self.root) {
             Ok(mut entries) => match entries.next() {
                 Some(_) => Err(StateDirError::NotEmpty(self.root.clone())),
-                None => Ok(()),
+                None => self.check_private(),
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // The nearest directory that exists, where it would be made, and those above it.
+                let absolute = std::path::absolute(&self.root).map_err(io(&self.root))?;
+                let existing = absolute.ancestors().skip(1).find(|a| a.exists()).unwrap_or(Path::new("/"));
+                let real = fs::canonicalize(existing).map_err(io(existing))?;
+                self.check_parents(real.ancestors())
+            }
             Err(e) => Err(io(&self.root)(e)),
         }
     }
@@ -205,7 +212,16 @@ impl StateDir {
                 return Err(StateDirError::Writable { path, mode: meta.mode() & 0o7777 });
             }
         }
-        for parent in real.ancestors().skip(1) {
+        self.check_parents(real.ancestors().skip(1))
+    }
+
+    /// Refuse a directory above the state directory (`parents`, resolved) that another user owns or
+    /// that others may write without the sticky bit: its owner or writers could rename the state
+    /// directory away and put one of theirs in its place.
+    fn check_parents<'a>(&self, parents: impl Iterator<Item = &'a Path>) -> Result<(), StateDirError> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        for parent in parents {
             let meta = fs::metadata(parent).map_err(io(parent))?;
             let why = if meta.uid() != 0 && meta.uid() != me {
                 format!("owned by uid {}", meta.uid())
@@ -214,7 +230,13 @@ impl StateDir {
             } else {
                 continue;
             };
-            return Err(StateDirError::UnsafeParent { parent: parent.to_path_buf(), dir: dir.clone(), why, runner });
+            let runner = if me == 0 { "root".to_owned() } else { format!("uid {me}") };
+            return Err(StateDirError::UnsafeParent {
+                parent: parent.to_path_buf(),
+                dir: self.root.clone(),
+                why,
+                runner,
+            });
         }
         Ok(())
     }
@@ -603,6 +625,11 @@ mod tests {
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o777)).unwrap();
         let e = dir.check_private().unwrap_err().to_string();
         assert!(e.contains("which holds state directory") && e.contains("writable by other users"), "{e}");
+        // So is a new one to be made there (`meshd join` checks before it spends its token), untouched.
+        let new = StateDir::new(tmp.path().join("new").join("state"));
+        let e = new.check_new().unwrap_err().to_string();
+        assert!(e.contains("which holds state directory") && e.contains("writable by other users"), "{e}");
+        assert!(new.create().is_err() && !tmp.path().join("new").exists());
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o1777)).unwrap();
         dir.check_private().expect("a sticky directory above it (as /tmp) is fine");
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o700)).unwrap();
