@@ -1,8 +1,8 @@
 //! Where a device's config goes: standard output, a FIFO or terminal written in place, or a regular
 //! file. A regular file is staged whole (0600, synced) under a random temporary name (created
-//! exclusively, following no link) in its own directory
-//! before the change that hands the config out is committed, and put in place after it, so that a
-//! failed write changes nothing and a committed change never loses its key. Nothing but a regular file
+//! exclusively, following no link) in its own directory before the change that hands the config out is
+//! committed, and put in place after it, so that a failed write changes nothing and a committed change
+//! never loses its key. Nothing but a regular file
 //! is ever replaced: symbolic links to regular files are refused, FIFOs and character devices (a
 //! terminal, `/dev/null`, `/proc/self/fd/1`) are written to as they are.
 
