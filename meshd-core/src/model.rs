@@ -266,8 +266,12 @@ impl SharedState {
         hub_of(&self.nodes)
     }
 
-    /// Every node, service and device has an address index within the network's range.
+    /// Every node, service and device has an address index within the network's range, and every node
+    /// a listen port (interface names are checked when read: [`crate::input::InterfaceName`]).
     pub fn check(&self) -> Result<(), String> {
+        if let Some(node) = self.nodes.iter().find(|n| n.listen_port == 0) {
+            return Err(format!("node {} listens on port 0", node.name));
+        }
         check_indexes(&self.network, &self.nodes, &self.services, self.devices.iter().map(|d| (&d.name, d.index)))
     }
 

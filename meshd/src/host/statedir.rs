@@ -517,6 +517,11 @@ mod tests {
         write_private(&dir.member_state(), &text.replace(r#""meshd0""#, r#""x\" drop; iifname \"x""#));
         let e = dir.read_member_state().unwrap_err().to_string();
         assert!(e.contains("member.json is damaged") && e.contains("interface name") && e.contains("drop;"), "{e}");
+        let mut member = member;
+        member.state.nodes[0].listen_port = 0;
+        dir.write_member_state(&member).unwrap();
+        let e = dir.read_member_state().unwrap_err().to_string();
+        assert!(e.contains("member.json is damaged") && e.contains("listens on port 0"), "{e}");
     }
 
     #[test]
