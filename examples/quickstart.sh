@@ -2,7 +2,9 @@
 # Provision a network on an embedded default and print a phone's QR code, no root needed:
 # the controller's SQLite state goes to ./meshd-state (or $MESHD_STATE_DIR), relative to where you run it.
 # Set MESHD_ENDPOINT=your.public.name:51820 on the first run so that phones can find this host.
-# Run it again to add another phone; then `sudo .../meshd run --state-dir ./meshd-state` brings the hub up.
+# Run it again to add another phone. Then hand the state to root and bring the hub up, as the script prints:
+# `sudo mv -T ./meshd-state /var/lib/meshd && sudo chown -R root: /var/lib/meshd && sudo .../meshd run`
+# (meshd, as root, refuses a state directory that another user owns or could swap).
 set -euo pipefail
 state=${MESHD_STATE_DIR:-./meshd-state}
 case $state in /*) ;; *) state=$PWD/$state ;; esac     # the caller's directory, not the repository's
@@ -34,4 +36,11 @@ devices=$("$bin/meshctl" --state-dir "$state" device list --json)   # read once,
 while grep -q "\"phone$n\"" <<<"$devices"; do n=$((n + 1)); done
 "$bin/meshctl" --state-dir "$state" device add "phone$n" --allow wallet --qr
 "$bin/meshctl" --state-dir "$state" service list
-echo "next: start the hub with  sudo $bin/meshd run --state-dir $state" >&2
+if [ "$(id -u)" = 0 ]; then
+  echo "next: start the hub with  $bin/meshd run --state-dir $state" >&2
+else
+  # Root runs the hub only on state that no other user owns or can swap: /var/lib/meshd, root's own.
+  echo "next: hand the state to root and start the hub with" >&2
+  echo "  sudo mv -T $state /var/lib/meshd && sudo chown -R root: /var/lib/meshd && sudo $bin/meshd run" >&2
+  echo "then manage it as root:  sudo $bin/meshctl service list  (the state is root's from then on)" >&2
+fi

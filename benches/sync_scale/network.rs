@@ -37,7 +37,7 @@ pub(crate) fn node(name: &str, index: u32, role: Role) -> Node {
             .is_multiple_of(2)
             .then(|| format!("198.18.{}.{}:51820", index / 256 % 256, index % 256).parse().expect("a valid endpoint")),
         listen_port: 51820,
-        interface: "meshd0".into(),
+        interface: "meshd0".parse().expect("a valid interface name"),
         role,
         disabled: false,
         rotate_key: false,

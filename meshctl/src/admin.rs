@@ -64,6 +64,8 @@ impl Admin {
         // then ignored); a daemon waits for it to be released before it opens the database.
         match state.lock_offline()? {
             Some(_lock) => {
+                // Working on the database itself, perhaps as root: not on what another user could plant.
+                state.check_private()?;
                 let mut controller = Controller::open(&db)?;
                 Ok(controller::outcome(controller.handle(request)))
             }

@@ -1,14 +1,15 @@
 //! Where a device's config goes: standard output, a FIFO or terminal written in place, or a regular
-//! file. A regular file is staged whole (0600, synced) under a temporary name in its own directory
-//! before the change that hands the config out is committed, and put in place after it, so that a
-//! failed write changes nothing and a committed change never loses its key. Nothing but a regular file
+//! file. A regular file is staged whole (0600, synced) under a random temporary name (created
+//! exclusively, following no link) in its own directory before the change that hands the config out is
+//! committed, and put in place after it, so that a failed write changes nothing and a committed change
+//! never loses its key. Nothing but a regular file
 //! is ever replaced: symbolic links to regular files are refused, FIFOs and character devices (a
 //! terminal, `/dev/null`, `/proc/self/fd/1`) are written to as they are.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -152,21 +153,20 @@ impl Output {
         if let Some(old) = staged.take() {
             let _ = fs::remove_file(old);
         }
-        let tmp = temp_path(&self.path);
-        let written = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
+        // Created exclusively (O_EXCL: no link followed, nothing planted reused) under a random name, by
+        // `tempfile`; removed on any failure.
+        let name = self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let written = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".tmp")
+            .permissions(fs::Permissions::from_mode(0o600))
+            .tempfile_in(directory_of(&self.path))
             .and_then(|mut file| {
                 file.write_all(bytes)?;
-                file.sync_all()
+                file.as_file().sync_all()?;
+                file.keep().map_err(|e| e.error)
             });
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(e).with_context(|| format!("cannot write {}", self.path.display()));
-        }
+        let (_, tmp) = written.with_context(|| format!("cannot write {}", self.path.display()))?;
         *staged = Some(tmp);
         Ok(())
     }
@@ -261,12 +261,6 @@ fn directory_of(path: &Path) -> &Path {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     }
-}
-
-/// `DIR/.NAME.PID.tmp`: in the target's directory, so that the rename stays on one file system.
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    directory_of(path).join(format!(".{name}.{}.tmp", std::process::id()))
 }
 
 /// A warning for a config file the WireGuard apps would not import under its name, or `None`.

@@ -44,7 +44,7 @@ pub fn node(name: &str, index: u32) -> Node {
         index,
         endpoint: None,
         listen_port: 51820,
-        interface: "meshd0".into(),
+        interface: "meshd0".parse().expect("a valid sample interface"),
         role: if index == 1 { Role::Hub } else { Role::Node },
         disabled: false,
         rotate_key: false,
@@ -84,7 +84,7 @@ pub fn sample_host_plan(allowed: &[&str], routes: bool) -> HostPlan {
         vec!["10.77.0.2:9737".parse().expect("sample address"), "[fd00::2]:9737".parse().expect("sample address")];
     let allowed: BTreeSet<IpAddr> = allowed.iter().map(|a| a.parse().expect("sample address")).collect();
     HostPlan {
-        interface: "wg-home.1".into(),
+        interface: "wg-home.1".parse().expect("a valid sample interface"),
         listen_port: 51820,
         mtu: 1420,
         addresses: BTreeSet::new(),

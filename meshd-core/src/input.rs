@@ -363,14 +363,69 @@ pub fn parse_cidr(s: &str) -> Result<Ipv4Net, InputError> {
     Ok(net)
 }
 
-/// Check a network interface name as Linux accepts it (at most 15 bytes, no '/', no whitespace).
-pub fn parse_interface(s: &str) -> Result<String, InputError> {
-    let ok = !s.is_empty()
-        && s.len() <= 15
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && s != "."
-        && s != "..";
-    if ok { Ok(s.to_owned()) } else { Err(InputError::Interface(s.to_owned())) }
+/// A network interface name as Linux accepts it and as meshd allows it: 1 to 15 bytes of ASCII letters,
+/// digits, `-`, `_` and `.`, not `.` nor `..`. The name reaches `ip` commands, nftables rules and a
+/// socket path as root: every name meshd reads (the command line, the database, `member.json`, a join
+/// request, the sync stream) is one of these, so a name that could break out of them (a quote, a space,
+/// a `;`, a `/`) is refused when it is read, never passed on.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct InterfaceName(String);
+
+impl InterfaceName {
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for InterfaceName {
+    type Err = InputError;
+    fn from_str(s: &str) -> Result<Self, InputError> {
+        let ok = !s.is_empty()
+            && s.len() <= 15
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            && s != "."
+            && s != "..";
+        if ok { Ok(InterfaceName(s.to_owned())) } else { Err(InputError::Interface(s.to_owned())) }
+    }
+}
+
+impl TryFrom<String> for InterfaceName {
+    type Error = InputError;
+    fn try_from(s: String) -> Result<Self, InputError> {
+        s.parse()
+    }
+}
+
+impl From<InterfaceName> for String {
+    fn from(name: InterfaceName) -> String {
+        name.0
+    }
+}
+
+impl std::ops::Deref for InterfaceName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for InterfaceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&self.0)
+    }
+}
+
+/// Parse a network interface name (see [`InterfaceName`]). Errors: [`InputError::Interface`].
+pub fn parse_interface(s: &str) -> Result<InterfaceName, InputError> {
+    s.parse()
+}
+
+/// Refuse port 0 (a port that numbers from JSON or the database can hold, but that nothing listens on).
+/// Errors: [`InputError::Port`].
+pub fn check_port(port: u16) -> Result<(), InputError> {
+    if port == 0 { Err(InputError::Port(port.to_string())) } else { Ok(()) }
 }
 
 #[cfg(test)]
@@ -510,9 +565,14 @@ mod tests {
     fn interfaces() {
         assert!(parse_interface("meshd0").is_ok());
         assert!(parse_interface("wg-home_1.x").is_ok());
-        for bad in ["", "sixteen-chars-xx", "a/b", "a b", ".."] {
+        for bad in ["", "sixteen-chars-xx", "a/b", "a b", ".", "..", "x\"", "a:b", "a\0", "x\";flush", "tab\tx", "é"] {
             assert!(parse_interface(bad).is_err(), "{bad}");
         }
+        // The same check on every path a name is read by: JSON (member.json, join requests, sync).
+        let e = serde_json::from_str::<InterfaceName>(r#""x\"; flush ruleset""#).unwrap_err().to_string();
+        assert!(e.contains("interface name") && e.contains("flush ruleset"), "{e}");
+        assert_eq!(serde_json::from_str::<InterfaceName>(r#""meshd0""#).unwrap().as_str(), "meshd0");
+        assert!(check_port(0).is_err() && check_port(1).is_ok());
     }
 
     proptest! {

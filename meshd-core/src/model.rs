@@ -9,7 +9,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::{self, Stamp};
-use crate::input::{HostPort, Label};
+use crate::input::{HostPort, InterfaceName, Label};
 use crate::ipam::Pool;
 use crate::keys::{PresharedKey, PublicKey};
 
@@ -88,7 +88,7 @@ pub struct Node {
     /// UDP port its WireGuard interface listens on.
     pub listen_port: u16,
     /// Name of its WireGuard interface, e.g. `meshd0`.
-    pub interface: String,
+    pub interface: InterfaceName,
     /// What it does in the mesh.
     pub role: Role,
     /// A disabled node keeps its name and addresses but is nobody's peer until enabled again.
@@ -266,8 +266,12 @@ impl SharedState {
         hub_of(&self.nodes)
     }
 
-    /// Every node, service and device has an address index within the network's range.
+    /// Every node, service and device has an address index within the network's range, and every node
+    /// a listen port (interface names are checked when read: [`crate::input::InterfaceName`]).
     pub fn check(&self) -> Result<(), String> {
+        if let Some(node) = self.nodes.iter().find(|n| n.listen_port == 0) {
+            return Err(format!("node {} listens on port 0", node.name));
+        }
         check_indexes(&self.network, &self.nodes, &self.services, self.devices.iter().map(|d| (&d.name, d.index)))
     }
 

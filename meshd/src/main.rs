@@ -13,7 +13,7 @@ use meshd::host::statedir::{DEFAULT_STATE_DIR, StateDir};
 use meshd::host::wg::Backend;
 use meshd::host::{hostnet, owner};
 use meshd::runtime::RunOptions;
-use meshd_core::input::{self, HostPort, Label};
+use meshd_core::input::{self, HostPort, InterfaceName, Label};
 use meshd_core::keys::PrivateKey;
 use meshd_core::wire::invite::Token;
 use meshd_core::wire::join::{HubContact, JoinReply, JoinRequest};
@@ -49,7 +49,7 @@ enum Command {
         state_dir: PathBuf,
         /// WireGuard interface name.
         #[arg(long, default_value = "meshd0", value_parser = input::parse_interface)]
-        interface: String,
+        interface: InterfaceName,
         /// UDP port WireGuard listens on [default: the endpoint's port].
         #[arg(long, value_parser = input::parse_port)]
         listen_port: Option<u16>,
@@ -70,7 +70,7 @@ enum Command {
         endpoint: Option<HostPort>,
         /// WireGuard interface name.
         #[arg(long, default_value = "meshd0", value_parser = input::parse_interface)]
-        interface: String,
+        interface: InterfaceName,
         /// UDP port WireGuard listens on [default: the endpoint's port, else 51820].
         #[arg(long, value_parser = input::parse_port)]
         listen_port: Option<u16>,
@@ -95,6 +95,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // meshd writes nothing that other users need to read, and some of what it makes (the userspace
+    // device's UAPI socket, made by boringtun, which answers with the private key) gets its mode from the
+    // umask: whatever umask meshd is started with, nothing it makes is open to others.
+    // SAFETY: umask has no preconditions and cannot fail.
+    unsafe { libc::umask(0o077) };
     let cli: Cli = meshd::parse_args();
     if !matches!(cli.command, Command::Run { .. }) {
         meshd::exit_quietly_on_closed_output();
@@ -176,7 +181,7 @@ fn join(
     state: &StateDir,
     token: &str,
     endpoint: Option<HostPort>,
-    interface: String,
+    interface: InterfaceName,
     listen_port: u16,
     mtu: Option<u16>,
 ) -> anyhow::Result<()> {

@@ -144,7 +144,7 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
     let served = services::plan(&view, &admitted);
     addresses.extend(served.addresses);
     Ok(HostPlan {
-        interface: node.interface.clone(),
+        interface: node.interface.to_string(),
         listen_port: node.listen_port,
         mtu: node.mtu_in(&s.network),
         addresses,
@@ -189,7 +189,7 @@ mod tests {
                 index: 1,
                 endpoint: Some("203.0.113.5:51820".parse().unwrap()),
                 listen_port: 51820,
-                interface: "meshd0".into(),
+                interface: "meshd0".parse().unwrap(),
                 role: Role::Hub,
                 disabled: false,
                 rotate_key: false,
@@ -329,7 +329,7 @@ mod tests {
             index,
             endpoint: endpoint.map(|e| e.parse().unwrap()),
             listen_port: 51820,
-            interface: "meshd0".into(),
+            interface: "meshd0".parse().unwrap(),
             role: Role::Node,
             disabled: false,
             rotate_key: false,

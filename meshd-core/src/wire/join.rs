@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::input::{HostPort, Label};
+use crate::input::{HostPort, InterfaceName, Label};
 use crate::keys::PublicKey;
 use crate::model::SharedState;
 use crate::wire::invite::InviteSecret;
@@ -23,8 +23,9 @@ pub struct JoinRequest {
     pub endpoint: Option<HostPort>,
     /// UDP port its WireGuard interface listens on.
     pub listen_port: u16,
-    /// Name of its WireGuard interface.
-    pub interface: String,
+    /// Name of its WireGuard interface (a name Linux would refuse, or that could break out of a command
+    /// or rule, fails to deserialise).
+    pub interface: InterfaceName,
     /// Its interface's own MTU (`meshd join --mtu`); `None`, and from older hosts: the network's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u16>,
@@ -140,6 +141,11 @@ mod tests {
         let key = named_key("KEY");
         let join = join.replace("KEY", key.as_str());
         assert!(matches!(serde_json::from_str::<ToJoinService>(&join), Ok(ToJoinService::Join(_))));
+        // Issue 11, point 5: an interface name that could break out of a command or rule is no join.
+        let injected = join.replace(r#""meshd0""#, r#""x\"; flush ruleset""#);
+        let e = serde_json::from_str::<JoinRequest>(&injected).unwrap_err().to_string();
+        assert!(e.contains("interface name") && e.contains("flush ruleset"), "{e}");
+        assert!(serde_json::from_str::<ToJoinService>(&injected).is_err());
         let standing = ToJoinService::Standing(StandingRequest { standing: vec![key], proofs: vec!["00".into()] });
         let text = serde_json::to_string(&standing).unwrap();
         assert_eq!(serde_json::from_str::<ToJoinService>(&text).unwrap(), standing);

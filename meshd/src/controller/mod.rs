@@ -23,7 +23,7 @@ use std::path::Path;
 use ipnet::Ipv4Net;
 
 use checks::allocate;
-use meshd_core::input::{self, HostPort, Label};
+use meshd_core::input::{self, HostPort, InterfaceName, Label};
 use meshd_core::keys::PublicKey;
 use meshd_core::model::{Network, NetworkView, Node, Role, Snapshot};
 use meshd_core::wire::admin::{NetworkUpdated, Outcome, Reply, Request, StatusView};
@@ -109,7 +109,7 @@ pub struct NewNetwork {
     pub hub_public_key: PublicKey,
     pub endpoint: HostPort,
     pub listen_port: u16,
-    pub interface: String,
+    pub interface: InterfaceName,
     /// The network's MTU, bytes ([`meshd_core::model::MESH_MTU`] unless `--mtu`).
     pub mtu: u16,
 }
@@ -292,7 +292,7 @@ pub mod fixtures {
             hub_public_key: PrivateKey::generate().public_key(),
             endpoint: "203.0.113.5:51820".parse().expect("a sample endpoint"),
             listen_port: 51820,
-            interface: "meshd0".into(),
+            interface: "meshd0".parse().expect("a sample interface"),
             mtu: meshd_core::model::MESH_MTU,
         };
         Controller::init(&dir.join("meshd.db"), &new).expect("a new network").0
@@ -317,7 +317,7 @@ pub mod fixtures {
             public_key: PrivateKey::generate().public_key(),
             endpoint: Some("198.51.100.7:51820".parse().expect("a sample endpoint")),
             listen_port: 51820,
-            interface: "meshd0".into(),
+            interface: "meshd0".parse().expect("a sample interface"),
             mtu: None,
         }
     }

@@ -53,6 +53,8 @@ impl Controller {
         if let Some(mtu) = request.mtu {
             input::check_mtu(mtu)?;
         }
+        // The interface name was checked when the request was read (an `InterfaceName`).
+        input::check_port(request.listen_port)?;
         self.store.write(|w| {
             let invite = w.invite(&request.id)?.ok_or(ControlError::InviteForged)?;
             if !invite::hashes_equal(&invite.secret_hash, &invite::hash_secret(&request.secret)) {
@@ -480,6 +482,10 @@ mod tests {
         assert!(matches!(c.redeem(&small), Err(ControlError::Input(_))), "a join with an MTU below 1280");
         assert_eq!(c.snapshot().unwrap(), before);
         small.mtu = Some(1340);
+        small.listen_port = 0;
+        assert!(matches!(c.redeem(&small), Err(ControlError::Input(_))), "a join listening on port 0");
+        assert_eq!(c.snapshot().unwrap(), before);
+        small.listen_port = 51820;
         c.redeem(&small).unwrap();
         let s = c.snapshot().unwrap();
         let cellar = &s.nodes[1];

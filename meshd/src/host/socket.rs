@@ -7,10 +7,13 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 /// A non-blocking socket bound to `addr` with IP_FREEBIND, so it may bind an address that is not (yet)
 /// configured: the forwarders and the DNS start while the interface's addresses are being added. IPv6
-/// sockets are v6-only, so "::" and "0.0.0.0" can be bound side by side.
+/// sockets are v6-only, so "::" and "0.0.0.0" can be bound side by side. TCP sockets set `SO_REUSEADDR`
+/// (a restarted daemon binds again past connections in TIME_WAIT; a listening port is never shared);
+/// UDP sockets do not: on a UDP socket it would let any other user's socket that sets it too bind the
+/// same address and port and take its datagrams.
 pub fn bind_freely(addr: SocketAddr, ty: Type, protocol: Protocol) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), ty, Some(protocol))?;
-    socket.set_reuse_address(true)?;
+    socket.set_reuse_address(ty == Type::STREAM)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
         socket.set_freebind_v6(true)?;
@@ -36,4 +39,20 @@ pub fn listen_tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
 pub fn bind_udp(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
     let socket = bind_freely(addr, Type::DGRAM, Protocol::UDP)?;
     tokio::net::UdpSocket::from_std(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 11, point 6: no other socket, whatever it sets, binds a UDP service's address beside it.
+    #[test]
+    fn a_udp_service_socket_is_not_shared() {
+        let ours = bind_freely("127.0.0.1:0".parse().unwrap(), Type::DGRAM, Protocol::UDP).unwrap();
+        let addr = ours.local_addr().unwrap();
+        let other = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+        other.set_reuse_address(true).unwrap();
+        let e = other.bind(&addr).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+    }
 }

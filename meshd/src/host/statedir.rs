@@ -4,14 +4,19 @@
 //! and, during a key rotation, `private.key.next` (0600), `peer-endpoints.json` (0600: where peers were last
 //! seen), `meshd.sock` (0600, only while the daemon runs), `meshd.lock`. The directory itself is 0700.
 //!
-//! Files are replaced whole: written to a temporary file (0600), synced, renamed over the old one, so a
-//! full disk or a crash never leaves an empty or cut file behind. A member runs on a full or read-only
-//! directory too; [`StateDir::log_save`] says once what it cannot save.
+//! Files are replaced whole: written to a temporary file (0600, created exclusively under an
+//! unpredictable name, so nothing planted under a name can be followed or reused), synced, renamed over
+//! the old one, so a full disk or a crash never leaves an empty or cut file behind. A member runs on a
+//! full or read-only directory too; [`StateDir::log_save`] says once what it cannot save.
+//!
+//! Root acts only on what root controls: [`StateDir::check_private`] refuses (as OpenSSH's StrictModes
+//! does) a state directory, or an entry in it, owned by another user or writable by others, a symbolic
+//! link in it, and a directory above it that another user could rename it out of.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -47,6 +52,22 @@ pub enum StateDirError {
     BadMemberState(PathBuf, String),
     #[error("{0} is read-only: the controller keeps its database there and must write it; remount it read-write")]
     ReadOnly(PathBuf),
+    #[error(
+        "state directory {dir} is owned by uid {owner}, not by {runner} who runs meshd: run `sudo chown -R {chown}: {dir}` (or run meshd as that user)"
+    )]
+    NotOwned { dir: PathBuf, owner: u32, runner: String, chown: String },
+    #[error(
+        "{path} in state directory {dir} is owned by uid {owner}, not by {runner} who runs meshd: run `sudo chown -R {chown}: {dir}` (or run meshd as that user)"
+    )]
+    EntryNotOwned { path: PathBuf, dir: PathBuf, owner: u32, runner: String, chown: String },
+    #[error("{path} is writable by other users (mode {mode:o}): run `chmod go-w {path}`")]
+    Writable { path: PathBuf, mode: u32 },
+    #[error("{0} is a symbolic link: meshd follows none in its state directory; remove it")]
+    Link(PathBuf),
+    #[error(
+        "{parent}, which holds state directory {dir}, is {why}: whoever can write it can swap the state directory; move it somewhere only {runner} controls, e.g. `sudo mv -T {dir} /var/lib/meshd`"
+    )]
+    UnsafeParent { parent: PathBuf, dir: PathBuf, why: String, runner: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateDirError + '_ {
@@ -126,7 +147,8 @@ impl StateDir {
         self.root.join("meshd.lock")
     }
 
-    /// Check that the directory can hold a new network or membership: new, or empty.
+    /// Check that the directory can hold a new network or membership: new, or empty, and safe as
+    /// [`StateDir::check_private`] says (a new one: the directories it would be made in).
     pub fn check_new(&self) -> Result<(), StateDirError> {
         if self.db().exists() || self.member_state().exists() {
             return Err(StateDirError::AlreadyInitialized(self.root.clone()));
@@ -134,18 +156,89 @@ impl StateDir {
         match fs::read_dir(&self.root) {
             Ok(mut entries) => match entries.next() {
                 Some(_) => Err(StateDirError::NotEmpty(self.root.clone())),
-                None => Ok(()),
+                None => self.check_private(),
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // The nearest directory that exists, where it would be made, and those above it.
+                let absolute = std::path::absolute(&self.root).map_err(io(&self.root))?;
+                let existing = absolute.ancestors().skip(1).find(|a| a.exists()).unwrap_or(Path::new("/"));
+                let real = fs::canonicalize(existing).map_err(io(existing))?;
+                self.check_parents(real.ancestors())
+            }
             Err(e) => Err(io(&self.root)(e)),
         }
     }
 
-    /// Make the directory (0700) for a new network or membership; it must be new or empty.
+    /// Make the directory (0700) for a new network or membership; it must be new or empty, and (once
+    /// made) pass [`StateDir::check_private`].
     pub fn create(&self) -> Result<(), StateDirError> {
         self.check_new()?;
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.root).map_err(io(&self.root))?;
+        // An empty directory someone else made and owns is theirs to fill: refused before it is touched.
+        self.check_private()?;
         fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700)).map_err(io(&self.root))
+    }
+
+    /// Refuse a state directory that another local user could have planted something in or could
+    /// still change, as OpenSSH's StrictModes does: the directory and every entry in it must be owned by
+    /// the user running meshd and not writable by group or others, no entry may be a symbolic link, and
+    /// every directory above it must be owned by root or that user and not writable by others (unless
+    /// sticky, as `/tmp` is: no one else can rename an entry out of it). Each refusal is one line saying
+    /// how to fix it.
+    pub fn check_private(&self) -> Result<(), StateDirError> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        let (runner, chown) =
+            if me == 0 { ("root".to_owned(), "root".to_owned()) } else { (format!("uid {me}"), me.to_string()) };
+        let dir = &self.root;
+        let real = fs::canonicalize(dir).map_err(io(dir))?;
+        let meta = fs::metadata(&real).map_err(io(dir))?;
+        if meta.uid() != me {
+            return Err(StateDirError::NotOwned { dir: dir.clone(), owner: meta.uid(), runner, chown });
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(StateDirError::Writable { path: dir.clone(), mode: meta.mode() & 0o7777 });
+        }
+        for entry in fs::read_dir(&real).map_err(io(dir))? {
+            let path = dir.join(entry.map_err(io(dir))?.file_name());
+            let meta = fs::symlink_metadata(&path).map_err(io(&path))?;
+            if meta.file_type().is_symlink() {
+                return Err(StateDirError::Link(path));
+            }
+            if meta.uid() != me {
+                return Err(StateDirError::EntryNotOwned { path, dir: dir.clone(), owner: meta.uid(), runner, chown });
+            }
+            if meta.mode() & 0o022 != 0 {
+                return Err(StateDirError::Writable { path, mode: meta.mode() & 0o7777 });
+            }
+        }
+        self.check_parents(real.ancestors().skip(1))
+    }
+
+    /// Refuse a directory above the state directory (`parents`, resolved) that another user owns or
+    /// that others may write without the sticky bit: its owner or writers could rename the state
+    /// directory away and put one of theirs in its place.
+    fn check_parents<'a>(&self, parents: impl Iterator<Item = &'a Path>) -> Result<(), StateDirError> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        for parent in parents {
+            let meta = fs::metadata(parent).map_err(io(parent))?;
+            let why = if meta.uid() != 0 && meta.uid() != me {
+                format!("owned by uid {}", meta.uid())
+            } else if meta.mode() & 0o022 != 0 && meta.mode() & libc::S_ISVTX == 0 {
+                format!("writable by other users (mode {:o})", meta.mode() & 0o7777)
+            } else {
+                continue;
+            };
+            let runner = if me == 0 { "root".to_owned() } else { format!("uid {me}") };
+            return Err(StateDirError::UnsafeParent {
+                parent: parent.to_path_buf(),
+                dir: self.root.clone(),
+                why,
+                runner,
+            });
+        }
+        Ok(())
     }
 
     /// Undo `create` after a failed init: remove what init wrote, and the directory if it is then empty.
@@ -244,25 +337,21 @@ impl StateDir {
     }
 
     /// Replace `path` with `bytes` atomically, mode 0600: a new temporary file, written and synced, is
-    /// renamed over it and the directory synced. On any failure the temporary file is removed and `path`
-    /// is as it was.
+    /// renamed over it and the directory synced. The temporary file is created exclusively (`O_EXCL`,
+    /// which follows no link) under a random name, by `tempfile`. On any failure the temporary file is
+    /// removed and `path` is as it was.
     fn replace_private_file(&self, path: &Path, bytes: &[u8]) -> Result<(), StateDirError> {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
-        let tmp = self.root.join(format!(".{name}.tmp"));
-        // One left by a crash (its mode unknown) is replaced, never reused.
-        let _ = fs::remove_file(&tmp);
-        let written = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .and_then(|mut file| file.write_all(bytes).and_then(|()| file.sync_all()))
-            .map_err(io(&tmp))
-            .and_then(|()| fs::rename(&tmp, path).map_err(io(path)));
-        if written.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        written?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".tmp")
+            .permissions(fs::Permissions::from_mode(0o600))
+            .tempfile_in(&self.root)
+            .map_err(io(&self.root))?;
+        let tmp_path = tmp.path().to_path_buf();
+        tmp.write_all(bytes).and_then(|()| tmp.as_file().sync_all()).map_err(io(&tmp_path))?;
+        // On failure the returned temporary file is dropped, which removes it.
+        tmp.persist(path).map_err(|e| io(path)(e.error))?;
         File::open(&self.root).and_then(|dir| dir.sync_all()).map_err(io(&self.root))
     }
 
@@ -368,9 +457,17 @@ impl StateDir {
 }
 
 /// Open (or create) the lock file `path`, 0600, keeping what it holds: whoever can open a file can hold
-/// a `flock` on it (no write access needed), so no other user may.
+/// a `flock` on it (no write access needed), so no other user may. A symbolic link there is not
+/// followed (`ELOOP`): it was planted.
 pub fn open_lock_file(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
 }
 
 #[cfg(test)]
@@ -406,6 +503,25 @@ mod tests {
         dir.write_member_state(&member).unwrap();
         let e = dir.read_member_state().unwrap_err().to_string();
         assert!(e.contains("member.json") && e.contains("outside 10.77.0.0/16"), "{e}");
+    }
+
+    /// Issue 11, point 5: an interface name edited into `member.json` never reaches `ip` or nftables.
+    #[test]
+    fn a_cached_state_with_an_interface_name_that_could_break_out_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        let member = MemberState { me: "vps".parse().unwrap(), state: meshd_core::fixtures::sample_state(), hub: None };
+        dir.write_member_state(&member).unwrap();
+        let text = fs::read_to_string(dir.member_state()).unwrap();
+        assert!(text.contains(r#""interface": "meshd0""#), "{text}");
+        write_private(&dir.member_state(), &text.replace(r#""meshd0""#, r#""x\" drop; iifname \"x""#));
+        let e = dir.read_member_state().unwrap_err().to_string();
+        assert!(e.contains("member.json is damaged") && e.contains("interface name") && e.contains("drop;"), "{e}");
+        let mut member = member;
+        member.state.nodes[0].listen_port = 0;
+        dir.write_member_state(&member).unwrap();
+        let e = dir.read_member_state().unwrap_err().to_string();
+        assert!(e.contains("member.json is damaged") && e.contains("listens on port 0"), "{e}");
     }
 
     #[test]
@@ -448,6 +564,97 @@ mod tests {
     fn write_private(path: &Path, text: &str) {
         fs::write(path, text).unwrap();
         fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    /// Issue 11, point 5: whoever may write the state directory can plant a link (to a file of root's)
+    /// or a directory under the name a temporary file had; root's write neither follows nor trips on it.
+    #[test]
+    fn a_replaced_file_never_follows_nor_trips_on_what_was_planted_under_a_temporary_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("roots-file");
+        fs::write(&target, "root's own\n").unwrap();
+        let dir = StateDir::new(tmp.path().join("state"));
+        dir.create().unwrap();
+        // The names temporary files had before: fixed, so they could be planted in advance.
+        std::os::unix::fs::symlink(&target, dir.root().join(".member.json.tmp")).unwrap();
+        std::os::unix::fs::symlink(&target, dir.root().join(".private.key.next.tmp")).unwrap();
+        fs::create_dir(dir.root().join(".peer-endpoints.json.tmp")).unwrap();
+        let member = MemberState { me: "vps".parse().unwrap(), state: meshd_core::fixtures::sample_state(), hub: None };
+        dir.write_member_state(&member).unwrap();
+        dir.write_next_private_key(&PrivateKey::generate()).unwrap();
+        let seen = PeerEndpoints::from([(named_key("KEY"), "192.0.2.7:40123".parse().unwrap())]);
+        dir.write_peer_endpoints(&seen).expect("a directory under the old temporary name does not stop a save");
+        assert_eq!(fs::read_to_string(&target).unwrap(), "root's own\n", "the link's target was written");
+        assert_eq!(dir.read_member_state().unwrap(), member);
+        assert_eq!(dir.read_peer_endpoints(), seen);
+        for file in [dir.member_state(), dir.peer_endpoints(), dir.next_private_key()] {
+            let meta = fs::symlink_metadata(&file).unwrap();
+            assert!(meta.is_file() && meta.permissions().mode() & 0o777 == 0o600, "{}", file.display());
+        }
+        // No temporary file is left behind, and a lock file planted as a link is not followed.
+        let names: Vec<String> =
+            fs::read_dir(dir.root()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(names.iter().filter(|n| n.ends_with(".tmp")).count(), 3, "only the planted ones: {names:?}");
+        std::os::unix::fs::symlink(&target, dir.root().join("meshd.lock")).unwrap();
+        assert!(dir.lock_daemon().is_err(), "a planted lock link is refused");
+        assert_eq!(fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o644);
+    }
+
+    /// Issue 11, point 5: a state directory someone else could have planted in, or could still change,
+    /// is refused in one line that says how to fix it.
+    #[test]
+    fn a_state_directory_others_own_or_may_write_is_refused_saying_how_to_fix_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path().join("state"));
+        dir.create().unwrap();
+        fs::write(dir.db(), "").unwrap();
+        fs::set_permissions(dir.db(), fs::Permissions::from_mode(0o600)).unwrap();
+        dir.check_private().expect("a private directory passes");
+
+        fs::set_permissions(dir.root(), fs::Permissions::from_mode(0o777)).unwrap();
+        let e = dir.check_private().unwrap_err().to_string();
+        assert!(e.contains("is writable by other users (mode 777)") && e.contains("chmod go-w"), "{e}");
+        fs::set_permissions(dir.root(), fs::Permissions::from_mode(0o700)).unwrap();
+
+        fs::set_permissions(dir.db(), fs::Permissions::from_mode(0o666)).unwrap();
+        let e = dir.check_private().unwrap_err().to_string();
+        assert!(e.contains("meshd.db is writable by other users (mode 666)"), "{e}");
+        fs::set_permissions(dir.db(), fs::Permissions::from_mode(0o600)).unwrap();
+
+        std::os::unix::fs::symlink("/etc/passwd", dir.root().join("meshd.db-wal")).unwrap();
+        let e = dir.check_private().unwrap_err().to_string();
+        assert!(e.contains("meshd.db-wal is a symbolic link"), "{e}");
+        fs::remove_file(dir.root().join("meshd.db-wal")).unwrap();
+
+        // A directory above it that others may write (not sticky, as /tmp is) could swap it.
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        let e = dir.check_private().unwrap_err().to_string();
+        assert!(e.contains("which holds state directory") && e.contains("writable by other users"), "{e}");
+        // So is a new one to be made there (`meshd join` checks before it spends its token), untouched.
+        let new = StateDir::new(tmp.path().join("new").join("state"));
+        let e = new.check_new().unwrap_err().to_string();
+        assert!(e.contains("which holds state directory") && e.contains("writable by other users"), "{e}");
+        assert!(new.create().is_err() && !tmp.path().join("new").exists());
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+        dir.check_private().expect("a sticky directory above it (as /tmp) is fine");
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o700)).unwrap();
+
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(dir.db(), Some(65534), None).unwrap();
+            let e = dir.check_private().unwrap_err().to_string();
+            assert!(e.contains("meshd.db in state directory") && e.contains("owned by uid 65534"), "{e}");
+            std::os::unix::fs::chown(dir.db(), Some(0), None).unwrap();
+            std::os::unix::fs::chown(dir.root(), Some(65534), None).unwrap();
+            let e = dir.check_private().unwrap_err().to_string();
+            let fix = format!("run `sudo chown -R root: {}`", dir.root().display());
+            assert!(e.contains("is owned by uid 65534, not by root who runs meshd") && e.contains(&fix), "{e}");
+            std::os::unix::fs::chown(tmp.path(), Some(65534), None).unwrap();
+            std::os::unix::fs::chown(dir.root(), Some(0), None).unwrap();
+            let e = dir.check_private().unwrap_err().to_string();
+            assert!(e.contains("is owned by uid 65534: whoever can write it can swap"), "{e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
     }
 
     #[test]

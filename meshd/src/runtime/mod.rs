@@ -43,6 +43,7 @@ pub struct RunOptions {
 /// database is, a member host where `meshd join` left its membership. A member runs from a read-only
 /// state directory too (saying once what it cannot save); the controller refuses one.
 pub async fn run(state: &StateDir, options: RunOptions) -> anyhow::Result<()> {
+    state.check_private()?;
     let lock = state.lock_daemon()?;
     if state.db().exists() {
         if lock.read_only() {

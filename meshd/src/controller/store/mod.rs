@@ -57,6 +57,10 @@ pub enum StoreError {
     },
     #[error("database holds an invalid value in {0}")]
     Corrupt(String),
+    #[error(
+        "database holds an invalid value in {column}: {reason}; it was not written by meshd: restore a backup or set it right with sqlite3"
+    )]
+    Invalid { column: String, reason: String },
 }
 
 /// Map a SQLite error to [`StoreError::Sqlite`] saying what was being done.

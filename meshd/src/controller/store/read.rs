@@ -4,7 +4,7 @@
 use rusqlite::Connection;
 
 use meshd_core::clock::Stamp;
-use meshd_core::input::{HostPort, Label};
+use meshd_core::input::{self, HostPort, InterfaceName, Label};
 use meshd_core::model::{AccessRule, Device, DeviceKeys, Invite, InviteStatus, Network, Node, Role, Service, Snapshot};
 
 use super::{StoreError, sql};
@@ -60,8 +60,8 @@ pub(super) fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
             public_key: parse_column("nodes.public_key", &public_key)?,
             index,
             endpoint: endpoint.map(|e| parse_column::<HostPort>("nodes.endpoint", &e)).transpose()?,
-            listen_port,
-            interface,
+            listen_port: checked_column("nodes.listen_port", listen_port, input::check_port)?,
+            interface: parse_checked::<InterfaceName>("nodes.interface", &interface)?,
             role: match role.as_str() {
                 "hub" => Role::Hub,
                 "node" => Role::Node,
@@ -208,6 +208,23 @@ pub(super) fn read_invites(
         .collect()
 }
 
+/// `text` of `column` as a `T`, else [`StoreError::Invalid`] saying why: for values that reach a command
+/// or a rule as root (interface names), where the operator must see what was refused.
+fn parse_checked<T: std::str::FromStr<Err = input::InputError>>(column: &str, text: &str) -> Result<T, StoreError> {
+    text.parse()
+        .map_err(|e: input::InputError| StoreError::Invalid { column: column.to_owned(), reason: e.to_string() })
+}
+
+/// `value` of `column` if `check` passes, else [`StoreError::Invalid`] saying why.
+fn checked_column<T: Copy>(
+    column: &str,
+    value: T,
+    check: impl FnOnce(T) -> Result<(), input::InputError>,
+) -> Result<T, StoreError> {
+    check(value).map_err(|e| StoreError::Invalid { column: column.to_owned(), reason: e.to_string() })?;
+    Ok(value)
+}
+
 /// `text` of `column` as a `T`, else [`StoreError::Corrupt`].
 fn parse_column<T: std::str::FromStr>(column: &str, text: &str) -> Result<T, StoreError> {
     text.parse().map_err(|_| StoreError::Corrupt(column.to_owned()))
@@ -243,5 +260,27 @@ mod tests {
         let path = dir.path().join("meshd.db");
         damage(&path, "UPDATE network SET cidr = '10.77.0.1/32'");
         assert!(matches!(Store::open(&path).unwrap().snapshot(), Err(StoreError::Corrupt(_))));
+    }
+
+    /// Issue 11, point 5: an interface name edited into the database (by whoever could write it) would
+    /// reach `ip` and the nftables script root loads: refused when read, naming the column and the value.
+    #[test]
+    fn interface_names_and_ports_edited_into_the_database_are_refused_when_read() {
+        for (sql, column, shown) in [
+            (r#"UPDATE nodes SET interface = 'x"; flush ruleset; #'"#, "nodes.interface", "flush ruleset"),
+            ("UPDATE nodes SET interface = '../../etc/x'", "nodes.interface", "../../etc/x"),
+            ("UPDATE nodes SET interface = 'meshd0 up'", "nodes.interface", "meshd0 up"),
+            ("UPDATE nodes SET interface = 'sixteen-chars-xx'", "nodes.interface", "sixteen-chars-xx"),
+            ("UPDATE nodes SET listen_port = 0", "nodes.listen_port", "port \"0\""),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            new_network(dir.path(), "10.77.0.0/16");
+            let path = dir.path().join("meshd.db");
+            damage(&path, sql);
+            let e = Store::open(&path).unwrap().snapshot().unwrap_err();
+            assert!(matches!(&e, StoreError::Invalid { column: c, .. } if c == column), "{sql}: {e:?}");
+            let text = e.to_string();
+            assert!(text.contains(shown) && !text.contains('\n'), "{sql}: {text}");
+        }
     }
 }

@@ -115,7 +115,7 @@ impl Writer<'_> {
                     node.index,
                     node.endpoint.as_ref().map(ToString::to_string),
                     node.listen_port,
-                    node.interface,
+                    node.interface.as_str(),
                     role_text(node.role),
                     now(),
                     node.mtu

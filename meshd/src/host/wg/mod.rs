@@ -124,6 +124,10 @@ impl Interface {
             fwmark: None,
         };
         interface.api.configure_interface(&config).map_err(|e| err(&e))?;
+        // The listen port is set only here (a new port needs a restart): kept private once bound.
+        if interface.device.is_some() {
+            userspace::keep_port_private(plan.listen_port).map_err(|e| err(&e))?;
+        }
         interface.set_peers(&peers)?;
         let added: Vec<IpNet> = plan.addresses.iter().copied().collect();
         interface.change_addresses(&added, &[])?;

@@ -5,9 +5,24 @@
 //! SIGTERM, SIGINT, or when its UAPI socket is removed: a thread waits on the device and reports that,
 //! so the daemon shuts down with it instead of running on without an interface. Removing the socket is
 //! also how meshd stops the device.
+//!
+//! Other users of the host get neither the tunnel nor its key (issue 11, point 6):
+//! - The UAPI socket answers `get=1` with the private key: it is made under meshd's umask (077, set at
+//!   start), then set to 0600, in a directory that only root may write.
+//! - boringtun binds its UDP sockets with `SO_REUSEADDR`, with which Linux lets any other process (of any
+//!   user) that sets it too bind the same port and take the tunnel's packets. [`keep_port_private`]
+//!   clears the option on the device's sockets once they are bound: a second bind of the port then
+//!   fails (the kernel shares a UDP port only between sockets that all set it). The workaround is
+//!   narrow: only the device's sockets on its listen port, on the unspecified address, are touched, and
+//!   the device's per-peer "connected" sockets (which would need to share the port) are turned off.
 
+use std::collections::BTreeSet;
+use std::fs;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::BorrowedFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::thread::JoinHandle;
 
 use defguard_boringtun::device::{DeviceConfig, DeviceHandle};
@@ -36,11 +51,19 @@ pub(super) fn start(name: &str, stopped: watch::Sender<bool>) -> Result<JoinHand
              in another network namespace) runs an interface of this name; choose another --interface"
         ));
     }
-    let mut handle = DeviceHandle::new(name, DeviceConfig::default()).map_err(|e| e.to_string())?;
-    if let Err(e) = super::ip(&["link", "set", "dev", name, "up"]) {
+    private_socket_dir()?;
+    // Connected per-peer sockets would bind the listen port a second time, which the port kept private
+    // (see `keep_port_private`) refuses; all traffic then goes through the listening sockets.
+    let config = DeviceConfig { use_connected_socket: false, ..DeviceConfig::default() };
+    let mut handle = DeviceHandle::new(name, config).map_err(|e| e.to_string())?;
+    // Made under the umask (077) already; set again in case the umask was changed since.
+    let private = fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("making its UAPI socket {socket} private: {e}"));
+    let up = private.and_then(|()| super::ip(&["link", "set", "dev", name, "up"]).map_err(|e| e.to_string()));
+    if let Err(e) = up {
         let _ = std::fs::remove_file(uapi_socket(name));
         handle.wait();
-        return Err(e.to_string());
+        return Err(e);
     }
     let name = name.to_owned();
     std::thread::Builder::new()
@@ -53,6 +76,78 @@ pub(super) fn start(name: &str, stopped: watch::Sender<bool>) -> Result<JoinHand
             let _ = stopped.send(true);
         })
         .map_err(|e| e.to_string())
+}
+
+/// Make the UAPI socket directory (0700) if missing; refuse one that another user owns or others may
+/// write, where the socket (and with it the key, and the keys meshd sends) could be replaced.
+fn private_socket_dir() -> Result<(), String> {
+    let dir = Path::new(UAPI_DIR);
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| format!("{UAPI_DIR}: {e}"))?;
+    let meta = fs::symlink_metadata(dir).map_err(|e| format!("{UAPI_DIR}: {e}"))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{UAPI_DIR} (where the UAPI socket that holds the private key goes) is not a directory owned by uid {me} \
+             and writable by it alone (owner uid {}, mode {:o}): run `chown {me}: {UAPI_DIR} && chmod go-w {UAPI_DIR}`",
+            meta.uid(),
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// Clear `SO_REUSEADDR` on the embedded device's UDP sockets listening on `port` (the unspecified
+/// address, IPv4 and IPv6), so that no other socket can bind that port beside them; then check that
+/// none already has (one bound in the moment between the device's bind and this call), by the
+/// kernel's list of UDP sockets of this network namespace. Called after every change of the listen
+/// port.
+pub(super) fn keep_port_private(port: u16) -> Result<(), String> {
+    let mut ours = BTreeSet::new();
+    let fds = fs::read_dir("/proc/self/fd").map_err(|e| format!("listing /proc/self/fd: {e}"))?;
+    for fd in fds.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+        // SAFETY: the descriptor is only queried and, when it is the device's socket (which lives as
+        // long as the device), has an option set; one closed meanwhile fails these calls harmlessly.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let socket = socket2::SockRef::from(&borrowed);
+        let Ok(local) = socket.local_addr().map(|a| a.as_socket()) else { continue };
+        let Some(local) = local else { continue };
+        if local.port() != port || !local.ip().is_unspecified() || socket.r#type().ok() != Some(socket2::Type::DGRAM) {
+            continue;
+        }
+        socket.set_reuse_address(false).map_err(|e| format!("clearing SO_REUSEADDR on UDP port {port}: {e}"))?;
+        // SAFETY: a zeroed `stat` is a valid value of this plain C struct.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes only into the buffer given.
+        if unsafe { libc::fstat(fd, &mut stat) } == 0 {
+            ours.insert(stat.st_ino);
+        }
+    }
+    if ours.is_empty() {
+        return Err(format!("found no socket of the device on UDP port {port}"));
+    }
+    for table in ["/proc/self/net/udp", "/proc/self/net/udp6"] {
+        let text = fs::read_to_string(table).map_err(|e| format!("reading {table}: {e}"))?;
+        if let Some(uid) = udp_socket_beside(&text, port, &ours) {
+            return Err(format!(
+                "another process (uid {uid}) has bound UDP port {port} beside the WireGuard device and could take its \
+                 packets; stop it (`ss -ulpn sport = :{port}` shows it) and start meshd again"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The owner's uid of a socket in a `/proc/net/udp{,6}` table bound to `port` that is not one of
+/// `ours` (socket inodes), if any.
+fn udp_socket_beside(table: &str, port: u16, ours: &BTreeSet<u64>) -> Option<String> {
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (local, uid, inode) = (fields.get(1)?, fields.get(7)?, fields.get(9)?);
+        let bound = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
+        let inode: u64 = inode.parse().ok()?;
+        (bound == port && !ours.contains(&inode)).then(|| (*uid).to_owned())
+    })
 }
 
 /// Stop the device of `name` and wait for its thread.
@@ -71,5 +166,23 @@ pub(super) fn set_private_key(name: &str, key: &PrivateKey) -> Result<(), String
     match reply.trim() {
         "errno=0" => Ok(()),
         other => Err(format!("setting the private key: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_foreign_socket_on_the_port_is_found_in_the_kernels_table() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  1: 00000000:CA6C 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1001 2 0000000000000000 0
+  2: 0100007F:CA6C 00000000:0000 07 00000000:00000000 00:00000000 00000000 65534        0 1002 2 0000000000000000 0
+  3: 00000000:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000 65534        0 1003 2 0000000000000000 0
+";
+        assert_eq!(udp_socket_beside(table, 51820, &BTreeSet::from([1001])), Some("65534".to_owned()));
+        assert_eq!(udp_socket_beside(table, 51820, &BTreeSet::from([1001, 1002])), None);
+        assert_eq!(udp_socket_beside(table, 53, &BTreeSet::from([1001])), Some("65534".to_owned()));
+        assert_eq!(udp_socket_beside(table, 4000, &BTreeSet::new()), None);
     }
 }

@@ -1,0 +1,166 @@
+//! Issue 11, point 6: other users on the host cannot take the tunnel or read its key.
+//!
+//! A hub runs the embedded userspace WireGuard in a namespace; an unprivileged process there (uid 65534
+//! through `setpriv`) plays the other user. It tries to bind the WireGuard UDP port beside meshd, with
+//! `SO_REUSEADDR` and `SO_REUSEPORT`, on `0.0.0.0`, the hub's address and `[::]` (before the fix, the
+//! device's own `SO_REUSEADDR` let it, and it received the phone's packets: the phone lost access until
+//! it exited); every bind is refused and a phone keeps reaching its service while the process runs. With
+//! meshd started under `umask 000`, it tries the UAPI socket, which answers `get=1` with the private
+//! key (before the fix it was world-writable and did): refused, and the socket is 0600.
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use meshd_e2e::{
+    MeshHost, Phone, Proc, WG_SOCKET_DIR, describe, meshctl, output, product_bin, require_root, run_json, run_ok,
+    unique_ifname, veth, wait_until,
+};
+
+/// What the other user runs: bind `port` on each address given (IPv6 both v6-only and dual-stack), with
+/// `SO_REUSEADDR` and `SO_REUSEPORT`; print each outcome, then `ready`; then receive on whatever it
+/// bound for `hold` seconds and print how many packets it took.
+const BIND_PORT: &str = r#"
+import socket, sys, time
+port, hold, addrs = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+held = []
+for addr in addrs:
+    v6 = ":" in addr
+    for v6only in ([1, 0] if v6 else [None]):
+        s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if v6only is not None:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        try:
+            s.bind((addr, port))
+            s.setblocking(False)
+            held.append(s)
+            print(f"{addr} v6only={v6only}: bound", flush=True)
+        except OSError as e:
+            print(f"{addr} v6only={v6only}: refused errno {e.errno}", flush=True)
+print("ready", flush=True)
+got, deadline = 0, time.time() + hold
+while time.time() < deadline:
+    for s in held:
+        try:
+            s.recv(4096)
+            got += 1
+        except BlockingIOError:
+            pass
+    time.sleep(0.005)
+print(f"received {got}", flush=True)
+"#;
+
+/// What the other user runs against a UAPI socket: `get=1`, and whether the answer held a private key.
+const ASK_KEY: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(sys.argv[1])
+    s.sendall(b"get=1\n\n")
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk or b"errno=" in data + chunk:
+            data += chunk
+            break
+        data += chunk
+    print("answered; private key: " + str(b"private_key=" in data), flush=True)
+except OSError as e:
+    print(f"refused errno {e.errno}", flush=True)
+"#;
+
+/// `/usr/bin/python3 -c SCRIPT ARGS` as uid and gid 65534 inside `host`'s namespace.
+fn as_nobody(host: &MeshHost, script: &str, args: &[&str]) -> Command {
+    let mut cmd = host.ns.command("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", script]).args(args);
+    cmd
+}
+
+#[test]
+fn another_user_cannot_bind_the_wireguard_port_and_the_phone_keeps_its_access() {
+    if !require_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let hub = MeshHost::new("hub", root, "lu");
+    let phone_ns = meshd_e2e::Netns::new("phone");
+    veth(&hub.ns, &phone_ns, "172.31.246.1/24", "172.31.246.2/24");
+    hub.init_hub("172.31.246.1:51820", &[]);
+    run_ok(meshctl(&hub.state).args(["service", "add", "wallet", "--node", "hub", "--target", "127.0.0.1:9737"]));
+    let conf = root.join("phone.conf");
+    run_ok(meshctl(&hub.state).args(["device", "add", "phone", "--allow", "wallet", "--conf"]).arg(&conf));
+    let _wallet =
+        hub.ns.spawn(&["python3", "-m", "http.server", "9737", "--bind", "127.0.0.1", "--directory", "/proc/self"]);
+    let _hub_daemon = hub.run_hub(&root.join("hub.log"));
+    let services = run_json(meshctl(&hub.state).args(["service", "list", "--json"]));
+    let wallet_url = format!("http://{}/", services[0]["mesh_address"].as_str().unwrap());
+    let _phone = Phone::up(&phone_ns, &unique_ifname("lp"), &fs::read_to_string(&conf).unwrap());
+    let phone_reaches = || phone_ns.http_get_within(&wallet_url, Duration::from_millis(800)).is_some();
+    assert!(wait_until(Duration::from_secs(30), phone_reaches), "the phone never reached the wallet");
+
+    // The other user tries the port on every address, holding what it gets for 8 s.
+    let log = root.join("nobody.log");
+    let mut attacker = Proc::spawn_logged(
+        as_nobody(&hub, BIND_PORT, &["51820", "8", "0.0.0.0", "172.31.246.1", "::"]),
+        "the other user's bind",
+        &log,
+    );
+    assert!(wait_until(Duration::from_secs(10), || fs::read_to_string(&log).unwrap_or_default().contains("ready")));
+    let said = fs::read_to_string(&log).unwrap();
+    // While it runs, the phone keeps its access: fresh connections through the tunnel for 6 s.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        assert!(phone_reaches(), "the phone lost access while another user's socket was up:\n{said}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let outcomes: Vec<&str> = said.lines().filter(|l| l.contains(": ")).collect();
+    assert_eq!(outcomes.len(), 4, "{said}");
+    for line in &outcomes {
+        assert!(line.ends_with("refused errno 98"), "another user bound the WireGuard port: {line}\n{said}");
+    }
+    assert!(wait_until(Duration::from_secs(10), || !attacker.is_running()));
+    let said = attacker.log_text();
+    assert!(said.contains("received 0"), "{said}");
+}
+
+#[test]
+fn the_uapi_socket_is_private_whatever_the_umask() {
+    if !require_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let hub = MeshHost::new("hub", root, "lk");
+    hub.ns.ip(&["link", "set", "lo", "up"]);
+    hub.init_hub("192.0.2.1:51820", &[]);
+    // Started as a careless service manager or shell might: everything it makes open to all.
+    let mut cmd = hub.ns.command("sh");
+    cmd.args(["-c", "umask 000; exec \"$0\" run --wireguard userspace --state-dir \"$1\""])
+        .arg(product_bin("meshd"))
+        .arg(&hub.state);
+    let mut daemon = Proc::spawn_logged(cmd, "meshd run under umask 000", &root.join("hub.log"));
+    let uapi = Path::new(WG_SOCKET_DIR).join(format!("{}.sock", hub.ifname));
+    let ready = wait_until(Duration::from_secs(60), || {
+        daemon.assert_running("starting up under umask 000");
+        hub.state.join("meshd.sock").exists() && uapi.exists()
+    });
+    assert!(ready, "the hub did not come up:\n{}", daemon.log_text());
+
+    let out = output(&mut as_nobody(&hub, ASK_KEY, &[uapi.to_str().unwrap()]));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(said.trim(), "refused errno 13", "another user asked the UAPI socket for the key: {}", describe(&out));
+    let mode = fs::metadata(&uapi).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "UAPI socket {} has mode {mode:o}", uapi.display());
+    let dir_mode = fs::metadata(WG_SOCKET_DIR).unwrap().permissions().mode();
+    assert_eq!(dir_mode & 0o022, 0, "{WG_SOCKET_DIR} is writable by others ({dir_mode:o})");
+    let admin_mode = fs::metadata(hub.state.join("meshd.sock")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(admin_mode, 0o600, "the admin socket has mode {admin_mode:o}");
+    // meshd itself still configures its device (its own calls work), and the hub still serves.
+    let nodes = run_json(meshctl(&hub.state).args(["node", "list", "--json"]));
+    assert_eq!(nodes[0]["name"], "hub");
+    daemon.assert_running("another user was refused the UAPI socket");
+}
