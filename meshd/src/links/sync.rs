@@ -24,6 +24,7 @@ use tokio::task::AbortHandle;
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tracing::{debug, info, warn};
 
+use crate::host::admission::{Caps, Gate};
 use crate::host::clock;
 use meshd_core::input::Label;
 use meshd_core::keys::PublicKey;
@@ -45,6 +46,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// has not yet seen end. A member opening more is gone bad (or its old sessions died unnoticed): its
 /// oldest session is closed, so it can hold no more of the hub's file descriptors than this.
 const SESSIONS_PER_MEMBER: usize = 4;
+/// Most sessions of all members at a time (within the process's descriptor budget).
+const SESSIONS_TOTAL: usize = 16_384;
 
 /// The hub's side: the [`Journal`] of what it published, and the stream every session listens to.
 #[derive(Clone)]
@@ -123,8 +126,14 @@ impl Publisher {
         self.read().journal.member(addr) == Some(node)
     }
 
-    /// Accept member sessions on `listener` until the task is dropped.
+    /// Accept member sessions on `listener` until the task is dropped. Each session holds a permit of
+    /// the listener's gate (see [`crate::host::admission`]); a connection over its caps is closed at once.
     pub async fn serve(self, listener: TcpListener, requests: mpsc::Sender<FromSession>) {
+        // Above the sessions a member keeps, so a reconnecting member supersedes its stale sessions
+        // (below) before it meets the cap.
+        let caps =
+            Caps { per_source: 2 * SESSIONS_PER_MEMBER, total: SESSIONS_TOTAL, descriptors: 1, ipv6_by_64: false };
+        let gate = Gate::new("sync listener", caps);
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(conn) => conn,
@@ -138,6 +147,7 @@ impl Publisher {
                 debug!(%peer, "sync: connection from an address that is no active member; closed");
                 continue;
             };
+            let Some(permit) = gate.admit(peer.ip()) else { continue };
             let publisher = self.clone();
             let requests = requests.clone();
             let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
@@ -150,6 +160,7 @@ impl Publisher {
                     Err(e) => debug!(node = %member, error = %e, "sync session ended"),
                 }
                 publisher.session_ended(&member, id);
+                drop(permit);
             });
             let live = sessions.live.entry(node.clone()).or_default();
             live.push_back((id, task.abort_handle()));
