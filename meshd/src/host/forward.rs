@@ -353,4 +353,74 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(TcpStream::connect(listen).await.is_err());
     }
+
+    /// A relayed connection to `target` from a granted loopback client, closed after `idle` without a byte.
+    async fn relayed(target: SocketAddr, idle: Duration, gate: &Arc<Gate>) -> TcpStream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (inbound, peer) = listener.accept().await.unwrap();
+        let allowed: Allowed = Arc::new([peer.ip()].into_iter().collect());
+        let (access, rx) = watch::channel(allowed);
+        let permit = gate.admit(peer.ip()).expect("permit");
+        let target = target.to_string().parse().unwrap();
+        tokio::spawn(async move {
+            let _access = access;
+            relay("echo".parse().unwrap(), inbound, peer.ip(), target, rx, permit, idle).await;
+        });
+        client
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_both_ways_is_closed_and_gives_its_permit_back() {
+        let target = echo_server().await;
+        let caps = Caps { per_source: 4, total: 4, descriptors: 2, ipv6_by_64: false };
+        let gate = Gate::with_budget("test", caps, crate::host::admission::Budget::new(8));
+        let idle = Duration::from_millis(400);
+        let mut client = relayed(target, idle, &gate).await;
+        let mut buf = [0u8; 4];
+        // Traffic keeps it open past the idle time...
+        for _ in 0..4 {
+            tokio::time::sleep(idle / 2).await;
+            client.write_all(b"ping").await.unwrap();
+            client.read_exact(&mut buf).await.expect("still open while busy");
+        }
+        assert_eq!(gate.open(), 1);
+        // ...silence closes it.
+        let started = std::time::Instant::now();
+        let n = tokio::time::timeout(Duration::from_secs(3), client.read(&mut buf)).await.expect("closed").unwrap_or(0);
+        assert_eq!(n, 0);
+        assert!(started.elapsed() >= idle - Duration::from_millis(50), "closed after {:?}", started.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(gate.open(), 0, "the permit is given back");
+    }
+
+    #[tokio::test]
+    async fn a_client_over_its_cap_is_not_relayed_while_others_are() {
+        let target = echo_server().await;
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut f = Forwarders::default();
+        let caps = Caps { per_source: 2, total: 10, descriptors: 2, ipv6_by_64: false };
+        f.tcp = Gate::with_budget("test", caps, crate::host::admission::Budget::new(100));
+        f.apply(&[plan(listen, target, &["127.0.0.1", "127.0.0.2"])]).unwrap();
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(listen).await.unwrap();
+            s.write_all(b"ping").await.unwrap();
+            let mut buf = [0u8; 4];
+            s.read_exact(&mut buf).await.unwrap();
+            held.push(s);
+        }
+        assert!(round_trip(listen).await.is_err(), "a third connection of one client is refused");
+        let other = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        other.bind(&SocketAddr::from(([127, 0, 0, 2], 0)).into()).unwrap();
+        other.connect(&listen.into()).unwrap();
+        other.set_nonblocking(true).unwrap();
+        let mut other = TcpStream::from_std(other.into()).unwrap();
+        other.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(2), other.read_exact(&mut buf)).await.expect("relayed").unwrap();
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(round_trip(listen).await.unwrap(), b"ping", "room again once the first ones closed");
+    }
 }
