@@ -426,14 +426,21 @@ mod tests {
         allowed: &[IpAddr],
         limits: Limits,
     ) -> (SocketAddr, watch::Sender<Allowed>, JoinHandle<()>) {
+        let caps = Caps { per_source: 64, total: 64, descriptors: 1, ipv6_by_64: false };
+        gated_forwarder(listen_ip, target, allowed, limits, Gate::with_budget("test", caps, Budget::new(64))).await
+    }
+
+    /// [`forwarder`] with the host's gate `gate`.
+    async fn gated_forwarder(
+        listen_ip: IpAddr,
+        target: SocketAddr,
+        allowed: &[IpAddr],
+        limits: Limits,
+        gate: Arc<Gate>,
+    ) -> (SocketAddr, watch::Sender<Allowed>, JoinHandle<()>) {
         let socket = crate::host::socket::bind_udp((listen_ip, 0).into()).unwrap();
         let listen = socket.local_addr().unwrap();
         let (tx, rx) = watch::channel(Arc::new(allowed.iter().copied().collect::<BTreeSet<_>>()));
-        let gate = Gate::with_budget(
-            "test",
-            Caps { per_source: 64, total: 64, descriptors: 1, ipv6_by_64: false },
-            Budget::new(64),
-        );
         let task =
             tokio::spawn(serve("echo".parse().unwrap(), socket, target.to_string().parse().unwrap(), rx, limits, gate));
         (listen, tx, task)
@@ -462,6 +469,29 @@ mod tests {
             assert_eq!(reply.len(), size);
             assert_eq!(exchange(&phone, listen, b"").await.map(|(r, _)| r), Some(vec![]), "an empty datagram");
         }
+    }
+
+    #[tokio::test]
+    async fn a_client_over_the_hosts_session_cap_gets_no_new_session_while_others_do() {
+        let ip: IpAddr = Ipv4Addr::LOCALHOST.into();
+        let other: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
+        let target = echo_server(ip).await;
+        let caps = Caps { per_source: 2, total: 3, descriptors: 1, ipv6_by_64: false };
+        let gate = Gate::with_budget("test", caps, Budget::new(100));
+        let (listen, _allowed, _task) =
+            gated_forwarder(ip, target, &[ip, other], Limits::default(), gate.clone()).await;
+        let mut clients = Vec::new();
+        for _ in 0..2 {
+            let client = UdpSocket::bind((ip, 0)).await.unwrap();
+            assert!(exchange(&client, listen, b"ping").await.is_some(), "within the cap");
+            clients.push(client);
+        }
+        let third = UdpSocket::bind((ip, 0)).await.unwrap();
+        assert!(exchange(&third, listen, b"ping").await.is_none(), "a third session of one client address");
+        let elsewhere = UdpSocket::bind((other, 0)).await.unwrap();
+        assert!(exchange(&elsewhere, listen, b"ping").await.is_some(), "another client still gets one");
+        assert_eq!(gate.open(), 3);
+        assert!(exchange(&clients[0], listen, b"again").await.is_some(), "open sessions keep working");
     }
 
     #[tokio::test]
