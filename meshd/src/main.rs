@@ -272,6 +272,11 @@ fn refuse_overlap(network: &str, cidr: &ipnet::Ipv4Net, what_now: &str) -> anyho
 }
 
 fn run(state: &StateDir, options: RunOptions) -> anyhow::Result<()> {
+    // Before any descriptor is opened: floods are capped within this limit (host::admission).
+    match meshd::host::admission::raise_open_file_limit() {
+        Ok((before, now)) => tracing::debug!(before, now, "open-file limit raised to the hard limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit; keeping the current one"),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(meshd::runtime::run(state, options))
 }

@@ -70,6 +70,26 @@ impl MeshHost {
         Proc::spawn_logged(cmd, &format!("meshd run on {}", self.name), log)
     }
 
+    /// [`MeshHost::run_hub`] as a service runs: under `prlimit --nofile=NOFILE` (`1024:` is systemd's soft
+    /// limit for services, with the hard limit left as it is; `1024:1024` a host where it cannot be
+    /// raised), logging at meshd's default level plus the descriptor budget it settles on.
+    pub fn run_hub_limited(&self, log: &Path, nofile: &str) -> Proc {
+        let mut cmd = self.ns.command("prlimit");
+        cmd.env("RUST_LOG", "info,hickory_server=warn,defguard_wireguard_rs::netlink=off,meshd::host::admission=debug")
+            .arg(format!("--nofile={nofile}"))
+            .arg(product_bin("meshd"))
+            .args(["run", "--wireguard", "userspace", "--state-dir"])
+            .arg(&self.state);
+        // prlimit and `ip netns exec` both exec their command: the PID is meshd's.
+        let mut daemon = Proc::spawn_logged(cmd, &format!("meshd run on {} (nofile {nofile})", self.name), log);
+        let ready = wait_until(Duration::from_secs(60), || {
+            daemon.assert_running("starting up");
+            UnixStream::connect(self.state.join("meshd.sock")).is_ok()
+        });
+        assert!(ready, "the hub did not become ready");
+        daemon
+    }
+
     /// `meshd init` of network `home` with this host as the hub `hub`, reached at `endpoint`, on its
     /// interface and state directory, with `extra` arguments (`--cidr`, `--mtu`, ...).
     pub fn init_hub(&self, endpoint: &str, extra: &[&str]) {

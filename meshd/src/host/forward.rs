@@ -3,25 +3,44 @@
 //! such as `169.254.1.17:9737`, or loopback). The forwarder checks the peer's source address itself too,
 //! so access holds even where the firewall is bypassed, and it cuts live connections (sessions) of a
 //! peer whose access is withdrawn.
-
+//!
+//! Granted peers are still not trusted with the daemon's resources: every connection (UDP session) holds
+//! a permit of the host's forwarding [`Gate`] (at most [`PER_SOURCE`] per client address and [`TOTAL`]
+//! over all services, within the process's descriptor budget), a connection with no byte either way for
+//! [`IDLE`] is closed, and the target gets [`CONNECT_TIMEOUT`] to accept.
 pub mod udp;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::host::admission::{Caps, Gate, Permit};
 use meshd_core::input::{HostPort, Label};
 use meshd_core::model::Protocol;
 use meshd_core::plan::ServicePlan;
 
 /// How long a forwarder waits for the service's target to accept.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A forwarded TCP connection with no byte either way for this long is closed. Long enough for an idle
+/// SSH or database session between keepalives; short enough that connections whose client vanished
+/// (a phone that went offline sends no FIN) do not pile up. Applications that idle longer send
+/// keepalives (`ssh -o ServerAliveInterval=60`).
+pub const IDLE: Duration = Duration::from_secs(30 * 60);
+/// Most forwarded connections (and, separately, UDP sessions) of one client address over all services:
+/// far more than a browser or an app opens, far fewer than the descriptors the host has.
+pub const PER_SOURCE: usize = 256;
+/// Most forwarded connections (and, separately, UDP sessions) of all clients over all services.
+pub const TOTAL: usize = 4096;
 
 /// A listener could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -54,9 +73,23 @@ impl Drop for Running {
 }
 
 /// The forwarders of one host.
-#[derive(Default)]
 pub struct Forwarders {
     running: BTreeMap<Label, Running>,
+    /// Admission of TCP connections: two descriptors each (the client's and the target's).
+    tcp: Arc<Gate>,
+    /// Admission of UDP sessions: one upstream socket each.
+    udp: Arc<Gate>,
+}
+
+impl Default for Forwarders {
+    fn default() -> Forwarders {
+        let caps = Caps { per_source: PER_SOURCE, total: TOTAL, descriptors: 2, ipv6_by_64: false };
+        Forwarders {
+            running: BTreeMap::new(),
+            tcp: Gate::new("TCP forwarders", caps),
+            udp: Gate::new("UDP forwarders", Caps { descriptors: 1, ..caps }),
+        }
+    }
 }
 
 impl Forwarders {
@@ -78,7 +111,7 @@ impl Forwarders {
                 }
                 _ => {
                     self.running.remove(&plan.name);
-                    let running = start(plan, allowed)?;
+                    let running = start(plan, allowed, &self.tcp, &self.udp)?;
                     self.running.insert(plan.name.clone(), running);
                 }
             }
@@ -87,7 +120,7 @@ impl Forwarders {
     }
 }
 
-fn start(plan: &ServicePlan, allowed: Allowed) -> Result<Running, ForwardError> {
+fn start(plan: &ServicePlan, allowed: Allowed, tcp: &Arc<Gate>, udp: &Arc<Gate>) -> Result<Running, ForwardError> {
     let (tx, rx) = watch::channel(allowed);
     let mut listeners = Vec::new();
     for &addr in &plan.listen {
@@ -97,11 +130,11 @@ fn start(plan: &ServicePlan, allowed: Allowed) -> Result<Running, ForwardError> 
         listeners.push(match plan.protocol {
             Protocol::Tcp => {
                 let listener = crate::host::socket::listen_tcp(addr).map_err(failed)?;
-                tokio::spawn(accept_loop(service, listener, target, rx.clone()))
+                tokio::spawn(accept_loop(service, listener, target, rx.clone(), tcp.clone()))
             }
             Protocol::Udp => {
                 let socket = crate::host::socket::bind_udp(addr).map_err(failed)?;
-                tokio::spawn(udp::serve(service, socket, target, rx.clone(), udp::Limits::default()))
+                tokio::spawn(udp::serve(service, socket, target, rx.clone(), udp::Limits::default(), udp.clone()))
             }
         });
     }
@@ -114,7 +147,13 @@ fn start(plan: &ServicePlan, allowed: Allowed) -> Result<Running, ForwardError> 
     })
 }
 
-async fn accept_loop(service: Label, listener: TcpListener, target: HostPort, allowed: watch::Receiver<Allowed>) {
+async fn accept_loop(
+    service: Label,
+    listener: TcpListener,
+    target: HostPort,
+    allowed: watch::Receiver<Allowed>,
+    gate: Arc<Gate>,
+) {
     loop {
         let (inbound, peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -125,20 +164,24 @@ async fn accept_loop(service: Label, listener: TcpListener, target: HostPort, al
                 continue;
             }
         };
+        // Refusals are not logged one line each: a flood would fill the log (the gate reports its own).
         if !allowed.borrow().contains(&peer.ip()) {
-            info!(%service, peer = %peer.ip(), "refused: not granted");
+            debug!(%service, peer = %peer.ip(), "refused: not granted");
             continue;
         }
-        tokio::spawn(relay(service.clone(), inbound, peer.ip(), target.clone(), allowed.clone()));
+        let Some(permit) = gate.admit(peer.ip()) else { continue };
+        tokio::spawn(relay(service.clone(), inbound, peer.ip(), target.clone(), allowed.clone(), permit, IDLE));
     }
 }
 
 async fn relay(
     service: Label,
-    mut inbound: TcpStream,
+    inbound: TcpStream,
     peer: IpAddr,
     target: HostPort,
     mut allowed: watch::Receiver<Allowed>,
+    _permit: Permit,
+    idle: Duration,
 ) {
     let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((target.host(), target.port())));
     let mut outbound = match connect.await {
@@ -156,6 +199,8 @@ async fn relay(
             }
         }
     };
+    let mut inbound = Watched::new(inbound);
+    let last_heard = inbound.last.clone();
     tokio::select! {
         result = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {
             if let Err(e) = result {
@@ -163,6 +208,73 @@ async fn relay(
             }
         }
         () = revoked => info!(%service, %peer, "access withdrawn: connection closed"),
+        () = last_heard.idle_for(idle) => debug!(%service, %peer, "connection idle: closed"),
+    }
+}
+
+/// When a connection last carried a byte, as milliseconds since it started (so one atomic holds it).
+struct LastHeard {
+    start: Instant,
+    millis: AtomicU64,
+}
+
+impl LastHeard {
+    fn touch(&self) {
+        let millis = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.millis.store(millis, Ordering::Relaxed);
+    }
+
+    /// Returns once no byte has passed for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.millis.load(Ordering::Relaxed));
+            let deadline = last + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
+}
+
+/// The client's side of a forwarded connection, noting every byte that passes either way.
+struct Watched {
+    stream: TcpStream,
+    last: Arc<LastHeard>,
+}
+
+impl Watched {
+    fn new(stream: TcpStream) -> Watched {
+        Watched { stream, last: Arc::new(LastHeard { start: Instant::now(), millis: AtomicU64::new(0) }) }
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.last.touch();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.last.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -240,5 +352,75 @@ mod tests {
         f.apply(&[]).unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(TcpStream::connect(listen).await.is_err());
+    }
+
+    /// A relayed connection to `target` from a granted loopback client, closed after `idle` without a byte.
+    async fn relayed(target: SocketAddr, idle: Duration, gate: &Arc<Gate>) -> TcpStream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (inbound, peer) = listener.accept().await.unwrap();
+        let allowed: Allowed = Arc::new([peer.ip()].into_iter().collect());
+        let (access, rx) = watch::channel(allowed);
+        let permit = gate.admit(peer.ip()).expect("permit");
+        let target = target.to_string().parse().unwrap();
+        tokio::spawn(async move {
+            let _access = access;
+            relay("echo".parse().unwrap(), inbound, peer.ip(), target, rx, permit, idle).await;
+        });
+        client
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_both_ways_is_closed_and_gives_its_permit_back() {
+        let target = echo_server().await;
+        let caps = Caps { per_source: 4, total: 4, descriptors: 2, ipv6_by_64: false };
+        let gate = Gate::with_budget("test", caps, crate::host::admission::Budget::new(8));
+        let idle = Duration::from_millis(400);
+        let mut client = relayed(target, idle, &gate).await;
+        let mut buf = [0u8; 4];
+        // Traffic keeps it open past the idle time...
+        for _ in 0..4 {
+            tokio::time::sleep(idle / 2).await;
+            client.write_all(b"ping").await.unwrap();
+            client.read_exact(&mut buf).await.expect("still open while busy");
+        }
+        assert_eq!(gate.open(), 1);
+        // ...silence closes it.
+        let started = std::time::Instant::now();
+        let n = tokio::time::timeout(Duration::from_secs(3), client.read(&mut buf)).await.expect("closed").unwrap_or(0);
+        assert_eq!(n, 0);
+        assert!(started.elapsed() >= idle - Duration::from_millis(50), "closed after {:?}", started.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(gate.open(), 0, "the permit is given back");
+    }
+
+    #[tokio::test]
+    async fn a_client_over_its_cap_is_not_relayed_while_others_are() {
+        let target = echo_server().await;
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut f = Forwarders::default();
+        let caps = Caps { per_source: 2, total: 10, descriptors: 2, ipv6_by_64: false };
+        f.tcp = Gate::with_budget("test", caps, crate::host::admission::Budget::new(100));
+        f.apply(&[plan(listen, target, &["127.0.0.1", "127.0.0.2"])]).unwrap();
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(listen).await.unwrap();
+            s.write_all(b"ping").await.unwrap();
+            let mut buf = [0u8; 4];
+            s.read_exact(&mut buf).await.unwrap();
+            held.push(s);
+        }
+        assert!(round_trip(listen).await.is_err(), "a third connection of one client is refused");
+        let other = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        other.bind(&SocketAddr::from(([127, 0, 0, 2], 0)).into()).unwrap();
+        other.connect(&listen.into()).unwrap();
+        other.set_nonblocking(true).unwrap();
+        let mut other = TcpStream::from_std(other.into()).unwrap();
+        other.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(2), other.read_exact(&mut buf)).await.expect("relayed").unwrap();
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(round_trip(listen).await.unwrap(), b"ping", "room again once the first ones closed");
     }
 }

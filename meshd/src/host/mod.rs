@@ -6,9 +6,12 @@
 //! - [`firewall`]: nftables. [`forward`]: the TCP and UDP forwarders of services. [`dns`]: the mesh DNS
 //!   server. [`hostnet`]: the host's addresses and routes as `ip` sees them. [`socket`]: sockets bound
 //!   on mesh addresses. [`resolve`]: peers' endpoint names, through the host's resolver configuration.
+//! - [`admission`]: the open-file limit, and the caps on connections from untrusted peers that keep
+//!   descriptors in reserve for the daemon's own work.
 //! - [`statedir`]: the state directory (files, locks). [`owner`]: which meshd runs an interface.
 //!   [`clock`]: the host's clocks.
 
+pub mod admission;
 pub mod clock;
 pub mod dns;
 pub mod firewall;

@@ -3,12 +3,21 @@
 //! There is no CA: the invite token carries the SHA-256 fingerprint of the hub's self-signed certificate and
 //! the client pins it. One JSON request line goes up, one JSON reply line comes back. The module is generic
 //! over the request and reply types, so it knows nothing about invites.
+//!
+//! The listener faces the internet, so it does not announce itself: the client sends as its TLS server
+//! name (SNI) a name derived from the pinned fingerprint ([`server_name`]), which every token holder and
+//! member knows and a scanner does not. A connection whose ClientHello does not carry it, or that sends
+//! no ClientHello within [`HELLO_TIMEOUT`], is closed without a byte sent back (no certificate, not even
+//! a TLS alert). Connections are capped per source and in total ([`PER_SOURCE`], [`TOTAL`]) within the
+//! process's descriptor budget (see [`crate::host::admission`]); none of that is logged one line each.
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -19,16 +28,24 @@ use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, ServerConfig
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
-use tracing::{debug, warn};
+use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
+use tracing::debug;
 
+use crate::host::admission::{Caps, Gate};
 use meshd_core::wire::auth::STANDING_EXPORTER_LABEL;
 
-/// Name in the certificate and the SNI the client sends; the client ignores it, the pin is what counts.
+/// Name in the certificate; the client ignores it, the pin is what counts.
 const SERVER_NAME: &str = "meshd-join";
+/// Most join connections of one source (an IPv4 address or an IPv6 /64) at a time: a joining host or a
+/// member asking where it stands needs one; several hosts behind one NAT may join at once.
+pub const PER_SOURCE: usize = 32;
+/// Most join connections at a time over all sources.
+pub const TOTAL: usize = 256;
+/// Time a client gets to send its ClientHello after connecting.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request line the hub reads, so a client cannot make it buffer without bound.
 const MAX_REQUEST: u64 = 64 * 1024;
 /// Largest reply line the client reads; replies come from the pinned hub and may carry a whole host config.
@@ -63,6 +80,11 @@ pub enum JoinError {
          fingerprint (check the address, or ask for a new token)"
     )]
     WrongServer { addr: String },
+    #[error(
+        "the server at {addr} closed the connection without answering: it is not the hub this token belongs to, \
+         or the hub is at its connection limit (check the address and try again, or ask for a new token)"
+    )]
+    Unanswered { addr: String },
     #[error("TLS handshake with the hub at {addr}: {source}")]
     Handshake { addr: String, source: io::Error },
     #[error("exchanging the join request with {addr}: {source}")]
@@ -127,6 +149,19 @@ impl JoinIdentity {
     pub fn fingerprint(&self) -> String {
         hex::encode(Sha256::digest(&self.cert_der))
     }
+
+    /// The server name clients of this identity send ([`server_name`] of its fingerprint).
+    pub fn server_name(&self) -> String {
+        server_name(&Sha256::digest(&self.cert_der).into())
+    }
+}
+
+/// The TLS server name (SNI) for the join service whose certificate has SHA-256 `pin`: the first 16 hex
+/// characters of SHA-256("meshd join" || pin), under `meshd.invalid`. Only those who know the fingerprint
+/// can name it, and it reveals nothing of the fingerprint.
+pub fn server_name(pin: &[u8; 32]) -> String {
+    let digest = Sha256::new().chain_update(b"meshd join").chain_update(pin).finalize();
+    format!("{}.meshd.invalid", hex::encode(digest.get(..8).unwrap_or_default()))
 }
 
 impl fmt::Debug for JoinIdentity {
@@ -157,7 +192,9 @@ fn binding(connection: &rustls::ConnectionCommon<impl Sized>) -> io::Result<Bind
 
 /// Accept TLS connections on `listener` until the receiver of `calls` is dropped: read one JSON line (at most
 /// 64 KiB, within 10 s), hand it to `calls`, write the reply as one JSON line, close. A malformed request gets
-/// `malformed(reason)` as its reply without reaching `calls`. Each connection runs in its own task.
+/// `malformed(reason)` as its reply without reaching `calls`. Each connection runs in its own task, holding
+/// a permit of the listener's gate; connections over its caps, and ClientHellos without the identity's
+/// server name, are closed at once without a reply.
 pub async fn serve<Req, Resp>(
     listener: TcpListener,
     identity: JoinIdentity,
@@ -167,7 +204,10 @@ pub async fn serve<Req, Resp>(
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,
 {
-    let acceptor = TlsAcceptor::from(identity.server_config);
+    let caps = Caps { per_source: PER_SOURCE, total: TOTAL, descriptors: 1, ipv6_by_64: true };
+    let gate = Gate::new("join listener", caps);
+    let expected: Arc<str> = identity.server_name().into();
+    let config = identity.server_config;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -179,24 +219,31 @@ pub async fn serve<Req, Resp>(
         let (tcp, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
-                warn!("accepting a join connection: {e}");
+                debug!("accepting a join connection: {e}");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
-        let acceptor = acceptor.clone();
-        let calls = calls.clone();
+        let Some(permit) = gate.admit(peer.ip()) else { continue };
+        let (config, expected, calls) = (config.clone(), expected.clone(), calls.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve_connection(acceptor, tcp, peer, calls, malformed).await {
+            if let Err(e) = serve_connection(Tls { config, expected }, tcp, peer, calls, malformed).await {
                 debug!(%peer, "join connection ended without a reply: {e}");
             }
+            drop(permit);
         });
     }
 }
 
-/// One join connection: handshake, request line, reply line.
+/// The server side of the TLS: its configuration, and the server name a client must send.
+struct Tls {
+    config: Arc<ServerConfig>,
+    expected: Arc<str>,
+}
+
+/// One join connection: ClientHello (with the expected server name), handshake, request line, reply line.
 async fn serve_connection<Req, Resp>(
-    acceptor: TlsAcceptor,
+    tls: Tls,
     tcp: TcpStream,
     peer: SocketAddr,
     calls: mpsc::Sender<JoinCall<Req, Resp>>,
@@ -206,8 +253,18 @@ where
     Req: DeserializeOwned,
     Resp: Serialize,
 {
+    // Nothing is written until the ClientHello names this service: not even an alert for garbage.
+    let muted = Arc::new(AtomicBool::new(true));
+    let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), Muted { tcp, muted: muted.clone() });
+    let start = tokio::time::timeout(HELLO_TIMEOUT, hello)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no ClientHello in time"))??;
+    if start.client_hello().server_name() != Some(&*tls.expected) {
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, "ClientHello without this service's name"));
+    }
+    muted.store(false, Ordering::SeqCst);
     let read_request = async {
-        let mut stream = BufReader::new(acceptor.accept(tcp).await?);
+        let mut stream = BufReader::new(start.into_stream(tls.config).await?);
         let line = read_line(&mut stream, MAX_REQUEST).await?;
         Ok::<_, io::Error>((stream, line))
     };
@@ -242,6 +299,36 @@ where
     tokio::time::timeout(REPLY_TIMEOUT, write_reply)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client did not take the reply in time"))?
+}
+
+/// A connection that swallows what is written to it while `muted`: so a stranger's connection ends
+/// without the server having said anything.
+struct Muted {
+    tcp: TcpStream,
+    muted: Arc<AtomicBool>,
+}
+
+impl AsyncRead for Muted {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Muted {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        if self.muted.load(Ordering::SeqCst) {
+            return Poll::Ready(Ok(data.len()));
+        }
+        Pin::new(&mut self.tcp).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
 }
 
 /// Connect to `addr` ("HOST:PORT", host a DNS name, IPv4 or `[IPv6]`), accept only a server certificate whose
@@ -313,11 +400,15 @@ async fn exchange<Resp: DeserializeOwned>(
         .with_no_client_auth();
 
     let tcp = connect_any(addr).await.map_err(|source| JoinError::Connect { addr: owned_addr(), source })?;
-    let server_name =
-        ServerName::try_from(SERVER_NAME).map_err(|e| JoinError::TlsConfig(rustls::Error::General(e.to_string())))?;
+    let server_name = ServerName::try_from(server_name(&pin))
+        .map_err(|e| JoinError::TlsConfig(rustls::Error::General(e.to_string())))?;
     let tls = match TlsConnector::from(Arc::new(config)).connect(server_name, tcp).await {
         Ok(tls) => tls,
         Err(_) if mismatch.load(Ordering::SeqCst) => return Err(JoinError::WrongServer { addr: owned_addr() }),
+        // The join service closes silently on a client that does not send its name (derived from the pin).
+        Err(source) if source.kind() == io::ErrorKind::UnexpectedEof => {
+            return Err(JoinError::Unanswered { addr: owned_addr() });
+        }
         Err(source) => return Err(JoinError::Handshake { addr: owned_addr(), source }),
     };
 
@@ -494,17 +585,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn wrong_fingerprint_is_wrong_server() {
+    async fn wrong_fingerprint_is_refused() {
         let (addr, identity, mut seen) = start_hub("127.0.0.1:0").await;
         let other = JoinIdentity::generate().expect("other identity");
         let err = call::<_, Reply>(&addr.to_string(), &other.fingerprint(), &hello("mallory"), T).await.unwrap_err();
-        assert!(matches!(err, JoinError::WrongServer { .. }), "{err:?}");
+        // The hub does not answer a client that names another certificate's service.
+        assert!(matches!(err, JoinError::Unanswered { .. }), "{err:?}");
         assert!(err.to_string().contains("not the hub this token belongs to"), "{err}");
         // The hub is still fine, and the rejected call never reached the handler.
         let ok: Reply = call(&addr.to_string(), &identity.fingerprint(), &hello("x"), T).await.expect("call");
         assert_eq!(ok.echo.as_deref(), Some("x"));
         assert!(seen.recv().await.is_some());
         assert!(seen.try_recv().is_err());
+
+        // A TLS server that answers any name (not a meshd hub) with another certificate is the wrong server.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let other_addr = listener.local_addr().expect("addr");
+        let acceptor = tokio_rustls::TlsAcceptor::from(other.server_config.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let _ = acceptor.accept(tcp).await;
+            }
+        });
+        let err = call::<_, Reply>(&other_addr.to_string(), &identity.fingerprint(), &hello("x"), T).await.unwrap_err();
+        assert!(matches!(err, JoinError::WrongServer { .. }), "{err:?}");
+        assert!(err.to_string().contains("not the hub this token belongs to"), "{err}");
     }
 
     #[tokio::test]
@@ -520,7 +625,7 @@ mod tests {
             .expect("versions")
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(stolen)));
-        let impostor = JoinIdentity { server_config: Arc::new(config), ..impostor };
+        let impostor = JoinIdentity { server_config: Arc::new(config), cert_der: hub.cert_der().to_vec(), ..impostor };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (calls_tx, mut calls_rx) = mpsc::channel::<JoinCall<Hello, Reply>>(1);
@@ -572,6 +677,57 @@ mod tests {
         assert!(matches!(err, JoinError::Timeout { .. }), "{err:?}");
         assert!(started.elapsed() < timeout + Duration::from_secs(1));
         holder.abort();
+    }
+
+    /// What a stranger's connection gets back (until the server closes it), and how long that took.
+    async fn answer_to(addr: SocketAddr, send: &[u8]) -> (Vec<u8>, Duration) {
+        let started = Instant::now();
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(send).await.expect("send");
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(HELLO_TIMEOUT + T, tcp.read_to_end(&mut got)).await.expect("closed in time");
+        // A reset (the server closed with our bytes unread) is a close too.
+        if let Err(e) = read {
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+        }
+        (got, started.elapsed())
+    }
+
+    #[tokio::test]
+    async fn strangers_get_not_a_byte_and_silent_ones_are_closed_within_the_hello_timeout() {
+        let (addr, identity, mut seen) = start_hub("127.0.0.1:0").await;
+        let (got, _) = answer_to(addr, b"GET / HTTP/1.0\r\n\r\n").await;
+        assert!(got.is_empty(), "garbage got {got:?}");
+        let (got, took) = answer_to(addr, b"").await;
+        assert!(got.is_empty(), "a silent client got {got:?}");
+        assert!(took >= HELLO_TIMEOUT - Duration::from_millis(100) && took < HELLO_TIMEOUT + Duration::from_secs(2));
+
+        // A TLS client that does not know the service's name (a scanner) sees no certificate.
+        for name in [SERVER_NAME, "other.meshd.invalid"] {
+            let verifier = PinnedCert {
+                pin: [0; 32],
+                algorithms: PROVIDER.signature_verification_algorithms,
+                mismatch: Arc::new(AtomicBool::new(false)),
+            };
+            let mismatch = verifier.mismatch.clone();
+            let config = ClientConfig::builder_with_provider(PROVIDER.clone())
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+                .with_no_client_auth();
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let name = ServerName::try_from(name).expect("name");
+            assert!(TlsConnector::from(Arc::new(config)).connect(name, tcp).await.is_err());
+            assert!(!mismatch.load(Ordering::SeqCst), "a certificate was shown to a client without the name");
+        }
+        assert!(seen.try_recv().is_err());
+
+        // Those who know the fingerprint still get through.
+        let ok: Reply = call(&addr.to_string(), &identity.fingerprint(), &hello("x"), T).await.expect("call");
+        assert_eq!(ok.echo.as_deref(), Some("x"));
+        assert_eq!(identity.server_name(), server_name(&parse_fingerprint(&identity.fingerprint()).expect("pin")));
+        assert!(identity.server_name().ends_with(".meshd.invalid") && !identity.server_name().contains(SERVER_NAME));
     }
 
     #[test]

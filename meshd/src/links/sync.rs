@@ -26,6 +26,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tracing::{debug, info, warn};
 
+use crate::host::admission::{Caps, Gate};
 use crate::host::clock;
 use meshd_core::input::Label;
 use meshd_core::keys::{PrivateKey, PublicKey};
@@ -52,6 +53,8 @@ const HANDSHAKES_PER_MEMBER: usize = 4;
 
 /// How often at most a failed handshake from one member is logged at warning level (the others at debug).
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// Most sessions and handshakes of all members at a time (within the process's descriptor budget).
+const SESSIONS_TOTAL: usize = 16_384;
 
 /// The hub's side: the [`Journal`] of what it published, and the stream every session listens to.
 #[derive(Clone)]
@@ -143,8 +146,18 @@ impl Publisher {
         self.read().journal.state().nodes.iter().find(|n| n.name == *node).map(|n| n.public_key.clone())
     }
 
-    /// Accept member sessions on `listener` until the task is dropped.
+    /// Accept member sessions on `listener` until the task is dropped. Each connection holds a permit of
+    /// the listener's gate (see [`crate::host::admission`]); a connection over its caps is closed at once.
     pub async fn serve(self, listener: TcpListener, requests: mpsc::Sender<FromSession>) {
+        // Well above what one member's address holds (its session and the handshakes under way, the oldest
+        // of which are closed), so that crowded-out handshakes free their permits before the member meets it.
+        let caps = Caps {
+            per_source: 2 * HANDSHAKES_PER_MEMBER + 1,
+            total: SESSIONS_TOTAL,
+            descriptors: 1,
+            ipv6_by_64: false,
+        };
+        let gate = Gate::new("sync listener", caps);
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(conn) => conn,
@@ -158,6 +171,7 @@ impl Publisher {
                 debug!(%peer, "sync: connection from an address that is no active member; closed");
                 continue;
             };
+            let Some(permit) = gate.admit(peer.ip()) else { continue };
             let (id, mut crowded_out) = {
                 let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
                 sessions.last += 1;
@@ -194,6 +208,7 @@ impl Publisher {
                     Err(e) => debug!(%node, error = %e, "sync session ended"),
                 }
                 publisher.session_ended(&node, id);
+                drop(permit);
             });
         }
     }

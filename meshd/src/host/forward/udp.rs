@@ -9,6 +9,9 @@
 //! per mesh address; a new client beyond that evicts the session whose client was heard from least
 //! recently. Datagrams of any size UDP allows (up to [`MAX_DATAGRAM`] bytes) pass whole.
 //!
+//! Each session also holds a permit of the host's UDP forwarding gate (see [`crate::host::admission`]):
+//! when the host's caps are reached, a datagram that would open a session is dropped.
+//!
 //! Nothing here trusts a datagram: sources are checked against the admitted set before a session
 //! exists, contents are never parsed, and every socket error ends at most one session.
 
@@ -26,6 +29,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::{Allowed, CONNECT_TIMEOUT};
+use crate::host::admission::{Gate, Permit};
 use meshd_core::input::{HostPort, Label};
 
 /// A session nobody has sent anything on for this long is closed: between conntrack's timeouts for a
@@ -174,12 +178,14 @@ impl Drop for Session {
 
 /// Serve `service` on `socket` until the allowed set's sender is dropped (the service stopped) or the
 /// task is aborted: admitted clients' datagrams go to `target`, the replies come back from `socket`.
+/// Every session holds a permit of `gate`.
 pub async fn serve(
     service: Label,
     socket: UdpSocket,
     target: HostPort,
     mut allowed: watch::Receiver<Allowed>,
     limits: Limits,
+    gate: Arc<Gate>,
 ) {
     let socket = Arc::new(socket);
     let mut sessions: Sessions<Session> = Sessions::new(limits.max_sessions, limits.max_per_client);
@@ -206,7 +212,8 @@ pub async fn serve(
                     continue;
                 }
                 let datagram = buf.get(..len).unwrap_or_default().to_vec();
-                forward(&service, &socket, &target, &mut sessions, client, datagram, limits);
+                let new = Opening { service: &service, socket: &socket, target: &target, gate: &gate, limits };
+                forward(new, &mut sessions, client, datagram);
             }
             changed = allowed.changed() => {
                 if changed.is_err() {
@@ -222,16 +229,19 @@ pub async fn serve(
     }
 }
 
-/// Queue `datagram` on the session of `client`, opening one if it has none (or its last one ended).
-fn forward(
-    service: &Label,
-    socket: &Arc<UdpSocket>,
-    target: &HostPort,
-    sessions: &mut Sessions<Session>,
-    client: SocketAddr,
-    datagram: Vec<u8>,
+/// What opening a session of one service's socket takes.
+struct Opening<'a> {
+    service: &'a Label,
+    socket: &'a Arc<UdpSocket>,
+    target: &'a HostPort,
+    gate: &'a Arc<Gate>,
     limits: Limits,
-) {
+}
+
+/// Queue `datagram` on the session of `client`, opening one if it has none (or its last one ended) and
+/// the gate admits it.
+fn forward(new: Opening<'_>, sessions: &mut Sessions<Session>, client: SocketAddr, datagram: Vec<u8>) {
+    let Opening { service, socket, target, gate, limits } = new;
     let now = Instant::now();
     let datagram = match sessions.get(client, now) {
         Some(session) => match session.to_target.try_send(datagram) {
@@ -244,10 +254,13 @@ fn forward(
         },
         None => datagram,
     };
+    // Over the host's caps the datagram is dropped, as a full router drops it (the gate reports refusals).
+    let Some(permit) = gate.admit(client.ip()) else { return };
     let (to_target, from_client) = mpsc::channel(SESSION_QUEUE);
     // The queue is new and empty: the first datagram always fits.
     let _ = to_target.try_send(datagram);
-    let task = tokio::spawn(relay(service.clone(), client, target.clone(), socket.clone(), from_client, limits.idle));
+    let ends = Ends { client, target: target.clone(), socket: socket.clone() };
+    let task = tokio::spawn(relay(service.clone(), ends, from_client, limits.idle, permit));
     let evicted = sessions.insert(client, Session { to_target, task }, now, Session::ended);
     debug!(%service, %client, sessions = sessions.len(), "UDP session opened");
     if let Some(quietest) = evicted {
@@ -258,14 +271,15 @@ fn forward(
 
 /// One session: connect to the target, then pass datagrams both ways until it is idle for `idle`, its
 /// queue is dropped (access withdrawn, evicted, service stopped) or the target cannot be reached.
-async fn relay(
-    service: Label,
+/// The two ends of a session: the client (reached through the service's socket) and the target.
+struct Ends {
     client: SocketAddr,
     target: HostPort,
     socket: Arc<UdpSocket>,
-    mut from_client: mpsc::Receiver<Vec<u8>>,
-    idle: Duration,
-) {
+}
+
+async fn relay(service: Label, ends: Ends, mut from_client: mpsc::Receiver<Vec<u8>>, idle: Duration, _permit: Permit) {
+    let Ends { client, target, socket } = ends;
     let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, connect(&target)).await {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(e)) => return warn!(%service, %target, error = %e, "target unreachable"),
@@ -337,6 +351,7 @@ async fn connect(target: &HostPort) -> io::Result<UdpSocket> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::admission::{Budget, Caps};
     use std::collections::BTreeSet;
     use std::net::IpAddr;
 
@@ -411,11 +426,23 @@ mod tests {
         allowed: &[IpAddr],
         limits: Limits,
     ) -> (SocketAddr, watch::Sender<Allowed>, JoinHandle<()>) {
+        let caps = Caps { per_source: 64, total: 64, descriptors: 1, ipv6_by_64: false };
+        gated_forwarder(listen_ip, target, allowed, limits, Gate::with_budget("test", caps, Budget::new(64))).await
+    }
+
+    /// [`forwarder`] with the host's gate `gate`.
+    async fn gated_forwarder(
+        listen_ip: IpAddr,
+        target: SocketAddr,
+        allowed: &[IpAddr],
+        limits: Limits,
+        gate: Arc<Gate>,
+    ) -> (SocketAddr, watch::Sender<Allowed>, JoinHandle<()>) {
         let socket = crate::host::socket::bind_udp((listen_ip, 0).into()).unwrap();
         let listen = socket.local_addr().unwrap();
         let (tx, rx) = watch::channel(Arc::new(allowed.iter().copied().collect::<BTreeSet<_>>()));
         let task =
-            tokio::spawn(serve("echo".parse().unwrap(), socket, target.to_string().parse().unwrap(), rx, limits));
+            tokio::spawn(serve("echo".parse().unwrap(), socket, target.to_string().parse().unwrap(), rx, limits, gate));
         (listen, tx, task)
     }
 
@@ -442,6 +469,29 @@ mod tests {
             assert_eq!(reply.len(), size);
             assert_eq!(exchange(&phone, listen, b"").await.map(|(r, _)| r), Some(vec![]), "an empty datagram");
         }
+    }
+
+    #[tokio::test]
+    async fn a_client_over_the_hosts_session_cap_gets_no_new_session_while_others_do() {
+        let ip: IpAddr = Ipv4Addr::LOCALHOST.into();
+        let other: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
+        let target = echo_server(ip).await;
+        let caps = Caps { per_source: 2, total: 3, descriptors: 1, ipv6_by_64: false };
+        let gate = Gate::with_budget("test", caps, Budget::new(100));
+        let (listen, _allowed, _task) =
+            gated_forwarder(ip, target, &[ip, other], Limits::default(), gate.clone()).await;
+        let mut clients = Vec::new();
+        for _ in 0..2 {
+            let client = UdpSocket::bind((ip, 0)).await.unwrap();
+            assert!(exchange(&client, listen, b"ping").await.is_some(), "within the cap");
+            clients.push(client);
+        }
+        let third = UdpSocket::bind((ip, 0)).await.unwrap();
+        assert!(exchange(&third, listen, b"ping").await.is_none(), "a third session of one client address");
+        let elsewhere = UdpSocket::bind((other, 0)).await.unwrap();
+        assert!(exchange(&elsewhere, listen, b"ping").await.is_some(), "another client still gets one");
+        assert_eq!(gate.open(), 3);
+        assert!(exchange(&clients[0], listen, b"again").await.is_some(), "open sessions keep working");
     }
 
     #[tokio::test]
