@@ -23,7 +23,8 @@ pub const TARGETS: &[(&str, Target)] = &[("dns", dns)];
 
 /// The bytes of one DNS query (UDP or TCP payload), answered by the hub's mesh DNS of the sample
 /// network (names, reverse names, no upstreams) as the server answers it: a message that does not
-/// decode or is a response gets no answer; a query gets exactly one, which decodes, with its id.
+/// decode or is a response gets no answer; a query gets exactly one, a response with its id, which
+/// decodes whenever the query is well-formed.
 pub fn dns(data: &[u8]) {
     static MESH: OnceLock<(tokio::runtime::Runtime, Catalog)> = OnceLock::new();
     let (runtime, catalog) = MESH.get_or_init(|| {
@@ -43,9 +44,17 @@ pub fn dns(data: &[u8]) {
     runtime.block_on(catalog.handle_request::<_, TokioTime>(&request, answers.clone()));
     let answers = answers.0.lock().unwrap_or_else(PoisonError::into_inner);
     assert_eq!(answers.len(), 1, "one answer to a query");
-    let answer = Message::from_vec(&answers[0]).expect("an answer decodes");
-    assert_eq!(answer.metadata.id, request.metadata.id, "the answer carries the query's id");
-    assert_eq!(answer.metadata.message_type, MessageType::Response);
+    let answer = &answers[0];
+    assert!(answer.len() >= 12, "an answer has a header");
+    assert_eq!(answer[..2], data[..2], "the answer carries the query's id");
+    assert_eq!(answer[2] & 0x80, 0x80, "the answer is a response");
+    // hickory-server echoes the question section byte for byte (hickory-dns issue 2210), so a question
+    // whose name points into the query's header points into the answer's, which no longer decodes. A
+    // query as clients write it (what hickory writes back the same) gets an answer that decodes.
+    if Message::from_vec(data).ok().and_then(|query| query.to_vec().ok()).is_some_and(|canonical| canonical == data) {
+        let answer = Message::from_vec(answer).expect("the answer to a well-formed query decodes");
+        assert_eq!(answer.metadata.message_type, MessageType::Response);
+    }
 }
 
 /// The encoded answers the catalog sent.
