@@ -255,7 +255,8 @@ impl FromStr for HostPort {
             }
             let host = match host.parse::<Ipv4Addr>() {
                 Ok(ip) => Host::Ip(IpAddr::V4(ip)),
-                Err(_) if looks_like_ipv4(host) => return Err(bad()),
+                // A final dot makes a name absolute; it does not make an address a name.
+                Err(_) if looks_like_ipv4(host.strip_suffix('.').unwrap_or(host)) => return Err(bad()),
                 Err(_) => Host::Name(parse_domain(host).map_err(|_| bad())?),
             };
             (host, port)
@@ -481,6 +482,7 @@ mod tests {
             assert_eq!(parse_endpoint(disguised), Err(InputError::HostPort(disguised.to_owned())), "{disguised}");
         }
         for good in [
+            "node.example.net.:51820",
             "203.0.113.10:51820",
             "1password.example:51820",
             "0xdead.example:51820",
@@ -491,6 +493,17 @@ mod tests {
         ] {
             assert!(parse_endpoint(good).is_ok(), "{good}");
         }
+    }
+
+    #[test]
+    fn an_address_with_a_final_dot_is_no_name() {
+        // Found by the declare fuzz target: "127.0.0.:5052" read as the name "127.0.0", written back as
+        // "127.0.0:5052", which no longer reads; "127.0.0.1.:51820" passed as a name for loopback.
+        for disguised in ["127.0.0.1.:51820", "127.0.0.:5052", "127.:5052", "10.10.27.:5052", "0x7f000001.:1"] {
+            assert_eq!(disguised.parse::<HostPort>(), Err(InputError::HostPort(disguised.to_owned())), "{disguised}");
+        }
+        let name: HostPort = "Node.Example.NET.:51820".parse().unwrap();
+        assert_eq!(name.to_string().parse::<HostPort>(), Ok(name));
     }
 
     #[test]

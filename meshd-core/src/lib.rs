@@ -12,6 +12,8 @@
 //! - [`wire`]: the admin, join and sync protocols' messages, and the invite token.
 //! - [`session`]: the sync protocol's two ends (a member, the hub's session with one member) as state
 //!   machines driven by messages and time.
+//! - `fuzzing` (feature `fuzzing`): fuzz targets for the parsers of untrusted input (see
+//!   docs/FUZZING.md).
 
 #![warn(missing_docs)]
 
@@ -19,6 +21,8 @@ pub mod clock;
 pub mod declare;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fixtures;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod handout;
 pub mod input;
 pub mod ipam;

@@ -10,8 +10,11 @@
 //! - [`runtime`]: the daemon's loops: the hub, a member, and the executor of host steps.
 //! - [`links`]: the sockets between processes and hosts: admin (local), join (TLS), sync (in the mesh).
 //! - [`host`]: one module per outside system the daemon touches.
+//! - `fuzzing` (feature `fuzzing`): fuzz targets for the parsers behind I/O (see docs/FUZZING.md).
 
 pub mod controller;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod host;
 pub mod links;
 pub mod runtime;

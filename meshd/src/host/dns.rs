@@ -94,21 +94,7 @@ impl MeshDns {
         }
         let origin = parse_domain(domain)?;
         let serial = 1;
-
-        let mut kinds = vec![(origin.clone(), ZoneKind::Names)];
-        for &range in reverse {
-            kinds.extend(reverse_zones(range)?.into_iter().map(|(name, net)| (name, ZoneKind::Reverse(net))));
-        }
-        let names = mesh_names(&records, &origin);
-        let mut catalog = Catalog::new();
-        let mut zones = Vec::with_capacity(kinds.len());
-        for (zone_origin, kind) in kinds {
-            let mut handler = InMemoryZoneHandler::empty(zone_origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
-            *handler.records_get_mut() = zone_records(&zone_origin, &origin, kind, &names, serial);
-            let handler = Arc::new(handler);
-            catalog.upsert(LowerName::new(&zone_origin), vec![handler.clone() as Arc<dyn ZoneHandler>]);
-            zones.push(Zone { origin: zone_origin, kind, handler });
-        }
+        let (mut catalog, zones) = mesh_catalog(&origin, reverse, &records, serial)?;
         // Without upstreams there is no root zone, so the catalog answers REFUSED at once
         // instead of a resolver timing out against nothing.
         if !upstreams.is_empty() {
@@ -226,8 +212,33 @@ pub fn upstreams_from_resolv_conf(path: &Path, exclude: &[IpAddr]) -> Vec<Socket
     upstreams
 }
 
+/// The catalog of the mesh zones: `records` under `origin`, and their reverse names within the
+/// `reverse` ranges; and those zones, the mesh domain first. Names outside `origin` are skipped.
+pub(crate) fn mesh_catalog(
+    origin: &Name,
+    reverse: &[IpNet],
+    records: &DnsRecords,
+    serial: u32,
+) -> Result<(Catalog, Vec<Zone>), ZoneError> {
+    let mut kinds = vec![(origin.clone(), ZoneKind::Names)];
+    for &range in reverse {
+        kinds.extend(reverse_zones(range)?.into_iter().map(|(name, net)| (name, ZoneKind::Reverse(net))));
+    }
+    let names = mesh_names(records, origin);
+    let mut catalog = Catalog::new();
+    let mut zones = Vec::with_capacity(kinds.len());
+    for (zone_origin, kind) in kinds {
+        let mut handler = InMemoryZoneHandler::empty(zone_origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
+        *handler.records_get_mut() = zone_records(&zone_origin, origin, kind, &names, serial);
+        let handler = Arc::new(handler);
+        catalog.upsert(LowerName::new(&zone_origin), vec![handler.clone() as Arc<dyn ZoneHandler>]);
+        zones.push(Zone { origin: zone_origin, kind, handler });
+    }
+    Ok((catalog, zones))
+}
+
 /// One zone served from the mesh records.
-struct Zone {
+pub(crate) struct Zone {
     origin: Name,
     kind: ZoneKind,
     handler: Arc<InMemoryZoneHandler>,
