@@ -20,6 +20,7 @@ use crate::reconcile::{self, PeerEndpoints};
 use crate::session::hub::HubSession;
 use crate::session::member::Member;
 use crate::wire::admin::Request;
+use crate::wire::auth;
 use crate::wire::invite::{self, InviteSecret, Token};
 use crate::wire::join::{JoinReply, MemberState, ToJoinService};
 use crate::wire::sync::{ToHub, ToMember};
@@ -41,10 +42,12 @@ pub const TARGETS: &[(&str, Target)] = &[
 
 /// A sync line, as the hub's session with a member reads it ([`ToHub`], through
 /// [`HubSession::handle_line`]) and as a member reads it ([`ToMember`], through
-/// [`Member::handle_message`], then planned as the member's runtime plans every new state).
+/// [`Member::handle_message`], then planned as the member's runtime plans every new state); and the
+/// lines of the session's handshake ([`auth`]), each checked as the other end checks it.
 pub fn sync(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let text = text.strip_suffix('\n').unwrap_or(text);
+    handshake(text);
 
     let mut hub = HubSession::new(label("vps"), Instant::now());
     hub.handle_line(text);
@@ -62,6 +65,38 @@ pub fn sync(data: &[u8]) {
     member.handle_message(message);
     while member.poll_effect().is_some() {}
     plan_state(&member.member_state().state, "vps");
+}
+
+/// A handshake line: the hub's [`auth::Challenge`] (the member answers it), the member's
+/// [`auth::MemberProof`] (the hub checks it) and the hub's [`auth::HubAnswer`] (the member checks it). A
+/// proof made of arbitrary bytes never passes.
+fn handshake(text: &str) {
+    let sample = |b: u8| PrivateKey::from_base64(&base64_of([b; 32])).expect("a sample key");
+    let (hub, member, challenge, ephemeral) = (sample(1), sample(2), sample(3), sample(4));
+    if let Ok(message) = serde_json::from_str::<auth::Challenge>(text) {
+        assert_eq!(reparse::<auth::Challenge>(&message), message, "a challenge reads back as itself");
+        let _ = auth::Handshake::member(&member, &ephemeral, &hub.public_key(), &message.challenge);
+    }
+    if let Ok(message) = serde_json::from_str::<auth::MemberProof>(text) {
+        assert_eq!(reparse::<auth::MemberProof>(&message), message, "a proof reads back as itself");
+        if let Ok(check) = auth::Handshake::hub(&hub, &challenge, &message.public_key, &message.ephemeral) {
+            assert!(check.verify_member(&message.proof).is_err(), "a proof nobody made passed");
+        }
+    }
+    if let Ok(message) = serde_json::from_str::<auth::HubAnswer>(text) {
+        assert_eq!(reparse::<auth::HubAnswer>(&message), message, "an answer reads back as itself");
+        let mine = auth::Handshake::member(&member, &ephemeral, &hub.public_key(), &challenge.public_key())
+            .expect("sample keys agree");
+        if let auth::HubAnswer::Proven { proof } = message {
+            assert!(mine.verify_hub(&proof).is_err(), "a hub proof nobody made passed");
+        }
+    }
+}
+
+/// Standard base64 of `bytes`.
+fn base64_of(bytes: [u8; 32]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// A join service request (the controller reads [`ToJoinService`]) and its reply (a joining host reads
