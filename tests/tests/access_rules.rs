@@ -61,7 +61,7 @@ fn nft_wrapper(dir: &Path, flag: &Path) -> String {
     fs::create_dir_all(dir).unwrap();
     let real = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"].into_iter().find(|p| Path::new(p).exists()).unwrap();
     let script = format!(
-        "#!/bin/sh\nif [ -e {flag} ] && [ \"$1\" = -f ]; then echo 'Error: simulated failure' >&2; exit 1; fi\nexec {real} \"$@\"\n",
+        "#!/bin/sh\nif [ -e {flag} ] && [ \"$1\" = -f ]; then cat >/dev/null; echo 'Error: simulated failure' >&2; exit 1; fi\nexec {real} \"$@\"\n",
         flag = flag.display()
     );
     let path = dir.join("nft");
@@ -206,6 +206,15 @@ fn nothing_reaches_a_phone_mesh_addresses_stay_on_the_mesh_and_a_flushed_ruleset
     assert!(
         wait_until(Duration::from_secs(6), || table(&hub).is_some_and(|t| t.contains(&tablet))),
         "the failed change was not loaded again"
+    );
+    // The whole change, not only its rules: the tablet's peer is on the interface too.
+    let tablet_key = devices.as_array().unwrap().iter().find(|d| d["name"] == "tablet").unwrap()["public_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        wait_until(Duration::from_secs(6), || hub.ns.run(&["wg", "show", &hub.ifname, "peers"]).contains(&tablet_key)),
+        "the failed change's peer was not added once nft worked"
     );
     daemon.assert_running("after the attacks on its rules");
 }

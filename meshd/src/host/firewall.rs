@@ -14,12 +14,13 @@ use meshd_core::session::rules::Listing;
 #[derive(Debug, thiserror::Error)]
 pub enum FirewallError {
     #[error("running nft (install nftables): {0}")]
-    Spawn(#[source] std::io::Error),
+    Spawn(std::io::Error),
     #[error("nft refused the ruleset: {0}")]
     Rejected(String),
 }
 
-/// Load `script` with `nft -f -`.
+/// Load `script` with `nft -f -`. What nft says on failure is the error, even when it stopped reading
+/// the script early.
 pub async fn load(script: &str) -> Result<(), FirewallError> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
@@ -28,12 +29,13 @@ pub async fn load(script: &str) -> Result<(), FirewallError> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(FirewallError::Spawn)?;
+    let mut written = Ok(());
     if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(script.as_bytes()).await.map_err(FirewallError::Spawn)?;
+        written = stdin.write_all(script.as_bytes()).await;
     }
     let output = child.wait_with_output().await.map_err(FirewallError::Spawn)?;
     if output.status.success() {
-        Ok(())
+        written.map_err(FirewallError::Spawn)
     } else {
         let stderr = String::from_utf8_lossy(&output.stderr);
         Err(FirewallError::Rejected(stderr.lines().next().unwrap_or("unknown error").to_owned()))

@@ -27,6 +27,9 @@ use meshd_core::reconcile::{self, HostStep};
 /// Where upstream resolvers are read from.
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 
+/// How often a change that failed part way is carried out again.
+pub(super) const APPLY_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The discard port: nothing listens on it on mesh hosts.
 const TUNNEL_OPENER_PORT: u16 = 9;
 
@@ -46,6 +49,8 @@ pub(super) struct Host {
     rules_loaded: bool,
     /// Brought up whole: a later failure to enable forwarding only costs relaying.
     up: bool,
+    /// The last change failed part way: it is carried out again (see [`Host::unapplied`]).
+    unapplied: bool,
     interface: Option<Arc<Mutex<Interface>>>,
     forwarders: Forwarders,
     dns: Option<MeshDns>,
@@ -72,6 +77,7 @@ impl Host {
             key: key.clone(),
             rules_loaded: false,
             up: false,
+            unapplied: false,
             interface: None,
             forwarders: Forwarders::default(),
             dns: None,
@@ -109,9 +115,19 @@ impl Host {
     pub(super) async fn reconcile(&mut self, snapshot: &Snapshot) -> anyhow::Result<Vec<(PublicKey, PeerPlan)>> {
         let new = plan_host(snapshot, &self.name, self.dns_port)?;
         let steps = reconcile::steps(&self.plan, &new);
-        let renewable = self.execute(&new, steps).await?;
+        let executed = self.execute(&new, steps).await;
+        self.unapplied = executed.is_err();
+        let renewable = executed?;
         self.plan = new;
         Ok(renewable)
+    }
+
+    /// Whether the last change failed part way (its rules did not load, a peer could not be set): the
+    /// daemon carries it out again every [`APPLY_RETRY`] until it succeeds, rather than leaving the rest of
+    /// it for the next change. The steps already done are not repeated (the plan the host matches is
+    /// kept step by step).
+    pub(super) fn unapplied(&self) -> bool {
+        self.unapplied
     }
 
     /// Carry out `steps` toward `new`, in order; the first failure stops them. Returns the peers that

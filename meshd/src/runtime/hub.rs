@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-use super::apply::{Host, open_tunnels};
+use super::apply::{APPLY_RETRY, Host, open_tunnels};
 use super::wait_for_signal;
 use crate::controller::Controller;
 use crate::host::statedir::StateDir;
@@ -73,6 +73,10 @@ pub(super) async fn serve(
                 let _ = reply.send(answer);
             }
             Some(request) = sessions.recv() => rotate_member_key(controller, host, &publisher, request).await,
+            () = tokio::time::sleep(APPLY_RETRY), if host.unapplied() => match publish_change(controller, host, &publisher).await {
+                Ok(()) => info!("the last change is applied now"),
+                Err(e) => debug!(error = format!("{e:#}"), "applying the change failed again"),
+            },
             result = &mut shutdown => break result,
         }
     };

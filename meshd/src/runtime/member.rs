@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
-use super::apply::{Host, open_tunnels};
+use super::apply::{APPLY_RETRY, Host, open_tunnels};
 use super::wait_for_signal;
 use crate::host::clock;
 use crate::host::statedir::StateDir;
@@ -80,6 +80,15 @@ pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host
             }
             Some(answer) = standings.recv() => member.handle_standing(answer, Instant::now()),
             () = clock::sleep_until(deadline) => member.handle_timeout(Instant::now()),
+            () = tokio::time::sleep(APPLY_RETRY), if host.unapplied() => {
+                match host.reconcile(&member.member_state().state.snapshot()).await {
+                    Ok(renewable) => {
+                        info!("the controller's last change is applied now");
+                        open_tunnels(renewable.iter().map(|(_, p)| p));
+                    }
+                    Err(e) => debug!(error = format!("{e:#}"), "applying the controller's change failed again"),
+                }
+            }
             result = &mut shutdown => break result,
         }
     };
