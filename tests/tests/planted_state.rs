@@ -57,35 +57,36 @@ fn a_state_directory_another_user_prepared_is_refused_until_root_owns_it() {
         run_ok(&mut ln);
     }
 
-    // As the README's next step was: refused, naming the directory and the fix.
+    // As the README's next step was: refused, naming the user's directory above it and the whole fix.
     let out = run_refused(&hub, &hub.state);
-    let shown = hub.state.display().to_string();
-    let fix = format!("run `sudo chown -R root: {shown}`");
-    assert_error_line(&out, &[&shown, "is owned by uid 65534, not by root who runs meshd", &fix]);
+    assert_error_line(&out, &[&home.display().to_string(), "is owned by uid 65534", "sudo mv -T", "chown -R root:"]);
     assert_eq!(fs::read_to_string(&roots).unwrap(), "root's own\n", "root's file was written through a link");
     assert_eq!(fs::metadata(&roots).unwrap().mode() & 0o777, 0o600);
     assert!(!hub.ns.exec(&["ip", "link", "show", &hub.ifname]).status.success(), "an interface was made");
 
-    // The fix it names. The links are still there: each is refused by name, and not followed.
-    chown_tree(&hub.state, 0);
-    let out = run_refused(&hub, &hub.state);
-    assert_error_line(&out, &["is a symbolic link", "remove it"]);
-    for name in planted {
-        fs::remove_file(hub.state.join(name)).unwrap();
-    }
-    // Writable by others, it could be planted in again.
-    fs::set_permissions(&hub.state, fs::Permissions::from_mode(0o777)).unwrap();
-    let out = run_refused(&hub, &hub.state);
-    assert_error_line(&out, &[&shown, "is writable by other users (mode 777)", "chmod go-w"]);
-    fs::set_permissions(&hub.state, fs::Permissions::from_mode(0o700)).unwrap();
-    // Still in the user's directory, which the user may rename it out of and put another in its place.
-    let out = run_refused(&hub, &hub.state);
-    assert_error_line(&out, &[&home.display().to_string(), "is owned by uid 65534", "sudo mv -T"]);
-    assert_eq!(fs::read_to_string(&roots).unwrap(), "root's own\n");
-
-    // Moved where only root can change it (as /var/lib/meshd), the hub runs.
+    // Moved where only root can change it (as /var/lib/meshd), but still the user's: refused, with the chown.
     let moved = tmp.path().join("var-lib-meshd");
     run_ok(Command::new("mv").arg("-T").arg(&hub.state).arg(&moved));
+    let out = run_refused(&hub, &moved);
+    let shown = moved.display().to_string();
+    let fix = format!("run `sudo chown -R root: {shown}`");
+    assert_error_line(&out, &[&shown, "is owned by uid 65534, not by root who runs meshd", &fix]);
+
+    // The fix it names. The links are still there: each is refused by name, and not followed.
+    chown_tree(&moved, 0);
+    let out = run_refused(&hub, &moved);
+    assert_error_line(&out, &["is a symbolic link", "remove it"]);
+    for name in planted {
+        fs::remove_file(moved.join(name)).unwrap();
+    }
+    // Writable by others, it could be planted in again.
+    fs::set_permissions(&moved, fs::Permissions::from_mode(0o777)).unwrap();
+    let out = run_refused(&hub, &moved);
+    assert_error_line(&out, &[&shown, "is writable by other users (mode 777)", "chmod go-w"]);
+    fs::set_permissions(&moved, fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(fs::read_to_string(&roots).unwrap(), "root's own\n");
+
+    // Now root's own, where only root can change it: the hub runs.
     let mut cmd = hub.ns.command(product_bin("meshd"));
     cmd.args(["run", "--wireguard", "userspace", "--state-dir"]).arg(&moved);
     let mut daemon = Proc::spawn_logged(cmd, "meshd run", &tmp.path().join("hub.log"));

@@ -15,6 +15,15 @@ use std::net::IpAddr;
 use crate::plan::dns::DNS_PORT;
 use crate::plan::{Grant, HostPlan};
 
+/// The firewall mark of the datagrams a routing host sends to open the tunnels to its peers at start (devices'
+/// too: a restarted hub reaches phones at once instead of after their own retry). It is the one new flow the
+/// host's own processes may start towards a device; setting a mark takes `CAP_NET_ADMIN`, which other users lack.
+pub const TUNNEL_OPENER_MARK: u32 = 0x6d65_7368;
+
+/// The port those datagrams go to: the discard port, where nothing listens on mesh hosts or phones (the
+/// handshake they cause is what counts).
+pub const TUNNEL_OPENER_PORT: u16 = 9;
+
 /// The nftables table that belongs to interface `interface`.
 pub fn table_name(interface: &str) -> String {
     let safe: String = interface.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
@@ -135,7 +144,8 @@ pub fn render(plan: &HostPlan) -> String {
         let _ = writeln!(
             out,
             "  chain output {{\n    type filter hook output priority filter; policy accept;\n    \
-             oifname != \"{iface}\" accept\n    ct state established,related accept\n    {devices}\n  }}"
+             oifname != \"{iface}\" accept\n    ct state established,related accept\n    \
+             meta mark {TUNNEL_OPENER_MARK:#x} udp dport {TUNNEL_OPENER_PORT} accept\n    {devices}\n  }}"
         );
     }
     let _ = writeln!(out, "}}");
@@ -225,6 +235,8 @@ mod tests {
         let output = &rules[rules.find("chain output").unwrap()..];
         assert!(output.contains("type filter hook output priority filter; policy accept;"), "{rules}");
         assert!(output.contains("oifname != \"wg-home.1\" accept"), "{rules}");
+        let opener = output.find("meta mark 0x6d657368 udp dport 9 accept").expect("the tunnel opener passes");
+        assert!(opener < output.find("@devices_v4 drop").unwrap(), "{rules}");
         assert!(
             output.find("ct state established,related accept").unwrap() < output.find("@devices_v4 drop").unwrap(),
             "{rules}"

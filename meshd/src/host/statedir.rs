@@ -37,11 +37,7 @@ pub enum StateDirError {
     #[error("{0} already holds a meshd network; refusing to overwrite it")]
     AlreadyInitialized(PathBuf),
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{0} is readable by other users (mode {1:o}); it must be 0600")]
     KeyMode(PathBuf, u32),
     #[error("{0} does not hold a WireGuard private key")]
@@ -65,9 +61,9 @@ pub enum StateDirError {
     #[error("{0} is a symbolic link: meshd follows none in its state directory; remove it")]
     Link(PathBuf),
     #[error(
-        "{parent}, which holds state directory {dir}, is {why}: whoever can write it can swap the state directory; move it somewhere only {runner} controls, e.g. `sudo mv -T {dir} /var/lib/meshd`"
+        "{parent}, which holds state directory {dir}, is {why}: whoever can write it can swap the state directory; move it somewhere only {runner} controls and make it {runner}'s, e.g. `sudo mv -T {dir} /var/lib/meshd && sudo chown -R {chown}: /var/lib/meshd`"
     )]
-    UnsafeParent { parent: PathBuf, dir: PathBuf, why: String, runner: String },
+    UnsafeParent { parent: PathBuf, dir: PathBuf, why: String, runner: String, chown: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateDirError + '_ {
@@ -192,6 +188,8 @@ impl StateDir {
             if me == 0 { ("root".to_owned(), "root".to_owned()) } else { (format!("uid {me}"), me.to_string()) };
         let dir = &self.root;
         let real = fs::canonicalize(dir).map_err(io(dir))?;
+        // The parents first: their fix (moving the directory) comes with the rest of it in one message.
+        self.check_parents(real.ancestors().skip(1))?;
         let meta = fs::metadata(&real).map_err(io(dir))?;
         if meta.uid() != me {
             return Err(StateDirError::NotOwned { dir: dir.clone(), owner: meta.uid(), runner, chown });
@@ -212,7 +210,7 @@ impl StateDir {
                 return Err(StateDirError::Writable { path, mode: meta.mode() & 0o7777 });
             }
         }
-        self.check_parents(real.ancestors().skip(1))
+        Ok(())
     }
 
     /// Refuse a directory above the state directory (`parents`, resolved) that another user owns or
@@ -230,12 +228,14 @@ impl StateDir {
             } else {
                 continue;
             };
-            let runner = if me == 0 { "root".to_owned() } else { format!("uid {me}") };
+            let (runner, chown) =
+                if me == 0 { ("root".to_owned(), "root".to_owned()) } else { (format!("uid {me}"), me.to_string()) };
             return Err(StateDirError::UnsafeParent {
                 parent: parent.to_path_buf(),
                 dir: self.root.clone(),
                 why,
                 runner,
+                chown,
             });
         }
         Ok(())

@@ -21,7 +21,7 @@ use crate::host::wg::{Backend, Interface, WgError};
 use meshd_core::keys::{PrivateKey, PublicKey};
 use meshd_core::model::Snapshot;
 use meshd_core::plan::dns::DNS_PORT;
-use meshd_core::plan::{self, DnsPlan, HostPlan, PeerPlan};
+use meshd_core::plan::{self, DnsPlan, HostPlan, PeerPlan, nftables};
 use meshd_core::reconcile::{self, HostStep};
 
 /// Where upstream resolvers are read from.
@@ -29,9 +29,6 @@ const RESOLV_CONF: &str = "/etc/resolv.conf";
 
 /// How often a change that failed part way is carried out again.
 pub(super) const APPLY_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// The discard port: nothing listens on it on mesh hosts.
-const TUNNEL_OPENER_PORT: u16 = 9;
 
 /// Everything this host runs for the mesh, as far as it is built.
 pub(super) struct Host {
@@ -344,18 +341,32 @@ pub(super) fn open_tunnels<'a>(peers: impl IntoIterator<Item = &'a PeerPlan>) {
             // The hub's entry is the whole mesh range; its first host is the hub in practice, and any
             // address in the range goes through the hub's tunnel anyway.
             let addr = if net.prefix_len() == 32 { net.addr() } else { net.hosts().next().unwrap_or(net.addr()) };
-            SocketAddr::new(addr, TUNNEL_OPENER_PORT)
+            SocketAddr::new(addr, nftables::TUNNEL_OPENER_PORT)
         })
         .collect();
     if targets.is_empty() {
         return;
     }
     tokio::spawn(async move {
-        let Ok(socket) = tokio::net::UdpSocket::bind("0.0.0.0:0").await else { return };
+        let Some(socket) = opener_socket() else { return };
         for target in targets {
             if let Err(e) = socket.send_to(b"meshd", target).await {
                 debug!(%target, error = %e, "opening tunnel");
             }
         }
     });
+}
+
+/// The socket the tunnel opener sends from, marked so that a routing host's rules let it reach devices
+/// ([`nftables::TUNNEL_OPENER_MARK`]).
+fn opener_socket() -> Option<tokio::net::UdpSocket> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
+        .inspect_err(|e| debug!(error = %e, "opening tunnels: no socket"))
+        .ok()?;
+    if let Err(e) = socket.set_mark(nftables::TUNNEL_OPENER_MARK) {
+        debug!(error = %e, "opening tunnels: cannot mark the datagrams (devices are left to open theirs)");
+    }
+    socket.set_nonblocking(true).ok()?;
+    socket.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], 0)).into()).ok()?;
+    tokio::net::UdpSocket::from_std(socket.into()).ok()
 }
