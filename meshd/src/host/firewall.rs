@@ -43,13 +43,23 @@ pub async fn load(script: &str) -> Result<(), FirewallError> {
 }
 
 /// The table of `interface` as it is in force, without counters (`nft -s list table`): the same text as
-/// long as nobody changes it. A table nft cannot list (none, or nft itself missing) is [`Listing::Missing`].
-pub async fn list(interface: &str) -> Listing {
+/// long as nobody changes it; [`Listing::Missing`] when nft says there is no such table. Err when nft could
+/// not tell (it could not be started: no descriptors left, not installed), which says nothing of the table.
+pub async fn list(interface: &str) -> Result<Listing, FirewallError> {
     let table = table_name(interface);
-    let output = Command::new("nft").args(["-s", "list", "table", "inet", &table]).stdin(Stdio::null()).output().await;
-    match output {
-        Ok(out) if out.status.success() => Listing::Table(String::from_utf8_lossy(&out.stdout).into_owned()),
-        _ => Listing::Missing,
+    let output = Command::new("nft")
+        .args(["-s", "list", "table", "inet", &table])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(FirewallError::Spawn)?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if output.status.success() {
+        Ok(Listing::Table(String::from_utf8_lossy(&output.stdout).into_owned()))
+    } else if stderr.contains("No such file or directory") {
+        Ok(Listing::Missing)
+    } else {
+        Err(FirewallError::Rejected(stderr.lines().next().unwrap_or("unknown error").to_owned()))
     }
 }
 

@@ -7,12 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::apply::on_interface;
 use crate::host::firewall::{self, FirewallError};
 use crate::host::wg::Interface;
-use meshd_core::session::rules::{Effect, RulesGuard};
+use meshd_core::session::rules::{Effect, Listing, RulesGuard};
 
 /// How often the table in force is compared with what was loaded: a flushed ruleset is noticed (and
 /// repaired) within this. One `nft -s list table` each time, a few milliseconds.
@@ -98,11 +98,20 @@ impl Shared {
                         result = Some(Ok(()));
                     }
                     Err(e) => {
-                        guard.handle_loaded(Err((e.to_string(), firewall::list(&self.interface_name).await)));
+                        // What is in force now; if nft cannot even tell, the table is taken as gone.
+                        let now = firewall::list(&self.interface_name).await.unwrap_or(Listing::Missing);
+                        guard.handle_loaded(Err((e.to_string(), now)));
                         result = Some(Err(e));
                     }
                 },
-                Effect::List => guard.handle_listing(firewall::list(&self.interface_name).await),
+                // nft that cannot be run (no descriptor left, under a flood) says nothing of the table: the
+                // next check asks again, rather than reloading (or taking the interface down) for nothing.
+                Effect::List => match firewall::list(&self.interface_name).await {
+                    Ok(listing) => guard.handle_listing(listing),
+                    Err(e) => {
+                        debug!(interface = %self.interface_name, error = %e, "listing the access rules failed; checking again later")
+                    }
+                },
                 Effect::Block | Effect::Unblock => self.set_traffic(matches!(effect, Effect::Unblock)).await,
                 Effect::Warn(message) => warn!(interface = %self.interface_name, "{message}"),
                 Effect::Alarm(message) => error!(interface = %self.interface_name, "{message}"),
@@ -115,8 +124,8 @@ impl Shared {
     /// The table right after a load (an empty text if nft cannot list it: the next check loads it again).
     async fn listing(&self) -> String {
         match firewall::list(&self.interface_name).await {
-            meshd_core::session::rules::Listing::Table(text) => text,
-            meshd_core::session::rules::Listing::Missing => String::new(),
+            Ok(Listing::Table(text)) => text,
+            Ok(Listing::Missing) | Err(_) => String::new(),
         }
     }
 
