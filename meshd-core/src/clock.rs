@@ -78,4 +78,27 @@ mod tests {
         // uptime must not free an address released a minute ago).
         assert_eq!(seconds_between(&Stamp::wall_only(1_800_000_000), &stamp(1_800_000_060, "b2", 900_000)), 60);
     }
+
+    /// An invite's expiry as listed: the stored time while the wall clock keeps pace (the clocks ticking
+    /// over at different instants do not move it), the real time left after a jump.
+    #[test]
+    fn an_invites_listed_expiry_is_stable_and_follows_real_time_after_a_jump() {
+        use crate::model::{Invite, InviteStatus, Role};
+        let made = Stamp { wall: 1_000, boot: "b".into(), uptime: 50 };
+        let invite = Invite {
+            id: "ab".into(),
+            name: "vps".parse().expect("a label"),
+            role: Role::Node,
+            secret_hash: String::new(),
+            created: made,
+            expires_at: 1_600,
+            status: InviteStatus::Pending,
+        };
+        // 100.4 s later by the wall clock, 99.6 s by uptime: the truncated readings differ by one.
+        for (wall, uptime) in [(1_100, 149), (1_100, 150), (1_101, 150)] {
+            assert_eq!(invite.expires_at_by(&Stamp { wall, boot: "b".into(), uptime }), 1_600);
+        }
+        // The wall clock stepped an hour ahead: 500 s of real time are left, from the clock's now.
+        assert_eq!(invite.expires_at_by(&Stamp { wall: 4_700, boot: "b".into(), uptime: 150 }), 5_200);
+    }
 }

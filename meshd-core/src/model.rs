@@ -498,6 +498,14 @@ impl Invite {
         let lifetime = self.expires_at.saturating_sub(self.created.wall);
         lifetime.saturating_sub(clock::seconds_between(&self.created, now))
     }
+
+    /// When it expires, unix seconds by the wall clock at `now`: the stored time while the wall clock has
+    /// kept pace with real time since it was made (within a second: the two clocks tick over at different
+    /// instants, which must not make two listings differ), else `now` plus the real time left.
+    pub fn expires_at_by(&self, now: &Stamp) -> i64 {
+        let drift = now.wall.saturating_sub(self.created.wall) - clock::seconds_between(&self.created, now);
+        if drift.abs() <= 1 { self.expires_at } else { now.wall.saturating_add(self.seconds_left(now)) }
+    }
 }
 
 /// An unredeemed invite as `meshctl node invites` shows it.

@@ -163,7 +163,7 @@ pub(super) fn pending_invites(w: &Writer<'_>) -> Result<Reply, ControlError> {
     let now = clock::now();
     let pending = w.pending_invites()?.into_iter().map(|i| (i.seconds_left(&now), i)).filter(|(left, _)| *left > 0);
     Ok(Reply::Invites(
-        pending.map(|(left, i)| InviteView { name: i.name, role: i.role, expires_at: now.wall + left }).collect(),
+        pending.map(|(_, i)| InviteView { expires_at: i.expires_at_by(&now), name: i.name, role: i.role }).collect(),
     ))
 }
 
