@@ -66,6 +66,13 @@ pub enum StateDirError {
     UnsafeParent { parent: PathBuf, dir: PathBuf, why: String, runner: String, chown: String },
 }
 
+/// Who runs meshd: the effective uid, as a refusal names it ("root", "uid N") and as `chown` takes it.
+fn who_runs() -> (u32, String, String) {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if me == 0 { (me, "root".to_owned(), "root".to_owned()) } else { (me, format!("uid {me}"), me.to_string()) }
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateDirError + '_ {
     move |source| StateDirError::Io { path: path.to_path_buf(), source }
 }
@@ -182,10 +189,7 @@ impl StateDir {
     /// sticky, as `/tmp` is: no one else can rename an entry out of it). Each refusal is one line saying
     /// how to fix it.
     pub fn check_private(&self) -> Result<(), StateDirError> {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let me = unsafe { libc::geteuid() };
-        let (runner, chown) =
-            if me == 0 { ("root".to_owned(), "root".to_owned()) } else { (format!("uid {me}"), me.to_string()) };
+        let (me, runner, chown) = who_runs();
         let dir = &self.root;
         let real = fs::canonicalize(dir).map_err(io(dir))?;
         // The parents first: their fix (moving the directory) comes with the rest of it in one message.
@@ -217,8 +221,7 @@ impl StateDir {
     /// that others may write without the sticky bit: its owner or writers could rename the state
     /// directory away and put one of theirs in its place.
     fn check_parents<'a>(&self, parents: impl Iterator<Item = &'a Path>) -> Result<(), StateDirError> {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let me = unsafe { libc::geteuid() };
+        let (me, runner, chown) = who_runs();
         for parent in parents {
             let meta = fs::metadata(parent).map_err(io(parent))?;
             let why = if meta.uid() != 0 && meta.uid() != me {
@@ -228,8 +231,6 @@ impl StateDir {
             } else {
                 continue;
             };
-            let (runner, chown) =
-                if me == 0 { ("root".to_owned(), "root".to_owned()) } else { (format!("uid {me}"), me.to_string()) };
             return Err(StateDirError::UnsafeParent {
                 parent: parent.to_path_buf(),
                 dir: self.root.clone(),

@@ -189,11 +189,12 @@ async fn carry_out(
                     let standings = standings.clone();
                     tokio::spawn(async move {
                         let mut answer = None;
-                        for (contact, hub) in hub_key.iter().flat_map(|hub| contacts.iter().zip(std::iter::repeat(hub)))
-                        {
-                            answer = ask_standing(contact, &keys, hub).await;
-                            if answer.is_some() {
-                                break;
+                        if let Some(hub) = &hub_key {
+                            for contact in &contacts {
+                                answer = ask_standing(contact, &keys, hub).await;
+                                if answer.is_some() {
+                                    break;
+                                }
                             }
                         }
                         let _ = standings.send(answer).await;
