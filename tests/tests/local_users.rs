@@ -7,6 +7,11 @@
 //! it exited); every bind is refused and a phone keeps reaching its service while the process runs. With
 //! meshd started under `umask 000`, it tries the UAPI socket, which answers `get=1` with the private
 //! key (before the fix it was world-writable and did): refused, and the socket is 0600.
+//!
+//! The same user listens on a service's port on every address (`0.0.0.0:PORT`, TCP and UDP) before meshd
+//! starts: before the fix meshd's forwarder could not bind the service's mesh address, meshd exited at
+//! start (and, with the user's listener started later, the kernel handed the phone's connections to it);
+//! now the forwarder listens on a port only root can bind and the rules send the service's port there.
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -70,6 +75,37 @@ try:
     print("answered; private key: " + str(b"private_key=" in data), flush=True)
 except OSError as e:
     print(f"refused errno {e.errno}", flush=True)
+"#;
+
+/// What the other user runs on a service's port: listen on TCP and UDP `PORT` on `0.0.0.0` and `[::]`
+/// (with `SO_REUSEADDR`), print `ready`, then answer every connection and datagram with `squatter` and
+/// print a line for each.
+const SQUAT_SERVICE: &str = r#"
+import select, socket, sys
+port = int(sys.argv[1])
+socks = []
+for family, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        s = socket.socket(family, kind)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((addr, port))
+        if kind == socket.SOCK_STREAM:
+            s.listen(64)
+        socks.append(s)
+print("ready", flush=True)
+while True:
+    for s in select.select(socks, [], [])[0]:
+        if s.type == socket.SOCK_STREAM:
+            conn, peer = s.accept()
+            print(f"connection from {peer[0]}", flush=True)
+            conn.sendall(b"squatter\n")
+            conn.close()
+        else:
+            data, peer = s.recvfrom(4096)
+            print(f"datagram from {peer[0]}", flush=True)
+            s.sendto(b"squatter", peer)
 "#;
 
 /// `/usr/bin/python3 -c SCRIPT ARGS` as uid and gid 65534 inside `host`'s namespace.
@@ -163,4 +199,97 @@ fn the_uapi_socket_is_private_whatever_the_umask() {
     let nodes = run_json(meshctl(&hub.state).args(["node", "list", "--json"]));
     assert_eq!(nodes[0]["name"], "hub");
     daemon.assert_running("another user was refused the UAPI socket");
+}
+
+#[test]
+fn another_users_listener_on_a_service_port_gets_none_of_its_clients() {
+    if !require_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let hub = MeshHost::new("hub", root, "ls");
+    let phone_ns = meshd_e2e::Netns::new("phone");
+    veth(&hub.ns, &phone_ns, "172.31.247.1/24", "172.31.247.2/24");
+    hub.ns.ip(&["link", "set", "lo", "up"]);
+    hub.init_hub("172.31.247.1:51820", &[]);
+    // The services' own ports on the mesh (7001 TCP, 7001 UDP) are free on the host for anyone to bind:
+    // their targets listen elsewhere.
+    let add = |name: &str, target: &str, udp: bool| {
+        let mut cmd = meshctl(&hub.state);
+        cmd.args(["service", "add", name, "--node", "hub", "--target", target, "--port", "7001"]);
+        run_ok(if udp { cmd.arg("--udp") } else { &mut cmd });
+    };
+    add("bank", "127.0.0.1:9737", false);
+    add("ping", "127.0.0.1:9738", true);
+    let conf = root.join("phone.conf");
+    run_ok(meshctl(&hub.state).args(["device", "add", "phone", "--allow", "bank,ping", "--conf"]).arg(&conf));
+    let _bank =
+        hub.ns.spawn(&["python3", "-m", "http.server", "9737", "--bind", "127.0.0.1", "--directory", "/proc/self"]);
+    let _ping = hub.ns.udp_echo("127.0.0.1:9738");
+
+    // The other user takes port 7001 everywhere while meshd is stopped.
+    let squat_log = root.join("squatter.log");
+    let _squatter =
+        Proc::spawn_logged(as_nobody(&hub, SQUAT_SERVICE, &["7001"]), "the other user's listener", &squat_log);
+    assert!(wait_until(Duration::from_secs(10), || fs::read_to_string(&squat_log)
+        .unwrap_or_default()
+        .contains("ready")));
+
+    let log = root.join("hub.log");
+    let mut daemon = hub.run_hub(&log);
+    let services = run_json(meshctl(&hub.state).args(["service", "list", "--json"]));
+    let address = |name: &str, key: &str| -> std::net::SocketAddr {
+        let service = services.as_array().unwrap().iter().find(|s| s["name"] == name).unwrap();
+        service[key].as_str().unwrap().parse().unwrap()
+    };
+    let phone = Phone::up(&phone_ns, &unique_ifname("ls"), &fs::read_to_string(&conf).unwrap());
+    let v4 = phone_ns.udp_socket("0.0.0.0:0");
+    let v6 = phone_ns.udp_socket("[::]:0");
+    let squatted = || fs::read_to_string(&squat_log).unwrap_or_default().lines().filter(|l| l != &"ready").count();
+    let mut check = |when: &str| {
+        for key in ["mesh_address", "mesh_address_v6"] {
+            let url = format!("http://{}/", address("bank", key));
+            let mut page = None;
+            let reached = wait_until(Duration::from_secs(30), || {
+                page = phone_ns.http_get_within(&url, Duration::from_millis(800));
+                page.is_some()
+            });
+            assert!(reached, "{when}: the phone never reached bank at {url}:\n{}", daemon.log_text());
+            assert!(page.unwrap().contains("status"), "{when}: {url} did not answer with bank's page");
+            let socket = if key == "mesh_address" { &v4 } else { &v6 };
+            let echoed = wait_until(Duration::from_secs(10), || {
+                meshd_e2e::udp_echoed(socket, address("ping", key), Duration::from_millis(500))
+            });
+            assert!(echoed, "{when}: the phone got no echo from ping at {}", address("ping", key));
+        }
+        // The host's own processes writing to the service's address are sent to meshd's forwarder too.
+        let local = format!("http://{}/", address("bank", "mesh_address"));
+        let _ = hub.ns.http_get_within(&local, Duration::from_millis(800));
+        assert_eq!(
+            squatted(),
+            0,
+            "{when}: the other user's listener got clients:\n{}",
+            fs::read_to_string(&squat_log).unwrap()
+        );
+        daemon.assert_running(when);
+    };
+    check("started beside another user's listener");
+    // A restart with the listener still there: meshd comes back and keeps the service.
+    daemon.stop(Duration::from_secs(10));
+    let mut daemon = hub.run_hub(&log);
+    let mut check_again = |when: &str| {
+        let url = format!("http://{}/", address("bank", "mesh_address"));
+        assert!(
+            wait_until(Duration::from_secs(30), || phone_ns
+                .http_get_within(&url, Duration::from_millis(800))
+                .is_some()),
+            "{when}: the phone never reached bank again:\n{}",
+            daemon.log_text()
+        );
+        assert_eq!(squatted(), 0, "{when}: {}", fs::read_to_string(&squat_log).unwrap());
+        daemon.assert_running(when);
+    };
+    check_again("restarted beside another user's listener");
+    drop(phone);
 }

@@ -3,16 +3,20 @@
 //! everything else that arrives on the interface, including attempts to route through the host unless
 //! it routes (hub, relay): then only flows from active nodes and devices' granted flows pass, and nothing
 //! but replies reaches a device. The mesh's addresses answer only on the mesh interface (and loopback): a
-//! LAN neighbour routing the mesh range to the host reaches nothing.
+//! LAN neighbour routing the mesh range to the host reaches nothing. Connections to the host's own
+//! services are translated to their forwarders' port ([`FORWARDER_PORT`]), which no other user can bind.
 //!
 //! Rendered from the host plan (pure); the daemon's `host::firewall` loads it in one `nft -f -`
 //! transaction, so a change replaces the whole table atomically, and puts it back if anything else removes
 //! or changes it.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
+use crate::model::Protocol;
 use crate::plan::dns::DNS_PORT;
+use crate::plan::services::FORWARDER_PORT;
 use crate::plan::{Grant, HostPlan};
 
 /// The firewall mark of the datagrams a routing host sends to open the tunnels to its peers at start (devices'
@@ -43,7 +47,14 @@ pub fn render(plan: &HostPlan) -> String {
     let (nodes_v4, nodes_v6): (Vec<&IpAddr>, Vec<&IpAddr>) = access.nodes.iter().partition(|ip| ip.is_ipv4());
     let (members_v4, members_v6): (Vec<&IpAddr>, Vec<&IpAddr>) = access.members.iter().partition(|ip| ip.is_ipv4());
     let (grants_v4, grants_v6): (Vec<&Grant>, Vec<&Grant>) = access.grants.iter().partition(|g| g.source.is_ipv4());
-    let grant = |g: &&Grant| format!("{} . {} . {} . {}", g.source, g.service.ip(), g.protocol, g.service.port());
+    // A grant to one of the host's own services is checked after the translation to its forwarder's port;
+    // grants the host routes (hub, relay) keep the service's port.
+    let local: BTreeSet<(SocketAddr, Protocol)> =
+        plan.services.iter().flat_map(|s| s.listen.iter().map(|&addr| (addr, s.protocol))).collect();
+    let grant = |g: &&Grant| {
+        let port = if local.contains(&(g.service, g.protocol)) { FORWARDER_PORT } else { g.service.port() };
+        format!("{} . {} . {} . {port}", g.source, g.service.ip(), g.protocol)
+    };
 
     let mut out = String::new();
     // Creating then deleting makes the script work whether or not the table exists yet.
@@ -84,6 +95,26 @@ pub fn render(plan: &HostPlan) -> String {
         let _ = writeln!(out, "    iifname != {{ \"{iface}\", \"lo\" }} {daddr} {range} drop");
     }
     let _ = writeln!(out, "  }}");
+    if !plan.services.is_empty() {
+        // Clients (through the tunnel, and the host's own processes) write to a service's address and port;
+        // its forwarder listens on the same address at FORWARDER_PORT. Only the first packet of a flow
+        // passes these chains; conntrack translates the rest and the replies.
+        let mut dnat = String::new();
+        for service in &plan.services {
+            for (addr, bound) in service.listen.iter().zip(service.bound()) {
+                let (family, daddr, to) = match addr.ip() {
+                    IpAddr::V4(ip) => ("ip", "ip daddr", format!("{ip}:{}", bound.port())),
+                    IpAddr::V6(ip) => ("ip6", "ip6 daddr", format!("[{ip}]:{}", bound.port())),
+                };
+                let (ip, port, protocol) = (addr.ip(), addr.port(), service.protocol);
+                let _ = writeln!(dnat, "    {daddr} {ip} {protocol} dport {port} dnat {family} to {to}");
+            }
+        }
+        let _ = writeln!(out, "  chain services {{\n    type nat hook prerouting priority dstnat; policy accept;");
+        let _ = writeln!(out, "{dnat}  }}");
+        let _ = writeln!(out, "  chain services_local {{\n    type nat hook output priority -100; policy accept;");
+        let _ = writeln!(out, "{dnat}  }}");
+    }
     let _ = writeln!(out, "  chain input {{\n    type filter hook input priority filter; policy accept;");
     let _ = writeln!(out, "    iifname != \"{iface}\" accept");
     let _ = writeln!(out, "    ct state established,related accept");
@@ -156,13 +187,14 @@ pub fn render(plan: &HostPlan) -> String {
 mod tests {
     use super::*;
     use crate::fixtures::{sample_host_plan, with_udp_echo};
+    use crate::plan::Grant;
 
     #[test]
     fn grants_are_exact_source_destination_port_triples() {
         let rules = render(&sample_host_plan(&["10.77.0.4", "fd00::4"], true));
         assert!(rules.contains("table inet meshd_wg_home_1 {"), "{rules}");
-        assert!(rules.contains("elements = { 10.77.0.4 . 10.77.0.2 . tcp . 9737 }"), "{rules}");
-        assert!(rules.contains("elements = { fd00::4 . fd00::2 . tcp . 9737 }"), "{rules}");
+        assert!(rules.contains("elements = { 10.77.0.4 . 10.77.0.2 . tcp . 1021 }"), "{rules}");
+        assert!(rules.contains("elements = { fd00::4 . fd00::2 . tcp . 1021 }"), "{rules}");
         assert!(
             rules.contains("ip saddr 10.77.0.0/16 ip daddr 10.77.0.1 meta l4proto { tcp, udp } th dport 53 accept")
         );
@@ -183,7 +215,7 @@ mod tests {
     fn udp_grants_admit_udp_to_the_service_port_only() {
         let rules = render(&with_udp_echo(sample_host_plan(&["10.77.0.4", "fd00::4"], false)));
         assert!(
-            rules.contains("elements = { 10.77.0.4 . 10.77.0.2 . tcp . 9737, 10.77.0.4 . 10.77.0.3 . udp . 7 }"),
+            rules.contains("elements = { 10.77.0.4 . 10.77.0.2 . tcp . 1021, 10.77.0.4 . 10.77.0.3 . udp . 1021 }"),
             "{rules}"
         );
         assert!(rules.contains("type ipv4_addr . ipv4_addr . inet_proto . inet_service"), "{rules}");
@@ -193,6 +225,40 @@ mod tests {
         let routed = render(&with_udp_echo(sample_host_plan(&["10.77.0.4"], true)));
         let routing = &routed[routed.find("chain mesh_routing").unwrap()..];
         assert!(routing.contains("meta l4proto . th dport @grants_v4 accept"), "the hub routes UDP grants: {routed}");
+    }
+
+    /// Issue 11 (another user's listener on `0.0.0.0:PORT` took a service's clients): what clients write to
+    /// a local service's address and port goes to its forwarder's privileged port, for flows through the
+    /// tunnel and from the host itself; the grant is checked on the translated port. A grant the host only
+    /// routes keeps the service's own port, and a host without services has no nat chains at all.
+    #[test]
+    fn a_local_service_port_is_translated_to_its_forwarder_and_checked_there() {
+        let mut plan = with_udp_echo(sample_host_plan(&["10.77.0.4", "fd00::4"], true));
+        let routed: std::net::SocketAddr = "10.77.0.9:5052".parse().unwrap();
+        let source = "10.77.0.4".parse().unwrap();
+        plan.access.grants.insert(Grant { source, service: routed, protocol: crate::model::Protocol::Tcp });
+        let rules = render(&plan);
+        for chain in [
+            "chain services {\n    type nat hook prerouting priority dstnat; policy accept;\n",
+            "chain services_local {\n    type nat hook output priority -100; policy accept;\n",
+        ] {
+            let at = rules.find(chain).unwrap_or_else(|| panic!("no {chain} in {rules}"));
+            let body = &rules[at..at + rules[at..].find("  }").unwrap()];
+            for rule in [
+                "ip daddr 10.77.0.2 tcp dport 9737 dnat ip to 10.77.0.2:1021",
+                "ip6 daddr fd00::2 tcp dport 9737 dnat ip6 to [fd00::2]:1021",
+                "ip daddr 10.77.0.3 udp dport 7 dnat ip to 10.77.0.3:1021",
+            ] {
+                assert!(body.contains(rule), "{rule} missing from {chain}: {rules}");
+            }
+            assert!(!body.contains("10.77.0.9"), "a routed service is not translated: {rules}");
+        }
+        assert!(
+            rules.contains("10.77.0.4 . 10.77.0.2 . tcp . 1021, 10.77.0.4 . 10.77.0.3 . udp . 1021, 10.77.0.4 . 10.77.0.9 . tcp . 5052"),
+            "{rules}"
+        );
+        plan.services.clear();
+        assert!(!render(&plan).contains("type nat"), "no services, no nat hooks");
     }
 
     #[test]

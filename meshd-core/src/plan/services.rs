@@ -11,12 +11,20 @@ use super::access::Grant;
 use crate::input::{HostPort, Label};
 use crate::model::{Protocol, Service};
 
-/// A service forwarder: listens on the service's mesh addresses, admits only `allowed` sources.
+/// The port a forwarder listens on, on each of its service's mesh addresses: the host's access rules
+/// translate the service's own port to it (nftables `dnat`), so that clients still write to
+/// `address:port`. A port below 1024, which only root (`CAP_NET_BIND_SERVICE`) can bind: were the forwarder
+/// to listen on the service's port, any other user on the host who bound `0.0.0.0:port` first would make
+/// its bind fail and be handed the clients' connections by the kernel. 1021 is set aside for experiments
+/// (RFC 4727 section 7.2): no well-known service of the host listens there.
+pub const FORWARDER_PORT: u16 = 1021;
+
+/// A service forwarder: serves the service's mesh addresses, admits only `allowed` sources.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePlan {
     /// The service's name.
     pub name: Label,
-    /// Its mesh addresses and port.
+    /// Its mesh addresses and port: what clients connect to.
     pub listen: Vec<SocketAddr>,
     /// Where it forwards to, on the host.
     pub target: HostPort,
@@ -24,6 +32,13 @@ pub struct ServicePlan {
     pub allowed: BTreeSet<IpAddr>,
     /// What it forwards: TCP connections or UDP datagrams.
     pub protocol: Protocol,
+}
+
+impl ServicePlan {
+    /// The addresses the forwarder binds: each mesh address of the service on [`FORWARDER_PORT`].
+    pub fn bound(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.listen.iter().map(|addr| SocketAddr::new(addr.ip(), FORWARDER_PORT))
+    }
 }
 
 /// What the host serves: its forwarders, the device flows it passes, and the service addresses it

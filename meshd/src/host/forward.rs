@@ -1,6 +1,7 @@
 //! Service forwarders: a TCP listener (or a UDP socket, see [`udp`]) on each mesh address of a local
 //! service that relays admitted connections (datagrams) to the service's target (a namespace address
-//! such as `169.254.1.17:9737`, or loopback). The forwarder checks the peer's source address itself too,
+//! such as `169.254.1.17:9737`, or loopback). It listens on [`FORWARDER_PORT`], where the access rules
+//! send what clients write to the service's own port: another user on the host cannot bind it first. The forwarder checks the peer's source address itself too,
 //! so access holds even where the firewall is bypassed, and it cuts live connections (sessions) of a
 //! peer whose access is withdrawn.
 //!
@@ -28,6 +29,8 @@ use crate::host::admission::{Caps, Gate, Permit};
 use meshd_core::input::{HostPort, Label};
 use meshd_core::model::Protocol;
 use meshd_core::plan::ServicePlan;
+#[cfg(any(doc, test))]
+use meshd_core::plan::services::FORWARDER_PORT;
 
 /// How long a forwarder waits for the service's target to accept.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,7 +47,7 @@ pub const TOTAL: usize = 4096;
 
 /// A listener could not be set up.
 #[derive(Debug, thiserror::Error)]
-#[error("service {service}: listening on {addr}: {source}")]
+#[error("service {service}: listening on {addr}")]
 pub struct ForwardError {
     service: Label,
     addr: SocketAddr,
@@ -123,17 +126,17 @@ impl Forwarders {
 fn start(plan: &ServicePlan, allowed: Allowed, tcp: &Arc<Gate>, udp: &Arc<Gate>) -> Result<Running, ForwardError> {
     let (tx, rx) = watch::channel(allowed);
     let mut listeners = Vec::new();
-    for &addr in &plan.listen {
-        let failed = |source| ForwardError { service: plan.name.clone(), addr, source };
+    for (&addr, bound) in plan.listen.iter().zip(plan.bound()) {
+        let failed = |source| ForwardError { service: plan.name.clone(), addr: bound, source };
         let (service, target) = (plan.name.clone(), plan.target.clone());
-        info!(%service, %addr, %target, protocol = %plan.protocol, "forwarding");
+        info!(%service, %addr, via = %bound, %target, protocol = %plan.protocol, "forwarding");
         listeners.push(match plan.protocol {
             Protocol::Tcp => {
-                let listener = crate::host::socket::listen_tcp(addr).map_err(failed)?;
+                let listener = crate::host::socket::listen_tcp(bound).map_err(failed)?;
                 tokio::spawn(accept_loop(service, listener, target, rx.clone(), tcp.clone()))
             }
             Protocol::Udp => {
-                let socket = crate::host::socket::bind_udp(addr).map_err(failed)?;
+                let socket = crate::host::socket::bind_udp(bound).map_err(failed)?;
                 tokio::spawn(udp::serve(service, socket, target, rx.clone(), udp::Limits::default(), udp.clone()))
             }
         });
@@ -302,18 +305,19 @@ mod tests {
         addr
     }
 
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-    }
-
-    fn plan(listen: SocketAddr, target: SocketAddr, allowed: &[&str]) -> ServicePlan {
-        ServicePlan {
+    /// A service on loopback address `ip` (port 9737), and where its forwarder listens: `ip` at
+    /// `FORWARDER_PORT` (binding it takes root, as meshd has; each test has its own address).
+    fn plan(ip: &str, target: SocketAddr, allowed: &[&str]) -> (ServicePlan, SocketAddr) {
+        let plan = ServicePlan {
             name: "echo".parse().unwrap(),
-            listen: vec![listen],
+            listen: vec![SocketAddr::new(ip.parse().unwrap(), 9737)],
             target: target.to_string().parse().unwrap(),
             allowed: allowed.iter().map(|a| a.parse().unwrap()).collect(),
             protocol: Protocol::Tcp,
-        }
+        };
+        let bound = plan.bound().next().unwrap();
+        assert_eq!(bound.port(), FORWARDER_PORT);
+        (plan, bound)
     }
 
     async fn round_trip(addr: SocketAddr) -> std::io::Result<Vec<u8>> {
@@ -329,10 +333,10 @@ mod tests {
     #[tokio::test]
     async fn relays_granted_peers_and_refuses_others() {
         let target = echo_server().await;
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let (granted, listen) = plan("127.0.21.1", target, &["127.0.0.1"]);
         let mut f = Forwarders::default();
 
-        f.apply(&[plan(listen, target, &["127.0.0.1"])]).unwrap();
+        f.apply(&[granted]).unwrap();
         assert_eq!(round_trip(listen).await.unwrap(), b"ping");
 
         // Withdraw access: new connections are refused, and an open one is cut.
@@ -340,7 +344,7 @@ mod tests {
         open.write_all(b"ping").await.unwrap();
         let mut buf = [0u8; 4];
         open.read_exact(&mut buf).await.unwrap();
-        f.apply(&[plan(listen, target, &["10.77.0.9"])]).unwrap();
+        f.apply(&[plan("127.0.21.1", target, &["10.77.0.9"]).0]).unwrap();
         let n = tokio::time::timeout(Duration::from_secs(2), open.read(&mut buf))
             .await
             .expect("cut within 2 s")
@@ -397,11 +401,11 @@ mod tests {
     #[tokio::test]
     async fn a_client_over_its_cap_is_not_relayed_while_others_are() {
         let target = echo_server().await;
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let (granted, listen) = plan("127.0.21.2", target, &["127.0.0.1", "127.0.0.2"]);
         let mut f = Forwarders::default();
         let caps = Caps { per_source: 2, total: 10, descriptors: 2, ipv6_by_64: false };
         f.tcp = Gate::with_budget("test", caps, crate::host::admission::Budget::new(100));
-        f.apply(&[plan(listen, target, &["127.0.0.1", "127.0.0.2"])]).unwrap();
+        f.apply(&[granted]).unwrap();
         let mut held = Vec::new();
         for _ in 0..2 {
             let mut s = TcpStream::connect(listen).await.unwrap();
