@@ -77,14 +77,13 @@ except OSError as e:
     print(f"refused errno {e.errno}", flush=True)
 "#;
 
-/// What the other user runs on a service's port: listen on TCP and UDP `PORT` on `0.0.0.0` and `[::]`
+/// What the other user runs on meshd's ports: listen on TCP and UDP `PORT...` on `0.0.0.0` and `[::]`
 /// (with `SO_REUSEADDR`), print `ready`, then answer every connection and datagram with `squatter` and
 /// print a line for each.
 const SQUAT_SERVICE: &str = r#"
 import select, socket, sys
-port = int(sys.argv[1])
 socks = []
-for family, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+for port, family, addr in ((int(p), f, a) for p in sys.argv[1:] for f, a in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::"))):
     for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
         s = socket.socket(family, kind)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -228,10 +227,10 @@ fn another_users_listener_on_a_service_port_gets_none_of_its_clients() {
         hub.ns.spawn(&["python3", "-m", "http.server", "9737", "--bind", "127.0.0.1", "--directory", "/proc/self"]);
     let _ping = hub.ns.udp_echo("127.0.0.1:9738");
 
-    // The other user takes port 7001 everywhere while meshd is stopped.
+    // The other user takes port 7001 and the sync service's port everywhere while meshd is stopped.
     let squat_log = root.join("squatter.log");
-    let _squatter =
-        Proc::spawn_logged(as_nobody(&hub, SQUAT_SERVICE, &["7001"]), "the other user's listener", &squat_log);
+    let squat = as_nobody(&hub, SQUAT_SERVICE, &["7001", "51871"]);
+    let _squatter = Proc::spawn_logged(squat, "the other user's listener", &squat_log);
     assert!(wait_until(Duration::from_secs(10), || fs::read_to_string(&squat_log)
         .unwrap_or_default()
         .contains("ready")));
@@ -243,6 +242,8 @@ fn another_users_listener_on_a_service_port_gets_none_of_its_clients() {
         let service = services.as_array().unwrap().iter().find(|s| s["name"] == name).unwrap();
         service[key].as_str().unwrap().parse().unwrap()
     };
+    let nodes = run_json(meshctl(&hub.state).args(["node", "list", "--json"]));
+    let hub_ip = nodes[0]["address"].as_str().unwrap().to_owned();
     let phone = Phone::up(&phone_ns, &unique_ifname("ls"), &fs::read_to_string(&conf).unwrap());
     let v4 = phone_ns.udp_socket("0.0.0.0:0");
     let v6 = phone_ns.udp_socket("[::]:0");
@@ -263,9 +264,14 @@ fn another_users_listener_on_a_service_port_gets_none_of_its_clients() {
             });
             assert!(echoed, "{when}: the phone got no echo from ping at {}", address("ping", key));
         }
-        // The host's own processes writing to the service's address are sent to meshd's forwarder too.
+        // The host's own processes writing to the service's address are sent to meshd's forwarder too, and
+        // to the hub's sync service (which closes at once on a caller that is no member: the host itself).
         let local = format!("http://{}/", address("bank", "mesh_address"));
         let _ = hub.ns.http_get_within(&local, Duration::from_millis(800));
+        let sync = format!("exec 3<>/dev/tcp/{hub_ip}/51871 && timeout 2 cat <&3");
+        let out = hub.ns.exec(&["bash", "-c", &sync]);
+        assert!(out.status.success(), "{when}: the sync port took no connection: {}", describe(&out));
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("squatter"), "{when}: {}", describe(&out));
         assert_eq!(
             squatted(),
             0,

@@ -50,11 +50,27 @@ pub struct HostPlan {
     pub access: AccessPlan,
 }
 
+/// The port meshd's own listeners on mesh addresses bind (a service's forwarder, the hub's sync service): the
+/// host's access rules translate the port clients write to (the service's, [`SYNC_PORT`]) to it (nftables
+/// `dnat`), so clients see no difference. A port below 1024, which only root (`CAP_NET_BIND_SERVICE`) can
+/// bind: were meshd to listen on the clients' port, any other user on the host who bound `0.0.0.0:PORT` first
+/// would make meshd's bind fail and be handed the clients' connections by the kernel. 1021 is set aside for
+/// experiments (RFC 4727 section 7.2): no well-known service listens there. Every listener has mesh addresses
+/// of its own, so the one port serves them all.
+pub const PRIVILEGED_PORT: u16 = 1021;
+
 /// The hub's sync service, which pushes the network's state to the members.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncPlan {
-    /// The hub's mesh addresses, port [`SYNC_PORT`].
+    /// The hub's mesh addresses, port [`SYNC_PORT`]: what members connect to.
     pub listen: Vec<SocketAddr>,
+}
+
+impl SyncPlan {
+    /// The addresses the sync service binds: the hub's mesh addresses on [`PRIVILEGED_PORT`].
+    pub fn bound(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.listen.iter().map(|addr| SocketAddr::new(addr.ip(), PRIVILEGED_PORT))
+    }
 }
 
 /// Why no plan could be made for a host.

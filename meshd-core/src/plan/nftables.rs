@@ -4,7 +4,8 @@
 //! it routes (hub, relay): then only flows from active nodes and devices' granted flows pass, and nothing
 //! but replies reaches a device. The mesh's addresses answer only on the mesh interface (and loopback): a
 //! LAN neighbour routing the mesh range to the host reaches nothing. Connections to the host's own
-//! services are translated to their forwarders' port ([`FORWARDER_PORT`]), which no other user can bind.
+//! services and sync service are translated to the port meshd listens on ([`PRIVILEGED_PORT`]), which no
+//! other user can bind.
 //!
 //! Rendered from the host plan (pure); the daemon's `host::firewall` loads it in one `nft -f -`
 //! transaction, so a change replaces the whole table atomically, and puts it back if anything else removes
@@ -16,8 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::model::Protocol;
 use crate::plan::dns::DNS_PORT;
-use crate::plan::services::FORWARDER_PORT;
-use crate::plan::{Grant, HostPlan};
+use crate::plan::{Grant, HostPlan, PRIVILEGED_PORT};
 
 /// The firewall mark of the datagrams a routing host sends to open the tunnels to its peers at start (devices'
 /// too: a restarted hub reaches phones at once instead of after their own retry). It is the one new flow the
@@ -52,7 +52,7 @@ pub fn render(plan: &HostPlan) -> String {
     let local: BTreeSet<(SocketAddr, Protocol)> =
         plan.services.iter().flat_map(|s| s.listen.iter().map(|&addr| (addr, s.protocol))).collect();
     let grant = |g: &&Grant| {
-        let port = if local.contains(&(g.service, g.protocol)) { FORWARDER_PORT } else { g.service.port() };
+        let port = if local.contains(&(g.service, g.protocol)) { PRIVILEGED_PORT } else { g.service.port() };
         format!("{} . {} . {} . {port}", g.source, g.service.ip(), g.protocol)
     };
 
@@ -95,21 +95,20 @@ pub fn render(plan: &HostPlan) -> String {
         let _ = writeln!(out, "    iifname != {{ \"{iface}\", \"lo\" }} {daddr} {range} drop");
     }
     let _ = writeln!(out, "  }}");
-    if !plan.services.is_empty() {
-        // Clients (through the tunnel, and the host's own processes) write to a service's address and port;
-        // its forwarder listens on the same address at FORWARDER_PORT. Only the first packet of a flow
-        // passes these chains; conntrack translates the rest and the replies.
-        let mut dnat = String::new();
-        for service in &plan.services {
-            for (addr, bound) in service.listen.iter().zip(service.bound()) {
-                let (family, daddr, to) = match addr.ip() {
-                    IpAddr::V4(ip) => ("ip", "ip daddr", format!("{ip}:{}", bound.port())),
-                    IpAddr::V6(ip) => ("ip6", "ip6 daddr", format!("[{ip}]:{}", bound.port())),
-                };
-                let (ip, port, protocol) = (addr.ip(), addr.port(), service.protocol);
-                let _ = writeln!(dnat, "    {daddr} {ip} {protocol} dport {port} dnat {family} to {to}");
-            }
-        }
+    // Clients (through the tunnel, and the host's own processes) write to a service's (the sync service's)
+    // address and port; meshd listens on the same address at PRIVILEGED_PORT. Only the first packet of a flow
+    // passes these chains; conntrack translates the rest and the replies.
+    let services = plan.services.iter().flat_map(|s| s.listen.iter().zip(s.bound()).map(|(&a, b)| (a, b, s.protocol)));
+    let sync = plan.sync.iter().flat_map(|s| s.listen.iter().zip(s.bound()).map(|(&a, b)| (a, b, Protocol::Tcp)));
+    let mut dnat = String::new();
+    for (addr, bound, protocol) in services.chain(sync) {
+        let (family, daddr, to) = match addr.ip() {
+            IpAddr::V4(ip) => ("ip", "ip daddr", format!("{ip}:{}", bound.port())),
+            IpAddr::V6(ip) => ("ip6", "ip6 daddr", format!("[{ip}]:{}", bound.port())),
+        };
+        let _ = writeln!(dnat, "    {daddr} {} {protocol} dport {} dnat {family} to {to}", addr.ip(), addr.port());
+    }
+    if !dnat.is_empty() {
         let _ = writeln!(out, "  chain services {{\n    type nat hook prerouting priority dstnat; policy accept;");
         let _ = writeln!(out, "{dnat}  }}");
         let _ = writeln!(out, "  chain services_local {{\n    type nat hook output priority -100; policy accept;");
@@ -134,7 +133,7 @@ pub fn render(plan: &HostPlan) -> String {
     }
     if let Some(sync) = &plan.sync {
         // Every node reaches the sync service, whatever access rules say about the hub itself.
-        for listen in &sync.listen {
+        for listen in sync.bound() {
             let (saddr, daddr, set) =
                 if listen.is_ipv4() { ("ip", "ip", "members_v4") } else { ("ip6", "ip6", "members_v6") };
             let _ = writeln!(
@@ -204,7 +203,7 @@ mod tests {
         assert!(rules.find("@grants_v4 accept").unwrap() < drop_at, "grants must come before the final drop");
         assert!(rules.contains("elements = { 10.77.0.1, 10.77.0.5 }"), "nodes reach each other: {rules}");
         assert!(rules.contains("iifname \"wg-home.1\" oifname \"wg-home.1\" jump mesh_routing"), "{rules}");
-        assert!(rules.contains("ip saddr @members_v4 ip daddr 10.77.0.1 tcp dport 51871 accept"), "{rules}");
+        assert!(rules.contains("ip saddr @members_v4 ip daddr 10.77.0.1 tcp dport 1021 accept"), "{rules}");
         let routing = &rules[rules.find("chain mesh_routing").unwrap()..];
         assert!(routing.contains("ip saddr @members_v4 accept"), "the hub routes between all nodes: {rules}");
         assert!(rules.contains("elements = { 10.77.0.1, 10.77.0.5, 10.77.0.6 }"), "{rules}");
@@ -228,9 +227,10 @@ mod tests {
     }
 
     /// Issue 11 (another user's listener on `0.0.0.0:PORT` took a service's clients): what clients write to
-    /// a local service's address and port goes to its forwarder's privileged port, for flows through the
-    /// tunnel and from the host itself; the grant is checked on the translated port. A grant the host only
-    /// routes keeps the service's own port, and a host without services has no nat chains at all.
+    /// a local service's (the hub's sync service's) address and port goes to meshd's privileged port, for
+    /// flows through the tunnel and from the host itself; grants and the sync rule are checked on the
+    /// translated port. A grant the host only routes keeps the service's own port, and a host with nothing
+    /// to translate has no nat chains at all.
     #[test]
     fn a_local_service_port_is_translated_to_its_forwarder_and_checked_there() {
         let mut plan = with_udp_echo(sample_host_plan(&["10.77.0.4", "fd00::4"], true));
@@ -252,13 +252,15 @@ mod tests {
                 assert!(body.contains(rule), "{rule} missing from {chain}: {rules}");
             }
             assert!(!body.contains("10.77.0.9"), "a routed service is not translated: {rules}");
+            assert!(body.contains("ip daddr 10.77.0.1 tcp dport 51871 dnat ip to 10.77.0.1:1021"), "sync: {rules}");
         }
         assert!(
             rules.contains("10.77.0.4 . 10.77.0.2 . tcp . 1021, 10.77.0.4 . 10.77.0.3 . udp . 1021, 10.77.0.4 . 10.77.0.9 . tcp . 5052"),
             "{rules}"
         );
         plan.services.clear();
-        assert!(!render(&plan).contains("type nat"), "no services, no nat hooks");
+        plan.sync = None;
+        assert!(!render(&plan).contains("type nat"), "nothing to translate, no nat hooks");
     }
 
     #[test]

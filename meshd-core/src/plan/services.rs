@@ -6,18 +6,10 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
-use super::HostView;
 use super::access::Grant;
+use super::{HostView, PRIVILEGED_PORT};
 use crate::input::{HostPort, Label};
 use crate::model::{Protocol, Service};
-
-/// The port a forwarder listens on, on each of its service's mesh addresses: the host's access rules
-/// translate the service's own port to it (nftables `dnat`), so that clients still write to
-/// `address:port`. A port below 1024, which only root (`CAP_NET_BIND_SERVICE`) can bind: were the forwarder
-/// to listen on the service's port, any other user on the host who bound `0.0.0.0:port` first would make
-/// its bind fail and be handed the clients' connections by the kernel. 1021 is set aside for experiments
-/// (RFC 4727 section 7.2): no well-known service of the host listens there.
-pub const FORWARDER_PORT: u16 = 1021;
 
 /// A service forwarder: serves the service's mesh addresses, admits only `allowed` sources.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,9 +27,9 @@ pub struct ServicePlan {
 }
 
 impl ServicePlan {
-    /// The addresses the forwarder binds: each mesh address of the service on [`FORWARDER_PORT`].
+    /// The addresses the forwarder binds: each mesh address of the service on [`PRIVILEGED_PORT`].
     pub fn bound(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.listen.iter().map(|addr| SocketAddr::new(addr.ip(), FORWARDER_PORT))
+        self.listen.iter().map(|addr| SocketAddr::new(addr.ip(), PRIVILEGED_PORT))
     }
 }
 

@@ -1,6 +1,6 @@
 //! Service forwarders: a TCP listener (or a UDP socket, see [`udp`]) on each mesh address of a local
 //! service that relays admitted connections (datagrams) to the service's target (a namespace address
-//! such as `169.254.1.17:9737`, or loopback). It listens on [`FORWARDER_PORT`], where the access rules
+//! such as `169.254.1.17:9737`, or loopback). It listens on [`PRIVILEGED_PORT`], where the access rules
 //! send what clients write to the service's own port: another user on the host cannot bind it first. The forwarder checks the peer's source address itself too,
 //! so access holds even where the firewall is bypassed, and it cuts live connections (sessions) of a
 //! peer whose access is withdrawn.
@@ -28,9 +28,9 @@ use tracing::{debug, info, warn};
 use crate::host::admission::{Caps, Gate, Permit};
 use meshd_core::input::{HostPort, Label};
 use meshd_core::model::Protocol;
-use meshd_core::plan::ServicePlan;
 #[cfg(any(doc, test))]
-use meshd_core::plan::services::FORWARDER_PORT;
+use meshd_core::plan::PRIVILEGED_PORT;
+use meshd_core::plan::ServicePlan;
 
 /// How long a forwarder waits for the service's target to accept.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -306,7 +306,7 @@ mod tests {
     }
 
     /// A service on loopback address `ip` (port 9737), and where its forwarder listens: `ip` at
-    /// `FORWARDER_PORT` (binding it takes root, as meshd has; each test has its own address).
+    /// `PRIVILEGED_PORT` (binding it takes root, as meshd has; each test has its own address).
     fn plan(ip: &str, target: SocketAddr, allowed: &[&str]) -> (ServicePlan, SocketAddr) {
         let plan = ServicePlan {
             name: "echo".parse().unwrap(),
@@ -316,7 +316,7 @@ mod tests {
             protocol: Protocol::Tcp,
         };
         let bound = plan.bound().next().unwrap();
-        assert_eq!(bound.port(), FORWARDER_PORT);
+        assert_eq!(bound.port(), PRIVILEGED_PORT);
         (plan, bound)
     }
 

@@ -20,6 +20,7 @@ use crate::links::join::{self, Binding, JoinCall};
 use crate::links::sync::{FromSession, Publisher};
 use meshd_core::keys::{PrivateKey, PublicKey};
 use meshd_core::model::{DeviceView, NodeView, Snapshot};
+use meshd_core::plan::SyncPlan;
 use meshd_core::wire::admin::{Outcome, Reply, Request};
 use meshd_core::wire::auth;
 use meshd_core::wire::join::{JoinReply, JoinRequest, StandingRequest, ToJoinService};
@@ -44,8 +45,9 @@ pub(super) async fn serve(
 
     let publisher = Publisher::new(snapshot.shared(), host.key());
     let (sessions_tx, mut sessions) = mpsc::channel::<FromSession>(64);
-    for addr in host.plan.sync.iter().flat_map(|s| s.listen.iter()) {
-        let listener = crate::host::socket::listen_tcp(*addr).with_context(|| format!("sync service on TCP {addr}"))?;
+    // On the hub's mesh addresses at the port only root binds; the rules send SYNC_PORT there.
+    for addr in host.plan.sync.iter().flat_map(SyncPlan::bound) {
+        let listener = crate::host::socket::listen_tcp(addr).with_context(|| format!("sync service on TCP {addr}"))?;
         tasks.push(tokio::spawn(publisher.clone().serve(listener, sessions_tx.clone())));
     }
 
