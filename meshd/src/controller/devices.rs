@@ -36,7 +36,7 @@ pub(super) fn add(
         let keys = DeviceKeys { public_key, preshared_key };
         let device = Device { name, keys: Some(keys.clone()), index, allow };
         w.insert_device(&device, &keys)?;
-        expected(handout(&s, hub, &device, &keys), expect.as_deref())
+        handed_out(w, handout(&s, hub, &device, &keys), expect.as_deref())
     }
 }
 
@@ -68,7 +68,7 @@ pub(super) fn rotate(
         let keys = DeviceKeys { public_key, preshared_key };
         device.keys = Some(keys.clone());
         w.update_device_keys(&device.name, &keys)?;
-        expected(handout(&s, hub, &device, &keys), expect.as_deref())
+        handed_out(w, handout(&s, hub, &device, &keys), expect.as_deref())
     }
 }
 
@@ -87,6 +87,12 @@ fn preshared_key_for(expect: Option<&DeviceHandout>) -> PresharedKey {
         Some(h) => h.preshared_key.clone(),
         None => PresharedKey::generate(),
     }
+}
+
+/// The reply with `handout`, whose endpoint and MTU are recorded as the device's config (see [`expected`]).
+fn handed_out(w: &Writer<'_>, handout: DeviceHandout, expect: Option<&DeviceHandout>) -> Result<Reply, ControlError> {
+    w.set_device_config(&handout.device.name, &handout.endpoint, handout.mtu)?;
+    expected(handout, expect)
 }
 
 /// The reply with `handout`, refused (so the caller's transaction rolls back) unless it is the one the

@@ -259,15 +259,14 @@ fn network_view(s: &Snapshot) -> NetworkView {
     }
 }
 
-/// Set the network's MTU; every device's config carries the old one when it changes.
+/// Set the network's MTU; the reply lists the devices whose config has another one (handed out before a
+/// change, and not since).
 fn network_update(w: &Writer<'_>, mtu: u16) -> Result<Reply, ControlError> {
     input::check_mtu(mtu)?;
-    let s = w.snapshot()?;
-    let mut devices_with_old_mtu = Vec::new();
-    if mtu != s.network.mtu {
+    if mtu != w.snapshot()?.network.mtu {
         w.set_network_mtu(mtu)?;
-        devices_with_old_mtu = s.devices.iter().map(|d| d.name.clone()).collect();
     }
+    let devices_with_old_mtu = w.devices_configured_for_another_mtu(mtu)?;
     Ok(Reply::NetworkUpdated(NetworkUpdated { network: network_view(&w.snapshot()?), devices_with_old_mtu }))
 }
 

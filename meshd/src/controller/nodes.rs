@@ -220,8 +220,8 @@ pub(super) fn ask_for_new_key(w: &Writer<'_>, name: Label) -> Result<Reply, Cont
 }
 
 /// Change where a node is reached, or its interface's own MTU. A new endpoint must be one other hosts can
-/// reach; the hub cannot go without one. When the hub's endpoint changes, every device's config names the
-/// old one: the reply lists them.
+/// reach; the hub cannot go without one. Given the hub's endpoint, the reply lists the devices whose config
+/// names another one (handed out before a change, and not since).
 pub(super) fn update(
     w: &Writer<'_>,
     name: Label,
@@ -246,9 +246,9 @@ pub(super) fn update(
         };
         if endpoint != node.endpoint {
             w.set_node_endpoint(&name, endpoint.as_ref())?;
-            if node.role == Role::Hub {
-                devices_with_old_endpoint = s.devices.iter().map(|d| d.name.clone()).collect();
-            }
+        }
+        if let (Role::Hub, Some(endpoint)) = (node.role, &endpoint) {
+            devices_with_old_endpoint = w.devices_configured_for_another_endpoint(&endpoint.to_string())?;
         }
     }
     let s = w.snapshot()?;
@@ -441,11 +441,24 @@ mod tests {
         assert_eq!(nat.node.endpoint, None);
         assert_eq!(c.snapshot().unwrap().nodes[1].endpoint, None);
 
+        let old = c.snapshot().unwrap().nodes[0].endpoint.as_ref().unwrap().to_string();
         let Reply::NodeUpdated(hub) = update(&mut c, "hub", set("hub.example.net:51820")).unwrap() else { panic!() };
         assert_eq!(hub.node.endpoint.as_deref(), Some("hub.example.net:51820"));
         assert_eq!(hub.devices_with_old_endpoint, [label("phone")]);
         let Reply::NodeUpdated(same) = update(&mut c, "hub", set("hub.example.net:51820")).unwrap() else { panic!() };
-        assert!(same.devices_with_old_endpoint.is_empty(), "the same endpoint again changes no config");
+        assert_eq!(same.devices_with_old_endpoint, [label("phone")], "its config still names the old endpoint");
+        // Back where the phone's config says: nothing to hand out; a device handed out since is up to date.
+        let Reply::NodeUpdated(back) = update(&mut c, "hub", set(&old)).unwrap() else { panic!() };
+        assert!(back.devices_with_old_endpoint.is_empty(), "{back:?}");
+        update(&mut c, "hub", set("hub.example.net:51820")).unwrap();
+        let public_key = PrivateKey::generate().public_key();
+        c.handle(Request::DeviceRotate { name: label("phone"), public_key, expect: None }).unwrap();
+        add_device(&mut c, "tablet", &["wallet"]).unwrap();
+        let Reply::NodeUpdated(same) = update(&mut c, "hub", set("hub.example.net:51820")).unwrap() else { panic!() };
+        assert!(same.devices_with_old_endpoint.is_empty(), "both configs were handed out since");
+        let Reply::NodeUpdated(back) = update(&mut c, "hub", set(&old)).unwrap() else { panic!() };
+        assert_eq!(back.devices_with_old_endpoint, [label("phone"), label("tablet")]);
+        update(&mut c, "hub", set("hub.example.net:51820")).unwrap();
         let Reply::NodeUpdated(unchanged) = update(&mut c, "hub", None).unwrap() else { panic!() };
         assert_eq!(unchanged.node.endpoint.as_deref(), Some("hub.example.net:51820"));
 
@@ -505,12 +518,15 @@ mod tests {
         let Reply::NetworkUpdated(net) = c.handle(Request::NetworkUpdate { mtu: 1320 }).unwrap() else { panic!() };
         assert_eq!((net.network.mtu, net.devices_with_old_mtu), (1320, vec![label("phone")]));
         let Reply::NetworkUpdated(same) = c.handle(Request::NetworkUpdate { mtu: 1320 }).unwrap() else { panic!() };
-        assert!(same.devices_with_old_mtu.is_empty());
+        assert_eq!(same.devices_with_old_mtu, [label("phone")], "its config still has the old MTU");
         let s = c.snapshot().unwrap();
         let mtus: Vec<u16> = s.nodes.iter().map(|n| s.node_view(n).mtu).collect();
         assert_eq!(mtus, [1400, 1340], "their own MTUs stay; hub, then cellar");
         let Reply::DeviceHandout(handout) = add_device(&mut c, "tablet", &["wallet"]).unwrap() else { panic!() };
         assert_eq!(handout.mtu, 1320, "devices get the network's MTU");
+        // Each device is named by what its own config has: back at 1420 only the tablet's is off.
+        let Reply::NetworkUpdated(back) = c.handle(Request::NetworkUpdate { mtu: 1420 }).unwrap() else { panic!() };
+        assert_eq!(back.devices_with_old_mtu, [label("tablet")]);
     }
 
     #[test]

@@ -119,6 +119,15 @@ CREATE TABLE removed_node_keys (
 ALTER TABLE network ADD COLUMN mtu INTEGER NOT NULL DEFAULT 1420 CHECK (mtu BETWEEN 1280 AND 9000);
 ALTER TABLE nodes ADD COLUMN mtu INTEGER CHECK (mtu IS NULL OR mtu BETWEEN 1280 AND 9000);
 "#,
+    r#"
+-- What each device's config says of the hub's endpoint and the MTU, as handed out (device add, device
+-- rotate): changing either names exactly the devices whose config no longer matches. Devices made before
+-- this migration are taken to have the values of now.
+ALTER TABLE devices ADD COLUMN config_endpoint TEXT;
+ALTER TABLE devices ADD COLUMN config_mtu INTEGER;
+UPDATE devices SET config_endpoint = (SELECT endpoint FROM nodes WHERE role = 'hub'),
+                   config_mtu = (SELECT mtu FROM network WHERE id = 1);
+"#,
 ];
 
 /// Bring the database at `path` to this meshd's schema in one transaction (a no-op when it is there);
@@ -234,6 +243,37 @@ mod tests {
         assert_eq!((s.network.mtu, s.nodes[0].mtu), (1340, Some(1280)));
         assert!(store.conn.execute("UPDATE network SET mtu = 1279", []).is_err());
         assert!(store.conn.execute("UPDATE nodes SET mtu = 9001", []).is_err());
+    }
+
+    /// Devices made before configs were recorded are taken to have the hub's endpoint and the MTU of now:
+    /// the same values again name none of them, another one names them all.
+    #[test]
+    fn devices_of_an_older_database_are_taken_to_have_the_configs_of_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meshd.db");
+        schema_3_with_a_service(&path);
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "UPDATE nodes SET endpoint = '192.0.2.1:51820';
+             INSERT INTO addresses VALUES (3, NULL);
+             INSERT INTO devices (name, public_key, preshared_key, addr_index, created_at)
+                 VALUES ('phone', 'yTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=', 'zTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=', 3, 0);",
+        )
+        .unwrap();
+        drop(conn);
+        let mut store = Store::open(&path).unwrap();
+        let stale = store
+            .write(|w| {
+                Ok::<_, StoreError>([
+                    w.devices_configured_for_another_endpoint("192.0.2.1:51820")?,
+                    w.devices_configured_for_another_mtu(1420)?,
+                    w.devices_configured_for_another_endpoint("192.0.2.1:51821")?,
+                    w.devices_configured_for_another_mtu(1400)?,
+                ])
+            })
+            .unwrap();
+        let phone: meshd_core::input::Label = "phone".parse().unwrap();
+        assert_eq!(stale, [vec![], vec![], vec![phone.clone()], vec![phone]]);
     }
 
     #[test]

@@ -210,6 +210,43 @@ impl Writer<'_> {
         Ok(())
     }
 
+    /// Record what device `name`'s config, as just handed out, says of the hub's endpoint and the MTU.
+    pub fn set_device_config(&self, name: &Label, endpoint: &str, mtu: u16) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "UPDATE devices SET config_endpoint = ?1, config_mtu = ?2 WHERE name = ?3",
+                params![endpoint, mtu, name.as_str()],
+            )
+            .map_err(sql("record a device's config"))?;
+        Ok(())
+    }
+
+    /// The devices whose config names another hub endpoint than `endpoint` (as `HOST:PORT`), by name.
+    pub fn devices_configured_for_another_endpoint(&self, endpoint: &str) -> Result<Vec<Label>, StoreError> {
+        self.device_names("SELECT name FROM devices WHERE config_endpoint IS NOT ?1 ORDER BY name", params![endpoint])
+    }
+
+    /// The devices whose config has another MTU than `mtu`, by name.
+    pub fn devices_configured_for_another_mtu(&self, mtu: u16) -> Result<Vec<Label>, StoreError> {
+        self.device_names("SELECT name FROM devices WHERE config_mtu IS NOT ?1 ORDER BY name", params![mtu])
+    }
+
+    fn device_names(&self, query: &str, args: impl rusqlite::Params) -> Result<Vec<Label>, StoreError> {
+        let mut stmt = self.tx.prepare(query).map_err(sql("list devices"))?;
+        let names = stmt
+            .query_map(args, |row| row.get::<_, String>(0))
+            .map_err(sql("list devices"))?
+            .collect::<Result<Vec<String>, _>>()
+            .map_err(sql("list devices"))?;
+        let parse = |name: String| {
+            name.parse().map_err(|e: meshd_core::input::InputError| StoreError::Invalid {
+                column: "devices.name".into(),
+                reason: format!("{name:?}: {e}"),
+            })
+        };
+        names.into_iter().map(parse).collect()
+    }
+
     /// Ask (or stop asking) a node for a new key.
     pub fn set_node_rotate(&self, name: &Label, rotate: bool) -> Result<(), StoreError> {
         self.tx
