@@ -550,16 +550,23 @@ pub async fn connect_from_privileged_port(hub: SocketAddr) -> std::io::Result<Tc
 /// (`net.ipv4.ip_unprivileged_port_start` lowered, as some container runtimes do): then any local user
 /// on a member can flood the hub's sync port as the member and keep its meshd out.
 pub fn warn_if_ports_unprotected() {
-    match std::fs::read_to_string(UNPRIVILEGED_PORT_START).map(|text| text.trim().parse::<u32>()) {
-        Ok(Ok(start)) if start < u32::from(PRIVILEGED_PORTS_END) => warn!(
-            net.ipv4.ip_unprivileged_port_start = start,
-            "unprivileged processes may bind ports from {start} on: a local user on a member can then keep it \
-             from the hub's live updates (set net.ipv4.ip_unprivileged_port_start=1024 on members and hub)"
-        ),
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => debug!(error = %e, "reading {UNPRIVILEGED_PORT_START}"),
+    match std::fs::read_to_string(UNPRIVILEGED_PORT_START) {
+        Ok(text) => match unprivileged_from(&text) {
+            Some(start) if start < u32::from(PRIVILEGED_PORTS_END) => warn!(
+                net.ipv4.ip_unprivileged_port_start = start,
+                "unprivileged processes may bind ports from {start} on: a local user on a member can then keep it \
+                 from the hub's live updates (set net.ipv4.ip_unprivileged_port_start=1024 on members and hub)"
+            ),
+            Some(_) => {}
+            None => debug!(text, "cannot read {UNPRIVILEGED_PORT_START}"),
+        },
         Err(e) => debug!(error = %e, "reading {UNPRIVILEGED_PORT_START}"),
     }
+}
+
+/// The first port unprivileged processes may bind, from the text of [`UNPRIVILEGED_PORT_START`].
+fn unprivileged_from(text: &str) -> Option<u32> {
+    text.trim().parse().ok()
 }
 
 /// The member's side of the handshake ([`meshd_core::wire::auth`]): answer the hub's challenge with this
@@ -773,6 +780,16 @@ mod tests {
         let message: ToMember = serde_json::from_str(&next(&mut real).await.unwrap()).unwrap();
         assert!(matches!(message, ToMember::Changes { .. }), "{message:?}");
         server.abort();
+    }
+
+    #[test]
+    fn the_first_unprivileged_port_is_read_from_the_kernels_text() {
+        assert_eq!(unprivileged_from("1024\n"), Some(1024));
+        assert_eq!(unprivileged_from("0\n"), Some(0));
+        assert_eq!(unprivileged_from(""), None);
+        assert_eq!(unprivileged_from("x"), None);
+        let here = std::fs::read_to_string(UNPRIVILEGED_PORT_START).expect("the kernel's setting");
+        assert!(unprivileged_from(&here).is_some(), "{here:?}");
     }
 
     #[test]
