@@ -325,7 +325,8 @@ fn a_local_users_flood_of_the_sync_port_keeps_neither_the_member_nor_its_restart
     assert!(vps_daemon.stop(Duration::from_secs(10)).success(), "{}", vps_daemon.log_text());
     let restarted = Instant::now();
     let mut vps_daemon = vps.run_daemon(&root.join("vps-restarted.log"));
-    let back = wait_until(Duration::from_secs(5), || connected(&vps_daemon) == 1);
+    // (0.3-2.3 s here during the flood: the sync client backs off while the tunnel comes up.)
+    let back = wait_until(Duration::from_secs(8), || connected(&vps_daemon) == 1);
     assert!(back, "the restarted vps got no session during the flood:\n{}", vps_daemon.log_text());
     eprintln!("during the flood, the restarted vps was connected after {:?}", restarted.elapsed());
     let web3 = add_service_on_vps(&hub, "web3", 8083);

@@ -164,13 +164,13 @@ pub enum TurnedAway {
 
 /// Connections turned away since the last report, by reason.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Tally {
+struct Tally {
     /// Over the caps.
-    pub refused: u64,
+    refused: u64,
     /// Evicted before their first message.
-    pub evicted: u64,
+    evicted: u64,
     /// From an unprivileged source port.
-    pub unprivileged_port: u64,
+    unprivileged_port: u64,
 }
 
 #[derive(Debug, Default)]

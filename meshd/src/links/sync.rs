@@ -448,8 +448,9 @@ pub async fn follow(
         let started = tokio::time::Instant::now();
         match session(hub, &identity, &digest, &events, &mut outgoing).await {
             Ok(()) => return,
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                warn!(%hub, error = %e, "the sync handshake with the hub failed");
+            // Refused or not proven, or no privileged source port to connect from: the operator's to fix.
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::AddrInUse) => {
+                warn!(%hub, error = %e, "the sync session with the hub failed");
             }
             Err(e) => debug!(%hub, error = %e, "sync session with the hub ended"),
         }
