@@ -132,16 +132,16 @@ pub fn render(plan: &HostPlan) -> String {
         }
     }
     if let Some(sync) = &plan.sync {
-        // Every node reaches the sync service, whatever access rules say about the hub itself.
+        // Every node reaches the sync service, whatever access rules say about the hub itself, but only from a
+        // port below 1024 as meshd binds: what an unprivileged user on a member sends never reaches the hub's
+        // accept queue. (Checked after the translation to the port meshd listens on.)
         for listen in sync.bound() {
             let (saddr, daddr, set) =
                 if listen.is_ipv4() { ("ip", "ip", "members_v4") } else { ("ip6", "ip6", "members_v6") };
-            let _ = writeln!(
-                out,
-                "    {saddr} saddr @{set} {daddr} daddr {} tcp dport {} accept",
-                listen.ip(),
-                listen.port()
-            );
+            let (ip, port) = (listen.ip(), listen.port());
+            let _ =
+                writeln!(out, "    {saddr} saddr @{set} {daddr} daddr {ip} tcp dport {port} tcp sport < 1024 accept");
+            let _ = writeln!(out, "    {daddr} daddr {ip} tcp dport {port} counter drop");
         }
     }
     let _ = writeln!(out, "    {admitted}\n    counter drop\n  }}");
@@ -203,7 +203,12 @@ mod tests {
         assert!(rules.find("@grants_v4 accept").unwrap() < drop_at, "grants must come before the final drop");
         assert!(rules.contains("elements = { 10.77.0.1, 10.77.0.5 }"), "nodes reach each other: {rules}");
         assert!(rules.contains("iifname \"wg-home.1\" oifname \"wg-home.1\" jump mesh_routing"), "{rules}");
-        assert!(rules.contains("ip saddr @members_v4 ip daddr 10.77.0.1 tcp dport 1021 accept"), "{rules}");
+        let sync = "ip saddr @members_v4 ip daddr 10.77.0.1 tcp dport 1021 tcp sport < 1024 accept\n    \
+                    ip daddr 10.77.0.1 tcp dport 1021 counter drop\n    ip saddr @nodes_v4 accept";
+        assert!(
+            rules.contains(sync),
+            "only privileged source ports reach the sync service, before nodes pass: {rules}"
+        );
         let routing = &rules[rules.find("chain mesh_routing").unwrap()..];
         assert!(routing.contains("ip saddr @members_v4 accept"), "the hub routes between all nodes: {rules}");
         assert!(rules.contains("elements = { 10.77.0.1, 10.77.0.5, 10.77.0.6 }"), "{rules}");

@@ -10,14 +10,19 @@
 //! connections in total); a connection holds a [`Permit`] for as long as it lives, and dropping the
 //! permit gives its descriptors back. A connection over a cap is closed at once, and refusals are
 //! reported as one aggregated warning per [`REPORT_EVERY`] per listener, never one line each.
+//!
+//! A listener open to strangers (the join service) admits with [`Gate::admit_evicting`]: until the
+//! connection has shown it is a client of the service (its first message), it may be evicted by a newer
+//! one, so that a flood at the caps closes its own connections rather than keeping everyone else out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
 /// Descriptors always kept out of the budget for untrusted connections, whatever the limit.
@@ -130,11 +135,47 @@ pub struct Gate {
 struct Open {
     total: usize,
     by_source: HashMap<IpAddr, usize>,
+    /// The number of the last connection admitted.
+    last: u64,
+    /// Connections a newer one may evict, oldest first.
+    evictable: VecDeque<Evictable>,
+    /// Evicted connections whose permits are still held: their places were already given to others.
+    evicted: HashSet<u64>,
+}
+
+/// A connection that may still be evicted; dropping `close` tells its task to close it.
+#[derive(Debug)]
+struct Evictable {
+    id: u64,
+    source: IpAddr,
+    close: oneshot::Sender<()>,
+}
+
+/// Why a connection was turned away, as counted in a listener's aggregated report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TurnedAway {
+    /// Its source, the listener or the process was at its cap.
+    OverCaps,
+    /// A newer connection took its place before it sent its first message.
+    Evicted,
+    /// It came from a source port that any local user may bind, where the listener needs a privileged one.
+    UnprivilegedPort,
+}
+
+/// Connections turned away since the last report, by reason.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Tally {
+    /// Over the caps.
+    refused: u64,
+    /// Evicted before their first message.
+    evicted: u64,
+    /// From an unprivileged source port.
+    unprivileged_port: u64,
 }
 
 #[derive(Debug, Default)]
 struct Refused {
-    count: u64,
+    tally: Tally,
     reported: Option<Instant>,
 }
 
@@ -143,6 +184,35 @@ struct Refused {
 pub struct Permit {
     gate: Arc<Gate>,
     source: IpAddr,
+    id: u64,
+}
+
+/// A connection admitted by [`Gate::admit_evicting`] that has not yet shown it is a client of the service:
+/// a newer connection may evict it until it [settles](Pending::settle).
+#[derive(Debug)]
+pub struct Pending {
+    permit: Permit,
+    evicted: oneshot::Receiver<()>,
+}
+
+impl Pending {
+    /// Resolves once a newer connection has taken this one's place: the connection is to be closed.
+    pub async fn evicted(&mut self) {
+        // Never sent: the sender is dropped when the connection is evicted.
+        let _ = (&mut self.evicted).await;
+    }
+
+    /// The connection showed it is a client of the service: from now on no newer connection evicts it. None
+    /// when it was evicted meanwhile (its place is another's: close it).
+    pub fn settle(self) -> Option<Permit> {
+        let mut open = lock(&self.permit.gate.open);
+        if open.evicted.contains(&self.permit.id) {
+            return None;
+        }
+        open.evictable.retain(|e| e.id != self.permit.id);
+        drop(open);
+        Some(self.permit)
+    }
 }
 
 impl Gate {
@@ -162,29 +232,109 @@ impl Gate {
         let source = self.source(peer);
         let admitted = {
             let mut open = lock(&self.open);
-            let of_source = open.by_source.get(&source).copied().unwrap_or(0);
-            let fits = of_source < self.caps.per_source && open.total < self.caps.total;
-            if fits && self.budget.take(self.caps.descriptors) {
-                open.total += 1;
-                open.by_source.insert(source, of_source + 1);
-                true
-            } else {
-                false
-            }
+            self.take_place(&mut open, source)
         };
-        if admitted {
-            return Some(Permit { gate: self.clone(), source });
+        match admitted {
+            Some(id) => Some(Permit { gate: self.clone(), source, id }),
+            None => {
+                self.turn_away(TurnedAway::OverCaps);
+                None
+            }
         }
-        if let Some(count) = self.note_refusal(Instant::now()) {
+    }
+
+    /// Like [`Gate::admit`], for a listener open to strangers: when `peer`'s source is at its cap, its own
+    /// oldest pending connection is evicted; when the listener or the process is, the oldest pending
+    /// connection of the source holding the most pending ones is ([`victim`]). Only a listener whose
+    /// connections settle soon may use this; settled connections are never evicted, so once they fill the
+    /// caps a new one is refused as by [`Gate::admit`].
+    pub fn admit_evicting(self: &Arc<Self>, peer: IpAddr) -> Option<Pending> {
+        let source = self.source(peer);
+        let (admitted, evicted) = {
+            let mut open = lock(&self.open);
+            let mut evicted = 0;
+            let at_cap = open.by_source.get(&source).is_some_and(|&n| n >= self.caps.per_source);
+            let own_oldest = at_cap.then(|| open.evictable.iter().position(|e| e.source == source)).flatten();
+            if let Some(oldest) = own_oldest {
+                self.evict(&mut open, oldest);
+                evicted += 1;
+            }
+            let mut admitted = self.take_place(&mut open, source);
+            if admitted.is_none() && open.by_source.get(&source).is_none_or(|&n| n < self.caps.per_source) {
+                let sources: Vec<IpAddr> = open.evictable.iter().map(|e| e.source).collect();
+                if let Some(at) = victim(&sources) {
+                    self.evict(&mut open, at);
+                    evicted += 1;
+                    admitted = self.take_place(&mut open, source);
+                }
+            }
+            let admitted = admitted.map(|id| {
+                let (close, closed) = oneshot::channel();
+                open.evictable.push_back(Evictable { id, source, close });
+                (id, closed)
+            });
+            (admitted, evicted)
+        };
+        for _ in 0..evicted {
+            self.turn_away(TurnedAway::Evicted);
+        }
+        match admitted {
+            Some((id, evicted)) => Some(Pending { permit: Permit { gate: self.clone(), source, id }, evicted }),
+            None => {
+                self.turn_away(TurnedAway::OverCaps);
+                None
+            }
+        }
+    }
+
+    /// Count a connection turned away for `why` (closed by the caller), reported in aggregate with the
+    /// listener's other refusals.
+    pub fn turn_away(&self, why: TurnedAway) {
+        if let Some(tally) = self.note_refusal(why, Instant::now()) {
             warn!(
                 listener = self.name,
-                refused = count,
+                refused = tally.refused,
+                evicted = tally.evicted,
+                unprivileged_port = tally.unprivileged_port,
                 per_source = self.caps.per_source,
                 total = self.caps.total,
-                "connections refused: over the connection limits (reported at most once a minute)"
+                "connections refused: over the connection limits, evicted by newer ones before their first \
+                 message, or from an unprivileged source port (reported at most once a minute)"
             );
         }
-        None
+    }
+
+    /// A place for one more connection of `source` within the caps and the budget: its number, or None.
+    fn take_place(&self, open: &mut Open, source: IpAddr) -> Option<u64> {
+        let of_source = open.by_source.get(&source).copied().unwrap_or(0);
+        let fits = of_source < self.caps.per_source && open.total < self.caps.total;
+        if !(fits && self.budget.take(self.caps.descriptors)) {
+            return None;
+        }
+        open.total += 1;
+        open.by_source.insert(source, of_source + 1);
+        open.last += 1;
+        Some(open.last)
+    }
+
+    /// Evict the pending connection at `at` of the queue: its place and descriptors are free at once (its
+    /// task closes it when woken; its permit then gives nothing back a second time).
+    fn evict(&self, open: &mut Open, at: usize) {
+        let Some(Evictable { id, source, close }) = open.evictable.remove(at) else { return };
+        drop(close);
+        open.evicted.insert(id);
+        self.free_place(open, source);
+    }
+
+    fn free_place(&self, open: &mut Open, source: IpAddr) {
+        open.total = open.total.saturating_sub(1);
+        if let Some(count) = open.by_source.get_mut(&source) {
+            *count -= 1;
+            if *count == 0 {
+                open.by_source.remove(&source);
+            }
+        }
+        self.budget.give_back(self.caps.descriptors);
     }
 
     /// Connections open now.
@@ -192,14 +342,19 @@ impl Gate {
         lock(&self.open).total
     }
 
-    /// Count a refusal at `now`; returns the count to report when a report is due.
-    fn note_refusal(&self, now: Instant) -> Option<u64> {
+    /// Count a connection turned away for `why` at `now`; returns the tally to report when a report is due.
+    fn note_refusal(&self, why: TurnedAway, now: Instant) -> Option<Tally> {
         let mut refused = lock(&self.refused);
-        refused.count += 1;
+        let count = match why {
+            TurnedAway::OverCaps => &mut refused.tally.refused,
+            TurnedAway::Evicted => &mut refused.tally.evicted,
+            TurnedAway::UnprivilegedPort => &mut refused.tally.unprivileged_port,
+        };
+        *count += 1;
         let due = refused.reported.is_none_or(|at| now.duration_since(at) >= REPORT_EVERY);
         due.then(|| {
             refused.reported = Some(now);
-            std::mem::take(&mut refused.count)
+            std::mem::take(&mut refused.tally)
         })
     }
 
@@ -214,22 +369,33 @@ impl Gate {
         }
     }
 
-    fn release(&self, source: IpAddr) {
+    fn release(&self, source: IpAddr, id: u64) {
         let mut open = lock(&self.open);
-        open.total = open.total.saturating_sub(1);
-        if let Some(count) = open.by_source.get_mut(&source) {
-            *count -= 1;
-            if *count == 0 {
-                open.by_source.remove(&source);
-            }
+        if open.evicted.remove(&id) {
+            return;
         }
-        self.budget.give_back(self.caps.descriptors);
+        if !open.evictable.is_empty() {
+            open.evictable.retain(|e| e.id != id);
+        }
+        self.free_place(&mut open, source);
     }
+}
+
+/// Which pending connection to evict for a newcomer, given the sources of the pending ones oldest first:
+/// the oldest of the source holding the most of them. A flood from a few sources thus evicts its own
+/// connections, and a lone client's connection is taken only once every source holds no more than one.
+pub fn victim(pending: &[IpAddr]) -> Option<usize> {
+    let mut counts: HashMap<IpAddr, usize> = HashMap::new();
+    for source in pending {
+        *counts.entry(*source).or_default() += 1;
+    }
+    let most = counts.values().copied().max()?;
+    pending.iter().position(|source| counts.get(source) == Some(&most))
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.gate.release(self.source);
+        self.gate.release(self.source, self.id);
     }
 }
 
@@ -298,12 +464,99 @@ mod tests {
     fn refusals_are_reported_once_per_period_with_their_count() {
         let gate = Gate::with_budget("test", caps(1, 1), Budget::new(100));
         let start = Instant::now();
-        assert_eq!(gate.note_refusal(start), Some(1), "the first refusal is reported at once");
+        let one = Tally { refused: 1, ..Tally::default() };
+        assert_eq!(gate.note_refusal(TurnedAway::OverCaps, start), Some(one), "the first refusal is reported at once");
         for i in 1..1000 {
-            assert_eq!(gate.note_refusal(start + Duration::from_millis(i)), None);
+            let why = [TurnedAway::OverCaps, TurnedAway::Evicted, TurnedAway::UnprivilegedPort][i % 3];
+            assert_eq!(gate.note_refusal(why, start + Duration::from_millis(i as u64)), None);
         }
-        assert_eq!(gate.note_refusal(start + REPORT_EVERY), Some(1000));
-        assert_eq!(gate.note_refusal(start + REPORT_EVERY + Duration::from_secs(1)), None);
+        let tally = gate.note_refusal(TurnedAway::OverCaps, start + REPORT_EVERY);
+        assert_eq!(tally, Some(Tally { refused: 334, evicted: 333, unprivileged_port: 333 }));
+        assert_eq!(gate.note_refusal(TurnedAway::Evicted, start + REPORT_EVERY + Duration::from_secs(1)), None);
+    }
+
+    /// Whether the pending connection was told to close.
+    fn was_evicted(pending: &mut Pending) -> bool {
+        matches!(pending.evicted.try_recv(), Err(oneshot::error::TryRecvError::Closed))
+    }
+
+    /// Eight sources flooding at their caps fill the listener; a lone client still gets in, the flood's
+    /// own oldest connections make room for it, and the flood cannot push it out.
+    #[test]
+    fn a_flood_at_the_caps_evicts_its_own_pending_connections_not_a_lone_clients() {
+        let gate = Gate::with_budget("joins", caps(4, 32), Budget::new(1000));
+        let flooders: Vec<IpAddr> = (1..=8).map(|i| ip(&format!("192.0.2.{i}"))).collect();
+        let mut flood: Vec<Pending> = Vec::new();
+        for round in 0..4 {
+            for source in &flooders {
+                flood.push(gate.admit_evicting(*source).unwrap_or_else(|| panic!("round {round}")));
+            }
+        }
+        assert_eq!(gate.open(), 32, "the flood fills the listener");
+        assert!(!flood.iter_mut().any(was_evicted));
+
+        let mut client = gate.admit_evicting(ip("198.51.100.7")).expect("a lone client at the total cap gets in");
+        assert!(was_evicted(&mut flood[0]), "the oldest of the heaviest source made room");
+        assert_eq!(gate.open(), 32);
+
+        // The flood goes on, every source reconnecting many times: it only evicts its own connections.
+        for _ in 0..50 {
+            for source in &flooders {
+                flood.push(gate.admit_evicting(*source).expect("a flooder's new connection"));
+            }
+            assert!(!was_evicted(&mut client), "the flood evicted the lone client");
+            assert_eq!(gate.open(), 32);
+        }
+        let permit = client.settle().expect("the client settles");
+        // Settled connections are never evicted: a source holding its cap of them is refused.
+        let settled: Vec<Permit> =
+            (0..3).map(|_| gate.admit_evicting(ip("198.51.100.7")).unwrap().settle().unwrap()).collect();
+        assert!(gate.admit_evicting(ip("198.51.100.7")).is_none(), "four settled: the source's cap");
+        drop(flood);
+        drop(settled);
+        drop(permit);
+        assert_eq!(gate.open(), 0, "every place given back once, evicted or not");
+    }
+
+    /// A source at its own cap evicts its own oldest pending connection (a client behind the same NAT as a
+    /// flood gets in), never another source's.
+    #[test]
+    fn a_source_at_its_cap_evicts_its_own_oldest_pending_connection() {
+        let gate = Gate::with_budget("joins", caps(2, 10), Budget::new(100));
+        let mut other = gate.admit_evicting(ip("192.0.2.9")).unwrap();
+        let mut first = gate.admit_evicting(ip("192.0.2.1")).unwrap();
+        let mut second = gate.admit_evicting(ip("192.0.2.1")).unwrap();
+        let third = gate.admit_evicting(ip("192.0.2.1")).expect("evicts its own oldest");
+        assert!(was_evicted(&mut first) && !was_evicted(&mut second) && !was_evicted(&mut other));
+        assert!(first.settle().is_none(), "an evicted connection cannot settle into a place it lost");
+        let _kept = (second.settle().unwrap(), third.settle().unwrap());
+        assert!(gate.admit_evicting(ip("192.0.2.1")).is_none(), "nothing pending of its own to evict");
+        assert!(!was_evicted(&mut other));
+        assert_eq!(gate.open(), 3);
+    }
+
+    /// Over a process budget drained by another listener, a pending connection is evicted for a newcomer;
+    /// with none pending, the newcomer is refused.
+    #[test]
+    fn a_drained_budget_evicts_pending_connections_or_refuses() {
+        let budget = Budget::new(3);
+        let forwards = Gate::with_budget("forwards", caps(10, 10), budget.clone());
+        let joins = Gate::with_budget("joins", caps(10, 10), budget);
+        let _held = (forwards.admit(ip("10.0.0.2")).unwrap(), forwards.admit(ip("10.0.0.2")).unwrap());
+        let mut pending = joins.admit_evicting(ip("192.0.2.1")).unwrap();
+        let newer = joins.admit_evicting(ip("192.0.2.2")).expect("the budget's last descriptor changes hands");
+        assert!(was_evicted(&mut pending));
+        let _settled = newer.settle().unwrap();
+        assert!(joins.admit_evicting(ip("192.0.2.3")).is_none());
+    }
+
+    #[test]
+    fn the_victim_is_the_oldest_of_the_source_with_the_most_pending() {
+        let (a, b, c) = (ip("192.0.2.1"), ip("192.0.2.2"), ip("2001:db8::"));
+        assert_eq!(victim(&[]), None);
+        assert_eq!(victim(&[a, b, b, c, b]), Some(1));
+        assert_eq!(victim(&[c, a, b, a, b]), Some(1), "a tie: the source whose oldest is oldest");
+        assert_eq!(victim(&[c, a, b]), Some(0), "one each: the oldest of all");
     }
 
     #[test]

@@ -10,6 +10,9 @@
 //! no ClientHello within [`HELLO_TIMEOUT`], is closed without a byte sent back (no certificate, not even
 //! a TLS alert). Connections are capped per source and in total ([`PER_SOURCE`], [`TOTAL`]) within the
 //! process's descriptor budget (see [`crate::host::admission`]); none of that is logged one line each.
+//! Until its ClientHello names the service, a connection may be evicted by a newer one
+//! ([`Gate::admit_evicting`]): a flood of idle connections at the caps closes its own, and a joining host
+//! or a member asking where it stands, whose name comes in its first flight, still gets in.
 
 use std::fmt;
 use std::io;
@@ -34,7 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 use tracing::debug;
 
-use crate::host::admission::{Caps, Gate};
+use crate::host::admission::{Caps, Gate, Pending};
 use meshd_core::wire::auth::STANDING_EXPORTER_LABEL;
 
 /// Name in the certificate; the client ignores it, the pin is what counts.
@@ -44,8 +47,11 @@ const SERVER_NAME: &str = "meshd-join";
 pub const PER_SOURCE: usize = 32;
 /// Most join connections at a time over all sources.
 pub const TOTAL: usize = 256;
-/// Time a client gets to send its ClientHello after connecting.
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a client gets to send its ClientHello after connecting. A client sends it right after the TCP
+/// handshake (it arrived 65-450 µs after the accept in `tests/tests/join_flood.rs`, during the flood): the
+/// time covers a ClientHello lost on the way and resent after TCP's retransmission timeout (at least 200 ms,
+/// 1 s while the path is unmeasured), twice.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
 /// Largest request line the hub reads, so a client cannot make it buffer without bound.
 const MAX_REQUEST: u64 = 64 * 1024;
 /// Largest reply line the client reads; replies come from the pinned hub and may carry a whole host config.
@@ -224,13 +230,12 @@ pub async fn serve<Req, Resp>(
                 continue;
             }
         };
-        let Some(permit) = gate.admit(peer.ip()) else { continue };
+        let Some(pending) = gate.admit_evicting(peer.ip()) else { continue };
         let (config, expected, calls) = (config.clone(), expected.clone(), calls.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve_connection(Tls { config, expected }, tcp, peer, calls, malformed).await {
+            if let Err(e) = serve_connection(Tls { config, expected }, tcp, peer, pending, calls, malformed).await {
                 debug!(%peer, "join connection ended without a reply: {e}");
             }
-            drop(permit);
         });
     }
 }
@@ -242,10 +247,13 @@ struct Tls {
 }
 
 /// One join connection: ClientHello (with the expected server name), handshake, request line, reply line.
+/// Until the ClientHello names the service, a newer connection may evict it (`pending`); after, it holds its
+/// place to the end.
 async fn serve_connection<Req, Resp>(
     tls: Tls,
     tcp: TcpStream,
     peer: SocketAddr,
+    mut pending: Pending,
     calls: mpsc::Sender<JoinCall<Req, Resp>>,
     malformed: fn(String) -> Resp,
 ) -> io::Result<()>
@@ -255,13 +263,23 @@ where
 {
     // Nothing is written until the ClientHello names this service: not even an alert for garbage.
     let muted = Arc::new(AtomicBool::new(true));
+    let accepted = std::time::Instant::now();
     let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), Muted { tcp, muted: muted.clone() });
-    let start = tokio::time::timeout(HELLO_TIMEOUT, hello)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no ClientHello in time"))??;
+    let start = tokio::select! {
+        start = tokio::time::timeout(HELLO_TIMEOUT, hello) => {
+            start.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no ClientHello in time"))??
+        }
+        () = pending.evicted() => {
+            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "evicted by a newer connection before its ClientHello"));
+        }
+    };
     if start.client_hello().server_name() != Some(&*tls.expected) {
         return Err(io::Error::new(io::ErrorKind::PermissionDenied, "ClientHello without this service's name"));
     }
+    let Some(_permit) = pending.settle() else {
+        return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "evicted by a newer connection"));
+    };
+    debug!(%peer, after = ?accepted.elapsed(), "join: the ClientHello names the service");
     muted.store(false, Ordering::SeqCst);
     let read_request = async {
         let mut stream = BufReader::new(start.into_stream(tls.config).await?);

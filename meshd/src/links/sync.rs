@@ -5,6 +5,11 @@
 //! private key and the hub proves it holds the hub's ([`meshd_core::wire::auth`]). Nothing of the state is
 //! sent before, and a new proven session of a node ends the one it had.
 //!
+//! Nor can another process on the member's host crowd meshd's handshakes out by flooding the hub from
+//! the member's address: the member connects from a source port below 1024 ([`SOURCE_PORTS`]), which only
+//! root may bind (unless `net.ipv4.ip_unprivileged_port_start` was lowered: [`warn_if_ports_unprotected`]),
+//! and the hub admits sync connections only from such ports, in its firewall and in its accept loop.
+//!
 //! The protocol is JSON lines. After the handshake, a member says `hello` with the digest of the state it has cached; the
 //! hub answers with nothing (up to date), the changes since that digest (if it still has them), or the
 //! whole state. After that, every change is serialised once and the same line goes to every member.
@@ -15,18 +20,19 @@
 //! [`SYNC_PORT`]: meshd_core::model::SYNC_PORT
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tracing::{debug, info, warn};
 
-use crate::host::admission::{Caps, Gate};
+use crate::host::admission::{Caps, Gate, TurnedAway};
 use crate::host::clock;
 use meshd_core::input::Label;
 use meshd_core::keys::{PrivateKey, PublicKey};
@@ -41,6 +47,18 @@ const MAX_TO_MEMBER: usize = 64 << 20;
 const MAX_TO_HUB: usize = 4096;
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Source ports a member's sync client binds: below 1024, which an unprivileged process cannot bind (while
+/// `net.ipv4.ip_unprivileged_port_start` keeps its default, 1024), above those of common services, and below
+/// the port meshd's own listeners bind ([`meshd_core::plan::PRIVILEGED_PORT`], 1021), which a source port
+/// bound on every address would take from a service's forwarder.
+pub const SOURCE_PORTS: RangeInclusive<u16> = 600..=1020;
+const _: () = assert!(*SOURCE_PORTS.end() < meshd_core::plan::PRIVILEGED_PORT);
+/// Source ports the hub admits sync connections from: the privileged ones.
+pub const PRIVILEGED_PORTS_END: u16 = 1024;
+/// How many random ports of [`SOURCE_PORTS`] a member tries before it gives up on one connection attempt.
+const SOURCE_PORT_TRIES: usize = 16;
+/// Where the kernel says from which port on unprivileged processes may bind.
+const UNPRIVILEGED_PORT_START: &str = "/proc/sys/net/ipv4/ip_unprivileged_port_start";
 /// Reconnect backoff of members.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -167,6 +185,12 @@ impl Publisher {
                     continue;
                 }
             };
+            // Any local user may connect from an unprivileged port (on the member, or on the hub past the
+            // firewall): closed at once, counted in the listener's report, never against the member's caps.
+            if peer.port() >= PRIVILEGED_PORTS_END {
+                gate.turn_away(TurnedAway::UnprivilegedPort);
+                continue;
+            }
             let Some(node) = self.member(peer.ip()) else {
                 debug!(%peer, "sync: connection from an address that is no active member; closed");
                 continue;
@@ -427,8 +451,9 @@ pub async fn follow(
         let started = tokio::time::Instant::now();
         match session(hub, &identity, &digest, &events, &mut outgoing).await {
             Ok(()) => return,
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                warn!(%hub, error = %e, "the sync handshake with the hub failed");
+            // Refused or not proven, or no privileged source port to connect from: the operator's to fix.
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::AddrInUse) => {
+                warn!(%hub, error = %e, "the sync session with the hub failed");
             }
             Err(e) => debug!(%hub, error = %e, "sync session with the hub ended"),
         }
@@ -452,7 +477,7 @@ async fn session(
 ) -> std::io::Result<()> {
     // The key the interface uses as the connection is made is the one the hub admitted it with.
     let identity = identity.borrow().clone();
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(hub))
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect_from_privileged_port(hub))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting"))??;
     // When the hub admitted the key the interface used (the member's key rotation relies on it).
@@ -478,6 +503,74 @@ async fn session(
         return Ok(());
     }
     result
+}
+
+/// A connection to `hub` from a random port of [`SOURCE_PORTS`] (the hub admits no other); a port taken
+/// (by a service, or by a connection of the same four addresses and ports still in TIME-WAIT) is skipped
+/// for another, [`SOURCE_PORT_TRIES`] times at most.
+pub async fn connect_from_privileged_port(hub: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::io::{Error, ErrorKind};
+    let any: IpAddr = if hub.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+    let mut taken = Vec::new();
+    for _ in 0..SOURCE_PORT_TRIES {
+        let port = rand::random_range(SOURCE_PORTS);
+        let socket = if hub.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(SocketAddr::new(any, port)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AddrInUse => {
+                taken.push(port);
+                continue;
+            }
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+                return Err(Error::new(
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "binding source port {port} for the sync connection: {e} (the hub admits members only from \
+                         ports below {PRIVILEGED_PORTS_END}: run meshd as root or with CAP_NET_BIND_SERVICE)"
+                    ),
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+        match socket.connect(hub).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) if matches!(e.kind(), ErrorKind::AddrInUse | ErrorKind::AddrNotAvailable) => taken.push(port),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::new(
+        ErrorKind::AddrInUse,
+        format!(
+            "no free source port in {}-{} to connect to the hub from (tried {taken:?}): the hub admits members \
+             only from ports below {PRIVILEGED_PORTS_END}",
+            SOURCE_PORTS.start(),
+            SOURCE_PORTS.end()
+        ),
+    ))
+}
+
+/// Warn, once at start, when unprivileged processes may bind ports below 1024 on this host
+/// (`net.ipv4.ip_unprivileged_port_start` lowered, as some container runtimes do): then any local user
+/// on a member can flood the hub's sync port as the member and keep its meshd out.
+pub fn warn_if_ports_unprotected() {
+    match std::fs::read_to_string(UNPRIVILEGED_PORT_START) {
+        Ok(text) => match unprivileged_from(&text) {
+            Some(start) if start < u32::from(PRIVILEGED_PORTS_END) => warn!(
+                net.ipv4.ip_unprivileged_port_start = start,
+                "unprivileged processes may bind ports from {start} on: a local user on a member can then keep it \
+                 from the hub's live updates (set net.ipv4.ip_unprivileged_port_start=1024 on members and hub)"
+            ),
+            Some(_) => {}
+            None => debug!(text, "cannot read {UNPRIVILEGED_PORT_START}"),
+        },
+        Err(e) => debug!(error = %e, "reading {UNPRIVILEGED_PORT_START}"),
+    }
+}
+
+/// The first port unprivileged processes may bind, from the text of [`UNPRIVILEGED_PORT_START`].
+fn unprivileged_from(text: &str) -> Option<u32> {
+    text.trim().parse().ok()
 }
 
 /// The member's side of the handshake ([`meshd_core::wire::auth`]): answer the hub's challenge with this
@@ -623,12 +716,38 @@ mod tests {
         (s, publisher, addr, server, Identity { key: vps_key, hub: hub_key.public_key() })
     }
 
-    /// A connection to `addr` from `source`, a mesh address on loopback, as lines and a writer.
+    /// A connection to `addr` from `source`, a mesh address on loopback, and a source port below 1024 as
+    /// meshd's (binding one needs root, as the tests have: a failure to bind fails the test), as lines and a
+    /// writer.
     async fn connect_from(source: &str, addr: SocketAddr) -> (Lines, tokio::net::tcp::OwnedWriteHalf) {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        for _ in 0..SOURCE_PORT_TRIES {
+            let socket = TcpSocket::new_v4().unwrap();
+            socket.set_reuseaddr(true).unwrap();
+            match socket.bind(SocketAddr::new(source.parse().unwrap(), rand::random_range(SOURCE_PORTS))) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                Err(e) => panic!("binding a privileged port (the tests need root): {e}"),
+            }
+            match socket.connect(addr).await {
+                Ok(stream) => {
+                    let (read, write) = stream.into_split();
+                    return (line_reader(read, MAX_TO_MEMBER), write);
+                }
+                // The port is bound by another of the test's connections to the same address.
+                Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => continue,
+                Err(e) => panic!("connecting to {addr}: {e}"),
+            }
+        }
+        panic!("no free privileged port on {source}");
+    }
+
+    /// A connection to `addr` from `source` and a port the kernel picks (unprivileged).
+    async fn connect_unprivileged(source: &str, addr: SocketAddr) -> Lines {
+        let socket = TcpSocket::new_v4().unwrap();
         socket.bind(SocketAddr::new(source.parse().unwrap(), 0)).unwrap();
-        let (read, write) = socket.connect(addr).await.unwrap().into_split();
-        (line_reader(read, MAX_TO_MEMBER), write)
+        let stream = socket.connect(addr).await.unwrap();
+        assert!(stream.local_addr().unwrap().port() >= PRIVILEGED_PORTS_END);
+        line_reader(stream.into_split().0, MAX_TO_MEMBER)
     }
 
     /// A session of vps that passed the handshake with `identity` and said hello with `digest`.
@@ -641,6 +760,40 @@ mod tests {
 
     async fn next(lines: &mut Lines) -> Option<String> {
         tokio::time::timeout(Duration::from_secs(5), next_line(lines)).await.expect("an answer in time").unwrap_or(None)
+    }
+
+    /// Another process on vps's host, which cannot bind a port below 1024, floods the hub from vps's address:
+    /// each of its connections is closed without a challenge and without counting against vps, whose meshd
+    /// still connects from its privileged port and is proven.
+    #[tokio::test]
+    async fn connections_from_unprivileged_ports_are_closed_at_once_and_keep_no_member_out() {
+        let (mut s, publisher, addr, server, vps) = serve_on_loopback().await;
+        let mut flood = Vec::new();
+        for _ in 0..40 {
+            flood.push(connect_unprivileged("127.0.0.2", addr).await);
+        }
+        let stream = connect_from_privileged_port(addr).await.expect("a privileged source port (needs root)");
+        assert!(SOURCE_PORTS.contains(&stream.local_addr().unwrap().port()));
+        drop(stream);
+        let (mut real, _real_write) = proven(addr, &vps, &publisher.digest()).await;
+        for lines in &mut flood {
+            assert_eq!(next(lines).await, None, "a connection from an unprivileged port got a challenge");
+        }
+        s.services.clear();
+        publisher.publish(s);
+        let message: ToMember = serde_json::from_str(&next(&mut real).await.unwrap()).unwrap();
+        assert!(matches!(message, ToMember::Changes { .. }), "{message:?}");
+        server.abort();
+    }
+
+    #[test]
+    fn the_first_unprivileged_port_is_read_from_the_kernels_text() {
+        assert_eq!(unprivileged_from("1024\n"), Some(1024));
+        assert_eq!(unprivileged_from("0\n"), Some(0));
+        assert_eq!(unprivileged_from(""), None);
+        assert_eq!(unprivileged_from("x"), None);
+        let here = std::fs::read_to_string(UNPRIVILEGED_PORT_START).expect("the kernel's setting");
+        assert!(unprivileged_from(&here).is_some(), "{here:?}");
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub struct RunOptions {
 pub async fn run(state: &StateDir, options: RunOptions) -> anyhow::Result<()> {
     state.check_private()?;
     let lock = state.lock_daemon()?;
+    // The hub's sync service trusts source ports below 1024 to be meshd's (links::sync).
+    crate::links::sync::warn_if_ports_unprotected();
     if state.db().exists() {
         if lock.read_only() {
             return Err(StateDirError::ReadOnly(state.root().to_path_buf()).into());
