@@ -223,13 +223,14 @@ fn add_service_on_vps(hub: &MeshHost, name: &str, port: u16) -> String {
     service["mesh_address"].as_str().unwrap().split(':').next().unwrap().to_owned()
 }
 
-/// Packets the hub's firewall dropped at its sync port since it last loaded its rules.
+/// Packets the hub's firewall dropped at its sync port (translated to 1021, where meshd listens) since it last
+/// loaded its rules.
 fn sync_drops(hub: &MeshHost) -> u64 {
     let table = format!("meshd_{}", hub.ifname.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
     let rules = hub.ns.run(&["nft", "list", "table", "inet", &table]);
     rules
         .lines()
-        .find(|l| l.contains("tcp dport 51871 counter"))
+        .find(|l| l.contains("tcp dport 1021 counter"))
         .and_then(|l| l.split_whitespace().skip_while(|w| *w != "packets").nth(1)?.parse().ok())
         .unwrap_or_else(|| panic!("no drop counter for the sync port:\n{rules}"))
 }
