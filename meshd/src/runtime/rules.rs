@@ -98,9 +98,17 @@ impl Shared {
                         result = Some(Ok(()));
                     }
                     Err(e) => {
-                        // What is in force now; if nft cannot even tell, the table is taken as gone.
-                        let now = firewall::list(&self.interface_name).await.unwrap_or(Listing::Missing);
-                        guard.handle_loaded(Err((e.to_string(), now)));
+                        // What is in force now. An nft that did not run (no descriptor left, under a flood)
+                        // changed nothing, and neither did one that refused the transaction: when nft cannot
+                        // even list the table, it is what it was before, never taken as gone.
+                        let now = match &e {
+                            FirewallError::Spawn(_) => None,
+                            FirewallError::Rejected(_) => firewall::list(&self.interface_name).await.ok(),
+                        };
+                        match now {
+                            Some(now) => guard.handle_loaded(Err((e.to_string(), now))),
+                            None => guard.handle_load_not_run(e.to_string()),
+                        }
                         result = Some(Err(e));
                     }
                 },
