@@ -43,6 +43,9 @@ pub enum Backend {
 pub enum WgError {
     #[error("WireGuard interface {interface}: {message}")]
     Interface { interface: String, message: String },
+    /// The listen port is held by another socket (its holder named), found before the device was made.
+    #[error("{0}")]
+    PortHeld(String),
     #[error("peer {peer}: invalid key")]
     Key { peer: String },
     #[error("`ip {args}` failed: {message}")]
@@ -94,6 +97,8 @@ impl Interface {
                 departed: Default::default(),
             },
             None => {
+                // Tried first: boringtun's threads panic on a port they cannot bind.
+                super::ports::check_udp_port_free(plan.listen_port).map_err(WgError::PortHeld)?;
                 let device = userspace::start(&name, stop_tx).map_err(|e| err(&e))?;
                 let api = WGApi::<Userspace>::new(name.as_str()).map_err(|e| err(&e))?;
                 Interface {
