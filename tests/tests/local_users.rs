@@ -236,3 +236,31 @@ fn a_port_another_user_holds_while_meshd_is_stopped_is_refused_in_one_line_namin
     let nodes = run_json(meshctl(&hub.state).args(["node", "list", "--json"]));
     assert_eq!(nodes[0]["name"], "hub");
 }
+
+/// boringtun listens first on a port the kernel picks and, when meshd sets the listen port, kept the
+/// sockets of that first port open (with `SO_REUSEADDR`, so another user could bind beside them) and
+/// processing WireGuard packets. Now meshd holds UDP sockets on no wildcard address but the listen port's.
+#[test]
+fn meshd_holds_no_udp_socket_on_any_port_but_its_listen_port() {
+    if !require_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let hub = MeshHost::new("hub", root, "lp");
+    hub.ns.ip(&["link", "set", "lo", "up"]);
+    hub.init_hub("192.0.2.1:51820", &[]);
+    let daemon = hub.run_hub(&root.join("hub.log"));
+    let sockets = hub.ns.run(&["ss", "-uanpH"]);
+    let ours = format!("pid={},", daemon.pid());
+    let wildcard: Vec<&str> = sockets
+        .lines()
+        .filter(|l| l.contains(&ours))
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .filter(|local| ["0.0.0.0:", "*:", "[::]:"].iter().any(|any| local.starts_with(any)))
+        .collect();
+    assert!(!wildcard.is_empty(), "no socket of meshd found:\n{sockets}");
+    for local in &wildcard {
+        assert!(local.ends_with(":51820"), "meshd holds UDP {local} besides its listen port:\n{sockets}");
+    }
+}

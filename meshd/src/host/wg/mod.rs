@@ -128,10 +128,17 @@ impl Interface {
             mtu: Some(u32::from(plan.mtu)),
             fwmark: None,
         };
+        // The port the embedded device listened on before (one the kernel picked), to close after the move.
+        let first_port = match interface.device {
+            Some(_) => interface.api.read_interface_data().map_err(|e| err(&e))?.listen_port,
+            None => 0,
+        };
         interface.api.configure_interface(&config).map_err(|e| err(&e))?;
         // The listen port is set only here (a new port needs a restart): kept private once bound.
         if interface.device.is_some() {
             userspace::keep_port_private(plan.listen_port).map_err(|e| err(&e))?;
+            let closed = userspace::close_first_sockets(first_port, plan.listen_port).map_err(|e| err(&e))?;
+            debug!(interface = %interface.name, port = first_port, sockets = closed, "closed the device's first UDP sockets");
         }
         interface.set_peers(&peers)?;
         let added: Vec<IpNet> = plan.addresses.iter().copied().collect();
