@@ -133,7 +133,11 @@ impl Interface {
             Some(_) => interface.api.read_interface_data().map_err(|e| err(&e))?.listen_port,
             None => 0,
         };
-        interface.api.configure_interface(&config).map_err(|e| err(&e))?;
+        interface.api.configure_interface(&config).map_err(|e| match interface.device {
+            // A port taken since it was tried: said as clearly.
+            Some(_) => super::ports::check_udp_port_free(plan.listen_port).map_or_else(WgError::PortHeld, |()| err(&e)),
+            None => err(&e),
+        })?;
         // The listen port is set only here (a new port needs a restart): kept private once bound.
         if interface.device.is_some() {
             userspace::keep_port_private(plan.listen_port).map_err(|e| err(&e))?;
