@@ -372,7 +372,8 @@ fn thousands_of_dns_tcp_connections_from_a_phone_and_a_local_user_cannot_exhaust
     assert!(link.contains(",UP") || link.contains("<UP"), "the mesh interface went down: {link}");
     assert!(bed.reaches(&bed.laptop_ns), "the laptop lost the wallet during the DNS flood");
     let log_text = daemon.log_text();
-    for bad in ["Too many open files", "removed by something other than meshd"] {
+    // The caps count connections in sets of meshd's table: that is not someone else changing it.
+    for bad in ["Too many open files", "by something other than meshd"] {
         assert!(!log_text.contains(bad), "the hub logged {bad:?} during the DNS flood:\n{log_text}");
     }
     // The floods really held connections, and were refused beyond the caps.
