@@ -367,6 +367,22 @@ fn thousands_of_dns_tcp_connections_from_a_phone_and_a_local_user_cannot_exhaust
         let answer = dig(&bed.laptop_ns, &bed.hub_v4, "fhub.home.internal");
         assert_eq!(answer, Some(vec![bed.hub_v4.clone()]), "DNS over UDP during the TCP flood");
     }
+    // The caps are per source: another device still asks over TCP.
+    let out = bed.laptop_ns.exec(&[
+        "dig",
+        "+tcp",
+        "+short",
+        "+time=2",
+        "+tries=1",
+        &format!("@{}", bed.hub_v4),
+        "fhub.home.internal",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        bed.hub_v4,
+        "DNS over TCP from the laptop: {}",
+        describe(&out)
+    );
     bed.assert_phone_revoked("while the mesh DNS is flooded over TCP");
     let link = bed.hub.ns.run(&["ip", "-o", "link", "show", "dev", &bed.hub.ifname]);
     assert!(link.contains(",UP") || link.contains("<UP"), "the mesh interface went down: {link}");
