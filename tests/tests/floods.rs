@@ -205,6 +205,7 @@ fn flood(ns: &Netns, addr: &str, want: usize, keep: bool, log: &Path) -> Proc {
 /// The counts of a flood's report line.
 #[derive(Debug, Clone, Copy)]
 struct Report {
+    alive: usize,
     opened: usize,
     established: usize,
 }
@@ -214,7 +215,7 @@ fn last_report(log: &Path) -> Option<Report> {
     let text = fs::read_to_string(log).ok()?;
     let line = text.lines().rev().find(|l| l.starts_with("alive "))?;
     let field = |i: usize| line.split_whitespace().nth(i)?.parse().ok();
-    Some(Report { opened: field(3)?, established: field(5)? })
+    Some(Report { alive: field(1)?, opened: field(3)?, established: field(5)? })
 }
 
 /// `dig +short` from `ns` at `server`: the answer lines, or None when the query failed.
@@ -392,10 +393,11 @@ fn thousands_of_dns_tcp_connections_from_a_phone_and_a_local_user_cannot_exhaust
     for bad in ["Too many open files", "by something other than meshd"] {
         assert!(!log_text.contains(bad), "the hub logged {bad:?} during the DNS flood:\n{log_text}");
     }
-    // The floods really held connections, and were refused beyond the caps.
+    // The floods really held connections, and each source keeps no more than its cap (8) of them.
     for (_, log) in &floods {
         let report = last_report(log).expect("flood report");
         assert!(report.established >= 1, "the flood got no connection at all: {report:?}");
+        assert!(report.alive <= 8, "one source holds more than 8 connections to the mesh DNS: {report:?}");
     }
 }
 
