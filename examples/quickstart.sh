@@ -3,8 +3,9 @@
 # the controller's SQLite state goes to ./meshd-state (or $MESHD_STATE_DIR), relative to where you run it.
 # Set MESHD_ENDPOINT=your.public.name:51820 on the first run so that phones can find this host.
 # Run it again to add another phone. Then hand the state to root and bring the hub up, as the script prints:
-# `sudo mv -T ./meshd-state /var/lib/meshd && sudo chown -R root: /var/lib/meshd && sudo .../meshd run`
-# (meshd, as root, refuses a state directory that another user owns or could swap).
+# `sudo mkdir -m 0700 /var/lib/meshd && sudo cp -RT ./meshd-state /var/lib/meshd && rm -rf ./meshd-state && sudo .../meshd run`
+# (meshd, as root, refuses a state directory that another user owns or could swap; a copy makes new files, which no
+# descriptor the user opened before can still write, as it could after a mv and chown).
 set -euo pipefail
 state=${MESHD_STATE_DIR:-./meshd-state}
 case $state in /*) ;; *) state=$PWD/$state ;; esac     # the caller's directory, not the repository's
@@ -41,6 +42,6 @@ if [ "$(id -u)" = 0 ]; then
 else
   # Root runs the hub only on state that no other user owns or can swap: /var/lib/meshd, root's own.
   echo "next: hand the state to root and start the hub with" >&2
-  echo "  sudo mv -T $state /var/lib/meshd && sudo chown -R root: /var/lib/meshd && sudo $bin/meshd run" >&2
+  echo "  sudo mkdir -m 0700 /var/lib/meshd && sudo cp -RT $state /var/lib/meshd && rm -rf $state && sudo $bin/meshd run" >&2
   echo "then manage it as root:  sudo $bin/meshctl service list  (the state is root's from then on)" >&2
 fi

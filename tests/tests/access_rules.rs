@@ -237,3 +237,63 @@ fn nothing_reaches_a_phone_mesh_addresses_stay_on_the_mesh_and_a_flushed_ruleset
     assert!(back, "the restarted hub did not reach the phone within 4 s:\n{}", daemon.log_text());
     eprintln!("hub restarted: the phone reaches its service again after {:?}", restarted.elapsed());
 }
+
+/// The hub's global IPv6 addresses, as `ip` lists them.
+fn ipv6_addresses(hub: &MeshHost) -> Vec<String> {
+    let text = hub.ns.run(&["ip", "-6", "-o", "addr", "show", "dev", &hub.ifname, "scope", "global"]);
+    let mut addresses: Vec<String> =
+        text.lines().filter_map(|l| l.split_whitespace().nth(3)).map(String::from).collect();
+    addresses.sort();
+    addresses
+}
+
+/// Someone else's `ip link set IF down; ip link set IF up` on the hub: Linux drops the interface's IPv6
+/// addresses (and their routes) on down. Before the fix they stayed gone until meshd's next change (v6 DNS
+/// and v6 services dead); now the periodic check puts the interface's addresses back within seconds, says
+/// so once, and the phone reaches its service over IPv6 again.
+#[test]
+fn an_interface_taken_down_and_up_by_someone_else_gets_its_ipv6_addresses_back() {
+    if !require_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let hub = MeshHost::new("hub", root, "au");
+    let phone_ns = Netns::new("phone");
+    veth(&hub.ns, &phone_ns, "172.31.214.1/24", "172.31.214.2/24");
+    hub.init_hub("172.31.214.1:51820", &[]);
+    run_ok(meshctl(&hub.state).args(["service", "add", "wallet", "--node", "hub", "--target", "127.0.0.1:9737"]));
+    let config = run_ok(meshctl(&hub.state).args(["device", "add", "phone", "--allow", "wallet", "--conf", "-"]));
+    let _wallet = hub.ns.spawn(&["/usr/bin/python3", "-c", LISTENER, "127.0.0.1", "9737"]);
+    let mut daemon = hub.run_hub(&root.join("hub.log"));
+    let _phone = Phone::up(&phone_ns, "wgphoneu", &config);
+    let services = run_json(meshctl(&hub.state).args(["service", "list", "--json"]));
+    let wallet_v6 = services[0]["mesh_address_v6"].as_str().unwrap().to_owned();
+    let (ip, port) = wallet_v6.rsplit_once(':').unwrap();
+    let (ip, port) = (ip.trim_matches(['[', ']']).to_owned(), port.parse::<u16>().unwrap());
+    assert!(
+        wait_until(Duration::from_secs(20), || greets(&phone_ns, &ip, port)),
+        "the phone does not reach its service over IPv6"
+    );
+    let before = ipv6_addresses(&hub);
+    assert!(before.len() >= 2, "the hub's own and the service's IPv6 addresses: {before:?}");
+
+    hub.ns.run(&["ip", "link", "set", "dev", &hub.ifname, "down"]);
+    hub.ns.run(&["ip", "link", "set", "dev", &hub.ifname, "up"]);
+    assert!(ipv6_addresses(&hub).is_empty(), "Linux kept the IPv6 addresses: nothing to test");
+    let started = Instant::now();
+    let back = wait_until(Duration::from_secs(5), || ipv6_addresses(&hub) == before);
+    assert!(back, "the IPv6 addresses are not back after {:?}: {:?}", started.elapsed(), ipv6_addresses(&hub));
+    assert!(
+        wait_until(Duration::from_secs(5), || greets(&phone_ns, &ip, port)),
+        "the phone does not reach its service over IPv6 again"
+    );
+
+    // Down alone: back up as well.
+    hub.ns.run(&["ip", "link", "set", "dev", &hub.ifname, "down"]);
+    assert!(wait_until(Duration::from_secs(5), || link_up(&hub) && ipv6_addresses(&hub) == before), "still down");
+    daemon.assert_running("the interface was taken down and up");
+    let log = daemon.log_text();
+    let warnings = log.lines().filter(|l| l.contains("taken down or lost addresses")).count();
+    assert_eq!(warnings, 2, "one warning per event:\n{log}");
+}

@@ -205,6 +205,7 @@ fn flood(ns: &Netns, addr: &str, want: usize, keep: bool, log: &Path) -> Proc {
 /// The counts of a flood's report line.
 #[derive(Debug, Clone, Copy)]
 struct Report {
+    alive: usize,
     opened: usize,
     established: usize,
 }
@@ -214,7 +215,7 @@ fn last_report(log: &Path) -> Option<Report> {
     let text = fs::read_to_string(log).ok()?;
     let line = text.lines().rev().find(|l| l.starts_with("alive "))?;
     let field = |i: usize| line.split_whitespace().nth(i)?.parse().ok();
-    Some(Report { opened: field(3)?, established: field(5)? })
+    Some(Report { alive: field(1)?, opened: field(3)?, established: field(5)? })
 }
 
 /// `dig +short` from `ns` at `server`: the answer lines, or None when the query failed.
@@ -329,4 +330,86 @@ fn a_flood_of_1100_connections_to_the_join_port_neither_locks_the_operator_out_n
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&probe.stdout).trim(), "0", "{}", describe(&probe));
+}
+
+/// The mesh DNS accepts TCP connections itself (hickory), outside meshd's descriptor budget. A phone
+/// holding thousands of them (IPv4 and IPv6), and a local user of the hub as many over loopback, drove a
+/// hub under `1024:1024` to its limit before the fix: `device remove` took over 3 s, and the rules guard
+/// read its own failed `nft` as a removed table and tried to take the mesh interface down. The kernel now
+/// resets connections over a per-source and a total cap.
+#[test]
+fn thousands_of_dns_tcp_connections_from_a_phone_and_a_local_user_cannot_exhaust_the_hub() {
+    if !require_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (bed, mut daemon) = Bed::new(root, "1024:1024");
+    let nodes = run_json(meshctl(&bed.hub.state).args(["node", "list", "--json"]));
+    let hub_v6 = nodes[0]["address_v6"].as_str().unwrap().split('/').next().unwrap().to_owned();
+    assert_eq!(dig(&bed.phone_ns, &bed.hub_v4, "fhub.home.internal"), Some(vec![bed.hub_v4.clone()]));
+    bed.assert_prompt(1, "before the flood");
+
+    let mut floods = Vec::new();
+    for (i, target) in [format!("{}:53", bed.hub_v4), format!("{hub_v6}:53")].iter().enumerate() {
+        let log = root.join(format!("dns-flood-{i}.log"));
+        floods.push((flood_opened(&bed.phone_ns, &[], target, 1500, &log), log));
+    }
+    // Another user on the hub itself, over loopback.
+    let log = root.join("dns-flood-local.log");
+    let nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"];
+    floods.push((flood_opened(&bed.hub.ns, &nobody, &format!("{}:53", bed.hub_v4), 1500, &log), log));
+    // Time for the hub to accept what its kernel queued (before the fix: until it ran out of descriptors).
+    std::thread::sleep(Duration::from_secs(3));
+
+    daemon.assert_running("a phone and a local user flood the mesh DNS over TCP");
+    bed.assert_prompt(5, "while the mesh DNS is flooded over TCP");
+    for _ in 0..5 {
+        let answer = dig(&bed.laptop_ns, &bed.hub_v4, "fhub.home.internal");
+        assert_eq!(answer, Some(vec![bed.hub_v4.clone()]), "DNS over UDP during the TCP flood");
+    }
+    // The caps are per source: another device still asks over TCP.
+    let out = bed.laptop_ns.exec(&[
+        "dig",
+        "+tcp",
+        "+short",
+        "+time=2",
+        "+tries=1",
+        &format!("@{}", bed.hub_v4),
+        "fhub.home.internal",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        bed.hub_v4,
+        "DNS over TCP from the laptop: {}",
+        describe(&out)
+    );
+    bed.assert_phone_revoked("while the mesh DNS is flooded over TCP");
+    let link = bed.hub.ns.run(&["ip", "-o", "link", "show", "dev", &bed.hub.ifname]);
+    assert!(link.contains(",UP") || link.contains("<UP"), "the mesh interface went down: {link}");
+    assert!(bed.reaches(&bed.laptop_ns), "the laptop lost the wallet during the DNS flood");
+    let log_text = daemon.log_text();
+    // The caps count connections in sets of meshd's table: that is not someone else changing it.
+    for bad in ["Too many open files", "by something other than meshd"] {
+        assert!(!log_text.contains(bad), "the hub logged {bad:?} during the DNS flood:\n{log_text}");
+    }
+    // The floods really held connections, and each source keeps no more than its cap (8) of them.
+    for (_, log) in &floods {
+        let report = last_report(log).expect("flood report");
+        assert!(report.established >= 1, "the flood got no connection at all: {report:?}");
+        assert!(report.alive <= 8, "one source holds more than 8 connections to the mesh DNS: {report:?}");
+    }
+}
+
+/// Starts [`FLOOD`] (run as `as_user`, e.g. `setpriv ...`, if not empty) in `ns` against `addr`, holding
+/// `want` connections, and waits until it has tried them all (whether the hub keeps them or not).
+fn flood_opened(ns: &Netns, as_user: &[&str], addr: &str, want: usize, log: &Path) -> Proc {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let want_text = want.to_string();
+    let mut argv = as_user.to_vec();
+    argv.extend(["/usr/bin/python3", "-c", FLOOD, host, port, &want_text, "hold"]);
+    let proc = ns.spawn_logged(&argv, log);
+    let opened = wait_until(Duration::from_secs(30), || last_report(log).is_some_and(|r| r.opened >= want));
+    assert!(opened, "the flood did not open {want} connections: {:?}", last_report(log));
+    proc
 }

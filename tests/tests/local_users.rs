@@ -12,6 +12,8 @@
 //! starts: before the fix meshd's forwarder could not bind the service's mesh address, meshd exited at
 //! start (and, with the user's listener started later, the kernel handed the phone's connections to it);
 //! now the forwarder listens on a port only root can bind and the rules send the service's port there.
+//! Holding the WireGuard or join port while meshd is stopped gets a one-line refusal naming the holder
+//! (not boringtun's panics), and meshd holds no UDP socket but its listen port's.
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -298,4 +300,104 @@ fn another_users_listener_on_a_service_port_gets_none_of_its_clients() {
     };
     check_again("restarted beside another user's listener");
     drop(phone);
+}
+
+/// What the other user runs to hold a port while meshd is stopped: bind UDP `0.0.0.0:PORT` (`udp`; with
+/// `SO_REUSEADDR`, as boringtun's own sockets, `udp-reuse`) or listen on TCP `[::]:PORT`, print `held`, and
+/// sleep.
+const HOLD_PORT: &str = r#"
+import socket, sys, time
+transport, port = sys.argv[1], int(sys.argv[2])
+if transport.startswith("udp"):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, transport == "udp-reuse")
+    s.bind(("0.0.0.0", port))
+else:
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.bind(("::", port))
+    s.listen(16)
+print("held", flush=True)
+time.sleep(120)
+"#;
+
+/// Another user binds the WireGuard UDP port (or the join TCP port) while meshd is stopped. Before the
+/// fix, `meshd run` printed boringtun threads' panics ("Not connected") and `Input/output error: write
+/// configuration error` for the UDP port, and a bare `Address already in use` for the TCP one. Now it
+/// exits at once with one line that names the port and the holder (uid and pid); once the port is free
+/// again it starts.
+#[test]
+fn a_port_another_user_holds_while_meshd_is_stopped_is_refused_in_one_line_naming_the_holder() {
+    if !require_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let hub = MeshHost::new("hub", root, "lh");
+    hub.ns.ip(&["link", "set", "lo", "up"]);
+    hub.init_hub("192.0.2.1:51820", &[]);
+
+    for (transport, expected) in [
+        ("udp", "WireGuard UDP port 51820 is held by another process (uid 65534, pid "),
+        ("udp-reuse", "WireGuard UDP port 51820 is held by another process (uid 65534, pid "),
+        ("tcp", "join service on TCP [::]:51820: the port is held by another process (uid 65534, pid "),
+    ] {
+        let log = root.join(format!("hold-{transport}.log"));
+        let holder = Proc::spawn_logged(as_nobody(&hub, HOLD_PORT, &[transport, "51820"]), "the other user", &log);
+        assert!(wait_until(Duration::from_secs(10), || fs::read_to_string(&log).unwrap_or_default().contains("held")));
+
+        let mut run = hub.ns.command("timeout");
+        run.args(["20"]).arg(product_bin("meshd")).args(["run", "--wireguard", "userspace", "--state-dir"]);
+        let started = Instant::now();
+        let out = output(run.arg(&hub.state));
+        let took = started.elapsed();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            !out.status.success() && out.status.code() != Some(124),
+            "meshd run with {transport} 51820 held: {}",
+            describe(&out)
+        );
+        assert!(took < Duration::from_secs(10), "meshd run took {took:?} to refuse: {}", describe(&out));
+        assert!(
+            !stdout.contains("panicked") && !stderr.contains("panicked"),
+            "a panic was printed: {}",
+            describe(&out)
+        );
+        let line = format!("error: {expected}{}): stop it and start meshd again", holder.pid());
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+        assert_eq!(errors, [line.as_str()], "{}", describe(&out));
+        drop(holder);
+    }
+
+    // The port free again, meshd starts (and serves).
+    let _daemon = hub.run_hub(&root.join("hub.log"));
+    let nodes = run_json(meshctl(&hub.state).args(["node", "list", "--json"]));
+    assert_eq!(nodes[0]["name"], "hub");
+}
+
+/// boringtun listens first on a port the kernel picks and, when meshd sets the listen port, kept the
+/// sockets of that first port open (with `SO_REUSEADDR`, so another user could bind beside them) and
+/// processing WireGuard packets. Now meshd holds UDP sockets on no wildcard address but the listen port's.
+#[test]
+fn meshd_holds_no_udp_socket_on_any_port_but_its_listen_port() {
+    if !require_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let hub = MeshHost::new("hub", root, "lp");
+    hub.ns.ip(&["link", "set", "lo", "up"]);
+    hub.init_hub("192.0.2.1:51820", &[]);
+    let daemon = hub.run_hub(&root.join("hub.log"));
+    let sockets = hub.ns.run(&["ss", "-uanpH"]);
+    let ours = format!("pid={},", daemon.pid());
+    let wildcard: Vec<&str> = sockets
+        .lines()
+        .filter(|l| l.contains(&ours))
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .filter(|local| ["0.0.0.0:", "*:", "[::]:"].iter().any(|any| local.starts_with(any)))
+        .collect();
+    assert!(!wildcard.is_empty(), "no socket of meshd found:\n{sockets}");
+    for local in &wildcard {
+        assert!(local.ends_with(":51820"), "meshd holds UDP {local} besides its listen port:\n{sockets}");
+    }
 }

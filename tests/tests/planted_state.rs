@@ -59,21 +59,26 @@ fn a_state_directory_another_user_prepared_is_refused_until_root_owns_it() {
 
     // As the README's next step was: refused, naming the user's directory above it and the whole fix.
     let out = run_refused(&hub, &hub.state);
-    assert_error_line(&out, &[&home.display().to_string(), "is owned by uid 65534", "sudo mv -T", "chown -R root:"]);
+    assert_error_line(&out, &[&home.display().to_string(), "is owned by uid 65534", "sudo cp -RT", "/var/lib/meshd"]);
     assert_eq!(fs::read_to_string(&roots).unwrap(), "root's own\n", "root's file was written through a link");
     assert_eq!(fs::metadata(&roots).unwrap().mode() & 0o777, 0o600);
     assert!(!hub.ns.exec(&["ip", "link", "show", &hub.ifname]).status.success(), "an interface was made");
 
-    // Moved where only root can change it (as /var/lib/meshd), but still the user's: refused, with the chown.
+    // Moved where only root can change it (as /var/lib/meshd), but still the user's: refused, with a copy.
     let moved = tmp.path().join("var-lib-meshd");
     run_ok(Command::new("mv").arg("-T").arg(&hub.state).arg(&moved));
     let out = run_refused(&hub, &moved);
     let shown = moved.display().to_string();
-    let fix = format!("run `sudo chown -R root: {shown}`");
+    let fix = format!(
+        "`sudo cp -RT {shown} {shown}.new && sudo chown -R root: {shown}.new && sudo rm -rf {shown} && sudo mv -T \
+         {shown}.new {shown}`"
+    );
     assert_error_line(&out, &[&shown, "is owned by uid 65534, not by root who runs meshd", &fix]);
 
-    // The fix it names. The links are still there: each is refused by name, and not followed.
-    chown_tree(&moved, 0);
+    // The fix it names (root already). The links are still there, copied as links: each is refused by
+    // name, and not followed.
+    let fix = fix.trim_matches('`').replace("sudo ", "");
+    run_ok(Command::new("sh").args(["-c", &fix]));
     let out = run_refused(&hub, &moved);
     assert_error_line(&out, &["is a symbolic link", "remove it"]);
     for name in planted {

@@ -103,8 +103,82 @@ fn quickstart_as_a_user_needs_no_root_and_hands_the_state_to_root_before_the_hub
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let (repo, bin, home) = (tmp.path().join("repo"), tmp.path().join("bin"), tmp.path().join("home"));
+    let (state, bin, stderr) = quickstart_as_a_user(tmp.path());
+    let next = format!(
+        "  sudo mkdir -m 0700 /var/lib/meshd && sudo cp -RT {0} /var/lib/meshd && rm -rf {0} && sudo {1}/meshd run",
+        state.display(),
+        bin.display()
+    );
+    assert!(
+        stderr.contains("next: hand the state to root and start the hub with") && stderr.contains(&next),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&format!("sudo {}/meshctl", bin.display())), "{stderr}");
+}
+
+/// What the user keeps running across the hand-over: the database and the key opened for writing before
+/// it; once `go` exists, it writes through both descriptors and says how many bytes each write took.
+const HOLD_OPEN: &str = r#"
+import os, sys, time
+state, go = sys.argv[1], sys.argv[2]
+db = os.open(state + "/meshd.db", os.O_RDWR)
+key = os.open(state + "/private.key", os.O_RDWR)
+print("open", flush=True)
+while not os.path.exists(go):
+    time.sleep(0.05)
+print("db", os.pwrite(db, b"X" * 100, 0), "key", os.pwrite(key, b"A" * 8, 0), flush=True)
+"#;
+
+/// Before the fix the hand-over was `mv` and `chown`: the same files, so a descriptor the user opened
+/// before it kept writing root's database and key (issue 11, finding F10). The hand-over the script prints
+/// (carried out as printed, on a temporary path for `/var/lib/meshd`) copies into new files: what the user
+/// writes through the old descriptors changes nothing of root's copy, which serves as before.
+#[test]
+fn a_descriptor_the_user_opened_before_the_hand_over_cannot_change_roots_copy() {
+    if !meshd_e2e::require_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (state, _, stderr) = quickstart_as_a_user(tmp.path());
+    let go = tmp.path().join("go");
+    let log = tmp.path().join("holder.log");
+    let mut holder = Command::new("setpriv");
+    holder.args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", HOLD_OPEN]);
+    holder.arg(&state).arg(&go);
+    let holder = meshd_e2e::Proc::spawn_logged(holder, "the user's open files", &log);
+    let said = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(meshd_e2e::wait_until(std::time::Duration::from_secs(10), || said().contains("open")), "{}", said());
+
+    // The hand-over as printed, less the start of the hub, with a temporary directory for /var/lib/meshd.
+    let line = stderr.lines().find(|l| l.contains("/var/lib/meshd")).expect("the hand-over line");
+    let target = tmp.path().join("var-lib-meshd");
+    let hand_over = line.trim().replace("sudo ", "").replace("/var/lib/meshd", &target.display().to_string());
+    let hand_over = hand_over.rsplit_once(" && ").expect("ends with the start of the hub").0;
+    let out = Command::new("sh").args(["-c", hand_over]).current_dir(tmp.path()).output().unwrap();
+    assert!(out.status.success(), "{hand_over}: {}", meshd_e2e::describe(&out));
+    use std::os::unix::fs::MetadataExt;
+    for name in ["meshd.db", "private.key"] {
+        let meta = std::fs::metadata(target.join(name)).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600), "{name} after the hand-over");
+    }
+    let (db, key) =
+        (std::fs::read(target.join("meshd.db")).unwrap(), std::fs::read(target.join("private.key")).unwrap());
+
+    std::fs::write(&go, "").unwrap();
+    assert!(meshd_e2e::wait_until(std::time::Duration::from_secs(10), || said().contains("db ")), "{}", said());
+    assert!(said().contains("db 100 key 8"), "the user's writes went nowhere? {}", said());
+    drop(holder);
+    assert!(std::fs::read(target.join("meshd.db")).unwrap() == db, "the user changed root's database");
+    assert!(std::fs::read(target.join("private.key")).unwrap() == key, "the user changed root's key");
+    let devices = run_json(meshctl(&target).args(["device", "list", "--json"]));
+    assert_eq!(devices[0]["name"], "phone1", "{devices}");
+}
+
+/// Runs the quickstart script as uid 65534 in a home directory of its own under `root`, on copies of
+/// the binaries; returns the state directory, the binaries' directory and what the script said on stderr.
+fn quickstart_as_a_user(root: &Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (repo, bin, home) = (root.join("repo"), root.join("bin"), root.join("home"));
     for dir in [repo.join("examples"), bin.clone(), home.clone()] {
         std::fs::create_dir_all(&dir).unwrap();
     }
@@ -128,14 +202,5 @@ fn quickstart_as_a_user_needs_no_root_and_hands_the_state_to_root_before_the_hub
     assert!(stdout.contains("network home created") && qr_rows(&stdout) >= 20, "{stdout}");
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(state.join("meshd.db")).unwrap().uid(), 65534, "the state is the user's");
-    let next = format!(
-        "  sudo mv -T {} /var/lib/meshd && sudo chown -R root: /var/lib/meshd && sudo {}/meshd run",
-        state.display(),
-        bin.display()
-    );
-    assert!(
-        stderr.contains("next: hand the state to root and start the hub with") && stderr.contains(&next),
-        "{stderr}"
-    );
-    assert!(stderr.contains(&format!("sudo {}/meshctl", bin.display())), "{stderr}");
+    (state, bin, stderr.into_owned())
 }

@@ -28,6 +28,17 @@ pub const TUNNEL_OPENER_MARK: u32 = 0x6d65_7368;
 /// handshake they cause is what counts).
 pub const TUNNEL_OPENER_PORT: u16 = 9;
 
+/// TCP connections to the mesh DNS one source address may hold at once. The DNS server (hickory) accepts
+/// TCP connections itself, outside meshd's descriptor budget, so the kernel caps them: a stub resolver needs
+/// TCP only for a truncated answer, and mesh answers are small; every local user of the host shares its
+/// address, and 8 still leaves them room.
+pub const DNS_TCP_PER_SOURCE: u32 = 8;
+
+/// TCP connections to the mesh DNS (all its addresses together) at once: a quarter of the smallest
+/// descriptor reserve meshd keeps for its own work (256), so a full DNS still leaves 192 for the admin
+/// socket, the database, `nft` and the interface.
+pub const DNS_TCP_TOTAL: u32 = 64;
+
 /// The nftables table that belongs to interface `interface`.
 pub fn table_name(interface: &str) -> String {
     let safe: String = interface.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
@@ -77,6 +88,7 @@ pub fn render(plan: &HostPlan) -> String {
         }
         let _ = writeln!(out, "  }}");
     }
+    render_dns_tcp_caps(&mut out, &plan.dns.listen);
     // Admitted nodes reach this host freely; devices only their granted services (and the hub's DNS), each
     // over its own protocol: a TCP grant admits no UDP to the same port, and the other way round.
     let grants = "ip saddr . ip daddr . meta l4proto . th dport @grants_v4 accept\n    \
@@ -115,6 +127,11 @@ pub fn render(plan: &HostPlan) -> String {
         let _ = writeln!(out, "{dnat}  }}");
     }
     let _ = writeln!(out, "  chain input {{\n    type filter hook input priority filter; policy accept;");
+    // Before anything is accepted: local users reach the mesh DNS over loopback.
+    for listen in &plan.dns.listen {
+        let daddr = if listen.is_ipv4() { "ip daddr" } else { "ip6 daddr" };
+        let _ = writeln!(out, "    {daddr} {} tcp dport {} ct state new jump dns_tcp", listen.ip(), listen.port());
+    }
     let _ = writeln!(out, "    iifname != \"{iface}\" accept");
     let _ = writeln!(out, "    ct state established,related accept");
     for listen in &plan.dns.listen {
@@ -180,6 +197,24 @@ pub fn render(plan: &HostPlan) -> String {
     }
     let _ = writeln!(out, "}}");
     out
+}
+
+/// The caps on TCP connections to the mesh DNS: [`DNS_TCP_PER_SOURCE`] per source address (a set that
+/// counts each source's connections) and [`DNS_TCP_TOTAL`] in all; a connection over a cap is reset at once.
+fn render_dns_tcp_caps(out: &mut String, listen: &[std::net::SocketAddr]) {
+    if listen.is_empty() {
+        return;
+    }
+    for (set, ty) in [("dns_tcp_v4", "ipv4_addr"), ("dns_tcp_v6", "ipv6_addr")] {
+        let _ = writeln!(out, "  set {set} {{\n    type {ty}\n    size 65535\n    flags dynamic\n  }}");
+    }
+    let _ = writeln!(
+        out,
+        "  chain dns_tcp {{\n    \
+         meta l4proto tcp add @dns_tcp_v4 {{ ip saddr ct count over {DNS_TCP_PER_SOURCE} }} reject with tcp reset\n    \
+         meta l4proto tcp add @dns_tcp_v6 {{ ip6 saddr ct count over {DNS_TCP_PER_SOURCE} }} reject with tcp reset\n    \
+         meta l4proto tcp ct count over {DNS_TCP_TOTAL} reject with tcp reset\n  }}"
+    );
 }
 
 #[cfg(test)]
@@ -332,6 +367,24 @@ mod tests {
             assert!(outside.contains("iifname != { \"wg-home.1\", \"lo\" } ip daddr 10.77.0.0/16 drop"), "{rules}");
             assert!(outside.contains("iifname != { \"wg-home.1\", \"lo\" } ip6 daddr fd00::/64 drop"), "{rules}");
         }
+    }
+
+    /// The DNS server accepts TCP connections outside meshd's descriptor budget: the kernel caps them per
+    /// source and in total, for every source (a local user arrives over loopback, so the caps come before
+    /// the rule that accepts everything not on the mesh interface).
+    #[test]
+    fn tcp_to_the_mesh_dns_is_capped_per_source_and_in_total_before_anything_is_accepted() {
+        let rules = render(&sample_host_plan(&["10.77.0.4"], true));
+        let input = &rules[rules.find("chain input").unwrap()..];
+        let jump_v4 = input.find("ip daddr 10.77.0.1 tcp dport 53 ct state new jump dns_tcp").expect("v4 jump");
+        let jump_v6 = input.find("ip6 daddr fd00::1 tcp dport 53 ct state new jump dns_tcp").expect("v6 jump");
+        let first_accept = input.find("iifname != \"wg-home.1\" accept").unwrap();
+        assert!(jump_v4 < first_accept && jump_v6 < first_accept, "{rules}");
+        let caps = &rules[rules.find("chain dns_tcp").unwrap()..];
+        assert!(caps.contains("add @dns_tcp_v4 { ip saddr ct count over 8 } reject with tcp reset"), "{rules}");
+        assert!(caps.contains("add @dns_tcp_v6 { ip6 saddr ct count over 8 } reject with tcp reset"), "{rules}");
+        assert!(caps.contains("meta l4proto tcp ct count over 64 reject with tcp reset"), "{rules}");
+        assert!(rules.contains("set dns_tcp_v4 {\n    type ipv4_addr\n    size 65535\n    flags dynamic"), "{rules}");
     }
 
     #[test]

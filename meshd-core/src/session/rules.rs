@@ -137,6 +137,19 @@ impl RulesGuard {
         }
     }
 
+    /// An [`Effect::Load`] that changed nothing in nftables, with nothing known of the table since: `nft`
+    /// could not be run (meshd out of descriptors under a flood, or no `nft`), or it refused the whole
+    /// transaction and could not be asked what is in force. The table is then what it was before: the
+    /// previous rules while a change fails (kept, and the load retried: meshd's own lack of descriptors
+    /// never takes the interface down), or not ours during a repair (blocked, as for any failed repair).
+    pub fn handle_load_not_run(&mut self, error: String) {
+        let before = match (&self.last_good, self.repairing) {
+            (Some(good), false) => Listing::Table(good.clone()),
+            _ => Listing::Missing,
+        };
+        self.handle_loaded(Err((error, before)));
+    }
+
     /// Whether the interface is asked to pass no traffic.
     pub fn blocked(&self) -> bool {
         self.blocked
@@ -232,6 +245,36 @@ mod tests {
         assert!(matches!(&drain(&mut guard)[..], [Effect::Recovered(_)]));
         guard.check();
         assert_eq!(drain(&mut guard), [Effect::List]);
+    }
+
+    /// Under a flood meshd may have no descriptor left to start `nft`: that says nothing of the table, so a
+    /// change that cannot be loaded leaves the previous rules in force, is retried, and never blocks.
+    #[test]
+    fn an_nft_that_cannot_be_run_leaves_the_rules_in_force_and_the_interface_up() {
+        let mut guard = RulesGuard::new();
+        loaded(&mut guard, "old", "old table");
+        guard.want("new".into());
+        drain(&mut guard);
+        guard.handle_load_not_run("running nft: Too many open files".into());
+        let effects = drain(&mut guard);
+        assert!(!effects.contains(&Effect::Block) && !guard.blocked(), "{effects:?}");
+        assert!(matches!(&effects[..], [Effect::Warn(w)] if w.contains("previous rules stay")), "{effects:?}");
+        guard.check();
+        assert_eq!(drain(&mut guard), [Effect::Load("new".into())], "retried");
+        guard.handle_load_not_run("running nft: Too many open files".into());
+        assert!(drain(&mut guard).is_empty(), "said once");
+        guard.handle_loaded(Ok("new table".into()));
+        assert!(matches!(&drain(&mut guard)[..], [Effect::Recovered(_)]));
+        // The same script loaded again (a periodic reload) while nft cannot run: nothing changes either.
+        guard.want("new".into());
+        drain(&mut guard);
+        guard.handle_load_not_run("running nft: Too many open files".into());
+        assert!(!guard.blocked());
+        // A table someone else removed that cannot be put back still blocks: the removal is the cause.
+        guard.handle_listing(Listing::Missing);
+        drain(&mut guard);
+        guard.handle_load_not_run("running nft: Too many open files".into());
+        assert_eq!(drain(&mut guard)[0], Effect::Block);
     }
 
     #[test]

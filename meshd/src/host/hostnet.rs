@@ -1,7 +1,11 @@
 //! What this host's networking already uses: a new mesh range must not overlap a network the host
-//! routes elsewhere (its LAN, a VPN), or traffic for one of them would go to the other.
+//! routes elsewhere (its LAN, a VPN), or traffic for one of them would go to the other. And how an
+//! interface stands (up or not, its addresses), read without starting a process.
 
-use std::net::Ipv4Addr;
+use std::collections::HashSet;
+use std::ffi::CStr;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::Ipv4Net;
 
@@ -44,9 +48,58 @@ pub fn overlapping<'a>(cidr: &Ipv4Net, routes: &'a [Route]) -> Option<&'a Route>
     routes.iter().find(|r| r.network.contains(&cidr.network()) || cidr.contains(&r.network.network()))
 }
 
+/// Whether interface `name` is up (administratively), and its addresses; `None` when it does not exist.
+pub fn interface_state(name: &str) -> io::Result<Option<(bool, HashSet<IpAddr>)>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head we own and free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (mut found, mut up, mut addresses) = (false, false, HashSet::new());
+    let mut entry = list;
+    while !entry.is_null() {
+        // SAFETY: a non-null entry of the list getifaddrs made, valid until freeifaddrs.
+        let ifa = unsafe { &*entry };
+        entry = ifa.ifa_next;
+        // SAFETY: ifa_name is a NUL-terminated string of the entry.
+        if ifa.ifa_name.is_null() || unsafe { CStr::from_ptr(ifa.ifa_name) }.to_bytes() != name.as_bytes() {
+            continue;
+        }
+        found = true;
+        up |= ifa.ifa_flags & libc::IFF_UP as u32 != 0;
+        if ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr points to a sockaddr whose family says which struct it is.
+        match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+            libc::AF_INET => {
+                // SAFETY: an AF_INET address is a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                addresses.insert(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+            }
+            libc::AF_INET6 => {
+                // SAFETY: an AF_INET6 address is a sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                addresses.insert(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+            }
+            _ => {}
+        }
+    }
+    // SAFETY: the list getifaddrs made, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(found.then_some((up, addresses)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_is_up_with_its_address_and_a_missing_interface_is_none() {
+        let (up, addresses) = interface_state("lo").unwrap().expect("lo exists");
+        assert!(up && addresses.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)), "{addresses:?}");
+        assert_eq!(interface_state("no-such-if0").unwrap(), None);
+    }
 
     // Captured on a little-endian host: default via 192.168.1.1, 192.168.1.0/24 on eth0,
     // 10.8.0.0/24 on tun0, and a host route.

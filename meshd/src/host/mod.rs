@@ -9,7 +9,7 @@
 //! - [`admission`]: the open-file limit, and the caps on connections from untrusted peers that keep
 //!   descriptors in reserve for the daemon's own work.
 //! - [`statedir`]: the state directory (files, locks). [`owner`]: which meshd runs an interface.
-//!   [`clock`]: the host's clocks.
+//!   [`clock`]: the host's clocks. [`ports`]: whether a port is free, and who holds it.
 
 pub mod admission;
 pub mod clock;
@@ -18,6 +18,7 @@ pub mod firewall;
 pub mod forward;
 pub mod hostnet;
 pub mod owner;
+pub mod ports;
 pub mod resolve;
 pub mod socket;
 pub mod statedir;

@@ -49,11 +49,11 @@ pub enum StateDirError {
     #[error("{0} is read-only: the controller keeps its database there and must write it; remount it read-write")]
     ReadOnly(PathBuf),
     #[error(
-        "state directory {dir} is owned by uid {owner}, not by {runner} who runs meshd: run `sudo chown -R {chown}: {dir}` (or run meshd as that user)"
+        "state directory {dir} is owned by uid {owner}, not by {runner} who runs meshd: copy it into new files of {runner}'s (a chown leaves them writable through descriptors their owner opened before): `sudo cp -RT {dir} {dir}.new && sudo chown -R {chown}: {dir}.new && sudo rm -rf {dir} && sudo mv -T {dir}.new {dir}` (or run meshd as that user)"
     )]
     NotOwned { dir: PathBuf, owner: u32, runner: String, chown: String },
     #[error(
-        "{path} in state directory {dir} is owned by uid {owner}, not by {runner} who runs meshd: run `sudo chown -R {chown}: {dir}` (or run meshd as that user)"
+        "{path} in state directory {dir} is owned by uid {owner}, not by {runner} who runs meshd: copy it into new files of {runner}'s (a chown leaves them writable through descriptors their owner opened before): `sudo cp -RT {dir} {dir}.new && sudo chown -R {chown}: {dir}.new && sudo rm -rf {dir} && sudo mv -T {dir}.new {dir}` (or run meshd as that user)"
     )]
     EntryNotOwned { path: PathBuf, dir: PathBuf, owner: u32, runner: String, chown: String },
     #[error("{path} is writable by other users (mode {mode:o}): run `chmod go-w {path}`")]
@@ -61,7 +61,7 @@ pub enum StateDirError {
     #[error("{0} is a symbolic link: meshd follows none in its state directory; remove it")]
     Link(PathBuf),
     #[error(
-        "{parent}, which holds state directory {dir}, is {why}: whoever can write it can swap the state directory; move it somewhere only {runner} controls and make it {runner}'s, e.g. `sudo mv -T {dir} /var/lib/meshd && sudo chown -R {chown}: /var/lib/meshd`"
+        "{parent}, which holds state directory {dir}, is {why}: whoever can write it can swap the state directory; copy it somewhere only {runner} controls into new files of {runner}'s, e.g. `sudo mkdir -m 0700 /var/lib/meshd && sudo cp -RT {dir} /var/lib/meshd && sudo chown -R {chown}: /var/lib/meshd && sudo rm -rf {dir}`"
     )]
     UnsafeParent { parent: PathBuf, dir: PathBuf, why: String, runner: String, chown: String },
 }
@@ -648,7 +648,9 @@ mod tests {
             std::os::unix::fs::chown(dir.db(), Some(0), None).unwrap();
             std::os::unix::fs::chown(dir.root(), Some(65534), None).unwrap();
             let e = dir.check_private().unwrap_err().to_string();
-            let fix = format!("run `sudo chown -R root: {}`", dir.root().display());
+            let shown = dir.root().display();
+            let fix =
+                format!("`sudo cp -RT {shown} {shown}.new && sudo chown -R root: {shown}.new && sudo rm -rf {shown}");
             assert!(e.contains("is owned by uid 65534, not by root who runs meshd") && e.contains(&fix), "{e}");
             std::os::unix::fs::chown(tmp.path(), Some(65534), None).unwrap();
             std::os::unix::fs::chown(dir.root(), Some(0), None).unwrap();

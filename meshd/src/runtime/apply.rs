@@ -176,8 +176,9 @@ impl Host {
                     }
                 }
                 HostStep::RemoveAddresses(remove) => {
-                    self.on_interface(move |interface| interface.change_addresses(&[], &remove)).await?;
+                    // Forgotten first, so the rules keeper's check does not put them back meanwhile.
                     self.rules.set_addresses(new.addresses.iter().copied());
+                    self.on_interface(move |interface| interface.change_addresses(&[], &remove)).await?;
                 }
             }
         }

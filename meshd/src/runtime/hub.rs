@@ -36,8 +36,18 @@ pub(super) async fn serve(
     // Joining hosts reach the join service on the TCP port of the same number as WireGuard's UDP one.
     let identity = controller.join_identity()?;
     let join_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, host.plan.listen_port));
-    let join_listener =
-        TcpListener::bind(join_addr).await.with_context(|| format!("join service on TCP {join_addr}"))?;
+    let join_listener = TcpListener::bind(join_addr).await.map_err(|e| {
+        let held = (e.kind() == std::io::ErrorKind::AddrInUse)
+            .then(|| crate::host::ports::holder(crate::host::ports::Transport::Tcp, join_addr.port()))
+            .flatten();
+        match held {
+            Some(holder) => anyhow::anyhow!(
+                "join service on TCP {join_addr}: the port is held by another process ({holder}): stop it and start \
+                 meshd again"
+            ),
+            None => anyhow::Error::new(e).context(format!("join service on TCP {join_addr}")),
+        }
+    })?;
     let (joins_tx, mut joins) = mpsc::channel::<JoinCall<ToJoinService, JoinReply>>(64);
     let mut tasks = vec![tokio::spawn(join::serve(join_listener, identity, joins_tx, |reason| {
         JoinReply::Refused(format!("malformed join request: {reason}"))

@@ -2,7 +2,12 @@
 //! rules goes through the guard, and a task lists the table every [`CHECK_INTERVAL`], loads it again when
 //! something else removed or changed it, retries a change that failed, and takes the interface down while
 //! the rules in force are not meshd's and cannot be put back.
+//!
+//! The same task keeps the interface up with its addresses while the rules are in force: someone else's
+//! `ip link set IF down` (and up) makes Linux drop the interface's IPv6 addresses and their routes, which
+//! meshd would otherwise add back only at its next change.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,6 +16,7 @@ use tracing::{debug, error, info, warn};
 
 use super::apply::on_interface;
 use crate::host::firewall::{self, FirewallError};
+use crate::host::hostnet::interface_state;
 use crate::host::wg::Interface;
 use meshd_core::session::rules::{Effect, Listing, RulesGuard};
 
@@ -29,6 +35,8 @@ struct Shared {
     interface_name: String,
     guard: tokio::sync::Mutex<RulesGuard>,
     traffic: Mutex<Traffic>,
+    /// The interface was found down or without some of its addresses, and is not restored yet (said once).
+    lost: AtomicBool,
 }
 
 /// The keeper of one interface's access rules; the task stops when it is dropped.
@@ -44,6 +52,7 @@ impl RulesKeeper {
             interface_name: interface_name.to_owned(),
             guard: tokio::sync::Mutex::new(RulesGuard::new()),
             traffic: Mutex::default(),
+            lost: AtomicBool::new(false),
         });
         let watched = shared.clone();
         let task = tokio::spawn(async move {
@@ -55,6 +64,10 @@ impl RulesKeeper {
                 let mut guard = watched.guard.lock().await;
                 guard.check();
                 let _ = watched.carry_out(&mut guard).await;
+                // Under the guard's lock: a block (the interface down on purpose) cannot come in between.
+                if !guard.blocked() {
+                    watched.keep_interface_up().await;
+                }
             }
         });
         RulesKeeper { shared, task }
@@ -98,9 +111,17 @@ impl Shared {
                         result = Some(Ok(()));
                     }
                     Err(e) => {
-                        // What is in force now; if nft cannot even tell, the table is taken as gone.
-                        let now = firewall::list(&self.interface_name).await.unwrap_or(Listing::Missing);
-                        guard.handle_loaded(Err((e.to_string(), now)));
+                        // What is in force now. An nft that did not run (no descriptor left, under a flood)
+                        // changed nothing, and neither did one that refused the transaction: when nft cannot
+                        // even list the table, it is what it was before, never taken as gone.
+                        let now = match &e {
+                            FirewallError::Spawn(_) => None,
+                            FirewallError::Rejected(_) => firewall::list(&self.interface_name).await.ok(),
+                        };
+                        match now {
+                            Some(now) => guard.handle_loaded(Err((e.to_string(), now))),
+                            None => guard.handle_load_not_run(e.to_string()),
+                        }
                         result = Some(Err(e));
                     }
                 },
@@ -126,6 +147,47 @@ impl Shared {
         match firewall::list(&self.interface_name).await {
             Ok(Listing::Table(text)) => text,
             Ok(Listing::Missing) | Err(_) => String::new(),
+        }
+    }
+
+    /// Put the interface back up with its addresses (and so their routes) if something else took it down
+    /// or removed some of them; said at WARN once per event.
+    async fn keep_interface_up(&self) {
+        let (interface, addresses) = {
+            let traffic = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
+            (traffic.interface.clone(), traffic.addresses.clone())
+        };
+        let Some(interface) = interface else { return };
+        let (up, present) = match interface_state(&self.interface_name) {
+            Ok(Some(state)) => state,
+            // Gone altogether (the device stopped): the daemon shuts down on that elsewhere.
+            Ok(None) => return,
+            Err(e) => {
+                debug!(interface = %self.interface_name, error = %e, "reading the interface's addresses failed; checking again later");
+                return;
+            }
+        };
+        let missing: Vec<String> =
+            addresses.iter().filter(|net| !present.contains(&net.addr())).map(ToString::to_string).collect();
+        if up && missing.is_empty() {
+            return;
+        }
+        if !self.lost.swap(true, Ordering::Relaxed) {
+            warn!(
+                interface = %self.interface_name,
+                up,
+                ?missing,
+                "the mesh interface was taken down or lost addresses by something other than meshd; restoring them"
+            );
+        }
+        match on_interface(&interface, move |i| i.unblock(&addresses)).await {
+            Ok(()) => {
+                self.lost.store(false, Ordering::Relaxed);
+                info!(interface = %self.interface_name, "the mesh interface is up with its addresses again");
+            }
+            Err(e) => {
+                debug!(interface = %self.interface_name, error = format!("{e:#}"), "restoring the interface failed; trying again")
+            }
         }
     }
 

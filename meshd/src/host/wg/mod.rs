@@ -43,6 +43,9 @@ pub enum Backend {
 pub enum WgError {
     #[error("WireGuard interface {interface}: {message}")]
     Interface { interface: String, message: String },
+    /// The listen port is held by another socket (its holder named), found before the device was made.
+    #[error("{0}")]
+    PortHeld(String),
     #[error("peer {peer}: invalid key")]
     Key { peer: String },
     #[error("`ip {args}` failed: {message}")]
@@ -94,6 +97,8 @@ impl Interface {
                 departed: Default::default(),
             },
             None => {
+                // Tried first: boringtun's threads panic on a port they cannot bind.
+                super::ports::check_udp_port_free(plan.listen_port).map_err(WgError::PortHeld)?;
                 let device = userspace::start(&name, stop_tx).map_err(|e| err(&e))?;
                 let api = WGApi::<Userspace>::new(name.as_str()).map_err(|e| err(&e))?;
                 Interface {
@@ -123,10 +128,21 @@ impl Interface {
             mtu: Some(u32::from(plan.mtu)),
             fwmark: None,
         };
-        interface.api.configure_interface(&config).map_err(|e| err(&e))?;
+        // The port the embedded device listened on before (one the kernel picked), to close after the move.
+        let first_port = match interface.device {
+            Some(_) => interface.api.read_interface_data().map_err(|e| err(&e))?.listen_port,
+            None => 0,
+        };
+        interface.api.configure_interface(&config).map_err(|e| match interface.device {
+            // A port taken since it was tried: said as clearly.
+            Some(_) => super::ports::check_udp_port_free(plan.listen_port).map_or_else(WgError::PortHeld, |()| err(&e)),
+            None => err(&e),
+        })?;
         // The listen port is set only here (a new port needs a restart): kept private once bound.
         if interface.device.is_some() {
             userspace::keep_port_private(plan.listen_port).map_err(|e| err(&e))?;
+            let closed = userspace::close_first_sockets(first_port, plan.listen_port).map_err(|e| err(&e))?;
+            debug!(interface = %interface.name, port = first_port, sockets = closed, "closed the device's first UDP sockets");
         }
         interface.set_peers(&peers)?;
         let added: Vec<IpNet> = plan.addresses.iter().copied().collect();

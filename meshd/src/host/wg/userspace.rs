@@ -15,11 +15,16 @@
 //!   fails (the kernel shares a UDP port only between sockets that all set it). The workaround is
 //!   narrow: only the device's sockets on its listen port, on the unspecified address, are touched, and
 //!   the device's per-peer "connected" sockets (which would need to share the port) are turned off.
+//! - boringtun first listens on a port the kernel picks, and when the listen port is set it drops its own
+//!   handle of those sockets but not the copies its event loop reads from (it unregisters them by the
+//!   wrong descriptor): a second pair, on a random port, with `SO_REUSEADDR`, that another user could bind
+//!   beside and that any peer could use. [`close_first_sockets`] swaps each copy for an unbound socket,
+//!   so meshd holds UDP sockets on its listen port only.
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -136,6 +141,37 @@ pub(super) fn keep_port_private(port: u16) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Close the UDP sockets that boringtun's first bind (on `first`, a port the kernel picked) left open once
+/// the device moved to its listen port `port`: each descriptor is replaced in place (`dup2`) by a new,
+/// unbound, non-blocking UDP socket, so the event loop that still owns the number reads nothing from it
+/// (and closes it with the device), and the port is free. Returns how many were replaced.
+pub(super) fn close_first_sockets(first: u16, port: u16) -> Result<usize, String> {
+    if first == port || first == 0 {
+        return Ok(0);
+    }
+    let mut replaced = 0;
+    let fds = fs::read_dir("/proc/self/fd").map_err(|e| format!("listing /proc/self/fd: {e}"))?;
+    for fd in fds.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+        // SAFETY: the descriptor is only queried here; one closed meanwhile fails these calls harmlessly.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let socket = socket2::SockRef::from(&borrowed);
+        let Some(local) = socket.local_addr().ok().and_then(|a| a.as_socket()) else { continue };
+        if local.port() != first || !local.ip().is_unspecified() || socket.r#type().ok() != Some(socket2::Type::DGRAM) {
+            continue;
+        }
+        let blank = socket2::Socket::new(socket2::Domain::for_address(local), socket2::Type::DGRAM, None)
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .map_err(|e| format!("making a socket to close UDP port {first} with: {e}"))?;
+        // SAFETY: dup2 replaces descriptor `fd` (boringtun's copy, which its event loop owns and keeps
+        // using by number) with a duplicate of `blank`, atomically; both descriptors are valid.
+        if unsafe { libc::dup2(blank.as_raw_fd(), fd) } < 0 {
+            return Err(format!("closing UDP port {first}: {}", std::io::Error::last_os_error()));
+        }
+        replaced += 1;
+    }
+    Ok(replaced)
 }
 
 /// The owner's uid of a socket in a `/proc/net/udp{,6}` table bound to `port` that is not one of
