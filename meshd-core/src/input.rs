@@ -71,6 +71,11 @@ pub enum InputError {
         "MTU {0} is not a number from {MIN_MTU} to {MAX_MTU} (IPv6 in the mesh needs at least {MIN_MTU}); behind a 1400-byte hop use 1340 (IPv4 path) or 1320 (IPv6 path)"
     )]
     Mtu(String),
+    /// A port meshd keeps for itself ([`crate::plan::PRIVILEGED_PORT`]: its listeners on mesh addresses).
+    #[error(
+        "port {0} is meshd's own (its service forwarders and sync service listen there on mesh addresses): choose another"
+    )]
+    ReservedPort(u16),
     /// A full DNS name longer than [`MAX_DNS_NAME`].
     #[error(
         "the DNS name {name} would be {len} characters long (DNS allows {MAX_DNS_NAME}): choose a shorter name or domain"
@@ -429,10 +434,28 @@ pub fn check_port(port: u16) -> Result<(), InputError> {
     if port == 0 { Err(InputError::Port(port.to_string())) } else { Ok(()) }
 }
 
+/// Check a port a host listens on itself (WireGuard's UDP port and the join service's TCP port, the mesh
+/// DNS's): not 0, and not [`crate::plan::PRIVILEGED_PORT`], which meshd's own listeners on mesh addresses
+/// bind. Errors: [`InputError::Port`], [`InputError::ReservedPort`].
+pub fn check_listen_port(port: u16) -> Result<(), InputError> {
+    check_port(port)?;
+    if port == crate::plan::PRIVILEGED_PORT { Err(InputError::ReservedPort(port)) } else { Ok(()) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_host_listens_on_neither_port_0_nor_meshds_own() {
+        assert_eq!(check_listen_port(0), Err(InputError::Port("0".into())));
+        assert_eq!(check_listen_port(1021), Err(InputError::ReservedPort(1021)));
+        assert!(check_listen_port(1021).unwrap_err().to_string().contains("port 1021 is meshd's own"));
+        for fine in [1, 53, 443, 1020, 1022, 51820, 65535] {
+            assert_eq!(check_listen_port(fine), Ok(()), "{fine}");
+        }
+    }
 
     #[test]
     fn labels() {

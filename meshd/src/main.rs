@@ -140,6 +140,8 @@ fn main() -> ExitCode {
 }
 
 fn init(state: &StateDir, new: NewNetwork, key: &PrivateKey) -> anyhow::Result<()> {
+    // Checked again by the controller; here before anything is created.
+    meshd_core::input::check_listen_port(new.listen_port)?;
     if let Some(route) = hostnet::overlapping(&new.cidr, &hostnet::ipv4_routes()) {
         anyhow::bail!(
             "--cidr {} overlaps {} on interface {}: choose a range this host does not use",
@@ -193,8 +195,9 @@ fn join(
         token.to_owned()
     };
     let token = Token::decode(&text)?;
-    // Refuse what would not work before the one-time token is spent: an unusable state directory, an
-    // interface another meshd runs, a mesh range this host already routes elsewhere.
+    // Refuse what would not work before the one-time token is spent: a port meshd cannot listen on, an
+    // unusable state directory, an interface another meshd runs, a mesh range this host already routes elsewhere.
+    meshd_core::input::check_listen_port(listen_port)?;
     state.check_new()?;
     owner::check_free(Path::new(owner::RUN_DIR), &interface)
         .map_err(|e| anyhow::anyhow!("{e}; stop that one first, or join with another --interface"))?;

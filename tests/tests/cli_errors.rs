@@ -110,6 +110,9 @@ fn init_rejects_bad_cidr_endpoint_and_names() {
         (vec!["--mtu", "1279"], "MTU 1279 is not a number from 1280 to 9000"),
         (vec!["--mtu", "9001"], "MTU 9001 is not a number from 1280 to 9000"),
         (vec!["--mtu", "big"], "MTU big is not a number from 1280 to 9000"),
+        // Where meshd's own listeners on mesh addresses are (the join service would take it from them).
+        (vec!["--listen-port", "1021"], "port 1021 is meshd's own"),
+        (vec!["--listen-port", "0"], "port \"0\" is out of range"),
     ] {
         assert_refused(&mut init_cmd(d, &extra), d, &[mention]);
     }

@@ -124,6 +124,7 @@ impl Controller {
     pub fn init(db: &Path, new: &NewNetwork) -> Result<(Controller, Snapshot), ControlError> {
         input::check_dns_name(&format!("{}.{}", new.hub, new.domain))?;
         input::check_endpoint(&new.endpoint)?;
+        input::check_listen_port(new.listen_port)?;
         input::check_mtu(new.mtu)?;
         let mut store = Store::create(db)?;
         let snapshot = store.write(|w| {

@@ -54,7 +54,7 @@ impl Controller {
             input::check_mtu(mtu)?;
         }
         // The interface name was checked when the request was read (an `InterfaceName`).
-        input::check_port(request.listen_port)?;
+        input::check_listen_port(request.listen_port)?;
         self.store.write(|w| {
             let invite = w.invite(&request.id)?.ok_or(ControlError::InviteForged)?;
             if !invite::hashes_equal(&invite.secret_hash, &invite::hash_secret(&request.secret)) {

@@ -27,6 +27,7 @@ use crate::host::wg::Backend;
 use apply::{Host, plan_host};
 use meshd_core::keys::PrivateKey;
 use meshd_core::model::{SYNC_PORT, Snapshot};
+use meshd_core::plan::PRIVILEGED_PORT;
 use meshd_core::session::member::Member;
 
 /// How `meshd run` runs this host.
@@ -112,9 +113,9 @@ async fn start_host(
         )
     })?;
     let plan = plan_host(snapshot, &name, options.dns_port)?;
-    if options.dns_port == plan.listen_port || options.dns_port == SYNC_PORT {
+    if options.dns_port == plan.listen_port || options.dns_port == SYNC_PORT || options.dns_port == PRIVILEGED_PORT {
         return Err(anyhow!(
-            "--dns-port {}: meshd itself uses that port (WireGuard and joins on {}, live updates on {SYNC_PORT}); choose another, e.g. 5353",
+            "--dns-port {}: meshd itself uses that port (WireGuard and joins on {}, live updates on {SYNC_PORT}, its listeners on mesh addresses on {PRIVILEGED_PORT}); choose another, e.g. 5353",
             options.dns_port,
             plan.listen_port
         ));
