@@ -58,15 +58,17 @@ print("done", flush=True)
 "#;
 
 /// Asks the join service (TLS, certificate not checked) where a key stands, without proving it; prints
-/// the answer.
+/// the answer. Argument 4 is the join certificate's fingerprint, from which it names the service as members
+/// do (`links::join::server_name`): the strongest such caller, one who knows the name, gets past the SNI check.
 const ASK_STANDING: &str = r#"
-import json, socket, ssl, sys
+import hashlib, json, socket, ssl, sys
 context = ssl.create_default_context()
 context.check_hostname = False
 context.verify_mode = ssl.CERT_NONE
+name = hashlib.sha256(b"meshd join" + bytes.fromhex(sys.argv[4])).hexdigest()[:16] + ".meshd.invalid"
 try:
     with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3) as raw:
-        with context.wrap_socket(raw, server_hostname="meshd") as tls:
+        with context.wrap_socket(raw, server_hostname=name) as tls:
             tls.sendall((json.dumps({"standing": [sys.argv[3]]}) + "\n").encode())
             print("answer", tls.recv(4096).decode(errors="replace").strip(), flush=True)
 except (OSError, ssl.SSLError) as e:
@@ -150,7 +152,11 @@ fn another_process_on_a_member_gets_no_state_and_cannot_take_its_key() {
     // to whoever cannot prove it.
     let mut ask = vps.ns.command("setpriv");
     ask.args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", ASK_STANDING]);
-    let answer = run_ok(ask.args(["172.31.215.1", "51820", new_key.as_str()]));
+    let member: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(vps.state.join("member.json")).unwrap()).expect("vps's member.json");
+    let fingerprint = member["hub"]["fingerprint"].as_str().expect("the join certificate's fingerprint").to_owned();
+    let answer = run_ok(ask.args(["172.31.215.1", "51820", new_key.as_str(), &fingerprint]));
+    assert!(answer.starts_with("answer"), "the question did not get past TLS: {answer}");
     assert!(!answer.contains("\"standing\""), "an unproven standing question was answered: {answer}");
     assert!(!answer.contains("member"), "{answer}");
     eprintln!("unproven standing question: {}", answer.trim());
