@@ -140,6 +140,9 @@ async fn prove(
     Ok(())
 }
 
+/// The source port every member connects from: the first of those meshd's members use.
+const MEMBER_PORT: u16 = *meshd::links::sync::SOURCE_PORTS.start();
+
 pub(crate) struct Member {
     index: u32,
     keeps_copy: bool,
@@ -154,7 +157,10 @@ impl Member {
         let address = network().pool().v4_of(self.index);
         let permit = self.gate.acquire().await?;
         let socket = TcpSocket::new_v4()?;
-        socket.bind(SocketAddr::new(address.into(), 0))?;
+        // From a port below 1024, as meshd's members connect (the hub admits no other; binding one takes root).
+        // Every member has an address of its own, so they all use the same port.
+        socket.set_reuseaddr(true)?;
+        socket.bind(SocketAddr::new(address.into(), MEMBER_PORT))?;
         let stream = socket.connect(self.hub).await?;
         stream.set_nodelay(true)?;
         let (read, mut write) = stream.into_split();
