@@ -26,8 +26,8 @@ if [ ! -e "$state/meshd.db" ]; then
   "$bin/meshd" init --network home --name hub --endpoint "$endpoint" --state-dir "$state"
   # A nix-bitcoin style service: a wallet UI on the host (any TCP service works).
   "$bin/meshctl" --state-dir "$state" service add wallet --node hub --target 127.0.0.1:9737
-elif [ -n "${MESHD_ENDPOINT:-}" ]; then
-  echo "warning: $state already holds a network; MESHD_ENDPOINT applies only when it is created (change it with: $bin/meshctl --state-dir $state node update hub --endpoint HOST:PORT)" >&2
+elif [ -n "${MESHD_ENDPOINT:-}" ] && ! grep -qF "\"$MESHD_ENDPOINT\"" <<<"$("$bin/meshctl" --state-dir "$state" node list --json)"; then
+  echo "warning: $state already holds a network whose hub has another endpoint; MESHD_ENDPOINT applies only when it is created (change it with: $bin/meshctl --state-dir $state node update hub --endpoint HOST:PORT)" >&2
 fi
 if [ "$endpoint" = "$placeholder" ] && [ -z "${MESHD_ENDPOINT:-}" ]; then
   echo "warning: the endpoint is the placeholder $placeholder: phones will not reach this host; set yours with: $bin/meshctl --state-dir $state node update hub --endpoint your.public.name:51820" >&2

@@ -62,9 +62,22 @@ fn quickstart_provisions_a_network_and_prints_a_phone_qr() {
     let stderr = String::from_utf8_lossy(&third.stderr);
     assert!(third.status.success(), "third run failed: {stderr}");
     assert!(stderr.contains("device phone3") && stderr.contains("applies only when it is created"), "{stderr}");
+    // Once the hub has that endpoint, giving it again is no reason for a warning.
+    meshd_e2e::run_ok(meshctl(&state).args(["node", "update", "hub", "--endpoint", "node.example.net:51820"]));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart.sh");
+    let fourth = Command::new("bash")
+        .arg(script)
+        .env("MESHD_BIN_DIR", bin_dir())
+        .env("MESHD_STATE_DIR", &state)
+        .env("MESHD_ENDPOINT", "node.example.net:51820")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&fourth.stderr);
+    assert!(fourth.status.success() && stderr.contains("device phone4"), "fourth run: {stderr}");
+    assert!(!stderr.contains("warning"), "the endpoint given is the hub's: {stderr}");
     let devices = run_json(meshctl(&state).args(["device", "list", "--json"]));
     let names: Vec<&str> = devices.as_array().unwrap().iter().filter_map(|d| d["name"].as_str()).collect();
-    assert_eq!(names, ["phone1", "phone2", "phone3"]);
+    assert_eq!(names, ["phone1", "phone2", "phone3", "phone4"]);
     assert!(devices.as_array().unwrap().iter().all(|d| d["allow"] == serde_json::json!(["wallet"])), "{devices}");
 }
 
