@@ -22,13 +22,16 @@ pub struct Admin {
     state: StateDir,
     /// `--socket`: always the daemon at this socket, whatever holds the state directory.
     socket: Option<PathBuf>,
+    /// The last request was answered from the database, no daemon running: what only a running daemon
+    /// knows (when hosts and devices were last heard from) is unknown then.
+    offline: std::cell::Cell<bool>,
 }
 
 impl Admin {
     /// The controller of the state directory `state_dir`, or of the daemon at `socket` if given.
     /// Nothing is opened or created until a request is made.
     pub fn new(state_dir: &Path, socket: Option<&Path>) -> Admin {
-        Admin { state: StateDir::new(state_dir), socket: socket.map(Path::to_path_buf) }
+        Admin { state: StateDir::new(state_dir), socket: socket.map(Path::to_path_buf), offline: Default::default() }
     }
 
     /// Carry out `request`: the controller's reply, or its refusal as an error ([`Stale`] and
@@ -45,6 +48,7 @@ impl Admin {
     /// The outcome of `request` from the running daemon, or from the controller in-process when none
     /// runs. An error here means the request did not reach the controller, or got no clear answer.
     pub fn call(&self, request: Request) -> anyhow::Result<Outcome> {
+        self.offline.set(false);
         if let Some(socket) = &self.socket {
             return call_daemon(socket, &request);
         }
@@ -67,10 +71,16 @@ impl Admin {
                 // Working on the database itself, perhaps as root: not on what another user could plant.
                 state.check_private()?;
                 let mut controller = Controller::open(&db)?;
+                self.offline.set(true);
                 Ok(controller::outcome(controller.handle(request)))
             }
             None => call_daemon(&state.socket(), &request),
         }
+    }
+
+    /// Whether the last request was answered without the daemon (from the database itself).
+    pub fn answered_offline(&self) -> bool {
+        self.offline.get()
     }
 
     /// An exclusive lock held from previewing a hand-out to committing it, so that two meshctl handing

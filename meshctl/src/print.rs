@@ -25,13 +25,19 @@ pub fn role_name(role: Role) -> String {
     serde_json::to_value(role).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
 }
 
-pub fn print_nodes(nodes: &[NodeView]) {
-    print!("{}", nodes_table(nodes));
+/// What LAST HEARD and LAST HANDSHAKE say of a time that is not known: `never` from the daemon, `unknown` when
+/// meshctl answered without one (only a running daemon knows).
+fn not_heard(offline: bool) -> String {
+    if offline { "unknown".into() } else { "never".into() }
+}
+
+pub fn print_nodes(nodes: &[NodeView], offline: bool) {
+    print!("{}", nodes_table(nodes, offline));
 }
 
 /// The node table; STATE and LAST HEARD (when the hub last heard from the node) come last so the
-/// columns before them stay where scripts expect them.
-pub fn nodes_table(nodes: &[NodeView]) -> String {
+/// columns before them stay where scripts expect them. `offline`: answered without the daemon.
+pub fn nodes_table(nodes: &[NodeView], offline: bool) -> String {
     let mut table = format!(
         "{:<20} {:<6} {:<16} {:<28} {:<24} {:<30} LAST HEARD\n",
         "NODE", "ROLE", "ADDRESS", "ADDRESS6", "ENDPOINT", "STATE"
@@ -41,7 +47,7 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
         let heard = match (n.role, n.last_heard) {
             (Role::Hub, _) => "-".to_owned(),
             (_, Some(t)) => ago(now, t),
-            (_, None) => "never".to_owned(),
+            (_, None) => not_heard(offline),
         };
         table.push_str(&format!(
             "{:<20} {:<6} {:<16} {:<28} {:<24} {:<30} {}\n",
@@ -91,11 +97,11 @@ pub fn print_rules(rules: &[AccessRule]) {
     }
 }
 
-pub fn print_devices(devices: &[DeviceView]) {
+pub fn print_devices(devices: &[DeviceView], offline: bool) {
     println!("{:<20} {:<16} {:<28} {:<24} LAST HANDSHAKE", "DEVICE", "ADDRESS", "ADDRESS6", "ALLOW");
     let now = meshd::host::clock::wall_now();
     for d in devices {
-        let seen = d.last_handshake.map(|t| ago(now, t)).unwrap_or_else(|| "never".into());
+        let seen = d.last_handshake.map_or_else(|| not_heard(offline), |t| ago(now, t));
         println!("{:<20} {:<16} {:<28} {:<24} {}", d.name, d.address, d.address_v6, join(&d.allow), seen);
     }
 }
@@ -147,19 +153,23 @@ mod tests {
             last_heard,
             mtu: 1420,
         };
-        let table = nodes_table(&[
-            view("a", false, false, Some(now - 7)),
-            view("b", true, false, None),
-            view("c", false, true, Some(now)),
-        ]);
-        let rows: Vec<(&str, &str)> = table
-            .lines()
-            .skip(1)
-            .map(|l| {
-                let (state, heard) = l.split_once(" - ").unwrap().1.trim().split_at(30);
-                (state.trim(), heard.trim())
-            })
-            .collect();
-        assert_eq!(rows, [("active", "7s ago"), ("disabled", "never"), ("key rotation pending", "0s ago")], "{table}");
+        let views =
+            [view("a", false, false, Some(now - 7)), view("b", true, false, None), view("c", false, true, Some(now))];
+        let rows = |table: &str| -> Vec<(String, String)> {
+            table
+                .lines()
+                .skip(1)
+                .map(|l| {
+                    let (state, heard) = l.split_once(" - ").unwrap().1.trim().split_at(30);
+                    (state.trim().to_owned(), heard.trim().to_owned())
+                })
+                .collect()
+        };
+        let table = nodes_table(&views, false);
+        let expected = [("active", "7s ago"), ("disabled", "never"), ("key rotation pending", "0s ago")];
+        assert_eq!(rows(&table), expected.map(|(s, h)| (s.to_owned(), h.to_owned())), "{table}");
+        // Without the daemon, when a node was last heard from is not known: not "never".
+        let offline = nodes_table(&views, true);
+        assert_eq!(rows(&offline)[1], ("disabled".to_owned(), "unknown".to_owned()), "{offline}");
     }
 }

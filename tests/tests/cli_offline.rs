@@ -77,6 +77,10 @@ fn device_add_prints_a_config_and_keeps_no_private_key() {
     assert_eq!(phone["address"].as_str().map(bare), Some(v4.to_string().as_str()));
     assert_eq!(phone["allow"], serde_json::json!(["svc"]));
     assert!(phone["last_handshake"].is_null(), "never connected: {phone}");
+    // Without a daemon, when the phone last shook hands is not known: the table says so, not "never".
+    let table = run_ok(meshctl(d).args(["device", "list"]));
+    let row = table.lines().find(|l| l.starts_with("phone ")).unwrap_or_else(|| panic!("{table}"));
+    assert!(row.trim_end().ends_with(" unknown"), "{table}");
     assert_key_not_stored(d, &conf.private_key);
 }
 

@@ -12,7 +12,7 @@ use crate::print::{join, print_devices};
 
 pub fn list(cx: &Context) -> anyhow::Result<()> {
     match cx.admin.send(Request::DeviceList)? {
-        Reply::Devices(devices) => cx.print(&devices, || print_devices(&devices)),
+        Reply::Devices(devices) => cx.print(&devices, || print_devices(&devices, cx.admin.answered_offline())),
         other => unexpected(other),
     }
 }

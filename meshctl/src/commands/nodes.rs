@@ -12,7 +12,7 @@ use crate::print::{print_invites, print_nodes};
 
 pub fn list(cx: &Context) -> anyhow::Result<()> {
     match cx.admin.send(Request::NodeList)? {
-        Reply::Nodes(nodes) => cx.print(&nodes, || print_nodes(&nodes)),
+        Reply::Nodes(nodes) => cx.print(&nodes, || print_nodes(&nodes, cx.admin.answered_offline())),
         other => unexpected(other),
     }
 }
@@ -108,7 +108,7 @@ mod tests {
 
     /// The STATE column of `name` in the node table (between the STATE and LAST HEARD headings).
     fn state_column(dir: &TempDir, name: &str) -> String {
-        let table = nodes_table(&views(dir));
+        let table = nodes_table(&views(dir), false);
         let header = table.lines().next().unwrap();
         let (from, to) = (header.find("STATE").unwrap(), header.find("LAST HEARD").unwrap());
         let line = table.lines().find(|l| l.split_whitespace().next() == Some(name)).unwrap();

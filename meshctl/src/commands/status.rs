@@ -14,8 +14,9 @@ pub fn status(cx: &Context) -> anyhow::Result<()> {
                 "network {} ({}, {}), domain {}, MTU {}",
                 s.network.name, s.network.cidr, s.network.cidr_v6, s.network.domain, s.network.mtu
             );
-            print_nodes(&s.nodes);
-            print_devices(&s.devices);
+            let offline = cx.admin.answered_offline();
+            print_nodes(&s.nodes, offline);
+            print_devices(&s.devices, offline);
             print_services(&s.services);
         }),
         other => unexpected(other),
