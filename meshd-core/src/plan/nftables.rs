@@ -28,11 +28,15 @@ pub const TUNNEL_OPENER_MARK: u32 = 0x6d65_7368;
 /// handshake they cause is what counts).
 pub const TUNNEL_OPENER_PORT: u16 = 9;
 
-/// TCP connections to the mesh DNS one source address may hold at once. The DNS server (hickory) accepts
-/// TCP connections itself, outside meshd's descriptor budget, so the kernel caps them: a stub resolver needs
-/// TCP only for a truncated answer, and mesh answers are small; every local user of the host shares its
-/// address, and 8 still leaves them room.
-pub const DNS_TCP_PER_SOURCE: u32 = 8;
+/// TCP connections to the mesh DNS one source address on the mesh may hold at once. The DNS server (hickory)
+/// accepts TCP connections itself, outside meshd's descriptor budget, so the kernel caps them: a stub
+/// resolver needs TCP only for a truncated answer, one connection at a time, and mesh answers are small.
+pub const DNS_TCP_PER_SOURCE: u32 = 4;
+
+/// TCP connections to the mesh DNS the host's own processes may hold at once, all together: they arrive over
+/// loopback from any of its addresses (every one of 127.0.0.0/8 too), so counting them by source would let
+/// one local user take the whole total.
+pub const DNS_TCP_LOCAL: u32 = 8;
 
 /// TCP connections to the mesh DNS (all its addresses together) at once: a quarter of the smallest
 /// descriptor reserve meshd keeps for its own work (256), so a full DNS still leaves 192 for the admin
@@ -199,8 +203,9 @@ pub fn render(plan: &HostPlan) -> String {
     out
 }
 
-/// The caps on TCP connections to the mesh DNS: [`DNS_TCP_PER_SOURCE`] per source address (a set that
-/// counts each source's connections) and [`DNS_TCP_TOTAL`] in all; a connection over a cap is reset at once.
+/// The caps on TCP connections to the mesh DNS: [`DNS_TCP_LOCAL`] for the host's own processes together,
+/// [`DNS_TCP_PER_SOURCE`] per source address on the mesh (a set that counts each source's connections) and
+/// [`DNS_TCP_TOTAL`] in all; a connection over a cap is reset at once.
 fn render_dns_tcp_caps(out: &mut String, listen: &[std::net::SocketAddr]) {
     if listen.is_empty() {
         return;
@@ -211,8 +216,9 @@ fn render_dns_tcp_caps(out: &mut String, listen: &[std::net::SocketAddr]) {
     let _ = writeln!(
         out,
         "  chain dns_tcp {{\n    \
-         meta l4proto tcp add @dns_tcp_v4 {{ ip saddr ct count over {DNS_TCP_PER_SOURCE} }} reject with tcp reset\n    \
-         meta l4proto tcp add @dns_tcp_v6 {{ ip6 saddr ct count over {DNS_TCP_PER_SOURCE} }} reject with tcp reset\n    \
+         iifname \"lo\" meta l4proto tcp ct count over {DNS_TCP_LOCAL} reject with tcp reset\n    \
+         iifname != \"lo\" meta l4proto tcp add @dns_tcp_v4 {{ ip saddr ct count over {DNS_TCP_PER_SOURCE} }} reject with tcp reset\n    \
+         iifname != \"lo\" meta l4proto tcp add @dns_tcp_v6 {{ ip6 saddr ct count over {DNS_TCP_PER_SOURCE} }} reject with tcp reset\n    \
          meta l4proto tcp ct count over {DNS_TCP_TOTAL} reject with tcp reset\n  }}"
     );
 }
@@ -381,8 +387,13 @@ mod tests {
         let first_accept = input.find("iifname != \"wg-home.1\" accept").unwrap();
         assert!(jump_v4 < first_accept && jump_v6 < first_accept, "{rules}");
         let caps = &rules[rules.find("chain dns_tcp").unwrap()..];
-        assert!(caps.contains("add @dns_tcp_v4 { ip saddr ct count over 8 } reject with tcp reset"), "{rules}");
-        assert!(caps.contains("add @dns_tcp_v6 { ip6 saddr ct count over 8 } reject with tcp reset"), "{rules}");
+        // The host's own processes count as one, whichever loopback address they write from.
+        assert!(caps.contains("iifname \"lo\" meta l4proto tcp ct count over 8 reject with tcp reset"), "{rules}");
+        let v4 =
+            "iifname != \"lo\" meta l4proto tcp add @dns_tcp_v4 { ip saddr ct count over 4 } reject with tcp reset";
+        let v6 =
+            "iifname != \"lo\" meta l4proto tcp add @dns_tcp_v6 { ip6 saddr ct count over 4 } reject with tcp reset";
+        assert!(caps.contains(v4) && caps.contains(v6), "{rules}");
         assert!(caps.contains("meta l4proto tcp ct count over 64 reject with tcp reset"), "{rules}");
         assert!(rules.contains("set dns_tcp_v4 {\n    type ipv4_addr\n    size 65535\n    flags dynamic"), "{rules}");
     }
