@@ -5,9 +5,13 @@
 //! namespace (eight IPv6 /64s are one /61) each open about 50 idle connections a second to the join port,
 //! sending nothing, and keep them: before the fix their connections filled the caps for as long as they
 //! liked (each held for the 5 s hello timeout), and every join and standing question was refused. Now a
-//! connection that has not yet named the service in its ClientHello is evicted by a newer one (the
-//! oldest of the source holding the most), so the flood evicts its own, and a joining host or a member
-//! gets in at once.
+//! connection that has not yet sent its request line is evicted by a newer one (the oldest of the source
+//! holding the most), so the flood evicts its own, and a joining host or a member gets in at once.
+//!
+//! The same flood, knowing the service's name (TLS sends it in clear in every ClientHello: anyone on a
+//! joining host's path reads it), completes its TLS handshakes and leaves them idle. While connections
+//! were safe from eviction once their ClientHello named the service, that filled the caps (each held for the
+//! 10 s request timeout) and kept every join out; now such connections are evicted too.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -37,6 +41,43 @@ while True:
         last = time.time()
         print("connects", made, flush=True)
     time.sleep(pause)
+"#;
+
+/// Idle TLS connections from `SOURCE` to `HOST PORT` with server name `NAME` (the join service's): the
+/// handshake completed, then nothing sent; `KEEP` held open, reopened as the hub closes them; prints its
+/// count of handshakes every second.
+const TLS_FLOOD: &str = r#"
+import socket, ssl, sys, time
+src, dst, name, keep = sys.argv[1], (sys.argv[2], int(sys.argv[3])), sys.argv[4], int(sys.argv[5])
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+held, made, last = [], 0, 0.0
+def alive(t):
+    try:
+        return t.recv(1) != b""
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return True
+    except OSError:
+        return False
+while True:
+    held = [t for t in held if alive(t) or t.close()]
+    while len(held) < keep:
+        s = socket.socket()
+        s.settimeout(2)
+        s.bind((src, 0))
+        try:
+            s.connect(dst)
+            t = ctx.wrap_socket(s, server_hostname=name)
+        except OSError:
+            s.close()
+            break
+        t.setblocking(False)
+        held.append(t)
+        made += 1
+    if time.time() - last >= 1:
+        last = time.time()
+        print("connects", made, flush=True)
+    time.sleep(0.02)
 "#;
 
 /// The outside addresses of the flood.
@@ -72,6 +113,27 @@ fn eight_addresses_flooding_the_join_port_keep_neither_a_join_nor_a_standing_que
     if !require_root() {
         return;
     }
+    flood_keeps_no_join_out(Flood::Idle);
+}
+
+#[test]
+fn a_flood_that_knows_the_join_name_keeps_no_join_out_either() {
+    if !require_root() {
+        return;
+    }
+    flood_keeps_no_join_out(Flood::TlsWithTheName);
+}
+
+/// What the flood's connections do.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flood {
+    /// Connect and send nothing.
+    Idle,
+    /// Complete a TLS handshake naming the join service, then send nothing.
+    TlsWithTheName,
+}
+
+fn flood_keeps_no_join_out(kind: Flood) {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let hub = MeshHost::new("hub", root, "jf");
@@ -100,18 +162,29 @@ fn eight_addresses_flooding_the_join_port_keep_neither_a_join_nor_a_standing_que
     assert!(vps_daemon.stop(Duration::from_secs(10)).success(), "{}", vps_daemon.log_text());
     run_ok(meshctl(&hub.state).args(["node", "remove", "vps"]));
 
-    // The flood: eight sources, ~50 idle connections a second each.
+    // The join service's name, as anyone on the path of vps's join read it (here: from vps's own state).
+    let member: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(vps.state.join("member.json")).unwrap()).expect("vps's member.json");
+    let pin = hex::decode(member["hub"]["fingerprint"].as_str().unwrap()).unwrap();
+    let name = meshd::links::join::server_name(&pin.try_into().unwrap());
+
+    // The flood: eight sources, ~50 idle connections a second each, or 32 idle TLS connections each.
     let flooders: Vec<(Proc, PathBuf)> = FLOODERS
         .iter()
         .map(|src| {
             let log = root.join(format!("flood-{src}.log"));
-            let argv = ["/usr/bin/python3", "-c", JOIN_FLOOD, src, "192.168.231.1", "51820", "2000", "0.02"];
+            let argv = match kind {
+                Flood::Idle => ["/usr/bin/python3", "-c", JOIN_FLOOD, src, "192.168.231.1", "51820", "2000", "0.02"],
+                Flood::TlsWithTheName => {
+                    ["/usr/bin/python3", "-c", TLS_FLOOD, src, "192.168.231.1", "51820", &name, "32"]
+                }
+            };
             (outside.spawn_logged(&argv, &log), log)
         })
         .collect();
     let flood_started = Instant::now();
     // The listener is at its total cap of 256 (the kernel's accept queue may hold a few more).
-    let at_cap = wait_until(Duration::from_secs(10), || established_to_join_port(&hub.ns) >= 256);
+    let at_cap = wait_until(Duration::from_secs(20), || established_to_join_port(&hub.ns) >= 256);
     assert!(at_cap, "the flood did not reach the listener's cap: {} established", established_to_join_port(&hub.ns));
     std::thread::sleep(Duration::from_secs(2));
 
@@ -138,7 +211,8 @@ fn eight_addresses_flooding_the_join_port_keep_neither_a_join_nor_a_standing_que
     for (flooder, log) in &mut flooders {
         assert!(flooder.is_running(), "a flooder stopped: {}", fs::read_to_string(log).unwrap_or_default());
         let made = connects(log);
-        let least = flood_started.elapsed().as_secs() * 30;
+        // Idle connects come ~50 a second; TLS handshakes as fast as the hub answers, which is slower.
+        let least = flood_started.elapsed().as_secs() * if kind == Flood::Idle { 30 } else { 2 };
         assert!(made >= least, "{} made only {made} connects in {:?}", log.display(), flood_started.elapsed());
     }
     assert!(established_to_join_port(&hub.ns) >= 256, "the flood no longer fills the listener");

@@ -12,7 +12,7 @@
 //! reported as one aggregated warning per [`REPORT_EVERY`] per listener, never one line each.
 //!
 //! A listener open to strangers (the join service) admits with [`Gate::admit_evicting`]: until the
-//! connection has shown it is a client of the service (its first message), it may be evicted by a newer
+//! connection has shown it is a client of the service (its request), it may be evicted by a newer
 //! one, so that a flood at the caps closes its own connections rather than keeping everyone else out.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -156,7 +156,7 @@ struct Evictable {
 pub enum TurnedAway {
     /// Its source, the listener or the process was at its cap.
     OverCaps,
-    /// A newer connection took its place before it sent its first message.
+    /// A newer connection took its place before it sent its request.
     Evicted,
     /// It came from a source port that any local user may bind, where the listener needs a privileged one.
     UnprivilegedPort,
@@ -167,7 +167,7 @@ pub enum TurnedAway {
 struct Tally {
     /// Over the caps.
     refused: u64,
-    /// Evicted before their first message.
+    /// Evicted before their request.
     evicted: u64,
     /// From an unprivileged source port.
     unprivileged_port: u64,
@@ -298,8 +298,8 @@ impl Gate {
                 unprivileged_port = tally.unprivileged_port,
                 per_source = self.caps.per_source,
                 total = self.caps.total,
-                "connections refused: over the connection limits, evicted by newer ones before their first \
-                 message, or from an unprivileged source port (reported at most once a minute)"
+                "connections refused: over the connection limits, evicted by newer ones before their \
+                 request, or from an unprivileged source port (reported at most once a minute)"
             );
         }
     }

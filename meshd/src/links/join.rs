@@ -10,9 +10,12 @@
 //! no ClientHello within [`HELLO_TIMEOUT`], is closed without a byte sent back (no certificate, not even
 //! a TLS alert). Connections are capped per source and in total ([`PER_SOURCE`], [`TOTAL`]) within the
 //! process's descriptor budget (see [`crate::host::admission`]); none of that is logged one line each.
-//! Until its ClientHello names the service, a connection may be evicted by a newer one
+//! Until its request line has arrived, a connection may be evicted by a newer one
 //! ([`Gate::admit_evicting`]): a flood of idle connections at the caps closes its own, and a joining host
-//! or a member asking where it stands, whose name comes in its first flight, still gets in.
+//! or a member asking where it stands, which sends its ClientHello and then its request at once, still gets
+//! in. That holds against a flood that knows the service's name too (the name travels in clear in every
+//! ClientHello, so anyone on a joining host's path reads it): TLS handshakes it completes and leaves idle
+//! are evicted like the rest.
 
 use std::fmt;
 use std::io;
@@ -247,8 +250,8 @@ struct Tls {
 }
 
 /// One join connection: ClientHello (with the expected server name), handshake, request line, reply line.
-/// Until the ClientHello names the service, a newer connection may evict it (`pending`); after, it holds its
-/// place to the end.
+/// Until the request line has arrived, a newer connection may evict it (`pending`); after, it holds its place
+/// to the end (the reply follows at once).
 async fn serve_connection<Req, Resp>(
     tls: Tls,
     tcp: TcpStream,
@@ -276,9 +279,6 @@ where
     if start.client_hello().server_name() != Some(&*tls.expected) {
         return Err(io::Error::new(io::ErrorKind::PermissionDenied, "ClientHello without this service's name"));
     }
-    let Some(_permit) = pending.settle() else {
-        return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "evicted by a newer connection"));
-    };
     debug!(%peer, after = ?accepted.elapsed(), "join: the ClientHello names the service");
     muted.store(false, Ordering::SeqCst);
     let read_request = async {
@@ -286,9 +286,17 @@ where
         let line = read_line(&mut stream, MAX_REQUEST).await?;
         Ok::<_, io::Error>((stream, line))
     };
-    let (mut stream, line) = tokio::time::timeout(REQUEST_TIMEOUT, read_request)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no complete request in time"))??;
+    let (mut stream, line) = tokio::select! {
+        read = tokio::time::timeout(REQUEST_TIMEOUT, read_request) => {
+            read.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no complete request in time"))??
+        }
+        () = pending.evicted() => {
+            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "evicted by a newer connection before its request"));
+        }
+    };
+    let Some(_permit) = pending.settle() else {
+        return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "evicted by a newer connection"));
+    };
 
     let reply = match line {
         Line::Empty => return Ok(()),
