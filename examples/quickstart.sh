@@ -8,7 +8,7 @@
 # descriptor the user opened before can still write, as it could after a mv and chown).
 set -euo pipefail
 state=${MESHD_STATE_DIR:-./meshd-state}
-case $state in /*) ;; *) state=$PWD/$state ;; esac     # the caller's directory, not the repository's
+case $state in /*) ;; *) state=$PWD/${state#./} ;; esac  # the caller's directory, not the repository's
 placeholder=203.0.113.10:51820                          # a documentation address (RFC 5737): reaches nothing
 endpoint=${MESHD_ENDPOINT:-$placeholder}                # where phones reach this host: your public IP or name
 cd "$(dirname "$0")/.."
@@ -26,10 +26,12 @@ if [ ! -e "$state/meshd.db" ]; then
   "$bin/meshd" init --network home --name hub --endpoint "$endpoint" --state-dir "$state"
   # A nix-bitcoin style service: a wallet UI on the host (any TCP service works).
   "$bin/meshctl" --state-dir "$state" service add wallet --node hub --target 127.0.0.1:9737
-elif [ -n "${MESHD_ENDPOINT:-}" ] && ! grep -qF "\"$MESHD_ENDPOINT\"" <<<"$("$bin/meshctl" --state-dir "$state" node list --json)"; then
+fi
+nodes=$("$bin/meshctl" --state-dir "$state" node list --json)    # the hub's endpoint as stored, whatever set it
+if [ -n "${MESHD_ENDPOINT:-}" ] && ! grep -qF "\"$MESHD_ENDPOINT\"" <<<"$nodes"; then
   echo "warning: $state already holds a network whose hub has another endpoint; MESHD_ENDPOINT applies only when it is created (change it with: $bin/meshctl --state-dir $state node update hub --endpoint HOST:PORT)" >&2
 fi
-if [ "$endpoint" = "$placeholder" ] && [ -z "${MESHD_ENDPOINT:-}" ]; then
+if grep -qF "\"$placeholder\"" <<<"$nodes"; then
   echo "warning: the endpoint is the placeholder $placeholder: phones will not reach this host; set yours with: $bin/meshctl --state-dir $state node update hub --endpoint your.public.name:51820" >&2
 fi
 n=1

@@ -75,9 +75,14 @@ fn quickstart_provisions_a_network_and_prints_a_phone_qr() {
     let stderr = String::from_utf8_lossy(&fourth.stderr);
     assert!(fourth.status.success() && stderr.contains("device phone4"), "fourth run: {stderr}");
     assert!(!stderr.contains("warning"), "the endpoint given is the hub's: {stderr}");
+    // Nor is the placeholder warned about once the hub has a real endpoint, however it got it.
+    let fifth = quickstart(&state);
+    let stderr = String::from_utf8_lossy(&fifth.stderr);
+    assert!(fifth.status.success() && stderr.contains("device phone5"), "fifth run: {stderr}");
+    assert!(!stderr.contains("warning"), "the hub's endpoint is no placeholder any more: {stderr}");
     let devices = run_json(meshctl(&state).args(["device", "list", "--json"]));
     let names: Vec<&str> = devices.as_array().unwrap().iter().filter_map(|d| d["name"].as_str()).collect();
-    assert_eq!(names, ["phone1", "phone2", "phone3", "phone4"]);
+    assert_eq!(names, ["phone1", "phone2", "phone3", "phone4", "phone5"]);
     assert!(devices.as_array().unwrap().iter().all(|d| d["allow"] == serde_json::json!(["wallet"])), "{devices}");
 }
 
