@@ -56,6 +56,10 @@ fn a_state_directory_another_user_prepared_is_refused_until_root_owns_it() {
         ln.args(["--reuid=65534", "--regid=65534", "--clear-groups", "ln", "-s"]).arg(&roots).arg(hub.state.join(name));
         run_ok(&mut ln);
     }
+    // And a FIFO where the hub reads at start (where its peers were last seen): an open of it would block.
+    let mut fifo = Command::new("setpriv");
+    fifo.args(["--reuid=65534", "--regid=65534", "--clear-groups", "mkfifo", "-m", "600"]);
+    run_ok(fifo.arg(hub.state.join("peer-endpoints.json")));
 
     // As the README's next step was: refused, naming the user's directory above it and the whole fix.
     let out = run_refused(&hub, &hub.state);
@@ -84,6 +88,12 @@ fn a_state_directory_another_user_prepared_is_refused_until_root_owns_it() {
     for name in planted {
         fs::remove_file(moved.join(name)).unwrap();
     }
+    // The copy made the FIFO again, root's own: refused at once, not a start that hangs.
+    let started = std::time::Instant::now();
+    let out = run_refused(&hub, &moved);
+    assert_error_line(&out, &["peer-endpoints.json is a FIFO, not a file", "remove it"]);
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    fs::remove_file(moved.join("peer-endpoints.json")).unwrap();
     // Writable by others, it could be planted in again.
     fs::set_permissions(&moved, fs::Permissions::from_mode(0o777)).unwrap();
     let out = run_refused(&hub, &moved);

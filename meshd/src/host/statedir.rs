@@ -60,6 +60,8 @@ pub enum StateDirError {
     Writable { path: PathBuf, mode: u32 },
     #[error("{0} is a symbolic link: meshd follows none in its state directory; remove it")]
     Link(PathBuf),
+    #[error("{0} is a {1}, not a file: meshd makes none in its state directory; remove it")]
+    NotAFile(PathBuf, &'static str),
     #[error(
         "{parent}, which holds state directory {dir}, is {why}: whoever can write it can swap the state directory; copy it somewhere only {runner} controls into new files of {runner}'s, e.g. `sudo mkdir -m 0700 /var/lib/meshd && sudo cp -RT {dir} /var/lib/meshd && sudo chown -R {chown}: /var/lib/meshd && sudo rm -rf {dir}`"
     )]
@@ -77,15 +79,46 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateDirError + '_ {
     move |source| StateDirError::Io { path: path.to_path_buf(), source }
 }
 
-/// Read a private key file, refusing one other users can read.
+/// Read a private key file, refusing one other users can read, and anything but a file: opened without
+/// following a link and without blocking (a FIFO planted under the name would hang the open), then read from
+/// that same open file.
 fn read_key_file(path: &Path) -> Result<PrivateKey, StateDirError> {
-    let file = File::open(path).map_err(io(path))?;
-    let mode = file.metadata().map_err(io(path))?.permissions().mode() & 0o777;
+    use std::io::Read as _;
+    let mut file = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(
+        |e| match e.raw_os_error() {
+            Some(libc::ELOOP) => StateDirError::Link(path.to_path_buf()),
+            _ => io(path)(e),
+        },
+    )?;
+    let meta = file.metadata().map_err(io(path))?;
+    if !meta.is_file() {
+        return Err(StateDirError::NotAFile(path.to_path_buf(), kind_of(&meta.file_type())));
+    }
+    let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(StateDirError::KeyMode(path.to_path_buf(), mode));
     }
-    let text = fs::read_to_string(path).map_err(io(path))?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(io(path))?;
     PrivateKey::from_base64(&text).map_err(|_| StateDirError::BadKey(path.to_path_buf()))
+}
+
+/// What a file type that is not a regular file is, in words.
+fn kind_of(kind: &fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if kind.is_dir() {
+        "directory"
+    } else if kind.is_symlink() {
+        "symbolic link"
+    } else if kind.is_fifo() {
+        "FIFO"
+    } else if kind.is_socket() {
+        "socket"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "device"
+    } else {
+        "special file"
+    }
 }
 
 /// Paths inside one state directory, and what could not be saved there lately (shared by clones).
@@ -206,6 +239,12 @@ impl StateDir {
             let meta = fs::symlink_metadata(&path).map_err(io(&path))?;
             if meta.file_type().is_symlink() {
                 return Err(StateDirError::Link(path));
+            }
+            // Files, and the admin socket a stopped daemon may have left; a FIFO or a device would make a
+            // reader block or read what it is not meant to.
+            let socket = std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type());
+            if !meta.is_file() && !(socket && path.file_name() == self.socket().file_name()) {
+                return Err(StateDirError::NotAFile(path, kind_of(&meta.file_type())));
             }
             if meta.uid() != me {
                 return Err(StateDirError::EntryNotOwned { path, dir: dir.clone(), owner: meta.uid(), runner, chown });
@@ -626,6 +665,34 @@ mod tests {
         let e = dir.check_private().unwrap_err().to_string();
         assert!(e.contains("meshd.db-wal is a symbolic link"), "{e}");
         fs::remove_file(dir.root().join("meshd.db-wal")).unwrap();
+
+        // A FIFO (as `cp -R` recreates one from a user's copy) would hang the reader: refused, by the check and
+        // by the key's reader itself, at once. A directory is no state file either.
+        let key = dir.private_key();
+        let had_key = key.exists();
+        if had_key {
+            fs::rename(&key, dir.root().join("key.saved")).unwrap();
+        }
+        let fifo = std::ffi::CString::new(key.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path; it only creates the FIFO.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let e = dir.check_private().unwrap_err().to_string();
+        assert!(e.contains("private.key is a FIFO, not a file") && e.contains("remove it"), "{e}");
+        let started = std::time::Instant::now();
+        let e = read_key_file(&key).unwrap_err().to_string();
+        assert!(e.contains("is a FIFO") && started.elapsed() < std::time::Duration::from_secs(1), "{e}");
+        fs::remove_file(&key).unwrap();
+        if had_key {
+            fs::rename(dir.root().join("key.saved"), &key).unwrap();
+        }
+        fs::create_dir(dir.root().join("meshd.db-shm")).unwrap();
+        let e = dir.check_private().unwrap_err().to_string();
+        assert!(e.contains("meshd.db-shm is a directory, not a file"), "{e}");
+        fs::remove_dir(dir.root().join("meshd.db-shm")).unwrap();
+        // The admin socket a killed daemon left behind is fine.
+        let _left = std::os::unix::net::UnixListener::bind(dir.socket()).unwrap();
+        dir.check_private().expect("a leftover admin socket");
+        fs::remove_file(dir.socket()).unwrap();
 
         // A directory above it that others may write (not sticky, as /tmp is) could swap it.
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o777)).unwrap();
