@@ -116,9 +116,10 @@ pub struct Caps {
     pub total: usize,
     /// Descriptors one connection holds (2 for a forwarded connection: the client's and the target's).
     pub descriptors: usize,
-    /// Count IPv6 sources by /64, as one internet host usually holds a whole /64; for listeners open to
-    /// the internet. Mesh addresses are counted one by one.
-    pub ipv6_by_64: bool,
+    /// A listener open to the internet: IPv6 sources count by /64, as one internet host usually holds a whole
+    /// /64, and loopback sources as one, as the host's own processes may write from any of 127.0.0.0/8 (one
+    /// local user would otherwise fill the total). Mesh addresses are counted one by one.
+    pub internet: bool,
 }
 
 /// Admission to one listener: its caps, its open connections by source, and its refusals not yet reported.
@@ -359,9 +360,12 @@ impl Gate {
     }
 
     /// The key `peer` is counted under.
+    /// The source a connection from `peer` counts against: its address; on a listener open to the internet
+    /// ([`Caps::internet`]), an IPv6 address as its /64 and any loopback address as one.
     fn source(&self, peer: IpAddr) -> IpAddr {
         match peer.to_canonical() {
-            IpAddr::V6(v6) if self.caps.ipv6_by_64 => {
+            loopback if self.caps.internet && loopback.is_loopback() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            IpAddr::V6(v6) if self.caps.internet => {
                 let bits = u128::from(v6) & !((1u128 << 64) - 1);
                 IpAddr::V6(bits.into())
             }
@@ -414,7 +418,7 @@ mod tests {
     }
 
     fn caps(per_source: usize, total: usize) -> Caps {
-        Caps { per_source, total, descriptors: 1, ipv6_by_64: false }
+        Caps { per_source, total, descriptors: 1, internet: false }
     }
 
     #[test]
@@ -448,7 +452,7 @@ mod tests {
 
     #[test]
     fn an_ipv6_internet_host_counts_as_its_64_and_mapped_ipv4_as_ipv4() {
-        let gate = Gate::with_budget("joins", Caps { ipv6_by_64: true, ..caps(1, 10) }, Budget::new(100));
+        let gate = Gate::with_budget("joins", Caps { internet: true, ..caps(1, 10) }, Budget::new(100));
         let _first = gate.admit(ip("2001:db8:1:2::1")).expect("first");
         assert!(gate.admit(ip("2001:db8:1:2:ffff::9")).is_none(), "same /64");
         assert!(gate.admit(ip("2001:db8:1:3::1")).is_some(), "another /64");
@@ -458,6 +462,13 @@ mod tests {
         let mesh = Gate::with_budget("forwards", caps(1, 10), Budget::new(100));
         let _phone = mesh.admit(ip("fd00::2")).expect("one mesh address");
         assert!(mesh.admit(ip("fd00::3")).is_some(), "mesh addresses are counted one by one");
+
+        // On the internet-facing listener the host's own processes, from whichever loopback address, are one
+        // source (the attack run's local user cycled 1,000 of them).
+        let _local = gate.admit(ip("127.0.0.1")).expect("a local process");
+        for other in ["127.0.0.2", "127.1.2.3", "::1", "::ffff:127.0.0.9"] {
+            assert!(gate.admit(ip(other)).is_none(), "{other} counts as the same local source");
+        }
     }
 
     #[test]

@@ -86,7 +86,7 @@ pub struct Forwarders {
 
 impl Default for Forwarders {
     fn default() -> Forwarders {
-        let caps = Caps { per_source: PER_SOURCE, total: TOTAL, descriptors: 2, ipv6_by_64: false };
+        let caps = Caps { per_source: PER_SOURCE, total: TOTAL, descriptors: 2, internet: false };
         Forwarders {
             running: BTreeMap::new(),
             tcp: Gate::new("TCP forwarders", caps),
@@ -377,7 +377,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_idle_both_ways_is_closed_and_gives_its_permit_back() {
         let target = echo_server().await;
-        let caps = Caps { per_source: 4, total: 4, descriptors: 2, ipv6_by_64: false };
+        let caps = Caps { per_source: 4, total: 4, descriptors: 2, internet: false };
         let gate = Gate::with_budget("test", caps, crate::host::admission::Budget::new(8));
         let idle = Duration::from_millis(400);
         let mut client = relayed(target, idle, &gate).await;
@@ -403,7 +403,7 @@ mod tests {
         let target = echo_server().await;
         let (granted, listen) = plan("127.0.21.2", target, &["127.0.0.1", "127.0.0.2"]);
         let mut f = Forwarders::default();
-        let caps = Caps { per_source: 2, total: 10, descriptors: 2, ipv6_by_64: false };
+        let caps = Caps { per_source: 2, total: 10, descriptors: 2, internet: false };
         f.tcp = Gate::with_budget("test", caps, crate::host::admission::Budget::new(100));
         f.apply(&[granted]).unwrap();
         let mut held = Vec::new();

@@ -213,7 +213,7 @@ pub async fn serve<Req, Resp>(
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,
 {
-    let caps = Caps { per_source: PER_SOURCE, total: TOTAL, descriptors: 1, ipv6_by_64: true };
+    let caps = Caps { per_source: PER_SOURCE, total: TOTAL, descriptors: 1, internet: true };
     let gate = Gate::new("join listener", caps);
     let expected: Arc<str> = identity.server_name().into();
     let config = identity.server_config;

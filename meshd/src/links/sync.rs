@@ -169,12 +169,8 @@ impl Publisher {
     pub async fn serve(self, listener: TcpListener, requests: mpsc::Sender<FromSession>) {
         // Well above what one member's address holds (its session and the handshakes under way, the oldest
         // of which are closed), so that crowded-out handshakes free their permits before the member meets it.
-        let caps = Caps {
-            per_source: 2 * HANDSHAKES_PER_MEMBER + 1,
-            total: SESSIONS_TOTAL,
-            descriptors: 1,
-            ipv6_by_64: false,
-        };
+        let caps =
+            Caps { per_source: 2 * HANDSHAKES_PER_MEMBER + 1, total: SESSIONS_TOTAL, descriptors: 1, internet: false };
         let gate = Gate::new("sync listener", caps);
         loop {
             let (stream, peer) = match listener.accept().await {

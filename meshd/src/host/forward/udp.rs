@@ -426,7 +426,7 @@ mod tests {
         allowed: &[IpAddr],
         limits: Limits,
     ) -> (SocketAddr, watch::Sender<Allowed>, JoinHandle<()>) {
-        let caps = Caps { per_source: 64, total: 64, descriptors: 1, ipv6_by_64: false };
+        let caps = Caps { per_source: 64, total: 64, descriptors: 1, internet: false };
         gated_forwarder(listen_ip, target, allowed, limits, Gate::with_budget("test", caps, Budget::new(64))).await
     }
 
@@ -476,7 +476,7 @@ mod tests {
         let ip: IpAddr = Ipv4Addr::LOCALHOST.into();
         let other: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
         let target = echo_server(ip).await;
-        let caps = Caps { per_source: 2, total: 3, descriptors: 1, ipv6_by_64: false };
+        let caps = Caps { per_source: 2, total: 3, descriptors: 1, internet: false };
         let gate = Gate::with_budget("test", caps, Budget::new(100));
         let (listen, _allowed, _task) =
             gated_forwarder(ip, target, &[ip, other], Limits::default(), gate.clone()).await;
