@@ -243,7 +243,8 @@ impl StateDir {
             // Files, and the admin socket a stopped daemon may have left; a FIFO or a device would make a
             // reader block or read what it is not meant to.
             let socket = std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type());
-            if !meta.is_file() && !(socket && path.file_name() == self.socket().file_name()) {
+            let admin_socket = socket && path.file_name() == self.socket().file_name();
+            if !(meta.is_file() || admin_socket) {
                 return Err(StateDirError::NotAFile(path, kind_of(&meta.file_type())));
             }
             if meta.uid() != me {
