@@ -240,11 +240,11 @@ impl StateDir {
             if meta.file_type().is_symlink() {
                 return Err(StateDirError::Link(path));
             }
-            // Files, and the admin socket a stopped daemon may have left; a FIFO or a device would make a
-            // reader block or read what it is not meant to.
+            // Files, directories (the operator's; meshd reads none as a file), and the admin socket a stopped
+            // daemon may have left; a FIFO or a device would make a reader block or read what it is not meant to.
             let socket = std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type());
             let admin_socket = socket && path.file_name() == self.socket().file_name();
-            if !(meta.is_file() || admin_socket) {
+            if !(meta.is_file() || meta.is_dir() || admin_socket) {
                 return Err(StateDirError::NotAFile(path, kind_of(&meta.file_type())));
             }
             if meta.uid() != me {
@@ -668,7 +668,7 @@ mod tests {
         fs::remove_file(dir.root().join("meshd.db-wal")).unwrap();
 
         // A FIFO (as `cp -R` recreates one from a user's copy) would hang the reader: refused, by the check and
-        // by the key's reader itself, at once. A directory is no state file either.
+        // by the key's reader itself, at once.
         let key = dir.private_key();
         let had_key = key.exists();
         if had_key {
@@ -686,10 +686,16 @@ mod tests {
         if had_key {
             fs::rename(dir.root().join("key.saved"), &key).unwrap();
         }
-        fs::create_dir(dir.root().join("meshd.db-shm")).unwrap();
-        let e = dir.check_private().unwrap_err().to_string();
-        assert!(e.contains("meshd.db-shm is a directory, not a file"), "{e}");
-        fs::remove_dir(dir.root().join("meshd.db-shm")).unwrap();
+        // A directory of the operator's (configs written next to the state) is fine; read as the key, refused.
+        fs::create_dir(dir.root().join("out")).unwrap();
+        dir.check_private().expect("a directory of root's in the state directory");
+        fs::remove_dir(dir.root().join("out")).unwrap();
+        if !had_key {
+            fs::create_dir(&key).unwrap();
+            let e = read_key_file(&key).unwrap_err().to_string();
+            assert!(e.contains("private.key is a directory, not a file"), "{e}");
+            fs::remove_dir(&key).unwrap();
+        }
         // The admin socket a killed daemon left behind is fine.
         let _left = std::os::unix::net::UnixListener::bind(dir.socket()).unwrap();
         dir.check_private().expect("a leftover admin socket");
