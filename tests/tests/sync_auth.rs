@@ -75,6 +75,38 @@ except (OSError, ssl.SSLError) as e:
     print("error", e, flush=True)
 "#;
 
+/// A hub and a joined member `vps`, both running, linked by 172.31.NET.0/24, the member reaching the hub
+/// through its tunnel.
+struct Mesh {
+    hub: MeshHost,
+    vps: MeshHost,
+    hub_daemon: Proc,
+    vps_daemon: Proc,
+    /// The hub's mesh IPv4 address.
+    hub_v4: String,
+}
+
+/// [`Mesh`] under `root` with interfaces named from `prefix`; `before_run` prepares the hub's network (services)
+/// before its daemon starts.
+fn hub_and_member(root: &Path, prefix: &str, net: u8, before_run: &dyn Fn(&MeshHost)) -> Mesh {
+    let hub = MeshHost::new("hub", root, prefix);
+    let vps = MeshHost::new("vps", root, prefix);
+    veth(&hub.ns, &vps.ns, &format!("172.31.{net}.1/24"), &format!("172.31.{net}.2/24"));
+    vps.ns.ip(&["route", "add", "default", "via", &format!("172.31.{net}.1")]);
+    hub.init_hub(&format!("172.31.{net}.1:51820"), &[]);
+    before_run(&hub);
+    let hub_daemon = hub.run_hub(&root.join("hub.log"));
+    let token = run_ok(meshctl(&hub.state).args(["node", "invite", "vps"]));
+    let out = vps.join(token.trim(), &vps.state, None);
+    assert!(out.status.success(), "vps join: {}", describe(&out));
+    let vps_daemon = vps.run_daemon(&root.join("vps.log"));
+    let nodes = run_json(meshctl(&hub.state).args(["node", "list", "--json"]));
+    let hub_v4 =
+        nodes.as_array().unwrap().iter().find(|n| n["name"] == "hub").unwrap()["address"].as_str().unwrap().to_owned();
+    assert!(wait_until(Duration::from_secs(20), || vps.pings(&hub_v4)), "vps -> hub");
+    Mesh { hub, vps, hub_daemon, vps_daemon, hub_v4 }
+}
+
 #[test]
 fn another_process_on_a_member_gets_no_state_and_cannot_take_its_key() {
     if !require_root() {
@@ -82,26 +114,24 @@ fn another_process_on_a_member_gets_no_state_and_cannot_take_its_key() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let hub = MeshHost::new("hub", root, "sa");
-    let vps = MeshHost::new("vps", root, "sa");
-    veth(&hub.ns, &vps.ns, "172.31.215.1/24", "172.31.215.2/24");
-    vps.ns.ip(&["route", "add", "default", "via", "172.31.215.1"]);
-    hub.init_hub("172.31.215.1:51820", &[]);
-    run_ok(meshctl(&hub.state).args(["service", "add", "secret", "--node", "hub", "--target", "127.0.0.1:9999"]));
-    let mut hub_daemon = hub.run_hub(&root.join("hub.log"));
-    let token = run_ok(meshctl(&hub.state).args(["node", "invite", "vps"]));
-    let out = vps.join(token.trim(), &vps.state, None);
-    assert!(out.status.success(), "vps join: {}", describe(&out));
-    let mut vps_daemon = vps.run_daemon(&root.join("vps.log"));
+    let Mesh { hub, vps, mut hub_daemon, mut vps_daemon, hub_v4 } =
+        hub_and_member(root, "sa", 215, &|hub: &MeshHost| {
+            run_ok(meshctl(&hub.state).args([
+                "service",
+                "add",
+                "secret",
+                "--node",
+                "hub",
+                "--target",
+                "127.0.0.1:9999",
+            ]));
+        });
     let nodes = run_json(meshctl(&hub.state).args(["node", "list", "--json"]));
     let key_of = |nodes: &serde_json::Value, name: &str| {
         let node = nodes.as_array().unwrap().iter().find(|n| n["name"] == name).unwrap();
         node["public_key"].as_str().unwrap().to_owned()
     };
-    let hub_v4 =
-        nodes.as_array().unwrap().iter().find(|n| n["name"] == "hub").unwrap()["address"].as_str().unwrap().to_owned();
     let old_key = key_of(&nodes, "vps");
-    assert!(wait_until(Duration::from_secs(20), || vps.pings(&hub_v4)), "vps -> hub");
     assert!(
         wait_until(Duration::from_secs(10), || vps_daemon.log_text().contains("connected to the controller")),
         "vps has no sync session:\n{}",
@@ -280,20 +310,7 @@ fn a_local_users_flood_of_the_sync_port_keeps_neither_the_member_nor_its_restart
     }
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let hub = MeshHost::new("hub", root, "sf");
-    let vps = MeshHost::new("vps", root, "sf");
-    veth(&hub.ns, &vps.ns, "172.31.216.1/24", "172.31.216.2/24");
-    vps.ns.ip(&["route", "add", "default", "via", "172.31.216.1"]);
-    hub.init_hub("172.31.216.1:51820", &[]);
-    let mut hub_daemon = hub.run_hub(&root.join("hub.log"));
-    let token = run_ok(meshctl(&hub.state).args(["node", "invite", "vps"]));
-    let out = vps.join(token.trim(), &vps.state, None);
-    assert!(out.status.success(), "vps join: {}", describe(&out));
-    let mut vps_daemon = vps.run_daemon(&root.join("vps.log"));
-    let nodes = run_json(meshctl(&hub.state).args(["node", "list", "--json"]));
-    let hub_v4 =
-        nodes.as_array().unwrap().iter().find(|n| n["name"] == "hub").unwrap()["address"].as_str().unwrap().to_owned();
-    assert!(wait_until(Duration::from_secs(20), || vps.pings(&hub_v4)), "vps -> hub");
+    let Mesh { hub, vps, mut hub_daemon, mut vps_daemon, hub_v4 } = hub_and_member(root, "sf", 216, &|_| {});
     let connected = |daemon: &Proc| daemon.log_text().matches("connected to the controller for live updates").count();
     assert!(wait_until(Duration::from_secs(10), || connected(&vps_daemon) == 1), "{}", vps_daemon.log_text());
 
