@@ -83,16 +83,16 @@ pub fn holder(transport: Transport, port: u16) -> Option<Holder> {
     let (uid, inode) = tables
         .iter()
         .filter_map(|table| fs::read_to_string(table).ok())
-        .find_map(|text| socket_on_port(&text, transport, port))?;
+        .find_map(|text| sockets_on_port(&text, transport, port).next())?;
     Some(Holder { uid, pid: process_with_socket(inode) })
 }
 
-/// The owner uid and inode of the first socket of a `/proc/net/{udp,tcp}{,6}` table bound to `port`
-/// (for TCP: listening on it).
-fn socket_on_port(table: &str, transport: Transport, port: u16) -> Option<(u32, u64)> {
+/// The owner uid and inode of each socket of a `/proc/net/{udp,tcp}{,6}` table (its text) bound to `port`
+/// (for TCP: listening on it), in the table's order.
+pub(super) fn sockets_on_port(table: &str, transport: Transport, port: u16) -> impl Iterator<Item = (u32, u64)> + '_ {
     /// The `st` of a listening TCP socket (`TCP_LISTEN`).
     const TCP_LISTEN: &str = "0A";
-    table.lines().skip(1).find_map(|line| {
+    table.lines().skip(1).filter_map(move |line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let (local, state, uid, inode) = (fields.get(1)?, fields.get(3)?, fields.get(7)?, fields.get(9)?);
         let bound = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
@@ -129,11 +129,12 @@ mod tests {
 
     #[test]
     fn the_socket_on_a_port_is_read_from_the_kernels_table() {
-        assert_eq!(socket_on_port(UDP, Transport::Udp, 51820), Some((65534, 1002)));
-        assert_eq!(socket_on_port(UDP, Transport::Udp, 53), Some((0, 1001)));
-        assert_eq!(socket_on_port(UDP, Transport::Udp, 4000), None);
+        let first = |table, transport, port| sockets_on_port(table, transport, port).next();
+        assert_eq!(first(UDP, Transport::Udp, 51820), Some((65534, 1002)));
+        assert_eq!(first(UDP, Transport::Udp, 53), Some((0, 1001)));
+        assert_eq!(first(UDP, Transport::Udp, 4000), None);
         // A connection from the port is not a listener.
-        assert_eq!(socket_on_port(TCP, Transport::Tcp, 51820), Some((65534, 2002)));
+        assert_eq!(first(TCP, Transport::Tcp, 51820), Some((65534, 2002)));
     }
 
     #[test]

@@ -177,13 +177,9 @@ pub(super) fn close_first_sockets(first: u16, port: u16) -> Result<usize, String
 /// The owner's uid of a socket in a `/proc/net/udp{,6}` table bound to `port` that is not one of
 /// `ours` (socket inodes), if any.
 fn udp_socket_beside(table: &str, port: u16, ours: &BTreeSet<u64>) -> Option<String> {
-    table.lines().skip(1).find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let (local, uid, inode) = (fields.get(1)?, fields.get(7)?, fields.get(9)?);
-        let bound = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
-        let inode: u64 = inode.parse().ok()?;
-        (bound == port && !ours.contains(&inode)).then(|| (*uid).to_owned())
-    })
+    crate::host::ports::sockets_on_port(table, crate::host::ports::Transport::Udp, port)
+        .find(|(_, inode)| !ours.contains(inode))
+        .map(|(uid, _)| uid.to_string())
 }
 
 /// Stop the device of `name` and wait for its thread.
