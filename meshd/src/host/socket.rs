@@ -1,4 +1,4 @@
-//! Sockets on mesh addresses.
+//! Sockets on mesh addresses, and the join service's listener on every address.
 
 use std::io;
 use std::net::SocketAddr;
@@ -30,6 +30,22 @@ pub fn bind_freely(addr: SocketAddr, ty: Type, protocol: Protocol) -> io::Result
 /// members reconnecting at once should not make them retry their SYNs.
 pub fn listen_tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
     let socket = bind_freely(addr, Type::STREAM, Protocol::TCP)?;
+    socket.listen(libc::c_int::MAX)?;
+    tokio::net::TcpListener::from_std(socket.into())
+}
+
+/// The join service's listener on `addr` (`[::]`, both families), with the kernel's largest accept queue
+/// (`net.core.somaxconn`): under a flood of connections from many addresses, the real clients' wait in the
+/// queue rather than have their SYNs dropped, and are then admitted by evicting the flood's
+/// (`crate::links::join`). `SO_REUSEADDR` as for every TCP listener: a restart binds again past TIME_WAIT.
+pub fn listen_join(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
     socket.listen(libc::c_int::MAX)?;
     tokio::net::TcpListener::from_std(socket.into())
 }

@@ -6,7 +6,6 @@ use std::collections::HashSet;
 use std::net::{Ipv6Addr, SocketAddr};
 
 use anyhow::Context;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
@@ -36,7 +35,7 @@ pub(super) async fn serve(
     // Joining hosts reach the join service on the TCP port of the same number as WireGuard's UDP one.
     let identity = controller.join_identity()?;
     let join_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, host.plan.listen_port));
-    let join_listener = listen_join(join_addr).map_err(|e| {
+    let join_listener = crate::host::socket::listen_join(join_addr).map_err(|e| {
         let held = (e.kind() == std::io::ErrorKind::AddrInUse)
             .then(|| crate::host::ports::holder(crate::host::ports::Transport::Tcp, join_addr.port()))
             .flatten();
@@ -241,21 +240,4 @@ async fn with_handshakes(host: &Host, reply: Reply) -> Reply {
         }
         other => other,
     }
-}
-
-/// The join service's listener on `addr` (`[::]`, both families), with the kernel's largest accept queue
-/// (`net.core.somaxconn`): under a flood of connections from many addresses, the real clients' wait in the
-/// queue rather than have their SYNs dropped, and are then admitted by evicting the flood's
-/// (`links::join`). `SO_REUSEADDR` as for every TCP listener: a restart binds again past TIME_WAIT.
-fn listen_join(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(false)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(libc::c_int::MAX)?;
-    TcpListener::from_std(socket.into())
 }
