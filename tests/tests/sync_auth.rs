@@ -303,6 +303,12 @@ fn reconnect_gaps(log: &str) -> Vec<Duration> {
 /// How soon a change made on the hub reaches a member that has its session (here: well under a second).
 const CHANGE_REACHES_MEMBER: Duration = Duration::from_secs(5);
 
+/// How soon a change made during the flood reaches the member: as [`CHANGE_REACHES_MEMBER`], plus the time a
+/// session the flood's congestion of the tunnel ended (the tunnel's capacity is not promised: DESIGN.md)
+/// takes to be noticed (TCP keepalive: 2 s idle, 3 probes 1 s apart) and to come back (2 s, checked below).
+/// Still far below the flood's 45 s, for which a member crowded out gets no change at all.
+const CHANGE_REACHES_FLOODED_MEMBER: Duration = Duration::from_secs(5 + 5 + 2);
+
 #[test]
 fn a_local_users_flood_of_the_sync_port_keeps_neither_the_member_nor_its_restarted_meshd_out() {
     if !require_root() {
@@ -326,7 +332,7 @@ fn a_local_users_flood_of_the_sync_port_keeps_neither_the_member_nor_its_restart
         let address = add_service_on_vps(&hub, &name, 8080 + i as u16);
         let changed = Instant::now();
         assert!(
-            wait_until(CHANGE_REACHES_MEMBER, || carries(&vps, &address)),
+            wait_until(CHANGE_REACHES_FLOODED_MEMBER, || carries(&vps, &address)),
             "a change made {at} s into the flood did not reach vps:\n{}",
             vps_daemon.log_text()
         );
