@@ -2,6 +2,7 @@
 //! pure functions. Nothing here opens a file or a socket, starts a thread or reads a clock (time comes
 //! in as an argument); the daemon (`meshd`) and the CLI (`meshctl`) carry out what the core decides.
 //!
+//! - [`acme`]: when to order and renew the certificates of a relay's public names.
 //! - [`model`], [`input`], [`keys`], [`ipam`], [`clock`]: the network's records, names and values as
 //!   operators type them, WireGuard keys, address assignment, elapsed real time between two stamps.
 //! - [`plan`]: one host's desired interface, peers, access rules, services and DNS zones, from the
@@ -17,6 +18,7 @@
 
 #![warn(missing_docs)]
 
+pub mod acme;
 pub mod clock;
 pub mod declare;
 #[cfg(any(test, feature = "test-support"))]
