@@ -7,6 +7,7 @@
 //!   operators type them, WireGuard keys, address assignment, elapsed real time between two stamps.
 //! - [`plan`]: one host's desired interface, peers, access rules, services and DNS zones, from the
 //!   network's state; [`plan::nftables`] renders its rules as text.
+//! - [`relay`]: a relay's public names, what it does with their connections and requests.
 //! - [`reconcile`]: the ordered host steps that turn one plan into the next.
 //! - [`handout`]: a device's wg-quick configuration and its QR code.
 //! - [`declare`]: a network declared in a file, and the plan that brings the network to it.
@@ -32,5 +33,6 @@ pub mod keys;
 pub mod model;
 pub mod plan;
 pub mod reconcile;
+pub mod relay;
 pub mod session;
 pub mod wire;
