@@ -19,8 +19,9 @@ use clap::{Args, Parser, Subcommand};
 use commands::{Context, access, devices, nodes, services, status};
 use meshd::host::statedir::DEFAULT_STATE_DIR;
 use meshd_core::handout::DeviceDns;
-use meshd_core::input::{self, HostPort, Label};
+use meshd_core::input::{self, HostPort, Label, PublicName};
 use meshd_core::model::{Protocol, Role};
+use meshd_core::relay::route::TlsMode;
 use meshd_core::wire::admin::EndpointChange;
 use meshd_core::wire::invite;
 
@@ -65,6 +66,30 @@ enum Command {
     /// The network's own settings.
     #[command(subcommand)]
     Network(NetworkCommand),
+    /// Serve a TCP service speaking HTTP on a public name over HTTPS, through a relay whose public address the
+    /// name points at; the certificate comes from the CA of `meshd run --acme-directory`.
+    Expose {
+        /// The service.
+        service: Label,
+        /// The public name, e.g. pay.shop.example (its DNS must point at the relay).
+        #[arg(long, value_name = "HOSTNAME")]
+        https: PublicName,
+        /// The relay: the hub or a node that joined with --role relay, with an endpoint.
+        #[arg(long, value_name = "NODE")]
+        relay: Label,
+        /// Where TLS ends: on the relay (it holds the certificate and sees the requests), or on the service's
+        /// node (the relay passes the encrypted stream through and never holds the key).
+        #[arg(long, value_name = "MODE", default_value = "terminate")]
+        tls: TlsMode,
+    },
+    /// Stop serving a service on a public name.
+    Unexpose {
+        /// The service.
+        service: Label,
+        /// The public name.
+        #[arg(long, value_name = "HOSTNAME")]
+        https: PublicName,
+    },
     /// Make the network match a declaration file (TOML): member nodes, services, devices, access rules.
     Apply {
         /// The declaration file.
@@ -315,6 +340,8 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Apply { file, dry_run, out_dir, expires } => {
             commands::apply::apply(&cx, commands::apply::Apply { file, dry_run, out_dir, expires })
         }
+        Command::Expose { service, https, relay, tls } => services::expose(&cx, service, https, relay, tls),
+        Command::Unexpose { service, https } => services::unexpose(&cx, service, https),
         Command::Service(command) => match command {
             ServiceCommand::List => services::list(&cx),
             ServiceCommand::Add { name, node, target, port, udp } => {

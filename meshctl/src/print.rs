@@ -2,7 +2,11 @@
 //! tables' columns are a contract with scripts: new columns go last.
 
 use meshd_core::input::Label;
-use meshd_core::model::{AccessRule, DeviceView, InviteView, NodeView, Role, ServiceView};
+use std::time::{Duration, UNIX_EPOCH};
+
+use meshd_core::acme::renewal::Status;
+use meshd_core::model::{AccessRule, DeviceView, InviteView, NodeView, PublicUrl, Role, ServiceView};
+use meshd_core::relay::route::TlsMode;
 use serde::Serialize;
 
 /// Print `value` as pretty JSON with `--json` (`json`), else what `human` prints.
@@ -128,7 +132,38 @@ pub fn services_table(services: &[ServiceView]) -> String {
             s.protocol
         ));
     }
+    let urls: Vec<(&ServiceView, &PublicUrl)> = services.iter().flat_map(|s| s.https.iter().map(move |u| (s, u))).collect();
+    if !urls.is_empty() {
+        table.push_str(&format!("\n{:<40} {:<20} {:<12} {:<12} CERTIFICATE\n", "PUBLIC URL", "SERVICE", "RELAY", "TLS"));
+        for (s, u) in urls {
+            table.push_str(&format!(
+                "{:<40} {:<20} {:<12} {:<12} {}\n",
+                u.url,
+                s.name,
+                u.relay,
+                u.tls,
+                certificate_text(s, u)
+            ));
+        }
+    }
     table
+}
+
+/// A public name's certificate in words: pending, valid until, expired, with the last error.
+fn certificate_text(service: &ServiceView, url: &PublicUrl) -> String {
+    let date = |secs: u64| humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string();
+    let error = |e: &Option<String>| e.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default();
+    match &url.certificate {
+        None => {
+            let holder = if url.tls == TlsMode::Terminate { &url.relay } else { &service.node };
+            format!("not reported (held by {holder})")
+        }
+        Some(report) => match &report.status {
+            Status::Pending { last_error } => format!("pending{}", error(last_error)),
+            Status::Valid { until, last_error } => format!("valid until {}{}", date(*until), error(last_error)),
+            Status::Expired { since, last_error } => format!("expired {}{}", date(*since), error(last_error)),
+        },
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use crate::input::Label;
 use crate::keys::{PresharedKey, PublicKey};
 use crate::model::{DeviceGrants, Network, Node, Protocol, Role, Service, SharedState};
-use crate::plan::{AccessPlan, DnsPlan, Grant, HostPlan, ServicePlan, SyncPlan};
+use crate::plan::{AccessPlan, DnsPlan, Grant, HostPlan, PublicPlan, ServicePlan, SyncPlan};
 
 /// A name from a literal (panics on a bad one: for tests).
 pub fn label(s: &str) -> Label {
@@ -74,6 +74,7 @@ pub fn sample_state() -> SharedState {
         }],
         devices: vec![DeviceGrants { name: label("phone"), index: 5, allow: vec![label("beacon")] }],
         rules: vec![],
+        exposures: vec![],
     }
 }
 
@@ -141,6 +142,7 @@ pub fn sample_host_plan(allowed: &[&str], routes: bool) -> HostPlan {
             routes,
             mesh: vec!["10.77.0.0/16".parse().expect("sample range"), "fd00::/64".parse().expect("sample range")],
         },
+        public: PublicPlan::default(),
     }
 }
 

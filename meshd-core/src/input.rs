@@ -86,6 +86,11 @@ pub enum InputError {
         /// Its length in characters.
         len: usize,
     },
+    /// Not a public DNS name a certificate can be issued for: the text as given.
+    #[error(
+        "{0:?} is not a public DNS name: use at least two dot-separated names of letters, digits or '-' (e.g. pay.shop.example), at most 253 characters, no address"
+    )]
+    PublicName(String),
 }
 
 /// The smallest mesh MTU: IPv6 (inside the tunnel) needs links of at least 1280 bytes (RFC 8200).
@@ -172,6 +177,52 @@ pub fn parse_domain(s: &str) -> Result<String, InputError> {
     let ok =
         !trimmed.is_empty() && trimmed.len() <= 200 && trimmed.split('.').all(|part| part.parse::<Label>().is_ok());
     if ok { Ok(trimmed.to_ascii_lowercase()) } else { Err(InputError::Domain(s.to_owned())) }
+}
+
+/// A public DNS name served over HTTPS (`pay.shop.example`): at least two labels (RFC 1123), the last not all
+/// digits (so no IPv4 address), at most [`MAX_DNS_NAME`] characters; stored lowercase without a trailing dot,
+/// as certificates and server names (SNI, RFC 6066 section 3) compare it. No wildcard: each name is ordered on its own.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PublicName(String);
+
+impl PublicName {
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for PublicName {
+    type Err = InputError;
+    fn from_str(s: &str) -> Result<Self, InputError> {
+        let trimmed = s.strip_suffix('.').unwrap_or(s);
+        let labels: Vec<&str> = trimmed.split('.').collect();
+        let ok = labels.len() >= 2
+            && trimmed.len() <= MAX_DNS_NAME
+            && labels.iter().all(|l| l.parse::<Label>().is_ok())
+            && labels.last().is_some_and(|tld| !tld.bytes().all(|b| b.is_ascii_digit()));
+        if ok { Ok(PublicName(trimmed.to_ascii_lowercase())) } else { Err(InputError::PublicName(s.to_owned())) }
+    }
+}
+
+impl TryFrom<String> for PublicName {
+    type Error = InputError;
+    fn try_from(s: String) -> Result<Self, InputError> {
+        s.parse()
+    }
+}
+
+impl From<PublicName> for String {
+    fn from(n: PublicName) -> String {
+        n.0
+    }
+}
+
+impl fmt::Display for PublicName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&self.0)
+    }
 }
 
 /// Where to reach something: a host (IP address or DNS name) and a port.
@@ -628,4 +679,16 @@ mod tests {
             let _ = parse_cidr(&s);
         }
     }
+
+    #[test]
+    fn public_names_are_dns_names_of_two_labels_or_more_and_never_addresses() {
+        let name: PublicName = "Pay.Shop.Example.".parse().unwrap();
+        assert_eq!(name.as_str(), "pay.shop.example");
+        for bad in ["shop", "", "10.0.0.1", "pay..example", "-pay.example", "*.shop.example", "pay.shop.example:443"] {
+            assert_eq!(bad.parse::<PublicName>(), Err(InputError::PublicName(bad.to_owned())), "{bad:?}");
+        }
+        let long = format!("{}.example", vec!["a".repeat(63); 4].join("."));
+        assert!(long.parse::<PublicName>().is_err(), "longer than 253 characters");
+    }
+
 }

@@ -8,10 +8,12 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
+use crate::acme::renewal::Status;
 use crate::clock::{self, Stamp};
-use crate::input::{HostPort, InterfaceName, Label};
+use crate::input::{HostPort, InterfaceName, Label, PublicName};
 use crate::ipam::Pool;
 use crate::keys::{PresharedKey, PublicKey};
+use crate::relay::route::TlsMode;
 
 /// Persistent keepalive handed to roaming devices: they sit behind NAT and must keep the hub's
 /// session fresh so it can reach them.
@@ -212,6 +214,19 @@ pub struct Service {
     pub protocol: Protocol,
 }
 
+/// A service served on a public name over HTTPS through a relay (`meshctl expose`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Exposure {
+    /// The public name (the certificate's, the SNI and `Host` clients send).
+    pub hostname: PublicName,
+    /// The service, a TCP one speaking HTTP.
+    pub service: Label,
+    /// The node whose public address the name points at: the hub or a node of role relay.
+    pub relay: Label,
+    /// Where TLS ends: on the relay, or passed through to the service's node.
+    pub tls: TlsMode,
+}
+
 /// Everything the controller stores about one network: the input of every desired-state computation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
@@ -225,6 +240,8 @@ pub struct Snapshot {
     pub services: Vec<Service>,
     /// Every access rule, sorted.
     pub rules: Vec<AccessRule>,
+    /// Every public name, sorted by name.
+    pub exposures: Vec<Exposure>,
 }
 
 /// What every host of the network is told: the controller's snapshot without any secret. Members
@@ -241,6 +258,9 @@ pub struct SharedState {
     pub devices: Vec<DeviceGrants>,
     /// Every access rule.
     pub rules: Vec<AccessRule>,
+    /// Every public name; absent in states of a hub from before public names.
+    #[serde(default)]
+    pub exposures: Vec<Exposure>,
 }
 
 /// The first address index of `items` outside `network`'s range: a damaged database or cached file
@@ -288,6 +308,7 @@ impl SharedState {
                 .collect(),
             services: self.services.clone(),
             rules: self.rules.clone(),
+            exposures: self.exposures.clone(),
         }
     }
 }
@@ -310,6 +331,7 @@ impl Snapshot {
                 .map(|d| DeviceGrants { name: d.name.clone(), index: d.index, allow: d.allow.clone() })
                 .collect(),
             rules: self.rules.clone(),
+            exposures: self.exposures.clone(),
         }
     }
 
@@ -362,6 +384,18 @@ impl Snapshot {
             mesh_address_v6: format!("[{}]:{}", pool.v6_of(service.index), service.port),
             dns_name: self.network.fqdn(&service.name),
             devices: self.devices.iter().filter(|d| d.allow.contains(&service.name)).map(|d| d.name.clone()).collect(),
+            https: self
+                .exposures
+                .iter()
+                .filter(|e| e.service == service.name)
+                .map(|e| PublicUrl {
+                    url: format!("https://{}/", e.hostname),
+                    hostname: e.hostname.clone(),
+                    relay: e.relay.clone(),
+                    tls: e.tls,
+                    certificate: None,
+                })
+                .collect(),
         }
     }
 }
@@ -441,6 +475,36 @@ pub struct ServiceView {
     pub dns_name: String,
     /// Devices allowed to reach it.
     pub devices: Vec<Label>,
+    /// Its public names; absent in replies of a controller from before public names.
+    #[serde(default)]
+    pub https: Vec<PublicUrl>,
+}
+
+/// A service's public name as `meshctl service list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublicUrl {
+    /// `https://NAME/` (the port is the relay's `--https-port`, 443 unless changed).
+    pub url: String,
+    /// The name.
+    pub hostname: PublicName,
+    /// The relay whose public address serves it.
+    pub relay: Label,
+    /// Where TLS ends.
+    pub tls: TlsMode,
+    /// The certificate's state as its holder (the relay in terminate mode, the service's node in
+    /// passthrough) last reported it; `None` when it has not (the holder is another host that has not
+    /// reported since the hub started).
+    pub certificate: Option<CertificateReport>,
+}
+
+/// A certificate's state, as reported by the host that holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateReport {
+    /// The host that holds it.
+    pub holder: Label,
+    /// The state: pending, valid until, expired, with the last error.
+    #[serde(flatten)]
+    pub status: Status,
 }
 
 /// The network as `meshctl status` shows it.

@@ -14,7 +14,7 @@ use ipnet::IpNet;
 
 use crate::keys::PublicKey;
 use crate::plan::dns::DnsRecords;
-use crate::plan::{HostPlan, PeerPlan, ServicePlan, nftables};
+use crate::plan::{HostPlan, PeerPlan, PublicPlan, ServicePlan, nftables};
 use crate::session::paths::Reading;
 
 /// One thing to do on the host.
@@ -38,6 +38,9 @@ pub enum HostStep {
     StartDns,
     /// Serve these records from the running mesh DNS server.
     UpdateDns(DnsRecords),
+    /// Serve exactly these public names (relay) and terminate TLS for these (starting, stopping or
+    /// changing only what differs; certificates are kept).
+    ServePublic(PublicPlan),
     /// Remove these addresses from the interface.
     RemoveAddresses(Vec<IpNet>),
 }
@@ -51,6 +54,9 @@ pub fn bring_up(plan: &HostPlan) -> Vec<HostStep> {
     }
     steps.push(HostStep::RunForwarders(plan.services.clone()));
     steps.push(HostStep::StartDns);
+    if !plan.public.is_empty() {
+        steps.push(HostStep::ServePublic(plan.public.clone()));
+    }
     steps
 }
 
@@ -82,6 +88,9 @@ pub fn steps(old: &HostPlan, new: &HostPlan) -> Vec<HostStep> {
     }
     if new.dns.records != old.dns.records {
         steps.push(HostStep::UpdateDns(new.dns.records.clone()));
+    }
+    if new.public != old.public {
+        steps.push(HostStep::ServePublic(new.public.clone()));
     }
     if !remove.is_empty() {
         steps.push(HostStep::RemoveAddresses(remove));

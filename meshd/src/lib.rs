@@ -17,6 +17,7 @@ pub mod controller;
 pub mod fuzzing;
 pub mod host;
 pub mod links;
+pub mod relay;
 pub mod runtime;
 
 /// Log to stderr; `RUST_LOG` sets the filter (default `info`).

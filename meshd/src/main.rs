@@ -12,6 +12,7 @@ use meshd::controller::{Controller, NewNetwork};
 use meshd::host::statedir::{DEFAULT_STATE_DIR, StateDir};
 use meshd::host::wg::Backend;
 use meshd::host::{hostnet, owner};
+use meshd::relay::{AcmeOptions, PublicOptions};
 use meshd::runtime::RunOptions;
 use meshd_core::input::{self, HostPort, InterfaceName, Label};
 use meshd_core::keys::PrivateKey;
@@ -91,6 +92,23 @@ enum Command {
         /// mesh domain to this port.
         #[arg(long, default_value_t = meshd_core::plan::dns::DNS_PORT, value_parser = input::parse_port)]
         dns_port: u16,
+        /// The ACME directory of the CA that issues certificates for public names (`meshctl expose`): on the relay
+        /// in terminate mode, on the service's node in passthrough mode. Let's Encrypt's staging directory, or a
+        /// test CA's, work the same.
+        #[arg(long, env = "MESHD_ACME_DIRECTORY", default_value = meshd::relay::LETS_ENCRYPT)]
+        acme_directory: String,
+        /// A PEM file with an extra root certificate to trust for the CA's own HTTPS (a test CA such as Pebble).
+        #[arg(long)]
+        acme_ca_root: Option<PathBuf>,
+        /// An email address for the ACME account: the CA writes there about expiring certificates.
+        #[arg(long)]
+        acme_contact: Option<String>,
+        /// The relay's public HTTP port: ACME HTTP-01 validations, and redirects to HTTPS.
+        #[arg(long, default_value_t = 80, value_parser = input::parse_port)]
+        http_port: u16,
+        /// The relay's public HTTPS port.
+        #[arg(long, default_value_t = 443, value_parser = input::parse_port)]
+        https_port: u16,
     },
 }
 
@@ -126,8 +144,19 @@ fn main() -> ExitCode {
             let listen_port = listen_port.or(endpoint.as_ref().map(HostPort::port)).unwrap_or(DEFAULT_LISTEN_PORT);
             join(&StateDir::new(state_dir), &token, endpoint, interface, listen_port, mtu)
         }
-        Command::Run { state_dir, wireguard, dns_port } => {
-            run(&StateDir::new(state_dir), RunOptions { backend: wireguard, dns_port })
+        Command::Run {
+            state_dir,
+            wireguard,
+            dns_port,
+            acme_directory,
+            acme_ca_root,
+            acme_contact,
+            http_port,
+            https_port,
+        } => {
+            let acme = AcmeOptions { directory: acme_directory, ca_root: acme_ca_root, contact: acme_contact };
+            let public = PublicOptions { http_port, https_port, acme };
+            run(&StateDir::new(state_dir), RunOptions { backend: wireguard, dns_port, public })
         }
     };
     match result {

@@ -1,7 +1,8 @@
 //! `meshctl service`: services of the nodes, exposed to the mesh on their own addresses.
 
-use meshd_core::input::{HostPort, Label};
+use meshd_core::input::{HostPort, Label, PublicName};
 use meshd_core::model::Protocol;
+use meshd_core::relay::route::TlsMode;
 use meshd_core::wire::admin::{Reply, Request};
 
 use super::{Context, removed, unexpected};
@@ -38,6 +39,25 @@ pub fn update(
 
 pub fn remove(cx: &Context, name: Label) -> anyhow::Result<()> {
     removed(cx, Request::ServiceRemove { name: name.clone() }, "service", &name)
+}
+
+/// Serve `service` on `hostname` through `relay`, TLS ending where `tls` says.
+pub fn expose(cx: &Context, service: Label, hostname: PublicName, relay: Label, tls: TlsMode) -> anyhow::Result<()> {
+    match cx.admin.send(Request::Expose { service, hostname: hostname.clone(), relay, tls })? {
+        Reply::Service(s) => cx.print(&s, || {
+            let held = if tls == TlsMode::Terminate { "the relay" } else { "the service's node" };
+            println!("service {} on https://{hostname}/ (TLS {tls}; {held} orders the certificate)", s.name);
+        }),
+        other => unexpected(other),
+    }
+}
+
+/// Stop serving `service` on `hostname`.
+pub fn unexpose(cx: &Context, service: Label, hostname: PublicName) -> anyhow::Result<()> {
+    match cx.admin.send(Request::Unexpose { service, hostname: hostname.clone() })? {
+        Reply::Service(s) => cx.print(&s, || println!("service {} no longer served on https://{hostname}/", s.name)),
+        other => unexpected(other),
+    }
 }
 
 /// The service a change made, as one line (or its record with `--json`).

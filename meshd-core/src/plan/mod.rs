@@ -9,6 +9,7 @@ pub mod access;
 pub mod dns;
 pub mod nftables;
 pub mod peers;
+pub mod public;
 pub mod services;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -22,6 +23,7 @@ use crate::model::{Node, Role, SYNC_PORT, Snapshot};
 pub use access::{AccessPlan, Grant};
 pub use dns::DnsPlan;
 pub use peers::{PathRole, PeerPlan};
+pub use public::PublicPlan;
 pub use services::ServicePlan;
 
 /// The desired state of one host.
@@ -48,6 +50,8 @@ pub struct HostPlan {
     pub sync: Option<SyncPlan>,
     /// Who may reach what through this host.
     pub access: AccessPlan,
+    /// Public names this host serves (the relay) or terminates TLS for.
+    pub public: PublicPlan,
 }
 
 /// The port meshd's own listeners on mesh addresses bind (a service's forwarder, the hub's sync service): the
@@ -157,8 +161,10 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
         IpNet::new(view.pool.v6_of(node.index).into(), view.pool.v6().prefix_len()).expect("the mesh prefix is valid"),
     ]);
     let admitted = access::admitted_nodes(&view);
-    let served = services::plan(&view, &admitted);
+    let mut served = services::plan(&view, &admitted);
     addresses.extend(served.addresses);
+    let (public, public_grants) = public::plan(&view);
+    served.grants.extend(public_grants);
     Ok(HostPlan {
         interface: node.interface.to_string(),
         listen_port: node.listen_port,
@@ -169,6 +175,7 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
         dns: dns::plan(&view),
         sync: view.is_hub.then(|| SyncPlan { listen: view.own(SYNC_PORT) }),
         access: access::plan(&view, admitted, served.grants),
+        public,
     })
 }
 
@@ -244,6 +251,7 @@ mod tests {
                 },
             ],
             rules: vec![],
+            exposures: vec![],
         }
     }
 
@@ -364,6 +372,49 @@ mod tests {
         });
         s.devices[0].allow.push(label("beacon"));
         s
+    }
+
+    #[test]
+    fn a_public_name_is_routed_on_its_relay_terminated_where_its_mode_says_and_let_through_to_the_service() {
+        use crate::model::Exposure;
+        use crate::relay::route::{Route, TlsMode};
+        let mut s = with_members();
+        let exposure = |name: &str, relay: &str, tls| Exposure {
+            hostname: name.parse().unwrap(),
+            service: label("beacon"),
+            relay: label(relay),
+            tls,
+        };
+        s.exposures =
+            vec![exposure("pay.shop.example", "hub", TlsMode::Terminate), exposure("store.shop.example", "vps", TlsMode::Passthrough)];
+        let (pay, store) = ("pay.shop.example".parse().unwrap(), "store.shop.example".parse().unwrap());
+        let beacon: SocketAddr = "10.77.0.9:5052".parse().unwrap();
+
+        let hub = plan_host(&s, "hub").unwrap().public;
+        assert_eq!(hub.routes, BTreeMap::from([(pay, Route { tls: TlsMode::Terminate, upstream: beacon })]));
+        assert_eq!(hub.terminated.keys().map(ToString::to_string).collect::<Vec<_>>(), ["pay.shop.example"]);
+        let vps = plan_host(&s, "vps").unwrap().public;
+        let terminator = "10.77.0.8:1022".parse().unwrap();
+        assert_eq!(
+            vps.routes,
+            BTreeMap::from([(store, Route { tls: TlsMode::Passthrough, upstream: terminator })]),
+            "the relay passes the stream to the node's terminator"
+        );
+        assert!(vps.terminated.is_empty(), "a passthrough relay holds no certificate");
+
+        let attic = plan_host(&s, "attic").unwrap();
+        assert!(attic.public.routes.is_empty());
+        assert_eq!(attic.public.terminated.keys().map(ToString::to_string).collect::<Vec<_>>(), ["store.shop.example"]);
+        assert_eq!(attic.public.terminated.values().collect::<Vec<_>>(), [&beacon]);
+        assert_eq!(attic.public.passthrough_from, BTreeSet::from(["10.77.0.7".parse().unwrap()]));
+        assert_eq!(attic.public.passthrough_listen(), ["10.77.0.8:1022".parse().unwrap(), "[fd00:1:2::8]:1022".parse().unwrap()]);
+        let rules = nftables::render(&attic);
+        assert!(rules.contains("10.77.0.1 . 10.77.0.9 . tcp . 1021"), "the hub reaches the service: {rules}");
+        assert!(rules.contains("10.77.0.7 . 10.77.0.8 . tcp . 1022"), "the relay reaches the terminator: {rules}");
+
+        s.nodes.iter_mut().find(|n| n.name.as_str() == "vps").unwrap().disabled = true;
+        assert!(plan_host(&s, "attic").unwrap().public.passthrough_from.is_empty(), "a disabled relay serves nothing");
+        assert!(plan_host(&s, "hub").unwrap().public.routes.len() == 1);
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 pub const ACME_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
 
 /// Where TLS ends for a public name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TlsMode {
     /// On the relay, which holds the certificate and proxies HTTP to the service over the mesh.
@@ -27,6 +27,33 @@ pub enum TlsMode {
     /// On the service's node: the relay passes the TLS stream through by its server name and never holds
     /// the key or sees plaintext.
     Passthrough,
+}
+
+impl TlsMode {
+    /// `terminate` or `passthrough`, as in the CLI and the declaration file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Terminate => "terminate",
+            TlsMode::Passthrough => "passthrough",
+        }
+    }
+}
+
+impl std::fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl std::str::FromStr for TlsMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "terminate" => Ok(TlsMode::Terminate),
+            "passthrough" => Ok(TlsMode::Passthrough),
+            _ => Err(format!("TLS mode {s:?} is neither terminate nor passthrough")),
+        }
+    }
 }
 
 /// One public name the relay serves.

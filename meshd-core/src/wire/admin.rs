@@ -6,9 +6,10 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::input::{HostPort, Label};
+use crate::input::{HostPort, Label, PublicName};
 use crate::keys::{PresharedKey, PublicKey};
 use crate::model::{AccessRule, DeviceView, InviteView, NetworkView, NodeView, Protocol, Role, ServiceView};
+use crate::relay::route::TlsMode;
 
 /// What `meshctl` asks of the controller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +104,24 @@ pub enum Request {
     },
     /// Every service: [`Reply::Services`].
     ServiceList,
+    /// Serve a TCP service speaking HTTP on a public name over HTTPS through a relay: [`Reply::Service`].
+    Expose {
+        /// The service.
+        service: Label,
+        /// The public name.
+        hostname: PublicName,
+        /// The hub or a node of role relay, with an endpoint: where the name's DNS points.
+        relay: Label,
+        /// Where TLS ends.
+        tls: TlsMode,
+    },
+    /// Stop serving a service's public name: [`Reply::Service`].
+    Unexpose {
+        /// The service.
+        service: Label,
+        /// The public name.
+        hostname: PublicName,
+    },
     /// Remove a service; devices lose their grants to it.
     ServiceRemove {
         /// The service.
@@ -198,6 +217,8 @@ impl Request {
                 | Request::AccessRevoke { .. }
                 | Request::DeviceAllow { .. }
                 | Request::ServiceUpdate { .. }
+                | Request::Expose { .. }
+                | Request::Unexpose { .. }
         )
     }
 }

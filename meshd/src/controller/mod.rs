@@ -23,7 +23,7 @@ use std::path::Path;
 use ipnet::Ipv4Net;
 
 use checks::allocate;
-use meshd_core::input::{self, HostPort, InterfaceName, Label};
+use meshd_core::input::{self, HostPort, InterfaceName, Label, PublicName};
 use meshd_core::keys::PublicKey;
 use meshd_core::model::{Network, NetworkView, Node, Role, Snapshot};
 use meshd_core::wire::admin::{NetworkUpdated, Outcome, Reply, Request, StatusView};
@@ -40,6 +40,22 @@ pub enum ControlError {
     UnknownDevice(Label),
     #[error("no service named \"{0}\"")]
     UnknownService(Label),
+    #[error("service \"{0}\" is UDP: only a TCP service speaking HTTP can be served over HTTPS")]
+    NotHttp(Label),
+    #[error(
+        "\"{0}\" is neither the hub nor a relay: serve public names through the hub or a node that joined with --role relay"
+    )]
+    NotRelay(Label),
+    #[error(
+        "\"{0}\" has no endpoint: a relay needs a public address (meshctl node update {0} --endpoint HOST:PORT)"
+    )]
+    RelayWithoutEndpoint(Label),
+    #[error("{hostname} is already served for service \"{service}\" (meshctl unexpose {service} --https {hostname} first)")]
+    PublicNameTaken { hostname: PublicName, service: Label },
+    #[error("{hostname} is under the mesh's own domain {domain}: a public name must be one the CA can validate")]
+    PublicNameInMesh { hostname: PublicName, domain: String },
+    #[error("service \"{service}\" is not served on {hostname}")]
+    NotExposed { service: Label, hostname: PublicName },
     #[error("--allow names no service: give at least one")]
     NothingAllowed,
     #[error("the address pool {0} is exhausted (removed hosts' addresses are reused after a cooldown of an hour)")]
@@ -228,6 +244,8 @@ fn carry_out(w: &Writer<'_>, request: Request) -> Result<Reply, ControlError> {
         }
         Request::ServiceUpdate { name, target, port, protocol } => services::update(w, name, target, port, protocol),
         Request::ServiceRemove { name } => services::remove(w, name),
+        Request::Expose { service, hostname, relay, tls } => services::expose(w, service, hostname, relay, tls),
+        Request::Unexpose { service, hostname } => services::unexpose(w, service, hostname),
         Request::DeviceAdd { name, allow, public_key, expect } => devices::add(w, name, allow, public_key, expect),
         Request::DeviceAllow { name, allow } => devices::allow(w, name, allow),
         Request::DeviceRotate { name, public_key, expect } => devices::rotate(w, name, public_key, expect),

@@ -1,7 +1,8 @@
 //! Services: a TCP or UDP target on a node, reached at its own mesh address and name.
 
-use meshd_core::input::{HostPort, Label};
-use meshd_core::model::{Protocol, Service};
+use meshd_core::input::{HostPort, Label, PublicName};
+use meshd_core::model::{Exposure, Protocol, Role, Service};
+use meshd_core::relay::route::TlsMode;
 use meshd_core::wire::admin::Reply;
 
 use super::ControlError;
@@ -42,6 +43,9 @@ pub(super) fn update(
     service.port = port.unwrap_or(target.port());
     service.target = target;
     service.protocol = protocol.unwrap_or(service.protocol);
+    if service.protocol != Protocol::Tcp && s.exposures.iter().any(|e| e.service == service.name) {
+        return Err(ControlError::NotHttp(service.name));
+    }
     w.update_service(&service)?;
     Ok(Reply::Service(s.service_view(&service)))
 }
@@ -52,6 +56,54 @@ pub(super) fn remove(w: &Writer<'_>, name: Label) -> Result<Reply, ControlError>
         true => Ok(Reply::Removed),
         false => Err(ControlError::UnknownService(name)),
     }
+}
+
+/// Serve service `service` (TCP, speaking HTTP) on `hostname` over HTTPS through `relay` (the hub or a node of
+/// role relay, with an endpoint), TLS ending where `tls` says.
+pub(super) fn expose(
+    w: &Writer<'_>,
+    service: Label,
+    hostname: PublicName,
+    relay: Label,
+    tls: TlsMode,
+) -> Result<Reply, ControlError> {
+    let mut s = w.snapshot()?;
+    let found = s.services.iter().find(|v| v.name == service).ok_or(ControlError::UnknownService(service.clone()))?;
+    if found.protocol != Protocol::Tcp {
+        return Err(ControlError::NotHttp(service));
+    }
+    let node = member(&s, &relay)?;
+    if !matches!(node.role, Role::Hub | Role::Relay) {
+        return Err(ControlError::NotRelay(relay));
+    }
+    if node.endpoint.is_none() {
+        return Err(ControlError::RelayWithoutEndpoint(relay));
+    }
+    let domain = &s.network.domain;
+    if hostname.as_str() == domain || hostname.as_str().ends_with(&format!(".{domain}")) {
+        return Err(ControlError::PublicNameInMesh { hostname, domain: domain.clone() });
+    }
+    if let Some(taken) = s.exposures.iter().find(|e| e.hostname == hostname) {
+        return Err(ControlError::PublicNameTaken { hostname, service: taken.service.clone() });
+    }
+    let exposure = Exposure { hostname, service: service.clone(), relay, tls };
+    w.insert_exposure(&exposure)?;
+    s.exposures.push(exposure);
+    let found = s.services.iter().find(|v| v.name == service).ok_or(ControlError::UnknownService(service))?;
+    Ok(Reply::Service(s.service_view(found)))
+}
+
+/// Stop serving service `service` on `hostname`.
+pub(super) fn unexpose(w: &Writer<'_>, service: Label, hostname: PublicName) -> Result<Reply, ControlError> {
+    if !w.snapshot()?.services.iter().any(|v| v.name == service) {
+        return Err(ControlError::UnknownService(service));
+    }
+    if !w.delete_exposure(&service, &hostname)? {
+        return Err(ControlError::NotExposed { service, hostname });
+    }
+    let s = w.snapshot()?;
+    let found = s.services.iter().find(|v| v.name == service).ok_or(ControlError::UnknownService(service))?;
+    Ok(Reply::Service(s.service_view(found)))
 }
 
 #[cfg(test)]
@@ -90,5 +142,55 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(old, Request::ServiceAdd { protocol: Protocol::Tcp, .. }));
+    }
+
+    #[test]
+    fn a_public_name_goes_to_one_tcp_service_through_a_relay_with_an_endpoint_outside_the_mesh_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        let add = |name: &str, protocol| Request::ServiceAdd {
+            name: label(name),
+            node: label("hub"),
+            target: "127.0.0.1:23000".parse().unwrap(),
+            port: None,
+            protocol,
+        };
+        c.handle(add("btcpay", Protocol::Tcp)).unwrap();
+        c.handle(add("dns", Protocol::Udp)).unwrap();
+        let expose = |service: &str, hostname: &str, relay: &str| Request::Expose {
+            service: label(service),
+            hostname: hostname.parse().unwrap(),
+            relay: label(relay),
+            tls: TlsMode::Terminate,
+        };
+        let Reply::Service(view) = c.handle(expose("btcpay", "pay.shop.example", "hub")).unwrap() else { panic!() };
+        assert_eq!(view.https.len(), 1);
+        assert_eq!((view.https[0].url.as_str(), view.https[0].relay.as_str()), ("https://pay.shop.example/", "hub"));
+        let refused = |request, mentions: &str| {
+            let error = c.handle(request).unwrap_err().to_string();
+            assert!(error.contains(mentions), "{error}");
+        };
+        refused(expose("btcpay", "pay.shop.example", "hub"), "already served for service \"btcpay\"");
+        refused(expose("dns", "dns.shop.example", "hub"), "is UDP");
+        refused(expose("ghost", "x.shop.example", "hub"), "no service named");
+        refused(expose("btcpay", "x.shop.example", "nobody"), "no node named");
+        refused(expose("btcpay", "btcpay.home.internal", "hub"), "mesh's own domain");
+        refused(
+            Request::ServiceUpdate {
+                name: label("btcpay"),
+                target: "127.0.0.1:23000".parse().unwrap(),
+                port: None,
+                protocol: Some(Protocol::Udp),
+            },
+            "is UDP",
+        );
+        refused(
+            Request::Unexpose { service: label("btcpay"), hostname: "other.shop.example".parse().unwrap() },
+            "not served on other.shop.example",
+        );
+        let unexpose = Request::Unexpose { service: label("btcpay"), hostname: "pay.shop.example".parse().unwrap() };
+        let Reply::Service(view) = c.handle(unexpose).unwrap() else { panic!() };
+        assert!(view.https.is_empty());
+        assert!(c.snapshot().unwrap().exposures.is_empty());
     }
 }

@@ -34,11 +34,12 @@ pub fn listen_tcp(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::from_std(socket.into())
 }
 
-/// The join service's listener on `addr` (`[::]`, both families), with the kernel's largest accept queue
-/// (`net.core.somaxconn`): under a flood of connections from many addresses, the real clients' wait in the
-/// queue rather than have their SYNs dropped, and are then admitted by evicting the flood's
-/// (`crate::links::join`). `SO_REUSEADDR` as for every TCP listener: a restart binds again past TIME_WAIT.
-pub fn listen_join(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+/// A listener open to the internet (the join service, the relay's public HTTP and HTTPS ports) on `addr`
+/// (`[::]`, both families), with the kernel's largest accept queue (`net.core.somaxconn`): under a flood of
+/// connections from many addresses, the real clients' wait in the queue rather than have their SYNs dropped,
+/// and are then admitted by evicting the flood's (`crate::links::join`, `crate::relay::listen`).
+/// `SO_REUSEADDR` as for every TCP listener: a restart binds again past TIME_WAIT.
+pub fn listen_internet(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {

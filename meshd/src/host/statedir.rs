@@ -84,7 +84,15 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateDirError + '_ {
 /// that same open file.
 fn read_key_file(path: &Path) -> Result<PrivateKey, StateDirError> {
     use std::io::Read as _;
-    let mut file = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(
+    let mut file = open_private(path)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(io(path))?;
+    PrivateKey::from_base64(&text).map_err(|_| StateDirError::BadKey(path.to_path_buf()))
+}
+
+/// Open a private file for reading: no link followed, no FIFO blocked on, nothing readable by others taken.
+fn open_private(path: &Path) -> Result<File, StateDirError> {
+    let file = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(
         |e| match e.raw_os_error() {
             Some(libc::ELOOP) => StateDirError::Link(path.to_path_buf()),
             _ => io(path)(e),
@@ -98,9 +106,7 @@ fn read_key_file(path: &Path) -> Result<PrivateKey, StateDirError> {
     if mode & 0o077 != 0 {
         return Err(StateDirError::KeyMode(path.to_path_buf(), mode));
     }
-    let mut text = String::new();
-    file.read_to_string(&mut text).map_err(io(path))?;
-    PrivateKey::from_base64(&text).map_err(|_| StateDirError::BadKey(path.to_path_buf()))
+    Ok(file)
 }
 
 /// What a file type that is not a regular file is, in words.
@@ -381,19 +387,49 @@ impl StateDir {
     /// renamed over it and the directory synced. The temporary file is created exclusively (`O_EXCL`,
     /// which follows no link) under a random name, by `tempfile`. On any failure the temporary file is
     /// removed and `path` is as it was.
-    fn replace_private_file(&self, path: &Path, bytes: &[u8]) -> Result<(), StateDirError> {
+    pub fn replace_private_file(&self, path: &Path, bytes: &[u8]) -> Result<(), StateDirError> {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
+        let dir = path.parent().unwrap_or(&self.root);
         let mut tmp = tempfile::Builder::new()
             .prefix(&format!(".{name}."))
             .suffix(".tmp")
             .permissions(fs::Permissions::from_mode(0o600))
-            .tempfile_in(&self.root)
-            .map_err(io(&self.root))?;
+            .tempfile_in(dir)
+            .map_err(io(dir))?;
         let tmp_path = tmp.path().to_path_buf();
         tmp.write_all(bytes).and_then(|()| tmp.as_file().sync_all()).map_err(io(&tmp_path))?;
         // On failure the returned temporary file is dropped, which removes it.
         tmp.persist(path).map_err(|e| io(path)(e.error))?;
-        File::open(&self.root).and_then(|dir| dir.sync_all()).map_err(io(&self.root))
+        File::open(dir).and_then(|dir| dir.sync_all()).map_err(io(dir))
+    }
+
+    /// Where ACME account keys and certificates with their keys are kept (0700; each file 0600).
+    pub fn acme_dir(&self) -> PathBuf {
+        self.root.join("acme")
+    }
+
+    /// Make [`StateDir::acme_dir`] if it is missing (0700, whatever the umask).
+    pub fn create_acme_dir(&self) -> Result<(), StateDirError> {
+        let dir = self.acme_dir();
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(io(&dir)(e)),
+        }
+    }
+
+    /// The bytes of a private file meshd wrote (a certificate's key, an ACME account): `None` if it does not
+    /// exist. Refused like the WireGuard key when it is a link, not a file, or readable by others.
+    pub fn read_private_file(&self, path: &Path) -> Result<Option<Vec<u8>>, StateDirError> {
+        match open_private(path) {
+            Ok(mut file) => {
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut file, &mut bytes).map_err(io(path))?;
+                Ok(Some(bytes))
+            }
+            Err(StateDirError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Log the outcome of saving `path` (holding `what`, for the operator) without repeating itself: the

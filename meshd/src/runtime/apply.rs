@@ -18,6 +18,7 @@ use crate::host::firewall;
 use crate::host::forward::Forwarders;
 use crate::host::statedir::StateDir;
 use crate::host::wg::{Backend, Interface, WgError};
+use crate::relay::Public;
 use meshd_core::keys::{PrivateKey, PublicKey};
 use meshd_core::model::Snapshot;
 use meshd_core::plan::dns::DNS_PORT;
@@ -52,6 +53,8 @@ pub(super) struct Host {
     forwarders: Forwarders,
     dns: Option<MeshDns>,
     paths: Option<PathKeeper>,
+    /// Public names this host serves (relay) or terminates TLS for.
+    pub(super) public: Public,
 }
 
 impl Host {
@@ -61,16 +64,15 @@ impl Host {
         name: String,
         plan: HostPlan,
         key: &PrivateKey,
-        backend: Backend,
-        dns_port: u16,
+        options: &super::RunOptions,
     ) -> Host {
         Host {
             name,
-            dns_port,
+            dns_port: options.dns_port,
             rules: RulesKeeper::start(&plan.interface),
             plan,
             state: state.clone(),
-            backend,
+            backend: options.backend,
             key: key.clone(),
             rules_loaded: false,
             up: false,
@@ -79,6 +81,7 @@ impl Host {
             forwarders: Forwarders::default(),
             dns: None,
             paths: None,
+            public: Public::new(options.public.clone(), state),
         }
     }
 
@@ -170,6 +173,10 @@ impl Host {
                 }
                 HostStep::RunForwarders(services) => self.forwarders.apply(&services)?,
                 HostStep::StartDns => self.start_dns(&new.dns).await?,
+                HostStep::ServePublic(public) => {
+                    self.public.apply(&public)?;
+                    self.plan.public = public;
+                }
                 HostStep::UpdateDns(records) => {
                     if let Some(server) = &self.dns {
                         server.update(records).await;

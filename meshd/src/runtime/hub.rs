@@ -18,7 +18,8 @@ use crate::links::admin::{self, Call};
 use crate::links::join::{self, Binding, JoinCall};
 use crate::links::sync::{FromSession, Publisher};
 use meshd_core::keys::{PrivateKey, PublicKey};
-use meshd_core::model::{DeviceView, NodeView, Snapshot};
+use meshd_core::model::{CertificateReport, DeviceView, NodeView, ServiceView, Snapshot};
+use meshd_core::relay::route::TlsMode;
 use meshd_core::plan::SyncPlan;
 use meshd_core::wire::admin::{Outcome, Reply, Request};
 use meshd_core::wire::auth;
@@ -35,7 +36,7 @@ pub(super) async fn serve(
     // Joining hosts reach the join service on the TCP port of the same number as WireGuard's UDP one.
     let identity = controller.join_identity()?;
     let join_addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, host.plan.listen_port));
-    let join_listener = crate::host::socket::listen_join(join_addr).map_err(|e| {
+    let join_listener = crate::host::socket::listen_internet(join_addr).map_err(|e| {
         let held = (e.kind() == std::io::ErrorKind::AddrInUse)
             .then(|| crate::host::ports::holder(crate::host::ports::Transport::Tcp, join_addr.port()))
             .flatten();
@@ -199,9 +200,37 @@ async fn handle(controller: &mut Controller, host: &mut Host, publisher: &Publis
     Outcome::Ok(with_handshakes(host, reply).await)
 }
 
+/// Fill in the state of the certificates this host holds (the relay's in terminate mode, the service node's in
+/// passthrough mode).
+fn with_certificates(host: &Host, mut reply: Reply) -> Reply {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let fill = |service: &mut ServiceView| {
+        for url in &mut service.https {
+            let holder = match url.tls {
+                TlsMode::Terminate => &url.relay,
+                TlsMode::Passthrough => &service.node,
+            };
+            if holder.as_str() == host.name {
+                url.certificate = host
+                    .public
+                    .certificate(&url.hostname, now)
+                    .map(|status| CertificateReport { holder: holder.clone(), status });
+            }
+        }
+    };
+    match &mut reply {
+        Reply::Services(services) => services.iter_mut().for_each(fill),
+        Reply::Service(service) => fill(service),
+        Reply::Status(status) => status.services.iter_mut().for_each(fill),
+        _ => {}
+    }
+    reply
+}
+
 /// Fill in what the live interface knows: the last handshake of devices, and when the hub last heard
 /// from each node.
 async fn with_handshakes(host: &Host, reply: Reply) -> Reply {
+    let reply = with_certificates(host, reply);
     let needs = matches!(reply, Reply::Devices(_) | Reply::Status(_) | Reply::Nodes(_));
     if !needs {
         return reply;

@@ -31,13 +31,15 @@ use meshd_core::plan::PRIVILEGED_PORT;
 use meshd_core::session::member::Member;
 
 /// How `meshd run` runs this host.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RunOptions {
     /// Which WireGuard implementation to use.
     pub backend: Backend,
     /// The port the mesh DNS listens on, on the host's mesh addresses: 53 unless another DNS server
     /// holds port 53 on every address and forwards the mesh domain here.
     pub dns_port: u16,
+    /// The public ports and the CA, for public names this host serves or terminates TLS for.
+    pub public: crate::relay::PublicOptions,
 }
 
 /// Run the daemon on `state` until SIGINT or SIGTERM: the controller and hub where the network's
@@ -55,7 +57,7 @@ pub async fn run(state: &StateDir, options: RunOptions) -> anyhow::Result<()> {
         let mut controller = Controller::open(&state.db())?;
         let snapshot = controller.snapshot()?;
         let key = state.read_private_key()?;
-        let (_owner, mut host) = start_host(state, options, &snapshot, &key).await?;
+        let (_owner, mut host) = start_host(state, options.clone(), &snapshot, &key).await?;
         let result = hub::serve(state, &mut controller, &mut host, &snapshot).await;
         host.shut_down().await;
         result
@@ -69,7 +71,7 @@ pub async fn run(state: &StateDir, options: RunOptions) -> anyhow::Result<()> {
         // been under way).
         let member = Member::new(cached, key, next, std::time::Instant::now());
         let snapshot = member.member_state().state.snapshot();
-        let (_owner, mut host) = start_host(state, options, &snapshot, member.interface_key()).await?;
+        let (_owner, mut host) = start_host(state, options.clone(), &snapshot, member.interface_key()).await?;
         info!(node = %host.name, network = %snapshot.network.name, "meshd ready (member)");
         let result = member::follow_controller(state, member, &mut host).await;
         host.shut_down().await;
@@ -122,7 +124,7 @@ async fn start_host(
     }
     let owner = InterfaceLock::take(Path::new(owner::RUN_DIR), &plan.interface, state.root())
         .map_err(|e| anyhow!("{e}; stop that one first"))?;
-    let host = Host::new(state, name, plan, key, options.backend, options.dns_port).bring_up().await?;
+    let host = Host::new(state, name, plan, key, &options).bring_up().await?;
     Ok((owner, host))
 }
 

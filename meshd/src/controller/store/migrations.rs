@@ -128,6 +128,17 @@ ALTER TABLE devices ADD COLUMN config_mtu INTEGER;
 UPDATE devices SET config_endpoint = (SELECT endpoint FROM nodes WHERE role = 'hub'),
                    config_mtu = (SELECT mtu FROM network WHERE id = 1);
 "#,
+    r#"
+-- Public names served over HTTPS through a relay (`meshctl expose`): one service per name; the name goes
+-- with its service or its relay.
+CREATE TABLE exposures (
+    hostname TEXT PRIMARY KEY,
+    service_id INTEGER NOT NULL REFERENCES services(id) ON DELETE CASCADE,
+    relay_id INTEGER NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+    tls TEXT NOT NULL CHECK (tls IN ('terminate', 'passthrough')),
+    created_at INTEGER NOT NULL
+);
+"#,
 ];
 
 /// Bring the database at `path` to this meshd's schema in one transaction (a no-op when it is there);

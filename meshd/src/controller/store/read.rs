@@ -5,7 +5,9 @@ use rusqlite::Connection;
 
 use meshd_core::clock::Stamp;
 use meshd_core::input::{self, HostPort, InterfaceName, Label};
-use meshd_core::model::{AccessRule, Device, DeviceKeys, Invite, InviteStatus, Network, Node, Role, Service, Snapshot};
+use meshd_core::model::{
+    AccessRule, Device, DeviceKeys, Exposure, Invite, InviteStatus, Network, Node, Role, Service, Snapshot,
+};
 
 use super::{StoreError, sql};
 
@@ -156,7 +158,28 @@ pub(super) fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
             Ok(AccessRule { from: parse_column("nodes.name", &from)?, to: parse_column("nodes.name", &to)? })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
-    let snapshot = Snapshot { network, nodes, devices, services, rules };
+    let mut stmt = conn
+        .prepare(
+            "SELECT e.hostname, s.name, n.name, e.tls FROM exposures e JOIN services s ON s.id = e.service_id
+             JOIN nodes n ON n.id = e.relay_id ORDER BY e.hostname",
+        )
+        .map_err(sql("read exposures"))?;
+    let raw_exposures = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?)))
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(sql("read exposures"))?;
+    let exposures = raw_exposures
+        .into_iter()
+        .map(|(hostname, service, relay, tls)| {
+            Ok(Exposure {
+                hostname: parse_column("exposures.hostname", &hostname)?,
+                service: parse_column("services.name", &service)?,
+                relay: parse_column("nodes.name", &relay)?,
+                tls: parse_column("exposures.tls", &tls)?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let snapshot = Snapshot { network, nodes, devices, services, rules, exposures };
     snapshot.check().map_err(|_| StoreError::Corrupt("addr_index".into()))?;
     Ok(snapshot)
 }

@@ -7,9 +7,11 @@ use std::time::Duration;
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use meshd_core::clock::{self, Stamp};
-use meshd_core::input::{HostPort, Label};
+use meshd_core::input::{HostPort, Label, PublicName};
 use meshd_core::keys::PublicKey;
-use meshd_core::model::{AccessRule, Device, DeviceKeys, Invite, InviteStatus, Network, Node, Role, Service, Snapshot};
+use meshd_core::model::{
+    AccessRule, Device, DeviceKeys, Exposure, Invite, InviteStatus, Network, Node, Role, Service, Snapshot,
+};
 
 use super::read::{read_invites, read_snapshot};
 use super::{CertAndKey, StoreError, sql};
@@ -163,6 +165,36 @@ impl Writer<'_> {
             )
             .map_err(sql("insert service"))?;
         Ok(())
+    }
+
+    /// Store a public name; [`StoreError`] when the name is taken (the primary key).
+    pub fn insert_exposure(&self, exposure: &Exposure) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "INSERT INTO exposures (hostname, service_id, relay_id, tls, created_at)
+                 SELECT ?1, s.id, n.id, ?4, ?5 FROM services s, nodes n WHERE s.name = ?2 AND n.name = ?3",
+                params![
+                    exposure.hostname.as_str(),
+                    exposure.service.as_str(),
+                    exposure.relay.as_str(),
+                    exposure.tls.as_str(),
+                    now()
+                ],
+            )
+            .map_err(sql("insert public name"))?;
+        Ok(())
+    }
+
+    /// Remove a service's public name; whether there was one.
+    pub fn delete_exposure(&self, service: &Label, hostname: &PublicName) -> Result<bool, StoreError> {
+        let deleted = self
+            .tx
+            .execute(
+                "DELETE FROM exposures WHERE hostname = ?1 AND service_id = (SELECT id FROM services WHERE name = ?2)",
+                params![hostname.as_str(), service.as_str()],
+            )
+            .map_err(sql("delete public name"))?;
+        Ok(deleted > 0)
     }
 
     /// Replace a device's public and preshared keys.

@@ -1,0 +1,417 @@
+//! The ACME client (RFC 8555, with instant-acme): obtains and renews the certificates of the names whose TLS
+//! ends on this host, answering the CA's validation with TLS-ALPN-01 (RFC 8737) or HTTP-01, the other when one
+//! fails. When to order is decided by `meshd_core::acme::renewal` (two thirds of the lifetime, the CA's renewal
+//! information window of RFC 9773, backoff after failures); this module only carries it out and keeps, under
+//! the state directory's `acme/` (0700, files 0600), the account key and each name's certificate, key and
+//! renewal state, so a restart serves the same certificate and keeps its backoff.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, CertificateIdentifier, ChallengeType, Identifier, NewAccount,
+    NewOrder, OrderStatus, RetryPolicy,
+};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::AcmeOptions;
+use super::certs::{Certificates, certified_key};
+use crate::host::statedir::StateDir;
+use meshd_core::acme::renewal::{Renewal, Status, Step, Validity, Window};
+use meshd_core::input::PublicName;
+
+/// The longest the worker sleeps before looking at the clock again: a wall clock that jumps (a host resumed
+/// from suspend) is noticed within this time.
+const LONGEST_SLEEP: Duration = Duration::from_secs(600);
+
+/// A name's certificate and key, PEM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Held {
+    chain_pem: String,
+    key_pem: String,
+}
+
+/// What `acme/NAME.json` holds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Record {
+    certificate: Option<Held>,
+    renewal: Renewal,
+}
+
+/// What `acme/account.json` holds: the account of one directory.
+#[derive(Serialize, Deserialize)]
+struct AccountRecord {
+    directory: String,
+    credentials: AccountCredentials,
+}
+
+/// The certificates' states, by name, for `service list`.
+pub type StatusBoard = Arc<Mutex<BTreeMap<PublicName, Renewal>>>;
+
+/// The running worker: it orders for the names last given to [`Worker::want`] and stops when dropped.
+pub struct Worker {
+    names: watch::Sender<BTreeSet<PublicName>>,
+    board: StatusBoard,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Worker {
+    /// Start the worker; it serves every certificate it finds on disk for the names it is given at once.
+    pub fn start(options: AcmeOptions, state: StateDir, certs: Arc<Certificates>) -> Worker {
+        let (names, wanted) = watch::channel(BTreeSet::new());
+        let board = StatusBoard::default();
+        let run = Run { options, state, certs, board: board.clone(), account: None };
+        Worker { names, board, task: tokio::spawn(run.run(wanted)) }
+    }
+
+    /// Obtain and renew certificates for exactly `names` from now on.
+    pub fn want(&self, names: BTreeSet<PublicName>) {
+        self.names.send_if_modified(|current| {
+            let changed = *current != names;
+            *current = names;
+            changed
+        });
+    }
+
+    /// The state of `name`'s certificate at `now` (unix seconds), if this host holds it.
+    pub fn status(&self, name: &PublicName, now: u64) -> Option<Status> {
+        self.board.lock().unwrap_or_else(PoisonError::into_inner).get(name).map(|r| r.status(now))
+    }
+}
+
+/// The worker's state.
+struct Run {
+    options: AcmeOptions,
+    state: StateDir,
+    certs: Arc<Certificates>,
+    board: StatusBoard,
+    account: Option<Account>,
+}
+
+impl Run {
+    async fn run(mut self, mut wanted: watch::Receiver<BTreeSet<PublicName>>) {
+        if let Err(e) = self.state.create_acme_dir() {
+            warn!(error = %e, "cannot make the ACME directory; certificates cannot be kept");
+        }
+        loop {
+            let names = wanted.borrow_and_update().clone();
+            self.follow(&names);
+            let now = unix_now();
+            let mut next_at = now + LONGEST_SLEEP.as_secs();
+            for name in &names {
+                let Some((step, at)) = self.renewal(name).map(|r| r.next()) else { continue };
+                if at > now {
+                    next_at = next_at.min(at);
+                    continue;
+                }
+                match step {
+                    Step::Order => self.order(name).await,
+                    Step::AskWindow => self.ask_window(name).await,
+                }
+                next_at = now;
+            }
+            if next_at <= now {
+                continue;
+            }
+            let sleep = Duration::from_secs(next_at - now).min(LONGEST_SLEEP);
+            tokio::select! {
+                () = tokio::time::sleep(sleep) => {}
+                changed = wanted.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    /// Take on the names newly wanted (their certificates on disk are served at once) and drop the others.
+    fn follow(&mut self, names: &BTreeSet<PublicName>) {
+        let mut board = self.board.lock().unwrap_or_else(PoisonError::into_inner);
+        board.retain(|name, _| {
+            let keep = names.contains(name);
+            if !keep {
+                self.certs.withdraw(name.as_str());
+            }
+            keep
+        });
+        let new: Vec<PublicName> = names.iter().filter(|n| !board.contains_key(*n)).cloned().collect();
+        for name in new {
+            let record = self.read(&name);
+            if let Some(held) = &record.certificate {
+                match certified_key(&held.chain_pem, &held.key_pem) {
+                    Ok(key) => self.certs.serve(name.as_str(), key),
+                    Err(e) => warn!(%name, error = %e, "the kept certificate cannot be served; ordering another"),
+                }
+            }
+            board.insert(name, record.renewal);
+        }
+    }
+
+    fn renewal(&self, name: &PublicName) -> Option<Renewal> {
+        self.board.lock().unwrap_or_else(PoisonError::into_inner).get(name).cloned()
+    }
+
+    fn path(&self, name: &PublicName) -> PathBuf {
+        self.state.acme_dir().join(format!("{name}.json"))
+    }
+
+    /// The name's record on disk; a missing one is a name to order, a damaged one is logged and ordered again.
+    fn read(&self, name: &PublicName) -> Record {
+        let path = self.path(name);
+        match self.state.read_private_file(&path) {
+            Ok(Some(bytes)) => serde_json::from_slice::<Record>(&bytes).unwrap_or_else(|e| {
+                warn!(path = %path.display(), error = %e, "the kept certificate record is damaged; ordering again");
+                Record::default()
+            }),
+            Ok(None) => Record::default(),
+            Err(e) => {
+                warn!(error = %e, "cannot read the kept certificate; ordering again");
+                Record::default()
+            }
+        }
+    }
+
+    /// Save the name's record (certificate and renewal state) and show its state.
+    fn keep(&self, name: &PublicName, certificate: Option<Held>, renewal: Renewal) {
+        let record = Record { certificate, renewal: renewal.clone() };
+        let path = self.path(name);
+        match serde_json::to_vec_pretty(&record) {
+            Ok(json) => {
+                let saved = self.state.replace_private_file(&path, &json);
+                self.state.log_save(&path, "a certificate", &saved);
+            }
+            Err(e) => warn!(error = %e, "cannot encode a certificate record"),
+        }
+        self.board.lock().unwrap_or_else(PoisonError::into_inner).insert(name.clone(), renewal);
+    }
+
+    /// Order a certificate for `name`, by TLS-ALPN-01 and then, if that fails, HTTP-01.
+    async fn order(&mut self, name: &PublicName) {
+        let mut renewal = self.renewal(name).unwrap_or_default();
+        let held = self.read(name).certificate;
+        let mut errors = Vec::new();
+        for kind in [ChallengeType::TlsAlpn01, ChallengeType::Http01] {
+            match self.order_with(name, kind.clone()).await {
+                Ok(new) => {
+                    let validity = match validity_of(&new.chain_pem) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            errors.push(format!("{}: {e}", kind_name(&kind)));
+                            continue;
+                        }
+                    };
+                    match certified_key(&new.chain_pem, &new.key_pem) {
+                        Ok(key) => self.certs.serve(name.as_str(), key),
+                        Err(e) => {
+                            errors.push(format!("{}: {e}", kind_name(&kind)));
+                            continue;
+                        }
+                    }
+                    info!(%name, challenge = kind_name(&kind), not_after = validity.not_after, "certificate issued");
+                    renewal.issued(validity, rand::random(), unix_now());
+                    self.keep(name, Some(new), renewal);
+                    return;
+                }
+                Err(e) => {
+                    warn!(%name, challenge = kind_name(&kind), error = %e, "the order failed");
+                    errors.push(format!("{}: {e}", kind_name(&kind)));
+                }
+            }
+        }
+        renewal.failed(errors.join("; "), unix_now());
+        self.keep(name, held, renewal);
+    }
+
+    /// One order for `name` validated by `kind`; the validation's answer is withdrawn whatever the outcome.
+    async fn order_with(&mut self, name: &PublicName, kind: ChallengeType) -> Result<Held, String> {
+        let account = self.account().await?;
+        let result = order(&account, name, kind, &self.certs).await;
+        self.certs.set_challenge(name.as_str(), None);
+        result
+    }
+
+    /// Ask the CA's renewal information (RFC 9773) for `name`'s certificate.
+    async fn ask_window(&mut self, name: &PublicName) {
+        let mut renewal = self.renewal(name).unwrap_or_default();
+        let held = self.read(name).certificate;
+        let now = unix_now();
+        let asked = match (&held, self.account().await) {
+            (Some(held), Ok(account)) => ask(&account, &held.chain_pem).await,
+            (None, _) => Err("no certificate held".to_owned()),
+            (_, Err(e)) => Err(e),
+        };
+        match asked {
+            Ok((window, retry_after)) => renewal.window(window, Some(retry_after), now),
+            Err(e) => {
+                tracing::debug!(%name, error = %e, "no renewal information");
+                renewal.window_unknown(now);
+            }
+        }
+        self.keep(name, held, renewal);
+    }
+
+    /// The ACME account: the one kept for this directory, else a new one (kept, 0600).
+    async fn account(&mut self) -> Result<Account, String> {
+        if let Some(account) = &self.account {
+            return Ok(account.clone());
+        }
+        let builder = || match &self.options.ca_root {
+            Some(root) => Account::builder_with_root(root)
+                .map_err(|e| format!("--acme-ca-root {}: {e}", root.display())),
+            None => Account::builder().map_err(|e| e.to_string()),
+        };
+        let path = self.state.acme_dir().join("account.json");
+        let kept = self.state.read_private_file(&path).map_err(|e| e.to_string())?;
+        let kept = kept.and_then(|bytes| serde_json::from_slice::<AccountRecord>(&bytes).ok());
+        let account = match kept {
+            Some(record) if record.directory == self.options.directory => {
+                builder()?.from_credentials(record.credentials).await.map_err(|e| format!("the ACME account: {e}"))?
+            }
+            _ => {
+                let contact = self.options.contact.as_ref().map(|c| format!("mailto:{c}"));
+                let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+                let new = NewAccount { contact: &contacts, terms_of_service_agreed: true, only_return_existing: false };
+                let (account, credentials) = builder()?
+                    .create(&new, self.options.directory.clone(), None)
+                    .await
+                    .map_err(|e| format!("creating an account at {}: {e}", self.options.directory))?;
+                let record = AccountRecord { directory: self.options.directory.clone(), credentials };
+                let json = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
+                self.state.replace_private_file(&path, &json).map_err(|e| e.to_string())?;
+                info!(directory = %self.options.directory, "ACME account created");
+                account
+            }
+        };
+        self.account = Some(account.clone());
+        Ok(account)
+    }
+}
+
+/// The challenge type as the CA names it.
+fn kind_name(kind: &ChallengeType) -> &'static str {
+    match kind {
+        ChallengeType::Http01 => "http-01",
+        ChallengeType::TlsAlpn01 => "tls-alpn-01",
+        _ => "other",
+    }
+}
+
+/// One order for `name`, its authorization answered by `kind` through `certs`.
+async fn order(account: &Account, name: &PublicName, kind: ChallengeType, certs: &Certificates) -> Result<Held, String> {
+    let identifiers = [Identifier::Dns(name.to_string())];
+    let mut order = account.new_order(&NewOrder::new(&identifiers)).await.map_err(|e| format!("new order: {e}"))?;
+    let mut tokens = Vec::new();
+    let mut authorizations = order.authorizations();
+    let mut answered = Ok(());
+    while let Some(authz) = authorizations.next().await {
+        let mut authz = match authz {
+            Ok(authz) => authz,
+            Err(e) => {
+                answered = Err(format!("authorization: {e}"));
+                break;
+            }
+        };
+        match authz.status {
+            AuthorizationStatus::Pending => {}
+            AuthorizationStatus::Valid => continue,
+            status => {
+                answered = Err(format!("authorization is {status:?}"));
+                break;
+            }
+        }
+        let Some(mut challenge) = authz.challenge(kind.clone()) else {
+            answered = Err(format!("the CA offers no {} challenge", kind_name(&kind)));
+            break;
+        };
+        let key_authorization = challenge.key_authorization();
+        match kind {
+            ChallengeType::TlsAlpn01 => match alpn_certificate(name, key_authorization.digest().as_ref()) {
+                Ok(key) => certs.set_challenge(name.as_str(), Some(key)),
+                Err(e) => {
+                    answered = Err(e);
+                    break;
+                }
+            },
+            _ => {
+                certs.set_token(&challenge.token, Some(key_authorization.as_str().to_owned()));
+                tokens.push(challenge.token.clone());
+            }
+        }
+        if let Err(e) = challenge.set_ready().await {
+            answered = Err(format!("challenge: {e}"));
+            break;
+        }
+    }
+    let result = match answered {
+        Ok(()) => finish(&mut order).await,
+        Err(e) => Err(e),
+    };
+    for token in tokens {
+        certs.set_token(&token, None);
+    }
+    result
+}
+
+/// Wait for the CA's validation, then finalize with a new key and fetch the chain.
+async fn finish(order: &mut instant_acme::Order) -> Result<Held, String> {
+    let status = order.poll_ready(&RetryPolicy::default()).await.map_err(|e| format!("validation: {e}"))?;
+    if status != OrderStatus::Ready {
+        let why = order
+            .state()
+            .error
+            .as_ref()
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| format!("the order is {status:?}"));
+        return Err(format!("validation failed: {why}"));
+    }
+    let key_pem = order.finalize().await.map_err(|e| format!("finalize: {e}"))?;
+    let chain_pem = order.poll_certificate(&RetryPolicy::default()).await.map_err(|e| format!("certificate: {e}"))?;
+    Ok(Held { chain_pem, key_pem })
+}
+
+/// The self-signed TLS-ALPN-01 certificate of `name` carrying `digest` (RFC 8737 section 3).
+fn alpn_certificate(name: &PublicName, digest: &[u8]) -> Result<rustls::sign::CertifiedKey, String> {
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).map_err(|e| e.to_string())?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+    certified_key(&cert.pem(), &key.serialize_pem()).map_err(|e| e.to_string())
+}
+
+/// The leaf's validity, unix seconds.
+fn validity_of(chain_pem: &str) -> Result<Validity, String> {
+    let leaf = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .next()
+        .ok_or("the chain holds no certificate")?
+        .map_err(|e| format!("the chain is not PEM: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).map_err(|e| format!("the certificate: {e}"))?;
+    let seconds = |t: x509_parser::time::ASN1Time| u64::try_from(t.timestamp()).unwrap_or(0);
+    Ok(Validity { not_before: seconds(cert.validity().not_before), not_after: seconds(cert.validity().not_after) })
+}
+
+/// The CA's suggested window for the leaf of `chain_pem`, and when to ask again (seconds).
+async fn ask(account: &Account, chain_pem: &str) -> Result<(Window, u64), String> {
+    let leaf = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .next()
+        .ok_or("the chain holds no certificate")?
+        .map_err(|e| format!("the chain is not PEM: {e}"))?;
+    let id = CertificateIdentifier::try_from(&leaf)?;
+    let (info, retry_after) = account.renewal_info(&id).await.map_err(|e| e.to_string())?;
+    let (start, end) = (info.suggested_window.start.unix_timestamp(), info.suggested_window.end.unix_timestamp());
+    let window = Window { start: u64::try_from(start).unwrap_or(0), end: u64::try_from(end).unwrap_or(0) };
+    Ok((window, retry_after.as_secs()))
+}
+
+/// Unix seconds now.
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}

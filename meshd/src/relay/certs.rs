@@ -1,0 +1,141 @@
+//! The certificates this host serves for public names, and the answers to the CA's validations of them: the
+//! TLS-ALPN-01 certificate of a name being validated (RFC 8737) and the key authorizations of HTTP-01 tokens
+//! (RFC 8555 section 8.3). The ACME worker (`super::acme`) fills it; the listeners read it at every handshake,
+//! so a renewed certificate is served from the next connection on, without a restart.
+
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use rustls::ServerConfig;
+use rustls::crypto::ring::sign::any_supported_type;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use meshd_core::relay::route::ACME_TLS_ALPN;
+
+/// Why a certificate and key could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// The chain held no certificate, or did not parse as PEM.
+    #[error("the certificate chain is not PEM or holds no certificate")]
+    Chain,
+    /// The key did not parse as PEM, or is of a type rustls cannot sign with.
+    #[error("the private key is not a PEM key rustls can sign with")]
+    Key,
+}
+
+/// A certificate chain (PEM, leaf first) and its private key (PEM) as rustls serves them.
+pub fn certified_key(chain_pem: &str, key_pem: &str) -> Result<CertifiedKey, CertError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|_| CertError::Chain)?;
+    if chain.is_empty() {
+        return Err(CertError::Chain);
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|_| CertError::Key)?;
+    let key = any_supported_type(&key).map_err(|_| CertError::Key)?;
+    Ok(CertifiedKey::new(chain, key))
+}
+
+/// What the TLS listeners serve, by server name (lowercase).
+#[derive(Debug, Default)]
+pub struct Certificates {
+    served: RwLock<HashMap<String, Arc<CertifiedKey>>>,
+    challenges: RwLock<HashMap<String, Arc<CertifiedKey>>>,
+    tokens: RwLock<HashMap<String, String>>,
+}
+
+impl Certificates {
+    /// Serve `key` for `name` from the next handshake on.
+    pub fn serve(&self, name: &str, key: CertifiedKey) {
+        self.served.write().unwrap_or_else(PoisonError::into_inner).insert(name.to_owned(), Arc::new(key));
+    }
+
+    /// Serve nothing for `name` any more.
+    pub fn withdraw(&self, name: &str) {
+        self.served.write().unwrap_or_else(PoisonError::into_inner).remove(name);
+    }
+
+    /// Answer TLS-ALPN-01 validations of `name` with `key` (`None`: stop answering).
+    pub fn set_challenge(&self, name: &str, key: Option<CertifiedKey>) {
+        let mut challenges = self.challenges.write().unwrap_or_else(PoisonError::into_inner);
+        match key {
+            Some(key) => challenges.insert(name.to_owned(), Arc::new(key)),
+            None => challenges.remove(name),
+        };
+    }
+
+    /// Answer HTTP-01 validations of `token` with `key_authorization` (`None`: stop answering).
+    pub fn set_token(&self, token: &str, key_authorization: Option<String>) {
+        let mut tokens = self.tokens.write().unwrap_or_else(PoisonError::into_inner);
+        match key_authorization {
+            Some(answer) => tokens.insert(token.to_owned(), answer),
+            None => tokens.remove(token),
+        };
+    }
+
+    /// The key authorization of an HTTP-01 `token` being validated.
+    pub fn key_authorization(&self, token: &str) -> Option<String> {
+        self.tokens.read().unwrap_or_else(PoisonError::into_inner).get(token).cloned()
+    }
+
+    /// The TLS configuration of served names: their certificates by SNI, HTTP/2 and HTTP/1.1 by ALPN.
+    pub fn server_config(self: &Arc<Self>) -> Arc<ServerConfig> {
+        let mut config = ServerConfig::builder().with_no_client_auth().with_cert_resolver(Arc::new(Served(self.clone())));
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+
+    /// The TLS configuration of TLS-ALPN-01 validations: the challenge certificate by SNI, ALPN `acme-tls/1`
+    /// only (RFC 8737 section 3). rustls's `with_single_cert` refuses such a certificate (its acmeIdentifier
+    /// extension is critical), so it is served through a resolver.
+    pub fn challenge_config(self: &Arc<Self>) -> Arc<ServerConfig> {
+        let mut config =
+            ServerConfig::builder().with_no_client_auth().with_cert_resolver(Arc::new(Challenge(self.clone())));
+        config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+        Arc::new(config)
+    }
+}
+
+/// Resolves the served certificate of the ClientHello's server name.
+#[derive(Debug)]
+struct Served(Arc<Certificates>);
+
+impl ResolvesServerCert for Served {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name()?.to_ascii_lowercase();
+        self.0.served.read().unwrap_or_else(PoisonError::into_inner).get(&name).cloned()
+    }
+}
+
+/// Resolves the TLS-ALPN-01 certificate of the ClientHello's server name.
+#[derive(Debug)]
+struct Challenge(Arc<Certificates>);
+
+impl ResolvesServerCert for Challenge {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name()?.to_ascii_lowercase();
+        self.0.challenges.read().unwrap_or_else(PoisonError::into_inner).get(&name).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chain_and_key_from_pem_are_served_and_garbage_is_refused() {
+        let cert = rcgen::generate_simple_self_signed(vec!["pay.shop.example".into()]).unwrap();
+        let (chain, key) = (cert.cert.pem(), cert.signing_key.serialize_pem());
+        assert!(certified_key(&chain, &key).is_ok());
+        assert!(matches!(certified_key("", &key), Err(CertError::Chain)));
+        assert!(matches!(certified_key(&chain, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"), Err(CertError::Key)));
+        let store = Certificates::default();
+        store.set_token("tok", Some("tok.thumb".into()));
+        assert_eq!(store.key_authorization("tok").as_deref(), Some("tok.thumb"));
+        store.set_token("tok", None);
+        assert_eq!(store.key_authorization("tok"), None);
+    }
+}
