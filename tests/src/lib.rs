@@ -8,10 +8,12 @@
 //! - `wireguard`: `wireguard-go` interfaces, `wg` keys, wg-quick text ([`WgQuick`]) and a [`Phone`];
 //! - `mesh`: [`MeshHost`], a meshd host of a mesh test, and [`nat_router`], a home router;
 //! - `files`: private files and checks that no key is stored;
-//! - `mounts`: [`Tmpfs`], a small file system to fill up or make read-only.
+//! - `mounts`: [`Tmpfs`], a small file system to fill up or make read-only;
+//! - `acme`: [`Pebble`], a test ACME CA, and [`Dns`], the DNS server it validates names with.
 //!
 //! Tests use everything from the crate root (`use meshd_e2e::...`).
 
+pub mod acme;
 mod files;
 mod mesh;
 mod mounts;
@@ -22,6 +24,7 @@ mod wireguard;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub use acme::{Dns, Pebble};
 pub use files::{assert_key_not_stored, files_under, write_private};
 pub use mesh::{MeshHost, UapiCleanup, nat_router};
 pub use mounts::Tmpfs;
