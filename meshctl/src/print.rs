@@ -132,9 +132,11 @@ pub fn services_table(services: &[ServiceView]) -> String {
             s.protocol
         ));
     }
-    let urls: Vec<(&ServiceView, &PublicUrl)> = services.iter().flat_map(|s| s.https.iter().map(move |u| (s, u))).collect();
+    let urls: Vec<(&ServiceView, &PublicUrl)> =
+        services.iter().flat_map(|s| s.https.iter().map(move |u| (s, u))).collect();
     if !urls.is_empty() {
-        table.push_str(&format!("\n{:<40} {:<20} {:<12} {:<12} CERTIFICATE\n", "PUBLIC URL", "SERVICE", "RELAY", "TLS"));
+        table
+            .push_str(&format!("\n{:<40} {:<20} {:<12} {:<12} CERTIFICATE\n", "PUBLIC URL", "SERVICE", "RELAY", "TLS"));
         for (s, u) in urls {
             table.push_str(&format!(
                 "{:<40} {:<20} {:<12} {:<12} {}\n",

@@ -690,5 +690,4 @@ mod tests {
         let long = format!("{}.example", vec!["a".repeat(63); 4].join("."));
         assert!(long.parse::<PublicName>().is_err(), "longer than 253 characters");
     }
-
 }

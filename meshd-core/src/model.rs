@@ -258,8 +258,9 @@ pub struct SharedState {
     pub devices: Vec<DeviceGrants>,
     /// Every access rule.
     pub rules: Vec<AccessRule>,
-    /// Every public name; absent in states of a hub from before public names.
-    #[serde(default)]
+    /// Every public name; absent in states of a hub from before public names, and left out when there is none
+    /// (so the digest of a network without public names is what members from before them compute).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exposures: Vec<Exposure>,
 }
 

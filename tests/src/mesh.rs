@@ -63,10 +63,16 @@ impl MeshHost {
 
     /// `meshd run` (userspace WireGuard, debug logs of meshd) with its output in `log`.
     pub fn run_daemon(&self, log: &Path) -> Proc {
+        self.run_daemon_with(log, &[])
+    }
+
+    /// [`MeshHost::run_daemon`] with `extra` arguments (`--acme-directory`, `--https-port`, ...).
+    pub fn run_daemon_with(&self, log: &Path, extra: &[&str]) -> Proc {
         let mut cmd = self.ns.command(product_bin("meshd"));
         cmd.env("RUST_LOG", "info,meshd=debug")
             .args(["run", "--wireguard", "userspace", "--state-dir"])
-            .arg(&self.state);
+            .arg(&self.state)
+            .args(extra);
         Proc::spawn_logged(cmd, &format!("meshd run on {}", self.name), log)
     }
 

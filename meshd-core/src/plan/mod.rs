@@ -385,8 +385,10 @@ mod tests {
             relay: label(relay),
             tls,
         };
-        s.exposures =
-            vec![exposure("pay.shop.example", "hub", TlsMode::Terminate), exposure("store.shop.example", "vps", TlsMode::Passthrough)];
+        s.exposures = vec![
+            exposure("pay.shop.example", "hub", TlsMode::Terminate),
+            exposure("store.shop.example", "vps", TlsMode::Passthrough),
+        ];
         let (pay, store) = ("pay.shop.example".parse().unwrap(), "store.shop.example".parse().unwrap());
         let beacon: SocketAddr = "10.77.0.9:5052".parse().unwrap();
 
@@ -407,7 +409,10 @@ mod tests {
         assert_eq!(attic.public.terminated.keys().map(ToString::to_string).collect::<Vec<_>>(), ["store.shop.example"]);
         assert_eq!(attic.public.terminated.values().collect::<Vec<_>>(), [&beacon]);
         assert_eq!(attic.public.passthrough_from, BTreeSet::from(["10.77.0.7".parse().unwrap()]));
-        assert_eq!(attic.public.passthrough_listen(), ["10.77.0.8:1022".parse().unwrap(), "[fd00:1:2::8]:1022".parse().unwrap()]);
+        assert_eq!(
+            attic.public.passthrough_listen(),
+            ["10.77.0.8:1022".parse().unwrap(), "[fd00:1:2::8]:1022".parse().unwrap()]
+        );
         let rules = nftables::render(&attic);
         assert!(rules.contains("10.77.0.1 . 10.77.0.9 . tcp . 1021"), "the hub reaches the service: {rules}");
         assert!(rules.contains("10.77.0.7 . 10.77.0.8 . tcp . 1022"), "the relay reaches the terminator: {rules}");

@@ -41,6 +41,17 @@ pub(super) struct Served {
     pub(super) addresses: Vec<IpNet>,
 }
 
+/// The relays that proxy `service`'s public names to it (terminate mode: [`super::public`]), by their mesh
+/// IPv4 address: its forwarder takes their connections whatever access rules say of them.
+fn relays<'a>(view: &'a HostView<'_>, service: &'a Service) -> impl Iterator<Item = IpAddr> + 'a {
+    view.s
+        .exposures
+        .iter()
+        .filter(move |e| e.service == service.name && e.tls == crate::relay::route::TlsMode::Terminate)
+        .filter_map(move |e| view.active.iter().find(|n| n.name == e.relay))
+        .map(|relay| IpAddr::V4(view.pool.v4_of(relay.index)))
+}
+
 /// The services of the host of `view`; `admitted` are the node addresses it admits.
 pub(super) fn plan(view: &HostView<'_>, admitted: &BTreeSet<IpAddr>) -> Served {
     let (s, node) = (view.s, view.node);
@@ -64,7 +75,7 @@ pub(super) fn plan(view: &HostView<'_>, admitted: &BTreeSet<IpAddr>) -> Served {
                 name: service.name.clone(),
                 listen: service_addrs(service).to_vec(),
                 target: service.target.clone(),
-                allowed: allowed.into_iter().chain(admitted.iter().copied()).collect(),
+                allowed: allowed.into_iter().chain(admitted.iter().copied()).chain(relays(view, service)).collect(),
                 protocol: service.protocol,
             });
         }

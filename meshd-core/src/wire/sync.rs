@@ -11,7 +11,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::input::Label;
 use crate::keys::PublicKey;
-use crate::model::{AccessRule, DeviceGrants, Network, Node, Service, SharedState};
+use crate::model::{AccessRule, DeviceGrants, Exposure, Network, Node, Service, SharedState};
 
 /// One change to the shared state. Items are replaced whole, by name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +33,9 @@ pub enum Change {
     DeviceGone(Label),
     /// The access rules, all of them.
     Rules(Vec<AccessRule>),
+    /// The public names, all of them (a member from before public names cannot read this change: members are
+    /// upgraded before a name is exposed).
+    Exposures(Vec<Exposure>),
 }
 
 /// What a member sends.
@@ -100,6 +103,9 @@ pub fn changes(old: &SharedState, new: &SharedState) -> Vec<Change> {
     if old.rules != new.rules {
         out.push(Change::Rules(new.rules.clone()));
     }
+    if old.exposures != new.exposures {
+        out.push(Change::Exposures(new.exposures.clone()));
+    }
     out
 }
 
@@ -136,6 +142,7 @@ pub fn apply(state: &mut SharedState, changes: &[Change]) {
             Change::Device(d) => upsert(&mut state.devices, d, |d| &d.name),
             Change::DeviceGone(name) => state.devices.retain(|d| d.name != name),
             Change::Rules(r) => state.rules = r,
+            Change::Exposures(e) => state.exposures = e,
         }
     }
     state.nodes.sort_by_key(|n| n.index);
@@ -165,6 +172,12 @@ mod tests {
         new.nodes[1].endpoint = Some("198.51.100.3:51820".parse().unwrap());
         new.devices[0].allow.clear();
         new.rules.push(AccessRule { from: label("hub"), to: label("attic") });
+        new.exposures.push(Exposure {
+            hostname: "pay.shop.example".parse().unwrap(),
+            service: label("beacon"),
+            relay: label("hub"),
+            tls: crate::relay::route::TlsMode::Passthrough,
+        });
         new.services.insert(
             0,
             Service {
@@ -178,14 +191,23 @@ mod tests {
         );
         new.services.sort_by_key(|v| v.index);
         let diff = changes(&old, &new);
-        assert_eq!(diff.len(), 6, "{diff:?}");
+        assert_eq!(diff.len(), 7, "{diff:?}");
         assert!(diff.contains(&Change::NodeGone(label("vps"))));
+        assert!(diff.contains(&Change::Exposures(new.exposures.clone())));
         let mut copy = old.clone();
         apply(&mut copy, &diff);
         assert_eq!(copy, new);
         assert_eq!(digest(&copy), digest(&new));
         assert_ne!(digest(&old), digest(&new));
         assert!(changes(&new, &copy).is_empty());
+    }
+
+    #[test]
+    fn a_network_without_public_names_has_the_digest_members_from_before_them_compute() {
+        let json = serde_json::to_value(state()).unwrap();
+        assert!(json.get("exposures").is_none(), "no public names, no field: {json}");
+        let cached: SharedState = serde_json::from_value(json).unwrap();
+        assert!(cached.exposures.is_empty());
     }
 
     #[test]

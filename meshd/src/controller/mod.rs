@@ -46,11 +46,11 @@ pub enum ControlError {
         "\"{0}\" is neither the hub nor a relay: serve public names through the hub or a node that joined with --role relay"
     )]
     NotRelay(Label),
-    #[error(
-        "\"{0}\" has no endpoint: a relay needs a public address (meshctl node update {0} --endpoint HOST:PORT)"
-    )]
+    #[error("\"{0}\" has no endpoint: a relay needs a public address (meshctl node update {0} --endpoint HOST:PORT)")]
     RelayWithoutEndpoint(Label),
-    #[error("{hostname} is already served for service \"{service}\" (meshctl unexpose {service} --https {hostname} first)")]
+    #[error(
+        "{hostname} is already served for service \"{service}\" (meshctl unexpose {service} --https {hostname} first)"
+    )]
     PublicNameTaken { hostname: PublicName, service: Label },
     #[error("{hostname} is under the mesh's own domain {domain}: a public name must be one the CA can validate")]
     PublicNameInMesh { hostname: PublicName, domain: String },

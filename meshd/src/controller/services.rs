@@ -166,7 +166,7 @@ mod tests {
         let Reply::Service(view) = c.handle(expose("btcpay", "pay.shop.example", "hub")).unwrap() else { panic!() };
         assert_eq!(view.https.len(), 1);
         assert_eq!((view.https[0].url.as_str(), view.https[0].relay.as_str()), ("https://pay.shop.example/", "hub"));
-        let refused = |request, mentions: &str| {
+        let mut refused = |request, mentions: &str| {
             let error = c.handle(request).unwrap_err().to_string();
             assert!(error.contains(mentions), "{error}");
         };
@@ -188,6 +188,7 @@ mod tests {
             Request::Unexpose { service: label("btcpay"), hostname: "other.shop.example".parse().unwrap() },
             "not served on other.shop.example",
         );
+        drop(refused);
         let unexpose = Request::Unexpose { service: label("btcpay"), hostname: "pay.shop.example".parse().unwrap() };
         let Reply::Service(view) = c.handle(unexpose).unwrap() else { panic!() };
         assert!(view.https.is_empty());

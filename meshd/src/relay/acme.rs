@@ -265,8 +265,9 @@ impl Run {
             return Ok(account.clone());
         }
         let builder = || match &self.options.ca_root {
-            Some(root) => Account::builder_with_root(root)
-                .map_err(|e| format!("--acme-ca-root {}: {e}", root.display())),
+            Some(root) => {
+                Account::builder_with_root(root).map_err(|e| format!("--acme-ca-root {}: {e}", root.display()))
+            }
             None => Account::builder().map_err(|e| e.to_string()),
         };
         let path = self.state.acme_dir().join("account.json");
@@ -306,7 +307,12 @@ fn kind_name(kind: &ChallengeType) -> &'static str {
 }
 
 /// One order for `name`, its authorization answered by `kind` through `certs`.
-async fn order(account: &Account, name: &PublicName, kind: ChallengeType, certs: &Certificates) -> Result<Held, String> {
+async fn order(
+    account: &Account,
+    name: &PublicName,
+    kind: ChallengeType,
+    certs: &Certificates,
+) -> Result<Held, String> {
     let identifiers = [Identifier::Dns(name.to_string())];
     let mut order = account.new_order(&NewOrder::new(&identifiers)).await.map_err(|e| format!("new order: {e}"))?;
     let mut tokens = Vec::new();
@@ -365,12 +371,8 @@ async fn order(account: &Account, name: &PublicName, kind: ChallengeType, certs:
 async fn finish(order: &mut instant_acme::Order) -> Result<Held, String> {
     let status = order.poll_ready(&RetryPolicy::default()).await.map_err(|e| format!("validation: {e}"))?;
     if status != OrderStatus::Ready {
-        let why = order
-            .state()
-            .error
-            .as_ref()
-            .map(|p| p.to_string())
-            .unwrap_or_else(|| format!("the order is {status:?}"));
+        let why =
+            order.state().error.as_ref().map(|p| p.to_string()).unwrap_or_else(|| format!("the order is {status:?}"));
         return Err(format!("validation failed: {why}"));
     }
     let key_pem = order.finalize().await.map_err(|e| format!("finalize: {e}"))?;

@@ -28,9 +28,8 @@ pub enum CertError {
 
 /// A certificate chain (PEM, leaf first) and its private key (PEM) as rustls serves them.
 pub fn certified_key(chain_pem: &str, key_pem: &str) -> Result<CertifiedKey, CertError> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|_| CertError::Chain)?;
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<_, _>>().map_err(|_| CertError::Chain)?;
     if chain.is_empty() {
         return Err(CertError::Chain);
     }
@@ -83,7 +82,8 @@ impl Certificates {
 
     /// The TLS configuration of served names: their certificates by SNI, HTTP/2 and HTTP/1.1 by ALPN.
     pub fn server_config(self: &Arc<Self>) -> Arc<ServerConfig> {
-        let mut config = ServerConfig::builder().with_no_client_auth().with_cert_resolver(Arc::new(Served(self.clone())));
+        let mut config =
+            ServerConfig::builder().with_no_client_auth().with_cert_resolver(Arc::new(Served(self.clone())));
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Arc::new(config)
     }
@@ -131,7 +131,10 @@ mod tests {
         let (chain, key) = (cert.cert.pem(), cert.signing_key.serialize_pem());
         assert!(certified_key(&chain, &key).is_ok());
         assert!(matches!(certified_key("", &key), Err(CertError::Chain)));
-        assert!(matches!(certified_key(&chain, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"), Err(CertError::Key)));
+        assert!(matches!(
+            certified_key(&chain, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"),
+            Err(CertError::Key)
+        ));
         let store = Certificates::default();
         store.set_token("tok", Some("tok.thumb".into()));
         assert_eq!(store.key_authorization("tok").as_deref(), Some("tok.thumb"));

@@ -31,8 +31,16 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Headers that describe one hop only (RFC 9110 section 7.6.1), never passed on.
-const HOP_BY_HOP: [&str; 8] =
-    ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "proxy-authorization"];
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+];
 
 /// Headers a client could forge to pass for another address, scheme or host; replaced by the relay's own.
 const FORWARDING: [&str; 5] = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"];

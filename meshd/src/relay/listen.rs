@@ -99,6 +99,8 @@ impl Shared {
 pub async fn serve_https(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else { continue };
+        // The listener takes both families: an IPv4 client is seen as ::ffff:a.b.c.d.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let Some(pending) = shared.https_gate.admit_evicting(peer.ip()) else { continue };
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -127,6 +129,7 @@ pub async fn serve_https(listener: TcpListener, shared: Arc<Shared>) {
 pub async fn serve_http(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else { continue };
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let Some(permit) = shared.http_gate.admit(peer.ip()) else { continue };
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -181,9 +184,8 @@ async fn forward_challenge(
         let mut stream = connect_from(source, terminator).await?;
         let local = stream.local_addr()?;
         stream.write_all(&proxy::header(peer, local)).await?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(io::Error::other)?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(io::Error::other)?;
         tokio::spawn(conn);
         let (parts, _) = req.into_parts();
         let request = hyper::Request::from_parts(parts, http_body_util::Empty::<bytes::Bytes>::new());
@@ -244,7 +246,10 @@ pub async fn serve_passthrough(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 /// Answer an HTTP-01 validation the relay passed on: the token's key authorization, nothing else.
-async fn serve_forwarded_challenge<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, shared: &Arc<Shared>) {
+async fn serve_forwarded_challenge<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    shared: &Arc<Shared>,
+) {
     let certs = shared.certs.clone();
     let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let certs = certs.clone();

@@ -46,4 +46,3 @@ pub struct PublicOptions {
     /// The CA.
     pub acme: AcmeOptions,
 }
-

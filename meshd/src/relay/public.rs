@@ -5,17 +5,16 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, PoisonError};
 
-
 use anyhow::Context as _;
 use tokio::task::JoinHandle;
 use tracing::info;
 
-use crate::host::statedir::StateDir;
 use super::PublicOptions;
 use super::acme::Worker;
 use super::certs::Certificates;
 use super::forward::Upstreams;
 use super::listen::{self, Shared};
+use crate::host::statedir::StateDir;
 use meshd_core::acme::renewal::Status;
 use meshd_core::input::PublicName;
 use meshd_core::plan::PublicPlan;
@@ -77,10 +76,8 @@ impl Public {
         drop(current);
         let https_port = self.options.https_port;
         let routes = Routes::new(plan.routes.iter().map(|(n, r)| (n.to_string(), r.clone())), https_port);
-        let terminated = plan
-            .terminated
-            .iter()
-            .map(|(n, &upstream)| (n.to_string(), Route { tls: TlsMode::Terminate, upstream }));
+        let terminated =
+            plan.terminated.iter().map(|(n, &upstream)| (n.to_string(), Route { tls: TlsMode::Terminate, upstream }));
         *self.shared.public.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(routes);
         *self.shared.terminated.write().unwrap_or_else(PoisonError::into_inner) =
             Arc::new(Routes::new(terminated, https_port));

@@ -22,7 +22,9 @@ impl Public {
         if plan.is_empty() {
             return Ok(());
         }
-        anyhow::bail!("this meshd was built without the relay feature: it cannot serve public names (rebuild it with --features relay)")
+        anyhow::bail!(
+            "this meshd was built without the relay feature: it cannot serve public names (rebuild it with --features relay)"
+        )
     }
 
     /// No certificate is held.

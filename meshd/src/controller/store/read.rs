@@ -165,7 +165,9 @@ pub(super) fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
         )
         .map_err(sql("read exposures"))?;
     let raw_exposures = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?)))
+        .query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+        })
         .and_then(Iterator::collect::<Result<Vec<_>, _>>)
         .map_err(sql("read exposures"))?;
     let exposures = raw_exposures

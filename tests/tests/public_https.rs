@@ -1,0 +1,392 @@
+//! Issue 12: a service at home, behind NAT, served on a public name through the relay with a certificate from a
+//! real ACME CA (Pebble, Let's Encrypt's test CA), fetched by a shop on the internet with curl trusting only
+//! Pebble's root. The relay is the hub (the common merchant setup: a VPS running controller, hub and relay).
+//!
+//! Hosts: the internet (a router), the relay (public), the home node `attic` behind a NAT router with no
+//! inbound, the CA (Pebble, and the DNS server it asks, which points the names at the relay) and the shop.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use meshd_e2e::{
+    Dns, MeshHost, Netns, Pebble, Proc, meshctl, nat_router, require_root, router, run_json, run_ok, uplink, wait_until,
+};
+use serde_json::Value;
+
+/// The relay's public address.
+const RELAY_IP: &str = "172.31.70.2";
+/// The shop's address: what the service must see as the client.
+const SHOP_IP: &str = "172.31.72.2";
+/// The CA's address (Pebble and its DNS server).
+const CA_IP: &str = "172.31.71.2";
+
+/// A backend that answers every request with what it saw (path, headers, peer) as JSON, and echoes WebSocket
+/// text frames: the service on the home node.
+const BACKEND: &str = r#"
+import base64, hashlib, json, sys
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        if self.headers.get("Upgrade", "").lower() == "websocket":
+            key = self.headers["Sec-WebSocket-Key"]
+            accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+            self.send_response(101)
+            self.send_header("Upgrade", "websocket")
+            self.send_header("Connection", "Upgrade")
+            self.send_header("Sec-WebSocket-Accept", accept)
+            self.end_headers()
+            self.wfile.flush()
+            head = self.rfile.read(2)
+            n = head[1] & 0x7f
+            mask = self.rfile.read(4)
+            data = bytes(b ^ mask[i % 4] for i, b in enumerate(self.rfile.read(n)))
+            self.wfile.write(bytes([0x81, len(b"echo:" + data)]) + b"echo:" + data)
+            self.wfile.flush()
+            return
+        body = json.dumps({"path": self.path, "peer": self.client_address[0],
+                           "headers": {k.lower(): v for k, v in self.headers.items()},
+                           "forwarded_for": self.headers.get_all("X-Forwarded-For")}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+
+class Server(ThreadingHTTPServer):
+    def server_bind(self):
+        import socketserver
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+Server(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"#;
+
+/// A WebSocket client: TLS to the relay for `name`, an HTTP/1.1 upgrade, one text frame; prints the echo.
+const WEBSOCKET_CLIENT: &str = r#"
+import base64, os, socket, ssl, sys
+name, ip, root = sys.argv[1], sys.argv[2], sys.argv[3]
+context = ssl.create_default_context(cafile=root)
+context.set_alpn_protocols(["http/1.1"])
+tls = context.wrap_socket(socket.create_connection((ip, 443), timeout=10), server_hostname=name)
+key = base64.b64encode(os.urandom(16)).decode()
+tls.sendall(("GET /ws HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (name, key)).encode())
+head = b""
+while b"\r\n\r\n" not in head:
+    head += tls.recv(1)
+assert head.startswith(b"HTTP/1.1 101"), head
+payload = b"hello"
+mask = os.urandom(4)
+tls.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+frame = tls.recv(2)
+print(tls.recv(frame[1] & 0x7f).decode())
+"#;
+
+/// The network of the test: every namespace and process, removed by their guards.
+struct Merchant {
+    _internet: Netns,
+    _home_router: Netns,
+    relay: MeshHost,
+    attic: MeshHost,
+    _ca: Netns,
+    shop: Netns,
+    pebble: Pebble,
+    _dns: Dns,
+    relay_daemon: Proc,
+    attic_daemon: Proc,
+    _backend: Proc,
+    root: PathBuf,
+}
+
+impl Merchant {
+    /// The relay (hub) and the home node up, the service `btcpay` on the home node, Pebble serving
+    /// `names` (all pointed at the relay).
+    fn new(root: &Path, names: &[&str]) -> Merchant {
+        let internet = router("inet");
+        let home_router = router("home");
+        let relay = MeshHost::new("relay", root, "ph");
+        let attic = MeshHost::new("attic", root, "ph");
+        let ca = Netns::new("ca");
+        let shop = Netns::new("shop");
+        uplink(&internet, &relay.ns, "172.31.70");
+        uplink(&internet, &ca, "172.31.71");
+        uplink(&internet, &shop, "172.31.72");
+        uplink(&internet, &home_router, "172.31.73");
+        let (home_lan, _) = uplink(&home_router, &attic.ns, "192.168.70");
+        nat_router(&home_router, &[("192.168.70.0/24", &home_lan)]);
+
+        let dns_addr: SocketAddr = format!("{CA_IP}:5353").parse().unwrap();
+        let mapped: Vec<(&str, &str)> = names.iter().map(|n| (*n, RELAY_IP)).collect();
+        let dns = Dns::start(&ca, dns_addr, &mapped, root);
+        let pebble = Pebble::start(&ca, CA_IP, 80, 443, dns_addr, root);
+        // The root that signs what Pebble issues (new at every start): the only one the shop trusts.
+        pebble.issuing_root_pem();
+
+        relay.init_hub(&format!("{RELAY_IP}:51820"), &[]);
+        let relay_daemon = start_relay(&relay, &pebble, root, "relay.log");
+        let token = run_ok(meshctl(&relay.state).args(["node", "invite", "attic", "--expires", "10m"]));
+        let joined = attic.join(token.trim(), &attic.state, None);
+        assert!(joined.status.success(), "attic joins: {}", String::from_utf8_lossy(&joined.stderr));
+        let attic_daemon = attic.run_daemon_with(&root.join("attic.log"), &acme_args(&pebble));
+        let script = root.join("backend.py");
+        fs::write(&script, BACKEND).unwrap();
+        let backend = attic.ns.spawn(&["/usr/bin/python3", script.to_str().unwrap(), "8080"]);
+        run_ok(meshctl(&relay.state).args([
+            "service",
+            "add",
+            "btcpay",
+            "--node",
+            "attic",
+            "--target",
+            "127.0.0.1:8080",
+        ]));
+        Merchant {
+            _internet: internet,
+            _home_router: home_router,
+            relay,
+            attic,
+            _ca: ca,
+            shop,
+            pebble,
+            _dns: dns,
+            relay_daemon,
+            attic_daemon,
+            _backend: backend,
+            root: root.to_path_buf(),
+        }
+    }
+
+    /// `curl` from the shop to `url` with `args`, trusting only Pebble's root, the name resolved to the relay:
+    /// (HTTP status, HTTP version, body), or None when curl got no HTTP answer.
+    fn fetch(&self, name: &str, url: &str, args: &[&str]) -> Option<(u16, String, String)> {
+        let root = self.pebble.issuing_root_path();
+        let mut cmd = self.shop.command("curl");
+        cmd.args(["-sS", "--max-time", "5", "--cacert"]).arg(root);
+        cmd.args(["--resolve", &format!("{name}:443:{RELAY_IP}"), "--resolve", &format!("{name}:80:{RELAY_IP}")]);
+        cmd.args(args).args(["-w", "\n%{http_code} %{http_version}", url]);
+        let out = cmd.output().expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, tail) = text.rsplit_once('\n')?;
+        let (code, version) = tail.split_once(' ')?;
+        let code: u16 = code.parse().ok()?;
+        (out.status.success() && code != 0).then(|| (code, version.to_owned(), body.to_owned()))
+    }
+
+    /// Wait until the shop gets the service's page on `https://NAME/`.
+    fn wait_served(&self, name: &str, within: Duration) -> Value {
+        let url = format!("https://{name}/");
+        let mut last = None;
+        let served = wait_until(within, || {
+            last = self.fetch(name, &url, &[]);
+            matches!(&last, Some((200, _, _)))
+        });
+        if !served {
+            let verbose = self.fetch(name, &url, &["-v"]);
+            panic!(
+                "{url} was not served within {within:?} (last: {last:?}, then {verbose:?})\nrelay:\n{}\nattic:\n{}\npebble:\n{}",
+                self.relay_daemon.log_text(),
+                self.attic_daemon.log_text(),
+                self.pebble.log_text()
+            );
+        }
+        serde_json::from_str(&last.unwrap().2).expect("the backend's JSON")
+    }
+
+    fn services(&self) -> Value {
+        run_json(meshctl(&self.relay.state).args(["service", "list", "--json"]))
+    }
+}
+
+/// `meshd run` arguments that make Pebble the CA.
+fn acme_args(pebble: &Pebble) -> Vec<&'static str> {
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    vec![
+        "--acme-directory",
+        leak(pebble.directory_url()),
+        "--acme-ca-root",
+        leak(pebble.listener_ca_pem_path().display().to_string()),
+        "--acme-contact",
+        "ops@shop.test",
+    ]
+}
+
+/// The relay's daemon with Pebble as its CA, ready.
+fn start_relay(relay: &MeshHost, pebble: &Pebble, root: &Path, log: &str) -> Proc {
+    let mut daemon = relay.run_daemon_with(&root.join(log), &acme_args(pebble));
+    let ready = wait_until(Duration::from_secs(60), || {
+        daemon.assert_running("starting up");
+        std::os::unix::net::UnixStream::connect(relay.state.join("meshd.sock")).is_ok()
+    });
+    assert!(ready, "the relay did not become ready");
+    daemon
+}
+
+/// A TCP connection from the shop to the relay's port `port`.
+fn connect_from_shop(shop: &Netns, port: u16) -> TcpStream {
+    let addr: SocketAddr = format!("{RELAY_IP}:{port}").parse().unwrap();
+    shop.within(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to the relay"))
+}
+
+#[test]
+fn a_home_service_is_served_on_its_public_name_with_the_relay_terminating_tls() {
+    if !require_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = Merchant::new(tmp.path(), &["pay.shop.test", "other.shop.test"]);
+    run_ok(meshctl(&m.relay.state).args(["expose", "btcpay", "--https", "pay.shop.test", "--relay", "relay"]));
+
+    // The shop gets the page from the home node, over HTTP/1.1 and HTTP/2, with its own address forwarded and
+    // a spoofed X-Forwarded-For replaced.
+    let page = m.wait_served("pay.shop.test", Duration::from_secs(60));
+    assert_eq!(page["path"], "/");
+    let (code, version, body) = m
+        .fetch("pay.shop.test", "https://pay.shop.test/invoice?id=7", &["--http1.1", "-H", "X-Forwarded-For: 6.6.6.6"])
+        .expect("an HTTP/1.1 answer");
+    assert_eq!((code, version.as_str()), (200, "1.1"));
+    let seen: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["path"], "/invoice?id=7");
+    assert_eq!(seen["forwarded_for"], serde_json::json!([SHOP_IP]), "only the real client's address: {seen}");
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "https");
+    assert_eq!(seen["headers"]["x-forwarded-host"], "pay.shop.test");
+    let (code, version, body) =
+        m.fetch("pay.shop.test", "https://pay.shop.test/h2", &["--http2"]).expect("an HTTP/2 answer");
+    assert_eq!((code, version.as_str()), (200, "2"));
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["headers"]["x-forwarded-for"], SHOP_IP);
+
+    // A WebSocket echo through the relay.
+    let client = m.root.join("ws.py");
+    fs::write(&client, WEBSOCKET_CLIENT).unwrap();
+    let root = m.pebble.issuing_root_path();
+    let out =
+        m.shop.exec(&["/usr/bin/python3", client.to_str().unwrap(), "pay.shop.test", RELAY_IP, root.to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "echo:hello", "{}", String::from_utf8_lossy(&out.stderr));
+
+    // service list shows the URL and its certificate, valid.
+    let services = m.services();
+    let https = &services[0]["https"][0];
+    assert_eq!(https["url"], "https://pay.shop.test/");
+    assert_eq!(https["certificate"]["state"], "valid", "{services}");
+    assert_eq!(https["certificate"]["holder"], "relay");
+    let listed = run_ok(meshctl(&m.relay.state).args(["service", "list"]));
+    assert!(listed.contains("https://pay.shop.test/") && listed.contains("valid until"), "{listed}");
+
+    // No open proxy: a name not exposed gets no certificate and no page (even with Pebble's DNS pointing it
+    // here), a Host other than the SNI's is refused, CONNECT too.
+    assert_eq!(m.fetch("other.shop.test", "https://other.shop.test/", &["-k"]), None, "an unknown name is served");
+    let misdirected = m.fetch("pay.shop.test", "https://pay.shop.test/", &["-H", "Host: other.shop.test"]);
+    assert_eq!(misdirected.map(|r| r.0), Some(421), "a Host that is not the SNI's");
+    let connect = m.fetch("pay.shop.test", "https://pay.shop.test/", &["--http1.1", "-X", "CONNECT"]);
+    assert!(connect.is_some_and(|r| r.0 == 405 || r.0 == 400), "CONNECT is refused");
+
+    // Port 80: a redirect to HTTPS keeping path and query.
+    let (code, _, _) = m.fetch("pay.shop.test", "http://pay.shop.test/a/b?c=1", &[]).expect("an answer on port 80");
+    assert_eq!(code, 308);
+    let out = m.shop.exec(&[
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{redirect_url}",
+        "--resolve",
+        &format!("pay.shop.test:80:{RELAY_IP}"),
+        "http://pay.shop.test/a/b?c=1",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "https://pay.shop.test/a/b?c=1");
+
+    // A slow client is cut: a connection that sends no ClientHello is closed within the hello timeout.
+    let mut idle = connect_from_shop(&m.shop, 443);
+    idle.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let opened = Instant::now();
+    let read = idle.read(&mut [0u8; 16]);
+    assert!(matches!(read, Ok(0)) || read.is_err(), "the relay sent bytes to a client that said nothing");
+    assert!(opened.elapsed() < Duration::from_secs(8), "an idle connection was kept {:?}", opened.elapsed());
+    // One that sends half a request head inside TLS is cut by the header timeout: curl's own limit is longer.
+    let mut slow = connect_from_shop(&m.shop, 80);
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: pay.shop.test\r\n").unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let opened = Instant::now();
+    let _ = slow.read(&mut [0u8; 256]);
+    assert!(opened.elapsed() < Duration::from_secs(15), "a slow request head was waited for {:?}", opened.elapsed());
+
+    // The certificate and the account key are kept, private.
+    let kept = m.relay.state.join("acme/pay.shop.test.json");
+    assert_eq!(fs::metadata(&kept).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(fs::metadata(m.relay.state.join("acme")).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(fs::metadata(m.relay.state.join("acme/account.json")).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // A restart of the relay serves the same certificate without asking the CA again.
+    let issued = m.pebble.issued_count();
+    assert_eq!(issued, 1, "one certificate for one name");
+    let stopped = m.relay_daemon.stop(Duration::from_secs(10));
+    assert!(stopped.success(), "SIGTERM ends the relay cleanly: {stopped:?}");
+    m.relay_daemon = start_relay(&m.relay, &m.pebble, &m.root, "relay-restarted.log");
+    m.wait_served("pay.shop.test", Duration::from_secs(30));
+    assert_eq!(m.pebble.issued_count(), issued, "the restarted relay ordered again:\n{}", m.pebble.log_text());
+
+    // Unexposed: the name is served no more.
+    run_ok(meshctl(&m.relay.state).args(["unexpose", "btcpay", "--https", "pay.shop.test"]));
+    let gone =
+        wait_until(Duration::from_secs(10), || m.fetch("pay.shop.test", "https://pay.shop.test/", &[]).is_none());
+    assert!(gone, "an unexposed name is still served");
+    assert!(m.services()[0]["https"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn a_home_service_is_served_on_its_public_name_with_tls_passed_through_to_the_home_node() {
+    if !require_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let m = Merchant::new(tmp.path(), &["store.shop.test"]);
+    let exposed = run_ok(meshctl(&m.relay.state).args([
+        "expose",
+        "btcpay",
+        "--https",
+        "store.shop.test",
+        "--relay",
+        "relay",
+        "--tls",
+        "passthrough",
+    ]));
+    assert!(exposed.contains("https://store.shop.test/"), "{exposed}");
+
+    // The home node gets its certificate through the relay (TLS-ALPN-01 passed through), and terminates TLS:
+    // the service sees the shop's address, carried over the mesh by the PROXY header.
+    let page = m.wait_served("store.shop.test", Duration::from_secs(60));
+    assert_eq!(page["headers"]["x-forwarded-for"], SHOP_IP, "{page}");
+    assert_eq!(page["headers"]["x-forwarded-proto"], "https");
+    let (code, version, _) = m.fetch("store.shop.test", "https://store.shop.test/", &["--http2"]).expect("HTTP/2");
+    assert_eq!((code, version.as_str()), (200, "2"));
+    let spoofed =
+        m.fetch("store.shop.test", "https://store.shop.test/", &["-H", "X-Forwarded-For: 6.6.6.6"]).expect("an answer");
+    let seen: Value = serde_json::from_str(&spoofed.2).unwrap();
+    assert_eq!(seen["forwarded_for"], serde_json::json!([SHOP_IP]), "{seen}");
+
+    // The relay holds no key for the name; the home node does, privately.
+    let relay_files: Vec<String> =
+        meshd_e2e::files_under(&m.relay.state).iter().map(|p| p.display().to_string()).collect();
+    assert!(
+        !relay_files.iter().any(|f| f.contains("store.shop.test")),
+        "the relay keeps something of the name: {relay_files:?}"
+    );
+    let kept = m.attic.state.join("acme/store.shop.test.json");
+    assert_eq!(fs::metadata(&kept).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(fs::read_to_string(&kept).unwrap().contains("PRIVATE KEY"));
+    let services = m.services();
+    assert_eq!(services[0]["https"][0]["tls"], "passthrough");
+    assert_eq!(
+        services[0]["https"][0]["certificate"],
+        Value::Null,
+        "held by the home node, which the hub does not ask"
+    );
+}
