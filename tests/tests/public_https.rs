@@ -167,6 +167,11 @@ impl Merchant {
     /// `curl` from the shop to `url` with `args`, trusting only Pebble's root, the name resolved to the relay:
     /// (HTTP status, HTTP version, body), or None when curl got no HTTP answer.
     fn fetch(&self, name: &str, url: &str, args: &[&str]) -> Option<(u16, String, String)> {
+        self.fetch_or_why(name, url, args).ok()
+    }
+
+    /// [`Merchant::fetch`], or what curl said when it got no HTTP answer.
+    fn fetch_or_why(&self, name: &str, url: &str, args: &[&str]) -> Result<(u16, String, String), String> {
         let root = self.pebble.issuing_root_path();
         let mut cmd = self.shop.command("curl");
         cmd.args(["-sS", "--max-time", "5", "--cacert"]).arg(root);
@@ -174,24 +179,26 @@ impl Merchant {
         cmd.args(args).args(["-w", "\n%{http_code} %{http_version}", url]);
         let out = cmd.output().expect("curl");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, tail) = text.rsplit_once('\n')?;
-        let (code, version) = tail.split_once(' ')?;
-        let code: u16 = code.parse().ok()?;
-        (out.status.success() && code != 0).then(|| (code, version.to_owned(), body.to_owned()))
+        let why = || format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        let (body, tail) = text.rsplit_once('\n').ok_or_else(why)?;
+        let (code, version) = tail.split_once(' ').ok_or_else(why)?;
+        match code.parse::<u16>() {
+            Ok(code) if out.status.success() && code != 0 => Ok((code, version.to_owned(), body.to_owned())),
+            _ => Err(why()),
+        }
     }
 
     /// Wait until the shop gets the service's page on `https://NAME/`.
     fn wait_served(&self, name: &str, within: Duration) -> Value {
         let url = format!("https://{name}/");
-        let mut last = None;
+        let mut last = Err(String::new());
         let served = wait_until(within, || {
-            last = self.fetch(name, &url, &[]);
-            matches!(&last, Some((200, _, _)))
+            last = self.fetch_or_why(name, &url, &[]);
+            matches!(&last, Ok((200, _, _)))
         });
         if !served {
-            let verbose = self.fetch(name, &url, &["-v"]);
             panic!(
-                "{url} was not served within {within:?} (last: {last:?}, then {verbose:?})\nrelay:\n{}\nattic:\n{}\npebble:\n{}",
+                "{url} was not served within {within:?} (last: {last:?})\nrelay:\n{}\nattic:\n{}\npebble:\n{}",
                 self.relay_daemon.log_text(),
                 self.attic_daemon.log_text(),
                 self.pebble.log_text()

@@ -6,12 +6,13 @@
 //! The daemon's `links::sync` carries both out: it owns the sockets, the broadcast of new lines to every
 //! session and the calls to the controller.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::input::Label;
+use crate::acme::renewal::Status;
+use crate::input::{Label, PublicName};
 use crate::keys::PublicKey;
 use crate::model::{Role, SharedState};
 use crate::wire::sync::{self, Change, ToHub, ToMember, line};
@@ -156,6 +157,8 @@ pub enum Effect {
         /// The accepted key.
         public_key: PublicKey,
     },
+    /// Keep what the member reports of the certificates it holds (the hub checks which names it holds).
+    Certificates(BTreeMap<PublicName, Status>),
     /// End the session.
     Close(&'static str),
 }
@@ -217,6 +220,9 @@ impl HubSession {
             (Phase::Live, Ok(ToHub::NewKey { public_key })) => {
                 self.checking = Some(public_key.clone());
                 self.effects.push_back(Effect::CheckKey { public_key });
+            }
+            (Phase::Live, Ok(ToHub::Certificates { certificates })) => {
+                self.effects.push_back(Effect::Certificates(certificates));
             }
             (Phase::Live, Ok(ToHub::Switch)) => match self.offered.take() {
                 Some(public_key) => self.effects.push_back(Effect::SwitchKey { public_key }),
@@ -381,5 +387,21 @@ mod tests {
         assert!(effects(&mut session).is_empty());
         session.handle_published(false);
         assert_eq!(effects(&mut session), [Effect::Close("no longer an active member")]);
+    }
+
+    #[test]
+    fn a_live_members_certificate_report_is_passed_on_and_one_before_hello_closes_the_session() {
+        let report =
+            r#"{"msg":"certificates","certificates":{"pay.shop.example":{"state":"valid","until":1900000000}}}"#;
+        let mut session = HubSession::new(label("vps"), now());
+        session.handle_line(r#"{"msg":"hello","digest":"d1"}"#);
+        effects(&mut session);
+        session.handle_line(report);
+        let Some(Effect::Certificates(certificates)) = session.poll_effect() else { panic!("no report") };
+        let name: PublicName = "pay.shop.example".parse().unwrap();
+        assert_eq!(certificates[&name], Status::Valid { until: 1_900_000_000, last_error: None });
+        let mut early = HubSession::new(label("vps"), now());
+        early.handle_line(report);
+        assert!(early.is_closed(), "a report is no hello");
     }
 }

@@ -3,13 +3,14 @@
 //! says which state a member has. The transport (one TCP stream per member inside the mesh) is the
 //! daemon's `links::sync`; the decisions of each end are [`crate::session`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::input::Label;
+use crate::acme::renewal::Status;
+use crate::input::{Label, PublicName};
 use crate::keys::PublicKey;
 use crate::model::{AccessRule, DeviceGrants, Exposure, Network, Node, Service, SharedState};
 
@@ -54,6 +55,12 @@ pub enum ToHub {
     },
     /// The member is switching to the accepted key now.
     Switch,
+    /// The state of the certificates this member holds (its passthrough names; a relay's terminated ones),
+    /// all of them, sent when one changes and after connecting; `service list` on the hub shows them.
+    Certificates {
+        /// By public name.
+        certificates: BTreeMap<PublicName, Status>,
+    },
 }
 
 /// What the hub sends.

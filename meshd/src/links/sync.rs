@@ -19,7 +19,7 @@
 //!
 //! [`SYNC_PORT`]: meshd_core::model::SYNC_PORT
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::sync::{Arc, RwLock};
@@ -34,7 +34,8 @@ use tracing::{debug, info, warn};
 
 use crate::host::admission::{Caps, Gate, TurnedAway};
 use crate::host::clock;
-use meshd_core::input::Label;
+use meshd_core::acme::renewal::Status;
+use meshd_core::input::{Label, PublicName};
 use meshd_core::keys::{PrivateKey, PublicKey};
 use meshd_core::model::SharedState;
 use meshd_core::session::hub::{self, HELLO_TIMEOUT, HubSession, Journal};
@@ -116,6 +117,8 @@ pub enum FromSession {
     Offer(KeyOffer),
     /// A member whose offer was accepted switches to that key now.
     Switch { node: Label, public_key: PublicKey },
+    /// A member reports the state of the certificates it holds.
+    Certificates { node: Label, certificates: BTreeMap<PublicName, Status> },
 }
 
 impl Publisher {
@@ -344,6 +347,9 @@ impl Publisher {
                     }
                     hub::Effect::SwitchKey { public_key } => {
                         let _ = requests.send(FromSession::Switch { node: node.clone(), public_key }).await;
+                    }
+                    hub::Effect::Certificates(certificates) => {
+                        let _ = requests.send(FromSession::Certificates { node: node.clone(), certificates }).await;
                     }
                     hub::Effect::Close(reason) => {
                         info!(%node, reason, "closing the member's sync session");

@@ -89,6 +89,12 @@ impl Worker {
     pub fn status(&self, name: &PublicName, now: u64) -> Option<Status> {
         self.board.lock().unwrap_or_else(PoisonError::into_inner).get(name).map(|r| r.status(now))
     }
+
+    /// The state at `now` of every name's certificate.
+    pub fn statuses(&self, now: u64) -> BTreeMap<PublicName, Status> {
+        let board = self.board.lock().unwrap_or_else(PoisonError::into_inner);
+        board.iter().map(|(name, r)| (name.clone(), r.status(now))).collect()
+    }
 }
 
 /// The worker's state.

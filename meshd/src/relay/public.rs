@@ -1,7 +1,7 @@
 //! Running this host's part of its public names: listeners started and stopped, routes and names replaced in
 //! place, the ACME worker told which names to hold.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, PoisonError};
 
@@ -97,6 +97,11 @@ impl Public {
     /// The state of `name`'s certificate at `now` (unix seconds), if this host holds it.
     pub fn certificate(&self, name: &PublicName, now: u64) -> Option<Status> {
         self.worker.as_ref()?.status(name, now)
+    }
+
+    /// The state at `now` of every certificate this host holds, by name (what a member reports to the hub).
+    pub fn certificates(&self, now: u64) -> BTreeMap<PublicName, Status> {
+        self.worker.as_ref().map(|w| w.statuses(now)).unwrap_or_default()
     }
 
     /// The public HTTP and HTTPS listeners, on every address of the host.

@@ -1,6 +1,8 @@
 //! A meshd built without the `relay` feature (no hyper, no ACME client): it serves no public name, and says so
 //! in one line when its plan asks it to.
 
+use std::collections::BTreeMap;
+
 use crate::host::statedir::StateDir;
 use meshd_core::acme::renewal::Status;
 use meshd_core::input::PublicName;
@@ -30,5 +32,10 @@ impl Public {
     /// No certificate is held.
     pub fn certificate(&self, _name: &PublicName, _now: u64) -> Option<Status> {
         None
+    }
+
+    /// No certificate is held.
+    pub fn certificates(&self, _now: u64) -> BTreeMap<PublicName, Status> {
+        BTreeMap::new()
     }
 }

@@ -2,7 +2,7 @@
 //! members' sync sessions), change the network through the [`Controller`], and every change is applied
 //! to this host (one reconcile) and published to the members.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Ipv6Addr, SocketAddr};
 
 use anyhow::Context;
@@ -17,6 +17,8 @@ use crate::host::wg::Interface;
 use crate::links::admin::{self, Call};
 use crate::links::join::{self, Binding, JoinCall};
 use crate::links::sync::{FromSession, Publisher};
+use meshd_core::acme::renewal::Status;
+use meshd_core::input::{Label, PublicName};
 use meshd_core::keys::{PrivateKey, PublicKey};
 use meshd_core::model::{CertificateReport, DeviceView, NodeView, ServiceView, Snapshot};
 use meshd_core::plan::SyncPlan;
@@ -71,10 +73,12 @@ pub(super) async fn serve(
     host.open_known_tunnels().await;
     let shutdown = wait_for_signal(host.stopped()?);
     tokio::pin!(shutdown);
+    // What members last reported of the certificates they hold (since this hub started).
+    let mut reports = Reports::new();
     let result = loop {
         tokio::select! {
             Some((request, reply)) = calls.recv() => {
-                let outcome = handle(controller, host, &publisher, request).await;
+                let outcome = handle(controller, host, &publisher, &reports, request).await;
                 let _ = reply.send(outcome);
             }
             Some((request, peer, binding, reply)) = joins.recv() => {
@@ -84,7 +88,12 @@ pub(super) async fn serve(
                 };
                 let _ = reply.send(answer);
             }
-            Some(request) = sessions.recv() => rotate_member_key(controller, host, &publisher, request).await,
+            Some(request) = sessions.recv() => match request {
+                FromSession::Certificates { node, certificates } => {
+                    reports.insert(node, certificates);
+                }
+                request => rotate_member_key(controller, host, &publisher, request).await,
+            },
             () = tokio::time::sleep(APPLY_RETRY), if host.unapplied() => match publish_change(controller, host, &publisher).await {
                 Ok(()) => info!("the last change is applied now"),
                 Err(e) => debug!(error = format!("{e:#}"), "applying the change failed again"),
@@ -97,9 +106,13 @@ pub(super) async fn serve(
     result
 }
 
+/// The certificates each member holds, as it last reported them.
+type Reports = HashMap<Label, BTreeMap<PublicName, Status>>;
+
 /// A member asked for a new key offers it, then switches to it.
 async fn rotate_member_key(controller: &mut Controller, host: &mut Host, publisher: &Publisher, request: FromSession) {
     match request {
+        FromSession::Certificates { .. } => {}
         FromSession::Offer(offer) => {
             let verdict = controller.check_node_key(&offer.node, &offer.public_key).map_err(|e| e.to_string());
             let _ = offer.reply.send(verdict);
@@ -187,7 +200,13 @@ async fn publish_change(controller: &mut Controller, host: &mut Host, publisher:
 }
 
 /// Carry out one admin request; a change is applied to this host and published to the members.
-async fn handle(controller: &mut Controller, host: &mut Host, publisher: &Publisher, request: Request) -> Outcome {
+async fn handle(
+    controller: &mut Controller,
+    host: &mut Host,
+    publisher: &Publisher,
+    reports: &Reports,
+    request: Request,
+) -> Outcome {
     let is_change = request.is_change();
     let reply = match crate::controller::outcome(controller.handle(request)) {
         Outcome::Ok(reply) => reply,
@@ -197,12 +216,12 @@ async fn handle(controller: &mut Controller, host: &mut Host, publisher: &Publis
         error!(error = format!("{e:#}"), "applying the change failed");
         return Outcome::Error(format!("the change was saved but applying it failed: {e:#}"));
     }
-    Outcome::Ok(with_handshakes(host, reply).await)
+    Outcome::Ok(with_handshakes(host, with_certificates(host, reports, reply)).await)
 }
 
-/// Fill in the state of the certificates this host holds (the relay's in terminate mode, the service node's in
-/// passthrough mode).
-fn with_certificates(host: &Host, mut reply: Reply) -> Reply {
+/// Fill in the state of each public name's certificate, as its holder (the relay in terminate mode, the service's
+/// node in passthrough mode) knows it: this host's own, the members' as they last reported them.
+fn with_certificates(host: &Host, reports: &Reports, mut reply: Reply) -> Reply {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let fill = |service: &mut ServiceView| {
         for url in &mut service.https {
@@ -210,12 +229,12 @@ fn with_certificates(host: &Host, mut reply: Reply) -> Reply {
                 TlsMode::Terminate => &url.relay,
                 TlsMode::Passthrough => &service.node,
             };
-            if holder.as_str() == host.name {
-                url.certificate = host
-                    .public
-                    .certificate(&url.hostname, now)
-                    .map(|status| CertificateReport { holder: holder.clone(), status });
-            }
+            let status = if holder.as_str() == host.name {
+                host.public.certificate(&url.hostname, now)
+            } else {
+                reports.get(holder).and_then(|held| held.get(&url.hostname)).cloned()
+            };
+            url.certificate = status.map(|status| CertificateReport { holder: holder.clone(), status });
         }
     };
     match &mut reply {
@@ -230,7 +249,6 @@ fn with_certificates(host: &Host, mut reply: Reply) -> Reply {
 /// Fill in what the live interface knows: the last handshake of devices, and when the hub last heard
 /// from each node.
 async fn with_handshakes(host: &Host, reply: Reply) -> Reply {
-    let reply = with_certificates(host, reply);
     let needs = matches!(reply, Reply::Devices(_) | Reply::Status(_) | Reply::Nodes(_));
     if !needs {
         return reply;

@@ -5,6 +5,7 @@
 //! to the join certificate of its token. Without a controller the host keeps running on its cached
 //! state and reconnects with backoff.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,8 @@ use crate::host::clock;
 use crate::host::statedir::StateDir;
 use crate::links::join;
 use crate::links::sync::{self, Identity, Outgoing, SyncEvent};
+use meshd_core::acme::renewal::Status;
+use meshd_core::input::PublicName;
 use meshd_core::keys::{PrivateKey, PublicKey};
 use meshd_core::model::SYNC_PORT;
 use meshd_core::session::member::{Effect, Member};
@@ -27,6 +30,9 @@ use meshd_core::wire::sync::ToHub;
 
 /// How long a question to the join service may take.
 const STANDING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often a member looks whether the certificates it holds changed state, to tell the hub.
+const REPORT_EVERY: Duration = Duration::from_secs(2);
 
 /// Follow the controller until SIGINT or SIGTERM, or until this host is removed from the network.
 pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host: &mut Host) -> anyhow::Result<()> {
@@ -48,6 +54,10 @@ pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host
     tokio::pin!(shutdown);
     // The delivery of a message sent with `SendAcknowledged`, awaited beside everything else.
     let mut delivery: Option<oneshot::Receiver<()>> = None;
+    // The certificates this host holds, as last told to the hub (None: tell it, after connecting).
+    let mut reported: Option<BTreeMap<PublicName, Status>> = None;
+    let mut report_tick = tokio::time::interval(REPORT_EVERY);
+    report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         if let Err(e) = carry_out(&mut member, state, host, &outgoing, &mut delivery, &standing_tx).await {
             break Err(e);
@@ -70,7 +80,10 @@ pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host
         let deadline = member.poll_timeout();
         tokio::select! {
             Some(event) = events.recv() => match event {
-                SyncEvent::Connected { at } => member.handle_connected(at),
+                SyncEvent::Connected { at } => {
+                    member.handle_connected(at);
+                    reported = None;
+                }
                 SyncEvent::Disconnected => member.handle_disconnected(Instant::now()),
                 SyncEvent::Message(message) => member.handle_message(message),
             },
@@ -80,6 +93,15 @@ pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host
             }
             Some(answer) = standings.recv() => member.handle_standing(answer, Instant::now()),
             () = clock::sleep_until(deadline) => member.handle_timeout(Instant::now()),
+            _ = report_tick.tick() => {
+                let now = clock::wall_now().max(0) as u64;
+                let certificates = host.public.certificates(now);
+                let news = reported.as_ref() != Some(&certificates);
+                let worth = !certificates.is_empty() || reported.as_ref().is_some_and(|r| !r.is_empty());
+                if news && worth && outgoing.try_send(ToHub::Certificates { certificates: certificates.clone() }.into()).is_ok() {
+                    reported = Some(certificates);
+                }
+            }
             () = tokio::time::sleep(APPLY_RETRY), if host.unapplied() => {
                 match host.reconcile(&member.member_state().state.snapshot()).await {
                     Ok(renewable) => {
