@@ -269,6 +269,7 @@ fn sample_current() -> Current {
             target: "127.0.0.1:5052".parse().expect("a sample target"),
             port: 5052,
             protocol: Protocol::Tcp,
+            https: vec![],
         }],
         devices: vec![DeviceSpec { name: label("phone"), allow: [label("beacon")].into() }],
         rules: [AccessRule { from: label("vps"), to: label("attic") }].into(),

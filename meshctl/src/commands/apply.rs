@@ -308,6 +308,7 @@ disabled = true
 name = "beacon"
 node = "consensus"
 target = "127.0.0.1:5052"
+https = [{ hostname = "beacon.example.org", relay = "hub", tls = "passthrough" }]
 
 [[device]]
 name = "phone"
@@ -344,6 +345,10 @@ to = "validator"
         assert_eq!(s.devices.len(), 1);
         assert_eq!(s.devices[0].allow, [label("beacon")]);
         assert_eq!(s.rules, [AccessRule { from: label("consensus"), to: label("validator") }]);
+        let exposure = &s.exposures[..];
+        assert_eq!(exposure.len(), 1);
+        assert_eq!((exposure[0].hostname.as_str(), exposure[0].relay.as_str()), ("beacon.example.org", "hub"));
+        assert_eq!(exposure[0].tls, meshd_core::relay::route::TlsMode::Passthrough);
         let conf = out.join("phone.conf");
         assert_eq!(fs::metadata(&conf).unwrap().permissions().mode() & 0o777, 0o600);
         let text = fs::read_to_string(&conf).unwrap();

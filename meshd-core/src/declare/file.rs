@@ -8,7 +8,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use super::{DeclareError, DeviceSpec, Kind, NodeSpec, ServiceSpec};
+use super::{DeclareError, DeviceSpec, HttpsSpec, Kind, NodeSpec, ServiceSpec};
 use crate::handout::DeviceDns;
 use crate::input::{HostPort, Label};
 use crate::model::{AccessRule, Protocol, Role};
@@ -82,6 +82,8 @@ struct ServiceEntry {
     port: Option<u16>,
     #[serde(default)]
     protocol: Protocol,
+    #[serde(default)]
+    https: Vec<HttpsSpec>,
 }
 
 #[derive(Deserialize)]
@@ -160,6 +162,7 @@ impl Declaration {
             let (name, disabled, endpoint) = (entry.name.clone(), entry.disabled, entry.endpoint.clone());
             declaration.nodes.push(NodeSpec { name, role, disabled, endpoint, mtu: entry.mtu });
         }
+        let mut hostnames = BTreeSet::new();
         for entry in file.service {
             if !is_node(&entry.node) {
                 return Err(DeclareError::UndeclaredNode { service: entry.name, node: entry.node });
@@ -168,8 +171,21 @@ impl Declaration {
             if port == 0 {
                 return Err(DeclareError::PortZero(entry.name));
             }
+            if !entry.https.is_empty() && entry.protocol != Protocol::Tcp {
+                return Err(DeclareError::HttpsOverUdp(entry.name));
+            }
+            for https in &entry.https {
+                if !is_node(&https.relay) {
+                    return Err(DeclareError::UndeclaredRelay { service: entry.name, relay: https.relay.clone() });
+                }
+                if !hostnames.insert(https.hostname.clone()) {
+                    return Err(DeclareError::PublicNameTwice(https.hostname.clone()));
+                }
+            }
             let (name, node, target, protocol) = (entry.name, entry.node, entry.target, entry.protocol);
-            declaration.services.push(ServiceSpec { name, node, target, port, protocol });
+            let mut https = entry.https;
+            https.sort();
+            declaration.services.push(ServiceSpec { name, node, target, port, protocol, https });
         }
         for entry in file.device {
             if let Some(service) = entry.allow.iter().find(|a| names.get(a) != Some(&Kind::Service)) {

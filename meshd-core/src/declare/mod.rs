@@ -17,8 +17,9 @@ mod step;
 use std::collections::BTreeSet;
 use std::fmt;
 
-use crate::input::{HostPort, Label};
+use crate::input::{HostPort, Label, PublicName};
 use crate::model::{Protocol, Role};
+use crate::relay::route::TlsMode;
 
 pub use file::Declaration;
 pub use plan::{Current, Plan, Waiting, plan};
@@ -71,6 +72,20 @@ pub enum DeclareError {
         /// The node it names.
         node: Label,
     },
+    #[error("service \"{0}\" is UDP: only a TCP service speaking HTTP can have https names")]
+    /// A UDP service with public names.
+    HttpsOverUdp(Label),
+    #[error("service \"{service}\" is served through relay \"{relay}\", which is neither the hub nor a declared node")]
+    /// A public name's relay that is not a node of the file (nor the hub).
+    UndeclaredRelay {
+        /// The service.
+        service: Label,
+        /// The relay named.
+        relay: Label,
+    },
+    #[error("{0} is declared twice: a public name belongs to one service")]
+    /// A public name under two services, or twice under one.
+    PublicNameTwice(PublicName),
     #[error("service \"{0}\": port 0 is out of range (1-65535)")]
     /// A service whose mesh port (`port`, else the target's) is 0.
     PortZero(Label),
@@ -192,6 +207,21 @@ pub struct ServiceSpec {
     pub port: u16,
     /// `protocol = "udp"` in the file; TCP when absent.
     pub protocol: Protocol,
+    /// Its public names (`https = [...]`), sorted by name.
+    pub https: Vec<HttpsSpec>,
+}
+
+/// A service's public name (`meshctl expose`): as declared, or as it stands.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpsSpec {
+    /// The public name.
+    pub hostname: PublicName,
+    /// The relay it is served through.
+    pub relay: Label,
+    /// Where TLS ends; `terminate` when absent.
+    #[serde(default)]
+    pub tls: TlsMode,
 }
 
 /// A device and the services it may reach: as declared, or as it stands.

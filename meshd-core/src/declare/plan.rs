@@ -6,7 +6,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use super::{Declaration, DeclareError, DeviceSpec, Kind, NodeSpec, ServiceSpec, Step, list};
+use super::{Declaration, DeclareError, DeviceSpec, HttpsSpec, Kind, NodeSpec, ServiceSpec, Step, list};
 use crate::input::Label;
 use crate::model::{AccessRule, InviteView, Role};
 use crate::wire::admin::StatusView;
@@ -52,7 +52,18 @@ impl Current {
                 let target = s.target.parse().map_err(|_| DeclareError::UnreadableService(s.name.clone(), "target"))?;
                 let port = (s.mesh_address.rsplit_once(':').and_then(|(_, port)| port.parse().ok()))
                     .ok_or_else(|| DeclareError::UnreadableService(s.name.clone(), "mesh address"))?;
-                Ok(ServiceSpec { name: s.name.clone(), node: s.node.clone(), target, port, protocol: s.protocol })
+                let mut https: Vec<HttpsSpec> = (s.https.iter())
+                    .map(|u| HttpsSpec { hostname: u.hostname.clone(), relay: u.relay.clone(), tls: u.tls })
+                    .collect();
+                https.sort();
+                Ok(ServiceSpec {
+                    name: s.name.clone(),
+                    node: s.node.clone(),
+                    target,
+                    port,
+                    protocol: s.protocol,
+                    https,
+                })
             })
             .collect::<Result<_, DeclareError>>()?;
         Ok(Current {
@@ -132,6 +143,13 @@ pub enum Waiting {
         /// The node.
         name: Label,
     },
+    /// A public name whose relay has not joined.
+    PublicName {
+        /// The name.
+        hostname: crate::input::PublicName,
+        /// Its relay.
+        relay: Label,
+    },
 }
 
 impl fmt::Display for Waiting {
@@ -147,6 +165,9 @@ impl fmt::Display for Waiting {
             }
             Waiting::Rule { from, to, node } => write!(f, "! allow {from} -> {to} waits for node {node} to join"),
             Waiting::DisabledNode { name } => write!(f, "! node {name} is disabled and not a member: not invited"),
+            Waiting::PublicName { hostname, relay } => {
+                write!(f, "! https://{hostname}/ waits for relay {relay} to join")
+            }
         }
     }
 }
@@ -172,6 +193,7 @@ pub fn plan(desired: &Declaration, current: &Current) -> Result<Plan, DeclareErr
     }
     let disables = plan_nodes(desired, current, &mut plan);
     let services = plan_services(desired, current, &mut plan);
+    plan_public(desired, current, &services, &mut plan);
     plan_devices(desired, current, &services, &mut plan);
     plan_rules(desired, current, &mut plan);
     plan_removals(desired, current, &services, disables, &mut plan);
@@ -248,6 +270,37 @@ fn plan_services<'a>(desired: &'a Declaration, current: &Current, plan: &mut Pla
         }
     }
     services
+}
+
+/// Public names: those that go or change relay or mode are unexposed first (a name may move between services),
+/// then the new ones exposed. A service that moves lost its names with its old self: they are exposed again.
+fn plan_public(desired: &Declaration, current: &Current, services: &ReadyServices<'_>, plan: &mut Plan) {
+    let wanted = |service: &Label| desired.services.iter().find(|s| &s.name == service).map(|s| &s.https);
+    for now in &current.services {
+        if services.moved.contains(&now.name) {
+            continue;
+        }
+        let keep = wanted(&now.name).filter(|_| services.ready.contains(&now.name));
+        for https in now.https.iter().filter(|h| !keep.is_some_and(|k| k.contains(h))) {
+            plan.steps.push(Step::Unexpose { service: now.name.clone(), hostname: https.hostname.clone() });
+        }
+    }
+    for service in desired.services.iter().filter(|s| services.ready.contains(&s.name)) {
+        let had = current.services.iter().find(|s| s.name == service.name && !services.moved.contains(&s.name));
+        for https in service.https.iter().filter(|h| !had.is_some_and(|s| s.https.contains(h))) {
+            if !current.joined(&https.relay) {
+                let (hostname, relay) = (https.hostname.clone(), https.relay.clone());
+                plan.waiting.push(Waiting::PublicName { hostname, relay });
+                continue;
+            }
+            plan.steps.push(Step::Expose {
+                service: service.name.clone(),
+                hostname: https.hostname.clone(),
+                relay: https.relay.clone(),
+                tls: https.tls,
+            });
+        }
+    }
 }
 
 /// New devices and changed grants. A device gets the services that can exist now; one with none of
@@ -347,6 +400,7 @@ mod tests {
     use super::*;
     use crate::fixtures::{SAMPLE_DECLARATION as EXAMPLE, label};
     use crate::model::Protocol;
+    use crate::relay::route::TlsMode;
     use crate::wire::admin::{EndpointChange, Request};
 
     #[test]
@@ -395,6 +449,7 @@ mod tests {
             target: target.parse().unwrap(),
             port,
             protocol: Protocol::Tcp,
+            https: vec![],
         }
     }
 
@@ -443,6 +498,51 @@ mod tests {
             devices: vec![device("phone", &["beacon", "wallet"])],
             rules: [rule("consensus", "validator"), rule("hub", "validator")].into_iter().collect(),
         }
+    }
+
+    #[test]
+    fn public_names_are_exposed_moved_and_unexposed_and_wait_for_their_relay() {
+        let https = |hostname: &str, relay: &str, tls| HttpsSpec {
+            hostname: hostname.parse().unwrap(),
+            relay: label(relay),
+            tls,
+        };
+        let mut network = example_network();
+        network.services[0].https = vec![
+            https("old.shop.example", "hub", TlsMode::Terminate),
+            https("pay.shop.example", "hub", TlsMode::Terminate),
+        ];
+        let file = format!(
+            "{EXAMPLE}\n{}",
+            r#"[[service]]
+name = "btcpay"
+node = "hub"
+target = "127.0.0.1:23000"
+https = [{ hostname = "pay.shop.example", relay = "hub", tls = "passthrough" }, { hostname = "shop.example", relay = "validator" }, { hostname = "later.shop.example", relay = "vps1" }]
+"#
+        );
+        let plan = plan(&parse(&file).unwrap(), &network).unwrap();
+        assert_eq!(
+            lines(&plan).into_iter().filter(|l| l.contains("https://")).collect::<Vec<_>>(),
+            [
+                "- unexpose wallet from https://old.shop.example/",
+                "- unexpose wallet from https://pay.shop.example/",
+                "+ expose btcpay on https://pay.shop.example/ through hub (tls passthrough)",
+                "+ expose btcpay on https://shop.example/ through validator (tls terminate)",
+                "! https://later.shop.example/ waits for relay vps1 to join",
+            ],
+            "a name moving between services is taken off the old one first"
+        );
+        let add = plan.steps.iter().position(|s| matches!(s, Step::AddService { .. })).unwrap();
+        let expose = plan.steps.iter().position(|s| matches!(s, Step::Expose { .. })).unwrap();
+        assert!(add < expose, "the service exists before its name is exposed");
+
+        let twice = format!(
+            "{file}\n[[service]]\nname = \"copy\"\nnode = \"hub\"\ntarget = \"127.0.0.1:1\"\nhttps = [{{ hostname = \"shop.example\", relay = \"hub\" }}]\n"
+        );
+        assert_eq!(parse(&twice).unwrap_err(), DeclareError::PublicNameTwice("shop.example".parse().unwrap()));
+        let udp = "[[service]]\nname = \"dns\"\nnode = \"hub\"\ntarget = \"127.0.0.1:53\"\nprotocol = \"udp\"\nhttps = [{ hostname = \"dns.example\", relay = \"hub\" }]\n";
+        assert_eq!(parse(udp).unwrap_err(), DeclareError::HttpsOverUdp(label("dns")));
     }
 
     #[test]

@@ -6,9 +6,10 @@ use std::fmt;
 use serde::Serialize;
 
 use super::{list, role_name};
-use crate::input::{HostPort, Label};
+use crate::input::{HostPort, Label, PublicName};
 use crate::keys::PublicKey;
 use crate::model::{Protocol, Role};
+use crate::relay::route::TlsMode;
 use crate::wire::admin::{EndpointChange, Request};
 
 /// One change to the network, carried out by one or two admin requests.
@@ -105,6 +106,24 @@ pub enum Step {
         was_port: u16,
         /// The protocol it had.
         was_protocol: Protocol,
+    },
+    /// Serve a service on a public name through a relay.
+    Expose {
+        /// The service.
+        service: Label,
+        /// The public name.
+        hostname: PublicName,
+        /// The relay.
+        relay: Label,
+        /// Where TLS ends.
+        tls: TlsMode,
+    },
+    /// Stop serving a service on a public name (it goes, or comes back with another relay or mode).
+    Unexpose {
+        /// The service.
+        service: Label,
+        /// The public name.
+        hostname: PublicName,
     },
     /// Add a device (its key pair is made when the step is carried out).
     AddDevice {
@@ -204,6 +223,15 @@ impl Step {
                 port: Some(*port),
                 protocol: Some(*protocol),
             }],
+            Step::Expose { service, hostname, relay, tls } => vec![Request::Expose {
+                service: service.clone(),
+                hostname: hostname.clone(),
+                relay: relay.clone(),
+                tls: *tls,
+            }],
+            Step::Unexpose { service, hostname } => {
+                vec![Request::Unexpose { service: service.clone(), hostname: hostname.clone() }]
+            }
             Step::AddDevice { name, allow } => {
                 vec![Request::DeviceAdd {
                     name: name.clone(),
@@ -272,6 +300,10 @@ impl fmt::Display for Step {
                 }
                 write!(f, "~ service {name}: {}", changes.join(", "))
             }
+            Step::Expose { service, hostname, relay, tls } => {
+                write!(f, "+ expose {service} on https://{hostname}/ through {relay} (tls {tls})")
+            }
+            Step::Unexpose { service, hostname } => write!(f, "- unexpose {service} from https://{hostname}/"),
             Step::AddDevice { name, allow } => write!(f, "+ add device {name} (allow {})", list(allow)),
             Step::AllowDevice { name, allow, was } if allow == was => {
                 write!(f, "~ device {name}: allow {} again (a service it reaches moves)", list(allow))

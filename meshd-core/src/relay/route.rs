@@ -19,10 +19,11 @@ pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 pub const ACME_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
 
 /// Where TLS ends for a public name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TlsMode {
-    /// On the relay, which holds the certificate and proxies HTTP to the service over the mesh.
+    /// On the relay, which holds the certificate and proxies HTTP to the service over the mesh (the default).
+    #[default]
     Terminate,
     /// On the service's node: the relay passes the TLS stream through by its server name and never holds
     /// the key or sees plaintext.
