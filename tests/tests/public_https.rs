@@ -110,6 +110,11 @@ impl Merchant {
     /// The relay (hub) and the home node up, the service `btcpay` on the home node, Pebble serving
     /// `names` (all pointed at the relay).
     fn new(root: &Path, names: &[&str]) -> Merchant {
+        Merchant::validated_on(root, names, 443)
+    }
+
+    /// [`Merchant::new`] with Pebble validating TLS-ALPN-01 on `tls_port` of the relay.
+    fn validated_on(root: &Path, names: &[&str], tls_port: u16) -> Merchant {
         let internet = router("inet");
         let home_router = router("home");
         let relay = MeshHost::new("relay", root, "ph");
@@ -126,7 +131,7 @@ impl Merchant {
         let dns_addr: SocketAddr = format!("{CA_IP}:5353").parse().unwrap();
         let mapped: Vec<(&str, &str)> = names.iter().map(|n| (*n, RELAY_IP)).collect();
         let dns = Dns::start(&ca, dns_addr, &mapped, root);
-        let pebble = Pebble::start(&ca, CA_IP, 80, 443, dns_addr, root);
+        let pebble = Pebble::start(&ca, CA_IP, 80, tls_port, dns_addr, root);
         // The root that signs what Pebble issues (new at every start): the only one the shop trusts.
         pebble.issuing_root_pem();
 
@@ -396,4 +401,48 @@ fn a_home_service_is_served_on_its_public_name_with_tls_passed_through_to_the_ho
         Value::Null,
         "held by the home node, which the hub does not ask"
     );
+}
+
+#[test]
+fn http_01_takes_over_where_tls_alpn_01_cannot_validate_and_a_name_that_fails_both_backs_off() {
+    if !require_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // Pebble validates TLS-ALPN-01 on a port where nothing listens: only HTTP-01 can succeed.
+    let m = Merchant::validated_on(tmp.path(), &["pay.shop.test", "store.shop.test"], 4443);
+    let expose = |name: &str, tls: &str| {
+        run_ok(meshctl(&m.relay.state).args(["expose", "btcpay", "--https", name, "--relay", "relay", "--tls", tls]))
+    };
+    expose("pay.shop.test", "terminate");
+    expose("store.shop.test", "passthrough");
+    // fail.shop.test is not in the CA's DNS: neither validation can succeed.
+    expose("fail.shop.test", "terminate");
+
+    // The relay answers HTTP-01 itself (terminate), and passes it to the home node (passthrough).
+    m.wait_served("pay.shop.test", Duration::from_secs(60));
+    let page = m.wait_served("store.shop.test", Duration::from_secs(60));
+    assert_eq!(page["headers"]["x-forwarded-for"], SHOP_IP);
+    assert!(m.relay_daemon.log_text().contains("challenge=\"http-01\""), "the relay's certificate came by HTTP-01");
+    assert!(m.attic_daemon.log_text().contains("challenge=\"http-01\""), "the home node's certificate came by HTTP-01");
+
+    // The failing name: pending, with the reason, and no order again before the backoff (a minute).
+    let mut services = Value::Null;
+    let failed = wait_until(Duration::from_secs(30), || {
+        services = m.services();
+        let urls = services[0]["https"].as_array().cloned().unwrap_or_default();
+        urls.iter().any(|u| u["hostname"] == "fail.shop.test" && u["certificate"]["last_error"].is_string())
+    });
+    assert!(failed, "the failing name shows no error: {services}");
+    let url = services[0]["https"].as_array().unwrap().iter().find(|u| u["hostname"] == "fail.shop.test").unwrap().clone();
+    assert_eq!(url["certificate"]["state"], "pending");
+    let error = url["certificate"]["last_error"].as_str().unwrap();
+    assert!(error.contains("tls-alpn-01") && error.contains("http-01"), "both validations were tried: {error}");
+    let listed = run_ok(meshctl(&m.relay.state).args(["service", "list"]));
+    assert!(listed.contains("https://fail.shop.test/") && listed.contains("pending (last error: "), "{listed}");
+    let orders = || m.relay_daemon.log_text().matches("name=fail.shop.test challenge=").count();
+    let tried = orders();
+    assert_eq!(tried, 2, "one order per validation method:\n{}", m.relay_daemon.log_text());
+    std::thread::sleep(Duration::from_secs(10));
+    assert_eq!(orders(), tried, "the failing name was ordered again within its backoff:\n{}", m.relay_daemon.log_text());
 }
