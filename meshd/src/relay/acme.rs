@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, CertificateIdentifier, ChallengeType, Identifier, NewAccount,
-    NewOrder, OrderStatus, RetryPolicy,
+    NewOrder, OrderStatus, RenewalInfo, RetryPolicy,
 };
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -414,12 +414,72 @@ async fn ask(account: &Account, chain_pem: &str) -> Result<(Window, u64), String
         .map_err(|e| format!("the chain is not PEM: {e}"))?;
     let id = CertificateIdentifier::try_from(&leaf)?;
     let (info, retry_after) = account.renewal_info(&id).await.map_err(|e| e.to_string())?;
-    let (start, end) = (info.suggested_window.start.unix_timestamp(), info.suggested_window.end.unix_timestamp());
-    let window = Window { start: u64::try_from(start).unwrap_or(0), end: u64::try_from(end).unwrap_or(0) };
-    Ok((window, retry_after.as_secs()))
+    Ok((window_of(&info), retry_after.as_secs()))
+}
+
+/// The suggested window of a renewal information answer (RFC 9773 section 4.2), unix seconds; a time before
+/// 1970 counts as 1970 (a window already open).
+fn window_of(info: &RenewalInfo) -> Window {
+    let seconds = |t: i64| u64::try_from(t).unwrap_or(0);
+    Window {
+        start: seconds(info.suggested_window.start.unix_timestamp()),
+        end: seconds(info.suggested_window.end.unix_timestamp()),
+    }
 }
 
 /// Unix seconds now.
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Renewal information as a CA sends it (RFC 9773 section 4.2's example, as Let's Encrypt answers), read
+    /// the way the worker reads it, then followed by the renewal schedule: the certificate is renewed inside
+    /// the window, whatever two thirds of its lifetime says.
+    #[test]
+    fn a_recorded_renewal_information_answer_moves_the_renewal_into_its_window() {
+        let recorded = r#"{
+            "suggestedWindow": {"start": "2025-01-02T04:00:00Z", "end": "2025-01-03T04:00:00Z"},
+            "explanationURL": "https://acme.example.com/docs/ari"
+        }"#;
+        let info: RenewalInfo = serde_json::from_str(recorded).unwrap();
+        let window = window_of(&info);
+        assert_eq!(window, Window { start: 1_735_790_400, end: 1_735_876_800 });
+
+        // A 90-day certificate from 2024-12-01 would renew at two thirds (2025-01-30); the CA asks for earlier.
+        let held = Validity { not_before: 1_733_011_200, not_after: 1_733_011_200 + 90 * 86_400 };
+        let mut renewal = Renewal::holding(held, 250_000);
+        let (step, _) = renewal.next();
+        assert_eq!(step, Step::AskWindow, "a certificate read back asks the CA's window first");
+        // The CA answers the same every 6 hours (its Retry-After) until the renewal is due.
+        let mut now = 1_735_700_000;
+        let mut asked = 0;
+        while let (Step::AskWindow, at) = renewal.next() {
+            now = at.max(now);
+            renewal.window(window, Some(21_600), now);
+            asked += 1;
+        }
+        assert_eq!(asked, 6, "asked at once, then again at each Retry-After until the renewal is due");
+        let (_, at) = renewal.next();
+        assert_eq!(at, window.start + 86_400 / 4, "a quarter into the window");
+        assert!(at < held.two_thirds());
+    }
+
+    /// A window whose end is not after its start (a CA's mistake) is ignored: two thirds still decides.
+    #[test]
+    fn a_recorded_answer_with_an_empty_window_leaves_two_thirds() {
+        let recorded = r#"{"suggestedWindow": {"start": "2025-01-03T04:00:00Z", "end": "2025-01-02T04:00:00Z"}}"#;
+        let info: RenewalInfo = serde_json::from_str(recorded).unwrap();
+        let held = Validity { not_before: 1_733_011_200, not_after: 1_733_011_200 + 90 * 86_400 };
+        let mut renewal = Renewal::holding(held, 0);
+        renewal.window(window_of(&info), Some(60), 1_735_700_000);
+        assert_eq!(renewal.next(), (Step::AskWindow, 1_735_700_060));
+        while let (Step::AskWindow, at) = renewal.next() {
+            renewal.window(window_of(&info), Some(86_400), at);
+        }
+        assert_eq!(renewal.next(), (Step::Order, held.two_thirds()));
+    }
 }
