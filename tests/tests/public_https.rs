@@ -298,6 +298,13 @@ fn a_home_service_is_served_on_its_public_name_with_the_relay_terminating_tls() 
     assert_eq!(misdirected.map(|r| r.0), Some(421), "a Host that is not the SNI's");
     let connect = m.fetch("pay.shop.test", "https://pay.shop.test/", &["--http1.1", "-X", "CONNECT"]);
     assert!(connect.is_some_and(|r| r.0 == 405 || r.0 == 400), "CONNECT is refused");
+    // An absolute-form target naming the hub's sync service: no open proxy into the mesh.
+    let absolute = m.fetch(
+        "pay.shop.test",
+        "https://pay.shop.test/",
+        &["--http1.1", "--request-target", "http://10.77.0.1:51871/"],
+    );
+    assert_eq!(absolute.map(|r| r.0), Some(400), "an absolute-form request is refused");
 
     // Port 80: a redirect to HTTPS keeping path and query.
     let (code, _, _) = m.fetch("pay.shop.test", "http://pay.shop.test/a/b?c=1", &[]).expect("an answer on port 80");
@@ -434,7 +441,8 @@ fn http_01_takes_over_where_tls_alpn_01_cannot_validate_and_a_name_that_fails_bo
         urls.iter().any(|u| u["hostname"] == "fail.shop.test" && u["certificate"]["last_error"].is_string())
     });
     assert!(failed, "the failing name shows no error: {services}");
-    let url = services[0]["https"].as_array().unwrap().iter().find(|u| u["hostname"] == "fail.shop.test").unwrap().clone();
+    let url =
+        services[0]["https"].as_array().unwrap().iter().find(|u| u["hostname"] == "fail.shop.test").unwrap().clone();
     assert_eq!(url["certificate"]["state"], "pending");
     let error = url["certificate"]["last_error"].as_str().unwrap();
     assert!(error.contains("tls-alpn-01") && error.contains("http-01"), "both validations were tried: {error}");
@@ -444,5 +452,45 @@ fn http_01_takes_over_where_tls_alpn_01_cannot_validate_and_a_name_that_fails_bo
     let tried = orders();
     assert_eq!(tried, 2, "one order per validation method:\n{}", m.relay_daemon.log_text());
     std::thread::sleep(Duration::from_secs(10));
-    assert_eq!(orders(), tried, "the failing name was ordered again within its backoff:\n{}", m.relay_daemon.log_text());
+    assert_eq!(
+        orders(),
+        tried,
+        "the failing name was ordered again within its backoff:\n{}",
+        m.relay_daemon.log_text()
+    );
+}
+
+#[test]
+fn a_flood_of_idle_connections_to_the_public_port_keeps_no_shop_out() {
+    if !require_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let m = Merchant::new(tmp.path(), &["pay.shop.test"]);
+    run_ok(meshctl(&m.relay.state).args(["expose", "btcpay", "--https", "pay.shop.test", "--relay", "relay"]));
+    m.wait_served("pay.shop.test", Duration::from_secs(60));
+
+    // More idle connections than one source may hold (256), from the shop's own address, kept open.
+    let addr: SocketAddr = format!("{RELAY_IP}:443").parse().unwrap();
+    let flood: Vec<TcpStream> = m.shop.within(move || {
+        (0..400).filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()).collect()
+    });
+    assert!(flood.len() >= 300, "the flood could not connect: {}", flood.len());
+    // The shop's real request still gets through, at once: the oldest idle connections make way.
+    let started = Instant::now();
+    let (code, _, _) = m.fetch("pay.shop.test", "https://pay.shop.test/", &[]).expect("served during the flood");
+    assert_eq!(code, 200);
+    assert!(started.elapsed() < Duration::from_secs(3), "served only after {:?}", started.elapsed());
+    // And the flood's connections are closed, not kept: each reads end-of-stream within the hello timeout.
+    let closed = flood
+        .into_iter()
+        .filter(|mut c| {
+            c.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+            match c.read(&mut [0u8; 1]) {
+                Ok(n) => n == 0,
+                Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            }
+        })
+        .count();
+    assert!(closed >= 300, "only {closed} idle connections were closed");
 }
