@@ -282,6 +282,9 @@ fn a_home_service_is_served_on_its_public_name_with_the_relay_terminating_tls() 
         m.shop.exec(&["/usr/bin/python3", client.to_str().unwrap(), "pay.shop.test", RELAY_IP, root.to_str().unwrap()]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "echo:hello", "{}", String::from_utf8_lossy(&out.stderr));
 
+    // And over HTTP/2 (RFC 8441's extended CONNECT), which the relay turns into the service's HTTP/1.1 handshake.
+    assert_eq!(h2_websocket_echo(&m.shop, &m.pebble.issuing_root_path(), "pay.shop.test"), "echo:hello");
+
     // service list shows the URL and its certificate, valid.
     let services = m.services();
     let https = &services[0]["https"][0];
@@ -493,4 +496,51 @@ fn a_flood_of_idle_connections_to_the_public_port_keeps_no_shop_out() {
         })
         .count();
     assert!(closed >= 300, "only {closed} idle connections were closed");
+}
+
+/// One WebSocket text frame through the relay over HTTP/2 (an extended CONNECT, RFC 8441), from the shop; the echo.
+fn h2_websocket_echo(shop: &Netns, root: &Path, name: &'static str) -> String {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let root = fs::read(root).unwrap();
+    shop.within(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&root) {
+                roots.add(cert.unwrap()).unwrap();
+            }
+            let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            let tcp = tokio::net::TcpStream::connect((RELAY_IP, 443)).await.unwrap();
+            let server = rustls::pki_types::ServerName::try_from(name).unwrap();
+            let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(server, tcp).await.unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+            tokio::spawn(conn);
+            // A first request: the server's SETTINGS (which allow extended CONNECT) have arrived after it.
+            let get = hyper::Request::get(format!("https://{name}/")).body(Empty::<bytes::Bytes>::new()).unwrap();
+            assert_eq!(sender.send_request(get).await.unwrap().status(), 200);
+            let mut connect = hyper::Request::connect(format!("https://{name}/ws"))
+                .header("sec-websocket-version", "13")
+                .body(Empty::<bytes::Bytes>::new())
+                .unwrap();
+            connect.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+            let response = sender.send_request(connect).await.unwrap();
+            assert_eq!(response.status(), 200, "an extended CONNECT is accepted with 200");
+            let mut stream = TokioIo::new(hyper::upgrade::on(response).await.unwrap());
+            let (payload, mask) = (b"hello", [7u8, 1, 2, 3]);
+            let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+            frame.extend_from_slice(&mask);
+            frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+            stream.write_all(&frame).await.unwrap();
+            let mut head = [0u8; 2];
+            stream.read_exact(&mut head).await.unwrap();
+            let mut echo = vec![0u8; usize::from(head[1] & 0x7f)];
+            stream.read_exact(&mut echo).await.unwrap();
+            String::from_utf8(echo).unwrap()
+        })
+    })
 }

@@ -188,7 +188,6 @@ mod tests {
             Request::Unexpose { service: label("btcpay"), hostname: "other.shop.example".parse().unwrap() },
             "not served on other.shop.example",
         );
-        drop(refused);
         let unexpose = Request::Unexpose { service: label("btcpay"), hostname: "pay.shop.example".parse().unwrap() };
         let Reply::Service(view) = c.handle(unexpose).unwrap() else { panic!() };
         assert!(view.https.is_empty());
