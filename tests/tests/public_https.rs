@@ -404,13 +404,44 @@ fn a_home_service_is_served_on_its_public_name_with_tls_passed_through_to_the_ho
     let kept = m.attic.state.join("acme/store.shop.test.json");
     assert_eq!(fs::metadata(&kept).unwrap().permissions().mode() & 0o777, 0o600);
     assert!(fs::read_to_string(&kept).unwrap().contains("PRIVATE KEY"));
-    let services = m.services();
-    assert_eq!(services[0]["https"][0]["tls"], "passthrough");
-    assert_eq!(
-        services[0]["https"][0]["certificate"],
-        Value::Null,
-        "held by the home node, which the hub does not ask"
+    // A local user on the home node cannot pass for the relay: its connection to the terminator, with a PROXY
+    // header claiming any client, gets not one byte (only the relay's mesh address is taken).
+    let forged = r#"
+import socket, struct
+s = socket.create_connection(("10.77.0.2", 1022), timeout=5)
+header = b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack("!H", 12)
+header += socket.inet_aton("6.6.6.6") + socket.inet_aton("10.77.0.2") + struct.pack("!HH", 4444, 1022)
+s.sendall(header + b"GET /.well-known/acme-challenge/x HTTP/1.1\r\nHost: store.shop.test\r\n\r\n")
+try:
+    print(len(s.recv(100)))
+except OSError as e:
+    print("error", e)
+"#;
+    let out = m.attic.ns.exec(&[
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "/usr/bin/python3",
+        "-c",
+        forged,
+    ]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.trim() == "0" || said.starts_with("error"),
+        "the terminator answered a local user: {said} {}",
+        String::from_utf8_lossy(&out.stderr)
     );
+
+    // service list on the hub shows the certificate as the home node reports it.
+    let mut services = Value::Null;
+    let reported = wait_until(Duration::from_secs(10), || {
+        services = m.services();
+        services[0]["https"][0]["certificate"]["state"] == "valid"
+    });
+    assert!(reported, "the home node's certificate is not shown: {services}");
+    assert_eq!(services[0]["https"][0]["tls"], "passthrough");
+    assert_eq!(services[0]["https"][0]["certificate"]["holder"], "attic");
 }
 
 #[test]
