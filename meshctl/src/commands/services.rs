@@ -109,4 +109,43 @@ mod tests {
         let json = serde_json::to_value(&views).unwrap();
         assert_eq!((json[0]["protocol"].as_str(), json[1]["protocol"].as_str()), (Some("udp"), Some("tcp")));
     }
+
+    #[test]
+    fn exposed_names_are_listed_with_their_certificate_and_bad_input_changes_nothing() {
+        use meshd_core::acme::renewal::Status;
+        use meshd_core::model::CertificateReport;
+
+        let dir = network(&["home"]);
+        meshctl(&dir, &["service", "add", "btcpay", "--node", "home", "--target", "127.0.0.1:23000"]).unwrap();
+        let expose = ["expose", "btcpay", "--https", "pay.shop.example", "--relay", "hub", "--tls", "passthrough"];
+        meshctl(&dir, &expose).unwrap();
+        for bad in [
+            &["expose", "btcpay", "--https", "10.0.0.1", "--relay", "hub"][..],
+            &["expose", "btcpay", "--https", "x.example", "--relay", "hub", "--tls", "split"],
+            &["expose", "btcpay", "--https", "x.example", "--relay", "home"],
+            &["expose", "btcpay", "--https", "pay.shop.example", "--relay", "hub"],
+        ] {
+            let parsed = Cli::try_parse_from(std::iter::once("meshctl").chain(bad.iter().copied()));
+            if parsed.is_ok() {
+                assert!(meshctl(&dir, bad).is_err(), "{bad:?} was accepted");
+            }
+        }
+        let s = snapshot(&dir);
+        assert_eq!(s.exposures.len(), 1, "a refused expose changes nothing");
+
+        let mut views: Vec<ServiceView> = s.services.iter().map(|v| s.service_view(v)).collect();
+        let table = services_table(&views);
+        assert!(table.contains("https://pay.shop.example/"), "{table}");
+        assert!(table.contains("not reported (held by home)"), "passthrough: the node holds it\n{table}");
+        views[0].https[0].certificate = Some(CertificateReport {
+            holder: "home".parse().unwrap(),
+            status: Status::Valid { until: 1_800_000_000, last_error: Some("http-01: timeout".into()) },
+        });
+        let table = services_table(&views);
+        assert!(table.contains("valid until 2027-01-15T08:00:00Z (last error: http-01: timeout)"), "{table}");
+
+        meshctl(&dir, &["unexpose", "btcpay", "--https", "pay.shop.example"]).unwrap();
+        assert!(snapshot(&dir).exposures.is_empty());
+        assert!(meshctl(&dir, &["unexpose", "btcpay", "--https", "pay.shop.example"]).is_err(), "not served any more");
+    }
 }
