@@ -369,7 +369,7 @@ fn a_home_service_is_served_on_its_public_name_with_tls_passed_through_to_the_ho
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let m = Merchant::new(tmp.path(), &["store.shop.test"]);
+    let mut m = Merchant::new(tmp.path(), &["store.shop.test"]);
     let exposed = run_ok(meshctl(&m.relay.state).args([
         "expose",
         "btcpay",
@@ -442,6 +442,15 @@ except OSError as e:
     assert!(reported, "the home node's certificate is not shown: {services}");
     assert_eq!(services[0]["https"][0]["tls"], "passthrough");
     assert_eq!(services[0]["https"][0]["certificate"]["holder"], "attic");
+
+    // The home node killed outright (a power cut) comes back serving the same certificate, without the CA.
+    let issued = m.pebble.issued_count();
+    assert_eq!(issued, 1);
+    m.attic_daemon.kill_hard();
+    m.attic_daemon = m.attic.run_daemon_with(&m.root.join("attic-restarted.log"), &acme_args(&m.pebble));
+    let page = m.wait_served("store.shop.test", Duration::from_secs(30));
+    assert_eq!(page["headers"]["x-forwarded-for"], SHOP_IP);
+    assert_eq!(m.pebble.issued_count(), issued, "the restarted node ordered again:\n{}", m.pebble.log_text());
 }
 
 #[test]
@@ -574,4 +583,37 @@ fn h2_websocket_echo(shop: &Netns, root: &Path, name: &'static str) -> String {
             String::from_utf8(echo).unwrap()
         })
     })
+}
+
+#[test]
+fn a_public_port_another_process_holds_is_named_and_taken_once_it_is_free() {
+    if !require_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let m = Merchant::new(tmp.path(), &["pay.shop.test"]);
+    let mut holder = m.relay.ns.spawn(&[
+        "/usr/bin/python3",
+        "-c",
+        "import socket, time\ns = socket.socket(socket.AF_INET6)\ns.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n\
+         s.bind(('::', 443))\ns.listen()\ntime.sleep(60)",
+    ]);
+    let held = wait_until(Duration::from_secs(5), || m.relay.ns.run(&["ss", "-Htln", "sport = :443"]).contains("443"));
+    assert!(held, "the holder did not listen");
+    let out = meshctl_output(&m, &["expose", "btcpay", "--https", "pay.shop.test", "--relay", "relay"]);
+    assert!(!out.status.success(), "an expose that cannot be served must say so");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(said.trim().lines().count(), 1, "one line: {said}");
+    assert!(
+        said.contains("port 443") && said.contains(&format!("pid {}", holder.pid())),
+        "the holder is named: {said}"
+    );
+    // Once the port is free the relay takes it by itself (the change is retried) and serves the name.
+    holder.kill_hard();
+    m.wait_served("pay.shop.test", Duration::from_secs(60));
+}
+
+/// `meshctl ARGS` on the relay's state, its output whatever the outcome.
+fn meshctl_output(m: &Merchant, args: &[&str]) -> std::process::Output {
+    meshctl(&m.relay.state).args(args).output().expect("meshctl")
 }

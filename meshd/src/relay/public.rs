@@ -108,9 +108,19 @@ impl Public {
     fn listen_public(&self) -> anyhow::Result<Listening> {
         let bind = |port| {
             let addr = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
-            crate::host::socket::listen_internet(addr)
-                .with_context(|| format!("cannot listen on port {port} for public names (--http-port/--https-port)"))
-                .map(|l| (addr, l))
+            crate::host::socket::listen_internet(addr).map(|l| (addr, l)).map_err(|e| {
+                let held = (e.kind() == std::io::ErrorKind::AddrInUse)
+                    .then(|| crate::host::ports::holder(crate::host::ports::Transport::Tcp, port))
+                    .flatten();
+                match held {
+                    Some(holder) => anyhow::anyhow!(
+                        "cannot listen on port {port} for public names: another process holds it ({holder}); stop it \
+                         or choose another --http-port/--https-port"
+                    ),
+                    None => anyhow::Error::new(e)
+                        .context(format!("cannot listen on port {port} for public names (--http-port/--https-port)")),
+                }
+            })
         };
         let (https_addr, https) = bind(self.options.https_port)?;
         let (http_addr, http) = bind(self.options.http_port)?;
