@@ -88,12 +88,7 @@ pub(super) async fn serve(
                 };
                 let _ = reply.send(answer);
             }
-            Some(request) = sessions.recv() => match request {
-                FromSession::Certificates { node, certificates } => {
-                    reports.insert(node, certificates);
-                }
-                request => rotate_member_key(controller, host, &publisher, request).await,
-            },
+            Some(request) = sessions.recv() => from_session(controller, host, &publisher, &mut reports, request).await,
             () = tokio::time::sleep(APPLY_RETRY), if host.unapplied() => match publish_change(controller, host, &publisher).await {
                 Ok(()) => info!("the last change is applied now"),
                 Err(e) => debug!(error = format!("{e:#}"), "applying the change failed again"),
@@ -109,10 +104,19 @@ pub(super) async fn serve(
 /// The certificates each member holds, as it last reported them.
 type Reports = HashMap<Label, BTreeMap<PublicName, Status>>;
 
-/// A member asked for a new key offers it, then switches to it.
-async fn rotate_member_key(controller: &mut Controller, host: &mut Host, publisher: &Publisher, request: FromSession) {
+/// What a member's session asks of the controller: a member asked for a new key offers it, then switches to it;
+/// a member reports the certificates it holds.
+async fn from_session(
+    controller: &mut Controller,
+    host: &mut Host,
+    publisher: &Publisher,
+    reports: &mut Reports,
+    request: FromSession,
+) {
     match request {
-        FromSession::Certificates { .. } => {}
+        FromSession::Certificates { node, certificates } => {
+            reports.insert(node, certificates);
+        }
         FromSession::Offer(offer) => {
             let verdict = controller.check_node_key(&offer.node, &offer.public_key).map_err(|e| e.to_string());
             let _ = offer.reply.send(verdict);
