@@ -285,6 +285,26 @@ fn a_home_service_is_served_on_its_public_name_with_the_relay_terminating_tls() 
     // And over HTTP/2 (RFC 8441's extended CONNECT), which the relay turns into the service's HTTP/1.1 handshake.
     assert_eq!(h2_websocket_echo(&m.shop, &m.pebble.issuing_root_path(), "pay.shop.test"), "echo:hello");
 
+    // A client that comes back resumes its TLS session (a ticket) instead of a full handshake.
+    let session = m.root.join("tls-session");
+    let s_client = |extra: &[&str]| {
+        let mut args = vec!["openssl", "s_client", "-connect", "172.31.70.2:443", "-servername", "pay.shop.test"];
+        let root = m.pebble.issuing_root_path();
+        args.extend(["-CAfile", root.to_str().unwrap()]);
+        args.extend(extra);
+        let mut child = m.shop.command(args[0]);
+        child.args(&args[1..]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+        let mut child = child.spawn().unwrap();
+        // A request, so the server's tickets (sent after the handshake) are read before the client leaves.
+        let request = "GET / HTTP/1.1\r\nHost: pay.shop.test\r\nConnection: close\r\n\r\n";
+        child.stdin.take().unwrap().write_all(request.as_bytes()).unwrap();
+        String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).into_owned()
+    };
+    let first = s_client(&["-sess_out", session.to_str().unwrap(), "-ign_eof"]);
+    assert!(first.contains("Verify return code: 0 (ok)") && first.contains("New, TLSv1.3"), "{first}");
+    let again = s_client(&["-sess_in", session.to_str().unwrap(), "-ign_eof"]);
+    assert!(again.contains("Reused, TLSv1.3"), "the session was not resumed:\n{again}");
+
     // service list shows the URL and its certificate, valid.
     let services = m.services();
     let https = &services[0]["https"][0];

@@ -395,6 +395,7 @@ mod tests {
         let hub = plan_host(&s, "hub").unwrap().public;
         assert_eq!(hub.routes, BTreeMap::from([(pay, Route { tls: TlsMode::Terminate, upstream: beacon })]));
         assert_eq!(hub.terminated.keys().map(ToString::to_string).collect::<Vec<_>>(), ["pay.shop.example"]);
+        assert_eq!(hub.terminated.values().collect::<Vec<_>>(), [&beacon], "a service elsewhere: over the mesh");
         let vps = plan_host(&s, "vps").unwrap().public;
         let terminator = "10.77.0.8:1022".parse().unwrap();
         assert_eq!(
@@ -407,7 +408,12 @@ mod tests {
         let attic = plan_host(&s, "attic").unwrap();
         assert!(attic.public.routes.is_empty());
         assert_eq!(attic.public.terminated.keys().map(ToString::to_string).collect::<Vec<_>>(), ["store.shop.example"]);
-        assert_eq!(attic.public.terminated.values().collect::<Vec<_>>(), [&beacon]);
+        let target: SocketAddr = "127.0.0.1:5052".parse().unwrap();
+        assert_eq!(
+            attic.public.terminated.values().collect::<Vec<_>>(),
+            [&target],
+            "a local service: its target, directly"
+        );
         assert_eq!(attic.public.passthrough_from, BTreeSet::from(["10.77.0.7".parse().unwrap()]));
         assert_eq!(
             attic.public.passthrough_listen(),

@@ -6,6 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
+use ipnet::IpNet;
+
 use super::{Grant, HostView};
 use crate::input::{Label, PublicName};
 use crate::model::{Exposure, Node, Protocol, Service};
@@ -21,15 +23,19 @@ pub const PASSTHROUGH_PORT: u16 = super::PRIVILEGED_PORT + 1;
 pub struct PublicPlan {
     /// On the relay: every name its public HTTP and HTTPS ports serve, with where it goes over the mesh.
     pub routes: BTreeMap<PublicName, Route>,
-    /// The names whose TLS ends on this host, each with the service's mesh address and port its requests go
-    /// to (plain HTTP over the tunnel). This host obtains and renews their certificates.
+    /// The names whose TLS ends on this host, each with where its requests go (plain HTTP): the service's target
+    /// itself when the service runs on this host with an IP target (no second proxy in between), else the
+    /// service's mesh address and port, over the tunnel. This host obtains and renews their certificates.
     pub terminated: BTreeMap<PublicName, SocketAddr>,
     /// On a node with passthrough names: the relays' mesh addresses, the only sources its terminator on
     /// [`PASSTHROUGH_PORT`] takes (and trusts for the PROXY header's client address).
     pub passthrough_from: BTreeSet<IpAddr>,
-    /// The host's own mesh addresses: its connections to upstreams leave from these (IPv4, IPv6), and the
-    /// passthrough terminator listens on them.
+    /// The host's own mesh addresses: its connections to upstreams in the mesh leave from these (IPv4, IPv6),
+    /// and the passthrough terminator listens on them.
     pub mesh: Vec<IpAddr>,
+    /// The mesh ranges: an upstream in them is reached from [`PublicPlan::mesh`], any other one (a local
+    /// service's target) as the host reaches it.
+    pub ranges: Vec<IpNet>,
 }
 
 impl PublicPlan {
@@ -51,7 +57,11 @@ impl PublicPlan {
 /// connections to this host's exposed services and terminator).
 pub(super) fn plan(view: &HostView<'_>) -> (PublicPlan, BTreeSet<Grant>) {
     let me = &view.node.name;
-    let mut plan = PublicPlan { mesh: view.host_addrs(view.node.index).to_vec(), ..PublicPlan::default() };
+    let mut plan = PublicPlan {
+        mesh: view.host_addrs(view.node.index).to_vec(),
+        ranges: view.mesh().to_vec(),
+        ..PublicPlan::default()
+    };
     let mut grants = BTreeSet::new();
     for exposure in &view.s.exposures {
         let Some((service, node, relay)) = parts(view, exposure) else { continue };
@@ -69,7 +79,9 @@ pub(super) fn plan(view: &HostView<'_>) -> (PublicPlan, BTreeSet<Grant>) {
             TlsMode::Passthrough => node.name == *me,
         };
         if tls_here {
-            plan.terminated.insert(exposure.hostname.clone(), service_addr);
+            let direct =
+                service.target.ip().filter(|_| node.name == *me).map(|ip| SocketAddr::new(ip, service.target.port()));
+            plan.terminated.insert(exposure.hostname.clone(), direct.unwrap_or(service_addr));
         }
         if node.name != *me {
             continue;

@@ -20,6 +20,7 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use ipnet::IpNet;
 use tracing::debug;
 
 use meshd_core::relay::route::{Forwarded, Head, OnRequest, Routes};
@@ -53,20 +54,31 @@ pub fn current(table: &Table) -> Arc<Routes> {
     table.read().unwrap_or_else(PoisonError::into_inner).clone()
 }
 
-/// Pooled HTTP/1.1 connections to services, from this host's mesh address.
+/// Pooled HTTP/1.1 connections to services: over the mesh from this host's mesh address (so the service's node
+/// admits them), or straight to a service of this host's own.
 #[derive(Clone, Debug)]
 pub struct Upstreams {
-    client: Client<HttpConnector, Body>,
+    mesh: Client<HttpConnector, Body>,
+    local: Client<HttpConnector, Body>,
+    ranges: Vec<IpNet>,
 }
 
 impl Upstreams {
-    /// Connections that leave from `source` (this host's mesh address, so the service's node admits them).
-    pub fn new(source: Option<IpAddr>) -> Upstreams {
-        let mut connector = HttpConnector::new();
-        connector.set_local_address(source);
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        Upstreams { client: Client::builder(TokioExecutor::new()).build(connector) }
+    /// Connections to addresses in `ranges` (the mesh) leave from `source`; others as the host routes them.
+    pub fn new(source: Option<IpAddr>, ranges: Vec<IpNet>) -> Upstreams {
+        let client = |source| {
+            let mut connector = HttpConnector::new();
+            connector.set_local_address(source);
+            connector.set_nodelay(true);
+            connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+            Client::builder(TokioExecutor::new()).build(connector)
+        };
+        Upstreams { mesh: client(source), local: client(None), ranges }
+    }
+
+    /// The client for `upstream`.
+    fn to(&self, upstream: SocketAddr) -> &Client<HttpConnector, Body> {
+        if self.ranges.iter().any(|r| r.contains(&upstream.ip())) { &self.mesh } else { &self.local }
     }
 }
 
@@ -192,7 +204,7 @@ async fn forward(
         set(&mut parts.headers, "connection", "upgrade");
         set(&mut parts.headers, "upgrade", "websocket");
     }
-    let mut response = match upstreams.client.request(Request::from_parts(parts, body)).await {
+    let mut response = match upstreams.to(upstream).request(Request::from_parts(parts, body)).await {
         Ok(response) => response,
         Err(e) => {
             debug!(%upstream, error = %e, "the service did not answer");

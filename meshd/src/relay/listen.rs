@@ -63,6 +63,10 @@ pub struct Shared {
     pub passthrough_from: RwLock<BTreeSet<IpAddr>>,
     /// Certificates and validation answers.
     pub certs: Arc<Certificates>,
+    /// TLS of the served names, made once: its session tickets (and cache) let clients resume.
+    server_config: Arc<rustls::ServerConfig>,
+    /// TLS of TLS-ALPN-01 validations.
+    challenge_config: Arc<rustls::ServerConfig>,
     /// Connections to services.
     pub upstreams: RwLock<Upstreams>,
     /// This host's mesh address: the source of spliced connections.
@@ -78,11 +82,13 @@ impl Shared {
         let caps = Caps { per_source: PER_SOURCE, total: TOTAL, descriptors: 2, internet: true };
         let mesh = Caps { per_source: TOTAL, total: TOTAL, descriptors: 2, internet: false };
         Shared {
+            server_config: certs.server_config(),
+            challenge_config: certs.challenge_config(),
             public: Table::default(),
             terminated: Table::default(),
             passthrough_from: RwLock::default(),
             certs,
-            upstreams: RwLock::new(Upstreams::new(None)),
+            upstreams: RwLock::new(Upstreams::new(None, Vec::new())),
             source: RwLock::default(),
             https_gate: Gate::new("public HTTPS", caps),
             http_gate: Gate::new("public HTTP", caps),
@@ -319,7 +325,7 @@ async fn terminate<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     name: String,
     shared: &Shared,
 ) {
-    let acceptor = TlsAcceptor::from(shared.certs.server_config());
+    let acceptor = TlsAcceptor::from(shared.server_config.clone());
     let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(replay)).await else { return };
     let conn = Conn { name: name.into(), client, table: shared.terminated.clone(), upstreams: shared.upstreams() };
     let service = service_fn(move |req| forward::handle(conn.clone(), req));
@@ -337,7 +343,7 @@ async fn terminate<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
 
 /// Answer the CA's TLS-ALPN-01 validation: the handshake with the challenge certificate is the answer.
 async fn answer_challenge<S: AsyncRead + AsyncWrite + Unpin>(replay: S, shared: &Shared) {
-    let acceptor = TlsAcceptor::from(shared.certs.challenge_config());
+    let acceptor = TlsAcceptor::from(shared.challenge_config.clone());
     if let Ok(Ok(mut tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(replay)).await {
         let _ = tls.shutdown().await;
     }

@@ -71,7 +71,8 @@ impl Public {
         let mut current = self.shared.source.write().unwrap_or_else(PoisonError::into_inner);
         if *current != source {
             *current = source;
-            *self.shared.upstreams.write().unwrap_or_else(PoisonError::into_inner) = Upstreams::new(source);
+            *self.shared.upstreams.write().unwrap_or_else(PoisonError::into_inner) =
+                Upstreams::new(source, plan.ranges.clone());
         }
         drop(current);
         let https_port = self.options.https_port;
