@@ -10,12 +10,15 @@
 //!    service's mesh address: its service forwarder, then nginx) against nginx's `stream` SNI proxy on the relay
 //!    passing it over the same tunnel to Caddy on the home node's mesh address, which proxies to nginx directly.
 //!
-//! Each in two workloads, keep-alive and a new connection (a full TLS handshake) per request.
+//! Each in two workloads, keep-alive and a new connection per request. wrk resumes TLS sessions and Caddy offers
+//! session tickets, so the new-connection workload also runs against a Caddy with tickets off: a full handshake per
+//! request on both sides. [`check_handshakes`] shows which server resumed; [`cpu`] what each side spent.
 //!
-//! Run (root; packages `wrk caddy nginx libnginx-mod-stream pebble dnsmasq-base`, release binaries):
-//! `cargo build --release -p meshd -p meshctl && MESHD_BIN_DIR=target/release cargo bench -p meshd-e2e --bench relay
-//! [-- --seconds 10 --only terminator,e2e,passthrough --profile DIR]`; `--profile DIR` records the whole machine with
-//! `perf record -a -g` during each of meshd's runs (the figures of such a run are perf's too: do not record them).
+//! Run (root; packages `wrk caddy nginx libnginx-mod-stream pebble dnsmasq-base`, release binaries; cargo runs the
+//! bench in `tests/`, so give an absolute directory):
+//! `cargo build --release -p meshd -p meshctl && MESHD_BIN_DIR=$PWD/target/release cargo bench -p meshd-e2e --bench
+//! relay [-- --seconds 10 --only terminator,e2e,passthrough --profile DIR]`; `--profile DIR` records the whole machine
+//! with `perf record -a -g` during each of meshd's runs (the figures of such a run are perf's too: do not record them).
 
 mod cpu;
 mod load;
