@@ -7,12 +7,12 @@
 //! 2. **end to end**: the relay terminating TLS for the service on the home node (behind NAT, over the mesh)
 //!    against Caddy on the relay proxying to the same service's mesh address over the same tunnel.
 //! 3. **passthrough**: the relay passing TLS through to the home node's terminator (meshd, which proxies to the
-//!    service's mesh address: its service forwarder, then nginx) against nginx's `stream` SNI proxy on the relay
+//!    service's target, nginx, directly) against nginx's `stream` SNI proxy on the relay
 //!    passing it over the same tunnel to Caddy on the home node's mesh address, which proxies to nginx directly.
 //!
-//! Each in two workloads, keep-alive and a new connection per request. wrk resumes TLS sessions and Caddy offers
-//! session tickets, so the new-connection workload also runs against a Caddy with tickets off: a full handshake per
-//! request on both sides. [`check_handshakes`] shows which server resumed; [`cpu`] what each side spent.
+//! Each in two workloads, keep-alive and a new connection per request. wrk resumes TLS sessions, and meshd and Caddy
+//! both offer session tickets, so the new-connection workload also runs against a Caddy with tickets off (a full
+//! handshake per request on its side). [`check_handshakes`] shows which server resumed; [`cpu`] what each side spent.
 //!
 //! Run (root; packages `wrk caddy nginx libnginx-mod-stream pebble dnsmasq-base`, release binaries; cargo runs the
 //! bench in `tests/`, so give an absolute directory):
