@@ -23,6 +23,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use ipnet::IpNet;
 use tracing::debug;
 
+use crate::host::admission::Permit;
+
 use meshd_core::relay::route::{Forwarded, Head, OnRequest, Routes};
 
 /// The body of what the relay sends: the service's, or its own short answer.
@@ -93,6 +95,8 @@ pub struct Conn {
     pub table: Table,
     /// Where requests go.
     pub upstreams: Upstreams,
+    /// The connection's place under the listener's caps, held by a WebSocket upgraded from it too.
+    pub permit: Arc<Permit>,
 }
 
 /// Answer one request of `conn`.
@@ -100,7 +104,7 @@ pub async fn handle(conn: Conn, req: Request<Incoming>) -> Result<Response<Body>
     let routes = current(&conn.table);
     let decision = routes.on_https_request(&conn.name, &head(&req), conn.client);
     Ok(match decision {
-        OnRequest::Proxy { upstream, forwarded } => forward(&conn.upstreams, req, upstream, forwarded).await,
+        OnRequest::Proxy { upstream, forwarded } => forward(&conn, req, upstream, forwarded).await,
         OnRequest::Refuse(status, reason) => answer(status, reason),
         OnRequest::Redirect(location) => redirect(&location),
         // Not decided for terminated TLS (challenges come on the HTTP port or as TLS-ALPN-01).
@@ -162,7 +166,7 @@ fn is_h1_websocket<B>(req: &Request<B>) -> bool {
 
 /// Send `req` to `upstream` with `forwarded`, and the service's answer back.
 async fn forward(
-    upstreams: &Upstreams,
+    conn: &Conn,
     mut req: Request<Incoming>,
     upstream: SocketAddr,
     forwarded: Forwarded,
@@ -204,7 +208,7 @@ async fn forward(
         set(&mut parts.headers, "connection", "upgrade");
         set(&mut parts.headers, "upgrade", "websocket");
     }
-    let mut response = match upstreams.to(upstream).request(Request::from_parts(parts, body)).await {
+    let mut response = match conn.upstreams.to(upstream).request(Request::from_parts(parts, body)).await {
         Ok(response) => response,
         Err(e) => {
             debug!(%upstream, error = %e, "the service did not answer");
@@ -215,7 +219,9 @@ async fn forward(
         && response.status() == StatusCode::SWITCHING_PROTOCOLS
     {
         let service_side = hyper::upgrade::on(&mut response);
+        let permit = conn.permit.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             if let (Ok(client), Ok(service)) = tokio::join!(client_side, service_side) {
                 let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(service)).await;
             }

@@ -27,7 +27,7 @@ use tracing::debug;
 
 use super::certs::Certificates;
 use super::forward::{self, Conn, Table, Upstreams};
-use crate::host::admission::{Caps, Gate};
+use crate::host::admission::{Caps, Gate, Permit};
 use meshd_core::relay::proxy::{self, Read};
 use meshd_core::relay::route::{OnHello, OnRequest};
 
@@ -101,12 +101,28 @@ impl Shared {
     }
 }
 
+/// How long an accept loop waits after a failed accept (no descriptor left, above all) before the next: a loop that
+/// retried at once would spin on the error.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The next connection of `listener`, its client's address with an IPv4 client as IPv4 (the listeners take both
+/// families, so an IPv4 client is seen as `::ffff:a.b.c.d`).
+async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => return (stream, SocketAddr::new(peer.ip().to_canonical(), peer.port())),
+            Err(e) => {
+                debug!(error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
 /// Accept on the relay's HTTPS port until the task is aborted.
 pub async fn serve_https(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        let Ok((stream, peer)) = listener.accept().await else { continue };
-        // The listener takes both families: an IPv4 client is seen as ::ffff:a.b.c.d.
-        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let (stream, peer) = accept(&listener).await;
         let Some(pending) = shared.https_gate.admit_evicting(peer.ip()) else { continue };
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -117,14 +133,15 @@ pub async fn serve_https(listener: TcpListener, shared: Arc<Shared>) {
                 () = pending.evicted() => return,
             };
             let Ok(Ok(hello)) = hello else { return };
-            let Some(_permit) = pending.settle() else { return };
+            let Some(permit) = pending.settle() else { return };
+            let permit = Arc::new(permit);
             let alpn: Vec<&[u8]> = hello.alpn.iter().map(Vec::as_slice).collect();
             let decision = forward::current(&shared.public).on_hello(hello.sni.as_deref(), &alpn);
             let replay = Replay::new(hello.bytes, stream);
             match decision {
                 OnHello::Refuse => {}
                 OnHello::Splice(upstream) => splice(replay, peer, upstream, &shared).await,
-                OnHello::Terminate(name) => terminate(replay, peer.ip(), name, &shared).await,
+                OnHello::Terminate(name) => terminate(replay, peer.ip(), name, &shared, permit).await,
                 OnHello::AnswerChallenge(_) => answer_challenge(replay, &shared).await,
             }
         });
@@ -134,8 +151,7 @@ pub async fn serve_https(listener: TcpListener, shared: Arc<Shared>) {
 /// Accept on the relay's HTTP port until the task is aborted: ACME HTTP-01 answers and redirects only.
 pub async fn serve_http(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        let Ok((stream, peer)) = listener.accept().await else { continue };
-        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let (stream, peer) = accept(&listener).await;
         let Some(permit) = shared.http_gate.admit(peer.ip()) else { continue };
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -210,7 +226,7 @@ async fn forward_challenge(
 /// v2 header; then TLS for this node's passthrough names (or a forwarded HTTP-01 validation).
 pub async fn serve_passthrough(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        let Ok((stream, peer)) = listener.accept().await else { continue };
+        let (stream, peer) = accept(&listener).await;
         let from_relay = shared.passthrough_from.read().unwrap_or_else(PoisonError::into_inner).contains(&peer.ip());
         if !from_relay {
             debug!(%peer, "not a relay: closed");
@@ -219,7 +235,7 @@ pub async fn serve_passthrough(listener: TcpListener, shared: Arc<Shared>) {
         let Some(permit) = shared.passthrough_gate.admit(peer.ip()) else { continue };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let permit = Arc::new(permit);
             let mut stream = stream;
             let Ok(Ok((client, rest))) = tokio::time::timeout(HELLO_TIMEOUT, read_proxy_header(&mut stream)).await
             else {
@@ -240,7 +256,7 @@ pub async fn serve_passthrough(listener: TcpListener, shared: Arc<Shared>) {
                 let decision = forward::current(&shared.terminated).on_hello(hello.sni.as_deref(), &alpn);
                 let replay = Replay::new(hello.bytes, replay);
                 match decision {
-                    OnHello::Terminate(name) => terminate(replay, client.ip(), name, &shared).await,
+                    OnHello::Terminate(name) => terminate(replay, client.ip(), name, &shared, permit).await,
                     OnHello::AnswerChallenge(_) => answer_challenge(replay, &shared).await,
                     OnHello::Refuse | OnHello::Splice(_) => {}
                 }
@@ -318,16 +334,21 @@ async fn connect_from(source: Option<IpAddr>, to: SocketAddr) -> io::Result<TcpS
     Ok(stream)
 }
 
-/// Finish the TLS handshake for `name` and serve HTTP/1.1 and HTTP/2 inside it, for `client`.
+/// Finish the TLS handshake for `name` and serve HTTP/1.1 and HTTP/2 inside it, for `client`. The connection is
+/// closed once nothing has crossed it for [`IDLE_TIMEOUT`]; `permit` (its place under the caps) is held as long as
+/// the connection or a WebSocket upgraded from it lives.
 async fn terminate<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     replay: S,
     client: IpAddr,
     name: String,
     shared: &Shared,
+    permit: Arc<Permit>,
 ) {
+    let (io, last) = Idle::new(replay);
     let acceptor = TlsAcceptor::from(shared.server_config.clone());
-    let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(replay)).await else { return };
-    let conn = Conn { name: name.into(), client, table: shared.terminated.clone(), upstreams: shared.upstreams() };
+    let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await else { return };
+    let conn =
+        Conn { name: name.into(), client, table: shared.terminated.clone(), upstreams: shared.upstreams(), permit };
     let service = service_fn(move |req| forward::handle(conn.clone(), req));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_buf_size(MAX_HEAD);
@@ -336,9 +357,11 @@ async fn terminate<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         .timer(TokioTimer::new())
         .enable_connect_protocol()
         .max_header_list_size(MAX_HEAD as u32)
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Duration::from_secs(30));
-    let _ = builder.serve_connection_with_upgrades(TokioIo::new(tls), service).await;
+        .max_concurrent_streams(256);
+    tokio::select! {
+        _ = builder.serve_connection_with_upgrades(TokioIo::new(tls), service) => {}
+        () = idle_for(&last, IDLE_TIMEOUT) => debug!(%client, "idle connection closed"),
+    }
 }
 
 /// Answer the CA's TLS-ALPN-01 validation: the handshake with the challenge certificate is the answer.
@@ -346,6 +369,71 @@ async fn answer_challenge<S: AsyncRead + AsyncWrite + Unpin>(replay: S, shared: 
     let acceptor = TlsAcceptor::from(shared.challenge_config.clone());
     if let Ok(Ok(mut tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(replay)).await {
         let _ = tls.shutdown().await;
+    }
+}
+
+/// How long a terminated connection may pass no byte either way before it is closed (nginx closes idle keep-alive
+/// connections after 75 s and idle proxied reads after 60 s): idle connections would otherwise hold their places
+/// under the caps for ever (HTTP/2 has no idle limit of its own). A WebSocket upgraded from it lives on its own.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Milliseconds since [`Idle::new`] of the last byte read or written.
+type LastActive = Arc<(std::time::Instant, std::sync::atomic::AtomicU64)>;
+
+/// A stream that notes when it last moved a byte.
+struct Idle<S> {
+    inner: S,
+    last: LastActive,
+}
+
+impl<S> Idle<S> {
+    fn new(inner: S) -> (Idle<S>, LastActive) {
+        let last = Arc::new((std::time::Instant::now(), std::sync::atomic::AtomicU64::new(0)));
+        (Idle { inner, last: last.clone() }, last)
+    }
+
+    fn touch(&self) {
+        let elapsed = u64::try_from(self.last.0.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.1.store(elapsed, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Idle<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Idle<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        polled
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Resolves once `last` shows no byte for `limit`.
+async fn idle_for(last: &LastActive, limit: Duration) {
+    loop {
+        let quiet =
+            last.0.elapsed().saturating_sub(Duration::from_millis(last.1.load(std::sync::atomic::Ordering::Relaxed)));
+        if quiet >= limit {
+            return;
+        }
+        tokio::time::sleep(limit - quiet).await;
     }
 }
 
@@ -443,5 +531,30 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection that keeps moving bytes is not idle; one that stops is, after the limit.
+    #[tokio::test]
+    async fn a_connection_is_idle_only_once_no_byte_moved_for_the_limit() {
+        let (near, mut far) = tokio::io::duplex(64);
+        let (mut idle, last) = Idle::new(near);
+        let limit = Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        let watch = tokio::spawn(async move { idle_for(&last, limit).await });
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            idle.write_all(b"x").await.unwrap();
+            far.read_exact(&mut [0u8; 1]).await.unwrap();
+        }
+        assert!(!watch.is_finished(), "a busy connection counted as idle");
+        watch.await.unwrap();
+        let elapsed = started.elapsed();
+        assert!(elapsed >= Duration::from_millis(900), "idle after {elapsed:?}, before the limit");
+        assert!(elapsed < Duration::from_millis(1500), "idle only after {elapsed:?}");
     }
 }
