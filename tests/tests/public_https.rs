@@ -274,6 +274,10 @@ fn a_home_service_is_served_on_its_public_name_with_the_relay_terminating_tls() 
     assert_eq!((code, version.as_str()), (200, "2"));
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["headers"]["x-forwarded-for"], SHOP_IP);
 
+    // A ClientHello spread over several TCP segments is read whole.
+    let root = m.pebble.issuing_root_path();
+    assert_eq!(fetch_with_a_split_client_hello(&m.shop, &root, "pay.shop.test"), "HTTP/1.1 200 OK");
+
     // A WebSocket echo through the relay.
     let client = m.root.join("ws.py");
     fs::write(&client, WEBSOCKET_CLIENT).unwrap();
@@ -413,6 +417,10 @@ fn a_home_service_is_served_on_its_public_name_with_tls_passed_through_to_the_ho
         m.fetch("store.shop.test", "https://store.shop.test/", &["-H", "X-Forwarded-For: 6.6.6.6"]).expect("an answer");
     let seen: Value = serde_json::from_str(&spoofed.2).unwrap();
     assert_eq!(seen["forwarded_for"], serde_json::json!([SHOP_IP]), "{seen}");
+
+    // A ClientHello spread over several TCP segments is read whole and passed on whole.
+    let root = m.pebble.issuing_root_path();
+    assert_eq!(fetch_with_a_split_client_hello(&m.shop, &root, "store.shop.test"), "HTTP/1.1 200 OK");
 
     // The relay holds no key for the name; the home node does, privately.
     let relay_files: Vec<String> =
@@ -636,4 +644,39 @@ fn a_public_port_another_process_holds_is_named_and_taken_once_it_is_free() {
 /// `meshctl ARGS` on the relay's state, its output whatever the outcome.
 fn meshctl_output(m: &Merchant, args: &[&str]) -> std::process::Output {
     meshctl(&m.relay.state).args(args).output().expect("meshctl")
+}
+
+/// A GET for `name` from the shop whose ClientHello is large (many ALPN protocols, as post-quantum key shares make
+/// it: over 2 KiB, more than one TCP segment) and sent in pieces 50 ms apart; the answer's first line.
+fn fetch_with_a_split_client_hello(shop: &Netns, root: &Path, name: &'static str) -> String {
+    let root = fs::read(root).unwrap();
+    shop.within(move || {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&root) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+        config.alpn_protocols = std::iter::once(b"http/1.1".to_vec())
+            .chain((0..32).map(|i| format!("x-padding-protocol-{i:02}-{}", "p".repeat(40)).into_bytes()))
+            .collect();
+        let server = rustls::pki_types::ServerName::try_from(name).unwrap();
+        let mut tls = rustls::ClientConnection::new(std::sync::Arc::new(config), server).unwrap();
+        let mut hello = Vec::new();
+        tls.write_tls(&mut hello).unwrap();
+        assert!(hello.len() > 2048, "the ClientHello is {} bytes", hello.len());
+        let mut tcp =
+            TcpStream::connect_timeout(&format!("{RELAY_IP}:443").parse().unwrap(), Duration::from_secs(5)).unwrap();
+        tcp.set_nodelay(true).unwrap();
+        for piece in hello.chunks(700) {
+            tcp.write_all(piece).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut stream = rustls::Stream::new(&mut tls, &mut tcp);
+        let request = format!("GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).lines().next().unwrap_or("").to_owned()
+    })
 }
