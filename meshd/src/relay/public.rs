@@ -54,17 +54,15 @@ impl Public {
     /// Serve exactly what `plan` says: listeners started or stopped, routes and names replaced in place.
     /// Errors: a public port or the terminator's address that cannot be bound (nothing else changed).
     pub fn apply(&mut self, plan: &PublicPlan) -> anyhow::Result<()> {
-        let public = if plan.routes.is_empty() {
-            None
-        } else if let Some(running) = self.public.take() {
-            Some(running)
-        } else {
-            Some(self.listen_public()?)
+        // New listeners are made first, and kept only once all are: a bind that fails stops nothing that runs.
+        let new_public = match &self.public {
+            None if !plan.routes.is_empty() => Some(self.listen_public()?),
+            _ => None,
         };
         let wanted = plan.passthrough_listen();
-        let passthrough = match self.passthrough.take() {
+        let new_passthrough = match &self.passthrough {
+            Some(running) if running.addrs == wanted => None,
             _ if wanted.is_empty() => None,
-            Some(running) if running.addrs == wanted => Some(running),
             _ => Some(self.listen_passthrough(&wanted)?),
         };
         let source = plan.mesh.iter().copied().find(IpAddr::is_ipv4);
@@ -90,8 +88,16 @@ impl Public {
         if let Some(worker) = &self.worker {
             worker.want(names);
         }
-        self.public = public;
-        self.passthrough = passthrough;
+        if plan.routes.is_empty() {
+            self.public = None;
+        } else if new_public.is_some() {
+            self.public = new_public;
+        }
+        if wanted.is_empty() {
+            self.passthrough = None;
+        } else if new_passthrough.is_some() {
+            self.passthrough = new_passthrough;
+        }
         Ok(())
     }
 
