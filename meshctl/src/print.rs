@@ -154,16 +154,24 @@ pub fn services_table(services: &[ServiceView]) -> String {
 /// A public name's certificate in words: pending, valid until, expired, with the last error.
 fn certificate_text(service: &ServiceView, url: &PublicUrl) -> String {
     let date = |secs: u64| humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string();
-    let error = |e: &Option<String>| e.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default();
+    let error = |e: &Option<String>, retry: &Option<u64>| match (e, retry) {
+        (Some(e), Some(at)) => format!(" (last error: {e}; next try {})", date(*at)),
+        (Some(e), None) => format!(" (last error: {e})"),
+        (None, _) => String::new(),
+    };
     match &url.certificate {
         None => {
             let holder = if url.tls == TlsMode::Terminate { &url.relay } else { &service.node };
             format!("not reported (held by {holder})")
         }
         Some(report) => match &report.status {
-            Status::Pending { last_error } => format!("pending{}", error(last_error)),
-            Status::Valid { until, last_error } => format!("valid until {}{}", date(*until), error(last_error)),
-            Status::Expired { since, last_error } => format!("expired {}{}", date(*since), error(last_error)),
+            Status::Pending { last_error, retry_at } => format!("pending{}", error(last_error, retry_at)),
+            Status::Valid { until, last_error, retry_at } => {
+                format!("valid until {}{}", date(*until), error(last_error, retry_at))
+            }
+            Status::Expired { since, last_error, retry_at } => {
+                format!("expired {}{}", date(*since), error(last_error, retry_at))
+            }
         },
     }
 }

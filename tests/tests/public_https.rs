@@ -394,6 +394,11 @@ fn a_home_service_is_served_on_its_public_name_with_tls_passed_through_to_the_ho
     }
     let tmp = tempfile::tempdir().unwrap();
     let mut m = Merchant::new(tmp.path(), &["store.shop.test"]);
+    // First served with TLS ended on the relay, then moved to passthrough: the relay must not keep that key.
+    run_ok(meshctl(&m.relay.state).args(["expose", "btcpay", "--https", "store.shop.test", "--relay", "relay"]));
+    m.wait_served("store.shop.test", Duration::from_secs(60));
+    assert!(m.relay.state.join("acme/store.shop.test.json").exists());
+    run_ok(meshctl(&m.relay.state).args(["unexpose", "btcpay", "--https", "store.shop.test"]));
     let exposed = run_ok(meshctl(&m.relay.state).args([
         "expose",
         "btcpay",
@@ -445,21 +450,18 @@ try:
 except OSError as e:
     print("error", e)
 "#;
-    let out = m.attic.ns.exec(&[
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "/usr/bin/python3",
-        "-c",
-        forged,
-    ]);
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        said.trim() == "0" || said.starts_with("error"),
-        "the terminator answered a local user: {said} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Nor can a local user on the relay, whose connections leave from the relay's own mesh address.
+    for host in [&m.attic, &m.relay] {
+        let nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", forged];
+        let out = host.ns.exec(&nobody);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.trim() == "0" || said.starts_with("error"),
+            "the terminator answered a local user on {}: {said} {}",
+            host.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     // service list on the hub shows the certificate as the home node reports it.
     let mut services = Value::Null;
@@ -473,7 +475,7 @@ except OSError as e:
 
     // The home node killed outright (a power cut) comes back serving the same certificate, without the CA.
     let issued = m.pebble.issued_count();
-    assert_eq!(issued, 1);
+    assert_eq!(issued, 2, "one certificate for the relay (terminate), one for the home node (passthrough)");
     m.attic_daemon.kill_hard();
     m.attic_daemon = m.attic.run_daemon_with(&m.root.join("attic-restarted.log"), &acme_args(&m.pebble));
     let page = m.wait_served("store.shop.test", Duration::from_secs(30));

@@ -139,10 +139,19 @@ mod tests {
         assert!(table.contains("not reported (held by home)"), "passthrough: the node holds it\n{table}");
         views[0].https[0].certificate = Some(CertificateReport {
             holder: "home".parse().unwrap(),
-            status: Status::Valid { until: 1_800_000_000, last_error: Some("http-01: timeout".into()) },
+            status: Status::Valid {
+                until: 1_800_000_000,
+                last_error: Some("http-01: timeout".into()),
+                retry_at: Some(1_790_000_000),
+            },
         });
         let table = services_table(&views);
-        assert!(table.contains("valid until 2027-01-15T08:00:00Z (last error: http-01: timeout)"), "{table}");
+        assert!(
+            table.contains(
+                "valid until 2027-01-15T08:00:00Z (last error: http-01: timeout; next try 2026-09-21T14:13:20Z)"
+            ),
+            "{table}"
+        );
 
         meshctl(&dir, &["unexpose", "btcpay", "--https", "pay.shop.example"]).unwrap();
         assert!(snapshot(&dir).exposures.is_empty());

@@ -69,6 +69,9 @@ pub enum Status {
         /// Why the last order failed, if it did.
         #[serde(skip_serializing_if = "Option::is_none")]
         last_error: Option<String>,
+        /// When the next order may be made (unix seconds), while backing off after a failure.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_at: Option<u64>,
     },
     /// A certificate that is served, valid until `until` (unix seconds).
     Valid {
@@ -77,6 +80,9 @@ pub enum Status {
         /// Why the last renewal failed, if one did since it was issued.
         #[serde(skip_serializing_if = "Option::is_none")]
         last_error: Option<String>,
+        /// When the next renewal may be tried (unix seconds), while backing off after a failure.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_at: Option<u64>,
     },
     /// The certificate held has expired (renewals failed): nothing valid is served.
     Expired {
@@ -85,6 +91,9 @@ pub enum Status {
         /// Why the last renewal failed.
         #[serde(skip_serializing_if = "Option::is_none")]
         last_error: Option<String>,
+        /// When the next renewal may be tried (unix seconds), while backing off after a failure.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_at: Option<u64>,
     },
 }
 
@@ -172,11 +181,19 @@ impl Renewal {
     /// What `service list` shows at `now`.
     pub fn status(&self, now: u64) -> Status {
         let last_error = self.last_error.clone();
+        let retry_at = (self.failures > 0 && self.not_before > now).then_some(self.not_before);
         match self.held {
-            None => Status::Pending { last_error },
-            Some(held) if now > held.not_after => Status::Expired { since: held.not_after, last_error },
-            Some(held) => Status::Valid { until: held.not_after, last_error },
+            None => Status::Pending { last_error, retry_at },
+            Some(held) if now > held.not_after => Status::Expired { since: held.not_after, last_error, retry_at },
+            Some(held) => Status::Valid { until: held.not_after, last_error, retry_at },
         }
+    }
+
+    /// Order at once, whatever the backoff says: the operator changed what the failures came from (another CA,
+    /// contact or root; the name exposed again). The failures' reason is kept until an order succeeds.
+    pub fn retry_now(&mut self) {
+        self.failures = 0;
+        self.not_before = 0;
     }
 
     /// This name's renewal time within `window`.
@@ -199,7 +216,7 @@ mod tests {
     fn a_new_name_is_ordered_at_once_and_backs_off_doubling_up_to_six_hours() {
         let mut r = Renewal::new();
         assert_eq!(r.next(), (Step::Order, 0));
-        assert_eq!(r.status(5), Status::Pending { last_error: None });
+        assert_eq!(r.status(5), Status::Pending { last_error: None, retry_at: None });
         let mut now = 1_000;
         let mut waits = Vec::new();
         for attempt in 0..12 {
@@ -214,7 +231,16 @@ mod tests {
         assert_eq!(waits[11], MAX_BACKOFF, "{waits:?}");
         // Orders a day, once backed off all the way: well within a CA's hourly and weekly limits.
         assert_eq!(DAY / MAX_BACKOFF, 4);
-        assert_eq!(r.status(now), Status::Pending { last_error: Some("attempt 11: connection refused".into()) });
+        assert!(
+            matches!(r.status(now - 1), Status::Pending { last_error: Some(e), retry_at: Some(at) } if e == "attempt 11: connection refused" && at == now),
+            "the reason, and when the next order is made"
+        );
+        r.retry_now();
+        assert_eq!(r.next(), (Step::Order, 0), "the operator's retry orders at once");
+        assert!(
+            matches!(r.status(now - 1), Status::Pending { last_error: Some(_), retry_at: None }),
+            "the reason stays"
+        );
     }
 
     #[test]
@@ -222,7 +248,11 @@ mod tests {
         let mut r = Renewal::new();
         r.failed("once".into(), 10);
         r.issued(CERT, 0, 100 * DAY);
-        assert_eq!(r.status(150 * DAY), Status::Valid { until: 190 * DAY, last_error: None }, "a success clears it");
+        assert_eq!(
+            r.status(150 * DAY),
+            Status::Valid { until: 190 * DAY, last_error: None, retry_at: None },
+            "a success clears it"
+        );
         // The window is asked first; without one (no ARI at this CA), two thirds: day 160.
         assert_eq!(r.next(), (Step::AskWindow, 100 * DAY));
         r.window_unknown(100 * DAY);
@@ -289,9 +319,13 @@ mod tests {
             status,
             Status::Valid {
                 until: 190 * DAY,
-                last_error: Some("urn:ietf:params:acme:error:connection: port 80 refused".into())
-            }
+                last_error: Some("urn:ietf:params:acme:error:connection: port 80 refused".into()),
+                retry_at: None,
+            },
+            "past the backoff: the reason, no wait"
         );
+        let json = serde_json::to_value(r.status(160 * DAY + 1)).unwrap();
+        assert_eq!(json["retry_at"], 160 * DAY + FIRST_BACKOFF, "within the backoff: when the next try is");
         assert!(matches!(r.status(190 * DAY + 1), Status::Expired { since, .. } if since == 190 * DAY));
         let json = serde_json::to_value(r.status(161 * DAY)).unwrap();
         assert_eq!(json["state"], "valid");

@@ -399,7 +399,7 @@ mod tests {
         session.handle_line(report);
         let Some(Effect::Certificates(certificates)) = session.poll_effect() else { panic!("no report") };
         let name: PublicName = "pay.shop.example".parse().unwrap();
-        assert_eq!(certificates[&name], Status::Valid { until: 1_900_000_000, last_error: None });
+        assert_eq!(certificates[&name], Status::Valid { until: 1_900_000_000, last_error: None, retry_at: None });
         let mut early = HubSession::new(label("vps"), now());
         early.handle_line(report);
         assert!(early.is_closed(), "a report is no hello");

@@ -1,7 +1,7 @@
 //! Sockets on mesh addresses, and the join service's listener on every address.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -49,6 +49,59 @@ pub fn listen_internet(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> 
     socket.bind(&addr.into())?;
     socket.listen(libc::c_int::MAX)?;
     tokio::net::TcpListener::from_std(socket.into())
+}
+
+/// Source ports below 1024 that meshd connects from where the other end trusts only meshd (the hub's sync
+/// service, a node's passthrough terminator): only root (`CAP_NET_BIND_SERVICE`) binds them, so another user on the
+/// host cannot pass for meshd. Below [`meshd_core::plan::PRIVILEGED_PORT`], clear of the well-known ports.
+pub const SOURCE_PORTS: std::ops::RangeInclusive<u16> = 600..=1020;
+const _: () = assert!(*SOURCE_PORTS.end() < meshd_core::plan::PRIVILEGED_PORT);
+
+/// How many random ports of [`SOURCE_PORTS`] are tried before one connection attempt gives up.
+pub const SOURCE_PORT_TRIES: usize = 16;
+
+/// A connection to `to` from `from` (an unspecified address: any) and a random port of [`SOURCE_PORTS`]; a port
+/// taken (by a service, or by a connection of the same four addresses and ports still in TIME-WAIT) is skipped for
+/// another, [`SOURCE_PORT_TRIES`] times at most. Errors: no port free, or no right to bind one (not root).
+pub async fn connect_from_privileged_port(from: IpAddr, to: SocketAddr) -> io::Result<tokio::net::TcpStream> {
+    use std::io::{Error, ErrorKind};
+    let mut taken = Vec::new();
+    for _ in 0..SOURCE_PORT_TRIES {
+        let port = rand::random_range(SOURCE_PORTS);
+        let socket = if to.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(SocketAddr::new(from, port)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AddrInUse => {
+                taken.push(port);
+                continue;
+            }
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+                return Err(Error::new(
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "binding source port {port} to connect to {to}: {e} (the other end admits meshd only from ports \
+                         below 1024: run meshd as root or with CAP_NET_BIND_SERVICE)"
+                    ),
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+        match socket.connect(to).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) if matches!(e.kind(), ErrorKind::AddrInUse | ErrorKind::AddrNotAvailable) => taken.push(port),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::new(
+        ErrorKind::AddrInUse,
+        format!(
+            "no free source port in {}-{} to connect to {to} from (tried {taken:?}): the other end admits meshd only \
+             from ports below 1024",
+            SOURCE_PORTS.start(),
+            SOURCE_PORTS.end()
+        ),
+    ))
 }
 
 /// A UDP socket on a mesh address, which may still be being added to the interface. Replies sent from it

@@ -21,13 +21,12 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::ops::RangeInclusive;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tracing::{debug, info, warn};
@@ -52,12 +51,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// `net.ipv4.ip_unprivileged_port_start` keeps its default, 1024), above those of common services, and below
 /// the port meshd's own listeners bind ([`meshd_core::plan::PRIVILEGED_PORT`], 1021), which a source port
 /// bound on every address would take from a service's forwarder.
-pub const SOURCE_PORTS: RangeInclusive<u16> = 600..=1020;
-const _: () = assert!(*SOURCE_PORTS.end() < meshd_core::plan::PRIVILEGED_PORT);
+pub use crate::host::socket::{SOURCE_PORT_TRIES, SOURCE_PORTS};
 /// Source ports the hub admits sync connections from: the privileged ones.
 pub const PRIVILEGED_PORTS_END: u16 = 1024;
-/// How many random ports of [`SOURCE_PORTS`] a member tries before it gives up on one connection attempt.
-const SOURCE_PORT_TRIES: usize = 16;
 /// Where the kernel says from which port on unprivileged processes may bind.
 const UNPRIVILEGED_PORT_START: &str = "/proc/sys/net/ipv4/ip_unprivileged_port_start";
 /// Reconnect backoff of members.
@@ -507,49 +503,10 @@ async fn session(
     result
 }
 
-/// A connection to `hub` from a random port of [`SOURCE_PORTS`] (the hub admits no other); a port taken
-/// (by a service, or by a connection of the same four addresses and ports still in TIME-WAIT) is skipped
-/// for another, [`SOURCE_PORT_TRIES`] times at most.
+/// A connection to `hub` from a random port of [`SOURCE_PORTS`] (the hub admits no other).
 pub async fn connect_from_privileged_port(hub: SocketAddr) -> std::io::Result<TcpStream> {
-    use std::io::{Error, ErrorKind};
     let any: IpAddr = if hub.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
-    let mut taken = Vec::new();
-    for _ in 0..SOURCE_PORT_TRIES {
-        let port = rand::random_range(SOURCE_PORTS);
-        let socket = if hub.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-        socket.set_reuseaddr(true)?;
-        match socket.bind(SocketAddr::new(any, port)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::AddrInUse => {
-                taken.push(port);
-                continue;
-            }
-            Err(e) if e.kind() == ErrorKind::PermissionDenied => {
-                return Err(Error::new(
-                    ErrorKind::PermissionDenied,
-                    format!(
-                        "binding source port {port} for the sync connection: {e} (the hub admits members only from \
-                         ports below {PRIVILEGED_PORTS_END}: run meshd as root or with CAP_NET_BIND_SERVICE)"
-                    ),
-                ));
-            }
-            Err(e) => return Err(e),
-        }
-        match socket.connect(hub).await {
-            Ok(stream) => return Ok(stream),
-            Err(e) if matches!(e.kind(), ErrorKind::AddrInUse | ErrorKind::AddrNotAvailable) => taken.push(port),
-            Err(e) => return Err(e),
-        }
-    }
-    Err(Error::new(
-        ErrorKind::AddrInUse,
-        format!(
-            "no free source port in {}-{} to connect to the hub from (tried {taken:?}): the hub admits members \
-             only from ports below {PRIVILEGED_PORTS_END}",
-            SOURCE_PORTS.start(),
-            SOURCE_PORTS.end()
-        ),
-    ))
+    crate::host::socket::connect_from_privileged_port(any, hub).await
 }
 
 /// Warn, once at start, when unprivileged processes may bind ports below 1024 on this host
@@ -723,7 +680,7 @@ mod tests {
     /// writer.
     async fn connect_from(source: &str, addr: SocketAddr) -> (Lines, tokio::net::tcp::OwnedWriteHalf) {
         for _ in 0..SOURCE_PORT_TRIES {
-            let socket = TcpSocket::new_v4().unwrap();
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
             socket.set_reuseaddr(true).unwrap();
             match socket.bind(SocketAddr::new(source.parse().unwrap(), rand::random_range(SOURCE_PORTS))) {
                 Ok(()) => {}
@@ -745,7 +702,7 @@ mod tests {
 
     /// A connection to `addr` from `source` and a port the kernel picks (unprivileged).
     async fn connect_unprivileged(source: &str, addr: SocketAddr) -> Lines {
-        let socket = TcpSocket::new_v4().unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.bind(SocketAddr::new(source.parse().unwrap(), 0)).unwrap();
         let stream = socket.connect(addr).await.unwrap();
         assert!(stream.local_addr().unwrap().port() >= PRIVILEGED_PORTS_END);

@@ -42,6 +42,10 @@ struct Held {
 struct Record {
     certificate: Option<Held>,
     renewal: Renewal,
+    /// The CA settings (directory, extra root, contact) the record was written under: a backoff earned under
+    /// others does not hold once the operator changed them.
+    #[serde(default)]
+    settings: Option<String>,
 }
 
 /// What `acme/account.json` holds: the account of one directory.
@@ -54,9 +58,17 @@ struct AccountRecord {
 /// The certificates' states, by name, for `service list`.
 pub type StatusBoard = Arc<Mutex<BTreeMap<PublicName, Renewal>>>;
 
+/// What the worker is asked to do: order and renew `hold`; delete what it keeps of `forget` (names this host
+/// passes through: it must hold no key for them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Wanted {
+    hold: BTreeSet<PublicName>,
+    forget: BTreeSet<PublicName>,
+}
+
 /// The running worker: it orders for the names last given to [`Worker::want`] and stops when dropped.
 pub struct Worker {
-    names: watch::Sender<BTreeSet<PublicName>>,
+    names: watch::Sender<Wanted>,
     board: StatusBoard,
     task: tokio::task::JoinHandle<()>,
 }
@@ -70,17 +82,19 @@ impl Drop for Worker {
 impl Worker {
     /// Start the worker; it serves every certificate it finds on disk for the names it is given at once.
     pub fn start(options: AcmeOptions, state: StateDir, certs: Arc<Certificates>) -> Worker {
-        let (names, wanted) = watch::channel(BTreeSet::new());
+        let (names, wanted) = watch::channel(Wanted::default());
         let board = StatusBoard::default();
-        let run = Run { options, state, certs, board: board.clone(), account: None };
+        let run = Run { options, state, certs, board: board.clone(), account: None, started: false };
         Worker { names, board, task: tokio::spawn(run.run(wanted)) }
     }
 
-    /// Obtain and renew certificates for exactly `names` from now on.
-    pub fn want(&self, names: BTreeSet<PublicName>) {
+    /// Obtain and renew certificates for exactly `hold` from now on, and delete the certificates and keys kept of
+    /// `forget`.
+    pub fn want(&self, hold: BTreeSet<PublicName>, forget: BTreeSet<PublicName>) {
+        let wanted = Wanted { hold, forget };
         self.names.send_if_modified(|current| {
-            let changed = *current != names;
-            *current = names;
+            let changed = *current != wanted;
+            *current = wanted;
             changed
         });
     }
@@ -104,16 +118,19 @@ struct Run {
     certs: Arc<Certificates>,
     board: StatusBoard,
     account: Option<Account>,
+    /// The first names were taken on: names that come later are new to this run (exposed again, say).
+    started: bool,
 }
 
 impl Run {
-    async fn run(mut self, mut wanted: watch::Receiver<BTreeSet<PublicName>>) {
+    async fn run(mut self, mut wanted: watch::Receiver<Wanted>) {
         if let Err(e) = self.state.create_acme_dir() {
             warn!(error = %e, "cannot make the ACME directory; certificates cannot be kept");
         }
         loop {
-            let names = wanted.borrow_and_update().clone();
+            let Wanted { hold: names, forget } = wanted.borrow_and_update().clone();
             self.follow(&names);
+            self.forget(&forget);
             let now = unix_now();
             let mut next_at = now + LONGEST_SLEEP.as_secs();
             for name in &names {
@@ -151,15 +168,46 @@ impl Run {
         });
         let new: Vec<PublicName> = names.iter().filter(|n| !board.contains_key(*n)).cloned().collect();
         for name in new {
-            let record = self.read(&name);
+            let mut record = self.read(&name);
             if let Some(held) = &record.certificate {
-                match certified_key(&held.chain_pem, &held.key_pem) {
-                    Ok(key) => self.certs.serve(name.as_str(), key),
-                    Err(e) => warn!(%name, error = %e, "the kept certificate cannot be served; ordering another"),
+                match (certified_key(&held.chain_pem, &held.key_pem), validity_of(&held.chain_pem)) {
+                    (Ok(key), Ok(validity)) => {
+                        self.certs.serve(name.as_str(), key);
+                        info!(%name, not_after = validity.not_after, "serving the kept certificate");
+                    }
+                    (Err(e), _) => warn!(%name, error = %e, "the kept certificate cannot be served; ordering another"),
+                    (_, Err(e)) => warn!(%name, error = %e, "the kept certificate cannot be read; ordering another"),
                 }
+            }
+            // A name exposed again, or CA settings changed since the failures: the operator wants a try now.
+            if self.started || record.settings.as_deref() != Some(&self.settings()) {
+                record.renewal.retry_now();
             }
             board.insert(name, record.renewal);
         }
+        self.started = true;
+    }
+
+    /// Delete what is kept of `names` (certificate, key, renewal state): names this host passes through.
+    fn forget(&self, names: &BTreeSet<PublicName>) {
+        for name in names {
+            let path = self.path(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    info!(%name, "deleted the kept certificate and key: the name is passed through to its node now")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "cannot delete a certificate this host must not keep")
+                }
+            }
+        }
+    }
+
+    /// The CA settings in effect, as one text.
+    fn settings(&self) -> String {
+        let root = self.options.ca_root.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        format!("{} {root} {}", self.options.directory, self.options.contact.as_deref().unwrap_or(""))
     }
 
     fn renewal(&self, name: &PublicName) -> Option<Renewal> {
@@ -188,7 +236,7 @@ impl Run {
 
     /// Save the name's record (certificate and renewal state) and show its state.
     fn keep(&self, name: &PublicName, certificate: Option<Held>, renewal: Renewal) {
-        let record = Record { certificate, renewal: renewal.clone() };
+        let record = Record { certificate, renewal: renewal.clone(), settings: Some(self.settings()) };
         let path = self.path(name);
         match serde_json::to_vec_pretty(&record) {
             Ok(json) => {
@@ -280,9 +328,10 @@ impl Run {
         let kept = self.state.read_private_file(&path).map_err(|e| e.to_string())?;
         let kept = kept.and_then(|bytes| serde_json::from_slice::<AccountRecord>(&bytes).ok());
         let account = match kept {
-            Some(record) if record.directory == self.options.directory => {
-                builder()?.from_credentials(record.credentials).await.map_err(|e| format!("the ACME account: {e}"))?
-            }
+            Some(record) if record.directory == self.options.directory => builder()?
+                .from_credentials(record.credentials)
+                .await
+                .map_err(|e| format!("the ACME account: {}", chain(&e)))?,
             _ => {
                 let contact = self.options.contact.as_ref().map(|c| format!("mailto:{c}"));
                 let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
@@ -290,7 +339,7 @@ impl Run {
                 let (account, credentials) = builder()?
                     .create(&new, self.options.directory.clone(), None)
                     .await
-                    .map_err(|e| format!("creating an account at {}: {e}", self.options.directory))?;
+                    .map_err(|e| format!("creating an account at {}: {}", self.options.directory, chain(&e)))?;
                 let record = AccountRecord { directory: self.options.directory.clone(), credentials };
                 let json = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
                 self.state.replace_private_file(&path, &json).map_err(|e| e.to_string())?;
@@ -301,6 +350,20 @@ impl Run {
         self.account = Some(account.clone());
         Ok(account)
     }
+}
+
+/// `error` with its sources (a TLS failure below an HTTP client error, say), as one line.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let more = e.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = e.source();
+    }
+    text
 }
 
 /// The challenge type as the CA names it.
@@ -320,7 +383,8 @@ async fn order(
     certs: &Certificates,
 ) -> Result<Held, String> {
     let identifiers = [Identifier::Dns(name.to_string())];
-    let mut order = account.new_order(&NewOrder::new(&identifiers)).await.map_err(|e| format!("new order: {e}"))?;
+    let mut order =
+        account.new_order(&NewOrder::new(&identifiers)).await.map_err(|e| format!("new order: {}", chain(&e)))?;
     let mut tokens = Vec::new();
     let mut authorizations = order.authorizations();
     let mut answered = Ok(());
@@ -328,7 +392,7 @@ async fn order(
         let mut authz = match authz {
             Ok(authz) => authz,
             Err(e) => {
-                answered = Err(format!("authorization: {e}"));
+                answered = Err(format!("authorization: {}", chain(&e)));
                 break;
             }
         };
@@ -359,7 +423,7 @@ async fn order(
             }
         }
         if let Err(e) = challenge.set_ready().await {
-            answered = Err(format!("challenge: {e}"));
+            answered = Err(format!("challenge: {}", chain(&e)));
             break;
         }
     }
@@ -375,14 +439,15 @@ async fn order(
 
 /// Wait for the CA's validation, then finalize with a new key and fetch the chain.
 async fn finish(order: &mut instant_acme::Order) -> Result<Held, String> {
-    let status = order.poll_ready(&RetryPolicy::default()).await.map_err(|e| format!("validation: {e}"))?;
+    let status = order.poll_ready(&RetryPolicy::default()).await.map_err(|e| format!("validation: {}", chain(&e)))?;
     if status != OrderStatus::Ready {
         let why =
             order.state().error.as_ref().map(|p| p.to_string()).unwrap_or_else(|| format!("the order is {status:?}"));
         return Err(format!("validation failed: {why}"));
     }
-    let key_pem = order.finalize().await.map_err(|e| format!("finalize: {e}"))?;
-    let chain_pem = order.poll_certificate(&RetryPolicy::default()).await.map_err(|e| format!("certificate: {e}"))?;
+    let key_pem = order.finalize().await.map_err(|e| format!("finalize: {}", chain(&e)))?;
+    let chain_pem =
+        order.poll_certificate(&RetryPolicy::default()).await.map_err(|e| format!("certificate: {}", chain(&e)))?;
     Ok(Held { chain_pem, key_pem })
 }
 

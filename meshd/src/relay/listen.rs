@@ -10,7 +10,7 @@
 
 use std::collections::BTreeSet;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context, Poll};
@@ -227,9 +227,11 @@ async fn forward_challenge(
 pub async fn serve_passthrough(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let (stream, peer) = accept(&listener).await;
+        // A relay's meshd connects from a port below 1024: another user on the relay, whose connections leave from
+        // the same mesh address, cannot bind one, and so cannot pass for it with a PROXY header of its own.
         let from_relay = shared.passthrough_from.read().unwrap_or_else(PoisonError::into_inner).contains(&peer.ip());
-        if !from_relay {
-            debug!(%peer, "not a relay: closed");
+        if !from_relay || peer.port() >= 1024 {
+            debug!(%peer, "not a relay's meshd: closed");
             continue;
         }
         let Some(permit) = shared.passthrough_gate.admit(peer.ip()) else { continue };
@@ -323,13 +325,12 @@ async fn splice(mut replay: Replay<TcpStream>, client: SocketAddr, upstream: Soc
     let _ = tokio::io::copy_bidirectional(&mut replay, &mut out).await;
 }
 
-/// A TCP connection to `to`, from `source` when given.
+/// A TCP connection to a node's terminator `to`, from `source` (this host's mesh address) and a port below 1024:
+/// the terminator takes the relay's mesh address only from such a port, which no other user on the relay can bind.
 async fn connect_from(source: Option<IpAddr>, to: SocketAddr) -> io::Result<TcpStream> {
-    let socket = if to.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-    if let Some(source) = source.filter(|s| s.is_ipv4() == to.is_ipv4()) {
-        socket.bind(SocketAddr::new(source, 0))?;
-    }
-    let stream = socket.connect(to).await?;
+    let unspecified: IpAddr = if to.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+    let from = source.filter(|s| s.is_ipv4() == to.is_ipv4()).unwrap_or(unspecified);
+    let stream = crate::host::socket::connect_from_privileged_port(from, to).await?;
     stream.set_nodelay(true)?;
     Ok(stream)
 }

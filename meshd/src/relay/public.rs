@@ -82,11 +82,17 @@ impl Public {
             Arc::new(Routes::new(terminated, https_port));
         *self.shared.passthrough_from.write().unwrap_or_else(PoisonError::into_inner) = plan.passthrough_from.clone();
         let names: BTreeSet<PublicName> = plan.terminated.keys().cloned().collect();
-        if !names.is_empty() && self.worker.is_none() {
+        // Names this host passes through (and does not also terminate, as a relay that is the service's node
+        // does): it must keep no key for them, such as one from when it terminated them.
+        let passed: BTreeSet<PublicName> = (plan.routes.iter())
+            .filter(|(name, route)| route.tls == TlsMode::Passthrough && !plan.terminated.contains_key(*name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if (!names.is_empty() || !passed.is_empty()) && self.worker.is_none() {
             self.worker = Some(Worker::start(self.options.acme.clone(), self.state.clone(), self.shared.certs.clone()));
         }
         if let Some(worker) = &self.worker {
-            worker.want(names);
+            worker.want(names, passed);
         }
         if plan.routes.is_empty() {
             self.public = None;
