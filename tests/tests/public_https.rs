@@ -566,6 +566,36 @@ fn a_flood_of_idle_connections_to_the_public_port_keeps_no_shop_out() {
         })
         .count();
     assert!(closed >= 300, "only {closed} idle connections were closed");
+
+    // Connections that complete their TLS handshake and then idle cannot hold the source's places either: the
+    // shop's own request still evicts the oldest of them.
+    let holder = r#"
+import socket, ssl, sys, time
+context = ssl.create_default_context(cafile=sys.argv[1])
+context.set_alpn_protocols(["http/1.1"])
+held = []
+for _ in range(300):
+    try:
+        held.append(context.wrap_socket(socket.create_connection(("172.31.70.2", 443), timeout=5), server_hostname="pay.shop.test"))
+    except OSError:
+        pass
+print(len(held), flush=True)
+time.sleep(60)
+"#;
+    let root = m.pebble.issuing_root_path();
+    let mut cmd = m.shop.command("/usr/bin/python3");
+    cmd.args(["-c", holder, root.to_str().unwrap()]).stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let handshaken: usize = line.trim().parse().unwrap_or(0);
+    assert!(handshaken >= 256, "the holder completed only {handshaken} handshakes");
+    let started = Instant::now();
+    let served = m.fetch("pay.shop.test", "https://pay.shop.test/", &[]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(served.map(|r| r.0), Some(200), "the shop was kept out by its own idle TLS connections");
+    assert!(started.elapsed() < Duration::from_secs(3), "served only after {:?}", started.elapsed());
 }
 
 /// One WebSocket text frame through the relay over HTTP/2 (an extended CONNECT, RFC 8441), from the shop; the echo.

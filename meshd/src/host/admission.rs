@@ -188,6 +188,17 @@ pub struct Permit {
     id: u64,
 }
 
+/// The eviction of a connection kept evictable ([`Pending::into_parts`]).
+#[derive(Debug)]
+pub struct Eviction(oneshot::Receiver<()>);
+
+impl Eviction {
+    /// Resolves once a newer connection has taken this one's place: the connection is to be closed.
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.0).await;
+    }
+}
+
 /// A connection admitted by [`Gate::admit_evicting`] that has not yet shown it is a client of the service:
 /// a newer connection may evict it until it [settles](Pending::settle).
 #[derive(Debug)]
@@ -201,6 +212,13 @@ impl Pending {
     pub async fn evicted(&mut self) {
         // Never sent: the sender is dropped when the connection is evicted.
         let _ = (&mut self.evicted).await;
+    }
+
+    /// The connection stays evictable for its whole life (a listener open to the internet whose connections, once
+    /// in, could otherwise be held idle by a few sources until the caps are full): its permit, to be held as long as
+    /// anything of the connection lives, and what resolves once it is evicted.
+    pub fn into_parts(self) -> (Permit, Eviction) {
+        (self.permit, Eviction(self.evicted))
     }
 
     /// The connection showed it is a client of the service: from now on no newer connection evicts it. None

@@ -133,16 +133,24 @@ pub async fn serve_https(listener: TcpListener, shared: Arc<Shared>) {
                 () = pending.evicted() => return,
             };
             let Ok(Ok(hello)) = hello else { return };
-            let Some(permit) = pending.settle() else { return };
+            // Kept evictable for its whole life: a source holding the most connections loses its oldest to a
+            // newcomer once the caps are full, so idle connections from a few sources cannot shut everyone out.
+            let (permit, mut eviction) = pending.into_parts();
             let permit = Arc::new(permit);
             let alpn: Vec<&[u8]> = hello.alpn.iter().map(Vec::as_slice).collect();
             let decision = forward::current(&shared.public).on_hello(hello.sni.as_deref(), &alpn);
             let replay = Replay::new(hello.bytes, stream);
-            match decision {
-                OnHello::Refuse => {}
-                OnHello::Splice(upstream) => splice(replay, peer, upstream, &shared).await,
-                OnHello::Terminate(name) => terminate(replay, peer.ip(), name, &shared, permit).await,
-                OnHello::AnswerChallenge(_) => answer_challenge(replay, &shared).await,
+            let handled = async {
+                match decision {
+                    OnHello::Refuse => {}
+                    OnHello::Splice(upstream) => splice(replay, peer, upstream, &shared).await,
+                    OnHello::Terminate(name) => terminate(replay, peer.ip(), name, &shared, permit).await,
+                    OnHello::AnswerChallenge(_) => answer_challenge(replay, &shared).await,
+                }
+            };
+            tokio::select! {
+                () = handled => {}
+                () = eviction.wait() => debug!(%peer, "evicted for a newer connection"),
             }
         });
     }
@@ -152,17 +160,22 @@ pub async fn serve_https(listener: TcpListener, shared: Arc<Shared>) {
 pub async fn serve_http(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let (stream, peer) = accept(&listener).await;
-        let Some(permit) = shared.http_gate.admit(peer.ip()) else { continue };
+        // Evictable for its whole life, as on the HTTPS port: idle connections cannot hold the port (or the
+        // descriptors it shares with the rest of meshd) for long.
+        let Some(pending) = shared.http_gate.admit_evicting(peer.ip()) else { continue };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let (_permit, mut eviction) = pending.into_parts();
             let service = service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, std::convert::Infallible>(on_http(&shared, peer, req).await) }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_buf_size(MAX_HEAD);
-            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+            tokio::select! {
+                _ = builder.serve_connection(TokioIo::new(stream), service) => {}
+                () = eviction.wait() => {}
+            }
         });
     }
 }
