@@ -154,7 +154,9 @@ pub fn services_table(services: &[ServiceView]) -> String {
 /// A public name's certificate in words: pending, valid until, expired, with the last error.
 fn certificate_text(service: &ServiceView, url: &PublicUrl) -> String {
     let date = |secs: u64| humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string();
-    let error = |e: &Option<String>, retry: &Option<u64>| match (e, retry) {
+    // A member reports these: no control character of its reaches the operator's terminal.
+    let clean = |e: &str| e.chars().map(|c| if c.is_control() { '?' } else { c }).collect::<String>();
+    let error = |e: &Option<String>, retry: &Option<u64>| match (e.as_deref().map(clean), retry) {
         (Some(e), Some(at)) => format!(" (last error: {e}; next try {})", date(*at)),
         (Some(e), None) => format!(" (last error: {e})"),
         (None, _) => String::new(),

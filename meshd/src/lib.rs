@@ -24,9 +24,14 @@ pub mod runtime;
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         // defguard_wireguard_rs logs an ERROR when the kernel module is missing, before meshd falls back
-        // to its embedded WireGuard (and says so): not a failure, so not shown unless RUST_LOG asks.
+        // to its embedded WireGuard (and says so): not a failure, so not shown unless RUST_LOG asks. Its INFO
+        // lines (a whole peer dump per change, "assigned the following addresses: []" while meshd adds them
+        // itself) and boringtun's say what meshd's own lines say better: warnings only.
         .unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new("info,hickory_server=warn,defguard_wireguard_rs::netlink=off")
+            tracing_subscriber::EnvFilter::new(
+                "info,hickory_server=warn,defguard_wireguard_rs=warn,defguard_wireguard_rs::netlink=off,\
+                 defguard_boringtun=warn",
+            )
         });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();

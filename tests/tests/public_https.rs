@@ -320,7 +320,11 @@ fn a_home_service_is_served_on_its_public_name_with_the_relay_terminating_tls() 
 
     // No open proxy: a name not exposed gets no certificate and no page (even with Pebble's DNS pointing it
     // here), a Host other than the SNI's is refused, CONNECT too.
-    assert_eq!(m.fetch("other.shop.test", "https://other.shop.test/", &["-k"]), None, "an unknown name is served");
+    let unknown = m.fetch_or_why("other.shop.test", "https://other.shop.test/", &["-k"]);
+    assert!(
+        unknown.as_ref().is_err_and(|why| why.contains("unrecognized name")),
+        "an unknown name gets a TLS alert and nothing else: {unknown:?}"
+    );
     let misdirected = m.fetch("pay.shop.test", "https://pay.shop.test/", &["-H", "Host: other.shop.test"]);
     assert_eq!(misdirected.map(|r| r.0), Some(421), "a Host that is not the SNI's");
     let connect = m.fetch("pay.shop.test", "https://pay.shop.test/", &["--http1.1", "-X", "CONNECT"]);

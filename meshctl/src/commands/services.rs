@@ -141,14 +141,14 @@ mod tests {
             holder: "home".parse().unwrap(),
             status: Status::Valid {
                 until: 1_800_000_000,
-                last_error: Some("http-01: timeout".into()),
+                last_error: Some("http-01: timeout\u{1b}[2J".into()),
                 retry_at: Some(1_790_000_000),
             },
         });
         let table = services_table(&views);
         assert!(
             table.contains(
-                "valid until 2027-01-15T08:00:00Z (last error: http-01: timeout; next try 2026-09-21T14:13:20Z)"
+                "valid until 2027-01-15T08:00:00Z (last error: http-01: timeout?[2J; next try 2026-09-21T14:13:20Z)"
             ),
             "{table}"
         );

@@ -175,8 +175,11 @@ impl Declaration {
                 return Err(DeclareError::HttpsOverUdp(entry.name));
             }
             for https in &entry.https {
-                if !is_node(&https.relay) {
-                    return Err(DeclareError::UndeclaredRelay { service: entry.name, relay: https.relay.clone() });
+                let relay = &https.relay;
+                let is_relay =
+                    relay == hub || declaration.nodes.iter().any(|n| &n.name == relay && n.role == Role::Relay);
+                if !is_relay {
+                    return Err(DeclareError::UndeclaredRelay { service: entry.name, relay: relay.clone() });
                 }
                 if !hostnames.insert(https.hostname.clone()) {
                     return Err(DeclareError::PublicNameTwice(https.hostname.clone()));

@@ -75,8 +75,10 @@ pub enum DeclareError {
     #[error("service \"{0}\" is UDP: only a TCP service speaking HTTP can have https names")]
     /// A UDP service with public names.
     HttpsOverUdp(Label),
-    #[error("service \"{service}\" is served through relay \"{relay}\", which is neither the hub nor a declared node")]
-    /// A public name's relay that is not a node of the file (nor the hub).
+    #[error(
+        "service \"{service}\" is served through \"{relay}\", which is neither the hub nor a node declared with role = \"relay\""
+    )]
+    /// A public name's relay that is neither the hub nor a node of role relay in the file.
     UndeclaredRelay {
         /// The service.
         service: Label,

@@ -518,7 +518,11 @@ mod tests {
 name = "btcpay"
 node = "hub"
 target = "127.0.0.1:23000"
-https = [{ hostname = "pay.shop.example", relay = "hub", tls = "passthrough" }, { hostname = "shop.example", relay = "validator" }, { hostname = "later.shop.example", relay = "vps1" }]
+https = [{ hostname = "pay.shop.example", relay = "hub", tls = "passthrough" }, { hostname = "shop.example", relay = "validator" }, { hostname = "later.shop.example", relay = "edge" }]
+
+[[node]]
+name = "edge"
+role = "relay"
 "#
         );
         let plan = plan(&parse(&file).unwrap(), &network).unwrap();
@@ -529,7 +533,7 @@ https = [{ hostname = "pay.shop.example", relay = "hub", tls = "passthrough" }, 
                 "- unexpose wallet from https://pay.shop.example/",
                 "+ expose btcpay on https://pay.shop.example/ through hub (tls passthrough)",
                 "+ expose btcpay on https://shop.example/ through validator (tls terminate)",
-                "! https://later.shop.example/ waits for relay vps1 to join",
+                "! https://later.shop.example/ waits for relay edge to join",
             ],
             "a name moving between services is taken off the old one first"
         );
@@ -543,6 +547,12 @@ https = [{ hostname = "pay.shop.example", relay = "hub", tls = "passthrough" }, 
         assert_eq!(parse(&twice).unwrap_err(), DeclareError::PublicNameTwice("shop.example".parse().unwrap()));
         let udp = "[[service]]\nname = \"dns\"\nnode = \"hub\"\ntarget = \"127.0.0.1:53\"\nprotocol = \"udp\"\nhttps = [{ hostname = \"dns.example\", relay = \"hub\" }]\n";
         assert_eq!(parse(udp).unwrap_err(), DeclareError::HttpsOverUdp(label("dns")));
+        let not_relay = file.replace("relay = \"edge\"", "relay = \"vps1\"");
+        assert_eq!(
+            parse(&not_relay).unwrap_err(),
+            DeclareError::UndeclaredRelay { service: label("btcpay"), relay: label("vps1") },
+            "a plain node is no relay"
+        );
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub enum ControlError {
     UnknownService(Label),
     #[error("service \"{0}\" is UDP: only a TCP service speaking HTTP can be served over HTTPS")]
     NotHttp(Label),
+    #[error("service \"{0}\" has public names: it stays TCP (meshctl unexpose them first to make it UDP)")]
+    ExposedStaysTcp(Label),
     #[error(
         "\"{0}\" is neither the hub nor a relay: serve public names through the hub or a node that joined with --role relay"
     )]

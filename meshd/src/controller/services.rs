@@ -44,7 +44,7 @@ pub(super) fn update(
     service.target = target;
     service.protocol = protocol.unwrap_or(service.protocol);
     if service.protocol != Protocol::Tcp && s.exposures.iter().any(|e| e.service == service.name) {
-        return Err(ControlError::NotHttp(service.name));
+        return Err(ControlError::ExposedStaysTcp(service.name));
     }
     w.update_service(&service)?;
     Ok(Reply::Service(s.service_view(&service)))
@@ -182,7 +182,7 @@ mod tests {
                 port: None,
                 protocol: Some(Protocol::Udp),
             },
-            "is UDP",
+            "has public names: it stays TCP",
         );
         refused(
             Request::Unexpose { service: label("btcpay"), hostname: "other.shop.example".parse().unwrap() },

@@ -142,7 +142,7 @@ pub async fn serve_https(listener: TcpListener, shared: Arc<Shared>) {
             let replay = Replay::new(hello.bytes, stream);
             let handled = async {
                 match decision {
-                    OnHello::Refuse => {}
+                    OnHello::Refuse => refuse_name(replay).await,
                     OnHello::Splice(upstream) => splice(replay, peer, upstream, &shared).await,
                     OnHello::Terminate(name) => terminate(replay, peer.ip(), name, &shared, permit).await,
                     OnHello::AnswerChallenge(_) => answer_challenge(replay, &shared).await,
@@ -376,6 +376,15 @@ async fn terminate<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         _ = builder.serve_connection_with_upgrades(TokioIo::new(tls), service) => {}
         () = idle_for(&last, IDLE_TIMEOUT) => debug!(%client, "idle connection closed"),
     }
+}
+
+/// A fatal `unrecognized_name` alert (RFC 8446 section 6.2, RFC 6066 section 3), then close: no certificate and no
+/// page for a name not served, but a client (a shop whose DNS is wrong) sees why.
+async fn refuse_name<S: AsyncWrite + Unpin>(mut stream: S) {
+    // A TLS 1.2-versioned alert record: content type 21, legacy version 3.3, length 2, fatal (2), 112.
+    const UNRECOGNIZED_NAME: [u8; 7] = [21, 3, 3, 0, 2, 2, 112];
+    let _ = stream.write_all(&UNRECOGNIZED_NAME).await;
+    let _ = stream.shutdown().await;
 }
 
 /// Answer the CA's TLS-ALPN-01 validation: the handshake with the challenge certificate is the answer.
