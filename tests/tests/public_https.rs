@@ -337,6 +337,22 @@ fn a_home_service_is_served_on_its_public_name_with_the_relay_terminating_tls() 
     );
     assert_eq!(absolute.map(|r| r.0), Some(400), "an absolute-form request is refused");
 
+    // Two Host headers, and an authority-form target: refused, not guessed at.
+    let raw = r#"
+import socket, ssl, sys
+context = ssl.create_default_context(cafile=sys.argv[1])
+context.set_alpn_protocols(["http/1.1"])
+for request in (b"GET / HTTP/1.1\r\nHost: pay.shop.test\r\nHost: pay.shop.test\r\n\r\n",
+                b"GET pay.shop.test:443 HTTP/1.1\r\nHost: pay.shop.test\r\n\r\n"):
+    tls = context.wrap_socket(socket.create_connection(("172.31.70.2", 443), timeout=5), server_hostname="pay.shop.test")
+    tls.sendall(request)
+    print(tls.recv(12).decode())
+"#;
+    let root = m.pebble.issuing_root_path();
+    let out = m.shop.exec(&["/usr/bin/python3", "-c", raw, root.to_str().unwrap()]);
+    let statuses: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
+    assert_eq!(statuses, ["HTTP/1.1 400", "HTTP/1.1 400"], "{}", String::from_utf8_lossy(&out.stderr));
+
     // Port 80: a redirect to HTTPS keeping path and query.
     let (code, _, _) = m.fetch("pay.shop.test", "http://pay.shop.test/a/b?c=1", &[]).expect("an answer on port 80");
     assert_eq!(code, 308);

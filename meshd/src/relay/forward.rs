@@ -101,6 +101,10 @@ pub struct Conn {
 
 /// Answer one request of `conn`.
 pub async fn handle(conn: Conn, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    // More than one Host is a bad request (RFC 9112 section 3.2): which one a proxy and a service read may differ.
+    if req.headers().get_all(header::HOST).iter().count() > 1 {
+        return Ok(answer(400, "Bad Request"));
+    }
     let routes = current(&conn.table);
     let decision = routes.on_https_request(&conn.name, &head(&req), conn.client);
     Ok(match decision {
@@ -122,7 +126,9 @@ pub fn head<B>(req: &Request<B>) -> Head<'_> {
     };
     Head {
         method: req.method().as_str(),
-        absolute_form: !h2 && req.uri().scheme().is_some(),
+        // Absolute form (`GET http://host/`) and authority form (`GET host:443`, CONNECT's): a target naming a
+        // host, which HTTP/1.1 sends to proxies only (RFC 9112 section 3.2).
+        absolute_form: !h2 && (req.uri().scheme().is_some() || req.uri().authority().is_some()),
         protocol: req.extensions().get::<hyper::ext::Protocol>().map(hyper::ext::Protocol::as_str),
         authority,
         path_and_query: req.uri().path_and_query().map_or("/", |p| p.as_str()),

@@ -50,8 +50,9 @@ const MAX_HEAD: usize = 64 * 1024;
 /// Connections one source may hold on a public port at a time (loopback counts as one source, an IPv6 /64 too).
 pub const PER_SOURCE: usize = 256;
 
-/// Connections all sources may hold on a public port at a time.
-pub const TOTAL: usize = 8192;
+/// Connections all sources may hold on the HTTPS port at a time (two descriptors each: the client's and the
+/// service's); the HTTP port takes a quarter of these, and of [`PER_SOURCE`].
+pub const TOTAL: usize = 4096;
 
 /// Everything the listeners share; the routes and the passthrough sources change in place.
 pub struct Shared {
@@ -80,6 +81,8 @@ impl Shared {
     /// Nothing served yet.
     pub fn new(certs: Arc<Certificates>) -> Shared {
         let caps = Caps { per_source: PER_SOURCE, total: TOTAL, descriptors: 2, internet: true };
+        // The HTTP port only answers validations and redirects: one descriptor a connection, fewer of them.
+        let http = Caps { per_source: PER_SOURCE / 4, total: TOTAL / 4, descriptors: 1, internet: true };
         let mesh = Caps { per_source: TOTAL, total: TOTAL, descriptors: 2, internet: false };
         Shared {
             server_config: certs.server_config(),
@@ -91,7 +94,7 @@ impl Shared {
             upstreams: RwLock::new(Upstreams::new(None, Vec::new())),
             source: RwLock::default(),
             https_gate: Gate::new("public HTTPS", caps),
-            http_gate: Gate::new("public HTTP", caps),
+            http_gate: Gate::new("public HTTP", http),
             passthrough_gate: Gate::new("passthrough terminator", mesh),
         }
     }
