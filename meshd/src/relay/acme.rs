@@ -175,8 +175,14 @@ impl Run {
                         self.certs.serve(name.as_str(), key);
                         info!(%name, not_after = validity.not_after, "serving the kept certificate");
                     }
-                    (Err(e), _) => warn!(%name, error = %e, "the kept certificate cannot be served; ordering another"),
-                    (_, Err(e)) => warn!(%name, error = %e, "the kept certificate cannot be read; ordering another"),
+                    (Err(e), _) => {
+                        warn!(%name, error = %e, "the kept certificate cannot be served; ordering another");
+                        record.renewal = Renewal::new();
+                    }
+                    (_, Err(e)) => {
+                        warn!(%name, error = %e, "the kept certificate cannot be read; ordering another");
+                        record.renewal = Renewal::new();
+                    }
                 }
             }
             // A name exposed again, or CA settings changed since the failures: the operator wants a try now.
