@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, CertificateIdentifier, ChallengeType, Identifier, NewAccount,
@@ -466,12 +466,17 @@ fn alpn_certificate(name: &PublicName, digest: &[u8]) -> Result<rustls::sign::Ce
     certified_key(&cert.pem(), &key.serialize_pem()).map_err(|e| e.to_string())
 }
 
-/// The leaf's validity, unix seconds.
-fn validity_of(chain_pem: &str) -> Result<Validity, String> {
-    let leaf = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+/// The first certificate of a PEM chain: the leaf.
+fn leaf(chain_pem: &str) -> Result<CertificateDer<'static>, String> {
+    CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .next()
         .ok_or("the chain holds no certificate")?
-        .map_err(|e| format!("the chain is not PEM: {e}"))?;
+        .map_err(|e| format!("the chain is not PEM: {e}"))
+}
+
+/// The leaf's validity, unix seconds.
+fn validity_of(chain_pem: &str) -> Result<Validity, String> {
+    let leaf = leaf(chain_pem)?;
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf).map_err(|e| format!("the certificate: {e}"))?;
     let seconds = |t: x509_parser::time::ASN1Time| u64::try_from(t.timestamp()).unwrap_or(0);
     Ok(Validity { not_before: seconds(cert.validity().not_before), not_after: seconds(cert.validity().not_after) })
@@ -479,10 +484,7 @@ fn validity_of(chain_pem: &str) -> Result<Validity, String> {
 
 /// The CA's suggested window for the leaf of `chain_pem`, and when to ask again (seconds).
 async fn ask(account: &Account, chain_pem: &str) -> Result<(Window, u64), String> {
-    let leaf = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-        .next()
-        .ok_or("the chain holds no certificate")?
-        .map_err(|e| format!("the chain is not PEM: {e}"))?;
+    let leaf = leaf(chain_pem)?;
     let id = CertificateIdentifier::try_from(&leaf)?;
     let (info, retry_after) = account.renewal_info(&id).await.map_err(|e| e.to_string())?;
     Ok((window_of(&info), retry_after.as_secs()))
@@ -498,9 +500,9 @@ fn window_of(info: &RenewalInfo) -> Window {
     }
 }
 
-/// Unix seconds now.
+/// Unix seconds now, from the host's wall clock.
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    u64::try_from(crate::host::clock::wall_now()).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -85,8 +85,9 @@ impl Certificates {
     /// keys rotated every 6 hours by rustls's ticketer) so that clients resume instead of a full handshake. Made
     /// once per listener set: a configuration made per connection would resume nothing.
     pub fn server_config(self: &Arc<Self>) -> Arc<ServerConfig> {
-        let mut config =
-            ServerConfig::builder().with_no_client_auth().with_cert_resolver(Arc::new(Served(self.clone())));
+        let mut config = ServerConfig::builder()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(ByName { certs: self.clone(), challenge: false }));
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         match rustls::crypto::ring::Ticketer::new() {
             Ok(ticketer) => config.ticketer = ticketer,
@@ -99,32 +100,26 @@ impl Certificates {
     /// only (RFC 8737 section 3). rustls's `with_single_cert` refuses such a certificate (its acmeIdentifier
     /// extension is critical), so it is served through a resolver.
     pub fn challenge_config(self: &Arc<Self>) -> Arc<ServerConfig> {
-        let mut config =
-            ServerConfig::builder().with_no_client_auth().with_cert_resolver(Arc::new(Challenge(self.clone())));
+        let mut config = ServerConfig::builder()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(ByName { certs: self.clone(), challenge: true }));
         config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
         Arc::new(config)
     }
 }
 
-/// Resolves the served certificate of the ClientHello's server name.
+/// Resolves the certificate of the ClientHello's server name: the served one, or (`challenge`) the TLS-ALPN-01 one.
 #[derive(Debug)]
-struct Served(Arc<Certificates>);
-
-impl ResolvesServerCert for Served {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let name = hello.server_name()?.to_ascii_lowercase();
-        self.0.served.read().unwrap_or_else(PoisonError::into_inner).get(&name).cloned()
-    }
+struct ByName {
+    certs: Arc<Certificates>,
+    challenge: bool,
 }
 
-/// Resolves the TLS-ALPN-01 certificate of the ClientHello's server name.
-#[derive(Debug)]
-struct Challenge(Arc<Certificates>);
-
-impl ResolvesServerCert for Challenge {
+impl ResolvesServerCert for ByName {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let name = hello.server_name()?.to_ascii_lowercase();
-        self.0.challenges.read().unwrap_or_else(PoisonError::into_inner).get(&name).cloned()
+        let keys = if self.challenge { &self.certs.challenges } else { &self.certs.served };
+        keys.read().unwrap_or_else(PoisonError::into_inner).get(&name).cloned()
     }
 }
 

@@ -157,6 +157,11 @@ pub fn full(text: impl Into<Bytes>) -> Body {
     Full::new(text.into()).map_err(|never: Infallible| match never {}).boxed()
 }
 
+/// No body.
+fn empty() -> Body {
+    Empty::new().map_err(|never: Infallible| match never {}).boxed()
+}
+
 /// Whether `req` is an HTTP/1.1 WebSocket handshake (`Connection: upgrade`, `Upgrade: websocket`).
 fn is_h1_websocket<B>(req: &Request<B>) -> bool {
     let has = |name, token: &str| {
@@ -206,7 +211,7 @@ async fn forward(
         parts.headers.remove("sec-websocket-key");
         let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
         set(&mut parts.headers, "sec-websocket-key", &key);
-        Empty::new().map_err(|never: Infallible| match never {}).boxed()
+        empty()
     } else {
         body.boxed()
     };
@@ -239,7 +244,7 @@ async fn forward(
             strip_hop_by_hop(&mut parts.headers);
             parts.headers.remove("sec-websocket-accept");
         }
-        return Response::from_parts(parts, Empty::new().map_err(|never: Infallible| match never {}).boxed());
+        return Response::from_parts(parts, empty());
     }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);

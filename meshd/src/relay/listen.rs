@@ -173,14 +173,20 @@ pub async fn serve_http(listener: TcpListener, shared: Arc<Shared>) {
                 let shared = shared.clone();
                 async move { Ok::<_, std::convert::Infallible>(on_http(&shared, peer, req).await) }
             });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_buf_size(MAX_HEAD);
             tokio::select! {
-                _ = builder.serve_connection(TokioIo::new(stream), service) => {}
+                _ = http1().serve_connection(TokioIo::new(stream), service) => {}
                 () = eviction.wait() => {}
             }
         });
     }
+}
+
+/// The plain HTTP/1.1 server of the HTTP port and of forwarded validations: a request head within
+/// [`HEADER_TIMEOUT`] and [`MAX_HEAD`] bytes.
+fn http1() -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_buf_size(MAX_HEAD);
+    builder
 }
 
 /// One request on the HTTP port.
@@ -302,9 +308,7 @@ async fn serve_forwarded_challenge<S: AsyncRead + AsyncWrite + Unpin + Send + 's
             Ok::<_, std::convert::Infallible>(response)
         }
     });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_buf_size(MAX_HEAD);
-    let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+    let _ = http1().serve_connection(TokioIo::new(stream), service).await;
 }
 
 /// The PROXY v2 header at the start of `stream`: the client's address and the bytes read past the header.

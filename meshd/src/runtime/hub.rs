@@ -226,7 +226,7 @@ async fn handle(
 /// Fill in the state of each public name's certificate, as its holder (the relay in terminate mode, the service's
 /// node in passthrough mode) knows it: this host's own, the members' as they last reported them.
 fn with_certificates(host: &Host, reports: &Reports, mut reply: Reply) -> Reply {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = u64::try_from(crate::host::clock::wall_now()).unwrap_or(0);
     let fill = |service: &mut ServiceView| {
         for url in &mut service.https {
             let holder = match url.tls {
