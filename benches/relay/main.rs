@@ -1,6 +1,6 @@
 //! The public HTTPS relay (issue 12) under load, against references, in one run on one machine; the figures are
 //! recorded in docs/PERFORMANCE.md, "Public HTTPS relay (issue 12)". Everything runs in network namespaces
-//! (see [`network`]); the load generator is `wrk` in the shop's namespace ([`load`]):
+//! (see [`network`]); the load generator is a rustls client on one core in the shop's namespace ([`load`]):
 //!
 //! 1. **terminator alone**: meshd's TLS-terminating proxy on the relay for a service on the relay itself against
 //!    Caddy on the relay (same certificate and key) proxying to the same nginx; the nginx alone is the ceiling.
@@ -10,14 +10,16 @@
 //!    service's target, nginx, directly) against nginx's `stream` SNI proxy on the relay
 //!    passing it over the same tunnel to Caddy on the home node's mesh address, which proxies to nginx directly.
 //!
-//! Each in two workloads, keep-alive and a new connection per request. wrk resumes TLS sessions, and meshd and Caddy
-//! both offer session tickets, so the new-connection workload also runs against a Caddy with tickets off (a full
-//! handshake per request on its side). [`check_handshakes`] shows which server resumed; [`cpu`] what each side spent.
+//! Each in three workloads: keep-alive, a new connection per request resuming the TLS session (meshd and Caddy both
+//! offer session tickets), and a new connection per request with a full TLS handshake (the client keeps no session);
+//! the client counts which handshake each connection made, [`cpu`] what each side spent. The client runs on the first
+//! core, every server process (meshd with its WireGuard, Caddy, nginx) on the second.
 //!
-//! Run (root; packages `wrk caddy nginx libnginx-mod-stream pebble dnsmasq-base`, release binaries; cargo runs the
+//! Run (root; packages `caddy nginx libnginx-mod-stream pebble dnsmasq-base`, release binaries; cargo runs the
 //! bench in `tests/`, so give an absolute directory):
 //! `cargo build --release -p meshd -p meshctl && MESHD_BIN_DIR=$PWD/target/release cargo bench -p meshd-e2e --bench
-//! relay [-- --seconds 10 --only terminator,e2e,passthrough --profile DIR]`; `--profile DIR` records the whole machine
+//! relay [-- --seconds 10 --only terminator,e2e,passthrough --workloads keep-alive,resumed,full --profile DIR]`;
+//! `--profile DIR` records the whole machine
 //! with `perf record -a -g` during each of meshd's runs (the figures of such a run are perf's too: do not record them).
 
 mod cpu;
@@ -33,16 +35,14 @@ use meshd_e2e::{Proc, require_root};
 use network::{HOME, HOME_BACKEND_PORT, Network, PASS, RELAY_BACKEND_PORT, RELAY_IP, TERM};
 use reference::CaddySite;
 
-/// Seconds of load before each measured run, not counted (wrk counts whole seconds).
+/// Seconds of load before each measured run, not counted.
 const WARM_UP: u32 = 1;
-
-/// The reference without TLS resumption (so with a full handshake per new connection, as meshd).
-const FULL: &str = "Caddy, session tickets off";
 
 /// What to run: the command line.
 struct Options {
     seconds: u32,
     sections: Vec<String>,
+    workloads: Vec<Workload>,
     profile: Option<PathBuf>,
 }
 
@@ -51,6 +51,7 @@ fn options() -> Options {
     let mut options = Options {
         seconds: 10,
         sections: ["terminator", "e2e", "passthrough"].map(String::from).to_vec(),
+        workloads: Workload::ALL.to_vec(),
         profile: None,
     };
     let mut rest = args.iter();
@@ -60,6 +61,12 @@ fn options() -> Options {
             "--seconds" => options.seconds = value().parse().unwrap_or_else(|e| fail(&format!("--seconds: {e}"))),
             "--only" => options.sections = value().split(',').map(str::to_owned).collect(),
             "--profile" => options.profile = Some(PathBuf::from(value())),
+            "--workloads" => {
+                options.workloads = value()
+                    .split(',')
+                    .map(|w| w.parse().unwrap_or_else(|e| fail(&format!("--workloads: {e}"))))
+                    .collect();
+            }
             _ => fail(&format!("unknown argument {arg:?} (see the header of benches/relay/main.rs)")),
         }
     }
@@ -74,16 +81,19 @@ fn fail(message: &str) -> ! {
 /// One measured target of a section.
 struct Target {
     label: &'static str,
-    url: String,
-    /// Whether perf records this run (meshd's).
-    meshd: bool,
-    /// The one workload it is measured in (None: both).
-    only: Option<Workload>,
+    load: load::Target,
 }
 
 impl Target {
-    fn new(label: &'static str, url: String) -> Target {
-        Target { label, url, meshd: label == "meshd", only: None }
+    /// `https://NAME:PORT/` on the relay, answered with the certificate chain of the PEM file `chain`.
+    fn https(label: &'static str, name: &str, port: u16, chain: &Path) -> Target {
+        let addr = format!("{RELAY_IP}:{port}").parse().expect("the relay's address");
+        Target { label, load: load::Target { addr, host: name.to_owned(), tls: Some(load::leaf(chain)) } }
+    }
+
+    /// Whether perf records this run (meshd's).
+    fn meshd(&self) -> bool {
+        self.label == "meshd"
     }
 }
 
@@ -97,12 +107,10 @@ fn main() {
     if !require_root() {
         return;
     }
-    for tool in ["wrk", "caddy", "nginx", "pebble", "dnsmasq"] {
+    for tool in ["caddy", "nginx", "pebble", "dnsmasq"] {
         let found = Command::new("sh").args(["-c", &format!("command -v {tool} || test -x /usr/sbin/{tool}")]).output();
         if !found.is_ok_and(|o| o.status.success()) {
-            fail(&format!(
-                "{tool} is missing (apt-get install wrk caddy nginx libnginx-mod-stream pebble dnsmasq-base)"
-            ));
+            fail(&format!("{tool} is missing (apt-get install caddy nginx libnginx-mod-stream pebble dnsmasq-base)"));
         }
     }
     let options = options();
@@ -126,17 +134,12 @@ fn main() {
         site(format!("{TERM}:8443"), None, &term_crt, &term_key, &format!("127.0.0.1:{RELAY_BACKEND_PORT}")),
         site(format!("{HOME}:8444"), None, &home_crt, &home_key, &net.home_service),
     ];
-    let _relay_caddy = reference::caddy(&net.relay.ns, &root.join("relay-caddy"), &relay_sites, true);
-    let full_sites = [
-        site(format!("{TERM}:8447"), None, &term_crt, &term_key, &format!("127.0.0.1:{RELAY_BACKEND_PORT}")),
-        site(format!("{HOME}:8448"), None, &home_crt, &home_key, &net.home_service),
-    ];
-    let _relay_caddy_full = reference::caddy(&net.relay.ns, &root.join("relay-caddy-full"), &full_sites, false);
+    let _relay_caddy = reference::caddy(&net.relay.ns, &root.join("relay-caddy"), &relay_sites);
     // Caddy cannot choose the source address of its upstream connections (2.6), and from the service's own node
     // the kernel picks the service's address, which its forwarder refuses: it goes to the backend directly.
     let home_backend = format!("127.0.0.1:{HOME_BACKEND_PORT}");
     let attic_site = [site(format!("{PASS}:9443"), Some(net.attic_mesh.clone()), &pass_crt, &pass_key, &home_backend)];
-    let _attic_caddy = reference::caddy(&net.attic.ns, &root.join("attic-caddy"), &attic_site, true);
+    let _attic_caddy = reference::caddy(&net.attic.ns, &root.join("attic-caddy"), &attic_site);
     let sni_proxy: Option<Proc> = reference::has_stream_module().then(|| {
         let to_caddy = format!("{}:9443", net.attic_mesh);
         reference::nginx_sni_proxy(
@@ -146,39 +149,41 @@ fn main() {
             &[(PASS, &to_caddy)],
         )
     });
-    for (name, port) in [(TERM, 8443), (HOME, 8444), (TERM, 8447), (HOME, 8448)] {
+    for (name, port) in [(TERM, 8443), (HOME, 8444)] {
         net.wait_served(name, port, std::time::Duration::from_secs(20));
     }
     if sni_proxy.is_some() {
         net.wait_served(PASS, 8445, std::time::Duration::from_secs(20));
     }
 
-    check_handshakes(&net, &term_crt);
+    // The proxies, their backends and meshd's WireGuard on one core, the client on the other: whichever proxy is
+    // measured is the bottleneck, not the client (on shared cores the two took turns).
+    cpu::pin(&[net.relay.ns.name().to_owned(), net.attic.ns.name().to_owned()]);
 
     let mut sections = Vec::new();
     let wanted = |s: &str| options.sections.iter().any(|x| x == s);
     if wanted("terminator") {
+        let nginx = load::Target {
+            addr: format!("{RELAY_IP}:{RELAY_BACKEND_PORT}").parse().expect("nginx's address"),
+            host: RELAY_IP.to_owned(),
+            tls: None,
+        };
         let targets = [
-            Target::new("nginx alone (plain HTTP)", format!("http://{RELAY_IP}:{RELAY_BACKEND_PORT}/")),
-            Target::new("meshd", format!("https://{TERM}/")),
-            Target::new("Caddy", format!("https://{TERM}:8443/")),
-            Target { only: Some(Workload::NewConnection), ..Target::new(FULL, format!("https://{TERM}:8447/")) },
+            Target { label: "nginx alone (plain HTTP)", load: nginx },
+            Target::https("meshd", TERM, 443, &term_crt),
+            Target::https("Caddy", TERM, 8443, &term_crt),
         ];
         sections.push(measure("terminator alone", &targets, &net, &options));
     }
     if wanted("e2e") {
-        let targets = [
-            Target::new("meshd", format!("https://{HOME}/")),
-            Target::new("Caddy", format!("https://{HOME}:8444/")),
-            Target { only: Some(Workload::NewConnection), ..Target::new(FULL, format!("https://{HOME}:8448/")) },
-        ];
+        let targets = [Target::https("meshd", HOME, 443, &home_crt), Target::https("Caddy", HOME, 8444, &home_crt)];
         sections.push(measure("end to end", &targets, &net, &options));
     }
     if wanted("passthrough") {
         if sni_proxy.is_some() {
             let targets = [
-                Target::new("meshd", format!("https://{PASS}/")),
-                Target::new("nginx stream + Caddy", format!("https://{PASS}:8445/")),
+                Target::https("meshd", PASS, 443, &pass_crt),
+                Target::https("nginx stream + Caddy", PASS, 8445, &pass_crt),
             ];
             sections.push(measure("passthrough", &targets, &net, &options));
         } else {
@@ -188,75 +193,61 @@ fn main() {
     for section in &sections {
         print_section(section);
     }
-}
-
-/// Check that the new-connection workload opens a connection per request and that each gets the whole
-/// certificate chain (no TLS resumption): two seconds against meshd and Caddy, from the shop's counters.
-fn check_handshakes(net: &Network, chain_pem: &Path) {
-    let chain = chain_der_len(chain_pem);
-    println!("handshake check (2 s, new connection per request): certificate chain {chain} bytes (DER)");
-    for (label, url) in [
-        ("meshd", format!("https://{TERM}/")),
-        ("Caddy", format!("https://{TERM}:8443/")),
-        ("Caddy, session tickets off", format!("https://{TERM}:8447/")),
-    ] {
-        let seen = load::connections(&net.shop, &url, Workload::NewConnection, 2);
-        let full = seen.bytes_in_per_connection > chain as u64;
-        println!(
-            "  {label}: {} requests, {} connections opened, {} bytes received per connection: {}",
-            seen.requests,
-            seen.opened,
-            seen.bytes_in_per_connection,
-            if full { "more than the chain (a full handshake each)" } else { "LESS than the chain (resumed?)" }
-        );
+    println!("\npeak resident memory (VmHWM) after the runs:");
+    for host in [&net.relay, &net.attic] {
+        let each: Vec<String> = cpu::peak_rss(host.ns.name())
+            .iter()
+            .map(|(name, kib)| format!("{name} {:.1} MiB", *kib as f64 / 1024.0))
+            .collect();
+        println!("  {}: {}", host.name, each.join(", "));
     }
-}
-
-/// The DER length of the certificates in a PEM file.
-fn chain_der_len(path: &Path) -> usize {
-    use base64::Engine as _;
-    let text = std::fs::read_to_string(path).expect("read the chain");
-    let mut len = 0;
-    for block in text.split("-----END CERTIFICATE-----").filter(|b| b.contains("BEGIN")) {
-        let b64: String = block.lines().filter(|l| !l.starts_with("-----") && !l.is_empty()).collect();
-        len += base64::engine::general_purpose::STANDARD.decode(b64.trim()).map_or(0, |d| d.len());
-    }
-    assert!(len > 0, "{} holds no certificate", path.display());
-    len
 }
 
 /// Every workload against every target, in that order, each after a warm-up.
 fn measure(title: &'static str, targets: &[Target], net: &Network, options: &Options) -> Section {
     let mut rows = Vec::new();
-    for workload in Workload::ALL {
-        for target in targets.iter().filter(|t| t.only.is_none_or(|w| w == workload)) {
-            let perf = options.profile.as_ref().filter(|_| target.meshd).map(|dir| {
+    for &workload in &options.workloads {
+        for target in targets {
+            if workload != Workload::KeepAlive && target.load.tls.is_none() {
+                continue;
+            }
+            let perf = options.profile.as_ref().filter(|_| target.meshd()).map(|dir| {
                 let file = dir.join(format!(
                     "{}-{}.perf.data",
                     title.replace(' ', "-"),
-                    workload.to_string().replace(' ', "-")
+                    workload.to_string().replace([' ', ','], "-")
                 ));
                 record(&file, options.seconds + WARM_UP)
             });
             let servers = [&net.relay.ns, &net.attic.ns];
-            let figures = load::wrk(&net.shop, &servers, &target.url, workload, options.seconds, WARM_UP);
+            let run = (options.seconds, WARM_UP);
+            let figures = load::run(&net.shop, &servers, &target.load, workload, run, reference::BODY);
             if let Some(mut perf) = perf {
                 perf.stop(std::time::Duration::from_secs(30));
             }
             let f = &figures;
             println!(
-                "{title}, {workload}, {}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} requests, {} socket errors, {} \
-                 non-2xx, CPU per request: servers {:.0} µs, wrk {:.0} µs",
+                "{title}, {workload}, {}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} requests, {} errors, {} not \
+                 200, TLS handshakes {} full / {} resumed, CPU per request: servers {:.0} µs, client {:.0} µs",
                 target.label,
                 f.rps,
                 f.p50_ms,
                 f.p99_ms,
                 f.requests,
                 f.errors,
-                f.non_2xx,
+                f.non_200,
+                f.full,
+                f.resumed,
                 f.server_cpu_us,
                 f.client_cpu_us
             );
+            if workload == Workload::Full {
+                assert_eq!(
+                    f.resumed, 0,
+                    "{title}, {}: the client resumed a session in the full-handshake run",
+                    target.label
+                );
+            }
             rows.push((workload, target.label, figures));
         }
     }
@@ -274,14 +265,14 @@ fn record(file: &Path, seconds: u32) -> Proc {
 fn print_section(section: &Section) {
     println!("\n### {}\n", section.title);
     println!(
-        "| workload | target | req/s | p50 (ms) | p99 (ms) | errors / non-2xx | servers' CPU per request (µs) | wrk's CPU \
-         per request (µs) |"
+        "| workload | target | req/s | p50 (ms) | p99 (ms) | errors / not 200 | TLS full / resumed | servers' CPU per \
+         request (µs) | client's CPU per request (µs) |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for (workload, label, f) in &section.rows {
         println!(
-            "| {workload} | {label} | {:.0} | {:.2} | {:.2} | {} / {} | {:.0} | {:.0} |",
-            f.rps, f.p50_ms, f.p99_ms, f.errors, f.non_2xx, f.server_cpu_us, f.client_cpu_us
+            "| {workload} | {label} | {:.0} | {:.2} | {:.2} | {} / {} | {} / {} | {:.0} | {:.0} |",
+            f.rps, f.p50_ms, f.p99_ms, f.errors, f.non_200, f.full, f.resumed, f.server_cpu_us, f.client_cpu_us
         );
     }
     println!(

@@ -11,7 +11,6 @@
 use std::fs;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use meshd_e2e::{
@@ -83,7 +82,7 @@ impl Network {
         let dns = Dns::start(&ca, dns_addr, &names, root);
         let pebble = Pebble::start(&ca, CA_IP, 80, 443, dns_addr, root);
         pebble.issuing_root_pem();
-        // wrk has no --resolve: the shop resolves the names from its own /etc/hosts (bind-mounted by `ip netns exec`).
+        // curl in the shop resolves the names from its own /etc/hosts (bind-mounted by `ip netns exec`).
         fs::create_dir_all(shop.etc_dir()).expect("create /etc/netns/<shop>");
         let hosts = format!("127.0.0.1 localhost\n{RELAY_IP} {TERM} {HOME} {PASS}\n");
         fs::write(shop.etc_dir().join("hosts"), hosts).expect("write the shop's hosts file");
@@ -200,9 +199,4 @@ fn run_daemon(host: &MeshHost, pebble: &Pebble, root: &Path) -> Proc {
     cmd.env_remove("RUST_LOG").args(["run", "--wireguard", "userspace", "--state-dir"]).arg(&host.state);
     cmd.args(["--acme-directory", &pebble.directory_url(), "--acme-ca-root"]).arg(pebble.listener_ca_pem_path());
     Proc::spawn_logged(cmd, &format!("meshd run on {}", host.name), &root.join(format!("{}.log", host.name)))
-}
-
-/// `ip netns exec NS cat /proc/net/FILE`: the namespace's own counters.
-pub fn net_counters(ns: &Netns, file: &str) -> String {
-    run_ok(Command::new("ip").args(["netns", "exec", ns.name(), "cat", &format!("/proc/net/{file}")]))
 }

@@ -5,9 +5,8 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use meshd_e2e::{Netns, Proc, run_ok};
+use meshd_e2e::{Netns, Proc};
 
 /// What the backend answers to every request.
 pub const BODY: &str = "hello from the backend\n";
@@ -85,9 +84,8 @@ pub struct CaddySite {
 
 /// Caddy (Debian's 2.6) as a TLS-terminating reverse proxy for `sites`, as its documentation shows it
 /// (`tls CERT KEY`, `reverse_proxy UPSTREAM`): no admin endpoint, no redirect listener on port 80 (meshd holds it),
-/// its data in `dir`. Without `resumption`, its session tickets are off (`apps.tls.session_tickets.disabled` in
-/// the JSON the Caddyfile adapts to: the Caddyfile has no such option), so every connection makes a full handshake.
-pub fn caddy(ns: &Netns, dir: &Path, sites: &[CaddySite], resumption: bool) -> Proc {
+/// its data in `dir`; session tickets on, as shipped.
+pub fn caddy(ns: &Netns, dir: &Path, sites: &[CaddySite]) -> Proc {
     fs::create_dir_all(dir).expect("create Caddy's directory");
     let d = dir.display();
     let mut config = format!("{{\n\tadmin off\n\tauto_https disable_redirects\n\tstorage file_system {d}/data\n}}\n");
@@ -105,15 +103,8 @@ pub fn caddy(ns: &Netns, dir: &Path, sites: &[CaddySite], resumption: bool) -> P
     }
     let caddyfile = dir.join("Caddyfile");
     fs::write(&caddyfile, config).expect("write the Caddyfile");
-    let adapted = run_ok(Command::new("caddy").args(["adapt", "--adapter", "caddyfile", "--config"]).arg(&caddyfile));
-    let mut json: serde_json::Value = serde_json::from_str(&adapted).expect("caddy adapt prints JSON");
-    if !resumption {
-        json["apps"]["tls"]["session_tickets"] = serde_json::json!({ "disabled": true });
-    }
-    let config = dir.join("caddy.json");
-    fs::write(&config, json.to_string()).expect("write Caddy's JSON config");
     let mut cmd = ns.command("caddy");
-    cmd.args(["run", "--config"]).arg(&config);
+    cmd.args(["run", "--adapter", "caddyfile", "--config"]).arg(&caddyfile);
     cmd.env("HOME", dir).env("XDG_DATA_HOME", dir.join("data")).env("XDG_CONFIG_HOME", dir.join("config"));
     Proc::spawn_logged(cmd, "caddy", &dir.join("caddy.log"))
 }

@@ -261,6 +261,7 @@ fn sample_current() -> Current {
     Current {
         hub: label("hub"),
         mtu: 1420,
+        domain: "mesh.internal".into(),
         members: vec![member("vps", Role::Relay), member("attic", Role::Node)],
         invites: [(label("cellar"), Role::Node)].into(),
         services: vec![ServiceSpec {

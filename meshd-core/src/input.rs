@@ -191,6 +191,12 @@ impl PublicName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Whether the name is `domain` (a mesh domain such as `mesh.internal`, lowercase, no trailing dot) or under it:
+    /// a name the mesh's own DNS answers, which no public CA can validate.
+    pub fn is_within(&self, domain: &str) -> bool {
+        self.0 == domain || self.0.strip_suffix(domain).is_some_and(|head| head.ends_with('.'))
+    }
 }
 
 impl FromStr for PublicName {

@@ -85,6 +85,14 @@ pub enum DeclareError {
         /// The relay named.
         relay: Label,
     },
+    #[error("{hostname} is under the mesh's own domain {domain}: a public name must be one the CA can validate")]
+    /// A public name the mesh's own DNS answers.
+    PublicNameInMesh {
+        /// The name.
+        hostname: PublicName,
+        /// The mesh's domain.
+        domain: String,
+    },
     #[error("{0} is declared twice: a public name belongs to one service")]
     /// A public name under two services, or twice under one.
     PublicNameTwice(PublicName),

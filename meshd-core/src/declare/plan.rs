@@ -18,6 +18,8 @@ pub struct Current {
     pub hub: Label,
     /// The network's MTU.
     pub mtu: u16,
+    /// The mesh's DNS domain (`mesh.internal`).
+    pub domain: String,
     /// Joined nodes other than the hub.
     pub members: Vec<NodeSpec>,
     /// Pending, unexpired invites.
@@ -69,6 +71,7 @@ impl Current {
         Ok(Current {
             hub: hub.name.clone(),
             mtu: status.network.mtu,
+            domain: status.network.domain.clone(),
             members,
             invites: invites.iter().map(|i| (i.name.clone(), i.role)).collect(),
             services,
@@ -370,8 +373,13 @@ fn plan_removals(
     plan.steps.extend(gone_invites.map(|name| Step::UninviteNode { name: name.clone() }));
 }
 
-/// Refuse what the API cannot do in place: a member changing role, a name moving between kinds.
+/// Refuse what the API cannot do in place or would refuse: a member changing role, a name moving between kinds, a
+/// public name under the mesh's own domain.
 fn check_against(desired: &Declaration, current: &Current) -> Result<(), DeclareError> {
+    let mut public = desired.services.iter().flat_map(|s| &s.https).map(|h| &h.hostname);
+    if let Some(hostname) = public.find(|h| h.is_within(&current.domain)) {
+        return Err(DeclareError::PublicNameInMesh { hostname: hostname.clone(), domain: current.domain.clone() });
+    }
     for node in &desired.nodes {
         if let Some(member) = current.member(&node.name)
             && member.role != node.role
@@ -434,6 +442,7 @@ mod tests {
         Current {
             hub: label("hub"),
             mtu: 1420,
+            domain: "mesh.internal".into(),
             members: Vec::new(),
             invites: BTreeMap::new(),
             services: Vec::new(),
@@ -489,6 +498,7 @@ mod tests {
         Current {
             hub: label("hub"),
             mtu: 1420,
+            domain: "mesh.internal".into(),
             members: vec![member("validator", Role::Relay, true), member("consensus", Role::Node, false)],
             invites: [(label("vps1"), Role::Node)].into_iter().collect(),
             services: vec![
@@ -553,6 +563,27 @@ role = "relay"
             DeclareError::UndeclaredRelay { service: label("btcpay"), relay: label("vps1") },
             "a plain node is no relay"
         );
+    }
+
+    /// What the controller would refuse, the plan refuses first, so that `apply --dry-run` says it.
+    #[test]
+    fn a_public_name_under_the_mesh_domain_is_refused_by_the_plan() {
+        let service = |hostname: &str| {
+            format!(
+                "{EXAMPLE}\n[[service]]\nname = \"btcpay\"\nnode = \"hub\"\ntarget = \"127.0.0.1:23000\"\nhttps = [{{ \
+                 hostname = \"{hostname}\", relay = \"hub\" }}]\n"
+            )
+        };
+        for inside in ["pay.mesh.internal", "mesh.internal", "PAY.Mesh.Internal."] {
+            assert_eq!(
+                plan(&parse(&service(inside)).unwrap(), &example_network()).unwrap_err(),
+                DeclareError::PublicNameInMesh { hostname: inside.parse().unwrap(), domain: "mesh.internal".into() },
+                "{inside}"
+            );
+        }
+        for outside in ["paymesh.internal", "mesh.internal.example"] {
+            assert!(plan(&parse(&service(outside)).unwrap(), &example_network()).is_ok(), "{outside}");
+        }
     }
 
     #[test]

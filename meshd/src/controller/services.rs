@@ -80,7 +80,7 @@ pub(super) fn expose(
         return Err(ControlError::RelayWithoutEndpoint(relay));
     }
     let domain = &s.network.domain;
-    if hostname.as_str() == domain || hostname.as_str().ends_with(&format!(".{domain}")) {
+    if hostname.is_within(domain) {
         return Err(ControlError::PublicNameInMesh { hostname, domain: domain.clone() });
     }
     if let Some(taken) = s.exposures.iter().find(|e| e.hostname == hostname) {

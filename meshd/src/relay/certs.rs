@@ -6,12 +6,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use rustls::ServerConfig;
 use rustls::crypto::ring::sign::any_supported_type;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use rustls::{CipherSuite, ServerConfig};
 
 use meshd_core::relay::route::ACME_TLS_ALPN;
 
@@ -84,16 +84,32 @@ impl Certificates {
     /// one is served from the next), HTTP/2 and HTTP/1.1 by ALPN, and session tickets (RFC 8446 section 4.6.1,
     /// keys rotated every 6 hours by rustls's ticketer) so that clients resume instead of a full handshake. Made
     /// once per listener set: a configuration made per connection would resume nothing.
-    pub fn server_config(self: &Arc<Self>) -> Arc<ServerConfig> {
-        let mut config = ServerConfig::builder()
+    ///
+    /// Cipher suites: the server's order, AES-128-GCM with SHA-256 first (as Go's crypto/tls, so Caddy, and Mozilla's
+    /// recommended configurations), then rustls's order. Clients such as OpenSSL and rustls list AES-256-GCM with
+    /// SHA-384 first; following them made the TLS 1.3 key schedule and transcript run on SHA-384, a tenth of a full
+    /// handshake's CPU here (docs/PERFORMANCE.md), for no security a public web name needs.
+    ///
+    /// One session ticket per handshake, as Go's crypto/tls (so Caddy): a client spends one per connection and gets
+    /// a new one from each resumed connection; rustls's default second ticket, encrypted and sent on every full
+    /// handshake, only serves a client that opens a second connection before the first has come back.
+    ///
+    /// Errors: rustls finds the provider inconsistent (it is ring's own, reordered).
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, rustls::Error> {
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.cipher_suites.sort_by_key(|suite| suite.suite() != CipherSuite::TLS13_AES_128_GCM_SHA256);
+        let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(ByName { certs: self.clone(), challenge: false }));
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.ignore_client_order = true;
+        config.send_tls13_tickets = 1;
         match rustls::crypto::ring::Ticketer::new() {
             Ok(ticketer) => config.ticketer = ticketer,
             Err(e) => tracing::warn!(error = %e, "no session tickets: clients make a full handshake every time"),
         }
-        Arc::new(config)
+        Ok(Arc::new(config))
     }
 
     /// The TLS configuration of TLS-ALPN-01 validations: the challenge certificate by SNI, ALPN `acme-tls/1`
@@ -142,5 +158,48 @@ mod tests {
         assert_eq!(store.key_authorization("tok").as_deref(), Some("tok.thumb"));
         store.set_token("tok", None);
         assert_eq!(store.key_authorization("tok"), None);
+    }
+
+    /// A client that lists AES-256-GCM with SHA-384 first (rustls's and OpenSSL's default order) gets AES-128-GCM
+    /// with SHA-256, the server's choice; one that offers only AES-256 still gets it.
+    #[test]
+    fn the_server_chooses_aes_128_gcm_whatever_the_clients_order() {
+        use rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384;
+        use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConnection};
+
+        let cert = rcgen::generate_simple_self_signed(vec!["pay.shop.example".into()]).unwrap();
+        let store = Arc::new(Certificates::default());
+        store.serve("pay.shop.example", certified_key(&cert.cert.pem(), &cert.signing_key.serialize_pem()).unwrap());
+        let server_config = store.server_config().unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(cert.cert.der().clone()).unwrap();
+        let negotiated = |suites: Option<Vec<rustls::SupportedCipherSuite>>| {
+            let mut provider = rustls::crypto::ring::default_provider();
+            if let Some(suites) = suites {
+                provider.cipher_suites = suites;
+            }
+            assert_eq!(provider.cipher_suites[0].suite(), CipherSuite::TLS13_AES_256_GCM_SHA384);
+            let config = ClientConfig::builder_with_provider(Arc::new(provider))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth();
+            let name = "pay.shop.example".try_into().unwrap();
+            let mut client = ClientConnection::new(Arc::new(config), name).unwrap();
+            let mut server = ServerConnection::new(server_config.clone()).unwrap();
+            while client.is_handshaking() || server.is_handshaking() {
+                let mut wire = Vec::new();
+                client.write_tls(&mut wire).unwrap();
+                server.read_tls(&mut wire.as_slice()).unwrap();
+                server.process_new_packets().unwrap();
+                wire.clear();
+                server.write_tls(&mut wire).unwrap();
+                client.read_tls(&mut wire.as_slice()).unwrap();
+                client.process_new_packets().unwrap();
+            }
+            server.negotiated_cipher_suite().unwrap().suite()
+        };
+        assert_eq!(negotiated(None), CipherSuite::TLS13_AES_128_GCM_SHA256);
+        assert_eq!(negotiated(Some(vec![TLS13_AES_256_GCM_SHA384])), CipherSuite::TLS13_AES_256_GCM_SHA384);
     }
 }

@@ -78,14 +78,14 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Nothing served yet.
-    pub fn new(certs: Arc<Certificates>) -> Shared {
+    /// Nothing served yet. Errors: rustls refused the TLS configuration.
+    pub fn new(certs: Arc<Certificates>) -> Result<Shared, rustls::Error> {
         let caps = Caps { per_source: PER_SOURCE, total: TOTAL, descriptors: 2, internet: true };
         // The HTTP port only answers validations and redirects: one descriptor a connection, fewer of them.
         let http = Caps { per_source: PER_SOURCE / 4, total: TOTAL / 4, descriptors: 1, internet: true };
         let mesh = Caps { per_source: TOTAL, total: TOTAL, descriptors: 2, internet: false };
-        Shared {
-            server_config: certs.server_config(),
+        Ok(Shared {
+            server_config: certs.server_config()?,
             challenge_config: certs.challenge_config(),
             public: Table::default(),
             terminated: Table::default(),
@@ -96,7 +96,7 @@ impl Shared {
             https_gate: Gate::new("public HTTPS", caps),
             http_gate: Gate::new("public HTTP", http),
             passthrough_gate: Gate::new("passthrough terminator", mesh),
-        }
+        })
     }
 
     fn upstreams(&self) -> Upstreams {

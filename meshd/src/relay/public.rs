@@ -45,10 +45,17 @@ pub struct Public {
 }
 
 impl Public {
-    /// Nothing served yet; certificates kept under `state`.
-    pub fn new(options: PublicOptions, state: &StateDir) -> Public {
-        let shared = Arc::new(Shared::new(Arc::new(Certificates::default())));
-        Public { options, state: state.clone(), shared, public: None, passthrough: None, worker: None }
+    /// Nothing served yet; certificates kept under `state`. Errors: the TLS configuration could not be made.
+    pub fn new(options: PublicOptions, state: &StateDir) -> anyhow::Result<Public> {
+        let shared = Shared::new(Arc::new(Certificates::default())).context("the public names' TLS configuration")?;
+        Ok(Public {
+            options,
+            state: state.clone(),
+            shared: Arc::new(shared),
+            public: None,
+            passthrough: None,
+            worker: None,
+        })
     }
 
     /// Serve exactly what `plan` says: listeners started or stopped, routes and names replaced in place.

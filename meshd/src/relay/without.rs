@@ -15,8 +15,8 @@ pub struct Public;
 
 impl Public {
     /// Nothing served.
-    pub fn new(_options: PublicOptions, _state: &StateDir) -> Public {
-        Public
+    pub fn new(_options: PublicOptions, _state: &StateDir) -> anyhow::Result<Public> {
+        Ok(Public)
     }
 
     /// Refuses any public name. Errors: the plan names one.

@@ -58,15 +58,16 @@ pub(super) struct Host {
 }
 
 impl Host {
-    /// A host with nothing built yet, that will run `plan` with `key` on `backend`.
+    /// A host with nothing built yet, that will run `plan` with `key` on `backend`. Errors: the public names'
+    /// TLS configuration could not be made.
     pub(super) fn new(
         state: &StateDir,
         name: String,
         plan: HostPlan,
         key: &PrivateKey,
         options: &super::RunOptions,
-    ) -> Host {
-        Host {
+    ) -> anyhow::Result<Host> {
+        Ok(Host {
             name,
             dns_port: options.dns_port,
             rules: RulesKeeper::start(&plan.interface),
@@ -81,8 +82,8 @@ impl Host {
             forwarders: Forwarders::default(),
             dns: None,
             paths: None,
-            public: Public::new(options.public.clone(), state),
-        }
+            public: Public::new(options.public.clone(), state)?,
+        })
     }
 
     /// Turns true when the embedded WireGuard device stops by itself (it takes SIGTERM and SIGINT too).

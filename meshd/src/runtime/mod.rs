@@ -124,7 +124,7 @@ async fn start_host(
     }
     let owner = InterfaceLock::take(Path::new(owner::RUN_DIR), &plan.interface, state.root())
         .map_err(|e| anyhow!("{e}; stop that one first"))?;
-    let host = Host::new(state, name, plan, key, &options).bring_up().await?;
+    let host = Host::new(state, name, plan, key, &options)?.bring_up().await?;
     Ok((owner, host))
 }
 
