@@ -69,6 +69,6 @@ pub fn peak_rss(ns: &str) -> Vec<(String, u64)> {
             Some((field("Name:")?.to_owned(), kib))
         })
         .collect();
-    found.sort_by(|a, b| b.1.cmp(&a.1));
+    found.sort_by_key(|(_, kib)| std::cmp::Reverse(*kib));
     found
 }
