@@ -336,6 +336,8 @@ fn a_home_service_is_served_on_its_public_name_with_the_relay_terminating_tls() 
         &["--http1.1", "--request-target", "http://10.77.0.1:51871/"],
     );
     assert_eq!(absolute.map(|r| r.0), Some(400), "an absolute-form request is refused");
+    let asterisk = m.fetch("pay.shop.test", "https://pay.shop.test/", &["-X", "OPTIONS", "--request-target", "*"]);
+    assert_eq!(asterisk.map(|r| r.0), Some(400), "OPTIONS * is answered by the relay, not a 502");
 
     // Two Host headers, and an authority-form target: refused, not guessed at.
     let raw = r#"

@@ -206,8 +206,7 @@ impl Routes {
             }
             return OnRequest::Refuse(404, "Not Found");
         }
-        let path = if head.path_and_query.starts_with('/') { head.path_and_query } else { "/" };
-        OnRequest::Redirect(format!("https://{}{path}", self.public_host(name)))
+        OnRequest::Redirect(format!("https://{}{}", self.public_host(name), head.path_and_query))
     }
 
     /// Whether `authority` (host, and port if given) names `name` on `port`.
@@ -232,7 +231,12 @@ fn not_proxied(head: &Head<'_>) -> Option<OnRequest> {
         return Some(OnRequest::Refuse(400, "Bad Request"));
     }
     let websocket = head.protocol.is_some_and(|p| p.eq_ignore_ascii_case("websocket"));
-    (head.method == "CONNECT" && !websocket).then_some(OnRequest::Refuse(405, "Method Not Allowed"))
+    if head.method == "CONNECT" && !websocket {
+        return Some(OnRequest::Refuse(405, "Method Not Allowed"));
+    }
+    // The asterisk form (`OPTIONS *`, RFC 9112 section 3.2.4) asks about the relay itself, which has no options to
+    // announce, and the service could not be asked in that form over the pooled client: 400, as nginx answers it.
+    (!head.path_and_query.starts_with('/')).then_some(OnRequest::Refuse(400, "Bad Request"))
 }
 
 /// The host of an authority (`name`, `name:port`, `[v6]:port`), without the port.
@@ -329,6 +333,11 @@ mod tests {
         let absolute = Head { absolute_form: true, ..head("GET", Some("pay.shop.example"), "/") };
         assert_eq!(r.on_https_request("pay.shop.example", &absolute, client), OnRequest::Refuse(400, "Bad Request"));
         assert_eq!(r.on_http_request(&absolute), OnRequest::Refuse(400, "Bad Request"));
+        let asterisk = head("OPTIONS", Some("pay.shop.example"), "*");
+        assert_eq!(r.on_https_request("pay.shop.example", &asterisk, client), OnRequest::Refuse(400, "Bad Request"));
+        assert_eq!(r.on_http_request(&asterisk), OnRequest::Refuse(400, "Bad Request"));
+        let options = head("OPTIONS", Some("pay.shop.example"), "/api");
+        assert!(matches!(r.on_https_request("pay.shop.example", &options, client), OnRequest::Proxy { .. }));
         // RFC 8441: a WebSocket over HTTP/2 is an extended CONNECT to the site itself.
         let websocket = Head { protocol: Some("websocket"), ..head("CONNECT", Some("pay.shop.example"), "/ws") };
         assert!(matches!(r.on_https_request("pay.shop.example", &websocket, client), OnRequest::Proxy { .. }));
@@ -380,7 +389,7 @@ mod tests {
         assert_eq!(r.on_http_request(&head("GET", Some("[2001:db8::1]:80"), "/")), OnRequest::Refuse(404, "Not Found"));
         assert_eq!(
             r.on_http_request(&head("OPTIONS", Some("pay.shop.example"), "*")),
-            OnRequest::Redirect("https://pay.shop.example/".into())
+            OnRequest::Refuse(400, "Bad Request")
         );
     }
 

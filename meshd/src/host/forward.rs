@@ -158,15 +158,7 @@ async fn accept_loop(
     gate: Arc<Gate>,
 ) {
     loop {
-        let (inbound, peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                // Per-connection errors (e.g. the peer reset before accept) must not stop the service.
-                debug!(%service, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (inbound, peer) = crate::host::socket::accept(&listener, service.as_str()).await;
         // Refusals are not logged one line each: a flood would fill the log (the gate reports its own).
         if !allowed.borrow().contains(&peer.ip()) {
             debug!(%service, peer = %peer.ip(), "refused: not granted");

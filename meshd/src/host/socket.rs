@@ -2,6 +2,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -49,6 +50,26 @@ pub fn listen_internet(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> 
     socket.bind(&addr.into())?;
     socket.listen(libc::c_int::MAX)?;
     tokio::net::TcpListener::from_std(socket.into())
+}
+
+/// How long an accept loop waits after a failed accept (no descriptor left, above all) before the next: a loop that
+/// retried at once would spin on the error.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The next connection of `listener` and its peer's address, an IPv4 peer of a listener on both families as IPv4
+/// (not `::ffff:a.b.c.d`). A failed accept (a connection reset before it was taken, no descriptor left) does not end
+/// the loop: it is logged at debug level with `what` (the listener: a flood must not fill the log; the callers'
+/// admission gates report what they turn away) and the next tried after [`ACCEPT_BACKOFF`].
+pub async fn accept(listener: &tokio::net::TcpListener, what: &str) -> (tokio::net::TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => return (stream, SocketAddr::new(peer.ip().to_canonical(), peer.port())),
+            Err(e) => {
+                tracing::debug!(listener = what, error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
 }
 
 /// Source ports below 1024 that meshd connects from where the other end trusts only meshd (the hub's sync

@@ -63,8 +63,6 @@ const MAX_REPLY: u64 = 1024 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time the hub spends writing a reply to a client that does not read.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The one crypto provider used here, passed explicitly so no process-wide default is needed.
 static PROVIDER: LazyLock<Arc<CryptoProvider>> = LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
@@ -218,19 +216,11 @@ pub async fn serve<Req, Resp>(
     let expected: Arc<str> = identity.server_name().into();
     let config = identity.server_config;
     loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+        let (tcp, peer) = tokio::select! {
+            accepted = crate::host::socket::accept(&listener, "join") => accepted,
             () = calls.closed() => {
                 debug!("join handler gone, no longer accepting joins");
                 return;
-            }
-        };
-        let (tcp, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                debug!("accepting a join connection: {e}");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-                continue;
             }
         };
         let Some(pending) = gate.admit_evicting(peer.ip()) else { continue };

@@ -172,14 +172,7 @@ impl Publisher {
             Caps { per_source: 2 * HANDSHAKES_PER_MEMBER + 1, total: SESSIONS_TOTAL, descriptors: 1, internet: false };
         let gate = Gate::new("sync listener", caps);
         loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    warn!(error = %e, "sync: accepting a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
+            let (stream, peer) = crate::host::socket::accept(&listener, "sync").await;
             // Any local user may connect from an unprivileged port (on the member, or on the hub past the
             // firewall): closed at once, counted in the listener's report, never against the member's caps.
             if peer.port() >= PRIVILEGED_PORTS_END {

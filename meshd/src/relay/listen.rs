@@ -28,6 +28,7 @@ use tracing::debug;
 use super::certs::Certificates;
 use super::forward::{self, Conn, Table, Upstreams};
 use crate::host::admission::{Caps, Gate, Permit};
+use crate::host::socket;
 use meshd_core::relay::proxy::{self, Read};
 use meshd_core::relay::route::{OnHello, OnRequest};
 
@@ -104,28 +105,10 @@ impl Shared {
     }
 }
 
-/// How long an accept loop waits after a failed accept (no descriptor left, above all) before the next: a loop that
-/// retried at once would spin on the error.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-
-/// The next connection of `listener`, its client's address with an IPv4 client as IPv4 (the listeners take both
-/// families, so an IPv4 client is seen as `::ffff:a.b.c.d`).
-async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => return (stream, SocketAddr::new(peer.ip().to_canonical(), peer.port())),
-            Err(e) => {
-                debug!(error = %e, "accept failed");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-            }
-        }
-    }
-}
-
 /// Accept on the relay's HTTPS port until the task is aborted.
 pub async fn serve_https(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        let (stream, peer) = accept(&listener).await;
+        let (stream, peer) = socket::accept(&listener, "public HTTPS").await;
         let Some(pending) = shared.https_gate.admit_evicting(peer.ip()) else { continue };
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -162,7 +145,7 @@ pub async fn serve_https(listener: TcpListener, shared: Arc<Shared>) {
 /// Accept on the relay's HTTP port until the task is aborted: ACME HTTP-01 answers and redirects only.
 pub async fn serve_http(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        let (stream, peer) = accept(&listener).await;
+        let (stream, peer) = socket::accept(&listener, "public HTTP").await;
         // Evictable for its whole life, as on the HTTPS port: idle connections cannot hold the port (or the
         // descriptors it shares with the rest of meshd) for long.
         let Some(pending) = shared.http_gate.admit_evicting(peer.ip()) else { continue };
@@ -248,7 +231,7 @@ async fn forward_challenge(
 /// v2 header; then TLS for this node's passthrough names (or a forwarded HTTP-01 validation).
 pub async fn serve_passthrough(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        let (stream, peer) = accept(&listener).await;
+        let (stream, peer) = socket::accept(&listener, "passthrough terminator").await;
         // A relay's meshd connects from a port below 1024: another user on the relay, whose connections leave from
         // the same mesh address, cannot bind one, and so cannot pass for it with a PROXY header of its own.
         let from_relay = shared.passthrough_from.read().unwrap_or_else(PoisonError::into_inner).contains(&peer.ip());
