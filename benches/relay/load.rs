@@ -35,7 +35,7 @@ use crate::cpu;
 
 /// Open connections (as the 64 of wrk's earlier runs).
 const CONNECTIONS: usize = 64;
-/// The core the client's thread is pinned to; the servers are not pinned and get what it leaves.
+/// The core the client's thread is pinned to (the servers are pinned to [`crate::cpu::SERVER_CORE`]).
 const CLIENT_CORE: usize = 0;
 
 /// How requests use connections.

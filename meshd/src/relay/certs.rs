@@ -85,10 +85,11 @@ impl Certificates {
     /// keys rotated every 6 hours by rustls's ticketer) so that clients resume instead of a full handshake. Made
     /// once per listener set: a configuration made per connection would resume nothing.
     ///
-    /// Cipher suites: the server's order, AES-128-GCM with SHA-256 first (as Go's crypto/tls, so Caddy, and Mozilla's
-    /// recommended configurations), then rustls's order. Clients such as OpenSSL and rustls list AES-256-GCM with
-    /// SHA-384 first; following them made the TLS 1.3 key schedule and transcript run on SHA-384, a tenth of a full
-    /// handshake's CPU here (docs/PERFORMANCE.md), for no security a public web name needs.
+    /// Cipher suites: the server's order, AES-128-GCM with SHA-256 first (Go's crypto/tls, so Caddy, puts it first
+    /// too), then rustls's order. Clients such as OpenSSL and rustls list AES-256-GCM with SHA-384 first; following
+    /// them made the TLS 1.3 key schedule and transcript run on SHA-384, a tenth of a full handshake's CPU here
+    /// (docs/PERFORMANCE.md), for no security a public web name needs. Unlike Go, a client that lists ChaCha20 first
+    /// (one without AES instructions) gets AES-128-GCM too: all it costs is that client's record encryption.
     ///
     /// One session ticket per handshake, as Go's crypto/tls (so Caddy): a client spends one per connection and gets
     /// a new one from each resumed connection; rustls's default second ticket, encrypted and sent on every full
