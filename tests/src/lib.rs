@@ -30,8 +30,8 @@ pub use mesh::{MeshHost, UapiCleanup, nat_router};
 pub use mounts::Tmpfs;
 pub use netns::{Netns, UdpEcho, add_address, router, udp_echoed, udp_received, uplink, veth};
 pub use process::{
-    Proc, assert_error_line, assert_refused, bin_dir, describe, init_network, meshctl, output, product_bin, run_json,
-    run_ok,
+    Proc, assert_error_line, assert_refused, bin_dir, describe, init_network, libfaketime, meshctl, output,
+    product_bin, run_json, run_ok,
 };
 pub use wireguard::{Phone, WG_SOCKET_DIR, WgPeer, WgQuick, wg_keypair, wg_pubkey, wireguard_go};
 

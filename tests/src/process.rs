@@ -198,3 +198,15 @@ impl Drop for Proc {
         }
     }
 }
+
+/// libfaketime (Debian package `faketime`), the multithreaded build (for tokio), to preload into a product binary
+/// with `LD_PRELOAD` and a `FAKETIME` shift. Not the `faketime` wrapper: it would stand between a test and the
+/// daemon's PID, and it makes a named semaphore that a wrapper killed before cleaning up leaves in /dev/shm, where a
+/// later wrapper of the same PID fails on it (`sem_open: File exists`).
+pub fn libfaketime() -> String {
+    let found = fs::read_dir("/usr/lib").ok().into_iter().flatten().filter_map(Result::ok).find_map(|arch| {
+        let lib = arch.path().join("faketime/libfaketimeMT.so.1");
+        lib.exists().then(|| lib.display().to_string())
+    });
+    found.expect("libfaketime (Debian package faketime)")
+}

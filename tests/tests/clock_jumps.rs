@@ -1,19 +1,19 @@
 //! Issue 8, point 9: the address cooldown and invite lifetimes hold in real time when the host's wall
 //! clock jumps (a host without a real-time clock boots at a wrong time and NTP then steps it). The jumps
-//! are made with Debian's `faketime` (libfaketime) around meshctl, which works on the state directly;
+//! are made with Debian's libfaketime preloaded into meshctl, which works on the state directly;
 //! `FAKETIME_DONT_FAKE_MONOTONIC=1` leaves the boot-time clock alone, as a real clock step does.
 
 use std::path::Path;
 use std::process::Command;
 
-use meshd_e2e::{init_network, product_bin, run_json, run_ok};
+use meshd_e2e::{init_network, libfaketime, product_bin, run_json, run_ok};
 use serde_json::Value;
 
-/// `meshctl --state-dir DIR ARGS` with the wall clock shifted by `shift` (`faketime -f` syntax, e.g.
-/// `+400d`, `-2h`).
+/// `meshctl --state-dir DIR ARGS` with the wall clock shifted by `shift` (libfaketime's `FAKETIME` syntax,
+/// e.g. `+400d`, `-2h`).
 fn meshctl_at(shift: &str, state: &Path) -> Command {
-    let mut cmd = Command::new("faketime");
-    cmd.env("FAKETIME_DONT_FAKE_MONOTONIC", "1").args(["-f", shift]).arg(product_bin("meshctl"));
+    let mut cmd = Command::new(product_bin("meshctl"));
+    cmd.env("LD_PRELOAD", libfaketime()).env("FAKETIME", shift).env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
     cmd.arg("--state-dir").arg(state);
     cmd
 }

@@ -93,16 +93,6 @@ fn move_address(host: &MeshHost, dev: &str, net: u8) {
     host.ns.ip(&["route", "replace", "default", "via", &format!("172.31.{net}.1")]);
 }
 
-/// libfaketime, preloaded into the daemon itself (the `faketime` wrapper would stand between the test
-/// and the daemon's PID); the multithreaded build, for tokio.
-fn libfaketime() -> String {
-    let found = fs::read_dir("/usr/lib").unwrap().filter_map(Result::ok).find_map(|arch| {
-        let lib = arch.path().join("faketime/libfaketimeMT.so.1");
-        lib.exists().then(|| lib.display().to_string())
-    });
-    found.expect("libfaketime (Debian package faketime)")
-}
-
 #[test]
 fn a_hub_on_a_dynamic_ip_is_followed_by_its_name() {
     if !require_root() {
@@ -274,7 +264,7 @@ fn a_member_whose_clock_ran_ahead_is_taken_back_after_a_restart() {
     // The attic's clock runs two hours ahead: its handshakes carry timestamps from the future, which the
     // hub takes and remembers.
     let mut ahead = attic.ns.command(product_bin("meshd"));
-    ahead.env("RUST_LOG", "info,meshd=debug").env("LD_PRELOAD", libfaketime()).env("FAKETIME", "+2h");
+    ahead.env("RUST_LOG", "info,meshd=debug").env("LD_PRELOAD", meshd_e2e::libfaketime()).env("FAKETIME", "+2h");
     ahead.env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
     ahead.args(["run", "--wireguard", "userspace", "--state-dir"]).arg(&attic.state);
     let mut daemon = Proc::spawn_logged(ahead, "meshd run on attic, clock ahead", &root.join("attic-ahead.log"));
