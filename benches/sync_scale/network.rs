@@ -75,6 +75,7 @@ pub(crate) fn build_state(hosts: usize) -> SharedState {
             .collect(),
         rules: (0..extra.min(20)).map(|j| AccessRule { from: member(j), to: member(j + 1) }).collect(),
         exposures: Vec::new(),
+        onions: Vec::new(),
     }
 }
 

@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use commands::{Context, access, devices, nodes, services, status};
+use commands::{Context, access, devices, nodes, onion, services, status};
 use meshd::host::statedir::DEFAULT_STATE_DIR;
 use meshd_core::handout::DeviceDns;
 use meshd_core::input::{self, HostPort, Label, PublicName};
@@ -66,29 +66,57 @@ enum Command {
     /// The network's own settings.
     #[command(subcommand)]
     Network(NetworkCommand),
-    /// Serve a TCP service speaking HTTP on a public name over HTTPS, through a relay whose public address the
-    /// name points at; the certificate comes from the CA of `meshd run --acme-directory`.
+    /// Serve a TCP service beyond the mesh: on a public name over HTTPS through a relay whose public address the
+    /// name points at (the certificate comes from the CA of `meshd run --acme-directory`), or as a Tor onion
+    /// service from its own node, optionally only to chosen devices (client authorization).
+    #[command(group(clap::ArgGroup::new("way").required(true).args(["https", "tor"])))]
     Expose {
         /// The service.
         service: Label,
         /// The public name, e.g. pay.shop.example (its DNS must point at the relay).
-        #[arg(long, value_name = "HOSTNAME")]
-        https: PublicName,
+        #[arg(long, value_name = "HOSTNAME", requires = "relay")]
+        https: Option<PublicName>,
         /// The relay: the hub or a node that joined with --role relay, with an endpoint.
-        #[arg(long, value_name = "NODE")]
-        relay: Label,
+        #[arg(long, value_name = "NODE", requires = "https")]
+        relay: Option<Label>,
         /// Where TLS ends: on the relay (it holds the certificate and sees the requests), or on the service's
         /// node (the relay passes the encrypted stream through and never holds the key).
-        #[arg(long, value_name = "MODE", default_value = "terminate")]
+        #[arg(long, value_name = "MODE", default_value = "terminate", requires = "https")]
         tls: TlsMode,
+        /// Serve it as a Tor onion service from its node (the address is its node's to keep; `service list`
+        /// shows it).
+        #[arg(long)]
+        tor: bool,
+        /// The port at the .onion address [default: the one it has, else the service's mesh port].
+        #[arg(long, requires = "tor", value_parser = input::parse_port)]
+        port: Option<u16>,
+        /// A device to authorize (repeat for several): from then on only authorized devices can find the
+        /// service. Each gets a new client key, printed once as the line Orbot and tor import.
+        #[arg(long = "client", value_name = "DEVICE", requires = "tor")]
+        clients: Vec<Label>,
+        /// Also print each client's line as a QR code in the terminal.
+        #[arg(long, requires = "tor")]
+        qr: bool,
+        /// Also write each client's line to DIR/DEVICE.auth_private and its QR code to
+        /// DIR/DEVICE.auth_private.png (0600).
+        #[arg(long, value_name = "DIR", requires = "clients")]
+        out_dir: Option<PathBuf>,
     },
-    /// Stop serving a service on a public name.
+    /// Stop serving a service on a public name, or over Tor (or, with --client, take devices off its clients).
+    #[command(group(clap::ArgGroup::new("way").required(true).args(["https", "tor"])))]
     Unexpose {
         /// The service.
         service: Label,
         /// The public name.
         #[arg(long, value_name = "HOSTNAME")]
-        https: PublicName,
+        https: Option<PublicName>,
+        /// Its onion service.
+        #[arg(long)]
+        tor: bool,
+        /// Only take this device off the onion service's clients (repeat for several); its node publishes a new
+        /// descriptor without it.
+        #[arg(long = "client", value_name = "DEVICE", requires = "tor")]
+        clients: Vec<Label>,
     },
     /// Make the network match a declaration file (TOML): member nodes, services, devices, access rules.
     Apply {
@@ -124,8 +152,12 @@ enum ServiceCommand {
         #[arg(long)]
         udp: bool,
     },
-    /// List services.
-    List,
+    /// List services, with their public URLs and onion addresses.
+    List {
+        /// Also print each onion service's URL as a QR code in the terminal, for a phone to scan.
+        #[arg(long)]
+        qr: bool,
+    },
     /// Remove a service (devices lose access to it).
     Remove { name: Label },
     /// Point a service elsewhere; its mesh address, protocol and the devices allowed to reach it stay.
@@ -340,10 +372,16 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Apply { file, dry_run, out_dir, expires } => {
             commands::apply::apply(&cx, commands::apply::Apply { file, dry_run, out_dir, expires })
         }
-        Command::Expose { service, https, relay, tls } => services::expose(&cx, service, https, relay, tls),
-        Command::Unexpose { service, https } => services::unexpose(&cx, service, https),
+        Command::Expose { service, https, relay, tls, tor: _, port, clients, qr, out_dir } => match (https, relay) {
+            (Some(https), Some(relay)) => services::expose(&cx, service, https, relay, tls),
+            _ => onion::expose_tor(&cx, service, port, clients, onion::ClientOut { qr, out_dir }),
+        },
+        Command::Unexpose { service, https, tor: _, clients } => match https {
+            Some(https) => services::unexpose(&cx, service, https),
+            None => onion::unexpose_tor(&cx, service, clients),
+        },
         Command::Service(command) => match command {
-            ServiceCommand::List => services::list(&cx),
+            ServiceCommand::List { qr } => services::list(&cx, qr),
             ServiceCommand::Add { name, node, target, port, udp } => {
                 let protocol = if udp { Protocol::Udp } else { Protocol::Tcp };
                 services::add(&cx, name, node, target, port, protocol)

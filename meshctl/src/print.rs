@@ -5,7 +5,7 @@ use meshd_core::input::Label;
 use std::time::{Duration, UNIX_EPOCH};
 
 use meshd_core::acme::renewal::Status;
-use meshd_core::model::{AccessRule, DeviceView, InviteView, NodeView, PublicUrl, Role, ServiceView};
+use meshd_core::model::{AccessRule, DeviceView, InviteView, NodeView, OnionView, PublicUrl, Role, ServiceView};
 use meshd_core::relay::route::TlsMode;
 use serde::Serialize;
 
@@ -148,14 +148,36 @@ pub fn services_table(services: &[ServiceView]) -> String {
             ));
         }
     }
+    let onions: Vec<(&ServiceView, &OnionView)> =
+        services.iter().filter_map(|s| s.tor.as_ref().map(|t| (s, t))).collect();
+    if !onions.is_empty() {
+        table.push_str(&format!("\n{:<76} {:<20} CLIENTS\n", "ONION URL", "SERVICE"));
+        for (s, t) in onions {
+            let url = match (&t.address, &t.error) {
+                (Some(address), _) => crate::commands::onion::onion_url(address, t.port),
+                (None, Some(error)) => format!("(cannot serve: {})", clean(error)),
+                (None, None) => format!("(port {}; not reported by {})", t.port, s.node),
+            };
+            let clients = match (t.authorized_only, t.clients.is_empty()) {
+                (false, _) => "anyone with the address".to_owned(),
+                (true, true) => "none left: not served".to_owned(),
+                (true, false) => join(&t.clients),
+            };
+            table.push_str(&format!("{url:<76} {:<20} {clients}\n", s.name));
+        }
+    }
     table
+}
+
+/// `text` from another host with its control characters replaced, so none reaches the operator's terminal.
+pub(crate) fn clean(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 /// A public name's certificate in words: pending, valid until, expired, with the last error.
 fn certificate_text(service: &ServiceView, url: &PublicUrl) -> String {
     let date = |secs: u64| humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string();
     // A member reports these: no control character of its reaches the operator's terminal.
-    let clean = |e: &str| e.chars().map(|c| if c.is_control() { '?' } else { c }).collect::<String>();
     let error = |e: &Option<String>, retry: &Option<u64>| match (e.as_deref().map(clean), retry) {
         (Some(e), Some(at)) => format!(" (last error: {e}; next try {})", date(*at)),
         (Some(e), None) => format!(" (last error: {e})"),

@@ -75,6 +75,7 @@ pub fn sample_state() -> SharedState {
         devices: vec![DeviceGrants { name: label("phone"), index: 5, allow: vec![label("beacon")] }],
         rules: vec![],
         exposures: vec![],
+        onions: vec![],
     }
 }
 
@@ -143,6 +144,7 @@ pub fn sample_host_plan(allowed: &[&str], routes: bool) -> HostPlan {
             mesh: vec!["10.77.0.0/16".parse().expect("sample range"), "fd00::/64".parse().expect("sample range")],
         },
         public: PublicPlan::default(),
+        onions: Default::default(),
     }
 }
 

@@ -160,7 +160,11 @@ pub fn declare(data: &[u8]) {
     let Ok(plan) = declare::plan(&declaration, &current) else { return };
     for step in &plan.steps {
         step.to_string();
-        for request in step.requests(3600, || named_key("new device")) {
+        for request in step.requests(
+            3600,
+            || named_key("new device"),
+            |_, _| crate::tor::client::ClientKey::generate().public_key(),
+        ) {
             assert_eq!(reparse::<Request>(&request), request, "a planned request reads back as itself");
         }
     }
@@ -271,6 +275,11 @@ fn sample_current() -> Current {
             port: 5052,
             protocol: Protocol::Tcp,
             https: vec![],
+            tor: Some(crate::declare::TorSpec {
+                port: Some(80),
+                clients: [label("phone")].into(),
+                authorized_only: true,
+            }),
         }],
         devices: vec![DeviceSpec { name: label("phone"), allow: [label("beacon")].into() }],
         rules: [AccessRule { from: label("vps"), to: label("attic") }].into(),

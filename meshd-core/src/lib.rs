@@ -11,6 +11,8 @@
 //! - [`reconcile`]: the ordered host steps that turn one plan into the next.
 //! - [`handout`]: a device's wg-quick configuration and its QR code.
 //! - [`declare`]: a network declared in a file, and the plan that brings the network to it.
+//! - [`tor`]: onion services' keys and addresses, client authorization, meshd's `torrc` and the supervisor of
+//!   its `tor` process.
 //! - [`wire`]: the admin, join and sync protocols' messages, and the invite token.
 //! - [`session`]: the sync protocol's two ends (a member, the hub's session with one member) as state
 //!   machines driven by messages and time.
@@ -35,4 +37,5 @@ pub mod plan;
 pub mod reconcile;
 pub mod relay;
 pub mod session;
+pub mod tor;
 pub mod wire;

@@ -14,6 +14,8 @@ use crate::input::{HostPort, InterfaceName, Label, PublicName};
 use crate::ipam::Pool;
 use crate::keys::{PresharedKey, PublicKey};
 use crate::relay::route::TlsMode;
+use crate::tor::client::ClientPublicKey;
+use crate::tor::onion::OnionAddress;
 
 /// Persistent keepalive handed to roaming devices: they sit behind NAT and must keep the hub's
 /// session fresh so it can reach them.
@@ -227,6 +229,29 @@ pub struct Exposure {
     pub tls: TlsMode,
 }
 
+/// A service served as a Tor onion service by its node (`meshctl expose SERVICE --tor`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct OnionService {
+    /// The service, a TCP one.
+    pub service: Label,
+    /// The port clients connect to at the `.onion` address (the virtual port of `HiddenServicePort`).
+    pub port: u16,
+    /// Only authorized clients may find it: set once a client is authorized and kept while it is served, so
+    /// that removing the last client (or its device) leaves it unreachable rather than open to anyone.
+    pub authorized_only: bool,
+    /// The clients authorized to find it, by device name.
+    pub clients: Vec<OnionClient>,
+}
+
+/// A device authorized to find an onion service (client authorization, rend-spec-v3 section 2.5.1.2).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct OnionClient {
+    /// The device.
+    pub device: Label,
+    /// The public half of its x25519 key (the private half was handed out once and never stored).
+    pub public_key: ClientPublicKey,
+}
+
 /// Everything the controller stores about one network: the input of every desired-state computation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
@@ -242,6 +267,8 @@ pub struct Snapshot {
     pub rules: Vec<AccessRule>,
     /// Every public name, sorted by name.
     pub exposures: Vec<Exposure>,
+    /// Every onion service, sorted by service.
+    pub onions: Vec<OnionService>,
 }
 
 /// What every host of the network is told: the controller's snapshot without any secret. Members
@@ -262,6 +289,9 @@ pub struct SharedState {
     /// (so the digest of a network without public names is what members from before them compute).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exposures: Vec<Exposure>,
+    /// Every onion service; left out when there is none, like [`SharedState::exposures`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub onions: Vec<OnionService>,
 }
 
 /// The first address index of `items` outside `network`'s range: a damaged database or cached file
@@ -310,6 +340,7 @@ impl SharedState {
             services: self.services.clone(),
             rules: self.rules.clone(),
             exposures: self.exposures.clone(),
+            onions: self.onions.clone(),
         }
     }
 }
@@ -333,6 +364,7 @@ impl Snapshot {
                 .collect(),
             rules: self.rules.clone(),
             exposures: self.exposures.clone(),
+            onions: self.onions.clone(),
         }
     }
 
@@ -397,6 +429,13 @@ impl Snapshot {
                     certificate: None,
                 })
                 .collect(),
+            tor: self.onions.iter().find(|o| o.service == service.name).map(|o| OnionView {
+                port: o.port,
+                authorized_only: o.authorized_only,
+                address: None,
+                clients: o.clients.iter().map(|c| c.device.clone()).collect(),
+                error: None,
+            }),
         }
     }
 }
@@ -479,6 +518,25 @@ pub struct ServiceView {
     /// Its public names; absent in replies of a controller from before public names.
     #[serde(default)]
     pub https: Vec<PublicUrl>,
+    /// Its onion service, if exposed over Tor; absent in replies of a controller from before onion services.
+    #[serde(default)]
+    pub tor: Option<OnionView>,
+}
+
+/// A service's onion service as `meshctl service list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnionView {
+    /// The port at the `.onion` address.
+    pub port: u16,
+    /// The address, as the service's node last reported it; `None` until it has (it makes the key when it
+    /// learns of the exposure), or after an error.
+    pub address: Option<OnionAddress>,
+    /// Only authorized clients may find it (with none left, nobody can).
+    pub authorized_only: bool,
+    /// The devices authorized to find it.
+    pub clients: Vec<Label>,
+    /// Why the node cannot serve it (no `tor`, one too old), as it last reported.
+    pub error: Option<String>,
 }
 
 /// A service's public name as `meshctl service list` shows it.

@@ -14,7 +14,7 @@ use ipnet::IpNet;
 
 use crate::keys::PublicKey;
 use crate::plan::dns::DnsRecords;
-use crate::plan::{HostPlan, PeerPlan, PublicPlan, ServicePlan, nftables};
+use crate::plan::{HostPlan, OnionPlan, PeerPlan, PublicPlan, ServicePlan, nftables};
 use crate::session::paths::Reading;
 
 /// One thing to do on the host.
@@ -41,6 +41,9 @@ pub enum HostStep {
     /// Serve exactly these public names (relay) and terminate TLS for these (starting, stopping or
     /// changing only what differs; certificates are kept).
     ServePublic(PublicPlan),
+    /// Serve exactly these onion services (keys made where missing, clients listed, tor started, reloaded
+    /// or stopped).
+    ServeOnions(OnionPlan),
     /// Remove these addresses from the interface.
     RemoveAddresses(Vec<IpNet>),
 }
@@ -56,6 +59,9 @@ pub fn bring_up(plan: &HostPlan) -> Vec<HostStep> {
     steps.push(HostStep::StartDns);
     if !plan.public.is_empty() {
         steps.push(HostStep::ServePublic(plan.public.clone()));
+    }
+    if !plan.onions.is_empty() {
+        steps.push(HostStep::ServeOnions(plan.onions.clone()));
     }
     steps
 }
@@ -91,6 +97,9 @@ pub fn steps(old: &HostPlan, new: &HostPlan) -> Vec<HostStep> {
     }
     if new.public != old.public {
         steps.push(HostStep::ServePublic(new.public.clone()));
+    }
+    if new.onions != old.onions {
+        steps.push(HostStep::ServeOnions(new.onions.clone()));
     }
     if !remove.is_empty() {
         steps.push(HostStep::RemoveAddresses(remove));

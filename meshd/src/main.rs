@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use meshd::controller::{Controller, NewNetwork};
 use meshd::host::statedir::{DEFAULT_STATE_DIR, StateDir};
+use meshd::host::tor::TorOptions;
 use meshd::host::wg::Backend;
 use meshd::host::{hostnet, owner};
 use meshd::relay::{AcmeOptions, PublicOptions};
@@ -109,6 +110,13 @@ enum Command {
         /// The relay's public HTTPS port.
         #[arg(long, default_value_t = 443, value_parser = input::parse_port)]
         https_port: u16,
+        /// The tor that serves this host's onion services (`meshctl expose --tor`) [default: tor on PATH]. meshd
+        /// starts it only while a service of this host is exposed over Tor.
+        #[arg(long, value_name = "PATH")]
+        tor_binary: Option<PathBuf>,
+        /// A file of torrc lines appended to the configuration meshd writes for its tor (bridges, a test network).
+        #[arg(long, value_name = "FILE")]
+        tor_config: Option<PathBuf>,
     },
 }
 
@@ -161,10 +169,13 @@ fn main() -> ExitCode {
             acme_contact,
             http_port,
             https_port,
+            tor_binary,
+            tor_config,
         } => {
             let acme = AcmeOptions { directory: acme_directory, ca_root: acme_ca_root, contact: acme_contact };
             let public = PublicOptions { http_port, https_port, acme };
-            run(&StateDir::new(state_dir), RunOptions { backend: wireguard, dns_port, public })
+            let tor = TorOptions { binary: tor_binary, extra_config: tor_config };
+            run(&StateDir::new(state_dir), RunOptions { backend: wireguard, dns_port, public, tor })
         }
     };
     match result {

@@ -10,6 +10,7 @@
 //! - `files`: private files and checks that no key is stored;
 //! - `mounts`: [`Tmpfs`], a small file system to fill up or make read-only;
 //! - `acme`: [`Pebble`], a test ACME CA, and [`Dns`], the DNS server it validates names with.
+//! - `tor`: [`TorNetwork`], a private Tor network offline, and its [`TorClient`]s.
 //!
 //! Tests use everything from the crate root (`use meshd_e2e::...`).
 
@@ -19,6 +20,7 @@ mod mesh;
 mod mounts;
 mod netns;
 mod process;
+mod tor;
 mod wireguard;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -33,6 +35,7 @@ pub use process::{
     Proc, assert_error_line, assert_refused, bin_dir, describe, init_network, libfaketime, meshctl, output,
     product_bin, run_json, run_ok,
 };
+pub use tor::{TorClient, TorNetwork};
 pub use wireguard::{Phone, WG_SOCKET_DIR, WgPeer, WgQuick, wg_keypair, wg_pubkey, wireguard_go};
 
 /// True when the test may run; false (with a loud SKIPPED line) only when not root and `CI` is unset.

@@ -12,6 +12,7 @@ use meshd_core::declare::{self, Current, Declaration, Plan, Step};
 use meshd_core::handout::{self, DeviceDns};
 use meshd_core::input::Label;
 use meshd_core::keys::PrivateKey;
+use meshd_core::tor::client::ClientKey;
 use meshd_core::wire::admin::{Reply, Request};
 use serde::Serialize;
 
@@ -38,6 +39,16 @@ struct Report<'a> {
     applied: usize,
     invites: Vec<NewInvite>,
     configs: Vec<NewConfig>,
+    tor_clients: Vec<NewTorClient>,
+}
+
+/// A new onion service client's line, written once the service's node reported the address.
+#[derive(Serialize)]
+struct NewTorClient {
+    service: Label,
+    device: Label,
+    /// `DIR/DEVICE.SERVICE.auth_private` (0600); the QR code is beside it with `.png` added.
+    path: PathBuf,
 }
 
 #[derive(Serialize)]
@@ -75,6 +86,14 @@ pub fn apply(cx: &Context, args: Apply) -> anyhow::Result<()> {
             configs.push(ConfigFile { name: name.clone(), output, dns });
         }
     }
+    let mut client_lines = Vec::new();
+    for step in &plan.steps {
+        if let Step::ExposeTor { service, clients, .. } = step {
+            for device in clients {
+                client_lines.push(ClientLine::open(&args.out_dir, service, device)?);
+            }
+        }
+    }
 
     let mut report = Report {
         changes: &plan.steps,
@@ -83,6 +102,7 @@ pub fn apply(cx: &Context, args: Apply) -> anyhow::Result<()> {
         applied: 0,
         invites: Vec::new(),
         configs: Vec::new(),
+        tor_clients: Vec::new(),
     };
     if !cx.json {
         print_plan(&plan);
@@ -91,6 +111,7 @@ pub fn apply(cx: &Context, args: Apply) -> anyhow::Result<()> {
         Ok(())
     } else {
         execute(cx, &plan, args.expires.as_secs(), configs, &mut report)
+            .and_then(|keys| hand_out_clients(cx, &plan, keys, client_lines, &mut report))
     };
     if cx.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -101,6 +122,9 @@ pub fn apply(cx: &Context, args: Apply) -> anyhow::Result<()> {
         }
         for c in &report.configs {
             println!("device {}: {}, {}; config in {}", c.device, c.address, c.address_v6, c.path.display());
+        }
+        for c in &report.tor_clients {
+            println!("Tor client {} of {}: key in {} (and a QR code beside it)", c.device, c.service, c.path.display());
         }
         // Tokens last, one `NAME TOKEN` line each, for scripts.
         for invite in &report.invites {
@@ -149,25 +173,35 @@ struct ConfigFile {
 /// Carry the plan out as one batch: the controller makes every change or, refusing one, none. The batch
 /// is previewed first, and the new devices' configs are written (staged) from the preview before the
 /// batch is committed asking for exactly those hand-outs; then they are put in place and the invite
-/// tokens handed out.
+/// tokens handed out. Returns the new onion service clients' keys, by service and device.
 fn execute(
     cx: &Context,
     plan: &Plan,
     invite_secs: u64,
     mut configs: Vec<ConfigFile>,
     report: &mut Report<'_>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<ClientKeys> {
     let mut device_keys = Vec::new();
+    let mut client_keys = ClientKeys::new();
     let mut requests = Vec::new();
     // The step each request belongs to, to name the change the controller refused.
     let mut step_of = Vec::new();
     for (i, step) in plan.steps.iter().enumerate() {
-        let made = step.requests(invite_secs, || {
-            let key = PrivateKey::generate();
-            let public = key.public_key();
-            device_keys.push(key);
-            public
-        });
+        let made = step.requests(
+            invite_secs,
+            || {
+                let key = PrivateKey::generate();
+                let public = key.public_key();
+                device_keys.push(key);
+                public
+            },
+            |service, device| {
+                let key = ClientKey::generate();
+                let public = key.public_key();
+                client_keys.insert((service.clone(), device.clone()), key);
+                public
+            },
+        );
         step_of.extend(std::iter::repeat_n(i, made.len()));
         requests.extend(made);
     }
@@ -231,9 +265,96 @@ fn execute(
         }
     }
     match unplaced.is_empty() {
-        true => Ok(()),
+        true => Ok(client_keys),
         false => bail!("applied, but some device configs could not be put in place: {}", unplaced.join("; ")),
     }
+}
+
+/// New onion service clients' keys, by (service, device).
+type ClientKeys = BTreeMap<(Label, Label), ClientKey>;
+
+/// Where a new onion service client's line goes, checked before anything changes.
+struct ClientLine {
+    service: Label,
+    device: Label,
+    line: Output,
+    qr: Output,
+}
+
+impl ClientLine {
+    /// `DIR/DEVICE.SERVICE.auth_private` and its QR code beside it (`.png` added); neither may exist.
+    fn open(dir: &Path, service: &Label, device: &Label) -> anyhow::Result<ClientLine> {
+        if !fs::metadata(dir).map(|m| m.is_dir()).unwrap_or(false) {
+            bail!("--out-dir {} is not a directory", dir.display());
+        }
+        let path = dir.join(format!("{device}.{service}.auth_private"));
+        let mut png = path.clone().into_os_string();
+        png.push(".png");
+        Ok(ClientLine {
+            service: service.clone(),
+            device: device.clone(),
+            line: Output::open(&path, Format::Conf, Existing::Refuse)?,
+            qr: Output::open(Path::new(&png), Format::Png, Existing::Refuse)?,
+        })
+    }
+}
+
+/// Once each service with new clients has its address reported by its node, write the clients' lines. A
+/// service whose node reports none (offline, no tor there) has its new clients taken off again, as
+/// `meshctl expose --tor --client` does: a key nobody received must not stay authorized.
+fn hand_out_clients(
+    cx: &Context,
+    plan: &Plan,
+    keys: ClientKeys,
+    mut lines: Vec<ClientLine>,
+    report: &mut Report<'_>,
+) -> anyhow::Result<()> {
+    let mut failed = Vec::new();
+    for step in &plan.steps {
+        let Step::ExposeTor { service, clients, .. } = step else { continue };
+        if clients.is_empty() {
+            continue;
+        }
+        let written = super::onion::find(cx, service).and_then(|view| super::onion::address_of(cx, view)).and_then(
+            |(_, address)| {
+                for line in lines.iter_mut().filter(|l| &l.service == service) {
+                    let key =
+                        keys.get(&(line.service.clone(), line.device.clone())).context("a client without a key")?;
+                    let text = format!("{}\n", key.auth_private_line(&address));
+                    let (bytes, png) = (line.line.render(&text)?, line.qr.render(&text)?);
+                    line.line.stage(&bytes)?;
+                    line.qr.stage(&png)?;
+                }
+                for line in lines.iter_mut().filter(|l| &l.service == service) {
+                    line.line.place()?;
+                    line.qr.place()?;
+                    let path = line.line.path().to_owned();
+                    report.tor_clients.push(NewTorClient {
+                        service: service.clone(),
+                        device: line.device.clone(),
+                        path,
+                    });
+                }
+                Ok(())
+            },
+        );
+        if let Err(e) = written {
+            let undo = Request::UnexposeTor { service: service.clone(), clients: clients.clone() };
+            let undone = match cx.admin.send(undo) {
+                Ok(_) => format!("its new clients {} were taken off again", declare_list(clients)),
+                Err(undo) => format!("taking its new clients off failed too ({undo:#})"),
+            };
+            failed.push(format!("service {service}: {e:#}; {undone}"));
+        }
+    }
+    match failed.is_empty() {
+        true => Ok(()),
+        false => bail!("applied, but Tor client keys could not be handed out: {}", failed.join("; ")),
+    }
+}
+
+fn declare_list(labels: &[Label]) -> String {
+    labels.iter().map(Label::as_str).collect::<Vec<_>>().join(",")
 }
 
 /// The batch got no clear answer (a daemon gone mid-call, a change saved but not applied to the

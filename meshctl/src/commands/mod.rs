@@ -6,6 +6,7 @@ pub mod apply;
 pub mod devices;
 pub mod handout;
 pub mod nodes;
+pub mod onion;
 pub mod services;
 pub mod status;
 

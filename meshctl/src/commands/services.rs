@@ -5,14 +5,28 @@ use meshd_core::model::Protocol;
 use meshd_core::relay::route::TlsMode;
 use meshd_core::wire::admin::{Reply, Request};
 
+use super::onion::onion_url;
 use super::{Context, removed, unexpected};
 use crate::print::print_services;
 
-pub fn list(cx: &Context) -> anyhow::Result<()> {
-    match cx.admin.send(Request::ServiceList)? {
-        Reply::Services(services) => cx.print(&services, || print_services(&services)),
-        other => unexpected(other),
+/// List the services; with `qr`, each onion service's URL as a QR code after the table.
+pub fn list(cx: &Context, qr: bool) -> anyhow::Result<()> {
+    let services = match cx.admin.send(Request::ServiceList)? {
+        Reply::Services(services) => services,
+        other => return unexpected(other),
+    };
+    cx.print(&services, || print_services(&services))?;
+    if qr {
+        for s in &services {
+            let Some((address, port)) = s.tor.as_ref().and_then(|t| t.address.as_ref().map(|a| (a, t.port))) else {
+                continue;
+            };
+            let url = onion_url(address, port);
+            println!("\n{} ({url}):", s.name);
+            print!("{}", meshd_core::handout::qr_terminal(&url)?);
+        }
     }
+    Ok(())
 }
 
 pub fn add(

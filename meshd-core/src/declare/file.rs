@@ -8,7 +8,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use super::{DeclareError, DeviceSpec, HttpsSpec, Kind, NodeSpec, ServiceSpec};
+use super::{DeclareError, DeviceSpec, HttpsSpec, Kind, NodeSpec, ServiceSpec, TorSpec};
 use crate::handout::DeviceDns;
 use crate::input::{HostPort, Label};
 use crate::model::{AccessRule, Protocol, Role};
@@ -84,6 +84,48 @@ struct ServiceEntry {
     protocol: Protocol,
     #[serde(default)]
     https: Vec<HttpsSpec>,
+    #[serde(default)]
+    tor: Option<TorEntry>,
+}
+
+/// `tor = true` (an onion service anyone with the address may reach), `tor = false` (none, as when
+/// absent), or `tor = { port = N, clients = ["DEVICE", ...] }` (both optional).
+struct TorEntry(Option<TorTable>);
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TorTable {
+    #[serde(default, deserialize_with = "tor_port")]
+    port: Option<u16>,
+    #[serde(default)]
+    clients: Vec<Label>,
+}
+
+impl<'de> Deserialize<'de> for TorEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<TorEntry, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = TorEntry;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("true, false or a table { port = N, clients = [...] }")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<TorEntry, E> {
+                Ok(TorEntry(v.then(TorTable::default)))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<TorEntry, A::Error> {
+                TorTable::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(|t| TorEntry(Some(t)))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// A `tor.port`: 1 to 65535, checked while parsing (so the error has a line).
+fn tor_port<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u16>, D::Error> {
+    let value = i64::deserialize(deserializer)?;
+    crate::input::parse_port(&value.to_string())
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("tor port: {e}")))
 }
 
 #[derive(Deserialize)]
@@ -185,10 +227,23 @@ impl Declaration {
                     return Err(DeclareError::PublicNameTwice(https.hostname.clone()));
                 }
             }
+            let tor = match entry.tor.and_then(|TorEntry(table)| table) {
+                None => None,
+                Some(_) if entry.protocol != Protocol::Tcp => return Err(DeclareError::TorOverUdp(entry.name)),
+                Some(table) => {
+                    let clients: BTreeSet<Label> = table.clients.into_iter().collect();
+                    if clients.len() > crate::tor::client::MAX_CLIENTS {
+                        let (count, max) = (clients.len(), crate::tor::client::MAX_CLIENTS);
+                        return Err(DeclareError::TooManyTorClients { service: entry.name, count, max });
+                    }
+                    let authorized_only = !clients.is_empty();
+                    Some(TorSpec { port: table.port, clients, authorized_only })
+                }
+            };
             let (name, node, target, protocol) = (entry.name, entry.node, entry.target, entry.protocol);
             let mut https = entry.https;
             https.sort();
-            declaration.services.push(ServiceSpec { name, node, target, port, protocol, https });
+            declaration.services.push(ServiceSpec { name, node, target, port, protocol, https, tor });
         }
         for entry in file.device {
             if let Some(service) = entry.allow.iter().find(|a| names.get(a) != Some(&Kind::Service)) {
@@ -203,6 +258,15 @@ impl Declaration {
                 declaration.device_dns.insert(entry.name.clone(), dns);
             }
             declaration.devices.push(DeviceSpec { name: entry.name, allow: entry.allow.into_iter().collect() });
+        }
+        for service in &declaration.services {
+            let clients = service.tor.iter().flat_map(|t| &t.clients);
+            if let Some(device) = clients.into_iter().find(|c| names.get(*c) != Some(&Kind::Device)) {
+                return Err(DeclareError::UndeclaredTorClient {
+                    service: service.name.clone(),
+                    device: device.clone(),
+                });
+            }
         }
         for entry in file.access {
             if entry.from.is_empty() {

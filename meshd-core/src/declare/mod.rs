@@ -96,6 +96,27 @@ pub enum DeclareError {
     #[error("{0} is declared twice: a public name belongs to one service")]
     /// A public name under two services, or twice under one.
     PublicNameTwice(PublicName),
+    #[error("service \"{0}\" is UDP: Tor carries only TCP, it cannot be served as an onion service")]
+    /// A UDP service with `tor`.
+    TorOverUdp(Label),
+    #[error("service \"{service}\": Tor client \"{device}\" is not a declared device")]
+    /// An onion service client that is not a declared device.
+    UndeclaredTorClient {
+        /// The service.
+        service: Label,
+        /// The name in its `tor.clients`.
+        device: Label,
+    },
+    #[error("service \"{service}\": {count} Tor clients, more than the {max} an onion service descriptor can hold")]
+    /// More onion service clients than a descriptor holds ([`crate::tor::client::MAX_CLIENTS`]).
+    TooManyTorClients {
+        /// The service.
+        service: Label,
+        /// How many were declared.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
     #[error("service \"{0}\": port 0 is out of range (1-65535)")]
     /// A service whose mesh port (`port`, else the target's) is 0.
     PortZero(Label),
@@ -219,6 +240,22 @@ pub struct ServiceSpec {
     pub protocol: Protocol,
     /// Its public names (`https = [...]`), sorted by name.
     pub https: Vec<HttpsSpec>,
+    /// Its onion service (`tor = ...`), if it is served over Tor.
+    pub tor: Option<TorSpec>,
+}
+
+/// A service's onion service (`meshctl expose --tor`): as declared, or as it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TorSpec {
+    /// The port at the `.onion` address. Declared: `None` keeps the one it has (else the service's mesh
+    /// port); as it stands: always known.
+    pub port: Option<u16>,
+    /// The devices authorized to find it (client authorization); with none declared, anyone with the
+    /// address may.
+    pub clients: BTreeSet<Label>,
+    /// Only authorized clients may find it. Declared: whether `clients` is not empty; as it stands: also
+    /// after its last client was taken off (then nobody can).
+    pub authorized_only: bool,
 }
 
 /// A service's public name (`meshctl expose`): as declared, or as it stands.

@@ -6,7 +6,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use super::{Declaration, DeclareError, DeviceSpec, HttpsSpec, Kind, NodeSpec, ServiceSpec, Step, list};
+use super::{Declaration, DeclareError, DeviceSpec, HttpsSpec, Kind, NodeSpec, ServiceSpec, Step, TorSpec, list};
 use crate::input::Label;
 use crate::model::{AccessRule, InviteView, Role};
 use crate::wire::admin::StatusView;
@@ -65,6 +65,11 @@ impl Current {
                     port,
                     protocol: s.protocol,
                     https,
+                    tor: s.tor.as_ref().map(|t| TorSpec {
+                        port: Some(t.port),
+                        clients: t.clients.iter().cloned().collect(),
+                        authorized_only: t.authorized_only,
+                    }),
                 })
             })
             .collect::<Result<_, DeclareError>>()?;
@@ -153,6 +158,13 @@ pub enum Waiting {
         /// Its relay.
         relay: Label,
     },
+    /// Onion service clients that are devices waiting themselves (none of their services can exist yet).
+    TorClients {
+        /// The service.
+        service: Label,
+        /// The waiting devices.
+        devices: Vec<Label>,
+    },
 }
 
 impl fmt::Display for Waiting {
@@ -170,6 +182,9 @@ impl fmt::Display for Waiting {
             Waiting::DisabledNode { name } => write!(f, "! node {name} is disabled and not a member: not invited"),
             Waiting::PublicName { hostname, relay } => {
                 write!(f, "! https://{hostname}/ waits for relay {relay} to join")
+            }
+            Waiting::TorClients { service, devices } => {
+                write!(f, "! Tor clients {} of {service} wait for their devices", list(devices))
             }
         }
     }
@@ -198,6 +213,7 @@ pub fn plan(desired: &Declaration, current: &Current) -> Result<Plan, DeclareErr
     let services = plan_services(desired, current, &mut plan);
     plan_public(desired, current, &services, &mut plan);
     plan_devices(desired, current, &services, &mut plan);
+    plan_tor(desired, current, &services, &mut plan);
     plan_rules(desired, current, &mut plan);
     plan_removals(desired, current, &services, disables, &mut plan);
     Ok(plan)
@@ -332,6 +348,66 @@ fn plan_devices(desired: &Declaration, current: &Current, services: &ReadyServic
     }
 }
 
+/// Onion services, after the devices they authorize exist: those that go are unexposed; clients that go are taken
+/// off, then new clients and ports added. One that was for authorized clients only and is declared open to all is
+/// unexposed and exposed again (its key stays on its node, and so its address). A service that moves lost its onion
+/// service with its old self (its new node makes a new key): it is exposed anew.
+fn plan_tor(desired: &Declaration, current: &Current, services: &ReadyServices<'_>, plan: &mut Plan) {
+    let added: BTreeSet<&Label> = (plan.steps.iter())
+        .filter_map(|s| match s {
+            Step::AddDevice { name, .. } => Some(name),
+            _ => None,
+        })
+        .collect();
+    // Devices the file removes drop off their onion services with them (see plan_removals).
+    let staying: BTreeSet<&Label> = desired.devices.iter().map(|d| &d.name).collect();
+    let exists = |d: &Label| added.contains(d) || current.devices.iter().any(|c| &c.name == d);
+    let mut steps = Vec::new();
+    for now in current.services.iter().filter(|s| !services.moved.contains(&s.name)) {
+        let want = desired.services.iter().find(|s| s.name == now.name && services.ready.contains(&s.name));
+        if now.tor.is_some() && want.is_some_and(|w| w.tor.is_none()) {
+            steps.push(Step::UnexposeTor { service: now.name.clone(), clients: Vec::new() });
+        }
+    }
+    for service in desired.services.iter().filter(|s| services.ready.contains(&s.name)) {
+        let Some(want) = &service.tor else { continue };
+        let had = (current.services.iter())
+            .find(|s| s.name == service.name && !services.moved.contains(&s.name))
+            .and_then(|s| s.tor.as_ref());
+        let (ready, waits): (Vec<&Label>, Vec<&Label>) = want.clients.iter().partition(|d| exists(d));
+        if !waits.is_empty() {
+            let devices = waits.into_iter().cloned().collect();
+            plan.waiting.push(Waiting::TorClients { service: service.name.clone(), devices });
+        }
+        let service_name = service.name.clone();
+        match had {
+            // Exposed with none of its clients, it would be open to everyone.
+            None if want.authorized_only && ready.is_empty() => {}
+            None => {
+                let clients = ready.into_iter().cloned().collect();
+                steps.push(Step::ExposeTor { service: service_name, port: want.port, clients, was_port: None });
+            }
+            Some(had) if had.authorized_only && !want.authorized_only => {
+                steps.push(Step::OpenTor { service: service_name, port: want.port.or(had.port) });
+            }
+            Some(had) => {
+                let gone: Vec<Label> =
+                    had.clients.iter().filter(|c| !want.clients.contains(*c) && staying.contains(c)).cloned().collect();
+                if !gone.is_empty() {
+                    steps.push(Step::UnexposeTor { service: service_name.clone(), clients: gone });
+                }
+                let new: Vec<Label> = ready.into_iter().filter(|c| !had.clients.contains(*c)).cloned().collect();
+                let port = want.port.filter(|p| had.port != Some(*p));
+                if !new.is_empty() || port.is_some() {
+                    let was_port = port.and(had.port);
+                    steps.push(Step::ExposeTor { service: service_name, port, clients: new, was_port });
+                }
+            }
+        }
+    }
+    plan.steps.extend(steps);
+}
+
 /// The rules whose nodes have joined become exactly the network's rules: allows, then revokes.
 fn plan_rules(desired: &Declaration, current: &Current, plan: &mut Plan) {
     let mut rules = BTreeSet::new();
@@ -430,7 +506,7 @@ mod tests {
         assert_eq!(plan_lines(&network), ["~ service echo: protocol tcp -> udp"]);
         let step = &plan(&d, &network).unwrap().steps[0];
         assert!(matches!(
-            step.requests(60, || unreachable!("no device")).as_slice(),
+            step.requests(60, || unreachable!("no device"), |_, _| unreachable!("no client")).as_slice(),
             [Request::ServiceUpdate { protocol: Some(Protocol::Udp), .. }]
         ));
         let json = serde_json::to_value(step).unwrap();
@@ -459,6 +535,7 @@ mod tests {
             port,
             protocol: Protocol::Tcp,
             https: vec![],
+            tor: None,
         }
     }
 
@@ -472,6 +549,114 @@ mod tests {
 
     fn lines(plan: &Plan) -> Vec<String> {
         plan.steps.iter().map(ToString::to_string).chain(plan.waiting.iter().map(ToString::to_string)).collect()
+    }
+
+    #[test]
+    fn onion_services_follow_the_file() {
+        let file = |tor: &str| {
+            parse(&format!(
+                "[[service]]\nname = \"wallet\"\nnode = \"hub\"\ntarget = \"127.0.0.1:9737\"\n{tor}\n\
+                 [[device]]\nname = \"phone\"\nallow = [\"wallet\"]\n[[device]]\nname = \"laptop\"\nallow = [\"wallet\"]\n"
+            ))
+        };
+        let onion = |port: u16, clients: &[&str], authorized_only: bool| TorSpec {
+            port: Some(port),
+            clients: labels(clients).into_iter().collect(),
+            authorized_only,
+        };
+        let mut network = empty_network();
+        network.services = vec![service("wallet", "hub", "127.0.0.1:9737", 9737)];
+        network.devices = vec![device("phone", &["wallet"]), device("laptop", &["wallet"])];
+        let steps = |tor: &str, network: &Current| lines(&plan(&file(tor).unwrap(), network).unwrap());
+
+        // New: exposed with its clients, after the devices exist.
+        assert_eq!(steps("tor = true", &network), ["+ expose wallet over Tor"]);
+        assert_eq!(
+            steps("tor = { port = 80, clients = [\"phone\"] }", &network),
+            ["+ expose wallet over Tor: port 80, clients phone"]
+        );
+        let mut fresh = empty_network();
+        fresh.services = network.services.clone();
+        assert_eq!(
+            steps("tor = { clients = [\"phone\"] }", &fresh),
+            [
+                "+ add device phone (allow wallet)",
+                "+ add device laptop (allow wallet)",
+                "+ expose wallet over Tor: clients phone"
+            ]
+        );
+
+        // As it stands: nothing to do; clients and port follow the file.
+        network.services[0].tor = Some(onion(80, &["phone"], true));
+        assert_eq!(steps("tor = { port = 80, clients = [\"phone\"] }", &network), Vec::<String>::new());
+        assert_eq!(steps("tor = { clients = [\"phone\"] }", &network), Vec::<String>::new(), "the port stays");
+        assert_eq!(
+            steps("tor = { port = 8080, clients = [\"laptop\"] }", &network),
+            [
+                "- take Tor clients phone off wallet (a new descriptor without them)",
+                "+ expose wallet over Tor: port 80 -> 8080, clients laptop"
+            ]
+        );
+        let open = plan(&file("tor = { port = 80 }").unwrap(), &network).unwrap();
+        assert_eq!(lines(&open), ["~ expose wallet over Tor to anyone with the address (was authorized clients only)"]);
+        assert_eq!(
+            open.steps[0].requests(60, || unreachable!("no device"), |_, _| unreachable!("no client")),
+            [
+                Request::UnexposeTor { service: label("wallet"), clients: vec![] },
+                Request::ExposeTor { service: label("wallet"), port: Some(80), clients: vec![] },
+            ]
+        );
+        assert_eq!(steps("", &network), ["- unexpose wallet from Tor (its node keeps the key)"]);
+        assert_eq!(steps("tor = false", &network), ["- unexpose wallet from Tor (its node keeps the key)"]);
+
+        // A device the file removes leaves with its grants: no step of its own.
+        let without_phone = parse(
+            "[[service]]\nname = \"wallet\"\nnode = \"hub\"\ntarget = \"127.0.0.1:9737\"\ntor = { clients = [\"laptop\"] }\n\
+             [[device]]\nname = \"laptop\"\nallow = [\"wallet\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            lines(&plan(&without_phone, &network).unwrap()),
+            ["+ expose wallet over Tor: clients laptop", "- remove device phone"]
+        );
+
+        // Clients only, none of whom exist yet: not exposed (it would be open to all), it waits.
+        let mut later = empty_network();
+        later.services = network.services.clone();
+        later.services[0].tor = None;
+        let waiting = parse(
+            "[[service]]\nname = \"wallet\"\nnode = \"hub\"\ntarget = \"127.0.0.1:9737\"\ntor = { clients = [\"phone\"] }\n\
+             [[service]]\nname = \"beacon\"\nnode = \"consensus\"\ntarget = \"127.0.0.1:5052\"\n\
+             [[node]]\nname = \"consensus\"\n[[device]]\nname = \"phone\"\nallow = [\"beacon\"]\n",
+        )
+        .unwrap();
+        let planned = lines(&plan(&waiting, &later).unwrap());
+        assert!(!planned.iter().any(|l| l.contains("expose wallet")), "{planned:?}");
+        assert!(planned.contains(&"! Tor clients phone of wallet wait for their devices".to_string()), "{planned:?}");
+
+        // Refused: a client that is not a device, UDP, a port out of range, unknown keys.
+        assert_eq!(
+            file("tor = { clients = [\"tablet\"] }"),
+            Err(DeclareError::UndeclaredTorClient { service: label("wallet"), device: label("tablet") })
+        );
+        let udp =
+            "[[service]]\nname = \"dns\"\nnode = \"hub\"\ntarget = \"127.0.0.1:53\"\nprotocol = \"udp\"\ntor = true\n";
+        assert_eq!(parse(udp), Err(DeclareError::TorOverUdp(label("dns"))));
+        for bad in ["tor = { port = 70000 }", "tor = { port = 0 }", "tor = { ports = 80 }", "tor = \"yes\""] {
+            let error = file(bad).unwrap_err();
+            assert!(matches!(error, DeclareError::Syntax { line: 4, .. }), "{bad}: {error}");
+        }
+        assert!(file("tor = { port = 70000 }").unwrap_err().to_string().contains("70000"));
+        let max = crate::tor::client::MAX_CLIENTS;
+        let names: Vec<String> = (0..=max).map(|i| format!("d{i}")).collect();
+        let many = format!(
+            "[[service]]\nname = \"wallet\"\nnode = \"hub\"\ntarget = \"127.0.0.1:9737\"\ntor = {{ clients = {names:?} }}\n{}",
+            names.iter().map(|n| format!("[[device]]\nname = \"{n}\"\nallow = [\"wallet\"]\n")).collect::<String>()
+        );
+        assert_eq!(
+            parse(&many),
+            Err(DeclareError::TooManyTorClients { service: label("wallet"), count: max + 1, max })
+        );
     }
 
     #[test]
@@ -667,7 +852,7 @@ role = "relay"
         let moved = plan(&declared, &network).unwrap();
         assert_eq!(lines(&moved), ["~ node consensus: endpoint 198.51.100.7:51820 -> consensus.example.net:51821"]);
         assert_eq!(
-            moved.steps[0].requests(60, || unreachable!("no device")),
+            moved.steps[0].requests(60, || unreachable!("no device"), |_, _| unreachable!("no client")),
             [Request::NodeUpdate {
                 name: label("consensus"),
                 endpoint: Some(EndpointChange::Set("consensus.example.net:51821".parse().unwrap())),
@@ -691,13 +876,16 @@ role = "relay"
         let mut network = example_network();
         let moved = plan(&declared, &network).unwrap();
         assert_eq!(lines(&moved), ["~ network: mtu 1420 -> 1340"], "consensus already has 1420");
-        assert_eq!(moved.steps[0].requests(60, || unreachable!("no device")), [Request::NetworkUpdate { mtu: 1340 }]);
+        assert_eq!(
+            moved.steps[0].requests(60, || unreachable!("no device"), |_, _| unreachable!("no client")),
+            [Request::NetworkUpdate { mtu: 1340 }]
+        );
         network.mtu = 1340;
         network.members[1].mtu = Some(1340);
         let step = plan(&declared, &network).unwrap();
         assert_eq!(lines(&step), ["~ node consensus: mtu 1340 -> 1420"]);
         assert_eq!(
-            step.steps[0].requests(60, || unreachable!("no device")),
+            step.steps[0].requests(60, || unreachable!("no device"), |_, _| unreachable!("no client")),
             [Request::NodeUpdate { name: label("consensus"), endpoint: None, mtu: Some(1420) }]
         );
         let json = serde_json::to_value(&step.steps[0]).unwrap();

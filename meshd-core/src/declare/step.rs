@@ -8,8 +8,9 @@ use serde::Serialize;
 use super::{list, role_name};
 use crate::input::{HostPort, Label, PublicName};
 use crate::keys::PublicKey;
-use crate::model::{Protocol, Role};
+use crate::model::{OnionClient, Protocol, Role};
 use crate::relay::route::TlsMode;
+use crate::tor::client::ClientPublicKey;
 use crate::wire::admin::{EndpointChange, Request};
 
 /// One change to the network, carried out by one or two admin requests.
@@ -125,6 +126,37 @@ pub enum Step {
         /// The public name.
         hostname: PublicName,
     },
+    /// Serve a service as an onion service, or add clients to it or change its port. Each new client's key
+    /// pair is made when the step is carried out; its private half is handed out once the service's node has
+    /// reported the address.
+    ExposeTor {
+        /// The service.
+        service: Label,
+        /// The port at the `.onion` address, when it is set or changes (`None`: the one it has, else the
+        /// service's mesh port).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        port: Option<u16>,
+        /// The devices to authorize now.
+        clients: Vec<Label>,
+        /// The port it had, when it changes.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        was_port: Option<u16>,
+    },
+    /// Stop serving a service as an onion service (`clients` empty), or take clients off it.
+    UnexposeTor {
+        /// The service.
+        service: Label,
+        /// The devices taken off; empty: the whole onion service.
+        clients: Vec<Label>,
+    },
+    /// An onion service for authorized clients only becomes open to anyone with its address: unexposed and
+    /// exposed again without clients (its node keeps the key, so the address stays).
+    OpenTor {
+        /// The service.
+        service: Label,
+        /// The port at the `.onion` address.
+        port: Option<u16>,
+    },
     /// Add a device (its key pair is made when the step is carried out).
     AddDevice {
         /// The device.
@@ -184,8 +216,14 @@ pub enum Step {
 
 impl Step {
     /// The admin requests that carry the step out, in order. Invites last `invite_secs`; a new device's
-    /// key pair is made by `device_key`, which returns the public half (the caller keeps the private one).
-    pub fn requests(&self, invite_secs: u64, device_key: impl FnOnce() -> PublicKey) -> Vec<Request> {
+    /// key pair is made by `device_key`, which returns the public half (the caller keeps the private one);
+    /// a new onion service client's by `client_key(service, device)`, likewise.
+    pub fn requests(
+        &self,
+        invite_secs: u64,
+        device_key: impl FnOnce() -> PublicKey,
+        mut client_key: impl FnMut(&Label, &Label) -> ClientPublicKey,
+    ) -> Vec<Request> {
         let invite =
             |name: &Label, role: Role| Request::NodeInvite { name: name.clone(), role, expires_secs: invite_secs };
         match self {
@@ -232,6 +270,20 @@ impl Step {
             Step::Unexpose { service, hostname } => {
                 vec![Request::Unexpose { service: service.clone(), hostname: hostname.clone() }]
             }
+            Step::ExposeTor { service, port, clients, .. } => vec![Request::ExposeTor {
+                service: service.clone(),
+                port: *port,
+                clients: (clients.iter())
+                    .map(|device| OnionClient { device: device.clone(), public_key: client_key(service, device) })
+                    .collect(),
+            }],
+            Step::UnexposeTor { service, clients } => {
+                vec![Request::UnexposeTor { service: service.clone(), clients: clients.clone() }]
+            }
+            Step::OpenTor { service, port } => vec![
+                Request::UnexposeTor { service: service.clone(), clients: Vec::new() },
+                Request::ExposeTor { service: service.clone(), port: *port, clients: Vec::new() },
+            ],
             Step::AddDevice { name, allow } => {
                 vec![Request::DeviceAdd {
                     name: name.clone(),
@@ -304,6 +356,30 @@ impl fmt::Display for Step {
                 write!(f, "+ expose {service} on https://{hostname}/ through {relay} (tls {tls})")
             }
             Step::Unexpose { service, hostname } => write!(f, "- unexpose {service} from https://{hostname}/"),
+            Step::ExposeTor { service, port, clients, was_port } => {
+                let mut what = Vec::new();
+                match (port, was_port) {
+                    (Some(port), Some(was)) => what.push(format!("port {was} -> {port}")),
+                    (Some(port), None) => what.push(format!("port {port}")),
+                    _ => {}
+                }
+                if !clients.is_empty() {
+                    what.push(format!("clients {}", list(clients)));
+                }
+                match what.is_empty() {
+                    true => write!(f, "+ expose {service} over Tor"),
+                    false => write!(f, "+ expose {service} over Tor: {}", what.join(", ")),
+                }
+            }
+            Step::UnexposeTor { service, clients } if clients.is_empty() => {
+                write!(f, "- unexpose {service} from Tor (its node keeps the key)")
+            }
+            Step::UnexposeTor { service, clients } => {
+                write!(f, "- take Tor clients {} off {service} (a new descriptor without them)", list(clients))
+            }
+            Step::OpenTor { service, .. } => {
+                write!(f, "~ expose {service} over Tor to anyone with the address (was authorized clients only)")
+            }
             Step::AddDevice { name, allow } => write!(f, "+ add device {name} (allow {})", list(allow)),
             Step::AllowDevice { name, allow, was } if allow == was => {
                 write!(f, "~ device {name}: allow {} again (a service it reaches moves)", list(allow))
@@ -348,7 +424,7 @@ mod tests {
             protocol: Protocol::Udp,
         };
         assert_eq!(
-            move_beacon.requests(60, || unreachable!("no device")),
+            move_beacon.requests(60, || unreachable!("no device"), |_, _| unreachable!("no client")),
             [
                 Request::ServiceRemove { name: label("beacon") },
                 Request::ServiceAdd {
@@ -362,7 +438,7 @@ mod tests {
         );
         let reinvite = Step::ReinviteNode { name: label("vps"), role: Role::Relay, was: Role::Node };
         assert_eq!(
-            reinvite.requests(60, || unreachable!("no device")),
+            reinvite.requests(60, || unreachable!("no device"), |_, _| unreachable!("no client")),
             [
                 Request::NodeUninvite { name: label("vps") },
                 Request::NodeInvite { name: label("vps"), role: Role::Relay, expires_secs: 60 },
@@ -370,7 +446,7 @@ mod tests {
         );
         let add = Step::AddDevice { name: label("phone"), allow: labels(&["wallet"]) };
         assert_eq!(
-            add.requests(60, || named_key("KEY")),
+            add.requests(60, || named_key("KEY"), |_, _| unreachable!("no client")),
             [Request::DeviceAdd {
                 name: label("phone"),
                 allow: labels(&["wallet"]),

@@ -1,6 +1,6 @@
 //! From the stored network to what one host must look like: its interface, peers ([`peers`]), access
-//! rules ([`access`]), service forwarders ([`services`]), mesh DNS ([`dns`]) and, on the hub, the sync
-//! service. [`nftables`] renders the access rules as text; [`crate::reconcile`] turns two plans into
+//! rules ([`access`]), service forwarders ([`services`]), mesh DNS ([`dns`]), public names ([`public`]), onion
+//! services ([`onion`]) and, on the hub, the sync service. [`nftables`] renders the access rules as text; [`crate::reconcile`] turns two plans into
 //! the steps between them.
 //!
 //! No I/O here, so every rule about who reaches what is testable without root.
@@ -8,6 +8,7 @@
 pub mod access;
 pub mod dns;
 pub mod nftables;
+pub mod onion;
 pub mod peers;
 pub mod public;
 pub mod services;
@@ -22,6 +23,7 @@ use crate::keys::PublicKey;
 use crate::model::{Node, Role, SYNC_PORT, Snapshot};
 pub use access::{AccessPlan, Grant};
 pub use dns::DnsPlan;
+pub use onion::OnionPlan;
 pub use peers::{PathRole, PeerPlan};
 pub use public::PublicPlan;
 pub use services::ServicePlan;
@@ -52,6 +54,8 @@ pub struct HostPlan {
     pub access: AccessPlan,
     /// Public names this host serves (the relay) or terminates TLS for.
     pub public: PublicPlan,
+    /// The onion services of the services this host runs.
+    pub onions: OnionPlan,
 }
 
 /// The port meshd's own listeners on mesh addresses bind (a service's forwarder, the hub's sync service): the
@@ -176,6 +180,7 @@ pub fn plan_host(s: &Snapshot, host: &str) -> Result<HostPlan, PlanError> {
         sync: view.is_hub.then(|| SyncPlan { listen: view.own(SYNC_PORT) }),
         access: access::plan(&view, admitted, served.grants),
         public,
+        onions: onion::plan(&view),
     })
 }
 
@@ -252,6 +257,7 @@ mod tests {
             ],
             rules: vec![],
             exposures: vec![],
+            onions: vec![],
         }
     }
 

@@ -15,7 +15,7 @@ use crate::acme::renewal::Status;
 use crate::input::{Label, PublicName};
 use crate::keys::PublicKey;
 use crate::model::{Role, SharedState};
-use crate::wire::sync::{self, Change, ToHub, ToMember, line};
+use crate::wire::sync::{self, Change, OnionReport, ToHub, ToMember, line};
 
 /// How many past changes the hub keeps to catch up a member that missed some.
 pub const LOG_LEN: usize = 256;
@@ -159,6 +159,8 @@ pub enum Effect {
     },
     /// Keep what the member reports of the certificates it holds (the hub checks which names it holds).
     Certificates(BTreeMap<PublicName, Status>),
+    /// Keep what the member reports of the onion services it serves (the hub keeps only its own services').
+    Onions(BTreeMap<Label, OnionReport>),
     /// End the session.
     Close(&'static str),
 }
@@ -224,6 +226,7 @@ impl HubSession {
             (Phase::Live, Ok(ToHub::Certificates { certificates })) => {
                 self.effects.push_back(Effect::Certificates(certificates));
             }
+            (Phase::Live, Ok(ToHub::Onions { onions })) => self.effects.push_back(Effect::Onions(onions)),
             (Phase::Live, Ok(ToHub::Switch)) => match self.offered.take() {
                 Some(public_key) => self.effects.push_back(Effect::SwitchKey { public_key }),
                 None => self.send(ToMember::Refused { reason: "no key was accepted to switch to".into() }),
@@ -403,5 +406,25 @@ mod tests {
         let mut early = HubSession::new(label("vps"), now());
         early.handle_line(report);
         assert!(early.is_closed(), "a report is no hello");
+    }
+
+    #[test]
+    fn a_live_members_onion_report_is_passed_on_and_a_bad_address_refused() {
+        let address = crate::tor::onion::OnionKey::from_seed([5; 32]).address();
+        let report = format!(
+            r#"{{"msg":"onions","onions":{{"btcpay":{{"address":"{address}"}},"electrs":{{"error":"no tor"}}}}}}"#
+        );
+        let mut session = HubSession::new(label("home"), now());
+        session.handle_line(r#"{"msg":"hello","digest":"d1"}"#);
+        effects(&mut session);
+        session.handle_line(&report);
+        let Some(Effect::Onions(onions)) = session.poll_effect() else { panic!("no report") };
+        assert_eq!(onions[&label("btcpay")], OnionReport::Address(address.clone()));
+        assert_eq!(onions[&label("electrs")], OnionReport::Error("no tor".into()));
+        session.handle_line(&report.replace(&address.to_string()[..4], "aaaa"));
+        assert!(
+            matches!(session.poll_effect(), Some(Effect::Send(_))),
+            "a forged address is refused as malformed, not passed on"
+        );
     }
 }

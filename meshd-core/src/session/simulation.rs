@@ -300,7 +300,7 @@ impl World {
                 }
                 hub::Effect::Send(message) => link.to_member.push_back(line(&message)),
                 // The simulated members hold no certificate.
-                hub::Effect::Certificates(_) => {}
+                hub::Effect::Certificates(_) | hub::Effect::Onions(_) => {}
                 hub::Effect::CheckKey { public_key } => {
                     let verdict = check_key(&self.network, name, &public_key);
                     link.session.handle_key_verdict(verdict);

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::input::{HostPort, Label, PublicName};
 use crate::keys::{PresharedKey, PublicKey};
-use crate::model::{AccessRule, DeviceView, InviteView, NetworkView, NodeView, Protocol, Role, ServiceView};
+use crate::model::{
+    AccessRule, DeviceView, InviteView, NetworkView, NodeView, OnionClient, Protocol, Role, ServiceView,
+};
 use crate::relay::route::TlsMode;
 
 /// What `meshctl` asks of the controller.
@@ -122,6 +124,25 @@ pub enum Request {
         /// The public name.
         hostname: PublicName,
     },
+    /// Serve a TCP service as a Tor onion service from its node, or change the one it has: [`Reply::Service`].
+    /// The client keys are made by `meshctl`; only their public halves reach the controller.
+    ExposeTor {
+        /// The service.
+        service: Label,
+        /// The port at the `.onion` address; `None` keeps the one it has, or takes the service's mesh port.
+        port: Option<u16>,
+        /// Devices to authorize, each with the public half of a new client key; from then on only
+        /// authorized clients can find the service.
+        clients: Vec<OnionClient>,
+    },
+    /// Stop serving a service as an onion service, or (with `clients`) take those devices off its clients and
+    /// have its node publish a descriptor without them: [`Reply::Service`].
+    UnexposeTor {
+        /// The service.
+        service: Label,
+        /// The devices to take off; empty: the whole onion service.
+        clients: Vec<Label>,
+    },
     /// Remove a service; devices lose their grants to it.
     ServiceRemove {
         /// The service.
@@ -219,6 +240,8 @@ impl Request {
                 | Request::ServiceUpdate { .. }
                 | Request::Expose { .. }
                 | Request::Unexpose { .. }
+                | Request::ExposeTor { .. }
+                | Request::UnexposeTor { .. }
         )
     }
 }

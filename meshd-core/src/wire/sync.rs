@@ -12,7 +12,8 @@ use sha2::{Digest as _, Sha256};
 use crate::acme::renewal::Status;
 use crate::input::{Label, PublicName};
 use crate::keys::PublicKey;
-use crate::model::{AccessRule, DeviceGrants, Exposure, Network, Node, Service, SharedState};
+use crate::model::{AccessRule, DeviceGrants, Exposure, Network, Node, OnionService, Service, SharedState};
+use crate::tor::onion::OnionAddress;
 
 /// One change to the shared state. Items are replaced whole, by name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +38,9 @@ pub enum Change {
     /// The public names, all of them (a member from before public names cannot read this change: members are
     /// upgraded before a name is exposed).
     Exposures(Vec<Exposure>),
+    /// The onion services, all of them (members are upgraded before a service is exposed over Tor, as for
+    /// public names).
+    Onions(Vec<OnionService>),
 }
 
 /// What a member sends.
@@ -61,6 +65,22 @@ pub enum ToHub {
         /// By public name.
         certificates: BTreeMap<PublicName, Status>,
     },
+    /// The onion services this member serves, all of them, sent when one changes and after connecting;
+    /// `service list` on the hub shows them.
+    Onions {
+        /// By service.
+        onions: BTreeMap<Label, OnionReport>,
+    },
+}
+
+/// Where one of a member's onion services stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnionReport {
+    /// Its key is in place: this is its address.
+    Address(OnionAddress),
+    /// It cannot be served (no `tor`, one too old, a key that cannot be written), in one line.
+    Error(String),
 }
 
 /// What the hub sends.
@@ -113,6 +133,9 @@ pub fn changes(old: &SharedState, new: &SharedState) -> Vec<Change> {
     if old.exposures != new.exposures {
         out.push(Change::Exposures(new.exposures.clone()));
     }
+    if old.onions != new.onions {
+        out.push(Change::Onions(new.onions.clone()));
+    }
     out
 }
 
@@ -150,6 +173,7 @@ pub fn apply(state: &mut SharedState, changes: &[Change]) {
             Change::DeviceGone(name) => state.devices.retain(|d| d.name != name),
             Change::Rules(r) => state.rules = r,
             Change::Exposures(e) => state.exposures = e,
+            Change::Onions(o) => state.onions = o,
         }
     }
     state.nodes.sort_by_key(|n| n.index);
@@ -185,6 +209,15 @@ mod tests {
             relay: label("hub"),
             tls: crate::relay::route::TlsMode::Passthrough,
         });
+        new.onions.push(OnionService {
+            service: label("beacon"),
+            port: 80,
+            authorized_only: true,
+            clients: vec![crate::model::OnionClient {
+                device: label("phone"),
+                public_key: crate::tor::client::ClientKey::generate().public_key(),
+            }],
+        });
         new.services.insert(
             0,
             Service {
@@ -198,9 +231,10 @@ mod tests {
         );
         new.services.sort_by_key(|v| v.index);
         let diff = changes(&old, &new);
-        assert_eq!(diff.len(), 7, "{diff:?}");
+        assert_eq!(diff.len(), 8, "{diff:?}");
         assert!(diff.contains(&Change::NodeGone(label("vps"))));
         assert!(diff.contains(&Change::Exposures(new.exposures.clone())));
+        assert!(diff.contains(&Change::Onions(new.onions.clone())));
         let mut copy = old.clone();
         apply(&mut copy, &diff);
         assert_eq!(copy, new);

@@ -6,6 +6,7 @@ use meshd_core::fixtures::{SAMPLE_DECLARATION as EXAMPLE, label};
 use meshd_core::input::Label;
 use meshd_core::keys::PrivateKey;
 use meshd_core::model::{AccessRule, Protocol, Role};
+use meshd_core::tor::client::ClientKey;
 use meshd_core::wire::admin::{Reply, Request};
 
 use super::Controller;
@@ -44,7 +45,9 @@ fn apply(c: &mut Controller, text: &str) -> Plan {
     let current = read(c);
     let plan = plan(&Declaration::parse(text, &current.hub).unwrap(), &current).unwrap();
     for step in &plan.steps {
-        for request in step.requests(60, || PrivateKey::generate().public_key()) {
+        for request in
+            step.requests(60, || PrivateKey::generate().public_key(), |_, _| ClientKey::generate().public_key())
+        {
             c.handle(request).unwrap_or_else(|e| panic!("{step}: {e}"));
         }
     }

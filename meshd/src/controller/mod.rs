@@ -58,6 +58,24 @@ pub enum ControlError {
     PublicNameInMesh { hostname: PublicName, domain: String },
     #[error("service \"{service}\" is not served on {hostname}")]
     NotExposed { service: Label, hostname: PublicName },
+    #[error("service \"{0}\" is UDP: only a TCP service can be an onion service")]
+    NotTcpForTor(Label),
+    #[error("service \"{0}\" is an onion service: it stays TCP (meshctl unexpose {0} --tor first to make it UDP)")]
+    OnionStaysTcp(Label),
+    #[error("service \"{0}\" is not an onion service")]
+    NotOnion(Label),
+    #[error(
+        "device \"{device}\" is already a client of {service}'s onion service (meshctl unexpose {service} --tor --client {device} first to give it a new key)"
+    )]
+    OnionClientTaken { service: Label, device: Label },
+    #[error("device \"{device}\" is not a client of {service}'s onion service")]
+    NotOnionClient { service: Label, device: Label },
+    #[error("device \"{0}\" is named twice")]
+    DeviceTwice(Label),
+    #[error(
+        "{service}'s onion service would have {count} clients: a descriptor holds at most {max} (tor's limit); remove some first"
+    )]
+    TooManyOnionClients { service: Label, count: usize, max: usize },
     #[error("--allow names no service: give at least one")]
     NothingAllowed,
     #[error("the address pool {0} is exhausted (removed hosts' addresses are reused after a cooldown of an hour)")]
@@ -248,6 +266,8 @@ fn carry_out(w: &Writer<'_>, request: Request) -> Result<Reply, ControlError> {
         Request::ServiceRemove { name } => services::remove(w, name),
         Request::Expose { service, hostname, relay, tls } => services::expose(w, service, hostname, relay, tls),
         Request::Unexpose { service, hostname } => services::unexpose(w, service, hostname),
+        Request::ExposeTor { service, port, clients } => services::expose_tor(w, service, port, clients),
+        Request::UnexposeTor { service, clients } => services::unexpose_tor(w, service, clients),
         Request::DeviceAdd { name, allow, public_key, expect } => devices::add(w, name, allow, public_key, expect),
         Request::DeviceAllow { name, allow } => devices::allow(w, name, allow),
         Request::DeviceRotate { name, public_key, expect } => devices::rotate(w, name, public_key, expect),

@@ -1,8 +1,12 @@
-//! Services: a TCP or UDP target on a node, reached at its own mesh address and name.
+//! Services: a TCP or UDP target on a node, reached at its own mesh address and name, and served on public
+//! names (HTTPS through a relay) or as an onion service (Tor) where the operator chose.
+
+use std::collections::BTreeSet;
 
 use meshd_core::input::{HostPort, Label, PublicName};
-use meshd_core::model::{Exposure, Protocol, Role, Service};
+use meshd_core::model::{Exposure, OnionClient, Protocol, Role, Service};
 use meshd_core::relay::route::TlsMode;
+use meshd_core::tor::client::MAX_CLIENTS;
 use meshd_core::wire::admin::Reply;
 
 use super::ControlError;
@@ -45,6 +49,9 @@ pub(super) fn update(
     service.protocol = protocol.unwrap_or(service.protocol);
     if service.protocol != Protocol::Tcp && s.exposures.iter().any(|e| e.service == service.name) {
         return Err(ControlError::ExposedStaysTcp(service.name));
+    }
+    if service.protocol != Protocol::Tcp && s.onions.iter().any(|o| o.service == service.name) {
+        return Err(ControlError::OnionStaysTcp(service.name));
     }
     w.update_service(&service)?;
     Ok(Reply::Service(s.service_view(&service)))
@@ -103,6 +110,74 @@ pub(super) fn unexpose(w: &Writer<'_>, service: Label, hostname: PublicName) -> 
     }
     let s = w.snapshot()?;
     let found = s.services.iter().find(|v| v.name == service).ok_or(ControlError::UnknownService(service))?;
+    Ok(Reply::Service(s.service_view(found)))
+}
+
+/// Serve TCP service `service` as an onion service from its node at `port` (the one it has, else the service's
+/// mesh port), authorizing `clients` (devices, each once, within tor's [`MAX_CLIENTS`]).
+pub(super) fn expose_tor(
+    w: &Writer<'_>,
+    service: Label,
+    port: Option<u16>,
+    clients: Vec<OnionClient>,
+) -> Result<Reply, ControlError> {
+    let s = w.snapshot()?;
+    let found = s.services.iter().find(|v| v.name == service).ok_or(ControlError::UnknownService(service.clone()))?;
+    if found.protocol != Protocol::Tcp {
+        return Err(ControlError::NotTcpForTor(service));
+    }
+    let existing = s.onions.iter().find(|o| o.service == service);
+    let mut named = BTreeSet::new();
+    for client in &clients {
+        if !s.devices.iter().any(|d| d.name == client.device) {
+            return Err(ControlError::UnknownDevice(client.device.clone()));
+        }
+        if !named.insert(&client.device) {
+            return Err(ControlError::DeviceTwice(client.device.clone()));
+        }
+        if existing.is_some_and(|o| o.clients.iter().any(|c| c.device == client.device)) {
+            return Err(ControlError::OnionClientTaken { service, device: client.device.clone() });
+        }
+    }
+    let count = existing.map_or(0, |o| o.clients.len()) + clients.len();
+    if count > MAX_CLIENTS {
+        return Err(ControlError::TooManyOnionClients { service, count, max: MAX_CLIENTS });
+    }
+    let port = port.or(existing.map(|o| o.port)).unwrap_or(found.port);
+    let authorized_only = existing.is_some_and(|o| o.authorized_only) || !clients.is_empty();
+    w.upsert_onion(&service, port, authorized_only)?;
+    for client in &clients {
+        w.insert_onion_client(&service, client)?;
+    }
+    view_of(w, service)
+}
+
+/// Stop serving `service` as an onion service, or take `clients` off its clients.
+pub(super) fn unexpose_tor(w: &Writer<'_>, service: Label, clients: Vec<Label>) -> Result<Reply, ControlError> {
+    if !w.snapshot()?.services.iter().any(|v| v.name == service) {
+        return Err(ControlError::UnknownService(service));
+    }
+    if clients.is_empty() {
+        if !w.delete_onion(&service)? {
+            return Err(ControlError::NotOnion(service));
+        }
+        return view_of(w, service);
+    }
+    if !w.snapshot()?.onions.iter().any(|o| o.service == service) {
+        return Err(ControlError::NotOnion(service));
+    }
+    for device in clients {
+        if !w.delete_onion_client(&service, &device)? {
+            return Err(ControlError::NotOnionClient { service, device });
+        }
+    }
+    view_of(w, service)
+}
+
+/// The view of service `name` as stored now.
+fn view_of(w: &Writer<'_>, name: Label) -> Result<Reply, ControlError> {
+    let s = w.snapshot()?;
+    let found = s.services.iter().find(|v| v.name == name).ok_or(ControlError::UnknownService(name))?;
     Ok(Reply::Service(s.service_view(found)))
 }
 

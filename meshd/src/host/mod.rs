@@ -8,6 +8,7 @@
 //!   on mesh addresses. [`resolve`]: peers' endpoint names, through the host's resolver configuration.
 //! - [`admission`]: the open-file limit, and the caps on connections from untrusted peers that keep
 //!   descriptors in reserve for the daemon's own work.
+//! - [`tor`]: meshd's own `tor` process and the files of its onion services.
 //! - [`statedir`]: the state directory (files, locks). [`owner`]: which meshd runs an interface.
 //!   [`clock`]: the host's clocks. [`ports`]: whether a port is free, and who holds it.
 
@@ -22,4 +23,5 @@ pub mod ports;
 pub mod resolve;
 pub mod socket;
 pub mod statedir;
+pub mod tor;
 pub mod wg;

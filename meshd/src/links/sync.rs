@@ -39,7 +39,7 @@ use meshd_core::keys::{PrivateKey, PublicKey};
 use meshd_core::model::SharedState;
 use meshd_core::session::hub::{self, HELLO_TIMEOUT, HubSession, Journal};
 use meshd_core::wire::auth::{Challenge, Handshake, HubAnswer, MemberProof};
-use meshd_core::wire::sync::{ToHub, ToMember, line};
+use meshd_core::wire::sync::{OnionReport, ToHub, ToMember, line};
 
 /// Longest line a member accepts from the hub (a whole state of a large network fits).
 const MAX_TO_MEMBER: usize = 64 << 20;
@@ -115,6 +115,8 @@ pub enum FromSession {
     Switch { node: Label, public_key: PublicKey },
     /// A member reports the state of the certificates it holds.
     Certificates { node: Label, certificates: BTreeMap<PublicName, Status> },
+    /// A member reports the onion services it serves.
+    Onions { node: Label, onions: BTreeMap<Label, OnionReport> },
 }
 
 impl Publisher {
@@ -339,6 +341,9 @@ impl Publisher {
                     }
                     hub::Effect::Certificates(certificates) => {
                         let _ = requests.send(FromSession::Certificates { node: node.clone(), certificates }).await;
+                    }
+                    hub::Effect::Onions(onions) => {
+                        let _ = requests.send(FromSession::Onions { node: node.clone(), onions }).await;
                     }
                     hub::Effect::Close(reason) => {
                         info!(%node, reason, "closing the member's sync session");

@@ -17,6 +17,7 @@ use crate::host::dns::{self, DnsError, MeshDns};
 use crate::host::firewall;
 use crate::host::forward::Forwarders;
 use crate::host::statedir::StateDir;
+use crate::host::tor::Tor;
 use crate::host::wg::{Backend, Interface, WgError};
 use crate::relay::Public;
 use meshd_core::keys::{PrivateKey, PublicKey};
@@ -55,6 +56,8 @@ pub(super) struct Host {
     paths: Option<PathKeeper>,
     /// Public names this host serves (relay) or terminates TLS for.
     pub(super) public: Public,
+    /// The onion services of this host's services, and the tor that serves them.
+    pub(super) tor: Tor,
 }
 
 impl Host {
@@ -83,6 +86,7 @@ impl Host {
             dns: None,
             paths: None,
             public: Public::new(options.public.clone(), state)?,
+            tor: Tor::new(options.tor.clone(), state),
         })
     }
 
@@ -178,6 +182,10 @@ impl Host {
                     self.public.apply(&public)?;
                     self.plan.public = public;
                 }
+                HostStep::ServeOnions(onions) => {
+                    self.tor.apply(&onions).await?;
+                    self.plan.onions = onions;
+                }
                 HostStep::UpdateDns(records) => {
                     if let Some(server) = &self.dns {
                         server.update(records).await;
@@ -266,9 +274,10 @@ impl Host {
         self.paths.as_ref().map(PathKeeper::last_heard).unwrap_or_default()
     }
 
-    /// Take down what was built: the watch over paths, forwarders, DNS, interface, then the access rules.
+    /// Take down what was built: tor, the watch over paths, forwarders, DNS, interface, then the access rules.
     pub(super) async fn shut_down(self) {
-        let Host { plan, interface, forwarders, dns, paths, rules, rules_loaded, .. } = self;
+        let Host { plan, interface, forwarders, dns, paths, rules, rules_loaded, tor, .. } = self;
+        tor.shut_down().await;
         if let Some(paths) = paths {
             paths.finish().await;
         }

@@ -26,6 +26,7 @@ use meshd_core::relay::route::TlsMode;
 use meshd_core::wire::admin::{Outcome, Reply, Request};
 use meshd_core::wire::auth;
 use meshd_core::wire::join::{JoinReply, JoinRequest, StandingRequest, ToJoinService};
+use meshd_core::wire::sync::OnionReport;
 
 /// Open the admin socket, the join service and the sync service, then answer them until SIGINT or
 /// SIGTERM. Every change is applied to this host and published to the members.
@@ -74,7 +75,7 @@ pub(super) async fn serve(
     let shutdown = wait_for_signal(host.stopped()?);
     tokio::pin!(shutdown);
     // What members last reported of the certificates they hold (since this hub started).
-    let mut reports = Reports::new();
+    let mut reports = Reports::default();
     let result = loop {
         tokio::select! {
             Some((request, reply)) = calls.recv() => {
@@ -101,8 +102,15 @@ pub(super) async fn serve(
     result
 }
 
-/// The certificates each member holds, as it last reported them.
-type Reports = HashMap<Label, BTreeMap<PublicName, Status>>;
+/// What each member last reported of the certificates it holds and of its onion services (since this hub
+/// started).
+#[derive(Default)]
+struct Reports {
+    /// By node, the certificates it holds.
+    certificates: HashMap<Label, BTreeMap<PublicName, Status>>,
+    /// By node, its onion services.
+    onions: HashMap<Label, BTreeMap<Label, OnionReport>>,
+}
 
 /// What a member's session asks of the controller: a member asked for a new key offers it, then switches to it;
 /// a member reports the certificates it holds.
@@ -115,7 +123,10 @@ async fn from_session(
 ) {
     match request {
         FromSession::Certificates { node, certificates } => {
-            reports.insert(node, certificates);
+            reports.certificates.insert(node, certificates);
+        }
+        FromSession::Onions { node, onions } => {
+            reports.onions.insert(node, onions);
         }
         FromSession::Offer(offer) => {
             let verdict = controller.check_node_key(&offer.node, &offer.public_key).map_err(|e| e.to_string());
@@ -220,7 +231,7 @@ async fn handle(
         error!(error = format!("{e:#}"), "applying the change failed");
         return Outcome::Error(format!("the change was saved but applying it failed: {e:#}"));
     }
-    Outcome::Ok(with_handshakes(host, with_certificates(host, reports, reply)).await)
+    Outcome::Ok(with_handshakes(host, with_onions(host, reports, with_certificates(host, reports, reply))).await)
 }
 
 /// Fill in the state of each public name's certificate, as its holder (the relay in terminate mode, the service's
@@ -236,9 +247,34 @@ fn with_certificates(host: &Host, reports: &Reports, mut reply: Reply) -> Reply 
             let status = if holder.as_str() == host.name {
                 host.public.certificate(&url.hostname, now)
             } else {
-                reports.get(holder).and_then(|held| held.get(&url.hostname)).cloned()
+                reports.certificates.get(holder).and_then(|held| held.get(&url.hostname)).cloned()
             };
             url.certificate = status.map(|status| CertificateReport { holder: holder.clone(), status });
+        }
+    };
+    match &mut reply {
+        Reply::Services(services) => services.iter_mut().for_each(fill),
+        Reply::Service(service) => fill(service),
+        Reply::Status(status) => status.services.iter_mut().for_each(fill),
+        _ => {}
+    }
+    reply
+}
+
+/// Fill in each onion service's address (or why it cannot be served), as its node knows it: this host's own,
+/// the members' as they last reported them. A member reports only the services it runs.
+fn with_onions(host: &Host, reports: &Reports, mut reply: Reply) -> Reply {
+    let fill = |service: &mut ServiceView| {
+        let Some(tor) = &mut service.tor else { return };
+        let report = if service.node.as_str() == host.name {
+            host.tor.reports().get(&service.name)
+        } else {
+            reports.onions.get(&service.node).and_then(|served| served.get(&service.name))
+        };
+        match report {
+            Some(OnionReport::Address(address)) => tor.address = Some(address.clone()),
+            Some(OnionReport::Error(error)) => tor.error = Some(error.clone()),
+            None => {}
         }
     };
     match &mut reply {

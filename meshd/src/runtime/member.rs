@@ -20,13 +20,13 @@ use crate::host::statedir::StateDir;
 use crate::links::join;
 use crate::links::sync::{self, Identity, Outgoing, SyncEvent};
 use meshd_core::acme::renewal::Status;
-use meshd_core::input::PublicName;
+use meshd_core::input::{Label, PublicName};
 use meshd_core::keys::{PrivateKey, PublicKey};
 use meshd_core::model::SYNC_PORT;
 use meshd_core::session::member::{Effect, Member};
 use meshd_core::wire::auth;
 use meshd_core::wire::join::{HubContact, JoinReply, Standing, StandingRequest, ToJoinService};
-use meshd_core::wire::sync::ToHub;
+use meshd_core::wire::sync::{OnionReport, ToHub};
 
 /// How long a question to the join service may take.
 const STANDING_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,6 +56,7 @@ pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host
     let mut delivery: Option<oneshot::Receiver<()>> = None;
     // The certificates this host holds, as last told to the hub (None: tell it, after connecting).
     let mut reported: Option<BTreeMap<PublicName, Status>> = None;
+    let mut reported_onions: Option<BTreeMap<Label, OnionReport>> = None;
     let mut report_tick = tokio::time::interval(REPORT_EVERY);
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
@@ -83,6 +84,7 @@ pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host
                 SyncEvent::Connected { at } => {
                     member.handle_connected(at);
                     reported = None;
+                    reported_onions = None;
                 }
                 SyncEvent::Disconnected => member.handle_disconnected(Instant::now()),
                 SyncEvent::Message(message) => member.handle_message(message),
@@ -100,6 +102,13 @@ pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host
                 let worth = !certificates.is_empty() || reported.as_ref().is_some_and(|r| !r.is_empty());
                 if news && worth && outgoing.try_send(ToHub::Certificates { certificates: certificates.clone() }.into()).is_ok() {
                     reported = Some(certificates);
+                }
+                let onions = host.tor.reports().clone();
+                if reported_onions.as_ref() != Some(&onions)
+                    && (!onions.is_empty() || reported_onions.as_ref().is_some_and(|r| !r.is_empty()))
+                    && outgoing.try_send(ToHub::Onions { onions: onions.clone() }.into()).is_ok()
+                {
+                    reported_onions = Some(onions);
                 }
             }
             () = tokio::time::sleep(APPLY_RETRY), if host.unapplied() => {

@@ -40,6 +40,8 @@ pub struct RunOptions {
     pub dns_port: u16,
     /// The public ports and the CA, for public names this host serves or terminates TLS for.
     pub public: crate::relay::PublicOptions,
+    /// The tor that serves this host's onion services.
+    pub tor: crate::host::tor::TorOptions,
 }
 
 /// Run the daemon on `state` until SIGINT or SIGTERM: the controller and hub where the network's
@@ -47,6 +49,7 @@ pub struct RunOptions {
 /// state directory too (saying once what it cannot save); the controller refuses one.
 pub async fn run(state: &StateDir, options: RunOptions) -> anyhow::Result<()> {
     state.check_private()?;
+    options.tor.check()?;
     let lock = state.lock_daemon()?;
     // The hub's sync service trusts source ports below 1024 to be meshd's (links::sync).
     crate::links::sync::warn_if_ports_unprotected();

@@ -139,6 +139,24 @@ CREATE TABLE exposures (
     created_at INTEGER NOT NULL
 );
 "#,
+    r#"
+-- Services served as Tor onion services by their node (`meshctl expose --tor`), with the devices authorized
+-- to find them: only the public half of each client key (the private half is handed out once). A client goes
+-- with its device, an onion service with its service.
+CREATE TABLE onions (
+    service_id INTEGER PRIMARY KEY REFERENCES services(id) ON DELETE CASCADE,
+    port INTEGER NOT NULL CHECK (port BETWEEN 1 AND 65535),
+    authorized_only INTEGER NOT NULL CHECK (authorized_only IN (0, 1)),
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE onion_clients (
+    service_id INTEGER NOT NULL REFERENCES onions(service_id) ON DELETE CASCADE,
+    device_id INTEGER NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    public_key TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (service_id, device_id)
+);
+"#,
 ];
 
 /// Bring the database at `path` to this meshd's schema in one transaction (a no-op when it is there);

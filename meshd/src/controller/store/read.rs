@@ -6,7 +6,8 @@ use rusqlite::Connection;
 use meshd_core::clock::Stamp;
 use meshd_core::input::{self, HostPort, InterfaceName, Label};
 use meshd_core::model::{
-    AccessRule, Device, DeviceKeys, Exposure, Invite, InviteStatus, Network, Node, Role, Service, Snapshot,
+    AccessRule, Device, DeviceKeys, Exposure, Invite, InviteStatus, Network, Node, OnionClient, OnionService, Role,
+    Service, Snapshot,
 };
 
 use super::{StoreError, sql};
@@ -181,9 +182,55 @@ pub(super) fn read_snapshot(conn: &Connection) -> Result<Snapshot, StoreError> {
             })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
-    let snapshot = Snapshot { network, nodes, devices, services, rules, exposures };
+    let onions = read_onions(conn)?;
+    let snapshot = Snapshot { network, nodes, devices, services, rules, exposures, onions };
     snapshot.check().map_err(|_| StoreError::Corrupt("addr_index".into()))?;
     Ok(snapshot)
+}
+
+/// Every onion service with its clients, by service name, clients by device name.
+fn read_onions(conn: &Connection) -> Result<Vec<OnionService>, StoreError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT s.name, o.port, o.authorized_only FROM onions o JOIN services s ON s.id = o.service_id
+             ORDER BY s.name",
+        )
+        .map_err(sql("read onion services"))?;
+    let raw = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u16>(1)?, r.get::<_, bool>(2)?)))
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(sql("read onion services"))?;
+    let mut stmt = conn
+        .prepare(
+            "SELECT s.name, d.name, c.public_key FROM onion_clients c JOIN services s ON s.id = c.service_id
+             JOIN devices d ON d.id = c.device_id ORDER BY s.name, d.name",
+        )
+        .map_err(sql("read onion clients"))?;
+    let raw_clients = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(sql("read onion clients"))?;
+    let mut onions = raw
+        .into_iter()
+        .map(|(service, port, authorized_only)| {
+            Ok(OnionService {
+                service: parse_column("services.name", &service)?,
+                port,
+                authorized_only,
+                clients: vec![],
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    for (service, device, key) in raw_clients {
+        let client = OnionClient {
+            device: parse_column("devices.name", &device)?,
+            public_key: parse_column("onion_clients.public_key", &key)?,
+        };
+        if let Some(onion) = onions.iter_mut().find(|o| o.service.as_str() == service) {
+            onion.clients.push(client);
+        }
+    }
+    Ok(onions)
 }
 
 /// The invites `stmt` selects (its columns in the order of [`super::Writer::invite`]'s query).

@@ -10,7 +10,7 @@ use meshd_core::clock::{self, Stamp};
 use meshd_core::input::{HostPort, Label, PublicName};
 use meshd_core::keys::PublicKey;
 use meshd_core::model::{
-    AccessRule, Device, DeviceKeys, Exposure, Invite, InviteStatus, Network, Node, Role, Service, Snapshot,
+    AccessRule, Device, DeviceKeys, Exposure, Invite, InviteStatus, Network, Node, OnionClient, Role, Service, Snapshot,
 };
 
 use super::read::{read_invites, read_snapshot};
@@ -194,6 +194,57 @@ impl Writer<'_> {
                 params![hostname.as_str(), service.as_str()],
             )
             .map_err(sql("delete public name"))?;
+        Ok(deleted > 0)
+    }
+
+    /// Serve service `service` as an onion service at `port`, or change the one it has to `port` and
+    /// `authorized_only`.
+    pub fn upsert_onion(&self, service: &Label, port: u16, authorized_only: bool) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "INSERT INTO onions (service_id, port, authorized_only, created_at)
+                 SELECT id, ?2, ?3, ?4 FROM services WHERE name = ?1
+                 ON CONFLICT (service_id) DO UPDATE SET port = excluded.port, authorized_only = excluded.authorized_only",
+                params![service.as_str(), port, authorized_only, now()],
+            )
+            .map_err(sql("store onion service"))?;
+        Ok(())
+    }
+
+    /// Stop serving service `service` as an onion service (its clients go with it); whether it was.
+    pub fn delete_onion(&self, service: &Label) -> Result<bool, StoreError> {
+        let deleted = self
+            .tx
+            .execute(
+                "DELETE FROM onions WHERE service_id = (SELECT id FROM services WHERE name = ?1)",
+                params![service.as_str()],
+            )
+            .map_err(sql("delete onion service"))?;
+        Ok(deleted > 0)
+    }
+
+    /// Authorize `client` to find the onion service of `service` (one key per device and service).
+    pub fn insert_onion_client(&self, service: &Label, client: &OnionClient) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "INSERT INTO onion_clients (service_id, device_id, public_key, created_at)
+                 SELECT s.id, d.id, ?3, ?4 FROM services s, devices d WHERE s.name = ?1 AND d.name = ?2",
+                params![service.as_str(), client.device.as_str(), client.public_key.to_string(), now()],
+            )
+            .map_err(sql("store onion client"))?;
+        Ok(())
+    }
+
+    /// Take device `device` off the clients of the onion service of `service`; whether it was one.
+    pub fn delete_onion_client(&self, service: &Label, device: &Label) -> Result<bool, StoreError> {
+        let deleted = self
+            .tx
+            .execute(
+                "DELETE FROM onion_clients WHERE service_id = (SELECT id FROM services WHERE name = ?1)
+                 AND device_id = (SELECT id FROM devices WHERE name = ?2)",
+                params![service.as_str(), device.as_str()],
+            )
+            .map_err(sql("delete onion client"))?;
         Ok(deleted > 0)
     }
 

@@ -1,0 +1,185 @@
+//! `meshctl expose --tor` and `unexpose --tor`: a service served as a Tor onion service by its node. The client
+//! keys of client authorization are made here; only their public halves go to the controller. Each private
+//! key is handed out once, in the line Orbot and tor import, as soon as the service's node has reported the
+//! address; if it does not (offline, no tor there), the clients just added are taken off again.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail};
+use meshd_core::input::Label;
+use meshd_core::model::{OnionClient, OnionView, ServiceView};
+use meshd_core::tor::client::ClientKey;
+use meshd_core::tor::onion::OnionAddress;
+use meshd_core::wire::admin::{Reply, Request};
+
+use super::{Context, unexpected};
+use crate::output::{Existing, Format, Output};
+use crate::print::clean;
+
+/// How long to wait for the service's node to report the address (it makes the key when the change reaches
+/// it: at once on the hub, within a second or two on a connected member).
+const ADDRESS_WAIT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(200);
+
+/// Where the client lines go besides standard output.
+pub struct ClientOut {
+    /// Also print each line as a QR code in the terminal.
+    pub qr: bool,
+    /// Write `DEVICE.auth_private` (the line) and `DEVICE.auth_private.png` (its QR code), 0600, here.
+    pub out_dir: Option<PathBuf>,
+}
+
+/// The URL a phone app opens for an onion service: `http://ADDRESS/`, with the port unless it is 80.
+pub fn onion_url(address: &OnionAddress, port: u16) -> String {
+    match port {
+        80 => format!("http://{address}/"),
+        port => format!("http://{address}:{port}/"),
+    }
+}
+
+/// Serve `service` over Tor at `port`, authorizing `clients` with new keys, handed out as `out` says.
+pub fn expose_tor(
+    cx: &Context,
+    service: Label,
+    port: Option<u16>,
+    clients: Vec<Label>,
+    out: ClientOut,
+) -> anyhow::Result<()> {
+    let before = find(cx, &service)?.tor;
+    let keys: Vec<(Label, ClientKey)> = clients.iter().map(|d| (d.clone(), ClientKey::generate())).collect();
+    let public = keys.iter().map(|(device, key)| OnionClient { device: device.clone(), public_key: key.public_key() });
+    let request = Request::ExposeTor { service: service.clone(), port, clients: public.collect() };
+    let view = match cx.admin.send(request)? {
+        Reply::Service(view) => view,
+        other => return unexpected(other),
+    };
+    if keys.is_empty() {
+        return report(cx, &view);
+    }
+    // From here the clients are stored: unless their lines reach the operator, they are taken off again.
+    let handed = address_of(cx, view).and_then(|(view, address)| hand_out(&keys, &address, &out).map(|()| view));
+    match handed {
+        Ok(view) => report(cx, &view),
+        Err(e) => {
+            let undo = Request::UnexposeTor {
+                service: service.clone(),
+                clients: if before.is_some() { clients } else { Vec::new() },
+            };
+            match cx.admin.send(undo) {
+                Ok(_) => Err(e.context("nothing was changed")),
+                Err(undo) => Err(e.context(format!("and taking the new clients off failed too ({undo:#})"))),
+            }
+        }
+    }
+}
+
+/// Stop serving `service` over Tor, or take `clients` off its clients.
+pub fn unexpose_tor(cx: &Context, service: Label, clients: Vec<Label>) -> anyhow::Result<()> {
+    let whole = clients.is_empty();
+    let view = match cx.admin.send(Request::UnexposeTor { service, clients: clients.clone() })? {
+        Reply::Service(view) => view,
+        other => return unexpected(other),
+    };
+    cx.print(&view, || match whole {
+        true => println!("service {} no longer served over Tor (its key is kept on its node)", view.name),
+        false => {
+            let names: Vec<&str> = clients.iter().map(Label::as_str).collect();
+            println!(
+                "{} taken off the clients of {}'s onion service; its node publishes a new descriptor",
+                names.join(", "),
+                view.name
+            );
+        }
+    })
+}
+
+/// The service named `name`.
+pub(super) fn find(cx: &Context, name: &Label) -> anyhow::Result<ServiceView> {
+    match cx.admin.send(Request::ServiceList)? {
+        Reply::Services(services) => {
+            services.into_iter().find(|s| s.name == *name).ok_or_else(|| anyhow!("no service named \"{name}\""))
+        }
+        other => unexpected(other),
+    }
+}
+
+/// The service's view once its node has reported the onion address. Errors: the node reported why it cannot
+/// serve it, or said nothing within [`ADDRESS_WAIT`].
+pub(super) fn address_of(cx: &Context, mut view: ServiceView) -> anyhow::Result<(ServiceView, OnionAddress)> {
+    let deadline = Instant::now() + ADDRESS_WAIT;
+    loop {
+        match &view.tor {
+            Some(OnionView { address: Some(address), .. }) => {
+                let address = address.clone();
+                return Ok((view, address));
+            }
+            Some(OnionView { error: Some(error), .. }) => {
+                bail!("node {} cannot serve {} over Tor: {}", view.node, view.name, clean(error))
+            }
+            Some(_) if Instant::now() < deadline => std::thread::sleep(POLL),
+            Some(_) => bail!(
+                "node {} did not report the onion address of {} within {} s (is it online? meshctl node list shows when it was last heard)",
+                view.node,
+                view.name,
+                ADDRESS_WAIT.as_secs()
+            ),
+            None => bail!("service {} is not served over Tor", view.name),
+        }
+        view = find(cx, &view.name)?;
+    }
+}
+
+/// Write every client's line where `out` says, then print them.
+fn hand_out(keys: &[(Label, ClientKey)], address: &OnionAddress, out: &ClientOut) -> anyhow::Result<()> {
+    let lines: Vec<(&Label, String)> = keys.iter().map(|(d, k)| (d, k.auth_private_line(address))).collect();
+    if let Some(dir) = &out.out_dir {
+        let mut outputs = Vec::new();
+        for (device, line) in &lines {
+            for (name, format) in
+                [(format!("{device}.auth_private"), Format::Conf), (format!("{device}.auth_private.png"), Format::Png)]
+            {
+                let mut output = Output::open(&dir.join(name), format, Existing::Replace)?;
+                let bytes = output.render(&format!("{line}\n"))?;
+                output.stage(&bytes)?;
+                outputs.push(output);
+            }
+        }
+        for output in &mut outputs {
+            output.place()?;
+        }
+    }
+    for (device, line) in &lines {
+        // On standard error, like a device's config summary: standard output stays the service record with --json.
+        eprintln!("client key of {device} (import it in Orbot or a tor ClientOnionAuthDir; it is shown only now):");
+        println!("{line}");
+        if out.qr {
+            print!("{}", meshd_core::handout::qr_terminal(line)?);
+        }
+    }
+    Ok(())
+}
+
+/// The service's onion address (or why there is none) in one line.
+fn report(cx: &Context, view: &ServiceView) -> anyhow::Result<()> {
+    let Some(tor) = &view.tor else { bail!("service {} is not served over Tor", view.name) };
+    cx.print(view, || {
+        let clients = match (tor.authorized_only, tor.clients.is_empty()) {
+            (false, _) => "anyone with the address".to_owned(),
+            (true, true) => "no client left: not served".to_owned(),
+            (true, false) => {
+                format!("clients {}", tor.clients.iter().map(Label::as_str).collect::<Vec<_>>().join(", "))
+            }
+        };
+        match (&tor.address, &tor.error) {
+            (Some(address), _) => println!("service {} on {} ({clients})", view.name, onion_url(address, tor.port)),
+            (None, Some(error)) => {
+                println!("service {} over Tor: node {} cannot serve it: {}", view.name, view.node, clean(error))
+            }
+            (None, None) => println!(
+                "service {} over Tor, port {} ({clients}); node {} has not reported its address yet",
+                view.name, tor.port, view.node
+            ),
+        }
+    })
+}

@@ -1,0 +1,392 @@
+//! meshd's own `tor`: the files of its onion services (keys, `authorized_clients/`), its `torrc`, and the
+//! process, supervised by the core's [`Supervisor`]. The rest of the daemon sees one small interface:
+//! [`Tor::apply`] an onion plan, read [`Tor::reports`], [`Tor::shut_down`]. Another carrier of the same
+//! plan (the system's tor configured by the NixOS module, an embedded arti) replaces this module alone.
+//!
+//! Layout under the state directory (all 0700, files 0600):
+//! `tor/torrc`, `tor/data/` (tor's `DataDirectory`), `tor/onion/SERVICE/` (its `HiddenServiceDir`: the key
+//! files in the C tor format, `hostname`, `authorized_clients/DEVICE.auth`). Keys stay when a service stops
+//! being served, so serving it again keeps its address; they are part of a backup of the state directory.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::statedir::StateDir;
+use meshd_core::input::Label;
+use meshd_core::plan::OnionPlan;
+use meshd_core::tor::onion::{AUTHORIZED_CLIENTS_DIR, OnionKey, PUBLIC_KEY_FILE, SECRET_KEY_FILE};
+use meshd_core::tor::supervisor::{Command as TorCommand, Supervisor};
+use meshd_core::tor::torrc::{OnionServiceConfig, TorBuild, TorConfig};
+use meshd_core::wire::sync::OnionReport;
+
+/// How long a stopped tor has to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Which tor to run and what to add to its configuration (`meshd run --tor-binary`, `--tor-config`).
+#[derive(Debug, Clone, Default)]
+pub struct TorOptions {
+    /// The `tor` executable; `None`: `tor` on `PATH`.
+    pub binary: Option<PathBuf>,
+    /// A file whose lines are appended to the generated `torrc` (bridges, a test network).
+    pub extra_config: Option<PathBuf>,
+}
+
+impl TorOptions {
+    /// Check what was named explicitly, at start-up: the binary runs and is recent enough, the extra
+    /// configuration is readable. Errors: one line naming the option.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if let Some(binary) = &self.binary {
+            build_of(binary).with_context(|| format!("--tor-binary {}", binary.display()))?;
+        }
+        if let Some(extra) = &self.extra_config {
+            fs::read_to_string(extra).with_context(|| format!("--tor-config {}: cannot read it", extra.display()))?;
+        }
+        Ok(())
+    }
+
+    fn binary(&self) -> PathBuf {
+        self.binary.clone().unwrap_or_else(|| PathBuf::from("tor"))
+    }
+}
+
+/// What the binary at `binary` is, from `tor --version`. Errors: missing, not tor, too old.
+fn build_of(binary: &Path) -> anyhow::Result<TorBuild> {
+    let output = std::process::Command::new(binary)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                anyhow!("no tor at {} (install tor, or give meshd run --tor-binary PATH)", binary.display())
+            }
+            _ => anyhow!("cannot run {}: {e}", binary.display()),
+        })?;
+    Ok(TorBuild::parse(&String::from_utf8_lossy(&output.stdout))?)
+}
+
+/// The onion services of this host and the tor that serves them.
+pub struct Tor {
+    options: TorOptions,
+    state: StateDir,
+    /// Where each planned service stands: its address, or why it cannot be served.
+    reports: BTreeMap<Label, OnionReport>,
+    /// The supervisor's task and what it is told: how many services, and a counter bumped on each change.
+    task: Option<(watch::Sender<(usize, u64)>, JoinHandle<()>)>,
+    generation: u64,
+    /// The last `torrc` written.
+    torrc: Option<String>,
+}
+
+impl Tor {
+    /// Nothing served yet.
+    pub fn new(options: TorOptions, state: &StateDir) -> Tor {
+        Tor { options, state: state.clone(), reports: BTreeMap::new(), task: None, generation: 0, torrc: None }
+    }
+
+    /// Where each onion service of the last plan stands, by service.
+    pub fn reports(&self) -> &BTreeMap<Label, OnionReport> {
+        &self.reports
+    }
+
+    /// Serve exactly the onion services of `plan`: keys made where missing, clients listed, the `torrc`
+    /// written, tor started, told to reload (SIGHUP) or stopped. Errors (no tor, one too old, a file that
+    /// cannot be written) are also kept as every planned service's report.
+    pub async fn apply(&mut self, plan: &OnionPlan) -> anyhow::Result<()> {
+        if plan.is_empty() {
+            self.reports.clear();
+            self.tell(0, false);
+            return Ok(());
+        }
+        match self.write(plan).await {
+            Ok((addresses, changed)) => {
+                self.reports = addresses.into_iter().map(|(service, a)| (service, OnionReport::Address(a))).collect();
+                self.tell(plan.len(), changed);
+                Ok(())
+            }
+            Err(e) => {
+                let line = format!("{e:#}");
+                self.reports = plan.keys().map(|service| (service.clone(), OnionReport::Error(line.clone()))).collect();
+                Err(e.context("serving onion services"))
+            }
+        }
+    }
+
+    /// Write every file of `plan`; the addresses, and whether the `torrc` changed. The binary is checked
+    /// first, so a missing or old tor writes nothing.
+    async fn write(
+        &mut self,
+        plan: &OnionPlan,
+    ) -> anyhow::Result<(BTreeMap<Label, meshd_core::tor::onion::OnionAddress>, bool)> {
+        let binary = self.options.binary();
+        let build = tokio::task::spawn_blocking(move || build_of(&binary)).await??;
+        let extra = match &self.options.extra_config {
+            Some(path) => fs::read_to_string(path).with_context(|| format!("--tor-config {}", path.display()))?,
+            None => String::new(),
+        };
+        let root = self.state.root().join("tor");
+        private_dir(&root)?;
+        private_dir(&root.join("data"))?;
+        private_dir(&root.join("onion"))?;
+        let mut addresses = BTreeMap::new();
+        let mut services = Vec::new();
+        for (name, service) in plan {
+            let dir = root.join("onion").join(name.as_str());
+            let key = self.service_files(&dir, &service.clients)?;
+            addresses.insert(name.clone(), key.address());
+            let target = resolve(&service.target).await?;
+            services.push(OnionServiceConfig { dir, port: service.port, target });
+        }
+        let config =
+            TorConfig { data_dir: root.join("data"), services, pow: build.pow, owner: std::process::id(), extra };
+        let text = config.render()?;
+        let changed = self.torrc.as_ref() != Some(&text);
+        if changed {
+            self.state.replace_private_file(&root.join("torrc"), text.as_bytes())?;
+            self.torrc = Some(text);
+        }
+        Ok((addresses, changed))
+    }
+
+    /// Make `dir` a `HiddenServiceDir`: its key (read, or made and written if missing) and exactly `clients`
+    /// in `authorized_clients/`. Returns the key.
+    fn service_files(
+        &self,
+        dir: &Path,
+        clients: &BTreeMap<Label, meshd_core::tor::client::ClientPublicKey>,
+    ) -> anyhow::Result<OnionKey> {
+        private_dir(dir)?;
+        let secret = dir.join(SECRET_KEY_FILE);
+        let key = match self.state.read_private_file(&secret)? {
+            Some(bytes) => OnionKey::from_secret_file(&bytes).with_context(|| format!("{}", secret.display()))?,
+            None => {
+                let key = OnionKey::generate();
+                self.state.replace_private_file(&dir.join(PUBLIC_KEY_FILE), &key.public_file())?;
+                self.state.replace_private_file(&secret, &key.secret_file())?;
+                info!(address = %key.address(), dir = %dir.display(), "made a new onion service key");
+                key
+            }
+        };
+        let authorized = dir.join(AUTHORIZED_CLIENTS_DIR);
+        private_dir(&authorized)?;
+        for entry in fs::read_dir(&authorized).with_context(|| format!("reading {}", authorized.display()))? {
+            let path = entry?.path();
+            let device = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<Label>().ok());
+            if !device.is_some_and(|d| clients.contains_key(&d)) {
+                fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
+        for (device, key) in clients {
+            let path = authorized.join(format!("{device}.auth"));
+            let line = key.auth_line();
+            if fs::read_to_string(&path).ok().as_deref() != Some(line.as_str()) {
+                self.state.replace_private_file(&path, line.as_bytes())?;
+            }
+        }
+        Ok(key)
+    }
+
+    /// Tell the supervisor there are `services` services now, `changed` if the files changed.
+    fn tell(&mut self, services: usize, changed: bool) {
+        if changed {
+            self.generation += 1;
+        }
+        let generation = self.generation;
+        match &self.task {
+            Some((tx, _)) => {
+                let _ = tx.send((services, generation));
+            }
+            None if services > 0 => {
+                let (tx, rx) = watch::channel((services, generation));
+                let torrc = self.state.root().join("tor").join("torrc");
+                let task = tokio::spawn(supervise(self.options.binary(), torrc, rx));
+                self.task = Some((tx, task));
+            }
+            None => {}
+        }
+    }
+
+    /// Stop tor, if it runs.
+    pub async fn shut_down(self) {
+        if let Some((tx, task)) = self.task {
+            drop(tx);
+            let _ = task.await;
+        }
+    }
+}
+
+/// Make `dir` if missing, and make it 0700 (tor refuses a `HiddenServiceDir` or `DataDirectory` others can
+/// read).
+fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).with_context(|| format!("{}", dir.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("creating {}", dir.display())),
+    }
+}
+
+/// A service's target as tor needs it: an address (a name is looked up through the host's resolver).
+async fn resolve(target: &meshd_core::input::HostPort) -> anyhow::Result<std::net::SocketAddr> {
+    if let Some(ip) = target.ip() {
+        return Ok(std::net::SocketAddr::new(ip, target.port()));
+    }
+    let text = target.to_string();
+    tokio::net::lookup_host(&text)
+        .await
+        .with_context(|| format!("looking up the target {text}"))?
+        .next()
+        .ok_or_else(|| anyhow!("the target {text} has no address"))
+}
+
+/// Run the supervisor of one tor until the sender of `desired` is dropped; then stop tor.
+async fn supervise(binary: PathBuf, torrc: PathBuf, mut desired: watch::Receiver<(usize, u64)>) {
+    let mut supervisor = Supervisor::default();
+    let mut child: Option<Child> = None;
+    let mut lines = None;
+    let mut seen = None;
+    loop {
+        let (services, generation) = *desired.borrow_and_update();
+        let changed = seen != Some(generation);
+        seen = Some(generation);
+        if let Some(command) = supervisor.configure(services, changed, Instant::now().into_std()) {
+            carry_out(command, &binary, &torrc, &mut child, &mut lines, &mut supervisor).await;
+        }
+        let deadline = supervisor.poll_timeout().map(Instant::from_std);
+        tokio::select! {
+            gone = desired.changed() => if gone.is_err() { break },
+            status = exited(&mut child) => {
+                child = None;
+                lines = None;
+                let wait = supervisor.exited(Instant::now().into_std());
+                warn!(status = %status, retry_in = ?wait, "tor exited; starting it again after a wait");
+            }
+            line = next_line(&mut lines) => match line {
+                Some(line) => log_line(&line, &mut supervisor),
+                None => lines = None,
+            },
+            () = sleep_until(deadline) => {
+                if let Some(command) = supervisor.handle_timeout(Instant::now().into_std()) {
+                    carry_out(command, &binary, &torrc, &mut child, &mut lines, &mut supervisor).await;
+                }
+            }
+        }
+    }
+    if let Some(child) = child.take() {
+        stop(child).await;
+    }
+}
+
+type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+async fn carry_out(
+    command: TorCommand,
+    binary: &Path,
+    torrc: &Path,
+    child: &mut Option<Child>,
+    lines: &mut Option<Lines>,
+    supervisor: &mut Supervisor,
+) {
+    match command {
+        TorCommand::Start => {
+            let spawned = Command::new(binary)
+                .arg("-f")
+                .arg(torrc)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn();
+            match spawned {
+                Ok(mut started) => {
+                    info!(pid = started.id(), "started tor");
+                    *lines = started.stdout.take().map(|out| BufReader::new(out).lines());
+                    *child = Some(started);
+                }
+                Err(e) => {
+                    let wait = supervisor.exited(Instant::now().into_std());
+                    warn!(binary = %binary.display(), error = %e, retry_in = ?wait, "cannot start tor");
+                }
+            }
+        }
+        TorCommand::Reload => {
+            if let Some(pid) = child.as_ref().and_then(Child::id) {
+                debug!(pid, "telling tor to reload its configuration");
+                signal(pid, libc::SIGHUP);
+            }
+        }
+        TorCommand::Stop => {
+            *lines = None;
+            if let Some(running) = child.take() {
+                stop(running).await;
+            }
+        }
+    }
+}
+
+/// SIGTERM, then SIGKILL after [`STOP_GRACE`].
+async fn stop(mut child: Child) {
+    if let Some(pid) = child.id() {
+        signal(pid, libc::SIGTERM);
+    }
+    if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
+    info!("stopped tor");
+}
+
+fn signal(pid: u32, signal: libc::c_int) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
+    // SAFETY: kill(2) takes any pid and signal number and touches no memory of ours.
+    unsafe { libc::kill(pid, signal) };
+}
+
+async fn exited(child: &mut Option<Child>) -> String {
+    match child {
+        Some(child) => match child.wait().await {
+            Ok(status) => status.to_string(),
+            Err(e) => e.to_string(),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_line(lines: &mut Option<Lines>) -> Option<String> {
+    match lines {
+        Some(lines) => lines.next_line().await.ok().flatten(),
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Pass a line of tor's log on to meshd's: warnings as warnings, the rest at debug; note when it is
+/// bootstrapped.
+fn log_line(line: &str, supervisor: &mut Supervisor) {
+    if line.contains("Bootstrapped 100%") {
+        supervisor.bootstrapped();
+        info!("tor is bootstrapped: the onion services are being published");
+    } else if line.contains("[warn]") || line.contains("[err]") {
+        warn!(tor = line, "tor");
+    } else {
+        debug!(tor = line, "tor");
+    }
+}

@@ -1,0 +1,285 @@
+//! Issue 13's acceptance tests: services served as Tor onion services by their node's own supervised `tor`.
+//!
+//! `meshd_keys_are_what_tor_reads`: the address `meshd` computes from the key it wrote equals the
+//! `hostname` that Debian's tor derives from that key (tor runs with `DisableNetwork 1`); the address stays
+//! across restarts and re-exposure; bad input changes nothing.
+//!
+//! `onion_round_trip_with_client_authorization`: a private Tor network offline in one namespace (three
+//! directory authorities, three relays, client tors), the hub's supervised tor part of it through
+//! `--tor-config`. Only a client holding a handed-out key reaches the service; the supervised tor comes back
+//! after a SIGKILL; a client taken off is refused by a fresh client tor while the other client still gets in.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use meshd_e2e::{
+    MeshHost, Netns, Proc, TorNetwork, assert_error_line, assert_refused, meshctl, output, product_bin, require_root,
+    run_json, run_ok, wait_until,
+};
+use serde_json::Value;
+
+const WEB_TARGET: &str = "127.0.0.1:18080";
+const BODY: &str = "wallet served over an onion service\n";
+
+/// The service `name` of `meshctl service list --json`.
+fn service(state: &Path, name: &str) -> Value {
+    let list = run_json(meshctl(state).args(["service", "list", "--json"]));
+    list.as_array().expect("a JSON array").iter().find(|s| s["name"] == name).cloned().expect("the service is listed")
+}
+
+/// The onion address `service list` shows for `name`, once its node has reported it.
+fn onion_address(state: &Path, name: &str) -> String {
+    let mut address = None;
+    let reported = wait_until(Duration::from_secs(30), || {
+        address = service(state, name)["tor"]["address"].as_str().map(str::to_string);
+        address.is_some()
+    });
+    assert!(reported, "no onion address reported for {name}: {}", service(state, name));
+    address.unwrap()
+}
+
+/// PIDs of the `tor` processes whose parent is `parent`.
+fn tor_children(parent: u32) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else { continue };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        let ppid = rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok());
+        if head.ends_with("(tor") && ppid == Some(parent) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// `meshd run` on `host` with `extra` arguments, returned once its admin socket answers.
+fn run_hub(host: &MeshHost, log: &Path, extra: &[&str]) -> Proc {
+    let mut daemon = host.run_daemon_with(log, extra);
+    let ready = wait_until(Duration::from_secs(60), || {
+        daemon.assert_running("starting up");
+        UnixStream::connect(host.state.join("meshd.sock")).is_ok()
+    });
+    assert!(ready, "the hub did not become ready");
+    daemon
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).permissions().mode() & 0o777
+}
+
+/// A fake `tor` that reports `version` (e.g. `0.3.4.1`) and does nothing else.
+fn fake_tor(dir: &Path, version: &str) -> PathBuf {
+    let path = dir.join(format!("tor-{version}"));
+    fs::write(&path, format!("#!/bin/sh\necho 'Tor version {version}.'\n")).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[test]
+fn meshd_keys_are_what_tor_reads() {
+    if !require_root() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let hub = MeshHost::new("hub", root.path(), "onk");
+    hub.init_hub("10.250.0.1:51820", &[]);
+    let offline = root.path().join("offline.torrc");
+    fs::write(&offline, "DisableNetwork 1\n").unwrap();
+    let offline = offline.to_str().unwrap();
+
+    // A tor that is missing or too old is refused when the daemon starts, in one line.
+    for (binary, mentions) in [
+        (root.path().join("no-such-tor"), vec!["--tor-binary", "no tor at"]),
+        (fake_tor(root.path(), "0.3.4.1"), vec!["--tor-binary", "0.3.4.1", "0.3.5.7"]),
+    ] {
+        let mut run = Command::new(product_bin("meshd"));
+        run.args(["run", "--wireguard", "userspace", "--tor-binary"]).arg(&binary).arg("--state-dir").arg(&hub.state);
+        let out = output(&mut run);
+        assert_refused(&out, &mentions.iter().map(|s| &**s).collect::<Vec<_>>());
+    }
+
+    let log = root.path().join("hub.log");
+    let mut daemon = run_hub(&hub, &log, &["--tor-config", offline]);
+    run_ok(meshctl(&hub.state).args(["service", "add", "web", "--node", "hub", "--target", WEB_TARGET]));
+    run_ok(meshctl(&hub.state).args(["device", "add", "phone", "--allow", "web", "--conf", "-"]));
+
+    // Bad input: refused in one line, nothing stored, no file written.
+    let tor_dir = hub.state.join("tor");
+    for (args, mentions) in [
+        (vec!["expose", "web", "--tor", "--port", "70000"], vec!["70000"]),
+        (vec!["expose", "web", "--tor", "--port", "0"], vec!["0"]),
+        (vec!["expose", "web", "--tor", "--client", "ghost"], vec!["ghost"]),
+        (vec!["expose", "nothing", "--tor"], vec!["nothing"]),
+        (vec!["unexpose", "web", "--tor"], vec!["web"]),
+    ] {
+        let out = output(meshctl(&hub.state).args(&args));
+        assert_error_line(&out, &mentions);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert_eq!(service(&hub.state, "web")["tor"], Value::Null, "{args:?} changed the service");
+        assert!(!tor_dir.exists(), "{args:?} wrote {}", tor_dir.display());
+    }
+
+    run_ok(meshctl(&hub.state).args(["expose", "web", "--tor", "--port", "80"]));
+    let address = onion_address(&hub.state, "web");
+    assert!(address.ends_with(".onion") && address.len() == 62, "not a v3 onion address: {address}");
+    let web = service(&hub.state, "web");
+    assert_eq!(web["tor"]["port"], 80, "{web}");
+    assert_eq!(web["tor"]["authorized_only"], false, "{web}");
+
+    // The supervised tor, offline, derives the hostname from the key meshd wrote.
+    let service_dir = tor_dir.join("onion/web");
+    let hostname = service_dir.join("hostname");
+    let written = wait_until(Duration::from_secs(20), || hostname.exists());
+    assert!(written, "tor wrote no hostname in {}; meshd's log:\n{}", service_dir.display(), daemon.log_text());
+    assert_eq!(fs::read_to_string(&hostname).unwrap().trim(), address, "tor derives another address");
+    assert_eq!(tor_children(daemon.pid()).len(), 1, "meshd supervises one tor");
+    for dir in [&tor_dir, &tor_dir.join("data"), &tor_dir.join("onion"), &service_dir] {
+        assert_eq!(mode(dir), 0o700, "{}", dir.display());
+    }
+    let secret = service_dir.join("hs_ed25519_secret_key");
+    for file in [&secret, &service_dir.join("hs_ed25519_public_key"), &tor_dir.join("torrc")] {
+        assert_eq!(mode(file), 0o600, "{}", file.display());
+    }
+    let secret_bytes = fs::read(&secret).unwrap();
+    assert_eq!(secret_bytes.len(), 96);
+    assert!(secret_bytes.starts_with(b"== ed25519v1-secret: type0 =="));
+    let torrc = fs::read_to_string(tor_dir.join("torrc")).unwrap();
+    assert!(torrc.contains("HiddenServicePoWDefensesEnabled 1"), "tor 0.4.9 has PoW; torrc:\n{torrc}");
+    assert!(torrc.contains("DisableNetwork 1"), "--tor-config lines are appended; torrc:\n{torrc}");
+    assert!(!log.exists() || !fs::read_to_string(&log).unwrap().contains("ed25519v1-secret"));
+
+    // The same address after a restart of meshd, and after being taken off Tor and served again.
+    daemon.stop(Duration::from_secs(10));
+    let mut daemon = run_hub(&hub, &log, &["--tor-config", offline]);
+    assert_eq!(onion_address(&hub.state, "web"), address);
+    run_ok(meshctl(&hub.state).args(["unexpose", "web", "--tor"]));
+    assert_eq!(service(&hub.state, "web")["tor"], Value::Null);
+    let stopped = wait_until(Duration::from_secs(15), || tor_children(daemon.pid()).is_empty());
+    assert!(stopped, "tor still runs with nothing to serve");
+    run_ok(meshctl(&hub.state).args(["expose", "web", "--tor"]));
+    assert_eq!(onion_address(&hub.state, "web"), address, "serving it again changed its address");
+    assert_eq!(fs::read(&secret).unwrap(), secret_bytes, "the key was rewritten");
+    daemon.assert_running("serving");
+}
+
+/// A static HTTP server on [`WEB_TARGET`] in `ns`, serving [`BODY`] as its index page.
+fn web_server(ns: &Netns, dir: &Path) -> Proc {
+    fs::create_dir_all(dir).unwrap();
+    fs::write(dir.join("index.html"), BODY).unwrap();
+    let (ip, port) = WEB_TARGET.split_once(':').unwrap();
+    let server =
+        ns.spawn(&["/usr/bin/python3", "-m", "http.server", port, "--bind", ip, "--directory", dir.to_str().unwrap()]);
+    let up = wait_until(Duration::from_secs(30), || ns.http_get(&format!("http://{WEB_TARGET}/"), 2).is_some());
+    assert!(up, "the web server did not start");
+    server
+}
+
+#[test]
+fn onion_round_trip_with_client_authorization() {
+    if !require_root() {
+        return;
+    }
+    let started = Instant::now();
+    let root = tempfile::tempdir().unwrap();
+    let hub = MeshHost::new("onion", root.path(), "ont");
+    let ns = &hub.ns;
+    let mut network = TorNetwork::start(ns, &root.path().join("tornet"));
+    let _web = web_server(ns, &root.path().join("www"));
+    hub.init_hub("10.250.1.1:51820", &[]);
+    let test_network = root.path().join("test-network.torrc");
+    fs::write(&test_network, network.config_lines()).unwrap();
+    let log = root.path().join("hub.log");
+    let daemon = run_hub(&hub, &log, &["--tor-config", test_network.to_str().unwrap()]);
+    run_ok(meshctl(&hub.state).args(["service", "add", "wallet", "--node", "hub", "--target", WEB_TARGET]));
+    for device in ["phone", "laptop"] {
+        run_ok(meshctl(&hub.state).args(["device", "add", device, "--allow", "wallet", "--conf", "-"]));
+    }
+
+    // Expose with two clients; each key handed out once, as a file and a QR code.
+    let keys = root.path().join("keys");
+    let out = run_ok(
+        meshctl(&hub.state)
+            .args(["expose", "wallet", "--tor", "--port", "80"])
+            .args(["--client", "phone", "--client", "laptop", "--out-dir"])
+            .arg(&keys),
+    );
+    let address = onion_address(&hub.state, "wallet");
+    let wallet = service(&hub.state, "wallet");
+    assert_eq!(wallet["tor"]["clients"], serde_json::json!(["laptop", "phone"]), "{wallet}");
+    assert_eq!(wallet["tor"]["authorized_only"], true, "{wallet}");
+    let mut lines = Vec::new();
+    for device in ["phone", "laptop"] {
+        let file = keys.join(format!("{device}.auth_private"));
+        assert_eq!(mode(&file), 0o600);
+        let line = fs::read_to_string(&file).unwrap().trim().to_string();
+        let prefix = format!("{}:descriptor:x25519:", address.trim_end_matches(".onion"));
+        assert!(line.starts_with(&prefix) && line.len() == prefix.len() + 52, "not a client auth line: {line}");
+        let png = keys.join(format!("{device}.auth_private.png"));
+        let scanned = run_ok(Command::new("zbarimg").args(["--raw", "-q", "-Sbinary"]).arg(&png));
+        assert_eq!(scanned.trim(), line, "the QR code holds another line");
+        assert!(!fs::read_to_string(&log).unwrap().contains(&line[prefix.len()..]), "a client key was logged");
+        lines.push(line);
+    }
+    let _ = out;
+    let url = format!("http://{address}/");
+
+    // With its key, the phone's tor reaches the service; without one, a tor finds the descriptor but cannot
+    // read it.
+    let mut phone = network.client(ns, &[("phone", &lines[0])]);
+    let body = phone.get_within(ns, &url, Duration::from_secs(120));
+    assert_eq!(
+        body.as_deref(),
+        Some(BODY),
+        "the phone did not reach the service; meshd's log:\n{}",
+        fs::read_to_string(&log).unwrap()
+    );
+    eprintln!("first onion fetch after {:?}", started.elapsed());
+    let mut stranger = network.client(ns, &[]);
+    assert_eq!(stranger.get(ns, &url, Duration::from_secs(20)), None, "a tor without a key reached the service");
+    assert!(stranger.log_text().contains("client authorization"), "{}", stranger.log_text());
+    drop(stranger);
+
+    // meshd brings its tor back after a crash, and the phone gets in again.
+    let before = tor_children(daemon.pid());
+    assert_eq!(before.len(), 1, "meshd supervises one tor");
+    // SAFETY: kill(2) on the PID of the tor meshd started, read from /proc just now.
+    unsafe { libc::kill(before[0] as libc::pid_t, libc::SIGKILL) };
+    let restarted = wait_until(Duration::from_secs(30), || {
+        let now = tor_children(daemon.pid());
+        now.len() == 1 && now != before
+    });
+    assert!(restarted, "meshd did not start tor again");
+    let body = phone.get_within(ns, &url, Duration::from_secs(180));
+    assert_eq!(body.as_deref(), Some(BODY), "the phone did not get in after tor came back");
+    drop(phone);
+
+    // Take the phone off: a new descriptor without it. A fresh tor with the laptop's key gets in, one with the
+    // phone's key finds the descriptor and cannot read it.
+    run_ok(meshctl(&hub.state).args(["unexpose", "wallet", "--tor", "--client", "phone"]));
+    let wallet = service(&hub.state, "wallet");
+    assert_eq!(wallet["tor"]["clients"], serde_json::json!(["laptop"]), "{wallet}");
+    let authorized = hub.state.join("tor/onion/wallet/authorized_clients");
+    let gone = wait_until(Duration::from_secs(10), || !authorized.join("phone.auth").exists());
+    assert!(gone && authorized.join("laptop.auth").exists(), "the service's client list was not rewritten");
+    let mut laptop = network.client(ns, &[("laptop", &lines[1])]);
+    let body = laptop.get_within(ns, &url, Duration::from_secs(120));
+    assert_eq!(body.as_deref(), Some(BODY), "the laptop lost access with the phone");
+    let mut revoked = network.client(ns, &[("phone", &lines[0])]);
+    assert_eq!(revoked.get(ns, &url, Duration::from_secs(20)), None, "the removed phone still gets in");
+    assert!(revoked.log_text().contains("client authorization"), "{}", revoked.log_text());
+
+    // Removing the device takes it off too: with no client left, the service is not served.
+    run_ok(meshctl(&hub.state).args(["device", "remove", "laptop"]));
+    let wallet = service(&hub.state, "wallet");
+    assert_eq!(wallet["tor"]["clients"], serde_json::json!([]), "{wallet}");
+    let stopped = wait_until(Duration::from_secs(15), || tor_children(daemon.pid()).is_empty());
+    assert!(stopped, "tor still serves a service nobody may find");
+    network.assert_running();
+    eprintln!("onion round trip done after {:?}", started.elapsed());
+}
