@@ -238,7 +238,7 @@ pub(crate) async fn read_state(
     let parsed = serde_json::from_slice(line);
     line.clear();
     match parsed? {
-        ToMember::State { digest, state } => Ok((digest, state)),
+        ToMember::State { digest, state } => Ok((digest, *state)),
         _ => Err("expected the whole state".into()),
     }
 }

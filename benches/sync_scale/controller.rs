@@ -82,7 +82,7 @@ pub(crate) fn controller(args: &[String]) -> Result<()> {
     let tcp_resynced = tcp_counters()?;
     drop(clients);
 
-    let whole = ToMember::State { digest: publisher.digest(), state: state.clone() };
+    let whole = ToMember::State { digest: publisher.digest(), state: Box::new(state.clone()) };
     let digest_ms = time_median(|| sync::digest(&state).len());
     let changes_ms = time_median(|| sync::changes(&old_state(&state), &state).len());
     let clone_ms = time_median(|| state.clone().nodes.len());

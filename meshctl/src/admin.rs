@@ -38,7 +38,7 @@ impl Admin {
     /// [`BatchRefused`] for the refusals a caller may act on).
     pub fn send(&self, request: Request) -> anyhow::Result<Reply> {
         match self.call(request)? {
-            Outcome::Ok(reply) => Ok(reply),
+            Outcome::Ok(reply) => Ok(*reply),
             Outcome::Error(message) => bail!("{message}"),
             Outcome::BatchRefused { index, error } => Err(BatchRefused { index, error }.into()),
             Outcome::Stale(message) => Err(Stale(message).into()),

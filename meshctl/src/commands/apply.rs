@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use crate::admin::BatchRefused;
 use crate::commands::handout::device_config;
+use crate::commands::onion::{Before, undo};
 use crate::commands::{Context, unexpected};
 use crate::output::{Existing, Format, Output};
 
@@ -111,7 +112,7 @@ pub fn apply(cx: &Context, args: Apply) -> anyhow::Result<()> {
         Ok(())
     } else {
         execute(cx, &plan, args.expires.as_secs(), configs, &mut report)
-            .and_then(|keys| hand_out_clients(cx, &plan, keys, client_lines, &mut report))
+            .and_then(|keys| hand_out_clients(cx, &plan, &current, keys, client_lines, &mut report))
     };
     if cx.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -300,11 +301,12 @@ impl ClientLine {
 }
 
 /// Once each service with new clients has its address reported by its node, write the clients' lines. A
-/// service whose node reports none (offline, no tor there) has its new clients taken off again, as
-/// `meshctl expose --tor --client` does: a key nobody received must not stay authorized.
+/// service whose node reports none (offline, no tor there) has its onion service put back as it was before the
+/// apply, as `meshctl expose --tor --client` does: a key nobody received must not stay authorized.
 fn hand_out_clients(
     cx: &Context,
     plan: &Plan,
+    current: &Current,
     keys: ClientKeys,
     mut lines: Vec<ClientLine>,
     report: &mut Report<'_>,
@@ -339,9 +341,15 @@ fn hand_out_clients(
             },
         );
         if let Err(e) = written {
-            let undo = Request::UnexposeTor { service: service.clone(), clients: clients.clone() };
-            let undone = match cx.admin.send(undo) {
-                Ok(_) => format!("its new clients {} were taken off again", declare_list(clients)),
+            let moved = plan.steps.iter().any(|s| matches!(s, Step::MoveService { name, .. } if name == service));
+            let before = (current.services.iter())
+                .find(|s| &s.name == service && !moved)
+                .and_then(|s| s.tor.as_ref())
+                .and_then(|t| t.port.map(|port| Before { port, authorized_only: t.authorized_only }));
+            let undone = match cx.admin.send(undo(service, before, clients)) {
+                Ok(_) => {
+                    format!("its onion service is as it was before, without new clients {}", declare_list(clients))
+                }
                 Err(undo) => format!("taking its new clients off failed too ({undo:#})"),
             };
             failed.push(format!("service {service}: {e:#}; {undone}"));

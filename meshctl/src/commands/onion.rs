@@ -46,8 +46,13 @@ pub fn expose_tor(
     clients: Vec<Label>,
     out: ClientOut,
 ) -> anyhow::Result<()> {
-    let before = find(cx, &service)?.tor;
+    let before = find(cx, &service)?.tor.map(|t| Before { port: t.port, authorized_only: t.authorized_only });
     let keys: Vec<(Label, ClientKey)> = clients.iter().map(|d| (d.clone(), ClientKey::generate())).collect();
+    // The files are checked before anything changes.
+    let mut files = match &out.out_dir {
+        Some(dir) => keys.iter().map(|(device, _)| ClientFiles::open(dir, device)).collect::<anyhow::Result<_>>()?,
+        None => Vec::new(),
+    };
     let public = keys.iter().map(|(device, key)| OnionClient { device: device.clone(), public_key: key.public_key() });
     let request = Request::ExposeTor { service: service.clone(), port, clients: public.collect() };
     let view = match cx.admin.send(request)? {
@@ -58,19 +63,49 @@ pub fn expose_tor(
         return report(cx, &view);
     }
     // From here the clients are stored: unless their lines reach the operator, they are taken off again.
-    let handed = address_of(cx, view).and_then(|(view, address)| hand_out(&keys, &address, &out).map(|()| view));
+    let handed =
+        address_of(cx, view).and_then(|(view, address)| hand_out(&keys, &address, &mut files, out.qr).map(|()| view));
     match handed {
         Ok(view) => report(cx, &view),
-        Err(e) => {
-            let undo = Request::UnexposeTor {
-                service: service.clone(),
-                clients: if before.is_some() { clients } else { Vec::new() },
-            };
-            match cx.admin.send(undo) {
-                Ok(_) => Err(e.context("nothing was changed")),
-                Err(undo) => Err(e.context(format!("and taking the new clients off failed too ({undo:#})"))),
-            }
-        }
+        Err(e) => match cx.admin.send(undo(&service, before, &clients)) {
+            Ok(_) => Err(e.context("nothing was changed")),
+            Err(undo) => Err(e.context(format!("and taking the new clients off failed too ({undo:#})"))),
+        },
+    }
+}
+
+/// What a service's onion service was before clients were added: its port and whether it was for clients only.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Before {
+    pub port: u16,
+    pub authorized_only: bool,
+}
+
+/// The request that takes back an exposure that added `clients`: the onion service as it was `before` (none, open
+/// to all, or for its earlier clients only at its earlier port), in one batch.
+pub(super) fn undo(service: &Label, before: Option<Before>, clients: &[Label]) -> Request {
+    let unexpose = |clients: Vec<Label>| Request::UnexposeTor { service: service.clone(), clients };
+    let expose = |port| Request::ExposeTor { service: service.clone(), port: Some(port), clients: Vec::new() };
+    let requests = match before {
+        None => vec![unexpose(Vec::new())],
+        Some(Before { port, authorized_only: false }) => vec![unexpose(Vec::new()), expose(port)],
+        Some(Before { port, authorized_only: true }) => vec![unexpose(clients.to_vec()), expose(port)],
+    };
+    Request::Batch { requests }
+}
+
+/// A client's files in `--out-dir`: `DEVICE.auth_private` (the line) and `DEVICE.auth_private.png` (its QR code).
+struct ClientFiles {
+    line: Output,
+    qr: Output,
+}
+
+impl ClientFiles {
+    fn open(dir: &std::path::Path, device: &Label) -> anyhow::Result<ClientFiles> {
+        Ok(ClientFiles {
+            line: Output::open(&dir.join(format!("{device}.auth_private")), Format::Conf, Existing::Replace)?,
+            qr: Output::open(&dir.join(format!("{device}.auth_private.png")), Format::Png, Existing::Replace)?,
+        })
     }
 }
 
@@ -130,30 +165,31 @@ pub(super) fn address_of(cx: &Context, mut view: ServiceView) -> anyhow::Result<
     }
 }
 
-/// Write every client's line where `out` says, then print them.
-fn hand_out(keys: &[(Label, ClientKey)], address: &OnionAddress, out: &ClientOut) -> anyhow::Result<()> {
+/// Write every client's line to its `files` (none without `--out-dir`), then print them.
+fn hand_out(
+    keys: &[(Label, ClientKey)],
+    address: &OnionAddress,
+    files: &mut [ClientFiles],
+    qr: bool,
+) -> anyhow::Result<()> {
     let lines: Vec<(&Label, String)> = keys.iter().map(|(d, k)| (d, k.auth_private_line(address))).collect();
-    if let Some(dir) = &out.out_dir {
-        let mut outputs = Vec::new();
-        for (device, line) in &lines {
-            for (name, format) in
-                [(format!("{device}.auth_private"), Format::Conf), (format!("{device}.auth_private.png"), Format::Png)]
-            {
-                let mut output = Output::open(&dir.join(name), format, Existing::Replace)?;
-                let bytes = output.render(&format!("{line}\n"))?;
-                output.stage(&bytes)?;
-                outputs.push(output);
-            }
+    if !files.is_empty() {
+        for ((_, line), files) in lines.iter().zip(files.iter_mut()) {
+            let text = format!("{line}\n");
+            let (bytes, png) = (files.line.render(&text)?, files.qr.render(&text)?);
+            files.line.stage(&bytes)?;
+            files.qr.stage(&png)?;
         }
-        for output in &mut outputs {
-            output.place()?;
+        for files in files.iter_mut() {
+            files.line.place()?;
+            files.qr.place()?;
         }
     }
     for (device, line) in &lines {
         // On standard error, like a device's config summary: standard output stays the service record with --json.
         eprintln!("client key of {device} (import it in Orbot or a tor ClientOnionAuthDir; it is shown only now):");
         println!("{line}");
-        if out.qr {
+        if qr {
             print!("{}", meshd_core::handout::qr_terminal(line)?);
         }
     }

@@ -644,7 +644,7 @@ mod tests {
         assert_eq!(parse(udp), Err(DeclareError::TorOverUdp(label("dns"))));
         for bad in ["tor = { port = 70000 }", "tor = { port = 0 }", "tor = { ports = 80 }", "tor = \"yes\""] {
             let error = file(bad).unwrap_err();
-            assert!(matches!(error, DeclareError::Syntax { line: 4, .. }), "{bad}: {error}");
+            assert!(matches!(error, DeclareError::Syntax { line: 5, .. }), "{bad}: {error}");
         }
         assert!(file("tor = { port = 70000 }").unwrap_err().to_string().contains("70000"));
         let max = crate::tor::client::MAX_CLIENTS;

@@ -101,7 +101,9 @@ impl Journal {
     /// The whole state as one `State` line.
     pub fn full_line(&mut self) -> Arc<str> {
         let (state, digest) = (&self.state, &self.digest);
-        self.full.get_or_insert_with(|| line(&ToMember::State { digest: digest.clone(), state: state.clone() })).clone()
+        self.full
+            .get_or_insert_with(|| line(&ToMember::State { digest: digest.clone(), state: Box::new(state.clone()) }))
+            .clone()
     }
 
     /// What a member whose state has `digest` must receive to be current: nothing, the changes it

@@ -274,7 +274,7 @@ impl Member {
         }
         match message {
             ToMember::State { digest, state } => {
-                self.member.state = state;
+                self.member.state = *state;
                 self.updated(digest);
             }
             ToMember::Changes { from, to, changes } => {
@@ -601,7 +601,7 @@ mod tests {
         let (mut m, _) = member(Instant::now());
         let mut gone = m.member_state().state.clone();
         gone.nodes.retain(|n| n.name.as_str() != "vps");
-        m.handle_message(ToMember::State { digest: sync::digest(&gone), state: gone });
+        m.handle_message(ToMember::State { digest: sync::digest(&gone), state: Box::new(gone) });
         assert_eq!(effects(&mut m), [Effect::CacheState, Effect::Removed { network: label("home") }]);
     }
 
@@ -707,7 +707,7 @@ mod tests {
         assert_eq!(effects(&mut m), [Effect::OpenKnownTunnels]);
         let mut asked = m.member_state().state.clone();
         asked.nodes[1].rotate_key = true;
-        m.handle_message(ToMember::State { digest: sync::digest(&asked), state: asked });
+        m.handle_message(ToMember::State { digest: sync::digest(&asked), state: Box::new(asked) });
         let new = match &effects(&mut m)[..] {
             [Effect::CacheState, Effect::Reconcile, Effect::OfferKey(new)] => new.clone(),
             other => panic!("{other:?}"),
@@ -722,7 +722,7 @@ mod tests {
         let mut confirmed = m.member_state().state.clone();
         confirmed.nodes[1].public_key = new.public_key();
         confirmed.nodes[1].rotate_key = false;
-        ToMember::State { digest: sync::digest(&confirmed), state: confirmed }
+        ToMember::State { digest: sync::digest(&confirmed), state: Box::new(confirmed) }
     }
 
     #[test]
@@ -737,7 +737,7 @@ mod tests {
         // A change sent before the hub stored the key still names the old one: it settles nothing.
         let mut unrelated = m.member_state().state.clone();
         unrelated.rules.push(crate::model::AccessRule { from: label("vps"), to: label("attic") });
-        m.handle_message(ToMember::State { digest: sync::digest(&unrelated), state: unrelated });
+        m.handle_message(ToMember::State { digest: sync::digest(&unrelated), state: Box::new(unrelated) });
         assert_eq!(effects(&mut m), [Effect::CacheState, Effect::Reconcile]);
         assert!(m.is_rotating());
         m.handle_message(confirming(&m, &new));
@@ -752,7 +752,7 @@ mod tests {
         let (mut m, old) = member(start);
         let mut asked = m.member_state().state.clone();
         asked.nodes[1].rotate_key = true;
-        m.handle_message(ToMember::State { digest: sync::digest(&asked), state: asked });
+        m.handle_message(ToMember::State { digest: sync::digest(&asked), state: Box::new(asked) });
         effects(&mut m);
         m.handle_message(ToMember::Refused { reason: "the key is in use".into() });
         assert_eq!(effects(&mut m), [Effect::DiscardNextKey]);
@@ -775,7 +775,7 @@ mod tests {
         effects(&mut m);
         let mut asked = m.member_state().state.clone();
         asked.nodes[1].rotate_key = true;
-        m.handle_message(ToMember::State { digest: sync::digest(&asked), state: asked.clone() });
+        m.handle_message(ToMember::State { digest: sync::digest(&asked), state: Box::new(asked.clone()) });
         let Some(Effect::OfferKey(first)) = effects(&mut m).pop() else { panic!("an offer") };
         // The state directory is full: nothing was offered, and the member tries again in a while.
         m.handle_offer_failed(later(4));
@@ -799,13 +799,13 @@ mod tests {
         // A retry due after the network stopped asking (the node was disabled) offers nothing.
         let (mut m, _) = member(start);
         m.handle_timeout(start + TUNNELS_WITHOUT_CONTROLLER);
-        m.handle_message(ToMember::State { digest: sync::digest(&asked), state: asked.clone() });
+        m.handle_message(ToMember::State { digest: sync::digest(&asked), state: Box::new(asked.clone()) });
         effects(&mut m);
         m.handle_offer_failed(later(4));
         let mut disabled = asked;
         disabled.nodes[1].rotate_key = false;
         disabled.nodes[1].disabled = true;
-        m.handle_message(ToMember::State { digest: sync::digest(&disabled), state: disabled });
+        m.handle_message(ToMember::State { digest: sync::digest(&disabled), state: Box::new(disabled) });
         effects(&mut m);
         m.handle_timeout(later(4) + OFFER_RETRY);
         assert!(effects(&mut m).is_empty() && !m.is_rotating());
@@ -829,7 +829,7 @@ mod tests {
         // The operator asks again meanwhile: no new key may replace the saved next key before it is promoted.
         let mut asked = m.member_state().state.clone();
         asked.nodes[1].rotate_key = true;
-        m.handle_message(ToMember::State { digest: sync::digest(&asked), state: asked });
+        m.handle_message(ToMember::State { digest: sync::digest(&asked), state: Box::new(asked) });
         assert_eq!(effects(&mut m), [Effect::CacheState, Effect::Reconcile]);
         m.handle_timeout(later(1) + OFFER_RETRY);
         assert_eq!(effects(&mut m), [Effect::PromoteNextKey]);

@@ -324,8 +324,8 @@ pub struct NetworkUpdated {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
-    /// Carried out.
-    Ok(Reply),
+    /// Carried out (boxed: a reply is large, the refusals small).
+    Ok(Box<Reply>),
     /// Refused, with the reason for the operator; nothing was changed.
     Error(String),
     /// Request `index` (from 0) of a batch was refused, so none of the batch was carried out.

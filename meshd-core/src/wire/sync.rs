@@ -91,8 +91,8 @@ pub enum ToMember {
     State {
         /// [`digest`] of `state`.
         digest: String,
-        /// The network as members see it.
-        state: SharedState,
+        /// The network as members see it (boxed: it is most of the message's size).
+        state: Box<SharedState>,
     },
     /// The changes from the state of digest `from` to the state of digest `to`.
     Changes {

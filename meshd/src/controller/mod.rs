@@ -215,7 +215,7 @@ impl Controller {
 /// What the admin API answers for the result of [`Controller::handle`].
 pub fn outcome(result: Result<Reply, ControlError>) -> Outcome {
     match result {
-        Ok(reply) => Outcome::Ok(reply),
+        Ok(reply) => Outcome::Ok(Box::new(reply)),
         Err(ControlError::InBatch { index, source }) => Outcome::BatchRefused { index, error: source.to_string() },
         Err(e @ ControlError::HandoutChanged(_)) => Outcome::Stale(e.to_string()),
         Err(e) => Outcome::Error(e.to_string()),

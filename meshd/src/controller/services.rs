@@ -268,4 +268,105 @@ mod tests {
         assert!(view.https.is_empty());
         assert!(c.snapshot().unwrap().exposures.is_empty());
     }
+
+    #[test]
+    fn an_onion_service_keeps_its_clients_to_devices_and_its_limits() {
+        use meshd_core::keys::PrivateKey;
+        use meshd_core::tor::client::{ClientKey, MAX_CLIENTS};
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = new_network(dir.path(), "10.77.0.0/16");
+        for (name, protocol) in [("wallet", Protocol::Tcp), ("dns", Protocol::Udp)] {
+            let target = "127.0.0.1:9737".parse().unwrap();
+            c.handle(Request::ServiceAdd { name: label(name), node: label("hub"), target, port: None, protocol })
+                .unwrap();
+        }
+        for device in ["phone", "laptop"] {
+            let public_key = PrivateKey::generate().public_key();
+            c.handle(Request::DeviceAdd {
+                name: label(device),
+                allow: vec![label("wallet")],
+                public_key,
+                expect: None,
+            })
+            .unwrap();
+        }
+        let client =
+            |device: &str| OnionClient { device: label(device), public_key: ClientKey::generate().public_key() };
+        let expose = |service: &str, port, clients: Vec<OnionClient>| Request::ExposeTor {
+            service: label(service),
+            port,
+            clients,
+        };
+        let unexpose = |service: &str, clients: &[&str]| Request::UnexposeTor {
+            service: label(service),
+            clients: clients.iter().map(|d| label(d)).collect(),
+        };
+        let refused = |c: &mut super::super::Controller, request, mentions: &str| {
+            let before = c.snapshot().unwrap();
+            let error = c.handle(request).unwrap_err().to_string();
+            assert!(error.contains(mentions), "{error}");
+            assert_eq!(c.snapshot().unwrap(), before, "a refused request changed the network");
+        };
+
+        // Refused, changing nothing.
+        refused(&mut c, expose("dns", None, vec![]), "UDP");
+        refused(&mut c, expose("ghost", None, vec![]), "no service named");
+        refused(&mut c, expose("wallet", None, vec![client("tablet")]), "tablet");
+        refused(&mut c, expose("wallet", None, vec![client("phone"), client("phone")]), "named twice");
+        refused(&mut c, unexpose("wallet", &[]), "not an onion service");
+
+        // Public at the mesh port, then for clients only; the port stays unless given.
+        let Reply::Service(view) = c.handle(expose("wallet", None, vec![])).unwrap() else { panic!() };
+        let tor = view.tor.unwrap();
+        assert_eq!((tor.port, tor.authorized_only, tor.address), (9737, false, None));
+        let Reply::Service(view) = c.handle(expose("wallet", Some(80), vec![client("phone")])).unwrap() else {
+            panic!()
+        };
+        let tor = view.tor.unwrap();
+        assert_eq!((tor.port, tor.authorized_only, tor.clients), (80, true, vec![label("phone")]));
+        let Reply::Service(view) = c.handle(expose("wallet", None, vec![client("laptop")])).unwrap() else { panic!() };
+        assert_eq!(view.tor.as_ref().map(|t| (t.port, t.clients.len())), Some((80, 2)));
+        refused(&mut c, expose("wallet", None, vec![client("phone")]), "already a client");
+        refused(&mut c, unexpose("wallet", &["tablet"]), "not a client");
+        refused(
+            &mut c,
+            Request::ServiceUpdate {
+                name: label("wallet"),
+                target: "127.0.0.1:9737".parse().unwrap(),
+                port: None,
+                protocol: Some(Protocol::Udp),
+            },
+            "stays TCP",
+        );
+
+        // A client goes with its device; the last one taken off leaves it for clients only, served to nobody.
+        c.handle(Request::DeviceRemove { name: label("laptop") }).unwrap();
+        let Reply::Service(view) = c.handle(unexpose("wallet", &["phone"])).unwrap() else { panic!() };
+        let tor = view.tor.unwrap();
+        assert!(tor.authorized_only && tor.clients.is_empty(), "{tor:?}");
+        let Reply::Service(view) = c.handle(unexpose("wallet", &[])).unwrap() else { panic!() };
+        assert_eq!(view.tor, None);
+
+        // At most what a descriptor holds.
+        for i in 0..MAX_CLIENTS {
+            let public_key = PrivateKey::generate().public_key();
+            let name = label(&format!("d{i}"));
+            c.handle(Request::DeviceAdd { name, allow: vec![label("wallet")], public_key, expect: None }).unwrap();
+        }
+        let all: Vec<OnionClient> = (0..MAX_CLIENTS).map(|i| client(&format!("d{i}"))).collect();
+        c.handle(expose("wallet", None, all)).unwrap();
+        let public_key = PrivateKey::generate().public_key();
+        c.handle(Request::DeviceAdd {
+            name: label("one-more"),
+            allow: vec![label("wallet")],
+            public_key,
+            expect: None,
+        })
+        .unwrap();
+        refused(&mut c, expose("wallet", None, vec![client("one-more")]), &format!("at most {MAX_CLIENTS}"));
+
+        // Removing the service takes its onion service with it.
+        c.handle(Request::ServiceRemove { name: label("wallet") }).unwrap();
+        assert!(c.snapshot().unwrap().onions.is_empty());
+    }
 }

@@ -83,8 +83,8 @@ pub struct Tor {
     state: StateDir,
     /// Where each planned service stands: its address, or why it cannot be served.
     reports: BTreeMap<Label, OnionReport>,
-    /// The supervisor's task and what it is told: how many services, and a counter bumped on each change.
-    task: Option<(watch::Sender<(usize, u64)>, JoinHandle<()>)>,
+    /// The supervisor's task, once tor was needed.
+    task: Option<Supervision>,
     generation: u64,
     /// The last `torrc` written.
     torrc: Option<String>,
@@ -124,8 +124,9 @@ impl Tor {
         }
     }
 
-    /// Write every file of `plan`; the addresses, and whether the `torrc` changed. The binary is checked
-    /// first, so a missing or old tor writes nothing.
+    /// Write every file of `plan`; the addresses, and whether any file tor reads changed (the `torrc`, a key, a
+    /// client list: tor rereads them all on SIGHUP and publishes new descriptors). The binary is checked first, so
+    /// a missing or old tor writes nothing.
     async fn write(
         &mut self,
         plan: &OnionPlan,
@@ -142,9 +143,11 @@ impl Tor {
         private_dir(&root.join("onion"))?;
         let mut addresses = BTreeMap::new();
         let mut services = Vec::new();
+        let mut changed = false;
         for (name, service) in plan {
             let dir = root.join("onion").join(name.as_str());
-            let key = self.service_files(&dir, &service.clients)?;
+            let (key, files_changed) = self.service_files(&dir, &service.clients)?;
+            changed |= files_changed;
             addresses.insert(name.clone(), key.address());
             let target = resolve(&service.target).await?;
             services.push(OnionServiceConfig { dir, port: service.port, target });
@@ -152,8 +155,8 @@ impl Tor {
         let config =
             TorConfig { data_dir: root.join("data"), services, pow: build.pow, owner: std::process::id(), extra };
         let text = config.render()?;
-        let changed = self.torrc.as_ref() != Some(&text);
-        if changed {
+        if self.torrc.as_ref() != Some(&text) {
+            changed = true;
             self.state.replace_private_file(&root.join("torrc"), text.as_bytes())?;
             self.torrc = Some(text);
         }
@@ -161,14 +164,15 @@ impl Tor {
     }
 
     /// Make `dir` a `HiddenServiceDir`: its key (read, or made and written if missing) and exactly `clients`
-    /// in `authorized_clients/`. Returns the key.
+    /// in `authorized_clients/`. Returns the key, and whether a file was written or removed.
     fn service_files(
         &self,
         dir: &Path,
         clients: &BTreeMap<Label, meshd_core::tor::client::ClientPublicKey>,
-    ) -> anyhow::Result<OnionKey> {
+    ) -> anyhow::Result<(OnionKey, bool)> {
         private_dir(dir)?;
         let secret = dir.join(SECRET_KEY_FILE);
+        let mut changed = false;
         let key = match self.state.read_private_file(&secret)? {
             Some(bytes) => OnionKey::from_secret_file(&bytes).with_context(|| format!("{}", secret.display()))?,
             None => {
@@ -176,6 +180,7 @@ impl Tor {
                 self.state.replace_private_file(&dir.join(PUBLIC_KEY_FILE), &key.public_file())?;
                 self.state.replace_private_file(&secret, &key.secret_file())?;
                 info!(address = %key.address(), dir = %dir.display(), "made a new onion service key");
+                changed = true;
                 key
             }
         };
@@ -186,6 +191,7 @@ impl Tor {
             let device = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<Label>().ok());
             if !device.is_some_and(|d| clients.contains_key(&d)) {
                 fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                changed = true;
             }
         }
         for (device, key) in clients {
@@ -193,9 +199,10 @@ impl Tor {
             let line = key.auth_line();
             if fs::read_to_string(&path).ok().as_deref() != Some(line.as_str()) {
                 self.state.replace_private_file(&path, line.as_bytes())?;
+                changed = true;
             }
         }
-        Ok(key)
+        Ok((key, changed))
     }
 
     /// Tell the supervisor there are `services` services now, `changed` if the files changed.
@@ -205,14 +212,14 @@ impl Tor {
         }
         let generation = self.generation;
         match &self.task {
-            Some((tx, _)) => {
-                let _ = tx.send((services, generation));
+            Some(supervision) => {
+                let _ = supervision.desired.send((services, generation));
             }
             None if services > 0 => {
-                let (tx, rx) = watch::channel((services, generation));
+                let (desired, rx) = watch::channel((services, generation));
                 let torrc = self.state.root().join("tor").join("torrc");
                 let task = tokio::spawn(supervise(self.options.binary(), torrc, rx));
-                self.task = Some((tx, task));
+                self.task = Some(Supervision { desired, task });
             }
             None => {}
         }
@@ -220,11 +227,20 @@ impl Tor {
 
     /// Stop tor, if it runs.
     pub async fn shut_down(self) {
-        if let Some((tx, task)) = self.task {
-            drop(tx);
+        if let Some(Supervision { desired, task }) = self.task {
+            drop(desired);
             let _ = task.await;
         }
     }
+}
+
+/// What the supervisor is told: how many services, and a counter bumped on each change of the files.
+type Desired = (usize, u64);
+
+/// The supervisor's task and the channel that tells it what is desired (closed: stop tor and end).
+struct Supervision {
+    desired: watch::Sender<Desired>,
+    task: JoinHandle<()>,
 }
 
 /// Make `dir` if missing, and make it 0700 (tor refuses a `HiddenServiceDir` or `DataDirectory` others can
@@ -253,7 +269,7 @@ async fn resolve(target: &meshd_core::input::HostPort) -> anyhow::Result<std::ne
 }
 
 /// Run the supervisor of one tor until the sender of `desired` is dropped; then stop tor.
-async fn supervise(binary: PathBuf, torrc: PathBuf, mut desired: watch::Receiver<(usize, u64)>) {
+async fn supervise(binary: PathBuf, torrc: PathBuf, mut desired: watch::Receiver<Desired>) {
     let mut supervisor = Supervisor::default();
     let mut child: Option<Child> = None;
     let mut lines = None;

@@ -872,7 +872,7 @@ mod tests {
         assert_eq!(from, d);
         apply(&mut copy, &changes);
         assert_eq!(digest(&copy), to);
-        assert_eq!(copy, s);
+        assert_eq!(*copy, s);
 
         s.nodes.retain(|n| n.name.as_str() != "vps");
         publisher.publish(s);

@@ -224,14 +224,16 @@ async fn handle(
 ) -> Outcome {
     let is_change = request.is_change();
     let reply = match crate::controller::outcome(controller.handle(request)) {
-        Outcome::Ok(reply) => reply,
+        Outcome::Ok(reply) => *reply,
         refused => return refused,
     };
     if is_change && let Err(e) = publish_change(controller, host, publisher).await {
         error!(error = format!("{e:#}"), "applying the change failed");
         return Outcome::Error(format!("the change was saved but applying it failed: {e:#}"));
     }
-    Outcome::Ok(with_handshakes(host, with_onions(host, reports, with_certificates(host, reports, reply))).await)
+    Outcome::Ok(Box::new(
+        with_handshakes(host, with_onions(host, reports, with_certificates(host, reports, reply))).await,
+    ))
 }
 
 /// Fill in the state of each public name's certificate, as its holder (the relay in terminate mode, the service's
