@@ -17,8 +17,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use meshd_e2e::{
-    MeshHost, Netns, Proc, TorNetwork, assert_refused, describe, meshctl, output, product_bin, require_root, run_json,
-    run_ok, wait_until,
+    MeshHost, Netns, Proc, TorNetwork, assert_refused, describe, meshctl, output, product_bin, require_root, router,
+    run_json, run_ok, uplink, wait_until,
 };
 use serde_json::Value;
 
@@ -134,6 +134,11 @@ fn meshd_keys_are_what_tor_reads() {
     let web = service(&hub.state, "web");
     assert_eq!(web["tor"]["port"], 80, "{web}");
     assert_eq!(web["tor"]["authorized_only"], false, "{web}");
+    let table = run_ok(meshctl(&hub.state).args(["service", "list"]));
+    assert!(table.contains(&format!("http://{address}/")) && table.contains("anyone with the address"), "{table}");
+    let with_qr = run_ok(meshctl(&hub.state).args(["service", "list", "--qr"]));
+    let qr_lines = with_qr.lines().skip_while(|l| !l.starts_with(&format!("web (http://{address}/):"))).skip(1);
+    assert!(qr_lines.take_while(|l| !l.is_empty()).filter(|l| l.contains('\u{2580}')).count() > 10, "{with_qr}");
 
     // The supervised tor, offline, derives the hostname from the key meshd wrote.
     let service_dir = tor_dir.join("onion/web");
@@ -365,4 +370,99 @@ fn onion_round_trip_with_client_authorization() {
     assert!(stopped, "tor still serves a service nobody may find");
     network.assert_running();
     eprintln!("onion round trip done after {:?}", started.elapsed());
+}
+
+#[test]
+fn a_members_onion_service_is_its_own_and_reported_to_the_hub() {
+    if !require_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let router = router("router");
+    let hub = MeshHost::new("hub", root, "onm");
+    let home = MeshHost::new("home", root, "onm");
+    for (i, host) in [&hub, &home].into_iter().enumerate() {
+        uplink(&router, &host.ns, &format!("172.31.23{i}"));
+    }
+    hub.init_hub("172.31.230.2:51820", &[]);
+    let _hub_daemon = run_hub(&hub, &root.join("hub.log"), &[]);
+    let token = run_ok(meshctl(&hub.state).args(["node", "invite", "home"]));
+    let joined = home.join(token.trim(), &home.state, Some("172.31.231.2:51820"));
+    assert!(joined.status.success(), "join: {}", describe(&joined));
+    let offline = root.join("offline.torrc");
+    fs::write(&offline, "DisableNetwork 1\n").unwrap();
+    let home_log = root.join("home.log");
+    let mut home_daemon = home.run_daemon_with(&home_log, &["--tor-config", offline.to_str().unwrap()]);
+    run_ok(meshctl(&hub.state).args(["service", "add", "btcpay", "--node", "home", "--target", WEB_TARGET]));
+    run_ok(meshctl(&hub.state).args(["device", "add", "phone", "--allow", "btcpay", "--conf", "-"]));
+
+    // The member makes the key and runs tor; the hub's list shows what the member reported, which is what tor
+    // derives from the member's key. The hub runs no tor: nothing of its own is served over Tor.
+    let out = run_ok(meshctl(&hub.state).args(["expose", "btcpay", "--tor", "--client", "phone"]));
+    let address = onion_address(&hub.state, "btcpay");
+    assert!(out.contains(address.trim_end_matches(".onion")), "the client line: {out}");
+    let hostname = home.state.join("tor/onion/btcpay/hostname");
+    let written = wait_until(Duration::from_secs(20), || hostname.exists());
+    assert!(written, "no tor on the member wrote {}; its log:\n{}", hostname.display(), home_daemon.log_text());
+    assert_eq!(fs::read_to_string(&hostname).unwrap().trim(), address);
+    assert!(!hub.state.join("tor").exists(), "the hub wrote Tor files for a member's service");
+    assert!(home.state.join("tor/onion/btcpay/authorized_clients/phone.auth").exists());
+
+    // A restarted member keeps the address (SIGKILL: its tor exits by itself, as meshd's owned child).
+    let tor = tor_children(home_daemon.pid());
+    assert_eq!(tor.len(), 1, "the member supervises one tor");
+    home_daemon.kill_hard();
+    let gone = wait_until(Duration::from_secs(30), || !Path::new(&format!("/proc/{}", tor[0])).exists());
+    assert!(gone, "the member's tor outlived its meshd");
+    let home_daemon = home.run_daemon_with(&home_log, &["--tor-config", offline.to_str().unwrap()]);
+    let restarted = wait_until(Duration::from_secs(30), || tor_children(home_daemon.pid()).len() == 1);
+    assert!(restarted, "the restarted member did not start tor again");
+    assert_eq!(onion_address(&hub.state, "btcpay"), address);
+
+    // A member whose tor is too old says so, and the hub shows it; adding a client then fails and changes nothing.
+    drop(home_daemon);
+    // The `tor` on its PATH is an old one until `upgraded` exists, then Debian's.
+    let fake_bin = root.join("bin");
+    fs::create_dir(&fake_bin).unwrap();
+    let upgraded = root.join("upgraded");
+    let script = format!(
+        "#!/bin/sh\nif [ -e {} ]; then exec /usr/bin/tor \"$@\"; fi\necho 'Tor version 0.3.0.1.'\n",
+        upgraded.display()
+    );
+    fs::write(fake_bin.join("tor"), script).unwrap();
+    fs::set_permissions(fake_bin.join("tor"), fs::Permissions::from_mode(0o755)).unwrap();
+    let mut run = home.ns.command(product_bin("meshd"));
+    run.env("PATH", format!("{}:{}", fake_bin.display(), std::env::var("PATH").unwrap()));
+    run.args(["run", "--wireguard", "userspace", "--tor-config"]).arg(&offline).arg("--state-dir").arg(&home.state);
+    let mut old_tor = Proc::spawn_logged(run, "meshd run on home (old tor on PATH)", &home_log);
+    let mut error = None;
+    let reported = wait_until(Duration::from_secs(30), || {
+        error = service(&hub.state, "btcpay")["tor"]["error"].as_str().map(str::to_string);
+        error.is_some()
+    });
+    assert!(reported, "the member reported no error: {}", service(&hub.state, "btcpay"));
+    assert!(error.as_deref().unwrap_or_default().contains("0.3.0.1"), "{error:?}");
+    let table = run_ok(meshctl(&hub.state).args(["service", "list"]));
+    assert!(table.contains("cannot serve") && table.contains("0.3.0.1"), "{table}");
+    let before = service(&hub.state, "btcpay");
+    let refused = output(meshctl(&hub.state).args(["expose", "btcpay", "--tor", "--client", "phone2"]));
+    assert_refused(&refused, &["phone2"]);
+    run_ok(meshctl(&hub.state).args(["device", "add", "phone2", "--allow", "btcpay", "--conf", "-"]));
+    let refused = output(meshctl(&hub.state).args(["expose", "btcpay", "--tor", "--client", "phone2"]));
+    assert_refused(&refused, &["cannot serve btcpay over Tor", "0.3.0.1", "nothing was changed"]);
+    assert_eq!(service(&hub.state, "btcpay")["tor"], before["tor"], "a failed expose changed the onion service");
+    assert_eq!(fs::read_to_string(&hostname).unwrap().trim(), address, "the key stays");
+    // The mesh does not wait for tor: the member is up and in touch with the hub all along.
+    old_tor.assert_running("without a usable tor");
+    let nodes = run_json(meshctl(&hub.state).args(["node", "list", "--json"]));
+    let home_ip = nodes.as_array().unwrap().iter().find(|n| n["name"] == "home").unwrap()["address"].clone();
+    assert!(hub.pings(home_ip.as_str().unwrap()), "the member's mesh is down");
+
+    // tor upgraded: the member serves it again by itself within seconds, with the same address.
+    fs::write(&upgraded, "").unwrap();
+    assert_eq!(onion_address(&hub.state, "btcpay"), address);
+    assert_eq!(service(&hub.state, "btcpay")["tor"]["error"], Value::Null);
+    let out = run_ok(meshctl(&hub.state).args(["expose", "btcpay", "--tor", "--client", "phone2"]));
+    assert!(out.contains(address.trim_end_matches(".onion")), "{out}");
 }

@@ -318,7 +318,10 @@ fn hand_out_clients(
             continue;
         }
         let written = super::onion::find(cx, service).and_then(|view| super::onion::address_of(cx, view)).and_then(
-            |(_, address)| {
+            |(view, address)| {
+                let Some(address) = address else {
+                    bail!("node {} did not report its onion address within 30 s (is it online?)", view.node)
+                };
                 for line in lines.iter_mut().filter(|l| &l.service == service) {
                     let key =
                         keys.get(&(line.service.clone(), line.device.clone())).context("a client without a key")?;

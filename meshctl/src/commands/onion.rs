@@ -59,12 +59,25 @@ pub fn expose_tor(
         Reply::Service(view) => view,
         other => return unexpected(other),
     };
-    if keys.is_empty() {
+    // Without a daemon nobody can report an address now: the exposure waits for `meshd run`.
+    if keys.is_empty() && cx.admin.answered_offline() {
         return report(cx, &view);
     }
-    // From here the clients are stored: unless their lines reach the operator, they are taken off again.
-    let handed =
-        address_of(cx, view).and_then(|(view, address)| hand_out(&keys, &address, &mut files, out.qr).map(|()| view));
+    // From here the change is stored: unless the node can serve it (and the clients' lines reach the operator),
+    // it is taken back.
+    let handed = match address_of(cx, view) {
+        Ok((view, Some(address))) => hand_out(&keys, &address, &mut files, out.qr).map(|()| view),
+        // An onion service without clients may wait for its node to come online.
+        Ok((view, None)) if keys.is_empty() => Ok(view),
+        Ok((view, None)) => Err(anyhow!(
+            "node {} did not report the onion address of {} within {} s, so the client lines cannot be made (is it \
+             online? meshctl node list shows when it was last heard)",
+            view.node,
+            view.name,
+            ADDRESS_WAIT.as_secs()
+        )),
+        Err(e) => Err(e),
+    };
     match handed {
         Ok(view) => report(cx, &view),
         Err(e) => match cx.admin.send(undo(&service, before, &clients)) {
@@ -139,26 +152,21 @@ pub(super) fn find(cx: &Context, name: &Label) -> anyhow::Result<ServiceView> {
     }
 }
 
-/// The service's view once its node has reported the onion address. Errors: the node reported why it cannot
-/// serve it, or said nothing within [`ADDRESS_WAIT`].
-pub(super) fn address_of(cx: &Context, mut view: ServiceView) -> anyhow::Result<(ServiceView, OnionAddress)> {
+/// The service's view once its node has reported the onion address, or without one if the node said nothing
+/// within [`ADDRESS_WAIT`] (offline). Errors: the node reported why it cannot serve it.
+pub(super) fn address_of(cx: &Context, mut view: ServiceView) -> anyhow::Result<(ServiceView, Option<OnionAddress>)> {
     let deadline = Instant::now() + ADDRESS_WAIT;
     loop {
         match &view.tor {
             Some(OnionView { address: Some(address), .. }) => {
                 let address = address.clone();
-                return Ok((view, address));
+                return Ok((view, Some(address)));
             }
             Some(OnionView { error: Some(error), .. }) => {
                 bail!("node {} cannot serve {} over Tor: {}", view.node, view.name, clean(error))
             }
             Some(_) if Instant::now() < deadline => std::thread::sleep(POLL),
-            Some(_) => bail!(
-                "node {} did not report the onion address of {} within {} s (is it online? meshctl node list shows when it was last heard)",
-                view.node,
-                view.name,
-                ADDRESS_WAIT.as_secs()
-            ),
+            Some(_) => return Ok((view, None)),
             None => bail!("service {} is not served over Tor", view.name),
         }
         view = find(cx, &view.name)?;

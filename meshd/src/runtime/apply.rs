@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::anyhow;
 use ipnet::IpNet;
 use tokio::sync::watch;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use super::paths::{LastHeard, PathKeeper};
 use super::rules::RulesKeeper;
@@ -23,7 +23,7 @@ use crate::relay::Public;
 use meshd_core::keys::{PrivateKey, PublicKey};
 use meshd_core::model::Snapshot;
 use meshd_core::plan::dns::DNS_PORT;
-use meshd_core::plan::{self, DnsPlan, HostPlan, PeerPlan, nftables};
+use meshd_core::plan::{self, DnsPlan, HostPlan, OnionPlan, PeerPlan, nftables};
 use meshd_core::reconcile::{self, HostStep};
 
 /// Where upstream resolvers are read from.
@@ -58,6 +58,9 @@ pub(super) struct Host {
     pub(super) public: Public,
     /// The onion services of this host's services, and the tor that serves them.
     pub(super) tor: Tor,
+    /// Why the onion services could not be served (no tor, one too old), as last logged. The rest of the host
+    /// does not wait for them: they are tried again every [`APPLY_RETRY`] (see [`Host::unapplied`]).
+    onion_error: Option<String>,
 }
 
 impl Host {
@@ -81,6 +84,7 @@ impl Host {
             rules_loaded: false,
             up: false,
             unapplied: false,
+            onion_error: None,
             interface: None,
             forwarders: Forwarders::default(),
             dns: None,
@@ -106,6 +110,9 @@ impl Host {
         match self.execute(&plan, reconcile::bring_up(&plan)).await {
             Ok(_) => {
                 self.up = true;
+                if self.onion_error.is_some() {
+                    self.plan.onions = OnionPlan::default();
+                }
                 Ok(self)
             }
             Err(e) => {
@@ -120,10 +127,21 @@ impl Host {
     pub(super) async fn reconcile(&mut self, snapshot: &Snapshot) -> anyhow::Result<Vec<(PublicKey, PeerPlan)>> {
         let new = plan_host(snapshot, &self.name, self.dns_port)?;
         let steps = reconcile::steps(&self.plan, &new);
+        let onions = self.plan.onions.clone();
         let executed = self.execute(&new, steps).await;
         self.unapplied = executed.is_err();
         let renewable = executed?;
         self.plan = new;
+        if self.onion_error.is_some() {
+            if self.plan.onions.is_empty() {
+                // Nothing left to serve: nothing left to fail.
+                self.onion_error = None;
+                let _ = self.tor.apply(&OnionPlan::default()).await;
+            } else {
+                // Not served: the next try plans them again.
+                self.plan.onions = onions;
+            }
+        }
         Ok(renewable)
     }
 
@@ -132,7 +150,7 @@ impl Host {
     /// it for the next change. The steps already done are not repeated (the plan the host matches is
     /// kept step by step).
     pub(super) fn unapplied(&self) -> bool {
-        self.unapplied
+        self.unapplied || self.onion_error.is_some()
     }
 
     /// Carry out `steps` toward `new`, in order; the first failure stops them. Returns the peers that
@@ -182,10 +200,22 @@ impl Host {
                     self.public.apply(&public)?;
                     self.plan.public = public;
                 }
-                HostStep::ServeOnions(onions) => {
-                    self.tor.apply(&onions).await?;
-                    self.plan.onions = onions;
-                }
+                // A host without a usable tor keeps its mesh; its report tells the hub why (`service list`).
+                HostStep::ServeOnions(onions) => match self.tor.apply(&onions).await {
+                    Ok(()) => {
+                        if self.onion_error.take().is_some() {
+                            info!("serving the onion services now");
+                        }
+                        self.plan.onions = onions;
+                    }
+                    Err(e) => {
+                        let text = format!("{e:#}");
+                        if self.onion_error.as_ref() != Some(&text) {
+                            error!(error = %text, "cannot serve the onion services; trying again every 2 s");
+                        }
+                        self.onion_error = Some(text);
+                    }
+                },
                 HostStep::UpdateDns(records) => {
                     if let Some(server) = &self.dns {
                         server.update(records).await;
