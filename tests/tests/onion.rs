@@ -221,6 +221,21 @@ fn meshd_keys_are_what_tor_reads() {
     let applied = apply();
     assert!(applied.contains("- unexpose web from Tor"), "{applied}");
     assert_eq!(service(&hub.state, "web")["tor"], Value::Null);
+
+    // A tor that exits at start (a bad --tor-config line): meshd keeps serving the mesh and says why.
+    daemon.stop(Duration::from_secs(10));
+    let bad = root.path().join("bad.torrc");
+    fs::write(&bad, "NoSuchOption 1\n").unwrap();
+    let mut daemon = run_hub(&hub, &log, &["--tor-config", bad.to_str().unwrap()]);
+    run_ok(meshctl(&hub.state).args(["expose", "web", "--tor"]));
+    let mut error = String::new();
+    let told = wait_until(Duration::from_secs(20), || {
+        error = service(&hub.state, "web")["tor"]["error"].as_str().unwrap_or_default().to_string();
+        !error.is_empty()
+    });
+    assert!(told && error.contains("tor exited") && error.contains("NoSuchOption"), "{error:?}");
+    let table = run_ok(meshctl(&hub.state).args(["service", "list"]));
+    assert!(table.contains("cannot serve: tor exited"), "{table}");
     daemon.assert_running("serving");
 }
 

@@ -106,18 +106,20 @@ impl TorConfig {
         out += &format!("DataDirectory {}\n", quote(&self.data_dir)?);
         out += "SocksPort 0\nLog notice stdout\nRunAsDaemon 0\n";
         out += &format!("__OwningControllerProcess {}\n", self.owner);
-        for service in &self.services {
-            out += &format!("\nHiddenServiceDir {}\n", quote(&service.dir)?);
-            out += &format!("HiddenServicePort {} {}\n", service.port, service.target);
-            if self.pow {
-                out += "HiddenServicePoWDefensesEnabled 1\n";
-            }
-        }
+        // Before the services: tor reads a `HiddenService...` option as the last `HiddenServiceDir`'s, so a stray
+        // one here is refused by tor rather than quietly changing one of meshd's services.
         if !self.extra.is_empty() {
             out += "\n# From --tor-config:\n";
             out += &self.extra;
             if !self.extra.ends_with('\n') {
                 out.push('\n');
+            }
+        }
+        for service in &self.services {
+            out += &format!("\nHiddenServiceDir {}\n", quote(&service.dir)?);
+            out += &format!("HiddenServicePort {} {}\n", service.port, service.target);
+            if self.pow {
+                out += "HiddenServicePoWDefensesEnabled 1\n";
             }
         }
         Ok(out)
@@ -171,6 +173,7 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line:?} missing from\n{text}");
         }
+        assert!(text.find("UseBridges").unwrap() < text.find("HiddenServiceDir").unwrap(), "{text}");
         let without = TorConfig { pow: false, extra: String::new(), ..config() }.render().unwrap();
         assert!(!without.contains("PoW") && !without.contains("--tor-config:"), "{without}");
         let bad = TorConfig { data_dir: "/tmp/a\nSocksPort 9050".into(), ..config() };

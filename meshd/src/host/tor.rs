@@ -8,7 +8,7 @@
 //! files in the C tor format, `hostname`, `authorized_clients/DEVICE.auth`). Keys stay when a service stops
 //! being served, so serving it again keeps its address; they are part of a backup of the state directory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -16,8 +16,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
+use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -85,6 +87,9 @@ pub struct Tor {
     reports: BTreeMap<Label, OnionReport>,
     /// The supervisor's task, once tor was needed.
     task: Option<Supervision>,
+    /// Why the running tor does not serve them, as the supervisor last saw it: set when tor exits (with the last
+    /// warning it printed), cleared when a tor is bootstrapped or stopped.
+    failing: Arc<Mutex<Option<String>>>,
     generation: u64,
     /// The last `torrc` written.
     torrc: Option<String>,
@@ -93,12 +98,27 @@ pub struct Tor {
 impl Tor {
     /// Nothing served yet.
     pub fn new(options: TorOptions, state: &StateDir) -> Tor {
-        Tor { options, state: state.clone(), reports: BTreeMap::new(), task: None, generation: 0, torrc: None }
+        Tor {
+            options,
+            state: state.clone(),
+            reports: BTreeMap::new(),
+            task: None,
+            generation: 0,
+            torrc: None,
+            failing: Arc::default(),
+        }
     }
 
-    /// Where each onion service of the last plan stands, by service.
-    pub fn reports(&self) -> &BTreeMap<Label, OnionReport> {
-        &self.reports
+    /// Where each onion service of the last plan stands, by service: its address, or why it is not served (its
+    /// files could not be made, or tor keeps exiting).
+    pub fn reports(&self) -> BTreeMap<Label, OnionReport> {
+        let failing = self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        match failing {
+            Some(error) => {
+                self.reports.keys().map(|service| (service.clone(), OnionReport::Error(error.clone()))).collect()
+            }
+            None => self.reports.clone(),
+        }
     }
 
     /// Serve exactly the onion services of `plan`: keys made where missing, clients listed, the `torrc`
@@ -218,7 +238,7 @@ impl Tor {
             None if services > 0 => {
                 let (desired, rx) = watch::channel((services, generation));
                 let torrc = self.state.root().join("tor").join("torrc");
-                let task = tokio::spawn(supervise(self.options.binary(), torrc, rx));
+                let task = tokio::spawn(supervise(self.options.binary(), torrc, rx, self.failing.clone()));
                 self.task = Some(Supervision { desired, task });
             }
             None => {}
@@ -269,16 +289,28 @@ async fn resolve(target: &meshd_core::input::HostPort) -> anyhow::Result<std::ne
 }
 
 /// Run the supervisor of one tor until the sender of `desired` is dropped; then stop tor.
-async fn supervise(binary: PathBuf, torrc: PathBuf, mut desired: watch::Receiver<Desired>) {
+async fn supervise(
+    binary: PathBuf,
+    torrc: PathBuf,
+    mut desired: watch::Receiver<Desired>,
+    failing: Arc<Mutex<Option<String>>>,
+) {
     let mut supervisor = Supervisor::default();
     let mut child: Option<Child> = None;
     let mut lines = None;
     let mut seen = None;
+    // The last two warnings or errors tor printed, to say why it exited (its detail is usually the warning
+    // before a generic "[err] Reading config failed--see warnings above.").
+    let mut warnings: VecDeque<String> = VecDeque::with_capacity(2);
+    let set_failing = |why: Option<String>| *failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = why;
     loop {
         let (services, generation) = *desired.borrow_and_update();
         let changed = seen != Some(generation);
         seen = Some(generation);
         if let Some(command) = supervisor.configure(services, changed, Instant::now().into_std()) {
+            if command == TorCommand::Stop {
+                set_failing(None);
+            }
             carry_out(command, &binary, &torrc, &mut child, &mut lines, &mut supervisor).await;
         }
         let deadline = supervisor.poll_timeout().map(Instant::from_std);
@@ -289,9 +321,23 @@ async fn supervise(binary: PathBuf, torrc: PathBuf, mut desired: watch::Receiver
                 lines = None;
                 let wait = supervisor.exited(Instant::now().into_std());
                 warn!(status = %status, retry_in = ?wait, "tor exited; starting it again after a wait");
+                let said = match warnings.is_empty() {
+                    true => String::new(),
+                    false => format!("; it last said: {}", warnings.drain(..).collect::<Vec<_>>().join(" ")),
+                };
+                set_failing(Some(format!("tor exited ({status}){said}")));
             }
             line = next_line(&mut lines) => match line {
-                Some(line) => log_line(&line, &mut supervisor),
+                Some(line) => match log_line(&line, &mut supervisor) {
+                    Said::Bootstrapped => set_failing(None),
+                    Said::Warning(warning) => {
+                        if warnings.len() == 2 {
+                            warnings.pop_front();
+                        }
+                        warnings.push_back(warning);
+                    }
+                    Said::Other => {}
+                },
                 None => lines = None,
             },
             () = sleep_until(deadline) => {
@@ -394,15 +440,26 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// What a line of tor's log says that matters to the supervisor.
+enum Said {
+    Bootstrapped,
+    /// A warning or error, without tor's timestamp.
+    Warning(String),
+    Other,
+}
+
 /// Pass a line of tor's log on to meshd's: warnings as warnings, the rest at debug; note when it is
 /// bootstrapped.
-fn log_line(line: &str, supervisor: &mut Supervisor) {
+fn log_line(line: &str, supervisor: &mut Supervisor) -> Said {
     if line.contains("Bootstrapped 100%") {
         supervisor.bootstrapped();
         info!("tor is bootstrapped: the onion services are being published");
-    } else if line.contains("[warn]") || line.contains("[err]") {
+        Said::Bootstrapped
+    } else if let Some(at) = line.find("[warn]").or_else(|| line.find("[err]")) {
         warn!(tor = line, "tor");
+        Said::Warning(line[at..].to_owned())
     } else {
         debug!(tor = line, "tor");
+        Said::Other
     }
 }

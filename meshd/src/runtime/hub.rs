@@ -254,22 +254,28 @@ fn with_certificates(host: &Host, reports: &Reports, mut reply: Reply) -> Reply 
             url.certificate = status.map(|status| CertificateReport { holder: holder.clone(), status });
         }
     };
-    match &mut reply {
+    for_each_service(&mut reply, fill);
+    reply
+}
+
+/// Call `fill` on every service a reply describes.
+fn for_each_service(reply: &mut Reply, fill: impl FnMut(&mut ServiceView)) {
+    match reply {
         Reply::Services(services) => services.iter_mut().for_each(fill),
-        Reply::Service(service) => fill(service),
+        Reply::Service(service) => std::iter::once(service).for_each(fill),
         Reply::Status(status) => status.services.iter_mut().for_each(fill),
         _ => {}
     }
-    reply
 }
 
 /// Fill in each onion service's address (or why it cannot be served), as its node knows it: this host's own,
 /// the members' as they last reported them. A member reports only the services it runs.
 fn with_onions(host: &Host, reports: &Reports, mut reply: Reply) -> Reply {
+    let own = host.tor.reports();
     let fill = |service: &mut ServiceView| {
         let Some(tor) = &mut service.tor else { return };
         let report = if service.node.as_str() == host.name {
-            host.tor.reports().get(&service.name)
+            own.get(&service.name)
         } else {
             reports.onions.get(&service.node).and_then(|served| served.get(&service.name))
         };
@@ -279,12 +285,7 @@ fn with_onions(host: &Host, reports: &Reports, mut reply: Reply) -> Reply {
             None => {}
         }
     };
-    match &mut reply {
-        Reply::Services(services) => services.iter_mut().for_each(fill),
-        Reply::Service(service) => fill(service),
-        Reply::Status(status) => status.services.iter_mut().for_each(fill),
-        _ => {}
-    }
+    for_each_service(&mut reply, fill);
     reply
 }
 

@@ -103,7 +103,7 @@ pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host
                 if news && worth && outgoing.try_send(ToHub::Certificates { certificates: certificates.clone() }.into()).is_ok() {
                     reported = Some(certificates);
                 }
-                let onions = host.tor.reports().clone();
+                let onions = host.tor.reports();
                 if reported_onions.as_ref() != Some(&onions)
                     && (!onions.is_empty() || reported_onions.as_ref().is_some_and(|r| !r.is_empty()))
                     && outgoing.try_send(ToHub::Onions { onions: onions.clone() }.into()).is_ok()
