@@ -88,18 +88,18 @@ enum Command {
         #[arg(long)]
         tor: bool,
         /// The port at the .onion address [default: the one it has, else the service's mesh port].
-        #[arg(long, requires = "tor", value_parser = input::parse_port)]
+        #[arg(long, requires = "tor", conflicts_with = "https", value_parser = input::parse_port)]
         port: Option<u16>,
         /// A device to authorize (repeat for several): from then on only authorized devices can find the
         /// service. Each gets a new client key, printed once as the line Orbot and tor import.
-        #[arg(long = "client", value_name = "DEVICE", requires = "tor")]
+        #[arg(long = "client", value_name = "DEVICE", requires = "tor", conflicts_with = "https")]
         clients: Vec<Label>,
-        /// Also print each client's line as a QR code in the terminal.
-        #[arg(long, requires = "tor")]
+        /// Also print each new client's line as a QR code in the terminal.
+        #[arg(long, requires = "tor", conflicts_with = "https")]
         qr: bool,
-        /// Also write each client's line to DIR/DEVICE.auth_private and its QR code to
-        /// DIR/DEVICE.auth_private.png (0600).
-        #[arg(long, value_name = "DIR", requires = "clients")]
+        /// Also write each new client's line to DIR/DEVICE.auth_private and its QR code to
+        /// DIR/DEVICE.auth_private.png (0600; an existing file is refused before anything changes).
+        #[arg(long, value_name = "DIR", requires = "tor", conflicts_with = "https")]
         out_dir: Option<PathBuf>,
     },
     /// Stop serving a service on a public name, or over Tor (or, with --client, take devices off its clients).
@@ -115,7 +115,7 @@ enum Command {
         tor: bool,
         /// Only take this device off the onion service's clients (repeat for several); its node publishes a new
         /// descriptor without it.
-        #[arg(long = "client", value_name = "DEVICE", requires = "tor")]
+        #[arg(long = "client", value_name = "DEVICE", requires = "tor", conflicts_with = "https")]
         clients: Vec<Label>,
     },
     /// Make the network match a declaration file (TOML): member nodes, services, devices, access rules.
@@ -125,7 +125,8 @@ enum Command {
         /// Print the plan and change nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Directory for the wg-quick configs (NAME.conf, 0600) of new devices.
+        /// Directory for the wg-quick configs (NAME.conf, 0600) of new devices, and the client key lines
+        /// (DEVICE.SERVICE.auth_private and .png, 0600) of new Tor clients.
         #[arg(long, value_name = "DIR", default_value = ".")]
         out_dir: PathBuf,
         /// How long the tokens of new invites stay valid, e.g. 90s, 30m, 1h, 2d.

@@ -17,8 +17,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use meshd_e2e::{
-    MeshHost, Netns, Proc, TorNetwork, assert_refused, describe, meshctl, output, product_bin, require_root, router,
-    run_json, run_ok, uplink, wait_until,
+    MeshHost, Netns, Proc, TorNetwork, assert_refused, describe, files_under, meshctl, output, product_bin,
+    require_root, router, run_json, run_ok, uplink, wait_until,
 };
 use serde_json::Value;
 
@@ -222,6 +222,25 @@ fn meshd_keys_are_what_tor_reads() {
     assert!(applied.contains("- unexpose web from Tor"), "{applied}");
     assert_eq!(service(&hub.state, "web")["tor"], Value::Null);
 
+    // With --json, standard output is the service record alone; the line goes to standard error. A key file in
+    // the way is refused before anything changes.
+    let out = output(
+        meshctl(&hub.state).args(["--json", "expose", "web", "--tor", "--client", "phone", "--out-dir"]).arg(&keys),
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let record: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", describe(&out)));
+    assert_eq!(record["tor"]["clients"], serde_json::json!(["phone"]));
+    let line = fs::read_to_string(keys.join("phone.auth_private")).unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains(line.trim()), "{}", describe(&out));
+    run_ok(meshctl(&hub.state).args(["unexpose", "web", "--tor", "--client", "phone"]));
+    let again =
+        output(meshctl(&hub.state).args(["expose", "web", "--tor", "--client", "phone", "--out-dir"]).arg(&keys));
+    assert_refused(&again, &["phone.auth_private"]);
+    assert_eq!(service(&hub.state, "web")["tor"]["clients"], serde_json::json!([]));
+    assert_eq!(fs::read_to_string(keys.join("phone.auth_private")).unwrap(), line, "the old line was replaced");
+    run_ok(meshctl(&hub.state).args(["unexpose", "web", "--tor"]));
+
     // A tor that exits at start (a bad --tor-config line): meshd keeps serving the mesh and says why.
     daemon.stop(Duration::from_secs(10));
     let bad = root.path().join("bad.torrc");
@@ -320,6 +339,16 @@ fn onion_round_trip_with_client_authorization() {
         let scanned = run_ok(Command::new("zbarimg").args(["--raw", "-q", "-Sbinary"]).arg(&png));
         assert_eq!(scanned.trim(), line, "the QR code holds another line");
         assert!(!fs::read_to_string(&log).unwrap().contains(&line[prefix.len()..]), "a client key was logged");
+        // Handed out once: no file of the hub holds the private key (the database keeps the public half only).
+        let secret = &line[prefix.len()..];
+        for file in files_under(&hub.state) {
+            let bytes = fs::read(&file).unwrap_or_default();
+            assert!(
+                !String::from_utf8_lossy(&bytes).contains(secret),
+                "{} holds a client's private key",
+                file.display()
+            );
+        }
         lines.push(line);
     }
     assert!(lines.iter().all(|l| out.contains(l.as_str())), "the lines are printed once too: {out}");
@@ -356,12 +385,14 @@ fn onion_round_trip_with_client_authorization() {
 
     // Take the phone off: a new descriptor without it. A fresh tor with the laptop's key gets in, one with the
     // phone's key finds the descriptor and cannot read it.
+    let serving = tor_children(daemon.pid());
     run_ok(meshctl(&hub.state).args(["unexpose", "wallet", "--tor", "--client", "phone"]));
     let wallet = service(&hub.state, "wallet");
     assert_eq!(wallet["tor"]["clients"], serde_json::json!(["laptop"]), "{wallet}");
     let authorized = hub.state.join("tor/onion/wallet/authorized_clients");
     let gone = wait_until(Duration::from_secs(10), || !authorized.join("phone.auth").exists());
     assert!(gone && authorized.join("laptop.auth").exists(), "the service's client list was not rewritten");
+    assert_eq!(tor_children(daemon.pid()), serving, "tor was restarted rather than reloaded");
     // Until the service's tor has published the new descriptor (new introduction points first: seconds), the
     // directories still hand out the old one; a fresh tor with the phone's key must be refused within a minute.
     let unexposed = Instant::now();

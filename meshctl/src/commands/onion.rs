@@ -53,6 +53,12 @@ pub fn expose_tor(
         Some(dir) => keys.iter().map(|(device, _)| ClientFiles::open(dir, device)).collect::<anyhow::Result<_>>()?,
         None => Vec::new(),
     };
+    // Client lines need the address, which only a running node reports.
+    if !keys.is_empty() && cx.admin.answered_offline() {
+        bail!(
+            "no meshd is running on this state directory: start `meshd run` first, so the node can report the onion address the client lines need"
+        );
+    }
     let public = keys.iter().map(|(device, key)| OnionClient { device: device.clone(), public_key: key.public_key() });
     let request = Request::ExposeTor { service: service.clone(), port, clients: public.collect() };
     let view = match cx.admin.send(request)? {
@@ -66,7 +72,7 @@ pub fn expose_tor(
     // From here the change is stored: unless the node can serve it (and the clients' lines reach the operator),
     // it is taken back.
     let handed = match address_of(cx, view) {
-        Ok((view, Some(address))) => hand_out(&keys, &address, &mut files, out.qr).map(|()| view),
+        Ok((view, Some(address))) => hand_out(&keys, &address, &mut files, out.qr, cx.json).map(|()| view),
         // An onion service without clients may wait for its node to come online.
         Ok((view, None)) if keys.is_empty() => Ok(view),
         Ok((view, None)) => Err(anyhow!(
@@ -116,8 +122,8 @@ struct ClientFiles {
 impl ClientFiles {
     fn open(dir: &std::path::Path, device: &Label) -> anyhow::Result<ClientFiles> {
         Ok(ClientFiles {
-            line: Output::open(&dir.join(format!("{device}.auth_private")), Format::Conf, Existing::Replace)?,
-            qr: Output::open(&dir.join(format!("{device}.auth_private.png")), Format::Png, Existing::Replace)?,
+            line: Output::open(&dir.join(format!("{device}.auth_private")), Format::Conf, Existing::Refuse)?,
+            qr: Output::open(&dir.join(format!("{device}.auth_private.png")), Format::Png, Existing::Refuse)?,
         })
     }
 }
@@ -179,6 +185,7 @@ fn hand_out(
     address: &OnionAddress,
     files: &mut [ClientFiles],
     qr: bool,
+    json: bool,
 ) -> anyhow::Result<()> {
     let lines: Vec<(&Label, String)> = keys.iter().map(|(d, k)| (d, k.auth_private_line(address))).collect();
     if !files.is_empty() {
@@ -194,11 +201,18 @@ fn hand_out(
         }
     }
     for (device, line) in &lines {
-        // On standard error, like a device's config summary: standard output stays the service record with --json.
         eprintln!("client key of {device} (import it in Orbot or a tor ClientOnionAuthDir; it is shown only now):");
-        println!("{line}");
+        // With --json standard output is the service record alone, so the lines go with the notes.
+        match json {
+            true => eprintln!("{line}"),
+            false => println!("{line}"),
+        }
         if qr {
-            print!("{}", meshd_core::handout::qr_terminal(line)?);
+            let code = meshd_core::handout::qr_terminal(line)?;
+            match json {
+                true => eprint!("{code}"),
+                false => print!("{code}"),
+            }
         }
     }
     Ok(())

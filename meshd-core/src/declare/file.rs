@@ -98,7 +98,7 @@ struct TorTable {
     #[serde(default, deserialize_with = "tor_port")]
     port: Option<u16>,
     #[serde(default)]
-    clients: Vec<Label>,
+    clients: Option<Vec<Label>>,
 }
 
 impl<'de> Deserialize<'de> for TorEntry {
@@ -231,7 +231,16 @@ impl Declaration {
                 None => None,
                 Some(_) if entry.protocol != Protocol::Tcp => return Err(DeclareError::TorOverUdp(entry.name)),
                 Some(table) => {
-                    let clients: BTreeSet<Label> = table.clients.into_iter().collect();
+                    let listed = match table.clients {
+                        Some(listed) if listed.is_empty() => return Err(DeclareError::NoTorClients(entry.name)),
+                        listed => listed.unwrap_or_default(),
+                    };
+                    let clients: BTreeSet<Label> = listed.iter().cloned().collect();
+                    if clients.len() < listed.len() {
+                        let twice = listed.iter().find(|d| listed.iter().filter(|o| o == d).count() > 1);
+                        let device = twice.cloned().unwrap_or_else(|| entry.name.clone());
+                        return Err(DeclareError::TorClientTwice { service: entry.name, device });
+                    }
                     if clients.len() > crate::tor::client::MAX_CLIENTS {
                         let (count, max) = (clients.len(), crate::tor::client::MAX_CLIENTS);
                         return Err(DeclareError::TooManyTorClients { service: entry.name, count, max });

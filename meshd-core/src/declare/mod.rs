@@ -107,6 +107,20 @@ pub enum DeclareError {
         /// The name in its `tor.clients`.
         device: Label,
     },
+    #[error(
+        "service \"{0}\": tor.clients = [] names no client: leave `clients` out for an onion service anyone with the \
+         address may reach, or use tor = false for none"
+    )]
+    /// `tor = { clients = [] }`: neither open to all nor for anyone, so refused.
+    NoTorClients(Label),
+    #[error("service \"{service}\": Tor client \"{device}\" is named twice")]
+    /// A device twice in one service's `tor.clients`.
+    TorClientTwice {
+        /// The service.
+        service: Label,
+        /// The device.
+        device: Label,
+    },
     #[error("service \"{service}\": {count} Tor clients, more than the {max} an onion service descriptor can hold")]
     /// More onion service clients than a descriptor holds ([`crate::tor::client::MAX_CLIENTS`]).
     TooManyTorClients {

@@ -639,6 +639,11 @@ mod tests {
             file("tor = { clients = [\"tablet\"] }"),
             Err(DeclareError::UndeclaredTorClient { service: label("wallet"), device: label("tablet") })
         );
+        assert_eq!(file("tor = { clients = [] }"), Err(DeclareError::NoTorClients(label("wallet"))));
+        assert_eq!(
+            file("tor = { clients = [\"phone\", \"laptop\", \"phone\"] }"),
+            Err(DeclareError::TorClientTwice { service: label("wallet"), device: label("phone") })
+        );
         let udp =
             "[[service]]\nname = \"dns\"\nnode = \"hub\"\ntarget = \"127.0.0.1:53\"\nprotocol = \"udp\"\ntor = true\n";
         assert_eq!(parse(udp), Err(DeclareError::TorOverUdp(label("dns"))));

@@ -163,8 +163,18 @@ pub(super) fn unexpose_tor(w: &Writer<'_>, service: Label, clients: Vec<Label>) 
         }
         return view_of(w, service);
     }
-    if !w.snapshot()?.onions.iter().any(|o| o.service == service) {
+    let s = w.snapshot()?;
+    if !s.onions.iter().any(|o| o.service == service) {
         return Err(ControlError::NotOnion(service));
+    }
+    let mut named = BTreeSet::new();
+    for device in &clients {
+        if !s.devices.iter().any(|d| &d.name == device) {
+            return Err(ControlError::UnknownDevice(device.clone()));
+        }
+        if !named.insert(device) {
+            return Err(ControlError::DeviceTwice(device.clone()));
+        }
     }
     for device in clients {
         if !w.delete_onion_client(&service, &device)? {
@@ -280,7 +290,7 @@ mod tests {
             c.handle(Request::ServiceAdd { name: label(name), node: label("hub"), target, port: None, protocol })
                 .unwrap();
         }
-        for device in ["phone", "laptop"] {
+        for device in ["phone", "laptop", "tablet"] {
             let public_key = PrivateKey::generate().public_key();
             c.handle(Request::DeviceAdd {
                 name: label(device),
@@ -311,7 +321,7 @@ mod tests {
         // Refused, changing nothing.
         refused(&mut c, expose("dns", None, vec![]), "UDP");
         refused(&mut c, expose("ghost", None, vec![]), "no service named");
-        refused(&mut c, expose("wallet", None, vec![client("tablet")]), "tablet");
+        refused(&mut c, expose("wallet", None, vec![client("ghost")]), "ghost");
         refused(&mut c, expose("wallet", None, vec![client("phone"), client("phone")]), "named twice");
         refused(&mut c, unexpose("wallet", &[]), "not an onion service");
 
@@ -327,7 +337,9 @@ mod tests {
         let Reply::Service(view) = c.handle(expose("wallet", None, vec![client("laptop")])).unwrap() else { panic!() };
         assert_eq!(view.tor.as_ref().map(|t| (t.port, t.clients.len())), Some((80, 2)));
         refused(&mut c, expose("wallet", None, vec![client("phone")]), "already a client");
+        refused(&mut c, unexpose("wallet", &["ghost"]), "no device named \"ghost\"");
         refused(&mut c, unexpose("wallet", &["tablet"]), "not a client");
+        refused(&mut c, unexpose("wallet", &["phone", "phone"]), "named twice");
         refused(
             &mut c,
             Request::ServiceUpdate {

@@ -71,6 +71,9 @@ fn build_of(binary: &Path) -> anyhow::Result<TorBuild> {
         .stderr(Stdio::null())
         .output()
         .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound if binary == Path::new("tor") => {
+                anyhow!("no tor on PATH (install tor, or give meshd run --tor-binary PATH)")
+            }
             std::io::ErrorKind::NotFound => {
                 anyhow!("no tor at {} (install tor, or give meshd run --tor-binary PATH)", binary.display())
             }
@@ -318,24 +321,28 @@ async fn supervise(
             gone = desired.changed() => if gone.is_err() { break },
             status = exited(&mut child) => {
                 child = None;
-                lines = None;
+                // What it printed before exiting may not have been read yet: it says why.
+                if let Some(mut rest) = lines.take() {
+                    while let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_millis(200), rest.next_line()).await {
+                        if let Said::Warning(warning) = log_line(&line, &mut supervisor) {
+                            remember(&mut warnings, warning);
+                        }
+                    }
+                }
                 let wait = supervisor.exited(Instant::now().into_std());
                 warn!(status = %status, retry_in = ?wait, "tor exited; starting it again after a wait");
-                let said = match warnings.is_empty() {
-                    true => String::new(),
-                    false => format!("; it last said: {}", warnings.drain(..).collect::<Vec<_>>().join(" ")),
+                // Killed by a signal, its warnings say nothing of why.
+                let said = match (warnings.is_empty(), status.contains("signal")) {
+                    (false, false) => format!("; it last said: {}", warnings.drain(..).collect::<Vec<_>>().join(" ")),
+                    _ => String::new(),
                 };
+                warnings.clear();
                 set_failing(Some(format!("tor exited ({status}){said}")));
             }
             line = next_line(&mut lines) => match line {
                 Some(line) => match log_line(&line, &mut supervisor) {
-                    Said::Bootstrapped => set_failing(None),
-                    Said::Warning(warning) => {
-                        if warnings.len() == 2 {
-                            warnings.pop_front();
-                        }
-                        warnings.push_back(warning);
-                    }
+                    Said::Started => set_failing(None),
+                    Said::Warning(warning) => remember(&mut warnings, warning),
                     Said::Other => {}
                 },
                 None => lines = None,
@@ -440,9 +447,18 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// Keep `warning` among the last two.
+fn remember(warnings: &mut VecDeque<String>, warning: String) {
+    if warnings.len() == 2 {
+        warnings.pop_front();
+    }
+    warnings.push_back(warning);
+}
+
 /// What a line of tor's log says that matters to the supervisor.
 enum Said {
-    Bootstrapped,
+    /// It reports bootstrap progress: its configuration was accepted and it runs.
+    Started,
     /// A warning or error, without tor's timestamp.
     Warning(String),
     Other,
@@ -454,7 +470,14 @@ fn log_line(line: &str, supervisor: &mut Supervisor) -> Said {
     if line.contains("Bootstrapped 100%") {
         supervisor.bootstrapped();
         info!("tor is bootstrapped: the onion services are being published");
-        Said::Bootstrapped
+        Said::Started
+    } else if line.contains("Bootstrapped ") {
+        debug!(tor = line, "tor");
+        Said::Started
+    } else if line.contains("You are running Tor as root") {
+        // meshd runs as root and so does its tor (issue 14's service units drop privileges).
+        debug!(tor = line, "tor");
+        Said::Other
     } else if let Some(at) = line.find("[warn]").or_else(|| line.find("[err]")) {
         warn!(tor = line, "tor");
         Said::Warning(line[at..].to_owned())
