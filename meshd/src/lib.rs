@@ -56,7 +56,14 @@ pub fn parse_args<T: clap::Parser>() -> T {
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
             let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("error: invalid arguments");
+            let mut lines = rendered.lines();
+            let mut first = lines.next().unwrap_or("error: invalid arguments").to_owned();
+            // clap lists what is missing on the lines after a colon: keep them on the one line.
+            if first.ends_with(':') {
+                let listed: Vec<&str> =
+                    lines.map(str::trim).take_while(|l| !l.is_empty() && !l.starts_with("Usage:")).collect();
+                first = format!("{first} {}", listed.join(", "));
+            }
             eprintln!("{first}");
             std::process::exit(2);
         }

@@ -115,6 +115,12 @@ fn meshd_keys_are_what_tor_reads() {
     for (args, code, mentions) in [
         (vec!["expose", "web", "--tor", "--port", "70000"], 2, vec!["70000", "out of range"]),
         (vec!["expose", "web", "--tor", "--port", "0"], 2, vec!["\"0\" is out of range"]),
+        (vec!["expose", "web", "--out-dir", "/tmp"], 2, vec!["not provided", "--tor"]),
+        (
+            vec!["expose", "web", "--https", "web.shop.example", "--relay", "hub", "--client", "phone"],
+            2,
+            vec!["--client"],
+        ),
         (vec!["expose", "web", "--tor", "--client", "ghost"], 1, vec!["ghost"]),
         (vec!["expose", "nothing", "--tor"], 1, vec!["nothing"]),
         (vec!["unexpose", "web", "--tor"], 1, vec!["web", "not an onion service"]),
