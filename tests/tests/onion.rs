@@ -104,6 +104,32 @@ fn meshd_keys_are_what_tor_reads() {
         assert_refused(&out, &mentions.iter().map(|s| &**s).collect::<Vec<_>>());
     }
 
+    // One that never answers `--version` is given up on (and killed with what it started); a --tor-config file
+    // that other users may write, or a FIFO, is refused (its lines would run root's tor).
+    let hanging = root.path().join("tor-hangs");
+    fs::write(&hanging, "#!/bin/sh\nsleep 1000\n").unwrap();
+    fs::set_permissions(&hanging, fs::Permissions::from_mode(0o755)).unwrap();
+    let shared = root.path().join("shared.torrc");
+    fs::write(&shared, "DisableNetwork 1\n").unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o666)).unwrap();
+    let fifo = root.path().join("fifo.torrc");
+    run_ok(Command::new("mkfifo").arg(&fifo));
+    for (flag, path, mentions) in [
+        ("--tor-binary", &hanging, vec!["no answer within 5 s"]),
+        ("--tor-config", &shared, vec!["other users", "666"]),
+        ("--tor-config", &fifo, vec!["not a regular file"]),
+    ] {
+        let started = Instant::now();
+        let mut run = Command::new(product_bin("meshd"));
+        run.args(["run", "--wireguard", "userspace", flag]).arg(path).arg("--state-dir").arg(&hub.state);
+        assert_refused(&output(&mut run), &mentions);
+        assert!(started.elapsed() < Duration::from_secs(10), "{flag} {} took {:?}", path.display(), started.elapsed());
+    }
+    let sleeping = String::from_utf8_lossy(&output(Command::new("pgrep").args(["-c", "-f", "sleep 1000"])).stdout)
+        .trim()
+        .to_string();
+    assert_eq!(sleeping, "0", "the hanging tor's child was left behind");
+
     let log = root.path().join("hub.log");
     let mut daemon = run_hub(&hub, &log, &["--tor-config", offline]);
     run_ok(meshctl(&hub.state).args(["service", "add", "web", "--node", "hub", "--target", WEB_TARGET]));
@@ -391,6 +417,10 @@ fn onion_round_trip_with_client_authorization() {
 
     // Take the phone off: a new descriptor without it. A fresh tor with the laptop's key gets in, one with the
     // phone's key finds the descriptor and cannot read it.
+    // Seen once: a client taken off two seconds after tor's restart stayed able to read the descriptors tor
+    // published (tor's own republishing right after a restart; see the note). Revocation is checked on a
+    // settled service, as an operator meets it.
+    std::thread::sleep(Duration::from_secs(10));
     let serving = tor_children(daemon.pid());
     run_ok(meshctl(&hub.state).args(["unexpose", "wallet", "--tor", "--client", "phone"]));
     let wallet = service(&hub.state, "wallet");
@@ -517,4 +547,67 @@ fn a_members_onion_service_is_its_own_and_reported_to_the_hub() {
     assert_eq!(service(&hub.state, "btcpay")["tor"]["error"], Value::Null);
     let out = run_ok(meshctl(&hub.state).args(["expose", "btcpay", "--tor", "--client", "phone2"]));
     assert!(out.contains(address.trim_end_matches(".onion")), "{out}");
+}
+
+#[test]
+fn planted_links_and_a_broken_service_do_not_bend_the_tor_files() {
+    if !require_root() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let hub = MeshHost::new("hub", root.path(), "onp");
+    hub.init_hub("10.250.2.1:51820", &[]);
+    // Planted before root took the state directory over: the client list of `web` points at a victim directory.
+    let victim = root.path().join("victim");
+    fs::create_dir(&victim).unwrap();
+    fs::set_permissions(&victim, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(victim.join("authorized_keys"), "ssh-ed25519 AAAA victim\n").unwrap();
+    let web_dir = hub.state.join("tor/onion/web");
+    fs::create_dir_all(&web_dir).unwrap();
+    std::os::unix::fs::symlink(&victim, web_dir.join("authorized_clients")).unwrap();
+    let offline = root.path().join("offline.torrc");
+    fs::write(&offline, "DisableNetwork 1\n").unwrap();
+    fs::create_dir_all(hub.ns.etc_dir()).unwrap();
+    let hosts = hub.ns.etc_dir().join("hosts");
+    fs::write(&hosts, "127.0.0.1 localhost\n127.0.0.1 dbhost\n").unwrap();
+    let log = root.path().join("hub.log");
+    let mut daemon = run_hub(&hub, &log, &["--tor-config", offline.to_str().unwrap()]);
+    for (name, target) in
+        [("web", WEB_TARGET), ("bad", "nosuchhost.invalid:5432"), ("db", "dbhost:5432"), ("wallet", "127.0.0.1:9737")]
+    {
+        run_ok(meshctl(&hub.state).args(["service", "add", name, "--node", "hub", "--target", target]));
+    }
+    for device in ["phone", "tablet"] {
+        run_ok(meshctl(&hub.state).args(["device", "add", device, "--allow", "wallet", "--conf", "-"]));
+    }
+
+    // The link is refused, not followed: the victim keeps its file and its mode.
+    let out = output(meshctl(&hub.state).args(["expose", "web", "--tor", "--client", "phone"]));
+    assert_refused(&out, &["symbolic link", "nothing was changed"]);
+    assert_eq!(fs::read_dir(&victim).unwrap().count(), 1, "meshd wrote or deleted through the link");
+    assert!(victim.join("authorized_keys").exists());
+    assert_eq!(mode(&victim), 0o755, "meshd changed the mode through the link");
+    assert_eq!(service(&hub.state, "web")["tor"], Value::Null);
+
+    // A service whose target does not resolve is not served and says why; the others are served and follow
+    // their changes (a client taken off is taken off on disk at once).
+    let out = output(meshctl(&hub.state).args(["expose", "bad", "--tor"]));
+    assert_refused(&out, &["nosuchhost.invalid", "nothing was changed"]);
+    run_ok(meshctl(&hub.state).args(["expose", "wallet", "--tor", "--client", "phone", "--client", "tablet"]));
+    let clients = hub.state.join("tor/onion/wallet/authorized_clients");
+    assert!(clients.join("tablet.auth").exists());
+    // db is served while its name resolves, then the name goes: wallet must not wait for it.
+    run_ok(meshctl(&hub.state).args(["expose", "db", "--tor"]));
+    fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+    run_ok(meshctl(&hub.state).args(["unexpose", "wallet", "--tor", "--client", "tablet"]));
+    let db_error = wait_until(Duration::from_secs(10), || {
+        service(&hub.state, "db")["tor"]["error"].as_str().is_some_and(|e| e.contains("dbhost"))
+    });
+    assert!(db_error, "{}", service(&hub.state, "db"));
+    let revoked = wait_until(Duration::from_secs(10), || !clients.join("tablet.auth").exists());
+    assert!(revoked, "a broken service held up taking a client off another");
+    assert!(clients.join("phone.auth").exists());
+    let torrc = fs::read_to_string(hub.state.join("tor/torrc")).unwrap();
+    assert!(torrc.contains("onion/wallet") && !torrc.contains("onion/db"), "{torrc}");
+    daemon.assert_running("serving");
 }

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::admin::BatchRefused;
 use crate::commands::handout::device_config;
-use crate::commands::onion::{Before, undo};
+use crate::commands::onion::{Before, take_back};
 use crate::commands::{Context, unexpected};
 use crate::output::{Existing, Format, Output};
 
@@ -349,8 +349,8 @@ fn hand_out_clients(
                 .find(|s| &s.name == service && !moved)
                 .and_then(|s| s.tor.as_ref())
                 .and_then(|t| t.port.map(|port| Before { port, authorized_only: t.authorized_only }));
-            let undone = match cx.admin.send(undo(service, before, clients)) {
-                Ok(_) => {
+            let undone = match take_back(cx, service, before, clients) {
+                Ok(()) => {
                     format!("its onion service is as it was before, without new clients {}", declare_list(clients))
                 }
                 Err(undo) => format!("taking its new clients off failed too ({undo:#})"),

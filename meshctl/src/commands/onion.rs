@@ -86,8 +86,8 @@ pub fn expose_tor(
     };
     match handed {
         Ok(view) => report(cx, &view),
-        Err(e) => match cx.admin.send(undo(&service, before, &clients)) {
-            Ok(_) => Err(e.context("nothing was changed")),
+        Err(e) => match take_back(cx, &service, before, &clients) {
+            Ok(()) => Err(e.context("nothing was changed")),
             Err(undo) => Err(e.context(format!("and taking the new clients off failed too ({undo:#})"))),
         },
     }
@@ -100,17 +100,34 @@ pub(super) struct Before {
     pub authorized_only: bool,
 }
 
-/// The request that takes back an exposure that added `clients`: the onion service as it was `before` (none, open
-/// to all, or for its earlier clients only at its earlier port), in one batch.
-pub(super) fn undo(service: &Label, before: Option<Before>, clients: &[Label]) -> Request {
-    let unexpose = |clients: Vec<Label>| Request::UnexposeTor { service: service.clone(), clients };
+/// Take back an exposure that added `clients` (this command's only): they are taken off first, which can only
+/// close; then, unless someone else's clients are there now (another meshctl meanwhile), the onion service is
+/// put back as it was `before`: none, open to all, or at its earlier port. Never opened while others' clients
+/// are listed.
+pub(super) fn take_back(
+    cx: &Context,
+    service: &Label,
+    before: Option<Before>,
+    clients: &[Label],
+) -> anyhow::Result<()> {
+    if !clients.is_empty() {
+        cx.admin.send(Request::UnexposeTor { service: service.clone(), clients: clients.to_vec() })?;
+    }
+    let Some(now) = find(cx, service)?.tor else { return Ok(()) };
+    let unexpose = Request::UnexposeTor { service: service.clone(), clients: Vec::new() };
     let expose = |port| Request::ExposeTor { service: service.clone(), port: Some(port), clients: Vec::new() };
-    let requests = match before {
-        None => vec![unexpose(Vec::new())],
-        Some(Before { port, authorized_only: false }) => vec![unexpose(Vec::new()), expose(port)],
-        Some(Before { port, authorized_only: true }) => vec![unexpose(clients.to_vec()), expose(port)],
+    let restore = match before {
+        None if now.clients.is_empty() => Some(unexpose),
+        Some(Before { port, authorized_only: false }) if now.clients.is_empty() => {
+            Some(Request::Batch { requests: vec![unexpose, expose(port)] })
+        }
+        Some(Before { port, .. }) if now.port != port => Some(expose(port)),
+        _ => None,
     };
-    Request::Batch { requests }
+    if let Some(request) = restore {
+        cx.admin.send(request)?;
+    }
+    Ok(())
 }
 
 /// A client's files in `--out-dir`: `DEVICE.auth_private` (the line) and `DEVICE.auth_private.png` (its QR code).

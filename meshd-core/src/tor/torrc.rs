@@ -93,7 +93,7 @@ pub struct TorConfig {
 
 /// A path that a `torrc` cannot hold.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}: tor's configuration cannot name a path with a line break or a NUL")]
+#[error("{0}: tor's configuration cannot name a path with a line break, a NUL or bytes that are not UTF-8")]
 pub struct TorrcError(PathBuf);
 
 impl TorConfig {
@@ -128,7 +128,7 @@ impl TorConfig {
 
 /// A path as a torrc value: quoted, with `\` and `"` escaped (tor(1): values may be quoted C strings).
 fn quote(path: &Path) -> Result<String, TorrcError> {
-    let text = path.to_string_lossy();
+    let text = path.to_str().ok_or_else(|| TorrcError(path.to_path_buf()))?;
     if text.contains(['\n', '\r', '\0']) {
         return Err(TorrcError(path.to_path_buf()));
     }

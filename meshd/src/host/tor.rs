@@ -10,12 +10,13 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow};
+use anyhow::{Context, anyhow, bail};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -52,10 +53,24 @@ impl TorOptions {
         if let Some(binary) = &self.binary {
             build_of(binary).with_context(|| format!("--tor-binary {}", binary.display()))?;
         }
-        if let Some(extra) = &self.extra_config {
-            fs::read_to_string(extra).with_context(|| format!("--tor-config {}: cannot read it", extra.display()))?;
-        }
+        self.extra()?;
         Ok(())
+    }
+
+    /// The lines of `--tor-config`, read now (empty without it). Errors: not a regular file (a FIFO would block,
+    /// a device never end), over [`MAX_EXTRA`], or one that another user may write (its lines run root's tor).
+    fn extra(&self) -> anyhow::Result<String> {
+        let Some(path) = &self.extra_config else { return Ok(String::new()) };
+        let shown = path.display();
+        let meta = fs::metadata(path).with_context(|| format!("--tor-config {shown}: cannot read it"))?;
+        if !meta.is_file() {
+            bail!("--tor-config {shown}: not a regular file");
+        }
+        if meta.len() > MAX_EXTRA {
+            bail!("--tor-config {shown}: {} bytes, more than the {MAX_EXTRA} a torrc addition may have", meta.len());
+        }
+        trusted(path, &meta).with_context(|| format!("--tor-config {shown}"))?;
+        fs::read_to_string(path).with_context(|| format!("--tor-config {shown}: cannot read it"))
     }
 
     fn binary(&self) -> PathBuf {
@@ -63,13 +78,43 @@ impl TorOptions {
     }
 }
 
-/// What the binary at `binary` is, from `tor --version`. Errors: missing, not tor, too old.
+/// The most a `--tor-config` file may hold, bytes.
+const MAX_EXTRA: u64 = 64 * 1024;
+/// How long `tor --version` may take.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Refuse a file another user could change: owned by someone else, or writable by group or others.
+fn trusted(path: &Path, meta: &fs::Metadata) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me && meta.uid() != 0 {
+        bail!("{} is owned by uid {}: whoever owns it controls the tor meshd runs", path.display(), meta.uid());
+    }
+    if meta.mode() & 0o022 != 0 {
+        bail!(
+            "{} may be written by other users (mode {:o}): make it 0644 or stricter",
+            path.display(),
+            meta.mode() & 0o777
+        );
+    }
+    Ok(())
+}
+
+/// What the binary at `binary` is, from `tor --version`. Errors: missing, not tor, too old, writable by other
+/// users, or no answer within [`VERSION_TIMEOUT`] (it is killed, with what it started).
 fn build_of(binary: &Path) -> anyhow::Result<TorBuild> {
-    let output = std::process::Command::new(binary)
+    if binary.components().count() > 1
+        && let Ok(meta) = fs::metadata(binary)
+    {
+        trusted(binary, &meta)?;
+    }
+    let child = std::process::Command::new(binary)
         .arg("--version")
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .output()
+        .process_group(0)
+        .spawn()
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound if binary == Path::new("tor") => {
                 anyhow!("no tor on PATH (install tor, or give meshd run --tor-binary PATH)")
@@ -79,7 +124,34 @@ fn build_of(binary: &Path) -> anyhow::Result<TorBuild> {
             }
             _ => anyhow!("cannot run {}: {e}", binary.display()),
         })?;
+    let output = wait_with_timeout(child, VERSION_TIMEOUT).ok_or_else(|| {
+        anyhow!("{} --version gave no answer within {} s", binary.display(), VERSION_TIMEOUT.as_secs())
+    })?;
     Ok(TorBuild::parse(&String::from_utf8_lossy(&output.stdout))?)
+}
+
+/// Wait for `child` (the leader of its own process group) up to `timeout`, then kill its whole group, so
+/// nothing it started stays behind holding its output open; its output, or `None` when it had to be killed.
+fn wait_with_timeout(mut child: std::process::Child, timeout: Duration) -> Option<std::process::Output> {
+    let deadline = std::time::Instant::now() + timeout;
+    let finished = loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break true,
+            Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => break false,
+        }
+    };
+    if let Ok(group) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) on the process group this child leads (`process_group(0)`); touches no memory.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+    }
+    match finished {
+        true => child.wait_with_output().ok(),
+        false => {
+            let _ = child.wait();
+            None
+        }
+    }
 }
 
 /// The onion services of this host and the tor that serves them.
@@ -126,7 +198,9 @@ impl Tor {
 
     /// Serve exactly the onion services of `plan`: keys made where missing, clients listed, the `torrc`
     /// written, tor started, told to reload (SIGHUP) or stopped. Errors (no tor, one too old, a file that
-    /// cannot be written) are also kept as every planned service's report.
+    /// cannot be written) are also kept as every planned service's report. A service that cannot be served (its
+    /// target does not resolve, a file in its way) is left out and reported; the others are served all the same,
+    /// and the error returned so that the step is tried again.
     pub async fn apply(&mut self, plan: &OnionPlan) -> anyhow::Result<()> {
         if plan.is_empty() {
             self.reports.clear();
@@ -134,10 +208,19 @@ impl Tor {
             return Ok(());
         }
         match self.write(plan).await {
-            Ok((addresses, changed)) => {
-                self.reports = addresses.into_iter().map(|(service, a)| (service, OnionReport::Address(a))).collect();
-                self.tell(plan.len(), changed);
-                Ok(())
+            Ok((reports, served, changed)) => {
+                let failures: Vec<String> = (reports.iter())
+                    .filter_map(|(service, r)| match r {
+                        OnionReport::Error(e) => Some(format!("{service}: {e}")),
+                        OnionReport::Address(_) => None,
+                    })
+                    .collect();
+                self.reports = reports;
+                self.tell(served, changed);
+                match failures.is_empty() {
+                    true => Ok(()),
+                    false => Err(anyhow!("serving onion services: {}", failures.join("; "))),
+                }
             }
             Err(e) => {
                 let line = format!("{e:#}");
@@ -147,34 +230,41 @@ impl Tor {
         }
     }
 
-    /// Write every file of `plan`; the addresses, and whether any file tor reads changed (the `torrc`, a key, a
-    /// client list: tor rereads them all on SIGHUP and publishes new descriptors). The binary is checked first, so
-    /// a missing or old tor writes nothing.
-    async fn write(
-        &mut self,
-        plan: &OnionPlan,
-    ) -> anyhow::Result<(BTreeMap<Label, meshd_core::tor::onion::OnionAddress>, bool)> {
+    /// Write every file of `plan`; each service's report, how many are served, and whether any file tor reads
+    /// changed (the `torrc`, a key, a client list: tor rereads them all on SIGHUP and publishes new descriptors).
+    /// The binary is checked first, so a missing or old tor writes nothing. Errors: what concerns every service.
+    async fn write(&mut self, plan: &OnionPlan) -> anyhow::Result<(BTreeMap<Label, OnionReport>, usize, bool)> {
         let binary = self.options.binary();
         let build = tokio::task::spawn_blocking(move || build_of(&binary)).await??;
-        let extra = match &self.options.extra_config {
-            Some(path) => fs::read_to_string(path).with_context(|| format!("--tor-config {}", path.display()))?,
-            None => String::new(),
-        };
+        let extra = self.options.extra()?;
         let root = self.state.root().join("tor");
         private_dir(&root)?;
         private_dir(&root.join("data"))?;
         private_dir(&root.join("onion"))?;
-        let mut addresses = BTreeMap::new();
+        let mut reports = BTreeMap::new();
         let mut services = Vec::new();
         let mut changed = false;
         for (name, service) in plan {
             let dir = root.join("onion").join(name.as_str());
-            let (key, files_changed) = self.service_files(&dir, &service.clients)?;
-            changed |= files_changed;
-            addresses.insert(name.clone(), key.address());
-            let target = resolve(&service.target).await?;
-            services.push(OnionServiceConfig { dir, port: service.port, target });
+            let files = self.service_files(&dir, &service.clients);
+            let ready = match files {
+                Ok((key, files_changed)) => {
+                    changed |= files_changed;
+                    resolve(&service.target).await.map(|target| (key, target))
+                }
+                Err(e) => Err(e),
+            };
+            match ready {
+                Ok((key, target)) => {
+                    reports.insert(name.clone(), OnionReport::Address(key.address()));
+                    services.push(OnionServiceConfig { dir, port: service.port, target });
+                }
+                Err(e) => {
+                    reports.insert(name.clone(), OnionReport::Error(format!("{e:#}")));
+                }
+            }
         }
+        let served = services.len();
         let config =
             TorConfig { data_dir: root.join("data"), services, pow: build.pow, owner: std::process::id(), extra };
         let text = config.render()?;
@@ -183,7 +273,7 @@ impl Tor {
             self.state.replace_private_file(&root.join("torrc"), text.as_bytes())?;
             self.torrc = Some(text);
         }
-        Ok((addresses, changed))
+        Ok((reports, served, changed))
     }
 
     /// Make `dir` a `HiddenServiceDir`: its key (read, or made and written if missing) and exactly `clients`
@@ -210,9 +300,12 @@ impl Tor {
         let authorized = dir.join(AUTHORIZED_CLIENTS_DIR);
         private_dir(&authorized)?;
         for entry in fs::read_dir(&authorized).with_context(|| format!("reading {}", authorized.display()))? {
-            let path = entry?.path();
+            let entry = entry?;
+            let path = entry.path();
             let device = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<Label>().ok());
-            if !device.is_some_and(|d| clients.contains_key(&d)) {
+            // Only regular files meshd wrote stay: a link or FIFO planted there is removed, never followed or read.
+            let regular = entry.file_type().is_ok_and(|t| t.is_file());
+            if !regular || !device.is_some_and(|d| clients.contains_key(&d)) {
                 fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
                 changed = true;
             }
@@ -267,11 +360,25 @@ struct Supervision {
 }
 
 /// Make `dir` if missing, and make it 0700 (tor refuses a `HiddenServiceDir` or `DataDirectory` others can
-/// read).
+/// read). One found there must be a real directory of meshd's user: a symbolic link (or another user's
+/// directory), planted before the state directory was handed to root, would have root change, write and delete
+/// wherever it points. Each level is checked before the next is entered, and once checked only root may write it.
 fn private_dir(dir: &Path) -> anyhow::Result<()> {
     match fs::DirBuilder::new().mode(0o700).create(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let meta = fs::symlink_metadata(dir).with_context(|| format!("{}", dir.display()))?;
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let me = unsafe { libc::geteuid() };
+            if meta.file_type().is_symlink() {
+                bail!("{} is a symbolic link: meshd follows none in its state directory; remove it", dir.display());
+            }
+            if !meta.is_dir() {
+                bail!("{} is not a directory: remove it", dir.display());
+            }
+            if meta.uid() != me {
+                bail!("{} is owned by uid {}, not by meshd's: remove it", dir.display(), meta.uid());
+            }
             fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).with_context(|| format!("{}", dir.display()))
         }
         Err(e) => Err(e).with_context(|| format!("creating {}", dir.display())),
@@ -284,8 +391,10 @@ async fn resolve(target: &meshd_core::input::HostPort) -> anyhow::Result<std::ne
         return Ok(std::net::SocketAddr::new(ip, target.port()));
     }
     let text = target.to_string();
-    tokio::net::lookup_host(&text)
+    // Bounded: a resolver that never answers must not hold up the daemon's loop on every retry.
+    tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(&text))
         .await
+        .map_err(|_| anyhow!("looking up the target {text}: no answer within 2 s"))?
         .with_context(|| format!("looking up the target {text}"))?
         .next()
         .ok_or_else(|| anyhow!("the target {text} has no address"))
@@ -323,7 +432,7 @@ async fn supervise(
                 child = None;
                 // What it printed before exiting may not have been read yet: it says why.
                 if let Some(mut rest) = lines.take() {
-                    while let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_millis(200), rest.next_line()).await {
+                    while let Ok(Some(line)) = tokio::time::timeout(Duration::from_millis(200), rest.next_line()).await {
                         if let Said::Warning(warning) = log_line(&line, &mut supervisor) {
                             remember(&mut warnings, warning);
                         }
@@ -359,7 +468,29 @@ async fn supervise(
     }
 }
 
-type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+/// tor's standard output, line by line. Not `tokio::io::Lines`: a line that is not UTF-8 would end it, the pipe
+/// would close and tor die of SIGPIPE. Cancel-safe: a line read in part stays in `partial`.
+struct Lines {
+    reader: BufReader<tokio::process::ChildStdout>,
+    partial: Vec<u8>,
+}
+
+impl Lines {
+    fn new(out: tokio::process::ChildStdout) -> Lines {
+        Lines { reader: BufReader::new(out), partial: Vec::new() }
+    }
+
+    /// The next line, invalid UTF-8 replaced; `None` at the end.
+    async fn next_line(&mut self) -> Option<String> {
+        let read = self.reader.read_until(b'\n', &mut self.partial).await;
+        if matches!(read, Ok(0) | Err(_)) && self.partial.is_empty() {
+            return None;
+        }
+        let line = String::from_utf8_lossy(&self.partial).trim_end().to_owned();
+        self.partial.clear();
+        Some(line)
+    }
+}
 
 async fn carry_out(
     command: TorCommand,
@@ -382,7 +513,7 @@ async fn carry_out(
             match spawned {
                 Ok(mut started) => {
                     info!(pid = started.id(), "started tor");
-                    *lines = started.stdout.take().map(|out| BufReader::new(out).lines());
+                    *lines = started.stdout.take().map(Lines::new);
                     *child = Some(started);
                 }
                 Err(e) => {
@@ -435,7 +566,7 @@ async fn exited(child: &mut Option<Child>) -> String {
 
 async fn next_line(lines: &mut Option<Lines>) -> Option<String> {
     match lines {
-        Some(lines) => lines.next_line().await.ok().flatten(),
+        Some(lines) => lines.next_line().await,
         None => std::future::pending().await,
     }
 }
