@@ -338,7 +338,7 @@ fn onion_round_trip_with_client_authorization() {
     let log = root.path().join("hub.log");
     let daemon = run_hub(&hub, &log, &["--tor-config", test_network.to_str().unwrap()]);
     run_ok(meshctl(&hub.state).args(["service", "add", "wallet", "--node", "hub", "--target", WEB_TARGET]));
-    for device in ["phone", "laptop"] {
+    for device in ["phone", "laptop", "tablet"] {
         run_ok(meshctl(&hub.state).args(["device", "add", device, "--allow", "wallet", "--conf", "-"]));
     }
 
@@ -353,15 +353,15 @@ fn onion_round_trip_with_client_authorization() {
     let out = run_ok(
         meshctl(&hub.state)
             .args(["expose", "wallet", "--tor", "--port", "80"])
-            .args(["--client", "phone", "--client", "laptop", "--out-dir"])
+            .args(["--client", "phone", "--client", "laptop", "--client", "tablet", "--out-dir"])
             .arg(&keys),
     );
     let address = onion_address(&hub.state, "wallet");
     let wallet = service(&hub.state, "wallet");
-    assert_eq!(wallet["tor"]["clients"], serde_json::json!(["laptop", "phone"]), "{wallet}");
+    assert_eq!(wallet["tor"]["clients"], serde_json::json!(["laptop", "phone", "tablet"]), "{wallet}");
     assert_eq!(wallet["tor"]["authorized_only"], true, "{wallet}");
     let mut lines = Vec::new();
-    for device in ["phone", "laptop"] {
+    for device in ["phone", "laptop", "tablet"] {
         let file = keys.join(format!("{device}.auth_private"));
         assert_eq!(mode(&file), 0o600);
         let line = fs::read_to_string(&file).unwrap().trim().to_string();
@@ -417,16 +417,21 @@ fn onion_round_trip_with_client_authorization() {
 
     // Take the phone off: a new descriptor without it. A fresh tor with the laptop's key gets in, one with the
     // phone's key finds the descriptor and cannot read it.
-    // Seen once: a client taken off two seconds after tor's restart stayed able to read the descriptors tor
-    // published (tor's own republishing right after a restart; see the note). Revocation is checked on a
-    // settled service, as an operator meets it.
+    // tor numbers descriptors by the second they are uploaded in: a reload in the very second of the restarted
+    // tor's own first upload (which meshd does not see) is kept out by the directories. Seen once here, two
+    // seconds after the restart; DESIGN.md says so. Revocation is checked on a settled service.
     std::thread::sleep(Duration::from_secs(10));
     let serving = tor_children(daemon.pid());
+    // Two clients taken off within a second: both descriptors must reach the directories (tor numbers them by
+    // the second; meshd spaces its reloads).
     run_ok(meshctl(&hub.state).args(["unexpose", "wallet", "--tor", "--client", "phone"]));
+    run_ok(meshctl(&hub.state).args(["unexpose", "wallet", "--tor", "--client", "tablet"]));
     let wallet = service(&hub.state, "wallet");
     assert_eq!(wallet["tor"]["clients"], serde_json::json!(["laptop"]), "{wallet}");
     let authorized = hub.state.join("tor/onion/wallet/authorized_clients");
-    let gone = wait_until(Duration::from_secs(10), || !authorized.join("phone.auth").exists());
+    let gone = wait_until(Duration::from_secs(10), || {
+        !authorized.join("phone.auth").exists() && !authorized.join("tablet.auth").exists()
+    });
     assert!(gone && authorized.join("laptop.auth").exists(), "the service's client list was not rewritten");
     assert_eq!(tor_children(daemon.pid()), serving, "tor was restarted rather than reloaded");
     // Until the service's tor has published the new descriptor (new introduction points first: seconds), the
@@ -435,12 +440,15 @@ fn onion_round_trip_with_client_authorization() {
     let mut attempts = 0;
     let refused = wait_until(Duration::from_secs(90), || {
         attempts += 1;
-        let mut revoked = network.client(ns, &[("phone", &lines[0])]);
+        let mut revoked = network.client(ns, &[("tablet", &lines[2])]);
         revoked.get(ns, &url, Duration::from_secs(20)).is_none()
             && revoked.log_text().to_lowercase().contains("client authorization")
     });
-    assert!(refused, "a fresh tor with the removed phone's key still gets in after 90 s ({attempts} tries)");
-    eprintln!("the removed phone refused {:?} after the unexpose ({attempts} fresh tors)", unexposed.elapsed());
+    assert!(refused, "a fresh tor with the key removed second still gets in after 90 s ({attempts} tries)");
+    eprintln!("the tablet removed second refused {:?} after the unexpose ({attempts} fresh tors)", unexposed.elapsed());
+    let mut revoked = network.client(ns, &[("phone", &lines[0])]);
+    assert_eq!(revoked.get(ns, &url, Duration::from_secs(20)), None, "the removed phone still gets in");
+    assert!(revoked.log_text().to_lowercase().contains("client authorization"), "{}", revoked.log_text());
     let attempts = fetch_with_fresh_tors(&mut network, ns, &lines[1], &url, Duration::from_secs(60));
     assert!(attempts.is_some(), "the laptop lost access with the phone");
 

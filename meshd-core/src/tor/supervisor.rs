@@ -1,6 +1,6 @@
 //! When meshd's own `tor` process starts, reloads, backs off and stops, as a state machine: the daemon's
-//! `host::tor` tells it what happened ([`Supervisor::configure`], [`Supervisor::started`],
-//! [`Supervisor::bootstrapped`], [`Supervisor::exited`]) and when its timer fires
+//! `host::tor` tells it what happened ([`Supervisor::configure`], [`Supervisor::bootstrapped`],
+//! [`Supervisor::exited`]) and when its timer fires
 //! ([`Supervisor::handle_timeout`]), and carries out the [`Command`]s it returns.
 
 use std::time::{Duration, Instant};
@@ -11,6 +11,12 @@ pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// A tor that ran this long before dying starts again after [`FIRST_BACKOFF`]: the deaths before are forgiven.
 pub const STABLE: Duration = Duration::from_secs(120);
+/// The least time between two reloads (and between a start and the first reload). tor numbers a descriptor by
+/// the second it is uploaded in (rend-spec-v3's revision counter, derived from the time since the shared random
+/// value's period began), and directories keep the first of two with the same number: a second client removed in
+/// the same second as the first would stay able to read the descriptor (seen with tor 0.4.9). Changes meanwhile
+/// are gathered into one reload at the end of the gap.
+pub const RELOAD_GAP: Duration = Duration::from_secs(2);
 
 /// Where the process stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,11 +58,15 @@ pub struct Supervisor {
     phase: Phase,
     /// Deaths in a row, each after less than [`STABLE`].
     failures: u32,
+    /// When tor was last started or told to reload.
+    last_reload: Option<Instant>,
+    /// A change waits for [`RELOAD_GAP`] to pass.
+    pending_reload: bool,
 }
 
 impl Default for Supervisor {
     fn default() -> Supervisor {
-        Supervisor { phase: Phase::Stopped, failures: 0 }
+        Supervisor { phase: Phase::Stopped, failures: 0, last_reload: None, pending_reload: false }
     }
 }
 
@@ -73,7 +83,7 @@ impl Supervisor {
         match (self.phase, services) {
             (Phase::Stopped, 0) => None,
             (Phase::Stopped, _) => {
-                self.phase = Phase::Starting { since: now };
+                self.start(now);
                 Some(Command::Start)
             }
             (Phase::BackingOff { .. }, 0) => {
@@ -85,7 +95,15 @@ impl Supervisor {
                 self.stop();
                 Some(Command::Stop)
             }
-            (Phase::Starting { .. } | Phase::Running { .. }, _) => changed.then_some(Command::Reload),
+            (Phase::Starting { .. } | Phase::Running { .. }, _) if !changed => None,
+            (Phase::Starting { .. } | Phase::Running { .. }, _) => {
+                if self.last_reload.is_some_and(|last| now < last + RELOAD_GAP) {
+                    self.pending_reload = true;
+                    return None;
+                }
+                self.last_reload = Some(now);
+                Some(Command::Reload)
+            }
         }
     }
 
@@ -109,6 +127,7 @@ impl Supervisor {
         let wait = FIRST_BACKOFF.saturating_mul(1 << self.failures.min(16)).min(MAX_BACKOFF);
         self.failures = self.failures.saturating_add(1);
         self.phase = Phase::BackingOff { until: now + wait };
+        self.pending_reload = false;
         wait
     }
 
@@ -116,6 +135,9 @@ impl Supervisor {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.phase {
             Phase::BackingOff { until } => Some(until),
+            Phase::Starting { .. } | Phase::Running { .. } if self.pending_reload => {
+                self.last_reload.map(|last| last + RELOAD_GAP)
+            }
             _ => None,
         }
     }
@@ -124,16 +146,31 @@ impl Supervisor {
     pub fn handle_timeout(&mut self, now: Instant) -> Option<Command> {
         match self.phase {
             Phase::BackingOff { until } if now >= until => {
-                self.phase = Phase::Starting { since: now };
+                self.start(now);
                 Some(Command::Start)
+            }
+            Phase::Starting { .. } | Phase::Running { .. }
+                if self.pending_reload && self.last_reload.is_none_or(|last| now >= last + RELOAD_GAP) =>
+            {
+                self.pending_reload = false;
+                self.last_reload = Some(now);
+                Some(Command::Reload)
             }
             _ => None,
         }
     }
 
+    /// A start reads the configuration as it is: nothing waits to be reloaded.
+    fn start(&mut self, now: Instant) {
+        self.phase = Phase::Starting { since: now };
+        self.last_reload = Some(now);
+        self.pending_reload = false;
+    }
+
     fn stop(&mut self) {
         self.phase = Phase::Stopped;
         self.failures = 0;
+        self.pending_reload = false;
     }
 }
 
@@ -149,12 +186,39 @@ mod tests {
         assert_eq!(s.configure(1, true, t), Some(Command::Start));
         assert_eq!(s.phase(), Phase::Starting { since: t });
         assert_eq!(s.configure(1, false, t), None, "nothing changed");
-        assert_eq!(s.configure(2, true, t), Some(Command::Reload), "a change reloads, never restarts");
+        let later = t + RELOAD_GAP;
+        assert_eq!(s.configure(2, true, later), Some(Command::Reload), "a change reloads, never restarts");
         s.bootstrapped();
         assert_eq!(s.phase(), Phase::Running { since: t });
-        assert_eq!(s.configure(1, true, t), Some(Command::Reload));
-        assert_eq!(s.configure(0, true, t), Some(Command::Stop));
+        assert_eq!(s.configure(1, true, later + RELOAD_GAP), Some(Command::Reload));
+        assert_eq!(s.configure(0, true, later + RELOAD_GAP), Some(Command::Stop));
         assert_eq!((s.phase(), s.poll_timeout()), (Phase::Stopped, None));
+    }
+
+    #[test]
+    fn reloads_are_two_seconds_apart_so_each_descriptor_gets_a_higher_revision() {
+        let t = Instant::now();
+        let mut s = Supervisor::default();
+        assert_eq!(s.configure(1, true, t), Some(Command::Start));
+        s.bootstrapped();
+        // A change just after the start, and two more within the gap: one reload, once the gap is over.
+        let ms = Duration::from_millis;
+        assert_eq!(s.configure(1, true, t + ms(300)), None);
+        assert_eq!(s.configure(1, true, t + ms(900)), None);
+        assert_eq!(s.poll_timeout(), Some(t + RELOAD_GAP));
+        assert_eq!(s.handle_timeout(t + ms(1500)), None, "not before the gap is over");
+        assert_eq!(s.handle_timeout(t + RELOAD_GAP), Some(Command::Reload));
+        assert_eq!(s.poll_timeout(), None, "nothing waits");
+        // The next change waits for the gap after that reload.
+        assert_eq!(s.configure(1, true, t + RELOAD_GAP + ms(100)), None);
+        assert_eq!(s.handle_timeout(t + RELOAD_GAP * 2), Some(Command::Reload));
+        assert_eq!(s.configure(1, true, t + RELOAD_GAP * 4), Some(Command::Reload), "after a quiet gap: at once");
+        // A stop or a death drops what waited: the next start reads the files as they are.
+        assert_eq!(s.configure(1, true, t + RELOAD_GAP * 4 + ms(10)), None);
+        s.exited(t + RELOAD_GAP * 5);
+        assert!(matches!(s.phase(), Phase::BackingOff { .. }));
+        assert_eq!(s.handle_timeout(t + RELOAD_GAP * 5 + FIRST_BACKOFF), Some(Command::Start));
+        assert_eq!(s.poll_timeout(), None);
     }
 
     #[test]
