@@ -107,7 +107,12 @@ impl MeshHost {
 
     /// [`MeshHost::run_daemon`] on the hub, returned once its admin socket answers.
     pub fn run_hub(&self, log: &Path) -> Proc {
-        let mut daemon = self.run_daemon(log);
+        self.run_hub_with(log, &[])
+    }
+
+    /// [`MeshHost::run_hub`] with `extra` arguments (`--tor-config`, ...).
+    pub fn run_hub_with(&self, log: &Path, extra: &[&str]) -> Proc {
+        let mut daemon = self.run_daemon_with(log, extra);
         let ready = wait_until(Duration::from_secs(60), || {
             daemon.assert_running("starting up");
             UnixStream::connect(self.state.join("meshd.sock")).is_ok()

@@ -11,7 +11,6 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -58,15 +57,11 @@ fn tor_children(parent: u32) -> Vec<u32> {
     pids
 }
 
-/// `meshd run` on `host` with `extra` arguments, returned once its admin socket answers.
-fn run_hub(host: &MeshHost, log: &Path, extra: &[&str]) -> Proc {
-    let mut daemon = host.run_daemon_with(log, extra);
-    let ready = wait_until(Duration::from_secs(60), || {
-        daemon.assert_running("starting up");
-        UnixStream::connect(host.state.join("meshd.sock")).is_ok()
-    });
-    assert!(ready, "the hub did not become ready");
-    daemon
+/// A `--tor-config` file in `dir` that keeps tor offline (it still writes its keys and `hostname`).
+fn offline_torrc(dir: &Path) -> PathBuf {
+    let path = dir.join("offline.torrc");
+    fs::write(&path, "DisableNetwork 1\n").unwrap();
+    path
 }
 
 fn mode(path: &Path) -> u32 {
@@ -89,8 +84,7 @@ fn meshd_keys_are_what_tor_reads() {
     let root = tempfile::tempdir().unwrap();
     let hub = MeshHost::new("hub", root.path(), "onk");
     hub.init_hub("10.250.0.1:51820", &[]);
-    let offline = root.path().join("offline.torrc");
-    fs::write(&offline, "DisableNetwork 1\n").unwrap();
+    let offline = offline_torrc(root.path());
     let offline = offline.to_str().unwrap();
 
     // A tor that is missing or too old is refused when the daemon starts, in one line.
@@ -131,7 +125,7 @@ fn meshd_keys_are_what_tor_reads() {
     assert_eq!(sleeping, "0", "the hanging tor's child was left behind");
 
     let log = root.path().join("hub.log");
-    let mut daemon = run_hub(&hub, &log, &["--tor-config", offline]);
+    let mut daemon = hub.run_hub_with(&log, &["--tor-config", offline]);
     run_ok(meshctl(&hub.state).args(["service", "add", "web", "--node", "hub", "--target", WEB_TARGET]));
     run_ok(meshctl(&hub.state).args(["device", "add", "phone", "--allow", "web", "--conf", "-"]));
 
@@ -196,7 +190,7 @@ fn meshd_keys_are_what_tor_reads() {
 
     // The same address after a restart of meshd, and after being taken off Tor and served again.
     daemon.stop(Duration::from_secs(10));
-    let mut daemon = run_hub(&hub, &log, &["--tor-config", offline]);
+    let mut daemon = hub.run_hub_with(&log, &["--tor-config", offline]);
     assert_eq!(onion_address(&hub.state, "web"), address);
     run_ok(meshctl(&hub.state).args(["unexpose", "web", "--tor"]));
     assert_eq!(service(&hub.state, "web")["tor"], Value::Null);
@@ -277,7 +271,7 @@ fn meshd_keys_are_what_tor_reads() {
     daemon.stop(Duration::from_secs(10));
     let bad = root.path().join("bad.torrc");
     fs::write(&bad, "NoSuchOption 1\n").unwrap();
-    let mut daemon = run_hub(&hub, &log, &["--tor-config", bad.to_str().unwrap()]);
+    let mut daemon = hub.run_hub_with(&log, &["--tor-config", bad.to_str().unwrap()]);
     run_ok(meshctl(&hub.state).args(["expose", "web", "--tor"]));
     let mut error = String::new();
     let told = wait_until(Duration::from_secs(20), || {
@@ -336,7 +330,7 @@ fn onion_round_trip_with_client_authorization() {
     let test_network = root.path().join("test-network.torrc");
     fs::write(&test_network, network.config_lines()).unwrap();
     let log = root.path().join("hub.log");
-    let daemon = run_hub(&hub, &log, &["--tor-config", test_network.to_str().unwrap()]);
+    let daemon = hub.run_hub_with(&log, &["--tor-config", test_network.to_str().unwrap()]);
     run_ok(meshctl(&hub.state).args(["service", "add", "wallet", "--node", "hub", "--target", WEB_TARGET]));
     for device in ["phone", "laptop", "tablet"] {
         run_ok(meshctl(&hub.state).args(["device", "add", device, "--allow", "wallet", "--conf", "-"]));
@@ -476,12 +470,11 @@ fn a_members_onion_service_is_its_own_and_reported_to_the_hub() {
         uplink(&router, &host.ns, &format!("172.31.23{i}"));
     }
     hub.init_hub("172.31.230.2:51820", &[]);
-    let _hub_daemon = run_hub(&hub, &root.join("hub.log"), &[]);
+    let _hub_daemon = hub.run_hub(&root.join("hub.log"));
     let token = run_ok(meshctl(&hub.state).args(["node", "invite", "home"]));
     let joined = home.join(token.trim(), &home.state, Some("172.31.231.2:51820"));
     assert!(joined.status.success(), "join: {}", describe(&joined));
-    let offline = root.join("offline.torrc");
-    fs::write(&offline, "DisableNetwork 1\n").unwrap();
+    let offline = offline_torrc(root);
     let home_log = root.join("home.log");
     let mut home_daemon = home.run_daemon_with(&home_log, &["--tor-config", offline.to_str().unwrap()]);
     run_ok(meshctl(&hub.state).args(["service", "add", "btcpay", "--node", "home", "--target", WEB_TARGET]));
@@ -573,13 +566,12 @@ fn planted_links_and_a_broken_service_do_not_bend_the_tor_files() {
     let web_dir = hub.state.join("tor/onion/web");
     fs::create_dir_all(&web_dir).unwrap();
     std::os::unix::fs::symlink(&victim, web_dir.join("authorized_clients")).unwrap();
-    let offline = root.path().join("offline.torrc");
-    fs::write(&offline, "DisableNetwork 1\n").unwrap();
+    let offline = offline_torrc(root.path());
     fs::create_dir_all(hub.ns.etc_dir()).unwrap();
     let hosts = hub.ns.etc_dir().join("hosts");
     fs::write(&hosts, "127.0.0.1 localhost\n127.0.0.1 dbhost\n").unwrap();
     let log = root.path().join("hub.log");
-    let mut daemon = run_hub(&hub, &log, &["--tor-config", offline.to_str().unwrap()]);
+    let mut daemon = hub.run_hub_with(&log, &["--tor-config", offline.to_str().unwrap()]);
     for (name, target) in
         [("web", WEB_TARGET), ("bad", "nosuchhost.invalid:5432"), ("db", "dbhost:5432"), ("wallet", "127.0.0.1:9737")]
     {

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::admin::BatchRefused;
 use crate::commands::handout::device_config;
-use crate::commands::onion::{Before, take_back};
+use crate::commands::onion::{Before, ClientFiles, take_back};
 use crate::commands::{Context, unexpected};
 use crate::output::{Existing, Format, Output};
 
@@ -278,8 +278,7 @@ type ClientKeys = BTreeMap<(Label, Label), ClientKey>;
 struct ClientLine {
     service: Label,
     device: Label,
-    line: Output,
-    qr: Output,
+    files: ClientFiles,
 }
 
 impl ClientLine {
@@ -288,15 +287,8 @@ impl ClientLine {
         if !fs::metadata(dir).map(|m| m.is_dir()).unwrap_or(false) {
             bail!("--out-dir {} is not a directory", dir.display());
         }
-        let path = dir.join(format!("{device}.{service}.auth_private"));
-        let mut png = path.clone().into_os_string();
-        png.push(".png");
-        Ok(ClientLine {
-            service: service.clone(),
-            device: device.clone(),
-            line: Output::open(&path, Format::Conf, Existing::Refuse)?,
-            qr: Output::open(Path::new(&png), Format::Png, Existing::Refuse)?,
-        })
+        let files = ClientFiles::open(&dir.join(format!("{device}.{service}.auth_private")))?;
+        Ok(ClientLine { service: service.clone(), device: device.clone(), files })
     }
 }
 
@@ -325,15 +317,11 @@ fn hand_out_clients(
                 for line in lines.iter_mut().filter(|l| &l.service == service) {
                     let key =
                         keys.get(&(line.service.clone(), line.device.clone())).context("a client without a key")?;
-                    let text = format!("{}\n", key.auth_private_line(&address));
-                    let (bytes, png) = (line.line.render(&text)?, line.qr.render(&text)?);
-                    line.line.stage(&bytes)?;
-                    line.qr.stage(&png)?;
+                    line.files.stage(&key.auth_private_line(&address))?;
                 }
                 for line in lines.iter_mut().filter(|l| &l.service == service) {
-                    line.line.place()?;
-                    line.qr.place()?;
-                    let path = line.line.path().to_owned();
+                    line.files.place()?;
+                    let path = line.files.path().to_owned();
                     report.tor_clients.push(NewTorClient {
                         service: service.clone(),
                         device: line.device.clone(),

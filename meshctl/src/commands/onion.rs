@@ -50,7 +50,9 @@ pub fn expose_tor(
     let keys: Vec<(Label, ClientKey)> = clients.iter().map(|d| (d.clone(), ClientKey::generate())).collect();
     // The files are checked before anything changes.
     let mut files = match &out.out_dir {
-        Some(dir) => keys.iter().map(|(device, _)| ClientFiles::open(dir, device)).collect::<anyhow::Result<_>>()?,
+        Some(dir) => (keys.iter())
+            .map(|(device, _)| ClientFiles::open(&dir.join(format!("{device}.auth_private"))))
+            .collect::<anyhow::Result<_>>()?,
         None => Vec::new(),
     };
     // Client lines need the address, which only a running node reports.
@@ -130,18 +132,40 @@ pub(super) fn take_back(
     Ok(())
 }
 
-/// A client's files in `--out-dir`: `DEVICE.auth_private` (the line) and `DEVICE.auth_private.png` (its QR code).
-struct ClientFiles {
+/// A client's files: the line at `PATH` (an `.auth_private` file tor's `ClientOnionAuthDir` reads) and its QR code
+/// at `PATH.png`. Opened before anything changes (an existing file is refused), staged, then put in place.
+pub(super) struct ClientFiles {
     line: Output,
     qr: Output,
 }
 
 impl ClientFiles {
-    fn open(dir: &std::path::Path, device: &Label) -> anyhow::Result<ClientFiles> {
+    pub(super) fn open(path: &std::path::Path) -> anyhow::Result<ClientFiles> {
+        let mut png = path.as_os_str().to_owned();
+        png.push(".png");
         Ok(ClientFiles {
-            line: Output::open(&dir.join(format!("{device}.auth_private")), Format::Conf, Existing::Refuse)?,
-            qr: Output::open(&dir.join(format!("{device}.auth_private.png")), Format::Png, Existing::Refuse)?,
+            line: Output::open(path, Format::Conf, Existing::Refuse)?,
+            qr: Output::open(std::path::Path::new(&png), Format::Png, Existing::Refuse)?,
         })
+    }
+
+    /// Write `line` (and its QR code) to temporary files beside their places.
+    pub(super) fn stage(&mut self, line: &str) -> anyhow::Result<()> {
+        let text = format!("{line}\n");
+        let (bytes, png) = (self.line.render(&text)?, self.qr.render(&text)?);
+        self.line.stage(&bytes)?;
+        self.qr.stage(&png)
+    }
+
+    /// Put both in place.
+    pub(super) fn place(&mut self) -> anyhow::Result<()> {
+        self.line.place()?;
+        self.qr.place()
+    }
+
+    /// Where the line is.
+    pub(super) fn path(&self) -> &std::path::Path {
+        self.line.path()
     }
 }
 
@@ -207,14 +231,10 @@ fn hand_out(
     let lines: Vec<(&Label, String)> = keys.iter().map(|(d, k)| (d, k.auth_private_line(address))).collect();
     if !files.is_empty() {
         for ((_, line), files) in lines.iter().zip(files.iter_mut()) {
-            let text = format!("{line}\n");
-            let (bytes, png) = (files.line.render(&text)?, files.qr.render(&text)?);
-            files.line.stage(&bytes)?;
-            files.qr.stage(&png)?;
+            files.stage(line)?;
         }
         for files in files.iter_mut() {
-            files.line.place()?;
-            files.qr.place()?;
+            files.place()?;
         }
     }
     for (device, line) in &lines {
