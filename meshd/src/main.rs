@@ -80,6 +80,17 @@ enum Command {
         #[arg(long, value_parser = input::parse_mtu)]
         mtu: Option<u16>,
     },
+    /// Print this host's place in its network, one `KEY VALUE` line each: `network`, `domain`, `name`, `role`
+    /// (hub, node or relay), `interface`, `address`, `address_v6` (for scripts: the NixOS module points
+    /// systemd-resolved at `address` for `domain`).
+    Info {
+        /// State directory.
+        #[arg(long, env = "MESHD_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Print a JSON object with the same keys instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run this host's part of the network in the foreground.
     Run {
         /// State directory.
@@ -160,6 +171,7 @@ fn main() -> ExitCode {
             let listen_port = listen_port.or(endpoint.as_ref().map(HostPort::port)).unwrap_or(DEFAULT_LISTEN_PORT);
             join(&StateDir::new(state_dir), &token, endpoint, interface, listen_port, mtu)
         }
+        Command::Info { state_dir, json } => info(&StateDir::new(state_dir), json),
         Command::Run {
             state_dir,
             wireguard,
@@ -217,6 +229,51 @@ fn init(state: &StateDir, new: NewNetwork, key: &PrivateKey) -> anyhow::Result<(
     if let Some(hub) = hub {
         println!("  this host {} ({}, {}), endpoint {}", hub.name, hub.address, hub.address_v6, new.endpoint);
         println!("  interface {} listening on UDP {}, MTU {}", new.interface, new.listen_port, new.mtu);
+    }
+    Ok(())
+}
+
+/// `meshd info`: this host's node in the network, from the controller's database or the member's cached state
+/// (read as they are, with the same ownership checks as `meshd run`; a running meshd is not needed).
+fn info(state: &StateDir, json: bool) -> anyhow::Result<()> {
+    state.check_private()?;
+    let (me, snapshot) = if state.db().exists() {
+        let snapshot = Controller::open(&state.db())?.snapshot()?;
+        let hub = snapshot.hub().map(|h| h.name.clone()).context("the database has no hub")?;
+        (hub, snapshot)
+    } else if state.member_state().exists() {
+        let member = state.read_member_state()?;
+        (member.me.clone(), member.state.snapshot())
+    } else {
+        anyhow::bail!(
+            "{} holds no network: make one with `meshd init` or join one with `meshd join`",
+            state.root().display()
+        );
+    };
+    let node = snapshot
+        .nodes
+        .iter()
+        .find(|n| n.name == me)
+        .with_context(|| format!("this host ({me}) is not in the network"))?;
+    let view = snapshot.node_view(node);
+    let role = serde_json::to_value(view.role)?.as_str().unwrap_or_default().to_owned();
+    let fields = [
+        ("network", snapshot.network.name.to_string()),
+        ("domain", snapshot.network.domain.to_string()),
+        ("name", view.name.to_string()),
+        ("role", role),
+        ("interface", node.interface.to_string()),
+        ("address", view.address.to_string()),
+        ("address_v6", view.address_v6.to_string()),
+    ];
+    if json {
+        let object: serde_json::Map<String, serde_json::Value> =
+            fields.into_iter().map(|(k, v)| (k.to_owned(), serde_json::Value::String(v))).collect();
+        println!("{}", serde_json::Value::Object(object));
+    } else {
+        for (key, value) in fields {
+            println!("{key} {value}");
+        }
     }
     Ok(())
 }

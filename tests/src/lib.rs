@@ -11,6 +11,7 @@
 //! - `mounts`: [`Tmpfs`], a small file system to fill up or make read-only;
 //! - `acme`: [`Pebble`], a test ACME CA, and [`Dns`], the DNS server it validates names with.
 //! - `tor`: [`TorNetwork`], a private Tor network offline, and its [`TorClient`]s.
+//! - `nix`: evaluation of the NixOS module with nixpkgs' `lib` ([`evaluate`]).
 //!
 //! Tests use everything from the crate root (`use meshd_e2e::...`).
 
@@ -19,6 +20,7 @@ mod files;
 mod mesh;
 mod mounts;
 mod netns;
+mod nix;
 mod process;
 mod tor;
 mod wireguard;
@@ -31,6 +33,7 @@ pub use files::{assert_key_not_stored, files_under, write_private};
 pub use mesh::{MeshHost, UapiCleanup, nat_router};
 pub use mounts::Tmpfs;
 pub use netns::{Netns, UdpEcho, add_address, router, udp_echoed, udp_received, uplink, veth};
+pub use nix::{evaluate, nix_instantiate, nixpkgs_lib, repo_root};
 pub use process::{
     Proc, assert_error_line, assert_refused, bin_dir, describe, init_network, libfaketime, meshctl, output,
     product_bin, run_json, run_ok,

@@ -11,6 +11,7 @@
 //! - [`tor`]: meshd's own `tor` process and the files of its onion services.
 //! - [`statedir`]: the state directory (files, locks). [`owner`]: which meshd runs an interface.
 //!   [`clock`]: the host's clocks. [`ports`]: whether a port is free, and who holds it.
+//! - [`systemd`]: the service manager's readiness notification.
 
 pub mod admission;
 pub mod clock;
@@ -23,5 +24,6 @@ pub mod ports;
 pub mod resolve;
 pub mod socket;
 pub mod statedir;
+pub mod systemd;
 pub mod tor;
 pub mod wg;

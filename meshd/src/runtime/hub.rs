@@ -68,6 +68,7 @@ pub(super) async fn serve(
     let listener = admin::bind(&state.socket())?;
     tasks.push(tokio::spawn(admin::serve(listener, calls_tx)));
     info!(node = %host.name, socket = %state.socket().display(), join = %join_addr, "meshd ready");
+    crate::host::systemd::ready();
     // Peers (members and devices alike) still hold sessions with the hub as it was before the restart and
     // would send on them, dropped here, until their own rekey (~15 s). Where they were last seen is
     // known: a handshake from here renews them at once.

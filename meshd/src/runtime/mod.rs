@@ -76,6 +76,7 @@ pub async fn run(state: &StateDir, options: RunOptions) -> anyhow::Result<()> {
         let snapshot = member.member_state().state.snapshot();
         let (_owner, mut host) = start_host(state, options.clone(), &snapshot, member.interface_key()).await?;
         info!(node = %host.name, network = %snapshot.network.name, "meshd ready (member)");
+        crate::host::systemd::ready();
         let result = member::follow_controller(state, member, &mut host).await;
         host.shut_down().await;
         result

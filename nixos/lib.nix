@@ -1,0 +1,99 @@
+# Pure helpers of the meshd NixOS module: the option types that check a value the way meshd does (so a bad
+# one is refused at evaluation time, naming the option), and the rendering of the declaration file that
+# `meshctl apply` takes (docs/CLI.md, "Declaration files"). Nothing here needs pkgs.
+{ lib }:
+let
+  inherit (lib) types;
+  inherit (builtins) match elemAt all length stringLength fromJSON concatStringsSep;
+
+  # A decimal of 1 to 5 digits without a leading zero, as a number (for the port and octet checks).
+  number = s: if match "0|[1-9][0-9]{0,4}" s == null then null else fromJSON s;
+  between = lo: hi: s: let n = number s; in n != null && n >= lo && n <= hi;
+
+  isLabel = s: match "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?" s != null;
+  isDomain = s: stringLength s <= 253 && all isLabel (lib.splitString "." s);
+  isIPv4 = s:
+    let m = match "([0-9]{1,3})\\.([0-9]{1,3})\\.([0-9]{1,3})\\.([0-9]{1,3})" s;
+    in m != null && all (between 0 255) m;
+  # IPv6 in the forms meshd accepts from a file: hex groups and colons (with one `::` at most), optionally
+  # ending in a dotted IPv4 address. The full grammar is RFC 4291 section 2.2; meshd parses it exactly.
+  isIPv6 = s:
+    let
+      groups = lib.splitString ":" s;
+      isGroup = g: g == "" || match "[0-9A-Fa-f]{1,4}" g != null;
+    in
+    match "[0-9A-Fa-f:.]+" s != null && match ".*:.*" s != null && match ".*:::.*" s == null
+    && length (lib.splitString "::" s) <= 2 && length groups <= 8
+    && all isGroup (lib.init groups) && (isGroup (lib.last groups) || isIPv4 (lib.last groups));
+  isHostPort = s:
+    let m = match "([[]([0-9A-Fa-f:.]+)[]]|([^:]+)):([0-9]+)" s;
+    in m != null && between 1 65535 (elemAt m 3)
+      && (if elemAt m 1 != null then isIPv6 (elemAt m 1) else isIPv4 (elemAt m 2) || isDomain (elemAt m 2));
+  isCidr = s:
+    let m = match "([0-9.]+)/([0-9]{1,2})" s;
+    in m != null && isIPv4 (elemAt m 0) && between 8 30 (elemAt m 1);
+  isInterface = s: match "[A-Za-z0-9_.-]{1,15}" s != null && s != "." && s != "..";
+  isDuration = s: match "[1-9][0-9]*(s|m|h|d)" s != null;
+  isStatePath = s: match "/.*" s != null && match "/nix/store(/.*)?" s == null;
+in
+rec {
+  # The option types. Each names what it wants in its description, which the evaluation error quotes.
+  label = types.addCheck types.str isLabel // {
+    name = "meshdLabel";
+    description = "DNS label (1-63 letters, digits and '-', not starting or ending with '-')";
+  };
+  domain = types.addCheck types.str isDomain // {
+    name = "meshdDomain";
+    description = "DNS name (labels of letters, digits and '-' joined by '.', at most 253 characters)";
+  };
+  hostPort = types.addCheck types.str isHostPort // {
+    name = "meshdHostPort";
+    description = "HOST:PORT (an IPv4 address, [IPv6] or DNS name, and a port 1-65535)";
+  };
+  cidr = types.addCheck types.str isCidr // {
+    name = "meshdCidr";
+    description = "IPv4 range in CIDR notation, prefix /8 to /30 (e.g. \"10.77.0.0/16\")";
+  };
+  ipAddress = types.addCheck types.str (s: isIPv4 s || isIPv6 s) // {
+    name = "meshdIpAddress";
+    description = "IPv4 or IPv6 address";
+  };
+  interface = types.addCheck types.str isInterface // {
+    name = "meshdInterface";
+    description = "network interface name (1-15 letters, digits, '-', '_' or '.')";
+  };
+  port = types.ints.between 1 65535;
+  mtu = types.ints.between 1280 9000;
+  duration = types.addCheck types.str isDuration // {
+    name = "meshdDuration";
+    description = "duration such as \"30m\", \"24h\" or \"7d\"";
+  };
+  # A secret's path: read on the host at run time, so it never enters the Nix store (a Nix path value such as
+  # ./token would be copied there, so only a string is taken).
+  secretPath = types.addCheck types.str isStatePath // {
+    name = "meshdSecretPath";
+    description = "absolute path (a string) outside the Nix store, e.g. \"/run/secrets/meshd-token\"";
+  };
+
+  # Exposed for the module's own checks of attribute names (option types do not see attribute names).
+  inherit isLabel isCidr;
+
+  # TOML (v1.0.0) text of a declaration. Strings are written as JSON strings, which are TOML basic strings
+  # (TOML section 'String': the same escapes, \uXXXX included).
+  toml = rec {
+    str = builtins.toJSON;
+    value = v:
+      if builtins.isString v then str v
+      else if builtins.isBool v then lib.boolToString v
+      else if builtins.isInt v then toString v
+      else if builtins.isList v then "[" + concatStringsSep ", " (map value v) + "]"
+      else if builtins.isAttrs v then
+        "{ " + concatStringsSep ", " (lib.mapAttrsToList (k: x: "${k} = ${value x}") v) + " }"
+      else throw "meshd: cannot write ${builtins.typeOf v} as TOML";
+    # One `[[KIND]]` table per entry; attributes whose value is null are left out.
+    tables = kind: entries:
+      concatStringsSep "\n" (map (e:
+        "[[${kind}]]\n" + concatStringsSep "" (lib.mapAttrsToList (k: v: "${k} = ${value v}\n")
+          (lib.filterAttrs (_: v: v != null) e))) entries);
+  };
+}

@@ -1,0 +1,584 @@
+# services.meshd: a WireGuard mesh host (controller, member or relay), declared.
+#
+# The controller's network (nodes, devices, services, their exposures, access rules) is rendered into the
+# declaration file of `meshctl apply` (docs/CLI.md, "Declaration files") and applied whenever it changes. Keys
+# are made on the host at run time by meshd and meshctl, never at evaluation time and never in the Nix store; a
+# member joins with an invite token read from a file at run time (sops-nix, agenix). See nixos/README.md.
+{ config, lib, pkgs, ... }:
+let
+  inherit (lib) mkOption mkEnableOption mkIf mkMerge types optional optionals optionalString
+    concatStringsSep escapeShellArg escapeShellArgs mapAttrsToList attrNames filterAttrs;
+  meshdLib = import ./lib.nix { inherit lib; };
+  t = meshdLib;
+  cfg = config.services.meshd;
+  stateDir = "/var/lib/meshd";
+  handoutDir = "${stateDir}/handout";
+  isController = cfg.role == "controller";
+  isMember = !isController;
+
+  httpsOptions = types.submodule {
+    options = {
+      hostname = mkOption {
+        type = t.domain;
+        example = "pay.shop.example";
+        description = "The public DNS name (an A/AAAA record pointing at the relay's public address).";
+      };
+      relay = mkOption {
+        type = t.label;
+        description = "The node that serves the name: the controller (hub) or a node declared with `role = \"relay\"`.";
+      };
+      tls = mkOption {
+        type = types.enum [ "terminate" "passthrough" ];
+        default = "terminate";
+        description = ''
+          `terminate`: the relay holds the certificate and proxies requests over the mesh. `passthrough`: the relay
+          routes the TLS stream by its server name (SNI) and the service's node holds the certificate.
+        '';
+      };
+    };
+  };
+
+  serviceOptions = { name, ... }: {
+    options = {
+      node = mkOption {
+        type = t.label;
+        default = cfg.name;
+        defaultText = lib.literalExpression "config.services.meshd.name (the controller)";
+        description = "The node that reaches the service at `target`: the controller or a declared node.";
+      };
+      target = mkOption {
+        type = t.hostPort;
+        example = "169.254.1.17:9737";
+        description = "HOST:PORT where that node reaches the service (a nix-bitcoin network namespace address, say).";
+      };
+      port = mkOption {
+        type = types.nullOr t.port;
+        default = null;
+        description = "The port at the service's mesh address (default: the target's port).";
+      };
+      protocol = mkOption {
+        type = types.enum [ "tcp" "udp" ];
+        default = "tcp";
+        description = "What the forwarder carries: TCP connections or UDP datagrams.";
+      };
+      expose.wireguard.allow = mkOption {
+        type = types.listOf t.label;
+        default = [ ];
+        example = [ "alice-phone" ];
+        description = "Devices (phones, laptops) that reach the service over WireGuard, by its mesh name.";
+      };
+      expose.tor = {
+        enable = mkEnableOption "the service as a Tor v3 onion service from its node";
+        port = mkOption {
+          type = types.nullOr t.port;
+          default = null;
+          description = "The port at the .onion address (default: the service's mesh port).";
+        };
+        clients = mkOption {
+          type = types.listOf t.label;
+          default = [ ];
+          description = ''
+            Devices that alone may find the service (Tor client authorization); each gets a key made by meshctl,
+            written to ${handoutDir}/DEVICE.SERVICE.auth_private. Empty: anyone with the address.
+          '';
+        };
+      };
+      expose.https = mkOption {
+        type = types.either httpsOptions (types.listOf httpsOptions);
+        default = [ ];
+        apply = v: if builtins.isList v then v else [ v ];
+        description = "Public names served over HTTPS through a relay: one, or a list.";
+      };
+    };
+  };
+
+  nodeOptions = {
+    options = {
+      role = mkOption {
+        type = types.enum [ "node" "relay" ];
+        default = "node";
+        description = "`relay`: a public host that serves public names and relays between hosts behind NAT.";
+      };
+      endpoint = mkOption {
+        type = types.nullOr t.hostPort;
+        default = null;
+        description = "Where other hosts reach it (default: as it joined; none behind NAT).";
+      };
+      mtu = mkOption {
+        type = types.nullOr t.mtu;
+        default = null;
+        description = "Its interface's own MTU (default: as it is).";
+      };
+      disabled = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Out of the mesh until enabled again.";
+      };
+    };
+  };
+
+  deviceOptions = {
+    options.dns = mkOption {
+      type = types.either types.bool (types.listOf t.ipAddress);
+      default = true;
+      description = "The new config's DNS line: the hub (true), none (false) or these addresses.";
+    };
+  };
+
+  # The declaration, as `meshctl apply` reads it. Devices: those declared and those any service allows.
+  services = cfg.services;
+  allowedDevices = lib.unique (lib.concatMap (s: s.expose.wireguard.allow) (builtins.attrValues services));
+  deviceNames = lib.unique (attrNames cfg.devices ++ allowedDevices);
+  deviceDns = d: if cfg.devices ? ${d} then cfg.devices.${d}.dns else true;
+  allowOf = d: builtins.filter (s: builtins.elem d services.${s}.expose.wireguard.allow) (attrNames services);
+  declaration = {
+    mtu = if isController then cfg.mtu else null;
+    nodes = mapAttrsToList (name: n: {
+      inherit name;
+      inherit (n) role endpoint mtu;
+      disabled = if n.disabled then true else null;
+    }) cfg.nodes;
+    services = mapAttrsToList (name: s: {
+      inherit name;
+      inherit (s) node target port protocol;
+      https = if s.expose.https == [ ] then null else s.expose.https;
+      tor =
+        if !s.expose.tor.enable then null
+        else if s.expose.tor.port == null && s.expose.tor.clients == [ ] then true
+        else filterAttrs (_: v: v != null && v != [ ]) { inherit (s.expose.tor) port clients; };
+    }) services;
+    devices = map (d: { name = d; allow = allowOf d; dns = deviceDns d; }) deviceNames;
+    access = mapAttrsToList (to: a: { inherit to; inherit (a) from; }) cfg.access;
+  };
+  declarationText = concatStringsSep "\n" (builtins.filter (s: s != "") [
+    "# Rendered by the meshd NixOS module (services.meshd); applied by meshd-apply.service."
+    (optionalString (declaration.mtu != null) "mtu = ${toString declaration.mtu}\n")
+    (t.toml.tables "node" declaration.nodes)
+    (t.toml.tables "service" declaration.services)
+    (t.toml.tables "device" declaration.devices)
+    (t.toml.tables "access" declaration.access)
+  ]) + "\n";
+  declarationFile = pkgs.writeText "meshd-network.toml" declarationText;
+
+  # Checks across options that types cannot make, each naming the option at fault.
+  labelKeys = option: names:
+    map (n: {
+      assertion = t.isLabel n;
+      message = "services.meshd.${option}.\"${n}\": \"${n}\" is not a DNS label (1-63 letters, digits and '-')";
+    }) names;
+  nodeNames = [ cfg.name ] ++ attrNames cfg.nodes;
+  relays = [ cfg.name ] ++ attrNames (filterAttrs (_: n: n.role == "relay") cfg.nodes);
+  perService = name: s:
+    [
+      {
+        assertion = builtins.elem s.node nodeNames;
+        message = "services.meshd.services.${name}.node: \"${s.node}\" is neither the controller (${cfg.name}) nor a node in services.meshd.nodes";
+      }
+      {
+        assertion = s.protocol == "tcp" || (!s.expose.tor.enable && s.expose.https == [ ]);
+        message = "services.meshd.services.${name}.expose: a UDP service can be exposed over WireGuard only";
+      }
+      {
+        assertion = builtins.length s.expose.tor.clients <= 320;
+        message = "services.meshd.services.${name}.expose.tor.clients: at most 320 (what a descriptor can hold)";
+      }
+    ]
+    ++ map (d: {
+      assertion = builtins.elem d deviceNames;
+      message = "services.meshd.services.${name}.expose.tor.clients: \"${d}\" is not a device (name it in some service's expose.wireguard.allow)";
+    }) s.expose.tor.clients
+    ++ map (h: {
+      assertion = builtins.elem h.relay relays;
+      message = "services.meshd.services.${name}.expose.https: relay \"${h.relay}\" is neither the controller nor a node with role = \"relay\"";
+    }) s.expose.https;
+  declared = attrNames cfg.nodes ++ attrNames services ++ deviceNames;
+  assertions =
+    [
+      {
+        assertion = isController -> cfg.endpoint != null;
+        message = "services.meshd.endpoint: the controller needs one (HOST:PORT where devices and hosts reach it)";
+      }
+      {
+        assertion = isController -> cfg.network != null;
+        message = "services.meshd.network: the controller needs the network's name";
+      }
+      {
+        assertion = isMember -> cfg.tokenFile != null;
+        message = "services.meshd.tokenFile: a ${cfg.role} joins with an invite token (`meshctl node invite NAME`) read from this file";
+      }
+      {
+        assertion = isMember -> (cfg.nodes == { } && services == { } && cfg.devices == { } && cfg.access == { });
+        message = "services.meshd: nodes, services, devices and access are declared on the controller only (role = \"controller\")";
+      }
+      {
+        assertion = lib.length declared == lib.length (lib.unique declared) && !(builtins.elem cfg.name declared);
+        message = "services.meshd: nodes, services and devices share one namespace, with the controller's name (${cfg.name}); a name is declared twice";
+      }
+      {
+        assertion = !(builtins.elem cfg.dnsPort [ 1021 51871 ] || cfg.dnsPort == listenPort);
+        message = "services.meshd.dnsPort: ${toString cfg.dnsPort} is a port meshd uses itself";
+      }
+    ]
+    ++ labelKeys "nodes" (attrNames cfg.nodes)
+    ++ labelKeys "services" (attrNames services)
+    ++ labelKeys "devices" deviceNames
+    ++ labelKeys "access" (attrNames cfg.access)
+    ++ lib.concatLists (mapAttrsToList perService services)
+    ++ map (d: {
+      assertion = allowOf d != [ ];
+      message = "services.meshd.devices.${d}: the device is allowed no service (name it in a service's expose.wireguard.allow)";
+    }) deviceNames
+    ++ lib.concatLists (mapAttrsToList (to: a:
+      map (from: {
+        assertion = builtins.elem from nodeNames && from != to;
+        message = "services.meshd.access.${to}.from: \"${from}\" is not another node (the controller or one in services.meshd.nodes)";
+      }) a.from
+      ++ [{
+        assertion = builtins.elem to nodeNames;
+        message = "services.meshd.access.${to}: \"${to}\" is not a node (the controller or one in services.meshd.nodes)";
+      }]) cfg.access);
+
+  endpointPort = e: lib.toInt (lib.last (lib.splitString ":" e));
+  listenPort =
+    if cfg.listenPort != null then cfg.listenPort
+    else if cfg.endpoint != null then endpointPort cfg.endpoint
+    else 51820;
+
+  flag = name: value: optionals (value != null) [ "--${name}" (toString value) ];
+  setupArgs =
+    if isController then
+      [ "init" "--network" cfg.network "--name" cfg.name "--endpoint" cfg.endpoint "--cidr" cfg.cidr ]
+      ++ flag "domain" cfg.domain ++ [ "--interface" cfg.interface "--listen-port" (toString listenPort) ]
+      ++ flag "mtu" cfg.mtu
+    else
+      [ "join" "-" ] ++ flag "endpoint" cfg.endpoint
+      ++ [ "--interface" cfg.interface "--listen-port" (toString listenPort) ] ++ flag "mtu" cfg.mtu;
+  runArgs =
+    [ "run" "--state-dir" stateDir "--wireguard" cfg.wireguard "--dns-port" (toString cfg.dnsPort) ]
+    ++ flag "acme-directory" cfg.acme.directory ++ flag "acme-ca-root" cfg.acme.caRoot
+    ++ flag "acme-contact" cfg.acme.contact
+    ++ [ "--http-port" (toString cfg.acme.httpPort) "--https-port" (toString cfg.acme.httpsPort) ]
+    ++ [ "--tor-binary" "${cfg.tor.package}/bin/tor" ] ++ flag "tor-config" cfg.tor.configFile;
+
+  # Made once, on the first start: the network (controller) or the join (member). Keys are made here, on the
+  # host; the token is read from systemd's credential, never from the command line.
+  setup = pkgs.writeShellScript "meshd-setup" ''
+    set -eu
+    if [ -e ${stateDir}/${if isController then "meshd.db" else "member.json"} ]; then exit 0; fi
+    exec ${cfg.package}/bin/meshd ${escapeShellArgs setupArgs} --state-dir ${stateDir} ${
+      optionalString isMember ''< "$CREDENTIALS_DIRECTORY/token"''}
+  '';
+
+  # Point the host's resolver at this host's mesh DNS for the mesh domain (systemd-resolved's per-link DNS), as
+  # docs/CLI.md describes for other systems. Runs privileged ("+") after meshd reports it is ready.
+  resolver = pkgs.writeShellScript "meshd-resolver" ''
+    set -eu
+    # As meshd's user: root reads no state directory another user owns (meshd refuses to).
+    info=$(${pkgs.util-linux}/bin/runuser -u meshd -- ${cfg.package}/bin/meshd info --state-dir ${stateDir})
+    address=$(printf '%s\n' "$info" | ${pkgs.gnused}/bin/sed -n 's/^address //p')
+    domain=$(printf '%s\n' "$info" | ${pkgs.gnused}/bin/sed -n 's/^domain //p')
+    ${config.systemd.package}/bin/resolvectl dns ${cfg.interface} "$address${optionalString (cfg.dnsPort != 53) ":${toString cfg.dnsPort}"}"
+    ${config.systemd.package}/bin/resolvectl domain ${cfg.interface} "~$domain"
+  '';
+
+  # Applies the rendered declaration. Invite tokens and device configs are secrets: they go to files under
+  # ${handoutDir} (0600), and the journal gets the plan lines only.
+  apply = pkgs.writeShellScript "meshd-apply" ''
+    set -eu
+    umask 077
+    mkdir -p ${handoutDir}
+    out=${handoutDir}/last-apply.txt
+    status=0
+    ${cfg.package}/bin/meshctl --state-dir ${stateDir} apply ${declarationFile} \
+      --out-dir ${handoutDir} --expires ${cfg.inviteExpires} > "$out.new" || status=$?
+    mv "$out.new" "$out"
+    ${pkgs.gnugrep}/bin/grep -E '^([-+~!] |applied |no changes|device |Tor client )' "$out" || true
+    ${pkgs.gnugrep}/bin/grep -qE '^[a-z0-9-]+ [A-Za-z0-9_-]{20,}$' "$out" \
+      && echo "invite tokens for the new nodes are in $out: copy each to its host's services.meshd.tokenFile"
+    exit "$status"
+  '';
+
+  hardening = {
+    User = "meshd";
+    Group = "meshd";
+    UMask = "0077";
+    StateDirectory = "meshd";
+    StateDirectoryMode = "0700";
+    NoNewPrivileges = true;
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateTmp = true;
+    PrivateMounts = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ProtectClock = true;
+    ProtectHostname = true;
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    LockPersonality = true;
+    MemoryDenyWriteExecute = true;
+    RemoveIPC = true;
+    SystemCallArchitectures = "native";
+    SystemCallFilter = [ "@system-service" "~@privileged @obsolete" ];
+    SystemCallErrorNumber = "EPERM";
+    RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" "AF_NETLINK" ];
+    CapabilityBoundingSet = "";
+  };
+in
+{
+  options.services.meshd = {
+    enable = mkEnableOption "meshd, a WireGuard mesh host";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ./package.nix { };
+      defaultText = lib.literalExpression "pkgs.callPackage ./package.nix { }";
+      description = "The meshd package (meshd and meshctl).";
+    };
+
+    role = mkOption {
+      type = types.enum [ "controller" "member" "relay" ];
+      description = ''
+        `controller`: makes the network (`meshd init`), is its hub, and applies the declared nodes, devices,
+        services and access rules. `member`: joins it with the token in `tokenFile`. `relay`: a member with a public
+        address that serves public names (HTTPS) and relays between hosts behind NAT (invite it with `role = "relay"`
+        in the controller's `nodes`).
+      '';
+    };
+
+    network = mkOption {
+      type = types.nullOr t.label;
+      default = null;
+      description = "The network's name (controller); the default domain is NETWORK.internal.";
+    };
+
+    name = mkOption {
+      type = t.label;
+      default = config.networking.hostName;
+      defaultText = lib.literalExpression "config.networking.hostName";
+      description = "This host's name in the network (controller; a member's name is the one it was invited as).";
+    };
+
+    cidr = mkOption {
+      type = t.cidr;
+      default = "10.77.0.0/16";
+      description = "The mesh's IPv4 range (controller); an IPv6 ULA /48 is drawn beside it.";
+    };
+
+    domain = mkOption {
+      type = types.nullOr t.domain;
+      default = null;
+      description = "The mesh's DNS domain (controller; default NETWORK.internal).";
+    };
+
+    endpoint = mkOption {
+      type = types.nullOr t.hostPort;
+      default = null;
+      example = "node.example.net:51820";
+      description = ''
+        HOST:PORT where devices and other hosts reach this host (a DNS name survives a change of address). Required
+        on the controller; leave it null on a member behind NAT.
+      '';
+    };
+
+    interface = mkOption {
+      type = t.interface;
+      default = "meshd0";
+      description = "The WireGuard interface's name.";
+    };
+
+    listenPort = mkOption {
+      type = types.nullOr t.port;
+      default = null;
+      description = "WireGuard's UDP port (and the controller's join port, TCP). Default: the endpoint's port, else 51820.";
+    };
+
+    mtu = mkOption {
+      type = types.nullOr t.mtu;
+      default = null;
+      description = "The network's MTU (controller) or this host's own (member). Default 1420.";
+    };
+
+    wireguard = mkOption {
+      type = types.enum [ "kernel" "userspace" "auto" ];
+      default = "auto";
+      description = "The WireGuard backend: the kernel module, boringtun embedded in meshd, or the kernel's if present.";
+    };
+
+    dnsPort = mkOption {
+      type = t.port;
+      default = 53;
+      description = "The mesh DNS's port on this host's mesh addresses (another port next to a DNS server on 53).";
+    };
+
+    tokenFile = mkOption {
+      type = types.nullOr t.secretPath;
+      default = null;
+      example = "/run/secrets/meshd-token";
+      description = ''
+        A member's invite token (`meshctl node invite NAME`), read once at the first start through systemd's
+        credentials. A path as a string: a Nix path would be copied into the world-readable Nix store.
+      '';
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Open WireGuard's UDP port (it answers authenticated peers only), the controller's join port (TCP, silent to
+        anyone without a token) and, on a relay or controller serving public names, TCP 80 and 443.
+      '';
+    };
+
+    setHostResolver = mkOption {
+      type = types.bool;
+      default = config.services.resolved.enable;
+      defaultText = lib.literalExpression "config.services.resolved.enable";
+      description = "Point systemd-resolved at this host's mesh DNS for the mesh domain (the mesh's names everywhere).";
+    };
+
+    inviteExpires = mkOption {
+      type = t.duration;
+      default = "24h";
+      description = "How long the invite tokens that applying the declaration makes stay valid.";
+    };
+
+    nodes = mkOption {
+      type = types.attrsOf (types.submodule nodeOptions);
+      default = { };
+      description = "The member hosts (controller): each invited once, its token written under ${handoutDir}.";
+    };
+
+    services = mkOption {
+      type = types.attrsOf (types.submodule serviceOptions);
+      default = { };
+      description = "Services and how each is exposed: over WireGuard to devices, as an onion service, on public names.";
+    };
+
+    devices = mkOption {
+      type = types.attrsOf (types.submodule deviceOptions);
+      default = { };
+      description = ''
+        Devices' settings (controller). A device named in a service's `expose.wireguard.allow` exists without an
+        entry here; its config (and QR code) is written to ${handoutDir}/DEVICE.conf when it is added.
+      '';
+    };
+
+    access = mkOption {
+      type = types.attrsOf (types.submodule { options.from = mkOption { type = types.listOf t.label; }; });
+      default = { };
+      example = { validator.from = [ "consensus" ]; };
+      description = "Access rules (controller): `access.NODE.from = [ ... ]`: only those nodes reach NODE. Nodes without a rule are reached by every node.";
+    };
+
+    acme = {
+      directory = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "The CA's ACME directory URL (default Let's Encrypt's production directory).";
+      };
+      contact = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "The ACME account's contact email.";
+      };
+      caRoot = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "A PEM root to trust for the CA's own HTTPS (a test CA).";
+      };
+      httpPort = mkOption { type = t.port; default = 80; description = "The relay's public HTTP port."; };
+      httpsPort = mkOption { type = t.port; default = 443; description = "The relay's public HTTPS port."; };
+    };
+
+    tor = {
+      package = mkOption {
+        type = types.package;
+        default = pkgs.tor;
+        defaultText = lib.literalExpression "pkgs.tor";
+        description = "The tor that meshd runs (backend meshd).";
+      };
+      configFile = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "A file of torrc lines meshd appends to its tor's configuration (bridges).";
+      };
+    };
+
+    declarationText = mkOption {
+      type = types.str;
+      readOnly = true;
+      internal = true;
+      default = declarationText;
+      description = "The rendered declaration file (`meshctl apply`), for tests and inspection.";
+    };
+  };
+
+  config = mkIf cfg.enable (mkMerge [
+    {
+      inherit assertions;
+
+      users.users.meshd = { isSystemUser = true; group = "meshd"; description = "meshd WireGuard mesh"; };
+      users.groups.meshd = { };
+
+      environment.systemPackages = [ cfg.package ];
+
+      boot.kernelModules = optional (cfg.wireguard != "userspace") "wireguard";
+
+      networking.firewall = mkIf cfg.openFirewall {
+        allowedUDPPorts = [ listenPort ];
+        allowedTCPPorts = optional isController listenPort
+          ++ optionals (cfg.role == "relay" || (isController && builtins.any (s: s.expose.https != [ ]) (builtins.attrValues services)))
+            [ cfg.acme.httpPort cfg.acme.httpsPort ];
+      };
+
+      systemd.services.meshd = {
+        description = "meshd WireGuard mesh (${cfg.role})";
+        wantedBy = [ "multi-user.target" ];
+        wants = [ "network-online.target" ];
+        after = [ "network-online.target" "nss-lookup.target" ];
+        path = [ pkgs.iproute2 pkgs.nftables ];
+        environment.RUST_LOG = "info";
+        startLimitIntervalSec = 0;
+        serviceConfig = hardening // {
+          Type = "notify";
+          ExecStartPre = [ "${setup}" ];
+          ExecStart = "${cfg.package}/bin/meshd ${escapeShellArgs runArgs}";
+          ExecStartPost = optional cfg.setHostResolver "+${resolver}";
+          Restart = "on-failure";
+          RestartSec = "5s";
+          TimeoutStopSec = "30s";
+          LimitNOFILE = 65536;
+          AmbientCapabilities = [ "CAP_NET_ADMIN" "CAP_NET_BIND_SERVICE" ];
+          CapabilityBoundingSet = [ "CAP_NET_ADMIN" "CAP_NET_BIND_SERVICE" ];
+          # The embedded WireGuard (boringtun) opens the TUN device and keeps its UAPI socket in /run/wireguard;
+          # /run/meshd holds the lock of the interface meshd runs.
+          DeviceAllow = [ "/dev/net/tun rw" ];
+          DevicePolicy = "closed";
+          RuntimeDirectory = [ "wireguard" "meshd" ];
+          RuntimeDirectoryMode = "0700";
+          LoadCredential = optional isMember "token:${cfg.tokenFile}";
+        };
+      };
+    }
+
+    (mkIf isController {
+      systemd.services.meshd-apply = {
+        description = "meshd: make the network match services.meshd";
+        wantedBy = [ "multi-user.target" ];
+        requires = [ "meshd.service" ];
+        after = [ "meshd.service" ];
+        restartTriggers = [ declarationFile ];
+        serviceConfig = hardening // {
+          Type = "oneshot";
+          RemainAfterExit = true;
+          ExecStart = "${apply}";
+          RestrictAddressFamilies = [ "AF_UNIX" ];
+        };
+      };
+    })
+
+  ]);
+}
