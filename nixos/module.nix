@@ -238,6 +238,32 @@ let
         message = "services.meshd.access.${to}: \"${to}\" is not a node (the controller or one in services.meshd.nodes)";
       }]) cfg.access);
 
+  # The system's tor (tor.backend = "system"): meshd writes the keys, client lists and services.torrc under its
+  # state directory; this copies them where that tor reads them, reading as meshd and writing as tor, so that
+  # neither side gets more than its own rights (no link, device or FIFO is handed over: files and directories only).
+  systemTor = cfg.tor.backend == "system";
+  torKeeperDir = "/var/lib/tor/meshd";
+  torHandOver = pkgs.writeShellScript "meshd-tor-hand-over" ''
+    set -euo pipefail
+    umask 077
+    from=${stateDir}/tor
+    to=${torKeeperDir}
+    as_tor="${pkgs.util-linux}/bin/setpriv --reuid=tor --regid=tor --clear-groups"
+    as_meshd="${pkgs.util-linux}/bin/setpriv --reuid=meshd --regid=meshd --clear-groups"
+    ${pkgs.coreutils}/bin/install -d -o tor -g tor -m 0700 "$to"
+    ${pkgs.coreutils}/bin/rm -rf "$to/new"
+    $as_tor ${pkgs.coreutils}/bin/mkdir -m 0700 "$to/new"
+    if [ -f "$from/services.torrc" ]; then
+      $as_meshd ${pkgs.gnutar}/bin/tar -C "$from" -cf - onion services.torrc         | $as_tor ${pkgs.gnutar}/bin/tar -C "$to/new" -xf - --no-same-permissions
+      $as_tor ${pkgs.findutils}/bin/find "$to/new" ! -type f ! -type d -delete
+    fi
+    $as_tor ${pkgs.coreutils}/bin/touch "$to/new/services.torrc"
+    $as_tor ${pkgs.coreutils}/bin/mkdir -p -m 0700 "$to/new/onion"
+    ${pkgs.coreutils}/bin/rm -rf "$to/onion" "$to/services.torrc"
+    ${pkgs.coreutils}/bin/mv "$to/new/onion" "$to/new/services.torrc" "$to/"
+    ${pkgs.coreutils}/bin/rmdir "$to/new"
+  '';
+
   endpointPort = e: lib.toInt (lib.last (lib.splitString ":" e));
   listenPort =
     if cfg.listenPort != null then cfg.listenPort
@@ -258,7 +284,8 @@ let
     ++ flag "acme-directory" cfg.acme.directory ++ flag "acme-ca-root" cfg.acme.caRoot
     ++ flag "acme-contact" cfg.acme.contact
     ++ [ "--http-port" (toString cfg.acme.httpPort) "--https-port" (toString cfg.acme.httpsPort) ]
-    ++ [ "--tor-binary" "${cfg.tor.package}/bin/tor" ] ++ flag "tor-config" cfg.tor.configFile;
+    ++ (if systemTor then [ "--tor-external" "${torKeeperDir}/onion" ]
+        else [ "--tor-binary" "${cfg.tor.package}/bin/tor" ] ++ flag "tor-config" cfg.tor.configFile);
 
   # Made once, on the first start: the network (controller) or the join (member). Keys are made here, on the
   # host; the token is read from systemd's credential, never from the command line.
@@ -494,6 +521,19 @@ in
     };
 
     tor = {
+      backend = mkOption {
+        type = types.enum [ "meshd" "system" ];
+        default = "meshd";
+        description = ''
+          Who runs tor for this host's onion services; meshd makes and keeps their keys either way. `meshd` (the
+          default): meshd's own tor, its child, under meshd's unprivileged user, running only while it serves
+          something and reloaded the moment a client is added or taken off (client keys are made at run time by
+          `meshctl`, so no rebuild is involved). `system`: NixOS's `services.tor` serves them: meshd writes the
+          onion-service lines to ${stateDir}/tor/services.torrc, a path unit copies them with the keys to
+          ${torKeeperDir} (read as meshd, written as tor) and reloads tor, which includes the file; for hosts
+          that run services.tor anyway (one tor, its own hardening and updates). See nixos/README.md.
+        '';
+      };
       package = mkOption {
         type = types.package;
         default = pkgs.tor;
@@ -563,6 +603,25 @@ in
         };
       };
     }
+
+    (mkIf systemTor {
+      services.tor.enable = true;
+      services.tor.settings."%include" = "${torKeeperDir}/services.torrc";
+      systemd.services.meshd-tor = {
+        description = "meshd: hand this host's onion services to the system's tor";
+        wantedBy = [ "tor.service" ];
+        before = [ "tor.service" ];
+        serviceConfig = {
+          Type = "oneshot";
+          ExecStart = "${torHandOver}";
+          ExecStartPost = "${config.systemd.package}/bin/systemctl --no-block try-reload-or-restart tor.service";
+        };
+      };
+      systemd.paths.meshd-tor = {
+        wantedBy = [ "paths.target" ];
+        pathConfig.PathChanged = "${stateDir}/tor/services.torrc";
+      };
+    })
 
     (mkIf isController {
       systemd.services.meshd-apply = {

@@ -128,6 +128,12 @@ enum Command {
         /// A file of torrc lines appended to the configuration meshd writes for its tor (bridges, a test network).
         #[arg(long, value_name = "FILE")]
         tor_config: Option<PathBuf>,
+        /// Another tor (the system's) serves this host's onion services: meshd makes and keeps their keys and
+        /// client lists under STATE/tor/onion/, writes STATE/tor/services.torrc (their HiddenServiceDir lines
+        /// naming DIR/SERVICE) and runs no tor. That tor's keeper copies STATE/tor/onion/SERVICE/ to DIR/SERVICE/
+        /// and includes the file (the NixOS module's services.meshd.tor.backend = "system" does both).
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["tor_binary", "tor_config"])]
+        tor_external: Option<PathBuf>,
     },
 }
 
@@ -183,10 +189,11 @@ fn main() -> ExitCode {
             https_port,
             tor_binary,
             tor_config,
+            tor_external,
         } => {
             let acme = AcmeOptions { directory: acme_directory, ca_root: acme_ca_root, contact: acme_contact };
             let public = PublicOptions { http_port, https_port, acme };
-            let tor = TorOptions { binary: tor_binary, extra_config: tor_config };
+            let tor = TorOptions { binary: tor_binary, extra_config: tor_config, external: tor_external };
             run(&StateDir::new(state_dir), RunOptions { backend: wireguard, dns_port, public, tor })
         }
     };

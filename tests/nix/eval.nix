@@ -12,9 +12,9 @@
 let
   inherit (lib) mkOption types;
   anything = mkOption { type = types.anything; default = { }; };
-  # What the module takes from pkgs: store paths are made up (nothing is built at evaluation time), files written
-  # at evaluation time hold text only.
-  fakePackage = name: { type = "derivation"; inherit name; outPath = "/nix/store/00000000000000000000000000000000-${name}"; };
+  # What the module takes from pkgs: every package is /usr (nothing is built at evaluation time), so that a rendered
+  # script runs in a test with Debian's tools; files written at evaluation time hold text only.
+  fakePackage = name: { type = "derivation"; inherit name; outPath = "/usr"; };
   pkgs = {
     callPackage = _: _: fakePackage "meshd";
     tor = fakePackage "tor";
@@ -23,8 +23,11 @@ let
     gnused = fakePackage "gnused";
     gnugrep = fakePackage "gnugrep";
     util-linux = fakePackage "util-linux";
+    coreutils = fakePackage "coreutils";
+    findutils = fakePackage "findutils";
+    gnutar = fakePackage "gnutar";
     writeText = name: text: builtins.toFile name text;
-    writeShellScript = name: text: builtins.toFile name ("#!/bin/sh\n" + text);
+    writeShellScript = name: text: builtins.toFile name ("#!/bin/bash\n" + text);
   };
   # Stand-ins for the NixOS options the module sets or reads.
   nixos = {
@@ -39,6 +42,9 @@ let
       users.users = mkOption { type = types.attrsOf types.anything; default = { }; };
       users.groups = mkOption { type = types.attrsOf types.anything; default = { }; };
       services.resolved.enable = mkOption { type = types.bool; default = false; };
+      services.tor.enable = mkOption { type = types.bool; default = false; };
+      services.tor.settings = mkOption { type = types.attrsOf types.anything; default = { }; };
+      systemd.paths = mkOption { type = types.attrsOf types.anything; default = { }; };
       systemd.package = mkOption { type = types.package; default = fakePackage "systemd"; };
       systemd.services = mkOption {
         default = { };
@@ -49,6 +55,7 @@ let
             wants = mkOption { type = types.listOf types.str; default = [ ]; };
             requires = mkOption { type = types.listOf types.str; default = [ ]; };
             after = mkOption { type = types.listOf types.str; default = [ ]; };
+            before = mkOption { type = types.listOf types.str; default = [ ]; };
             path = mkOption { type = types.listOf types.package; default = [ ]; };
             environment = mkOption { type = types.attrsOf types.str; default = { }; };
             restartTriggers = mkOption { type = types.listOf types.unspecified; default = [ ]; };
@@ -88,4 +95,10 @@ else {
   firewall = config.networking.firewall;
   users = lib.attrNames config.users.users;
   kernelModules = config.boot.kernelModules;
+  tor = if config.systemd.services ? meshd-tor then {
+    inherit (config.services.tor) enable settings;
+    unit = let s = config.systemd.services.meshd-tor; in { inherit (s) wantedBy before; service = serviceLines s.serviceConfig; };
+    script = builtins.readFile config.systemd.services.meshd-tor.serviceConfig.ExecStart;
+    path = config.systemd.paths.meshd-tor;
+  } else null;
 }

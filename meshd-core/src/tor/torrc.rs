@@ -115,15 +115,25 @@ impl TorConfig {
                 out.push('\n');
             }
         }
-        for service in &self.services {
-            out += &format!("\nHiddenServiceDir {}\n", quote(&service.dir)?);
-            out += &format!("HiddenServicePort {} {}\n", service.port, service.target);
-            if self.pow {
-                out += "HiddenServicePoWDefensesEnabled 1\n";
-            }
-        }
+        out += &services_section(&self.services, self.pow)?;
         Ok(out)
     }
+}
+
+/// The onion-service lines of a torrc: for each service, in order, a blank line, its `HiddenServiceDir`, its
+/// `HiddenServicePort` and, with `pow`, `HiddenServicePoWDefensesEnabled 1`. The end of meshd's own torrc, and
+/// the whole of the file meshd writes for a tor it does not run (`meshd run --tor-external`), which that tor
+/// reads through `%include` (tor(1), "THE CONFIGURATION FILE FORMAT"). Errors: a path with a line break.
+pub fn services_section(services: &[OnionServiceConfig], pow: bool) -> Result<String, TorrcError> {
+    let mut out = String::new();
+    for service in services {
+        out += &format!("\nHiddenServiceDir {}\n", quote(&service.dir)?);
+        out += &format!("HiddenServicePort {} {}\n", service.port, service.target);
+        if pow {
+            out += "HiddenServicePoWDefensesEnabled 1\n";
+        }
+    }
+    Ok(out)
 }
 
 /// A path as a torrc value: quoted, with `\` and `"` escaped (tor(1): values may be quoted C strings).

@@ -1,12 +1,16 @@
 //! meshd's own `tor`: the files of its onion services (keys, `authorized_clients/`), its `torrc`, and the
 //! process, supervised by the core's [`Supervisor`]. The rest of the daemon sees one small interface:
-//! [`Tor::apply`] an onion plan, read [`Tor::reports`], [`Tor::shut_down`]. Another carrier of the same
-//! plan (the system's tor configured by the NixOS module, an embedded arti) replaces this module alone.
+//! [`Tor::apply`] an onion plan, read [`Tor::reports`], [`Tor::shut_down`]. With
+//! [`TorOptions::external`] (`meshd run --tor-external DIR`) another tor serves the same plan (the system's,
+//! configured by the NixOS module): meshd keeps the keys and client lists as ever, writes the onion-service
+//! lines for that tor to `tor/services.torrc`, and runs no tor of its own.
 //!
 //! Layout under the state directory (all 0700, files 0600):
 //! `tor/torrc`, `tor/data/` (tor's `DataDirectory`), `tor/onion/SERVICE/` (its `HiddenServiceDir`: the key
 //! files in the C tor format, `hostname`, `authorized_clients/DEVICE.auth`). Keys stay when a service stops
 //! being served, so serving it again keeps its address; they are part of a backup of the state directory.
+//! With `--tor-external DIR`: `tor/services.torrc` instead of `tor/torrc` and `tor/data/`, its `HiddenServiceDir`
+//! lines naming `DIR/SERVICE`, where the other tor's keeper copies `tor/onion/SERVICE/`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs;
@@ -31,7 +35,7 @@ use meshd_core::input::Label;
 use meshd_core::plan::OnionPlan;
 use meshd_core::tor::onion::{AUTHORIZED_CLIENTS_DIR, OnionKey, PUBLIC_KEY_FILE, SECRET_KEY_FILE};
 use meshd_core::tor::supervisor::{Command as TorCommand, Supervisor};
-use meshd_core::tor::torrc::{OnionServiceConfig, TorBuild, TorConfig};
+use meshd_core::tor::torrc::{OnionServiceConfig, TorBuild, TorConfig, services_section};
 use meshd_core::wire::sync::OnionReport;
 
 /// How long a stopped tor has to exit after SIGTERM before it is killed.
@@ -44,12 +48,23 @@ pub struct TorOptions {
     pub binary: Option<PathBuf>,
     /// A file whose lines are appended to the generated `torrc` (bridges, a test network).
     pub extra_config: Option<PathBuf>,
+    /// Another tor serves the onion services: the directory where it keeps copies of `tor/onion/SERVICE/`
+    /// (absolute). meshd then runs no tor and writes `tor/services.torrc` for that tor to `%include`.
+    pub external: Option<PathBuf>,
 }
 
 impl TorOptions {
     /// Check what was named explicitly, at start-up: the binary runs and is recent enough, the extra
     /// configuration is readable. Errors: one line naming the option.
     pub fn check(&self) -> anyhow::Result<()> {
+        if let Some(dir) = &self.external {
+            if !dir.is_absolute() {
+                bail!("--tor-external {}: not an absolute path", dir.display());
+            }
+            // Rendered once now, so a path tor cannot read is refused at start rather than at the first exposure.
+            let probe = OnionServiceConfig { dir: dir.clone(), port: 80, target: ([127, 0, 0, 1], 80).into() };
+            services_section(&[probe], false).with_context(|| format!("--tor-external {}", dir.display()))?;
+        }
         if let Some(binary) = &self.binary {
             build_of(binary).with_context(|| format!("--tor-binary {}", binary.display()))?;
         }
@@ -77,6 +92,14 @@ impl TorOptions {
         self.binary.clone().unwrap_or_else(|| PathBuf::from("tor"))
     }
 }
+
+/// The file of onion-service lines written for a tor meshd does not run (`--tor-external`), under `tor/`.
+pub const EXTERNAL_TORRC: &str = "services.torrc";
+
+/// The first lines of [`EXTERNAL_TORRC`].
+const EXTERNAL_HEADER: &str = "# Written by meshd (meshd run --tor-external) on every change of its onion services: edits are \
+                               lost.\n# Read by the system's tor through %include; the directories are copies of \
+                               meshd's tor/onion/.\n";
 
 /// The most a `--tor-config` file may hold, bytes.
 const MAX_EXTRA: u64 = 64 * 1024;
@@ -202,7 +225,8 @@ impl Tor {
     /// target does not resolve, a file in its way) is left out and reported; the others are served all the same,
     /// and the error returned so that the step is tried again.
     pub async fn apply(&mut self, plan: &OnionPlan) -> anyhow::Result<()> {
-        if plan.is_empty() {
+        // The other tor is told of an empty plan too (an empty services.torrc), so that it stops serving.
+        if plan.is_empty() && self.options.external.is_none() {
             self.reports.clear();
             self.tell(0, false);
             return Ok(());
@@ -234,12 +258,22 @@ impl Tor {
     /// changed (the `torrc`, a key, a client list: tor rereads them all on SIGHUP and publishes new descriptors).
     /// The binary is checked first, so a missing or old tor writes nothing. Errors: what concerns every service.
     async fn write(&mut self, plan: &OnionPlan) -> anyhow::Result<(BTreeMap<Label, OnionReport>, usize, bool)> {
-        let binary = self.options.binary();
-        let build = tokio::task::spawn_blocking(move || build_of(&binary)).await??;
-        let extra = self.options.extra()?;
         let root = self.state.root().join("tor");
+        let external = self.options.external.clone();
+        // The other tor's own build and configuration are its keeper's business (no PoW line: whether it has the
+        // defence is not known here).
+        let (pow, extra) = match &external {
+            Some(_) => (false, String::new()),
+            None => {
+                let binary = self.options.binary();
+                let build = tokio::task::spawn_blocking(move || build_of(&binary)).await??;
+                (build.pow, self.options.extra()?)
+            }
+        };
         private_dir(&root)?;
-        private_dir(&root.join("data"))?;
+        if external.is_none() {
+            private_dir(&root.join("data"))?;
+        }
         private_dir(&root.join("onion"))?;
         let mut reports = BTreeMap::new();
         let mut services = Vec::new();
@@ -257,6 +291,7 @@ impl Tor {
             match ready {
                 Ok((key, target)) => {
                     reports.insert(name.clone(), OnionReport::Address(key.address()));
+                    let dir = external.as_ref().map_or(dir, |other| other.join(name.as_str()));
                     services.push(OnionServiceConfig { dir, port: service.port, target });
                 }
                 Err(e) => {
@@ -265,8 +300,18 @@ impl Tor {
             }
         }
         let served = services.len();
-        let config =
-            TorConfig { data_dir: root.join("data"), services, pow: build.pow, owner: std::process::id(), extra };
+        if external.is_some() {
+            let text = format!("{EXTERNAL_HEADER}{}", services_section(&services, false)?);
+            // Written again also when only a key or client list changed: the rename is what the other tor's keeper
+            // watches for (the NixOS module's path unit), to copy the files and reload that tor.
+            if changed || self.torrc.as_ref() != Some(&text) {
+                changed = true;
+                self.state.replace_private_file(&root.join(EXTERNAL_TORRC), text.as_bytes())?;
+                self.torrc = Some(text);
+            }
+            return Ok((reports, served, changed));
+        }
+        let config = TorConfig { data_dir: root.join("data"), services, pow, owner: std::process::id(), extra };
         let text = config.render()?;
         if self.torrc.as_ref() != Some(&text) {
             changed = true;
@@ -321,8 +366,12 @@ impl Tor {
         Ok((key, changed))
     }
 
-    /// Tell the supervisor there are `services` services now, `changed` if the files changed.
+    /// Tell the supervisor there are `services` services now, `changed` if the files changed. With another tor
+    /// serving them there is no supervisor.
     fn tell(&mut self, services: usize, changed: bool) {
+        if self.options.external.is_some() {
+            return;
+        }
         if changed {
             self.generation += 1;
         }
