@@ -248,20 +248,23 @@ let
     umask 077
     from=${stateDir}/tor
     to=${torKeeperDir}
+    # Root only starts these: every file operation runs as tor in tor's directory or as meshd in meshd's, so a
+    # link either user plants there bends nothing of root's.
     as_tor="${pkgs.util-linux}/bin/setpriv --reuid=tor --regid=tor --clear-groups"
     as_meshd="${pkgs.util-linux}/bin/setpriv --reuid=meshd --regid=meshd --clear-groups"
-    ${pkgs.coreutils}/bin/install -d -o tor -g tor -m 0700 "$to"
-    ${pkgs.coreutils}/bin/rm -rf "$to/new"
+    $as_tor ${pkgs.coreutils}/bin/mkdir -p -m 0700 "$to"
+    $as_tor ${pkgs.coreutils}/bin/rm -rf "$to/new"
     $as_tor ${pkgs.coreutils}/bin/mkdir -m 0700 "$to/new"
     if [ -f "$from/services.torrc" ]; then
-      $as_meshd ${pkgs.gnutar}/bin/tar -C "$from" -cf - onion services.torrc         | $as_tor ${pkgs.gnutar}/bin/tar -C "$to/new" -xf - --no-same-permissions
+      $as_meshd ${pkgs.gnutar}/bin/tar -C "$from" -cf - onion services.torrc \
+        | $as_tor ${pkgs.gnutar}/bin/tar -C "$to/new" -xf - --no-same-permissions
       $as_tor ${pkgs.findutils}/bin/find "$to/new" ! -type f ! -type d -delete
     fi
     $as_tor ${pkgs.coreutils}/bin/touch "$to/new/services.torrc"
     $as_tor ${pkgs.coreutils}/bin/mkdir -p -m 0700 "$to/new/onion"
-    ${pkgs.coreutils}/bin/rm -rf "$to/onion" "$to/services.torrc"
-    ${pkgs.coreutils}/bin/mv "$to/new/onion" "$to/new/services.torrc" "$to/"
-    ${pkgs.coreutils}/bin/rmdir "$to/new"
+    $as_tor ${pkgs.coreutils}/bin/rm -rf "$to/onion" "$to/services.torrc"
+    $as_tor ${pkgs.coreutils}/bin/mv "$to/new/onion" "$to/new/services.torrc" "$to/"
+    $as_tor ${pkgs.coreutils}/bin/rmdir "$to/new"
   '';
 
   endpointPort = e: lib.toInt (lib.last (lib.splitString ":" e));

@@ -673,6 +673,21 @@ fn onion_services_are_served_by_the_system_tor_from_the_keys_meshd_keeps() {
     run_hand_over();
     assert!(!copied.join("authorized_clients/evil.auth").exists(), "a link reached tor's directory");
     fs::remove_file(dirs.state.join("tor/onion/wallet/authorized_clients/evil.auth")).unwrap();
+    // Nor does root follow one that tor's user planted in its own directory (root only starts the copies).
+    let etc_like = root.join("not-tors");
+    fs::create_dir(&etc_like).unwrap();
+    fs::rename(tor_home.join("meshd"), tor_home.join("meshd.real")).unwrap();
+    std::os::unix::fs::symlink(&etc_like, tor_home.join("meshd")).unwrap();
+    let _ = output(&mut with_var_lib(
+        &node,
+        &[("meshd", dirs.state.as_path()), ("tor", &tor_home)],
+        &["bash", hand_over.to_str().unwrap()],
+    ));
+    let etc_like_meta = fs::metadata(&etc_like).unwrap();
+    assert_eq!((etc_like_meta.uid(), etc_like_meta.mode() & 0o777), (0, 0o755), "root changed what tor's link named");
+    assert_eq!(fs::read_dir(&etc_like).unwrap().count(), 0, "root wrote through tor's link");
+    fs::remove_file(tor_home.join("meshd")).unwrap();
+    fs::rename(tor_home.join("meshd.real"), tor_home.join("meshd")).unwrap();
 
     // The system's tor: its own configuration, part of the test network, including meshd's file.
     let torrc = tor_home.join("torrc");
