@@ -34,7 +34,10 @@ let
     in m != null && isIPv4 (elemAt m 0) && between 8 30 (elemAt m 1);
   isInterface = s: match "[A-Za-z0-9_.-]{1,15}" s != null && s != "." && s != "..";
   isDuration = s: match "[1-9][0-9]*(s|m|h|d)" s != null;
-  isStatePath = s: match "/.*" s != null && match "/nix/store(/.*)?" s == null;
+  # Letters, digits and ._-+@ between slashes: nothing a unit file, systemd's specifiers (%) or a shell would read
+  # as more than a path (sops-nix's /run/secrets/NAME and agenix's /run/agenix/NAME are such paths).
+  isStatePath = s: match "(/[A-Za-z0-9._+@-]+)+" s != null && match "/nix/store(/.*)?" s == null
+    && match ".*/\\.\\.?(/.*)?" s == null;
 in
 rec {
   # The option types. Each names what it wants in its description, which the evaluation error quotes.
@@ -72,8 +75,13 @@ rec {
   # ./token would be copied there, so only a string is taken).
   secretPath = types.addCheck types.str isStatePath // {
     name = "meshdSecretPath";
-    description = "absolute path (a string) outside the Nix store, e.g. \"/run/secrets/meshd-token\"";
+    description = "absolute path (a string) outside the Nix store, of letters, digits and ._-+@, e.g. \"/run/secrets/meshd-token\"";
   };
+
+  # One argument of a unit's Exec*= line, as systemd reads it (systemd.service(5), "Command lines"): double-quoted
+  # with C escapes (a JSON string is one), `%` and `$` doubled so that no specifier or variable is expanded.
+  escapeExecArg = s: builtins.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (builtins.toJSON s);
+  execLine = args: concatStringsSep " " (map escapeExecArg args);
 
   # Exposed for the module's own checks of attribute names (option types do not see attribute names).
   inherit isLabel isCidr;

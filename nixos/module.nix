@@ -588,7 +588,7 @@ in
         serviceConfig = hardening // {
           Type = "notify";
           ExecStartPre = [ "${setup}" ];
-          ExecStart = "${cfg.package}/bin/meshd ${escapeShellArgs runArgs}";
+          ExecStart = t.execLine ([ "${cfg.package}/bin/meshd" ] ++ runArgs);
           ExecStartPost = optional cfg.setHostResolver "+${resolver}";
           Restart = "on-failure";
           RestartSec = "5s";

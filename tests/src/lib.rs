@@ -33,7 +33,7 @@ pub use files::{assert_key_not_stored, files_under, write_private};
 pub use mesh::{MeshHost, UapiCleanup, nat_router};
 pub use mounts::Tmpfs;
 pub use netns::{Netns, UdpEcho, add_address, router, udp_echoed, udp_received, uplink, veth};
-pub use nix::{evaluate, nix_instantiate, nixpkgs_lib, repo_root};
+pub use nix::{evaluate, exec_args, nix_instantiate, nixpkgs_lib, repo_root};
 pub use process::{
     Proc, assert_error_line, assert_refused, bin_dir, describe, init_network, libfaketime, meshctl, output,
     product_bin, run_json, run_ok,

@@ -60,3 +60,13 @@ pub fn evaluate(lib: &Path, configuration: &Path) -> Result<serde_json::Value, S
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
+
+/// The arguments of a unit's `ExecStart=` line as the module writes it (double-quoted JSON strings, `%` and `$`
+/// doubled), as systemd passes them to the program.
+pub fn exec_args(line: &str) -> Vec<String> {
+    serde_json::Deserializer::from_str(line)
+        .into_iter::<String>()
+        .map(|arg| arg.unwrap_or_else(|e| panic!("{line}: not an Exec line of quoted arguments: {e}")))
+        .map(|arg| arg.replace("%%", "%").replace("$$", "$"))
+        .collect()
+}

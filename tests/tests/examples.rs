@@ -564,9 +564,10 @@ fn onion_services_are_served_by_the_system_tor_from_the_keys_meshd_keeps() {
     )
     .unwrap();
     let evaluated = meshd_e2e::evaluate(&lib, &config).unwrap_or_else(|e| panic!("{e}"));
-    let exec = evaluated["unit"]["exec"].as_str().unwrap();
-    let external = exec.split_once("--tor-external ").expect("meshd is told of the other tor").1;
-    assert!(!exec.contains("--tor-binary"), "{exec}");
+    let exec = meshd_e2e::exec_args(evaluated["unit"]["exec"].as_str().unwrap());
+    let at = exec.iter().position(|a| a == "--tor-external").expect("meshd is told of the other tor");
+    let external = exec[at + 1].as_str();
+    assert!(!exec.iter().any(|a| a == "--tor-binary"), "{exec:?}");
     assert_eq!(evaluated["tor"]["settings"]["%include"], "/var/lib/tor/meshd/services.torrc");
     assert_eq!(evaluated["tor"]["enable"], true);
     assert_eq!(evaluated["tor"]["path"]["pathConfig"]["PathChanged"], "/var/lib/meshd/tor/services.torrc");

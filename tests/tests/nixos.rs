@@ -14,7 +14,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use meshd_e2e::{describe, evaluate, nix_instantiate, nixpkgs_lib, output, product_bin, repo_root, run_json, run_ok};
+use meshd_e2e::{
+    describe, evaluate, exec_args, nix_instantiate, nixpkgs_lib, output, product_bin, repo_root, run_json, run_ok,
+};
 use serde_json::Value;
 
 /// The controllers of the three examples: their NixOS configuration and the plain declaration file.
@@ -102,9 +104,10 @@ fn each_example_renders_a_declaration_that_plans_what_its_plain_file_plans() {
         assert_eq!(args[0], "init", "{config}: {args:?}");
         let state = tempfile::tempdir().unwrap();
         run_ok(Command::new(product_bin("meshd")).args(&args).arg("--state-dir").arg(state.path()));
-        let exec = unit["exec"].as_str().unwrap();
-        for flag in exec.split_whitespace().filter(|w| w.starts_with("--")) {
-            assert!(meshd_run_help.contains(&format!("{flag} ")), "{config}: `meshd run` has no {flag}: {exec}");
+        let exec = exec_args(unit["exec"].as_str().unwrap());
+        assert_eq!(exec[1], "run", "{config}: {exec:?}");
+        for flag in exec.iter().filter(|w| w.starts_with("--")) {
+            assert!(meshd_run_help.contains(&format!("{flag} ")), "{config}: `meshd run` has no {flag}: {exec:?}");
         }
 
         let rendered = state.path().join("rendered.toml");
@@ -440,6 +443,29 @@ fn the_plain_unit_is_the_module_unit_and_systemd_accepts_it() {
     fs::write(&bad, text.replace("ProtectHome=true", "ProtectHome=sometimes")).unwrap();
     let verify = output(Command::new("systemd-analyze").arg("verify").arg(&bad));
     assert!(!verify.stderr.is_empty(), "a bad value passes verify: {}", describe(&verify));
+
+    // The module's own unit, with values that systemd would otherwise expand (`%h`, `$USER`) or split (a quote):
+    // systemd reads the ExecStart line without complaint, and as the arguments given.
+    let odd = dir.path().join("odd.nix");
+    fs::write(
+        &odd,
+        format!(
+            "{{ lib, ... }}: {{ imports = [ {} ]; services.meshd.acme.contact = lib.mkForce \"o%h$USER\\\"x y@shop.example\"; }}\n",
+            repo_root().join("examples/merchant/vps.nix").display()
+        ),
+    )
+    .unwrap();
+    let evaluated = eval_ok(&lib, odd.to_str().unwrap());
+    let exec = evaluated["unit"]["exec"].as_str().unwrap();
+    let args = exec_args(exec);
+    let contact = args.iter().position(|a| a == "--acme-contact").expect("--acme-contact");
+    assert_eq!(args[contact + 1], "o%h$USER\"x y@shop.example", "{exec}");
+    let rendered = dir.path().join("rendered.service");
+    let meshd = product_bin("meshd");
+    let line = exec.replacen(&format!("{:?}", "/usr/bin/meshd"), &format!("{:?}", meshd.to_str().unwrap()), 1);
+    fs::write(&rendered, format!("[Service]\nExecStart={line}\n")).unwrap();
+    let verify = output(Command::new("systemd-analyze").arg("verify").arg(&rendered));
+    assert!(verify.status.success() && verify.stderr.is_empty(), "{line}: {}", describe(&verify));
 
     // The exposure that docs/DESIGN.md records (systemd 252's scale: 0 safe to 10 exposed).
     let security = output(Command::new("systemd-analyze").args(["security", "--offline=yes"]).arg(&unit));
