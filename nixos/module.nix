@@ -290,8 +290,10 @@ let
     ++ (if systemTor then [ "--tor-external" "${torKeeperDir}/onion" ]
         else [ "--tor-binary" "${cfg.tor.package}/bin/tor" ] ++ flag "tor-config" cfg.tor.configFile);
 
-  # Made once, on the first start: the network (controller) or the join (member). Keys are made here, on the
-  # host; the token is read from systemd's credential, never from the command line.
+  # Made once, on the first start: the network (controller, meshd.service's ExecStartPre) or the join (member,
+  # meshd-join.service, which runs only while the host has not joined: the token file may go once it has). Keys are
+  # made here, on the host; the token is read from systemd's credential on standard input, never from the command
+  # line.
   setup = pkgs.writeShellScript "meshd-setup" ''
     set -eu
     if [ -e ${stateDir}/${if isController then "meshd.db" else "member.json"} ]; then exit 0; fi
@@ -580,14 +582,14 @@ in
       systemd.services.meshd = {
         description = "meshd WireGuard mesh (${cfg.role})";
         wantedBy = [ "multi-user.target" ];
-        wants = [ "network-online.target" ];
-        after = [ "network-online.target" "nss-lookup.target" ];
+        wants = [ "network-online.target" ] ++ optional isMember "meshd-join.service";
+        after = [ "network-online.target" "nss-lookup.target" ] ++ optional isMember "meshd-join.service";
         path = [ pkgs.iproute2 pkgs.nftables ];
         environment.RUST_LOG = "info";
         startLimitIntervalSec = 0;
         serviceConfig = hardening // {
           Type = "notify";
-          ExecStartPre = [ "${setup}" ];
+          ExecStartPre = optional isController "${setup}";
           ExecStart = t.execLine ([ "${cfg.package}/bin/meshd" ] ++ runArgs);
           ExecStartPost = optional cfg.setHostResolver "+${resolver}";
           Restart = "on-failure";
@@ -602,10 +604,30 @@ in
           DevicePolicy = "closed";
           RuntimeDirectory = [ "wireguard" "meshd" ];
           RuntimeDirectoryMode = "0700";
-          LoadCredential = optional isMember "token:${cfg.tokenFile}";
         };
       };
     }
+
+    (mkIf isMember {
+      # The join, once: skipped (its condition) once the host has joined, so the spent token may be deleted. Until
+      # it succeeds (a controller not reachable yet) it is tried again every 10 s, and meshd.service after it.
+      systemd.services.meshd-join = {
+        description = "meshd: join the network with the invite token in ${cfg.tokenFile}";
+        wantedBy = [ "meshd.service" ];
+        before = [ "meshd.service" ];
+        wants = [ "network-online.target" ];
+        after = [ "network-online.target" "nss-lookup.target" ];
+        startLimitIntervalSec = 0;
+        unitConfig.ConditionPathExists = "!${stateDir}/member.json";
+        serviceConfig = hardening // {
+          Type = "oneshot";
+          ExecStart = "${setup}";
+          LoadCredential = "token:${cfg.tokenFile}";
+          Restart = "on-failure";
+          RestartSec = "10s";
+        };
+      };
+    })
 
     (mkIf systemTor {
       services.tor.enable = true;
@@ -630,7 +652,9 @@ in
       systemd.services.meshd-apply = {
         description = "meshd: make the network match services.meshd";
         wantedBy = [ "multi-user.target" ];
-        requires = [ "meshd.service" ];
+        # After meshd is ready (Type=notify); should it not be running, meshctl applies to the database itself and
+        # meshd carries the changes out when it starts.
+        wants = [ "meshd.service" ];
         after = [ "meshd.service" ];
         restartTriggers = [ declarationFile ];
         serviceConfig = hardening // {

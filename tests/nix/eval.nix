@@ -61,6 +61,7 @@ let
             restartTriggers = mkOption { type = types.listOf types.unspecified; default = [ ]; };
             startLimitIntervalSec = mkOption { type = types.nullOr types.int; default = null; };
             serviceConfig = anything;
+            unitConfig = anything;
           };
         });
       };
@@ -89,6 +90,10 @@ if failed != [ ] then throw "Failed assertions:\n- ${lib.concatStringsSep "\n- "
 else {
   declaration = config.services.meshd.declarationText;
   unit = unitOf "meshd";
+  joinUnit = if config.systemd.services ? meshd-join then unitOf "meshd-join" // {
+    script = builtins.readFile config.systemd.services.meshd-join.serviceConfig.ExecStart;
+    inherit (config.systemd.services.meshd-join) unitConfig before wantedBy;
+  } else null;
   applyUnit = if config.systemd.services ? meshd-apply then unitOf "meshd-apply" // {
     script = builtins.readFile config.systemd.services.meshd-apply.serviceConfig.ExecStart;
   } else null;

@@ -200,7 +200,8 @@ fn the_units_are_hardened_and_carry_no_secret() {
         }
         let script = apply["script"].as_str().unwrap();
         assert!(script.contains("umask 077") && script.contains("last-apply.txt"), "{script}");
-        assert_eq!(apply["requires"], serde_json::json!(["meshd.service"]));
+        assert_eq!(apply["after"], serde_json::json!(["meshd.service"]), "applied once meshd is ready");
+        assert_eq!(evaluated["joinUnit"], Value::Null, "{config}: the controller joins nothing");
     }
     let relay = eval_ok(&lib, "examples/merchant/vps.nix");
     assert_eq!(relay["firewall"]["allowedTCPPorts"], serde_json::json!([51820, 80, 443]), "join port and public names");
@@ -208,13 +209,21 @@ fn the_units_are_hardened_and_carry_no_secret() {
     for config in MEMBERS {
         let evaluated = eval_ok(&lib, config);
         let unit = &evaluated["unit"];
-        let lines = service_lines(unit);
+        // The join is a unit of its own, run only until the host has joined (the spent token may then go).
+        let join = &evaluated["joinUnit"];
+        let lines = service_lines(join);
         assert!(lines.contains("LoadCredential=token:/run/secrets/meshd-token"), "{config}: {lines:#?}");
-        let args = setup_args(unit);
+        assert!(lines.contains("User=meshd") && lines.contains("CapabilityBoundingSet="), "{config}: {lines:#?}");
+        assert_eq!(join["unitConfig"]["ConditionPathExists"], "!/var/lib/meshd/member.json", "{config}");
+        assert_eq!(join["before"], serde_json::json!(["meshd.service"]), "{config}");
+        let args = setup_args(&serde_json::json!({ "scripts": [join["script"]] }));
         assert_eq!(args[..2], ["join", "-"], "{config}: the token comes on stdin");
-        let script = unit["scripts"][0].as_str().unwrap();
+        let script = join["script"].as_str().unwrap();
         assert!(script.contains("< \"$CREDENTIALS_DIRECTORY/token\""), "{config}: {script}");
-        assert!(script.contains("member.json"), "{config}: joins once: {script}");
+        assert!(
+            !service_lines(unit).iter().any(|l| l.starts_with("LoadCredential")),
+            "{config}: meshd itself has no token"
+        );
         assert!(!unit["exec"].as_str().unwrap().contains("secrets"), "{config}: no secret path on the command line");
         assert_eq!(evaluated["applyUnit"], Value::Null, "{config}: members declare nothing");
         assert_eq!(evaluated["firewall"]["allowedTCPPorts"], serde_json::json!([]), "{config}");
@@ -223,7 +232,7 @@ fn the_units_are_hardened_and_carry_no_secret() {
     let validator = eval_ok(&lib, "examples/staking/validator.nix");
     let lines = service_lines(&validator["unit"]);
     assert!(lines.iter().any(|l| l.starts_with("ExecStartPost=+")), "resolved is on: the resolver is set: {lines:#?}");
-    let resolver = validator["unit"]["scripts"][1].as_str().unwrap();
+    let resolver = validator["unit"]["scripts"][0].as_str().unwrap();
     assert!(resolver.contains("runuser -u meshd") && resolver.contains("resolvectl domain meshd0"), "{resolver}");
     let home = eval_ok(&lib, "examples/merchant/home.nix");
     assert!(!service_lines(&home["unit"]).iter().any(|l| l.starts_with("ExecStartPost")), "resolved is off there");
