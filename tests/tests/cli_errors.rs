@@ -384,3 +384,50 @@ fn concurrent_device_adds_get_distinct_addresses() {
         assert_eq!(addrs.len(), 8, "8 devices but not 8 distinct {key}: {devices:?}");
     }
 }
+
+/// `meshd info` (issue 14): the host's place in its network on a controller, one line on a directory holding none,
+/// a planted database refused as `meshd run` refuses it; `meshd run --tor-external` refuses what tor could not use.
+#[test]
+fn meshd_info_and_tor_external_refuse_bad_input_in_one_line() {
+    let state = meshd_e2e::init_network(&[]);
+    let info = run_ok(Command::new(product_bin("meshd")).arg("info").arg("--state-dir").arg(state.path()));
+    for line in
+        ["network home", "domain home.internal", "name hub", "role hub", "interface meshd0", "address 10.77.0.1"]
+    {
+        assert!(info.lines().any(|l| l == line), "{line:?} missing: {info}");
+    }
+    let json = run_json(Command::new(product_bin("meshd")).args(["info", "--json", "--state-dir"]).arg(state.path()));
+    assert_eq!(json["address"], "10.77.0.1");
+    assert!(json["address_v6"].as_str().is_some_and(|a| a.ends_with("::1")), "{json}");
+
+    let empty = tempfile::tempdir().unwrap();
+    assert_refused(
+        Command::new(product_bin("meshd")).arg("info").arg("--state-dir").arg(empty.path()),
+        empty.path(),
+        &["holds no network"],
+    );
+    let garbage = tempfile::tempdir().unwrap();
+    fs::write(garbage.path().join("member.json"), "{ not json").unwrap();
+    fs::set_permissions(garbage.path().join("member.json"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .unwrap();
+    assert_refused(
+        Command::new(product_bin("meshd")).arg("info").arg("--state-dir").arg(garbage.path()),
+        garbage.path(),
+        &["member.json"],
+    );
+
+    assert_refused(
+        Command::new(product_bin("meshd"))
+            .args(["run", "--tor-external", "tor/onion", "--state-dir"])
+            .arg(state.path()),
+        state.path(),
+        &["--tor-external tor/onion: not an absolute path"],
+    );
+    assert_refused(
+        Command::new(product_bin("meshd"))
+            .args(["run", "--tor-external", "/var/lib/tor/meshd/onion", "--tor-binary", "/usr/bin/tor", "--state-dir"])
+            .arg(state.path()),
+        state.path(),
+        &["--tor-binary"],
+    );
+}
