@@ -15,23 +15,41 @@ let
   isIPv4 = s:
     let m = match "([0-9]{1,3})\\.([0-9]{1,3})\\.([0-9]{1,3})\\.([0-9]{1,3})" s;
     in m != null && all (between 0 255) m;
-  # IPv6 in the forms meshd accepts from a file: hex groups and colons (with one `::` at most), optionally
-  # ending in a dotted IPv4 address. The full grammar is RFC 4291 section 2.2; meshd parses it exactly.
+  # IPv6 as RFC 4291 section 2.2 writes it: eight groups of 1-4 hex digits, or fewer around one `::`, the last two
+  # optionally as a dotted IPv4 address.
   isIPv6 = s:
     let
-      groups = lib.splitString ":" s;
-      isGroup = g: g == "" || match "[0-9A-Fa-f]{1,4}" g != null;
+      isGroup = g: match "[0-9A-Fa-f]{1,4}" g != null;
+      # The groups of one side of `::` (or of the whole address): how many 16-bit groups it holds, or null.
+      side = part: last:
+        if part == "" then 0
+        else
+          let groups = lib.splitString ":" part;
+          in if !(all isGroup (lib.init groups)) then null
+          else if isGroup (lib.last groups) then length groups
+          else if last && isIPv4 (lib.last groups) then length groups + 1
+          else null;
+      halves = lib.splitString "::" s;
+      left = side (elemAt halves 0) false;
+      right = side (elemAt halves 1) true;
+      whole = side s true;
     in
-    match "[0-9A-Fa-f:.]+" s != null && match ".*:.*" s != null && match ".*:::.*" s == null
-    && length (lib.splitString "::" s) <= 2 && length groups <= 8
-    && all isGroup (lib.init groups) && (isGroup (lib.last groups) || isIPv4 (lib.last groups));
+    if length halves == 1 then whole == 8
+    else length halves == 2 && left != null && right != null && left + right <= 7;
   isHostPort = s:
     let m = match "([[]([0-9A-Fa-f:.]+)[]]|([^:]+)):([0-9]+)" s;
     in m != null && between 1 65535 (elemAt m 3)
       && (if elemAt m 1 != null then isIPv6 (elemAt m 1) else isIPv4 (elemAt m 2) || isDomain (elemAt m 2));
   isCidr = s:
-    let m = match "([0-9.]+)/([0-9]{1,2})" s;
-    in m != null && isIPv4 (elemAt m 0) && between 8 30 (elemAt m 1);
+    let
+      m = match "(([0-9]{1,3})\\.([0-9]{1,3})\\.([0-9]{1,3})\\.([0-9]{1,3}))/([0-9]{1,2})" s;
+      octets = map fromJSON (lib.sublist 1 4 m);
+      value = builtins.foldl' (acc: o: acc * 256 + o) 0 octets;
+      hostBits = builtins.foldl' (acc: _: acc * 2) 1 (lib.range 1 (32 - fromJSON (elemAt m 5)));
+    in
+    m != null && isIPv4 (elemAt m 0) && between 8 30 (elemAt m 5)
+    # The network's own address: no host bits set (meshd refuses 10.77.0.1/16).
+    && lib.mod value hostBits == 0;
   isInterface = s: match "[A-Za-z0-9_.-]{1,15}" s != null && s != "." && s != "..";
   isDuration = s: match "[1-9][0-9]*(s|m|h|d)" s != null;
   # Letters, digits and ._-+@ between slashes: nothing a unit file, systemd's specifiers (%) or a shell would read
@@ -55,7 +73,7 @@ rec {
   };
   cidr = types.addCheck types.str isCidr // {
     name = "meshdCidr";
-    description = "IPv4 range in CIDR notation, prefix /8 to /30 (e.g. \"10.77.0.0/16\")";
+    description = "IPv4 network in CIDR notation, prefix /8 to /30, no host bits set (e.g. \"10.77.0.0/16\")";
   };
   ipAddress = types.addCheck types.str (s: isIPv4 s || isIPv6 s) // {
     name = "meshdIpAddress";

@@ -4,8 +4,9 @@
 # declaration file of `meshctl apply` (docs/CLI.md, "Declaration files") and applied whenever it changes. Keys
 # are made on the host at run time by meshd and meshctl, never at evaluation time and never in the Nix store; a
 # member joins with an invite token read from a file at run time (sops-nix, agenix). See nixos/README.md.
-{ config, lib, pkgs, ... }:
+{ config, options, lib, pkgs, ... }:
 let
+  inherit (builtins) elemAt;
   inherit (lib) mkOption mkEnableOption mkIf mkMerge types optional optionals optionalString
     concatStringsSep escapeShellArg escapeShellArgs mapAttrsToList attrNames filterAttrs;
   meshdLib = import ./lib.nix { inherit lib; };
@@ -179,6 +180,10 @@ let
         message = "services.meshd.services.${name}.expose: a UDP service can be exposed over WireGuard only";
       }
       {
+        assertion = s.expose.tor.enable || (s.expose.tor.clients == [ ] && s.expose.tor.port == null);
+        message = "services.meshd.services.${name}.expose.tor: clients and port need enable = true";
+      }
+      {
         assertion = builtins.length s.expose.tor.clients <= 320;
         message = "services.meshd.services.${name}.expose.tor.clients: at most 320 (what a descriptor can hold)";
       }
@@ -192,6 +197,9 @@ let
       message = "services.meshd.services.${name}.expose.https: relay \"${h.relay}\" is neither the controller nor a node with role = \"relay\"";
     }) s.expose.https;
   declared = attrNames cfg.nodes ++ attrNames services ++ deviceNames;
+  duplicates = list: lib.unique (builtins.filter (n: lib.count (x: x == n) list > 1) list);
+  httpsNames = lib.concatMap (s: map (h: lib.toLower h.hostname) s.expose.https) (builtins.attrValues services);
+  httpsRelays = lib.concatMap (s: map (h: h.relay) s.expose.https) (builtins.attrValues services);
   assertions =
     [
       {
@@ -211,12 +219,37 @@ let
         message = "services.meshd: nodes, services, devices and access are declared on the controller only (role = \"controller\")";
       }
       {
-        assertion = lib.length declared == lib.length (lib.unique declared) && !(builtins.elem cfg.name declared);
-        message = "services.meshd: nodes, services and devices share one namespace, with the controller's name (${cfg.name}); a name is declared twice";
+        assertion = duplicates (map lib.toLower ([ cfg.name ] ++ declared)) == [ ];
+        message = "services.meshd: nodes, services and devices share one namespace with the controller's name (${cfg.name}): ${
+          concatStringsSep ", " (duplicates (map lib.toLower ([ cfg.name ] ++ declared)))} declared twice";
       }
       {
-        assertion = !(builtins.elem cfg.dnsPort [ 1021 51871 ] || cfg.dnsPort == listenPort);
+        assertion = duplicates httpsNames == [ ];
+        message = "services.meshd.services: the public name ${concatStringsSep ", " (duplicates httpsNames)} is in more than one expose.https";
+      }
+      {
+        assertion = !(builtins.elem cfg.dnsPort [ 1021 51871 ]);
         message = "services.meshd.dnsPort: ${toString cfg.dnsPort} is a port meshd uses itself";
+      }
+      {
+        assertion = cfg.dnsPort != listenPort;
+        message = "services.meshd.listenPort (or the endpoint's port) and services.meshd.dnsPort are both ${toString listenPort}";
+      }
+      {
+        assertion = listenPort != 1021;
+        message = "services.meshd.listenPort: 1021 (${if cfg.listenPort == null then "the endpoint's port" else "given"}) is meshd's own port on mesh addresses: choose another";
+      }
+      {
+        assertion = isMember -> (cfg.network == null && cfg.domain == null && options.services.meshd.cidr.highestPrio >= 1500);
+        message = "services.meshd: network, domain and cidr are the controller's (a member takes them from its token)";
+      }
+      {
+        assertion = cfg.tor.backend == "system" -> cfg.tor.configFile == null;
+        message = "services.meshd.tor.configFile is for meshd's own tor: with tor.backend = \"system\" configure services.tor instead";
+      }
+      {
+        assertion = isController -> cfg.name != null;
+        message = "services.meshd.name: networking.hostName (\"${config.networking.hostName}\") is not a DNS label: set services.meshd.name";
       }
     ]
     ++ labelKeys "nodes" (attrNames cfg.nodes)
@@ -253,18 +286,52 @@ let
     as_tor="${pkgs.util-linux}/bin/setpriv --reuid=tor --regid=tor --clear-groups"
     as_meshd="${pkgs.util-linux}/bin/setpriv --reuid=meshd --regid=meshd --clear-groups"
     $as_tor ${pkgs.coreutils}/bin/mkdir -p -m 0700 "$to"
+    if [ -d "$to/new" ]; then $as_tor ${pkgs.coreutils}/bin/chmod -R u+rwX "$to/new"; fi
     $as_tor ${pkgs.coreutils}/bin/rm -rf "$to/new"
-    $as_tor ${pkgs.coreutils}/bin/mkdir -m 0700 "$to/new"
-    if [ -f "$from/services.torrc" ]; then
-      $as_meshd ${pkgs.gnutar}/bin/tar -C "$from" -cf - onion services.torrc \
+    $as_tor ${pkgs.coreutils}/bin/mkdir -m 0700 "$to/new" "$to/new/onion"
+    if [ -d "$from/onion" ]; then
+      # Directories and regular files of at most 64 KiB (keys, client lists), as meshd lists them; nothing else.
+      (cd "$from" && $as_meshd ${pkgs.findutils}/bin/find onion services.torrc \
+          \( -type d -o -type f -size -65k \) -print0 2>/dev/null || true) \
+        | $as_meshd ${pkgs.gnutar}/bin/tar -C "$from" --null --no-recursion -T - -cf - \
         | $as_tor ${pkgs.gnutar}/bin/tar -C "$to/new" -xf - --no-same-permissions
       $as_tor ${pkgs.findutils}/bin/find "$to/new" ! -type f ! -type d -delete
+      $as_tor ${pkgs.coreutils}/bin/chmod -R u+rwX,go-rwx "$to/new"
     fi
     $as_tor ${pkgs.coreutils}/bin/touch "$to/new/services.torrc"
-    $as_tor ${pkgs.coreutils}/bin/mkdir -p -m 0700 "$to/new/onion"
-    $as_tor ${pkgs.coreutils}/bin/rm -rf "$to/onion" "$to/services.torrc"
-    $as_tor ${pkgs.coreutils}/bin/mv "$to/new/onion" "$to/new/services.torrc" "$to/"
-    $as_tor ${pkgs.coreutils}/bin/rmdir "$to/new"
+    $as_tor ${pkgs.coreutils}/bin/mv "$to/new/services.torrc" "$to/new/services.torrc.in"
+    # Of services.torrc only what meshd writes is kept: a HiddenServiceDir of a service copied here, each once,
+    # then its HiddenServicePort lines (a port and an address:port). Any other tor option (a SocksPort, a
+    # ControlPort, a directory elsewhere) is dropped and counted, so meshd's user cannot configure the system's tor.
+    $as_tor ${pkgs.gawk}/bin/awk -v out="$to/new/services.torrc" -v dir="$to/onion/" '
+      function port(p) { return p ~ /^[0-9]+$/ && p + 0 >= 1 && p + 0 <= 65535 }
+      BEGIN { printf "" > out }
+      /^#/ || /^$/ { next }
+      $1 == "HiddenServiceDir" && NF == 2 {
+        name = $2
+        if (substr(name, 1, 1) == "\"" && substr(name, length(name), 1) == "\"") name = substr(name, 2, length(name) - 2)
+        label = substr(name, length(dir) + 1)
+        if (substr(name, 1, length(dir)) == dir && label ~ /^[a-z0-9]([a-z0-9-]*[a-z0-9])?$/ && !(label in seen)) {
+          seen[label] = 1; open = 1; printf "\nHiddenServiceDir \"%s\"\n", name > out; next
+        }
+      }
+      $1 == "HiddenServicePort" && NF == 3 && open && port($2) {
+        target = $3; n = split(target, parts, ":")
+        if (port(parts[n]) && (target ~ /^[0-9.]+:[0-9]+$/ || target ~ /^\[[0-9A-Fa-f:.]+\]:[0-9]+$/)) { print $0 > out; next }
+      }
+      { open = 0; dropped++ }
+      END { if (dropped) printf "meshd-tor: %d lines of services.torrc were not handed over\n", dropped > "/dev/stderr" }
+    ' "$to/new/services.torrc.in"
+    $as_tor ${pkgs.coreutils}/bin/rm -f "$to/new/services.torrc.in"
+    # The file first (replaced at once: tor never finds it missing), then the keys.
+    $as_tor ${pkgs.coreutils}/bin/mv -f "$to/new/services.torrc" "$to/services.torrc"
+    if [ -d "$to/onion" ]; then
+      $as_tor ${pkgs.coreutils}/bin/chmod -R u+rwX "$to/onion"
+      $as_tor ${pkgs.coreutils}/bin/rm -rf "$to/onion.old"
+      $as_tor ${pkgs.coreutils}/bin/mv "$to/onion" "$to/onion.old"
+    fi
+    $as_tor ${pkgs.coreutils}/bin/mv "$to/new/onion" "$to/onion"
+    $as_tor ${pkgs.coreutils}/bin/rm -rf "$to/onion.old" "$to/new"
   '';
 
   endpointPort = e: lib.toInt (lib.last (lib.splitString ":" e));
@@ -274,6 +341,8 @@ let
     else 51820;
 
   flag = name: value: optionals (value != null) [ "--${name}" (toString value) ];
+  # Free text is given as one `--NAME=VALUE` argument, so that a value starting with `-` is not read as a flag.
+  flagEq = name: value: optional (value != null) "--${name}=${toString value}";
   setupArgs =
     if isController then
       [ "init" "--network" cfg.network "--name" cfg.name "--endpoint" cfg.endpoint "--cidr" cfg.cidr ]
@@ -284,11 +353,11 @@ let
       ++ [ "--interface" cfg.interface "--listen-port" (toString listenPort) ] ++ flag "mtu" cfg.mtu;
   runArgs =
     [ "run" "--state-dir" stateDir "--wireguard" cfg.wireguard "--dns-port" (toString cfg.dnsPort) ]
-    ++ flag "acme-directory" cfg.acme.directory ++ flag "acme-ca-root" cfg.acme.caRoot
-    ++ flag "acme-contact" cfg.acme.contact
+    ++ flagEq "acme-directory" cfg.acme.directory ++ flagEq "acme-ca-root" cfg.acme.caRoot
+    ++ flagEq "acme-contact" cfg.acme.contact
     ++ [ "--http-port" (toString cfg.acme.httpPort) "--https-port" (toString cfg.acme.httpsPort) ]
     ++ (if systemTor then [ "--tor-external" "${torKeeperDir}/onion" ]
-        else [ "--tor-binary" "${cfg.tor.package}/bin/tor" ] ++ flag "tor-config" cfg.tor.configFile);
+        else [ "--tor-binary" "${cfg.tor.package}/bin/tor" ] ++ flagEq "tor-config" cfg.tor.configFile);
 
   # Made once, on the first start: the network (controller, meshd.service's ExecStartPre) or the join (member,
   # meshd-join.service, which runs only while the host has not joined: the token file may go once it has). Keys are
@@ -304,13 +373,54 @@ let
   # Point the host's resolver at this host's mesh DNS for the mesh domain (systemd-resolved's per-link DNS), as
   # docs/CLI.md describes for other systems. Runs privileged ("+") after meshd reports it is ready.
   resolver = pkgs.writeShellScript "meshd-resolver" ''
-    set -eu
-    # As meshd's user: root reads no state directory another user owns (meshd refuses to).
+    set -euo pipefail
+    # As meshd's user: root reads no state directory another user owns (meshd refuses to). What comes back is
+    # checked before root hands it on: one IPv4 address, and a DNS name${optionalString isController " (the network's)"}.
     info=$(${pkgs.util-linux}/bin/runuser -u meshd -- ${cfg.package}/bin/meshd info --state-dir ${stateDir})
-    address=$(printf '%s\n' "$info" | ${pkgs.gnused}/bin/sed -n 's/^address //p')
-    domain=$(printf '%s\n' "$info" | ${pkgs.gnused}/bin/sed -n 's/^domain //p')
+    address=$(printf '%s\n' "$info" | ${pkgs.gnused}/bin/sed -n 's/^address //p' | ${pkgs.coreutils}/bin/head -n 1)
+    domain=$(printf '%s\n' "$info" | ${pkgs.gnused}/bin/sed -n 's/^domain //p' | ${pkgs.coreutils}/bin/head -n 1)
+    if ! printf '%s' "$address" | ${pkgs.gnugrep}/bin/grep -Eqx '([0-9]{1,3}\.){3}[0-9]{1,3}'; then
+      echo "meshd info gave no mesh address (\"$address\"): the resolver is left as it is" >&2; exit 1
+    fi
+    if ! printf '%s' "$domain" | ${pkgs.gnugrep}/bin/grep -Eqx '${domainRegex}'${
+      optionalString isController '' || [ "$domain" != ${escapeShellArg controllerDomain} ]''}; then
+      echo "meshd info gave an unexpected domain (\"$domain\"): the resolver is left as it is" >&2; exit 1
+    fi
     ${config.systemd.package}/bin/resolvectl dns ${cfg.interface} "$address${optionalString (cfg.dnsPort != 53) ":${toString cfg.dnsPort}"}"
     ${config.systemd.package}/bin/resolvectl domain ${cfg.interface} "~$domain"
+  '';
+
+  # Values fixed when the network is made (controller) or joined (member), checked before every start against what
+  # meshd has: a change would otherwise be ignored while the firewall followed it. The controller's endpoint is not
+  # fixed: a new one is carried out as `meshctl node update NAME --endpoint` (members follow within a second).
+  domainRegex = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?([.][A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*";
+  controllerDomain = lib.toLower (if cfg.domain != null then cfg.domain else "${toString cfg.network}.internal");
+  fixed = [ [ "interface" cfg.interface "interface" ] [ "listen_port" (toString listenPort) "listenPort" ] ]
+    ++ optionals isController [
+      [ "network" (lib.toLower (toString cfg.network)) "network" ]
+      [ "domain" controllerDomain "domain" ]
+      [ "cidr" cfg.cidr "cidr" ]
+    ];
+  check = pkgs.writeShellScript "meshd-check" ''
+    set -euo pipefail
+    info=$(${cfg.package}/bin/meshd info --state-dir ${stateDir})
+    get() { printf '%s\n' "$info" | ${pkgs.gnused}/bin/sed -n "s/^$1 //p" | ${pkgs.coreutils}/bin/head -n 1; }
+    wrong=""
+    ${lib.concatMapStrings (f: ''
+      if [ "$(get ${elemAt f 0})" != ${escapeShellArg (elemAt f 1)} ]; then
+        wrong="$wrong services.meshd.${elemAt f 2} is ${elemAt f 1} but this host's is $(get ${elemAt f 0});"
+      fi
+    '') fixed}
+    if [ -n "$wrong" ]; then
+      echo "meshd:$wrong these are fixed when the network is ${if isController then "made" else "joined"}: set them back (or move ${stateDir} away to start anew)" >&2
+      exit 1
+    fi
+    ${optionalString (isController && cfg.endpoint != null) ''
+      if [ "$(get endpoint)" != ${escapeShellArg cfg.endpoint} ]; then
+        echo "meshd: the endpoint moves from $(get endpoint) to ${cfg.endpoint}"
+        ${cfg.package}/bin/meshctl --state-dir ${stateDir} node update ${cfg.name} --endpoint ${escapeShellArg cfg.endpoint}
+      fi
+    ''}
   '';
 
   # Applies the rendered declaration. Invite tokens and device configs are secrets: they go to files under
@@ -325,8 +435,12 @@ let
       --out-dir ${handoutDir} --expires ${cfg.inviteExpires} > "$out.new" || status=$?
     mv "$out.new" "$out"
     ${pkgs.gnugrep}/bin/grep -E '^([-+~!] |applied |no changes|device |Tor client )' "$out" || true
-    ${pkgs.gnugrep}/bin/grep -qE '^[a-z0-9-]+ [A-Za-z0-9_-]{20,}$' "$out" \
-      && echo "invite tokens for the new nodes are in $out: copy each to its host's services.meshd.tokenFile"
+    # Each new invite in a file of its own, kept until the next token for that node: NAME.token.
+    ${pkgs.gnugrep}/bin/grep -E '^[a-z0-9-]+ meshd-invite:[^ ]+$' "$out" | while read -r name token; do
+      printf '%s\n' "$token" > "${handoutDir}/$name.token.new"
+      mv "${handoutDir}/$name.token.new" "${handoutDir}/$name.token"
+      echo "invite for node $name in ${handoutDir}/$name.token (valid ${cfg.inviteExpires}): put it in that host's services.meshd.tokenFile"
+    done
     exit "$status"
   '';
 
@@ -387,8 +501,8 @@ in
     };
 
     name = mkOption {
-      type = t.label;
-      default = config.networking.hostName;
+      type = types.nullOr t.label;
+      default = if t.isLabel config.networking.hostName then config.networking.hostName else null;
       defaultText = lib.literalExpression "config.networking.hostName";
       description = "This host's name in the network (controller; a member's name is the one it was invited as).";
     };
@@ -575,8 +689,7 @@ in
       networking.firewall = mkIf cfg.openFirewall {
         allowedUDPPorts = [ listenPort ];
         allowedTCPPorts = optional isController listenPort
-          ++ optionals (cfg.role == "relay" || (isController && builtins.any (s: s.expose.https != [ ]) (builtins.attrValues services)))
-            [ cfg.acme.httpPort cfg.acme.httpsPort ];
+          ++ optionals (cfg.role == "relay" || builtins.elem cfg.name httpsRelays) [ cfg.acme.httpPort cfg.acme.httpsPort ];
       };
 
       systemd.services.meshd = {
@@ -589,7 +702,7 @@ in
         startLimitIntervalSec = 0;
         serviceConfig = hardening // {
           Type = "notify";
-          ExecStartPre = optional isController "${setup}";
+          ExecStartPre = optional isController "${setup}" ++ [ "${check}" ];
           ExecStart = t.execLine ([ "${cfg.package}/bin/meshd" ] ++ runArgs);
           ExecStartPost = optional cfg.setHostResolver "+${resolver}";
           Restart = "on-failure";
@@ -602,7 +715,9 @@ in
           # /run/meshd holds the lock of the interface meshd runs.
           DeviceAllow = [ "/dev/net/tun rw" ];
           DevicePolicy = "closed";
-          RuntimeDirectory = [ "wireguard" "meshd" ];
+          # /run/wireguard only for the embedded device: systemd makes it meshd's, so no other userspace WireGuard
+          # (wireguard-go) may run on the host beside it.
+          RuntimeDirectory = [ "meshd" ] ++ optional (cfg.wireguard == "userspace") "wireguard";
           RuntimeDirectoryMode = "0700";
         };
       };
@@ -652,9 +767,9 @@ in
       systemd.services.meshd-apply = {
         description = "meshd: make the network match services.meshd";
         wantedBy = [ "multi-user.target" ];
-        # After meshd is ready (Type=notify); should it not be running, meshctl applies to the database itself and
-        # meshd carries the changes out when it starts.
-        wants = [ "meshd.service" ];
+        # Once meshd is ready (Type=notify): the running meshd carries every change out at once (and hands out the
+        # Tor client keys, which need it).
+        requires = [ "meshd.service" ];
         after = [ "meshd.service" ];
         restartTriggers = [ declarationFile ];
         serviceConfig = hardening // {

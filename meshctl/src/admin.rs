@@ -64,6 +64,12 @@ impl Admin {
             }
             return Err(StoreError::NotInitialized(db.parent().unwrap_or(&db).to_path_buf()).into());
         }
+        // Without a lock file no daemon runs here: the directory is checked before the lock file is made, so a
+        // refused directory (another user's: meshd's own, say) gets no file of this user's that would then
+        // keep its owner's meshd from starting.
+        if !state.has_lock_file() {
+            state.check_private()?;
+        }
         // The shared lock is free only when no daemon runs (a socket file left by a killed daemon is
         // then ignored); a daemon waits for it to be released before it opens the database.
         match state.lock_offline()? {

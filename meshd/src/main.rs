@@ -80,9 +80,10 @@ enum Command {
         #[arg(long, value_parser = input::parse_mtu)]
         mtu: Option<u16>,
     },
-    /// Print this host's place in its network, one `KEY VALUE` line each: `network`, `domain`, `name`, `role`
-    /// (hub, node or relay), `interface`, `address`, `address_v6` (for scripts: the NixOS module points
-    /// systemd-resolved at `address` for `domain`).
+    /// Print this host's place in its network, one `KEY VALUE` line each: `network`, `domain`, `cidr`, `name`,
+    /// `role` (hub, node or relay), `interface`, `listen_port`, `endpoint` (`-` for none), `address`, `address_v6`
+    /// (for scripts: the NixOS module points systemd-resolved at `address` for `domain`, and checks that the host
+    /// is still what its configuration says).
     Info {
         /// State directory.
         #[arg(long, env = "MESHD_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
@@ -264,12 +265,18 @@ fn info(state: &StateDir, json: bool) -> anyhow::Result<()> {
         .with_context(|| format!("this host ({me}) is not in the network"))?;
     let view = snapshot.node_view(node);
     let role = serde_json::to_value(view.role)?.as_str().unwrap_or_default().to_owned();
+    // Checked as every value read from a file that reaches a command is: the domain goes to the host's resolver.
+    let domain = input::parse_domain(&snapshot.network.domain)
+        .map_err(|e| anyhow::anyhow!("the network's domain {:?} is invalid: {e}", snapshot.network.domain))?;
     let fields = [
         ("network", snapshot.network.name.to_string()),
-        ("domain", snapshot.network.domain.to_string()),
+        ("domain", domain),
+        ("cidr", snapshot.network.cidr.to_string()),
         ("name", view.name.to_string()),
         ("role", role),
         ("interface", node.interface.to_string()),
+        ("listen_port", node.listen_port.to_string()),
+        ("endpoint", view.endpoint.clone().unwrap_or_else(|| "-".to_owned())),
         ("address", view.address.to_string()),
         ("address_v6", view.address_v6.to_string()),
     ];

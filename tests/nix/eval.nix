@@ -26,6 +26,7 @@ let
     coreutils = fakePackage "coreutils";
     findutils = fakePackage "findutils";
     gnutar = fakePackage "gnutar";
+    gawk = fakePackage "gawk";
     writeText = name: text: builtins.toFile name text;
     writeShellScript = name: text: builtins.toFile name ("#!/bin/bash\n" + text);
   };

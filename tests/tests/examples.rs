@@ -109,6 +109,22 @@ fn wait_ready(notify: &UnixDatagram, daemon: &mut Proc) {
     panic!("no READY=1 within 60 s; log:\n{}", daemon.log_text());
 }
 
+/// PIDs of the processes whose parent is `parent` and whose command is `name`.
+fn children_named(parent: u32, name: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else { continue };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        let ppid = rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok());
+        if head.ends_with(&format!("({name}")) && ppid == Some(parent) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
 fn proc_status(pid: u32, key: &str) -> String {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status.lines().find_map(|l| l.strip_prefix(&format!("{key}:"))).unwrap_or_default().trim().to_owned()
@@ -164,6 +180,9 @@ fn phone_example_runs_as_an_unprivileged_user_and_each_device_reaches_exactly_it
         ],
     ));
 
+    // tor offline (it still starts, makes its files and runs): for the check of what it inherits.
+    let offline = root.join("offline.torrc");
+    fs::write(&offline, "DisableNetwork 1\n").unwrap();
     let notify_path = root.join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     fs::set_permissions(&notify_path, fs::Permissions::from_mode(0o777)).unwrap();
@@ -179,6 +198,8 @@ fn phone_example_runs_as_an_unprivileged_user_and_each_device_reaches_exactly_it
                 "userspace",
                 "--state-dir",
                 dirs.state.to_str().unwrap(),
+                "--tor-config",
+                offline.to_str().unwrap(),
             ],
         );
         cmd.env("NOTIFY_SOCKET", &notify_path).env("RUST_LOG", "info,meshd=debug");
@@ -243,6 +264,31 @@ fn phone_example_runs_as_an_unprivileged_user_and_each_device_reaches_exactly_it
     // Nothing else of the node answers the phone: not the bridge's address behind it.
     assert_eq!(phone_ns.http_get("http://169.254.1.17:9737/", 2), None);
 
+    // meshd's own tor runs as meshd's user with none of its capabilities (the ambient set is not handed on).
+    let meshctl_as_meshd = |args: &[&str]| -> String {
+        let mut argv = vec![product_bin("meshctl").to_str().unwrap().to_owned(), "--state-dir".into()];
+        argv.push(dirs.state.to_str().unwrap().to_owned());
+        argv.extend(args.iter().map(|a| a.to_string()));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        run_ok(&mut as_meshd_user(&node, &dirs, false, &argv))
+    };
+    meshctl_as_meshd(&["expose", "wallet", "--tor"]);
+    let mut tor = None;
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            tor = children_named(daemon.pid(), "tor").first().copied();
+            tor.is_some()
+        }),
+        "meshd did not start its tor; log:\n{}",
+        daemon.log_text()
+    );
+    let tor = tor.unwrap();
+    assert_eq!(proc_status(tor, "Uid").split_whitespace().next(), Some(MESHD_UID.to_string().as_str()));
+    for set in ["CapEff", "CapPrm", "CapAmb"] {
+        assert_eq!(proc_status(tor, set), "0000000000000000", "tor's {set}");
+    }
+    meshctl_as_meshd(&["unexpose", "wallet", "--tor"]);
+
     // A crash, and the unit's restart: the same mesh, without a new config.
     daemon.kill_hard();
     let mut daemon = start("node-restarted.log");
@@ -252,13 +298,28 @@ fn phone_example_runs_as_an_unprivileged_user_and_each_device_reaches_exactly_it
         "after a restart the phone reaches the wallet again; log:\n{}",
         daemon.log_text()
     );
+    let status = daemon.stop(Duration::from_secs(10));
+    assert!(status.success(), "SIGTERM stops it cleanly: {status}; log:\n{}", daemon.log_text());
+    // Root's meshctl with meshd stopped works on no database of another user's, and leaves no file of its own
+    // there (a root-owned lock file would keep meshd from starting).
+    let refused = output(meshctl(&dirs.state).args(["service", "list"]));
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains(&format!("owned by uid {MESHD_UID}")),
+        "{}",
+        describe(&refused)
+    );
     // Everything in the state directory is the user's: nothing root would have to take back.
     for entry in fs::read_dir(&dirs.state).unwrap() {
         let entry = entry.unwrap();
         assert_eq!(entry.metadata().unwrap().uid(), MESHD_UID, "{} is not meshd's", entry.path().display());
     }
+    // Started again and stopped the moment it is ready (a restart right after a start): it shuts down cleanly.
+    let mut daemon = start("node-again.log");
+    wait_ready(&notify, &mut daemon);
     let status = daemon.stop(Duration::from_secs(10));
-    assert!(status.success(), "SIGTERM stops it cleanly: {status}; log:\n{}", daemon.log_text());
+    assert!(status.success(), "{status}; log:\n{}", daemon.log_text());
+    assert!(daemon.log_text().contains("shutting down"), "{}", daemon.log_text());
     drop((phone, laptop, services));
 }
 
@@ -689,6 +750,56 @@ fn onion_services_are_served_by_the_system_tor_from_the_keys_meshd_keeps() {
     assert_eq!(fs::read_dir(&etc_like).unwrap().count(), 0, "root wrote through tor's link");
     fs::remove_file(tor_home.join("meshd")).unwrap();
     fs::rename(tor_home.join("meshd.real"), tor_home.join("meshd")).unwrap();
+
+    // meshd's user cannot configure the system's tor through services.torrc (a SOCKS or control port, a service
+    // directory elsewhere), wedge the hand-over with a directory it may not enter, nor have tor fill the disk
+    // with a sparse file: only what meshd writes, and files of at most 64 KiB, reach tor.
+    let meshds = |path: &Path| std::os::unix::fs::chown(path, Some(MESHD_UID), Some(MESHD_UID)).unwrap();
+    let services_torrc = dirs.state.join("tor/services.torrc");
+    let honest = fs::read_to_string(&services_torrc).unwrap();
+    fs::write(
+        &services_torrc,
+        format!(
+            "{honest}SocksPort 0.0.0.0:9050\nControlPort 9051\nHiddenServiceDir \"/var/lib/tor/onion/bitcoind\"\n\
+             HiddenServicePort 8333 127.0.0.1:8333\nHiddenServiceDir \"/var/lib/tor/meshd/onion/wallet\"\n"
+        ),
+    )
+    .unwrap();
+    let junk = dirs.state.join("tor/onion/wallet/junk");
+    fs::create_dir(&junk).unwrap();
+    fs::write(junk.join("key"), "x").unwrap();
+    let sparse = fs::File::create(junk.join("sparse")).unwrap();
+    sparse.set_len(1 << 30).unwrap();
+    for path in [&junk, &junk.join("key"), &junk.join("sparse")] {
+        meshds(path);
+    }
+    fs::set_permissions(&junk, fs::Permissions::from_mode(0o500)).unwrap();
+    let handed = output(&mut with_var_lib(
+        &node,
+        &[("meshd", dirs.state.as_path()), ("tor", &tor_home)],
+        &["bash", hand_over.to_str().unwrap()],
+    ));
+    assert!(handed.status.success(), "{}", describe(&handed));
+    assert!(
+        String::from_utf8_lossy(&handed.stderr).contains("5 lines of services.torrc were not handed over"),
+        "{}",
+        describe(&handed)
+    );
+    let given = fs::read_to_string(tor_home.join("meshd/services.torrc")).unwrap();
+    assert_eq!(
+        given.trim(),
+        honest.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n").trim(),
+        "tor got more than meshd's lines"
+    );
+    assert!(!tor_home.join("meshd/onion/wallet/junk/sparse").exists(), "a 1 GiB sparse file was handed over");
+    assert!(tor_home.join("meshd/onion/wallet/junk/key").is_file());
+    // Handed over again with the read-only directory in tor's copy: the copy is replaced, not wedged.
+    fs::write(&services_torrc, &honest).unwrap();
+    run_hand_over();
+    fs::set_permissions(&junk, fs::Permissions::from_mode(0o700)).unwrap();
+    fs::remove_dir_all(&junk).unwrap();
+    run_hand_over();
+    assert!(!tor_home.join("meshd/onion/wallet/junk").exists() && copied.join("hs_ed25519_secret_key").is_file());
 
     // The system's tor: its own configuration, part of the test network, including meshd's file.
     let torrc = tor_home.join("torrc");

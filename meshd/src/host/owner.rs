@@ -26,12 +26,9 @@ pub const RUN_DIR: &str = "/run/meshd";
 pub enum OwnerError {
     #[error("interface {interface} is run by another meshd ({owner})")]
     Taken { interface: String, owner: String },
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The reason is in the message, not the source chain, so that a chain printed whole says it once.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
 }
 
 /// This process runs the interface until the value is dropped.
@@ -95,7 +92,7 @@ fn lock_path(dir: &Path, interface: &str) -> PathBuf {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OwnerError + '_ {
-    move |source| OwnerError::Io { path: path.to_path_buf(), source }
+    move |error| OwnerError::Io { path: path.to_path_buf(), error }
 }
 
 #[cfg(test)]

@@ -36,8 +36,10 @@ pub enum StateDirError {
     NotEmpty(PathBuf),
     #[error("{0} already holds a meshd network; refusing to overwrite it")]
     AlreadyInitialized(PathBuf),
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// The reason is in this error's message, not its source chain, so that a chain printed whole (`{:#}`)
+    /// says it once.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{0} is readable by other users (mode {1:o}); it must be 0600")]
     KeyMode(PathBuf, u32),
     #[error("{0} does not hold a WireGuard private key")]
@@ -76,7 +78,7 @@ fn who_runs() -> (u32, String, String) {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateDirError + '_ {
-    move |source| StateDirError::Io { path: path.to_path_buf(), source }
+    move |error| StateDirError::Io { path: path.to_path_buf(), error }
 }
 
 /// Read a private key file, refusing one other users can read, and anything but a file: opened without
@@ -183,6 +185,11 @@ impl StateDir {
     /// The admin socket.
     pub fn socket(&self) -> PathBuf {
         self.root.join("meshd.sock")
+    }
+
+    /// Whether the directory's lock file exists (a daemon or meshctl has run on it).
+    pub fn has_lock_file(&self) -> bool {
+        fs::symlink_metadata(self.lock_path()).is_ok()
     }
 
     fn lock_path(&self) -> PathBuf {
@@ -427,7 +434,7 @@ impl StateDir {
                 std::io::Read::read_to_end(&mut file, &mut bytes).map_err(io(path))?;
                 Ok(Some(bytes))
             }
-            Err(StateDirError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(StateDirError::Io { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -482,7 +489,7 @@ impl StateDir {
     pub fn lock_daemon(&self) -> Result<StateLock, StateDirError> {
         let (file, read_only) = match self.open_lock() {
             Ok(file) => (file, false),
-            Err(StateDirError::Io { source, .. }) if source.kind() == ErrorKind::ReadOnlyFilesystem => {
+            Err(StateDirError::Io { error, .. }) if error.kind() == ErrorKind::ReadOnlyFilesystem => {
                 let file = match File::open(self.lock_path()) {
                     Err(e) if e.kind() == ErrorKind::NotFound => File::open(&self.root).map_err(io(&self.root))?,
                     opened => opened.map_err(io(&self.lock_path()))?,

@@ -6,8 +6,8 @@ use tracing::{debug, warn};
 
 /// Tell the service manager that meshd is ready. Without `$NOTIFY_SOCKET` (not started by systemd, or by a
 /// unit of another type) this does nothing; a failure to send is logged, never fatal. The variable is left
-/// in place: meshd's children (tor) inherit it, and systemd takes notifications from the main process only
-/// (`NotifyAccess=main`, the default).
+/// in place (changing the environment of a running multi-threaded process is unsound); meshd's tor is started
+/// without it (`host::tor`), and systemd takes notifications from the main process only (`NotifyAccess=main`).
 pub fn ready() {
     match sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         Ok(()) => debug!("readiness sent to the service manager (if any)"),

@@ -551,14 +551,30 @@ async fn carry_out(
 ) {
     match command {
         TorCommand::Start => {
-            let spawned = Command::new(binary)
+            let mut command = Command::new(binary);
+            // tor built with systemd support would tell meshd's service manager it is ready: only meshd does.
+            command.env_remove("NOTIFY_SOCKET");
+            command
                 .arg("-f")
                 .arg(torrc)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn();
+                .kill_on_drop(true);
+            // tor needs none of meshd's capabilities: a meshd running as its own user with CAP_NET_ADMIN and
+            // CAP_NET_BIND_SERVICE ambient (the unit's way) would hand them on to it; the ambient set is cleared
+            // in the child before exec, so tor runs with none (prctl(2), PR_CAP_AMBIENT_CLEAR_ALL).
+            // SAFETY: prctl is async-signal-safe and touches no memory of the parent; it runs in the forked child.
+            unsafe {
+                command.pre_exec(|| {
+                    if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+            let spawned = command.spawn();
             match spawned {
                 Ok(mut started) => {
                     info!(pid = started.id(), "started tor");

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use super::apply::{APPLY_RETRY, Host, open_tunnels};
-use super::wait_for_signal;
+use super::{Signals, wait_for_signal};
 use crate::controller::Controller;
 use crate::host::statedir::StateDir;
 use crate::host::wg::Interface;
@@ -35,6 +35,7 @@ pub(super) async fn serve(
     controller: &mut Controller,
     host: &mut Host,
     snapshot: &Snapshot,
+    signals: &mut Signals,
 ) -> anyhow::Result<()> {
     // Joining hosts reach the join service on the TCP port of the same number as WireGuard's UDP one.
     let identity = controller.join_identity()?;
@@ -73,7 +74,7 @@ pub(super) async fn serve(
     // would send on them, dropped here, until their own rekey (~15 s). Where they were last seen is
     // known: a handshake from here renews them at once.
     host.open_known_tunnels().await;
-    let shutdown = wait_for_signal(host.stopped()?);
+    let shutdown = wait_for_signal(host.stopped()?, signals);
     tokio::pin!(shutdown);
     // What members last reported of the certificates they hold (since this hub started).
     let mut reports = Reports::default();

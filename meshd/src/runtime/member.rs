@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use super::apply::{APPLY_RETRY, Host, open_tunnels};
-use super::wait_for_signal;
+use super::{Signals, wait_for_signal};
 use crate::host::clock;
 use crate::host::statedir::StateDir;
 use crate::links::join;
@@ -35,7 +35,12 @@ const STANDING_TIMEOUT: Duration = Duration::from_secs(10);
 const REPORT_EVERY: Duration = Duration::from_secs(2);
 
 /// Follow the controller until SIGINT or SIGTERM, or until this host is removed from the network.
-pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host: &mut Host) -> anyhow::Result<()> {
+pub(super) async fn follow_controller(
+    state: &StateDir,
+    mut member: Member,
+    host: &mut Host,
+    signals: &mut Signals,
+) -> anyhow::Result<()> {
     let shared = &member.member_state().state;
     let hub = shared.hub().ok_or_else(|| anyhow!("the cached network has no hub"))?;
     let hub_addr = SocketAddr::new(shared.network.pool().v4_of(hub.index).into(), SYNC_PORT);
@@ -50,7 +55,7 @@ pub(super) async fn follow_controller(state: &StateDir, mut member: Member, host
     let (outgoing, outgoing_rx) = mpsc::channel(8);
     let (standing_tx, mut standings) = mpsc::channel(1);
     let client = tokio::spawn(sync::follow(hub_addr, identity_rx, digest_rx, events_tx, outgoing_rx));
-    let shutdown = wait_for_signal(host.stopped()?);
+    let shutdown = wait_for_signal(host.stopped()?, signals);
     tokio::pin!(shutdown);
     // The delivery of a message sent with `SendAcknowledged`, awaited beside everything else.
     let mut delivery: Option<oneshot::Receiver<()>> = None;

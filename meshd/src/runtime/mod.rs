@@ -15,7 +15,7 @@ mod rules;
 use std::path::Path;
 
 use anyhow::{Context, anyhow};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -51,6 +51,7 @@ pub async fn run(state: &StateDir, options: RunOptions) -> anyhow::Result<()> {
     state.check_private()?;
     options.tor.check()?;
     let lock = state.lock_daemon()?;
+    let mut signals = Signals::install()?;
     // The hub's sync service trusts source ports below 1024 to be meshd's (links::sync).
     crate::links::sync::warn_if_ports_unprotected();
     if state.db().exists() {
@@ -61,7 +62,7 @@ pub async fn run(state: &StateDir, options: RunOptions) -> anyhow::Result<()> {
         let snapshot = controller.snapshot()?;
         let key = state.read_private_key()?;
         let (_owner, mut host) = start_host(state, options.clone(), &snapshot, &key).await?;
-        let result = hub::serve(state, &mut controller, &mut host, &snapshot).await;
+        let result = hub::serve(state, &mut controller, &mut host, &snapshot, &mut signals).await;
         host.shut_down().await;
         result
     } else if state.member_state().exists() {
@@ -77,7 +78,7 @@ pub async fn run(state: &StateDir, options: RunOptions) -> anyhow::Result<()> {
         let (_owner, mut host) = start_host(state, options.clone(), &snapshot, member.interface_key()).await?;
         info!(node = %host.name, network = %snapshot.network.name, "meshd ready (member)");
         crate::host::systemd::ready();
-        let result = member::follow_controller(state, member, &mut host).await;
+        let result = member::follow_controller(state, member, &mut host, &mut signals).await;
         host.shut_down().await;
         result
     } else {
@@ -132,12 +133,28 @@ async fn start_host(
     Ok((owner, host))
 }
 
-async fn wait_for_signal(mut stopped: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+/// SIGTERM and SIGINT, caught from the start of `meshd run`: one that comes while the host starts up, or just
+/// after it told systemd it is ready, shuts it down cleanly once it is up, rather than killing it with its
+/// interface and rules in place.
+pub(crate) struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    /// Install the handlers. Errors: the runtime cannot register them.
+    fn install() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+        })
+    }
+}
+
+async fn wait_for_signal(mut stopped: watch::Receiver<bool>, signals: &mut Signals) -> anyhow::Result<()> {
     tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+        _ = signals.term.recv() => {}
+        _ = signals.int.recv() => {}
         _ = stopped.wait_for(|s| *s) => info!("the WireGuard device stopped"),
     }
     info!("shutting down");
