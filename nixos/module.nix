@@ -12,6 +12,8 @@ let
   meshdLib = import ./lib.nix { inherit lib; };
   t = meshdLib;
   cfg = config.services.meshd;
+  # The controller's name; empty (and refused by an assertion) when the host name is no DNS label.
+  hubName = if cfg.name != null then cfg.name else "";
   stateDir = "/var/lib/meshd";
   handoutDir = "${stateDir}/handout";
   isController = cfg.role == "controller";
@@ -43,7 +45,7 @@ let
     options = {
       node = mkOption {
         type = t.label;
-        default = cfg.name;
+        default = hubName;
         defaultText = lib.literalExpression "config.services.meshd.name (the controller)";
         description = "The node that reaches the service at `target`: the controller or a declared node.";
       };
@@ -167,13 +169,13 @@ let
       assertion = t.isLabel n;
       message = "services.meshd.${option}.\"${n}\": \"${n}\" is not a DNS label (1-63 letters, digits and '-')";
     }) names;
-  nodeNames = [ cfg.name ] ++ attrNames cfg.nodes;
-  relays = [ cfg.name ] ++ attrNames (filterAttrs (_: n: n.role == "relay") cfg.nodes);
+  nodeNames = [ hubName ] ++ attrNames cfg.nodes;
+  relays = [ hubName ] ++ attrNames (filterAttrs (_: n: n.role == "relay") cfg.nodes);
   perService = name: s:
     [
       {
         assertion = builtins.elem s.node nodeNames;
-        message = "services.meshd.services.${name}.node: \"${s.node}\" is neither the controller (${cfg.name}) nor a node in services.meshd.nodes";
+        message = "services.meshd.services.${name}.node: \"${s.node}\" is neither the controller (${hubName}) nor a node in services.meshd.nodes";
       }
       {
         assertion = s.protocol == "tcp" || (!s.expose.tor.enable && s.expose.https == [ ]);
@@ -219,9 +221,9 @@ let
         message = "services.meshd: nodes, services, devices and access are declared on the controller only (role = \"controller\")";
       }
       {
-        assertion = duplicates (map lib.toLower ([ cfg.name ] ++ declared)) == [ ];
-        message = "services.meshd: nodes, services and devices share one namespace with the controller's name (${cfg.name}): ${
-          concatStringsSep ", " (duplicates (map lib.toLower ([ cfg.name ] ++ declared)))} declared twice";
+        assertion = duplicates (map lib.toLower ([ hubName ] ++ declared)) == [ ];
+        message = "services.meshd: nodes, services and devices share one namespace with the controller's name (${hubName}): ${
+          concatStringsSep ", " (duplicates (map lib.toLower ([ hubName ] ++ declared)))} declared twice";
       }
       {
         assertion = duplicates httpsNames == [ ];
@@ -345,7 +347,7 @@ let
   flagEq = name: value: optional (value != null) "--${name}=${toString value}";
   setupArgs =
     if isController then
-      [ "init" "--network" cfg.network "--name" cfg.name "--endpoint" cfg.endpoint "--cidr" cfg.cidr ]
+      [ "init" "--network" cfg.network "--name" hubName "--endpoint" cfg.endpoint "--cidr" cfg.cidr ]
       ++ flag "domain" cfg.domain ++ [ "--interface" cfg.interface "--listen-port" (toString listenPort) ]
       ++ flag "mtu" cfg.mtu
     else
@@ -418,7 +420,7 @@ let
     ${optionalString (isController && cfg.endpoint != null) ''
       if [ "$(get endpoint)" != ${escapeShellArg cfg.endpoint} ]; then
         echo "meshd: the endpoint moves from $(get endpoint) to ${cfg.endpoint}"
-        ${cfg.package}/bin/meshctl --state-dir ${stateDir} node update ${cfg.name} --endpoint ${escapeShellArg cfg.endpoint}
+        ${cfg.package}/bin/meshctl --state-dir ${stateDir} node update ${hubName} --endpoint ${escapeShellArg cfg.endpoint}
       fi
     ''}
   '';
@@ -689,7 +691,7 @@ in
       networking.firewall = mkIf cfg.openFirewall {
         allowedUDPPorts = [ listenPort ];
         allowedTCPPorts = optional isController listenPort
-          ++ optionals (cfg.role == "relay" || builtins.elem cfg.name httpsRelays) [ cfg.acme.httpPort cfg.acme.httpsPort ];
+          ++ optionals (cfg.role == "relay" || builtins.elem hubName httpsRelays) [ cfg.acme.httpPort cfg.acme.httpsPort ];
       };
 
       systemd.services.meshd = {

@@ -2,14 +2,16 @@
 # beyond the crates Cargo.lock names, fetched by hash). Needs Rust 1.95 or newer (nixos-unstable of 2026).
 { lib, rustPlatform }:
 let
-  # The sources that go into the build: the workspace's crates, not the tests' data, docs or build output.
+  # The sources that go into the build, by name: the workspace's manifests and crates, nothing else of the
+  # checkout (no .git, no build output, no state directory a quickstart left there: keys must not reach the store).
+  workspace = [ "Cargo.toml" "Cargo.lock" "meshd" "meshctl" "meshd-core" "tests" "benches" ];
+  root = toString ../.;
   src = lib.cleanSourceWith {
     src = ../.;
     filter = path: type:
-      let rel = lib.removePrefix (toString ../. + "/") (toString path);
-      in !(lib.hasPrefix "target" rel || lib.hasPrefix "fuzz" rel || lib.hasPrefix "examples" rel
-        || lib.hasPrefix "docs" rel || lib.hasPrefix "nixos" rel || lib.hasPrefix "benches" rel
-        || lib.hasSuffix ".nix" rel || lib.hasSuffix ".lock" rel && rel != "Cargo.lock");
+      let rel = lib.removePrefix (root + "/") (toString path);
+      in builtins.any (top: rel == top || lib.hasPrefix (top + "/") rel) workspace
+        && !(lib.hasSuffix ".nix" rel);
   };
 in
 rustPlatform.buildRustPackage {

@@ -864,3 +864,77 @@ fn onion_services_are_served_by_the_system_tor_from_the_keys_meshd_keeps() {
     system_tor.assert_running("after the reload");
     daemon.assert_running("throughout");
 }
+
+/// The module's start-up scripts for real (in a mount namespace where /var/lib/meshd is the test's directory): the
+/// controller's `meshd init`, then the check before every start that what is fixed when a network is made is still
+/// what the configuration says (a changed interface or port is refused, naming the option), while a new endpoint
+/// is carried out (`meshctl node update`).
+#[test]
+fn the_unit_makes_the_network_once_and_checks_what_is_fixed_before_each_start() {
+    if !require_root() {
+        return;
+    }
+    let Some(lib) = meshd_e2e::nixpkgs_lib() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let state = root.join("state");
+    fs::create_dir(&state).unwrap();
+    fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).unwrap();
+    let ns = Netns::new("unit");
+    let serial = std::cell::Cell::new(0);
+    let scripts = |extra: &str| -> Vec<PathBuf> {
+        serial.set(serial.get() + 1);
+        let config = root.join(format!("config-{}.nix", serial.get()));
+        fs::write(
+            &config,
+            format!(
+                "{{ networking.hostName = \"node\"; services.meshd = {{ enable = true; role = \"controller\"; \
+                 network = \"home\"; {extra} }}; }}\n"
+            ),
+        )
+        .unwrap();
+        let evaluated = meshd_e2e::evaluate(&lib, &config).unwrap_or_else(|e| panic!("{e}"));
+        let texts = evaluated["unit"]["scripts"].as_array().unwrap().clone();
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                // The fake packages are /usr: point meshd and meshctl at the built ones.
+                let text =
+                    text.as_str().unwrap().replace("/usr/bin/meshd ", &format!("{} ", product_bin("meshd").display()));
+                let text = text.replace("/usr/bin/meshctl ", &format!("{} ", product_bin("meshctl").display()));
+                let path = root.join(format!("script-{}-{i}.sh", serial.get()));
+                fs::write(&path, text).unwrap();
+                path
+            })
+            .collect()
+    };
+    let run = |script: &Path| output(&mut with_var_lib(&ns, &[("meshd", &state)], &["bash", script.to_str().unwrap()]));
+    let endpoint = r#"endpoint = "node.example.net:51820";"#;
+    let as_declared = scripts(endpoint);
+    let (setup, check) = (&as_declared[0], &as_declared[1]);
+    let made = run(setup);
+    assert!(made.status.success() && state.join("meshd.db").exists(), "{}", describe(&made));
+    let again = run(setup);
+    assert!(again.status.success(), "the network is made once: {}", describe(&again));
+    let checked = run(check);
+    assert!(checked.status.success(), "{}", describe(&checked));
+
+    let info = || run_ok(Command::new(product_bin("meshd")).arg("info").arg("--state-dir").arg(&state));
+    let before = info();
+    for (extra, option) in [
+        (r#"interface = "mesh1";"#, "services.meshd.interface is mesh1"),
+        ("listenPort = 51999;", "services.meshd.listenPort is 51999"),
+    ] {
+        let changed = scripts(&format!("{endpoint} {extra}"));
+        let refused = run(&changed[1]);
+        assert!(!refused.status.success(), "{extra} passed the check");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains(option) && stderr.contains("fixed when the network is made"), "{extra}: {stderr}");
+        assert_eq!(info(), before, "a refused check changes nothing");
+    }
+    let moved = scripts(r#"endpoint = "node2.example.net:51820";"#);
+    let out = run(&moved[1]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(info().lines().any(|l| l == "endpoint node2.example.net:51820"), "the hub's endpoint moved: {}", info());
+}

@@ -106,7 +106,7 @@ fn each_example_renders_a_declaration_that_plans_what_its_plain_file_plans() {
         run_ok(Command::new(product_bin("meshd")).args(&args).arg("--state-dir").arg(state.path()));
         let exec = exec_args(unit["exec"].as_str().unwrap());
         assert_eq!(exec[1], "run", "{config}: {exec:?}");
-        for flag in exec.iter().filter(|w| w.starts_with("--")) {
+        for flag in exec.iter().filter(|w| w.starts_with("--")).map(|w| w.split('=').next().unwrap()) {
             assert!(meshd_run_help.contains(&format!("{flag} ")), "{config}: `meshd run` has no {flag}: {exec:?}");
         }
 
@@ -232,7 +232,9 @@ fn the_units_are_hardened_and_carry_no_secret() {
     let validator = eval_ok(&lib, "examples/staking/validator.nix");
     let lines = service_lines(&validator["unit"]);
     assert!(lines.iter().any(|l| l.starts_with("ExecStartPost=+")), "resolved is on: the resolver is set: {lines:#?}");
-    let resolver = validator["unit"]["scripts"][0].as_str().unwrap();
+    let scripts = validator["unit"]["scripts"].as_array().unwrap();
+    let resolver =
+        scripts.iter().filter_map(Value::as_str).find(|s| s.contains("resolvectl")).expect("a resolver script");
     assert!(resolver.contains("runuser -u meshd") && resolver.contains("resolvectl domain meshd0"), "{resolver}");
     let home = eval_ok(&lib, "examples/merchant/home.nix");
     assert!(!service_lines(&home["unit"]).iter().any(|l| l.starts_with("ExecStartPost")), "resolved is off there");
@@ -345,6 +347,63 @@ fn bad_values_are_refused_at_evaluation_with_the_option_name() {
             &["controller only"],
         ),
         ("duration", format!(r#"{controller} inviteExpires = "forever";"#), &["services.meshd.inviteExpires"]),
+        ("cidr-host-bits", format!(r#"{controller} cidr = "10.77.0.1/16";"#), &["services.meshd.cidr", "no host bits"]),
+        (
+            "dns-list",
+            format!(
+                r#"{controller} services.w = {{ target = "127.0.0.1:1"; expose.wireguard.allow = [ "p" ]; }}; devices.p.dns = [ ":" ];"#
+            ),
+            &["services.meshd.devices.p.dns"],
+        ),
+        (
+            "ipv6-target",
+            format!(r#"{controller} services.w = {{ target = "[:1]:9737"; expose.wireguard.allow = [ "p" ]; }};"#),
+            &["services.meshd.services.w.target"],
+        ),
+        (
+            "port-1021",
+            r#"role = "controller"; network = "home"; endpoint = "node.example.net:1021";"#.into(),
+            &["services.meshd.listenPort", "1021", "the endpoint's port"],
+        ),
+        (
+            "dns-port",
+            format!("{controller} dnsPort = 51820;"),
+            &["services.meshd.listenPort", "services.meshd.dnsPort", "51820"],
+        ),
+        (
+            "https-twice",
+            format!(
+                r#"{controller} services.a = {{ target = "127.0.0.1:1"; expose.https = {{ hostname = "pay.shop.example"; relay = "node"; }}; }}; services.b = {{ target = "127.0.0.1:2"; expose.https = {{ hostname = "Pay.shop.example"; relay = "node"; }}; }};"#
+            ),
+            &["pay.shop.example", "more than one expose.https"],
+        ),
+        (
+            "tor-clients-off",
+            format!(
+                r#"{controller} services.w = {{ target = "127.0.0.1:1"; expose.wireguard.allow = [ "p" ]; expose.tor.clients = [ "p" ]; }};"#
+            ),
+            &["services.meshd.services.w.expose.tor", "enable = true"],
+        ),
+        (
+            "tor-config-system",
+            format!(r#"{controller} tor.backend = "system"; tor.configFile = "/etc/tor/bridges";"#),
+            &["services.meshd.tor.configFile", "services.tor"],
+        ),
+        (
+            "member-network",
+            r#"role = "member"; tokenFile = "/run/secrets/t"; network = "home";"#.into(),
+            &["controller's"],
+        ),
+        (
+            "member-cidr",
+            r#"role = "member"; tokenFile = "/run/secrets/t"; cidr = "10.9.0.0/16";"#.into(),
+            &["controller's"],
+        ),
+        (
+            "name-twice",
+            format!(r#"{controller} services.w = {{ target = "127.0.0.1:1"; expose.wireguard.allow = [ "Node" ]; }};"#),
+            &["node declared twice"],
+        ),
     ];
     for (name, body, mentions) in cases {
         let file = config_file(dir.path(), name, body);
@@ -357,6 +416,16 @@ fn bad_values_are_refused_at_evaluation_with_the_option_name() {
             }
         }
     }
+    // A host name that is no DNS label, for a controller: named as the cause.
+    let path = dir.path().join("hostname.nix");
+    fs::write(
+        &path,
+        format!("{{ networking.hostName = \"my_host\"; services.meshd = {{ enable = true; {controller} }}; }}\n"),
+    )
+    .unwrap();
+    let e = evaluate(&lib, &path).expect_err("my_host as the controller's name");
+    assert!(e.contains("networking.hostName") && e.contains("services.meshd.name"), "{e}");
+
     // And the good values next to them pass (so the refusals above are about the bad value).
     let good = config_file(
         dir.path(),
@@ -386,6 +455,49 @@ fn nix_files(dir: &Path, found: &mut Vec<PathBuf>) {
             found.push(path);
         }
     }
+}
+
+#[test]
+fn the_package_is_built_from_the_workspace_alone() {
+    let Some(lib) = nixpkgs_lib() else { return };
+    let root = repo_root();
+    // The source filter of nixos/package.nix, asked about paths of a checkout: a state directory left by the
+    // quickstart (keys) or a .git must never be copied into the world-readable store.
+    let expr = format!(
+        "let lib = import <nixpkgs/lib>; src = (import {}/nixos/package.nix {{ inherit lib; rustPlatform.buildRustPackage = a: a.src; }}); \
+         in map (p: src.filter \"{}/${{p}}\" (if lib.hasSuffix \"/\" p then \"directory\" else \"regular\")) [ {} ]",
+        root.display(),
+        root.display(),
+        [
+            "Cargo.toml",
+            "Cargo.lock",
+            "meshd/",
+            "meshd/src/main.rs",
+            "meshctl/src/main.rs",
+            "meshd-core/",
+            "tests/src/lib.rs",
+            "benches/relay/main.rs",
+            "meshd-state/",
+            "meshd-state/private.key",
+            ".git/",
+            "target/",
+            "result",
+            "examples/",
+            "docs/",
+            "flake.nix",
+            "nixos/",
+        ]
+        .map(|p| format!("\"{p}\""))
+        .join(" ")
+    );
+    let out = output(nix_instantiate(&lib).args(["--eval", "--strict", "--json", "-E", &expr]));
+    assert!(out.status.success(), "{}", describe(&out));
+    let kept: Vec<bool> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        kept,
+        [true, true, true, true, true, true, true, true, false, false, false, false, false, false, false, false, false],
+        "which paths the package's source keeps"
+    );
 }
 
 #[test]
@@ -467,8 +579,7 @@ fn the_plain_unit_is_the_module_unit_and_systemd_accepts_it() {
     let evaluated = eval_ok(&lib, odd.to_str().unwrap());
     let exec = evaluated["unit"]["exec"].as_str().unwrap();
     let args = exec_args(exec);
-    let contact = args.iter().position(|a| a == "--acme-contact").expect("--acme-contact");
-    assert_eq!(args[contact + 1], "o%h$USER\"x y@shop.example", "{exec}");
+    assert!(args.iter().any(|a| a == "--acme-contact=o%h$USER\"x y@shop.example"), "{exec}");
     let rendered = dir.path().join("rendered.service");
     let meshd = product_bin("meshd");
     let line = exec.replacen(&format!("{:?}", "/usr/bin/meshd"), &format!("{:?}", meshd.to_str().unwrap()), 1);
