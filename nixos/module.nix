@@ -250,6 +250,14 @@ let
         message = "services.meshd.tor.configFile is for meshd's own tor: with tor.backend = \"system\" configure services.tor instead";
       }
       {
+        assertion = cfg.setHostResolver -> (useResolved || useResolvconf);
+        message = "services.meshd.setHostResolver needs services.resolved or networking.resolvconf";
+      }
+      {
+        assertion = (cfg.setHostResolver && useResolvconf) -> cfg.dnsPort == 53;
+        message = "services.meshd.dnsPort: resolv.conf names no port: with openresolv the mesh DNS must be on 53 (or set setHostResolver = false)";
+      }
+      {
         assertion = isController -> cfg.name != null;
         message = "services.meshd.name: networking.hostName (\"${config.networking.hostName}\") is not a DNS label: set services.meshd.name";
       }
@@ -388,9 +396,18 @@ let
       optionalString isController '' || [ "$domain" != ${escapeShellArg controllerDomain} ]''}; then
       echo "meshd info gave an unexpected domain (\"$domain\"): the resolver is left as it is" >&2; exit 1
     fi
-    ${config.systemd.package}/bin/resolvectl dns ${cfg.interface} "$address${optionalString (cfg.dnsPort != 53) ":${toString cfg.dnsPort}"}"
-    ${config.systemd.package}/bin/resolvectl domain ${cfg.interface} "~$domain"
+    ${if useResolved then ''
+      ${config.systemd.package}/bin/resolvectl dns ${cfg.interface} "$address${optionalString (cfg.dnsPort != 53) ":${toString cfg.dnsPort}"}"
+      ${config.systemd.package}/bin/resolvectl domain ${cfg.interface} "~$domain"
+    '' else ''
+      # openresolv: this host's mesh DNS first (metric 0) with the mesh domain to search; it forwards other names
+      # to the resolvers meshd read when it started (its own address left out). Taken back when meshd stops.
+      printf 'nameserver %s\nsearch %s\n' "$address" "$domain" \
+        | ${config.networking.resolvconf.package}/bin/resolvconf -m 0 -a ${cfg.interface}
+    ''}
   '';
+  useResolved = config.services.resolved.enable;
+  useResolvconf = !useResolved && config.networking.resolvconf.enable;
 
   # Values fixed when the network is made (controller) or joined (member), checked before every start against what
   # meshd has: a change would otherwise be ignored while the firewall followed it. The controller's endpoint is not
@@ -582,9 +599,13 @@ in
 
     setHostResolver = mkOption {
       type = types.bool;
-      default = config.services.resolved.enable;
-      defaultText = lib.literalExpression "config.services.resolved.enable";
-      description = "Point systemd-resolved at this host's mesh DNS for the mesh domain (the mesh's names everywhere).";
+      default = config.services.resolved.enable || config.networking.resolvconf.enable;
+      defaultText = lib.literalExpression "config.services.resolved.enable || config.networking.resolvconf.enable";
+      description = ''
+        Point the host's resolver at this host's mesh DNS (the mesh's names everywhere on the host, also without the
+        controller): systemd-resolved's per-link DNS for the mesh domain, or else openresolv (NixOS's resolvconf)
+        with the mesh DNS first and the mesh domain searched.
+      '';
     };
 
     inviteExpires = mkOption {
@@ -707,6 +728,8 @@ in
           ExecStartPre = optional isController "${setup}" ++ [ "${check}" ];
           ExecStart = t.execLine ([ "${cfg.package}/bin/meshd" ] ++ runArgs);
           ExecStartPost = optional cfg.setHostResolver "+${resolver}";
+          ExecStopPost = optional (cfg.setHostResolver && useResolvconf)
+            "+${config.networking.resolvconf.package}/bin/resolvconf -f -d ${cfg.interface}";
           Restart = "on-failure";
           RestartSec = "5s";
           TimeoutStopSec = "30s";

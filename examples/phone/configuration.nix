@@ -14,7 +14,8 @@
     endpoint = "node.example.net:51820";
 
     services.wallet = {
-      # Spark wallet's namespace address under nix-bitcoin's netns-isolation.
+      # The wallet's address in its namespace (nix-bitcoin's netns-isolation gives each service one on
+      # 169.254.1.0/24: take the wallet's and electrs's from `nix-bitcoin.netns-isolation` on your node).
       target = "169.254.1.17:9737";
       expose.wireguard.allow = [ "alice-phone" ];
     };

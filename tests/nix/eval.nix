@@ -43,6 +43,8 @@ let
       users.users = mkOption { type = types.attrsOf types.anything; default = { }; };
       users.groups = mkOption { type = types.attrsOf types.anything; default = { }; };
       services.resolved.enable = mkOption { type = types.bool; default = false; };
+      networking.resolvconf.enable = mkOption { type = types.bool; default = false; };
+      networking.resolvconf.package = mkOption { type = types.package; default = fakePackage "openresolv"; };
       services.tor.enable = mkOption { type = types.bool; default = false; };
       services.tor.settings = mkOption { type = types.attrsOf types.anything; default = { }; };
       systemd.paths = mkOption { type = types.attrsOf types.anything; default = { }; };

@@ -938,3 +938,69 @@ fn the_unit_makes_the_network_once_and_checks_what_is_fixed_before_each_start() 
     assert!(out.status.success(), "{}", describe(&out));
     assert!(info().lines().any(|l| l == "endpoint node2.example.net:51820"), "the hub's endpoint moved: {}", info());
 }
+
+/// The resolver step on a host with openresolv (NixOS's resolvconf, without systemd-resolved), run for real with
+/// Debian's openresolv in a namespace of its own: the host's resolv.conf gets this host's mesh DNS first and the mesh
+/// domain to search, beside what another interface gave it, and loses them again when meshd stops (ExecStopPost).
+#[test]
+fn the_resolver_step_puts_the_mesh_dns_first_with_openresolv_and_takes_it_back() {
+    if !require_root() {
+        return;
+    }
+    let Some(lib) = meshd_e2e::nixpkgs_lib() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let dirs = UserDirs::new(root);
+    let ns = Netns::new("rc");
+    // The namespace's /etc: the meshd account, its own resolv.conf, and openresolv's state kept in the test's
+    // directory (ip netns exec mounts these over /etc).
+    let state_dir = root.join("resolvconf-state");
+    fs::create_dir(&state_dir).unwrap();
+    fs::create_dir_all(ns.etc_dir()).unwrap();
+    let base = |file: &str| fs::read_to_string(Path::new("/etc").join(file)).unwrap();
+    fs::write(ns.etc_dir().join("passwd"), base("passwd") + &format!("meshd:x:{MESHD_UID}:{MESHD_UID}::/var/lib/meshd:/usr/sbin/nologin\n")).unwrap();
+    fs::write(ns.etc_dir().join("group"), base("group") + &format!("meshd:x:{MESHD_UID}:\n")).unwrap();
+    fs::write(ns.etc_dir().join("resolv.conf"), "").unwrap();
+    fs::write(ns.etc_dir().join("resolvconf.conf"), format!("resolv_conf=/etc/resolv.conf\nstate_dir={}\n", state_dir.display())).unwrap();
+    let resolvconf = ["/usr/sbin/resolvconf", "/sbin/resolvconf"].into_iter().find(|p| Path::new(p).exists()).expect("openresolv");
+    // What another interface (the LAN's DHCP) gave the host.
+    let mut lan = ns.command("sh");
+    lan.args(["-c", &format!("printf 'nameserver 192.0.2.53\\n' | {resolvconf} -a lan0")]);
+    run_ok(&mut lan);
+
+    run_ok(&mut as_meshd_user(&ns, &dirs, true, &[
+        product_bin("meshd").to_str().unwrap(), "init", "--network", "home", "--name", "node", "--endpoint",
+        "192.0.2.1:51820", "--state-dir", dirs.state.to_str().unwrap(),
+    ]));
+    let config = root.join("resolvconf.nix");
+    fs::write(
+        &config,
+        "{ networking.hostName = \"node\"; networking.resolvconf.enable = true; services.meshd = { enable = true; \
+         role = \"controller\"; network = \"home\"; endpoint = \"192.0.2.1:51820\"; }; }\n",
+    )
+    .unwrap();
+    let evaluated = meshd_e2e::evaluate(&lib, &config).unwrap_or_else(|e| panic!("{e}"));
+    let unit = &evaluated["unit"];
+    let script = unit["scripts"].as_array().unwrap().iter().filter_map(|s| s.as_str()).find(|s| s.contains("resolvconf -m 0")).expect("the resolver step");
+    // The fake packages are /usr: Debian keeps runuser and resolvconf in sbin, and meshd is the one built here.
+    let script = script
+        .replace("/usr/bin/runuser", "/usr/sbin/runuser")
+        .replace("/usr/bin/resolvconf", resolvconf)
+        .replace("/usr/bin/meshd ", &format!("{} ", product_bin("meshd").display()));
+    let path = root.join("resolver.sh");
+    fs::write(&path, script).unwrap();
+    let stop = unit["service"].as_array().unwrap().iter().filter_map(|l| l.as_str()).find_map(|l| l.strip_prefix("ExecStopPost=+")).expect("ExecStopPost");
+    let stop: Vec<String> = stop.replace("/usr/bin/resolvconf", resolvconf).split_whitespace().map(str::to_owned).collect();
+
+    let ran = output(&mut with_var_lib(&ns, &[("meshd", dirs.state.as_path())], &["bash", path.to_str().unwrap()]));
+    assert!(ran.status.success(), "{}", describe(&ran));
+    let resolv = fs::read_to_string(ns.etc_dir().join("resolv.conf")).unwrap();
+    let nameservers: Vec<&str> = resolv.lines().filter_map(|l| l.strip_prefix("nameserver ")).collect();
+    assert_eq!(nameservers, ["10.77.0.1", "192.0.2.53"], "the mesh DNS first, the LAN's kept: {resolv}");
+    assert!(resolv.lines().any(|l| l.starts_with("search") && l.contains("home.internal")), "{resolv}");
+
+    let argv: Vec<&str> = stop.iter().map(String::as_str).collect();
+    run_ok(&mut ns.command(argv[0]).args(&argv[1..]));
+    let resolv = fs::read_to_string(ns.etc_dir().join("resolv.conf")).unwrap();
+    assert!(!resolv.contains("10.77.0.1") && resolv.contains("192.0.2.53"), "taken back when meshd stops: {resolv}");
+}
