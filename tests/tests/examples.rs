@@ -958,20 +958,43 @@ fn the_resolver_step_puts_the_mesh_dns_first_with_openresolv_and_takes_it_back()
     fs::create_dir(&state_dir).unwrap();
     fs::create_dir_all(ns.etc_dir()).unwrap();
     let base = |file: &str| fs::read_to_string(Path::new("/etc").join(file)).unwrap();
-    fs::write(ns.etc_dir().join("passwd"), base("passwd") + &format!("meshd:x:{MESHD_UID}:{MESHD_UID}::/var/lib/meshd:/usr/sbin/nologin\n")).unwrap();
+    fs::write(
+        ns.etc_dir().join("passwd"),
+        base("passwd") + &format!("meshd:x:{MESHD_UID}:{MESHD_UID}::/var/lib/meshd:/usr/sbin/nologin\n"),
+    )
+    .unwrap();
     fs::write(ns.etc_dir().join("group"), base("group") + &format!("meshd:x:{MESHD_UID}:\n")).unwrap();
     fs::write(ns.etc_dir().join("resolv.conf"), "").unwrap();
-    fs::write(ns.etc_dir().join("resolvconf.conf"), format!("resolv_conf=/etc/resolv.conf\nstate_dir={}\n", state_dir.display())).unwrap();
-    let resolvconf = ["/usr/sbin/resolvconf", "/sbin/resolvconf"].into_iter().find(|p| Path::new(p).exists()).expect("openresolv");
-    // What another interface (the LAN's DHCP) gave the host.
+    fs::write(
+        ns.etc_dir().join("resolvconf.conf"),
+        format!("resolv_conf=/etc/resolv.conf\nstate_dir={}\n", state_dir.display()),
+    )
+    .unwrap();
+    let resolvconf =
+        ["/usr/sbin/resolvconf", "/sbin/resolvconf"].into_iter().find(|p| Path::new(p).exists()).expect("openresolv");
+    // What another interface gave the host, with the metric NixOS's dhcpcd gives (1000 and more; static nameservers
+    // go in with 1): the mesh DNS's metric 0 puts it before them.
     let mut lan = ns.command("sh");
-    lan.args(["-c", &format!("printf 'nameserver 192.0.2.53\\n' | {resolvconf} -a lan0")]);
+    lan.args(["-c", &format!("printf 'nameserver 192.0.2.53\\n' | {resolvconf} -m 1002 -a lan0")]);
     run_ok(&mut lan);
 
-    run_ok(&mut as_meshd_user(&ns, &dirs, true, &[
-        product_bin("meshd").to_str().unwrap(), "init", "--network", "home", "--name", "node", "--endpoint",
-        "192.0.2.1:51820", "--state-dir", dirs.state.to_str().unwrap(),
-    ]));
+    run_ok(&mut as_meshd_user(
+        &ns,
+        &dirs,
+        true,
+        &[
+            product_bin("meshd").to_str().unwrap(),
+            "init",
+            "--network",
+            "home",
+            "--name",
+            "node",
+            "--endpoint",
+            "192.0.2.1:51820",
+            "--state-dir",
+            dirs.state.to_str().unwrap(),
+        ],
+    ));
     let config = root.join("resolvconf.nix");
     fs::write(
         &config,
@@ -981,7 +1004,13 @@ fn the_resolver_step_puts_the_mesh_dns_first_with_openresolv_and_takes_it_back()
     .unwrap();
     let evaluated = meshd_e2e::evaluate(&lib, &config).unwrap_or_else(|e| panic!("{e}"));
     let unit = &evaluated["unit"];
-    let script = unit["scripts"].as_array().unwrap().iter().filter_map(|s| s.as_str()).find(|s| s.contains("resolvconf -m 0")).expect("the resolver step");
+    let script = unit["scripts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.as_str())
+        .find(|s| s.contains("resolvconf -m 0"))
+        .expect("the resolver step");
     // The fake packages are /usr: Debian keeps runuser and resolvconf in sbin, and meshd is the one built here.
     let script = script
         .replace("/usr/bin/runuser", "/usr/sbin/runuser")
@@ -989,8 +1018,15 @@ fn the_resolver_step_puts_the_mesh_dns_first_with_openresolv_and_takes_it_back()
         .replace("/usr/bin/meshd ", &format!("{} ", product_bin("meshd").display()));
     let path = root.join("resolver.sh");
     fs::write(&path, script).unwrap();
-    let stop = unit["service"].as_array().unwrap().iter().filter_map(|l| l.as_str()).find_map(|l| l.strip_prefix("ExecStopPost=+")).expect("ExecStopPost");
-    let stop: Vec<String> = stop.replace("/usr/bin/resolvconf", resolvconf).split_whitespace().map(str::to_owned).collect();
+    let stop = unit["service"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.as_str())
+        .find_map(|l| l.strip_prefix("ExecStopPost=+"))
+        .expect("ExecStopPost");
+    let stop: Vec<String> =
+        stop.replace("/usr/bin/resolvconf", resolvconf).split_whitespace().map(str::to_owned).collect();
 
     let ran = output(&mut with_var_lib(&ns, &[("meshd", dirs.state.as_path())], &["bash", path.to_str().unwrap()]));
     assert!(ran.status.success(), "{}", describe(&ran));
@@ -1000,7 +1036,7 @@ fn the_resolver_step_puts_the_mesh_dns_first_with_openresolv_and_takes_it_back()
     assert!(resolv.lines().any(|l| l.starts_with("search") && l.contains("home.internal")), "{resolv}");
 
     let argv: Vec<&str> = stop.iter().map(String::as_str).collect();
-    run_ok(&mut ns.command(argv[0]).args(&argv[1..]));
+    run_ok(ns.command(argv[0]).args(&argv[1..]));
     let resolv = fs::read_to_string(ns.etc_dir().join("resolv.conf")).unwrap();
     assert!(!resolv.contains("10.77.0.1") && resolv.contains("192.0.2.53"), "taken back when meshd stops: {resolv}");
 }
