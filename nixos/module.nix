@@ -300,21 +300,61 @@ let
     $as_tor ${pkgs.coreutils}/bin/rm -rf "$to/new"
     $as_tor ${pkgs.coreutils}/bin/mkdir -m 0700 "$to/new" "$to/new/onion"
     if [ -d "$from/onion" ]; then
-      # Directories and regular files of at most 64 KiB (keys, client lists), as meshd lists them; nothing else.
+      # Directories and regular files of at most 16 KiB (keys, client lists, the lines), 20000 entries at most, as
+      # meshd lists them; nothing else. tor's tar may write no file larger (a file grown after it was listed).
       (cd "$from" && $as_meshd ${pkgs.findutils}/bin/find onion services.torrc \
-          \( -type d -o -type f -size -65k \) -print0 2>/dev/null || true) \
+          \( -type d -o -type f -size -17k \) -print0 2>/dev/null || true) \
+        | ${pkgs.coreutils}/bin/head -z -n 20000 \
         | $as_meshd ${pkgs.gnutar}/bin/tar -C "$from" --null --no-recursion -T - -cf - \
-        | $as_tor ${pkgs.gnutar}/bin/tar -C "$to/new" -xf - --no-same-permissions
+        | $as_tor ${pkgs.util-linux}/bin/prlimit --fsize=16384 -- \
+            ${pkgs.gnutar}/bin/tar -C "$to/new" -xf - --no-same-permissions
       $as_tor ${pkgs.findutils}/bin/find "$to/new" ! -type f ! -type d -delete
       $as_tor ${pkgs.coreutils}/bin/chmod -R u+rwX,go-rwx "$to/new"
+      # A key tor could not load would keep it from starting: one that is not a C tor ed25519 secret key (96 bytes
+      # under its header) is left out, and tor makes that service a new one.
+      for key in "$to/new/onion"/*/hs_ed25519_secret_key; do
+        [ -f "$key" ] || continue
+        if [ "$($as_tor ${pkgs.coreutils}/bin/stat -c %s "$key")" != 96 ] \
+          || [ "$($as_tor ${pkgs.coreutils}/bin/head -c 29 "$key")" != "== ed25519v1-secret: type0 ==" ]; then
+          echo "meshd-tor: $key is not an onion service key: left out" >&2
+          $as_tor ${pkgs.coreutils}/bin/rm -f "$key" "''${key%_secret_key}_public_key" "''${key%/*}/hostname"
+        fi
+      done
     fi
     $as_tor ${pkgs.coreutils}/bin/touch "$to/new/services.torrc"
     $as_tor ${pkgs.coreutils}/bin/mv "$to/new/services.torrc" "$to/new/services.torrc.in"
-    # Of services.torrc only what meshd writes is kept: a HiddenServiceDir of a service copied here, each once,
-    # then its HiddenServicePort lines (a port and an address:port). Any other tor option (a SocksPort, a
-    # ControlPort, a directory elsewhere) is dropped and counted, so meshd's user cannot configure the system's tor.
+    # Of services.torrc only what meshd writes is kept, written anew here: a HiddenServiceDir of a service copied
+    # here, each once and only with at least one port, then its HiddenServicePort lines (a port 1-65535 and an IPv4
+    # or [IPv6] address with a port). Any other line (a SocksPort, a ControlPort, a directory elsewhere, an address
+    # tor would not parse) is dropped and counted, so meshd's user can neither configure the system's tor nor
+    # keep it from starting.
     $as_tor ${pkgs.gawk}/bin/awk -v out="$to/new/services.torrc" -v dir="$to/onion/" '
-      function port(p) { return p ~ /^[0-9]+$/ && p + 0 >= 1 && p + 0 <= 65535 }
+      function port(p) { return p ~ /^[1-9][0-9]*$/ && length(p) <= 5 && p + 0 <= 65535 }
+      function ipv4(a,   o, n, i) {
+        n = split(a, o, ".")
+        if (n != 4) return 0
+        for (i = 1; i <= 4; i++) if (o[i] !~ /^(0|[1-9][0-9]*)$/ || length(o[i]) > 3 || o[i] + 0 > 255) return 0
+        return 1
+      }
+      function ipv6(a,   b, g, n, i) {
+        if (a !~ /^[0-9A-Fa-f:]+$/ || a ~ /:::/ || a ~ /^:[^:]/ || a ~ /[^:]:$/) return 0
+        b = a
+        if (gsub(/::/, "", b) > 1) return 0
+        n = split(a, g, ":")
+        if (a ~ /::/) { if (n > 9) return 0 } else if (n != 8) return 0
+        for (i = 1; i <= n; i++) if (length(g[i]) > 4 || (a !~ /::/ && g[i] == "")) return 0
+        return 1
+      }
+      function target(t,   n, parts) {
+        if (substr(t, 1, 1) == "[") {
+          n = index(t, "]:")
+          if (n == 0) return ""
+          return ipv6(substr(t, 2, n - 2)) && port(substr(t, n + 2)) ? t : ""
+        }
+        n = split(t, parts, ":")
+        return n == 2 && ipv4(parts[1]) && port(parts[2]) ? t : ""
+      }
+      function flush() { if (ports != "") printf "\nHiddenServiceDir \"%s\"\n%s", current, ports > out; current = ""; ports = "" }
       BEGIN { printf "" > out }
       /^#/ || /^$/ { next }
       $1 == "HiddenServiceDir" && NF == 2 {
@@ -322,15 +362,17 @@ let
         if (substr(name, 1, 1) == "\"" && substr(name, length(name), 1) == "\"") name = substr(name, 2, length(name) - 2)
         label = substr(name, length(dir) + 1)
         if (substr(name, 1, length(dir)) == dir && label ~ /^[a-z0-9]([a-z0-9-]*[a-z0-9])?$/ && !(label in seen)) {
-          seen[label] = 1; open = 1; printf "\nHiddenServiceDir \"%s\"\n", name > out; next
+          flush(); seen[label] = 1; current = name; next
         }
       }
-      $1 == "HiddenServicePort" && NF == 3 && open && port($2) {
-        target = $3; n = split(target, parts, ":")
-        if (port(parts[n]) && (target ~ /^[0-9.]+:[0-9]+$/ || target ~ /^\[[0-9A-Fa-f:.]+\]:[0-9]+$/)) { print $0 > out; next }
+      $1 == "HiddenServicePort" && NF == 3 && current != "" && port($2) && target($3) != "" {
+        ports = ports sprintf("HiddenServicePort %d %s\n", $2, $3); next
       }
-      { open = 0; dropped++ }
-      END { if (dropped) printf "meshd-tor: %d lines of services.torrc were not handed over\n", dropped > "/dev/stderr" }
+      { flush(); dropped++ }
+      END {
+        flush()
+        if (dropped) printf "meshd-tor: %d lines of services.torrc were not handed over\n", dropped > "/dev/stderr"
+      }
     ' "$to/new/services.torrc.in"
     $as_tor ${pkgs.coreutils}/bin/rm -f "$to/new/services.torrc.in"
     # The file first (replaced at once: tor never finds it missing), then the keys.

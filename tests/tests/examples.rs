@@ -753,7 +753,8 @@ fn onion_services_are_served_by_the_system_tor_from_the_keys_meshd_keeps() {
 
     // meshd's user cannot configure the system's tor through services.torrc (a SOCKS or control port, a service
     // directory elsewhere), wedge the hand-over with a directory it may not enter, nor have tor fill the disk
-    // with a sparse file: only what meshd writes, and files of at most 64 KiB, reach tor.
+    // with a sparse file, nor keep tor from starting (a service without a port, an address tor cannot parse): only
+    // what meshd writes, and files of at most 16 KiB, reach tor.
     let meshds = |path: &Path| std::os::unix::fs::chown(path, Some(MESHD_UID), Some(MESHD_UID)).unwrap();
     let services_torrc = dirs.state.join("tor/services.torrc");
     let honest = fs::read_to_string(&services_torrc).unwrap();
@@ -761,10 +762,18 @@ fn onion_services_are_served_by_the_system_tor_from_the_keys_meshd_keeps() {
         &services_torrc,
         format!(
             "{honest}SocksPort 0.0.0.0:9050\nControlPort 9051\nHiddenServiceDir \"/var/lib/tor/onion/bitcoind\"\n\
-             HiddenServicePort 8333 127.0.0.1:8333\nHiddenServiceDir \"/var/lib/tor/meshd/onion/wallet\"\n"
+             HiddenServicePort 8333 127.0.0.1:8333\nHiddenServiceDir \"/var/lib/tor/meshd/onion/wallet\"\n\
+             HiddenServiceDir \"/var/lib/tor/meshd/onion/ghost\"\nHiddenServicePort 80 999.1.1.1:80\n"
         ),
     )
     .unwrap();
+    // A key tor could not load is left out (tor makes that service a new one rather than refusing to start).
+    let forged = dirs.state.join("tor/onion/forged");
+    fs::create_dir(&forged).unwrap();
+    fs::write(forged.join("hs_ed25519_secret_key"), "not a key").unwrap();
+    for path in [&forged, &forged.join("hs_ed25519_secret_key")] {
+        meshds(path);
+    }
     let junk = dirs.state.join("tor/onion/wallet/junk");
     fs::create_dir(&junk).unwrap();
     fs::write(junk.join("key"), "x").unwrap();
@@ -781,7 +790,7 @@ fn onion_services_are_served_by_the_system_tor_from_the_keys_meshd_keeps() {
     ));
     assert!(handed.status.success(), "{}", describe(&handed));
     assert!(
-        String::from_utf8_lossy(&handed.stderr).contains("5 lines of services.torrc were not handed over"),
+        String::from_utf8_lossy(&handed.stderr).contains("6 lines of services.torrc were not handed over"),
         "{}",
         describe(&handed)
     );
@@ -793,6 +802,12 @@ fn onion_services_are_served_by_the_system_tor_from_the_keys_meshd_keeps() {
     );
     assert!(!tor_home.join("meshd/onion/wallet/junk/sparse").exists(), "a 1 GiB sparse file was handed over");
     assert!(tor_home.join("meshd/onion/wallet/junk/key").is_file());
+    assert!(
+        tor_home.join("meshd/onion/forged").is_dir()
+            && !tor_home.join("meshd/onion/forged/hs_ed25519_secret_key").exists()
+    );
+    assert!(copied.join("hs_ed25519_secret_key").is_file(), "a real key is handed over");
+    fs::remove_dir_all(&forged).unwrap();
     // Handed over again with the read-only directory in tor's copy: the copy is replaced, not wedged.
     fs::write(&services_torrc, &honest).unwrap();
     run_hand_over();
