@@ -215,7 +215,9 @@ fn flood_keeps_no_join_out(kind: Flood) {
         let least = flood_started.elapsed().as_secs() * if kind == Flood::Idle { 30 } else { 2 };
         assert!(made >= least, "{} made only {made} connects in {:?}", log.display(), flood_started.elapsed());
     }
-    assert!(established_to_join_port(&hub.ns) >= 256, "the flood no longer fills the listener");
+    // Evicted connections are replaced within moments: a sample may catch the listener a few short.
+    let full = wait_until(Duration::from_secs(5), || established_to_join_port(&hub.ns) >= 256);
+    assert!(full, "the flood no longer fills the listener");
     drop(flooders);
     hub_daemon.assert_running("after the flood");
 }
