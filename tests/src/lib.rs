@@ -35,8 +35,8 @@ pub use mounts::Tmpfs;
 pub use netns::{Netns, UdpEcho, add_address, router, udp_echoed, udp_received, uplink, veth};
 pub use nix::{evaluate, exec_args, nix_instantiate, nixpkgs_lib, repo_root};
 pub use process::{
-    Proc, assert_error_line, assert_refused, bin_dir, describe, init_network, libfaketime, meshctl, output,
-    product_bin, run_json, run_ok,
+    Proc, assert_error_line, assert_refused, bin_dir, children_named, describe, init_network, libfaketime, meshctl,
+    output, product_bin, run_json, run_ok,
 };
 pub use tor::{TorClient, TorNetwork};
 pub use wireguard::{Phone, WG_SOCKET_DIR, WgPeer, WgQuick, wg_keypair, wg_pubkey, wireguard_go};

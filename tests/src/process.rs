@@ -210,3 +210,19 @@ pub fn libfaketime() -> String {
     });
     found.expect("libfaketime (Debian package faketime)")
 }
+
+/// PIDs of the processes whose parent is `parent` and whose command (`comm`) is `name`, from /proc.
+pub fn children_named(parent: u32, name: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else { continue };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        let ppid = rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok());
+        if head.ends_with(&format!("({name}")) && ppid == Some(parent) {
+            pids.push(pid);
+        }
+    }
+    pids
+}

@@ -21,8 +21,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use meshd_e2e::{
-    Dns, MeshHost, Netns, Pebble, Phone, Proc, add_address, describe, meshctl, nat_router, output, product_bin,
-    repo_root, require_root, router, run_ok, unique_ifname, uplink, veth, wait_until,
+    Dns, MeshHost, Netns, Pebble, Phone, Proc, add_address, children_named, describe, meshctl, nat_router, output,
+    product_bin, repo_root, require_root, router, run_ok, unique_ifname, uplink, veth, wait_until,
 };
 
 /// The uid the phone example's node runs as (no account needed: only the number matters to the kernel).
@@ -93,6 +93,32 @@ impl UserDirs {
     }
 }
 
+impl UserDirs {
+    /// `meshd init` of network `home` with hub `node` reached at `endpoint`, as the unit's ExecStartPre runs it: as
+    /// meshd's user, in `ns`.
+    fn init_network(&self, ns: &Netns, endpoint: &str) {
+        let meshd = product_bin("meshd");
+        let argv = [meshd.to_str().unwrap(), "init", "--network", "home", "--name", "node", "--endpoint", endpoint];
+        run_ok(as_meshd_user(ns, self, true, &argv).arg("--state-dir").arg(&self.state));
+    }
+}
+
+/// Adds `accounts` (name, uid; a group of the same) to the passwd and group files `ip netns exec` mounts over
+/// /etc in `ns`: the users the module's scripts name.
+fn add_accounts(ns: &Netns, accounts: &[(&str, u32)]) {
+    fs::create_dir_all(ns.etc_dir()).unwrap();
+    for file in ["passwd", "group"] {
+        let mut text = fs::read_to_string(Path::new("/etc").join(file)).unwrap();
+        for (name, id) in accounts {
+            text += &match file {
+                "passwd" => format!("{name}:x:{id}:{id}::/var/lib/{name}:/usr/sbin/nologin\n"),
+                _ => format!("{name}:x:{id}:\n"),
+            };
+        }
+        fs::write(ns.etc_dir().join(file), text).unwrap();
+    }
+}
+
 /// Waits for `READY=1` on the notification socket, as systemd does for `Type=notify`.
 fn wait_ready(notify: &UnixDatagram, daemon: &mut Proc) {
     notify.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
@@ -107,22 +133,6 @@ fn wait_ready(notify: &UnixDatagram, daemon: &mut Proc) {
         }
     }
     panic!("no READY=1 within 60 s; log:\n{}", daemon.log_text());
-}
-
-/// PIDs of the processes whose parent is `parent` and whose command is `name`.
-fn children_named(parent: u32, name: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else { continue };
-        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
-        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
-        let ppid = rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok());
-        if head.ends_with(&format!("({name}")) && ppid == Some(parent) {
-            pids.push(pid);
-        }
-    }
-    pids
 }
 
 fn proc_status(pid: u32, key: &str) -> String {
@@ -162,23 +172,7 @@ fn phone_example_runs_as_an_unprivileged_user_and_each_device_reaches_exactly_it
     }
 
     // `meshd init` as the unit's ExecStartPre runs it: as meshd's user. The network of the example's header.
-    run_ok(&mut as_meshd_user(
-        &node,
-        &dirs,
-        true,
-        &[
-            product_bin("meshd").to_str().unwrap(),
-            "init",
-            "--network",
-            "home",
-            "--name",
-            "node",
-            "--endpoint",
-            "172.31.140.1:51820",
-            "--state-dir",
-            dirs.state.to_str().unwrap(),
-        ],
-    ));
+    dirs.init_network(&node, "172.31.140.1:51820");
 
     // tor offline (it still starts, makes its files and runs): for the check of what it inherits.
     let offline = root.join("offline.torrc");
@@ -595,20 +589,7 @@ fn onion_services_are_served_by_the_system_tor_from_the_keys_meshd_keeps() {
     let root = tmp.path();
     let dirs = UserDirs::new(root);
     let node = Netns::new("node");
-    // The accounts the module's scripts name, in this namespace's /etc (`ip netns exec` mounts /etc/netns/NS/*).
-    fs::create_dir_all(node.etc_dir()).unwrap();
-    for (file, line) in [
-        (
-            "passwd",
-            format!(
-                "meshd:x:{MESHD_UID}:{MESHD_UID}::/var/lib/meshd:/usr/sbin/nologin\ntor:x:{TOR_UID}:{TOR_UID}::/var/lib/tor:/usr/sbin/nologin\n"
-            ),
-        ),
-        ("group", format!("meshd:x:{MESHD_UID}:\ntor:x:{TOR_UID}:\n")),
-    ] {
-        let base = fs::read_to_string(Path::new("/etc").join(file)).unwrap();
-        fs::write(node.etc_dir().join(file), base + &line).unwrap();
-    }
+    add_accounts(&node, &[("meshd", MESHD_UID), ("tor", TOR_UID)]);
     let tor_home = root.join("var-lib-tor");
     fs::create_dir(&tor_home).unwrap();
     fs::set_permissions(&tor_home, fs::Permissions::from_mode(0o700)).unwrap();
@@ -653,23 +634,7 @@ fn onion_services_are_served_by_the_system_tor_from_the_keys_meshd_keeps() {
     let meshd = product_bin("meshd");
     let meshctl_bin = product_bin("meshctl");
     let state = dirs.state.to_str().unwrap();
-    run_ok(&mut as_meshd_user(
-        &node,
-        &dirs,
-        true,
-        &[
-            meshd.to_str().unwrap(),
-            "init",
-            "--network",
-            "home",
-            "--name",
-            "node",
-            "--endpoint",
-            "10.250.2.1:51820",
-            "--state-dir",
-            state,
-        ],
-    ));
+    dirs.init_network(&node, "10.250.2.1:51820");
     let mut cmd = as_meshd_user(
         &node,
         &dirs,
@@ -971,14 +936,7 @@ fn the_resolver_step_puts_the_mesh_dns_first_with_openresolv_and_takes_it_back()
     // directory (ip netns exec mounts these over /etc).
     let state_dir = root.join("resolvconf-state");
     fs::create_dir(&state_dir).unwrap();
-    fs::create_dir_all(ns.etc_dir()).unwrap();
-    let base = |file: &str| fs::read_to_string(Path::new("/etc").join(file)).unwrap();
-    fs::write(
-        ns.etc_dir().join("passwd"),
-        base("passwd") + &format!("meshd:x:{MESHD_UID}:{MESHD_UID}::/var/lib/meshd:/usr/sbin/nologin\n"),
-    )
-    .unwrap();
-    fs::write(ns.etc_dir().join("group"), base("group") + &format!("meshd:x:{MESHD_UID}:\n")).unwrap();
+    add_accounts(&ns, &[("meshd", MESHD_UID)]);
     fs::write(ns.etc_dir().join("resolv.conf"), "").unwrap();
     fs::write(
         ns.etc_dir().join("resolvconf.conf"),
@@ -993,23 +951,7 @@ fn the_resolver_step_puts_the_mesh_dns_first_with_openresolv_and_takes_it_back()
     lan.args(["-c", &format!("printf 'nameserver 192.0.2.53\\n' | {resolvconf} -m 1002 -a lan0")]);
     run_ok(&mut lan);
 
-    run_ok(&mut as_meshd_user(
-        &ns,
-        &dirs,
-        true,
-        &[
-            product_bin("meshd").to_str().unwrap(),
-            "init",
-            "--network",
-            "home",
-            "--name",
-            "node",
-            "--endpoint",
-            "192.0.2.1:51820",
-            "--state-dir",
-            dirs.state.to_str().unwrap(),
-        ],
-    ));
+    dirs.init_network(&ns, "192.0.2.1:51820");
     let config = root.join("resolvconf.nix");
     fs::write(
         &config,

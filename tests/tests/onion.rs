@@ -16,8 +16,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use meshd_e2e::{
-    MeshHost, Netns, Proc, TorNetwork, assert_refused, describe, files_under, meshctl, output, product_bin,
-    require_root, router, run_json, run_ok, uplink, wait_until,
+    MeshHost, Netns, Proc, TorNetwork, assert_refused, children_named, describe, files_under, meshctl, output,
+    product_bin, require_root, router, run_json, run_ok, uplink, wait_until,
 };
 use serde_json::Value;
 
@@ -43,18 +43,7 @@ fn onion_address(state: &Path, name: &str) -> String {
 
 /// PIDs of the `tor` processes whose parent is `parent`.
 fn tor_children(parent: u32) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else { continue };
-        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
-        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
-        let ppid = rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok());
-        if head.ends_with("(tor") && ppid == Some(parent) {
-            pids.push(pid);
-        }
-    }
-    pids
+    children_named(parent, "tor")
 }
 
 /// A `--tor-config` file in `dir` that keeps tor offline (it still writes its keys and `hostname`).
